@@ -1,0 +1,353 @@
+//! Guest memory and the guest physical map.
+//!
+//! This crate owns *where things are* in a Vessel guest: the fixed addresses the boot code uses
+//! (zero page, page tables, command line, MP and ACPI tables), the 32-bit MMIO gap below 4 GiB,
+//! the RAM regions around it, and the e820 map the guest is given. Every other crate asks this
+//! one instead of repeating an address or an e820 entry.
+
+use std::fmt;
+
+use vm_memory::{GuestAddress, GuestMemoryMmap as VmGuestMemoryMmap};
+
+/// The guest memory type used throughout Vessel (anonymous private mappings).
+pub type GuestMemoryMmap = VmGuestMemoryMmap<()>;
+
+pub use vm_memory;
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+
+/// Fixed guest-physical addresses of the boot structures. All lie in the first MiB.
+pub mod addr {
+    /// PVH `hvm_start_info` and its memory map (one page).
+    pub const PVH_INFO_START: u64 = 0x6000;
+    /// The Linux zero page (`struct boot_params`).
+    pub const ZERO_PAGE_START: u64 = 0x7000;
+    /// Initial stack pointer for the boot vCPU (grows down from the end of this page).
+    pub const BOOT_STACK_POINTER: u64 = 0x8ff0;
+    /// Boot page tables: PML4, one PDPT, and four page directories (4 GiB identity map).
+    pub const PML4_START: u64 = 0x9000;
+    pub const PDPT_START: u64 = 0xa000;
+    pub const PD_START: u64 = 0xb000;
+    /// Boot GDT and IDT (used by the 64-bit entry and by the demo guest).
+    pub const GDT_START: u64 = 0x500;
+    pub const IDT_START: u64 = 0x520;
+    /// The kernel command line.
+    pub const CMDLINE_START: u64 = 0x20000;
+    /// The largest command line Vessel writes (the kernel's own limit may be lower).
+    pub const CMDLINE_MAX_SIZE: usize = 0x10000;
+    /// Start of the EBDA: the MP table is written here (Linux scans the EBDA for `_MP_`).
+    pub const EBDA_START: u64 = 0x9fc00;
+    /// The ACPI RSDP, in the BIOS area Linux scans (0xe0000..0x100000); tables follow it.
+    pub const RSDP_START: u64 = 0xe0000;
+    /// The first byte after the BIOS area: where "high" memory and the kernel start.
+    pub const HIMEM_START: u64 = 0x10_0000;
+    /// Start of the 32-bit MMIO gap (3 GiB .. 4 GiB): never RAM.
+    pub const MMIO_GAP_START: u64 = 0xc000_0000;
+    /// End of the 32-bit MMIO gap.
+    pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
+    /// The IO-APIC registers.
+    pub const IOAPIC_START: u64 = 0xfec0_0000;
+    /// The local APIC registers.
+    pub const LAPIC_START: u64 = 0xfee0_0000;
+    /// Range in the MMIO gap handed out to devices (below the IO-APIC).
+    pub const DEVICE_MMIO_START: u64 = 0xd000_0000;
+    pub const DEVICE_MMIO_END: u64 = 0xfec0_0000;
+}
+
+/// Smallest guest Vessel accepts: room for the boot structures and a small kernel.
+pub const MIN_MEMORY: u64 = 16 * MIB;
+/// Largest guest address space this layout supports (the identity-mapped boot tables only
+/// need the kernel in low memory; this bound keeps the arithmetic far from overflow).
+pub const MAX_MEMORY: u64 = 1 << 46;
+
+/// Errors building the guest layout or its memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    #[error(
+        "guest memory of {0} bytes is too small: at least {MIN_MEMORY} bytes (16 MiB) are needed"
+    )]
+    TooSmall(u64),
+    #[error("guest memory of {0} bytes is larger than Vessel supports")]
+    TooLarge(u64),
+    #[error("guest memory of {0} bytes is not a multiple of 4 KiB")]
+    Unaligned(u64),
+    #[error("cannot map guest memory")]
+    Mmap(#[from] vm_memory::mmap::FromRangesError),
+}
+
+/// The kind of an e820 entry, with the values the boot protocol uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum E820Kind {
+    Ram = 1,
+    Reserved = 2,
+    Acpi = 3,
+}
+
+/// One entry of the guest's e820 memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    pub addr: u64,
+    pub size: u64,
+    pub kind: E820Kind,
+}
+
+impl E820Entry {
+    pub fn end(&self) -> u64 {
+        self.addr + self.size
+    }
+}
+
+/// The guest physical map for a guest of a given RAM size.
+///
+/// RAM fills the address space from 0 up to the MMIO gap; what does not fit below 3 GiB goes
+/// above 4 GiB. The first MiB is backed by RAM but the e820 map reports 0x9fc00..1 MiB as
+/// reserved, as on a PC (EBDA, VGA hole, BIOS area holding our MP and ACPI tables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestLayout {
+    mem_size: u64,
+}
+
+impl GuestLayout {
+    /// A layout for `mem_size` bytes of guest RAM.
+    pub fn new(mem_size: u64) -> Result<Self, MemoryError> {
+        if mem_size < MIN_MEMORY {
+            return Err(MemoryError::TooSmall(mem_size));
+        }
+        if mem_size > MAX_MEMORY {
+            return Err(MemoryError::TooLarge(mem_size));
+        }
+        if mem_size % (4 * KIB) != 0 {
+            return Err(MemoryError::Unaligned(mem_size));
+        }
+        Ok(GuestLayout { mem_size })
+    }
+
+    /// Total guest RAM in bytes.
+    pub fn mem_size(&self) -> u64 {
+        self.mem_size
+    }
+
+    /// End (exclusive) of the RAM below the MMIO gap.
+    pub fn low_ram_end(&self) -> u64 {
+        self.mem_size.min(addr::MMIO_GAP_START)
+    }
+
+    /// Bytes of RAM placed above 4 GiB (0 for guests of 3 GiB or less).
+    pub fn high_ram_size(&self) -> u64 {
+        self.mem_size.saturating_sub(addr::MMIO_GAP_START)
+    }
+
+    /// The RAM regions, as (start, length) pairs, in address order.
+    pub fn ram_regions(&self) -> Vec<(GuestAddress, usize)> {
+        let mut regions = vec![(GuestAddress(0), self.low_ram_end() as usize)];
+        if self.high_ram_size() > 0 {
+            regions.push((
+                GuestAddress(addr::MMIO_GAP_END),
+                self.high_ram_size() as usize,
+            ));
+        }
+        regions
+    }
+
+    /// The e820 map given to the guest, sorted and non-overlapping.
+    pub fn e820(&self) -> Vec<E820Entry> {
+        let mut map = vec![
+            E820Entry {
+                addr: 0,
+                size: addr::EBDA_START,
+                kind: E820Kind::Ram,
+            },
+            E820Entry {
+                addr: addr::EBDA_START,
+                size: addr::HIMEM_START - addr::EBDA_START,
+                kind: E820Kind::Reserved,
+            },
+            E820Entry {
+                addr: addr::HIMEM_START,
+                size: self.low_ram_end() - addr::HIMEM_START,
+                kind: E820Kind::Ram,
+            },
+        ];
+        if self.high_ram_size() > 0 {
+            map.push(E820Entry {
+                addr: addr::MMIO_GAP_END,
+                size: self.high_ram_size(),
+                kind: E820Kind::Ram,
+            });
+        }
+        map
+    }
+
+    /// Where to put an initrd of `size` bytes: the highest page-aligned address that keeps it
+    /// in low RAM, below `max_end` (the kernel's `initrd_addr_max` + 1) and above `min_start`
+    /// (the end of the loaded kernel). `None` when it does not fit.
+    pub fn initrd_addr(&self, size: u64, min_start: u64, max_end: u64) -> Option<u64> {
+        let end = self.low_ram_end().min(max_end);
+        let start = end.checked_sub(size)? & !(4 * KIB - 1);
+        (start >= min_start.max(addr::HIMEM_START)).then_some(start)
+    }
+
+    /// Whether `[start, start + len)` lies entirely in guest RAM.
+    pub fn is_ram(&self, start: u64, len: u64) -> bool {
+        let Some(end) = start.checked_add(len) else {
+            return false;
+        };
+        self.ram_regions()
+            .iter()
+            .any(|(base, size)| start >= base.0 && end <= base.0 + *size as u64)
+    }
+}
+
+impl fmt::Display for GuestLayout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} MiB", self.mem_size / MIB)
+    }
+}
+
+/// Map anonymous memory for every RAM region of `layout`.
+pub fn create_guest_memory(layout: &GuestLayout) -> Result<GuestMemoryMmap, MemoryError> {
+    Ok(GuestMemoryMmap::from_ranges(&layout.ram_regions())?)
+}
+
+/// Parse a memory size as the CLI takes it: a number of MiB (`512`), or a number with a
+/// `K`, `M`, `G` or `T` suffix (`512M`, `2G`, `1536MiB`), binary units.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(digits_end);
+    if num.is_empty() {
+        return Err(format!("'{s}' is not a size (try 512M or 2G)"));
+    }
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (try 512M or 2G)"))?;
+    let mult = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "M" | "MB" | "MIB" => MIB,
+        "K" | "KB" | "KIB" => KIB,
+        "G" | "GB" | "GIB" => GIB,
+        "T" | "TB" | "TIB" => 1 << 40,
+        "B" => 1,
+        _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn small_guest_has_no_high_ram() {
+        let l = GuestLayout::new(128 * MIB).unwrap();
+        assert_eq!(
+            l.ram_regions(),
+            vec![(GuestAddress(0), (128 * MIB) as usize)]
+        );
+        let e = l.e820();
+        assert_eq!(e.len(), 3);
+        assert_eq!(
+            e[0],
+            E820Entry {
+                addr: 0,
+                size: 0x9fc00,
+                kind: E820Kind::Ram
+            }
+        );
+        assert_eq!(e[1].kind, E820Kind::Reserved);
+        assert_eq!(e[1].end(), 0x10_0000);
+        assert_eq!(e[2].addr, 0x10_0000);
+        assert_eq!(e[2].end(), 128 * MIB);
+        let ram: u64 = e
+            .iter()
+            .filter(|x| x.kind == E820Kind::Ram)
+            .map(|x| x.size)
+            .sum();
+        assert_eq!(ram, 128 * MIB - (0x10_0000 - 0x9fc00));
+    }
+
+    #[test]
+    fn large_guest_splits_around_the_mmio_gap() {
+        let l = GuestLayout::new(5 * GIB).unwrap();
+        assert_eq!(l.low_ram_end(), 3 * GIB);
+        assert_eq!(l.high_ram_size(), 2 * GIB);
+        let r = l.ram_regions();
+        assert_eq!(r[1], (GuestAddress(4 * GIB), (2 * GIB) as usize));
+        let e = l.e820();
+        assert_eq!(e.last().unwrap().addr, 4 * GIB);
+        assert_eq!(e.last().unwrap().end(), 6 * GIB);
+        // Sorted and non-overlapping; nothing in the gap.
+        for w in e.windows(2) {
+            assert!(w[0].end() <= w[1].addr);
+        }
+        assert!(!e
+            .iter()
+            .any(|x| x.addr < addr::MMIO_GAP_END && x.end() > addr::MMIO_GAP_START));
+        assert!(!l.is_ram(addr::MMIO_GAP_START, 1));
+        assert!(l.is_ram(4 * GIB, 2 * GIB));
+        assert!(!l.is_ram(4 * GIB, 2 * GIB + 1));
+    }
+
+    #[test]
+    fn exactly_three_gib_has_no_high_region() {
+        let l = GuestLayout::new(3 * GIB).unwrap();
+        assert_eq!(l.ram_regions().len(), 1);
+        assert_eq!(l.e820().len(), 3);
+    }
+
+    #[test]
+    fn bad_sizes_are_refused() {
+        assert!(matches!(
+            GuestLayout::new(MIB),
+            Err(MemoryError::TooSmall(_))
+        ));
+        assert!(matches!(
+            GuestLayout::new(MIN_MEMORY + 1),
+            Err(MemoryError::Unaligned(_))
+        ));
+        assert!(matches!(
+            GuestLayout::new(u64::MAX),
+            Err(MemoryError::TooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn initrd_goes_high_and_aligned() {
+        let l = GuestLayout::new(128 * MIB).unwrap();
+        let a = l.initrd_addr(10 * MIB + 5, 20 * MIB, u64::MAX).unwrap();
+        assert_eq!(a % 4096, 0);
+        assert!(a + 10 * MIB + 5 <= 128 * MIB);
+        assert!(a >= 20 * MIB);
+        // Kernel limit respected.
+        let a = l.initrd_addr(MIB, 20 * MIB, 64 * MIB).unwrap();
+        assert!(a + MIB <= 64 * MIB);
+        // Does not fit.
+        assert_eq!(l.initrd_addr(200 * MIB, 0, u64::MAX), None);
+        assert_eq!(l.initrd_addr(100 * MIB, 60 * MIB, u64::MAX), None);
+    }
+
+    #[test]
+    fn memory_is_mapped_per_region() {
+        let l = GuestLayout::new(64 * MIB).unwrap();
+        let m = create_guest_memory(&l).unwrap();
+        use vm_memory::GuestMemoryBackend;
+        assert_eq!(m.num_regions(), 1);
+        assert!(m.address_in_range(GuestAddress(64 * MIB - 1)));
+        assert!(!m.address_in_range(GuestAddress(64 * MIB)));
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("512").unwrap(), 512 * MIB);
+        assert_eq!(parse_size("512M").unwrap(), 512 * MIB);
+        assert_eq!(parse_size("2G").unwrap(), 2 * GIB);
+        assert_eq!(parse_size("1536MiB").unwrap(), 1536 * MIB);
+        assert_eq!(parse_size("64k").unwrap(), 64 * KIB);
+        assert!(parse_size("").is_err());
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999999T").is_err());
+    }
+}
