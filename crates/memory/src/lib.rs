@@ -56,6 +56,32 @@ pub mod addr {
     pub const DEVICE_MMIO_END: u64 = 0xfec0_0000;
 }
 
+/// The platform's I/O ports and legacy interrupt lines (the port-space half of the map).
+pub mod ports {
+    /// First 16550 UART (COM1): 8 ports from here, IRQ 4.
+    pub const COM1: u16 = 0x3f8;
+    pub const COM1_IRQ: u32 = 4;
+    /// i8042 keyboard controller: data port and command/status port.
+    pub const I8042_DATA: u16 = 0x60;
+    pub const I8042_COMMAND: u16 = 0x64;
+    /// CMOS RTC: index port and data port, IRQ 8.
+    pub const RTC_INDEX: u16 = 0x70;
+    pub const RTC_DATA: u16 = 0x71;
+    pub const RTC_IRQ: u32 = 8;
+    /// ACPI hardware-reduced sleep control and status registers (FADT `X_SLEEP_*_REG`), and
+    /// the reset register (FADT `RESET_REG`). One byte each.
+    pub const ACPI_SLEEP_CONTROL: u16 = 0x600;
+    pub const ACPI_SLEEP_STATUS: u16 = 0x601;
+    pub const ACPI_RESET: u16 = 0x602;
+    /// The value the guest writes to `ACPI_RESET` to reset (FADT `RESET_VALUE`).
+    pub const ACPI_RESET_VALUE: u8 = 0x01;
+    /// The `SLP_TYP` of S5 (soft off) in the DSDT's `_S5` package. A sleep control write of
+    /// `(SLP_TYP << 2) | SLP_EN` (SLP_EN = bit 5) with this type powers the guest off.
+    pub const SLEEP_TYPE_S5: u8 = 5;
+    /// ACPI SCI interrupt line (FADT `SCI_INT`).
+    pub const ACPI_SCI_IRQ: u32 = 9;
+}
+
 /// Smallest guest Vessel accepts: room for the boot structures and a small kernel.
 pub const MIN_MEMORY: u64 = 16 * MIB;
 /// Largest guest address space this layout supports (the identity-mapped boot tables only
