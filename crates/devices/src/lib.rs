@@ -1,1 +1,35 @@
-//! placeholder
+//! The I/O bus and the legacy PC devices of a Vessel VM.
+//!
+//! This crate owns *what answers* a guest's port I/O and MMIO accesses: the [`Bus`] that maps
+//! address ranges to [`BusDevice`]s (used for both the port bus and the MMIO bus), the
+//! [`ExitSignal`] through which devices ask the VMM to power off or reset the VM, and the
+//! legacy devices themselves:
+//!
+//! - [`serial::Serial`]: a 16550 UART (COM1) built on `vm_superio`;
+//! - [`i8042::I8042`]: the keyboard controller (and port 0x61), enough for Linux to probe it
+//!   at once and to reset the machine with command 0xfe;
+//! - [`rtc::Rtc`]: the MC146818 CMOS real-time clock;
+//! - [`acpi_pm::AcpiPm`]: the hardware-reduced ACPI sleep control/status and reset registers;
+//! - [`debug_port::DebugPort`] (port 0x80) and [`debug_port::PortSink`] (known ports that need
+//!   no emulation).
+//!
+//! Port numbers come from `vessel_memory::ports`. The crate does not know about KVM: devices
+//! raise interrupts by writing an [`EventFd`](vmm_sys_util::eventfd::EventFd) that the VMM
+//! registers as an irqfd for the device's GSI.
+
+pub mod acpi_pm;
+pub mod bus;
+pub mod debug_port;
+pub mod exit;
+pub mod i8042;
+mod irq;
+pub mod rtc;
+pub mod serial;
+
+pub use acpi_pm::AcpiPm;
+pub use bus::{Bus, BusDevice, BusError};
+pub use debug_port::{DebugPort, PortSink};
+pub use exit::{ExitSignal, VmExitReason};
+pub use i8042::I8042;
+pub use rtc::Rtc;
+pub use serial::Serial;

@@ -144,7 +144,7 @@ impl GuestLayout {
         if mem_size > MAX_MEMORY {
             return Err(MemoryError::TooLarge(mem_size));
         }
-        if mem_size % (4 * KIB) != 0 {
+        if !mem_size.is_multiple_of(4 * KIB) {
             return Err(MemoryError::Unaligned(mem_size));
         }
         Ok(GuestLayout { mem_size })

@@ -1,1 +1,193 @@
-fn main() {}
+//! `vessel`: the command line. Parses what the user asked for into a `VmConfig` (or an image
+//! build), runs it, and turns the outcome into one line and an exit status.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use vessel_image::ImageName;
+use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
+
+mod logger;
+
+#[derive(Parser)]
+#[command(
+    name = "vessel",
+    version,
+    about = "Vessel: a KVM hypervisor that boots unmodified Linux"
+)]
+struct Cli {
+    /// Log level for Vessel's own messages (error, warn, info, debug, trace).
+    #[arg(long, global = true, default_value = "warn", value_parser = parse_level)]
+    log_level: log::LevelFilter,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a VM. With no kernel or image, boots the built-in demo guest.
+    Run(RunArgs),
+    /// The guest kit: images Vessel builds from Debian packages.
+    Image {
+        #[command(subcommand)]
+        command: ImageCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Build (or find cached) image NAME (debian or minimal); prints kernel=PATH and initrd=PATH.
+    Build { name: ImageName },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Linux kernel: bzImage or ELF vmlinux.
+    #[arg(long, conflicts_with = "image")]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long, requires = "kernel")]
+    initrd: Option<PathBuf>,
+    /// Boot a guest-kit image (built first if needed): debian or minimal.
+    #[arg(long)]
+    image: Option<ImageName>,
+    /// The whole kernel command line (default: a serial console and Vessel's defaults).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Words to append to the command line (repeatable).
+    #[arg(long)]
+    append: Vec<String>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u32,
+    /// Guest memory: MiB, or with a unit (512M, 2G).
+    #[arg(long, default_value = "256M", value_parser = vessel_memory_size)]
+    memory: u64,
+    /// Where COM1 goes: stdio, null or file=PATH.
+    #[arg(long, default_value = "stdio")]
+    serial: SerialTarget,
+    /// Nested-host fallback: auto (probe the host), on or off.
+    #[arg(long, default_value = "auto")]
+    nested: NestedMode,
+    /// Print exit and timing statistics when the VM ends.
+    #[arg(long)]
+    stats: bool,
+    /// Sample the guest's RIP every MS milliseconds and print a profile at exit.
+    #[arg(long, value_name = "MS", num_args = 0..=1, default_missing_value = "10")]
+    profile: Option<u64>,
+    /// The kernel's System.map, to name functions in the profile.
+    #[arg(long)]
+    system_map: Option<PathBuf>,
+}
+
+fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not a log level (error, warn, info, debug, trace)"))
+}
+
+fn vessel_memory_size(s: &str) -> Result<u64, String> {
+    vessel_memory::parse_size(s)
+}
+
+fn build_image(name: ImageName) -> Result<vessel_image::ImagePaths, String> {
+    vessel_image::build(name, &mut |line| eprintln!("vessel: {line}")).map_err(|e| e.to_string())
+}
+
+fn run(args: RunArgs) -> Result<ExitCode, String> {
+    let boot = match (args.kernel, args.image) {
+        (Some(kernel), _) => BootSource::Linux {
+            kernel,
+            initrd: args.initrd,
+            system_map: args.system_map,
+        },
+        (None, Some(name)) => {
+            let p = build_image(name)?;
+            BootSource::Linux {
+                kernel: p.kernel,
+                initrd: Some(p.initrd),
+                system_map: args.system_map.or(p.system_map),
+            }
+        }
+        (None, None) => BootSource::Demo,
+    };
+    let config = VmConfig {
+        boot,
+        cmdline: args.cmdline,
+        append: args.append,
+        cpus: args.cpus,
+        memory: args.memory,
+        serial: args.serial,
+        nested: args.nested,
+        profile_ms: args.profile,
+    };
+    let outcome = vessel_vmm::run(&config).map_err(|e| e.to_string())?;
+    if args.stats || args.profile.is_some() {
+        eprint!("{}", outcome.stats.summary());
+        match outcome.reason {
+            ExitReason::PowerOff => eprintln!("vessel: the guest powered off"),
+            ExitReason::Reset => eprintln!("vessel: the guest reset"),
+            _ => {}
+        }
+    }
+    Ok(match outcome.reason {
+        ExitReason::PowerOff | ExitReason::Reset => ExitCode::SUCCESS,
+        ExitReason::UserQuit => {
+            eprintln!("vessel: stopped from the console (Ctrl-A x)");
+            ExitCode::from(130)
+        }
+        ExitReason::Signal => {
+            eprintln!("vessel: stopped by a signal");
+            ExitCode::from(143)
+        }
+    })
+}
+
+/// Help and version go out as clap writes them; a usage error becomes one line.
+fn usage_error(e: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        return ExitCode::SUCCESS;
+    }
+    let text = e.to_string();
+    let line = text.lines().next().unwrap_or("invalid arguments");
+    eprintln!(
+        "vessel: {} (see vessel --help)",
+        line.trim_start_matches("error: ")
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => return usage_error(e),
+    };
+    logger::init(cli.log_level);
+    let result = match cli.command {
+        Command::Run(args) => run(args),
+        Command::Image {
+            command: ImageCommand::Build { name },
+        } => build_image(name).map(|p| {
+            println!("kernel={}", p.kernel.display());
+            println!("initrd={}", p.initrd.display());
+            if let Some(m) = p.system_map {
+                println!("system_map={}", m.display());
+            }
+            ExitCode::SUCCESS
+        }),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("vessel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

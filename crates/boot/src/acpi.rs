@@ -1,0 +1,465 @@
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT describing the legacy
+//! devices Vessel emulates. Built with `acpi_tables`, placed from [`addr::RSDP_START`] up in
+//! the BIOS area (0xe0000..1 MiB, e820-reserved), where Linux also scans for the RSDP.
+
+use acpi_tables::aml::{self, Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO};
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use vessel_memory::vm_memory::{Bytes, GuestAddress};
+use vessel_memory::{addr, ports, GuestMemoryMmap};
+
+use crate::error::BootError;
+
+/// OEM ID of every table.
+pub const OEM_ID: [u8; 6] = *b"VESSEL";
+/// OEM table ID of every table.
+const OEM_TABLE_ID: [u8; 8] = *b"VESSELVM";
+const OEM_REVISION: u32 = 1;
+/// FADT hypervisor vendor identity.
+const HYPERVISOR_ID: [u8; 8] = *b"VESSEL  ";
+/// End (exclusive) of the BIOS area the tables live in.
+const BIOS_AREA_END: u64 = 0x10_0000;
+/// Alignment of each table.
+const TABLE_ALIGN: u64 = 16;
+
+/// FADT IAPC_BOOT_ARCH: an 8042 keyboard controller is present.
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// FADT IAPC_BOOT_ARCH: no VGA hardware.
+const IAPC_BOOT_ARCH_NO_VGA: u16 = 1 << 2;
+
+/// MADT flags: the platform also has dual 8259 PICs.
+const MADT_PCAT_COMPAT: u32 = 1;
+/// MADT revision for ACPI 6.2+.
+const MADT_REVISION: u8 = 5;
+/// The IO-APIC's ID (what KVM's in-kernel IO-APIC reports after reset).
+pub const IOAPIC_ID: u8 = 0;
+/// MADT structure types written by hand (acpi_tables has the other two).
+const MADT_INTERRUPT_SOURCE_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+/// MPS INTI flags: polarity (bits 0-1) and trigger mode (bits 2-3).
+const INTI_ACTIVE_HIGH: u16 = 0b01;
+const INTI_EDGE: u16 = 0b01 << 2;
+const INTI_LEVEL: u16 = 0b11 << 2;
+/// ACPI processor UID meaning "all processors".
+const ALL_PROCESSORS: u8 = 0xff;
+
+/// DSDT revision 2: integers are 64 bits.
+const DSDT_REVISION: u8 = 2;
+
+/// Reject vCPU counts the tables cannot describe (xAPIC IDs 0..=254; 255 is broadcast).
+pub(crate) fn check_cpus(num_cpus: u8) -> Result<(), BootError> {
+    if num_cpus == 0 {
+        return Err(BootError::BadCpuCount(0));
+    }
+    Ok(())
+}
+
+/// The AML bytes of `t`.
+fn bytes_of(t: &dyn Aml) -> Vec<u8> {
+    let mut v = Vec::new();
+    t.to_aml_bytes(&mut v);
+    v
+}
+
+/// Write the ACPI tables for `num_cpus` vCPUs; returns the RSDP's address
+/// ([`addr::RSDP_START`]) for the zero page or PVH start info.
+pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<u64, BootError> {
+    check_cpus(num_cpus)?;
+    let mut next = addr::RSDP_START + Rsdp::len() as u64;
+    let mut place = |len: usize| {
+        let at = next.next_multiple_of(TABLE_ALIGN);
+        next = at + len as u64;
+        at
+    };
+
+    let dsdt = dsdt();
+    let dsdt_addr = place(dsdt.len());
+    let fadt = fadt(dsdt_addr);
+    let fadt_addr = place(fadt.len());
+    let madt = madt(num_cpus);
+    let madt_addr = place(madt.len());
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let xsdt = bytes_of(&xsdt);
+    let xsdt_addr = place(xsdt.len());
+    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+    let end = place(0);
+    if end > BIOS_AREA_END {
+        return Err(BootError::TableTooLarge {
+            what: "ACPI tables",
+            size: (end - addr::RSDP_START) as usize,
+            space: "BIOS area (0xe0000..0x100000)",
+        });
+    }
+
+    for (what, at, bytes) in [
+        ("RSDP", addr::RSDP_START, &rsdp),
+        ("DSDT", dsdt_addr, &dsdt),
+        ("FADT", fadt_addr, &fadt),
+        ("MADT", madt_addr, &madt),
+        ("XSDT", xsdt_addr, &xsdt),
+    ] {
+        mem.write_slice(bytes, GuestAddress(at))
+            .map_err(BootError::write(what, at))?;
+    }
+    log::debug!(
+        "ACPI tables for {num_cpus} vCPUs at {:#x}..{end:#x}",
+        addr::RSDP_START
+    );
+    Ok(addr::RSDP_START)
+}
+
+/// An 8-bit register in the system I/O space.
+fn io_port_byte(port: u16) -> GAS {
+    GAS::new(
+        AddressSpace::SystemIo,
+        8,
+        0,
+        AccessSize::ByteAccess,
+        u64::from(port),
+    )
+}
+
+/// The FADT: hardware-reduced ACPI with sleep control/status and reset registers in I/O
+/// space, pointing at the DSDT by its 64-bit address.
+fn fadt(dsdt_addr: u64) -> Vec<u8> {
+    let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::HwReducedAcpi)
+        .flag(Flags::ResetRegSup);
+    // Ignored when hardware-reduced, but what a PC would say.
+    f.sci_int = (ports::ACPI_SCI_IRQ as u16).into();
+    // An i8042 is emulated; there is no VGA; MSI works (MSI_NOT_SUPPORTED clear); CMOS RTC
+    // present (NO_CMOS_RTC clear).
+    f.iapc_boot_arch = (IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA).into();
+    f.reset_reg = io_port_byte(ports::ACPI_RESET);
+    f.reset_value = ports::ACPI_RESET_VALUE;
+    f.sleep_control_reg = io_port_byte(ports::ACPI_SLEEP_CONTROL);
+    f.sleep_status_reg = io_port_byte(ports::ACPI_SLEEP_STATUS);
+    f.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_ID).into();
+    bytes_of(&f.finalize())
+}
+
+/// A MADT interrupt source override (ISA `irq` arrives at `gsi`).
+fn interrupt_source_override(irq: u8, gsi: u32, flags: u16) -> Vec<u8> {
+    let mut v = vec![MADT_INTERRUPT_SOURCE_OVERRIDE, 10, 0 /* ISA */, irq];
+    v.extend_from_slice(&gsi.to_le_bytes());
+    v.extend_from_slice(&flags.to_le_bytes());
+    v
+}
+
+/// A MADT local APIC NMI structure: NMI on `lint` of every processor.
+fn local_apic_nmi(lint: u8) -> Vec<u8> {
+    let mut v = vec![MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS];
+    v.extend_from_slice(&0u16.to_le_bytes()); // flags: conforms to the bus
+    v.push(lint);
+    v
+}
+
+/// The MADT: one enabled local APIC per vCPU (APIC ID = index), the IO-APIC, the ISA
+/// overrides of a PC (IRQ0 at GSI 2; IRQ9, the SCI, level-triggered active-high), and NMI
+/// on LINT1.
+fn madt(num_cpus: u8) -> Vec<u8> {
+    let mut t = Sdt::new(
+        *b"APIC",
+        44,
+        MADT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    t.write_u32(36, addr::LAPIC_START as u32);
+    t.write_u32(40, MADT_PCAT_COMPAT);
+    for id in 0..num_cpus {
+        t.append_slice(&bytes_of(&ProcessorLocalApic::new(
+            id,
+            id,
+            EnabledStatus::Enabled,
+        )));
+    }
+    t.append_slice(&bytes_of(&IoApic::new(
+        IOAPIC_ID,
+        addr::IOAPIC_START as u32,
+        0,
+    )));
+    t.append_slice(&interrupt_source_override(
+        0,
+        2,
+        INTI_ACTIVE_HIGH | INTI_EDGE,
+    ));
+    t.append_slice(&interrupt_source_override(
+        ports::ACPI_SCI_IRQ as u8,
+        ports::ACPI_SCI_IRQ,
+        INTI_ACTIVE_HIGH | INTI_LEVEL,
+    ));
+    t.append_slice(&local_apic_nmi(1));
+    t.as_slice().to_vec()
+}
+
+/// The DSDT: `\_S5_` (soft off) and, in `\_SB_`, COM1, the i8042 and the CMOS RTC with
+/// their I/O ports and IRQs.
+fn dsdt() -> Vec<u8> {
+    let mut body = bytes_of(&Name::new(
+        "_S5_".into(),
+        &Package::new(vec![&ports::SLEEP_TYPE_S5, &0u8, &0u8, &0u8]),
+    ));
+
+    // Edge-triggered, active-high, exclusive ISA interrupts.
+    let isa_irq = |irq: u32| Interrupt::new(true, true, false, false, irq);
+    let fixed_io = |port: u16, len: u8| IO::new(port, port, 1, len);
+
+    let com1_io = fixed_io(ports::COM1, 8);
+    let com1_irq = isa_irq(ports::COM1_IRQ);
+    let com1_crs = ResourceTemplate::new(vec![&com1_io, &com1_irq]);
+    let com1_hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    let com1_uid = Name::new("_UID".into(), &0u8);
+    let com1_crs = Name::new("_CRS".into(), &com1_crs);
+    let com1 = Device::new("COM1".into(), vec![&com1_hid, &com1_uid, &com1_crs]);
+
+    let kbd_data = fixed_io(ports::I8042_DATA, 1);
+    let kbd_cmd = fixed_io(ports::I8042_COMMAND, 1);
+    let kbd_irq = isa_irq(1);
+    let kbd_crs = ResourceTemplate::new(vec![&kbd_data, &kbd_cmd, &kbd_irq]);
+    let kbd_hid = Name::new("_HID".into(), &EISAName::new("PNP0303"));
+    let kbd_crs = Name::new("_CRS".into(), &kbd_crs);
+    let kbd = Device::new("PS2K".into(), vec![&kbd_hid, &kbd_crs]);
+
+    let rtc_io = fixed_io(ports::RTC_INDEX, 2);
+    let rtc_irq = isa_irq(ports::RTC_IRQ);
+    let rtc_crs = ResourceTemplate::new(vec![&rtc_io, &rtc_irq]);
+    let rtc_hid = Name::new("_HID".into(), &EISAName::new("PNP0B00"));
+    let rtc_crs = Name::new("_CRS".into(), &rtc_crs);
+    let rtc = Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
+
+    aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc]).to_aml_bytes(&mut body);
+
+    let mut t = Sdt::new(
+        *b"DSDT",
+        36,
+        DSDT_REVISION,
+        OEM_ID,
+        OEM_TABLE_ID,
+        OEM_REVISION,
+    );
+    t.append_slice(&body);
+    t.as_slice().to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{self, read_bytes, sum, u16_at, u32_at, u64_at, MIB};
+
+    /// A table read back from guest memory by its header's length.
+    fn table_at(mem: &GuestMemoryMmap, at: u64) -> Vec<u8> {
+        let len = u32_at(&read_bytes(mem, at, 8), 4) as usize;
+        assert!((36..=0x2_0000).contains(&len), "table length {len}");
+        read_bytes(mem, at, len)
+    }
+
+    /// Follow RSDP -> XSDT -> tables; return (signature, address, bytes) of each, checking
+    /// every checksum on the way.
+    fn tables(mem: &GuestMemoryMmap, rsdp_addr: u64) -> Vec<([u8; 4], u64, Vec<u8>)> {
+        let rsdp = read_bytes(mem, rsdp_addr, 36);
+        assert_eq!(&rsdp[0..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "RSDP checksum");
+        assert_eq!(sum(&rsdp), 0, "RSDP extended checksum");
+        assert_eq!(rsdp[15], 2, "revision");
+        assert_eq!(&rsdp[9..15], b"VESSEL");
+        assert_eq!(u32_at(&rsdp, 20), 36, "length");
+        let xsdt_addr = u64_at(&rsdp, 24);
+        assert!((addr::RSDP_START..0x10_0000).contains(&xsdt_addr));
+
+        let xsdt = table_at(mem, xsdt_addr);
+        assert_eq!(&xsdt[0..4], b"XSDT");
+        assert_eq!(sum(&xsdt), 0, "XSDT checksum");
+        let mut out = vec![(*b"XSDT", xsdt_addr, xsdt.clone())];
+        for entry in xsdt[36..].chunks_exact(8) {
+            let at = u64::from_le_bytes(entry.try_into().unwrap());
+            let t = table_at(mem, at);
+            let sig: [u8; 4] = t[0..4].try_into().unwrap();
+            assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(&sig));
+            assert_eq!(&t[10..16], b"VESSEL", "OEM id");
+            assert!(at + t.len() as u64 <= 0x10_0000);
+            if &sig == b"FACP" {
+                let dsdt_addr = u64_at(&t, 140);
+                let d = table_at(mem, dsdt_addr);
+                assert_eq!(&d[0..4], b"DSDT");
+                assert_eq!(sum(&d), 0, "DSDT checksum");
+                out.push((*b"DSDT", dsdt_addr, d));
+            }
+            out.push((sig, at, t));
+        }
+        out
+    }
+
+    fn find<'a>(all: &'a [([u8; 4], u64, Vec<u8>)], sig: &[u8; 4]) -> &'a [u8] {
+        &all.iter()
+            .find(|(s, _, _)| s == sig)
+            .unwrap_or_else(|| panic!("no {}", String::from_utf8_lossy(sig)))
+            .2
+    }
+
+    fn contains(hay: &[u8], needle: &[u8]) -> bool {
+        hay.windows(needle.len()).any(|w| w == needle)
+    }
+
+    /// The compressed EISA ID of a PNP ID such as "PNP0501", as the bytes AML stores.
+    fn eisa(id: &str) -> [u8; 4] {
+        let b = id.as_bytes();
+        let c = |i: usize| u16::from(b[i] - b'@');
+        let vendor = (c(0) << 10) | (c(1) << 5) | c(2);
+        let product = u16::from_str_radix(&id[3..], 16).unwrap();
+        let [v0, v1] = vendor.to_be_bytes();
+        let [p0, p1] = product.to_be_bytes();
+        [v0, v1, p0, p1]
+    }
+
+    #[test]
+    fn tables_chain_and_checksum() {
+        let (mem, _) = testutil::guest(64 * MIB);
+        let rsdp = create_acpi_tables(&mem, 4).unwrap();
+        assert_eq!(rsdp, addr::RSDP_START);
+        let all = tables(&mem, rsdp);
+        let sigs: Vec<&[u8; 4]> = all.iter().map(|(s, _, _)| s).collect();
+        for want in [b"XSDT", b"FACP", b"APIC", b"DSDT"] {
+            assert!(sigs.contains(&want), "{sigs:?}");
+        }
+        // No two tables overlap, all after the RSDP.
+        let mut ranges: Vec<(u64, u64)> = all
+            .iter()
+            .map(|(_, a, t)| (*a, a + t.len() as u64))
+            .collect();
+        ranges.sort();
+        assert!(ranges[0].0 >= addr::RSDP_START + 36);
+        for w in ranges.windows(2) {
+            assert!(w[0].1 <= w[1].0, "{ranges:x?}");
+        }
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+        let (mem, _) = testutil::guest(64 * MIB);
+        let all = tables(&mem, create_acpi_tables(&mem, 1).unwrap());
+        let f = find(&all, b"FACP");
+        assert_eq!(f.len(), 276);
+        assert_eq!(f[8], 6, "major revision");
+        assert_eq!(f[131], 5, "minor revision");
+        let flags = u32_at(f, 112);
+        assert_ne!(flags & (1 << 20), 0, "HW_REDUCED_ACPI");
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        let iapc = u16_at(f, 109);
+        assert_ne!(iapc & (1 << 1), 0, "8042");
+        assert_ne!(iapc & (1 << 2), 0, "no VGA");
+        assert_eq!(iapc & (1 << 3), 0, "MSI supported");
+        assert_eq!(iapc & (1 << 5), 0, "CMOS RTC present");
+        // GAS: space 1 (system I/O), 8 bits, offset 0, byte access, address.
+        let gas = |off: usize| {
+            (
+                f[off],
+                f[off + 1],
+                f[off + 2],
+                f[off + 3],
+                u64_at(f, off + 4),
+            )
+        };
+        assert_eq!(gas(116), (1, 8, 0, 1, u64::from(ports::ACPI_RESET)));
+        assert_eq!(f[128], ports::ACPI_RESET_VALUE);
+        assert_eq!(gas(244), (1, 8, 0, 1, u64::from(ports::ACPI_SLEEP_CONTROL)));
+        assert_eq!(gas(256), (1, 8, 0, 1, u64::from(ports::ACPI_SLEEP_STATUS)));
+        assert_eq!(&f[268..276], b"VESSEL  ");
+        assert_eq!(u32_at(f, 40), 0, "32-bit DSDT pointer unused");
+        assert_ne!(u64_at(f, 140), 0, "X_DSDT");
+    }
+
+    #[test]
+    fn madt_lists_every_vcpu_and_the_pc_overrides() {
+        for n in [1u8, 2, 7, 255] {
+            let (mem, _) = testutil::guest(64 * MIB);
+            let all = tables(&mem, create_acpi_tables(&mem, n).unwrap());
+            let m = find(&all, b"APIC");
+            assert_eq!(u32_at(m, 36) as u64, addr::LAPIC_START);
+            assert_eq!(u32_at(m, 40) & 1, 1, "PCAT_COMPAT");
+            let mut lapic_ids = Vec::new();
+            let mut ioapics = Vec::new();
+            let mut overrides = Vec::new();
+            let mut nmis = Vec::new();
+            let mut off = 44;
+            while off < m.len() {
+                let (kind, len) = (m[off], m[off + 1] as usize);
+                let s = &m[off..off + len];
+                match kind {
+                    0 => {
+                        assert_eq!(len, 8);
+                        assert_eq!(s[2], s[3], "UID = APIC ID");
+                        assert_eq!(u32_at(s, 4) & 1, 1, "enabled");
+                        lapic_ids.push(s[3]);
+                    }
+                    1 => ioapics.push((s[2], u32_at(s, 4), u32_at(s, 8))),
+                    2 => overrides.push((s[2], s[3], u32_at(s, 4), u16_at(s, 8))),
+                    4 => nmis.push((s[2], u16_at(s, 3), s[5])),
+                    k => panic!("unexpected MADT structure {k}"),
+                }
+                off += len;
+            }
+            assert_eq!(off, m.len());
+            assert_eq!(lapic_ids, (0..n).collect::<Vec<u8>>());
+            assert_eq!(ioapics, [(0, addr::IOAPIC_START as u32, 0)]);
+            assert_eq!(overrides, [(0, 0, 2, 0x5), (0, 9, 9, 0xd)]);
+            assert_eq!(nmis, [(0xff, 0, 1)]);
+        }
+    }
+
+    #[test]
+    fn dsdt_describes_s5_and_the_legacy_devices() {
+        let (mem, _) = testutil::guest(64 * MIB);
+        let all = tables(&mem, create_acpi_tables(&mem, 1).unwrap());
+        let d = find(&all, b"DSDT");
+        assert_eq!(d[8], 2, "revision 2 (64-bit integers)");
+        // Name(_S5_, Package(4) {5, 0, 0, 0})
+        let pkg = [b'_', b'S', b'5', b'_', 0x12];
+        let at = d
+            .windows(pkg.len())
+            .position(|w| w == pkg)
+            .expect("_S5_ package");
+        let elements = &d[at + pkg.len() + 1..at + pkg.len() + 7];
+        assert_eq!(elements, [4, 0x0a, ports::SLEEP_TYPE_S5, 0, 0, 0]);
+        assert_eq!(d[at - 1], 0x08, "NameOp");
+        for (id, io) in [
+            ("PNP0501", vec![0x47, 1, 0xf8, 0x03, 0xf8, 0x03, 1, 8]),
+            (
+                "PNP0303",
+                vec![
+                    0x47, 1, 0x60, 0, 0x60, 0, 1, 1, 0x47, 1, 0x64, 0, 0x64, 0, 1, 1,
+                ],
+            ),
+            ("PNP0B00", vec![0x47, 1, 0x70, 0, 0x70, 0, 1, 2]),
+        ] {
+            let mut hid = b"_HID\x0c".to_vec();
+            hid.extend_from_slice(&eisa(id));
+            assert!(contains(d, &hid), "{id} _HID");
+            assert!(contains(d, &io), "{id} I/O ports");
+        }
+        assert_eq!(eisa("PNP0501"), [0x41, 0xd0, 0x05, 0x01]);
+        // Extended IRQ descriptors: consumer, edge, active-high, exclusive, one IRQ.
+        for irq in [4u32, 1, 8] {
+            let mut desc = vec![0x89, 6, 0, 0b0011, 1];
+            desc.extend_from_slice(&irq.to_le_bytes());
+            assert!(contains(d, &desc), "IRQ {irq}");
+        }
+        assert!(contains(d, b"_SB_"));
+    }
+
+    #[test]
+    fn zero_cpus_is_refused() {
+        let (mem, _) = testutil::guest(64 * MIB);
+        let err = create_acpi_tables(&mem, 0).unwrap_err();
+        assert!(matches!(err, BootError::BadCpuCount(0)), "{err}");
+    }
+}

@@ -1,0 +1,578 @@
+//! Kernel modules: finding them in a `lib/modules/<release>` tree, reading
+//! their dependencies, ordering them for loading, and decompressing them.
+//!
+//! Dependencies come from `modules.dep` when the tree has one. Debian's
+//! `linux-image-*` packages do not ship it (`depmod` runs at install time), so
+//! otherwise each module's own `depends=` entry in its `.modinfo` ELF section
+//! (written by modpost) is read, lazily, only for the modules reached.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use crate::error::IoContext;
+use crate::ImageError;
+
+/// Extensions a module file may have, longest first.
+const MODULE_EXTENSIONS: [&str; 4] = [".ko.xz", ".ko.zst", ".ko.gz", ".ko"];
+
+/// The module name of a file name or path: the base name without its
+/// `.ko[.xz|.zst|.gz]` extension, `-` written as `_` (as the kernel does).
+pub fn module_name(file: &str) -> Option<String> {
+    let base = file.rsplit('/').next()?;
+    MODULE_EXTENSIONS
+        .iter()
+        .find_map(|ext| base.strip_suffix(ext))
+        .filter(|stem| !stem.is_empty())
+        .map(normalize)
+}
+
+/// Module names treat `-` and `_` alike; `_` is canonical.
+pub fn normalize(name: &str) -> String {
+    name.trim().replace('-', "_")
+}
+
+/// A module known to an index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Known {
+    /// Path relative to the index root.
+    path: PathBuf,
+    /// Direct (or, from modules.dep, transitive) dependencies; `None` until
+    /// read from the file's `.modinfo`.
+    deps: Option<Vec<String>>,
+}
+
+/// The modules of one kernel release directory (`lib/modules/<release>`).
+#[derive(Debug, Clone)]
+pub struct ModuleIndex {
+    root: PathBuf,
+    modules: BTreeMap<String, Known>,
+}
+
+impl ModuleIndex {
+    /// Indexes `root` from its `modules.dep` if present, else by scanning it.
+    pub fn load(root: &Path) -> Result<Self, ImageError> {
+        let dep = root.join("modules.dep");
+        if dep.is_file() {
+            let text = fs::read_to_string(&dep).ctx("read", &dep)?;
+            Ok(Self::from_modules_dep(root, &text))
+        } else {
+            Self::scan(root)
+        }
+    }
+
+    /// Indexes from `modules.dep` text: lines `path: dep-path dep-path ...`.
+    pub fn from_modules_dep(root: &Path, text: &str) -> Self {
+        let mut modules = BTreeMap::new();
+        for line in text.lines() {
+            let Some((path, deps)) = line.split_once(':') else {
+                continue;
+            };
+            let Some(name) = module_name(path.trim()) else {
+                continue;
+            };
+            let deps = deps.split_whitespace().filter_map(module_name).collect();
+            modules.entry(name).or_insert(Known {
+                path: PathBuf::from(path.trim()),
+                deps: Some(deps),
+            });
+        }
+        ModuleIndex {
+            root: root.to_path_buf(),
+            modules,
+        }
+    }
+
+    /// Indexes every module file under `root` (sorted walk; the first file of
+    /// a name wins). Dependencies are read later, on demand.
+    pub fn scan(root: &Path) -> Result<Self, ImageError> {
+        let mut modules = BTreeMap::new();
+        let mut stack = vec![PathBuf::new()];
+        while let Some(rel) = stack.pop() {
+            let dir = root.join(&rel);
+            let mut names: Vec<_> = fs::read_dir(&dir)
+                .ctx("read directory", &dir)?
+                .filter_map(Result::ok)
+                .collect();
+            names.sort_by_key(|e| e.file_name());
+            for entry in names.into_iter().rev() {
+                let file_name = entry.file_name().to_string_lossy().into_owned();
+                let rel_path = rel.join(&file_name);
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
+                if kind.is_dir() {
+                    stack.push(rel_path);
+                } else if let Some(name) = module_name(&file_name) {
+                    modules.entry(name).or_insert(Known {
+                        path: rel_path,
+                        deps: None,
+                    });
+                }
+            }
+        }
+        Ok(ModuleIndex {
+            root: root.to_path_buf(),
+            modules,
+        })
+    }
+
+    /// The directory this index describes.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Number of modules known.
+    pub fn len(&self) -> usize {
+        self.modules.len()
+    }
+
+    /// True when no module is known.
+    pub fn is_empty(&self) -> bool {
+        self.modules.is_empty()
+    }
+
+    /// The file of module `name`, relative to the root.
+    pub fn path_of(&self, name: &str) -> Option<&Path> {
+        self.modules.get(&normalize(name)).map(|k| k.path.as_path())
+    }
+
+    /// The dependencies of `name` (`None` if there is no such module).
+    fn deps_of(&mut self, name: &str) -> Result<Option<Vec<String>>, ImageError> {
+        let root = self.root.clone();
+        let Some(known) = self.modules.get_mut(name) else {
+            return Ok(None);
+        };
+        if known.deps.is_none() {
+            let data = read_module(&root.join(&known.path))?;
+            known.deps = Some(modinfo_depends(&modinfo(&data).map_err(|reason| {
+                ImageError::Module {
+                    module: known.path.display().to_string(),
+                    reason,
+                }
+            })?));
+        }
+        Ok(known.deps.clone())
+    }
+}
+
+/// A module placed in load order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResolvedModule {
+    /// Canonical module name.
+    pub name: String,
+    /// File relative to the index root.
+    pub path: PathBuf,
+}
+
+/// The outcome of [`resolve`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Resolution {
+    /// Every requested module and its dependencies, dependencies first.
+    pub order: Vec<ResolvedModule>,
+    /// Requested modules this kernel does not have.
+    pub missing: Vec<String>,
+    /// Dependencies named by a module that this kernel does not have:
+    /// `(module, dependency)`.
+    pub missing_deps: Vec<(String, String)>,
+    /// Dependency edges dropped to break a cycle: `(module, dependency)`.
+    pub cycles: Vec<(String, String)>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mark {
+    Visiting,
+    Done,
+}
+
+/// Orders `wanted` and everything they depend on (transitively) so that every
+/// module comes after its dependencies, each once. Requested names the kernel
+/// does not have are reported in `missing`; a dependency cycle is broken (and
+/// reported) instead of looping.
+pub fn resolve(index: &mut ModuleIndex, wanted: &[&str]) -> Result<Resolution, ImageError> {
+    let mut res = Resolution::default();
+    let mut marks: HashMap<String, Mark> = HashMap::new();
+    for want in wanted {
+        let name = normalize(want);
+        if index.deps_of(&name)?.is_none() {
+            if !res.missing.contains(&name) {
+                res.missing.push(name);
+            }
+            continue;
+        }
+        visit(index, &name, &mut marks, &mut res)?;
+    }
+    Ok(res)
+}
+
+fn visit(
+    index: &mut ModuleIndex,
+    name: &str,
+    marks: &mut HashMap<String, Mark>,
+    res: &mut Resolution,
+) -> Result<(), ImageError> {
+    if marks.contains_key(name) {
+        return Ok(());
+    }
+    marks.insert(name.to_string(), Mark::Visiting);
+    let deps = index.deps_of(name)?.unwrap_or_default();
+    for dep in deps {
+        match marks.get(&dep) {
+            Some(Mark::Done) => {}
+            Some(Mark::Visiting) => res.cycles.push((name.to_string(), dep)),
+            None if index.path_of(&dep).is_none() => {
+                res.missing_deps.push((name.to_string(), dep));
+            }
+            None => visit(index, &dep, marks, res)?,
+        }
+    }
+    marks.insert(name.to_string(), Mark::Done);
+    let path = index
+        .path_of(name)
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    res.order.push(ResolvedModule {
+        name: name.to_string(),
+        path,
+    });
+    Ok(())
+}
+
+/// Reads a module file, decompressing `.ko.xz` and `.ko.zst`.
+pub fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
+    let raw = fs::read(path).ctx("read", path)?;
+    let name = path.to_string_lossy();
+    let fail = |reason: String| ImageError::Module {
+        module: path.display().to_string(),
+        reason,
+    };
+    if name.ends_with(".ko.xz") {
+        let mut out = Vec::new();
+        lzma_rs::xz_decompress(&mut BufReader::new(raw.as_slice()), &mut out)
+            .map_err(|e| fail(format!("xz decompression failed: {e}")))?;
+        Ok(out)
+    } else if name.ends_with(".ko.zst") {
+        let mut out = Vec::new();
+        ruzstd::StreamingDecoder::new(raw.as_slice())
+            .map_err(|e| fail(format!("zstd decompression failed: {e}")))?
+            .read_to_end(&mut out)
+            .map_err(|e| fail(format!("zstd decompression failed: {e}")))?;
+        Ok(out)
+    } else if name.ends_with(".ko.gz") {
+        Err(fail("gzip-compressed modules are not supported".into()))
+    } else {
+        Ok(raw)
+    }
+}
+
+fn le_u16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn le_u32(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+fn le_u64(b: &[u8], at: usize) -> Option<u64> {
+    Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+}
+
+/// The `key=value` strings of a module's `.modinfo` section (ELF64 LE).
+pub fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
+    if elf.get(..4) != Some(b"\x7fELF") {
+        return Err("not an ELF file".into());
+    }
+    if elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
+        return Err("not a 64-bit little-endian ELF file".into());
+    }
+    let bad = || "malformed ELF section table".to_string();
+    let shoff = usize::try_from(le_u64(elf, 0x28).ok_or_else(bad)?).map_err(|_| bad())?;
+    let shentsize = usize::from(le_u16(elf, 0x3a).ok_or_else(bad)?);
+    let shnum = usize::from(le_u16(elf, 0x3c).ok_or_else(bad)?);
+    let shstrndx = usize::from(le_u16(elf, 0x3e).ok_or_else(bad)?);
+    if shentsize < 0x28 {
+        return Err(bad());
+    }
+    let section = |i: usize| -> Option<(u32, &[u8])> {
+        let at = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        let name = le_u32(elf, at)?;
+        let off = usize::try_from(le_u64(elf, at + 0x18)?).ok()?;
+        let size = usize::try_from(le_u64(elf, at + 0x20)?).ok()?;
+        Some((name, elf.get(off..off.checked_add(size)?)?))
+    };
+    let (_, shstrtab) = section(shstrndx).ok_or_else(bad)?;
+    for i in 0..shnum {
+        let (name_off, data) = section(i).ok_or_else(bad)?;
+        let name = shstrtab
+            .get(name_off as usize..)
+            .and_then(|s| s.split(|&b| b == 0).next())
+            .unwrap_or_default();
+        if name == b".modinfo" {
+            return Ok(data
+                .split(|&b| b == 0)
+                .filter_map(|s| std::str::from_utf8(s).ok())
+                .filter_map(|s| s.split_once('='))
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect());
+        }
+    }
+    Err("no .modinfo section".into())
+}
+
+/// The module names in the `depends=` entries of a modinfo list.
+pub fn modinfo_depends(info: &[(String, String)]) -> Vec<String> {
+    info.iter()
+        .filter(|(k, _)| k == "depends")
+        .flat_map(|(_, v)| v.split(','))
+        .filter(|d| !d.trim().is_empty())
+        .map(normalize)
+        .collect()
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A minimal ELF64 LE relocatable with `.shstrtab` and `.modinfo`.
+    pub(crate) fn fake_module(modinfo_entries: &[&str]) -> Vec<u8> {
+        let mut modinfo = Vec::new();
+        for e in modinfo_entries {
+            modinfo.extend_from_slice(e.as_bytes());
+            modinfo.push(0);
+        }
+        let shstrtab = b"\0.shstrtab\0.modinfo\0".to_vec();
+        let mut elf = vec![0u8; 64];
+        elf[..4].copy_from_slice(b"\x7fELF");
+        elf[4] = 2; // 64-bit
+        elf[5] = 1; // little endian
+        elf[6] = 1;
+        let shstr_off = elf.len();
+        elf.extend_from_slice(&shstrtab);
+        let modinfo_off = elf.len();
+        elf.extend_from_slice(&modinfo);
+        while elf.len() & 7 != 0 {
+            elf.push(0);
+        }
+        let shoff = elf.len();
+        let mut sh = |name: u32, off: usize, size: usize| {
+            let mut h = vec![0u8; 64];
+            h[..4].copy_from_slice(&name.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&(off as u64).to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&(size as u64).to_le_bytes());
+            elf.extend_from_slice(&h);
+        };
+        sh(0, 0, 0);
+        sh(1, shstr_off, shstrtab.len());
+        sh(11, modinfo_off, modinfo.len());
+        elf[0x28..0x30].copy_from_slice(&(shoff as u64).to_le_bytes());
+        elf[0x3a..0x3c].copy_from_slice(&64u16.to_le_bytes());
+        elf[0x3c..0x3e].copy_from_slice(&3u16.to_le_bytes());
+        elf[0x3e..0x40].copy_from_slice(&1u16.to_le_bytes());
+        elf
+    }
+
+    /// A zstd frame holding `data` in one raw (stored) block.
+    fn zstd_raw_frame(data: &[u8]) -> Vec<u8> {
+        let mut f = vec![0x28, 0xb5, 0x2f, 0xfd]; // magic 0xFD2FB528
+        if data.len() < 256 {
+            f.push(0x20); // single segment, 1-byte content size
+            f.push(data.len() as u8);
+        } else {
+            f.push(0x60); // single segment, 2-byte content size (minus 256)
+            let size = u16::try_from(data.len() - 256).unwrap();
+            f.extend_from_slice(&size.to_le_bytes());
+        }
+        let block = 1u32 | ((data.len() as u32) << 3); // last block, raw
+        f.extend_from_slice(&block.to_le_bytes()[..3]);
+        f.extend_from_slice(data);
+        f
+    }
+
+    fn names(res: &Resolution) -> Vec<&str> {
+        res.order.iter().map(|m| m.name.as_str()).collect()
+    }
+
+    fn pos(res: &Resolution, name: &str) -> usize {
+        names(res).iter().position(|n| *n == name).unwrap()
+    }
+
+    const DEP: &str = "\
+kernel/drivers/virtio/virtio_ring.ko:
+kernel/drivers/virtio/virtio.ko: kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/virtio/virtio_pci_modern_dev.ko:
+kernel/drivers/virtio/virtio_pci_legacy_dev.ko:
+kernel/drivers/virtio/virtio_pci.ko: kernel/drivers/virtio/virtio_pci_modern_dev.ko kernel/drivers/virtio/virtio_pci_legacy_dev.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/block/virtio_blk.ko.xz: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/char/hw_random/virtio-rng.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/fs/ext4/ext4.ko: kernel/lib/crc16.ko kernel/fs/mbcache.ko kernel/fs/jbd2/jbd2.ko
+kernel/lib/crc16.ko:
+kernel/fs/mbcache.ko:
+kernel/fs/jbd2/jbd2.ko:
+kernel/a.ko: kernel/b.ko
+kernel/b.ko: kernel/a.ko
+kernel/needs_ghost.ko: kernel/ghost.ko
+";
+
+    #[test]
+    fn module_names() {
+        assert_eq!(
+            module_name("kernel/x/virtio-rng.ko").as_deref(),
+            Some("virtio_rng")
+        );
+        assert_eq!(module_name("ext4.ko.xz").as_deref(), Some("ext4"));
+        assert_eq!(module_name("a/b/jbd2.ko.zst").as_deref(), Some("jbd2"));
+        assert_eq!(module_name("modules.dep"), None);
+        assert_eq!(module_name(".ko"), None);
+    }
+
+    #[test]
+    fn resolves_transitively_in_load_order() {
+        let mut idx = ModuleIndex::from_modules_dep(Path::new("/m"), DEP);
+        let res = resolve(
+            &mut idx,
+            &["virtio_pci", "virtio_blk", "virtio-rng", "ext4"],
+        )
+        .unwrap();
+        let n = names(&res);
+        assert_eq!(n.len(), 11, "{n:?}");
+        // Each module exactly once.
+        let mut sorted = n.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), n.len());
+        assert!(pos(&res, "virtio_ring") < pos(&res, "virtio"));
+        assert!(pos(&res, "virtio") < pos(&res, "virtio_pci"));
+        assert!(pos(&res, "virtio_pci_modern_dev") < pos(&res, "virtio_pci"));
+        assert!(pos(&res, "virtio_pci_legacy_dev") < pos(&res, "virtio_pci"));
+        assert!(pos(&res, "virtio") < pos(&res, "virtio_blk"));
+        for dep in ["crc16", "mbcache", "jbd2"] {
+            assert!(pos(&res, dep) < pos(&res, "ext4"));
+        }
+        assert_eq!(*n.last().unwrap(), "ext4", "requested order is kept");
+        assert_eq!(
+            res.order[pos(&res, "virtio_blk")].path,
+            PathBuf::from("kernel/drivers/block/virtio_blk.ko.xz")
+        );
+        assert_eq!(
+            res.order[pos(&res, "virtio_rng")].path,
+            PathBuf::from("kernel/drivers/char/hw_random/virtio-rng.ko")
+        );
+        assert!(res.missing.is_empty() && res.cycles.is_empty());
+    }
+
+    #[test]
+    fn missing_modules_and_deps_are_reported() {
+        let mut idx = ModuleIndex::from_modules_dep(Path::new("/m"), DEP);
+        let res = resolve(
+            &mut idx,
+            &[
+                "virtio_balloon",
+                "virtio_ring",
+                "needs_ghost",
+                "nope",
+                "nope",
+            ],
+        )
+        .unwrap();
+        assert_eq!(res.missing, ["virtio_balloon", "nope"]);
+        assert_eq!(names(&res), ["virtio_ring", "needs_ghost"]);
+        assert_eq!(
+            res.missing_deps,
+            [("needs_ghost".to_string(), "ghost".to_string())]
+        );
+    }
+
+    #[test]
+    fn cycles_terminate_and_are_reported() {
+        let mut idx = ModuleIndex::from_modules_dep(Path::new("/m"), DEP);
+        let res = resolve(&mut idx, &["a"]).unwrap();
+        assert_eq!(names(&res), ["b", "a"]);
+        assert_eq!(res.cycles, [("b".to_string(), "a".to_string())]);
+    }
+
+    #[test]
+    fn reads_modinfo_from_elf() {
+        let elf = fake_module(&[
+            "license=GPL",
+            "depends=virtio,virtio_ring,net-failover",
+            "softdep=pre: crc32c",
+        ]);
+        let info = modinfo(&elf).unwrap();
+        assert_eq!(info[0], ("license".to_string(), "GPL".to_string()));
+        assert_eq!(
+            modinfo_depends(&info),
+            ["virtio", "virtio_ring", "net_failover"]
+        );
+        assert!(modinfo_depends(&modinfo(&fake_module(&["depends="])).unwrap()).is_empty());
+        assert!(modinfo(b"not elf").unwrap_err().contains("not an ELF"));
+        let mut truncated = elf.clone();
+        truncated.truncate(100);
+        assert!(modinfo(&truncated).is_err());
+    }
+
+    fn temp_tree(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vessel-modules-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("kernel/drivers/virtio")).unwrap();
+        fs::create_dir_all(dir.join("kernel/fs")).unwrap();
+        dir
+    }
+
+    #[test]
+    fn scans_tree_reads_compressed_modules_and_resolves() {
+        let dir = temp_tree("scan");
+        let ring = fake_module(&["depends="]);
+        let virtio = fake_module(&["depends=virtio_ring"]);
+        let blk = fake_module(&["depends=virtio,virtio_ring"]);
+        fs::write(dir.join("kernel/drivers/virtio/virtio_ring.ko"), &ring).unwrap();
+        let mut xz = Vec::new();
+        lzma_rs::xz_compress(&mut BufReader::new(virtio.as_slice()), &mut xz).unwrap();
+        fs::write(dir.join("kernel/drivers/virtio/virtio.ko.xz"), &xz).unwrap();
+        fs::write(
+            dir.join("kernel/fs/virtio-blk.ko.zst"),
+            zstd_raw_frame(&blk),
+        )
+        .unwrap();
+        fs::write(dir.join("modules.order"), "not a module").unwrap();
+
+        let mut idx = ModuleIndex::load(&dir).unwrap();
+        assert_eq!(idx.len(), 3);
+        let res = resolve(&mut idx, &["virtio_blk", "ext4"]).unwrap();
+        assert_eq!(names(&res), ["virtio_ring", "virtio", "virtio_blk"]);
+        assert_eq!(res.missing, ["ext4"]);
+        assert_eq!(
+            read_module(&dir.join("kernel/drivers/virtio/virtio.ko.xz")).unwrap(),
+            virtio
+        );
+        assert_eq!(
+            read_module(&dir.join("kernel/fs/virtio-blk.ko.zst")).unwrap(),
+            blk
+        );
+
+        // A corrupt compressed module is a clear error naming the file.
+        fs::write(dir.join("kernel/fs/broken.ko.xz"), b"garbage").unwrap();
+        let err = read_module(&dir.join("kernel/fs/broken.ko.xz"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broken.ko.xz") && err.contains("xz"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn modules_dep_file_wins_over_scanning() {
+        let dir = temp_tree("dep");
+        fs::write(
+            dir.join("modules.dep"),
+            "kernel/fs/x.ko: kernel/fs/y.ko\nkernel/fs/y.ko:\n",
+        )
+        .unwrap();
+        let mut idx = ModuleIndex::load(&dir).unwrap();
+        assert_eq!(idx.len(), 2);
+        // Files are not even read: deps come from modules.dep.
+        let res = resolve(&mut idx, &["x"]).unwrap();
+        assert_eq!(names(&res), ["y", "x"]);
+        assert_eq!(idx.path_of("y"), Some(Path::new("kernel/fs/y.ko")));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,117 @@
+//! The fallback for nested hosts where guest kernel code is emulated by the host's KVM and the
+//! guest's CPU features are the host's whatever `KVM_SET_CPUID2` says.
+//!
+//! On such a host the guest kernel must be kept off instructions the host emulator lacks, and
+//! the CPUID table cannot do it. Measured on the lab host: guest user code runs natively and
+//! reads the real CPUID; guest kernel code gets the VMM's table for the topology and hypervisor
+//! leaves, but KVM_SET_CPUID2 replaces the feature words of leaves 0x1 and 0x7 with the host's
+//! own (`KVM_GET_CPUID2` shows them). So the guest kernel is told on its command line,
+//! [`nested_kernel_params`]; what no parameter avoids is completed in user space by
+//! [`crate::emulate`]. [`probe_cpuid_passthrough`] detects such a host.
+
+mod probe;
+
+pub use probe::probe_cpuid_passthrough;
+
+/// A CPU feature the guest kernel must not use, as Linux 6.1 numbers it in
+/// `arch/x86/include/asm/cpufeatures.h`: `X86_FEATURE_<name> = word * 32 + bit`.
+struct Feature {
+    name: &'static str,
+    word: u32,
+    bit: u32,
+}
+
+impl Feature {
+    const fn number(&self) -> u32 {
+        self.word * 32 + self.bit
+    }
+}
+
+const fn feature(name: &'static str, word: u32, bit: u32) -> Feature {
+    Feature { name, word, bit }
+}
+
+/// Features whose instructions the host emulator fails on (or, for MOVBE and RDPID, answers with
+/// #UD), by cpufeatures.h word: word 1 = CPUID.8000_0001:EDX, word 4 = CPUID.1:ECX,
+/// word 6 = CPUID.8000_0001:ECX, word 9 = CPUID.7.0:EBX, word 16 = CPUID.7.0:ECX (checked
+/// against Linux 6.1's cpufeatures.h). RDTSCP is here because `rdtsc_ordered()` uses it when
+/// present and the lab host's emulator fails on it.
+const CLEARED: &[Feature] = &[
+    feature("RDTSCP", 1, 27),     // 59
+    feature("PCLMULQDQ", 4, 1),   // 129: pclmulqdq
+    feature("SSSE3", 4, 9),       // 137
+    feature("FMA", 4, 12),        // 140
+    feature("CX16", 4, 13),       // 141: cmpxchg16b
+    feature("XMM4_1", 4, 19),     // 147: SSE4.1
+    feature("XMM4_2", 4, 20),     // 148: SSE4.2 (crc32)
+    feature("MOVBE", 4, 22),      // 150
+    feature("POPCNT", 4, 23),     // 151
+    feature("AES", 4, 25),        // 153: AES-NI
+    feature("RDRAND", 4, 30),     // 158
+    feature("ABM", 6, 5),         // 197: lzcnt
+    feature("FSGSBASE", 9, 0),    // 288: rd/wr{fs,gs}base
+    feature("BMI1", 9, 3),        // 291
+    feature("BMI2", 9, 8),        // 296
+    feature("INVPCID", 9, 10),    // 298
+    feature("RDSEED", 9, 18),     // 306
+    feature("ADX", 9, 19),        // 307
+    feature("SMAP", 9, 20),       // 308: clac/stac
+    feature("CLFLUSHOPT", 9, 23), // 311
+    feature("CLWB", 9, 24),       // 312
+    feature("SHA_NI", 9, 29),     // 317
+    feature("RDPID", 16, 22),     // 534
+];
+
+/// Kernel parameters for a guest on a nested host: no XSAVE (`xsave`/`xrstor` and friends);
+/// `clearcpuid=` with RDTSCP, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, AES,
+/// RDRAND, ABM, FSGSBASE, BMI1, BMI2, INVPCID, RDSEED, ADX, SMAP, CLFLUSHOPT, CLWB, SHA_NI and
+/// RDPID; and no paravirtual features (their hypercalls never complete).
+pub fn nested_kernel_params() -> String {
+    let numbers: Vec<String> = CLEARED.iter().map(|f| f.number().to_string()).collect();
+    let names: Vec<&str> = CLEARED.iter().map(|f| f.name).collect();
+    log::debug!("nested host: guest kernel clears {}", names.join(" "));
+    format!("noxsave clearcpuid={} nopv", numbers.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Linux 6.1 reads `clearcpuid=` into a 128-byte buffer and drops what does not fit.
+    const CLEARCPUID_MAX: usize = 127;
+
+    #[test]
+    fn exact_params() {
+        assert_eq!(
+            nested_kernel_params(),
+            "noxsave clearcpuid=59,129,137,140,141,147,148,150,151,153,158,197,288,291,296,298,\
+             306,307,308,311,312,317,534 nopv"
+        );
+    }
+
+    #[test]
+    fn numbers_match_the_feature_words() {
+        let by_name = |name: &str| CLEARED.iter().find(|f| f.name == name).unwrap().number();
+        // Spot checks against cpufeatures.h's ( word*32+bit ) definitions.
+        assert_eq!(by_name("CX16"), 4 * 32 + 13);
+        assert_eq!(by_name("POPCNT"), 151);
+        assert_eq!(by_name("SMAP"), 9 * 32 + 20);
+        assert_eq!(by_name("RDPID"), 16 * 32 + 22);
+        let mut numbers: Vec<u32> = CLEARED.iter().map(Feature::number).collect();
+        let before = numbers.clone();
+        numbers.sort_unstable();
+        numbers.dedup();
+        assert_eq!(numbers, before, "sorted, no duplicates");
+        assert!(CLEARED.iter().all(|f| f.bit < 32));
+    }
+
+    #[test]
+    fn clearcpuid_fits_linux_buffer() {
+        let params = nested_kernel_params();
+        let list = params
+            .split(' ')
+            .find_map(|p| p.strip_prefix("clearcpuid="))
+            .unwrap();
+        assert!(list.len() <= CLEARCPUID_MAX, "{} bytes", list.len());
+    }
+}

@@ -1,0 +1,162 @@
+//! Exit-handling cost: a guest that reads the i8042 status port N times, run through Vessel's
+//! whole VMM (bus lookup, device lock, exit loop), against a bare `KVM_RUN` loop in this
+//! process that answers the same port with a constant. Prints figures; asserts nothing.
+//!
+//!   cargo bench -p vessel --bench exits
+
+#[path = "../tests/common/tinyguest.rs"]
+#[allow(dead_code)]
+mod tinyguest;
+
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::{Kvm, VcpuExit};
+use tinyguest::{elf, Guest, LOAD_ADDR};
+use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vessel_memory::{create_guest_memory, GuestLayout};
+use vessel_vmm::{BootSource, NestedMode, SerialTarget, VmConfig};
+
+const EXITS: u32 = 100_000;
+const REPS: usize = 5;
+
+fn guest(n: u32) -> Vec<u8> {
+    let mut g = Guest::new();
+    let mut l = g.a.create_label();
+    let mut done = g.a.create_label();
+    g.a.mov(ecx, n).unwrap();
+    g.a.test(ecx, ecx).unwrap();
+    g.a.jz(done).unwrap();
+    g.a.set_label(&mut l).unwrap();
+    g.a.in_(al, 0x64u32).unwrap();
+    g.a.dec(ecx).unwrap();
+    g.a.jnz(l).unwrap();
+    g.a.set_label(&mut done).unwrap();
+    g.power_off();
+    g.finish()
+}
+
+fn vessel_once(path: &std::path::Path) -> Duration {
+    let cfg = VmConfig {
+        boot: BootSource::Linux {
+            kernel: path.to_path_buf(),
+            initrd: None,
+            system_map: None,
+        },
+        cmdline: Some(String::new()),
+        memory: 64 << 20,
+        serial: SerialTarget::Null,
+        nested: NestedMode::Off,
+        ..Default::default()
+    };
+    vessel_vmm::run(&cfg).expect("vessel run").stats.wall
+}
+
+fn bare_once(code: &[u8]) -> Duration {
+    let kvm = Kvm::new().unwrap();
+    let vm = kvm.create_vm().unwrap();
+    vm.set_tss_address(0xfffb_d000).unwrap();
+    vm.create_irq_chip().unwrap();
+    let layout = GuestLayout::new(64 << 20).unwrap();
+    let mem = create_guest_memory(&layout).unwrap();
+    for (slot, r) in mem.iter().enumerate() {
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: r.as_ptr() as u64,
+        };
+        // SAFETY: the mapping is owned by `mem`, which outlives the VM in this function.
+        unsafe { vm.set_user_memory_region(region).unwrap() };
+    }
+    mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
+    let gdt = vessel_boot::write_gdt(&mem, vessel_boot::EntryMode::Long64).unwrap();
+    let cr3 = vessel_boot::write_identity_page_tables(&mem).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    let seg = |s: &vessel_boot::Segment| kvm_bindings::kvm_segment {
+        base: s.base,
+        limit: s.limit,
+        selector: s.selector,
+        type_: s.type_,
+        present: s.present as u8,
+        dpl: s.dpl,
+        db: s.db as u8,
+        s: s.s as u8,
+        l: s.l as u8,
+        g: s.g as u8,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    sregs.cs = seg(&gdt.code);
+    sregs.ds = seg(&gdt.data);
+    sregs.es = sregs.ds;
+    sregs.ss = sregs.ds;
+    sregs.tr = seg(&gdt.tss);
+    sregs.gdt.base = gdt.base;
+    sregs.gdt.limit = gdt.limit;
+    sregs.cr0 = 0x8000_0011;
+    sregs.cr3 = cr3;
+    sregs.cr4 = 0x20;
+    sregs.efer = 0x500;
+    vcpu.set_sregs(&sregs).unwrap();
+    let regs = kvm_bindings::kvm_regs {
+        rip: LOAD_ADDR,
+        rsp: 0x8ff0,
+        rflags: 2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).unwrap();
+    let t = Instant::now();
+    loop {
+        match vcpu.run().unwrap() {
+            VcpuExit::IoIn(_, data) => data[0] = 0x1c,
+            VcpuExit::IoOut(0x600, _) => break,
+            VcpuExit::IoOut(..) => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    t.elapsed()
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("vessel-bench-exits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let zero = dir.join("zero.elf");
+    let many = dir.join("many.elf");
+    std::fs::write(&zero, elf(&guest(0))).unwrap();
+    std::fs::write(&many, elf(&guest(EXITS))).unwrap();
+
+    let v0 = median((0..REPS).map(|_| vessel_once(&zero)).collect());
+    let vn = median((0..REPS).map(|_| vessel_once(&many)).collect());
+    let b0 = median((0..REPS).map(|_| bare_once(&guest(0))).collect());
+    let bn = median((0..REPS).map(|_| bare_once(&guest(EXITS))).collect());
+    let per = |a: Duration, b: Duration| (a.saturating_sub(b)).as_secs_f64() * 1e6 / EXITS as f64;
+    let vessel_us = per(vn, v0);
+    let bare_us = per(bn, b0);
+    println!("exits: {EXITS} i8042 status reads, median of {REPS}");
+    println!(
+        "exits: vessel     total {:8.1} ms  per exit {:6.2} us",
+        vn.as_secs_f64() * 1e3,
+        vessel_us
+    );
+    println!(
+        "exits: bare loop  total {:8.1} ms  per exit {:6.2} us",
+        bn.as_secs_f64() * 1e3,
+        bare_us
+    );
+    println!(
+        "exits: vessel / bare = {:.3} ({:+.1}%)",
+        vessel_us / bare_us,
+        (vessel_us / bare_us - 1.0) * 100.0
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

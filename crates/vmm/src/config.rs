@@ -1,0 +1,130 @@
+//! What a VM is made of, as the CLI (and later the API) describes it.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// What the VM boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BootSource {
+    /// The built-in demo guest: prints a greeting and powers off.
+    Demo,
+    /// A Linux kernel (bzImage or ELF vmlinux) with an optional initrd.
+    Linux {
+        kernel: PathBuf,
+        initrd: Option<PathBuf>,
+        /// The kernel's `System.map`, used to symbolize profiles.
+        system_map: Option<PathBuf>,
+    },
+}
+
+/// Where the guest's COM1 goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SerialTarget {
+    /// The terminal (raw mode when stdin is a tty); stdin feeds the guest.
+    Stdio,
+    /// Nowhere.
+    Null,
+    /// Appended to a file.
+    File(PathBuf),
+}
+
+impl FromStr for SerialTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "stdio" => Ok(SerialTarget::Stdio),
+            "null" => Ok(SerialTarget::Null),
+            _ => match s.strip_prefix("file=") {
+                Some(p) if !p.is_empty() => Ok(SerialTarget::File(PathBuf::from(p))),
+                _ => Err(format!(
+                    "'{s}' is not a serial target: use stdio, null or file=PATH"
+                )),
+            },
+        }
+    }
+}
+
+/// Whether to apply the nested-host fallback (kernel parameters and user-space completion of
+/// what the host cannot run).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NestedMode {
+    /// Probe the host at start.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl FromStr for NestedMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(NestedMode::Auto),
+            "on" => Ok(NestedMode::On),
+            "off" => Ok(NestedMode::Off),
+            _ => Err(format!("'{s}' is not a nested mode: use auto, on or off")),
+        }
+    }
+}
+
+/// A whole VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub boot: BootSource,
+    /// The full kernel command line; `None` for Vessel's default.
+    pub cmdline: Option<String>,
+    /// Words appended to the command line (default or given).
+    pub append: Vec<String>,
+    pub cpus: u32,
+    /// Guest RAM in bytes.
+    pub memory: u64,
+    pub serial: SerialTarget,
+    pub nested: NestedMode,
+    /// Sample guest RIP this often (ms) and print a symbolized profile at exit.
+    pub profile_ms: Option<u64>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            boot: BootSource::Demo,
+            cmdline: None,
+            append: Vec::new(),
+            cpus: 1,
+            memory: 256 << 20,
+            serial: SerialTarget::Stdio,
+            nested: NestedMode::Auto,
+            profile_ms: None,
+        }
+    }
+}
+
+/// The command line Vessel gives a Linux guest when none is given.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux 8250.nr_uarts=1";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serial_targets_parse() {
+        assert_eq!(
+            "stdio".parse::<SerialTarget>().unwrap(),
+            SerialTarget::Stdio
+        );
+        assert_eq!("null".parse::<SerialTarget>().unwrap(), SerialTarget::Null);
+        assert_eq!(
+            "file=/tmp/x".parse::<SerialTarget>().unwrap(),
+            SerialTarget::File("/tmp/x".into())
+        );
+        assert!("file=".parse::<SerialTarget>().is_err());
+        assert!("tty".parse::<SerialTarget>().is_err());
+    }
+
+    #[test]
+    fn nested_modes_parse() {
+        assert_eq!("auto".parse::<NestedMode>().unwrap(), NestedMode::Auto);
+        assert_eq!("off".parse::<NestedMode>().unwrap(), NestedMode::Off);
+        assert!("maybe".parse::<NestedMode>().is_err());
+    }
+}

@@ -1,0 +1,126 @@
+//! The device manager for the legacy PC platform: builds the port-I/O and MMIO buses, places
+//! every device at its port from `vessel_memory::ports`, and wires interrupts as irqfds.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::VmFd;
+use vessel_devices::{
+    acpi_pm::AcpiPm, debug_port::DebugPort, i8042::I8042, rtc::Rtc, serial::Serial, Bus, BusDevice,
+    ExitSignal,
+};
+use vessel_memory::ports;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::SerialTarget;
+use crate::error::{KvmContext, VmmError};
+use crate::terminal;
+
+pub struct LegacyDevices {
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    serial: Arc<Mutex<Serial>>,
+    stdio: bool,
+}
+
+fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
+    let fd = EventFd::new(libc::EFD_NONBLOCK)
+        .map_err(|e| VmmError::Device(format!("eventfd for IRQ {gsi}: {e}")))?;
+    vm.register_irqfd(&fd, gsi).kvm("KVM_IRQFD")?;
+    Ok(fd)
+}
+
+fn insert(
+    bus: &mut Bus,
+    dev: Arc<Mutex<dyn BusDevice>>,
+    base: u16,
+    len: u64,
+) -> Result<(), VmmError> {
+    bus.insert(dev, base as u64, len)
+        .map_err(|e| VmmError::Device(format!("port {base:#x}: {e}")))
+}
+
+impl LegacyDevices {
+    pub fn new(vm: &VmFd, target: &SerialTarget, exit: &ExitSignal) -> Result<Self, VmmError> {
+        let out: Box<dyn Write + Send> = match target {
+            SerialTarget::Stdio => Box::new(std::io::stdout()),
+            SerialTarget::Null => Box::new(std::io::sink()),
+            SerialTarget::File(p) => Box::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| VmmError::Open {
+                        path: p.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let serial = Arc::new(Mutex::new(Serial::new(irqfd(vm, ports::COM1_IRQ)?, out)));
+        let mut io = Bus::new();
+        insert(&mut io, serial.clone(), ports::COM1, 8)?;
+        insert(
+            &mut io,
+            Arc::new(Mutex::new(I8042::new(exit.clone()))),
+            ports::I8042_DATA,
+            5,
+        )?;
+        insert(
+            &mut io,
+            Arc::new(Mutex::new(Rtc::new())),
+            ports::RTC_INDEX,
+            2,
+        )?;
+        insert(
+            &mut io,
+            Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
+            ports::ACPI_SLEEP_CONTROL,
+            4,
+        )?;
+        insert(&mut io, Arc::new(Mutex::new(DebugPort::default())), 0x80, 1)?;
+        Ok(LegacyDevices {
+            io_bus: Arc::new(io),
+            mmio_bus: Arc::new(Bus::new()),
+            serial,
+            stdio: matches!(target, SerialTarget::Stdio),
+        })
+    }
+
+    pub fn console_is_stdio(&self) -> bool {
+        self.stdio
+    }
+
+    /// Feed the terminal's input to COM1 from a thread of its own.
+    pub fn start_stdin_pump(
+        &self,
+        quit: Arc<AtomicBool>,
+        exit: ExitSignal,
+    ) -> Result<(), VmmError> {
+        let serial = self.serial.clone();
+        std::thread::Builder::new()
+            .name("stdin".into())
+            .spawn(move || {
+                terminal::pump_stdin(
+                    |bytes| {
+                        if let Ok(mut s) = serial.lock() {
+                            s.enqueue_input(bytes);
+                        }
+                    },
+                    &quit,
+                    || {
+                        let _ = exit.eventfd().write(1);
+                    },
+                )
+            })
+            .map_err(VmmError::Thread)?;
+        Ok(())
+    }
+
+    pub fn flush(&self) {
+        if let Ok(mut s) = self.serial.lock() {
+            s.flush();
+        }
+    }
+}

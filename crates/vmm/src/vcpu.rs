@@ -1,0 +1,242 @@
+//! One vCPU thread: `KVM_RUN` and the exit loop.
+//!
+//! The exit path is allocation-free and takes only the lock of the device it touches. Port and
+//! MMIO exits go to the buses; everything the nested-host fallback needs goes to
+//! [`NestedVcpu`]; the VMM's main thread stops a vCPU by setting `stop` and kicking the thread
+//! with [`KICK_SIGNAL`] so that `KVM_RUN` returns.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vessel_devices::{Bus, ExitSignal, VmExitReason};
+use vessel_memory::GuestMemoryMmap;
+
+use crate::error::VmmError;
+use crate::nested::{NestedStats, NestedVcpu};
+
+/// The signal that interrupts `KVM_RUN` (a real-time signal with an empty handler).
+pub fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+/// Why a vCPU thread ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// The guest asked for it (power-off, reset), through a device or KVM.
+    Guest(VmExitReason),
+    /// The VMM stopped it.
+    Stopped,
+}
+
+/// What the run loop does after one exit.
+#[derive(Debug, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop(VcpuStop),
+    Fail(String),
+}
+
+/// What every vCPU thread shares.
+#[derive(Clone)]
+pub struct VcpuShared {
+    pub io_bus: Arc<Bus>,
+    pub mmio_bus: Arc<Bus>,
+    pub exit: ExitSignal,
+    pub stop: Arc<AtomicBool>,
+    pub mem: GuestMemoryMmap,
+}
+
+/// Counters a vCPU keeps about its own run.
+#[derive(Debug, Default, Clone)]
+pub struct VcpuReport {
+    pub exits: u64,
+    pub io_exits: u64,
+    pub mmio_exits: u64,
+    pub kicks: u64,
+    pub nested: NestedStats,
+    /// Guest RIPs sampled at kicks, when profiling.
+    pub samples: Vec<u64>,
+}
+
+pub struct Vcpu {
+    pub id: u8,
+    fd: VcpuFd,
+    shared: VcpuShared,
+    nested: Option<NestedVcpu>,
+    profile: bool,
+    pub report: VcpuReport,
+}
+
+impl Vcpu {
+    pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared, nested: bool, profile: bool) -> Self {
+        Vcpu {
+            id,
+            fd,
+            shared,
+            nested: nested.then(NestedVcpu::new),
+            profile,
+            report: VcpuReport {
+                samples: if profile {
+                    Vec::with_capacity(1 << 16)
+                } else {
+                    Vec::new()
+                },
+                ..Default::default()
+            },
+        }
+    }
+
+    fn fail(&self, reason: String) -> VmmError {
+        VmmError::Vcpu {
+            cpu: self.id,
+            reason,
+        }
+    }
+
+    /// Run until the guest or the VMM ends the VM.
+    pub fn run(&mut self) -> Result<VcpuStop, VmmError> {
+        loop {
+            if self.shared.stop.load(Ordering::Acquire) {
+                return Ok(VcpuStop::Stopped);
+            }
+            let next = match self.fd.run() {
+                Ok(exit) => {
+                    self.report.exits += 1;
+                    match handle_exit(exit, &self.shared, &mut self.report) {
+                        Some(n) => n,
+                        None => self.slow_exit()?,
+                    }
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.report.kicks += 1;
+                    if self.profile {
+                        if let Ok(regs) = self.fd.get_regs() {
+                            if self.report.samples.len() < self.report.samples.capacity() {
+                                self.report.samples.push(regs.rip);
+                            }
+                        }
+                    }
+                    Next::Continue
+                }
+                Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+            };
+            match next {
+                Next::Continue => {}
+                Next::Stop(s) => return Ok(s),
+                Next::Fail(reason) => return Err(self.fail(reason)),
+            }
+            if let Some(n) = self.nested.as_mut() {
+                n.maybe_recheck(&self.fd, &self.shared.mem)
+                    .map_err(|e| VmmError::Vcpu {
+                        cpu: self.id,
+                        reason: e.to_string(),
+                    })?;
+            }
+        }
+    }
+
+    /// Exits that need the vCPU itself (registers, the nested fallback). Re-runs `KVM_RUN`'s
+    /// exit decoding through `kvm_run`, which still holds the last exit.
+    fn slow_exit(&mut self) -> Result<Next, VmmError> {
+        let reason = self.fd.get_kvm_run().exit_reason;
+        let id = self.id;
+        let with_cpu = |e: VmmError| match e {
+            VmmError::Vcpu { reason, .. } => VmmError::Vcpu { cpu: id, reason },
+            e => VmmError::Vcpu {
+                cpu: id,
+                reason: e.to_string(),
+            },
+        };
+        match reason {
+            kvm_bindings::KVM_EXIT_DEBUG => {
+                // SAFETY: the exit reason is KVM_EXIT_DEBUG, so the `debug` member is the one
+                // KVM filled; it holds plain integers.
+                let pc = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.debug.arch.pc };
+                match self.nested.as_mut() {
+                    Some(n) => n
+                        .on_debug(&self.fd, &self.shared.mem, pc)
+                        .map_err(with_cpu)?,
+                    None => return Ok(Next::Fail(format!("unexpected debug exit at {pc:#x}"))),
+                }
+                Ok(Next::Continue)
+            }
+            kvm_bindings::KVM_EXIT_INTERNAL_ERROR => match self.nested.as_mut() {
+                Some(n) => {
+                    n.on_internal_error(&mut self.fd, &self.shared.mem)
+                        .map_err(with_cpu)?;
+                    Ok(Next::Continue)
+                }
+                None => {
+                    let mut n = NestedVcpu::new();
+                    n.on_internal_error(&mut self.fd, &self.shared.mem)
+                        .map_err(with_cpu)?;
+                    // Completed without the fallback being on: still fine, keep going.
+                    Ok(Next::Continue)
+                }
+            },
+            other => Ok(Next::Fail(format!("unexpected exit reason {other}"))),
+        }
+    }
+
+    /// Everything this vCPU counted, ready for the VM's report.
+    pub fn take_report(&mut self) -> VcpuReport {
+        if let Some(n) = &self.nested {
+            self.report.nested = n.stats;
+        }
+        std::mem::take(&mut self.report)
+    }
+}
+
+/// Handle the exits that need only the buses; `None` for those that need the vCPU.
+fn handle_exit(exit: VcpuExit<'_>, shared: &VcpuShared, report: &mut VcpuReport) -> Option<Next> {
+    Some(match exit {
+        VcpuExit::IoIn(port, data) => {
+            report.io_exits += 1;
+            shared.io_bus.read(port as u64, data);
+            Next::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            report.io_exits += 1;
+            shared.io_bus.write(port as u64, data);
+            guest_request(&shared.exit)
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            report.mmio_exits += 1;
+            shared.mmio_bus.read(addr, data);
+            Next::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            report.mmio_exits += 1;
+            shared.mmio_bus.write(addr, data);
+            guest_request(&shared.exit)
+        }
+        VcpuExit::Shutdown => {
+            // A triple fault: a PC resets.
+            log::info!("the guest triple-faulted: resetting");
+            Next::Stop(VcpuStop::Guest(VmExitReason::Reset))
+        }
+        VcpuExit::SystemEvent(kind, _) => match kind {
+            KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuStop::Guest(VmExitReason::PowerOff)),
+            KVM_SYSTEM_EVENT_RESET => Next::Stop(VcpuStop::Guest(VmExitReason::Reset)),
+            KVM_SYSTEM_EVENT_CRASH => Next::Fail("the guest crashed (KVM system event)".into()),
+            other => Next::Fail(format!("unexpected KVM system event {other}")),
+        },
+        VcpuExit::Hlt => Next::Fail("the guest halted with no way to wake up".into()),
+        VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
+            "KVM could not enter the guest (hardware entry failure {reason:#x} on host CPU {cpu})"
+        )),
+        VcpuExit::Intr => Next::Continue,
+        VcpuExit::Debug(_) | VcpuExit::InternalError => return None,
+        other => Next::Fail(format!("unexpected exit {other:?}")),
+    })
+}
+
+/// After a guest write: did a device ask to end the VM?
+fn guest_request(exit: &ExitSignal) -> Next {
+    match exit.reason() {
+        Some(r) => Next::Stop(VcpuStop::Guest(r)),
+        None => Next::Continue,
+    }
+}

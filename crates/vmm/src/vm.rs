@@ -1,0 +1,489 @@
+//! Building a VM from a [`VmConfig`] and running it to the end.
+//!
+//! Order matters to KVM: the VM, its TSS and identity-map pages, the in-kernel irqchip and PIT,
+//! guest memory, then the vCPUs. The boot image and tables are written before any vCPU runs.
+
+use std::fs::File;
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{Kvm, VmFd};
+use vessel_boot::{BootConfig, BootRegs, EntryMode};
+use vessel_devices::{ExitSignal, VmExitReason};
+use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vessel_memory::{addr, create_guest_memory, GuestLayout, GuestMemoryMmap};
+
+use crate::config::{BootSource, NestedMode, VmConfig, DEFAULT_CMDLINE};
+use crate::cpu;
+use crate::devices::LegacyDevices;
+use crate::error::{KvmContext, VmmError};
+use crate::profile;
+use crate::terminal;
+use crate::vcpu::{kick_signal, Vcpu, VcpuReport, VcpuShared, VcpuStop};
+
+/// KVM's TSS (3 pages) and identity-map page, just below the IO-APIC/LAPIC area, in the gap.
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+/// The most vCPUs a VM can have: APIC ids 0..=254 (255 is the xAPIC broadcast id).
+pub const MAX_CPUS: usize = 255;
+
+/// How the VM ended.
+#[derive(Debug, Clone)]
+pub struct VmOutcome {
+    pub reason: ExitReason,
+    pub stats: VmStats,
+}
+
+/// The end of a VM as the user sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    PowerOff,
+    Reset,
+    /// Ctrl-A x on the console.
+    UserQuit,
+    /// SIGINT or SIGTERM to the VMM.
+    Signal,
+}
+
+/// Figures about a finished VM.
+#[derive(Debug, Clone, Default)]
+pub struct VmStats {
+    pub nested: bool,
+    /// From `run` being called to the boot vCPU's first `KVM_RUN`.
+    pub to_first_run: Duration,
+    pub wall: Duration,
+    pub vcpus: Vec<VcpuReport>,
+    pub unhandled_io: (u64, u64),
+    pub unhandled_mmio: (u64, u64),
+    pub profile: Option<String>,
+}
+
+impl VmStats {
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "vessel: first KVM_RUN after {:.2} ms, VM ran {:.3} s; nested fallback {}\n",
+            self.to_first_run.as_secs_f64() * 1e3,
+            self.wall.as_secs_f64(),
+            if self.nested { "on" } else { "off" }
+        );
+        for (i, v) in self.vcpus.iter().enumerate() {
+            s += &format!(
+                "vessel: vCPU {i}: {} exits ({} port, {} mmio), {} kicks; {} syscalls redirected, {} faults stepped, {} instructions completed\n",
+                v.exits, v.io_exits, v.mmio_exits, v.kicks, v.nested.syscalls, v.nested.faults_stepped, v.nested.completed
+            );
+        }
+        s += &format!(
+            "vessel: unhandled port reads/writes {}/{}, mmio {}/{}\n",
+            self.unhandled_io.0, self.unhandled_io.1, self.unhandled_mmio.0, self.unhandled_mmio.1
+        );
+        if let Some(p) = &self.profile {
+            s += p;
+        }
+        s
+    }
+}
+
+/// Set by the SIGINT/SIGTERM handler.
+static SIGNALLED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+extern "C" fn on_term(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNALLED.store(true, Ordering::Release);
+}
+
+fn open_file(path: &std::path::Path) -> Result<File, VmmError> {
+    File::open(path).map_err(|source| VmmError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Host RAM in bytes, from /proc/meminfo.
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Check what can be checked before touching KVM.
+pub fn validate(config: &VmConfig, max_vcpus: usize) -> Result<GuestLayout, VmmError> {
+    if config.cpus == 0 {
+        return Err(VmmError::NoCpus(0));
+    }
+    // APIC id 255 is the broadcast id: xAPIC guests can have at most 255 CPUs (0..=254).
+    let max = max_vcpus.min(MAX_CPUS);
+    if config.cpus as usize > max {
+        return Err(VmmError::TooManyCpus {
+            requested: config.cpus,
+            max,
+        });
+    }
+    let layout = GuestLayout::new(config.memory)?;
+    if let Some(host) = host_memory() {
+        if config.memory > host {
+            return Err(VmmError::MemoryExceedsHost {
+                requested: config.memory >> 20,
+                host: host >> 20,
+            });
+        }
+    }
+    Ok(layout)
+}
+
+/// The command line the guest gets.
+pub fn compose_cmdline(config: &VmConfig, nested_params: Option<&str>) -> String {
+    let mut s = config
+        .cmdline
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if let Some(p) = nested_params {
+        s.push(' ');
+        s.push_str(p);
+    }
+    for a in &config.append {
+        s.push(' ');
+        s.push_str(a);
+    }
+    s
+}
+
+fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let r = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: region.as_ptr() as u64,
+        };
+        // SAFETY: the region is a live mapping owned by `mem`, the slots do not overlap, and
+        // `run` joins every vCPU thread before `mem` is unmapped, so the guest never runs
+        // on memory that is gone.
+        unsafe { vm.set_user_memory_region(r) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
+    }
+    Ok(())
+}
+
+/// Load what boots: returns the boot CPU's registers.
+fn load_guest(
+    config: &VmConfig,
+    mem: &GuestMemoryMmap,
+    layout: &GuestLayout,
+    nested_params: Option<&str>,
+) -> Result<BootRegs, VmmError> {
+    match &config.boot {
+        BootSource::Demo => {
+            let code = crate::demo::code();
+            mem.write_slice(&code, GuestAddress(addr::HIMEM_START))
+                .map_err(|e| VmmError::Device(format!("demo guest: {e}")))?;
+            Ok(BootRegs {
+                rip: addr::HIMEM_START,
+                rsp: addr::BOOT_STACK_POINTER,
+                rsi: 0,
+                rbx: 0,
+                rflags: 2,
+                mode: EntryMode::Long64,
+            })
+        }
+        BootSource::Linux { kernel, initrd, .. } => {
+            let num_cpus = config.cpus as u8;
+            let mut kf = open_file(kernel)?;
+            let loaded = vessel_boot::load_kernel(mem, layout, &mut kf)?;
+            let initrd = match initrd {
+                Some(p) => Some(vessel_boot::load_initrd(
+                    mem,
+                    layout,
+                    &loaded,
+                    &mut open_file(p)?,
+                )?),
+                None => None,
+            };
+            let rsdp = vessel_boot::create_acpi_tables(mem, num_cpus)?;
+            vessel_boot::create_mptable(mem, num_cpus)?;
+            let cmdline = compose_cmdline(config, nested_params);
+            log::info!("kernel command line: {cmdline}");
+            let cfg = BootConfig {
+                cmdline: &cmdline,
+                initrd,
+                num_cpus,
+                rsdp_addr: Some(rsdp),
+            };
+            Ok(vessel_boot::configure_boot(mem, layout, &loaded, &cfg)?)
+        }
+    }
+}
+
+fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
+    vm.set_tss_address(KVM_TSS_ADDR).kvm("KVM_SET_TSS_ADDR")?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
+        .kvm("KVM_SET_IDENTITY_MAP_ADDR")?;
+    vm.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit).kvm("KVM_CREATE_PIT2")?;
+    Ok(vm)
+}
+
+/// Build the VM described by `config`, run it until it ends, and tear it down.
+pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
+    let t0 = Instant::now();
+    let kvm = vessel_kvm::system::open()?;
+    vessel_kvm::system::check_capabilities(&kvm)?;
+    let layout = validate(config, vessel_kvm::system::max_vcpus(&kvm))?;
+
+    let nested = match config.nested {
+        NestedMode::On => true,
+        NestedMode::Off => false,
+        NestedMode::Auto => {
+            // The demo guest never leaves ring 0 and makes no system calls: no need to probe.
+            !matches!(config.boot, BootSource::Demo)
+                && vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
+        }
+    };
+    let nested_params = nested.then(vessel_kvm::nested::nested_kernel_params);
+    if let (true, Some(p), NestedMode::Auto) = (nested, &nested_params, config.nested) {
+        eprintln!(
+            "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
+        );
+    }
+
+    let vm = create_vm(&kvm)?;
+    let mem = create_guest_memory(&layout)?;
+    register_memory(&vm, &mem)?;
+
+    let regs = load_guest(config, &mem, &layout, nested_params.as_deref())?;
+    let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
+    let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
+
+    let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
+    let devices = LegacyDevices::new(&vm, &config.serial, &exit)?;
+
+    let supported = kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .kvm("KVM_GET_SUPPORTED_CPUID")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let shared = VcpuShared {
+        io_bus: devices.io_bus.clone(),
+        mmio_bus: devices.mmio_bus.clone(),
+        exit: exit.clone(),
+        stop: stop.clone(),
+        mem: mem.clone(),
+    };
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for id in 0..config.cpus as u8 {
+        let fd = vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?;
+        cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
+        if id == 0 {
+            cpu::set_boot_registers(&fd, &regs, &gdt, cr3)?;
+        }
+        vcpus.push(Vcpu::new(
+            id,
+            fd,
+            shared.clone(),
+            nested,
+            config.profile_ms.is_some(),
+        ));
+    }
+
+    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+        .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_term)
+            .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
+    }
+
+    let raw = devices
+        .console_is_stdio()
+        .then(terminal::RawTerminal::enable)
+        .flatten();
+    let quit = Arc::new(AtomicBool::new(false));
+    if devices.console_is_stdio() {
+        devices.start_stdin_pump(quit.clone(), exit.clone())?;
+    }
+
+    let to_first_run = t0.elapsed();
+    let started = Instant::now();
+    let (tx, rx) = mpsc::channel::<(u8, Result<VcpuStop, VmmError>, VcpuReport)>();
+    let mut handles = Vec::new();
+    for mut v in vcpus {
+        let tx = tx.clone();
+        let h = thread::Builder::new()
+            .name(format!("vcpu{}", v.id))
+            .spawn(move || {
+                let r = v.run();
+                let _ = tx.send((v.id, r, v.take_report()));
+            })
+            .map_err(VmmError::Thread)?;
+        handles.push(h);
+    }
+    drop(tx);
+
+    // Wait for the first vCPU to end, a device's request, the user or a signal.
+    let tick = Duration::from_millis(config.profile_ms.unwrap_or(if nested { 20 } else { 100 }));
+    let kick_all = |handles: &[thread::JoinHandle<()>]| {
+        for h in handles {
+            // SAFETY: pthread_kill with a valid thread handle and a signal whose handler is
+            // installed; a thread that already ended is still joinable so the id is valid.
+            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
+        }
+    };
+    let periodic_kicks = nested || config.profile_ms.is_some();
+    let mut results: Vec<Option<(Result<VcpuStop, VmmError>, VcpuReport)>> =
+        (0..config.cpus).map(|_| None).collect();
+    let mut first_reason: Option<ExitReason> = None;
+    let mut remaining = config.cpus as usize;
+    while remaining > 0 {
+        match rx.recv_timeout(tick) {
+            Ok((id, r, rep)) => {
+                remaining -= 1;
+                if first_reason.is_none() {
+                    first_reason = match &r {
+                        Ok(VcpuStop::Guest(VmExitReason::PowerOff)) => Some(ExitReason::PowerOff),
+                        Ok(VcpuStop::Guest(VmExitReason::Reset)) => Some(ExitReason::Reset),
+                        _ => None,
+                    };
+                }
+                results[id as usize] = Some((r, rep));
+                stop.store(true, Ordering::Release);
+                kick_all(&handles);
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(r) = exit.reason() {
+                    first_reason.get_or_insert(match r {
+                        VmExitReason::PowerOff => ExitReason::PowerOff,
+                        VmExitReason::Reset => ExitReason::Reset,
+                    });
+                    stop.store(true, Ordering::Release);
+                }
+                if quit.load(Ordering::Acquire) {
+                    first_reason.get_or_insert(ExitReason::UserQuit);
+                    stop.store(true, Ordering::Release);
+                }
+                if SIGNALLED.load(Ordering::Acquire) {
+                    first_reason.get_or_insert(ExitReason::Signal);
+                    stop.store(true, Ordering::Release);
+                }
+                if periodic_kicks || stop.load(Ordering::Acquire) {
+                    kick_all(&handles);
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    for h in handles {
+        let _ = h.join();
+    }
+    let wall = started.elapsed();
+    devices.flush();
+    drop(raw);
+
+    let mut reports = Vec::new();
+    let mut error = None;
+    for (r, rep) in results.into_iter().flatten() {
+        if let Err(e) = r {
+            error.get_or_insert(e);
+        }
+        reports.push(rep);
+    }
+    // A guest request wins over a vCPU stopping with an error afterwards.
+    if let (Some(e), None) = (error, first_reason) {
+        return Err(e);
+    }
+    let profile = config.profile_ms.map(|_| {
+        let samples: Vec<u64> = reports
+            .iter()
+            .flat_map(|r| r.samples.iter().copied())
+            .collect();
+        let map = match &config.boot {
+            BootSource::Linux {
+                system_map: Some(p),
+                ..
+            } => profile::SymbolMap::load(p).ok(),
+            _ => None,
+        };
+        profile::report(&samples, map.as_ref(), 40)
+    });
+    let stats = VmStats {
+        nested,
+        to_first_run,
+        wall,
+        vcpus: reports,
+        unhandled_io: devices.io_bus.unhandled(),
+        unhandled_mmio: devices.mmio_bus.unhandled(),
+        profile,
+    };
+    Ok(VmOutcome {
+        reason: first_reason.unwrap_or(ExitReason::Signal),
+        stats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_gets_nested_params_then_appended_words() {
+        let mut c = VmConfig {
+            append: vec!["vessel.poweroff".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            compose_cmdline(&c, Some("nopv")),
+            format!("{DEFAULT_CMDLINE} nopv vessel.poweroff")
+        );
+        c.cmdline = Some("console=ttyS0".into());
+        c.append.clear();
+        assert_eq!(compose_cmdline(&c, None), "console=ttyS0");
+    }
+
+    #[test]
+    fn impossible_configs_are_refused_before_kvm() {
+        let c = VmConfig {
+            cpus: 0,
+            ..Default::default()
+        };
+        assert!(matches!(validate(&c, 8), Err(VmmError::NoCpus(0))));
+        let c = VmConfig {
+            cpus: 9,
+            ..Default::default()
+        };
+        assert!(matches!(
+            validate(&c, 8),
+            Err(VmmError::TooManyCpus {
+                requested: 9,
+                max: 8
+            })
+        ));
+        let c = VmConfig {
+            cpus: 256,
+            ..Default::default()
+        };
+        assert!(matches!(
+            validate(&c, 4096),
+            Err(VmmError::TooManyCpus { max: 255, .. })
+        ));
+        let c = VmConfig {
+            memory: 1 << 20,
+            ..Default::default()
+        };
+        assert!(matches!(validate(&c, 8), Err(VmmError::Memory(_))));
+        let c = VmConfig {
+            memory: 1 << 45,
+            ..Default::default()
+        };
+        assert!(matches!(
+            validate(&c, 8),
+            Err(VmmError::MemoryExceedsHost { .. })
+        ));
+        assert!(validate(&VmConfig::default(), 8).is_ok());
+    }
+}

@@ -1,0 +1,41 @@
+#!/bin/sh
+# Installs the Debian packages Vessel's guest kit needs to build its images
+# (`vessel image build debian|minimal`) and to run its tests.
+# Idempotent and quiet: packages already present are skipped by apt.
+#
+#   build-essential  gcc, make, libc headers: compiling the minimal kernel
+#   bc flex bison    the kernel build's own code generators (timeconst, kconfig)
+#   libelf-dev       objtool (x86_64 ORC unwinder / stack validation) links libelf
+#   xz-utils         unpacks linux-source-6.1's .tar.xz
+#   binutils         strip / objcopy
+#   dpkg apt         dpkg-deb -x and apt-get download fetch and unpack .debs
+#   e2fsprogs        mkfs.ext4 for the ext4 disk images the tests boot with
+set -eu
+
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs"
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+missing=""
+for p in $PACKAGES; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+        missing="$missing $p"
+    fi
+done
+
+if [ -z "$missing" ]; then
+    echo "install-deps: all packages present"
+    exit 0
+fi
+
+echo "install-deps: installing$missing"
+export DEBIAN_FRONTEND=noninteractive
+if ! $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; then
+    # Package lists may be missing (fresh container): refresh once and retry.
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+echo "install-deps: done"

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Vessel's test command (CI runs exactly this). Installs what it needs, builds the guest kit's
+# `minimal` image (cached outside the repo), then runs formatting, lints and every test,
+# including end-to-end boots of real Linux.
+#
+#   scripts/test.sh              # what CI runs
+#   scripts/test.sh --extended   # also boots Debian's stock kernel (slow on nested hosts)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+extended=0
+if [ "${1:-}" = "--extended" ]; then extended=1; fi
+
+step() { printf '\n== %s (%s)\n' "$*" "$(date +%H:%M:%S)"; }
+
+step "host dependencies"
+scripts/install-deps.sh
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+step "build"
+cargo build --workspace --release
+
+step "guest kit"
+target/release/vessel image build minimal
+if [ "$extended" = 1 ]; then target/release/vessel image build debian; fi
+
+step "tests"
+export VESSEL_E2E=1
+export VESSEL_E2E_DEBIAN="$extended"
+cargo test --workspace --release -- --test-threads=2
