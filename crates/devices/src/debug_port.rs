@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::bus::BusDevice;
 
 /// The POST code / I/O delay port.
-pub const DEBUG_PORT: u16 = 0x80;
+pub use vessel_memory::ports::DEBUG_PORT;
 
 /// Port 0x80: POST codes and I/O delays.
 #[derive(Default)]

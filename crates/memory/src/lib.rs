@@ -64,6 +64,10 @@ pub mod ports {
     /// i8042 keyboard controller: data port and command/status port.
     pub const I8042_DATA: u16 = 0x60;
     pub const I8042_COMMAND: u16 = 0x64;
+    /// The i8042's keyboard interrupt line.
+    pub const I8042_KBD_IRQ: u32 = 1;
+    /// POST code / I/O delay port.
+    pub const DEBUG_PORT: u16 = 0x80;
     /// CMOS RTC: index port and data port, IRQ 8.
     pub const RTC_INDEX: u16 = 0x70;
     pub const RTC_DATA: u16 = 0x71;

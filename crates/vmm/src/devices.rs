@@ -60,7 +60,7 @@ impl LegacyDevices {
         };
         let serial = Arc::new(Mutex::new(Serial::new(irqfd(vm, ports::COM1_IRQ)?, out)));
         let mut io = Bus::new();
-        insert(&mut io, serial.clone(), ports::COM1, 8)?;
+        insert(&mut io, serial.clone(), ports::COM1, Serial::PORT_LEN)?;
         insert(
             &mut io,
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
@@ -103,9 +103,17 @@ impl LegacyDevices {
             .name("stdin".into())
             .spawn(move || {
                 terminal::pump_stdin(
-                    |bytes| {
-                        if let Ok(mut s) = serial.lock() {
-                            s.enqueue_input(bytes);
+                    |mut bytes| {
+                        // The UART takes what fits; wait for the guest to drain the rest.
+                        while !bytes.is_empty() {
+                            let taken = serial
+                                .lock()
+                                .map(|mut s| s.enqueue_input(bytes))
+                                .unwrap_or(bytes.len());
+                            bytes = &bytes[taken..];
+                            if !bytes.is_empty() {
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                            }
                         }
                     },
                     &quit,

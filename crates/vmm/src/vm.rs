@@ -218,6 +218,17 @@ fn load_guest(
     }
 }
 
+/// The kernel parameters for a nested host: the fixed set from `vessel_kvm::nested`, plus the
+/// TSC frequency, which such a guest cannot calibrate (no PIT behind a hardware-reduced ACPI
+/// platform, no kvmclock with `nopv`).
+fn nested_params(vcpu: &kvm_ioctls::VcpuFd) -> String {
+    let mut p = vessel_kvm::nested::nested_kernel_params();
+    if let Ok(khz) = vcpu.get_tsc_khz() {
+        p += &format!(" tsc_early_khz={khz}");
+    }
+    p
+}
+
 fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
     vm.set_tss_address(KVM_TSS_ADDR).kvm("KVM_SET_TSS_ADDR")?;
@@ -248,18 +259,21 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
                 && vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
         }
     };
-    let nested_params = nested.then(vessel_kvm::nested::nested_kernel_params);
-    if let (true, Some(p), NestedMode::Auto) = (nested, &nested_params, config.nested) {
+    let vm = create_vm(&kvm)?;
+    let mem = create_guest_memory(&layout)?;
+    register_memory(&vm, &mem)?;
+    let mut fds = Vec::with_capacity(config.cpus as usize);
+    for id in 0..config.cpus {
+        fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
+    }
+
+    let nested_params = nested.then(|| nested_params(&fds[0]));
+    let regs = load_guest(config, &mem, &layout, nested_params.as_deref())?;
+    if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
         eprintln!(
             "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
         );
     }
-
-    let vm = create_vm(&kvm)?;
-    let mem = create_guest_memory(&layout)?;
-    register_memory(&vm, &mem)?;
-
-    let regs = load_guest(config, &mem, &layout, nested_params.as_deref())?;
     let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
     let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
 
@@ -278,8 +292,8 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         mem: mem.clone(),
     };
     let mut vcpus = Vec::with_capacity(config.cpus as usize);
-    for id in 0..config.cpus as u8 {
-        let fd = vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?;
+    for (id, fd) in fds.into_iter().enumerate() {
+        let id = id as u8;
         cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
         if id == 0 {
             cpu::set_boot_registers(&fd, &regs, &gdt, cr3)?;

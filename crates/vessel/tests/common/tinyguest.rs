@@ -68,7 +68,7 @@ impl Guest {
         l
     }
 
-    /// Print a constant string.
+    /// Print a constant string (registers are preserved).
     pub fn print(&mut self, s: &str) {
         let l = self.string(s);
         self.a.push(rsi).unwrap();
@@ -113,8 +113,10 @@ impl Guest {
     /// Assemble, appending the helper routines and the data.
     pub fn finish(mut self) -> Vec<u8> {
         let a = &mut self.a;
-        // puts: rsi -> COM1, clobbers al, dx.
+        // puts: rsi -> COM1; preserves every register.
         a.set_label(&mut self.puts).unwrap();
+        a.push(rax).unwrap();
+        a.push(rdx).unwrap();
         a.push(rsi).unwrap();
         a.mov(dx, 0x3f8u32).unwrap();
         let mut next = a.create_label();
@@ -128,6 +130,8 @@ impl Guest {
         a.jmp(next).unwrap();
         a.set_label(&mut done).unwrap();
         a.pop(rsi).unwrap();
+        a.pop(rdx).unwrap();
+        a.pop(rax).unwrap();
         a.ret().unwrap();
         // put_hex: rax -> 16 hex digits on COM1; preserves rax.
         a.set_label(&mut self.put_hex).unwrap();
