@@ -187,6 +187,74 @@ mod tests {
     }
 
     #[test]
+    fn elf_from_bzimage_zero_page_keeps_the_bzimage_header() {
+        // A kernel without a PVH note, decompressed on the host: entered at the vmlinux's
+        // 64-bit entry with a zero page built from the bzImage's own setup header.
+        let elf = ElfBuilder::new().build();
+        let image = testutil::bzimage_with_payload(
+            BzImageBuilder::new()
+                .cmdline_size(1000)
+                .initrd_addr_max(0x3ff_ffff),
+            &testutil::xz(&elf),
+        );
+        let (mem, layout, k, initrd, regs) = boot(image.clone(), 128 * MIB);
+        assert!(matches!(
+            k.source(),
+            crate::KernelSource::ElfFromBzImage { .. }
+        ));
+        check_zero_page(&mem, &layout, initrd);
+        let p: boot_params = mem.read_obj(GuestAddress(addr::ZERO_PAGE_START)).unwrap();
+        assert_eq!({ p.hdr.version }, 0x020f);
+        assert_eq!({ p.hdr.cmdline_size }, 1000);
+        assert_eq!({ p.hdr.initrd_addr_max }, 0x3ff_ffff);
+        assert_eq!({ p.hdr.xloadflags }, 1);
+        assert_eq!({ p.hdr.loadflags } & 1, 1, "LOADED_HIGH");
+        // The rest of the header is the file's, byte for byte, but for the fields the loader
+        // fills (type_of_loader, ramdisk_image/size, cmd_line_ptr).
+        let mut hdr = p.hdr;
+        hdr.type_of_loader = 0;
+        hdr.ramdisk_image = 0;
+        hdr.ramdisk_size = 0;
+        hdr.cmd_line_ptr = 0;
+        assert_eq!(
+            vessel_memory::vm_memory::ByteValued::as_slice(&hdr),
+            &image[0x1f1..0x1f1 + std::mem::size_of_val(&hdr)]
+        );
+        // The initrd respects the bzImage's initrd_addr_max.
+        assert!(initrd.0 + initrd.1 <= 0x400_0000);
+        assert_eq!(
+            regs,
+            BootRegs {
+                rip: 0x100_0000,
+                rsp: addr::BOOT_STACK_POINTER,
+                rsi: addr::ZERO_PAGE_START,
+                rbx: 0,
+                rflags: 2,
+                mode: EntryMode::Long64,
+            }
+        );
+    }
+
+    #[test]
+    fn pvh_elf_from_bzimage_gets_start_info() {
+        let elf = ElfBuilder::new().pvh_entry(0x100_0040).build();
+        let image = testutil::bzimage_with_payload(BzImageBuilder::new(), &testutil::gzip(&elf));
+        let (mem, _, k, initrd, regs) = boot(image, 128 * MIB);
+        assert_eq!(
+            (regs.mode, regs.rip, regs.rbx),
+            (EntryMode::Pvh32, 0x100_0040, addr::PVH_INFO_START)
+        );
+        assert_eq!(k.cmdline_max_len(), 2047);
+        let si: hvm_start_info = mem.read_obj(GuestAddress(regs.rbx)).unwrap();
+        assert_eq!(si.magic, 0x336e_c578);
+        assert_eq!(read_cstr(&mem, si.cmdline_paddr), CMDLINE);
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(si.modlist_paddr)).unwrap();
+        assert_eq!((m.paddr, m.size), initrd);
+        // The bzImage's initrd_addr_max (2 GiB - 1 in the builder) still bounds the initrd.
+        assert!(initrd.0 + initrd.1 <= 0x8000_0000);
+    }
+
+    #[test]
     fn zero_page_of_a_large_guest_lists_high_ram() {
         let (mem, layout, _, initrd, _) = boot(BzImageBuilder::new().build(), 4 * 1024 * MIB);
         check_zero_page(&mem, &layout, initrd);

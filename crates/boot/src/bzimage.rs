@@ -4,16 +4,26 @@
 //! Vessel skips the real-mode setup code and enters the kernel at its 64-bit entry point
 //! (`startup_64`, 0x200 bytes into the protected-mode code), so it needs boot protocol 2.12+
 //! with `XLF_KERNEL_64` set.
+//!
+//! Unless told not to, it first tries to decompress the payload on the host and load the
+//! `vmlinux` inside through the ELF path (PVH entry where the kernel has one), keeping the
+//! bzImage's setup header for the zero page; where that cannot be done it says why and loads
+//! the bzImage as above.
 
-use std::io::{Read, Seek};
+use std::io::{Cursor, Read, Seek, SeekFrom};
+use std::time::Instant;
 
 use linux_loader::loader::bootparam::{setup_header, LOADED_HIGH, XLF_KERNEL_64};
 use linux_loader::loader::{BzImage, KernelLoader};
 use vessel_memory::vm_memory::{ByteValued, GuestAddress, ReadVolatile};
 use vessel_memory::{addr, GuestLayout, GuestMemoryMmap};
 
-use crate::error::BootError;
-use crate::loader::{EntryMode, LoadedKernel};
+use thiserror::Error;
+
+use crate::decompress::{self, Compression, DecompressError};
+use crate::elf;
+use crate::error::{BootError, Size};
+use crate::loader::{EntryMode, KernelSource, LoadOptions, LoadedKernel};
 
 /// Where the setup header starts in the file (and in the zero page).
 const HEADER_OFFSET: usize = 0x1f1;
@@ -30,13 +40,35 @@ pub(crate) fn has_magic(head: &[u8]) -> bool {
     head.get(MAGIC_OFFSET..MAGIC_OFFSET + MAGIC.len()) == Some(MAGIC.as_slice())
 }
 
-/// Check the header of a bzImage of `len` bytes whose first bytes are `head`, and load it.
+/// Why a bzImage's payload was not decompressed and loaded on the host.
+#[derive(Debug, Error)]
+enum HostLoadError {
+    #[error(transparent)]
+    Decompress(#[from] DecompressError),
+    #[error("its payload (at {offset:#x}, {len} bytes) is not inside the file")]
+    PayloadOutsideFile { offset: u64, len: u64 },
+    #[error("cannot read its payload: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("its {format} payload is not an ELF vmlinux (it starts with {head})")]
+    NotElf { format: Compression, head: String },
+    #[error("the vmlinux in its {format} payload cannot be loaded: {source}")]
+    Elf {
+        format: Compression,
+        #[source]
+        source: BootError,
+    },
+}
+
+/// Check the header of a bzImage of `len` bytes whose first bytes are `head`, and load it:
+/// its decompressed payload as an ELF if `options` ask for that and it can be done, else the
+/// bzImage itself.
 pub(crate) fn load<F>(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     image: &mut F,
     len: u64,
     head: &[u8],
+    options: &LoadOptions,
 ) -> Result<LoadedKernel, BootError>
 where
     F: Read + Seek + ReadVolatile,
@@ -44,6 +76,19 @@ where
     let hdr = parse_header(head, len)?;
     let load_addr = addr::HIMEM_START;
     let needed_end = check_header(&hdr, len, load_addr)?;
+
+    let reason = if options.decompress_on_host {
+        match load_decompressed(mem, layout, image, len, &hdr) {
+            Ok(kernel) => return Ok(kernel),
+            Err(e) => {
+                log::info!("bzImage left for the guest to decompress: {e}");
+                e.to_string()
+            }
+        }
+    } else {
+        "host decompression is off".to_string()
+    };
+
     if needed_end > layout.low_ram_end() {
         return Err(BootError::KernelTooLarge {
             needed_end,
@@ -68,7 +113,91 @@ where
         mode: EntryMode::Long64,
         kernel_end: needed_end.max(result.kernel_end),
         setup_header: Some(hdr),
+        source: KernelSource::BzImage { reason },
     })
+}
+
+/// Decompress the payload of the bzImage whose (checked) header is `hdr` and load the ELF
+/// `vmlinux` it holds.
+fn load_decompressed<F>(
+    mem: &GuestMemoryMmap,
+    layout: &GuestLayout,
+    image: &mut F,
+    len: u64,
+    hdr: &setup_header,
+) -> Result<LoadedKernel, HostLoadError>
+where
+    F: Read + Seek,
+{
+    // The payload's offset counts from the start of the protected-mode code.
+    let offset = setup_size(hdr) + u64::from(hdr.payload_offset);
+    let payload_len = u64::from(hdr.payload_length);
+    if payload_len == 0 {
+        return Err(DecompressError::NoPayload.into());
+    }
+    if offset.checked_add(payload_len).is_none_or(|end| end > len) {
+        return Err(HostLoadError::PayloadOutsideFile {
+            offset,
+            len: payload_len,
+        });
+    }
+    let mut payload = vec![0u8; payload_len as usize];
+    image
+        .seek(SeekFrom::Start(offset))
+        .and_then(|_| image.read_exact(&mut payload))
+        .map_err(HostLoadError::Io)?;
+
+    let started = Instant::now();
+    let (format, vmlinux) =
+        decompress::decompress(&payload, decompress::output_limit(layout.mem_size()))?;
+    let elapsed = started.elapsed();
+    drop(payload);
+
+    let head = &vmlinux[..vmlinux.len().min(4096)];
+    if !elf::has_magic(head) {
+        return Err(HostLoadError::NotElf {
+            format,
+            head: head[..head.len().min(8)]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect(),
+        });
+    }
+    let size = vmlinux.len() as u64;
+    let mut kernel = elf::load(
+        mem,
+        layout,
+        &mut Cursor::new(vmlinux.as_slice()),
+        size,
+        head,
+    )
+    .map_err(|source| HostLoadError::Elf { format, source })?;
+    // The zero page (64-bit entry) and the command line and initrd limits come from the
+    // kernel's own setup header, as for the bzImage itself.
+    kernel.setup_header = Some(*hdr);
+    kernel.source = KernelSource::ElfFromBzImage {
+        format,
+        decompressed_size: size,
+        elapsed,
+    };
+    log::info!(
+        "bzImage: {format} payload of {} decompressed on the host to a {} vmlinux in {} ms; {:?} entry at {:#x}",
+        Size(payload_len),
+        Size(size),
+        elapsed.as_millis(),
+        kernel.mode,
+        kernel.entry,
+    );
+    Ok(kernel)
+}
+
+/// The bytes before the protected-mode code: the boot sector and the setup sectors.
+fn setup_size(hdr: &setup_header) -> u64 {
+    let setup_sects = match hdr.setup_sects {
+        0 => 4,
+        n => u64::from(n),
+    };
+    (setup_sects + 1) * 512
 }
 
 /// The setup header, copied out of the file's first bytes.
@@ -108,11 +237,7 @@ fn check_header(hdr: &setup_header, len: u64, load_addr: u64) -> Result<u64, Boo
         return Err(BootError::BzImageNot64Bit);
     }
 
-    let setup_sects = match hdr.setup_sects {
-        0 => 4,
-        n => u64::from(n),
-    };
-    let setup_size = (setup_sects + 1) * 512;
+    let setup_size = setup_size(hdr);
     // syssize counts 16-byte paragraphs of protected-mode code, rounded up; the compressed
     // payload lies inside that code. The code must not be empty.
     let code_len = (syssize * 16).saturating_sub(15).max(payload_end).max(1);
@@ -145,8 +270,8 @@ fn check_header(hdr: &setup_header, len: u64, load_addr: u64) -> Result<u64, Boo
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::load_kernel_image;
-    use crate::testutil::{self, BzImageBuilder, MIB};
+    use crate::loader::{load_kernel_image, load_kernel_image_with};
+    use crate::testutil::{self, bzimage_with_payload, BzImageBuilder, ElfBuilder, MIB};
     use std::io::Cursor;
     use vessel_memory::vm_memory::Bytes;
 
@@ -314,14 +439,8 @@ mod tests {
 
     /// The real kernel the lead's CI builds (or the host's own), if there is one.
     fn real_bzimage() -> Option<std::path::PathBuf> {
-        if let Some(p) = std::env::var_os("VESSEL_TEST_BZIMAGE") {
-            return Some(p.into());
-        }
-        if let Some(home) = std::env::var_os("HOME") {
-            let p = std::path::Path::new(&home).join(".cache/vessel/images/debian/kernel");
-            if p.is_file() {
-                return Some(p);
-            }
+        if let Some(p) = testutil::debian_bzimage() {
+            return Some(p);
         }
         let mut boot: Vec<_> = std::fs::read_dir("/boot")
             .ok()?
@@ -353,9 +472,18 @@ mod tests {
         };
         let bytes = std::fs::read(&path).unwrap();
         let (mem, layout) = testutil::guest(512 * MIB);
-        let k = crate::load_kernel(&mem, &layout, &mut file)
+        let in_guest = LoadOptions {
+            decompress_on_host: false,
+        };
+        let k = crate::load_kernel_with(&mem, &layout, &mut file, &in_guest)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(k.mode, EntryMode::Long64);
+        assert_eq!(
+            k.source(),
+            &KernelSource::BzImage {
+                reason: "host decompression is off".into()
+            }
+        );
         assert_eq!(k.entry, 0x10_0200);
         let hdr = *k.setup_header().unwrap();
         assert!({ hdr.version } >= 0x020c);
@@ -382,11 +510,325 @@ mod tests {
             k.kernel_end
         );
 
-        // The same kernel in a guest too small for its decompression room.
+        // The same kernel in a guest too small for its decompression room (and for its
+        // vmlinux, which is what the host decompression tries first).
         if runtime_end > 32 * MIB {
             let (mem, layout) = testutil::guest(32 * MIB);
             let err = crate::load_kernel(&mem, &layout, &mut file).unwrap_err();
             assert!(matches!(err, BootError::KernelTooLarge { .. }), "{err}");
         }
+    }
+
+    #[test]
+    fn real_debian_kernel_is_decompressed_on_the_host() {
+        let Some(path) = testutil::debian_bzimage() else {
+            eprintln!(
+                "note: no Debian kernel found (VESSEL_TEST_BZIMAGE, ~/.cache/vessel/images/debian/{{kernel,vmlinuz}}): skipping"
+            );
+            return;
+        };
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("note: cannot read {}: {e}: skipping", path.display());
+                return;
+            }
+        };
+        let (mem, layout) = testutil::guest(512 * MIB);
+        let started = std::time::Instant::now();
+        let k = crate::load_kernel(&mem, &layout, &mut std::fs::File::open(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let total = started.elapsed();
+        let KernelSource::ElfFromBzImage {
+            format,
+            decompressed_size,
+            elapsed,
+        } = k.source().clone()
+        else {
+            panic!(
+                "{}: not decompressed on the host: {}",
+                path.display(),
+                k.source()
+            );
+        };
+        eprintln!(
+            "{}: {} (load_kernel took {} ms in all)",
+            path.display(),
+            k.source(),
+            total.as_millis()
+        );
+        // Debian's 6.1 kernels are xz-compressed, with CONFIG_PVH.
+        assert_eq!(format, Compression::Xz);
+        assert_eq!(k.mode, EntryMode::Pvh32);
+        assert!(
+            (16 * MIB..k.kernel_end).contains(&k.entry),
+            "{:#x}",
+            k.entry
+        );
+        // The header is the bzImage's own.
+        let hdr = *k.setup_header().unwrap();
+        assert_eq!(
+            hdr.as_slice(),
+            &bytes[HEADER_OFFSET..HEADER_OFFSET + hdr.as_slice().len()]
+        );
+        assert_eq!(
+            k.cmdline_max_len(),
+            (hdr.cmdline_size as usize).min(addr::CMDLINE_MAX_SIZE - 1)
+        );
+        // Nothing went to 1 MiB, where the bzImage would have been.
+        assert!(testutil::read_bytes(&mem, 0x10_0000, 4096)
+            .iter()
+            .all(|&b| b == 0));
+
+        // The first segment is in place: compare with an independent decompression.
+        let offset = setup_size(&hdr) as usize + hdr.payload_offset as usize;
+        let payload = &bytes[offset..offset + hdr.payload_length as usize];
+        let (_, vmlinux) = decompress::decompress(payload, 512 << 20).unwrap();
+        assert_eq!(vmlinux.len() as u64, decompressed_size);
+        let ph = &vmlinux[testutil::u64_at(&vmlinux, 32) as usize..];
+        assert_eq!(
+            testutil::u32_at(ph, 0),
+            1,
+            "first program header is PT_LOAD"
+        );
+        let (off, paddr) = (testutil::u64_at(ph, 8), testutil::u64_at(ph, 24));
+        let want = &vmlinux[off as usize..off as usize + (1 << 20)];
+        assert!(testutil::read_bytes(&mem, paddr, want.len()) == want);
+
+        assert!(
+            elapsed < std::time::Duration::from_secs(5),
+            "decompression took {elapsed:?}"
+        );
+    }
+
+    /// Load `image` in a 64 MiB guest with the default options.
+    fn load_host(image: Vec<u8>) -> (GuestMemoryMmap, LoadedKernel) {
+        let (mem, layout) = testutil::guest(64 * MIB);
+        let k = load_kernel_image(&mem, &layout, &mut Cursor::new(image)).unwrap();
+        (mem, k)
+    }
+
+    /// The reason a kernel was left for the guest to decompress.
+    fn fallback_reason(k: &LoadedKernel) -> &str {
+        match k.source() {
+            KernelSource::BzImage { reason } => reason,
+            other => panic!("expected the bzImage path, got {other}"),
+        }
+    }
+
+    /// That `k` is the bzImage `image` loaded as is.
+    fn assert_bzimage_path(mem: &GuestMemoryMmap, k: &LoadedKernel, image: &[u8]) {
+        assert_eq!(k.mode, EntryMode::Long64);
+        assert_eq!(k.entry, 0x10_0200);
+        let code = &image[5 * 512..];
+        assert!(testutil::read_bytes(mem, 0x10_0000, code.len()) == code);
+    }
+
+    #[test]
+    fn gzip_payload_loads_as_elf() {
+        let elf = ElfBuilder::new().build();
+        let payload = testutil::gzip(&elf);
+        let image = bzimage_with_payload(BzImageBuilder::new().cmdline_size(1000), &payload);
+        let (mem, layout) = testutil::guest(64 * MIB);
+        // Stale bytes where the .bss goes must be cleared.
+        mem.write_slice(&[0xaa; 0x1000], GuestAddress(0x100_2000))
+            .unwrap();
+        let k = load_kernel_image(&mem, &layout, &mut Cursor::new(image)).unwrap();
+        assert_eq!(k.mode, EntryMode::Long64);
+        assert_eq!(k.entry, 0x100_0000);
+        assert_eq!(k.kernel_end, 0x100_3000);
+        assert!(matches!(
+            k.source(),
+            KernelSource::ElfFromBzImage { format: Compression::Gzip, decompressed_size, .. }
+                if *decompressed_size == elf.len() as u64
+        ));
+        assert!(k
+            .source()
+            .to_string()
+            .starts_with("bzImage, gzip payload decompressed on the host to a 12 KiB vmlinux in "));
+        assert_eq!(
+            testutil::read_bytes(&mem, 0x100_0000, 0x2000),
+            elf[0x1000..0x3000]
+        );
+        assert!(testutil::read_bytes(&mem, 0x100_2000, 0x1000)
+            .iter()
+            .all(|&b| b == 0));
+        // Nothing of the bzImage at 1 MiB.
+        assert!(testutil::read_bytes(&mem, 0x10_0000, 0x1000)
+            .iter()
+            .all(|&b| b == 0));
+        // The bzImage's header is kept for the zero page and the limits.
+        let hdr = k.setup_header().unwrap();
+        assert_eq!({ hdr.cmdline_size }, 1000);
+        assert_eq!(k.cmdline_max_len(), 1000);
+        assert_eq!(k.initrd_addr_max(), 0x7fff_ffff);
+    }
+
+    #[test]
+    fn xz_payload_with_pvh_note_enters_at_pvh() {
+        let elf = ElfBuilder::new().pvh_entry(0x100_0123).build();
+        let image = bzimage_with_payload(BzImageBuilder::new(), &testutil::xz(&elf));
+        let (mem, k) = load_host(image);
+        assert_eq!(k.mode, EntryMode::Pvh32);
+        assert_eq!(k.entry, 0x100_0123);
+        assert!(matches!(
+            k.source(),
+            KernelSource::ElfFromBzImage {
+                format: Compression::Xz,
+                ..
+            }
+        ));
+        assert_eq!(
+            testutil::read_bytes(&mem, 0x100_0000, 0x2000),
+            elf[0x1000..0x3000]
+        );
+        assert!(k.setup_header().is_some());
+    }
+
+    #[test]
+    fn every_supported_format_loads_as_elf() {
+        let elf = ElfBuilder::new().pvh_entry(0x100_0040).build();
+        let with_size = |mut c: Vec<u8>| {
+            c.extend_from_slice(&(elf.len() as u32).to_le_bytes());
+            c
+        };
+        for (format, payload) in [
+            (Compression::Gzip, with_size(testutil::gzip(&elf))),
+            (Compression::Xz, with_size(testutil::xz(&elf))),
+            (Compression::Lzma, with_size(testutil::lzma_alone(&elf))),
+            (Compression::Zstd, with_size(testutil::zstd_raw_frame(&elf))),
+            (
+                Compression::Lz4,
+                with_size(testutil::lz4_legacy_frame(&elf)),
+            ),
+            (Compression::None, elf.clone()),
+        ] {
+            let (mem, k) = load_host(bzimage_with_payload(BzImageBuilder::new(), &payload));
+            assert!(
+                matches!(k.source(), KernelSource::ElfFromBzImage { format: f, .. } if *f == format),
+                "{format}: {}",
+                k.source()
+            );
+            assert_eq!(
+                (k.mode, k.entry),
+                (EntryMode::Pvh32, 0x100_0040),
+                "{format}"
+            );
+            assert!(
+                testutil::read_bytes(&mem, 0x100_0000, 0x2000) == elf[0x1000..0x3000],
+                "{format}"
+            );
+        }
+    }
+
+    #[test]
+    fn garbage_behind_a_valid_magic_falls_back_to_the_bzimage() {
+        let mut payload = vec![0x1f, 0x8b, 0x08, 0x00];
+        payload.extend((0..4000u32).map(|i| (i * 31 + 7) as u8));
+        let image = bzimage_with_payload(BzImageBuilder::new(), &payload);
+        let (mem, k) = load_host(image.clone());
+        assert_bzimage_path(&mem, &k, &image);
+        let reason = fallback_reason(&k);
+        assert!(
+            reason.starts_with("its gzip payload is corrupt: "),
+            "{reason}"
+        );
+        assert!(k
+            .source()
+            .to_string()
+            .starts_with("bzImage, decompressed by the guest (its gzip payload is corrupt"));
+
+        let mut payload = vec![0xfd, b'7', b'z', b'X', b'Z', 0x00];
+        payload.extend((0..4000u32).map(|i| (i * 31 + 7) as u8));
+        let image = bzimage_with_payload(BzImageBuilder::new(), &payload);
+        let (mem, k) = load_host(image.clone());
+        assert_bzimage_path(&mem, &k, &image);
+        assert!(fallback_reason(&k).starts_with("its xz payload is corrupt: "));
+    }
+
+    #[test]
+    fn unknown_or_missing_payload_falls_back_to_the_bzimage() {
+        // The builder's default: no payload announced.
+        let image = BzImageBuilder::new().build();
+        let (mem, k) = load_host(image.clone());
+        assert_bzimage_path(&mem, &k, &image);
+        assert_eq!(
+            fallback_reason(&k),
+            "its setup header announces no compressed payload"
+        );
+        let image = bzimage_with_payload(BzImageBuilder::new(), b"BZh91AY&SY and so on");
+        let (mem, k) = load_host(image.clone());
+        assert_bzimage_path(&mem, &k, &image);
+        assert!(fallback_reason(&k).contains("bzip2"));
+    }
+
+    #[test]
+    fn payload_that_is_not_an_x86_64_elf_falls_back_to_the_bzimage() {
+        let not_elf = vec![0x90u8; 10_000];
+        let image = bzimage_with_payload(BzImageBuilder::new(), &testutil::gzip(&not_elf));
+        let (mem, k) = load_host(image.clone());
+        assert_bzimage_path(&mem, &k, &image);
+        assert_eq!(
+            fallback_reason(&k),
+            "its gzip payload is not an ELF vmlinux (it starts with 9090909090909090)"
+        );
+
+        let arm = ElfBuilder::new().machine(183).build();
+        let image = bzimage_with_payload(BzImageBuilder::new(), &testutil::xz(&arm));
+        let (mem, k) = load_host(image.clone());
+        assert_bzimage_path(&mem, &k, &image);
+        assert!(
+            fallback_reason(&k).contains("not an x86_64 image"),
+            "{}",
+            fallback_reason(&k)
+        );
+    }
+
+    #[test]
+    fn decompression_bomb_is_capped_at_guest_memory() {
+        // 40 MiB of zeros in a few KiB of zstd, for a 32 MiB guest.
+        let payload = testutil::zstd_raw_frame(&vec![0u8; 40 * MIB as usize]);
+        assert!(payload.len() < 4096);
+        let image = bzimage_with_payload(BzImageBuilder::new(), &payload);
+        let (mem, layout) = testutil::guest(32 * MIB);
+        let k = load_kernel_image(&mem, &layout, &mut Cursor::new(image.clone())).unwrap();
+        assert_bzimage_path(&mem, &k, &image);
+        let reason = fallback_reason(&k);
+        assert!(
+            reason.starts_with("its zstd payload decompresses to more than 32 MiB"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn host_decompression_can_be_turned_off() {
+        let elf = ElfBuilder::new().pvh_entry(0x100_0000).build();
+        let image = bzimage_with_payload(BzImageBuilder::new(), &testutil::gzip(&elf));
+        let (mem, layout) = testutil::guest(64 * MIB);
+        let options = LoadOptions {
+            decompress_on_host: false,
+        };
+        let k = load_kernel_image_with(&mem, &layout, &mut Cursor::new(image.clone()), &options)
+            .unwrap();
+        assert_bzimage_path(&mem, &k, &image);
+        assert_eq!(fallback_reason(&k), "host decompression is off");
+        assert!(LoadOptions::default().decompress_on_host);
+    }
+
+    #[test]
+    fn elf_too_large_for_the_guest_falls_back_to_the_bzimage_checks() {
+        // The vmlinux needs 100 MiB; the bzImage path then refuses the kernel on its own terms.
+        let elf = ElfBuilder::new().memsz(100 * MIB).build();
+        let image = bzimage_with_payload(
+            BzImageBuilder::new()
+                .pref_address(0x100_0000)
+                .init_size(100 * MIB as u32),
+            &testutil::gzip(&elf),
+        );
+        let err = load(image, 64 * MIB).unwrap_err();
+        assert!(
+            matches!(err, BootError::KernelTooLarge { needed_end, .. } if needed_end == 116 * MIB),
+            "{err}"
+        );
     }
 }

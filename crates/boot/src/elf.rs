@@ -9,7 +9,7 @@ use vessel_memory::vm_memory::{Bytes, GuestAddress, ReadVolatile};
 use vessel_memory::{addr, GuestLayout, GuestMemoryMmap};
 
 use crate::error::BootError;
-use crate::loader::{EntryMode, LoadedKernel};
+use crate::loader::{EntryMode, KernelSource, LoadedKernel};
 
 const MAGIC: &[u8; 4] = b"\x7fELF";
 const EHDR_SIZE: usize = 64;
@@ -87,6 +87,7 @@ where
         mode,
         kernel_end: needed_end.max(result.kernel_end),
         setup_header: None,
+        source: KernelSource::Elf,
     })
 }
 

@@ -2,8 +2,9 @@
 //!
 //! This crate owns *what the guest finds in memory when its first instruction runs*:
 //!
-//! - the kernel, loaded from a bzImage or an ELF vmlinux ([`load_kernel`]), and the initrd
-//!   ([`load_initrd`]);
+//! - the kernel, loaded from a bzImage or an ELF vmlinux ([`load_kernel`]; a bzImage's
+//!   payload is decompressed on the host where it can be, see [`LoadOptions`]), and the
+//!   initrd ([`load_initrd`]);
 //! - the command line and the zero page (64-bit entry) or PVH start info (32-bit entry), with
 //!   the registers the boot vCPU starts with ([`configure_boot`]);
 //! - the boot GDT and identity page tables ([`write_gdt`], [`write_identity_page_tables`]);
@@ -17,6 +18,7 @@ mod boot;
 mod bzimage;
 mod cmdline;
 mod cpu_tables;
+mod decompress;
 mod elf;
 mod error;
 mod loader;
@@ -33,7 +35,11 @@ pub use cpu_tables::{
     boot_segments, write_gdt, write_identity_page_tables, Gdt, Segment, CODE_SELECTOR,
     DATA_SELECTOR, TSS_SELECTOR,
 };
+pub use decompress::{Compression, MAX_DECOMPRESSED};
 pub use error::BootError;
-pub use loader::{load_initrd, load_kernel, EntryMode, LoadedKernel, ELF_CMDLINE_MAX};
+pub use loader::{
+    load_initrd, load_kernel, load_kernel_with, EntryMode, KernelSource, LoadOptions, LoadedKernel,
+    ELF_CMDLINE_MAX,
+};
 pub use mptable::create_mptable;
 pub use zeropage::LOADER_TYPE_UNDEFINED;

@@ -3,14 +3,21 @@
 //! The kernel file is recognised by its first bytes: an ELF magic means a `vmlinux`, the
 //! `HdrS` magic of the setup header means a bzImage. Each format is checked by its own module
 //! (clear errors for truncated, foreign or too-old images) before linux-loader copies it in.
+//!
+//! A bzImage whose payload Vessel can decompress (see [`Compression`]) is, by default,
+//! decompressed on the host and its `vmlinux` loaded as an ELF: the guest then skips its own
+//! decompressor, which is slow where guest kernel code is emulated.
 
+use std::fmt;
 use std::io::{Read, Seek, SeekFrom};
+use std::time::Duration;
 
 use linux_loader::loader::bootparam::setup_header;
 use vessel_memory::vm_memory::{Bytes, GuestAddress, ReadVolatile};
 use vessel_memory::{addr, GuestLayout, GuestMemoryMmap};
 
-use crate::error::BootError;
+use crate::decompress::Compression;
+use crate::error::{BootError, Size};
 use crate::{bzimage, elf};
 
 /// How the boot vCPU enters the kernel.
@@ -37,14 +44,85 @@ pub struct LoadedKernel {
     /// First byte past the memory the kernel occupies, including (for a bzImage) the room it
     /// needs to decompress itself at its run-time address. The initrd goes above this.
     pub kernel_end: u64,
-    /// The bzImage setup header (with `code32_start` set to the load address); `None` for ELF.
+    /// The bzImage setup header (with `code32_start` set to the load address when the
+    /// bzImage itself was loaded); `None` for an ELF file.
     pub(crate) setup_header: Option<setup_header>,
+    /// What was loaded.
+    pub(crate) source: KernelSource,
+}
+
+/// How [`load_kernel_with`] loads a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Decompress a bzImage's payload on the host and load the `vmlinux` inside as an ELF
+    /// (PVH entry when it has one), rather than loading the bzImage for the guest to
+    /// decompress itself. A payload that cannot be decompressed falls back to the latter.
+    pub decompress_on_host: bool,
+}
+
+impl Default for LoadOptions {
+    /// Decompress on the host.
+    fn default() -> Self {
+        LoadOptions {
+            decompress_on_host: true,
+        }
+    }
+}
+
+/// What [`load_kernel_with`] loaded, for the VMM to report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelSource {
+    /// An ELF `vmlinux` file.
+    Elf,
+    /// A bzImage, loaded as is: the guest decompresses itself.
+    BzImage {
+        /// Why it was not decompressed on the host ("host decompression is off", or what went
+        /// wrong).
+        reason: String,
+    },
+    /// The `vmlinux` inside a bzImage, decompressed on the host and loaded as an ELF.
+    ElfFromBzImage {
+        /// How the payload was compressed.
+        format: Compression,
+        /// Bytes it decompressed to.
+        decompressed_size: u64,
+        /// Time spent decompressing.
+        elapsed: Duration,
+    },
+}
+
+impl fmt::Display for KernelSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KernelSource::Elf => f.write_str("ELF vmlinux"),
+            KernelSource::BzImage { reason } => {
+                write!(f, "bzImage, decompressed by the guest ({reason})")
+            }
+            KernelSource::ElfFromBzImage {
+                format,
+                decompressed_size,
+                elapsed,
+            } => write!(
+                f,
+                "bzImage, {format} payload decompressed on the host to a {} vmlinux in {} ms",
+                Size(*decompressed_size),
+                elapsed.as_millis()
+            ),
+        }
+    }
 }
 
 impl LoadedKernel {
-    /// The bzImage setup header, as loaded; `None` for an ELF kernel.
+    /// The bzImage setup header, as loaded; `None` for an ELF file. A bzImage decompressed on
+    /// the host keeps its header: the zero page and the command line and initrd limits come
+    /// from it.
     pub fn setup_header(&self) -> Option<&setup_header> {
         self.setup_header.as_ref()
+    }
+
+    /// What was loaded: an ELF, a bzImage, or the ELF inside a bzImage.
+    pub fn source(&self) -> &KernelSource {
+        &self.source
     }
 
     /// The longest command line the kernel accepts, not counting the terminating NUL, capped
@@ -80,20 +158,46 @@ impl LoadedKernel {
 ///
 /// An ELF kernel with a PVH entry (`XEN_ELFNOTE_PHYS32_ENTRY`) is entered there in 32-bit
 /// mode ([`EntryMode::Pvh32`]); otherwise at its 64-bit entry ([`EntryMode::Long64`]). A
-/// bzImage is loaded at 1 MiB and entered at its 64-bit entry, load address + 0x200.
+/// bzImage's payload is decompressed on the host and loaded as such an ELF when Vessel can
+/// decompress it; otherwise the bzImage is loaded at 1 MiB and entered at its 64-bit entry,
+/// load address + 0x200. This is [`load_kernel_with`] with the default [`LoadOptions`].
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     kernel: &mut std::fs::File,
 ) -> Result<LoadedKernel, BootError> {
-    load_kernel_image(mem, layout, kernel)
+    load_kernel_with(mem, layout, kernel, &LoadOptions::default())
+}
+
+/// [`load_kernel`], with the choice of how to load a bzImage.
+pub fn load_kernel_with(
+    mem: &GuestMemoryMmap,
+    layout: &GuestLayout,
+    kernel: &mut std::fs::File,
+    options: &LoadOptions,
+) -> Result<LoadedKernel, BootError> {
+    load_kernel_image_with(mem, layout, kernel, options)
 }
 
 /// [`load_kernel`] for any seekable byte source.
+#[cfg(test)]
 pub(crate) fn load_kernel_image<F>(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     image: &mut F,
+) -> Result<LoadedKernel, BootError>
+where
+    F: Read + Seek + ReadVolatile,
+{
+    load_kernel_image_with(mem, layout, image, &LoadOptions::default())
+}
+
+/// [`load_kernel_with`] for any seekable byte source.
+pub(crate) fn load_kernel_image_with<F>(
+    mem: &GuestMemoryMmap,
+    layout: &GuestLayout,
+    image: &mut F,
+    options: &LoadOptions,
 ) -> Result<LoadedKernel, BootError>
 where
     F: Read + Seek + ReadVolatile,
@@ -110,7 +214,7 @@ where
     if elf::has_magic(&head) {
         elf::load(mem, layout, image, len, &head)
     } else if bzimage::has_magic(&head) {
-        bzimage::load(mem, layout, image, len, &head)
+        bzimage::load(mem, layout, image, len, &head, options)
     } else {
         Err(BootError::NotAKernel)
     }

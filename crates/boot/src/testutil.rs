@@ -284,3 +284,96 @@ impl Drop for TempFile {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+/// `data` gzip-compressed.
+pub fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `data` xz-compressed as the kernel's `xz_wrap.sh` does: x86 BCJ filter, then LZMA2, with
+/// a CRC32 check.
+pub fn xz(data: &[u8]) -> Vec<u8> {
+    use liblzma::stream::{Check, Filters, LzmaOptions, Stream};
+    use std::io::Write;
+    let opts = LzmaOptions::new_preset(6).unwrap();
+    let mut filters = Filters::new();
+    filters.x86().lzma2(&opts);
+    let stream = Stream::new_stream_encoder(&filters, Check::Crc32).unwrap();
+    let mut e = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `data` in the legacy `.lzma` format.
+pub fn lzma_alone(data: &[u8]) -> Vec<u8> {
+    use liblzma::stream::{LzmaOptions, Stream};
+    use std::io::Write;
+    let stream = Stream::new_lzma_encoder(&LzmaOptions::new_preset(6).unwrap()).unwrap();
+    let mut e = liblzma::write::XzEncoder::new_stream(Vec::new(), stream);
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// `data` in lz4's legacy frame format (`lz4 -l`), in blocks of at most 8 MiB of input.
+pub fn lz4_legacy_frame(data: &[u8]) -> Vec<u8> {
+    let mut v = 0x184c_2102u32.to_le_bytes().to_vec();
+    for chunk in data.chunks(8 << 20) {
+        let block = lz4_flex::block::compress(chunk);
+        v.extend_from_slice(&(block.len() as u32).to_le_bytes());
+        v.extend_from_slice(&block);
+    }
+    v
+}
+
+/// `data` as a zstd frame built by hand (ruzstd only decodes): a 128 KiB window, then one
+/// block per 128 KiB of input, RLE where the chunk is one repeated byte, raw otherwise.
+pub fn zstd_raw_frame(data: &[u8]) -> Vec<u8> {
+    const BLOCK: usize = 128 * 1024;
+    // Magic; frame header descriptor 0 (no content size, no checksum, no dictionary, not a
+    // single segment); window descriptor: exponent 7 => 2^17 bytes.
+    let mut v = vec![0x28, 0xb5, 0x2f, 0xfd, 0x00, 7 << 3];
+    let chunks: Vec<&[u8]> = data.chunks(BLOCK).collect();
+    for (i, chunk) in chunks.iter().enumerate() {
+        let last = u32::from(i + 1 == chunks.len());
+        let rle = chunk.iter().all(|&b| b == chunk[0]);
+        let header = last | (u32::from(rle) << 1) | ((chunk.len() as u32) << 3);
+        v.extend_from_slice(&header.to_le_bytes()[..3]);
+        if rle {
+            v.push(chunk[0]);
+        } else {
+            v.extend_from_slice(chunk);
+        }
+    }
+    v
+}
+
+/// A bzImage whose payload is `payload`: it sits 0x100 bytes into the protected-mode code,
+/// which is padded to 16-byte paragraphs.
+pub fn bzimage_with_payload(builder: BzImageBuilder, payload: &[u8]) -> Vec<u8> {
+    const OFFSET: usize = 0x100;
+    let code_len = (OFFSET + payload.len()).next_multiple_of(16);
+    let mut image = builder
+        .payload_len(code_len)
+        .payload(OFFSET as u32, payload.len() as u32)
+        .build();
+    let setup_len = image.len() - code_len;
+    image[setup_len + OFFSET..setup_len + OFFSET + payload.len()].copy_from_slice(payload);
+    image
+}
+
+/// Debian's stock kernel, if this machine has it: `VESSEL_TEST_BZIMAGE`, else the guest
+/// kit's cache.
+pub fn debian_bzimage() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("VESSEL_TEST_BZIMAGE") {
+        return Some(p.into());
+    }
+    let home = std::env::var_os("HOME")?;
+    let dir = std::path::Path::new(&home).join(".cache/vessel/images/debian");
+    ["kernel", "vmlinuz"]
+        .iter()
+        .map(|name| dir.join(name))
+        .find(|p| p.is_file())
+}
