@@ -73,7 +73,7 @@ fn bare_once(code: &[u8]) -> Duration {
     }
     mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
     let gdt = vessel_boot::write_gdt(&mem, vessel_boot::EntryMode::Long64).unwrap();
-    let cr3 = vessel_boot::write_identity_page_tables(&mem).unwrap();
+    let pml4 = vessel_boot::write_identity_page_tables(&mem).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
     let mut sregs = vcpu.get_sregs().unwrap();
     let seg = |s: &vessel_boot::Segment| kvm_bindings::kvm_segment {
@@ -99,7 +99,7 @@ fn bare_once(code: &[u8]) -> Duration {
     sregs.gdt.base = gdt.base;
     sregs.gdt.limit = gdt.limit;
     sregs.cr0 = 0x8000_0011;
-    sregs.cr3 = cr3;
+    sregs.cr3 = pml4;
     sregs.cr4 = 0x20;
     sregs.efer = 0x500;
     vcpu.set_sregs(&sregs).unwrap();

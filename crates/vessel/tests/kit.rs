@@ -12,7 +12,7 @@ use common::*;
 const MINIMAL_LIMIT: Duration = Duration::from_secs(15 * 60);
 const DEBIAN_LIMIT: Duration = Duration::from_secs(60 * 60);
 
-fn boot_kit(image: &str, cpus: u32, limit: Duration) {
+fn boot_kit(image: &str, cpus: u32, memory: &str, limit: Duration) {
     let Some((kernel, initrd)) = kit_image(image) else {
         return;
     };
@@ -23,21 +23,31 @@ fn boot_kit(image: &str, cpus: u32, limit: Duration) {
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--cpus", &cpus.to_string(), "--memory", "512M"])
+        .args(["--cpus", &cpus.to_string(), "--memory", memory])
         .args(["--append", "vessel.poweroff", "--stats"])
         .arg(format!("--serial=file={}", console.display()));
     let t = Instant::now();
     let out = run_with_timeout(cmd, limit);
     let took = t.elapsed();
     let console = std::fs::read_to_string(&console).unwrap_or_default();
-    let tail: String = console.lines().rev().take(40).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let tail: String = console
+        .lines()
+        .rev()
+        .take(40)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect::<Vec<_>>()
+        .join("\n");
     assert!(
         out.status.success(),
         "{image} on {cpus} vCPUs failed: {}\nconsole tail:\n{tail}",
         text(&out.stderr)
     );
     assert!(
-        console.lines().any(|l| l.trim_end() == "VESSEL-GUEST-READY"),
+        console
+            .lines()
+            .any(|l| l.trim_end() == "VESSEL-GUEST-READY"),
         "{image} never got ready:\n{tail}"
     );
     if cpus > 1 {
@@ -46,25 +56,31 @@ fn boot_kit(image: &str, cpus: u32, limit: Duration) {
             "{image}: not all {cpus} vCPUs came up:\n{tail}"
         );
     }
-    eprintln!("{image} on {cpus} vCPU(s): ready and powered off in {:.1} s\n{}", took.as_secs_f64(), text(&out.stderr));
+    eprintln!(
+        "{image} on {cpus} vCPU(s): ready and powered off in {:.1} s\n{}",
+        took.as_secs_f64(),
+        text(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn minimal_boots_and_powers_off_on_one_vcpu() {
-    boot_kit("minimal", 1, MINIMAL_LIMIT);
+    boot_kit("minimal", 1, "128M", MINIMAL_LIMIT);
 }
 
 #[test]
 fn minimal_boots_and_powers_off_on_two_vcpus() {
-    boot_kit("minimal", 2, MINIMAL_LIMIT);
+    boot_kit("minimal", 2, "128M", MINIMAL_LIMIT);
 }
 
 #[test]
 fn debian_boots_and_powers_off() {
     if std::env::var("VESSEL_E2E_DEBIAN").is_ok_and(|v| v == "1") {
-        boot_kit("debian", 2, DEBIAN_LIMIT);
+        boot_kit("debian", 2, "256M", DEBIAN_LIMIT);
     } else {
-        eprintln!("note: the debian boot runs in the extended test command (scripts/test.sh --extended)");
+        eprintln!(
+            "note: the debian boot runs in the extended test command (scripts/test.sh --extended)"
+        );
     }
 }

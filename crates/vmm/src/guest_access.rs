@@ -79,7 +79,7 @@ impl GuestAccess for VcpuMemory<'_> {
         expected: &mut [u8],
         new: &[u8],
     ) -> Result<bool, AccessError> {
-        if expected.len() == 8 && gva % 8 == 0 {
+        if expected.len() == 8 && gva.is_multiple_of(8) {
             let gpa = self.translate(gva, true)?;
             let host = self
                 .mem

@@ -43,15 +43,7 @@ pub fn report(samples: &[u64], map: Option<&SymbolMap>, n: usize) -> String {
     }
     let mut counts: HashMap<String, u64> = HashMap::new();
     for &rip in samples {
-        let key = if rip < 0x8000_0000_0000 {
-            "(guest user mode)".to_string()
-        } else {
-            match map.and_then(|m| m.lookup(rip)) {
-                Some(s) => s.to_string(),
-                None => format!("{rip:#x}"),
-            }
-        };
-        *counts.entry(key).or_default() += 1;
+        *counts.entry(name_of(rip, map)).or_default() += 1;
     }
     let mut v: Vec<_> = counts.into_iter().collect();
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -59,6 +51,49 @@ pub fn report(samples: &[u64], map: Option<&SymbolMap>, n: usize) -> String {
     let mut out = format!("profile: {} samples\n", samples.len());
     for (name, c) in v.into_iter().take(n) {
         out += &format!("{:6.2}% {:6} {}\n", c as f64 * 100.0 / total, c, name);
+    }
+    out
+}
+
+/// Name of the function a sample falls in (or a placeholder).
+fn name_of(rip: u64, map: Option<&SymbolMap>) -> String {
+    if rip < 0x8000_0000_0000 {
+        return "(guest user mode)".to_string();
+    }
+    match map.and_then(|m| m.lookup(rip)) {
+        Some(s) => s.to_string(),
+        None => format!("{rip:#x}"),
+    }
+}
+
+/// One vCPU's samples (taken every `period`) in windows of `window`: the `n` hottest
+/// functions of each window, so that each phase of a boot shows what it spends its time on.
+pub fn timeline(
+    samples: &[u64],
+    period: std::time::Duration,
+    map: Option<&SymbolMap>,
+    window: std::time::Duration,
+    n: usize,
+) -> String {
+    let per_window = (window.as_nanos() / period.as_nanos().max(1)).max(1) as usize;
+    let mut out = format!("timeline (vCPU 0, {} s windows):\n", window.as_secs_f64());
+    for (i, chunk) in samples.chunks(per_window).enumerate() {
+        let mut counts: HashMap<String, usize> = HashMap::new();
+        for &rip in chunk {
+            *counts.entry(name_of(rip, map)).or_default() += 1;
+        }
+        let mut v: Vec<_> = counts.into_iter().collect();
+        v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        let top: Vec<String> = v
+            .into_iter()
+            .take(n)
+            .map(|(name, c)| format!("{name} {}%", c * 100 / chunk.len()))
+            .collect();
+        out += &format!(
+            "{:7.1}s  {}\n",
+            (i * per_window) as f64 * period.as_secs_f64(),
+            top.join(", ")
+        );
     }
     out
 }
@@ -93,5 +128,30 @@ mod tests {
         assert_eq!(lines[0], "profile: 4 samples");
         assert!(lines[1].ends_with("do_thing") && lines[1].contains("50.00%"));
         assert!(r.contains("(guest user mode)"));
+    }
+
+    #[test]
+    fn timeline_windows_name_the_hottest_function() {
+        let m = SymbolMap::parse(MAP);
+        // 10 ms samples, 20 ms windows: [a a] [b a] [b]
+        let a = 0xffffffff81000150;
+        let b = 0xffffffff81000310;
+        let t = timeline(
+            &[a, a, b, a, b],
+            std::time::Duration::from_millis(10),
+            Some(&m),
+            std::time::Duration::from_millis(20),
+            1,
+        );
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        assert!(
+            lines[1].trim_start().starts_with("0.0s") && lines[1].ends_with("do_thing 100%"),
+            "{t}"
+        );
+        assert!(
+            lines[3].trim_start().starts_with("0.0s") || lines[3].contains("other 100%"),
+            "{t}"
+        );
     }
 }

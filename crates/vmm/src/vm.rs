@@ -55,16 +55,31 @@ pub struct VmStats {
     pub nested: bool,
     /// From `run` being called to the boot vCPU's first `KVM_RUN`.
     pub to_first_run: Duration,
+    /// From the moment given in `VESSEL_SPAWN_NS` (CLOCK_MONOTONIC, set by a benchmark just
+    /// before it starts this process) to the first `KVM_RUN`.
+    pub since_spawn: Option<Duration>,
     pub wall: Duration,
     pub vcpus: Vec<VcpuReport>,
     pub unhandled_io: (u64, u64),
     pub unhandled_mmio: (u64, u64),
     pub profile: Option<String>,
+    /// How the kernel was loaded (e.g. decompressed on the host), for Linux guests.
+    pub kernel: Option<String>,
 }
 
 impl VmStats {
     pub fn summary(&self) -> String {
-        let mut s = format!(
+        let mut s = String::new();
+        if let Some(k) = &self.kernel {
+            s += &format!("vessel: kernel: {k}\n");
+        }
+        if let Some(d) = self.since_spawn {
+            s += &format!(
+                "vessel: first KVM_RUN {:.3} ms after process spawn\n",
+                d.as_secs_f64() * 1e3
+            );
+        }
+        s += &format!(
             "vessel: first KVM_RUN after {:.2} ms, VM ran {:.3} s; nested fallback {}\n",
             self.to_first_run.as_secs_f64() * 1e3,
             self.wall.as_secs_f64(),
@@ -100,6 +115,23 @@ fn open_file(path: &std::path::Path) -> Result<File, VmmError> {
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// CLOCK_MONOTONIC now, in nanoseconds.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Time since the spawn instant a benchmark put in `VESSEL_SPAWN_NS`.
+fn since_spawn() -> Option<Duration> {
+    let t: u64 = std::env::var("VESSEL_SPAWN_NS").ok()?.parse().ok()?;
+    Some(Duration::from_nanos(monotonic_ns().checked_sub(t)?))
 }
 
 /// Host RAM in bytes, from /proc/meminfo.
@@ -169,26 +201,28 @@ fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     Ok(())
 }
 
-/// Load what boots: returns the boot CPU's registers.
+/// Load what boots: returns the boot CPU's registers and, for Linux, how the kernel was
+/// loaded.
 fn load_guest(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     nested_params: Option<&str>,
-) -> Result<BootRegs, VmmError> {
+) -> Result<(BootRegs, Option<String>), VmmError> {
     match &config.boot {
         BootSource::Demo => {
             let code = crate::demo::code();
             mem.write_slice(&code, GuestAddress(addr::HIMEM_START))
                 .map_err(|e| VmmError::Device(format!("demo guest: {e}")))?;
-            Ok(BootRegs {
+            let regs = BootRegs {
                 rip: addr::HIMEM_START,
                 rsp: addr::BOOT_STACK_POINTER,
                 rsi: 0,
                 rbx: 0,
                 rflags: 2,
                 mode: EntryMode::Long64,
-            })
+            };
+            Ok((regs, None))
         }
         BootSource::Linux { kernel, initrd, .. } => {
             let num_cpus = config.cpus as u8;
@@ -213,7 +247,8 @@ fn load_guest(
                 num_cpus,
                 rsdp_addr: Some(rsdp),
             };
-            Ok(vessel_boot::configure_boot(mem, layout, &loaded, &cfg)?)
+            let regs = vessel_boot::configure_boot(mem, layout, &loaded, &cfg)?;
+            Ok((regs, Some(loaded.source().to_string())))
         }
     }
 }
@@ -268,7 +303,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
 
     let nested_params = nested.then(|| nested_params(&fds[0]));
-    let regs = load_guest(config, &mem, &layout, nested_params.as_deref())?;
+    let (regs, kernel_source) = load_guest(config, &mem, &layout, nested_params.as_deref())?;
     if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
         eprintln!(
             "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
@@ -324,6 +359,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
 
     let to_first_run = t0.elapsed();
+    let since_spawn = since_spawn();
     let started = Instant::now();
     let (tx, rx) = mpsc::channel::<(u8, Result<VcpuStop, VmmError>, VcpuReport)>();
     let mut handles = Vec::new();
@@ -423,7 +459,19 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
             } => profile::SymbolMap::load(p).ok(),
             _ => None,
         };
-        profile::report(&samples, map.as_ref(), 40)
+        let period = Duration::from_millis(config.profile_ms.unwrap_or(10));
+        let mut text = profile::report(&samples, map.as_ref(), 40);
+        // The boot vCPU's samples over time show where each phase of a boot goes.
+        if let Some(boot) = reports.first() {
+            text += &profile::timeline(
+                &boot.samples,
+                period,
+                map.as_ref(),
+                Duration::from_secs(5),
+                3,
+            );
+        }
+        text
     });
     let stats = VmStats {
         nested,
@@ -433,6 +481,8 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         unhandled_io: devices.io_bus.unhandled(),
         unhandled_mmio: devices.mmio_bus.unhandled(),
         profile,
+        kernel: kernel_source,
+        since_spawn,
     };
     Ok(VmOutcome {
         reason: first_reason.unwrap_or(ExitReason::Signal),

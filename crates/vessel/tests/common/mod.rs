@@ -55,9 +55,14 @@ pub fn text(b: &[u8]) -> String {
 /// image that is not cached yet is skipped with a note.
 pub fn kit_image(name: &str) -> Option<(PathBuf, PathBuf)> {
     let required = std::env::var("VESSEL_E2E").is_ok_and(|v| v == "1");
-    let cached = vessel_image::cache_dir().join("images").join(name).join("stamp");
+    let cached = vessel_image::cache_dir()
+        .join("images")
+        .join(name)
+        .join("stamp");
     if !required && !cached.exists() {
-        eprintln!("note: image {name} is not built; scripts/test.sh (VESSEL_E2E=1) builds and boots it");
+        eprintln!(
+            "note: image {name} is not built; scripts/test.sh (VESSEL_E2E=1) builds and boots it"
+        );
         return None;
     }
     let out = vessel()
