@@ -9,7 +9,7 @@ use crate::loader::{EntryMode, LoadedKernel};
 use crate::{pvh, zeropage};
 
 /// What the kernel is told at boot.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct BootConfig<'a> {
     /// The kernel command line, without a terminating NUL.
     pub cmdline: &'a str,
@@ -19,6 +19,11 @@ pub struct BootConfig<'a> {
     pub num_cpus: u8,
     /// The ACPI RSDP address, as [`crate::create_acpi_tables`] returned it.
     pub rsdp_addr: Option<u64>,
+    /// A seed for the kernel's RNG (e.g. from [`crate::host_rng_seed`]). For the 64-bit entry
+    /// it goes in a `SETUP_RNG_SEED` `setup_data` node at [`crate::SETUP_DATA_START`], linked
+    /// from the zero page: Linux 6.0+ then initialises its CRNG at boot. Ignored for PVH,
+    /// whose start info has no place for it (nothing is written, no error).
+    pub rng_seed: Option<[u8; crate::RNG_SEED_LEN]>,
 }
 
 /// The boot vCPU's general registers at the kernel entry.
@@ -42,8 +47,9 @@ pub struct BootRegs {
 pub const BOOT_RFLAGS: u64 = 0x2;
 
 /// Write the command line and the zero page (64-bit entry: `boot_params` with the e820 map,
-/// command line, initrd and RSDP) or the PVH `hvm_start_info` with its memory map and module
-/// list (32-bit entry). Returns the registers the boot vCPU must start with.
+/// command line, initrd, RSDP and the RNG seed's `setup_data`) or the PVH `hvm_start_info`
+/// with its memory map and module list (32-bit entry). Returns the registers the boot vCPU
+/// must start with.
 pub fn configure_boot(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
@@ -82,8 +88,9 @@ pub fn configure_boot(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::{load_initrd_image, load_kernel_image};
+    use crate::loader::{load_initrd_image, load_kernel_image, load_kernel_image_with};
     use crate::testutil::{self, read_bytes, BzImageBuilder, ElfBuilder, MIB};
+    use crate::LoadOptions;
     use linux_loader::loader::bootparam::boot_params;
     use linux_loader::loader::elf::start_info::{
         hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
@@ -93,19 +100,37 @@ mod tests {
 
     const CMDLINE: &str = "console=ttyS0 root=/dev/ram0 rdinit=/init";
 
-    /// Load `image` and a 1 MiB initrd in a guest of `mem_size`, configure the boot.
-    fn boot(
-        image: Vec<u8>,
-        mem_size: u64,
-    ) -> (
+    type Booted = (
         GuestMemoryMmap,
         GuestLayout,
         LoadedKernel,
         (u64, u64),
         BootRegs,
-    ) {
+    );
+
+    /// Load `image` and a 1 MiB initrd in a guest of `mem_size`, configure the boot.
+    fn boot(image: Vec<u8>, mem_size: u64) -> Booted {
+        boot_with(image, mem_size, &LoadOptions::default(), None)
+    }
+
+    /// [`boot`] with the PVH entry preferred.
+    fn boot_pvh(image: Vec<u8>, mem_size: u64) -> Booted {
+        let options = LoadOptions {
+            prefer_pvh: true,
+            ..LoadOptions::default()
+        };
+        boot_with(image, mem_size, &options, None)
+    }
+
+    /// [`boot`] with load options and an RNG seed.
+    fn boot_with(
+        image: Vec<u8>,
+        mem_size: u64,
+        options: &LoadOptions,
+        rng_seed: Option<[u8; 32]>,
+    ) -> Booted {
         let (mem, layout) = testutil::guest(mem_size);
-        let k = load_kernel_image(&mem, &layout, &mut Cursor::new(image)).unwrap();
+        let k = load_kernel_image_with(&mem, &layout, &mut Cursor::new(image), options).unwrap();
         let initrd = load_initrd_image(
             &mem,
             &layout,
@@ -118,6 +143,7 @@ mod tests {
             initrd: Some(initrd),
             num_cpus: 2,
             rsdp_addr: Some(addr::RSDP_START),
+            rng_seed,
         };
         let regs = configure_boot(&mem, &layout, &k, &cfg).unwrap();
         (mem, layout, k, initrd, regs)
@@ -239,7 +265,7 @@ mod tests {
     fn pvh_elf_from_bzimage_gets_start_info() {
         let elf = ElfBuilder::new().pvh_entry(0x100_0040).build();
         let image = testutil::bzimage_with_payload(BzImageBuilder::new(), &testutil::gzip(&elf));
-        let (mem, _, k, initrd, regs) = boot(image, 128 * MIB);
+        let (mem, _, k, initrd, regs) = boot_pvh(image, 128 * MIB);
         assert_eq!(
             (regs.mode, regs.rip, regs.rbx),
             (EntryMode::Pvh32, 0x100_0040, addr::PVH_INFO_START)
@@ -268,7 +294,7 @@ mod tests {
     #[test]
     fn pvh_start_info_reads_back() {
         let image = ElfBuilder::new().pvh_entry(0x100_0040).build();
-        let (mem, layout, _, initrd, regs) = boot(image, 128 * MIB);
+        let (mem, layout, _, initrd, regs) = boot_pvh(image, 128 * MIB);
         assert_eq!(
             regs,
             BootRegs {
@@ -311,22 +337,157 @@ mod tests {
     #[test]
     fn pvh_without_initrd_has_no_modules() {
         let (mem, layout) = testutil::guest(64 * MIB);
-        let k = load_kernel_image(
+        let k = load_kernel_image_with(
             &mem,
             &layout,
             &mut Cursor::new(ElfBuilder::new().pvh_entry(0x100_0000).build()),
+            &LoadOptions {
+                prefer_pvh: true,
+                ..LoadOptions::default()
+            },
         )
         .unwrap();
+        assert_eq!(k.mode, EntryMode::Pvh32);
         let cfg = BootConfig {
             cmdline: "",
             initrd: None,
             num_cpus: 1,
             rsdp_addr: None,
+            rng_seed: None,
         };
         configure_boot(&mem, &layout, &k, &cfg).unwrap();
         let si: hvm_start_info = mem.read_obj(GuestAddress(addr::PVH_INFO_START)).unwrap();
         assert_eq!((si.nr_modules, si.modlist_paddr, si.rsdp_paddr), (0, 0, 0));
         assert_eq!(si.memmap_entries as usize, layout.e820().len());
+    }
+
+    const SEED: [u8; 32] = [
+        0x3c, 0x91, 0x07, 0xee, 0x5a, 0x12, 0xb4, 0x68, 0x0d, 0xf3, 0x27, 0x8a, 0x41, 0xc6, 0x9e,
+        0x50, 0x7b, 0x22, 0xd9, 0x04, 0xaf, 0x63, 0x18, 0xe5, 0x36, 0x8f, 0xca, 0x71, 0x2d, 0x94,
+        0x5e, 0xb0,
+    ];
+
+    /// The `setup_data` node at `at`: next, type, len, data.
+    fn read_setup_data(mem: &GuestMemoryMmap, at: u64) -> (u64, u32, u32, Vec<u8>) {
+        let head = read_bytes(mem, at, 16);
+        let len = testutil::u32_at(&head, 12);
+        (
+            testutil::u64_at(&head, 0),
+            testutil::u32_at(&head, 8),
+            len,
+            read_bytes(mem, at + 16, len as usize),
+        )
+    }
+
+    #[test]
+    fn long64_boot_hands_the_kernel_an_rng_seed() {
+        let elf = ElfBuilder::new().pvh_entry(0x100_0040).build();
+        let host_decompressed = testutil::bzimage_with_payload(
+            BzImageBuilder::new().cmdline_size(1000),
+            &testutil::xz(&elf),
+        );
+        for image in [elf, host_decompressed, BzImageBuilder::new().build()] {
+            let (mem, layout, k, initrd, regs) =
+                boot_with(image, 128 * MIB, &LoadOptions::default(), Some(SEED));
+            assert_eq!(regs.mode, EntryMode::Long64);
+            check_zero_page(&mem, &layout, initrd);
+            let p: boot_params = mem.read_obj(GuestAddress(addr::ZERO_PAGE_START)).unwrap();
+            assert_eq!({ p.hdr.setup_data }, crate::SETUP_DATA_START);
+            assert!(
+                { p.hdr.version } >= 0x0209,
+                "setup_data needs protocol 2.09"
+            );
+            let (next, kind, len, data) = read_setup_data(&mem, crate::SETUP_DATA_START);
+            assert_eq!((next, kind, len), (0, 9, 32), "{}", k.source());
+            assert_eq!(data, SEED);
+
+            // The node is in RAM the e820 map reports, clear of everything else written.
+            let node = crate::SETUP_DATA_START..crate::SETUP_DATA_START + 48;
+            assert!(layout.e820().iter().any(|e| e.kind as u32 == 1
+                && e.addr <= node.start
+                && node.end <= e.addr + e.size));
+            let cmdline_end = addr::CMDLINE_START + addr::CMDLINE_MAX_SIZE as u64;
+            for (what, start, end) in [
+                (
+                    "zero page",
+                    addr::ZERO_PAGE_START,
+                    addr::ZERO_PAGE_START + 0x1000,
+                ),
+                ("page tables", addr::PML4_START, addr::PD_START + 4 * 0x1000),
+                ("command line", addr::CMDLINE_START, cmdline_end),
+                (
+                    "MP table and BIOS area",
+                    addr::EBDA_START,
+                    addr::HIMEM_START,
+                ),
+                ("initrd", initrd.0, initrd.0 + initrd.1),
+                ("kernel", addr::HIMEM_START, k.kernel_end),
+            ] {
+                assert!(
+                    node.end <= start || end <= node.start,
+                    "overlaps the {what}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn long64_boot_without_a_seed_has_no_setup_data() {
+        for image in [ElfBuilder::new().build(), BzImageBuilder::new().build()] {
+            let (mem, _, _, _, regs) = boot(image, 64 * MIB);
+            assert_eq!(regs.mode, EntryMode::Long64);
+            let p: boot_params = mem.read_obj(GuestAddress(addr::ZERO_PAGE_START)).unwrap();
+            assert_eq!({ p.hdr.setup_data }, 0);
+            assert_eq!(read_bytes(&mem, crate::SETUP_DATA_START, 48), [0; 48]);
+        }
+    }
+
+    #[test]
+    fn rng_seed_goes_in_front_of_the_headers_setup_data() {
+        // A bzImage whose own header already links a setup_data list (at 0x250).
+        let mut image = BzImageBuilder::new().build();
+        image[0x250..0x258].copy_from_slice(&0x4_5000u64.to_le_bytes());
+        let (mem, _, _, _, _) = boot_with(image, 64 * MIB, &LoadOptions::default(), Some(SEED));
+        let p: boot_params = mem.read_obj(GuestAddress(addr::ZERO_PAGE_START)).unwrap();
+        assert_eq!({ p.hdr.setup_data }, crate::SETUP_DATA_START);
+        let (next, kind, len, data) = read_setup_data(&mem, crate::SETUP_DATA_START);
+        assert_eq!((next, kind, len), (0x4_5000, 9, 32));
+        assert_eq!(data, SEED);
+    }
+
+    #[test]
+    fn pvh_boot_ignores_the_rng_seed() {
+        let image = ElfBuilder::new().pvh_entry(0x100_0040).build();
+        let options = LoadOptions {
+            prefer_pvh: true,
+            ..LoadOptions::default()
+        };
+        let (mem, _, _, initrd, regs) = boot_with(image, 64 * MIB, &options, Some(SEED));
+        assert_eq!((regs.mode, regs.rip), (EntryMode::Pvh32, 0x100_0040));
+        assert_eq!(read_bytes(&mem, crate::SETUP_DATA_START, 48), [0; 48]);
+        // Nor is a zero page written.
+        assert_eq!(read_bytes(&mem, addr::ZERO_PAGE_START, 0x1000), [0; 0x1000]);
+        let si: hvm_start_info = mem.read_obj(GuestAddress(regs.rbx)).unwrap();
+        let m: hvm_modlist_entry = mem.read_obj(GuestAddress(si.modlist_paddr)).unwrap();
+        assert_eq!((m.paddr, m.size), initrd);
+    }
+
+    #[test]
+    fn entry_follows_prefer_pvh() {
+        let image = ElfBuilder::new()
+            .entry(0x100_0200)
+            .pvh_entry(0x100_0040)
+            .build();
+        let (_, _, _, _, regs) = boot(image.clone(), 64 * MIB);
+        assert_eq!(
+            (regs.mode, regs.rip, regs.rsi, regs.rbx),
+            (EntryMode::Long64, 0x100_0200, addr::ZERO_PAGE_START, 0)
+        );
+        let (_, _, _, _, regs) = boot_pvh(image, 64 * MIB);
+        assert_eq!(
+            (regs.mode, regs.rip, regs.rsi, regs.rbx),
+            (EntryMode::Pvh32, 0x100_0040, 0, addr::PVH_INFO_START)
+        );
     }
 
     #[test]
@@ -344,6 +505,7 @@ mod tests {
             initrd: None,
             num_cpus: 1,
             rsdp_addr: None,
+            rng_seed: None,
         };
         let err = configure_boot(&mem, &layout, &k, &cfg).unwrap_err();
         assert!(
@@ -367,6 +529,7 @@ mod tests {
                 initrd: Some(initrd),
                 num_cpus: 1,
                 rsdp_addr: None,
+                rng_seed: None,
             };
             let err = configure_boot(&mem, &layout, &k, &cfg).unwrap_err();
             assert!(matches!(err, BootError::InitrdOutOfRam { .. }), "{err}");

@@ -78,7 +78,7 @@ where
     let needed_end = check_header(&hdr, len, load_addr)?;
 
     let reason = if options.decompress_on_host {
-        match load_decompressed(mem, layout, image, len, &hdr) {
+        match load_decompressed(mem, layout, image, len, &hdr, options.prefer_pvh) {
             Ok(kernel) => return Ok(kernel),
             Err(e) => {
                 log::info!("bzImage left for the guest to decompress: {e}");
@@ -125,6 +125,7 @@ fn load_decompressed<F>(
     image: &mut F,
     len: u64,
     hdr: &setup_header,
+    prefer_pvh: bool,
 ) -> Result<LoadedKernel, HostLoadError>
 where
     F: Read + Seek,
@@ -170,6 +171,7 @@ where
         &mut Cursor::new(vmlinux.as_slice()),
         size,
         head,
+        prefer_pvh,
     )
     .map_err(|source| HostLoadError::Elf { format, source })?;
     // The zero page (64-bit entry) and the command line and initrd limits come from the
@@ -474,6 +476,7 @@ mod tests {
         let (mem, layout) = testutil::guest(512 * MIB);
         let in_guest = LoadOptions {
             decompress_on_host: false,
+            ..LoadOptions::default()
         };
         let k = crate::load_kernel_with(&mem, &layout, &mut file, &in_guest)
             .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
@@ -557,9 +560,10 @@ mod tests {
             k.source(),
             total.as_millis()
         );
-        // Debian's 6.1 kernels are xz-compressed, with CONFIG_PVH.
+        // Debian's 6.1 kernels are xz-compressed, with CONFIG_PVH; the 64-bit entry is the
+        // default.
         assert_eq!(format, Compression::Xz);
-        assert_eq!(k.mode, EntryMode::Pvh32);
+        assert_eq!(k.mode, EntryMode::Long64);
         assert!(
             (16 * MIB..k.kernel_end).contains(&k.entry),
             "{:#x}",
@@ -594,6 +598,30 @@ mod tests {
         let (off, paddr) = (testutil::u64_at(ph, 8), testutil::u64_at(ph, 24));
         let want = &vmlinux[off as usize..off as usize + (1 << 20)];
         assert!(testutil::read_bytes(&mem, paddr, want.len()) == want);
+        // Entered at the vmlinux's e_entry: startup_64, the start of .text at 16 MiB.
+        assert_eq!(k.entry, testutil::u64_at(&vmlinux, 24));
+        assert_eq!(k.entry, 16 * MIB);
+
+        // Asked to, the same kernel is entered at its PVH entry.
+        let (mem, layout) = testutil::guest(512 * MIB);
+        let options = LoadOptions {
+            prefer_pvh: true,
+            ..LoadOptions::default()
+        };
+        let pvh = crate::load_kernel_with(
+            &mem,
+            &layout,
+            &mut std::fs::File::open(&path).unwrap(),
+            &options,
+        )
+        .unwrap();
+        assert_eq!(pvh.mode, EntryMode::Pvh32);
+        assert_ne!(pvh.entry, k.entry);
+        assert!(
+            (16 * MIB..pvh.kernel_end).contains(&pvh.entry),
+            "{:#x}",
+            pvh.entry
+        );
 
         assert!(
             elapsed < std::time::Duration::from_secs(5),
@@ -665,12 +693,24 @@ mod tests {
     }
 
     #[test]
-    fn xz_payload_with_pvh_note_enters_at_pvh() {
-        let elf = ElfBuilder::new().pvh_entry(0x100_0123).build();
+    fn xz_payload_with_pvh_note_enters_at_the_64_bit_entry() {
+        let elf = ElfBuilder::new()
+            .entry(0x100_0200)
+            .pvh_entry(0x100_0123)
+            .build();
         let image = bzimage_with_payload(BzImageBuilder::new(), &testutil::xz(&elf));
-        let (mem, k) = load_host(image);
-        assert_eq!(k.mode, EntryMode::Pvh32);
-        assert_eq!(k.entry, 0x100_0123);
+        let (mem, k) = load_host(image.clone());
+        assert_eq!((k.mode, k.entry), (EntryMode::Long64, 0x100_0200));
+        assert!(k.setup_header().is_some());
+
+        let (mem_pvh, layout) = testutil::guest(64 * MIB);
+        let options = LoadOptions {
+            prefer_pvh: true,
+            ..LoadOptions::default()
+        };
+        let k =
+            load_kernel_image_with(&mem_pvh, &layout, &mut Cursor::new(image), &options).unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Pvh32, 0x100_0123));
         assert!(matches!(
             k.source(),
             KernelSource::ElfFromBzImage {
@@ -678,11 +718,13 @@ mod tests {
                 ..
             }
         ));
-        assert_eq!(
-            testutil::read_bytes(&mem, 0x100_0000, 0x2000),
-            elf[0x1000..0x3000]
-        );
         assert!(k.setup_header().is_some());
+        for mem in [mem, mem_pvh] {
+            assert_eq!(
+                testutil::read_bytes(&mem, 0x100_0000, 0x2000),
+                elf[0x1000..0x3000]
+            );
+        }
     }
 
     #[test]
@@ -711,7 +753,7 @@ mod tests {
             );
             assert_eq!(
                 (k.mode, k.entry),
-                (EntryMode::Pvh32, 0x100_0040),
+                (EntryMode::Long64, 0x100_0000),
                 "{format}"
             );
             assert!(
@@ -807,6 +849,7 @@ mod tests {
         let (mem, layout) = testutil::guest(64 * MIB);
         let options = LoadOptions {
             decompress_on_host: false,
+            ..LoadOptions::default()
         };
         let k = load_kernel_image_with(&mem, &layout, &mut Cursor::new(image.clone()), &options)
             .unwrap();

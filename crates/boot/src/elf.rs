@@ -32,18 +32,21 @@ struct Segment {
     memsz: u64,
 }
 
-/// Check an ELF kernel of `len` bytes whose first bytes are `head`, and load it.
+/// Check an ELF kernel of `len` bytes whose first bytes are `head`, and load it. It is
+/// entered at its 64-bit entry (`e_entry`) unless `prefer_pvh` and it has a PVH note, or its
+/// `e_entry` lies outside the loaded kernel and its PVH entry does not.
 pub(crate) fn load<F>(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     image: &mut F,
     len: u64,
     head: &[u8],
+    prefer_pvh: bool,
 ) -> Result<LoadedKernel, BootError>
 where
     F: Read + Seek + ReadVolatile,
 {
-    let entry = check_ident(head)?;
+    let entry_64 = check_ident(head)?;
     let segments = read_segments(image, len, head)?;
     let start = segments.iter().map(|s| s.paddr).min().unwrap_or(0);
     let needed_end = segments
@@ -71,11 +74,24 @@ where
         zero(mem, s.paddr + s.filesz, s.memsz - s.filesz)?;
     }
 
+    let in_kernel = |a: u64| (start..needed_end).contains(&a);
+    let long64 = (entry_64, EntryMode::Long64);
     let (entry, mode) = match result.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(a) => (a.0, EntryMode::Pvh32),
-        _ => (entry, EntryMode::Long64),
+        PvhBootCapability::PvhEntryPresent(GuestAddress(pvh)) => {
+            if prefer_pvh {
+                (pvh, EntryMode::Pvh32)
+            } else if !in_kernel(entry_64) && in_kernel(pvh) {
+                log::info!(
+                    "ELF kernel: 64-bit entry {entry_64:#x} lies outside the kernel, using the PVH entry"
+                );
+                (pvh, EntryMode::Pvh32)
+            } else {
+                long64
+            }
+        }
+        _ => long64,
     };
-    if !(start..needed_end).contains(&entry) {
+    if !in_kernel(entry) {
         return Err(BootError::MalformedElf(format!(
             "its {} entry point {entry:#x} lies outside the loaded kernel ({start:#x}..{needed_end:#x})",
             if mode == EntryMode::Pvh32 { "PVH" } else { "64-bit" }
@@ -228,7 +244,7 @@ fn zero(mem: &GuestMemoryMmap, start: u64, len: u64) -> Result<(), BootError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::loader::load_kernel_image;
+    use crate::loader::{load_kernel_image, load_kernel_image_with, LoadOptions};
     use crate::testutil::{self, ElfBuilder, MIB};
     use std::io::Cursor;
 
@@ -257,20 +273,70 @@ mod tests {
         assert!(bss.iter().all(|&b| b == 0));
     }
 
-    #[test]
-    fn elf_with_pvh_note_uses_the_pvh_entry() {
-        let image = ElfBuilder::new().pvh_entry(0x100_0123).build();
-        let k = load(image, 64 * MIB).unwrap();
-        assert_eq!(k.mode, EntryMode::Pvh32);
-        assert_eq!(k.entry, 0x100_0123);
+    /// Load `image` in a 64 MiB guest, preferring the PVH entry.
+    fn load_pvh(image: Vec<u8>) -> Result<LoadedKernel, BootError> {
+        let (mem, layout) = testutil::guest(64 * MIB);
+        let options = LoadOptions {
+            prefer_pvh: true,
+            ..LoadOptions::default()
+        };
+        load_kernel_image_with(&mem, &layout, &mut Cursor::new(image), &options)
     }
 
     #[test]
-    fn pvh_entry_outside_the_kernel_is_refused() {
-        let image = ElfBuilder::new().pvh_entry(0x4000_0000).build();
+    fn elf_with_pvh_note_uses_the_64_bit_entry_by_default() {
+        let image = ElfBuilder::new()
+            .entry(0x100_0200)
+            .pvh_entry(0x100_0123)
+            .build();
+        let k = load(image, 64 * MIB).unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Long64, 0x100_0200));
+    }
+
+    #[test]
+    fn elf_with_pvh_note_uses_the_pvh_entry_when_preferred() {
+        let image = ElfBuilder::new()
+            .entry(0x100_0200)
+            .pvh_entry(0x100_0123)
+            .build();
+        let k = load_pvh(image).unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Pvh32, 0x100_0123));
+        // Without a PVH note, preferring PVH still finds the 64-bit entry.
+        let k = load_pvh(ElfBuilder::new().build()).unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Long64, 0x100_0000));
+    }
+
+    #[test]
+    fn unusable_64_bit_entry_falls_back_to_pvh() {
+        let image = ElfBuilder::new()
+            .entry(0x300_0000)
+            .pvh_entry(0x100_0123)
+            .build();
+        let k = load(image, 64 * MIB).unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Pvh32, 0x100_0123));
+        // Neither entry usable: the 64-bit one is named.
+        let image = ElfBuilder::new()
+            .entry(0x300_0000)
+            .pvh_entry(0x4000_0000)
+            .build();
         let err = load(image, 64 * MIB).unwrap_err();
         assert!(matches!(err, BootError::MalformedElf(_)), "{err}");
+        assert!(
+            err.to_string()
+                .contains("its 64-bit entry point 0x3000000 "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn pvh_entry_outside_the_kernel_is_refused_when_preferred() {
+        let image = ElfBuilder::new().pvh_entry(0x4000_0000).build();
+        let err = load_pvh(image.clone()).unwrap_err();
+        assert!(matches!(err, BootError::MalformedElf(_)), "{err}");
         assert!(err.to_string().contains("PVH entry point"), "{err}");
+        // By default the note is not used.
+        let k = load(image, 64 * MIB).unwrap();
+        assert_eq!((k.mode, k.entry), (EntryMode::Long64, 0x100_0000));
     }
 
     #[test]

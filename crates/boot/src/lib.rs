@@ -5,8 +5,10 @@
 //! - the kernel, loaded from a bzImage or an ELF vmlinux ([`load_kernel`]; a bzImage's
 //!   payload is decompressed on the host where it can be, see [`LoadOptions`]), and the
 //!   initrd ([`load_initrd`]);
-//! - the command line and the zero page (64-bit entry) or PVH start info (32-bit entry), with
-//!   the registers the boot vCPU starts with ([`configure_boot`]);
+//! - the command line and the zero page (64-bit entry, the default; with an RNG seed in its
+//!   `setup_data`, see [`host_rng_seed`]) or PVH start info (32-bit entry, when asked for with
+//!   [`LoadOptions::prefer_pvh`]), with the registers the boot vCPU starts with
+//!   ([`configure_boot`]);
 //! - the boot GDT and identity page tables ([`write_gdt`], [`write_identity_page_tables`]);
 //! - the ACPI tables ([`create_acpi_tables`]) and the MP table ([`create_mptable`]).
 //!
@@ -24,6 +26,7 @@ mod error;
 mod loader;
 mod mptable;
 mod pvh;
+mod setup_data;
 mod zeropage;
 
 #[cfg(test)]
@@ -42,4 +45,5 @@ pub use loader::{
     ELF_CMDLINE_MAX,
 };
 pub use mptable::create_mptable;
+pub use setup_data::{host_rng_seed, RNG_SEED_LEN, SETUP_DATA_START};
 pub use zeropage::LOADER_TYPE_UNDEFINED;

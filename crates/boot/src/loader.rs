@@ -54,17 +54,27 @@ pub struct LoadedKernel {
 /// How [`load_kernel_with`] loads a kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LoadOptions {
-    /// Decompress a bzImage's payload on the host and load the `vmlinux` inside as an ELF
-    /// (PVH entry when it has one), rather than loading the bzImage for the guest to
-    /// decompress itself. A payload that cannot be decompressed falls back to the latter.
+    /// Decompress a bzImage's payload on the host and load the `vmlinux` inside as an ELF,
+    /// rather than loading the bzImage for the guest to decompress itself. A payload that
+    /// cannot be decompressed falls back to the latter.
     pub decompress_on_host: bool,
+    /// Enter an ELF kernel (a `vmlinux` file, or one decompressed on the host) that has a PVH
+    /// note at its PVH entry ([`EntryMode::Pvh32`]) rather than at its 64-bit entry, the
+    /// ELF's `e_entry` ([`EntryMode::Long64`]; `startup_64` in every x86-64 vmlinux).
+    ///
+    /// Off by default: the 64-bit boot protocol's zero page can carry `setup_data` (the RNG
+    /// seed of [`crate::BootConfig::rng_seed`]); PVH's start info cannot. Turn it on for a
+    /// non-Linux PVH kernel whose `e_entry` is not a 64-bit entry. Without the option, a
+    /// kernel whose `e_entry` lies outside its loaded segments is entered at its PVH entry.
+    pub prefer_pvh: bool,
 }
 
 impl Default for LoadOptions {
-    /// Decompress on the host.
+    /// Decompress on the host; enter ELF kernels at their 64-bit entry.
     fn default() -> Self {
         LoadOptions {
             decompress_on_host: true,
+            prefer_pvh: false,
         }
     }
 }
@@ -156,11 +166,12 @@ impl LoadedKernel {
 
 /// Load a kernel from a file: a bzImage (recognised by its setup header) or an ELF vmlinux.
 ///
-/// An ELF kernel with a PVH entry (`XEN_ELFNOTE_PHYS32_ENTRY`) is entered there in 32-bit
-/// mode ([`EntryMode::Pvh32`]); otherwise at its 64-bit entry ([`EntryMode::Long64`]). A
-/// bzImage's payload is decompressed on the host and loaded as such an ELF when Vessel can
-/// decompress it; otherwise the bzImage is loaded at 1 MiB and entered at its 64-bit entry,
-/// load address + 0x200. This is [`load_kernel_with`] with the default [`LoadOptions`].
+/// An ELF kernel is entered at its 64-bit entry, `e_entry` ([`EntryMode::Long64`]), with a
+/// zero page; at its PVH entry (`XEN_ELFNOTE_PHYS32_ENTRY`, [`EntryMode::Pvh32`]) only when
+/// [`LoadOptions::prefer_pvh`] asks for it or `e_entry` is unusable. A bzImage's payload is
+/// decompressed on the host and loaded as such an ELF when Vessel can decompress it;
+/// otherwise the bzImage is loaded at 1 MiB and entered at its 64-bit entry, load address +
+/// 0x200. This is [`load_kernel_with`] with the default [`LoadOptions`].
 pub fn load_kernel(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
@@ -169,7 +180,7 @@ pub fn load_kernel(
     load_kernel_with(mem, layout, kernel, &LoadOptions::default())
 }
 
-/// [`load_kernel`], with the choice of how to load a bzImage.
+/// [`load_kernel`], with the choice of how to load a bzImage and which entry to use.
 pub fn load_kernel_with(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
@@ -212,7 +223,7 @@ where
     image.read_exact(&mut head).map_err(BootError::KernelIo)?;
 
     if elf::has_magic(&head) {
-        elf::load(mem, layout, image, len, &head)
+        elf::load(mem, layout, image, len, &head, options.prefer_pvh)
     } else if bzimage::has_magic(&head) {
         bzimage::load(mem, layout, image, len, &head, options)
     } else {

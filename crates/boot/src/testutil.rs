@@ -152,10 +152,12 @@ impl BzImageBuilder {
 
 /// A minimal x86_64 ELF vmlinux: one PT_LOAD (0x2000 file bytes at file offset 0x1000,
 /// 0x3000 memory bytes at 16 MiB) and a PT_NOTE, with a PVH entry note when asked for.
+/// `e_entry` is the segment's start unless set.
 pub struct ElfBuilder {
     machine: u16,
     paddr: u64,
     memsz: u64,
+    entry: Option<u64>,
     pvh_entry: Option<u32>,
 }
 
@@ -171,6 +173,7 @@ impl ElfBuilder {
             machine: 62,
             paddr: 0x100_0000,
             memsz: 0x3000,
+            entry: None,
             pvh_entry: None,
         }
     }
@@ -184,6 +187,10 @@ impl ElfBuilder {
     }
     pub fn memsz(mut self, n: u64) -> Self {
         self.memsz = n;
+        self
+    }
+    pub fn entry(mut self, a: u64) -> Self {
+        self.entry = Some(a);
         self
     }
     pub fn pvh_entry(mut self, a: u32) -> Self {
@@ -227,7 +234,7 @@ impl ElfBuilder {
         v[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
         v[18..20].copy_from_slice(&self.machine.to_le_bytes());
         v[20..24].copy_from_slice(&1u32.to_le_bytes());
-        v[24..32].copy_from_slice(&self.paddr.to_le_bytes()); // e_entry
+        v[24..32].copy_from_slice(&self.entry.unwrap_or(self.paddr).to_le_bytes()); // e_entry
         v[32..40].copy_from_slice(&64u64.to_le_bytes()); // e_phoff
         v[52..54].copy_from_slice(&64u16.to_le_bytes()); // e_ehsize
         v[54..56].copy_from_slice(&56u16.to_le_bytes()); // e_phentsize

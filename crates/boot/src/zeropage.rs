@@ -1,5 +1,6 @@
 //! The Linux zero page (`struct boot_params`) for the 64-bit boot protocol, written at
-//! [`addr::ZERO_PAGE_START`] with linux-loader's `LinuxBootConfigurator`.
+//! [`addr::ZERO_PAGE_START`] with linux-loader's `LinuxBootConfigurator`, and the
+//! `setup_data` list it heads.
 
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
@@ -12,6 +13,7 @@ use vessel_memory::{addr, GuestLayout, GuestMemoryMmap};
 use crate::boot::BootConfig;
 use crate::error::BootError;
 use crate::loader::LoadedKernel;
+use crate::setup_data;
 
 /// `boot_flag`: the 0xAA55 boot sector signature.
 const BOOT_FLAG: u16 = 0xaa55;
@@ -54,6 +56,10 @@ pub(crate) fn write_zero_page(
     let (initrd_start, initrd_size) = cfg.initrd.unwrap_or((0, 0));
     hdr.ramdisk_image = initrd_start as u32;
     hdr.ramdisk_size = initrd_size as u32;
+    if let Some(seed) = &cfg.rng_seed {
+        // In front of whatever list the header had (a bzImage's own header holds 0 here).
+        hdr.setup_data = setup_data::write_rng_seed(mem, seed, hdr.setup_data)?;
+    }
 
     let e820 = layout.e820();
     if e820.len() > E820_MAX_ENTRIES_ZEROPAGE {

@@ -1,6 +1,6 @@
 //! The `minimal` image: upstream Linux from Debian's `linux-source-6.1`,
 //! configured with `make tinyconfig` plus guest/minimal.config, everything
-//! built in, booted as the ELF vmlinux through its PVH entry point. Its
+//! built in, booted as the ELF vmlinux (its 64-bit entry; it also has a PVH note). Its
 //! initramfs has the same layout as debian's, with no modules.
 //!
 //! The source tree and the `O=` build tree stay under `work/minimal` so a

@@ -12,8 +12,7 @@ pub enum ImageName {
     /// ext4 modules in the initramfs.
     Debian,
     /// Upstream Linux from `linux-source-6.1`, configured with tinyconfig plus
-    /// guest/minimal.config, everything built in, booted as an ELF vmlinux
-    /// through its PVH entry point.
+    /// guest/minimal.config, everything built in, booted as an ELF vmlinux.
     Minimal,
 }
 

@@ -61,9 +61,9 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Guest memory: MiB, or with a unit (512M, 2G).
-    #[arg(long, default_value = "256M", value_parser = vessel_memory_size)]
-    memory: u64,
+    /// Guest memory: MiB, or with a unit (512M, 2G) [default: 256M for Linux, 32M for the demo].
+    #[arg(long, value_parser = vessel_memory_size)]
+    memory: Option<u64>,
     /// Where COM1 goes: stdio, null or file=PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialTarget,
@@ -80,6 +80,11 @@ struct RunArgs {
     #[arg(long)]
     system_map: Option<PathBuf>,
 }
+
+/// Default guest memory. The demo guest needs almost none, and KVM's cost of registering
+/// memory grows with its size, so it starts faster with less.
+const LINUX_MEMORY: u64 = 256 << 20;
+const DEMO_MEMORY: u64 = 32 << 20;
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -112,11 +117,14 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         (None, None) => BootSource::Demo,
     };
     let config = VmConfig {
-        boot,
+        boot: boot.clone(),
         cmdline: args.cmdline,
         append: args.append,
         cpus: args.cpus,
-        memory: args.memory,
+        memory: args.memory.unwrap_or(match boot {
+            BootSource::Demo => DEMO_MEMORY,
+            BootSource::Linux { .. } => LINUX_MEMORY,
+        }),
         serial: args.serial,
         nested: args.nested,
         profile_ms: args.profile,

@@ -99,8 +99,11 @@ impl Default for VmConfig {
     }
 }
 
-/// The command line Vessel gives a Linux guest when none is given.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 i8042.noaux 8250.nr_uarts=1";
+/// The command line Vessel gives a Linux guest when none is given. Vessel hands every 64-bit
+/// boot an RNG seed (`SETUP_RNG_SEED`); `random.trust_bootloader` lets kernels built without
+/// `RANDOM_TRUST_BOOTLOADER` (tinyconfig-based ones) credit it.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=1 i8042.noaux 8250.nr_uarts=1 random.trust_bootloader=on";
 
 #[cfg(test)]
 mod tests {

@@ -246,6 +246,10 @@ fn load_guest(
                 initrd,
                 num_cpus,
                 rsdp_addr: Some(rsdp),
+                // Entropy for the guest's CRNG from the first instruction: without it, a guest
+                // whose kernel code is emulated spends a large share of its boot mixing
+                // entropy it never gets enough of.
+                rng_seed: Some(vessel_boot::host_rng_seed()?),
             };
             let regs = vessel_boot::configure_boot(mem, layout, &loaded, &cfg)?;
             Ok((regs, Some(loaded.source().to_string())))

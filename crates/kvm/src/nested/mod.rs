@@ -38,6 +38,7 @@ const fn feature(name: &'static str, word: u32, bit: u32) -> Feature {
 /// present and the lab host's emulator fails on it.
 const CLEARED: &[Feature] = &[
     feature("RDTSCP", 1, 27),     // 59
+    feature("REP_GOOD", 3, 16),   // 112: speed: rep movsq/stosq copies (see below)
     feature("PCLMULQDQ", 4, 1),   // 129: pclmulqdq
     feature("SSSE3", 4, 9),       // 137
     feature("FMA", 4, 12),        // 140
@@ -52,6 +53,7 @@ const CLEARED: &[Feature] = &[
     feature("FSGSBASE", 9, 0),    // 288: rd/wr{fs,gs}base
     feature("BMI1", 9, 3),        // 291
     feature("BMI2", 9, 8),        // 296
+    feature("ERMS", 9, 9),        // 297: speed: rep movsb/stosb copies (see below)
     feature("INVPCID", 9, 10),    // 298
     feature("RDSEED", 9, 18),     // 306
     feature("ADX", 9, 19),        // 307
@@ -60,17 +62,27 @@ const CLEARED: &[Feature] = &[
     feature("CLWB", 9, 24),       // 312
     feature("SHA_NI", 9, 29),     // 317
     feature("RDPID", 16, 22),     // 534
+    feature("FSRM", 18, 4),       // 580: speed: rep movsb memcpy (see below)
 ];
+// REP_GOOD, ERMS and FSRM are cleared for speed, not correctness: the host emulates a `rep`
+// string instruction one iteration at a time, so clearing a page with `rep stosb` costs 4096
+// emulated steps where Linux's unrolled fallback (`clear_page_orig`, `memcpy_orig`, ...) needs
+// a few hundred.
 
 /// Kernel parameters for a guest on a nested host: no XSAVE (`xsave`/`xrstor` and friends);
 /// `clearcpuid=` with RDTSCP, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, AES,
 /// RDRAND, ABM, FSGSBASE, BMI1, BMI2, INVPCID, RDSEED, ADX, SMAP, CLFLUSHOPT, CLWB, SHA_NI and
-/// RDPID; and no paravirtual features (their hypercalls never complete).
+/// RDPID (and, for speed, REP_GOOD, ERMS and FSRM); no paravirtual features (their hypercalls
+/// never complete); a TSC trusted without a clocksource watchdog, and no lockup watchdog (a
+/// guest whose kernel code is emulated looks locked up to it).
 pub fn nested_kernel_params() -> String {
     let numbers: Vec<String> = CLEARED.iter().map(|f| f.number().to_string()).collect();
     let names: Vec<&str> = CLEARED.iter().map(|f| f.name).collect();
     log::debug!("nested host: guest kernel clears {}", names.join(" "));
-    format!("noxsave clearcpuid={} nopv", numbers.join(","))
+    format!(
+        "noxsave clearcpuid={} nopv tsc=reliable nowatchdog",
+        numbers.join(",")
+    )
 }
 
 #[cfg(test)]
@@ -84,8 +96,8 @@ mod tests {
     fn exact_params() {
         assert_eq!(
             nested_kernel_params(),
-            "noxsave clearcpuid=59,129,137,140,141,147,148,150,151,153,158,197,288,291,296,298,\
-             306,307,308,311,312,317,534 nopv"
+            "noxsave clearcpuid=59,112,129,137,140,141,147,148,150,151,153,158,197,288,291,296,\
+             297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable nowatchdog"
         );
     }
 
