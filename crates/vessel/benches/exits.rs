@@ -11,10 +11,9 @@ mod tinyguest;
 use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
-use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::{Kvm, VcpuExit};
 use tinyguest::{elf, Guest, LOAD_ADDR};
-use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{create_guest_memory, GuestLayout};
 use vessel_vmm::{BootSource, NestedMode, SerialTarget, VmConfig};
 
@@ -60,56 +59,20 @@ fn bare_once(code: &[u8]) -> Duration {
     vm.create_irq_chip().unwrap();
     let layout = GuestLayout::new(64 << 20).unwrap();
     let mem = create_guest_memory(&layout).unwrap();
-    for (slot, r) in mem.iter().enumerate() {
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: 0,
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: r.as_ptr() as u64,
-        };
-        // SAFETY: the mapping is owned by `mem`, which outlives the VM in this function.
-        unsafe { vm.set_user_memory_region(region).unwrap() };
-    }
+    vessel_vmm::vm::register_memory(&vm, &mem).unwrap();
     mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
     let gdt = vessel_boot::write_gdt(&mem, vessel_boot::EntryMode::Long64).unwrap();
     let pml4 = vessel_boot::write_identity_page_tables(&mem).unwrap();
     let mut vcpu = vm.create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    let seg = |s: &vessel_boot::Segment| kvm_bindings::kvm_segment {
-        base: s.base,
-        limit: s.limit,
-        selector: s.selector,
-        type_: s.type_,
-        present: s.present as u8,
-        dpl: s.dpl,
-        db: s.db as u8,
-        s: s.s as u8,
-        l: s.l as u8,
-        g: s.g as u8,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    };
-    sregs.cs = seg(&gdt.code);
-    sregs.ds = seg(&gdt.data);
-    sregs.es = sregs.ds;
-    sregs.ss = sregs.ds;
-    sregs.tr = seg(&gdt.tss);
-    sregs.gdt.base = gdt.base;
-    sregs.gdt.limit = gdt.limit;
-    sregs.cr0 = 0x8000_0011;
-    sregs.cr3 = pml4;
-    sregs.cr4 = 0x20;
-    sregs.efer = 0x500;
-    vcpu.set_sregs(&sregs).unwrap();
-    let regs = kvm_bindings::kvm_regs {
+    let regs = vessel_boot::BootRegs {
         rip: LOAD_ADDR,
         rsp: 0x8ff0,
+        rsi: 0,
+        rbx: 0,
         rflags: 2,
-        ..Default::default()
+        mode: vessel_boot::EntryMode::Long64,
     };
-    vcpu.set_regs(&regs).unwrap();
+    vessel_vmm::cpu::set_boot_registers(&vcpu, &regs, &gdt, pml4).unwrap();
     let t = Instant::now();
     loop {
         match vcpu.run().unwrap() {

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_ioctls::VcpuFd;
-use vessel_kvm::emulate::{AccessError, GuestAccess};
+use vessel_kvm::emulate::{self, AccessError, GuestAccess};
 use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vessel_memory::GuestMemoryMmap;
 
@@ -100,16 +100,7 @@ impl GuestAccess for VcpuMemory<'_> {
                 }
             };
         }
-        let mut current = [0u8; 16];
-        let current = &mut current[..expected.len()];
-        self.read(gva, current)?;
-        if current == expected {
-            self.write(gva, new)?;
-            Ok(true)
-        } else {
-            expected.copy_from_slice(current);
-            Ok(false)
-        }
+        emulate::compare_exchange_by_copy(self, gva, expected, new)
     }
 
     fn tsc_aux(&mut self) -> u32 {

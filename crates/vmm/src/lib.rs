@@ -7,7 +7,7 @@
 //! (`vessel-kvm`): it puts them together and runs them.
 
 pub mod config;
-mod cpu;
+pub mod cpu;
 pub mod demo;
 mod devices;
 pub mod error;

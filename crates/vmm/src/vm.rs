@@ -184,7 +184,8 @@ pub fn compose_cmdline(config: &VmConfig, nested_params: Option<&str>) -> String
     s
 }
 
-fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+/// Give KVM every region of guest memory, one slot each.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,

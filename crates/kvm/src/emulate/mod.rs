@@ -59,16 +59,7 @@ pub trait GuestAccess {
         expected: &mut [u8],
         new: &[u8],
     ) -> Result<bool, AccessError> {
-        let mut current = [0u8; 16];
-        let current = &mut current[..expected.len()];
-        self.read(gva, current)?;
-        if current == expected {
-            self.write(gva, new)?;
-            Ok(true)
-        } else {
-            expected.copy_from_slice(current);
-            Ok(false)
-        }
+        compare_exchange_by_copy(self, gva, expected, new)
     }
 
     /// The vCPU's `IA32_TSC_AUX` (MSR 0xC000_0103), which `rdpid` returns; Linux keeps its CPU
@@ -76,6 +67,27 @@ pub trait GuestAccess {
     /// may execute `rdpid` should read the MSR.
     fn tsc_aux(&mut self) -> u32 {
         0
+    }
+}
+
+/// Compare-exchange as a read then a write (not atomic against other vCPUs): the default
+/// [`GuestAccess::compare_exchange`], and the fallback of implementations that are atomic only
+/// for some sizes. At most 16 bytes.
+pub fn compare_exchange_by_copy<A: GuestAccess + ?Sized>(
+    access: &mut A,
+    gva: u64,
+    expected: &mut [u8],
+    new: &[u8],
+) -> Result<bool, AccessError> {
+    let mut current = [0u8; 16];
+    let current = &mut current[..expected.len()];
+    access.read(gva, current)?;
+    if current == expected {
+        access.write(gva, new)?;
+        Ok(true)
+    } else {
+        expected.copy_from_slice(current);
+        Ok(false)
     }
 }
 
