@@ -30,4 +30,8 @@ if [ "$extended" = 1 ]; then target/release/vessel image build debian; fi
 step "tests"
 export VESSEL_E2E=1
 export VESSEL_E2E_DEBIAN="$extended"
-cargo test --workspace --release -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --release -- --test-threads=2 2>&1 | tee "$log"
+# One closing line for the whole run (cargo ends with the last crate's doc tests).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
