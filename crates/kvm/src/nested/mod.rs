@@ -74,13 +74,16 @@ const CLEARED: &[Feature] = &[
 /// RDRAND, ABM, FSGSBASE, BMI1, BMI2, INVPCID, RDSEED, ADX, SMAP, CLFLUSHOPT, CLWB, SHA_NI and
 /// RDPID (and, for speed, REP_GOOD, ERMS and FSRM); no paravirtual features (their hypercalls
 /// never complete); a TSC trusted without a clocksource watchdog, and no lockup watchdog (a
-/// guest whose kernel code is emulated looks locked up to it).
+/// guest whose kernel code is emulated looks locked up to it); and no boot-time rewrite of the
+/// trace events' enum names (`trace_eval_init`): distribution kernels with thousands of trace
+/// events spend many emulated minutes there while PID 1 waits on it (the formats then show
+/// enum names instead of numbers).
 pub fn nested_kernel_params() -> String {
     let numbers: Vec<String> = CLEARED.iter().map(|f| f.number().to_string()).collect();
     let names: Vec<&str> = CLEARED.iter().map(|f| f.name).collect();
     log::debug!("nested host: guest kernel clears {}", names.join(" "));
     format!(
-        "noxsave clearcpuid={} nopv tsc=reliable nowatchdog",
+        "noxsave clearcpuid={} nopv tsc=reliable nowatchdog initcall_blacklist=trace_eval_init",
         numbers.join(",")
     )
 }
@@ -97,7 +100,8 @@ mod tests {
         assert_eq!(
             nested_kernel_params(),
             "noxsave clearcpuid=59,112,129,137,140,141,147,148,150,151,153,158,197,288,291,296,\
-             297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable nowatchdog"
+             297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable nowatchdog \
+             initcall_blacklist=trace_eval_init"
         );
     }
 
