@@ -77,13 +77,16 @@ const CLEARED: &[Feature] = &[
 /// guest whose kernel code is emulated looks locked up to it); and no boot-time rewrite of the
 /// trace events' enum names (`trace_eval_init`): distribution kernels with thousands of trace
 /// events spend many emulated minutes there while PID 1 waits on it (the formats then show
-/// enum names instead of numbers).
+/// enum names instead of numbers); no crypto self-tests and no jitter-entropy RNG, whose
+/// boot-time timing loops run for minutes when every instruction is emulated (the DRBG then
+/// seeds from the kernel's CRNG alone).
 pub fn nested_kernel_params() -> String {
     let numbers: Vec<String> = CLEARED.iter().map(|f| f.number().to_string()).collect();
     let names: Vec<&str> = CLEARED.iter().map(|f| f.name).collect();
     log::debug!("nested host: guest kernel clears {}", names.join(" "));
     format!(
-        "noxsave clearcpuid={} nopv tsc=reliable nowatchdog initcall_blacklist=trace_eval_init",
+        "noxsave clearcpuid={} nopv tsc=reliable nowatchdog cryptomgr.notests \
+         initcall_blacklist=trace_eval_init,jent_mod_init",
         numbers.join(",")
     )
 }
@@ -101,7 +104,7 @@ mod tests {
             nested_kernel_params(),
             "noxsave clearcpuid=59,112,129,137,140,141,147,148,150,151,153,158,197,288,291,296,\
              297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable nowatchdog \
-             initcall_blacklist=trace_eval_init"
+             cryptomgr.notests initcall_blacklist=trace_eval_init,jent_mod_init"
         );
     }
 
