@@ -72,27 +72,42 @@ fn start_times() {
     );
 }
 
-/// Rss (KiB) of the whole process and of its largest mapping (guest RAM), from smaps.
-fn rss(pid: u32) -> (u64, u64) {
+/// KiB from smaps: (Rss of the process, Rss of its largest mapping (guest RAM), private dirty
+/// of the process outside that mapping).
+fn rss(pid: u32) -> (u64, u64, u64) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
-    let (mut total, mut guest, mut size) = (0u64, 0u64, 0u64);
+    let (mut total, mut guest, mut size, mut dirty, mut guest_dirty) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     let mut cur_size = 0u64;
+    let mut cur_is_guest = false;
     for l in smaps.lines() {
         let mut f = l.split_whitespace();
         match f.next() {
-            Some("Size:") => cur_size = f.next().unwrap().parse().unwrap(),
+            Some("Size:") => {
+                cur_size = f.next().unwrap().parse().unwrap();
+                cur_is_guest = cur_size > size;
+                if cur_is_guest {
+                    size = cur_size;
+                }
+            }
             Some("Rss:") => {
                 let r: u64 = f.next().unwrap().parse().unwrap();
                 total += r;
-                if cur_size > size {
-                    size = cur_size;
+                if cur_is_guest {
                     guest = r;
+                }
+            }
+            Some("Private_Dirty:") => {
+                let d: u64 = f.next().unwrap().parse().unwrap();
+                dirty += d;
+                if cur_is_guest {
+                    guest_dirty = d;
                 }
             }
             _ => {}
         }
     }
-    (total, guest)
+    (total, guest, dirty - guest_dirty)
 }
 
 fn footprint() {
@@ -116,11 +131,11 @@ fn footprint() {
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    let (total, guest) = rss(child.id());
+    let (total, guest, private_dirty) = rss(child.id());
     let _ = child.kill();
     let _ = child.wait();
     println!(
-        "memory: 1 vCPU / 128 MiB guest: RSS {total} KiB, guest pages touched {guest} KiB, VMM overhead {} KiB ({:.2} MiB)",
+        "memory: 1 vCPU / 128 MiB guest: RSS {total} KiB, guest pages touched {guest} KiB, VMM overhead {} KiB ({:.2} MiB), of which private dirty {private_dirty} KiB",
         total - guest,
         (total - guest) as f64 / 1024.0
     );
