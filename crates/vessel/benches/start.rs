@@ -78,13 +78,12 @@ fn rss(pid: u32) -> (u64, u64, u64) {
     let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap();
     let (mut total, mut guest, mut size, mut dirty, mut guest_dirty) =
         (0u64, 0u64, 0u64, 0u64, 0u64);
-    let mut cur_size = 0u64;
     let mut cur_is_guest = false;
     for l in smaps.lines() {
         let mut f = l.split_whitespace();
         match f.next() {
             Some("Size:") => {
-                cur_size = f.next().unwrap().parse().unwrap();
+                let cur_size: u64 = f.next().unwrap().parse().unwrap();
                 cur_is_guest = cur_size > size;
                 if cur_is_guest {
                     size = cur_size;
