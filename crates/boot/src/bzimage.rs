@@ -277,10 +277,7 @@ mod tests {
     use std::io::Cursor;
     use vessel_memory::vm_memory::Bytes;
 
-    fn load(image: Vec<u8>, mem_size: u64) -> Result<LoadedKernel, BootError> {
-        let (mem, layout) = testutil::guest(mem_size);
-        load_kernel_image(&mem, &layout, &mut Cursor::new(image))
-    }
+    use crate::testutil::load;
 
     #[test]
     fn crafted_bzimage_loads_at_one_mib() {

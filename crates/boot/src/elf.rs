@@ -248,10 +248,7 @@ mod tests {
     use crate::testutil::{self, ElfBuilder, MIB};
     use std::io::Cursor;
 
-    fn load(image: Vec<u8>, mem_size: u64) -> Result<LoadedKernel, BootError> {
-        let (mem, layout) = testutil::guest(mem_size);
-        load_kernel_image(&mem, &layout, &mut Cursor::new(image))
-    }
+    use crate::testutil::load;
 
     #[test]
     fn elf_without_pvh_note_uses_the_64_bit_entry() {

@@ -9,6 +9,12 @@ use vessel_memory::{create_guest_memory, GuestLayout, GuestMemoryMmap};
 pub const MIB: u64 = 1 << 20;
 
 /// A guest of `size` bytes: its memory and layout.
+/// Load `image` as a kernel into a fresh guest of `mem_size` bytes.
+pub fn load(image: Vec<u8>, mem_size: u64) -> Result<crate::LoadedKernel, crate::BootError> {
+    let (mem, layout) = guest(mem_size);
+    crate::loader::load_kernel_image(&mem, &layout, &mut std::io::Cursor::new(image))
+}
+
 pub fn guest(size: u64) -> (GuestMemoryMmap, GuestLayout) {
     let layout = GuestLayout::new(size).unwrap();
     (create_guest_memory(&layout).unwrap(), layout)
