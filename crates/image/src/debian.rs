@@ -12,7 +12,7 @@ use crate::cache::{
 use crate::deb::{self, Apt};
 use crate::error::IoContext;
 use crate::init::{build_initramfs, InitramfsModule, INIT_SCRIPT};
-use crate::modules::{read_module, resolve, ModuleIndex};
+use crate::modules::{read_module, resolve, strip_signature, ModuleIndex};
 use crate::tools::{check_needs, APT_TOOLS};
 use crate::{ImageError, ImagePaths};
 
@@ -49,6 +49,9 @@ fn recipe() -> Vec<(&'static str, String)> {
             "modules.wanted",
             content_hash(WANTED_MODULES.join(",").as_bytes()),
         ),
+        // Modules go into the initramfs without their signatures (see
+        // `modules::strip_signature`).
+        ("modules.signatures", "stripped".to_string()),
     ]
 }
 
@@ -152,15 +155,19 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
         ));
     }
     let mut modules = Vec::with_capacity(res.order.len());
+    let mut stripped = 0;
     for m in &res.order {
+        let mut data = read_module(&modules_root.join(&m.path))?;
+        stripped += usize::from(strip_signature(&mut data));
         modules.push(InitramfsModule {
             name: m.name.clone(),
-            data: read_module(&modules_root.join(&m.path))?,
+            data,
         });
     }
     let names: Vec<&str> = res.order.iter().map(|m| m.name.as_str()).collect();
     apt.log(&format!(
-        "debian: {} modules: {}",
+        "debian: {} modules ({stripped} signatures stripped: the kernel would hash and \
+         RSA-verify each at load, which takes minutes where guest kernel code is emulated): {}",
         names.len(),
         names.join(" ")
     ));

@@ -266,6 +266,41 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
     }
 }
 
+/// The marker the kernel's `sign-file` appends after a module signature.
+const SIG_MARKER: &[u8] = b"~Module signature appended~\n";
+/// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len,
+/// 3 bytes of padding, then the signature length (big-endian u32).
+const SIG_INFO_LEN: usize = 12;
+
+/// Removes the appended signature from a module image, returning the bytes
+/// of the unsigned module and whether a signature was removed.
+///
+/// Debian signs its modules, and a kernel with `CONFIG_MODULE_SIG` hashes
+/// and RSA-verifies every signed module it loads, even when it does not
+/// enforce signatures: millions of instructions per module, which on hosts
+/// whose KVM emulates guest kernel code (~1 µs an instruction) adds minutes
+/// to a boot. An unsigned module loads the same; the kernel only marks
+/// itself tainted ("module verification failed"). A malformed trailer is
+/// left alone so the kernel reports it as it would.
+pub fn strip_signature(module: &mut Vec<u8>) -> bool {
+    let Some(body_end) = module.len().checked_sub(SIG_MARKER.len()) else {
+        return false;
+    };
+    if &module[body_end..] != SIG_MARKER || body_end < SIG_INFO_LEN {
+        return false;
+    }
+    let info = &module[body_end - SIG_INFO_LEN..body_end];
+    let sig_len = u32::from_be_bytes([info[8], info[9], info[10], info[11]]) as usize;
+    let signed_end = body_end - SIG_INFO_LEN;
+    // The signer and key-id fields are zero for PKCS#7 signatures (id_type 2);
+    // only that layout is understood here.
+    if info[2] != 2 || info[3] != 0 || info[4] != 0 || sig_len > signed_end {
+        return false;
+    }
+    module.truncate(signed_end - sig_len);
+    true
+}
+
 fn le_u16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }
@@ -413,6 +448,47 @@ kernel/a.ko: kernel/b.ko
 kernel/b.ko: kernel/a.ko
 kernel/needs_ghost.ko: kernel/ghost.ko
 ";
+
+    fn signed(body: &[u8], sig: &[u8]) -> Vec<u8> {
+        let mut m = body.to_vec();
+        m.extend_from_slice(sig);
+        m.extend_from_slice(&[0, 0, 2, 0, 0, 0, 0, 0]);
+        m.extend_from_slice(&(sig.len() as u32).to_be_bytes());
+        m.extend_from_slice(SIG_MARKER);
+        m
+    }
+
+    #[test]
+    fn strips_pkcs7_signature() {
+        let body = b"\x7fELF module body";
+        let mut m = signed(body, &[0x30; 700]);
+        assert!(strip_signature(&mut m));
+        assert_eq!(m, body);
+        // Already unsigned: unchanged.
+        assert!(!strip_signature(&mut m));
+        assert_eq!(m, body);
+    }
+
+    #[test]
+    fn leaves_malformed_signature_trailers_alone() {
+        // Signature length larger than the file.
+        let mut m = signed(b"tiny", &[1; 4]);
+        let len_at = m.len() - SIG_MARKER.len() - 4;
+        m[len_at..len_at + 4].copy_from_slice(&1_000_000u32.to_be_bytes());
+        let before = m.clone();
+        assert!(!strip_signature(&mut m));
+        assert_eq!(m, before);
+        // Not a PKCS#7 id type.
+        let mut m = signed(b"body", &[1; 4]);
+        let id_at = m.len() - SIG_MARKER.len() - SIG_INFO_LEN + 2;
+        m[id_at] = 1;
+        let before = m.clone();
+        assert!(!strip_signature(&mut m));
+        assert_eq!(m, before);
+        // Just the marker, no room for the header.
+        let mut m = SIG_MARKER.to_vec();
+        assert!(!strip_signature(&mut m));
+    }
 
     #[test]
     fn module_names() {

@@ -1,0 +1,10 @@
+//! Virtio devices for Vessel, each a [`vessel_virtio::VirtioDevice`] with its own worker
+//! thread: block (raw files), net (TAP), vsock (Unix-socket host side), rng (`getrandom`),
+//! balloon, console. Transports and the shared device core are in `vessel-virtio`.
+
+pub mod balloon;
+pub mod block;
+pub mod console;
+pub mod net;
+pub mod rng;
+pub mod vsock;

@@ -1,0 +1,27 @@
+//! Virtio for Vessel: the device model every transport shares, and the transports.
+//!
+//! - [`device`]: the [`VirtioDevice`] trait a device implements once (what it offers, its
+//!   configuration space, activation with the driver's queues, reset) and the
+//!   [`VirtioInterrupt`] trait a transport implements to interrupt the driver;
+//! - [`common`]: [`VirtioCommon`], the transport-independent registers: feature negotiation,
+//!   the status state machine, queue configuration, activation and reset;
+//! - [`mmio`]: the virtio-mmio transport (register decoding only);
+//! - [`pci`]: the virtio-pci transport (capabilities, common config, notify, ISR, MSI-X);
+//! - [`worker`]: the epoll worker thread and queue-draining loop every device uses.
+//!
+//! Devices themselves live in `vessel-virtio-devices`; PCI config space and MSI-X in
+//! `vessel-pci`. Nothing here talks to KVM: the VMM registers the queue kick events as
+//! ioeventfds and interrupt events as irqfds.
+
+pub mod common;
+pub mod device;
+pub mod mmio;
+pub mod pci;
+pub mod worker;
+
+pub use common::VirtioCommon;
+pub use device::{
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
+    DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
+};
+pub use mmio::MmioTransport;
