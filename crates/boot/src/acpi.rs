@@ -1,11 +1,16 @@
-//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT and a DSDT describing the legacy
-//! devices Vessel emulates. Built with `acpi_tables`, placed from [`addr::RSDP_START`] up in
+//! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, MCFG (when there is a PCI bus) and
+//! a DSDT describing the legacy devices Vessel emulates, the virtio-mmio devices and the PCI
+//! host bridge. Built with `acpi_tables`, placed from [`addr::RSDP_START`] up in
 //! the BIOS area (0xe0000..1 MiB, e820-reserved), where Linux also scans for the RSDP.
 
-use acpi_tables::aml::{self, Device, EISAName, Interrupt, Name, Package, ResourceTemplate, IO};
+use acpi_tables::aml::{
+    self, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
+    ResourceTemplate, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -59,6 +64,17 @@ pub(crate) fn check_cpus(num_cpus: u8) -> Result<(), BootError> {
     Ok(())
 }
 
+/// AML already encoded, placed as is inside a scope.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn acpi_tables::AmlSink) {
+        for b in &self.0 {
+            sink.byte(*b);
+        }
+    }
+}
+
 /// The AML bytes of `t`.
 fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     let mut v = Vec::new();
@@ -66,9 +82,32 @@ fn bytes_of(t: &dyn Aml) -> Vec<u8> {
     v
 }
 
-/// Write the ACPI tables for `num_cpus` vCPUs; returns the RSDP's address
+/// A virtio-mmio device as the DSDT describes it (`LNRO0005`, the id Linux's virtio_mmio
+/// driver matches).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MmioDeviceInfo {
+    pub base: u64,
+    pub len: u64,
+    /// IO-APIC pin (edge-triggered, active high).
+    pub irq: u32,
+}
+
+/// The devices beyond the fixed legacy set that the tables describe.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlatformDevices {
+    pub virtio_mmio: Vec<MmioDeviceInfo>,
+    /// A PCI host bridge on segment 0, bus 0: configuration through ports 0xcf8/0xcfc and ECAM
+    /// at [`addr::PCI_ECAM_START`] (MCFG), BARs in [`addr::PCI_MMIO32_START`]..
+    pub pci: bool,
+}
+
+/// Write the ACPI tables for `num_cpus` vCPUs and `devices`; returns the RSDP's address
 /// ([`addr::RSDP_START`]) for the zero page or PVH start info.
-pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<u64, BootError> {
+pub fn create_acpi_tables(
+    mem: &GuestMemoryMmap,
+    num_cpus: u8,
+    devices: &PlatformDevices,
+) -> Result<u64, BootError> {
     check_cpus(num_cpus)?;
     let mut next = addr::RSDP_START + Rsdp::len() as u64;
     let mut place = |len: usize| {
@@ -77,15 +116,20 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<u64, Bo
         at
     };
 
-    let dsdt = dsdt();
+    let dsdt = dsdt(devices);
     let dsdt_addr = place(dsdt.len());
     let fadt = fadt(dsdt_addr);
     let fadt_addr = place(fadt.len());
     let madt = madt(num_cpus);
     let madt_addr = place(madt.len());
+    let mcfg = devices.pci.then(mcfg);
+    let mcfg_addr = mcfg.as_ref().map(|t| place(t.len()));
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    if let Some(at) = mcfg_addr {
+        xsdt.add_entry(at);
+    }
     let xsdt = bytes_of(&xsdt);
     let xsdt_addr = place(xsdt.len());
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
@@ -107,6 +151,10 @@ pub fn create_acpi_tables(mem: &GuestMemoryMmap, num_cpus: u8) -> Result<u64, Bo
     ] {
         mem.write_slice(bytes, GuestAddress(at))
             .map_err(BootError::write(what, at))?;
+    }
+    if let (Some(t), Some(at)) = (&mcfg, mcfg_addr) {
+        mem.write_slice(t, GuestAddress(at))
+            .map_err(BootError::write("MCFG", at))?;
     }
     log::debug!(
         "ACPI tables for {num_cpus} vCPUs at {:#x}..{end:#x}",
@@ -202,9 +250,72 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     t.as_slice().to_vec()
 }
 
+/// MCFG: ECAM for segment 0, bus 0.
+fn mcfg() -> Vec<u8> {
+    let mut t = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    t.add_ecam(addr::PCI_ECAM_START, 0, 0, 0);
+    bytes_of(&t)
+}
+
+/// The PCI host bridge (`PNP0A08`, compatible with `PNP0A03`) on bus 0 with its windows, and a
+/// motherboard-resource device reserving the ECAM range (Linux checks it before using MCFG).
+fn pci_devices(out: &mut Vec<u8>) {
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
+    let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
+    let adr = Name::new("_ADR".into(), &0u8);
+    let seg = Name::new("_SEG".into(), &0u8);
+    let uid = Name::new("_UID".into(), &0u8);
+    let bbn = Name::new("_BBN".into(), &0u8);
+    let buses = aml::AddressSpace::new_bus_number(0u16, 0u16);
+    let cfg_io = IO::new(
+        ports::PCI_CONFIG_ADDRESS,
+        ports::PCI_CONFIG_ADDRESS,
+        1,
+        ports::PCI_CONFIG_LEN as u8,
+    );
+    let io_low = aml::AddressSpace::new_io(0u16, ports::PCI_CONFIG_ADDRESS - 1, None);
+    let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let mem32 = aml::AddressSpace::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        addr::PCI_MMIO32_START as u32,
+        (addr::PCI_MMIO32_END - 1) as u32,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &mem32]);
+    let crs = Name::new("_CRS".into(), &crs);
+    Device::new(
+        "PCI0".into(),
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+    )
+    .to_aml_bytes(out);
+
+    let hid = Name::new("_HID".into(), &EISAName::new("PNP0C02"));
+    let uid = Name::new("_UID".into(), &1u8);
+    let ecam = Memory32Fixed::new(
+        false,
+        addr::PCI_ECAM_START as u32,
+        addr::PCI_ECAM_SIZE as u32,
+    );
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&ecam]));
+    Device::new("MRES".into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
+}
+
+/// One `LNRO0005` device per virtio-mmio window.
+fn virtio_mmio_devices(devices: &[MmioDeviceInfo], out: &mut Vec<u8>) {
+    for (i, d) in devices.iter().enumerate() {
+        let hid = Name::new("_HID".into(), &"LNRO0005");
+        let uid = Name::new("_UID".into(), &(i as u32));
+        let regs = Memory32Fixed::new(true, d.base as u32, d.len as u32);
+        let irq = Interrupt::new(true, true, false, false, d.irq);
+        let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&regs, &irq]));
+        Device::new(format!("VR{i:02X}").as_str().into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
+    }
+}
+
 /// The DSDT: `\_S5_` (soft off) and, in `\_SB_`, COM1, the i8042 and the CMOS RTC with
-/// their I/O ports and IRQs.
-fn dsdt() -> Vec<u8> {
+/// their I/O ports and IRQs, the virtio-mmio devices and the PCI host bridge.
+fn dsdt(devices: &PlatformDevices) -> Vec<u8> {
     let mut body = bytes_of(&Name::new(
         "_S5_".into(),
         &Package::new(vec![&ports::SLEEP_TYPE_S5, &0u8, &0u8, &0u8]),
@@ -237,7 +348,13 @@ fn dsdt() -> Vec<u8> {
     let rtc_crs = Name::new("_CRS".into(), &rtc_crs);
     let rtc = Device::new("RTC_".into(), vec![&rtc_hid, &rtc_crs]);
 
-    aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc]).to_aml_bytes(&mut body);
+    let mut extra = Vec::new();
+    virtio_mmio_devices(&devices.virtio_mmio, &mut extra);
+    if devices.pci {
+        pci_devices(&mut extra);
+    }
+    let extra = RawAml(extra);
+    aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc, &extra]).to_aml_bytes(&mut body);
 
     let mut t = Sdt::new(
         *b"DSDT",
@@ -324,7 +441,7 @@ mod tests {
     #[test]
     fn tables_chain_and_checksum() {
         let (mem, _) = testutil::guest(64 * MIB);
-        let rsdp = create_acpi_tables(&mem, 4).unwrap();
+        let rsdp = create_acpi_tables(&mem, 4, &PlatformDevices::default()).unwrap();
         assert_eq!(rsdp, addr::RSDP_START);
         let all = tables(&mem, rsdp);
         let sigs: Vec<&[u8; 4]> = all.iter().map(|(s, _, _)| s).collect();
@@ -346,7 +463,10 @@ mod tests {
     #[test]
     fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
         let (mem, _) = testutil::guest(64 * MIB);
-        let all = tables(&mem, create_acpi_tables(&mem, 1).unwrap());
+        let all = tables(
+            &mem,
+            create_acpi_tables(&mem, 1, &PlatformDevices::default()).unwrap(),
+        );
         let f = find(&all, b"FACP");
         assert_eq!(f.len(), 276);
         assert_eq!(f[8], 6, "major revision");
@@ -382,7 +502,10 @@ mod tests {
     fn madt_lists_every_vcpu_and_the_pc_overrides() {
         for n in [1u8, 2, 7, 255] {
             let (mem, _) = testutil::guest(64 * MIB);
-            let all = tables(&mem, create_acpi_tables(&mem, n).unwrap());
+            let all = tables(
+                &mem,
+                create_acpi_tables(&mem, n, &PlatformDevices::default()).unwrap(),
+            );
             let m = find(&all, b"APIC");
             assert_eq!(u32_at(m, 36) as u64, addr::LAPIC_START);
             assert_eq!(u32_at(m, 40) & 1, 1, "PCAT_COMPAT");
@@ -419,7 +542,10 @@ mod tests {
     #[test]
     fn dsdt_describes_s5_and_the_legacy_devices() {
         let (mem, _) = testutil::guest(64 * MIB);
-        let all = tables(&mem, create_acpi_tables(&mem, 1).unwrap());
+        let all = tables(
+            &mem,
+            create_acpi_tables(&mem, 1, &PlatformDevices::default()).unwrap(),
+        );
         let d = find(&all, b"DSDT");
         assert_eq!(d[8], 2, "revision 2 (64-bit integers)");
         // Name(_S5_, Package(4) {5, 0, 0, 0})
@@ -457,9 +583,66 @@ mod tests {
     }
 
     #[test]
+    fn virtio_mmio_devices_and_the_pci_host_bridge() {
+        let (mem, _) = testutil::guest(64 * MIB);
+        let devices = PlatformDevices {
+            virtio_mmio: vec![
+                MmioDeviceInfo {
+                    base: 0xd000_0000,
+                    len: 0x1000,
+                    irq: 5,
+                },
+                MmioDeviceInfo {
+                    base: 0xd000_1000,
+                    len: 0x1000,
+                    irq: 6,
+                },
+            ],
+            pci: true,
+        };
+        let all = tables(&mem, create_acpi_tables(&mem, 2, &devices).unwrap());
+        let d = find(&all, b"DSDT");
+        assert_eq!(d.windows(8).filter(|w| w == b"LNRO0005").count(), 2);
+        for (i, dev) in devices.virtio_mmio.iter().enumerate() {
+            // Memory32Fixed: read-write, base, length.
+            let mut m = vec![0x86, 9, 0, 1];
+            m.extend_from_slice(&(dev.base as u32).to_le_bytes());
+            m.extend_from_slice(&(dev.len as u32).to_le_bytes());
+            assert!(contains(d, &m), "window of device {i}");
+            let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+            irq.extend_from_slice(&dev.irq.to_le_bytes());
+            assert!(contains(d, &irq), "IRQ of device {i}");
+        }
+        let mut hid = b"_HID\x0c".to_vec();
+        hid.extend_from_slice(&eisa("PNP0A08"));
+        assert!(contains(d, &hid), "PCI host bridge");
+        // The ECAM range is reserved as a motherboard resource.
+        let mut ecam = vec![0x86, 9, 0, 0];
+        ecam.extend_from_slice(&(addr::PCI_ECAM_START as u32).to_le_bytes());
+        ecam.extend_from_slice(&(addr::PCI_ECAM_SIZE as u32).to_le_bytes());
+        assert!(contains(d, &ecam));
+
+        let m = find(&all, b"MCFG");
+        assert_eq!(sum(m), 0, "MCFG checksum");
+        // One allocation: base (u64), segment (u16), start bus, end bus.
+        assert_eq!(m.len(), 44 + 16);
+        assert_eq!(u64_at(m, 44), addr::PCI_ECAM_START);
+        assert_eq!(&m[52..56], &[0, 0, 0, 0]);
+
+        // Without PCI: no MCFG, no host bridge.
+        let (mem, _) = testutil::guest(64 * MIB);
+        let all = tables(
+            &mem,
+            create_acpi_tables(&mem, 1, &PlatformDevices::default()).unwrap(),
+        );
+        assert!(!all.iter().any(|(s, _, _)| s == b"MCFG"));
+        assert!(!contains(find(&all, b"DSDT"), &hid));
+    }
+
+    #[test]
     fn zero_cpus_is_refused() {
         let (mem, _) = testutil::guest(64 * MIB);
-        let err = create_acpi_tables(&mem, 0).unwrap_err();
+        let err = create_acpi_tables(&mem, 0, &PlatformDevices::default()).unwrap_err();
         assert!(matches!(err, BootError::BadCpuCount(0)), "{err}");
     }
 }

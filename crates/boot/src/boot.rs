@@ -285,8 +285,11 @@ mod tests {
         let (mem, layout, _, initrd, _) = boot(BzImageBuilder::new().build(), 4 * 1024 * MIB);
         check_zero_page(&mem, &layout, initrd);
         let p: boot_params = mem.read_obj(GuestAddress(addr::ZERO_PAGE_START)).unwrap();
-        assert_eq!(p.e820_entries, 4);
-        assert_eq!({ p.e820_table[3].addr }, 4 << 30);
+        assert_eq!(
+            p.e820_entries, 5,
+            "RAM, EBDA hole, RAM, ECAM, RAM above 4 GiB"
+        );
+        assert_eq!({ p.e820_table[4].addr }, 4 << 30);
         // The initrd stays below the MMIO gap.
         assert!(initrd.0 + initrd.1 <= 3 << 30);
     }

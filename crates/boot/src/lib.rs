@@ -32,7 +32,7 @@ mod zeropage;
 #[cfg(test)]
 mod testutil;
 
-pub use acpi::{create_acpi_tables, IOAPIC_ID, OEM_ID};
+pub use acpi::{create_acpi_tables, MmioDeviceInfo, PlatformDevices, IOAPIC_ID, OEM_ID};
 pub use boot::{configure_boot, BootConfig, BootRegs, BOOT_RFLAGS};
 pub use cpu_tables::{
     boot_segments, write_gdt, write_identity_page_tables, Gdt, Segment, CODE_SELECTOR,

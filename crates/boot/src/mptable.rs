@@ -246,7 +246,7 @@ mod tests {
     }
 
     fn create_acpi_tables_and_check(mem: &GuestMemoryMmap) {
-        let rsdp = crate::create_acpi_tables(mem, 255).unwrap();
+        let rsdp = crate::create_acpi_tables(mem, 255, &Default::default()).unwrap();
         assert_eq!(sum(&read_bytes(mem, rsdp, 36)), 0);
     }
 

@@ -54,6 +54,18 @@ pub mod addr {
     /// Range in the MMIO gap handed out to devices (below the IO-APIC).
     pub const DEVICE_MMIO_START: u64 = 0xd000_0000;
     pub const DEVICE_MMIO_END: u64 = 0xfec0_0000;
+    /// virtio-mmio register windows, [`VIRTIO_MMIO_WINDOW`] each, at the start of the device range.
+    pub const VIRTIO_MMIO_START: u64 = DEVICE_MMIO_START;
+    pub const VIRTIO_MMIO_WINDOW: u64 = 0x1000;
+    /// Room for this many virtio-mmio devices.
+    pub const VIRTIO_MMIO_MAX_DEVICES: u64 = 256;
+    /// The 32-bit window PCI BARs are assigned from (described in the host bridge's `_CRS`).
+    pub const PCI_MMIO32_START: u64 =
+        VIRTIO_MMIO_START + VIRTIO_MMIO_WINDOW * VIRTIO_MMIO_MAX_DEVICES;
+    pub const PCI_MMIO32_END: u64 = PCI_ECAM_START;
+    /// PCI configuration space through ECAM (the MCFG table), bus 0 only: 1 MiB.
+    pub const PCI_ECAM_START: u64 = 0xe000_0000;
+    pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
 }
 
 /// The platform's I/O ports and legacy interrupt lines (the port-space half of the map).
@@ -84,6 +96,16 @@ pub mod ports {
     pub const SLEEP_TYPE_S5: u8 = 5;
     /// ACPI SCI interrupt line (FADT `SCI_INT`).
     pub const ACPI_SCI_IRQ: u32 = 9;
+    /// PCI configuration mechanism #1: address register 0xcf8, data 0xcfc..0xcff.
+    pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+    pub const PCI_CONFIG_LEN: u64 = 8;
+    /// IO-APIC pins free for virtio-mmio devices, in the order they are handed out (the
+    /// legacy devices keep 1, 4 and 8; 9 is the SCI; 0 and 2 belong to the timer and cascade).
+    pub const VIRTIO_MMIO_IRQS: [u32; 18] = [
+        5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 3,
+    ];
+    /// GSIs from here on are MSI routes (above the 24 IO-APIC pins).
+    pub const MSI_GSI_START: u32 = 24;
 }
 
 /// Smallest guest Vessel accepts: room for the boot structures and a small kernel.
@@ -199,6 +221,12 @@ impl GuestLayout {
                 size: self.low_ram_end() - addr::HIMEM_START,
                 kind: E820Kind::Ram,
             },
+            // Linux only uses an MCFG (ECAM) region that the firmware reserved.
+            E820Entry {
+                addr: addr::PCI_ECAM_START,
+                size: addr::PCI_ECAM_SIZE,
+                kind: E820Kind::Reserved,
+            },
         ];
         if self.high_ram_size() > 0 {
             map.push(E820Entry {
@@ -277,7 +305,7 @@ mod tests {
             vec![(GuestAddress(0), (128 * MIB) as usize)]
         );
         let e = l.e820();
-        assert_eq!(e.len(), 3);
+        assert_eq!(e.len(), 4, "RAM, EBDA hole, RAM, ECAM");
         assert_eq!(
             e[0],
             E820Entry {
@@ -308,13 +336,16 @@ mod tests {
         let e = l.e820();
         assert_eq!(e.last().unwrap().addr, 4 * GIB);
         assert_eq!(e.last().unwrap().end(), 6 * GIB);
-        // Sorted and non-overlapping; nothing in the gap.
+        // Sorted and non-overlapping; no RAM in the gap, the ECAM window reserved.
         for w in e.windows(2) {
             assert!(w[0].end() <= w[1].addr);
         }
-        assert!(!e
-            .iter()
-            .any(|x| x.addr < addr::MMIO_GAP_END && x.end() > addr::MMIO_GAP_START));
+        assert!(!e.iter().any(|x| x.kind == E820Kind::Ram
+            && x.addr < addr::MMIO_GAP_END
+            && x.end() > addr::MMIO_GAP_START));
+        assert!(e.iter().any(|x| x.kind == E820Kind::Reserved
+            && x.addr == addr::PCI_ECAM_START
+            && x.size == addr::PCI_ECAM_SIZE));
         assert!(!l.is_ram(addr::MMIO_GAP_START, 1));
         assert!(l.is_ram(4 * GIB, 2 * GIB));
         assert!(!l.is_ram(4 * GIB, 2 * GIB + 1));
@@ -324,7 +355,7 @@ mod tests {
     fn exactly_three_gib_has_no_high_region() {
         let l = GuestLayout::new(3 * GIB).unwrap();
         assert_eq!(l.ram_regions().len(), 1);
-        assert_eq!(l.e820().len(), 3);
+        assert_eq!(l.e820().len(), 4);
     }
 
     #[test]

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use vessel_image::ImageName;
+use vessel_vmm::device_config::{
+    parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
+};
 use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
 
 mod logger;
@@ -79,6 +82,22 @@ struct RunArgs {
     /// The kernel's System.map, to name functions in the profile.
     #[arg(long)]
     system_map: Option<PathBuf>,
+    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio].
+    #[arg(long, value_name = "OPTIONS")]
+    disk: Vec<DiskConfig>,
+    /// A virtio-net device on a TAP (repeatable): tap=NAME[,mac=MAC][,queues=N][,transport=...].
+    #[arg(long, value_name = "OPTIONS")]
+    net: Vec<NetConfig>,
+    /// A virtio-vsock device: cid=N,uds=PATH[,transport=...]. The host connects to PATH and
+    /// writes "CONNECT <port>"; guest connections to port P reach PATH_P.
+    #[arg(long, value_name = "OPTIONS")]
+    vsock: Option<VsockConfig>,
+    /// A virtio-rng device fed by the host's getrandom: [transport=pci|mmio].
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = parse_rng)]
+    rng: Option<Transport>,
+    /// A virtio-balloon device: [size=MIB][,stats=on][,deflate_on_oom=on][,transport=...].
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
+    balloon: Option<BalloonConfig>,
 }
 
 /// Default guest memory. The demo guest needs almost none, and KVM's cost of registering
@@ -128,6 +147,13 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         serial: args.serial,
         nested: args.nested,
         profile_ms: args.profile,
+        devices: DeviceConfigs {
+            disks: args.disk,
+            nets: args.net,
+            vsock: args.vsock,
+            rng: args.rng,
+            balloon: args.balloon,
+        },
     };
     let outcome = vessel_vmm::run(&config).map_err(|e| e.to_string())?;
     if args.stats || args.profile.is_some() {

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub use crate::device_config::DeviceConfigs;
+
 /// What the VM boots.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BootSource {
@@ -82,6 +84,8 @@ pub struct VmConfig {
     pub nested: NestedMode,
     /// Sample guest RIP this often (ms) and print a symbolized profile at exit.
     pub profile_ms: Option<u64>,
+    /// Virtio devices.
+    pub devices: DeviceConfigs,
 }
 
 impl Default for VmConfig {
@@ -95,6 +99,7 @@ impl Default for VmConfig {
             serial: SerialTarget::Stdio,
             nested: NestedMode::Auto,
             profile_ms: None,
+            devices: DeviceConfigs::default(),
         }
     }
 }

@@ -1,4 +1,4 @@
-//! The device manager for the legacy PC platform: builds the port-I/O and MMIO buses, places
+//! The device manager for the legacy PC platform: builds the port-I/O bus, places
 //! every device at its port from `vessel_memory::ports`, and wires interrupts as irqfds.
 
 use std::fs::OpenOptions;
@@ -20,7 +20,6 @@ use crate::terminal;
 
 pub struct LegacyDevices {
     pub io_bus: Arc<Bus>,
-    pub mmio_bus: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     stdio: bool,
 }
@@ -82,7 +81,6 @@ impl LegacyDevices {
         insert(&mut io, Arc::new(Mutex::new(DebugPort::default())), 0x80, 1)?;
         Ok(LegacyDevices {
             io_bus: Arc::new(io),
-            mmio_bus: Arc::new(Bus::new()),
             serial,
             stdio: matches!(target, SerialTarget::Stdio),
         })

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod cpu;
 pub mod demo;
+pub mod device_config;
 mod devices;
 pub mod error;
 mod guest_access;
@@ -16,6 +17,8 @@ pub mod nested;
 pub mod profile;
 mod terminal;
 mod vcpu;
+mod virtio;
+mod virtio_devices;
 pub mod vm;
 
 pub use config::{BootSource, NestedMode, SerialTarget, VmConfig, DEFAULT_CMDLINE};

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vessel_boot::{BootConfig, BootRegs, EntryMode};
-use vessel_devices::{ExitSignal, VmExitReason};
+use vessel_devices::{Bus, ExitSignal, VmExitReason};
 use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vessel_memory::{addr, create_guest_memory, GuestLayout, GuestMemoryMmap};
 
@@ -209,6 +209,7 @@ fn load_guest(
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     nested_params: Option<&str>,
+    platform: &vessel_boot::PlatformDevices,
 ) -> Result<(BootRegs, Option<String>), VmmError> {
     match &config.boot {
         BootSource::Demo => {
@@ -238,7 +239,7 @@ fn load_guest(
                 )?),
                 None => None,
             };
-            let rsdp = vessel_boot::create_acpi_tables(mem, num_cpus)?;
+            let rsdp = vessel_boot::create_acpi_tables(mem, num_cpus, platform)?;
             vessel_boot::create_mptable(mem, num_cpus)?;
             let cmdline = compose_cmdline(config, nested_params);
             log::info!("kernel command line: {cmdline}");
@@ -307,8 +308,20 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
     }
 
+    let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
+    let devices = LegacyDevices::new(&vm, &config.serial, &exit)?;
+    let mut mmio_bus = Bus::new();
+    let virtio = crate::virtio::create(&vm, &mem, &mut mmio_bus, &config.devices)?;
+    let mmio_bus = Arc::new(mmio_bus);
+
     let nested_params = nested.then(|| nested_params(&fds[0]));
-    let (regs, kernel_source) = load_guest(config, &mem, &layout, nested_params.as_deref())?;
+    let (regs, kernel_source) = load_guest(
+        config,
+        &mem,
+        &layout,
+        nested_params.as_deref(),
+        virtio.platform(),
+    )?;
     if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
         eprintln!(
             "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
@@ -317,16 +330,13 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
     let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
 
-    let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
-    let devices = LegacyDevices::new(&vm, &config.serial, &exit)?;
-
     let supported = kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .kvm("KVM_GET_SUPPORTED_CPUID")?;
     let stop = Arc::new(AtomicBool::new(false));
     let shared = VcpuShared {
         io_bus: devices.io_bus.clone(),
-        mmio_bus: devices.mmio_bus.clone(),
+        mmio_bus: mmio_bus.clone(),
         exit: exit.clone(),
         stop: stop.clone(),
         mem: mem.clone(),
@@ -484,7 +494,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         wall,
         vcpus: reports,
         unhandled_io: devices.io_bus.unhandled(),
-        unhandled_mmio: devices.mmio_bus.unhandled(),
+        unhandled_mmio: mmio_bus.unhandled(),
         profile,
         kernel: kernel_source,
         since_spawn,

@@ -1,0 +1,337 @@
+//! The virtio devices a VM is given, as the CLI (and later the API) describes them, and the
+//! parsing of the CLI's `key=value,key=value` device options.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+/// How a virtio device is attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// virtio-pci: what stock distribution kernels find on their own (the default).
+    #[default]
+    Pci,
+    /// virtio-mmio, described in the ACPI DSDT (and on the command line).
+    Mmio,
+}
+
+impl FromStr for Transport {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "pci" => Ok(Transport::Pci),
+            "mmio" => Ok(Transport::Mmio),
+            _ => Err(format!("'{s}' is not a transport: use pci or mmio")),
+        }
+    }
+}
+
+/// `--disk path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+    pub transport: Transport,
+}
+
+/// `--net tap=NAME[,mac=MAC][,queues=N][,transport=pci|mmio]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: Option<[u8; 6]>,
+    pub queue_pairs: u16,
+    pub transport: Transport,
+}
+
+/// `--vsock cid=N,uds=PATH[,transport=pci|mmio]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub cid: u64,
+    pub uds: PathBuf,
+    pub transport: Transport,
+}
+
+/// `--balloon [size=MIB][,stats=on][,deflate_on_oom=on][,transport=...]`
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct BalloonConfig {
+    /// Initial balloon size in MiB.
+    pub size_mib: u64,
+    pub stats: bool,
+    pub deflate_on_oom: bool,
+    pub transport: Transport,
+}
+
+/// Every virtio device of a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct DeviceConfigs {
+    pub disks: Vec<DiskConfig>,
+    pub nets: Vec<NetConfig>,
+    pub vsock: Option<VsockConfig>,
+    /// virtio-rng, on this transport.
+    pub rng: Option<Transport>,
+    pub balloon: Option<BalloonConfig>,
+}
+
+impl DeviceConfigs {
+    pub fn is_empty(&self) -> bool {
+        self.disks.is_empty()
+            && self.nets.is_empty()
+            && self.vsock.is_none()
+            && self.rng.is_none()
+            && self.balloon.is_none()
+    }
+}
+
+/// `key=value` pairs of one device option; every key must be consumed.
+struct Options {
+    what: &'static str,
+    map: BTreeMap<String, String>,
+}
+
+impl Options {
+    fn parse(what: &'static str, s: &str) -> Result<Self, String> {
+        let mut map = BTreeMap::new();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("{what}: '{part}' is not key=value"))?;
+            if map.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(format!("{what}: '{k}' given twice"));
+            }
+        }
+        Ok(Options { what, map })
+    }
+
+    fn take(&mut self, key: &str) -> Option<String> {
+        self.map.remove(key)
+    }
+
+    fn required(&mut self, key: &str) -> Result<String, String> {
+        match self.take(key) {
+            Some(v) if !v.is_empty() => Ok(v),
+            _ => Err(format!("{}: {key}=... is required", self.what)),
+        }
+    }
+
+    fn flag(&mut self, key: &str) -> Result<bool, String> {
+        match self.take(key).as_deref() {
+            None | Some("off") | Some("false") => Ok(false),
+            Some("on") | Some("true") => Ok(true),
+            Some(v) => Err(format!("{}: {key}={v}: use on or off", self.what)),
+        }
+    }
+
+    fn transport(&mut self) -> Result<Transport, String> {
+        self.take("transport")
+            .map(|t| t.parse().map_err(|e| format!("{}: {e}", self.what)))
+            .transpose()
+            .map(Option::unwrap_or_default)
+    }
+
+    fn finish(self) -> Result<(), String> {
+        match self.map.keys().next() {
+            Some(k) => Err(format!("{}: unknown option '{k}'", self.what)),
+            None => Ok(()),
+        }
+    }
+}
+
+fn parse_number<T: FromStr>(what: &str, key: &str, v: &str) -> Result<T, String> {
+    v.parse()
+        .map_err(|_| format!("{what}: {key}={v} is not a valid number"))
+}
+
+/// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split(':').collect();
+    let bad = || format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)");
+    if parts.len() != 6 {
+        return Err(bad());
+    }
+    let mut mac = [0u8; 6];
+    for (b, p) in mac.iter_mut().zip(parts) {
+        if p.len() != 2 {
+            return Err(bad());
+        }
+        *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
+    }
+    if mac[0] & 1 != 0 {
+        return Err(format!("{s} is a multicast address"));
+    }
+    Ok(mac)
+}
+
+impl FromStr for DiskConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut o = Options::parse("--disk", s)?;
+        let path = PathBuf::from(o.required("path")?);
+        let read_only = o.flag("readonly")?;
+        let serial = o.take("serial");
+        if serial.as_ref().is_some_and(|s| s.len() > 20) {
+            return Err("--disk: serial is at most 20 bytes".into());
+        }
+        let transport = o.transport()?;
+        o.finish()?;
+        Ok(DiskConfig {
+            path,
+            read_only,
+            serial,
+            transport,
+        })
+    }
+}
+
+impl FromStr for NetConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut o = Options::parse("--net", s)?;
+        let tap = o.required("tap")?;
+        if tap.len() >= 16 {
+            return Err(format!("--net: TAP name '{tap}' is longer than 15 bytes"));
+        }
+        let mac = o.take("mac").map(|m| parse_mac(&m)).transpose()?;
+        let queue_pairs = match o.take("queues") {
+            Some(v) => parse_number("--net", "queues", &v)?,
+            None => 1,
+        };
+        if queue_pairs == 0 {
+            return Err("--net: queues must be at least 1".into());
+        }
+        let transport = o.transport()?;
+        o.finish()?;
+        Ok(NetConfig {
+            tap,
+            mac,
+            queue_pairs,
+            transport,
+        })
+    }
+}
+
+impl FromStr for VsockConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut o = Options::parse("--vsock", s)?;
+        let cid: u64 = parse_number("--vsock", "cid", &o.required("cid")?)?;
+        if cid < 3 || cid > u64::from(u32::MAX) {
+            return Err(format!(
+                "--vsock: cid {cid} is reserved (use 3..=4294967295)"
+            ));
+        }
+        let uds = PathBuf::from(o.required("uds")?);
+        let transport = o.transport()?;
+        o.finish()?;
+        Ok(VsockConfig {
+            cid,
+            uds,
+            transport,
+        })
+    }
+}
+
+impl FromStr for BalloonConfig {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut o = Options::parse("--balloon", s)?;
+        let size_mib = match o.take("size") {
+            Some(v) => parse_number("--balloon", "size", &v)?,
+            None => 0,
+        };
+        let stats = o.flag("stats")?;
+        let deflate_on_oom = o.flag("deflate_on_oom")?;
+        let transport = o.transport()?;
+        o.finish()?;
+        Ok(BalloonConfig {
+            size_mib,
+            stats,
+            deflate_on_oom,
+            transport,
+        })
+    }
+}
+
+/// `--rng [transport=pci|mmio]`
+pub fn parse_rng(s: &str) -> Result<Transport, String> {
+    let mut o = Options::parse("--rng", s)?;
+    let t = o.transport()?;
+    o.finish()?;
+    Ok(t)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disks_parse() {
+        let d: DiskConfig = "path=/tmp/a.img,readonly=on,serial=abc,transport=mmio"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            d,
+            DiskConfig {
+                path: "/tmp/a.img".into(),
+                read_only: true,
+                serial: Some("abc".into()),
+                transport: Transport::Mmio
+            }
+        );
+        let d: DiskConfig = "path=x".parse().unwrap();
+        assert!(!d.read_only);
+        assert_eq!(d.transport, Transport::Pci);
+        for bad in [
+            "",
+            "readonly=on",
+            "path=",
+            "path=x,readonly=maybe",
+            "path=x,color=red",
+            "path=x,path=y",
+            "path=x,transport=usb",
+            "path=x,serial=123456789012345678901",
+            "nonsense",
+        ] {
+            let e = bad.parse::<DiskConfig>().unwrap_err();
+            assert!(e.starts_with("--disk"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn nets_parse() {
+        let n: NetConfig = "tap=vtap0,mac=02:00:00:00:00:01,queues=2".parse().unwrap();
+        assert_eq!(n.tap, "vtap0");
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
+        assert_eq!(n.queue_pairs, 2);
+        for bad in [
+            "mac=02:00:00:00:00:01",
+            "tap=x,mac=zz:00:00:00:00:01",
+            "tap=x,mac=01:00:00:00:00:01",
+            "tap=x,mac=02:00:00:00:00",
+            "tap=averyveryverylongname",
+            "tap=x,queues=0",
+            "tap=x,queues=-1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn vsock_and_balloon_and_rng_parse() {
+        let v: VsockConfig = "cid=3,uds=/tmp/v.sock".parse().unwrap();
+        assert_eq!(v.cid, 3);
+        assert!("cid=2,uds=/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("cid=x,uds=/tmp/v".parse::<VsockConfig>().is_err());
+        assert!("cid=5".parse::<VsockConfig>().is_err());
+        let b: BalloonConfig = "size=64,stats=on".parse().unwrap();
+        assert_eq!(b.size_mib, 64);
+        assert!(b.stats);
+        assert_eq!(
+            "".parse::<BalloonConfig>().unwrap(),
+            BalloonConfig::default()
+        );
+        assert_eq!(parse_rng("").unwrap(), Transport::Pci);
+        assert_eq!(parse_rng("transport=mmio").unwrap(), Transport::Mmio);
+        assert!(parse_rng("speed=fast").is_err());
+    }
+}
