@@ -117,8 +117,8 @@ pub fn create(
     configs: &DeviceConfigs,
 ) -> Result<VirtioManager, VmmError> {
     let mut m = VirtioManager::new(mem.clone());
-    for (device, transport) in crate::virtio_devices::build(configs)? {
-        m.add(vm, mmio_bus, device, transport)?;
+    for planned in crate::virtio_devices::build(configs)? {
+        m.add(vm, mmio_bus, planned.device, planned.transport)?;
     }
     for line in m.placed() {
         log::info!("{line}");
