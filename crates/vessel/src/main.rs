@@ -30,7 +30,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot a VM. With no kernel or image, boots the built-in demo guest.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// The guest kit: images Vessel builds from Debian packages.
     Image {
         #[command(subcommand)]
@@ -205,7 +205,7 @@ fn main() -> ExitCode {
     };
     logger::init(cli.log_level);
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Image {
             command: ImageCommand::Build { name },
         } => build_image(name).map(|p| {
