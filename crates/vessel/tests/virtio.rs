@@ -1,0 +1,266 @@
+//! Virtio end to end: the kit's `minimal` guest (CI, `VESSEL_E2E=1`) finds a virtio-blk disk
+//! holding an ext4 file system with a script, runs it, and the host reads the results back
+//! from the disk after the VM powered off. The script also reads a raw disk on the other
+//! transport, reads the virtio-rng, makes vsock connections both ways, and brings up
+//! virtio-net on a TAP the host pings (when the host allows TAP devices).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(15 * 60);
+const TAP: &str = "vsltap0";
+const HOST_IP: &str = "172.30.99.1";
+const GUEST_IP: &str = "172.30.99.2";
+
+fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Compiles the guest's vsock tool (static, so it needs nothing from the initramfs).
+fn build_vsock_tool(dir: &Path) -> PathBuf {
+    let out = dir.join("vsock");
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/guest/vsock.c");
+    let st = Command::new("gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(&src)
+        .status()
+        .expect("run gcc");
+    assert!(st.success(), "gcc -static failed for {}", src.display());
+    out
+}
+
+/// An ext4 image holding `files` (mkfs.ext4 -d).
+fn ext4_image(dir: &Path, files: &Path, size_mib: u64) -> PathBuf {
+    let img = dir.join("disk.ext4");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(files)
+        .arg(&img)
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(out.status.success(), "mkfs.ext4: {}", text(&out.stderr));
+    img
+}
+
+/// A file of an ext4 image, read with debugfs.
+fn read_from_image(img: &Path, file: &str) -> String {
+    let out = Command::new("debugfs")
+        .arg("-R")
+        .arg(format!("cat {file}"))
+        .arg(img)
+        .output()
+        .expect("run debugfs");
+    text(&out.stdout)
+}
+
+/// Waits until the console file holds `needle` (or `stop` is set).
+fn wait_console(console: &Path, needle: &str, stop: &AtomicBool) -> bool {
+    while !stop.load(Ordering::Relaxed) {
+        if std::fs::read_to_string(console).is_ok_and(|c| c.contains(needle)) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    false
+}
+
+/// Host side of the guest-initiated vsock connection: listens on `<uds>_5000`.
+fn vsock_host_listener(uds: &Path, stop: Arc<AtomicBool>) -> JoinHandle<String> {
+    let path = PathBuf::from(format!("{}_5000", uds.display()));
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let mut c = loop {
+            match l.accept() {
+                Ok((c, _)) => break c,
+                Err(_) if !stop.load(Ordering::Relaxed) => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Err(_) => return "the guest never connected".into(),
+            }
+        };
+        c.set_nonblocking(false).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let mut line = String::new();
+        BufReader::new(c.try_clone().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        c.write_all(b"hello-guest\n").unwrap();
+        line.trim().to_string()
+    })
+}
+
+/// Host side of the host-initiated vsock connection: once the guest listens on port 6000,
+/// connects to `uds`, asks for the port, and exchanges a line.
+fn vsock_host_connect(uds: PathBuf, console: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        if !wait_console(&console, "LISTENING 6000", &stop) {
+            return "guest never listened".into();
+        }
+        let mut c = UnixStream::connect(&uds).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        c.write_all(b"CONNECT 6000\n").unwrap();
+        let mut r = BufReader::new(c.try_clone().unwrap());
+        let mut ok = String::new();
+        r.read_line(&mut ok).unwrap();
+        c.write_all(b"ping-guest\n").unwrap();
+        let mut echo = String::new();
+        r.read_line(&mut echo).unwrap();
+        format!("{} | {}", ok.trim(), echo.trim())
+    })
+}
+
+/// Creates the TAP for the test (root only); false when this host cannot.
+fn setup_tap() -> bool {
+    if !Path::new("/dev/net/tun").exists() {
+        return false;
+    }
+    let _ = sh(&format!("ip link del {TAP} 2>/dev/null"));
+    sh(&format!(
+        "ip tuntap add {TAP} mode tap && ip addr add {HOST_IP}/24 dev {TAP} && ip link set {TAP} up"
+    ))
+}
+
+fn host_pings_guest(console: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<bool> {
+    std::thread::spawn(move || {
+        wait_console(&console, "NET-UP", &stop)
+            && sh(&format!("ping -c 2 -i 0.5 -W 10 {GUEST_IP} >/dev/null"))
+    })
+}
+
+const SCRIPT: &str = r#"
+out=/mnt/output.txt
+echo "md5 $(md5sum /mnt/input.txt | cut -d' ' -f1)" > $out
+for d in /sys/block/vd*; do
+    [ "$(cat $d/serial 2>/dev/null)" = rawdata ] && raw=/dev/${d##*/}
+done
+echo "raw $raw $(head -c 16 $raw)" >> $out
+echo "rng $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \n')" >> $out
+if [ -d /sys/class/net/eth0 ]; then
+    ip addr add GUEST_IP/24 dev eth0 && ip link set eth0 up
+    echo NET-UP
+    ping -c 3 -W 10 HOST_IP >/dev/null && echo "net guest-ping ok" >> $out
+    sleep 3
+fi
+echo "vsock $(/mnt/vsock connect 2 5000 hello-host)" >> $out
+/mnt/vsock serve 6000 >> $out
+echo done >> $out
+cat $out
+"#;
+
+#[test]
+fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
+    let Some((kernel, initrd)) = kit_image("minimal") else {
+        return;
+    };
+    let dir = scratch("virtio");
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let input: String = (0..2000).map(|i| format!("line {i}\n")).collect();
+    std::fs::write(files.join("input.txt"), &input).unwrap();
+    std::fs::copy(build_vsock_tool(&dir), files.join("vsock")).unwrap();
+    let script = SCRIPT
+        .replace("GUEST_IP", GUEST_IP)
+        .replace("HOST_IP", HOST_IP);
+    std::fs::write(files.join("vessel-run"), script).unwrap();
+    let disk = ext4_image(&dir, &files, 32);
+    let raw = dir.join("raw.img");
+    let mut data = b"RAW-DISK-MARKER!".to_vec();
+    data.resize(1 << 20, 0x5a);
+    std::fs::write(&raw, &data).unwrap();
+    let uds = dir.join("vsock.sock");
+    let console = dir.join("console.txt");
+
+    let net = setup_tap();
+    if !net {
+        eprintln!("note: no TAP on this host; the network part is skipped");
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let listener = vsock_host_listener(&uds, stop.clone());
+    let connector = vsock_host_connect(uds.clone(), console.clone(), stop.clone());
+    let pinger = net.then(|| host_pings_guest(console.clone(), stop.clone()));
+
+    let mut cmd = vessel();
+    cmd.args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "128M", "--append", "vessel.poweroff", "--stats"])
+        .arg(format!("--disk=path={},transport=mmio", disk.display()))
+        .arg(format!(
+            "--disk=path={},readonly=on,serial=rawdata,transport=pci",
+            raw.display()
+        ))
+        .arg("--rng=transport=pci")
+        .arg(format!("--vsock=cid=3,uds={},transport=mmio", uds.display()))
+        .arg(format!("--serial=file={}", console.display()));
+    if net {
+        cmd.arg(format!("--net=tap={TAP},transport=pci"));
+    }
+    let t = Instant::now();
+    let out = run_with_timeout(cmd, LIMIT);
+    stop.store(true, Ordering::Relaxed);
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    let tail: Vec<&str> = console_text.lines().rev().take(60).collect();
+    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    if net {
+        let _ = sh(&format!("ip link del {TAP}"));
+    }
+    assert!(
+        out.status.success(),
+        "vessel failed: {}\nconsole tail:\n{tail}",
+        text(&out.stderr)
+    );
+    eprintln!(
+        "virtio guest finished in {:.1} s\n{}",
+        t.elapsed().as_secs_f64(),
+        text(&out.stderr)
+    );
+
+    // What the guest wrote reached the disk (sync + power-off lost nothing).
+    let result = read_from_image(&disk, "/output.txt");
+    let md5 = {
+        let o = Command::new("md5sum")
+            .arg(files.join("input.txt"))
+            .output()
+            .unwrap();
+        text(&o.stdout).split(' ').next().unwrap().to_string()
+    };
+    assert!(result.contains(&format!("md5 {md5}")), "{result}\n{tail}");
+    assert!(result.contains(" RAW-DISK-MARKER!"), "{result}\n{tail}");
+    let rng_line = result.lines().find(|l| l.starts_with("rng ")).unwrap_or("");
+    assert!(rng_line.contains("virtio_rng"), "{result}");
+    let hex = rng_line.rsplit(' ').next().unwrap_or("");
+    assert_eq!(hex.len(), 32, "16 random bytes: {rng_line}");
+    assert_ne!(hex, "0".repeat(32));
+    assert!(result.contains("vsock REPLY hello-guest"), "{result}\n{tail}");
+    assert!(result.contains("SERVED ping-guest"), "{result}\n{tail}");
+    assert!(result.trim_end().ends_with("done"), "{result}");
+    assert_eq!(listener.join().unwrap(), "hello-host");
+    let host_side = connector.join().unwrap();
+    assert!(host_side.starts_with("OK "), "{host_side}");
+    assert!(host_side.ends_with("| echo ping-guest"), "{host_side}");
+    if let Some(p) = pinger {
+        assert!(p.join().unwrap(), "the host could not ping the guest\n{tail}");
+        assert!(result.contains("net guest-ping ok"), "{result}\n{tail}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
