@@ -210,7 +210,10 @@ fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
             raw.display()
         ))
         .arg("--rng=transport=pci")
-        .arg(format!("--vsock=cid=3,uds={},transport=mmio", uds.display()))
+        .arg(format!(
+            "--vsock=cid=3,uds={},transport=mmio",
+            uds.display()
+        ))
         .arg(format!("--serial=file={}", console.display()));
     if net {
         cmd.arg(format!("--net=tap={TAP},transport=pci"));
@@ -251,7 +254,10 @@ fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
     let hex = rng_line.rsplit(' ').next().unwrap_or("");
     assert_eq!(hex.len(), 32, "16 random bytes: {rng_line}");
     assert_ne!(hex, "0".repeat(32));
-    assert!(result.contains("vsock REPLY hello-guest"), "{result}\n{tail}");
+    assert!(
+        result.contains("vsock REPLY hello-guest"),
+        "{result}\n{tail}"
+    );
     assert!(result.contains("SERVED ping-guest"), "{result}\n{tail}");
     assert!(result.trim_end().ends_with("done"), "{result}");
     assert_eq!(listener.join().unwrap(), "hello-host");
@@ -259,7 +265,10 @@ fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
     assert!(host_side.starts_with("OK "), "{host_side}");
     assert!(host_side.ends_with("| echo ping-guest"), "{host_side}");
     if let Some(p) = pinger {
-        assert!(p.join().unwrap(), "the host could not ping the guest\n{tail}");
+        assert!(
+            p.join().unwrap(),
+            "the host could not ping the guest\n{tail}"
+        );
         assert!(result.contains("net guest-ping ok"), "{result}\n{tail}");
     }
     let _ = std::fs::remove_dir_all(&dir);

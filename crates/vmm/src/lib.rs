@@ -13,6 +13,7 @@ pub mod device_config;
 mod devices;
 pub mod error;
 mod guest_access;
+mod msi;
 pub mod nested;
 pub mod profile;
 mod terminal;
