@@ -13,8 +13,8 @@ use vmm_sys_util::epoll::EventSet;
 
 use vessel_virtio::worker::{consume, drain_queue, EventHandler, Worker, WorkerControl};
 use vessel_virtio::{
-    device_type, features, ActivateContext, ActivateError, ActiveQueue, DeviceHealth,
-    VirtioDevice, VirtioInterrupt,
+    device_type, features, ActivateContext, ActivateError, ActiveQueue, DeviceHealth, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Size of the request queue.
@@ -189,11 +189,13 @@ pub(crate) mod testing {
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
-    use virtio_queue::{Queue, QueueT};
+    use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-    use vessel_virtio::{ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt};
+    use vessel_virtio::{
+        ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt,
+    };
 
     /// Records every interrupt.
     #[derive(Default)]
@@ -309,10 +311,10 @@ mod tests {
     use super::testing::*;
     use super::*;
     use std::sync::Arc;
+    use vessel_virtio::InterruptCause;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
     use vm_memory::Bytes;
-    use vessel_virtio::InterruptCause;
 
     fn first_chain<'a>(
         q: &mut Queue,
@@ -325,13 +327,19 @@ mod tests {
     fn fills_writable_buffers_only() {
         let m = mem();
         let vq = MockSplitQueue::new(&m, 16);
-        m.write_slice(&[0u8; 0x300], GuestAddress(0x8_0000)).unwrap();
-        m.write_slice(&[0xaau8; 0x100], GuestAddress(0x9_0000)).unwrap();
+        m.write_slice(&[0u8; 0x300], GuestAddress(0x8_0000))
+            .unwrap();
+        m.write_slice(&[0xaau8; 0x100], GuestAddress(0x9_0000))
+            .unwrap();
         // A readable buffer (ignored: wrong direction) then two writable ones.
         add_chain(
             &vq,
             0,
-            &[(0x9_0000, 0x100, false), (0x8_0000, 0x100, true), (0x8_0100, 0x200, true)],
+            &[
+                (0x9_0000, 0x100, false),
+                (0x8_0000, 0x100, true),
+                (0x8_0100, 0x200, true),
+            ],
         );
         let mut q: Queue = vq.create_queue().unwrap();
         let c = first_chain(&mut q, &m);
