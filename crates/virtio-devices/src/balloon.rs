@@ -546,7 +546,10 @@ impl BalloonHandler {
 /// Reads the device-readable bytes of `chain`, at most `cap`; returns them with the number of
 /// bytes ignored (writable buffers, bytes past `cap`, unreadable buffers). An unreadable
 /// buffer ends the chain: what follows it would be misaligned.
-fn read_driver_bytes(chain: DescriptorChain<&GuestMemoryMmap>, cap: usize) -> (Vec<u8>, u64) {
+pub(crate) fn read_driver_bytes(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    cap: usize,
+) -> (Vec<u8>, u64) {
     let mem = chain.memory();
     let mut data = Vec::new();
     let mut ignored = 0u64;
