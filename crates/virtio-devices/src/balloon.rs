@@ -274,9 +274,7 @@ impl Balloon {
     /// Stops the worker and forgets the running device's interrupt.
     fn stop(&mut self) {
         self.worker = None;
-        let mut s = self.shared.lock();
-        s.interrupt = None;
-        s.actual = 0;
+        self.shared.lock().interrupt = None;
     }
 }
 
@@ -376,6 +374,8 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) -> bool {
         self.stop();
+        // The driver starts over with an empty balloon; the host's target stays.
+        self.shared.lock().actual = 0;
         true
     }
 
@@ -1109,8 +1109,10 @@ mod tests {
         assert_eq!(h.counters().reported_bytes, 0x1000);
 
         // Reset: the worker stops, the target stays, no more interrupts.
+        r.dev.write_config(4, &7u32.to_le_bytes());
         assert!(r.dev.reset());
         assert!(r.dev.worker.is_none());
+        assert_eq!(h.actual_pages(), 0);
         h.set_target_mib(2);
         assert_eq!(r.irq.count(InterruptCause::Config), 1);
         assert_eq!(h.target_pages(), 512);
