@@ -1,1 +1,1160 @@
-//! virtio-balloon.
+//! virtio-balloon (traditional memory balloon, virtio 1.2 section 5.5).
+//!
+//! Queues, numbered densely over the ones that exist (an optional queue whose feature was
+//! not negotiated takes no index, as Linux and the spec number them): inflateq (0),
+//! deflateq (1), statsq (with `VIRTIO_BALLOON_F_STATS_VQ`), reporting_vq (with
+//! `VIRTIO_BALLOON_F_REPORTING`; free page hinting is not offered). Inflated pages (4 KiB
+//! PFNs) and reported free ranges are dropped from the host with `madvise(MADV_DONTNEED)`;
+//! the guest gets zero pages back when it touches them again. `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`
+//! is offered on request. The host drives the balloon through a [`BalloonHandle`]: target
+//! size (raising a config interrupt), the size the driver reports, and memory statistics.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{
+    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use vessel_virtio::worker::{
+    consume, drain_queue, notify_if_needed, EventHandler, Worker, WorkerControl,
+};
+use vessel_virtio::{
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
+    DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
+};
+
+/// Balloon feature bits (virtio 1.2 section 5.5.3).
+pub mod feature {
+    pub const MUST_TELL_HOST: u64 = 1 << 0;
+    pub const STATS_VQ: u64 = 1 << 1;
+    pub const DEFLATE_ON_OOM: u64 = 1 << 2;
+    pub const FREE_PAGE_HINT: u64 = 1 << 3;
+    pub const PAGE_POISON: u64 = 1 << 4;
+    pub const REPORTING: u64 = 1 << 5;
+}
+
+/// Memory statistics tags (virtio 1.2 section 5.5.6.3, plus the later Linux ones).
+pub mod stat_tag {
+    pub const SWAP_IN: u16 = 0;
+    pub const SWAP_OUT: u16 = 1;
+    pub const MAJFLT: u16 = 2;
+    pub const MINFLT: u16 = 3;
+    pub const MEMFREE: u16 = 4;
+    pub const MEMTOT: u16 = 5;
+    pub const AVAIL: u16 = 6;
+    pub const CACHES: u16 = 7;
+    pub const HTLB_PGALLOC: u16 = 8;
+    pub const HTLB_PGFAIL: u16 = 9;
+    pub const OOM_KILLS: u16 = 10;
+    pub const ALLOC_STALL: u16 = 11;
+    pub const ASYNC_SCAN: u16 = 12;
+    pub const DIRECT_SCAN: u16 = 13;
+    pub const ASYNC_RECLAIM: u16 = 14;
+    pub const DIRECT_RECLAIM: u16 = 15;
+}
+
+/// Balloon pages are always 4 KiB, whatever the guest's page size.
+pub const PAGE_SIZE: u64 = 4096;
+const PAGE_SHIFT: u32 = 12;
+const PAGES_PER_MIB: u64 = (1 << 20) / PAGE_SIZE;
+/// Size of every queue.
+pub const QUEUE_SIZE: u16 = 256;
+/// The most PFNs read from one inflate/deflate chain (Linux sends at most 256); the rest of a
+/// longer chain is ignored, so a hostile chain cannot stall the worker.
+pub const MAX_PFNS_PER_CHAIN: usize = 64 * 1024;
+/// The most bytes read from one statistics buffer (a tag/value entry is 10 bytes).
+const MAX_STATS_BYTES: usize = 4096;
+const STAT_ENTRY_SIZE: usize = 10;
+
+const INFLATEQ: u16 = 0;
+const DEFLATEQ: u16 = 1;
+
+const TOKEN_INFLATE: u64 = 0;
+const TOKEN_DEFLATE: u64 = 1;
+const TOKEN_STATS: u64 = 2;
+const TOKEN_REPORTING: u64 = 3;
+const TOKEN_STATS_REQUEST: u64 = 4;
+
+/// Which optional features the balloon offers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer the statistics queue (`VIRTIO_BALLOON_F_STATS_VQ`).
+    pub stats: bool,
+    /// Let the guest deflate on its own under memory pressure (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`).
+    pub deflate_on_oom: bool,
+    /// Offer free page reporting (`VIRTIO_BALLOON_F_REPORTING`).
+    pub free_page_reporting: bool,
+}
+
+/// The latest memory statistics the driver sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BalloonStats {
+    /// (tag, value) in the order the driver first sent each tag; a repeated tag keeps its
+    /// last value. See [`stat_tag`].
+    pub entries: Vec<(u16, u64)>,
+    /// Counts updates: 1 for the first statistics the driver sent, 2 for the next...
+    pub seq: u64,
+}
+
+impl BalloonStats {
+    /// The value of `tag`, if the driver sent it.
+    pub fn get(&self, tag: u16) -> Option<u64> {
+        self.entries.iter().find(|e| e.0 == tag).map(|e| e.1)
+    }
+}
+
+/// What the balloon has done so far (pages are 4 KiB).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BalloonCounters {
+    /// Pages inflated and dropped from the host.
+    pub inflated_pages: u64,
+    /// Pages the driver took back.
+    pub deflated_pages: u64,
+    /// Pages (PFNs or reported ranges) outside guest memory, ignored.
+    pub invalid_pages: u64,
+    /// Pages `madvise` refused to drop.
+    pub discard_failures: u64,
+    /// Bytes ignored: unreadable or wrong-direction buffers, trailing partial entries, bytes
+    /// past the per-chain cap.
+    pub malformed_bytes: u64,
+    /// Bytes of free memory the driver reported and the host dropped.
+    pub reported_bytes: u64,
+    /// Statistics buffers received.
+    pub stats_updates: u64,
+}
+
+struct State {
+    /// The target size in pages (`num_pages`).
+    num_pages: u32,
+    /// The size the driver says the balloon has (`actual`).
+    actual: u32,
+    stats: Option<BalloonStats>,
+    counters: BalloonCounters,
+    /// The running device's interrupt, for configuration changes.
+    interrupt: Option<Arc<dyn VirtioInterrupt>>,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Written by the host to ask the worker to give the statistics buffer back.
+    stats_request: EventFd,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A poisoned lock only means another thread panicked mid-update of plain counters.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The host's side of a balloon: cheap to clone, usable from any thread, before and after
+/// activation.
+#[derive(Clone)]
+pub struct BalloonHandle(Arc<Shared>);
+
+impl BalloonHandle {
+    /// Asks the guest to make the balloon `pages` 4 KiB pages big, and tells it through a
+    /// config interrupt if the device is running.
+    pub fn set_target_pages(&self, pages: u32) {
+        let irq = {
+            let mut s = self.0.lock();
+            s.num_pages = pages;
+            s.interrupt.clone()
+        };
+        if let Some(irq) = irq {
+            if let Err(e) = irq.trigger(InterruptCause::Config) {
+                log::warn!("virtio-balloon: cannot raise the config interrupt: {e}");
+            }
+        }
+    }
+
+    /// [`Self::set_target_pages`] in MiB (saturating at 16 TiB).
+    pub fn set_target_mib(&self, mib: u64) {
+        let pages = mib.saturating_mul(PAGES_PER_MIB).min(u64::from(u32::MAX));
+        // Just clamped to the u32 range.
+        self.set_target_pages(u32::try_from(pages).unwrap_or(u32::MAX));
+    }
+
+    /// The target the host set, in pages.
+    pub fn target_pages(&self) -> u32 {
+        self.0.lock().num_pages
+    }
+
+    /// The balloon size the driver reported, in pages.
+    pub fn actual_pages(&self) -> u32 {
+        self.0.lock().actual
+    }
+
+    /// The balloon size the driver reported, in MiB (rounded down).
+    pub fn actual_mib(&self) -> u64 {
+        u64::from(self.actual_pages()) / PAGES_PER_MIB
+    }
+
+    /// The latest statistics, if the driver sent any.
+    pub fn latest_stats(&self) -> Option<BalloonStats> {
+        self.0.lock().stats.clone()
+    }
+
+    /// Asks the driver for fresh statistics: the statistics buffer the device holds goes back
+    /// to the driver, which refills it; [`Self::latest_stats`] then shows a higher `seq`.
+    pub fn request_stats(&self) {
+        if let Err(e) = self.0.stats_request.write(1) {
+            log::warn!("virtio-balloon: cannot signal a statistics request: {e}");
+        }
+    }
+
+    pub fn counters(&self) -> BalloonCounters {
+        self.0.lock().counters
+    }
+}
+
+/// The virtio memory balloon.
+pub struct Balloon {
+    avail_features: u64,
+    queue_sizes: Vec<u16>,
+    shared: Arc<Shared>,
+    worker: Option<Worker>,
+}
+
+impl Balloon {
+    pub fn new(config: BalloonConfig) -> io::Result<Self> {
+        let mut avail_features = features::COMMON;
+        let mut queues = 2;
+        if config.stats {
+            avail_features |= feature::STATS_VQ;
+            queues += 1;
+        }
+        if config.free_page_reporting {
+            avail_features |= feature::REPORTING;
+            queues += 1;
+        }
+        if config.deflate_on_oom {
+            avail_features |= feature::DEFLATE_ON_OOM;
+        }
+        Ok(Balloon {
+            avail_features,
+            queue_sizes: vec![QUEUE_SIZE; queues],
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    num_pages: 0,
+                    actual: 0,
+                    stats: None,
+                    counters: BalloonCounters::default(),
+                    interrupt: None,
+                }),
+                stats_request: EventFd::new(EFD_NONBLOCK)?,
+            }),
+            worker: None,
+        })
+    }
+
+    /// The host's control of this balloon.
+    pub fn handle(&self) -> BalloonHandle {
+        BalloonHandle(self.shared.clone())
+    }
+
+    /// See [`BalloonHandle::set_target_pages`].
+    pub fn set_target_pages(&self, pages: u32) {
+        self.handle().set_target_pages(pages);
+    }
+
+    fn config_bytes(&self) -> [u8; 8] {
+        let s = self.shared.lock();
+        let mut c = [0u8; 8];
+        c[..4].copy_from_slice(&s.num_pages.to_le_bytes());
+        c[4..].copy_from_slice(&s.actual.to_le_bytes());
+        c
+    }
+
+    /// Stops the worker and forgets the running device's interrupt.
+    fn stop(&mut self) {
+        self.worker = None;
+        self.shared.lock().interrupt = None;
+    }
+}
+
+impl VirtioDevice for Balloon {
+    fn device_type(&self) -> u32 {
+        device_type::BALLOON
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_bytes(), offset, data);
+    }
+
+    fn write_config(&mut self, offset: u64, data: &[u8]) {
+        // Only `actual` (bytes 4..8) is writable.
+        let mut s = self.shared.lock();
+        let mut actual = s.actual.to_le_bytes();
+        for (i, &b) in data.iter().enumerate() {
+            let Some(at) = offset.checked_add(i as u64) else {
+                break;
+            };
+            if (4..8).contains(&at) {
+                actual[(at - 4) as usize] = b;
+            }
+        }
+        s.actual = u32::from_le_bytes(actual);
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.stop();
+        let acked = ctx.acked_features & self.avail_features;
+        let inflate = ctx
+            .take_queue(INFLATEQ)
+            .ok_or(ActivateError::MissingQueue(INFLATEQ))?;
+        let deflate = ctx
+            .take_queue(DEFLATEQ)
+            .ok_or(ActivateError::MissingQueue(DEFLATEQ))?;
+        let mut next = 2;
+        let stats = if acked & feature::STATS_VQ != 0 {
+            let q = ctx
+                .take_queue(next)
+                .ok_or(ActivateError::MissingQueue(next))?;
+            next += 1;
+            Some(q)
+        } else {
+            None
+        };
+        let reporting = if acked & feature::REPORTING != 0 {
+            Some(
+                ctx.take_queue(next)
+                    .ok_or(ActivateError::MissingQueue(next))?,
+            )
+        } else {
+            None
+        };
+
+        consume(&self.shared.stats_request);
+        let mut fds = vec![
+            (inflate.kick.as_raw_fd(), TOKEN_INFLATE, EventSet::IN),
+            (deflate.kick.as_raw_fd(), TOKEN_DEFLATE, EventSet::IN),
+            (
+                self.shared.stats_request.as_raw_fd(),
+                TOKEN_STATS_REQUEST,
+                EventSet::IN,
+            ),
+        ];
+        if let Some(q) = &stats {
+            fds.push((q.kick.as_raw_fd(), TOKEN_STATS, EventSet::IN));
+        }
+        if let Some(q) = &reporting {
+            fds.push((q.kick.as_raw_fd(), TOKEN_REPORTING, EventSet::IN));
+        }
+        let handler = BalloonHandler {
+            mem: ctx.mem,
+            interrupt: ctx.interrupt.clone(),
+            health: ctx.health,
+            inflate,
+            deflate,
+            stats,
+            reporting,
+            held_stats: None,
+            shared: self.shared.clone(),
+        };
+        let worker =
+            Worker::spawn("virtio-balloon", &fds, handler).map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        self.shared.lock().interrupt = Some(ctx.interrupt);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.stop();
+        // The driver starts over with an empty balloon; the host's target stays.
+        self.shared.lock().actual = 0;
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        "virtio-balloon"
+    }
+}
+
+struct BalloonHandler {
+    mem: GuestMemoryMmap,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    health: DeviceHealth,
+    inflate: ActiveQueue,
+    deflate: ActiveQueue,
+    stats: Option<ActiveQueue>,
+    reporting: Option<ActiveQueue>,
+    /// The statistics buffer the device keeps until the host wants fresh statistics.
+    held_stats: Option<u16>,
+    shared: Arc<Shared>,
+}
+
+impl EventHandler for BalloonHandler {
+    fn handle_event(&mut self, token: u64, _: EventSet, _: &mut WorkerControl) -> io::Result<()> {
+        match token {
+            TOKEN_INFLATE => self.process_pages(true),
+            TOKEN_DEFLATE => self.process_pages(false),
+            TOKEN_STATS => self.process_stats(),
+            TOKEN_REPORTING => self.process_reporting(),
+            TOKEN_STATS_REQUEST => self.return_stats_buffer(),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+impl BalloonHandler {
+    fn process_pages(&mut self, inflate: bool) {
+        let q = if inflate {
+            &mut self.inflate
+        } else {
+            &mut self.deflate
+        };
+        consume(&q.kick);
+        let mem = &self.mem;
+        let mut counters = BalloonCounters::default();
+        drain_queue(
+            &mut q.queue,
+            q.index,
+            mem,
+            self.interrupt.as_ref(),
+            &self.health,
+            |chain| {
+                if inflate {
+                    inflate_chain(mem, chain, &mut counters);
+                } else {
+                    deflate_chain(mem, chain, &mut counters);
+                }
+                0
+            },
+        );
+        self.add_counters(&counters);
+    }
+
+    fn process_reporting(&mut self) {
+        let Some(q) = self.reporting.as_mut() else {
+            return;
+        };
+        consume(&q.kick);
+        let mem = &self.mem;
+        let mut counters = BalloonCounters::default();
+        drain_queue(
+            &mut q.queue,
+            q.index,
+            mem,
+            self.interrupt.as_ref(),
+            &self.health,
+            |chain| {
+                report_chain(mem, chain, &mut counters);
+                0
+            },
+        );
+        self.add_counters(&counters);
+    }
+
+    /// Takes every statistics buffer the driver made available, keeping the last one.
+    fn process_stats(&mut self) {
+        let Some(q) = self.stats.as_mut() else {
+            return;
+        };
+        consume(&q.kick);
+        let mut returned = false;
+        loop {
+            if self.health.is_broken() {
+                return;
+            }
+            let chain = match q.queue.iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.health.mark_broken(&format_args!("statsq: {e}"));
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                match q.queue.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.health.mark_broken(&format_args!("statsq: {e}"));
+                        return;
+                    }
+                }
+            };
+            let head = chain.head_index();
+            let (entries, malformed) = parse_stats(chain);
+            {
+                let mut s = self.shared.lock();
+                s.counters.stats_updates += 1;
+                s.counters.malformed_bytes += malformed;
+                let seq = s.counters.stats_updates;
+                s.stats = Some(BalloonStats { entries, seq });
+            }
+            // A driver that sends a second buffer gets the first one back.
+            if let Some(old) = self.held_stats.replace(head) {
+                if let Err(e) = q.queue.add_used(&self.mem, old, 0) {
+                    self.health.mark_broken(&format_args!("statsq: {e}"));
+                    return;
+                }
+                returned = true;
+            }
+        }
+        if returned {
+            notify_if_needed(&mut q.queue, q.index, &self.mem, self.interrupt.as_ref());
+        }
+    }
+
+    /// Gives the held statistics buffer back so that the driver refills it.
+    fn return_stats_buffer(&mut self) {
+        consume(&self.shared.stats_request);
+        let Some(q) = self.stats.as_mut() else {
+            return;
+        };
+        if self.health.is_broken() {
+            return;
+        }
+        let Some(head) = self.held_stats.take() else {
+            // The driver has not sent statistics yet; when it does, they are fresh.
+            return;
+        };
+        if let Err(e) = q.queue.add_used(&self.mem, head, 0) {
+            self.health.mark_broken(&format_args!("statsq: {e}"));
+            return;
+        }
+        notify_if_needed(&mut q.queue, q.index, &self.mem, self.interrupt.as_ref());
+    }
+
+    fn add_counters(&self, c: &BalloonCounters) {
+        let mut s = self.shared.lock();
+        let t = &mut s.counters;
+        t.inflated_pages += c.inflated_pages;
+        t.deflated_pages += c.deflated_pages;
+        t.invalid_pages += c.invalid_pages;
+        t.discard_failures += c.discard_failures;
+        t.malformed_bytes += c.malformed_bytes;
+        t.reported_bytes += c.reported_bytes;
+    }
+}
+
+/// Reads the device-readable bytes of `chain`, at most `cap`; returns them with the number of
+/// bytes ignored (writable buffers, bytes past `cap`, unreadable buffers). An unreadable
+/// buffer ends the chain: what follows it would be misaligned.
+pub(crate) fn read_driver_bytes(
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    cap: usize,
+) -> (Vec<u8>, u64) {
+    let mem = chain.memory();
+    let mut data = Vec::new();
+    let mut ignored = 0u64;
+    for desc in chain.clone() {
+        let len = desc.len() as usize;
+        if desc.is_write_only() {
+            ignored += u64::from(desc.len());
+            continue;
+        }
+        let take = len.min(cap - data.len());
+        ignored += (len - take) as u64;
+        if take == 0 {
+            continue;
+        }
+        let at = data.len();
+        data.resize(at + take, 0);
+        if mem.read_slice(&mut data[at..], desc.addr()).is_err() {
+            data.truncate(at);
+            ignored += take as u64;
+            break;
+        }
+    }
+    (data, ignored)
+}
+
+/// The little-endian u32 PFNs of an inflate/deflate chain; counts trailing bytes.
+fn read_pfns(chain: DescriptorChain<&GuestMemoryMmap>, counters: &mut BalloonCounters) -> Vec<u32> {
+    let (bytes, ignored) = read_driver_bytes(chain, MAX_PFNS_PER_CHAIN * 4);
+    let chunks = bytes.chunks_exact(4);
+    counters.malformed_bytes += ignored + chunks.remainder().len() as u64;
+    chunks
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Calls `f(first_pfn, count)` for each run of consecutive PFNs, in the driver's order.
+fn for_each_run(pfns: &[u32], mut f: impl FnMut(u64, u64)) {
+    let mut run: Option<(u64, u64)> = None;
+    for &pfn in pfns {
+        let pfn = u64::from(pfn);
+        run = match run {
+            Some((start, n)) if start + n == pfn => Some((start, n + 1)),
+            Some((start, n)) => {
+                f(start, n);
+                Some((pfn, 1))
+            }
+            None => Some((pfn, 1)),
+        };
+    }
+    if let Some((start, n)) = run {
+        f(start, n);
+    }
+}
+
+fn inflate_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    counters: &mut BalloonCounters,
+) {
+    let pfns = read_pfns(chain, counters);
+    for_each_run(&pfns, |pfn, n| {
+        let d = discard_range(mem, pfn << PAGE_SHIFT, n * PAGE_SIZE);
+        counters.inflated_pages += d.done / PAGE_SIZE;
+        counters.invalid_pages += d.outside / PAGE_SIZE;
+        counters.discard_failures += d.failed / PAGE_SIZE;
+    });
+}
+
+fn deflate_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    counters: &mut BalloonCounters,
+) {
+    // Nothing to do for the memory: a dropped page comes back (zeroed) when touched.
+    for pfn in read_pfns(chain, counters) {
+        let addr = vm_memory::GuestAddress(u64::from(pfn) << PAGE_SHIFT);
+        if mem.check_range(addr, PAGE_SIZE as usize) {
+            counters.deflated_pages += 1;
+        } else {
+            counters.invalid_pages += 1;
+        }
+    }
+}
+
+/// Drops the whole 4 KiB pages of every device-writable range of a free page report.
+fn report_chain(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    counters: &mut BalloonCounters,
+) {
+    for desc in chain {
+        if !desc.is_write_only() {
+            counters.malformed_bytes += u64::from(desc.len());
+            continue;
+        }
+        let addr = desc.addr().0;
+        let Some(end) = addr.checked_add(u64::from(desc.len())) else {
+            counters.malformed_bytes += u64::from(desc.len());
+            continue;
+        };
+        let start = addr.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE);
+        let end = end / PAGE_SIZE * PAGE_SIZE;
+        if start >= end {
+            continue;
+        }
+        let d = discard_range(mem, start, end - start);
+        counters.reported_bytes += d.done;
+        counters.invalid_pages += d.outside / PAGE_SIZE;
+        counters.discard_failures += d.failed / PAGE_SIZE;
+    }
+}
+
+/// Parses (tag: le16, value: le64) entries; returns them (a repeated tag keeps its last value)
+/// with the number of bytes ignored.
+fn parse_stats(chain: DescriptorChain<&GuestMemoryMmap>) -> (Vec<(u16, u64)>, u64) {
+    let (bytes, ignored) = read_driver_bytes(chain, MAX_STATS_BYTES);
+    let chunks = bytes.chunks_exact(STAT_ENTRY_SIZE);
+    let ignored = ignored + chunks.remainder().len() as u64;
+    let mut entries: Vec<(u16, u64)> = Vec::new();
+    for c in chunks {
+        let tag = u16::from_le_bytes([c[0], c[1]]);
+        let mut v = [0u8; 8];
+        v.copy_from_slice(&c[2..10]);
+        let value = u64::from_le_bytes(v);
+        match entries.iter_mut().find(|e| e.0 == tag) {
+            Some(e) => e.1 = value,
+            None => entries.push((tag, value)),
+        }
+    }
+    (entries, ignored)
+}
+
+/// What [`discard_range`] did, in bytes.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Discarded {
+    done: u64,
+    outside: u64,
+    failed: u64,
+}
+
+/// Drops the host pages behind guest range `start..start + len` (both 4 KiB multiples) with
+/// `MADV_DONTNEED`, region by region; parts outside guest memory are counted, not touched.
+fn discard_range(mem: &GuestMemoryMmap, start: u64, len: u64) -> Discarded {
+    let mut out = Discarded::default();
+    let end = start.saturating_add(len);
+    out.outside += len - (end - start);
+    let mut cur = start;
+    while cur < end {
+        let Some(region) = mem.find_region(vm_memory::GuestAddress(cur)) else {
+            // Skip to the next region, if any starts before `end`.
+            let next = mem
+                .iter()
+                .map(|r| r.start_addr().0)
+                .filter(|&s| s > cur)
+                .min()
+                .unwrap_or(end)
+                .min(end);
+            out.outside += next - cur;
+            cur = next;
+            continue;
+        };
+        let r_start = region.start_addr().0;
+        let r_end = r_start.saturating_add(region.len());
+        let chunk_end = end.min(r_end);
+        let whole = (chunk_end - cur) / PAGE_SIZE * PAGE_SIZE;
+        if whole > 0 && madvise_dontneed(region, cur - r_start, whole) {
+            out.done += whole;
+        } else {
+            out.failed += whole;
+        }
+        // A partial page at the end of a region cannot be dropped.
+        out.failed += (chunk_end - cur) - whole;
+        cur = chunk_end;
+    }
+    out
+}
+
+fn madvise_dontneed<R: GuestMemoryRegion>(region: &R, offset: u64, len: u64) -> bool {
+    let Ok(host) = region.get_host_address(MemoryRegionAddress(offset)) else {
+        return false;
+    };
+    let Ok(len) = usize::try_from(len) else {
+        return false;
+    };
+    // The caller keeps `offset + len` within the region.
+    // SAFETY: `host..host + len` lies inside the region's host mapping, which `mem` (borrowed
+    // by the caller) keeps mapped. MADV_DONTNEED only replaces the contents of these private
+    // anonymous pages with zeros on next access; no Rust reference points into guest memory
+    // (it is only accessed through raw pointers and volatile copies), so nothing observes a
+    // change it was promised would not happen.
+    let r = unsafe { libc::madvise(host.cast(), len, libc::MADV_DONTNEED) };
+    if r != 0 {
+        log::debug!(
+            "virtio-balloon: madvise(DONTNEED) failed: {}",
+            io::Error::last_os_error()
+        );
+        return false;
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::testing::*;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::GuestAddress;
+
+    fn pfn_bytes(pfns: &[u32]) -> Vec<u8> {
+        pfns.iter().flat_map(|p| p.to_le_bytes()).collect()
+    }
+
+    fn pattern(m: &GuestMemoryMmap, pfn: u64, byte: u8) {
+        m.write_slice(&[byte; PAGE_SIZE as usize], GuestAddress(pfn << PAGE_SHIFT))
+            .unwrap();
+    }
+
+    fn page(m: &GuestMemoryMmap, pfn: u64) -> Vec<u8> {
+        read_bytes(m, pfn << PAGE_SHIFT, PAGE_SIZE as usize)
+    }
+
+    fn run_one(
+        m: &GuestMemoryMmap,
+        bufs: &[Buf],
+        f: impl FnOnce(DescriptorChain<&GuestMemoryMmap>, &mut BalloonCounters),
+    ) -> BalloonCounters {
+        let vq = MockSplitQueue::new(m, 16);
+        add_chain(&vq, 0, bufs);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let chain = q.iter(m).unwrap().next().unwrap();
+        let mut c = BalloonCounters::default();
+        f(chain, &mut c);
+        c
+    }
+
+    #[test]
+    fn inflate_drops_pages() {
+        let m = mem();
+        for pfn in 0x90..0x94 {
+            pattern(&m, pfn, 0xab);
+        }
+        // 0x90, 0x91 (a run), 0x93 and one PFN far outside memory, then 2 stray bytes.
+        let mut list = pfn_bytes(&[0x90, 0x91, 0x93, 0x10_0000]);
+        list.extend_from_slice(&[1, 2]);
+        m.write_slice(&list, GuestAddress(0x8_0000)).unwrap();
+        let c = run_one(&m, &[(0x8_0000, list.len() as u32, false)], |ch, c| {
+            inflate_chain(&m, ch, c)
+        });
+        assert_eq!(page(&m, 0x90), vec![0; 4096]);
+        assert_eq!(page(&m, 0x91), vec![0; 4096]);
+        assert_eq!(page(&m, 0x93), vec![0; 4096]);
+        // Not in the list: untouched.
+        assert_eq!(page(&m, 0x92), vec![0xab; 4096]);
+        assert_eq!(c.inflated_pages, 3);
+        assert_eq!(c.invalid_pages, 1);
+        assert_eq!(c.malformed_bytes, 2);
+    }
+
+    #[test]
+    fn pfns_split_across_buffers() {
+        let m = mem();
+        pattern(&m, 0xa0, 0x11);
+        pattern(&m, 0xa1, 0x22);
+        pattern(&m, 0xa2, 0x33);
+        let list = pfn_bytes(&[0xa0, 0xa2]);
+        // The first PFN split 3 + 1 + 4 across buffers, with a writable buffer in between
+        // (wrong direction: ignored).
+        m.write_slice(&list[..3], GuestAddress(0x8_0000)).unwrap();
+        m.write_slice(&list[3..], GuestAddress(0x8_1000)).unwrap();
+        let c = run_one(
+            &m,
+            &[
+                (0x8_0000, 3, false),
+                (0x8_2000, 16, true),
+                (0x8_1000, 5, false),
+            ],
+            |ch, c| inflate_chain(&m, ch, c),
+        );
+        assert_eq!(page(&m, 0xa0), vec![0; 4096]);
+        assert_eq!(page(&m, 0xa1), vec![0x22; 4096]);
+        assert_eq!(page(&m, 0xa2), vec![0; 4096]);
+        assert_eq!(c.inflated_pages, 2);
+        assert_eq!(c.malformed_bytes, 16);
+    }
+
+    #[test]
+    fn hostile_pfn_lists() {
+        let m = mem();
+        pattern(&m, 0xf0, 0x5a);
+        // A list outside memory, one that runs past its end with a u32::MAX length, and one
+        // at the top of the address space: nothing is read, nothing dropped.
+        for bufs in [
+            [(0x20_0000u64, 8u32, false)],
+            [(0xf_0000, u32::MAX, false)],
+            [(u64::MAX - 3, 8, false)],
+        ] {
+            let c = run_one(&m, &bufs, |ch, c| inflate_chain(&m, ch, c));
+            assert_eq!(c.inflated_pages, 0);
+            assert!(c.malformed_bytes > 0);
+        }
+        assert_eq!(page(&m, 0xf0), vec![0x5a; 4096]);
+        // The largest PFN: outside memory.
+        m.write_slice(&pfn_bytes(&[u32::MAX]), GuestAddress(0x8_0000))
+            .unwrap();
+        let c = run_one(&m, &[(0x8_0000, 4, false)], |ch, c| {
+            inflate_chain(&m, ch, c)
+        });
+        assert_eq!((c.inflated_pages, c.invalid_pages), (0, 1));
+        let c = run_one(&m, &[(0x8_0000, 4, false)], |ch, c| {
+            deflate_chain(&m, ch, c)
+        });
+        assert_eq!((c.deflated_pages, c.invalid_pages), (0, 1));
+    }
+
+    #[test]
+    fn pfn_list_is_capped() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x80_0000)]).unwrap();
+        pattern(&m, 0x7ff, 0x77);
+        // MAX_PFNS_PER_CHAIN PFNs of page 0x400, then PFN 0x7ff past the cap.
+        let mut list = pfn_bytes(&vec![0x400; MAX_PFNS_PER_CHAIN]);
+        list.extend(pfn_bytes(&[0x7ff]));
+        m.write_slice(&list, GuestAddress(0x10_0000)).unwrap();
+        let c = run_one(&m, &[(0x10_0000, list.len() as u32, false)], |ch, c| {
+            inflate_chain(&m, ch, c)
+        });
+        assert_eq!(c.malformed_bytes, 4);
+        assert_eq!(page(&m, 0x7ff), vec![0x77; 4096]);
+    }
+
+    #[test]
+    fn discard_range_across_regions_and_holes() {
+        // Two regions with a hole between them.
+        let m = GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 0x10_0000),
+            (GuestAddress(0x20_0000), 0x10_0000),
+        ])
+        .unwrap();
+        m.write_slice(&[0xcc; 0x2000], GuestAddress(0xf_e000))
+            .unwrap();
+        m.write_slice(&[0xdd; 0x2000], GuestAddress(0x20_0000))
+            .unwrap();
+        // The last page of the first region, the hole, the first page of the second.
+        let d = discard_range(&m, 0xf_f000, 0x10_2000);
+        assert_eq!(
+            d,
+            Discarded {
+                done: 0x2000,
+                outside: 0x10_0000,
+                failed: 0
+            }
+        );
+        assert_eq!(read_bytes(&m, 0xf_e000, 0x1000), vec![0xcc; 0x1000]);
+        assert_eq!(read_bytes(&m, 0xf_f000, 0x1000), vec![0; 0x1000]);
+        assert_eq!(read_bytes(&m, 0x20_0000, 0x1000), vec![0; 0x1000]);
+        assert_eq!(read_bytes(&m, 0x20_1000, 0x1000), vec![0xdd; 0x1000]);
+        // Overflowing the address space.
+        let d = discard_range(&m, !0xfff, 0x10_0000);
+        assert_eq!(d.done, 0);
+        assert_eq!(d.outside, 0x10_0000);
+    }
+
+    #[test]
+    fn stats_parsing() {
+        let m = mem();
+        let mut buf = Vec::new();
+        for (tag, val) in [
+            (stat_tag::MEMFREE, 1u64 << 30),
+            (stat_tag::MEMTOT, 2 << 30),
+            (stat_tag::MEMFREE, 12345),
+            (99, 7),
+        ] {
+            buf.extend_from_slice(&tag.to_le_bytes());
+            buf.extend_from_slice(&val.to_le_bytes());
+        }
+        buf.extend_from_slice(&[9, 9, 9]); // a partial entry
+        m.write_slice(&buf, GuestAddress(0x8_0000)).unwrap();
+        // Split across two buffers in the middle of an entry.
+        let vq = MockSplitQueue::new(&m, 16);
+        add_chain(
+            &vq,
+            0,
+            &[
+                (0x8_0000, 15, false),
+                (0x8_000f, buf.len() as u32 - 15, false),
+            ],
+        );
+        let mut q: Queue = vq.create_queue().unwrap();
+        let (entries, ignored) = parse_stats(q.iter(&m).unwrap().next().unwrap());
+        assert_eq!(
+            entries,
+            vec![
+                (stat_tag::MEMFREE, 12345),
+                (stat_tag::MEMTOT, 2 << 30),
+                (99, 7)
+            ]
+        );
+        assert_eq!(ignored, 3);
+    }
+
+    #[test]
+    fn reporting_drops_whole_pages_only() {
+        let m = mem();
+        for pfn in 0xb0..0xb4 {
+            pattern(&m, pfn, 0x42);
+        }
+        // 0xb0_800..0xb3_800: only pages 0xb1 and 0xb2 are whole. A readable buffer and one
+        // outside memory are ignored.
+        let c = run_one(
+            &m,
+            &[
+                (0xb_0000, 0x1000, false),
+                (0xb_0800, 0x3000, true),
+                (0x40_0000, 0x2000, true),
+            ],
+            |ch, c| report_chain(&m, ch, c),
+        );
+        assert_eq!(page(&m, 0xb0), vec![0x42; 4096]);
+        assert_eq!(page(&m, 0xb1), vec![0; 4096]);
+        assert_eq!(page(&m, 0xb2), vec![0; 4096]);
+        assert_eq!(page(&m, 0xb3), vec![0x42; 4096]);
+        assert_eq!(c.reported_bytes, 0x2000);
+        assert_eq!(c.malformed_bytes, 0x1000);
+        assert_eq!(c.invalid_pages, 2);
+    }
+
+    #[test]
+    fn config_space() {
+        let mut b = Balloon::new(BalloonConfig::default()).unwrap();
+        let h = b.handle();
+        h.set_target_mib(3);
+        let mut d = [0u8; 8];
+        b.read_config(0, &mut d);
+        assert_eq!(d[..4], (3u32 * 256).to_le_bytes());
+        // The driver writes `actual`; `num_pages` is read-only.
+        b.write_config(0, &[0xff; 4]);
+        b.write_config(4, &512u32.to_le_bytes());
+        assert_eq!(h.actual_pages(), 512);
+        assert_eq!(h.actual_mib(), 2);
+        assert_eq!(h.target_pages(), 768);
+        // Byte writes and writes past the end.
+        b.write_config(7, &[1]);
+        b.write_config(u64::MAX, &[1, 2]);
+        assert_eq!(h.actual_pages(), 512 | (1 << 24));
+        h.set_target_mib(u64::MAX);
+        assert_eq!(h.target_pages(), u32::MAX);
+    }
+
+    #[test]
+    fn features_and_queue_count() {
+        let b = Balloon::new(BalloonConfig::default()).unwrap();
+        assert_eq!(b.queue_max_sizes().len(), 2);
+        assert_eq!(b.avail_features() & 0xff, 0);
+        let b = Balloon::new(BalloonConfig {
+            stats: true,
+            deflate_on_oom: true,
+            free_page_reporting: true,
+        })
+        .unwrap();
+        assert_eq!(b.queue_max_sizes().len(), 4);
+        assert_eq!(
+            b.avail_features() & 0xff,
+            feature::STATS_VQ | feature::DEFLATE_ON_OOM | feature::REPORTING
+        );
+    }
+
+    struct Running<'a> {
+        vqs: Vec<MockSplitQueue<'a, GuestMemoryMmap>>,
+        kicks: Vec<EventFd>,
+        irq: Arc<CountingInterrupt>,
+        dev: Balloon,
+    }
+
+    fn start(m: &GuestMemoryMmap, cfg: BalloonConfig, acked: u64, queues: u16) -> Running<'_> {
+        let vqs: Vec<_> = (0..queues)
+            .map(|i| MockSplitQueue::create(m, queue_base(i), 16))
+            .collect();
+        let aqs: Vec<_> = vqs
+            .iter()
+            .enumerate()
+            .map(|(i, vq)| active_queue(vq, i as u16))
+            .collect();
+        let kicks = aqs.iter().map(|q| q.kick.try_clone().unwrap()).collect();
+        let irq = Arc::new(CountingInterrupt::default());
+        let mut dev = Balloon::new(cfg).unwrap();
+        dev.activate(context(m, acked, aqs, &irq)).unwrap();
+        Running {
+            vqs,
+            kicks,
+            irq,
+            dev,
+        }
+    }
+
+    #[test]
+    fn running_balloon_inflates_and_reports_stats() {
+        let m = mem();
+        let cfg = BalloonConfig {
+            stats: true,
+            deflate_on_oom: false,
+            free_page_reporting: true,
+        };
+        let acked = features::COMMON | feature::STATS_VQ | feature::REPORTING;
+        let mut r = start(&m, cfg, acked, 4);
+        let h = r.dev.handle();
+
+        // The host sets a target: config interrupt.
+        h.set_target_mib(1);
+        assert_eq!(r.irq.count(InterruptCause::Config), 1);
+
+        // Inflate one page.
+        pattern(&m, 0x90, 0xab);
+        m.write_slice(&pfn_bytes(&[0x90]), GuestAddress(0x8_0000))
+            .unwrap();
+        add_chain(&r.vqs[0], 0, &[(0x8_0000, 4, false)]);
+        r.kicks[0].write(1).unwrap();
+        wait_until("inflate", || r.vqs[0].used().idx().load() == 1);
+        assert_eq!(page(&m, 0x90), vec![0; 4096]);
+        assert_eq!(h.counters().inflated_pages, 1);
+
+        // Deflate it.
+        add_chain(&r.vqs[1], 0, &[(0x8_0000, 4, false)]);
+        r.kicks[1].write(1).unwrap();
+        wait_until("deflate", || r.vqs[1].used().idx().load() == 1);
+        assert_eq!(h.counters().deflated_pages, 1);
+
+        // Statistics: kept, not returned, until the host asks.
+        let mut st = Vec::new();
+        st.extend_from_slice(&stat_tag::MEMFREE.to_le_bytes());
+        st.extend_from_slice(&4096u64.to_le_bytes());
+        m.write_slice(&st, GuestAddress(0x8_1000)).unwrap();
+        add_chain(&r.vqs[2], 0, &[(0x8_1000, 10, false)]);
+        r.kicks[2].write(1).unwrap();
+        wait_until("stats", || h.latest_stats().is_some());
+        let s = h.latest_stats().unwrap();
+        assert_eq!((s.get(stat_tag::MEMFREE), s.seq), (Some(4096), 1));
+        assert_eq!(r.vqs[2].used().idx().load(), 0);
+        h.request_stats();
+        wait_until("stats buffer back", || r.vqs[2].used().idx().load() == 1);
+        assert_eq!(used(&r.vqs[2]), vec![(0, 0)]);
+        // The driver refills it.
+        m.write_slice(&8192u64.to_le_bytes(), GuestAddress(0x8_1002))
+            .unwrap();
+        add_chain(&r.vqs[2], 0, &[(0x8_1000, 10, false)]);
+        r.kicks[2].write(1).unwrap();
+        wait_until("fresh stats", || {
+            h.latest_stats().is_some_and(|s| s.seq == 2)
+        });
+        assert_eq!(h.latest_stats().unwrap().get(stat_tag::MEMFREE), Some(8192));
+
+        // Free page reporting on queue 3.
+        pattern(&m, 0xc0, 0x99);
+        add_chain(&r.vqs[3], 0, &[(0xc_0000, 0x1000, true)]);
+        r.kicks[3].write(1).unwrap();
+        wait_until("report", || r.vqs[3].used().idx().load() == 1);
+        assert_eq!(page(&m, 0xc0), vec![0; 4096]);
+        assert_eq!(h.counters().reported_bytes, 0x1000);
+
+        // Reset: the worker stops, the target stays, no more interrupts.
+        r.dev.write_config(4, &7u32.to_le_bytes());
+        assert!(r.dev.reset());
+        assert!(r.dev.worker.is_none());
+        assert_eq!(h.actual_pages(), 0);
+        h.set_target_mib(2);
+        assert_eq!(r.irq.count(InterruptCause::Config), 1);
+        assert_eq!(h.target_pages(), 512);
+    }
+
+    #[test]
+    fn reporting_queue_follows_absent_stats_queue() {
+        let m = mem();
+        let cfg = BalloonConfig {
+            stats: true,
+            deflate_on_oom: false,
+            free_page_reporting: true,
+        };
+        // The driver did not take the statistics queue: reporting is queue 2.
+        let acked = features::COMMON | feature::REPORTING;
+        let r = start(&m, cfg, acked, 3);
+        pattern(&m, 0xc0, 0x99);
+        add_chain(&r.vqs[2], 0, &[(0xc_0000, 0x1000, true)]);
+        r.kicks[2].write(1).unwrap();
+        wait_until("report", || r.vqs[2].used().idx().load() == 1);
+        assert_eq!(page(&m, 0xc0), vec![0; 4096]);
+        assert!(r.dev.handle().latest_stats().is_none());
+    }
+
+    #[test]
+    fn missing_queues_fail_activation() {
+        let m = mem();
+        let irq = Arc::new(CountingInterrupt::default());
+        let vq = MockSplitQueue::new(&m, 16);
+        let mut dev = Balloon::new(BalloonConfig {
+            stats: true,
+            ..Default::default()
+        })
+        .unwrap();
+        let qs = vec![active_queue(&vq, 0), active_queue(&vq, 1)];
+        assert!(matches!(
+            dev.activate(context(&m, feature::STATS_VQ, qs, &irq)),
+            Err(ActivateError::MissingQueue(2))
+        ));
+        assert!(matches!(
+            dev.activate(context(&m, 0, vec![], &irq)),
+            Err(ActivateError::MissingQueue(0))
+        ));
+    }
+}
