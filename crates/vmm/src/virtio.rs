@@ -14,6 +14,7 @@ use vessel_virtio::VirtioDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_config::{DeviceConfigs, Transport};
+use crate::virtio_devices::DeviceHandles;
 use crate::error::{KvmContext, VmmError};
 
 /// Places virtio devices and records what the firmware tables must say about them.
@@ -22,6 +23,8 @@ pub struct VirtioManager {
     platform: PlatformDevices,
     /// One line per device for the log and `--stats`.
     placed: Vec<String>,
+    /// Handles on running devices (balloon target, statistics).
+    pub handles: DeviceHandles,
 }
 
 fn device_err(what: &str, e: impl std::fmt::Display) -> VmmError {
@@ -34,6 +37,7 @@ impl VirtioManager {
             mem,
             platform: PlatformDevices::default(),
             placed: Vec::new(),
+            handles: DeviceHandles::default(),
         }
     }
 
@@ -117,7 +121,9 @@ pub fn create(
     configs: &DeviceConfigs,
 ) -> Result<VirtioManager, VmmError> {
     let mut m = VirtioManager::new(mem.clone());
-    for planned in crate::virtio_devices::build(configs)? {
+    let (devices, handles) = crate::virtio_devices::build(configs)?;
+    m.handles = handles;
+    for planned in devices {
         m.add(vm, mmio_bus, planned.device, planned.transport)?;
     }
     for line in m.placed() {

@@ -2,6 +2,7 @@
 //! the transport each goes on.
 
 use vessel_virtio::VirtioDevice;
+use vessel_virtio_devices::{balloon, rng};
 
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::error::VmmError;
@@ -12,12 +13,42 @@ pub struct PlannedDevice {
     pub transport: Transport,
 }
 
-/// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon).
-pub fn build(configs: &DeviceConfigs) -> Result<Vec<PlannedDevice>, VmmError> {
-    if configs.is_empty() {
-        return Ok(Vec::new());
+/// Handles the VMM keeps on running devices (for the API and statistics).
+#[derive(Default)]
+pub struct DeviceHandles {
+    pub balloon: Option<balloon::BalloonHandle>,
+}
+
+fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {
+    PlannedDevice {
+        device: Box::new(device),
+        transport,
     }
-    Err(VmmError::Device(
-        "virtio devices are not available in this build yet".into(),
-    ))
+}
+
+/// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon).
+pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandles), VmmError> {
+    let mut out = Vec::new();
+    let mut handles = DeviceHandles::default();
+    if !configs.disks.is_empty() || !configs.nets.is_empty() || configs.vsock.is_some() {
+        return Err(VmmError::Device(
+            "virtio-blk, virtio-net and virtio-vsock are not available in this build yet".into(),
+        ));
+    }
+    if let Some(t) = configs.rng {
+        out.push(planned(rng::Rng::new(), t));
+    }
+    if let Some(b) = &configs.balloon {
+        let dev = balloon::Balloon::new(balloon::BalloonConfig {
+            stats: b.stats,
+            deflate_on_oom: b.deflate_on_oom,
+            free_page_reporting: true,
+        })
+        .map_err(|e| VmmError::Device(format!("virtio-balloon: {e}")))?;
+        let handle = dev.handle();
+        handle.set_target_mib(b.size_mib);
+        handles.balloon = Some(handle);
+        out.push(planned(dev, b.transport));
+    }
+    Ok((out, handles))
 }
