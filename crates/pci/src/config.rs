@@ -696,7 +696,11 @@ mod tests {
         );
         // Capability bodies are read-only but for the bits given as writable.
         c.write(0x48, &[0; 8]);
-        assert_eq!(c.read_u32(0x48), 0x00aa_5005, "id, next, RO byte, cleared byte");
+        assert_eq!(
+            c.read_u32(0x48),
+            0x00aa_5005,
+            "id, next, RO byte, cleared byte"
+        );
         assert_eq!(c.read_u32(0x4c), 0x00aa_aaaa, "body ends at 0x4f");
         // The list runs out of room rather than past the end.
         let err = c.add_capability(1, &[0; 200], &[]).unwrap_err();
