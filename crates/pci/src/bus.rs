@@ -247,7 +247,9 @@ impl PciConfigIo {
             return None;
         }
         let a = self.address;
-        let reg = u64::from(a & 0xfc) + offset;
+        // Bits 27:24 extend the register number past 0xff (AMD's extension, which Linux's
+        // PCI_CONF1_EXT_ADDRESS uses).
+        let reg = u64::from((a >> 16) & 0xf00 | a & 0xfc) + offset;
         Some((
             (a >> 16) as u8,
             ((a >> 11) & 0x1f) as u8,
@@ -497,10 +499,15 @@ mod tests {
         assert_eq!(b, [0x0b]);
         mmio.write(ecam(1, 0, 0x0c), &[0x10]);
         assert_eq!(io_read(&mut io, 1, 0, 0x0c, 1), [0x10]);
-        // ECAM reaches the extended space (zero for a conventional function).
+        // Both reach the extended space (zero for a conventional function), cf8 through
+        // bits 27:24 of the address.
         let mut d = [0x55u8; 4];
         mmio.read(ecam(1, 0, 0x100), &mut d);
         assert_eq!(d, [0; 4]);
+        io.write(0, &(cf8(1, 0, 0x00) | 1 << 24).to_le_bytes());
+        let mut d = [0x55u8; 4];
+        io.read(4, &mut d);
+        assert_eq!(d, [0; 4], "register 0x100, not the ids at 0");
     }
 
     #[test]

@@ -65,6 +65,7 @@ mod cap_type {
     pub const NOTIFY: u8 = 2;
     pub const ISR: u8 = 3;
     pub const DEVICE: u8 = 4;
+    pub const PCI_CFG: u8 = 5;
 }
 
 const ISR_QUEUE: u8 = 1;
@@ -149,7 +150,12 @@ pub struct VirtioPciDevice {
     config: ConfigSpace,
     msix: Msix,
     interrupt: Arc<VirtioPciInterrupt>,
+    /// Offset of the `VIRTIO_PCI_CAP_PCI_CFG` capability (BAR access through config space).
+    pci_cfg_cap: usize,
 }
+
+/// Offset of `pci_cfg_data` in the `VIRTIO_PCI_CAP_PCI_CFG` capability.
+const PCI_CFG_DATA: usize = 16;
 
 fn put(buf: &mut [u8], off: usize, bytes: &[u8]) {
     buf[off..off + bytes.len()].copy_from_slice(bytes);
@@ -217,6 +223,17 @@ impl VirtioPciDevice {
         let mut notify = virtio_cap_body(20, cap_type::NOTIFY, NOTIFY_OFFSET, NOTIFY_LEN).to_vec();
         notify.extend_from_slice(&NOTIFY_OFF_MULTIPLIER.to_le_bytes());
         config.add_capability(vessel_pci::config::cap_id::VENDOR_SPECIFIC, &notify, &[])?;
+        // The access window: bar, offset, length and data are the driver's to write.
+        let mut pci_cfg = virtio_cap_body(20, cap_type::PCI_CFG, 0, 0).to_vec();
+        pci_cfg.extend_from_slice(&[0; 4]);
+        let mut writable = [0xffu8; 18];
+        writable[..2].fill(0);
+        writable[3..6].fill(0);
+        let pci_cfg_cap = config.add_capability(
+            vessel_pci::config::cap_id::VENDOR_SPECIFIC,
+            &pci_cfg,
+            &writable,
+        )?;
 
         let interrupt = Arc::new(VirtioPciInterrupt::new(msix.clone(), queues));
         let common = VirtioCommon::new(device, mem, interrupt.clone())?;
@@ -225,7 +242,27 @@ impl VirtioPciDevice {
             config,
             msix,
             interrupt,
+            pci_cfg_cap,
         })
+    }
+
+    /// The BAR access the `VIRTIO_PCI_CAP_PCI_CFG` window selects, if the driver set up a
+    /// valid one: (offset in BAR0, length).
+    fn pci_cfg_access(&self) -> Option<(u64, usize)> {
+        let cap = self.pci_cfg_cap;
+        let bar = self.config.read_u32(cap + 4) as u8;
+        let offset = u64::from(self.config.read_u32(cap + 8));
+        let len = self.config.read_u32(cap + 12) as usize;
+        let valid = bar == 0
+            && matches!(len, 1 | 2 | 4)
+            && offset.is_multiple_of(len as u64)
+            && offset + len as u64 <= BAR0_SIZE;
+        valid.then_some((offset, len))
+    }
+
+    fn touches_pci_cfg_data(&self, offset: u64, len: usize) -> bool {
+        let start = (self.pci_cfg_cap + PCI_CFG_DATA) as u64;
+        offset < start + 4 && start < offset.saturating_add(len as u64)
     }
 
     pub fn common(&self) -> &VirtioCommon {
@@ -380,10 +417,38 @@ fn virtio_cap_body(cap_len: u8, cfg_type: u8, offset: u64, len: u64) -> [u8; 14]
 impl PciDevice for VirtioPciDevice {
     fn config_read(&mut self, offset: u64, data: &mut [u8]) {
         self.config.read(offset, data);
+        if !self.touches_pci_cfg_data(offset, data.len()) {
+            return;
+        }
+        // Reading pci_cfg_data reads the BAR (with its side effects, e.g. the ISR).
+        let mut window = [0u8; 4];
+        if let Some((bar_off, len)) = self.pci_cfg_access() {
+            self.bar_read(0, bar_off, &mut window[..len]);
+        }
+        let start = (self.pci_cfg_cap + PCI_CFG_DATA) as u64;
+        for (i, b) in data.iter_mut().enumerate() {
+            if let Some(w) = offset
+                .checked_add(i as u64)
+                .and_then(|o| o.checked_sub(start))
+                .and_then(|k| window.get(k as usize))
+            {
+                *b = *w;
+            }
+        }
     }
 
     fn config_write(&mut self, offset: u64, data: &[u8]) -> Vec<BarMove> {
-        self.config.write(offset, data)
+        let moves = self.config.write(offset, data);
+        if self.touches_pci_cfg_data(offset, data.len()) {
+            if let Some((bar_off, len)) = self.pci_cfg_access() {
+                let window = self
+                    .config
+                    .read_u32(self.pci_cfg_cap + PCI_CFG_DATA)
+                    .to_le_bytes();
+                self.bar_write(0, bar_off, &window[..len]);
+            }
+        }
+        moves
     }
 
     fn bars(&self) -> Vec<BarInfo> {
@@ -598,6 +663,7 @@ mod tests {
                 (cap_type::ISR, 0, 0x1000, 1, 0),
                 (cap_type::DEVICE, 0, 0x2000, 0x1000, 0),
                 (cap_type::NOTIFY, 0, 0x3000, 0x1000, NOTIFY_OFF_MULTIPLIER),
+                (cap_type::PCI_CFG, 0, 0, 0, 0),
             ]
         );
         let m = h.msix_cap();
@@ -801,6 +867,44 @@ mod tests {
     }
 
     #[test]
+    fn pci_cfg_window_reaches_bar0() {
+        let mut h = harness();
+        let cap = h.dev.pci_cfg_cap;
+        let select = |h: &mut Harness, off: u32, len: u32| {
+            h.cfg_write(cap + 8, &off.to_le_bytes());
+            h.cfg_write(cap + 12, &len.to_le_bytes());
+        };
+        // Device config through the window.
+        select(&mut h, DEVICE_CFG_OFFSET as u32, 4);
+        assert_eq!(h.cfg32(cap + 16), 0xddcc_bbaa);
+        // A status write through the window.
+        select(&mut h, 0x14, 1);
+        h.cfg_write(cap + 16, &[status::ACKNOWLEDGE]);
+        assert_eq!(h.status(), status::ACKNOWLEDGE);
+        assert_eq!(h.cfg32(cap + 16) as u8, status::ACKNOWLEDGE);
+        // ISR read through the window clears it.
+        h.dev.interrupt().trigger(InterruptCause::Config).unwrap();
+        select(&mut h, ISR_OFFSET as u32, 1);
+        assert_eq!(h.cfg32(cap + 16), 2);
+        assert_eq!(h.cfg32(cap + 16), 0);
+        // Invalid selections (bad length, misaligned, past the BAR, other BAR) do nothing.
+        for (off, len) in [(0x14u32, 3u32), (0x15, 2), (BAR0_SIZE as u32, 4), (0x14, 0)] {
+            select(&mut h, off, len);
+            h.cfg_write(cap + 16, &[0; 4]);
+            assert_eq!(h.status(), status::ACKNOWLEDGE);
+        }
+        select(&mut h, 0x14, 1);
+        h.cfg_write(cap + 4, &[2]);
+        h.cfg_write(cap + 16, &[0]);
+        assert_eq!(h.status(), status::ACKNOWLEDGE);
+        assert_eq!(
+            h.cfg32(cap) >> 24,
+            u32::from(cap_type::PCI_CFG),
+            "type is read-only"
+        );
+    }
+
+    #[test]
     fn odd_accesses_never_panic() {
         let mut h = harness();
         let offsets = [
@@ -824,10 +928,15 @@ mod tests {
         h.dev.read(0, &mut []);
         h.dev.read(ISR_OFFSET, &mut []);
         h.dev.write(0, &[]);
-        for off in [0u64, 0x3f, 0xfe, 0xff, 0x100, 0xfff] {
-            let mut d = [0u8; 4];
-            h.dev.config_read(off, &mut d);
-            h.dev.config_write(off, &[0xff; 4]);
+        // Every config offset, every width, all-ones and zeros (the pci_cfg window included).
+        for off in (0u64..0x104).chain([0xfff, u64::MAX - 1]) {
+            for len in [1usize, 2, 4] {
+                let mut d = vec![0u8; len];
+                h.dev.config_read(off, &mut d);
+                h.dev.config_write(off, &vec![0xff; len]);
+                h.dev.config_read(off, &mut d);
+                h.dev.config_write(off, &vec![0; len]);
+            }
         }
     }
 }
