@@ -111,6 +111,16 @@ impl VirtioCommon {
         self.device_features_sel = sel;
     }
 
+    /// The device feature select register (readable in virtio-pci's common config).
+    pub fn device_features_sel(&self) -> u32 {
+        self.device_features_sel
+    }
+
+    /// The driver feature select register.
+    pub fn driver_features_sel(&self) -> u32 {
+        self.driver_features_sel
+    }
+
     /// The 32 feature bits selected by the device feature select register.
     pub fn device_features(&self) -> u32 {
         let all = self.device.avail_features() | features::VERSION_1;

@@ -25,3 +25,4 @@ pub use device::{
     DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
 };
 pub use mmio::MmioTransport;
+pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
