@@ -30,11 +30,7 @@ pub struct Disk {
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl Disk {
-    pub fn open(
-        path: &Path,
-        read_only: bool,
-        serial: Option<&str>,
-    ) -> Result<Disk, BlockError> {
+    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Disk, BlockError> {
         let p = || PathBuf::from(path);
         let file = OpenOptions::new()
             .read(true)
@@ -199,8 +195,8 @@ impl Disk {
     }
 
     fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-        let off =
-            libc::off_t::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         let len =
             libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: plain syscall on a file descriptor we own; no memory is passed.

@@ -22,13 +22,13 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use virtio_bindings::virtio_blk::{
-    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
-    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
-};
 use vessel_virtio::worker::{consume, EventHandler, Worker, WorkerControl};
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_WRITE_ZEROES,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -277,12 +277,8 @@ impl VirtioDevice for Block {
             self.stats.clone(),
         );
         let handler = BlockHandler { kick, server };
-        let worker = Worker::spawn(
-            self.name(),
-            &[(kick_fd, KICK_TOKEN, EventSet::IN)],
-            handler,
-        )
-        .map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(self.name(), &[(kick_fd, KICK_TOKEN, EventSet::IN)], handler)
+            .map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         // Serve whatever the driver made available before the kick event was watched.
         first_kick.write(1).map_err(ActivateError::Worker)?;

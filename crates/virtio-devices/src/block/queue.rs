@@ -11,14 +11,14 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use vessel_virtio::worker::notify_if_needed;
+use vessel_virtio::{DeviceHealth, VirtioInterrupt};
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
-use vessel_virtio::worker::notify_if_needed;
-use vessel_virtio::{DeviceHealth, VirtioInterrupt};
 
 use super::disk::{Disk, IOV_MAX};
 use super::request::{disk_range, parse, Op, Request, Seg, DWZ_SEGMENT_LEN};
@@ -376,4 +376,3 @@ fn status_of(r: &std::io::Result<()>) -> u8 {
         }
     }
 }
-

@@ -201,7 +201,7 @@ pub fn parse(
             let ok = !writable
                 && !disk.read_only()
                 && total > 0
-                && total % DWZ_SEGMENT_LEN == 0
+                && total.is_multiple_of(DWZ_SEGMENT_LEN)
                 && n_segs <= u64::from(MAX_DISCARD_SEG);
             ok.then_some(if req_type == VIRTIO_BLK_T_DISCARD {
                 Op::Discard
@@ -227,7 +227,7 @@ pub fn parse(
 /// The byte offset of `sectors` at `sector` if the whole range lies on the disk and `len` is a
 /// whole number of sectors.
 pub fn disk_range(sector: u64, len: u64, disk: &Disk) -> Option<u64> {
-    if len % SECTOR_SIZE != 0 {
+    if !len.is_multiple_of(SECTOR_SIZE) {
         return None;
     }
     let off = sector.checked_mul(SECTOR_SIZE)?;
