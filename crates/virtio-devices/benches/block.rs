@@ -170,7 +170,9 @@ fn run_worker(blk: &mut Block, m: &GuestMemoryMmap, size: u32, offs: &[u64]) -> 
             m.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
                 .unwrap();
             std::sync::atomic::fence(Ordering::SeqCst);
-            let event: u16 = m.load(GuestAddress(AVAIL_EVENT), Ordering::Acquire).unwrap();
+            let event: u16 = m
+                .load(GuestAddress(AVAIL_EVENT), Ordering::Acquire)
+                .unwrap();
             // vring_need_event
             if avail_idx.wrapping_sub(event).wrapping_sub(1) < avail_idx.wrapping_sub(old) {
                 kick.write(1).unwrap();
@@ -210,10 +212,11 @@ fn run_worker(blk: &mut Block, m: &GuestMemoryMmap, size: u32, offs: &[u64]) -> 
 /// Plain `pread`s of the same sizes and offsets into the same destination buffers.
 fn run_pread(file: &File, m: &GuestMemoryMmap, size: u32, offs: &[u64]) -> Duration {
     let fd = file.as_raw_fd();
-    let base = GuestMemoryBackend::get_slice(m, GuestAddress(DATA), usize::from(QSIZE) * size as usize)
-        .unwrap()
-        .ptr_guard_mut()
-        .as_ptr();
+    let base =
+        GuestMemoryBackend::get_slice(m, GuestAddress(DATA), usize::from(QSIZE) * size as usize)
+            .unwrap()
+            .ptr_guard_mut()
+            .as_ptr();
     let start = Instant::now();
     for (i, &off) in offs.iter().enumerate() {
         let slot = i % usize::from(QSIZE);
@@ -270,7 +273,10 @@ fn main() {
         ("4 KiB random read", 4096, true, 256 * 400),
         ("1 MiB sequential read", 1 << 20, false, 256 * 8),
     ];
-    println!("virtio-blk, {} MiB file in the page cache, queue of {QSIZE}", FILE_SIZE >> 20);
+    println!(
+        "virtio-blk, {} MiB file in the page cache, queue of {QSIZE}",
+        FILE_SIZE >> 20
+    );
     for (name, size, random, n) in cases {
         let offs = offsets(n, u64::from(size), random);
         // Best of 3, alternating, to damp noise from a shared machine.

@@ -127,7 +127,15 @@ impl Disk {
             // SAFETY: the caller guarantees the iovecs point to valid memory; `cnt` iovecs
             // exist from `ptr` on.
             let n = unsafe {
-                if write {
+                if cnt == 1 {
+                    // One buffer: the plain call is a little cheaper.
+                    let v = *ptr;
+                    if write {
+                        libc::pwrite(fd, v.iov_base, v.iov_len, off)
+                    } else {
+                        libc::pread(fd, v.iov_base, v.iov_len, off)
+                    }
+                } else if write {
                     libc::pwritev(fd, ptr, cnt as libc::c_int, off)
                 } else {
                     libc::preadv(fd, ptr, cnt as libc::c_int, off)

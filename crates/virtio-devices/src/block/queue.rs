@@ -193,7 +193,14 @@ impl QueueServer {
         let mut ok = true;
         'build: for r in &self.reqs[range.clone()] {
             for s in &self.segs[r.segs.clone()] {
-                // A segment may span several guest memory regions.
+                if s.host != 0 {
+                    iovs.push(libc::iovec {
+                        iov_base: s.host as *mut libc::c_void,
+                        iov_len: s.len as usize,
+                    });
+                    continue;
+                }
+                // A segment spanning several guest memory regions.
                 for slice in GuestMemoryBackend::get_slices(&self.mem, s.addr, s.len as usize) {
                     let Ok(slice) = slice else {
                         ok = false;
@@ -347,7 +354,9 @@ impl QueueServer {
         for r in &self.reqs {
             let mut used = r.used_len();
             if let Some(st) = r.status {
-                if self.mem.write_obj(r.code, st).is_err() {
+                let written = GuestMemoryBackend::get_slice(&self.mem, st, 1)
+                    .and_then(|s| Ok(s.write_obj(r.code, 0)?));
+                if written.is_err() {
                     used = 0;
                 }
             }

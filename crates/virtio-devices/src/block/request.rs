@@ -26,6 +26,18 @@ pub const DWZ_SEGMENT_LEN: u64 = 16;
 pub struct Seg {
     pub addr: GuestAddress,
     pub len: u32,
+    /// Host address of the buffer when it lies in one guest memory region (the usual case),
+    /// 0 when it spans regions (then resolved again piece by piece).
+    pub host: usize,
+}
+
+/// Checks that `[addr, addr + len)` is guest memory; returns its host address if contiguous
+/// there, 0 if it spans regions.
+fn resolve(mem: &GuestMemoryMmap, addr: GuestAddress, len: u32) -> Option<usize> {
+    if let Ok(s) = GuestMemoryBackend::get_slice(mem, addr, len as usize) {
+        return Some(s.ptr_guard_mut().as_ptr() as usize);
+    }
+    GuestMemoryBackend::check_range(mem, addr, len as usize).then_some(0)
 }
 
 /// What a request asks for, once checked.
@@ -124,7 +136,10 @@ pub fn parse(
     if descs.len() < 2 || first.is_write_only() || first.len() < HEADER_LEN {
         return fail(VIRTIO_BLK_S_IOERR);
     }
-    let Ok(hdr) = mem.read_obj::<[u8; 16]>(first.addr()) else {
+    let hdr = GuestMemoryBackend::get_slice(mem, first.addr(), HEADER_LEN as usize)
+        .and_then(|s| Ok(s.read_obj::<[u8; 16]>(0)?))
+        .or_else(|_| mem.read_obj::<[u8; 16]>(first.addr()));
+    let Ok(hdr) = hdr else {
         return fail(VIRTIO_BLK_S_IOERR);
     };
     let req_type = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
@@ -157,14 +172,14 @@ pub fn parse(
             segs.truncate(at);
             return fail(VIRTIO_BLK_S_IOERR);
         };
-        if !GuestMemoryBackend::check_range(mem, addr, len as usize) {
+        let Some(host) = resolve(mem, addr, len) else {
             segs.truncate(at);
             return fail(VIRTIO_BLK_S_IOERR);
-        }
+        };
         readable |= !w;
         writable |= w;
         total += u64::from(len);
-        segs.push(Seg { addr, len });
+        segs.push(Seg { addr, len, host });
     }
     let mut req = Request {
         head,
