@@ -1,0 +1,230 @@
+//! The backing image of a virtio-blk device: a raw file or a host block device, opened once,
+//! with the few operations requests need (vectored positional reads and writes straight
+//! between the file and guest memory, `fdatasync`, hole punching and zeroing).
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::{BlockError, SECTOR_SIZE};
+
+/// Bytes of a device serial (`VIRTIO_BLK_ID_BYTES`).
+pub const SERIAL_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES as usize;
+
+/// Most iovecs one `preadv`/`pwritev` takes (Linux `UIO_MAXIOV`).
+pub const IOV_MAX: usize = 1024;
+
+/// An open disk image.
+#[derive(Debug)]
+pub struct Disk {
+    file: File,
+    /// Usable size in bytes: the file size rounded down to a whole sector.
+    size: u64,
+    read_only: bool,
+    serial: [u8; SERIAL_BYTES],
+}
+
+/// Zeros written where the file system cannot punch or zero a range itself.
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+
+impl Disk {
+    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Disk, BlockError> {
+        let p = || PathBuf::from(path);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| BlockError::Open { path: p(), source })?;
+        let meta = file
+            .metadata()
+            .map_err(|source| BlockError::Open { path: p(), source })?;
+        let ft = meta.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(BlockError::NotAFileOrBlockDevice { path: p() });
+        }
+        // `seek(End)` gives the size of block devices too (their metadata length is 0).
+        let raw_size = (&file)
+            .seek(SeekFrom::End(0))
+            .map_err(|source| BlockError::Size { path: p(), source })?;
+        let size = raw_size - raw_size % SECTOR_SIZE;
+        if size != raw_size {
+            log::warn!(
+                "{}: size {raw_size} is not a multiple of {SECTOR_SIZE}; the last {} bytes are not used",
+                path.display(),
+                raw_size - size
+            );
+        }
+        if size == 0 {
+            return Err(BlockError::Empty { path: p() });
+        }
+        let serial = match serial {
+            Some(s) => {
+                if s.len() > SERIAL_BYTES {
+                    return Err(BlockError::SerialTooLong(s.to_string()));
+                }
+                s.to_string()
+            }
+            // Stable for the same file: device and inode (or the device number of a block
+            // device), at most 20 characters.
+            None if ft.is_block_device() => format!("vb{:x}", meta.rdev()),
+            None => format!("vb{:x}-{:x}", meta.dev(), meta.ino()),
+        };
+        let mut id = [0u8; SERIAL_BYTES];
+        let n = serial.len().min(SERIAL_BYTES);
+        id[..n].copy_from_slice(&serial.as_bytes()[..n]);
+        Ok(Disk {
+            file,
+            size,
+            read_only,
+            serial: id,
+        })
+    }
+
+    /// Usable size in bytes (a multiple of [`SECTOR_SIZE`]).
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+
+    /// The serial as `GET_ID` returns it: NUL-padded to 20 bytes.
+    pub fn serial(&self) -> &[u8; SERIAL_BYTES] {
+        &self.serial
+    }
+
+    /// Reads (`write == false`) or writes the whole of `iovs` at `offset`, going on after
+    /// short transfers. `iovs` is consumed (advanced) in place.
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must describe memory that stays mapped, and that may be written (for a
+    /// read), for the duration of the call.
+    pub unsafe fn transfer(
+        &self,
+        iovs: &mut [libc::iovec],
+        mut offset: u64,
+        write: bool,
+    ) -> io::Result<u64> {
+        let fd = self.file.as_raw_fd();
+        let mut total = 0u64;
+        let mut at = 0usize;
+        loop {
+            // Zero-length iovecs at the front would make the call return 0.
+            while at < iovs.len() && iovs[at].iov_len == 0 {
+                at += 1;
+            }
+            if at == iovs.len() {
+                return Ok(total);
+            }
+            let cnt = (iovs.len() - at).min(IOV_MAX);
+            let off = libc::off_t::try_from(offset)
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let ptr = iovs[at..].as_ptr();
+            // SAFETY: the caller guarantees the iovecs point to valid memory; `cnt` iovecs
+            // exist from `ptr` on.
+            let n = unsafe {
+                if cnt == 1 {
+                    // One buffer: the plain call is a little cheaper.
+                    let v = *ptr;
+                    if write {
+                        libc::pwrite(fd, v.iov_base, v.iov_len, off)
+                    } else {
+                        libc::pread(fd, v.iov_base, v.iov_len, off)
+                    }
+                } else if write {
+                    libc::pwritev(fd, ptr, cnt as libc::c_int, off)
+                } else {
+                    libc::preadv(fd, ptr, cnt as libc::c_int, off)
+                }
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if n == 0 {
+                // The file shrank under us.
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            let mut n = n as usize;
+            total += n as u64;
+            offset += n as u64;
+            // Skip what was transferred.
+            while n > 0 {
+                let Some(v) = iovs.get_mut(at) else { break };
+                if n < v.iov_len {
+                    // SAFETY: stays within the iovec's buffer since `n < iov_len`.
+                    v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                    v.iov_len -= n;
+                    n = 0;
+                } else {
+                    n -= v.iov_len;
+                    at += 1;
+                }
+            }
+        }
+    }
+
+    /// Makes every completed write durable.
+    pub fn flush(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Discards `[offset, offset + len)`: punches a hole, or writes zeros where the host
+    /// cannot.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        if self.fallocate(mode, offset, len).is_ok() {
+            return Ok(());
+        }
+        self.write_zeros(offset, len)
+    }
+
+    /// Zeroes `[offset, offset + len)`, deallocating it if `unmap` (hole punching reads back as
+    /// zeros), falling back to writing zeros.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if unmap {
+            let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+            if self.fallocate(mode, offset, len).is_ok() {
+                return Ok(());
+            }
+        }
+        let mode = libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE;
+        if self.fallocate(mode, offset, len).is_ok() {
+            return Ok(());
+        }
+        self.write_zeros(offset, len)
+    }
+
+    fn fallocate(&self, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+        let off = libc::off_t::try_from(offset)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let len =
+            libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: plain syscall on a file descriptor we own; no memory is passed.
+        let r = unsafe { libc::fallocate(self.file.as_raw_fd(), mode, off, len) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn write_zeros(&self, mut offset: u64, len: u64) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))?;
+        while offset < end {
+            let n = (end - offset).min(ZEROS.len() as u64) as usize;
+            self.file.write_all_at(&ZEROS[..n], offset)?;
+            offset += n as u64;
+        }
+        Ok(())
+    }
+}
