@@ -12,7 +12,7 @@ use crate::cache::{
 use crate::deb::{self, Apt};
 use crate::error::IoContext;
 use crate::init::{build_initramfs, InitramfsModule, INIT_SCRIPT};
-use crate::modules::{read_module, resolve, strip_signature, ModuleIndex};
+use crate::modules::{drop_btf, read_module, resolve, strip_signature, ModuleIndex};
 use crate::tools::{check_needs, APT_TOOLS};
 use crate::{ImageError, ImagePaths};
 
@@ -52,6 +52,7 @@ fn recipe() -> Vec<(&'static str, String)> {
         // Modules go into the initramfs without their signatures (see
         // `modules::strip_signature`).
         ("modules.signatures", "stripped".to_string()),
+        ("modules.btf", "dropped".to_string()),
     ]
 }
 
@@ -159,6 +160,7 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
     for m in &res.order {
         let mut data = read_module(&modules_root.join(&m.path))?;
         stripped += usize::from(strip_signature(&mut data));
+        drop_btf(&mut data);
         modules.push(InitramfsModule {
             name: m.name.clone(),
             data,
@@ -166,8 +168,9 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
     }
     let names: Vec<&str> = res.order.iter().map(|m| m.name.as_str()).collect();
     apt.log(&format!(
-        "debian: {} modules ({stripped} signatures stripped: the kernel would hash and \
-         RSA-verify each at load, which takes minutes where guest kernel code is emulated): {}",
+        "debian: {} modules ({stripped} signatures stripped and BTF dropped: at load the kernel \
+         would hash and RSA-verify each and parse the vmlinux BTF, minutes where guest kernel \
+         code is emulated): {}",
         names.len(),
         names.join(" ")
     ));

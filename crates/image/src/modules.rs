@@ -266,6 +266,51 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
     }
 }
 
+/// Empties a module's `.BTF` section (its size becomes 0), returning whether it had one.
+///
+/// Loading a module with BTF makes the kernel parse the whole vmlinux BTF first (once, over
+/// four minutes where guest kernel code is emulated); a module whose `.BTF` is empty is loaded
+/// without it (the module's types are then not visible to BPF). The bytes stay in the file;
+/// only the section header changes. Anything that is not a well-formed little-endian ELF64 is
+/// left alone.
+pub fn drop_btf(module: &mut [u8]) -> bool {
+    let Some(at) = btf_section_header(module) else {
+        return false;
+    };
+    // sh_size is at offset 0x20 of an Elf64_Shdr.
+    module[at + 0x20..at + 0x28].fill(0);
+    true
+}
+
+/// Offset of the section header of `.BTF` with a non-zero size.
+fn btf_section_header(elf: &[u8]) -> Option<usize> {
+    if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+        return None;
+    }
+    let shoff = usize::try_from(le_u64(elf, 0x28)?).ok()?;
+    let shentsize = usize::from(le_u16(elf, 0x3a)?);
+    let shnum = usize::from(le_u16(elf, 0x3c)?);
+    let shstrndx = usize::from(le_u16(elf, 0x3e)?);
+    if shentsize < 0x40 {
+        return None;
+    }
+    let header = |i: usize| -> Option<usize> {
+        let at = shoff.checked_add(i.checked_mul(shentsize)?)?;
+        (at.checked_add(0x40)? <= elf.len()).then_some(at)
+    };
+    let strtab = header(shstrndx)?;
+    let str_off = usize::try_from(le_u64(elf, strtab + 0x18)?).ok()?;
+    let str_size = usize::try_from(le_u64(elf, strtab + 0x20)?).ok()?;
+    let names = elf.get(str_off..str_off.checked_add(str_size)?)?;
+    (0..shnum).find_map(|i| {
+        let at = header(i)?;
+        let name_off = le_u32(elf, at)? as usize;
+        let name = names.get(name_off..)?;
+        let is_btf = name.starts_with(b".BTF\0");
+        (is_btf && le_u64(elf, at + 0x20)? != 0).then_some(at)
+    })
+}
+
 /// The marker the kernel's `sign-file` appends after a module signature.
 const SIG_MARKER: &[u8] = b"~Module signature appended~\n";
 /// `struct module_signature`: algo, hash, id_type, signer_len, key_id_len,
@@ -456,6 +501,77 @@ kernel/needs_ghost.ko: kernel/ghost.ko
         m.extend_from_slice(&(sig.len() as u32).to_be_bytes());
         m.extend_from_slice(SIG_MARKER);
         m
+    }
+
+    /// A little-endian ELF64 with sections: null, .text, .BTF, .shstrtab.
+    fn elf_with_btf() -> Vec<u8> {
+        let names = b"\0.text\0.BTF\0.shstrtab\0";
+        let mut e = vec![0u8; 0x40];
+        e[0..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2;
+        e[5] = 1;
+        let str_off = e.len() as u64;
+        e.extend_from_slice(names);
+        while e.len() % 8 != 0 {
+            e.push(0);
+        }
+        let shoff = e.len() as u64;
+        let mut sh = |name: u32, off: u64, size: u64| {
+            let mut h = vec![0u8; 0x40];
+            h[0..4].copy_from_slice(&name.to_le_bytes());
+            h[0x18..0x20].copy_from_slice(&off.to_le_bytes());
+            h[0x20..0x28].copy_from_slice(&size.to_le_bytes());
+            h
+        };
+        let headers = [
+            sh(0, 0, 0),
+            sh(1, 0, 16),
+            sh(7, 0, 1234),
+            sh(12, str_off, names.len() as u64),
+        ];
+        for h in headers {
+            e.extend_from_slice(&h);
+        }
+        e[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
+        e[0x3a..0x3c].copy_from_slice(&0x40u16.to_le_bytes());
+        e[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
+        e[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
+        e
+    }
+
+    #[test]
+    fn btf_section_is_emptied() {
+        let mut m = elf_with_btf();
+        let at = btf_section_header(&m).expect(".BTF found");
+        assert_eq!(le_u64(&m, at + 0x20), Some(1234));
+        let before = m.clone();
+        assert!(drop_btf(&mut m));
+        assert_eq!(le_u64(&m, at + 0x20), Some(0));
+        // Only the size changed; a second pass finds nothing to do.
+        assert_eq!(m.iter().zip(&before).filter(|(a, b)| a != b).count(), 2);
+        assert!(!drop_btf(&mut m));
+    }
+
+    #[test]
+    fn btf_drop_leaves_other_files_alone() {
+        for mut bad in [
+            Vec::new(),
+            b"not an elf at all".to_vec(),
+            {
+                let mut e = elf_with_btf();
+                e[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes());
+                e
+            },
+            {
+                let mut e = elf_with_btf();
+                e.truncate(e.len() - 10);
+                e
+            },
+        ] {
+            let before = bad.clone();
+            assert!(!drop_btf(&mut bad));
+            assert_eq!(bad, before);
+        }
     }
 
     #[test]

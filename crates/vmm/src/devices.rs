@@ -19,7 +19,6 @@ use crate::error::{KvmContext, VmmError};
 use crate::terminal;
 
 pub struct LegacyDevices {
-    pub io_bus: Arc<Bus>,
     serial: Arc<Mutex<Serial>>,
     stdio: bool,
 }
@@ -42,7 +41,13 @@ fn insert(
 }
 
 impl LegacyDevices {
-    pub fn new(vm: &VmFd, target: &SerialTarget, exit: &ExitSignal) -> Result<Self, VmmError> {
+    /// Creates the legacy devices and puts them on the port bus `io`.
+    pub fn new(
+        vm: &VmFd,
+        io: &mut Bus,
+        target: &SerialTarget,
+        exit: &ExitSignal,
+    ) -> Result<Self, VmmError> {
         let out: Box<dyn Write + Send> = match target {
             SerialTarget::Stdio => Box::new(std::io::stdout()),
             SerialTarget::Null => Box::new(std::io::sink()),
@@ -58,29 +63,22 @@ impl LegacyDevices {
             ),
         };
         let serial = Arc::new(Mutex::new(Serial::new(irqfd(vm, ports::COM1_IRQ)?, out)));
-        let mut io = Bus::new();
-        insert(&mut io, serial.clone(), ports::COM1, Serial::PORT_LEN)?;
+        insert(io, serial.clone(), ports::COM1, Serial::PORT_LEN)?;
         insert(
-            &mut io,
+            io,
             Arc::new(Mutex::new(I8042::new(exit.clone()))),
             ports::I8042_DATA,
             5,
         )?;
+        insert(io, Arc::new(Mutex::new(Rtc::new())), ports::RTC_INDEX, 2)?;
         insert(
-            &mut io,
-            Arc::new(Mutex::new(Rtc::new())),
-            ports::RTC_INDEX,
-            2,
-        )?;
-        insert(
-            &mut io,
+            io,
             Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
             ports::ACPI_SLEEP_CONTROL,
             4,
         )?;
-        insert(&mut io, Arc::new(Mutex::new(DebugPort::default())), 0x80, 1)?;
+        insert(io, Arc::new(Mutex::new(DebugPort::default())), 0x80, 1)?;
         Ok(LegacyDevices {
-            io_bus: Arc::new(io),
             serial,
             stdio: matches!(target, SerialTarget::Stdio),
         })

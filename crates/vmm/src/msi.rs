@@ -3,6 +3,7 @@
 //! table is replaced as a whole on every change, so this module keeps the full table: the
 //! default PIC/IO-APIC routes plus every MSI route.
 
+use std::io;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use kvm_bindings::{
@@ -11,6 +12,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VmFd;
 use vessel_memory::ports::MSI_GSI_START;
+use vessel_pci::{MsiController, MsiMessage};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::error::VmmError;
@@ -20,11 +22,38 @@ const IOAPIC_PINS: u32 = 24;
 /// KVM's limit on GSIs (KVM_MAX_IRQ_ROUTES is 4096 on x86).
 const MAX_GSI: u32 = 4096;
 
-/// An MSI message: what the guest wrote into an MSI-X table entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MsiMessage {
-    pub address: u64,
-    pub data: u32,
+/// The MSI-X vectors of one PCI function: a GSI and an irqfd each, routed as the guest
+/// programs the function's MSI-X table.
+pub struct FunctionMsi {
+    routes: Arc<MsiRoutes>,
+    vectors: Vec<(u32, EventFd)>,
+}
+
+impl FunctionMsi {
+    /// Allocates `count` vectors.
+    pub fn new(routes: Arc<MsiRoutes>, count: u16) -> Result<Self, VmmError> {
+        let vectors = (0..count)
+            .map(|_| routes.allocate())
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(FunctionMsi { routes, vectors })
+    }
+}
+
+impl MsiController for FunctionMsi {
+    fn update(&self, vector: u16, msg: Option<MsiMessage>) {
+        if let Some((gsi, _)) = self.vectors.get(usize::from(vector)) {
+            if let Err(e) = self.routes.set(*gsi, msg) {
+                log::warn!("MSI-X vector {vector}: {e}");
+            }
+        }
+    }
+
+    fn trigger(&self, vector: u16, _msg: MsiMessage) -> io::Result<()> {
+        match self.vectors.get(usize::from(vector)) {
+            Some((_, evt)) => evt.write(1),
+            None => Ok(()),
+        }
+    }
 }
 
 struct Table {

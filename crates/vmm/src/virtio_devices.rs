@@ -1,8 +1,10 @@
 //! Turns the configured virtio devices into device models (`vessel-virtio-devices`), with
 //! the transport each goes on.
 
+use std::sync::Arc;
 use vessel_virtio::VirtioDevice;
-use vessel_virtio_devices::{balloon, rng};
+
+use vessel_virtio_devices::{balloon, block, rng};
 
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::error::VmmError;
@@ -17,6 +19,8 @@ pub struct PlannedDevice {
 #[derive(Default)]
 pub struct DeviceHandles {
     pub balloon: Option<balloon::BalloonHandle>,
+    /// Per-disk statistics, in `--disk` order.
+    pub disks: Vec<Arc<block::BlockStats>>,
 }
 
 fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {
@@ -30,9 +34,19 @@ fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> Planned
 pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandles), VmmError> {
     let mut out = Vec::new();
     let mut handles = DeviceHandles::default();
-    if !configs.disks.is_empty() || !configs.nets.is_empty() || configs.vsock.is_some() {
+    for d in &configs.disks {
+        let dev = block::Block::new(block::BlockConfig {
+            path: d.path.clone(),
+            read_only: d.read_only,
+            serial: d.serial.clone(),
+        })
+        .map_err(|e| VmmError::Device(format!("--disk {}: {e}", d.path.display())))?;
+        handles.disks.push(dev.stats());
+        out.push(planned(dev, d.transport));
+    }
+    if !configs.nets.is_empty() || configs.vsock.is_some() {
         return Err(VmmError::Device(
-            "virtio-blk, virtio-net and virtio-vsock are not available in this build yet".into(),
+            "virtio-net and virtio-vsock are not available in this build yet".into(),
         ));
     }
     if let Some(t) = configs.rng {

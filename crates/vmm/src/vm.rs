@@ -300,7 +300,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
                 && vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
         }
     };
-    let vm = create_vm(&kvm)?;
+    let vm = Arc::new(create_vm(&kvm)?);
     let mem = create_guest_memory(&layout)?;
     register_memory(&vm, &mem)?;
     let mut fds = Vec::with_capacity(config.cpus as usize);
@@ -309,9 +309,11 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     }
 
     let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
-    let devices = LegacyDevices::new(&vm, &config.serial, &exit)?;
+    let mut io_bus = Bus::new();
     let mut mmio_bus = Bus::new();
-    let virtio = crate::virtio::create(&vm, &mem, &mut mmio_bus, &config.devices)?;
+    let devices = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
+    let virtio = crate::virtio::create(&vm, &mem, &mut io_bus, &mut mmio_bus, &config.devices)?;
+    let io_bus = Arc::new(io_bus);
     let mmio_bus = Arc::new(mmio_bus);
 
     let nested_params = nested.then(|| nested_params(&fds[0]));
@@ -335,7 +337,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         .kvm("KVM_GET_SUPPORTED_CPUID")?;
     let stop = Arc::new(AtomicBool::new(false));
     let shared = VcpuShared {
-        io_bus: devices.io_bus.clone(),
+        io_bus: io_bus.clone(),
         mmio_bus: mmio_bus.clone(),
         exit: exit.clone(),
         stop: stop.clone(),
@@ -493,7 +495,7 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
         to_first_run,
         wall,
         vcpus: reports,
-        unhandled_io: devices.io_bus.unhandled(),
+        unhandled_io: io_bus.unhandled(),
         unhandled_mmio: mmio_bus.unhandled(),
         profile,
         kernel: kernel_source,
