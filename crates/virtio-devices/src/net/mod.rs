@@ -1,1 +1,295 @@
-//! virtio-net.
+//! virtio-net (device type 1) backed by a TAP interface: one TAP queue (file descriptor) per
+//! virtqueue pair, frames moved with `readv`/`writev` straight between the TAP and guest
+//! memory (the 12-byte `virtio_net_hdr_v1` is shared with the TAP's `IFF_VNET_HDR`), merged
+//! receive buffers, checksum/TSO offloads, and a control queue for multiqueue.
+//!
+//! - [`tap`]: opening `/dev/net/tun` and the TAP ioctls;
+//! - `worker`: the queue processing (RX, TX, control queue) in the device's worker thread.
+
+pub mod tap;
+mod worker;
+
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use vessel_virtio::worker::Worker;
+use vessel_virtio::{
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+};
+use virtio_bindings::virtio_net as vn;
+use vmm_sys_util::epoll::EventSet;
+
+pub use tap::{Tap, TapError};
+
+use worker::{NetHandler, QueuePair, Tokens};
+
+/// Size of the header in front of every frame (`virtio_net_hdr_v1`, `num_buffers` included).
+pub const VNET_HDR_LEN: usize = 12;
+/// Size of each virtqueue.
+pub const QUEUE_SIZE: u16 = 256;
+/// Most queue pairs a device may have (one TAP queue each).
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+
+/// Feature bits of virtio-net (section 5.1.3).
+pub mod feature {
+    use super::vn;
+    pub const CSUM: u64 = 1 << vn::VIRTIO_NET_F_CSUM;
+    pub const GUEST_CSUM: u64 = 1 << vn::VIRTIO_NET_F_GUEST_CSUM;
+    pub const MAC: u64 = 1 << vn::VIRTIO_NET_F_MAC;
+    pub const GUEST_TSO4: u64 = 1 << vn::VIRTIO_NET_F_GUEST_TSO4;
+    pub const GUEST_TSO6: u64 = 1 << vn::VIRTIO_NET_F_GUEST_TSO6;
+    pub const GUEST_ECN: u64 = 1 << vn::VIRTIO_NET_F_GUEST_ECN;
+    pub const GUEST_UFO: u64 = 1 << vn::VIRTIO_NET_F_GUEST_UFO;
+    pub const HOST_TSO4: u64 = 1 << vn::VIRTIO_NET_F_HOST_TSO4;
+    pub const HOST_TSO6: u64 = 1 << vn::VIRTIO_NET_F_HOST_TSO6;
+    pub const HOST_ECN: u64 = 1 << vn::VIRTIO_NET_F_HOST_ECN;
+    pub const HOST_UFO: u64 = 1 << vn::VIRTIO_NET_F_HOST_UFO;
+    pub const MRG_RXBUF: u64 = 1 << vn::VIRTIO_NET_F_MRG_RXBUF;
+    pub const STATUS: u64 = 1 << vn::VIRTIO_NET_F_STATUS;
+    pub const CTRL_VQ: u64 = 1 << vn::VIRTIO_NET_F_CTRL_VQ;
+    pub const MQ: u64 = 1 << vn::VIRTIO_NET_F_MQ;
+}
+
+/// What to build a virtio-net device from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    /// TAP interface name (attached to if it exists, created otherwise).
+    pub tap: String,
+    /// Guest MAC address; a random locally administered one when absent.
+    pub mac: Option<[u8; 6]>,
+    /// Number of RX/TX queue pairs (1 to [`MAX_QUEUE_PAIRS`]).
+    pub queue_pairs: u16,
+}
+
+/// Why a virtio-net device could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("queue_pairs must be between 1 and {MAX_QUEUE_PAIRS}, not {0}")]
+    QueuePairs(u16),
+    #[error("MAC {0:02x?} is a multicast address")]
+    MulticastMac([u8; 6]),
+}
+
+/// A random, unicast, locally administered MAC address.
+pub fn random_mac() -> [u8; 6] {
+    let mut mac = [0u8; 6];
+    // SAFETY: writes at most `mac.len()` bytes into `mac`; the result is checked below.
+    let n = unsafe { libc::getrandom(mac.as_mut_ptr().cast(), mac.len(), 0) };
+    if n != mac.len() as isize {
+        // Fall back on something that differs between processes and calls.
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let v = (t as u64) ^ (u64::from(std::process::id()) << 24);
+        mac.copy_from_slice(&v.to_le_bytes()[..6]);
+    }
+    mac[0] = (mac[0] & !0x01) | 0x02;
+    mac
+}
+
+/// Features the device offers for `queue_pairs` queue pairs.
+pub fn offered_features(queue_pairs: u16) -> u64 {
+    let mut f = features::COMMON
+        | feature::MAC
+        | feature::STATUS
+        | feature::CSUM
+        | feature::GUEST_CSUM
+        | feature::GUEST_TSO4
+        | feature::GUEST_TSO6
+        | feature::GUEST_ECN
+        | feature::HOST_TSO4
+        | feature::HOST_TSO6
+        | feature::HOST_ECN
+        | feature::MRG_RXBUF;
+    if queue_pairs > 1 {
+        f |= feature::CTRL_VQ | feature::MQ;
+    }
+    f
+}
+
+/// The TAP offload flags matching what the driver accepted to receive.
+pub fn tap_offload_flags(acked: u64) -> u32 {
+    use tap::offload;
+    let mut flags = 0;
+    if acked & feature::GUEST_CSUM != 0 {
+        flags |= offload::CSUM;
+        if acked & feature::GUEST_TSO4 != 0 {
+            flags |= offload::TSO4;
+        }
+        if acked & feature::GUEST_TSO6 != 0 {
+            flags |= offload::TSO6;
+        }
+        if acked & feature::GUEST_ECN != 0 && flags & (offload::TSO4 | offload::TSO6) != 0 {
+            flags |= offload::TSO_ECN;
+        }
+        if acked & feature::GUEST_UFO != 0 {
+            flags |= offload::UFO;
+        }
+    }
+    flags
+}
+
+/// A virtio-net device on a TAP.
+pub struct Net {
+    mac: [u8; 6],
+    queue_pairs: u16,
+    taps: Vec<Arc<Tap>>,
+    queue_sizes: Vec<u16>,
+    avail_features: u64,
+    config: [u8; 12],
+    worker: Option<Worker>,
+}
+
+impl Net {
+    /// Opens (or creates) the TAP, one queue per queue pair.
+    pub fn new(cfg: NetConfig) -> Result<Net, NetError> {
+        if cfg.queue_pairs == 0 || cfg.queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(NetError::QueuePairs(cfg.queue_pairs));
+        }
+        let taps = Tap::open_queues(&cfg.tap, usize::from(cfg.queue_pairs))?;
+        Net::with_taps(taps, cfg.mac)
+    }
+
+    /// Builds the device on already opened TAP queues (one per queue pair).
+    pub fn with_taps(taps: Vec<Tap>, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        let queue_pairs = u16::try_from(taps.len()).unwrap_or(u16::MAX);
+        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(NetError::QueuePairs(queue_pairs));
+        }
+        let mac = match mac {
+            Some(m) if m[0] & 1 != 0 => return Err(NetError::MulticastMac(m)),
+            Some(m) => m,
+            None => random_mac(),
+        };
+        let mut queue_sizes = vec![QUEUE_SIZE; 2 * usize::from(queue_pairs)];
+        if queue_pairs > 1 {
+            queue_sizes.push(64); // control queue
+        }
+        // virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu (unused: no F_MTU).
+        let mut config = [0u8; 12];
+        config[..6].copy_from_slice(&mac);
+        config[6..8].copy_from_slice(&(vn::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        config[8..10].copy_from_slice(&queue_pairs.to_le_bytes());
+        Ok(Net {
+            mac,
+            queue_pairs,
+            taps: taps.into_iter().map(Arc::new).collect(),
+            queue_sizes,
+            avail_features: offered_features(queue_pairs),
+            config,
+            worker: None,
+        })
+    }
+
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    pub fn tap_name(&self) -> &str {
+        self.taps.first().map(|t| t.name()).unwrap_or("")
+    }
+
+    pub fn queue_pairs(&self) -> u16 {
+        self.queue_pairs
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        device_type::NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config, offset, data);
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        self.worker = None;
+        let acked = ctx.acked_features;
+        let offload = tap_offload_flags(acked);
+        let multi = self.queue_pairs > 1;
+        let mut pairs = Vec::new();
+        for (p, tap) in self.taps.iter().enumerate() {
+            let rx_idx = (2 * p) as u16;
+            let rx = ctx.take_queue(rx_idx);
+            let tx = ctx.take_queue(rx_idx + 1);
+            if p == 0 {
+                if rx.is_none() {
+                    return Err(ActivateError::MissingQueue(0));
+                }
+                if tx.is_none() {
+                    return Err(ActivateError::MissingQueue(1));
+                }
+            }
+            tap.set_offload(offload)
+                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            if multi {
+                // Only the first pair receives until the driver asks for more.
+                tap.set_queue_enabled(p == 0)
+                    .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            }
+            pairs.push(QueuePair::new(p as u16, tap.clone(), rx, tx));
+        }
+        let ctrl = if acked & feature::CTRL_VQ != 0 {
+            ctx.take_queue(2 * self.queue_pairs)
+        } else {
+            None
+        };
+        let mut fds = Vec::new();
+        for pair in &pairs {
+            let p = u64::from(pair.index);
+            if let Some(q) = &pair.rx {
+                fds.push((q.kick.as_raw_fd(), Tokens::rx_kick(p), EventSet::IN));
+            }
+            if let Some(q) = &pair.tx {
+                fds.push((q.kick.as_raw_fd(), Tokens::tx_kick(p), EventSet::IN));
+            }
+            if pair.rx.is_some() {
+                // Pairs other than the first wait for `VQ_PAIRS_SET`.
+                let ev = if p == 0 {
+                    EventSet::IN
+                } else {
+                    EventSet::empty()
+                };
+                fds.push((pair.tap.as_raw_fd(), Tokens::tap(p), ev));
+            }
+        }
+        if let Some(q) = &ctrl {
+            fds.push((q.kick.as_raw_fd(), Tokens::CTRL, EventSet::IN));
+        }
+        let handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl);
+        let worker = Worker::spawn("virtio-net", &fds, handler).map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
+    }
+
+    fn reset(&mut self) -> bool {
+        self.worker = None;
+        if self.queue_pairs > 1 {
+            for tap in &self.taps {
+                let _ = tap.set_queue_enabled(true);
+            }
+        }
+        true
+    }
+
+    fn name(&self) -> &'static str {
+        "virtio-net"
+    }
+}
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,602 @@
+//! The virtio-net worker: RX (TAP readable → guest receive buffers, merged when negotiated),
+//! TX (transmit queue kick → `writev` to the TAP) and the control queue.
+//!
+//! Frames never go through an intermediate buffer: each descriptor of a chain is turned into
+//! an `iovec` pointing into guest memory and the TAP is read or written with one
+//! `readv`/`writev`. When the guest has no receive buffers the TAP is taken out of the epoll
+//! set until the driver kicks the receive queue again, so a full guest never busy-loops us.
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::Arc;
+
+use vessel_virtio::worker::{consume, drain_queue, notify_if_needed, EventHandler, WorkerControl};
+use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
+use virtio_bindings::virtio_net as vn;
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::{feature, Tap, VNET_HDR_LEN};
+
+/// Most `iovec`s one `readv`/`writev` takes (`IOV_MAX`).
+const MAX_IOVS: usize = 1024;
+/// Largest frame a guest may send: a 64 KiB GSO frame plus Ethernet/VLAN header and ours.
+const MAX_TX_LEN: usize = 65_562 + VNET_HDR_LEN;
+/// Receive capacity gathered before reading a frame when GSO frames may arrive.
+const RX_GSO_CAPACITY: usize = 65_562 + VNET_HDR_LEN;
+/// Receive capacity gathered before reading a frame otherwise (1518-byte VLAN frame).
+const RX_MTU_CAPACITY: usize = 1518 + VNET_HDR_LEN;
+/// Frames handled per event before going back to epoll (fairness between queues).
+const BUDGET: usize = 256;
+
+/// Epoll tokens of the worker's descriptors.
+pub(super) struct Tokens;
+
+impl Tokens {
+    pub(super) const CTRL: u64 = 1 << 40;
+    pub(super) fn rx_kick(pair: u64) -> u64 {
+        4 * pair
+    }
+    pub(super) fn tx_kick(pair: u64) -> u64 {
+        4 * pair + 1
+    }
+    pub(super) fn tap(pair: u64) -> u64 {
+        4 * pair + 2
+    }
+}
+
+/// Host views (`iovec`s) of guest buffers, rebuilt for every frame.
+pub(super) struct IoVecs(Vec<libc::iovec>);
+
+// SAFETY: the raw pointers in the vector point into guest memory, which is shared with the
+// guest anyway; they are only dereferenced (by `readv`/`writev`) while the worker holds the
+// `GuestMemoryMmap` that maps them, on whatever thread owns the vector.
+unsafe impl Send for IoVecs {}
+
+impl IoVecs {
+    pub(super) fn new() -> Self {
+        IoVecs(Vec::with_capacity(64))
+    }
+}
+
+/// Appends the host addresses of every descriptor of `chain` to `iovs`, all of which must be
+/// device-writable (`writable`) or all device-readable. Returns the chain's total length, or
+/// `None` for a malformed chain (wrong direction, outside guest memory, too many buffers),
+/// in which case `iovs` may hold a partial list that the caller truncates.
+pub(super) fn collect_iovs(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    writable: bool,
+    iovs: &mut IoVecs,
+) -> Option<usize> {
+    let mut total = 0usize;
+    for desc in chain {
+        if desc.is_write_only() != writable {
+            return None;
+        }
+        let len = desc.len() as usize;
+        if len == 0 {
+            continue;
+        }
+        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len) {
+            let slice = slice.ok()?;
+            if iovs.0.len() >= MAX_IOVS {
+                return None;
+            }
+            let guard = slice.ptr_guard_mut();
+            iovs.0.push(libc::iovec {
+                iov_base: guard.as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        total = total.checked_add(len)?;
+    }
+    Some(total)
+}
+
+/// Copies `data` into the buffers described by `iovs`, starting `offset` bytes in.
+fn write_iovs(iovs: &[libc::iovec], mut offset: usize, data: &[u8]) {
+    let mut data = data;
+    for iov in iovs {
+        if data.is_empty() {
+            return;
+        }
+        if offset >= iov.iov_len {
+            offset -= iov.iov_len;
+            continue;
+        }
+        let n = data.len().min(iov.iov_len - offset);
+        // SAFETY: `iov` was built by `collect_iovs` from a guest memory slice of `iov_len`
+        // bytes that stays mapped while the worker holds the memory; `offset + n <= iov_len`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), iov.iov_base.cast::<u8>().add(offset), n);
+        }
+        data = &data[n..];
+        offset = 0;
+    }
+}
+
+/// One RX/TX queue pair and its TAP queue.
+pub(super) struct QueuePair {
+    pub(super) index: u16,
+    pub(super) tap: Arc<Tap>,
+    pub(super) rx: Option<ActiveQueue>,
+    pub(super) tx: Option<ActiveQueue>,
+    /// Whether the TAP is in the epoll set (false while the guest has no receive buffers).
+    tap_polled: bool,
+    /// Whether the driver uses this pair (multiqueue: `VQ_PAIRS_SET`).
+    enabled: bool,
+}
+
+impl QueuePair {
+    pub(super) fn new(
+        index: u16,
+        tap: Arc<Tap>,
+        rx: Option<ActiveQueue>,
+        tx: Option<ActiveQueue>,
+    ) -> Self {
+        QueuePair {
+            index,
+            tap,
+            tap_polled: rx.is_some() && index == 0,
+            enabled: index == 0,
+            rx,
+            tx,
+        }
+    }
+}
+
+/// Counters, for logs and tests.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct NetStats {
+    pub rx_frames: u64,
+    pub rx_bytes: u64,
+    pub tx_frames: u64,
+    pub tx_bytes: u64,
+    /// Chains completed with length 0 because they were malformed.
+    pub bad_chains: u64,
+    /// Frames the TAP refused.
+    pub tx_errors: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Rx {
+    Delivered,
+    TapEmpty,
+    NoBuffers,
+    Broken,
+}
+
+pub(super) struct NetHandler {
+    mem: GuestMemoryMmap,
+    mrg_rxbuf: bool,
+    mq: bool,
+    rx_capacity: usize,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    health: DeviceHealth,
+    pub(super) pairs: Vec<QueuePair>,
+    ctrl: Option<ActiveQueue>,
+    iovs: IoVecs,
+    /// (head, length, first iovec) of the chains gathered for the frame being received.
+    rx_chains: Vec<(u16, usize, usize)>,
+    pub(super) stats: NetStats,
+}
+
+impl NetHandler {
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        acked: u64,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        health: DeviceHealth,
+        pairs: Vec<QueuePair>,
+        ctrl: Option<ActiveQueue>,
+    ) -> Self {
+        let gso = feature::GUEST_TSO4 | feature::GUEST_TSO6 | feature::GUEST_UFO;
+        NetHandler {
+            mem,
+            mrg_rxbuf: acked & feature::MRG_RXBUF != 0,
+            mq: acked & feature::MQ != 0,
+            rx_capacity: if acked & gso != 0 {
+                RX_GSO_CAPACITY
+            } else {
+                RX_MTU_CAPACITY
+            },
+            interrupt,
+            health,
+            pairs,
+            ctrl,
+            iovs: IoVecs::new(),
+            rx_chains: Vec::new(),
+            stats: NetStats::default(),
+        }
+    }
+
+    /// Receives one frame from the TAP of pair `p` into the guest's receive buffers.
+    fn rx_frame(&mut self, p: usize) -> Rx {
+        let mem = &self.mem;
+        let pair = &mut self.pairs[p];
+        let Some(rxq) = pair.rx.as_mut() else {
+            return Rx::TapEmpty;
+        };
+        let q = &mut rxq.queue;
+        let qindex = rxq.index;
+        let iovs = &mut self.iovs;
+        let chains = &mut self.rx_chains;
+        iovs.0.clear();
+        chains.clear();
+        let mut capacity = 0usize;
+        let need = if self.mrg_rxbuf { self.rx_capacity } else { 1 };
+        while capacity < need && iovs.0.len() < MAX_IOVS {
+            if !self.mrg_rxbuf && !chains.is_empty() {
+                break;
+            }
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.health
+                        .mark_broken(&format_args!("queue {qindex}: {e}"));
+                    return Rx::Broken;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let start = iovs.0.len();
+            match collect_iovs(mem, chain, true, iovs) {
+                Some(len) if len >= VNET_HDR_LEN => {
+                    chains.push((head, len, start));
+                    capacity += len;
+                }
+                _ => {
+                    iovs.0.truncate(start);
+                    self.stats.bad_chains += 1;
+                    if let Err(e) = q.add_used(mem, head, 0) {
+                        self.health
+                            .mark_broken(&format_args!("queue {qindex}: {e}"));
+                        return Rx::Broken;
+                    }
+                }
+            }
+        }
+        // A ring full of buffers is all the driver will ever give: use it.
+        let ring_full = chains.len() >= usize::from(q.size());
+        if chains.is_empty() || (capacity < need && !ring_full) {
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            return Rx::NoBuffers;
+        }
+        // SAFETY: every iovec points into mapped guest memory (see `collect_iovs`) and the
+        // count is bounded by `MAX_IOVS`; the result is checked.
+        let n = unsafe {
+            libc::readv(
+                pair.tap.as_raw_fd(),
+                iovs.0.as_ptr(),
+                iovs.0.len() as libc::c_int,
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::WouldBlock {
+                log::warn!("virtio-net: reading the TAP: {e}");
+            }
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            return Rx::TapEmpty;
+        }
+        let n = n as usize;
+        // Hand the frame out across as many chains as it filled.
+        let mut left = n;
+        let mut used = 0usize;
+        for &(_, len, _) in chains.iter() {
+            if left == 0 && used > 0 {
+                break;
+            }
+            left = left.saturating_sub(len);
+            used += 1;
+        }
+        for _ in used..chains.len() {
+            q.go_to_previous_position();
+        }
+        // num_buffers (the last field of virtio_net_hdr_v1): the TAP leaves it alone.
+        let first_iov = chains[0].2;
+        write_iovs(&iovs.0[first_iov..], 10, &(used as u16).to_le_bytes());
+        let mut left = n;
+        for &(head, len, _) in &chains[..used] {
+            let this = left.min(len);
+            left -= this;
+            if let Err(e) = q.add_used(mem, head, this as u32) {
+                self.health
+                    .mark_broken(&format_args!("queue {qindex}: {e}"));
+                return Rx::Broken;
+            }
+        }
+        self.stats.rx_frames += 1;
+        self.stats.rx_bytes += n.saturating_sub(VNET_HDR_LEN) as u64;
+        Rx::Delivered
+    }
+
+    /// Moves frames from the TAP of pair `p` to the guest until either runs dry.
+    pub(super) fn process_rx(&mut self, p: usize, ctl: &mut dyn TapPoll) {
+        if !self.pairs[p].enabled || self.pairs[p].rx.is_none() || self.health.is_broken() {
+            return;
+        }
+        let bad_before = self.stats.bad_chains;
+        let mut delivered = 0;
+        let mut budget = BUDGET;
+        while budget > 0 {
+            match self.rx_frame(p) {
+                Rx::Delivered => {
+                    delivered += 1;
+                    budget -= 1;
+                }
+                Rx::TapEmpty | Rx::Broken => break,
+                Rx::NoBuffers => {
+                    let pair = &mut self.pairs[p];
+                    let Some(rxq) = pair.rx.as_mut() else { break };
+                    match enable_notification_past_avail(&mut rxq.queue, &self.mem) {
+                        Ok(true) => continue, // the driver added buffers meanwhile
+                        Ok(false) => {
+                            // Wait for the driver's kick instead of spinning on the TAP.
+                            if pair.tap_polled {
+                                ctl.set_tap_polled(
+                                    &pair.tap,
+                                    Tokens::tap(u64::from(pair.index)),
+                                    false,
+                                );
+                                pair.tap_polled = false;
+                            }
+                            break;
+                        }
+                        Err(e) => {
+                            self.health
+                                .mark_broken(&format_args!("queue {}: {e}", rxq.index));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if delivered > 0 || self.stats.bad_chains != bad_before {
+            if let Some(rxq) = self.pairs[p].rx.as_mut() {
+                notify_if_needed(
+                    &mut rxq.queue,
+                    rxq.index,
+                    &self.mem,
+                    self.interrupt.as_ref(),
+                );
+            }
+        }
+    }
+
+    /// The driver added receive buffers to pair `p`.
+    pub(super) fn rx_kick(&mut self, p: usize, ctl: &mut dyn TapPoll) {
+        let pair = &mut self.pairs[p];
+        let Some(rxq) = pair.rx.as_mut() else { return };
+        consume(&rxq.kick);
+        if !pair.enabled {
+            return;
+        }
+        if pair.tap_polled {
+            // We are not waiting for buffers: spare the driver its kicks.
+            let _ = rxq.queue.disable_notification(&self.mem);
+        } else {
+            ctl.set_tap_polled(&pair.tap, Tokens::tap(u64::from(pair.index)), true);
+            pair.tap_polled = true;
+        }
+        self.process_rx(p, ctl);
+    }
+
+    /// Sends every frame the driver queued on pair `p`.
+    pub(super) fn process_tx(&mut self, p: usize) {
+        let mem = &self.mem;
+        let pair = &mut self.pairs[p];
+        let Some(txq) = pair.tx.as_mut() else { return };
+        consume(&txq.kick);
+        let tap = &pair.tap;
+        let iovs = &mut self.iovs;
+        let stats = &mut self.stats;
+        drain_queue(
+            &mut txq.queue,
+            txq.index,
+            mem,
+            self.interrupt.as_ref(),
+            &self.health,
+            |chain| {
+                iovs.0.clear();
+                match collect_iovs(mem, chain, false, iovs) {
+                    Some(len) if (VNET_HDR_LEN..=MAX_TX_LEN).contains(&len) => {
+                        // SAFETY: the iovecs point into mapped guest memory (see
+                        // `collect_iovs`), at most `MAX_IOVS` of them; the result is checked.
+                        let n = unsafe {
+                            libc::writev(
+                                tap.as_raw_fd(),
+                                iovs.0.as_ptr(),
+                                iovs.0.len() as libc::c_int,
+                            )
+                        };
+                        if n < 0 {
+                            log::debug!("virtio-net: TAP write: {}", io::Error::last_os_error());
+                            stats.tx_errors += 1;
+                        } else {
+                            stats.tx_frames += 1;
+                            stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+                        }
+                    }
+                    _ => stats.bad_chains += 1,
+                }
+                0
+            },
+        );
+    }
+
+    /// Serves the control queue.
+    pub(super) fn process_ctrl(&mut self, ctl: &mut dyn TapPoll) {
+        let Some(cq) = self.ctrl.as_mut() else { return };
+        consume(&cq.kick);
+        let mem = &self.mem;
+        let pairs = &mut self.pairs;
+        let mq = self.mq;
+        let stats = &mut self.stats;
+        let mut enable = None;
+        drain_queue(
+            &mut cq.queue,
+            cq.index,
+            mem,
+            self.interrupt.as_ref(),
+            &self.health,
+            |chain| {
+                let (ack, new_pairs) = ctrl_command(mem, chain.clone(), mq, pairs.len());
+                if new_pairs.is_some() {
+                    enable = new_pairs;
+                }
+                match ack.and_then(|a| write_ack(mem, chain, a)) {
+                    Some(()) => 1,
+                    None => {
+                        stats.bad_chains += 1;
+                        0
+                    }
+                }
+            },
+        );
+        if let Some(n) = enable {
+            self.set_active_pairs(n, ctl);
+        }
+    }
+
+    /// Uses the first `n` queue pairs for receiving (attaching their TAP queues) and detaches
+    /// the others.
+    pub(super) fn set_active_pairs(&mut self, n: usize, ctl: &mut dyn TapPoll) {
+        for p in 0..self.pairs.len() {
+            let on = p < n;
+            let pair = &mut self.pairs[p];
+            if pair.enabled == on {
+                continue;
+            }
+            pair.enabled = on;
+            if let Err(e) = pair.tap.set_queue_enabled(on) {
+                log::warn!("virtio-net: {e}");
+            }
+            if pair.rx.is_some() && pair.tap_polled != on {
+                ctl.set_tap_polled(&pair.tap, Tokens::tap(p as u64), on);
+                pair.tap_polled = on;
+            }
+            if on {
+                self.process_rx(p, ctl);
+            }
+        }
+    }
+}
+
+/// Asks the driver to notify once it makes buffers available beyond those already there
+/// (even those the device looked at and put back because they were not enough). Returns
+/// true if the driver added buffers meanwhile.
+fn enable_notification_past_avail(
+    q: &mut virtio_queue::Queue,
+    mem: &GuestMemoryMmap,
+) -> Result<bool, virtio_queue::Error> {
+    let saved = q.next_avail();
+    let avail = q.avail_idx(mem, std::sync::atomic::Ordering::Acquire)?;
+    // `enable_notification` publishes (and compares with) the next index to serve: make
+    // that the current available index for the call.
+    q.set_next_avail(avail.0);
+    let r = q.enable_notification(mem);
+    q.set_next_avail(saved);
+    r
+}
+
+/// Decodes a control command; returns the ack (`None` for a malformed chain) and, for
+/// `VQ_PAIRS_SET`, the number of pairs to use.
+fn ctrl_command(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    mq: bool,
+    max_pairs: usize,
+) -> (Option<u8>, Option<usize>) {
+    let Ok(mut reader) = chain.reader(mem) else {
+        return (None, None);
+    };
+    let mut cmd = [0u8; 2];
+    if io::Read::read_exact(&mut reader, &mut cmd).is_err() {
+        return (None, None);
+    }
+    let ok = vn::VIRTIO_NET_OK as u8;
+    let err = vn::VIRTIO_NET_ERR as u8;
+    match (u32::from(cmd[0]), u32::from(cmd[1])) {
+        (vn::VIRTIO_NET_CTRL_MQ, vn::VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET) => {
+            let mut v = [0u8; 2];
+            if !mq || io::Read::read_exact(&mut reader, &mut v).is_err() {
+                return (Some(err), None);
+            }
+            let n = usize::from(u16::from_le_bytes(v));
+            if n == 0 || n > max_pairs {
+                (Some(err), None)
+            } else {
+                (Some(ok), Some(n))
+            }
+        }
+        // We receive everything the TAP gives; filters are accepted and have no effect.
+        (vn::VIRTIO_NET_CTRL_RX, _)
+        | (vn::VIRTIO_NET_CTRL_MAC, _)
+        | (vn::VIRTIO_NET_CTRL_VLAN, _) => (Some(ok), None),
+        (vn::VIRTIO_NET_CTRL_ANNOUNCE, vn::VIRTIO_NET_CTRL_ANNOUNCE_ACK) => (Some(ok), None),
+        _ => (Some(err), None),
+    }
+}
+
+fn write_ack(
+    mem: &GuestMemoryMmap,
+    chain: DescriptorChain<&GuestMemoryMmap>,
+    ack: u8,
+) -> Option<()> {
+    // The ack is the first (normally only) device-writable byte.
+    let desc = chain.into_iter().find(|d| d.is_write_only())?;
+    if desc.len() == 0 {
+        return None;
+    }
+    mem.write_obj(ack, desc.addr()).ok()
+}
+
+/// How the handler starts and stops watching a TAP (the worker's epoll, or a test double).
+pub(super) trait TapPoll {
+    fn set_tap_polled(&mut self, tap: &Tap, token: u64, polled: bool);
+}
+
+impl TapPoll for WorkerControl {
+    fn set_tap_polled(&mut self, tap: &Tap, token: u64, polled: bool) {
+        let events = if polled {
+            EventSet::IN
+        } else {
+            EventSet::empty()
+        };
+        if let Err(e) = self.modify(tap.as_raw_fd(), token, events) {
+            log::warn!("virtio-net: cannot change TAP polling: {e}");
+        }
+    }
+}
+
+impl EventHandler for NetHandler {
+    fn handle_event(
+        &mut self,
+        token: u64,
+        _events: EventSet,
+        ctl: &mut WorkerControl,
+    ) -> io::Result<()> {
+        if token == Tokens::CTRL {
+            self.process_ctrl(ctl);
+            return Ok(());
+        }
+        let p = (token / 4) as usize;
+        if p >= self.pairs.len() {
+            return Ok(());
+        }
+        match token % 4 {
+            0 => self.rx_kick(p, ctl),
+            1 => self.process_tx(p),
+            2 => self.process_rx(p, ctl),
+            _ => {}
+        }
+        Ok(())
+    }
+}
