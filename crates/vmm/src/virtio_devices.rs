@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use vessel_virtio::VirtioDevice;
 
-use vessel_virtio_devices::{balloon, block, rng};
+use vessel_virtio_devices::{balloon, block, net, rng};
 
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::error::VmmError;
@@ -44,9 +44,18 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         handles.disks.push(dev.stats());
         out.push(planned(dev, d.transport));
     }
-    if !configs.nets.is_empty() || configs.vsock.is_some() {
+    for n in &configs.nets {
+        let dev = net::Net::new(net::NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac,
+            queue_pairs: n.queue_pairs,
+        })
+        .map_err(|e| VmmError::Device(format!("--net tap={}: {e}", n.tap)))?;
+        out.push(planned(dev, n.transport));
+    }
+    if configs.vsock.is_some() {
         return Err(VmmError::Device(
-            "virtio-net and virtio-vsock are not available in this build yet".into(),
+            "virtio-vsock is not available in this build yet".into(),
         ));
     }
     if let Some(t) = configs.rng {
