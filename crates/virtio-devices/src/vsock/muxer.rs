@@ -473,7 +473,7 @@ impl Muxer {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.local));
-        let stream = match UnixStream::connect(&path) {
+        let stream = match connect_nonblocking(std::path::Path::new(&path)) {
             Ok(s) => s,
             Err(e) => {
                 log::debug!("virtio-vsock: guest connect to {path:?}: {e}");
@@ -481,10 +481,6 @@ impl Muxer {
                 return;
             }
         };
-        if stream.set_nonblocking(true).is_err() {
-            self.queue_rst_for(h);
-            return;
-        }
         let id = self.alloc_id();
         self.conns
             .insert(key, Conn::new(id, stream, State::Established, h));
@@ -667,11 +663,13 @@ impl Muxer {
                 }
             };
             let Some(chain) = chain else {
+                if let Ok(true) = self.rx.queue.enable_notification(&self.mem) {
+                    continue; // the driver added buffers meanwhile
+                }
                 c.rx_wait = true;
                 if !self.rx_waiters.contains(&key) {
                     self.rx_waiters.push(key);
                 }
-                let _ = self.rx.queue.enable_notification(&self.mem);
                 break;
             };
             let head = chain.head_index();
@@ -759,7 +757,9 @@ impl Muxer {
                 }
             };
             let Some(chain) = chain else {
-                let _ = self.rx.queue.enable_notification(&self.mem);
+                if let Ok(true) = self.rx.queue.enable_notification(&self.mem) {
+                    continue; // the driver added buffers meanwhile
+                }
                 break;
             };
             let head = chain.head_index();
@@ -832,6 +832,51 @@ impl Muxer {
         }
         self.flush_ctrl();
     }
+}
+
+/// Connects to a Unix stream socket without ever blocking: a listener whose backlog is full
+/// refuses (`EAGAIN`) instead of stalling the worker.
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::{FromRawFd, OwnedFd};
+    // SAFETY: all-zero is a valid `sockaddr_un`.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a `sockaddr_un` of the size given; the result is checked.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
 }
 
 /// Parses `CONNECT <port>` (the newline already stripped, a trailing `\r` tolerated).

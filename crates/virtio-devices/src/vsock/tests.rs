@@ -224,6 +224,46 @@ fn host_initiated_connection_relays_both_ways() {
 }
 
 #[test]
+fn guest_refusing_a_host_connection_closes_it() {
+    let m = mem();
+    let mut g = Guest::start(&m);
+    let mut client = UnixStream::connect(&g.uds).unwrap();
+    client.write_all(b"CONNECT 99\n").unwrap();
+    let (req, _) = g.recv();
+    assert_eq!(req.op, op::REQUEST);
+    g.send(guest_hdr(99, req.src_port, op::RST), &[]);
+    let mut b = [0u8; 8];
+    client.set_read_timeout(Some(TIMEOUT)).unwrap();
+    assert_eq!(client.read(&mut b).unwrap(), 0, "no OK line, just the end");
+}
+
+#[test]
+fn device_returns_credit_as_the_host_consumes() {
+    let m = mem();
+    let mut g = Guest::start(&m);
+    let mut path = g.uds.clone().into_os_string();
+    path.push("_5002");
+    let listener = UnixListener::bind(&path).unwrap();
+    g.send(guest_hdr(701, 5002, op::REQUEST), &[]);
+    let (h, _) = g.recv();
+    assert_eq!(
+        (h.op, h.buf_alloc, h.fwd_cnt),
+        (op::RESPONSE, muxer::CONN_BUF, 0)
+    );
+    let mut server = accept_within(&listener);
+    let chunk: Vec<u8> = (0..16384u32).map(|i| (i % 251) as u8).collect();
+    for _ in 0..5 {
+        g.send(guest_hdr(701, 5002, op::RW), &chunk);
+    }
+    // A quarter of the buffer forwarded: the device tells the guest without being asked.
+    let (h, _) = g.recv();
+    assert_eq!(h.op, op::CREDIT_UPDATE);
+    assert!(h.fwd_cnt >= muxer::CONN_BUF / 4, "fwd_cnt {}", h.fwd_cnt);
+    let got = read_exactly(&mut server, 5 * chunk.len());
+    assert!(got.chunks(chunk.len()).all(|c| c == &chunk[..]));
+}
+
+#[test]
 fn guest_respects_credit() {
     let m = mem();
     let mut g = Guest::start(&m);
