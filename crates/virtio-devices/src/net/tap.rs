@@ -163,13 +163,7 @@ impl Tap {
         &self.name
     }
 
-    fn ioctl_int(
-        &self,
-        req: libc::c_ulong,
-        val: &libc::c_int,
-        what: &'static str,
-    ) -> io::Result<()> {
-        let _ = what;
+    fn ioctl_int(&self, req: libc::c_ulong, val: &libc::c_int) -> io::Result<()> {
         // SAFETY: the TUN ioctls used here read one `int` (or `unsigned int`) through the
         // pointer, which points to a live value; the result is checked.
         let ret =
@@ -183,7 +177,7 @@ impl Tap {
 
     /// Sets the size of the virtio-net header in front of every frame.
     pub fn set_vnet_hdr_size(&self, size: i32) -> Result<(), TapError> {
-        self.ioctl_int(TUNSETVNETHDRSZ, &size, "TUNSETVNETHDRSZ")
+        self.ioctl_int(TUNSETVNETHDRSZ, &size)
             .map_err(|source| TapError::Io {
                 name: self.name.clone(),
                 what: "TUNSETVNETHDRSZ",

@@ -243,7 +243,7 @@ fn rx_skips_hostile_chains() {
 fn broken_ring_marks_the_device() {
     let m = mem();
     let mut s = setup(&m, 0);
-    s.rx.vq.avail().idx().store(500);
+    s.rx.set_avail_idx(500);
     send(&s.peer, &frame(10, 0));
     let mut polls = Polls::default();
     s.h.process_rx(0, &mut polls);

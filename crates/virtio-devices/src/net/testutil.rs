@@ -6,9 +6,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use vessel_virtio::{ActiveQueue, InterruptCause, VirtioInterrupt};
-use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -37,10 +35,14 @@ impl TestIrq {
     }
 }
 
-/// The driver's side of one split queue of `size` entries at `base`.
+/// The driver's side of one split queue of `size` entries at `base` (descriptor table, then
+/// available ring, then used ring). Written by hand rather than with `MockSplitQueue`, whose
+/// ring layout overlaps the used ring with the end of the available ring.
 pub struct Ring<'a> {
-    pub vq: MockSplitQueue<'a, GuestMemoryMmap>,
     mem: &'a GuestMemoryMmap,
+    desc: u64,
+    avail: u64,
+    used: u64,
     next_desc: u16,
     size: u16,
     used_seen: u16,
@@ -48,9 +50,17 @@ pub struct Ring<'a> {
 
 impl<'a> Ring<'a> {
     pub fn new(mem: &'a GuestMemoryMmap, base: u64, size: u16) -> Self {
+        let desc = base;
+        let avail = desc + 16 * u64::from(size);
+        let used = (avail + 6 + 2 * u64::from(size) + 3) & !3;
+        for a in [avail, used] {
+            mem.write_obj(0u32, GuestAddress(a)).unwrap();
+        }
         Ring {
-            vq: MockSplitQueue::create(mem, GuestAddress(base), size),
             mem,
+            desc,
+            avail,
+            used,
             next_desc: 0,
             size,
             used_seen: 0,
@@ -59,7 +69,19 @@ impl<'a> Ring<'a> {
 
     /// The device side of this ring, with event index off.
     pub fn active(&self, index: u16) -> ActiveQueue {
-        let queue: Queue = self.vq.create_queue().unwrap();
+        let mut queue = Queue::new(self.size).unwrap();
+        queue.set_size(self.size);
+        queue
+            .try_set_desc_table_address(GuestAddress(self.desc))
+            .unwrap();
+        queue
+            .try_set_avail_ring_address(GuestAddress(self.avail))
+            .unwrap();
+        queue
+            .try_set_used_ring_address(GuestAddress(self.used))
+            .unwrap();
+        queue.set_ready(true);
+        assert!(queue.is_valid(self.mem));
         ActiveQueue {
             queue,
             kick: EventFd::new(EFD_NONBLOCK).unwrap(),
@@ -67,38 +89,50 @@ impl<'a> Ring<'a> {
         }
     }
 
+    fn avail_idx(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(self.avail + 2)).unwrap()
+    }
+
+    /// Publishes an available index (hostile drivers).
+    pub fn set_avail_idx(&self, idx: u16) {
+        std::sync::atomic::fence(Ordering::SeqCst);
+        self.mem
+            .write_obj(idx, GuestAddress(self.avail + 2))
+            .unwrap();
+    }
+
     /// Makes a chain of `(address, length, device-writable)` buffers available; returns
     /// its head index.
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
         let head = self.next_desc;
-        let mut descs = Vec::new();
         for (i, &(addr, len, w)) in bufs.iter().enumerate() {
             let idx = (self.next_desc + i as u16) % self.size;
             let last = i + 1 == bufs.len();
             let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
             let next = if last { 0 } else { (idx + 1) % self.size };
-            descs.push((idx, SplitDescriptor::new(addr, len, flags, next)));
+            let d = self.desc + 16 * u64::from(idx);
+            self.mem.write_obj(addr, GuestAddress(d)).unwrap();
+            self.mem.write_obj(len, GuestAddress(d + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(d + 12)).unwrap();
+            self.mem.write_obj(next, GuestAddress(d + 14)).unwrap();
         }
-        for (idx, d) in &descs {
-            self.vq
-                .desc_table()
-                .store(*idx, RawDescriptor::from(*d))
-                .unwrap();
-        }
-        let avail = self.vq.avail().idx().load();
-        self.vq
-            .avail()
-            .ring()
-            .ref_at(usize::from(avail % self.size))
-            .unwrap()
-            .store(head);
-        self.vq.avail().idx().store(avail.wrapping_add(1));
+        let avail = self.avail_idx();
+        let slot = self.avail + 4 + 2 * u64::from(avail % self.size);
+        self.mem.write_obj(head, GuestAddress(slot)).unwrap();
+        self.set_avail_idx(avail.wrapping_add(1));
         self.next_desc = (self.next_desc + bufs.len() as u16) % self.size;
         head
     }
 
+    /// The head index the next `add` will use.
+    pub fn next_head(&self) -> u16 {
+        self.next_desc
+    }
+
     pub fn used_idx(&self) -> u16 {
-        self.vq.used().idx().load()
+        let v = self.mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        std::sync::atomic::fence(Ordering::SeqCst);
+        v
     }
 
     /// The next used entry (head, length), if the device added one.
@@ -106,22 +140,17 @@ impl<'a> Ring<'a> {
         if self.used_idx() == self.used_seen {
             return None;
         }
-        let e = self
-            .vq
-            .used()
-            .ring()
-            .ref_at(usize::from(self.used_seen % self.size))
-            .unwrap()
-            .load();
+        let e = self.used + 4 + 8 * u64::from(self.used_seen % self.size);
+        let id: u32 = self.mem.read_obj(GuestAddress(e)).unwrap();
+        let len: u32 = self.mem.read_obj(GuestAddress(e + 4)).unwrap();
         self.used_seen = self.used_seen.wrapping_add(1);
-        Some((e.id(), e.len()))
+        Some((id, len))
     }
 
     /// Waits (5 s at most) for the next used entry.
     pub fn wait_used(&mut self) -> (u32, u32) {
         let end = Instant::now() + Duration::from_secs(5);
         loop {
-            std::sync::atomic::fence(Ordering::SeqCst);
             if let Some(e) = self.next_used() {
                 return e;
             }

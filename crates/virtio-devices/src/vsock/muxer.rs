@@ -1,0 +1,939 @@
+//! The vsock worker: multiplexes guest packets onto host Unix-socket connections.
+//!
+//! Each connection is keyed by (host port, guest port). Packets for the guest are either
+//! control packets (queued in `ctrl`, sent as soon as the driver gives receive buffers) or
+//! data read from a host stream straight into a receive buffer when the stream is readable,
+//! the guest has credit for it and a receive buffer is available. A stream whose data cannot
+//! move (no credit, no buffer) is taken out of the epoll set until that changes, so nothing
+//! busy-loops.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{self, Read, Write};
+use std::num::Wrapping;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use vessel_virtio::worker::{consume, notify_if_needed, EventHandler, WorkerControl};
+use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
+use virtio_queue::{QueueOwnedT, QueueT};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+
+use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
+
+/// Receive buffer we advertise per connection (bytes the guest may send ahead).
+pub const CONN_BUF: u32 = 256 * 1024;
+/// Largest payload accepted in one guest packet.
+const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+/// Most connections (and pending host connections) at a time.
+const MAX_CONNS: usize = 1024;
+/// First host port handed to host-initiated connections.
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Longest `CONNECT <port>\n` line.
+const MAX_CONNECT_LINE: usize = 32;
+/// Control packets waiting for receive buffers, at most.
+const MAX_CTRL_PENDING: usize = 4096;
+
+pub(super) struct Tokens;
+
+impl Tokens {
+    pub(super) const RX_KICK: u64 = 0;
+    pub(super) const TX_KICK: u64 = 1;
+    pub(super) const EVT_KICK: u64 = 2;
+    pub(super) const LISTENER: u64 = 3;
+    /// Connections and pending host connections: `FIRST_ID + id`.
+    const FIRST_ID: u64 = 16;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Key {
+    /// Our (host) port.
+    local: u32,
+    /// The guest's port.
+    peer: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Host-initiated: REQUEST sent (or queued), waiting for the guest's RESPONSE.
+    LocalInit,
+    Established,
+}
+
+struct Conn {
+    id: u64,
+    stream: UnixStream,
+    state: State,
+    /// Events currently registered for the stream.
+    events: EventSet,
+    /// Whether the stream is in the epoll set (it is left out while nothing is wanted, so
+    /// that a hang-up is not reported over and over).
+    registered: bool,
+    /// The guest's receive buffer and how much it consumed (from its headers).
+    peer_buf_alloc: u32,
+    peer_fwd_cnt: Wrapping<u32>,
+    /// Bytes sent to the guest.
+    tx_cnt: Wrapping<u32>,
+    /// Bytes received from the guest and written to the host stream.
+    fwd_cnt: Wrapping<u32>,
+    /// `fwd_cnt` as last told to the guest.
+    fwd_cnt_sent: Wrapping<u32>,
+    /// Guest data the host stream did not take yet.
+    to_host: VecDeque<u8>,
+    /// Waiting for a receive buffer.
+    rx_wait: bool,
+    /// The host side closed (or failed): nothing more to read.
+    host_eof: bool,
+    /// The guest's SHUTDOWN flags.
+    peer_shutdown: u32,
+    credit_update_queued: bool,
+}
+
+impl Conn {
+    fn new(id: u64, stream: UnixStream, state: State, peer: &Header) -> Conn {
+        Conn {
+            id,
+            stream,
+            state,
+            events: EventSet::empty(),
+            registered: false,
+            peer_buf_alloc: peer.buf_alloc,
+            peer_fwd_cnt: Wrapping(peer.fwd_cnt),
+            tx_cnt: Wrapping(0),
+            fwd_cnt: Wrapping(0),
+            fwd_cnt_sent: Wrapping(0),
+            to_host: VecDeque::new(),
+            rx_wait: false,
+            host_eof: false,
+            peer_shutdown: 0,
+            credit_update_queued: false,
+        }
+    }
+
+    /// Bytes the guest can still take.
+    fn peer_credit(&self) -> u32 {
+        let in_flight = (self.tx_cnt - self.peer_fwd_cnt).0;
+        self.peer_buf_alloc.saturating_sub(in_flight)
+    }
+
+    fn wanted_events(&self) -> EventSet {
+        let mut ev = EventSet::empty();
+        if self.state == State::Established
+            && !self.host_eof
+            && self.peer_shutdown & shutdown::RCV == 0
+            && !self.rx_wait
+            && self.peer_credit() > 0
+        {
+            ev |= EventSet::IN;
+        }
+        if !self.to_host.is_empty() {
+            ev |= EventSet::OUT;
+        }
+        ev
+    }
+}
+
+/// A host connection that has not sent its `CONNECT <port>\n` line yet.
+struct PendingHost {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// Counters, for tests and logs.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct VsockStats {
+    pub dropped_packets: u64,
+    pub resets_sent: u64,
+}
+
+pub(super) struct Muxer {
+    mem: GuestMemoryMmap,
+    guest_cid: u64,
+    uds_path: PathBuf,
+    listener: Arc<UnixListener>,
+    rx: ActiveQueue,
+    tx: ActiveQueue,
+    evq: Option<ActiveQueue>,
+    interrupt: Arc<dyn VirtioInterrupt>,
+    health: DeviceHealth,
+    conns: HashMap<Key, Conn>,
+    ids: HashMap<u64, Key>,
+    pending: HashMap<u64, PendingHost>,
+    next_id: u64,
+    next_local_port: u32,
+    /// Control packets for the guest, oldest first.
+    ctrl: VecDeque<Header>,
+    /// Streams waiting for receive buffers.
+    rx_waiters: Vec<Key>,
+    scratch: Vec<u8>,
+    pub(super) stats: VsockStats,
+}
+
+/// What registering descriptors goes through (the worker's epoll, or a test double).
+pub(super) trait Poll {
+    fn add(&mut self, fd: i32, token: u64, events: EventSet) -> io::Result<()>;
+    fn modify(&mut self, fd: i32, token: u64, events: EventSet) -> io::Result<()>;
+    fn remove(&mut self, fd: i32) -> io::Result<()>;
+}
+
+impl Poll for WorkerControl {
+    fn add(&mut self, fd: i32, token: u64, events: EventSet) -> io::Result<()> {
+        WorkerControl::add(self, fd, token, events)
+    }
+    fn modify(&mut self, fd: i32, token: u64, events: EventSet) -> io::Result<()> {
+        WorkerControl::modify(self, fd, token, events)
+    }
+    fn remove(&mut self, fd: i32) -> io::Result<()> {
+        WorkerControl::remove(self, fd)
+    }
+}
+
+impl Muxer {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        mem: GuestMemoryMmap,
+        guest_cid: u64,
+        uds_path: PathBuf,
+        listener: Arc<UnixListener>,
+        rx: ActiveQueue,
+        tx: ActiveQueue,
+        evq: Option<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        health: DeviceHealth,
+    ) -> Muxer {
+        Muxer {
+            mem,
+            guest_cid,
+            uds_path,
+            listener,
+            rx,
+            tx,
+            evq,
+            interrupt,
+            health,
+            conns: HashMap::new(),
+            ids: HashMap::new(),
+            pending: HashMap::new(),
+            next_id: 0,
+            next_local_port: FIRST_LOCAL_PORT,
+            ctrl: VecDeque::new(),
+            rx_waiters: Vec::new(),
+            scratch: vec![0u8; MAX_PKT_PAYLOAD],
+            stats: VsockStats::default(),
+        }
+    }
+
+    fn alloc_id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// Header of a packet from the host side of connection `key`, with our credit.
+    fn conn_header(&self, key: Key, op: u16) -> Header {
+        let (buf_alloc, fwd_cnt) = self
+            .conns
+            .get(&key)
+            .map(|c| (CONN_BUF, c.fwd_cnt.0))
+            .unwrap_or((0, 0));
+        Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: key.local,
+            dst_port: key.peer,
+            type_: TYPE_STREAM,
+            op,
+            buf_alloc,
+            fwd_cnt,
+            ..Header::default()
+        }
+    }
+
+    fn queue_ctrl(&mut self, mut h: Header) {
+        if let Some(c) = self.conns.get_mut(&Key {
+            local: h.src_port,
+            peer: h.dst_port,
+        }) {
+            c.fwd_cnt_sent = Wrapping(h.fwd_cnt);
+        }
+        if self.ctrl.len() >= MAX_CTRL_PENDING {
+            log::warn!("virtio-vsock: too many control packets pending; dropping one");
+            self.stats.dropped_packets += 1;
+            return;
+        }
+        h.len = 0;
+        self.ctrl.push_back(h);
+    }
+
+    fn queue_rst_for(&mut self, pkt: &Header) {
+        let mut h = pkt.reply(op::RST);
+        h.src_cid = HOST_CID;
+        self.stats.resets_sent += 1;
+        self.queue_ctrl(h);
+    }
+
+    fn close(&mut self, key: Key, poll: &mut dyn Poll) {
+        if let Some(c) = self.conns.remove(&key) {
+            if c.registered {
+                let _ = poll.remove(c.stream.as_raw_fd());
+            }
+            self.ids.remove(&c.id);
+        }
+    }
+
+    /// Brings the stream's epoll registration in line with what the connection can do.
+    fn update_poll(&mut self, key: Key, poll: &mut dyn Poll) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        let want = c.wanted_events();
+        let fd = c.stream.as_raw_fd();
+        let token = Tokens::FIRST_ID + c.id;
+        let r = if want.is_empty() {
+            if !c.registered {
+                return;
+            }
+            c.registered = false;
+            poll.remove(fd)
+        } else if !c.registered {
+            c.registered = true;
+            poll.add(fd, token, want)
+        } else if want != c.events {
+            poll.modify(fd, token, want)
+        } else {
+            Ok(())
+        };
+        c.events = want;
+        if let Err(e) = r {
+            log::warn!("virtio-vsock: epoll: {e}");
+        }
+    }
+
+    // ---- guest → host ----
+
+    pub(super) fn process_tx(&mut self, poll: &mut dyn Poll) {
+        consume(&self.tx.kick);
+        let mut completed = 0u32;
+        loop {
+            let chain = match self.tx.queue.iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.health.mark_broken(&format_args!("vsock tx: {e}"));
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                match self.tx.queue.enable_notification(&self.mem) {
+                    Ok(true) => continue,
+                    Ok(false) => break,
+                    Err(e) => {
+                        self.health.mark_broken(&format_args!("vsock tx: {e}"));
+                        return;
+                    }
+                }
+            };
+            let head = chain.head_index();
+            let packet = chain.reader(&self.mem).ok().and_then(|mut r| {
+                let mut hb = [0u8; HDR_LEN];
+                r.read_exact(&mut hb).ok()?;
+                let h = Header::parse(&hb);
+                let len = h.len as usize;
+                if len > MAX_PKT_PAYLOAD || r.available_bytes() < len {
+                    return Some((h, None));
+                }
+                let mut data = vec![0u8; len];
+                r.read_exact(&mut data).ok()?;
+                Some((h, Some(data)))
+            });
+            match packet {
+                Some((h, Some(data))) => self.handle_guest_packet(h, &data, poll),
+                Some((h, None)) => {
+                    // Bad length: refuse the connection rather than guess.
+                    self.stats.dropped_packets += 1;
+                    if h.src_cid == self.guest_cid && h.dst_cid == HOST_CID {
+                        self.close(
+                            Key {
+                                local: h.dst_port,
+                                peer: h.src_port,
+                            },
+                            poll,
+                        );
+                        if h.op != op::RST {
+                            self.queue_rst_for(&h);
+                        }
+                    }
+                }
+                None => self.stats.dropped_packets += 1,
+            }
+            if let Err(e) = self.tx.queue.add_used(&self.mem, head, 0) {
+                self.health.mark_broken(&format_args!("vsock tx: {e}"));
+                return;
+            }
+            completed += 1;
+        }
+        if completed > 0 {
+            notify_if_needed(
+                &mut self.tx.queue,
+                self.tx.index,
+                &self.mem,
+                self.interrupt.as_ref(),
+            );
+        }
+        self.flush_ctrl();
+    }
+
+    fn handle_guest_packet(&mut self, h: Header, data: &[u8], poll: &mut dyn Poll) {
+        if h.src_cid != self.guest_cid || h.dst_cid != HOST_CID {
+            // Spoofed or misrouted: not ours to answer.
+            self.stats.dropped_packets += 1;
+            return;
+        }
+        if h.type_ != TYPE_STREAM {
+            if h.op != op::RST {
+                self.queue_rst_for(&h);
+            }
+            return;
+        }
+        let key = Key {
+            local: h.dst_port,
+            peer: h.src_port,
+        };
+        if h.op == op::REQUEST {
+            self.guest_connect(key, &h, poll);
+            return;
+        }
+        let Some(c) = self.conns.get_mut(&key) else {
+            if h.op != op::RST {
+                self.queue_rst_for(&h);
+            }
+            return;
+        };
+        c.peer_buf_alloc = h.buf_alloc;
+        c.peer_fwd_cnt = Wrapping(h.fwd_cnt);
+        match (h.op, c.state) {
+            (op::RESPONSE, State::LocalInit) => {
+                c.state = State::Established;
+                let reply = format!("OK {}\n", key.local);
+                // The client just connected and waits for this line: its socket buffer is
+                // empty, so a short write means it is gone.
+                if c.stream.write_all(reply.as_bytes()).is_err() {
+                    self.close(key, poll);
+                    self.queue_rst_for(&h);
+                    return;
+                }
+            }
+            (op::RW, State::Established) => {
+                if c.peer_shutdown & shutdown::SEND != 0
+                    || c.to_host.len() + data.len() > CONN_BUF as usize
+                {
+                    // Data after SHUTDOWN, or more than the credit we gave: hostile.
+                    self.close(key, poll);
+                    self.queue_rst_for(&h);
+                    return;
+                }
+                c.to_host.extend(data);
+                self.flush_to_host(key, poll);
+            }
+            (op::CREDIT_UPDATE, _) => {}
+            (op::CREDIT_REQUEST, _) => {
+                let hdr = self.conn_header(key, op::CREDIT_UPDATE);
+                self.queue_ctrl(hdr);
+            }
+            (op::SHUTDOWN, State::Established) => {
+                c.peer_shutdown |= h.flags & shutdown::BOTH;
+                if c.peer_shutdown == shutdown::BOTH {
+                    // The guest is done both ways: close and confirm with a reset.
+                    self.close(key, poll);
+                    self.queue_rst_for(&h);
+                    return;
+                }
+                if c.peer_shutdown & shutdown::SEND != 0 && c.to_host.is_empty() {
+                    let _ = c.stream.shutdown(std::net::Shutdown::Write);
+                }
+            }
+            (op::RST, _) => {
+                self.close(key, poll);
+                return;
+            }
+            _ => {
+                // Unknown op, or one that makes no sense in this state.
+                self.close(key, poll);
+                self.queue_rst_for(&h);
+                return;
+            }
+        }
+        self.update_poll(key, poll);
+    }
+
+    fn guest_connect(&mut self, key: Key, h: &Header, poll: &mut dyn Poll) {
+        if self.conns.contains_key(&key) || self.conns.len() >= MAX_CONNS {
+            self.queue_rst_for(h);
+            return;
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", key.local));
+        let stream = match connect_nonblocking(std::path::Path::new(&path)) {
+            Ok(s) => s,
+            Err(e) => {
+                log::debug!("virtio-vsock: guest connect to {path:?}: {e}");
+                self.queue_rst_for(h);
+                return;
+            }
+        };
+        let id = self.alloc_id();
+        self.conns
+            .insert(key, Conn::new(id, stream, State::Established, h));
+        self.ids.insert(id, key);
+        self.update_poll(key, poll);
+        let resp = self.conn_header(key, op::RESPONSE);
+        self.queue_ctrl(resp);
+    }
+
+    /// Writes buffered guest data to the host stream.
+    fn flush_to_host(&mut self, key: Key, poll: &mut dyn Poll) {
+        let Some(c) = self.conns.get_mut(&key) else {
+            return;
+        };
+        while !c.to_host.is_empty() {
+            let (a, _) = c.to_host.as_slices();
+            match c.stream.write(a) {
+                Ok(0) => break,
+                Ok(n) => {
+                    c.to_host.drain(..n);
+                    c.fwd_cnt += Wrapping(n as u32);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    // The host side is gone.
+                    let h = self.conn_header(key, op::RST);
+                    self.close(key, poll);
+                    self.stats.resets_sent += 1;
+                    self.queue_ctrl(h);
+                    return;
+                }
+            }
+        }
+        if c.to_host.is_empty() && c.peer_shutdown & shutdown::SEND != 0 {
+            let _ = c.stream.shutdown(std::net::Shutdown::Write);
+        }
+        // Tell the guest about freed space once a good part of its buffer is free again.
+        if (c.fwd_cnt - c.fwd_cnt_sent).0 >= CONN_BUF / 4 && !c.credit_update_queued {
+            c.credit_update_queued = true;
+            let h = self.conn_header(key, op::CREDIT_UPDATE);
+            self.queue_ctrl(h);
+        }
+        self.update_poll(key, poll);
+    }
+
+    // ---- host → guest ----
+
+    fn accept(&mut self, poll: &mut dyn Poll) {
+        loop {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.pending.len() + self.conns.len() >= MAX_CONNS
+                        || stream.set_nonblocking(true).is_err()
+                    {
+                        continue; // dropped: the client sees its connection close
+                    }
+                    let id = self.alloc_id();
+                    if poll
+                        .add(stream.as_raw_fd(), Tokens::FIRST_ID + id, EventSet::IN)
+                        .is_ok()
+                    {
+                        self.pending.insert(
+                            id,
+                            PendingHost {
+                                stream,
+                                line: Vec::new(),
+                            },
+                        );
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        log::warn!("virtio-vsock: accept: {e}");
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line of a pending host connection, byte by byte so
+    /// that nothing after the line is consumed.
+    fn pending_readable(&mut self, id: u64, poll: &mut dyn Poll) {
+        let Some(p) = self.pending.get_mut(&id) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let line = loop {
+            match p.stream.read(&mut byte) {
+                Ok(0) => break Err(()),
+                Ok(_) if byte[0] == b'\n' => break Ok(std::mem::take(&mut p.line)),
+                Ok(_) if p.line.len() >= MAX_CONNECT_LINE => break Err(()),
+                Ok(_) => p.line.push(byte[0]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => break Err(()),
+            }
+        };
+        let Some(p) = self.pending.remove(&id) else {
+            return;
+        };
+        let _ = poll.remove(p.stream.as_raw_fd());
+        let port = line.ok().and_then(|l| parse_connect(&l));
+        let Some(port) = port else {
+            return; // dropping the stream closes it
+        };
+        let local = self.alloc_local_port(port);
+        let key = Key { local, peer: port };
+        let fake = Header {
+            buf_alloc: 0,
+            fwd_cnt: 0,
+            ..Header::default()
+        };
+        self.conns
+            .insert(key, Conn::new(id, p.stream, State::LocalInit, &fake));
+        self.ids.insert(id, key);
+        self.update_poll(key, poll);
+        let req = self.conn_header(key, op::REQUEST);
+        self.queue_ctrl(req);
+        self.flush_ctrl();
+    }
+
+    fn alloc_local_port(&mut self, peer: u32) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&Key { local: p, peer }) {
+                return p;
+            }
+        }
+    }
+
+    fn conn_event(&mut self, key: Key, events: EventSet, poll: &mut dyn Poll) {
+        if events.contains(EventSet::OUT) {
+            self.flush_to_host(key, poll);
+        }
+        let readable = events.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR);
+        let Some(c) = self.conns.get(&key) else {
+            return;
+        };
+        if readable && c.state == State::LocalInit {
+            // The client went away (or talked) before the guest answered: a hang-up
+            // aborts the connection; data waits until then.
+            if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                let h = self.conn_header(key, op::RST);
+                self.close(key, poll);
+                self.stats.resets_sent += 1;
+                self.queue_ctrl(h);
+            }
+            return;
+        }
+        if readable && c.events.contains(EventSet::IN) {
+            self.host_to_guest(key, poll);
+        }
+        self.update_poll(key, poll);
+    }
+
+    /// Moves data from a host stream into receive buffers while credit and buffers last.
+    fn host_to_guest(&mut self, key: Key, poll: &mut dyn Poll) {
+        let mut delivered = false;
+        for _ in 0..64 {
+            // Control packets go first: they may carry the credit the guest waits for.
+            self.flush_ctrl();
+            let Some(c) = self.conns.get_mut(&key) else {
+                break;
+            };
+            let credit = c.peer_credit() as usize;
+            if credit == 0 {
+                let h = self.conn_header(key, op::CREDIT_REQUEST);
+                self.queue_ctrl(h);
+                break;
+            }
+            let chain = match self.rx.queue.iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.health.mark_broken(&format_args!("vsock rx: {e}"));
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                if let Ok(true) = self.rx.queue.enable_notification(&self.mem) {
+                    continue; // the driver added buffers meanwhile
+                }
+                c.rx_wait = true;
+                if !self.rx_waiters.contains(&key) {
+                    self.rx_waiters.push(key);
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let Ok(mut w) = chain.writer(&self.mem) else {
+                self.stats.dropped_packets += 1;
+                delivered |= self.rx.queue.add_used(&self.mem, head, 0).is_ok();
+                continue;
+            };
+            let room = w.available_bytes();
+            if room <= HDR_LEN {
+                self.stats.dropped_packets += 1;
+                delivered |= self.rx.queue.add_used(&self.mem, head, 0).is_ok();
+                continue;
+            }
+            let max = (room - HDR_LEN).min(credit).min(self.scratch.len());
+            let n = match c.stream.read(&mut self.scratch[..max]) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.rx.queue.go_to_previous_position();
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                    self.rx.queue.go_to_previous_position();
+                    continue;
+                }
+                Err(_) => 0,
+            };
+            let mut h = Header {
+                src_cid: HOST_CID,
+                dst_cid: self.guest_cid,
+                src_port: key.local,
+                dst_port: key.peer,
+                type_: TYPE_STREAM,
+                buf_alloc: CONN_BUF,
+                fwd_cnt: c.fwd_cnt.0,
+                ..Header::default()
+            };
+            c.fwd_cnt_sent = c.fwd_cnt;
+            c.credit_update_queued = false;
+            if n == 0 {
+                // The host closed its side: no more data from us.
+                c.host_eof = true;
+                h.op = op::SHUTDOWN;
+                h.flags = shutdown::BOTH;
+            } else {
+                h.op = op::RW;
+                h.len = n as u32;
+                c.tx_cnt += Wrapping(n as u32);
+            }
+            let ok = w.write_all(&h.to_bytes()).is_ok() && w.write_all(&self.scratch[..n]).is_ok();
+            let len = if ok { (HDR_LEN + n) as u32 } else { 0 };
+            if let Err(e) = self.rx.queue.add_used(&self.mem, head, len) {
+                self.health.mark_broken(&format_args!("vsock rx: {e}"));
+                return;
+            }
+            delivered = true;
+            if n == 0 {
+                break;
+            }
+        }
+        if delivered {
+            self.notify_rx();
+        }
+        self.update_poll(key, poll);
+    }
+
+    fn notify_rx(&mut self) {
+        notify_if_needed(
+            &mut self.rx.queue,
+            self.rx.index,
+            &self.mem,
+            self.interrupt.as_ref(),
+        );
+    }
+
+    /// Sends queued control packets while receive buffers last.
+    fn flush_ctrl(&mut self) {
+        let mut delivered = false;
+        while let Some(h) = self.ctrl.front().copied() {
+            let chain = match self.rx.queue.iter(&self.mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.health.mark_broken(&format_args!("vsock rx: {e}"));
+                    return;
+                }
+            };
+            let Some(chain) = chain else {
+                if let Ok(true) = self.rx.queue.enable_notification(&self.mem) {
+                    continue; // the driver added buffers meanwhile
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let len = match chain.writer(&self.mem) {
+                Ok(mut w) if w.available_bytes() >= HDR_LEN => {
+                    if w.write_all(&h.to_bytes()).is_ok() {
+                        self.ctrl.pop_front();
+                        if let Some(c) = self.conns.get_mut(&Key {
+                            local: h.src_port,
+                            peer: h.dst_port,
+                        }) {
+                            if h.op == op::CREDIT_UPDATE {
+                                c.credit_update_queued = false;
+                            }
+                        }
+                        HDR_LEN as u32
+                    } else {
+                        0
+                    }
+                }
+                _ => {
+                    self.stats.dropped_packets += 1;
+                    0
+                }
+            };
+            if let Err(e) = self.rx.queue.add_used(&self.mem, head, len) {
+                self.health.mark_broken(&format_args!("vsock rx: {e}"));
+                return;
+            }
+            delivered = true;
+        }
+        if delivered {
+            self.notify_rx();
+        }
+    }
+
+    pub(super) fn rx_kick(&mut self, poll: &mut dyn Poll) {
+        consume(&self.rx.kick);
+        self.flush_ctrl();
+        for key in std::mem::take(&mut self.rx_waiters) {
+            if let Some(c) = self.conns.get_mut(&key) {
+                c.rx_wait = false;
+            }
+            self.update_poll(key, poll);
+        }
+    }
+
+    pub(super) fn handle(&mut self, token: u64, events: EventSet, poll: &mut dyn Poll) {
+        if self.health.is_broken() {
+            return;
+        }
+        match token {
+            Tokens::RX_KICK => self.rx_kick(poll),
+            Tokens::TX_KICK => self.process_tx(poll),
+            Tokens::EVT_KICK => {
+                if let Some(q) = &self.evq {
+                    consume(&q.kick);
+                }
+            }
+            Tokens::LISTENER => self.accept(poll),
+            t if t >= Tokens::FIRST_ID => {
+                let id = t - Tokens::FIRST_ID;
+                if self.pending.contains_key(&id) {
+                    self.pending_readable(id, poll);
+                } else if let Some(&key) = self.ids.get(&id) {
+                    self.conn_event(key, events, poll);
+                }
+            }
+            _ => {}
+        }
+        self.flush_ctrl();
+    }
+}
+
+/// Connects to a Unix stream socket without ever blocking: a listener whose backlog is full
+/// refuses (`EAGAIN`) instead of stalling the worker.
+fn connect_nonblocking(path: &std::path::Path) -> io::Result<UnixStream> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::io::{FromRawFd, OwnedFd};
+    // SAFETY: all-zero is a valid `sockaddr_un`.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a `sockaddr_un` of the size given; the result is checked.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
+/// Parses `CONNECT <port>` (the newline already stripped, a trailing `\r` tolerated).
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
+    let port = s.strip_prefix("CONNECT ")?;
+    port.trim().parse().ok()
+}
+
+impl EventHandler for Muxer {
+    fn handle_event(
+        &mut self,
+        token: u64,
+        events: EventSet,
+        ctl: &mut WorkerControl,
+    ) -> io::Result<()> {
+        self.handle(token, events, ctl);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(super) mod unit {
+    use super::*;
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 1234"), Some(1234));
+        assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT"), None);
+        assert_eq!(parse_connect(b"CONNECT -1"), None);
+        assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
+        assert_eq!(parse_connect(b"connect 5"), None);
+        assert_eq!(parse_connect(&[0xff, 0xfe]), None);
+    }
+
+    #[test]
+    fn credit_accounts_for_in_flight_bytes() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let peer = Header {
+            buf_alloc: 1000,
+            fwd_cnt: 0,
+            ..Header::default()
+        };
+        let mut c = Conn::new(1, a, State::Established, &peer);
+        assert_eq!(c.peer_credit(), 1000);
+        c.tx_cnt = Wrapping(600);
+        assert_eq!(c.peer_credit(), 400);
+        c.peer_fwd_cnt = Wrapping(500);
+        assert_eq!(c.peer_credit(), 900);
+        // Counters wrap.
+        c.tx_cnt = Wrapping(10);
+        c.peer_fwd_cnt = Wrapping(u32::MAX - 9);
+        assert_eq!(c.peer_credit(), 980);
+        // A guest claiming to have consumed more than we sent gets no credit.
+        c.peer_fwd_cnt = Wrapping(20);
+        assert_eq!(c.peer_credit(), 0);
+        assert!(!c.wanted_events().contains(EventSet::IN));
+    }
+}
