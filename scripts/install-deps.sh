@@ -9,10 +9,12 @@
 #   xz-utils         unpacks linux-source-6.1's .tar.xz
 #   binutils         strip / objcopy
 #   dpkg apt         dpkg-deb -x and apt-get download fetch and unpack .debs
-#   e2fsprogs        mkfs.ext4 for the ext4 disk images the tests boot with
+#   e2fsprogs        mkfs.ext4 and debugfs: the ext4 disk images the virtio tests boot with
+#   iproute2         ip: the TAP device of the virtio-net test
+#   iputils-ping     ping: the host pings the guest in the virtio-net test
 set -eu
 
-PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs"
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use vessel_virtio::VirtioDevice;
 
-use vessel_virtio_devices::{balloon, block, net, rng};
+use vessel_virtio_devices::{balloon, block, net, rng, vsock};
 
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::error::VmmError;
@@ -53,10 +53,13 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         .map_err(|e| VmmError::Device(format!("--net tap={}: {e}", n.tap)))?;
         out.push(planned(dev, n.transport));
     }
-    if configs.vsock.is_some() {
-        return Err(VmmError::Device(
-            "virtio-vsock is not available in this build yet".into(),
-        ));
+    if let Some(v) = &configs.vsock {
+        let dev = vsock::Vsock::new(vsock::VsockConfig {
+            guest_cid: v.cid,
+            uds_path: v.uds.clone(),
+        })
+        .map_err(|e| VmmError::Device(format!("--vsock uds={}: {e}", v.uds.display())))?;
+        out.push(planned(dev, v.transport));
     }
     if let Some(t) = configs.rng {
         out.push(planned(rng::Rng::new(), t));
