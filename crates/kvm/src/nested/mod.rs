@@ -86,6 +86,10 @@ const CLEARED: &[Feature] = &[
 ///   of every kernel page-table entry looking for W+X mappings: 11 emulated minutes. The
 ///   guest's kernel text and rodata then stay writable (a hardening the guest gives up on
 ///   nested hosts only).
+/// - `spec_rstack_overflow=off retbleed=off`: on AMD hosts every kernel `ret` otherwise goes
+///   through the SRSO return thunk, the hottest code of an emulated boot. Speculation
+///   mitigations for kernel returns protect nothing here: the host emulates guest kernel code
+///   one instruction at a time, with no speculative execution (user-mode mitigations stay).
 /// - the initcalls that register BPF kfuncs (`cubictcp_register`, `kfunc_init`, ...): the first
 ///   of them parses the whole vmlinux BTF, over 4 emulated minutes. The guest then has no BPF
 ///   kfuncs and uses Reno instead of CUBIC for TCP. (Modules in Vessel's images carry no BTF,
@@ -96,7 +100,7 @@ pub fn nested_kernel_params() -> String {
     log::debug!("nested host: guest kernel clears {}", names.join(" "));
     format!(
         "noxsave clearcpuid={} nopv tsc=reliable nowatchdog cryptomgr.notests rodata=off \
-         initcall_blacklist={}",
+         spec_rstack_overflow=off retbleed=off initcall_blacklist={}",
         numbers.join(","),
         BLACKLISTED_INITCALLS.join(",")
     )
@@ -127,7 +131,8 @@ mod tests {
             nested_kernel_params(),
             "noxsave clearcpuid=59,112,129,137,140,141,147,148,150,151,153,158,197,288,291,296,\
              297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable nowatchdog \
-             cryptomgr.notests rodata=off initcall_blacklist=trace_eval_init,jent_mod_init,\
+             cryptomgr.notests rodata=off spec_rstack_overflow=off retbleed=off \
+             initcall_blacklist=trace_eval_init,jent_mod_init,\
              cubictcp_register,kfunc_init,bpf_rstat_kfunc_init,bpf_key_sig_kfuncs_init,\
              bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init"
         );
