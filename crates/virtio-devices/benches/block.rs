@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use vessel_virtio::{
     ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
 };
-use vessel_virtio_devices::block::{Block, BlockConfig};
+use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -38,6 +38,7 @@ const HDRS: u64 = 0x2_0000;
 const STATUS: u64 = 0x2_1000;
 const DATA: u64 = 0x100_0000;
 
+static DEV_NS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 struct NoIrq;
 impl VirtioInterrupt for NoIrq {
     fn trigger(&self, _: InterruptCause) -> std::io::Result<()> {
@@ -132,7 +133,9 @@ fn run_sync(blk: &Block, m: &GuestMemoryMmap, size: u32, offs: &[u64]) -> (Durat
         avail_idx = avail_idx.wrapping_add(chunk.len() as u16);
         m.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
             .unwrap();
+        let t0 = Instant::now();
         served += server.process();
+        DEV_NS.fetch_add(t0.elapsed().as_nanos() as u64, Ordering::Relaxed);
         calls += 1;
     }
     let t = start.elapsed();
@@ -262,6 +265,7 @@ fn main() {
         path: path.clone(),
         read_only: true,
         serial: None,
+        engine: BlockEngine::Sync,
     })
     .unwrap();
     let mem_size = DATA as usize + usize::from(QSIZE) * (1 << 20);
@@ -277,7 +281,11 @@ fn main() {
         "virtio-blk, {} MiB file in the page cache, queue of {QSIZE}",
         FILE_SIZE >> 20
     );
+    let only = std::env::var("BLK_BENCH_ONLY").unwrap_or_default();
     for (name, size, random, n) in cases {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let offs = offsets(n, u64::from(size), random);
         // Best of 3, alternating, to damp noise from a shared machine.
         let (mut dev, mut pr, mut wk) = (Duration::MAX, Duration::MAX, Duration::MAX);
@@ -289,6 +297,9 @@ fn main() {
                 sync_ratio = r;
             }
             pr = pr.min(run_pread(&file, &m, size, &offs));
+            if std::env::var_os("BLK_BENCH_NO_WORKER").is_some() {
+                continue;
+            }
             let (w, r) = run_worker(&mut blk, &m, size, &offs);
             if w < wk {
                 wk = w;
@@ -296,6 +307,7 @@ fn main() {
             }
         }
         report(&format!("{name} (sync)"), size, n, dev, pr, sync_ratio);
+        println!("device-only total {:?}", Duration::from_nanos(DEV_NS.swap(0, Ordering::Relaxed)) / 3);
         report(&format!("{name} (worker)"), size, n, wk, pr, wk_ratio);
     }
     let st = blk.stats().snapshot();

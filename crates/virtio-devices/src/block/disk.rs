@@ -87,6 +87,11 @@ impl Disk {
         self.size
     }
 
+    /// The image's file descriptor (for io_uring submissions).
+    pub fn fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
+    }
+
     pub fn read_only(&self) -> bool {
         self.read_only
     }
