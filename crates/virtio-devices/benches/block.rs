@@ -307,7 +307,10 @@ fn main() {
             }
         }
         report(&format!("{name} (sync)"), size, n, dev, pr, sync_ratio);
-        println!("device-only total {:?}", Duration::from_nanos(DEV_NS.swap(0, Ordering::Relaxed)) / 3);
+        println!(
+            "device-only total {:?}",
+            Duration::from_nanos(DEV_NS.swap(0, Ordering::Relaxed)) / 3
+        );
         report(&format!("{name} (worker)"), size, n, wk, pr, wk_ratio);
     }
     let st = blk.stats().snapshot();

@@ -273,7 +273,9 @@ impl Block {
                 match uring::Uring::new(depth, ctx.mem.clone(), self.disk.clone()) {
                     Ok(r) => Some(r),
                     Err(e) if self.requested == BlockEngine::Auto => {
-                        log::warn!("virtio-blk: cannot create an io_uring ({e}); using synchronous I/O");
+                        log::warn!(
+                            "virtio-blk: cannot create an io_uring ({e}); using synchronous I/O"
+                        );
                         None
                     }
                     Err(e) => return Err(ActivateError::Worker(e)),
@@ -289,8 +291,8 @@ impl Block {
             ctx.health,
             self.disk.clone(),
             self.stats.clone(),
-            ring,
-        ))
+        )
+        .with_ring(ring))
     }
 }
 
@@ -351,8 +353,7 @@ impl VirtioDevice for Block {
             fds.push((fd, COMPLETION_TOKEN, EventSet::IN));
         }
         let handler = BlockHandler { kick, server };
-        let worker =
-            Worker::spawn(self.name(), &fds, handler).map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(self.name(), &fds, handler).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         // Serve whatever the driver made available before the kick event was watched.
         first_kick.write(1).map_err(ActivateError::Worker)?;

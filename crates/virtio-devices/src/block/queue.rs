@@ -65,7 +65,6 @@ impl QueueServer {
         health: DeviceHealth,
         disk: Arc<Disk>,
         stats: Arc<BlockStats>,
-        ring: Option<Uring>,
     ) -> QueueServer {
         let size = usize::from(queue.size());
         QueueServer {
@@ -80,8 +79,14 @@ impl QueueServer {
             segs: Vec::with_capacity(size * 2),
             reqs: Vec::with_capacity(size),
             iovs: IovBuf(Vec::with_capacity(IOV_MAX)),
-            ring,
+            ring: None,
         }
+    }
+
+    /// Uses `ring` (the io_uring engine) instead of synchronous I/O.
+    pub(crate) fn with_ring(mut self, ring: Option<Uring>) -> QueueServer {
+        self.ring = ring;
+        self
     }
 
     /// The io_uring completion eventfd, when this server uses the io_uring engine.
@@ -101,6 +106,22 @@ impl QueueServer {
             r.consume_event();
         }
         self.process()
+    }
+
+    /// Waits for completions until at least `want` more requests have completed or nothing
+    /// is in flight; returns how many completed. For tests.
+    #[cfg(test)]
+    pub fn process_until_idle_or(&mut self, want: u64) -> u64 {
+        let mut n = self.process();
+        while n < want && self.in_flight() > 0 && !self.health.is_broken() {
+            if let Some(r) = &mut self.ring {
+                if r.wait().is_err() {
+                    break;
+                }
+            }
+            n += self.process();
+        }
+        n
     }
 
     /// Serves until nothing is in flight (blocking on io_uring completions); returns how many
@@ -569,7 +590,12 @@ impl QueueServer {
 }
 
 /// Writes the status byte (if the chain has one); returns the used length.
-fn publish_status(mem: &GuestMemoryMmap, status: Option<GuestAddress>, code: u8, written: u32) -> u32 {
+fn publish_status(
+    mem: &GuestMemoryMmap,
+    status: Option<GuestAddress>,
+    code: u8,
+    written: u32,
+) -> u32 {
     let Some(st) = status else { return 0 };
     let ok = GuestMemoryBackend::get_slice(mem, st, 1).and_then(|s| Ok(s.write_obj(code, 0)?));
     if ok.is_ok() {

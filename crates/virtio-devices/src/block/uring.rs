@@ -37,6 +37,9 @@ pub fn probe() -> io::Result<()> {
     Ok(())
 }
 
+/// `user_data` of cancellation requests (never a slot index).
+const CANCEL_TAG: u64 = u64::MAX;
+
 /// What a slot's request does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
@@ -217,7 +220,11 @@ impl Uring {
     }
 
     /// Queues an `fsync(DATASYNC)`.
-    pub fn queue_flush(&mut self, head: u16, status: Option<GuestAddress>) -> Result<(), NotQueued> {
+    pub fn queue_flush(
+        &mut self,
+        head: u16,
+        status: Option<GuestAddress>,
+    ) -> Result<(), NotQueued> {
         let Some(ring) = self.ring.as_mut() else {
             return Err(NotQueued::Unsuitable);
         };
@@ -291,13 +298,14 @@ impl Uring {
                     r if r >= 0 => true,
                     r if r == -libc::EINTR || r == -libc::EAGAIN => self.disk.flush().is_ok(),
                     r => {
-                        log::debug!("virtio-blk: flush failed: {}", io::Error::from_raw_os_error(-r));
+                        log::debug!(
+                            "virtio-blk: flush failed: {}",
+                            io::Error::from_raw_os_error(-r)
+                        );
                         false
                     }
                 },
-                Kind::Read | Kind::Write => {
-                    finish_rw(&self.disk, slot, cqe.result())
-                }
+                Kind::Read | Kind::Write => finish_rw(&self.disk, slot, cqe.result()),
             };
             slot.iovs.clear();
             let written = if ok && slot.kind == Kind::Read {
@@ -323,9 +331,38 @@ impl Uring {
         n
     }
 
-    /// Waits for every request in flight, dropping the results. Returns false (and gives
-    /// up) when the kernel refuses to wait.
+    /// Asks the kernel to cancel every request in flight (those already running on a regular
+    /// file complete normally; reads waiting for a pipe or a slow device are cancelled).
+    fn cancel_all(&mut self) {
+        let Some(ring) = self.ring.as_mut() else {
+            return;
+        };
+        let mut busy = vec![true; self.slots.len()];
+        for &i in &self.free {
+            busy[usize::from(i)] = false;
+        }
+        for (i, _) in busy.iter().enumerate().filter(|(_, b)| **b) {
+            let sqe = opcode::AsyncCancel::new(i as u64)
+                .build()
+                .user_data(CANCEL_TAG);
+            // SAFETY: a cancel SQE carries no buffer.
+            if unsafe { ring.submission().push(&sqe) }.is_err() {
+                let _ = ring.submit();
+                // SAFETY: as above.
+                if unsafe { ring.submission().push(&sqe) }.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = ring.submit();
+    }
+
+    /// Cancels and waits for every request in flight, dropping the results. Returns false
+    /// (and gives up) when the kernel refuses to wait.
     fn drain(&mut self) -> bool {
+        if self.in_flight() > 0 {
+            self.cancel_all();
+        }
         while self.in_flight() > 0 {
             let Some(ring) = self.ring.as_mut() else {
                 return false;
