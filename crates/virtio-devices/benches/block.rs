@@ -3,8 +3,11 @@
 //! 256 MiB file in the page cache, against plain `pread`s of the same sizes into the same
 //! destination buffers in the same run.
 //!
-//! - "sync": the bench thread makes 256 requests available and runs the queue server
-//!   (`Block::queue_server`, the worker's code without the thread);
+//! Each case runs with both engines (`BlockEngine::Sync` and `BlockEngine::IoUring`, the
+//! latter skipped where the host lacks io_uring):
+//!
+//! - "direct": the bench thread makes 256 requests available and runs the queue server
+//!   (`Block::queue_server`, the worker's code without the thread) until they are done;
 //! - "worker": the real worker thread, with the driver keeping the queue full, kicking only
 //!   when `avail_event` asks for it, and reaping used entries as they come: gives the
 //!   requests-per-wake-up figure.
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use vessel_virtio::{
     ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
 };
-use vessel_virtio_devices::block::{Block, BlockConfig};
+use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -132,7 +135,7 @@ fn run_sync(blk: &Block, m: &GuestMemoryMmap, size: u32, offs: &[u64]) -> (Durat
         avail_idx = avail_idx.wrapping_add(chunk.len() as u16);
         m.store(avail_idx, GuestAddress(AVAIL + 2), Ordering::Release)
             .unwrap();
-        served += server.process();
+        served += server.process_until_idle();
         calls += 1;
     }
     let t = start.elapsed();
@@ -234,16 +237,22 @@ fn run_pread(file: &File, m: &GuestMemoryMmap, size: u32, offs: &[u64]) -> Durat
     start.elapsed()
 }
 
-fn report(name: &str, size: u32, n: usize, dev: Duration, pread: Duration, per_wake: f64) {
+fn report(
+    name: &str,
+    size: u32,
+    n: usize,
+    dev: Duration,
+    pread: Duration,
+    per_wake: f64,
+    spread: f64,
+) {
     let bytes = n as f64 * f64::from(size);
     let mbs = |d: Duration| bytes / d.as_secs_f64() / 1e6;
     let iops = |d: Duration| n as f64 / d.as_secs_f64();
     println!(
-        "{name:<28} device {:>9.0} MB/s {:>9.0} IOPS | pread {:>9.0} MB/s {:>9.0} IOPS | ratio {:>5.1}% | {per_wake:.1} req/wake-up",
-        mbs(dev),
+        "{name:<38} {:>9.0} IOPS {:>7.0} MB/s | {:>5.1}% of pread (spread {spread:>4.1}%) | {per_wake:.1} req/wake-up",
         iops(dev),
-        mbs(pread),
-        iops(pread),
+        mbs(dev),
         100.0 * pread.as_secs_f64() / dev.as_secs_f64(),
     );
 }
@@ -258,12 +267,19 @@ fn main() {
         }
     }
     let file = File::open(&path).unwrap();
-    let mut blk = Block::new(BlockConfig {
-        path: path.clone(),
-        read_only: true,
-        serial: None,
-    })
-    .unwrap();
+    let open = |engine| {
+        Block::new(BlockConfig {
+            path: path.clone(),
+            read_only: true,
+            serial: None,
+            engine,
+        })
+    };
+    let mut engines = vec![("sync", open(BlockEngine::Sync).unwrap())];
+    match open(BlockEngine::IoUring) {
+        Ok(b) => engines.push(("io_uring", b)),
+        Err(e) => println!("io_uring engine skipped: {e}"),
+    }
     let mem_size = DATA as usize + usize::from(QSIZE) * (1 << 20);
     let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mem_size)]).unwrap();
     // Warm the page cache and fault the guest memory in.
@@ -273,35 +289,67 @@ fn main() {
         ("4 KiB random read", 4096, true, 256 * 400),
         ("1 MiB sequential read", 1 << 20, false, 256 * 8),
     ];
+    let rounds: usize = std::env::var("BLK_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let only = std::env::var("BLK_BENCH_ONLY").unwrap_or_default();
     println!(
-        "virtio-blk, {} MiB file in the page cache, queue of {QSIZE}",
+        "virtio-blk, {} MiB file in the page cache, queue of {QSIZE}, best of {rounds} (spread = worst/best - 1)",
         FILE_SIZE >> 20
     );
     for (name, size, random, n) in cases {
+        if !name.contains(only.as_str()) {
+            continue;
+        }
         let offs = offsets(n, u64::from(size), random);
-        // Best of 3, alternating, to damp noise from a shared machine.
-        let (mut dev, mut pr, mut wk) = (Duration::MAX, Duration::MAX, Duration::MAX);
-        let (mut sync_ratio, mut wk_ratio) = (0.0, 0.0);
-        for _ in 0..3 {
-            let (d, r) = run_sync(&blk, &m, size, &offs);
-            if d < dev {
-                dev = d;
-                sync_ratio = r;
-            }
-            pr = pr.min(run_pread(&file, &m, size, &offs));
-            let (w, r) = run_worker(&mut blk, &m, size, &offs);
-            if w < wk {
-                wk = w;
-                wk_ratio = r;
+        // Alternating rounds, to damp noise from a shared machine.
+        let mut pr = Vec::new();
+        let mut direct = vec![Vec::new(); engines.len()];
+        let mut worker = vec![Vec::new(); engines.len()];
+        for _ in 0..rounds {
+            pr.push((run_pread(&file, &m, size, &offs), 0.0));
+            for (k, (_, blk)) in engines.iter_mut().enumerate() {
+                direct[k].push(run_sync(blk, &m, size, &offs));
+                worker[k].push(run_worker(blk, &m, size, &offs));
             }
         }
-        report(&format!("{name} (sync)"), size, n, dev, pr, sync_ratio);
-        report(&format!("{name} (worker)"), size, n, wk, pr, wk_ratio);
+        let (pbest, _, pspread) = best(&pr);
+        println!(
+            "{name:<22} pread                {:>9.0} IOPS {:>7.0} MB/s             (spread {:>4.1}%)",
+            n as f64 / pbest.as_secs_f64(),
+            n as f64 * f64::from(size) / pbest.as_secs_f64() / 1e6,
+            pspread
+        );
+        for (k, (ename, _)) in engines.iter().enumerate() {
+            for (mode, runs) in [("direct", &direct[k]), ("worker", &worker[k])] {
+                let (t, per_wake, spread) = best(runs);
+                report(
+                    &format!("{name} {ename:>8} {mode}"),
+                    size,
+                    n,
+                    t,
+                    pbest,
+                    per_wake,
+                    spread,
+                );
+            }
+        }
     }
-    let st = blk.stats().snapshot();
-    println!(
-        "totals: {} requests, {} vectored I/O calls, {} wake-ups, {} interrupts",
-        st.requests, st.io_submissions, st.wakeups, st.interrupts
-    );
+    for (ename, blk) in &engines {
+        let st = blk.stats().snapshot();
+        println!(
+            "{ename} totals: {} requests, {} I/O submissions, {} wake-ups, {} interrupts",
+            st.requests, st.io_submissions, st.wakeups, st.interrupts
+        );
+    }
     let _ = std::fs::remove_file(&path);
+}
+
+/// Best time (with its requests-per-wake-up figure) and spread (worst / best - 1, in %).
+fn best(runs: &[(Duration, f64)]) -> (Duration, f64, f64) {
+    let b = runs.iter().min_by_key(|r| r.0).copied().unwrap_or_default();
+    let w = runs.iter().map(|r| r.0).max().unwrap_or_default();
+    let spread = 100.0 * (w.as_secs_f64() / b.0.as_secs_f64().max(1e-9) - 1.0);
+    (b.0, b.1, spread)
 }

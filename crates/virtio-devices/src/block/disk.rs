@@ -82,9 +82,25 @@ impl Disk {
         })
     }
 
+    /// A disk over any open file (tests use pipes to hold requests in flight).
+    #[cfg(test)]
+    pub fn from_file(file: File, size: u64, read_only: bool) -> Disk {
+        Disk {
+            file,
+            size,
+            read_only,
+            serial: [0; SERIAL_BYTES],
+        }
+    }
+
     /// Usable size in bytes (a multiple of [`SECTOR_SIZE`]).
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The image's file descriptor (for io_uring submissions).
+    pub fn fd(&self) -> std::os::unix::io::RawFd {
+        self.file.as_raw_fd()
     }
 
     pub fn read_only(&self) -> bool {

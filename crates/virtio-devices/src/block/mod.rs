@@ -4,17 +4,22 @@
 //!   up to 256 entries served by a worker thread) and reset;
 //! - `disk`: the opened image and its operations (vectored I/O, flush, discard, zeroing);
 //! - `request`: parsing and checking descriptor chains into requests;
-//! - `queue`: the synchronous engine: batches of requests, merged vectored I/O done directly
-//!   between the file and guest memory (no bounce buffers), completion and interrupts.
+//! - `queue`: serving the queue: batches of requests, vectored I/O done directly between the
+//!   file and guest memory (no bounce buffers), completion and interrupts, with either engine
+//!   ([`BlockEngine`]): synchronous (merged `preadv`/`pwritev` in the worker thread) or io_uring;
+//! - `uring`: the io_uring ring, its in-flight slots and completion eventfd.
 //!
 //! Every request is finished (data in the page cache, or on disk for `FLUSH`) before its used
-//! entry is published. Counters for the VMM are in [`BlockStats`].
+//! entry is published. With io_uring, used entries are published in completion order and a
+//! reset waits for every request in flight before it returns. Counters for the VMM are in
+//! [`BlockStats`].
 
 mod disk;
 mod queue;
 mod request;
 #[cfg(test)]
 mod tests;
+mod uring;
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -62,6 +67,20 @@ pub struct BlockConfig {
     /// What `GET_ID` returns (at most 20 bytes); by default one derived from the file's device
     /// and inode numbers.
     pub serial: Option<String>,
+    /// How requests are executed.
+    pub engine: BlockEngine,
+}
+
+/// How a block device executes requests.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BlockEngine {
+    /// io_uring when the host kernel (and seccomp policy) allows it, else synchronous.
+    #[default]
+    Auto,
+    /// io_uring; creating the device fails if the host does not provide it.
+    IoUring,
+    /// Synchronous vectored I/O in the device's worker thread.
+    Sync,
 }
 
 /// Why a block device cannot be created.
@@ -85,6 +104,8 @@ pub enum BlockError {
     Empty { path: PathBuf },
     #[error("block device serial {0:?} is longer than 20 bytes")]
     SerialTooLong(String),
+    #[error("io_uring is not available on this host: {0}")]
+    IoUringUnavailable(#[source] io::Error),
 }
 
 /// Counters of a block device, shared with the VMM (all relaxed atomics).
@@ -145,6 +166,11 @@ impl BlockStatsSnapshot {
 /// A virtio-blk device.
 pub struct Block {
     disk: Arc<Disk>,
+    /// `IoUring` or `Sync`, never `Auto`.
+    engine: BlockEngine,
+    /// What the configuration asked for (`Auto` falls back to `Sync` if a ring cannot be
+    /// created at activation).
+    requested: BlockEngine,
     avail_features: u64,
     config: [u8; CONFIG_LEN],
     stats: Arc<BlockStats>,
@@ -157,6 +183,23 @@ impl Block {
     /// warning).
     pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
         let disk = Disk::open(&cfg.path, cfg.read_only, cfg.serial.as_deref())?;
+        let engine = match cfg.engine {
+            BlockEngine::Sync => BlockEngine::Sync,
+            BlockEngine::IoUring => {
+                uring::probe().map_err(BlockError::IoUringUnavailable)?;
+                BlockEngine::IoUring
+            }
+            BlockEngine::Auto => match uring::probe() {
+                Ok(()) => BlockEngine::IoUring,
+                Err(e) => {
+                    log::info!(
+                        "{}: io_uring unavailable ({e}); using synchronous I/O",
+                        cfg.path.display()
+                    );
+                    BlockEngine::Sync
+                }
+            },
+        };
         let mut avail_features = features::COMMON
             | 1 << VIRTIO_BLK_F_FLUSH
             | 1 << VIRTIO_BLK_F_SEG_MAX
@@ -180,6 +223,8 @@ impl Block {
         put(56, &[1]); // write_zeroes_may_unmap
         Ok(Block {
             disk: Arc::new(disk),
+            engine,
+            requested: cfg.engine,
             avail_features,
             config,
             stats: Arc::new(BlockStats::default()),
@@ -191,6 +236,11 @@ impl Block {
     /// The device's counters; the VMM may keep this and read it at any time.
     pub fn stats(&self) -> Arc<BlockStats> {
         self.stats.clone()
+    }
+
+    /// The engine in use: [`BlockEngine::IoUring`] or [`BlockEngine::Sync`].
+    pub fn engine(&self) -> BlockEngine {
+        self.engine
     }
 
     /// Capacity in 512-byte sectors.
@@ -208,25 +258,53 @@ impl Block {
     #[doc(hidden)]
     pub fn queue_server(&self, mut ctx: ActivateContext) -> Result<QueueServer, ActivateError> {
         let q = ctx.take_queue(0).ok_or(ActivateError::MissingQueue(0))?;
+        self.server(q.queue, 0, ctx)
+    }
+
+    fn server(
+        &self,
+        queue: virtio_queue::Queue,
+        index: u16,
+        ctx: ActivateContext,
+    ) -> Result<QueueServer, ActivateError> {
+        let ring = match self.engine {
+            BlockEngine::IoUring => {
+                let depth = virtio_queue::QueueT::size(&queue);
+                match uring::Uring::new(depth, ctx.mem.clone(), self.disk.clone()) {
+                    Ok(r) => Some(r),
+                    Err(e) if self.requested == BlockEngine::Auto => {
+                        log::warn!(
+                            "virtio-blk: cannot create an io_uring ({e}); using synchronous I/O"
+                        );
+                        None
+                    }
+                    Err(e) => return Err(ActivateError::Worker(e)),
+                }
+            }
+            _ => None,
+        };
         Ok(QueueServer::new(
-            q.queue,
-            0,
+            queue,
+            index,
             ctx.mem,
             ctx.interrupt,
             ctx.health,
             self.disk.clone(),
             self.stats.clone(),
-        ))
+        )
+        .with_ring(ring))
     }
 }
 
-/// The worker's event handler: the one queue's kick.
+/// The worker's event handler: the one queue's kick and, with io_uring, the completion
+/// eventfd.
 struct BlockHandler {
     kick: EventFd,
     server: QueueServer,
 }
 
 const KICK_TOKEN: u64 = 0;
+const COMPLETION_TOKEN: u64 = 1;
 
 impl EventHandler for BlockHandler {
     fn handle_event(
@@ -239,6 +317,8 @@ impl EventHandler for BlockHandler {
             consume(&self.kick);
             self.server.stats().wakeups.fetch_add(1, Ordering::Relaxed);
             self.server.process();
+        } else if token == COMPLETION_TOKEN {
+            self.server.on_completion_event();
         }
         Ok(())
     }
@@ -267,18 +347,13 @@ impl VirtioDevice for Block {
         let kick = q.kick;
         let kick_fd = kick.as_raw_fd();
         let first_kick = kick.try_clone().map_err(ActivateError::Worker)?;
-        let server = QueueServer::new(
-            q.queue,
-            q.index,
-            ctx.mem,
-            ctx.interrupt,
-            ctx.health,
-            self.disk.clone(),
-            self.stats.clone(),
-        );
+        let server = self.server(q.queue, q.index, ctx)?;
+        let mut fds = vec![(kick_fd, KICK_TOKEN, EventSet::IN)];
+        if let Some(fd) = server.completion_fd() {
+            fds.push((fd, COMPLETION_TOKEN, EventSet::IN));
+        }
         let handler = BlockHandler { kick, server };
-        let worker = Worker::spawn(self.name(), &[(kick_fd, KICK_TOKEN, EventSet::IN)], handler)
-            .map_err(ActivateError::Worker)?;
+        let worker = Worker::spawn(self.name(), &fds, handler).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         // Serve whatever the driver made available before the kick event was watched.
         first_kick.write(1).map_err(ActivateError::Worker)?;
@@ -286,8 +361,9 @@ impl VirtioDevice for Block {
     }
 
     fn reset(&mut self) -> bool {
-        // Dropping the worker stops and joins its thread; every request it took was completed
-        // synchronously, so nothing is in flight.
+        // Dropping the worker stops and joins its thread, which drops the queue server: with
+        // io_uring that waits for every request in flight (their results are dropped), so
+        // no completion writes into guest memory once this returns.
         self.worker = None;
         true
     }

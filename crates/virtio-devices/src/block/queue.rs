@@ -1,12 +1,17 @@
-//! Serving one virtio-blk queue synchronously: pop every available chain, parse them all,
-//! run them with adjacent reads (or writes) of contiguous sectors merged into one vectored
-//! `preadv`/`pwritev` straight between the file and guest memory, then publish the used
-//! entries (only after the I/O finished) and interrupt the driver if event-index
-//! suppression allows.
+//! Serving one virtio-blk queue, with either engine.
+//!
+//! - Synchronous: pop every available chain, parse them all, run them with adjacent reads (or
+//!   writes) of contiguous sectors merged into one vectored `preadv`/`pwritev` straight between
+//!   the file and guest memory, then publish the used entries (only after the I/O finished)
+//!   and interrupt the driver if event-index suppression allows.
+//! - io_uring (`super::uring`): reads, writes and flushes become SQEs (at most one per queue
+//!   entry in flight), submitted in one system call per batch; their used entries are
+//!   published as their completions are reaped, in completion order. Requests with nothing to
+//!   transfer (errors, `GET_ID`) and discard/write-zeroes run synchronously as above.
 //!
 //! The core's `drain_queue` completes each chain before looking at the next, which rules out
-//! merging; this loop has the same notification logic (disable, drain, re-enable and re-check,
-//! `notify_if_needed`) around batches instead.
+//! merging and asynchronous completion; this loop has the same notification logic (disable,
+//! drain, re-enable and re-check, `notify_if_needed`) around batches instead.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -18,10 +23,11 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::disk::{Disk, IOV_MAX};
 use super::request::{disk_range, parse, Op, Request, Seg, DWZ_SEGMENT_LEN};
+use super::uring::{Finished, NotQueued, Uring};
 use super::{BlockStats, SECTOR_SIZE};
 
 /// Reusable iovec storage. It holds pointers into guest memory only during one
@@ -46,6 +52,8 @@ pub struct QueueServer {
     segs: Vec<Seg>,
     reqs: Vec<Request>,
     iovs: IovBuf,
+    /// The io_uring engine's ring; `None` for the synchronous engine.
+    ring: Option<Uring>,
 }
 
 impl QueueServer {
@@ -71,7 +79,66 @@ impl QueueServer {
             segs: Vec::with_capacity(size * 2),
             reqs: Vec::with_capacity(size),
             iovs: IovBuf(Vec::with_capacity(IOV_MAX)),
+            ring: None,
         }
+    }
+
+    /// Uses `ring` (the io_uring engine) instead of synchronous I/O.
+    pub(crate) fn with_ring(mut self, ring: Option<Uring>) -> QueueServer {
+        self.ring = ring;
+        self
+    }
+
+    /// The io_uring completion eventfd, when this server uses the io_uring engine.
+    pub fn completion_fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.ring.as_ref().map(Uring::event_fd)
+    }
+
+    /// Requests submitted to io_uring and not completed yet (0 for the synchronous engine).
+    pub fn in_flight(&self) -> usize {
+        self.ring.as_ref().map_or(0, Uring::in_flight)
+    }
+
+    /// Called on the completion eventfd: empties it and serves completions (and whatever
+    /// their freed slots let through).
+    pub fn on_completion_event(&mut self) -> u64 {
+        if let Some(r) = &self.ring {
+            r.consume_event();
+        }
+        self.process()
+    }
+
+    /// Waits for completions until at least `want` more requests have completed or nothing
+    /// is in flight; returns how many completed. For tests.
+    #[cfg(test)]
+    pub fn process_until_idle_or(&mut self, want: u64) -> u64 {
+        let mut n = self.process();
+        while n < want && self.in_flight() > 0 && !self.health.is_broken() {
+            if let Some(r) = &mut self.ring {
+                if r.wait().is_err() {
+                    break;
+                }
+            }
+            n += self.process();
+        }
+        n
+    }
+
+    /// Serves until nothing is in flight (blocking on io_uring completions); returns how many
+    /// requests were completed. For the benchmark and tests.
+    pub fn process_until_idle(&mut self) -> u64 {
+        let mut n = self.process();
+        while self.in_flight() > 0 && !self.health.is_broken() {
+            if let Some(r) = &mut self.ring {
+                if let Err(e) = r.wait() {
+                    self.health
+                        .mark_broken(&format_args!("virtio-blk: io_uring wait: {e}"));
+                    break;
+                }
+            }
+            n += self.process();
+        }
+        n
     }
 
     /// The queue, for tests and the benchmark's synthetic driver.
@@ -79,8 +146,17 @@ impl QueueServer {
         &self.queue
     }
 
-    /// Serves every available request; returns how many were completed.
+    /// Serves every available request (io_uring: submits them, and publishes whatever has
+    /// completed); returns how many were completed.
     pub fn process(&mut self) -> u64 {
+        if self.ring.is_some() {
+            self.process_async()
+        } else {
+            self.process_sync()
+        }
+    }
+
+    fn process_sync(&mut self) -> u64 {
         let mut completed = 0u64;
         if self.health.is_broken() {
             return 0;
@@ -119,6 +195,150 @@ impl QueueServer {
         self.health
             .mark_broken(&format_args!("virtio-blk queue {}: {e}", self.index));
         completed
+    }
+
+    /// The io_uring engine: reap completions, then pop chains while there are free slots,
+    /// queue their I/O, run the rest synchronously, submit, reap again, notify.
+    fn process_async(&mut self) -> u64 {
+        let mut completed = self.reap();
+        if self.health.is_broken() {
+            return completed;
+        }
+        loop {
+            if let Err(e) = self.queue.disable_notification(&self.mem) {
+                return self.broken(e, completed);
+            }
+            loop {
+                let (popped, room) = match self.pop_async() {
+                    Ok(x) => x,
+                    Err(e) => return self.broken(e, completed),
+                };
+                if !self.reqs.is_empty() {
+                    self.execute();
+                    match self.complete() {
+                        Ok(n) => completed += n,
+                        Err(e) => return self.broken(e, completed),
+                    }
+                }
+                if let Some(r) = &mut self.ring {
+                    if let Err(e) = r.submit() {
+                        self.health
+                            .mark_broken(&format_args!("virtio-blk: io_uring submit: {e}"));
+                        return completed;
+                    }
+                }
+                // Page-cache hits have usually completed during the submission.
+                completed += self.reap();
+                if self.health.is_broken() {
+                    return completed;
+                }
+                if !room {
+                    // All slots busy: completions will bring us back here; leave the rest
+                    // of the ring (and notifications) alone until then.
+                    self.notify();
+                    return completed;
+                }
+                if popped == 0 {
+                    break;
+                }
+            }
+            match self.queue.enable_notification(&self.mem) {
+                Ok(true) => continue,
+                Ok(false) => break,
+                Err(e) => return self.broken(e, completed),
+            }
+        }
+        self.notify();
+        completed
+    }
+
+    /// Pops chains while the ring has free slots, queueing reads, writes and flushes; the
+    /// others are left in `reqs` to run synchronously. Returns how many chains were popped and
+    /// whether there is still room in the ring.
+    fn pop_async(&mut self) -> Result<(usize, bool), virtio_queue::Error> {
+        self.reqs.clear();
+        self.segs.clear();
+        let Some(ring) = self.ring.as_mut() else {
+            return Ok((0, false));
+        };
+        let mem = &self.mem;
+        let mut iter = self.queue.iter(mem)?;
+        let mut popped = 0;
+        while ring.has_room() {
+            let Some(chain) = iter.next() else { break };
+            popped += 1;
+            let at = self.segs.len();
+            let mut r = parse(chain, mem, &self.disk, &mut self.descs, &mut self.segs);
+            let queued = match r.op {
+                Op::In | Op::Out => ring.queue_rw(
+                    r.head,
+                    r.status,
+                    r.op == Op::Out,
+                    r.offset,
+                    r.len,
+                    &self.segs[r.segs.clone()],
+                ),
+                Op::Flush if !self.disk.read_only() => ring.queue_flush(r.head, r.status),
+                _ => Err(NotQueued::Unsuitable),
+            };
+            match queued {
+                Ok(()) => {
+                    self.segs.truncate(at);
+                    if matches!(r.op, Op::In | Op::Out) {
+                        self.stats.io_submissions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(NotQueued::BadBuffer) => {
+                    r.op = Op::Done;
+                    r.code = VIRTIO_BLK_S_IOERR as u8;
+                    self.reqs.push(r);
+                }
+                Err(NotQueued::Unsuitable) => self.reqs.push(r),
+            }
+        }
+        Ok((popped, ring.has_room()))
+    }
+
+    /// Publishes every posted io_uring completion.
+    fn reap(&mut self) -> u64 {
+        let Some(ring) = self.ring.as_mut() else {
+            return 0;
+        };
+        let (queue, mem, stats) = (&mut self.queue, &self.mem, &self.stats);
+        let mut failed = None;
+        let n = ring.reap(|f: Finished| {
+            let code = if f.ok {
+                VIRTIO_BLK_S_OK as u8
+            } else {
+                stats.errors.fetch_add(1, Ordering::Relaxed);
+                VIRTIO_BLK_S_IOERR as u8
+            };
+            if let Some((write, bytes)) = f.transferred {
+                let c = if write {
+                    &stats.bytes_written
+                } else {
+                    &stats.bytes_read
+                };
+                c.fetch_add(bytes, Ordering::Relaxed);
+            }
+            let used = publish_status(mem, f.status, code, f.written);
+            if failed.is_none() {
+                if let Err(e) = queue.add_used(mem, f.head, used) {
+                    failed = Some(e);
+                }
+            }
+        }) as u64;
+        self.stats.requests.fetch_add(n, Ordering::Relaxed);
+        if let Some(e) = failed {
+            self.broken(e, 0);
+        }
+        n
+    }
+
+    fn notify(&mut self) {
+        if notify_if_needed(&mut self.queue, self.index, &self.mem, &*self.interrupt) {
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Pops and parses every available chain.
@@ -352,14 +572,7 @@ impl QueueServer {
     fn complete(&mut self) -> Result<u64, virtio_queue::Error> {
         let mut n = 0;
         for r in &self.reqs {
-            let mut used = r.used_len();
-            if let Some(st) = r.status {
-                let written = GuestMemoryBackend::get_slice(&self.mem, st, 1)
-                    .and_then(|s| Ok(s.write_obj(r.code, 0)?));
-                if written.is_err() {
-                    used = 0;
-                }
-            }
+            let used = publish_status(&self.mem, r.status, r.code, r.written);
             if r.code != VIRTIO_BLK_S_OK as u8 {
                 self.stats.errors.fetch_add(1, Ordering::Relaxed);
             }
@@ -373,6 +586,22 @@ impl QueueServer {
     /// The device's counters.
     pub(crate) fn stats(&self) -> &BlockStats {
         &self.stats
+    }
+}
+
+/// Writes the status byte (if the chain has one); returns the used length.
+fn publish_status(
+    mem: &GuestMemoryMmap,
+    status: Option<GuestAddress>,
+    code: u8,
+    written: u32,
+) -> u32 {
+    let Some(st) = status else { return 0 };
+    let ok = GuestMemoryBackend::get_slice(mem, st, 1).and_then(|s| Ok(s.write_obj(code, 0)?));
+    if ok.is_ok() {
+        written.saturating_add(1)
+    } else {
+        0
     }
 }
 

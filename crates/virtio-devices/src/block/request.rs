@@ -86,16 +86,6 @@ impl Request {
             written: 0,
         }
     }
-
-    /// Bytes the device wrote into the chain's writable buffers, status byte included: the
-    /// used length.
-    pub fn used_len(&self) -> u32 {
-        if self.status.is_some() {
-            self.written.saturating_add(1)
-        } else {
-            0
-        }
-    }
 }
 
 /// Parses `chain`; data buffers are appended to `segs`. `descs` is scratch space.

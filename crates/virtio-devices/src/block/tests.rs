@@ -1,5 +1,6 @@
 use super::*;
 
+use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
@@ -9,7 +10,7 @@ use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
@@ -82,14 +83,85 @@ fn mem() -> GuestMemoryMmap {
     GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap()
 }
 
+thread_local! {
+    /// The engine `block` uses: each test runs in its own thread.
+    static ENGINE: std::cell::Cell<BlockEngine> = const { std::cell::Cell::new(BlockEngine::Sync) };
+}
+
+fn engine() -> BlockEngine {
+    ENGINE.with(|e| e.get())
+}
+
 fn block(img: &TempImage, read_only: bool) -> Block {
-    Block::new(BlockConfig {
+    let b = Block::new(BlockConfig {
         path: img.0.clone(),
         read_only,
         serial: Some("vessel-test-disk".into()),
+        engine: engine(),
     })
-    .unwrap()
+    .unwrap();
+    assert_eq!(b.engine(), engine());
+    b
 }
+
+/// Whether this host can run the io_uring tests (a kernel without io_uring, or a seccomp
+/// policy that forbids it, skips them with a message).
+fn uring_available() -> bool {
+    match uring::probe() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("io_uring unavailable ({e}): skipping an io_uring test");
+            false
+        }
+    }
+}
+
+/// Runs each named test body (a plain `fn`) once per engine.
+macro_rules! both_engines {
+    ($($name:ident),* $(,)?) => {
+        mod sync_engine {
+            $(
+                #[test]
+                fn $name() {
+                    super::ENGINE.with(|e| e.set(super::BlockEngine::Sync));
+                    super::$name();
+                }
+            )*
+        }
+        mod io_uring_engine {
+            $(
+                #[test]
+                fn $name() {
+                    if !super::uring_available() {
+                        return;
+                    }
+                    super::ENGINE.with(|e| e.set(super::BlockEngine::IoUring));
+                    super::$name();
+                }
+            )*
+        }
+    };
+}
+
+both_engines!(
+    read_split_over_descriptors,
+    data_sharing_the_status_descriptor_is_read_into,
+    write_reaches_the_file,
+    adjacent_requests_are_merged,
+    merged_group_with_a_failing_request_isolates_it,
+    flush_and_get_id,
+    discard_and_write_zeroes_zero_the_file,
+    discard_with_unknown_flags_is_unsupported_and_past_end_fails,
+    read_only_rejects_writes,
+    unknown_request_type_is_unsupported,
+    malformed_requests_get_an_error_status,
+    chains_without_a_usable_status_byte_are_returned_empty,
+    header_outside_memory_and_huge_lengths,
+    looping_chain_terminates,
+    indirect_chain_is_served,
+    broken_ring_marks_the_device_broken_without_serving,
+    worker_serves_kicks_and_reset_stops_it,
+);
 
 /// A descriptor: address, length, device-writable.
 type D = (u64, u32, bool);
@@ -137,8 +209,9 @@ fn serve_raw(blk: &Block, m: &GuestMemoryMmap, raw: &[RawDescriptor], n: usize) 
         health: DeviceHealth::new(irq.clone()),
     };
     let mut server = blk.queue_server(ctx).unwrap();
-    let done = server.process();
+    let done = server.process_until_idle();
     assert_eq!(done as usize, n);
+    assert_eq!(server.in_flight(), 0);
     (0..n)
         .map(|i| {
             let e = vq.used().ring().ref_at(i).unwrap().load();
@@ -162,12 +235,14 @@ fn open_errors_are_clear() {
         path: "/nonexistent/vessel.img".into(),
         read_only: false,
         serial: None,
+        engine: BlockEngine::Sync,
     });
     assert!(matches!(missing, Err(BlockError::Open { .. })));
     let dir = Block::new(BlockConfig {
         path: std::env::temp_dir(),
         read_only: true,
         serial: None,
+        engine: BlockEngine::Sync,
     });
     assert!(matches!(
         dir,
@@ -178,6 +253,7 @@ fn open_errors_are_clear() {
         path: img.0.clone(),
         read_only: false,
         serial: None,
+        engine: BlockEngine::Sync,
     });
     assert!(matches!(tiny, Err(BlockError::Empty { .. })));
     let img = TempImage::new(4096);
@@ -185,6 +261,7 @@ fn open_errors_are_clear() {
         path: img.0.clone(),
         read_only: false,
         serial: Some("x".repeat(21)),
+        engine: BlockEngine::Sync,
     });
     assert!(matches!(long, Err(BlockError::SerialTooLong(_))));
 }
@@ -226,6 +303,7 @@ fn default_serial_is_derived_from_the_file() {
         path: img.0.clone(),
         read_only: true,
         serial: None,
+        engine: BlockEngine::Sync,
     })
     .unwrap();
     let s = b.serial();
@@ -238,12 +316,12 @@ fn default_serial_is_derived_from_the_file() {
         path: img.0.clone(),
         read_only: false,
         serial: None,
+        engine: BlockEngine::Sync,
     })
     .unwrap();
     assert_eq!(b3.serial(), s);
 }
 
-#[test]
 fn read_split_over_descriptors() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -273,7 +351,6 @@ fn read_split_over_descriptors() {
     assert_eq!(st.bytes_read, 1536);
 }
 
-#[test]
 fn data_sharing_the_status_descriptor_is_read_into() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -288,7 +365,6 @@ fn data_sharing_the_status_descriptor_is_read_into() {
     assert_eq!(got, pattern(512, 512));
 }
 
-#[test]
 fn write_reaches_the_file() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -310,7 +386,6 @@ fn write_reaches_the_file() {
     assert_eq!(b.stats().snapshot().bytes_written, 1024);
 }
 
-#[test]
 fn adjacent_requests_are_merged() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -337,10 +412,11 @@ fn adjacent_requests_are_merged() {
             .unwrap();
         assert_eq!(got, pattern(s * 512, 1024), "request {i}");
     }
-    assert_eq!(b.stats().snapshot().io_submissions, 2);
+    // The synchronous engine merges; io_uring submits one SQE per request.
+    let want = if engine() == BlockEngine::Sync { 2 } else { 4 };
+    assert_eq!(b.stats().snapshot().io_submissions, want);
 }
 
-#[test]
 fn merged_group_with_a_failing_request_isolates_it() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -366,10 +442,10 @@ fn merged_group_with_a_failing_request_isolates_it() {
     assert_eq!(status(&m, STATUS + 1), S_OK);
     assert_eq!(img.read(0, 512), vec![1; 512]);
     assert_eq!(img.read(512, 512), vec![2; 512]);
-    assert_eq!(b.stats().snapshot().io_submissions, 1);
+    let want = if engine() == BlockEngine::Sync { 1 } else { 2 };
+    assert_eq!(b.stats().snapshot().io_submissions, want);
 }
 
-#[test]
 fn flush_and_get_id() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -391,6 +467,9 @@ fn flush_and_get_id() {
             ],
         ],
     );
+    // io_uring publishes in completion order: the flush may finish after GET_ID.
+    let mut used = used;
+    used.sort_unstable();
     assert_eq!(used, vec![(0, 1), (2, 21)]);
     assert_eq!(status(&m, STATUS), S_OK);
     assert_eq!(status(&m, STATUS + 1), S_OK);
@@ -408,7 +487,6 @@ fn dwz_segment(m: &GuestMemoryMmap, at: u64, sector: u64, n: u32, flags: u32) {
     m.write_slice(&s, GuestAddress(at)).unwrap();
 }
 
-#[test]
 fn discard_and_write_zeroes_zero_the_file() {
     let img = TempImage::new(256 * 1024);
     let b = block(&img, false);
@@ -452,7 +530,6 @@ fn discard_and_write_zeroes_zero_the_file() {
     }
 }
 
-#[test]
 fn discard_with_unknown_flags_is_unsupported_and_past_end_fails() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -486,7 +563,6 @@ fn discard_with_unknown_flags_is_unsupported_and_past_end_fails() {
     assert_eq!(img.read(0, 64 * 1024), pattern(0, 64 * 1024));
 }
 
-#[test]
 fn read_only_rejects_writes() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, true);
@@ -522,7 +598,6 @@ fn read_only_rejects_writes() {
     assert_eq!(img.read(0, 4096), pattern(0, 4096));
 }
 
-#[test]
 fn unknown_request_type_is_unsupported() {
     let img = TempImage::new(4096);
     let b = block(&img, false);
@@ -545,7 +620,6 @@ fn unknown_request_type_is_unsupported() {
     assert_eq!(status(&m, STATUS + 1), S_UNSUPP);
 }
 
-#[test]
 fn malformed_requests_get_an_error_status() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -614,7 +688,6 @@ fn malformed_requests_get_an_error_status() {
     assert_eq!(img.read(0, 64 * 1024), pattern(0, 64 * 1024));
 }
 
-#[test]
 fn chains_without_a_usable_status_byte_are_returned_empty() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -640,7 +713,6 @@ fn chains_without_a_usable_status_byte_are_returned_empty() {
     assert_eq!(img.read(0, 512), pattern(0, 512));
 }
 
-#[test]
 fn header_outside_memory_and_huge_lengths() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -669,7 +741,6 @@ fn header_outside_memory_and_huge_lengths() {
     }
 }
 
-#[test]
 fn looping_chain_terminates() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -694,7 +765,6 @@ fn looping_chain_terminates() {
     assert_eq!(used, vec![(0, 0)]);
 }
 
-#[test]
 fn indirect_chain_is_served() {
     let img = TempImage::new(64 * 1024);
     let b = block(&img, false);
@@ -727,7 +797,6 @@ fn indirect_chain_is_served() {
     assert_eq!(got, pattern(1024, 512));
 }
 
-#[test]
 fn broken_ring_marks_the_device_broken_without_serving() {
     let img = TempImage::new(4096);
     let b = block(&img, false);
@@ -766,7 +835,6 @@ fn wait_used(q: &MockSplitQueue<'_, GuestMemoryMmap>, want: u16) {
     }
 }
 
-#[test]
 fn worker_serves_kicks_and_reset_stops_it() {
     let img = TempImage::new(64 * 1024);
     let mut b = block(&img, false);
@@ -813,4 +881,288 @@ fn worker_serves_kicks_and_reset_stops_it() {
     assert!(st.wakeups >= 1);
     assert!(b.reset());
     assert!(b.worker.is_none());
+}
+
+/// An io_uring block device whose "disk" is a pipe: reads stay in flight until the test
+/// writes into the pipe. Returns the device, the pipe's write end and a second handle on its
+/// read end.
+fn pipe_block() -> Option<(Block, std::fs::File, std::fs::File, TempImage)> {
+    if !uring_available() {
+        return None;
+    }
+    ENGINE.with(|e| e.set(BlockEngine::IoUring));
+    let img = TempImage::new(64 * 1024);
+    let mut b = block(&img, false);
+    let (r, w) = std::io::pipe().unwrap();
+    let r = std::fs::File::from(std::os::fd::OwnedFd::from(r));
+    let w = std::fs::File::from(std::os::fd::OwnedFd::from(w));
+    let r2 = r.try_clone().unwrap();
+    b.disk = Arc::new(disk::Disk::from_file(r, 64 * 1024, false));
+    Some((b, w, r2, img))
+}
+
+/// Queue context over `vq` with a fresh interrupt.
+fn ctx_for(b: &Block, m: &GuestMemoryMmap, q: Queue, kick: EventFd) -> ActivateContext {
+    let irq = Arc::new(Irq::default());
+    ActivateContext {
+        mem: m.clone(),
+        acked_features: b.avail_features(),
+        queues: vec![ActiveQueue {
+            queue: q,
+            kick,
+            index: 0,
+        }],
+        interrupt: irq.clone(),
+        health: DeviceHealth::new(irq),
+    }
+}
+
+/// Where request `i`'s 512-byte read buffer lies.
+fn rbuf(i: u64) -> u64 {
+    DATA + 0x200 * i
+}
+
+/// `n` single-descriptor chains (indirect tables at 0x1_8000) reading 512 bytes at sector 0
+/// into `rbuf(i)`, status at `STATUS + i`; chain `i` has head `i`.
+fn read_chains(m: &GuestMemoryMmap, n: u64) -> Vec<RawDescriptor> {
+    header(m, HDR, VIRTIO_BLK_T_IN, 0);
+    let next = VRING_DESC_F_NEXT as u16;
+    let w = VRING_DESC_F_WRITE as u16;
+    let mut raw = Vec::new();
+    for i in 0..n {
+        poison(m, STATUS + i);
+        m.write_slice(&[0xaa; 512], GuestAddress(rbuf(i))).unwrap();
+        let table = 0x1_8000 + 48 * i;
+        let descs = [
+            SplitDescriptor::new(HDR, 16, next, 1),
+            SplitDescriptor::new(rbuf(i), 512, next | w, 2),
+            SplitDescriptor::new(STATUS + i, 1, w, 0),
+        ];
+        for (k, d) in descs.iter().enumerate() {
+            m.write_obj(*d, GuestAddress(table + 16 * k as u64))
+                .unwrap();
+        }
+        raw.push(RawDescriptor::from(SplitDescriptor::new(
+            table,
+            48,
+            virtio_bindings::virtio_ring::VRING_DESC_F_INDIRECT as u16,
+            0,
+        )));
+    }
+    raw
+}
+
+/// A split queue laid out by hand (the mock's layout overlaps its rings above ~8 entries):
+/// descriptor table at 0, available ring at 0x1000, used ring at 0x2000.
+struct TestRing<'a> {
+    m: &'a GuestMemoryMmap,
+    size: u16,
+    avail: u16,
+}
+
+impl<'a> TestRing<'a> {
+    fn new(m: &'a GuestMemoryMmap, size: u16, descs: &[RawDescriptor]) -> (TestRing<'a>, Queue) {
+        for (i, d) in descs.iter().enumerate() {
+            m.write_obj(*d, GuestAddress(16 * i as u64)).unwrap();
+        }
+        for a in [0x1000u64, 0x1002, 0x2000, 0x2002] {
+            m.write_obj(0u16, GuestAddress(a)).unwrap();
+        }
+        let mut q = Queue::new(size).unwrap();
+        q.set_size(size);
+        q.set_desc_table_address(Some(0), Some(0));
+        q.set_avail_ring_address(Some(0x1000), Some(0));
+        q.set_used_ring_address(Some(0x2000), Some(0));
+        q.set_ready(true);
+        assert!(q.is_valid(m));
+        (TestRing { m, size, avail: 0 }, q)
+    }
+
+    /// Makes `head` available.
+    fn push(&mut self, head: u16) {
+        let slot = u64::from(self.avail % self.size);
+        self.m
+            .write_obj(head, GuestAddress(0x1004 + 2 * slot))
+            .unwrap();
+        self.avail = self.avail.wrapping_add(1);
+        self.m.write_obj(self.avail, GuestAddress(0x1002)).unwrap();
+    }
+
+    fn used_idx(&self) -> u16 {
+        self.m.read_obj(GuestAddress(0x2002)).unwrap()
+    }
+
+    /// Used entry `i` (id, len).
+    fn used(&self, i: u16) -> (u32, u32) {
+        let at = 0x2004 + 8 * u64::from(i % self.size);
+        (
+            self.m.read_obj(GuestAddress(at)).unwrap(),
+            self.m.read_obj(GuestAddress(at + 4)).unwrap(),
+        )
+    }
+}
+
+#[test]
+fn io_uring_many_in_flight_bounded_by_the_queue_size() {
+    let Some((b, mut w, _r, _img)) = pipe_block() else {
+        return;
+    };
+    let m = mem();
+    // 16 reads fill a 16-entry queue; they wait for the pipe.
+    let (mut vq, q) = TestRing::new(&m, 16, &read_chains(&m, 16));
+    for i in 0..16 {
+        vq.push(i);
+    }
+    let mut server = b
+        .queue_server(ctx_for(&b, &m, q, EventFd::new(EFD_NONBLOCK).unwrap()))
+        .unwrap();
+    assert_eq!(server.process(), 0);
+    assert_eq!(server.in_flight(), 16);
+    assert_eq!(vq.used_idx(), 0);
+    // A hostile driver makes the same 16 heads available again while they are in flight:
+    // the server must not take more than the queue size.
+    for i in 0..16u16 {
+        vq.push(i);
+    }
+    assert_eq!(server.process(), 0);
+    assert_eq!(server.in_flight(), 16);
+    assert_eq!(server.queue().next_avail(), 16);
+    // Feed the first 16 reads: block k (0-based) is filled with k + 1.
+    for k in 0..16u8 {
+        w.write_all(&[k + 1; 512]).unwrap();
+    }
+    // Their completions free the slots, which takes the 16 re-published heads.
+    let mut done = 0;
+    while done < 16 {
+        done += server.process_until_idle_or(16 - done);
+    }
+    assert_eq!(server.queue().next_avail(), 32);
+    assert_eq!(vq.used_idx(), 16);
+    let mut seen: Vec<u8> = (0..16)
+        .map(|i| {
+            let (id, len) = vq.used(i);
+            assert_eq!(len, 513);
+            let mut got = [0u8; 512];
+            m.read_slice(&mut got, GuestAddress(rbuf(u64::from(id))))
+                .unwrap();
+            assert!(got.iter().all(|&x| x == got[0]), "a torn block");
+            got[0]
+        })
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (1..=16).collect::<Vec<u8>>());
+    assert_eq!(server.in_flight(), 16);
+    for k in 0..16u8 {
+        w.write_all(&[k + 101; 512]).unwrap();
+    }
+    assert_eq!(server.process_until_idle(), 16);
+    assert_eq!(vq.used_idx(), 32);
+    assert_eq!(b.stats().snapshot().requests, 32);
+}
+
+#[test]
+fn io_uring_completes_out_of_order() {
+    let Some((b, mut w, _r, _img)) = pipe_block() else {
+        return;
+    };
+    let m = mem();
+    // Two reads that wait for the pipe, then a GET_ID that completes at once.
+    let mut raw = read_chains(&m, 2);
+    header(&m, HDR + 16, VIRTIO_BLK_T_GET_ID, 0);
+    poison(&m, STATUS + 2);
+    let next = VRING_DESC_F_NEXT as u16;
+    let wr = VRING_DESC_F_WRITE as u16;
+    raw.push(RawDescriptor::from(SplitDescriptor::new(
+        HDR + 16,
+        16,
+        next,
+        3,
+    )));
+    raw.push(RawDescriptor::from(SplitDescriptor::new(
+        0x1_C000,
+        20,
+        next | wr,
+        4,
+    )));
+    raw.push(RawDescriptor::from(SplitDescriptor::new(
+        STATUS + 2,
+        1,
+        wr,
+        0,
+    )));
+    let vq = MockSplitQueue::new(&m, 16);
+    vq.add_desc_chains(&raw, 0).unwrap();
+    let q: Queue = vq.create_queue().unwrap();
+    let mut server = b
+        .queue_server(ctx_for(&b, &m, q, EventFd::new(EFD_NONBLOCK).unwrap()))
+        .unwrap();
+    assert_eq!(server.process(), 1);
+    assert_eq!(server.in_flight(), 2);
+    // The last request submitted is the first one used; the reads' status bytes are not
+    // written yet.
+    let e = vq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((e.id(), e.len()), (2, 21));
+    assert_eq!(status(&m, STATUS + 2), S_OK);
+    assert_eq!(status(&m, STATUS), 0xaa);
+    assert_eq!(status(&m, STATUS + 1), 0xaa);
+    w.write_all(&[7; 1024]).unwrap();
+    assert_eq!(server.process_until_idle(), 2);
+    let mut ids: Vec<u32> = (1..3)
+        .map(|i| vq.used().ring().ref_at(i).unwrap().load().id())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, vec![0, 1]);
+    for i in 0..2 {
+        assert_eq!(status(&m, STATUS + i), S_OK);
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(rbuf(i))).unwrap();
+        assert_eq!(got, [7; 512]);
+    }
+}
+
+#[test]
+fn io_uring_reset_with_requests_in_flight_leaves_guest_memory_alone() {
+    let Some((mut b, mut w, r, _img)) = pipe_block() else {
+        return;
+    };
+    let stats = b.stats();
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 16);
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    let q: Queue = vq.create_queue().unwrap();
+    b.activate(ctx_for(&b, &m, q, kick.try_clone().unwrap()))
+        .unwrap();
+    vq.add_desc_chains(&read_chains(&m, 4), 0).unwrap();
+    kick.write(1).unwrap();
+    // Bounded wait for the worker to submit the four reads; not a timing assertion.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats.snapshot().io_submissions < 4 {
+        assert!(std::time::Instant::now() < deadline, "reads not submitted");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // Reset cancels the reads and returns; nothing is published or written afterwards.
+    assert!(b.reset());
+    assert_eq!(vq.used().idx().load(), 0);
+    w.write_all(&[0x42; 2048]).unwrap();
+    // The data is still in the pipe: no read survived the reset to consume it.
+    let flags = {
+        use std::os::fd::AsRawFd;
+        // SAFETY: fcntl on a descriptor we own; no memory passed.
+        unsafe { libc::fcntl(r.as_raw_fd(), libc::F_GETFL) }
+    };
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as above; the ring that used this file is gone.
+        unsafe { libc::fcntl(r.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) };
+    }
+    let mut back = vec![0u8; 2048];
+    (&r).read_exact(&mut back).unwrap();
+    assert_eq!(back, vec![0x42; 2048]);
+    for i in 0..4 {
+        assert_eq!(status(&m, STATUS + i), 0xaa);
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(rbuf(i))).unwrap();
+        assert_eq!(got, [0xaa; 512]);
+    }
+    assert_eq!(stats.snapshot().requests, 0);
 }
