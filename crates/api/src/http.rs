@@ -486,7 +486,7 @@ mod tests {
         let r = Response::fault(400, "bad").to_bytes(true);
         let s = String::from_utf8(r).unwrap_or_default();
         assert!(s.starts_with("HTTP/1.1 400 Bad Request\r\n"));
-        assert!(s.contains("Content-Length: 25\r\n"));
+        assert!(s.contains("Content-Length: 23\r\n"));
         assert!(s.ends_with("\r\n\r\n{\"fault_message\":\"bad\"}"));
         let s = String::from_utf8(Response::no_content().to_bytes(false)).unwrap_or_default();
         assert!(s.contains("Connection: close\r\n") && !s.contains("Content-Length"));

@@ -97,14 +97,16 @@ fn write<T: DeserializeOwned + Schema + 'static>(
         response: None,
         metric,
         handler: Box::new(move |c, params, body| {
+            let id = params.first().map(String::as_str).unwrap_or("");
+            if id_field.is_some() {
+                check_id(id)?;
+            }
             let value: T = serde_json::from_slice(body).map_err(|e| {
                 ApiError::bad(format!(
                     "An error occurred when deserializing the json body of a request: {e}."
                 ))
             })?;
             if let Some(field) = id_field {
-                let id = params.first().map(String::as_str).unwrap_or("");
-                check_id(id)?;
                 if field(&value) != id {
                     return Err(ApiError::bad(
                         "The id from the path does not match the id from the body!",
