@@ -18,9 +18,24 @@ use std::time::{Duration, Instant};
 use common::*;
 
 const LIMIT: Duration = Duration::from_secs(15 * 60);
-const TAP: &str = "vsltap0";
-const HOST_IP: &str = "172.30.99.1";
-const GUEST_IP: &str = "172.30.99.2";
+
+/// The TAP and addresses of one image's test (the two tests may run at once).
+struct NetPlan {
+    tap: String,
+    host_ip: String,
+    guest_ip: String,
+}
+
+impl NetPlan {
+    fn for_image(image: &str) -> Self {
+        let subnet = if image == "debian" { 98 } else { 99 };
+        NetPlan {
+            tap: format!("vsltap-{}", &image[..3]),
+            host_ip: format!("172.30.{subnet}.1"),
+            guest_ip: format!("172.30.{subnet}.2"),
+        }
+    }
+}
 
 fn sh(cmd: &str) -> bool {
     Command::new("sh")
@@ -129,20 +144,22 @@ fn vsock_host_connect(uds: PathBuf, console: PathBuf, stop: Arc<AtomicBool>) -> 
 }
 
 /// Creates the TAP for the test (root only); false when this host cannot.
-fn setup_tap() -> bool {
+fn setup_tap(p: &NetPlan) -> bool {
     if !Path::new("/dev/net/tun").exists() {
         return false;
     }
-    let _ = sh(&format!("ip link del {TAP} 2>/dev/null"));
+    let tap = &p.tap;
+    let _ = sh(&format!("ip link del {tap} 2>/dev/null"));
     sh(&format!(
-        "ip tuntap add {TAP} mode tap && ip addr add {HOST_IP}/24 dev {TAP} && ip link set {TAP} up"
+        "ip tuntap add {tap} mode tap && ip addr add {}/24 dev {tap} && ip link set {tap} up",
+        p.host_ip
     ))
 }
 
-fn host_pings_guest(console: PathBuf, stop: Arc<AtomicBool>) -> JoinHandle<bool> {
+fn host_pings_guest(console: PathBuf, guest_ip: String, stop: Arc<AtomicBool>) -> JoinHandle<bool> {
     std::thread::spawn(move || {
         wait_console(&console, "NET-UP", &stop)
-            && sh(&format!("ping -c 2 -i 0.5 -W 10 {GUEST_IP} >/dev/null"))
+            && sh(&format!("ping -c 2 -i 0.5 -W 10 {guest_ip} >/dev/null"))
     })
 }
 
@@ -161,25 +178,40 @@ if [ -d /sys/class/net/eth0 ]; then
     sleep 3
 fi
 echo "vsock $(/mnt/vsock connect 2 5000 hello-host)" >> $out
-/mnt/vsock serve 6000 >> $out
+# The host connects once it sees LISTENING on the console.
+timeout 300 /mnt/vsock serve 6000 | tee -a $out
 echo done >> $out
 cat $out
 "#;
 
 #[test]
-fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
-    let Some((kernel, initrd)) = kit_image("minimal") else {
+fn minimal_guest_uses_block_rng_vsock_and_net_on_both_transports() {
+    guest_uses_virtio_devices("minimal", LIMIT);
+}
+
+#[test]
+fn debian_guest_uses_block_rng_vsock_and_net_on_both_transports() {
+    if std::env::var("VESSEL_E2E_DEBIAN").is_ok_and(|v| v == "1") {
+        guest_uses_virtio_devices("debian", Duration::from_secs(60 * 60));
+    } else {
+        eprintln!("note: the debian virtio test runs in the extended test command");
+    }
+}
+
+fn guest_uses_virtio_devices(image: &str, limit: Duration) {
+    let Some((kernel, initrd)) = kit_image(image) else {
         return;
     };
-    let dir = scratch("virtio");
+    let dir = scratch(&format!("virtio-{image}"));
     let files = dir.join("files");
     std::fs::create_dir_all(&files).unwrap();
     let input: String = (0..2000).map(|i| format!("line {i}\n")).collect();
     std::fs::write(files.join("input.txt"), &input).unwrap();
     std::fs::copy(build_vsock_tool(&dir), files.join("vsock")).unwrap();
+    let plan = NetPlan::for_image(image);
     let script = SCRIPT
-        .replace("GUEST_IP", GUEST_IP)
-        .replace("HOST_IP", HOST_IP);
+        .replace("GUEST_IP", &plan.guest_ip)
+        .replace("HOST_IP", &plan.host_ip);
     std::fs::write(files.join("vessel-run"), script).unwrap();
     let disk = ext4_image(&dir, &files, 32);
     let raw = dir.join("raw.img");
@@ -189,21 +221,23 @@ fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
     let uds = dir.join("vsock.sock");
     let console = dir.join("console.txt");
 
-    let net = setup_tap();
+    let net = setup_tap(&plan);
     if !net {
         eprintln!("note: no TAP on this host; the network part is skipped");
     }
     let stop = Arc::new(AtomicBool::new(false));
     let listener = vsock_host_listener(&uds, stop.clone());
     let connector = vsock_host_connect(uds.clone(), console.clone(), stop.clone());
-    let pinger = net.then(|| host_pings_guest(console.clone(), stop.clone()));
+    let pinger =
+        net.then(|| host_pings_guest(console.clone(), plan.guest_ip.clone(), stop.clone()));
 
     let mut cmd = vessel();
     cmd.args(["run", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
         .arg(&initrd)
-        .args(["--memory", "128M", "--append", "vessel.poweroff", "--stats"])
+        .args(["--memory", if image == "debian" { "256M" } else { "128M" }])
+        .args(["--append", "vessel.poweroff", "--stats"])
         .arg(format!("--disk=path={},transport=mmio", disk.display()))
         .arg(format!(
             "--disk=path={},readonly=on,serial=rawdata,transport=pci",
@@ -216,16 +250,16 @@ fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
         ))
         .arg(format!("--serial=file={}", console.display()));
     if net {
-        cmd.arg(format!("--net=tap={TAP},transport=pci"));
+        cmd.arg(format!("--net=tap={},transport=pci", plan.tap));
     }
     let t = Instant::now();
-    let out = run_with_timeout(cmd, LIMIT);
+    let out = run_with_timeout(cmd, limit);
     stop.store(true, Ordering::Relaxed);
     let console_text = std::fs::read_to_string(&console).unwrap_or_default();
     let tail: Vec<&str> = console_text.lines().rev().take(60).collect();
     let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
     if net {
-        let _ = sh(&format!("ip link del {TAP}"));
+        let _ = sh(&format!("ip link del {}", plan.tap));
     }
     assert!(
         out.status.success(),
@@ -233,7 +267,7 @@ fn guest_uses_block_rng_vsock_and_net_on_both_transports() {
         text(&out.stderr)
     );
     eprintln!(
-        "virtio guest finished in {:.1} s\n{}",
+        "{image} virtio guest finished in {:.1} s\n{}",
         t.elapsed().as_secs_f64(),
         text(&out.stderr)
     );

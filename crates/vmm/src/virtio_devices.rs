@@ -39,6 +39,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             path: d.path.clone(),
             read_only: d.read_only,
             serial: d.serial.clone(),
+            engine: block::BlockEngine::Auto,
         })
         .map_err(|e| VmmError::Device(format!("--disk {}: {e}", d.path.display())))?;
         handles.disks.push(dev.stats());

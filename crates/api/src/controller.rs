@@ -1,0 +1,432 @@
+//! The API's state machine: the pre-boot resources, the instance state, and what each
+//! operation does before and after `InstanceStart`, calling the [`VmmBackend`] when the VM is
+//! involved. The HTTP layer ([`crate::routes`]) only decodes requests into these calls, so the
+//! VMM can also drive a controller directly (`--config-file --no-api`).
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::backend::VmmBackend;
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::resources::VmResources;
+use crate::types::*;
+
+/// The application name Firecracker clients expect in `GET /`.
+pub const APP_NAME: &str = "Firecracker";
+
+/// Owns the configuration and the instance state; one per VM.
+pub struct ApiController {
+    resources: VmResources,
+    state: InstanceState,
+    backend: Box<dyn VmmBackend + Send>,
+    id: String,
+    vmm_version: String,
+    metrics: Arc<Metrics>,
+    metrics_sink: Option<File>,
+}
+
+impl std::fmt::Debug for ApiController {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiController")
+            .field("id", &self.id)
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiController {
+    /// A controller for a fresh VM named `id`, reporting `vmm_version`.
+    pub fn new(
+        backend: Box<dyn VmmBackend + Send>,
+        id: impl Into<String>,
+        vmm_version: impl Into<String>,
+    ) -> Self {
+        Self {
+            resources: VmResources::default(),
+            state: InstanceState::NotStarted,
+            backend,
+            id: id.into(),
+            vmm_version: vmm_version.into(),
+            metrics: Arc::new(Metrics::new()),
+            metrics_sink: None,
+        }
+    }
+
+    /// Adopts resources built elsewhere (the `--config-file`): applies their logger and
+    /// metrics configuration, and has the backend vet them.
+    pub fn with_resources(mut self, resources: VmResources) -> Result<Self, ApiError> {
+        self.backend.validate(&resources)?;
+        if let Some(l) = &resources.logger {
+            self.backend.configure_logger(l)?;
+        }
+        if let Some(m) = &resources.metrics {
+            self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
+        }
+        self.resources = resources;
+        Ok(self)
+    }
+
+    /// The API metrics (shared with the server).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The configuration so far.
+    pub fn resources(&self) -> &VmResources {
+        &self.resources
+    }
+
+    /// The instance state.
+    pub fn state(&self) -> InstanceState {
+        self.state
+    }
+
+    fn require_preboot(&self) -> Result<(), ApiError> {
+        if self.state == InstanceState::NotStarted {
+            Ok(())
+        } else {
+            Err(ApiError::NotSupportedPostBoot)
+        }
+    }
+
+    fn require_started(&self) -> Result<(), ApiError> {
+        if self.state == InstanceState::NotStarted {
+            Err(ApiError::NotSupportedPreBoot)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Applies a pre-boot change to a copy of the resources, has the backend vet the result,
+    /// then commits it. Nothing changes on error.
+    fn configure(
+        &mut self,
+        f: impl FnOnce(&mut VmResources) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        self.require_preboot()?;
+        let mut next = self.resources.clone();
+        f(&mut next)?;
+        self.backend.validate(&next)?;
+        self.resources = next;
+        Ok(())
+    }
+
+    /// `GET /`.
+    pub fn instance_info(&self) -> InstanceInfo {
+        InstanceInfo {
+            id: self.id.clone(),
+            state: self.state,
+            vmm_version: self.vmm_version.clone(),
+            app_name: APP_NAME.to_string(),
+        }
+    }
+
+    /// `GET /version`.
+    pub fn version(&self) -> VersionInfo {
+        VersionInfo {
+            firecracker_version: self.vmm_version.clone(),
+        }
+    }
+
+    /// `GET /machine-config`.
+    pub fn machine_config(&self) -> MachineConfig {
+        self.resources.machine_config.clone()
+    }
+
+    /// `PUT /machine-config`.
+    pub fn put_machine_config(&mut self, m: MachineConfig) -> Result<(), ApiError> {
+        self.configure(|r| r.set_machine_config(m))
+    }
+
+    /// `PATCH /machine-config`.
+    pub fn patch_machine_config(&mut self, u: MachineConfigUpdate) -> Result<(), ApiError> {
+        self.configure(|r| r.update_machine_config(&u))
+    }
+
+    /// `PUT /boot-source`.
+    pub fn put_boot_source(&mut self, b: BootSource) -> Result<(), ApiError> {
+        self.configure(|r| r.set_boot_source(b))
+    }
+
+    /// `PUT /cpu-config`.
+    pub fn put_cpu_config(&mut self, c: CpuConfig) -> Result<(), ApiError> {
+        self.configure(|r| r.set_cpu_config(c))
+    }
+
+    /// `PUT /drives/{id}` (pre-boot; hotplug is not supported).
+    pub fn put_drive(&mut self, d: Drive) -> Result<(), ApiError> {
+        self.configure(|r| r.set_drive(d))
+    }
+
+    /// `PATCH /drives/{id}` (post-boot).
+    pub fn patch_drive(&mut self, u: PartialDrive) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.resources.check_drive_update(&u)?;
+        self.backend.update_drive(&u)?;
+        self.resources.apply_drive_update(&u);
+        Ok(())
+    }
+
+    /// `PUT /network-interfaces/{id}` (pre-boot).
+    pub fn put_network_interface(&mut self, n: NetworkInterface) -> Result<(), ApiError> {
+        self.configure(|r| r.set_network_interface(n))
+    }
+
+    /// `PATCH /network-interfaces/{id}` (post-boot).
+    pub fn patch_network_interface(&mut self, u: PartialNetworkInterface) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.resources.check_net_update(&u)?;
+        self.backend.update_network_interface(&u)?;
+        self.resources.apply_net_update(&u);
+        Ok(())
+    }
+
+    /// `PUT /vsock`.
+    pub fn put_vsock(&mut self, v: Vsock) -> Result<(), ApiError> {
+        self.configure(|r| r.set_vsock(v))
+    }
+
+    /// `PUT /entropy`.
+    pub fn put_entropy(&mut self, e: EntropyDevice) -> Result<(), ApiError> {
+        self.configure(|r| r.set_entropy(e))
+    }
+
+    /// `PUT /balloon` (pre-boot).
+    pub fn put_balloon(&mut self, b: Balloon) -> Result<(), ApiError> {
+        self.configure(|r| r.set_balloon(b))
+    }
+
+    /// `GET /balloon`: the configuration before boot, the device's state after.
+    pub fn get_balloon(&mut self) -> Result<Balloon, ApiError> {
+        if self.state == InstanceState::NotStarted {
+            self.resources
+                .balloon
+                .ok_or_else(|| ApiError::bad("Balloon config error: No balloon device found."))
+        } else {
+            if self.resources.balloon.is_none() {
+                return Err(ApiError::bad(
+                    "Balloon config error: No balloon device found.",
+                ));
+            }
+            self.backend.balloon_config()
+        }
+    }
+
+    fn require_balloon(&self) -> Result<Balloon, ApiError> {
+        self.resources
+            .balloon
+            .ok_or_else(|| ApiError::bad("Balloon update error: No balloon device found."))
+    }
+
+    /// `PATCH /balloon` (post-boot).
+    pub fn patch_balloon(&mut self, u: BalloonUpdate) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.require_balloon()?;
+        if u.amount_mib as usize > self.resources.machine_config.mem_size_mib {
+            return Err(ApiError::bad(
+                "Balloon update error: Amount of pages requested is too large.",
+            ));
+        }
+        self.backend.balloon_update(u.amount_mib)?;
+        if let Some(b) = &mut self.resources.balloon {
+            b.amount_mib = u.amount_mib;
+        }
+        Ok(())
+    }
+
+    /// `GET /balloon/statistics` (post-boot, statistics enabled).
+    pub fn balloon_stats(&mut self) -> Result<BalloonStats, ApiError> {
+        self.require_started()?;
+        let b = self.require_balloon()?;
+        if b.stats_polling_interval_s == 0 {
+            return Err(ApiError::bad(
+                "Balloon update error: Statistics for the balloon device are not enabled",
+            ));
+        }
+        self.backend.balloon_stats()
+    }
+
+    /// `PATCH /balloon/statistics` (post-boot; statistics cannot be turned on or off).
+    pub fn patch_balloon_stats(&mut self, u: BalloonStatsUpdate) -> Result<(), ApiError> {
+        self.require_started()?;
+        let b = self.require_balloon()?;
+        if (b.stats_polling_interval_s == 0) != (u.stats_polling_interval_s == 0) {
+            return Err(ApiError::bad(
+                "Balloon update error: Cannot enable or disable the statistics after boot.",
+            ));
+        }
+        self.backend
+            .balloon_stats_interval(u.stats_polling_interval_s)?;
+        if let Some(b) = &mut self.resources.balloon {
+            b.stats_polling_interval_s = u.stats_polling_interval_s;
+        }
+        Ok(())
+    }
+
+    /// `PUT /actions`.
+    pub fn action(&mut self, a: InstanceActionInfo) -> Result<(), ApiError> {
+        match a.action_type {
+            ActionType::InstanceStart => self.start(),
+            ActionType::SendCtrlAltDel => {
+                self.require_started()?;
+                self.backend.send_ctrl_alt_del()
+            }
+            ActionType::FlushMetrics => {
+                self.require_started()?;
+                self.flush_metrics()
+            }
+        }
+    }
+
+    /// `InstanceStart`: validates the resources and has the backend boot the VM.
+    pub fn start(&mut self) -> Result<(), ApiError> {
+        self.require_preboot()?;
+        self.resources.validate_for_start()?;
+        self.backend.start(&self.resources)?;
+        self.state = InstanceState::Running;
+        Ok(())
+    }
+
+    /// `PATCH /vm`.
+    pub fn patch_vm(&mut self, vm: Vm) -> Result<(), ApiError> {
+        self.require_started()?;
+        match vm.state {
+            VmState::Paused => {
+                self.backend.pause()?;
+                self.state = InstanceState::Paused;
+            }
+            VmState::Resumed => {
+                self.backend.resume()?;
+                self.state = InstanceState::Running;
+            }
+        }
+        Ok(())
+    }
+
+    /// `PUT /snapshot/create` (the VM must be paused).
+    pub fn snapshot_create(&mut self, p: SnapshotCreateParams) -> Result<(), ApiError> {
+        self.require_started()?;
+        if self.state != InstanceState::Paused {
+            return Err(ApiError::bad(
+                "Create snapshot error: Cannot save the microVM state: the microVM must be paused.",
+            ));
+        }
+        if p.snapshot_type == Some(SnapshotType::Diff)
+            && !self.resources.machine_config.track_dirty_pages
+        {
+            return Err(ApiError::bad(
+                "Create snapshot error: Diff snapshots require track_dirty_pages.",
+            ));
+        }
+        self.backend.snapshot_create(&p)
+    }
+
+    /// `PUT /snapshot/load` (only on a fresh VMM).
+    pub fn snapshot_load(&mut self, p: SnapshotLoadParams) -> Result<(), ApiError> {
+        self.require_preboot()?;
+        if !self.resources.is_pristine() {
+            return Err(ApiError::bad(
+                "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources.",
+            ));
+        }
+        if p.mem_file_path.is_some() == p.mem_backend.is_some() {
+            return Err(ApiError::bad(
+                "Load snapshot error: Exactly one of `mem_file_path` and `mem_backend` must be given.",
+            ));
+        }
+        let mut restored = self.backend.snapshot_load(&p)?;
+        restored.logger = self.resources.logger.take();
+        restored.metrics = self.resources.metrics.take();
+        restored.mmds = self.resources.mmds.clone();
+        self.resources = restored;
+        self.state = if p.resume_vm {
+            InstanceState::Running
+        } else {
+            InstanceState::Paused
+        };
+        Ok(())
+    }
+
+    /// `PUT /logger` (pre-boot).
+    pub fn put_logger(&mut self, l: Logger) -> Result<(), ApiError> {
+        self.require_preboot()?;
+        self.backend.configure_logger(&l)?;
+        self.resources.logger = Some(l);
+        Ok(())
+    }
+
+    /// `PUT /metrics` (pre-boot, once).
+    pub fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), ApiError> {
+        self.require_preboot()?;
+        if self.metrics_sink.is_some() {
+            return Err(ApiError::bad(
+                "Metrics error: Reinitialization of metrics not allowed.",
+            ));
+        }
+        self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
+        self.resources.metrics = Some(m);
+        Ok(())
+    }
+
+    /// The metrics line (API and VMM groups) as JSON.
+    pub fn metrics_json(&mut self) -> Value {
+        let extra = self.backend.metrics().unwrap_or_default();
+        let m = self.resources.metrics.as_ref();
+        self.metrics.json_line(
+            m.filter(|m| m.emit_id).map(|_| self.id.as_str()),
+            m.and_then(|m| m.properties.as_ref()),
+            extra,
+        )
+    }
+
+    /// Writes one metrics line to the configured metrics path (`FlushMetrics`; the VMM may
+    /// also call it periodically). Without a metrics path this does nothing.
+    pub fn flush_metrics(&mut self) -> Result<(), ApiError> {
+        if self.metrics_sink.is_none() {
+            return Ok(());
+        }
+        let mut line = self.metrics_json().to_string();
+        line.push('\n');
+        if let Some(f) = &mut self.metrics_sink {
+            f.write_all(line.as_bytes())
+                .map_err(|e| ApiError::Internal(format!("Metrics error: write failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// `GET /vessel/metrics`: cumulative counters in the Prometheus text format.
+    pub fn prometheus(&mut self) -> String {
+        let extra = self.backend.metrics().unwrap_or_default();
+        self.metrics.prometheus(&extra)
+    }
+
+    /// `GET|PUT|PATCH /mmds`.
+    pub fn mmds(&self) -> &crate::resources::MmdsStore {
+        &self.resources.mmds
+    }
+
+    /// `PUT /mmds/config` (pre-boot).
+    pub fn put_mmds_config(&mut self, c: MmdsConfig) -> Result<(), ApiError> {
+        self.configure(|r| r.set_mmds_config(c))
+    }
+
+    /// `GET /vm/config`.
+    pub fn vm_config(&self) -> crate::resources::VmConfig {
+        self.resources.to_vm_config()
+    }
+}
+
+/// Opens the metrics file or FIFO for appending, without blocking on a FIFO with no reader.
+fn open_metrics_sink(path: &str) -> Result<File, ApiError> {
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| ApiError::bad(format!("Metrics error: Cannot open {path}: {e}")))
+}

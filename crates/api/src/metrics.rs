@@ -1,0 +1,257 @@
+//! API metrics: per-route request and failure counters (named after the route table's
+//! `metric`, as Firecracker's `put_api_requests.drive_count` ...), HTTP-level counters, the
+//! Firecracker-style JSON line (deltas since the previous flush) and a Prometheus rendering
+//! (cumulative).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::{Map, Value};
+
+use crate::http::Method;
+use crate::routes;
+
+/// A monotonically increasing counter that also remembers what was last flushed.
+#[derive(Debug, Default)]
+pub struct Counter {
+    value: AtomicU64,
+    flushed: AtomicU64,
+}
+
+impl Counter {
+    /// Adds one.
+    pub fn inc(&self) {
+        self.value.fetch_add(1, Ordering::Relaxed);
+    }
+    /// The cumulative count.
+    pub fn get(&self) -> u64 {
+        self.value.load(Ordering::Relaxed)
+    }
+    /// The count since the previous call.
+    pub fn take_delta(&self) -> u64 {
+        let v = self.get();
+        v.saturating_sub(self.flushed.swap(v, Ordering::Relaxed))
+    }
+}
+
+/// Per-route counters.
+#[derive(Debug, Default)]
+pub struct RouteCounters {
+    /// Requests routed here.
+    pub count: Counter,
+    /// Requests that failed (4xx/5xx).
+    pub fails: Counter,
+}
+
+/// HTTP-level counters of the server.
+#[derive(Debug, Default)]
+pub struct ServerCounters {
+    /// Connections accepted.
+    pub connections: Counter,
+    /// Connections refused because too many were open.
+    pub connections_refused: Counter,
+    /// Requests that could not be parsed (400).
+    pub bad_requests: Counter,
+    /// Bodies over the limit (413).
+    pub payload_too_large: Counter,
+    /// Clients that stalled mid-request (408).
+    pub timeouts: Counter,
+    /// Method/path pairs matching no route.
+    pub unknown_routes: Counter,
+}
+
+/// All API metrics.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Indexed like [`routes::table`].
+    pub routes: Vec<RouteCounters>,
+    /// Server counters.
+    pub server: ServerCounters,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn group_name(m: &Method) -> &'static str {
+    match m {
+        Method::Get => "get_api_requests",
+        Method::Put => "put_api_requests",
+        Method::Patch => "patch_api_requests",
+        Method::Other(_) => "other_api_requests",
+    }
+}
+
+impl Metrics {
+    /// Zeroed counters for every route.
+    pub fn new() -> Self {
+        Self {
+            routes: routes::table()
+                .iter()
+                .map(|_| RouteCounters::default())
+                .collect(),
+            server: ServerCounters::default(),
+        }
+    }
+
+    /// Counters of route number `index`.
+    pub fn route(&self, index: usize) -> Option<&RouteCounters> {
+        self.routes.get(index)
+    }
+
+    /// One Firecracker-style metrics object: `utc_timestamp_ms`, `api_server`, and
+    /// `get_api_requests`/`put_api_requests`/`patch_api_requests` with `<metric>_count` and
+    /// `<metric>_fails` (counts since the previous line), plus the VMM's `extra` groups.
+    pub fn json_line(
+        &self,
+        id: Option<&str>,
+        properties: Option<&BTreeMap<String, String>>,
+        extra: Map<String, Value>,
+    ) -> Value {
+        let mut out = Map::new();
+        let ts = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        out.insert("utc_timestamp_ms".into(), ts.into());
+        if let Some(id) = id {
+            out.insert("id".into(), id.into());
+        }
+        if let Some(p) = properties {
+            out.insert(
+                "properties".into(),
+                Value::Object(
+                    p.iter()
+                        .map(|(k, v)| (k.clone(), v.clone().into()))
+                        .collect(),
+                ),
+            );
+        }
+        let s = &self.server;
+        let mut api = Map::new();
+        for (name, c) in [
+            ("connections_count", &s.connections),
+            ("connections_refused", &s.connections_refused),
+            ("bad_requests", &s.bad_requests),
+            ("payload_too_large", &s.payload_too_large),
+            ("timeouts", &s.timeouts),
+            ("unknown_routes", &s.unknown_routes),
+        ] {
+            api.insert(name.into(), c.take_delta().into());
+        }
+        out.insert("api_server".into(), Value::Object(api));
+        for (route, c) in routes::table().iter().zip(&self.routes) {
+            let group = out
+                .entry(group_name(&route.method))
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(g) = group {
+                let (dc, df) = (c.count.take_delta(), c.fails.take_delta());
+                for (key, d) in [
+                    (format!("{}_count", route.metric), dc),
+                    (format!("{}_fails", route.metric), df),
+                ] {
+                    let prev = g.get(&key).and_then(Value::as_u64).unwrap_or(0);
+                    g.insert(key, (prev + d).into());
+                }
+            }
+        }
+        for (k, v) in extra {
+            out.entry(k).or_insert(v);
+        }
+        Value::Object(out)
+    }
+
+    /// Cumulative counters in the Prometheus text exposition format (0.0.4). Numeric leaves
+    /// of the VMM's `extra` groups become `vessel_<group>_<name>` gauges.
+    pub fn prometheus(&self, extra: &Map<String, Value>) -> String {
+        let mut o = String::new();
+        let _ = writeln!(
+            o,
+            "# HELP vessel_api_requests_total API requests by method and path."
+        );
+        let _ = writeln!(o, "# TYPE vessel_api_requests_total counter");
+        for (route, c) in routes::table().iter().zip(&self.routes) {
+            let _ = writeln!(
+                o,
+                "vessel_api_requests_total{{method=\"{}\",path=\"{}\"}} {}",
+                route.method.as_str(),
+                route.path,
+                c.count.get()
+            );
+        }
+        let _ = writeln!(
+            o,
+            "# HELP vessel_api_request_failures_total API requests answered with an error."
+        );
+        let _ = writeln!(o, "# TYPE vessel_api_request_failures_total counter");
+        for (route, c) in routes::table().iter().zip(&self.routes) {
+            let _ = writeln!(
+                o,
+                "vessel_api_request_failures_total{{method=\"{}\",path=\"{}\"}} {}",
+                route.method.as_str(),
+                route.path,
+                c.fails.get()
+            );
+        }
+        let s = &self.server;
+        for (name, help, c) in [
+            (
+                "vessel_api_connections_total",
+                "Connections accepted.",
+                &s.connections,
+            ),
+            (
+                "vessel_api_connections_refused_total",
+                "Connections refused (too many open).",
+                &s.connections_refused,
+            ),
+            (
+                "vessel_api_bad_requests_total",
+                "Unparseable requests.",
+                &s.bad_requests,
+            ),
+            (
+                "vessel_api_payload_too_large_total",
+                "Requests over the body limit.",
+                &s.payload_too_large,
+            ),
+            (
+                "vessel_api_timeouts_total",
+                "Clients that stalled mid-request.",
+                &s.timeouts,
+            ),
+            (
+                "vessel_api_unknown_routes_total",
+                "Requests matching no route.",
+                &s.unknown_routes,
+            ),
+        ] {
+            let _ = writeln!(
+                o,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+                c.get()
+            );
+        }
+        for (group, v) in extra {
+            if let Value::Object(fields) = v {
+                for (k, v) in fields {
+                    if let Some(n) = v.as_f64() {
+                        let name = format!("vessel_{}_{}", sanitize(group), sanitize(k));
+                        let _ = writeln!(o, "# TYPE {name} gauge\n{name} {n}");
+                    }
+                }
+            }
+        }
+        o
+    }
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect()
+}

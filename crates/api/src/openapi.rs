@@ -1,0 +1,172 @@
+//! The OpenAPI (Swagger 2.0) document of what Vessel serves (`crates/api/openapi.json`), and a
+//! small validator for the JSON-schema subset it uses (`$ref`, `type`, `properties`,
+//! `required`, `additionalProperties`, `items`, `enum`, `minimum`, `maximum`), so tests can
+//! check real requests and responses against it.
+
+use serde_json::Value;
+
+/// The document, as committed.
+pub const DOCUMENT: &str = include_str!("../openapi.json");
+
+/// The parsed document (`Null` if it does not parse, which a test catches).
+pub fn document() -> &'static Value {
+    static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    DOC.get_or_init(|| serde_json::from_str(DOCUMENT).unwrap_or(Value::Null))
+}
+
+/// The operation object for `method` (lower-case) on `path`.
+pub fn operation(path: &str, method: &str) -> Option<&'static Value> {
+    document().get("paths")?.get(path)?.get(method)
+}
+
+/// The schema of an operation's body parameter.
+pub fn request_schema(path: &str, method: &str) -> Option<&'static Value> {
+    operation(path, method)?
+        .get("parameters")?
+        .as_array()?
+        .iter()
+        .find(|p| p.get("in").and_then(Value::as_str) == Some("body"))?
+        .get("schema")
+}
+
+/// The schema of an operation's response with `status` (falling back to `default`).
+/// `Ok(None)`: the status is documented without a body.
+pub fn response_schema(
+    path: &str,
+    method: &str,
+    status: u16,
+) -> Result<Option<&'static Value>, String> {
+    let responses = operation(path, method)
+        .and_then(|o| o.get("responses"))
+        .ok_or_else(|| format!("{method} {path} is not documented"))?;
+    let r = responses
+        .get(status.to_string())
+        .or_else(|| {
+            if status >= 400 {
+                responses.get("default")
+            } else {
+                None
+            }
+        })
+        .ok_or_else(|| format!("{method} {path}: status {status} is not documented"))?;
+    Ok(r.get("schema"))
+}
+
+fn resolve(schema: &Value) -> Result<&Value, String> {
+    match schema.get("$ref").and_then(Value::as_str) {
+        Some(r) => {
+            let name = r
+                .strip_prefix("#/definitions/")
+                .ok_or_else(|| format!("unsupported $ref {r}"))?;
+            document()
+                .get("definitions")
+                .and_then(|d| d.get(name))
+                .ok_or_else(|| format!("unknown definition {name}"))
+        }
+        None => Ok(schema),
+    }
+}
+
+/// The `$ref` target name of a schema, if it is a reference.
+pub fn ref_name(schema: &Value) -> Option<&str> {
+    schema.get("$ref")?.as_str()?.strip_prefix("#/definitions/")
+}
+
+/// Checks `value` against `schema`; the error names the offending location.
+pub fn validate(schema: &Value, value: &Value) -> Result<(), String> {
+    validate_at(schema, value, "$")
+}
+
+fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+    let schema = resolve(schema)?;
+    if let Some(t) = schema.get("type").and_then(Value::as_str) {
+        let ok = match t {
+            "object" => value.is_object(),
+            "array" => value.is_array(),
+            "string" => value.is_string(),
+            "integer" => value.is_i64() || value.is_u64(),
+            "number" => value.is_number(),
+            "boolean" => value.is_boolean(),
+            other => return Err(format!("{at}: unsupported schema type {other}")),
+        };
+        if !ok {
+            return Err(format!("{at}: expected {t}, got {value}"));
+        }
+    }
+    if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
+        if !allowed.contains(value) {
+            return Err(format!("{at}: {value} is not one of {allowed:?}"));
+        }
+    }
+    if let Some(n) = value.as_f64() {
+        if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
+            if n < min {
+                return Err(format!("{at}: {n} < minimum {min}"));
+            }
+        }
+        if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
+            if n > max {
+                return Err(format!("{at}: {n} > maximum {max}"));
+            }
+        }
+    }
+    if let Some(items) = schema.get("items") {
+        for (i, v) in value.as_array().into_iter().flatten().enumerate() {
+            validate_at(items, v, &format!("{at}[{i}]"))?;
+        }
+    }
+    if let Some(obj) = value.as_object() {
+        for r in schema
+            .get("required")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            let name = r.as_str().unwrap_or("");
+            if !obj.contains_key(name) {
+                return Err(format!("{at}: missing required property {name}"));
+            }
+        }
+        let props = schema.get("properties").and_then(Value::as_object);
+        for (k, v) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => validate_at(s, v, &format!("{at}.{k}"))?,
+                None => match schema.get("additionalProperties") {
+                    Some(Value::Bool(false)) => return Err(format!("{at}: unknown property {k}")),
+                    Some(s @ Value::Object(_)) => validate_at(s, v, &format!("{at}.{k}"))?,
+                    _ => {}
+                },
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validator_catches_what_it_claims_to() {
+        let drive = json!({"$ref": "#/definitions/Drive"});
+        assert!(validate(&drive, &json!({"drive_id": "a", "is_root_device": true})).is_ok());
+        assert!(validate(&drive, &json!({"drive_id": "a"})).is_err());
+        assert!(validate(&drive, &json!({"drive_id": 1, "is_root_device": true})).is_err());
+        assert!(validate(
+            &drive,
+            &json!({"drive_id": "a", "is_root_device": true, "x": 1})
+        )
+        .is_err());
+        assert!(validate(
+            &drive,
+            &json!({"drive_id": "a", "is_root_device": true, "io_engine": "Fast"})
+        )
+        .is_err());
+        let mc = json!({"$ref": "#/definitions/MachineConfiguration"});
+        assert!(validate(&mc, &json!({"vcpu_count": 33, "mem_size_mib": 1})).is_err());
+        assert!(validate(&json!({"$ref": "#/definitions/Nope"}), &json!({})).is_err());
+        let cfg = json!({"$ref": "#/definitions/FullVmConfiguration"});
+        assert!(validate(&cfg, &json!({"drives": [{"drive_id": 3}]})).is_err());
+    }
+}

@@ -1,0 +1,279 @@
+//! The API server: one thread accepts on the Unix socket, one short-lived thread per
+//! connection reads requests under a deadline and answers them through the route table.
+//!
+//! A slow or half-closed client only ever holds its own thread: reads have a deadline per
+//! request (408 then close) and an idle limit between keep-alive requests, writes have a
+//! timeout, and the number of open connections is capped (503 beyond it). The controller lock
+//! is only taken once a whole request has arrived.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::controller::ApiController;
+use crate::http::{parse_request, Limits, Parsed, Response};
+use crate::metrics::Metrics;
+use crate::routes;
+
+/// Server tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerConfig {
+    /// Size limits of a request.
+    pub limits: Limits,
+    /// Longest time from the first byte of a request to its last.
+    pub request_timeout: Duration,
+    /// Longest wait for the next request on a kept-alive connection.
+    pub idle_timeout: Duration,
+    /// Longest time a response write may block.
+    pub write_timeout: Duration,
+    /// Most connections open at once.
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            request_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            write_timeout: Duration::from_secs(5),
+            max_connections: 64,
+        }
+    }
+}
+
+type Connections = Arc<Mutex<HashMap<u64, UnixStream>>>;
+
+/// A running API server. Dropping it (or [`ApiServer::shutdown`]) stops it.
+#[derive(Debug)]
+pub struct ApiServer {
+    path: PathBuf,
+    stop: Arc<AtomicBool>,
+    connections: Connections,
+    accept: Option<JoinHandle<()>>,
+}
+
+impl ApiServer {
+    /// Binds `path` (which must not exist) and serves `controller` on it.
+    pub fn start(
+        path: impl AsRef<Path>,
+        controller: Arc<Mutex<ApiController>>,
+        config: ServerConfig,
+    ) -> io::Result<ApiServer> {
+        let listener = UnixListener::bind(path.as_ref())?;
+        Self::from_listener(listener, path.as_ref(), controller, config)
+    }
+
+    /// Serves on an already bound listener (whose path is `path`).
+    pub fn from_listener(
+        listener: UnixListener,
+        path: &Path,
+        controller: Arc<Mutex<ApiController>>,
+        config: ServerConfig,
+    ) -> io::Result<ApiServer> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections: Connections = Arc::default();
+        let metrics = controller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics()
+            .clone();
+        let (s, c) = (stop.clone(), connections.clone());
+        let accept = thread::Builder::new()
+            .name("vessel-api".into())
+            .spawn(move || accept_loop(listener, controller, metrics, config, s, c))?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            connections,
+            accept: Some(accept),
+        })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Stops accepting, closes every connection and removes the socket.
+    pub fn shutdown(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        if let Some(accept) = self.accept.take() {
+            self.stop.store(true, Ordering::SeqCst);
+            // Wake the accept call.
+            let _ = UnixStream::connect(&self.path);
+            let _ = accept.join();
+            for (_, s) in self
+                .connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .drain()
+            {
+                let _ = s.shutdown(Shutdown::Both);
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.stop_now();
+    }
+}
+
+fn accept_loop(
+    listener: UnixListener,
+    controller: Arc<Mutex<ApiController>>,
+    metrics: Arc<Metrics>,
+    config: ServerConfig,
+    stop: Arc<AtomicBool>,
+    connections: Connections,
+) {
+    let next_id = AtomicU64::new(0);
+    for stream in listener.incoming() {
+        if stop.load(Ordering::SeqCst) {
+            break;
+        }
+        let Ok(mut stream) = stream else {
+            // EMFILE and friends: back off a little rather than spin.
+            thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let _ = stream.set_write_timeout(Some(config.write_timeout));
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
+            if open.len() >= config.max_connections {
+                metrics.server.connections_refused.inc();
+                let _ = Response::fault(503, "Too many open API connections.")
+                    .write_to(&mut stream, false);
+                continue;
+            }
+            match stream.try_clone() {
+                Ok(clone) => {
+                    open.insert(id, clone);
+                }
+                Err(_) => continue,
+            }
+        }
+        metrics.server.connections.inc();
+        let (ctl, m, conns) = (controller.clone(), metrics.clone(), connections.clone());
+        let spawned = thread::Builder::new()
+            .name("vessel-api-conn".into())
+            .spawn(move || {
+                serve_connection(stream, &ctl, &m, &config);
+                conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
+            });
+        if spawned.is_err() {
+            connections
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&id);
+        }
+    }
+}
+
+enum ReadOutcome {
+    Data,
+    Closed,
+    TimedOut,
+}
+
+fn read_some(stream: &mut UnixStream, buf: &mut Vec<u8>, deadline: Instant) -> ReadOutcome {
+    let now = Instant::now();
+    if now >= deadline {
+        return ReadOutcome::TimedOut;
+    }
+    if stream.set_read_timeout(Some(deadline - now)).is_err() {
+        return ReadOutcome::Closed;
+    }
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => return ReadOutcome::Closed,
+            Ok(n) => {
+                buf.extend_from_slice(&chunk[..n]);
+                return ReadOutcome::Data;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e)
+                if e.kind() == io::ErrorKind::WouldBlock || e.kind() == io::ErrorKind::TimedOut =>
+            {
+                return ReadOutcome::TimedOut
+            }
+            Err(_) => return ReadOutcome::Closed,
+        }
+    }
+}
+
+/// Serves requests on one connection until it closes, errs or times out.
+fn serve_connection(
+    mut stream: UnixStream,
+    controller: &Mutex<ApiController>,
+    metrics: &Metrics,
+    config: &ServerConfig,
+) {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        // Wait for the first byte of the next request (unless pipelined bytes are there).
+        if buf.is_empty() {
+            match read_some(&mut stream, &mut buf, Instant::now() + config.idle_timeout) {
+                ReadOutcome::Data => {}
+                ReadOutcome::Closed | ReadOutcome::TimedOut => return,
+            }
+        }
+        let deadline = Instant::now() + config.request_timeout;
+        let mut sent_continue = false;
+        let request = loop {
+            match parse_request(&buf, &config.limits) {
+                Ok(Parsed::Request(req, used)) => {
+                    buf.drain(..used);
+                    break req;
+                }
+                Ok(Parsed::NeedBody { expect_continue }) => {
+                    if expect_continue && !sent_continue {
+                        sent_continue = true;
+                        if stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").is_err() {
+                            return;
+                        }
+                    }
+                }
+                Ok(Parsed::NeedHead) => {}
+                Err(e) => {
+                    if e.status == 413 {
+                        metrics.server.payload_too_large.inc();
+                    } else {
+                        metrics.server.bad_requests.inc();
+                    }
+                    let _ = Response::fault(e.status, e.message).write_to(&mut stream, false);
+                    return;
+                }
+            }
+            match read_some(&mut stream, &mut buf, deadline) {
+                ReadOutcome::Data => {}
+                ReadOutcome::Closed => return,
+                ReadOutcome::TimedOut => {
+                    metrics.server.timeouts.inc();
+                    let _ = Response::fault(408, "Timed out waiting for the whole request.")
+                        .write_to(&mut stream, false);
+                    return;
+                }
+            }
+        };
+        let response = routes::dispatch(controller, metrics, &request);
+        if response.write_to(&mut stream, request.keep_alive).is_err() || !request.keep_alive {
+            let _ = stream.shutdown(Shutdown::Both);
+            return;
+        }
+    }
+}

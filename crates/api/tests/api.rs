@@ -1,0 +1,883 @@
+//! End-to-end tests of the API over a real Unix socket, with a mock VMM backend. Every
+//! response is checked against `openapi.json`, and so is every request meant to be valid.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use vessel_api::client::{Client, ClientResponse};
+use vessel_api::http::Limits;
+use vessel_api::types::*;
+use vessel_api::{
+    openapi, routes, ApiController, ApiError, ApiServer, ServerConfig, VmResources, VmmBackend,
+};
+
+const T: Duration = Duration::from_secs(10);
+
+#[derive(Default)]
+struct Mock {
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Mock {
+    fn log(&self, s: &str) {
+        self.calls.lock().unwrap().push(s.to_string());
+    }
+}
+
+impl VmmBackend for Mock {
+    fn validate(&mut self, r: &VmResources) -> Result<(), ApiError> {
+        if r.machine_config.huge_pages != HugePages::None {
+            return Err(ApiError::Unsupported("huge pages".into()));
+        }
+        Ok(())
+    }
+    fn start(&mut self, _: &VmResources) -> Result<(), ApiError> {
+        self.log("start");
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ApiError> {
+        self.log("pause");
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), ApiError> {
+        self.log("resume");
+        Ok(())
+    }
+    fn send_ctrl_alt_del(&mut self) -> Result<(), ApiError> {
+        self.log("ctrl_alt_del");
+        Ok(())
+    }
+    fn metrics(&mut self) -> Result<serde_json::Map<String, Value>, ApiError> {
+        let mut m = serde_json::Map::new();
+        m.insert("vcpu".into(), json!({"exit_io_in": 7}));
+        Ok(m)
+    }
+    fn update_drive(&mut self, u: &PartialDrive) -> Result<(), ApiError> {
+        self.log(&format!("update_drive {}", u.drive_id));
+        Ok(())
+    }
+    fn balloon_config(&mut self) -> Result<Balloon, ApiError> {
+        Ok(Balloon {
+            amount_mib: 16,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            free_page_hinting: false,
+            free_page_reporting: false,
+        })
+    }
+    fn balloon_update(&mut self, mib: u32) -> Result<(), ApiError> {
+        self.log(&format!("balloon {mib}"));
+        Ok(())
+    }
+    fn balloon_stats_interval(&mut self, _: u16) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn balloon_stats(&mut self) -> Result<BalloonStats, ApiError> {
+        Ok(BalloonStats {
+            target_pages: 4096,
+            actual_pages: 4096,
+            target_mib: 16,
+            actual_mib: 16,
+            free_memory: Some(1 << 20),
+            ..Default::default()
+        })
+    }
+    fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
+        self.log(&format!("snapshot {}", p.snapshot_path));
+        Ok(())
+    }
+}
+
+static N: AtomicUsize = AtomicUsize::new(0);
+
+struct Env {
+    dir: PathBuf,
+    sock: PathBuf,
+    server: Option<ApiServer>,
+    calls: Arc<Mutex<Vec<String>>>,
+}
+
+impl Env {
+    fn new() -> Env {
+        Self::with_config(ServerConfig::default())
+    }
+
+    fn with_config(cfg: ServerConfig) -> Env {
+        let dir = std::env::temp_dir().join(format!(
+            "vessel-api-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["vmlinux", "initrd", "rootfs.ext4", "data.img"] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        let mock = Mock::default();
+        let calls = mock.calls.clone();
+        let ctl = ApiController::new(Box::new(mock), "vm0", "1.7.0");
+        let sock = dir.join("api.sock");
+        let server = ApiServer::start(&sock, Arc::new(Mutex::new(ctl)), cfg).unwrap();
+        Env {
+            dir,
+            sock,
+            server: Some(server),
+            calls,
+        }
+    }
+
+    fn p(&self, f: &str) -> String {
+        self.dir.join(f).display().to_string()
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.sock, T)
+    }
+
+    /// Sends a request, validates request and response against the document.
+    fn call(
+        &self,
+        c: &mut Client,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> ClientResponse {
+        let text = body.as_ref().map(|b| b.to_string());
+        let r = c.request(method, path, text.as_deref()).unwrap();
+        check_response(method, path, &r);
+        r
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The documented path pattern of a concrete path.
+fn pattern(method: &str, path: &str) -> Option<&'static str> {
+    let m = match method {
+        "GET" => vessel_api::http::Method::Get,
+        "PUT" => vessel_api::http::Method::Put,
+        "PATCH" => vessel_api::http::Method::Patch,
+        _ => return None,
+    };
+    routes::find(&m, path).map(|(i, _)| routes::table()[i].path)
+}
+
+fn check_response(method: &str, path: &str, r: &ClientResponse) {
+    let Some(pat) = pattern(method, path) else {
+        assert_eq!(r.status, 400);
+        assert!(r.json().get("fault_message").is_some());
+        return;
+    };
+    let m = method.to_ascii_lowercase();
+    let schema =
+        openapi::response_schema(pat, &m, r.status).unwrap_or_else(|e| panic!("{e}: {}", r.text()));
+    match schema {
+        None => assert!(r.body.is_empty(), "{method} {path}: {}", r.text()),
+        Some(s) if s.get("type").and_then(Value::as_str) == Some("string") => {}
+        Some(s) => {
+            let v: Value = serde_json::from_slice(&r.body)
+                .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {}", r.text()));
+            openapi::validate(s, &v)
+                .unwrap_or_else(|e| panic!("{method} {path} {}: {e}: {v}", r.status));
+        }
+    }
+}
+
+fn check_request(method: &str, pat: &str, body: &Value) {
+    let s = openapi::request_schema(pat, &method.to_ascii_lowercase())
+        .unwrap_or_else(|| panic!("{method} {pat} has no body schema"));
+    openapi::validate(s, body).unwrap_or_else(|e| panic!("{method} {pat}: {e}"));
+}
+
+#[test]
+fn table_and_document_agree() {
+    let doc = openapi::document();
+    let paths = doc["paths"].as_object().expect("paths");
+    let mut documented = Vec::new();
+    for (p, ops) in paths {
+        for m in ops.as_object().unwrap().keys() {
+            documented.push((m.to_ascii_uppercase(), p.clone()));
+        }
+    }
+    for r in routes::table() {
+        let key = (r.method.as_str().to_string(), r.path.to_string());
+        assert!(
+            documented.contains(&key),
+            "{key:?} served but not documented"
+        );
+        let op = openapi::operation(r.path, &r.method.as_str().to_ascii_lowercase()).unwrap();
+        assert_eq!(op["operationId"], r.operation_id, "{key:?}");
+        let req = openapi::request_schema(r.path, &r.method.as_str().to_ascii_lowercase());
+        assert_eq!(
+            req.and_then(openapi::ref_name),
+            r.request,
+            "request schema of {key:?}"
+        );
+        let ok = openapi::response_schema(r.path, &r.method.as_str().to_ascii_lowercase(), 200);
+        match r.response {
+            Some("text/plain") => assert_eq!(ok.unwrap().unwrap()["type"], "string"),
+            Some(name) => assert_eq!(
+                ok.unwrap().and_then(openapi::ref_name),
+                Some(name),
+                "{key:?}"
+            ),
+            None => assert!(openapi::response_schema(
+                r.path,
+                &r.method.as_str().to_ascii_lowercase(),
+                204
+            )
+            .unwrap()
+            .is_none()),
+        }
+    }
+    for (m, p) in &documented {
+        assert!(
+            routes::table()
+                .iter()
+                .any(|r| r.method.as_str() == m && r.path == p),
+            "{m} {p} documented but not served"
+        );
+    }
+    // Every definition the Rust types name exists.
+    for r in routes::table() {
+        for name in r
+            .request
+            .iter()
+            .chain(r.response.iter())
+            .filter(|n| !n.contains('/'))
+        {
+            assert!(
+                doc["definitions"].get(*name).is_some(),
+                "definition {name} missing"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_endpoint_before_and_after_start() {
+    let env = Env::new();
+    let mut c = env.client();
+    let vmlinux = env.p("vmlinux");
+    let rootfs = env.p("rootfs.ext4");
+    let metrics_path = env.p("metrics.json");
+    // (method, path, body, status before start, status after start)
+    let cases: Vec<(&str, &str, Option<Value>, u16, u16)> = vec![
+        ("GET", "/", None, 200, 200),
+        ("GET", "/version", None, 200, 200),
+        (
+            "PUT",
+            "/machine-config",
+            Some(json!({"vcpu_count": 2, "mem_size_mib": 256})),
+            204,
+            400,
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            Some(json!({"mem_size_mib": 512})),
+            204,
+            400,
+        ),
+        ("GET", "/machine-config", None, 200, 200),
+        (
+            "PUT",
+            "/boot-source",
+            Some(json!({"kernel_image_path": vmlinux, "boot_args": "console=ttyS0"})),
+            204,
+            400,
+        ),
+        (
+            "PUT",
+            "/drives/rootfs",
+            Some(
+                json!({"drive_id": "rootfs", "path_on_host": rootfs, "is_root_device": true, "is_read_only": false}),
+            ),
+            204,
+            400,
+        ),
+        (
+            "PATCH",
+            "/drives/rootfs",
+            Some(json!({"drive_id": "rootfs", "path_on_host": rootfs})),
+            400,
+            204,
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            Some(
+                json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}),
+            ),
+            204,
+            400,
+        ),
+        (
+            "PATCH",
+            "/network-interfaces/eth0",
+            Some(
+                json!({"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}),
+            ),
+            400,
+            400,
+        ),
+        (
+            "PUT",
+            "/vsock",
+            Some(json!({"guest_cid": 3, "uds_path": "/tmp/v.sock"})),
+            204,
+            400,
+        ),
+        ("PUT", "/entropy", Some(json!({})), 204, 400),
+        (
+            "PUT",
+            "/balloon",
+            Some(json!({"amount_mib": 16, "deflate_on_oom": true, "stats_polling_interval_s": 1})),
+            204,
+            400,
+        ),
+        ("GET", "/balloon", None, 200, 200),
+        (
+            "PATCH",
+            "/balloon",
+            Some(json!({"amount_mib": 32})),
+            400,
+            204,
+        ),
+        ("GET", "/balloon/statistics", None, 400, 200),
+        (
+            "PATCH",
+            "/balloon/statistics",
+            Some(json!({"stats_polling_interval_s": 5})),
+            400,
+            204,
+        ),
+        (
+            "PUT",
+            "/mmds/config",
+            Some(json!({"network_interfaces": ["eth0"], "version": "V2"})),
+            204,
+            400,
+        ),
+        (
+            "PUT",
+            "/mmds",
+            Some(json!({"latest": {"meta-data": {"ami-id": "ami-1"}}})),
+            204,
+            204,
+        ),
+        (
+            "PATCH",
+            "/mmds",
+            Some(json!({"latest": {"meta-data": {"hostname": "vm0"}}})),
+            204,
+            204,
+        ),
+        ("GET", "/mmds", None, 200, 200),
+        (
+            "PUT",
+            "/cpu-config",
+            Some(
+                json!({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0, "modifiers": [{"register": "ecx", "bitmap": "0bxxxx"}]}]}),
+            ),
+            204,
+            400,
+        ),
+        (
+            "PUT",
+            "/logger",
+            Some(json!({"level": "Info", "show_level": true})),
+            204,
+            400,
+        ),
+        (
+            "PUT",
+            "/metrics",
+            Some(json!({"metrics_path": metrics_path})),
+            204,
+            400,
+        ),
+        ("GET", "/vm/config", None, 200, 200),
+        ("PATCH", "/vm", Some(json!({"state": "Paused"})), 400, 204),
+        (
+            "PUT",
+            "/snapshot/create",
+            Some(json!({"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"})),
+            400,
+            204,
+        ),
+        ("PATCH", "/vm", Some(json!({"state": "Resumed"})), 400, 204),
+        (
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "SendCtrlAltDel"})),
+            400,
+            204,
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(json!({"action_type": "FlushMetrics"})),
+            400,
+            204,
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(json!({"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"})),
+            400,
+            400,
+        ),
+        ("GET", "/vessel/metrics", None, 200, 200),
+    ];
+    // Every route of the table is exercised.
+    for r in routes::table() {
+        assert!(
+            cases
+                .iter()
+                .any(|(m, p, ..)| *m == r.method.as_str() && pattern(m, p) == Some(r.path)),
+            "{r:?} not exercised"
+        );
+    }
+    for phase in 0..2 {
+        for (m, p, body, pre, post) in &cases {
+            if let Some(b) = body {
+                check_request(m, pattern(m, p).unwrap(), b);
+            }
+            let r = env.call(&mut c, m, p, body.clone());
+            let want = if phase == 0 { *pre } else { *post };
+            assert_eq!(r.status, want, "phase {phase}: {m} {p}: {}", r.text());
+            if r.status == 400 {
+                assert!(!r.json()["fault_message"].as_str().unwrap_or("").is_empty());
+            }
+        }
+        if phase == 0 {
+            // The snapshot/load refusal pre-boot is about the configured resources.
+            let r = env.call(
+                &mut c,
+                "PUT",
+                "/actions",
+                Some(json!({"action_type": "InstanceStart"})),
+            );
+            assert_eq!(r.status, 204, "{}", r.text());
+        }
+    }
+    let r = env.call(&mut c, "GET", "/", None);
+    assert_eq!(
+        r.json(),
+        json!({"id": "vm0", "state": "Running", "vmm_version": "1.7.0", "app_name": "Firecracker"})
+    );
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": vmlinux})),
+    );
+    assert_eq!(
+        r.json()["fault_message"],
+        "The requested operation is not supported after starting the microVM."
+    );
+    let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
+    assert_eq!(cfg["machine-config"]["mem_size_mib"], 512);
+    assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(cfg["balloon"]["amount_mib"], 32);
+    assert_eq!(
+        env.call(&mut c, "GET", "/mmds", None).json(),
+        json!({"latest": {"meta-data": {"ami-id": "ami-1", "hostname": "vm0"}}})
+    );
+    let calls = env.calls.lock().unwrap().clone();
+    for want in [
+        "start",
+        "pause",
+        "snapshot /tmp/s",
+        "resume",
+        "ctrl_alt_del",
+        "update_drive rootfs",
+        "balloon 32",
+    ] {
+        assert!(
+            calls.iter().any(|c| c == want),
+            "{want} not called: {calls:?}"
+        );
+    }
+    // FlushMetrics wrote Firecracker-style lines.
+    let lines = std::fs::read_to_string(&metrics_path).unwrap();
+    let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
+    assert_eq!(first["put_api_requests"]["boot_source_count"], 2);
+    assert_eq!(first["put_api_requests"]["boot_source_fails"], 1);
+    assert_eq!(first["vcpu"]["exit_io_in"], 7);
+    let prom = env.call(&mut c, "GET", "/vessel/metrics", None).text();
+    assert!(
+        prom.contains("vessel_api_requests_total{method=\"PUT\",path=\"/boot-source\"} 3"),
+        "{prom}"
+    );
+    assert!(prom.contains("vessel_vcpu_exit_io_in 7"));
+}
+
+#[test]
+fn bad_bodies_get_firecracker_errors() {
+    let env = Env::new();
+    let mut c = env.client();
+    let rootfs = env.p("rootfs.ext4");
+    let mismatch = format!("{{\"drive_id\": \"y\", \"path_on_host\": \"{rootfs}\", \"is_root_device\": false, \"is_read_only\": true}}");
+    let cases: Vec<(&str, &str, Option<&str>, &str)> = vec![
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": 2"),
+            "An error occurred when deserializing the json body of a request: EOF",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": 2, \"mem_size_mib\": 64, \"foo\": 1}"),
+            "unknown field `foo`",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": \"2\", \"mem_size_mib\": 64}"),
+            "invalid type",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": 33, \"mem_size_mib\": 64}"),
+            "The number of vCPUs",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": 3, \"mem_size_mib\": 64, \"smt\": true}"),
+            "The number of vCPUs",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": 1, \"mem_size_mib\": 0}"),
+            "The memory size",
+        ),
+        (
+            "PUT",
+            "/machine-config",
+            Some("{\"vcpu_count\": 1, \"mem_size_mib\": 64, \"huge_pages\": \"2M\"}"),
+            "The requested operation is not supported: huge pages",
+        ),
+        (
+            "PATCH",
+            "/machine-config",
+            Some("{}"),
+            "Empty PATCH request.",
+        ),
+        ("PUT", "/machine-config", None, "Empty PUT request."),
+        ("PATCH", "/vm", None, "Empty PATCH request."),
+        ("GET", "/", Some("{}"), "GET request cannot have a body."),
+        (
+            "PUT",
+            "/boot-source",
+            Some("{\"kernel_image_path\": \"/nonexistent/vmlinux\"}"),
+            "The kernel file cannot be opened",
+        ),
+        (
+            "PUT",
+            "/drives/a-b",
+            Some("{}"),
+            "API Resource IDs can only contain alphanumeric characters and underscores.",
+        ),
+        ("PUT", "/drives", Some("{}"), "The ID cannot be empty."),
+        (
+            "PUT",
+            "/drives/x",
+            Some(&mismatch),
+            "The id from the path does not match the id from the body!",
+        ),
+        (
+            "PUT",
+            "/drives/x",
+            Some("{\"drive_id\": \"x\", \"socket\": \"/s\", \"is_root_device\": false}"),
+            "not supported: vhost-user-block",
+        ),
+        (
+            "PUT",
+            "/network-interfaces/n",
+            Some("{\"iface_id\": \"n\", \"host_dev_name\": \"tap0\", \"guest_mac\": \"zz\"}"),
+            "Invalid guest MAC",
+        ),
+        (
+            "PUT",
+            "/vsock",
+            Some("{\"guest_cid\": 2, \"uds_path\": \"/x\"}"),
+            "Invalid guest CID",
+        ),
+        (
+            "PUT",
+            "/mmds/config",
+            Some("{\"network_interfaces\": [\"nope\"]}"),
+            "does not correspond to any existing network interface",
+        ),
+        ("PUT", "/mmds", Some("[1]"), "must be a JSON object"),
+        (
+            "PUT",
+            "/actions",
+            Some("{\"action_type\": \"Reboot\"}"),
+            "unknown variant `Reboot`",
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some("{\"action_type\": \"InstanceStart\"}"),
+            "Missing kernel configuration",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some("{\"snapshot_path\": \"/s\"}"),
+            "Exactly one of",
+        ),
+        (
+            "DELETE",
+            "/drives/x",
+            None,
+            "Invalid request method and/or path: DELETE /drives/x.",
+        ),
+        (
+            "GET",
+            "/nope",
+            None,
+            "Invalid request method and/or path: GET /nope.",
+        ),
+    ];
+    for (m, p, body, want) in cases {
+        let r = c.request(m, p, body).unwrap();
+        check_response(m, p, &r);
+        assert_eq!(r.status, 400, "{m} {p}: {}", r.text());
+        let msg = r.json()["fault_message"].as_str().unwrap_or("").to_string();
+        assert!(msg.contains(want), "{m} {p}: {msg:?} lacks {want:?}");
+    }
+    // Two root devices.
+    let root = |id: &str| json!({"drive_id": id, "path_on_host": rootfs, "is_root_device": true, "is_read_only": false});
+    assert_eq!(
+        env.call(&mut c, "PUT", "/drives/a", Some(root("a"))).status,
+        204
+    );
+    let r = env.call(&mut c, "PUT", "/drives/b", Some(root("b")));
+    assert_eq!(
+        r.json()["fault_message"],
+        "Drive config error: A root block device already exists!"
+    );
+    // A rejected update leaves the configuration as it was.
+    let before = env.call(&mut c, "GET", "/machine-config", None).json();
+    assert_eq!(
+        before,
+        json!({"vcpu_count": 1, "mem_size_mib": 128, "smt": false, "track_dirty_pages": false, "huge_pages": "None"})
+    );
+    // MMDS over its limit is 413.
+    let big = json!({"k": "x".repeat(52000)}).to_string();
+    let r = c.request("PUT", "/mmds", Some(&big)).unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    check_response("PUT", "/mmds", &r);
+}
+
+fn raw(env: &Env, bytes: &[u8]) -> String {
+    let mut s = UnixStream::connect(&env.sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn framing_errors_close_the_connection_with_a_fault() {
+    let env = Env::new();
+    let r = raw(
+        &env,
+        b"PUT /mmds HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n",
+    );
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    assert!(
+        r.contains("Connection: close") && r.contains("\"fault_message\":\"Transfer-Encoding"),
+        "{r}"
+    );
+    let r = raw(
+        &env,
+        format!(
+            "PUT /mmds HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            65 * 1024
+        )
+        .as_bytes(),
+    );
+    assert!(r.starts_with("HTTP/1.1 413 "), "{r}");
+    let r = raw(&env, b"GARBAGE\r\n\r\n");
+    assert!(
+        r.starts_with("HTTP/1.1 400 ") && r.contains("fault_message"),
+        "{r}"
+    );
+    let r = raw(
+        &env,
+        format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10000)).as_bytes(),
+    );
+    assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+    // Pipelined requests on one connection, answered in order; the last closes.
+    let r = raw(&env, b"GET /version HTTP/1.1\r\n\r\nPUT /mmds HTTP/1.1\r\nContent-Length: 8\r\n\r\n{\"a\":1}\nGET /mmds HTTP/1.1\r\nConnection: close\r\n\r\n");
+    let statuses: Vec<&str> = r.matches("HTTP/1.1 ").map(|_| "").collect();
+    assert_eq!(statuses.len(), 3, "{r}");
+    assert!(
+        r.contains("HTTP/1.1 204") && r.ends_with("{\"a\":1}"),
+        "{r}"
+    );
+    // Expect: 100-continue (curl sends it for bodies over 1 KiB).
+    let mut s = UnixStream::connect(&env.sock).unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    s.write_all(b"PUT /mmds HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 8\r\nConnection: close\r\n\r\n").unwrap();
+    let mut cont = [0u8; 25];
+    s.read_exact(&mut cont).unwrap();
+    assert_eq!(&cont, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"{\"b\":2}\n").unwrap();
+    let mut r = String::new();
+    let _ = s.read_to_string(&mut r);
+    assert!(r.starts_with("HTTP/1.1 204"), "{r}");
+}
+
+#[test]
+fn slow_client_times_out_without_blocking_others() {
+    let cfg = ServerConfig {
+        request_timeout: Duration::from_millis(500),
+        limits: Limits::default(),
+        ..Default::default()
+    };
+    let env = Env::with_config(cfg);
+    let mut slow = UnixStream::connect(&env.sock).unwrap();
+    slow.set_read_timeout(Some(T)).unwrap();
+    slow.write_all(b"PUT /machine-config HTTP/1.1\r\nContent-Length: 40\r\n\r\n{\"vcpu")
+        .unwrap();
+    // Another client is served while the slow one stalls.
+    let mut c = env.client();
+    for _ in 0..5 {
+        assert_eq!(env.call(&mut c, "GET", "/", None).status, 200);
+    }
+    let mut out = String::new();
+    let _ = slow.read_to_string(&mut out);
+    assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+    // A client that half-closes after a full request still gets its answer.
+    let mut h = UnixStream::connect(&env.sock).unwrap();
+    h.set_read_timeout(Some(T)).unwrap();
+    h.write_all(b"GET /version HTTP/1.1\r\n\r\n").unwrap();
+    h.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    let _ = h.read_to_string(&mut out);
+    assert!(out.contains("firecracker_version"), "{out}");
+}
+
+#[test]
+fn concurrent_clients() {
+    let env = Env::new();
+    let sock = env.sock.clone();
+    let threads: Vec<_> = (0..20)
+        .map(|i| {
+            let sock = sock.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::new(&sock, T);
+                for j in 0..20 {
+                    let body = json!({format!("k{i}"): j}).to_string();
+                    let r = c.request("PATCH", "/mmds", Some(&body)).unwrap();
+                    assert_eq!(r.status, 204, "{}", r.text());
+                    let r = c.request("GET", "/", None).unwrap();
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
+    let mut c = env.client();
+    let mmds = env.call(&mut c, "GET", "/mmds", None).json();
+    for i in 0..20 {
+        assert_eq!(mmds[format!("k{i}")], 19);
+    }
+    let prom = env.call(&mut c, "GET", "/vessel/metrics", None).text();
+    assert!(
+        prom.contains("vessel_api_requests_total{method=\"PATCH\",path=\"/mmds\"} 400"),
+        "{prom}"
+    );
+}
+
+#[test]
+fn too_many_connections_get_503() {
+    let cfg = ServerConfig {
+        max_connections: 2,
+        ..Default::default()
+    };
+    let env = Env::with_config(cfg);
+    let mut held: Vec<Client> = (0..2).map(|_| env.client()).collect();
+    for c in &mut held {
+        assert_eq!(c.request("GET", "/", None).unwrap().status, 200);
+    }
+    let r = env.client().request("GET", "/", None).unwrap();
+    assert_eq!(r.status, 503);
+    drop(held);
+}
+
+#[test]
+fn config_file_builds_the_same_resources() {
+    let env = Env::new();
+    let cfg = json!({
+        "boot-source": {"kernel_image_path": env.p("vmlinux"), "initrd_path": env.p("initrd"), "boot_args": "console=ttyS0 reboot=k"},
+        "drives": [
+            {"drive_id": "data", "path_on_host": env.p("data.img"), "is_root_device": false, "is_read_only": true},
+            {"drive_id": "rootfs", "path_on_host": env.p("rootfs.ext4"), "is_root_device": true, "is_read_only": false}
+        ],
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}],
+        "vsock": {"guest_cid": 3, "uds_path": "/tmp/v.sock"},
+        "balloon": {"amount_mib": 0, "deflate_on_oom": false},
+        "entropy": {},
+        "logger": {"level": "Debug"},
+        "mmds-config": {"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2"}
+    });
+    openapi::validate(&json!({"$ref": "#/definitions/FullVmConfiguration"}), &cfg).unwrap();
+    let r = VmResources::from_config_json(&cfg.to_string(), Some("{\"latest\": {}}")).unwrap();
+    assert_eq!(r.machine_config.vcpu_count, 2);
+    assert_eq!(r.drives[0].drive_id, "rootfs", "root device first");
+    assert_eq!(r.mmds_address(), Some("169.254.170.2".parse().unwrap()));
+    assert_eq!(r.mmds.get(), json!({"latest": {}}));
+    // Round trip through GET /vm/config's form.
+    let exported = serde_json::to_value(r.to_vm_config()).unwrap();
+    openapi::validate(
+        &json!({"$ref": "#/definitions/FullVmConfiguration"}),
+        &exported,
+    )
+    .unwrap();
+    let again = VmResources::from_config_json(&exported.to_string(), None).unwrap();
+    assert_eq!(again.to_vm_config(), r.to_vm_config());
+    // Same validation as the API.
+    let mut bad = cfg.clone();
+    bad["machine-config"]["vcpu_count"] = json!(0);
+    let e = VmResources::from_config_json(&bad.to_string(), None).unwrap_err();
+    assert!(e.to_string().contains("The number of vCPUs"), "{e}");
+    let mut bad = cfg.clone();
+    bad["unknown"] = json!(1);
+    assert!(VmResources::from_config_json(&bad.to_string(), None).is_err());
+    let mut bad = cfg;
+    bad.as_object_mut().unwrap().remove("boot-source");
+    assert!(VmResources::from_config_json(&bad.to_string(), None).is_err());
+    // A controller adopts it and starts without further calls.
+    let mut ctl = ApiController::new(Box::new(Mock::default()), "vm1", "1.7.0")
+        .with_resources(r)
+        .unwrap();
+    ctl.start().unwrap();
+    assert_eq!(ctl.state(), InstanceState::Running);
+}
