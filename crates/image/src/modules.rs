@@ -512,11 +512,11 @@ kernel/needs_ghost.ko: kernel/ghost.ko
         e[5] = 1;
         let str_off = e.len() as u64;
         e.extend_from_slice(names);
-        while e.len() % 8 != 0 {
+        while !e.len().is_multiple_of(8) {
             e.push(0);
         }
         let shoff = e.len() as u64;
-        let mut sh = |name: u32, off: u64, size: u64| {
+        let sh = |name: u32, off: u64, size: u64| {
             let mut h = vec![0u8; 0x40];
             h[0..4].copy_from_slice(&name.to_le_bytes());
             h[0x18..0x20].copy_from_slice(&off.to_le_bytes());
