@@ -17,6 +17,10 @@
 //! the device an IRQ 1 `EventFd` with [`I8042::with_kbd_irq`]. Without one, the controller
 //! still works, but `atkbd` (which probes asynchronously, off the boot path) times out on its
 //! commands and finds no keyboard.
+//!
+//! [`I8042::send_ctrl_alt_del`] types Ctrl-Alt-Del on that keyboard (the VMM's
+//! `SendCtrlAltDel`): a Linux guest booted with `reboot=k` then restarts through this
+//! controller's reset line.
 
 use std::collections::VecDeque;
 
@@ -98,6 +102,13 @@ const KBD_ID_TRANSLATED: u8 = 0x41;
 /// Bytes the output buffer holds (the driver flushes at most 16).
 const QUEUE_SIZE: usize = 16;
 
+/// Ctrl, Alt, Del pressed then released, in scan code set 1 (what the driver reads while the
+/// controller translates, `CTR_XLATE`) and set 2 (untranslated).
+const CTRL_ALT_DEL_SET1: [u8; 8] = [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d];
+const CTRL_ALT_DEL_SET2: [u8; 11] = [
+    0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14,
+];
+
 /// Where a byte in the output buffer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
@@ -173,6 +184,25 @@ impl I8042 {
 
     fn ctr(&self) -> u8 {
         self.ram[0]
+    }
+
+    /// Types Ctrl-Alt-Del: queues the key presses and releases as keyboard bytes (scan code
+    /// set 1 while the controller translates, set 2 otherwise) and raises IRQ 1. Returns
+    /// `false`, queuing nothing, when the output buffer lacks room (the guest is not reading
+    /// its keyboard).
+    pub fn send_ctrl_alt_del(&mut self) -> bool {
+        let codes: &[u8] = if self.ctr() & CTR_XLATE != 0 {
+            &CTRL_ALT_DEL_SET1
+        } else {
+            &CTRL_ALT_DEL_SET2
+        };
+        if QUEUE_SIZE - self.queue.len() < codes.len() {
+            return false;
+        }
+        for &c in codes {
+            self.push(c, Source::Keyboard);
+        }
+        true
     }
 
     fn set_ctr(&mut self, ctr: u8) {
@@ -598,6 +628,46 @@ mod tests {
         assert_eq!(irq.read().unwrap(), 1);
         // Commands do not drop keyboard bytes.
         assert_eq!(rd(&mut d, DATA), 0x1c);
+    }
+
+    #[test]
+    fn ctrl_alt_del_is_typed_on_the_keyboard() {
+        let (mut d, irq) = with_irq();
+        // The interrupt is raised for the first byte, and again as each next byte reaches
+        // the head of the buffer: the driver reads one byte per interrupt.
+        assert!(d.send_ctrl_alt_del());
+        let mut got = Vec::new();
+        while status(&mut d) & STR_OBF != 0 {
+            assert_eq!(irq.read().unwrap(), 1, "IRQ 1 for byte {}", got.len());
+            got.push(rd(&mut d, DATA));
+        }
+        assert!(irq.read().is_err());
+        // Translated (the default CTR): set 1, Ctrl Alt Del down, then up.
+        assert_eq!(got, [0x1d, 0x38, 0xe0, 0x53, 0xe0, 0xd3, 0xb8, 0x9d]);
+
+        // Untranslated: set 2, releases with the 0xf0 prefix.
+        cmd(&mut d, 0x60);
+        data(&mut d, CTR_KBDINT | CTR_SYS);
+        assert!(d.send_ctrl_alt_del());
+        let got: Vec<u8> =
+            std::iter::from_fn(|| (status(&mut d) & STR_OBF != 0).then(|| rd(&mut d, DATA)))
+                .collect();
+        assert_eq!(
+            got,
+            [0x14, 0x11, 0xe0, 0x71, 0xe0, 0xf0, 0x71, 0xf0, 0x11, 0xf0, 0x14]
+        );
+    }
+
+    #[test]
+    fn ctrl_alt_del_needs_room_in_the_buffer() {
+        let (mut d, exit) = i8042();
+        // A guest that never reads its keyboard: the second sequence fits, the third not.
+        assert!(d.send_ctrl_alt_del());
+        assert!(d.send_ctrl_alt_del());
+        assert!(!d.send_ctrl_alt_del());
+        assert_eq!(linux_flush(&mut d), Ok(QUEUE_SIZE));
+        // Typing it does not itself reset the VM: the guest decides.
+        assert_eq!(exit.reason(), None);
     }
 
     #[test]

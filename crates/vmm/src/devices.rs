@@ -20,6 +20,7 @@ use crate::terminal;
 
 pub struct LegacyDevices {
     serial: Arc<Mutex<Serial>>,
+    i8042: Arc<Mutex<I8042>>,
     stdio: bool,
 }
 
@@ -64,12 +65,10 @@ impl LegacyDevices {
         };
         let serial = Arc::new(Mutex::new(Serial::new(irqfd(vm, ports::COM1_IRQ)?, out)));
         insert(io, serial.clone(), ports::COM1, Serial::PORT_LEN)?;
-        insert(
-            io,
-            Arc::new(Mutex::new(I8042::new(exit.clone()))),
-            ports::I8042_DATA,
-            5,
-        )?;
+        let i8042 = Arc::new(Mutex::new(
+            I8042::new(exit.clone()).with_kbd_irq(irqfd(vm, ports::I8042_KBD_IRQ)?),
+        ));
+        insert(io, i8042.clone(), ports::I8042_DATA, I8042::PORT_LEN)?;
         insert(io, Arc::new(Mutex::new(Rtc::new())), ports::RTC_INDEX, 2)?;
         insert(
             io,
@@ -80,8 +79,14 @@ impl LegacyDevices {
         insert(io, Arc::new(Mutex::new(DebugPort::default())), 0x80, 1)?;
         Ok(LegacyDevices {
             serial,
+            i8042,
             stdio: matches!(target, SerialTarget::Stdio),
         })
+    }
+
+    /// The keyboard controller (Ctrl-Alt-Del is typed on its keyboard).
+    pub fn i8042(&self) -> Arc<Mutex<I8042>> {
+        self.i8042.clone()
     }
 
     pub fn console_is_stdio(&self) -> bool {

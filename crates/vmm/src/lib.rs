@@ -6,6 +6,7 @@
 //! (`vessel-boot`), *what a device does* (`vessel-devices`) or *what KVM can do*
 //! (`vessel-kvm`): it puts them together and runs them.
 
+pub mod api;
 pub mod config;
 pub mod cpu;
 pub mod demo;
@@ -24,4 +25,6 @@ pub mod vm;
 
 pub use config::{BootSource, NestedMode, SerialTarget, VmConfig, DEFAULT_CMDLINE};
 pub use error::VmmError;
-pub use vm::{run, ExitReason, VmOutcome, VmStats};
+pub use vm::{
+    run, ControlError, ExitReason, LiveStats, RunState, RunningVm, Vm, VmHandle, VmOutcome, VmStats,
+};

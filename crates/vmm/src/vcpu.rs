@@ -3,10 +3,12 @@
 //! The exit path is allocation-free and takes only the lock of the device it touches. Port and
 //! MMIO exits go to the buses; everything the nested-host fallback needs goes to
 //! [`NestedVcpu`]; the VMM's main thread stops a vCPU by setting `stop` and kicking the thread
-//! with [`KICK_SIGNAL`] so that `KVM_RUN` returns.
+//! with [`KICK_SIGNAL`] so that `KVM_RUN` returns. Pausing is the same kick, after which the
+//! thread parks on the [`PauseGate`] until it is released.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -46,6 +48,72 @@ pub struct VcpuShared {
     pub exit: ExitSignal,
     pub stop: Arc<AtomicBool>,
     pub mem: GuestMemoryMmap,
+    pub pause: Arc<PauseGate>,
+}
+
+/// Where vCPU threads park while the VM is paused.
+///
+/// The exit loop only loads [`PauseGate::requested`] (one atomic) per exit; the VMM sets it,
+/// kicks every vCPU out of `KVM_RUN`, and waits in [`PauseGate::wait_parked`] until each has
+/// parked on the condition variable. [`PauseGate::release`] lets them go.
+#[derive(Debug, Default)]
+pub struct PauseGate {
+    requested: AtomicBool,
+    /// How many vCPU threads are parked.
+    parked: Mutex<usize>,
+    changed: Condvar,
+}
+
+impl PauseGate {
+    /// Whether vCPUs should park at their next exit.
+    #[inline]
+    pub fn requested(&self) -> bool {
+        self.requested.load(Ordering::Acquire)
+    }
+
+    /// Asks vCPUs to park (the caller kicks them out of `KVM_RUN`).
+    pub fn request(&self) {
+        self.requested.store(true, Ordering::Release);
+    }
+
+    /// Lets parked vCPUs run again.
+    pub fn release(&self) {
+        let _guard = self.lock();
+        self.requested.store(false, Ordering::Release);
+        self.changed.notify_all();
+    }
+
+    /// Wakes parked vCPUs so they see `stop` (the VM is ending).
+    pub fn wake_all(&self) {
+        let _guard = self.lock();
+        self.changed.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Parks the calling vCPU thread until released or until `stop` is set.
+    fn park(&self, stop: &AtomicBool) {
+        let mut parked = self.lock();
+        *parked += 1;
+        self.changed.notify_all();
+        while self.requested() && !stop.load(Ordering::Acquire) {
+            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        }
+        *parked -= 1;
+        self.changed.notify_all();
+    }
+
+    /// Waits up to `timeout` for at least `count` vCPUs to be parked; true if they are.
+    pub fn wait_parked(&self, count: usize, timeout: Duration) -> bool {
+        let guard = self.lock();
+        let (guard, _) = self
+            .changed
+            .wait_timeout_while(guard, timeout, |parked| *parked < count)
+            .unwrap_or_else(|e| e.into_inner());
+        *guard >= count
+    }
 }
 
 /// Counters a vCPU keeps about its own run.
@@ -100,6 +168,10 @@ impl Vcpu {
         loop {
             if self.shared.stop.load(Ordering::Acquire) {
                 return Ok(VcpuStop::Stopped);
+            }
+            if self.shared.pause.requested() {
+                self.shared.pause.park(&self.shared.stop);
+                continue;
             }
             let next = match self.fd.run() {
                 Ok(exit) => {
@@ -238,5 +310,72 @@ fn guest_request(exit: &ExitSignal) -> Next {
     match exit.reason() {
         Some(r) => Next::Stop(VcpuStop::Guest(r)),
         None => Next::Continue,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A stand-in for the exit loop: parks whenever asked, counts its iterations.
+    fn spawn_loop(
+        gate: Arc<PauseGate>,
+        stop: Arc<AtomicBool>,
+        count: Arc<std::sync::atomic::AtomicU64>,
+    ) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || loop {
+            if stop.load(Ordering::Acquire) {
+                return;
+            }
+            if gate.requested() {
+                gate.park(&stop);
+                continue;
+            }
+            count.fetch_add(1, Ordering::Relaxed);
+            std::thread::yield_now();
+        })
+    }
+
+    #[test]
+    fn pause_gate_parks_and_releases_every_thread() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let counts: Vec<_> = (0..3)
+            .map(|_| Arc::new(std::sync::atomic::AtomicU64::new(0)))
+            .collect();
+        let threads: Vec<_> = counts
+            .iter()
+            .map(|c| spawn_loop(gate.clone(), stop.clone(), c.clone()))
+            .collect();
+        gate.request();
+        assert!(gate.wait_parked(3, Duration::from_secs(10)));
+        // Parked threads make no progress.
+        let before: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        std::thread::sleep(Duration::from_millis(50));
+        let after: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+        assert_eq!(before, after);
+        gate.release();
+        // Released, they run again.
+        for (c, b) in counts.iter().zip(&before) {
+            while c.load(Ordering::Relaxed) == *b {
+                std::thread::yield_now();
+            }
+        }
+        // Paused again, `stop` plus a wake ends them.
+        gate.request();
+        assert!(gate.wait_parked(3, Duration::from_secs(10)));
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        for t in threads {
+            t.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn pause_gate_wait_gives_up() {
+        let gate = PauseGate::default();
+        gate.request();
+        // Nobody parks.
+        assert!(!gate.wait_parked(1, Duration::from_millis(20)));
     }
 }

@@ -1,18 +1,23 @@
 //! Building a VM from a [`VmConfig`] and running it to the end.
 //!
+//! [`Vm::build`] sets everything up, [`Vm::start`] starts the vCPU threads and returns a
+//! [`RunningVm`], whose [`VmHandle`] pauses, resumes, types Ctrl-Alt-Del or stops it from any
+//! thread while [`RunningVm::wait`] supervises it to the end. [`run`] does all three.
+//!
 //! Order matters to KVM: the VM, its TSS and identity-map pages, the in-kernel irqchip and PIT,
 //! guest memory, then the vCPUs. The boot image and tables are written before any vCPU runs.
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
 use vessel_boot::{BootConfig, BootRegs, EntryMode};
+use vessel_devices::i8042::I8042;
 use vessel_devices::{Bus, ExitSignal, VmExitReason};
 use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vessel_memory::{addr, create_guest_memory, GuestLayout, GuestMemoryMmap};
@@ -23,7 +28,7 @@ use crate::devices::LegacyDevices;
 use crate::error::{KvmContext, VmmError};
 use crate::profile;
 use crate::terminal;
-use crate::vcpu::{kick_signal, Vcpu, VcpuReport, VcpuShared, VcpuStop};
+use crate::vcpu::{kick_signal, PauseGate, Vcpu, VcpuReport, VcpuShared, VcpuStop};
 
 /// KVM's TSS (3 pages) and identity-map page, just below the IO-APIC/LAPIC area, in the gap.
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
@@ -47,6 +52,8 @@ pub enum ExitReason {
     UserQuit,
     /// SIGINT or SIGTERM to the VMM.
     Signal,
+    /// [`VmHandle::stop`].
+    Stopped,
 }
 
 /// Figures about a finished VM.
@@ -286,225 +293,640 @@ fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
 
 /// Build the VM described by `config`, run it until it ends, and tear it down.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
-    let t0 = Instant::now();
-    let kvm = vessel_kvm::system::open()?;
-    vessel_kvm::system::check_capabilities(&kvm)?;
-    let layout = validate(config, vessel_kvm::system::max_vcpus(&kvm))?;
+    Vm::build(config)?.start()?.wait()
+}
 
-    let nested = match config.nested {
-        NestedMode::On => true,
-        NestedMode::Off => false,
-        NestedMode::Auto => {
-            // The demo guest never leaves ring 0 and makes no system calls: no need to probe.
-            !matches!(config.boot, BootSource::Demo)
-                && vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
-        }
-    };
-    let vm = Arc::new(create_vm(&kvm)?);
-    let mem = create_guest_memory(&layout)?;
-    register_memory(&vm, &mem)?;
-    let mut fds = Vec::with_capacity(config.cpus as usize);
-    for id in 0..config.cpus {
-        fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
-    }
+/// A VM built and ready to run: memory, devices, the boot image and the vCPUs are set up;
+/// no vCPU has run yet.
+pub struct Vm {
+    config: VmConfig,
+    t0: Instant,
+    // Kept alive for as long as the VM runs (MSI routes, ioeventfds and irqfds are on it).
+    _vm: Arc<VmFd>,
+    mem: GuestMemoryMmap,
+    vcpus: Vec<Vcpu>,
+    devices: LegacyDevices,
+    virtio: crate::virtio::VirtioManager,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: ExitSignal,
+    stop: Arc<AtomicBool>,
+    pause: Arc<PauseGate>,
+    nested: bool,
+    kernel_source: Option<String>,
+}
 
-    let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
-    let mut io_bus = Bus::new();
-    let mut mmio_bus = Bus::new();
-    let devices = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
-    let virtio = crate::virtio::create(&vm, &mem, &mut io_bus, &mut mmio_bus, &config.devices)?;
-    let io_bus = Arc::new(io_bus);
-    let mmio_bus = Arc::new(mmio_bus);
+impl Vm {
+    /// Builds the VM described by `config`, up to the first `KVM_RUN`.
+    pub fn build(config: &VmConfig) -> Result<Vm, VmmError> {
+        let t0 = Instant::now();
+        let kvm = vessel_kvm::system::open()?;
+        vessel_kvm::system::check_capabilities(&kvm)?;
+        let layout = validate(config, vessel_kvm::system::max_vcpus(&kvm))?;
 
-    let nested_params = nested.then(|| nested_params(&fds[0]));
-    let (regs, kernel_source) = load_guest(
-        config,
-        &mem,
-        &layout,
-        nested_params.as_deref(),
-        virtio.platform(),
-    )?;
-    if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
-        eprintln!(
-            "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
-        );
-    }
-    let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
-    let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
-
-    let supported = kvm
-        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-        .kvm("KVM_GET_SUPPORTED_CPUID")?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let shared = VcpuShared {
-        io_bus: io_bus.clone(),
-        mmio_bus: mmio_bus.clone(),
-        exit: exit.clone(),
-        stop: stop.clone(),
-        mem: mem.clone(),
-    };
-    let mut vcpus = Vec::with_capacity(config.cpus as usize);
-    for (id, fd) in fds.into_iter().enumerate() {
-        let id = id as u8;
-        cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
-        if id == 0 {
-            cpu::set_boot_registers(&fd, &regs, &gdt, cr3)?;
-        }
-        vcpus.push(Vcpu::new(
-            id,
-            fd,
-            shared.clone(),
-            nested,
-            config.profile_ms.is_some(),
-        ));
-    }
-
-    vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
-        .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        vmm_sys_util::signal::register_signal_handler(sig, on_term)
-            .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
-    }
-
-    let raw = devices
-        .console_is_stdio()
-        .then(terminal::RawTerminal::enable)
-        .flatten();
-    let quit = Arc::new(AtomicBool::new(false));
-    if devices.console_is_stdio() {
-        devices.start_stdin_pump(quit.clone(), exit.clone())?;
-    }
-
-    let to_first_run = t0.elapsed();
-    let since_spawn = since_spawn();
-    let started = Instant::now();
-    let (tx, rx) = mpsc::channel::<(u8, Result<VcpuStop, VmmError>, VcpuReport)>();
-    let mut handles = Vec::new();
-    for mut v in vcpus {
-        let tx = tx.clone();
-        let h = thread::Builder::new()
-            .name(format!("vcpu{}", v.id))
-            .spawn(move || {
-                let r = v.run();
-                let _ = tx.send((v.id, r, v.take_report()));
-            })
-            .map_err(VmmError::Thread)?;
-        handles.push(h);
-    }
-    drop(tx);
-
-    // Wait for the first vCPU to end, a device's request, the user or a signal.
-    let tick = Duration::from_millis(config.profile_ms.unwrap_or(if nested { 20 } else { 100 }));
-    let kick_all = |handles: &[thread::JoinHandle<()>]| {
-        for h in handles {
-            // SAFETY: pthread_kill with a valid thread handle and a signal whose handler is
-            // installed; a thread that already ended is still joinable so the id is valid.
-            unsafe { libc::pthread_kill(h.as_pthread_t(), kick_signal()) };
-        }
-    };
-    let periodic_kicks = nested || config.profile_ms.is_some();
-    let mut results: Vec<Option<(Result<VcpuStop, VmmError>, VcpuReport)>> =
-        (0..config.cpus).map(|_| None).collect();
-    let mut first_reason: Option<ExitReason> = None;
-    let mut remaining = config.cpus as usize;
-    while remaining > 0 {
-        match rx.recv_timeout(tick) {
-            Ok((id, r, rep)) => {
-                remaining -= 1;
-                if first_reason.is_none() {
-                    first_reason = match &r {
-                        Ok(VcpuStop::Guest(VmExitReason::PowerOff)) => Some(ExitReason::PowerOff),
-                        Ok(VcpuStop::Guest(VmExitReason::Reset)) => Some(ExitReason::Reset),
-                        _ => None,
-                    };
-                }
-                results[id as usize] = Some((r, rep));
-                stop.store(true, Ordering::Release);
-                kick_all(&handles);
+        let nested = match config.nested {
+            NestedMode::On => true,
+            NestedMode::Off => false,
+            NestedMode::Auto => {
+                // The demo guest never leaves ring 0 and makes no system calls: no need to
+                // probe.
+                !matches!(config.boot, BootSource::Demo)
+                    && vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
             }
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                if let Some(r) = exit.reason() {
-                    first_reason.get_or_insert(match r {
-                        VmExitReason::PowerOff => ExitReason::PowerOff,
-                        VmExitReason::Reset => ExitReason::Reset,
-                    });
-                    stop.store(true, Ordering::Release);
-                }
-                if quit.load(Ordering::Acquire) {
-                    first_reason.get_or_insert(ExitReason::UserQuit);
-                    stop.store(true, Ordering::Release);
-                }
-                if SIGNALLED.load(Ordering::Acquire) {
-                    first_reason.get_or_insert(ExitReason::Signal);
-                    stop.store(true, Ordering::Release);
-                }
-                if periodic_kicks || stop.load(Ordering::Acquire) {
-                    kick_all(&handles);
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
-    for h in handles {
-        let _ = h.join();
-    }
-    let wall = started.elapsed();
-    devices.flush();
-    drop(raw);
-
-    let mut reports = Vec::new();
-    let mut error = None;
-    for (r, rep) in results.into_iter().flatten() {
-        if let Err(e) = r {
-            error.get_or_insert(e);
-        }
-        reports.push(rep);
-    }
-    // A guest request wins over a vCPU stopping with an error afterwards.
-    if let (Some(e), None) = (error, first_reason) {
-        return Err(e);
-    }
-    let profile = config.profile_ms.map(|_| {
-        let samples: Vec<u64> = reports
-            .iter()
-            .flat_map(|r| r.samples.iter().copied())
-            .collect();
-        let map = match &config.boot {
-            BootSource::Linux {
-                system_map: Some(p),
-                ..
-            } => profile::SymbolMap::load(p).ok(),
-            _ => None,
         };
-        let period = Duration::from_millis(config.profile_ms.unwrap_or(10));
-        let mut text = profile::report(&samples, map.as_ref(), 40);
-        // The boot vCPU's samples over time show where each phase of a boot goes.
-        if let Some(boot) = reports.first() {
-            text += &profile::timeline(
-                &boot.samples,
-                period,
-                map.as_ref(),
-                Duration::from_secs(5),
-                3,
+        let vm = Arc::new(create_vm(&kvm)?);
+        let mem = create_guest_memory(&layout)?;
+        register_memory(&vm, &mem)?;
+        let mut fds = Vec::with_capacity(config.cpus as usize);
+        for id in 0..config.cpus {
+            fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
+        }
+
+        let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
+        let mut io_bus = Bus::new();
+        let mut mmio_bus = Bus::new();
+        let devices = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
+        let virtio = crate::virtio::create(&vm, &mem, &mut io_bus, &mut mmio_bus, &config.devices)?;
+        let io_bus = Arc::new(io_bus);
+        let mmio_bus = Arc::new(mmio_bus);
+
+        let nested_params = nested.then(|| nested_params(&fds[0]));
+        let (regs, kernel_source) = load_guest(
+            config,
+            &mem,
+            &layout,
+            nested_params.as_deref(),
+            virtio.platform(),
+        )?;
+        if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
+            eprintln!(
+                "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
             );
         }
-        text
-    });
-    let stats = VmStats {
-        nested,
-        to_first_run,
-        wall,
-        vcpus: reports,
-        unhandled_io: io_bus.unhandled(),
-        unhandled_mmio: mmio_bus.unhandled(),
-        profile,
-        kernel: kernel_source,
-        since_spawn,
-    };
-    Ok(VmOutcome {
-        reason: first_reason.unwrap_or(ExitReason::Signal),
-        stats,
-    })
+        let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
+        let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
+
+        let supported = kvm
+            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .kvm("KVM_GET_SUPPORTED_CPUID")?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let pause = Arc::new(PauseGate::default());
+        let shared = VcpuShared {
+            io_bus: io_bus.clone(),
+            mmio_bus: mmio_bus.clone(),
+            exit: exit.clone(),
+            stop: stop.clone(),
+            mem: mem.clone(),
+            pause: pause.clone(),
+        };
+        let mut vcpus = Vec::with_capacity(config.cpus as usize);
+        for (id, fd) in fds.into_iter().enumerate() {
+            let id = id as u8;
+            cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
+            if id == 0 {
+                cpu::set_boot_registers(&fd, &regs, &gdt, cr3)?;
+            }
+            vcpus.push(Vcpu::new(
+                id,
+                fd,
+                shared.clone(),
+                nested,
+                config.profile_ms.is_some(),
+            ));
+        }
+        Ok(Vm {
+            config: config.clone(),
+            t0,
+            _vm: vm,
+            mem,
+            vcpus,
+            devices,
+            virtio,
+            io_bus,
+            mmio_bus,
+            exit,
+            stop,
+            pause,
+            nested,
+            kernel_source,
+        })
+    }
+
+    /// Starts the vCPU threads (and, with a stdio console, the terminal). The VM runs until
+    /// [`RunningVm::wait`] sees it end.
+    pub fn start(self) -> Result<RunningVm, VmmError> {
+        vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
+            .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            vmm_sys_util::signal::register_signal_handler(sig, on_term)
+                .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
+        }
+
+        let raw = self
+            .devices
+            .console_is_stdio()
+            .then(terminal::RawTerminal::enable)
+            .flatten();
+        let quit = Arc::new(AtomicBool::new(false));
+        if self.devices.console_is_stdio() {
+            self.devices
+                .start_stdin_pump(quit.clone(), self.exit.clone())?;
+        }
+
+        let to_first_run = self.t0.elapsed();
+        let since_spawn = since_spawn();
+        let started = Instant::now();
+        let (tx, rx) = mpsc::channel::<Msg>();
+        let control = Arc::new(Control {
+            stop: self.stop.clone(),
+            pause: self.pause.clone(),
+            threads: Mutex::new(Vec::new()),
+            i8042: self.devices.i8042(),
+            state: AtomicU8::new(STATE_RUNNING),
+            stop_requested: AtomicBool::new(false),
+            wake: Mutex::new(tx.clone()),
+            vcpus: self.vcpus.len(),
+            started,
+            io_bus: self.io_bus.clone(),
+            mmio_bus: self.mmio_bus.clone(),
+            pauses: AtomicU64::new(0),
+        });
+        let mut handles = Vec::new();
+        let Vm {
+            config,
+            vcpus,
+            devices,
+            virtio,
+            io_bus,
+            mmio_bus,
+            exit,
+            stop,
+            nested,
+            kernel_source,
+            _vm,
+            mem,
+            ..
+        } = self;
+        {
+            let mut threads = control.lock_threads();
+            for mut v in vcpus {
+                let tx = tx.clone();
+                let h = thread::Builder::new()
+                    .name(format!("vcpu{}", v.id))
+                    .spawn(move || {
+                        // Report even a panic: the supervisor counts one message per vCPU.
+                        let id = v.id;
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.run()))
+                            .unwrap_or_else(|_| {
+                                Err(VmmError::Vcpu {
+                                    cpu: id,
+                                    reason: "the vCPU thread panicked".into(),
+                                })
+                            });
+                        let _ = tx.send(Msg::Vcpu(id, r, v.take_report()));
+                    })
+                    .map_err(VmmError::Thread);
+                let h = match h {
+                    Ok(h) => h,
+                    Err(e) => {
+                        // Stop the vCPUs already running.
+                        drop(threads);
+                        control.end();
+                        control.kick_all();
+                        return Err(e);
+                    }
+                };
+                threads.push(h.as_pthread_t());
+                handles.push(h);
+            }
+        }
+        drop(tx);
+        Ok(RunningVm {
+            control: control.clone(),
+            inner: Some(RunningInner {
+                config,
+                control,
+                rx,
+                handles,
+                devices,
+                _virtio: virtio,
+                _vm,
+                _mem: mem,
+                raw,
+                quit,
+                io_bus,
+                mmio_bus,
+                exit,
+                stop,
+                nested,
+                kernel_source,
+                to_first_run,
+                since_spawn,
+            }),
+        })
+    }
+}
+
+/// Messages to the thread waiting for the VM.
+enum Msg {
+    /// A vCPU thread ended.
+    Vcpu(u8, Result<VcpuStop, VmmError>, VcpuReport),
+    /// Look at the control flags now.
+    Wake,
+}
+
+const STATE_RUNNING: u8 = 0;
+const STATE_PAUSED: u8 = 1;
+const STATE_ENDED: u8 = 2;
+
+/// The state of a started VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunState {
+    Running,
+    Paused,
+    /// The VM ended (or is ending): control calls fail.
+    Ended,
+}
+
+/// What a [`VmHandle`] shares with the running VM.
+struct Control {
+    stop: Arc<AtomicBool>,
+    pause: Arc<PauseGate>,
+    /// The vCPU threads, to kick; emptied (under the lock) before they are joined.
+    threads: Mutex<Vec<libc::pthread_t>>,
+    i8042: Arc<Mutex<I8042>>,
+    state: AtomicU8,
+    stop_requested: AtomicBool,
+    wake: Mutex<mpsc::Sender<Msg>>,
+    vcpus: usize,
+    started: Instant,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    pauses: AtomicU64,
+}
+
+impl Control {
+    fn lock_threads(&self) -> std::sync::MutexGuard<'_, Vec<libc::pthread_t>> {
+        self.threads.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Interrupts `KVM_RUN` on every vCPU thread not yet joined.
+    fn kick_all(&self) {
+        for &t in self.lock_threads().iter() {
+            // SAFETY: pthread_kill with the id of a thread that has not been joined (ids are
+            // removed under this lock before the join), and a signal whose handler is
+            // installed.
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Ends the VM: vCPUs stop at their next exit, parked ones wake up.
+    fn end(&self) {
+        self.state.store(STATE_ENDED, Ordering::Release);
+        self.stop.store(true, Ordering::Release);
+        self.pause.wake_all();
+    }
+}
+
+/// Errors of VM control calls.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    #[error("the VM is not running")]
+    Ended,
+    #[error("the vCPUs did not pause within {0:?}")]
+    PauseTimeout(Duration),
+    #[error("the guest's keyboard buffer is full (the guest does not read its keyboard)")]
+    KeyboardFull,
+}
+
+/// How long [`VmHandle::pause`] waits for every vCPU to park.
+pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Controls a running VM from any thread. Cheap to clone.
+#[derive(Clone)]
+pub struct VmHandle {
+    control: Arc<Control>,
+}
+
+impl std::fmt::Debug for VmHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmHandle")
+            .field("state", &self.state())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Live figures about a running VM.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LiveStats {
+    pub vcpus: usize,
+    pub uptime: Duration,
+    /// Times the VM was paused.
+    pub pauses: u64,
+    pub unhandled_io: (u64, u64),
+    pub unhandled_mmio: (u64, u64),
+}
+
+impl VmHandle {
+    pub fn state(&self) -> RunState {
+        match self.control.state.load(Ordering::Acquire) {
+            STATE_RUNNING => RunState::Running,
+            STATE_PAUSED => RunState::Paused,
+            _ => RunState::Ended,
+        }
+    }
+
+    fn require_alive(&self) -> Result<(), ControlError> {
+        if self.control.stop.load(Ordering::Acquire) {
+            return Err(ControlError::Ended);
+        }
+        Ok(())
+    }
+
+    /// Stops every vCPU out of `KVM_RUN` and parks it; returns once all are parked. Pausing
+    /// a paused VM does nothing.
+    pub fn pause(&self) -> Result<(), ControlError> {
+        self.require_alive()?;
+        let c = &self.control;
+        if self.state() == RunState::Paused {
+            return Ok(());
+        }
+        c.pause.request();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            // A kick that lands just before a vCPU enters KVM_RUN is lost: kick again until
+            // every vCPU has parked.
+            c.kick_all();
+            if c.pause.wait_parked(c.vcpus, Duration::from_millis(10)) {
+                break;
+            }
+            if c.stop.load(Ordering::Acquire) {
+                c.pause.release();
+                return Err(ControlError::Ended);
+            }
+            if Instant::now() >= deadline {
+                c.pause.release();
+                return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
+            }
+        }
+        c.pauses.fetch_add(1, Ordering::Relaxed);
+        let _ = c.state.compare_exchange(
+            STATE_RUNNING,
+            STATE_PAUSED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        Ok(())
+    }
+
+    /// Lets the vCPUs run again. Resuming a running VM does nothing.
+    pub fn resume(&self) -> Result<(), ControlError> {
+        self.require_alive()?;
+        let c = &self.control;
+        let _ = c.state.compare_exchange(
+            STATE_PAUSED,
+            STATE_RUNNING,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+        c.pause.release();
+        Ok(())
+    }
+
+    /// Types Ctrl-Alt-Del on the guest's i8042 keyboard.
+    pub fn ctrl_alt_del(&self) -> Result<(), ControlError> {
+        self.require_alive()?;
+        let sent = self
+            .control
+            .i8042
+            .lock()
+            .map(|mut k| k.send_ctrl_alt_del())
+            .unwrap_or(false);
+        if sent {
+            Ok(())
+        } else {
+            Err(ControlError::KeyboardFull)
+        }
+    }
+
+    /// Asks the VM to stop (it ends with [`ExitReason::Stopped`]); returns at once.
+    pub fn stop(&self) {
+        let c = &self.control;
+        c.stop_requested.store(true, Ordering::Release);
+        if let Ok(w) = c.wake.lock() {
+            let _ = w.send(Msg::Wake);
+        }
+    }
+
+    /// Figures that can be read while the VM runs.
+    pub fn stats(&self) -> LiveStats {
+        let c = &self.control;
+        LiveStats {
+            vcpus: c.vcpus,
+            uptime: c.started.elapsed(),
+            pauses: c.pauses.load(Ordering::Relaxed),
+            unhandled_io: c.io_bus.unhandled(),
+            unhandled_mmio: c.mmio_bus.unhandled(),
+        }
+    }
+}
+
+/// A VM whose vCPUs run. [`RunningVm::wait`] supervises it until it ends and tears it down;
+/// [`RunningVm::handle`] controls it meanwhile. Dropping it stops the VM and waits for it.
+pub struct RunningVm {
+    control: Arc<Control>,
+    inner: Option<RunningInner>,
+}
+
+struct RunningInner {
+    config: VmConfig,
+    control: Arc<Control>,
+    rx: mpsc::Receiver<Msg>,
+    handles: Vec<thread::JoinHandle<()>>,
+    devices: LegacyDevices,
+    // Dropped only after every vCPU thread is joined: the guest never runs on memory or
+    // devices that are gone.
+    _virtio: crate::virtio::VirtioManager,
+    _vm: Arc<VmFd>,
+    _mem: GuestMemoryMmap,
+    raw: Option<terminal::RawTerminal>,
+    quit: Arc<AtomicBool>,
+    io_bus: Arc<Bus>,
+    mmio_bus: Arc<Bus>,
+    exit: ExitSignal,
+    stop: Arc<AtomicBool>,
+    nested: bool,
+    kernel_source: Option<String>,
+    to_first_run: Duration,
+    since_spawn: Option<Duration>,
+}
+
+impl Drop for RunningVm {
+    fn drop(&mut self) {
+        if let Some(inner) = self.inner.take() {
+            // The guest must not outlive its memory: stop it and join the vCPUs.
+            inner.control.stop_requested.store(true, Ordering::Release);
+            let _ = inner.supervise();
+        }
+    }
+}
+
+impl RunningVm {
+    /// A handle to control the VM from any thread.
+    pub fn handle(&self) -> VmHandle {
+        VmHandle {
+            control: self.control.clone(),
+        }
+    }
+
+    /// Waits for the first vCPU to end, a device's request, the user, a signal or
+    /// [`VmHandle::stop`]; then stops every vCPU, joins them and reports.
+    pub fn wait(mut self) -> Result<VmOutcome, VmmError> {
+        match self.inner.take() {
+            Some(i) => i.supervise(),
+            None => Err(VmmError::Device("the VM was already waited for".into())),
+        }
+    }
+}
+
+impl RunningInner {
+    fn supervise(self) -> Result<VmOutcome, VmmError> {
+        let RunningInner {
+            config,
+            control,
+            rx,
+            handles,
+            devices,
+            _virtio,
+            _vm,
+            _mem,
+            raw,
+            quit,
+            io_bus,
+            mmio_bus,
+            exit,
+            stop,
+            nested,
+            kernel_source,
+            to_first_run,
+            since_spawn,
+        } = self;
+        let tick =
+            Duration::from_millis(config.profile_ms.unwrap_or(if nested { 20 } else { 100 }));
+        let periodic_kicks = nested || config.profile_ms.is_some();
+        let mut results: Vec<Option<(Result<VcpuStop, VmmError>, VcpuReport)>> =
+            (0..config.cpus).map(|_| None).collect();
+        let mut first_reason: Option<ExitReason> = None;
+        let mut remaining = config.cpus as usize;
+        // The control handle holds a sender too: count vCPU messages, not senders.
+        while remaining > 0 {
+            match rx.recv_timeout(tick) {
+                Ok(Msg::Vcpu(id, r, rep)) => {
+                    remaining -= 1;
+                    if first_reason.is_none() {
+                        first_reason = match &r {
+                            Ok(VcpuStop::Guest(VmExitReason::PowerOff)) => {
+                                Some(ExitReason::PowerOff)
+                            }
+                            Ok(VcpuStop::Guest(VmExitReason::Reset)) => Some(ExitReason::Reset),
+                            _ => None,
+                        };
+                    }
+                    if let Some(slot) = results.get_mut(id as usize) {
+                        *slot = Some((r, rep));
+                    }
+                    control.end();
+                    control.kick_all();
+                }
+                Ok(Msg::Wake) | Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Some(r) = exit.reason() {
+                        first_reason.get_or_insert(match r {
+                            VmExitReason::PowerOff => ExitReason::PowerOff,
+                            VmExitReason::Reset => ExitReason::Reset,
+                        });
+                        control.end();
+                    }
+                    if quit.load(Ordering::Acquire) {
+                        first_reason.get_or_insert(ExitReason::UserQuit);
+                        control.end();
+                    }
+                    if SIGNALLED.load(Ordering::Acquire) {
+                        first_reason.get_or_insert(ExitReason::Signal);
+                        control.end();
+                    }
+                    if control.stop_requested.load(Ordering::Acquire) {
+                        first_reason.get_or_insert(ExitReason::Stopped);
+                        control.end();
+                    }
+                    if periodic_kicks || stop.load(Ordering::Acquire) {
+                        control.kick_all();
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        control.lock_threads().clear();
+        for h in handles {
+            let _ = h.join();
+        }
+        let wall = control.started.elapsed();
+        devices.flush();
+        drop(raw);
+
+        let mut reports = Vec::new();
+        let mut error = None;
+        for (r, rep) in results.into_iter().flatten() {
+            if let Err(e) = r {
+                error.get_or_insert(e);
+            }
+            reports.push(rep);
+        }
+        // A guest request wins over a vCPU stopping with an error afterwards.
+        if let (Some(e), None) = (error, first_reason) {
+            return Err(e);
+        }
+        let profile = config.profile_ms.map(|_| {
+            let samples: Vec<u64> = reports
+                .iter()
+                .flat_map(|r| r.samples.iter().copied())
+                .collect();
+            let map = match &config.boot {
+                BootSource::Linux {
+                    system_map: Some(p),
+                    ..
+                } => profile::SymbolMap::load(p).ok(),
+                _ => None,
+            };
+            let period = Duration::from_millis(config.profile_ms.unwrap_or(10));
+            let mut text = profile::report(&samples, map.as_ref(), 40);
+            // The boot vCPU's samples over time show where each phase of a boot goes.
+            if let Some(boot) = reports.first() {
+                text += &profile::timeline(
+                    &boot.samples,
+                    period,
+                    map.as_ref(),
+                    Duration::from_secs(5),
+                    3,
+                );
+            }
+            text
+        });
+        let stats = VmStats {
+            nested,
+            to_first_run,
+            wall,
+            vcpus: reports,
+            unhandled_io: io_bus.unhandled(),
+            unhandled_mmio: mmio_bus.unhandled(),
+            profile,
+            kernel: kernel_source,
+            since_spawn,
+        };
+        Ok(VmOutcome {
+            reason: first_reason.unwrap_or(ExitReason::Signal),
+            stats,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -1,0 +1,453 @@
+//! The VMM side of the management API: [`ApiBackend`] implements `vessel_api::VmmBackend`
+//! on top of [`Vm`] and [`VmHandle`], and [`resources_to_config`] maps the API's pre-boot
+//! `VmResources` (or a Firecracker `--config-file`) to a [`VmConfig`].
+//!
+//! The backend lives on the VMM's main thread (the API server reaches it through
+//! `vessel_api::backend::channel`). `InstanceStart` builds and starts the VM and hands
+//! [`RunningVm::wait`] to a thread of its own; when the VM ends, [`ApiBackend::ended_event`]
+//! becomes readable and [`ApiBackend::take_outcome`] returns how it ended.
+//!
+//! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
+//! transport.
+
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread;
+
+use serde_json::{json, Map, Value};
+use vessel_api::types::{BootSource as ApiBootSource, CpuTemplate, HugePages, Logger};
+use vessel_api::{ApiError, VmResources, VmmBackend};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::{BootSource, VmConfig, DEFAULT_CMDLINE};
+use crate::device_config::{
+    BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
+};
+use crate::error::VmmError;
+use crate::vm::{ControlError, RunningVm, Vm, VmHandle, VmOutcome};
+
+/// The virtio-blk serial (device id) is at most 20 bytes.
+const BLK_SERIAL_MAX: usize = 20;
+
+/// The kernel command line for `boot`: `boot_args`, or Vessel's default, plus the root
+/// device parameters Firecracker adds for a root drive (`root=/dev/vda` or
+/// `root=PARTUUID=...`, then `ro` or `rw`).
+pub fn kernel_cmdline(resources: &VmResources, boot: &ApiBootSource) -> String {
+    let mut s = boot
+        .boot_args
+        .clone()
+        .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    if let Some(root) = resources.drives.iter().find(|d| d.is_root_device) {
+        let dev = match &root.partuuid {
+            Some(u) => format!("PARTUUID={u}"),
+            // The root drive is placed first, so it is the first virtio-blk disk.
+            None => "/dev/vda".to_string(),
+        };
+        let mode = if root.is_read_only == Some(true) {
+            "ro"
+        } else {
+            "rw"
+        };
+        s += &format!(" root={dev} {mode}");
+    }
+    s
+}
+
+/// Maps API resources to a VM configuration. `base` supplies what the API does not
+/// describe (console, nested mode, profiling); every device is placed on virtio-mmio.
+pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig, ApiError> {
+    let Some(boot) = &r.boot_source else {
+        return Err(ApiError::bad(
+            "Start microvm error: Missing kernel configuration.",
+        ));
+    };
+    let mut disks = Vec::with_capacity(r.drives.len());
+    for d in &r.drives {
+        let Some(path) = &d.path_on_host else {
+            return Err(ApiError::bad(format!(
+                "Drive config error: drive {} has no `path_on_host`.",
+                d.drive_id
+            )));
+        };
+        disks.push(DiskConfig {
+            path: PathBuf::from(path),
+            read_only: d.is_read_only.unwrap_or(false),
+            // Firecracker answers VIRTIO_BLK_T_GET_ID with the drive id.
+            serial: (d.drive_id.len() <= BLK_SERIAL_MAX).then(|| d.drive_id.clone()),
+            transport: Transport::Mmio,
+        });
+    }
+    let mut nets = Vec::with_capacity(r.network_interfaces.len());
+    for n in &r.network_interfaces {
+        let mac = match &n.guest_mac {
+            Some(m) => Some(vessel_api::resources::parse_mac(m).ok_or_else(|| {
+                ApiError::bad(format!(
+                    "Network interface config error: invalid MAC address {m}"
+                ))
+            })?),
+            None => None,
+        };
+        nets.push(NetConfig {
+            tap: n.host_dev_name.clone(),
+            mac,
+            queue_pairs: 1,
+            transport: Transport::Mmio,
+        });
+    }
+    let vsock = r.vsock.as_ref().map(|v| VsockConfig {
+        cid: u64::from(v.guest_cid),
+        uds: PathBuf::from(&v.uds_path),
+        transport: Transport::Mmio,
+    });
+    let balloon = r.balloon.as_ref().map(|b| BalloonConfig {
+        size_mib: u64::from(b.amount_mib),
+        stats: b.stats_polling_interval_s > 0,
+        deflate_on_oom: b.deflate_on_oom,
+        transport: Transport::Mmio,
+    });
+    let m = &r.machine_config;
+    Ok(VmConfig {
+        boot: BootSource::Linux {
+            kernel: PathBuf::from(&boot.kernel_image_path),
+            initrd: boot.initrd_path.as_ref().map(PathBuf::from),
+            system_map: None,
+        },
+        cmdline: Some(kernel_cmdline(r, boot)),
+        append: base.append.clone(),
+        cpus: u32::from(m.vcpu_count),
+        memory: (m.mem_size_mib as u64) << 20,
+        serial: base.serial.clone(),
+        nested: base.nested,
+        profile_ms: base.profile_ms,
+        devices: DeviceConfigs {
+            disks,
+            nets,
+            vsock,
+            rng: r.entropy.map(|_| Transport::Mmio),
+            balloon,
+        },
+    })
+}
+
+/// What Vessel cannot do yet among what the API accepts: refused when configured, with the
+/// spec's 400, rather than at `InstanceStart`.
+fn unsupported(r: &VmResources) -> Result<(), ApiError> {
+    let m = &r.machine_config;
+    if m.cpu_template.is_some_and(|t| t != CpuTemplate::None) {
+        return Err(ApiError::Unsupported("static CPU templates".into()));
+    }
+    if m.huge_pages != HugePages::None {
+        return Err(ApiError::Unsupported("huge page backed memory".into()));
+    }
+    if r.mmds_config.is_some() {
+        return Err(ApiError::Unsupported("MMDS".into()));
+    }
+    if r.balloon
+        .is_some_and(|b| b.free_page_hinting || b.free_page_reporting)
+    {
+        return Err(ApiError::Unsupported(
+            "balloon free page hinting and reporting".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn control_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::Ended => ApiError::Internal("the microVM has ended".into()),
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
+type LoggerHook = Box<dyn FnMut(&Logger) -> Result<(), ApiError> + Send>;
+
+/// `VmmBackend` for a Vessel VM. See the module docs.
+pub struct ApiBackend {
+    base: VmConfig,
+    vm: Option<VmHandle>,
+    ended: EventFd,
+    outcome: Option<mpsc::Receiver<Result<VmOutcome, VmmError>>>,
+    logger: Option<LoggerHook>,
+}
+
+impl std::fmt::Debug for ApiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiBackend")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiBackend {
+    /// A backend whose VMs take the console, nested mode, profiling and appended kernel
+    /// parameters from `base` (its boot source, size and devices are replaced by the API's).
+    pub fn new(base: VmConfig) -> Result<ApiBackend, VmmError> {
+        Ok(ApiBackend {
+            base,
+            vm: None,
+            ended: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| VmmError::Device(format!("eventfd: {e}")))?,
+            outcome: None,
+            logger: None,
+        })
+    }
+
+    /// Calls `hook` for `PUT /logger` (and a config file's `logger`).
+    pub fn with_logger(
+        mut self,
+        hook: impl FnMut(&Logger) -> Result<(), ApiError> + Send + 'static,
+    ) -> Self {
+        self.logger = Some(Box::new(hook));
+        self
+    }
+
+    /// Readable once the started VM has ended.
+    pub fn ended_event(&self) -> &EventFd {
+        &self.ended
+    }
+
+    /// The control handle of the started VM.
+    pub fn handle(&self) -> Option<&VmHandle> {
+        self.vm.as_ref()
+    }
+
+    /// How the VM ended, once it has (`None` before, and after the first call).
+    pub fn take_outcome(&mut self) -> Option<Result<VmOutcome, VmmError>> {
+        let r = self.outcome.as_ref()?.try_recv().ok()?;
+        self.outcome = None;
+        Some(r)
+    }
+
+    /// Starts `vm` and supervises it on a thread of its own until it ends. The thread exists
+    /// before the vCPUs run, so a VM is never left without its supervisor.
+    fn start_supervised(&mut self, vm: Vm) -> Result<(), ApiError> {
+        let (vm_tx, vm_rx) = mpsc::channel::<RunningVm>();
+        let (tx, rx) = mpsc::channel();
+        let ended = self
+            .ended
+            .try_clone()
+            .map_err(|e| ApiError::Internal(format!("eventfd: {e}")))?;
+        thread::Builder::new()
+            .name("vm-wait".into())
+            .spawn(move || {
+                if let Ok(running) = vm_rx.recv() {
+                    let _ = tx.send(running.wait());
+                    let _ = ended.write(1);
+                }
+            })
+            .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
+        let running = vm
+            .start()
+            .map_err(|e| ApiError::bad(format!("Start microvm error: {e}")))?;
+        self.vm = Some(running.handle());
+        // The thread only ends after receiving; if it is somehow gone, dropping the VM here
+        // stops and joins it.
+        vm_tx
+            .send(running)
+            .map_err(|_| ApiError::Internal("the VM supervisor is gone".into()))?;
+        self.outcome = Some(rx);
+        Ok(())
+    }
+
+    fn running(&self) -> Result<&VmHandle, ApiError> {
+        self.vm.as_ref().ok_or(ApiError::NotSupportedPreBoot)
+    }
+}
+
+impl VmmBackend for ApiBackend {
+    fn validate(&mut self, resources: &VmResources) -> Result<(), ApiError> {
+        unsupported(resources)
+    }
+
+    fn start(&mut self, resources: &VmResources) -> Result<(), ApiError> {
+        if self.vm.is_some() {
+            return Err(ApiError::NotSupportedPostBoot);
+        }
+        unsupported(resources)?;
+        let config = resources_to_config(resources, &self.base)?;
+        let start_err = |e: VmmError| ApiError::bad(format!("Start microvm error: {e}"));
+        let vm = Vm::build(&config).map_err(start_err)?;
+        self.start_supervised(vm)
+    }
+
+    fn pause(&mut self) -> Result<(), ApiError> {
+        self.running()?.pause().map_err(control_error)
+    }
+
+    fn resume(&mut self) -> Result<(), ApiError> {
+        self.running()?.resume().map_err(control_error)
+    }
+
+    fn send_ctrl_alt_del(&mut self) -> Result<(), ApiError> {
+        self.running()?.ctrl_alt_del().map_err(|e| match e {
+            ControlError::KeyboardFull => ApiError::bad(format!("SendCtrlAltDel: {e}")),
+            e => control_error(e),
+        })
+    }
+
+    fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
+        let mut m = Map::new();
+        if let Some(vm) = &self.vm {
+            let s = vm.stats();
+            m.insert(
+                "vessel_vm".into(),
+                json!({
+                    "vcpus": s.vcpus,
+                    "uptime_ms": s.uptime.as_millis() as u64,
+                    "pauses": s.pauses,
+                    "unhandled_port_reads": s.unhandled_io.0,
+                    "unhandled_port_writes": s.unhandled_io.1,
+                    "unhandled_mmio_reads": s.unhandled_mmio.0,
+                    "unhandled_mmio_writes": s.unhandled_mmio.1,
+                }),
+            );
+        }
+        Ok(m)
+    }
+
+    fn configure_logger(&mut self, logger: &Logger) -> Result<(), ApiError> {
+        match &mut self.logger {
+            Some(hook) => hook(logger),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vessel_api::types::{
+        Balloon, BootSource as ApiBoot, Drive, EntropyDevice, MachineConfig, NetworkInterface,
+        Vsock,
+    };
+
+    fn file(name: &str) -> String {
+        let p = std::env::temp_dir().join(format!("vessel-api-map-{}-{name}", std::process::id()));
+        std::fs::write(&p, b"x").unwrap();
+        p.display().to_string()
+    }
+
+    fn drive(id: &str, path: &str, root: bool, ro: bool) -> Drive {
+        serde_json::from_value(json!({
+            "drive_id": id, "path_on_host": path, "is_root_device": root, "is_read_only": ro
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn resources_map_to_an_mmio_vm() {
+        let kernel = file("kernel");
+        let disk = file("disk");
+        let mut r = VmResources::default();
+        r.set_boot_source(ApiBoot {
+            kernel_image_path: kernel.clone(),
+            initrd_path: None,
+            boot_args: Some("console=ttyS0 quiet".into()),
+        })
+        .unwrap();
+        r.set_machine_config(MachineConfig {
+            vcpu_count: 2,
+            mem_size_mib: 256,
+            ..Default::default()
+        })
+        .unwrap();
+        r.set_drive(drive("scratch", &disk, false, false)).unwrap();
+        r.set_drive(drive("rootfs", &disk, true, true)).unwrap();
+        r.set_network_interface(NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: Some("06:00:ac:10:00:02".into()),
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: None,
+        })
+        .unwrap();
+        r.set_vsock(Vsock {
+            guest_cid: 3,
+            uds_path: "/tmp/v.sock".into(),
+            vsock_id: None,
+        })
+        .unwrap();
+        r.set_entropy(EntropyDevice::default()).unwrap();
+        r.set_balloon(Balloon {
+            amount_mib: 64,
+            deflate_on_oom: true,
+            stats_polling_interval_s: 1,
+            free_page_hinting: false,
+            free_page_reporting: false,
+        })
+        .unwrap();
+        let base = VmConfig {
+            append: vec!["vessel.poweroff".into()],
+            ..Default::default()
+        };
+        let c = resources_to_config(&r, &base).unwrap();
+        assert_eq!(
+            c.boot,
+            BootSource::Linux {
+                kernel: kernel.clone().into(),
+                initrd: None,
+                system_map: None
+            }
+        );
+        // The root drive comes first, read-only, and names the root device.
+        assert_eq!(
+            c.cmdline.as_deref(),
+            Some("console=ttyS0 quiet root=/dev/vda ro")
+        );
+        assert_eq!(c.append, ["vessel.poweroff"]);
+        assert_eq!((c.cpus, c.memory), (2, 256 << 20));
+        let d = &c.devices;
+        assert_eq!(d.disks.len(), 2);
+        assert_eq!(d.disks[0].serial.as_deref(), Some("rootfs"));
+        assert!(d.disks[0].read_only);
+        assert!(!d.disks[1].read_only);
+        assert_eq!(d.nets[0].tap, "tap0");
+        assert_eq!(d.nets[0].mac, Some([6, 0, 0xac, 0x10, 0, 2]));
+        assert_eq!(d.vsock.as_ref().map(|v| v.cid), Some(3));
+        assert_eq!(d.rng, Some(Transport::Mmio));
+        let b = d.balloon.as_ref().unwrap();
+        assert_eq!((b.size_mib, b.stats, b.deflate_on_oom), (64, true, true));
+        assert!(d.disks.iter().all(|d| d.transport == Transport::Mmio));
+        assert!(d.nets.iter().all(|d| d.transport == Transport::Mmio));
+        let _ = std::fs::remove_file(kernel);
+        let _ = std::fs::remove_file(disk);
+    }
+
+    #[test]
+    fn default_cmdline_and_partuuid_root() {
+        let kernel = file("kernel2");
+        let mut r = VmResources::default();
+        r.set_boot_source(ApiBoot {
+            kernel_image_path: kernel.clone(),
+            initrd_path: None,
+            boot_args: None,
+        })
+        .unwrap();
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        assert_eq!(c.cmdline.as_deref(), Some(DEFAULT_CMDLINE));
+        let mut d = drive("root", &kernel, true, false);
+        d.partuuid = Some("1234-01".into());
+        r.set_drive(d).unwrap();
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        assert_eq!(
+            c.cmdline.unwrap(),
+            format!("{DEFAULT_CMDLINE} root=PARTUUID=1234-01 rw")
+        );
+        let _ = std::fs::remove_file(kernel);
+    }
+
+    #[test]
+    fn start_without_kernel_and_unsupported_features_are_refused() {
+        let mut b = ApiBackend::new(VmConfig::default()).unwrap();
+        let r = VmResources::default();
+        assert!(matches!(b.start(&r), Err(ApiError::BadRequest(_))));
+        let mut r = VmResources::default();
+        r.machine_config.huge_pages = HugePages::Huge2M;
+        assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
+        // Nothing started: control calls are pre-boot errors.
+        assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));
+        assert!(b.take_outcome().is_none());
+        assert!(b.metrics().unwrap().is_empty());
+    }
+}
