@@ -1,5 +1,9 @@
 //! `vessel`: the command line. Parses what the user asked for into a `VmConfig` (or an image
 //! build), runs it, and turns the outcome into one line and an exit status.
+//!
+//! Without a subcommand, Firecracker's process flags (`--api-sock`, `--config-file`,
+//! `--no-api`, ...) select Firecracker-compatible mode ([`firecracker`]); `vessel api`
+//! talks to a running VM's socket ([`apicli`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,20 +15,26 @@ use vessel_vmm::device_config::{
 };
 use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
 
+mod apicli;
+mod firecracker;
 mod logger;
 
 #[derive(Parser)]
 #[command(
     name = "vessel",
     version,
-    about = "Vessel: a KVM hypervisor that boots unmodified Linux"
+    about = "Vessel: a KVM hypervisor that boots unmodified Linux",
+    long_about = "Vessel: a KVM hypervisor that boots unmodified Linux.\n\nWith no subcommand, Vessel takes Firecracker's process flags (--api-sock, --config-file, --no-api, --id, ...) and serves Firecracker's API.",
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     /// Log level for Vessel's own messages (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+    #[command(flatten)]
+    firecracker: firecracker::FirecrackerArgs,
 }
 
 #[derive(Subcommand)]
@@ -36,6 +46,8 @@ enum Command {
         #[command(subcommand)]
         command: ImageCommand,
     },
+    /// Talk to a running VM's API socket: status, pause, resume, ctrl-alt-del, metrics, ...
+    Api(apicli::ApiArgs),
 }
 
 #[derive(Subcommand)]
@@ -165,7 +177,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(match outcome.reason {
-        ExitReason::PowerOff | ExitReason::Reset => ExitCode::SUCCESS,
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => ExitCode::SUCCESS,
         ExitReason::UserQuit => {
             eprintln!("vessel: stopped from the console (Ctrl-A x)");
             ExitCode::from(130)
@@ -204,8 +216,23 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     logger::init(cli.log_level);
-    let result = match cli.command {
+    let command = match cli.command {
+        Some(c) => c,
+        None if cli.firecracker.any()
+            || cli.firecracker.id.is_some()
+            || cli.firecracker.level.is_some() =>
+        {
+            return finish(firecracker::run(cli.firecracker));
+        }
+        None => {
+            // No subcommand and no Firecracker flag: help, as for any incomplete command.
+            let _ = <Cli as clap::CommandFactory>::command().print_help();
+            return ExitCode::SUCCESS;
+        }
+    };
+    let result = match command {
         Command::Run(args) => run(*args),
+        Command::Api(args) => apicli::run(args),
         Command::Image {
             command: ImageCommand::Build { name },
         } => build_image(name).map(|p| {
@@ -217,6 +244,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
     };
+    finish(result)
+}
+
+fn finish(result: Result<ExitCode, String>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {

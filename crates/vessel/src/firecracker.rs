@@ -1,0 +1,275 @@
+//! Firecracker-compatible mode: `vessel --api-sock PATH [--config-file FILE] ...` behaves as
+//! `firecracker` does, so tools that start Firecracker can start Vessel.
+//!
+//! The main thread owns the VMM backend and serves its calls (the API server's threads queue
+//! them and wake it through an eventfd); the VM's supervisor runs on a thread of its own and
+//! wakes the main thread when the guest ends, at which point the process exits (0 for a
+//! power-off or reset, as Firecracker).
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+use clap::Args;
+use vessel_api::types::{LogLevel, Logger};
+use vessel_api::{ApiController, ApiError, ApiServer, ServerConfig, VmResources, VmmBackend};
+use vessel_vmm::api::ApiBackend;
+use vessel_vmm::{ExitReason, SerialTarget, VmConfig};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::logger;
+
+/// Where Firecracker listens when given no `--api-sock`.
+pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
+
+/// How often metrics are written to the metrics path without a `FlushMetrics` (as
+/// Firecracker).
+const METRICS_PERIOD: Duration = Duration::from_secs(60);
+
+/// Firecracker's process flags (no subcommand).
+#[derive(Args, Debug, Default)]
+pub struct FirecrackerArgs {
+    /// Firecracker mode: serve Firecracker's API on this Unix socket [default: /run/firecracker.socket].
+    #[arg(long, value_name = "PATH")]
+    pub api_sock: Option<PathBuf>,
+    /// Firecracker mode: boot from this Firecracker JSON configuration.
+    #[arg(long, value_name = "FILE")]
+    pub config_file: Option<PathBuf>,
+    /// Firecracker mode: serve no API (needs --config-file).
+    #[arg(long)]
+    pub no_api: bool,
+    /// Firecracker mode: the microVM's id.
+    #[arg(long, value_name = "ID")]
+    pub id: Option<String>,
+    /// Firecracker mode: write logs to this file or FIFO.
+    #[arg(long, value_name = "PATH")]
+    pub log_path: Option<PathBuf>,
+    /// Firecracker mode: log level (Error, Warning, Info, Debug, Trace, Off).
+    #[arg(long, value_name = "LEVEL")]
+    pub level: Option<String>,
+    /// Firecracker mode: accepted; logs are always one line per record.
+    #[arg(long)]
+    pub show_level: bool,
+    /// Firecracker mode: accepted; logs are always one line per record.
+    #[arg(long)]
+    pub show_log_origin: bool,
+    /// Firecracker mode: accepted (the boot timer device is not emulated yet).
+    #[arg(long)]
+    pub boot_timer: bool,
+    /// Firecracker mode: JSON file with the initial MMDS contents.
+    #[arg(long, value_name = "FILE")]
+    pub metadata: Option<PathBuf>,
+    /// Firecracker mode: largest API request body, in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub http_api_max_payload_size: Option<usize>,
+    // Flags that Firecracker's launchers pass and that have no meaning for Vessel.
+    #[arg(long, hide = true)]
+    pub start_time_us: Option<u64>,
+    #[arg(long, hide = true)]
+    pub start_time_cpu_us: Option<u64>,
+    #[arg(long, hide = true)]
+    pub parent_cpu_time_us: Option<u64>,
+    #[arg(long, hide = true)]
+    pub seccomp_level: Option<String>,
+    #[arg(long, hide = true)]
+    pub seccomp_filter: Option<PathBuf>,
+    #[arg(long, hide = true)]
+    pub no_seccomp: bool,
+    #[arg(long, hide = true)]
+    pub module: Option<String>,
+    #[arg(long, hide = true)]
+    pub mmds_size_limit: Option<usize>,
+}
+
+impl FirecrackerArgs {
+    /// Whether any flag selects Firecracker mode.
+    pub fn any(&self) -> bool {
+        self.api_sock.is_some() || self.config_file.is_some() || self.no_api
+    }
+}
+
+fn level_filter(l: LogLevel) -> log::LevelFilter {
+    match l {
+        LogLevel::Error => log::LevelFilter::Error,
+        LogLevel::Warning => log::LevelFilter::Warn,
+        LogLevel::Info => log::LevelFilter::Info,
+        LogLevel::Debug => log::LevelFilter::Debug,
+        LogLevel::Trace => log::LevelFilter::Trace,
+        LogLevel::Off => log::LevelFilter::Off,
+    }
+}
+
+/// `PUT /logger` and a config file's `logger`.
+fn configure_logger(l: &Logger) -> Result<(), ApiError> {
+    if let Some(p) = &l.log_path {
+        logger::set_path(p)
+            .map_err(|e| ApiError::bad(format!("Logger error: cannot open {p}: {e}")))?;
+    }
+    if let Some(level) = l.level {
+        log::set_max_level(level_filter(level));
+    }
+    Ok(())
+}
+
+fn lock(ctl: &Mutex<ApiController>) -> std::sync::MutexGuard<'_, ApiController> {
+    ctl.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Waits until `fds` has a readable descriptor or `timeout` passes.
+fn poll_readable(fds: &[i32]) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    // SAFETY: poll reads and writes the pollfd array we own, of the length we pass.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+}
+
+/// Runs Firecracker mode to the end of the VM.
+pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
+    if let Some(level) = &args.level {
+        log::set_max_level(logger::parse_level(level)?);
+    }
+    if let Some(p) = &args.log_path {
+        logger::set_path(&p.to_string_lossy())
+            .map_err(|e| format!("cannot open the log file {}: {e}", p.display()))?;
+    }
+    if args.no_api && args.config_file.is_none() {
+        return Err("--no-api needs --config-file".into());
+    }
+    if args.boot_timer {
+        log::info!("--boot-timer: the boot timer device is not emulated; ignored");
+    }
+    let metadata = match &args.metadata {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| format!("cannot read the metadata file {}: {e}", p.display()))?,
+        ),
+        None => None,
+    };
+    // The guest console is the process's stdin/stdout, as Firecracker's.
+    let base = VmConfig {
+        serial: SerialTarget::Stdio,
+        ..Default::default()
+    };
+    let mut backend = ApiBackend::new(base)
+        .map_err(|e| e.to_string())?
+        .with_logger(configure_logger);
+
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let waker = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    let (channel, jobs) = vessel_api::backend::channel(move || {
+        let _ = waker.write(1);
+    });
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| "anonymous-instance".to_string());
+    let ctl = Arc::new(Mutex::new(ApiController::new(
+        Box::new(channel),
+        id,
+        env!("CARGO_PKG_VERSION"),
+    )));
+
+    let _server = if args.no_api {
+        None
+    } else {
+        let path = args
+            .api_sock
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+        let mut config = ServerConfig::default();
+        if let Some(n) = args.http_api_max_payload_size {
+            config.limits.max_body_bytes = n;
+        }
+        Some(
+            ApiServer::start(&path, ctl.clone(), config)
+                .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?,
+        )
+    };
+
+    // Boot from the config file on a helper thread: the controller's calls reach the backend
+    // through the main thread, which must be serving them.
+    let (failed_tx, failed) = mpsc::channel::<String>();
+    if let Some(path) = args.config_file.clone() {
+        let ctl = ctl.clone();
+        let wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        std::thread::Builder::new()
+            .name("config-file".into())
+            .spawn(move || {
+                let r = VmResources::from_config_file(&path, metadata.as_deref())
+                    .and_then(|res| boot_config(&ctl, res));
+                if let Err(e) = r {
+                    let _ = failed_tx.send(format!("{}: {e}", path.display()));
+                    let _ = wake.write(1);
+                }
+            })
+            .map_err(|e| format!("cannot start a thread: {e}"))?;
+    } else if let Some(md) = metadata {
+        let v: serde_json::Value =
+            serde_json::from_str(&md).map_err(|e| format!("invalid metadata JSON: {e}"))?;
+        lock(&ctl).mmds().put(v).map_err(|e| e.to_string())?;
+    }
+    start_metrics_timer(ctl.clone());
+
+    loop {
+        poll_readable(&[wake.as_raw_fd(), backend.ended_event().as_raw_fd()]);
+        let _ = wake.read();
+        while let Ok(job) = jobs.try_recv() {
+            job.run(&mut backend);
+        }
+        if let Ok(e) = failed.try_recv() {
+            return Err(e);
+        }
+        if let Some(outcome) = backend.take_outcome() {
+            let outcome = outcome.map_err(|e| e.to_string())?;
+            log::info!("the microVM ended: {:?}", outcome.reason);
+            return Ok(match outcome.reason {
+                ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => ExitCode::SUCCESS,
+                ExitReason::UserQuit => ExitCode::from(130),
+                ExitReason::Signal => ExitCode::from(143),
+            });
+        }
+    }
+}
+
+/// Adopts the config file's resources and starts the VM.
+fn boot_config(ctl: &Mutex<ApiController>, res: VmResources) -> Result<(), ApiError> {
+    // `with_resources` consumes the controller: swap in the configured one.
+    let mut guard = lock(ctl);
+    let placeholder = ApiController::new(Box::new(NoBackend), "", "");
+    let current = std::mem::replace(&mut *guard, placeholder);
+    // On error the process exits: the controller is not needed again.
+    *guard = current.with_resources(res)?;
+    guard.start()
+}
+
+/// Stands in for the backend while the controller is swapped (never called).
+struct NoBackend;
+
+impl VmmBackend for NoBackend {
+    fn start(&mut self, _: &VmResources) -> Result<(), ApiError> {
+        Err(ApiError::Internal("no VMM".into()))
+    }
+}
+
+/// Writes a metrics line every minute (when a metrics path is configured).
+fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>) {
+    let _ = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(METRICS_PERIOD);
+            let mut c = lock(&ctl);
+            if c.state() != vessel_api::types::InstanceState::NotStarted {
+                if let Err(e) = c.flush_metrics() {
+                    log::warn!("{e}");
+                }
+            }
+        });
+}
