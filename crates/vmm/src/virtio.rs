@@ -60,6 +60,27 @@ impl VirtioManager {
         &self.platform
     }
 
+    /// One line per device with what it did, for `--stats`.
+    pub fn stats_lines(&self) -> Vec<String> {
+        self.handles
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let s = s.snapshot();
+                format!(
+                    "vessel: disk {i}: {} requests in {} worker wake-ups ({:.1} per wake-up), {} interrupts, {} KiB read, {} KiB written",
+                    s.requests,
+                    s.wakeups,
+                    s.requests as f64 / s.wakeups.max(1) as f64,
+                    s.interrupts,
+                    s.bytes_read / 1024,
+                    s.bytes_written / 1024
+                )
+            })
+            .collect()
+    }
+
     /// One line per placed device ("virtio-blk on mmio 0xd0000000 irq 5").
     pub fn placed(&self) -> &[String] {
         &self.placed

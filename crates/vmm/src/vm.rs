@@ -72,6 +72,8 @@ pub struct VmStats {
     pub profile: Option<String>,
     /// How the kernel was loaded (e.g. decompressed on the host), for Linux guests.
     pub kernel: Option<String>,
+    /// One line per virtio device that keeps statistics (disks: requests per wake-up).
+    pub devices: Vec<String>,
 }
 
 impl VmStats {
@@ -102,6 +104,10 @@ impl VmStats {
             "vessel: unhandled port reads/writes {}/{}, mmio {}/{}\n",
             self.unhandled_io.0, self.unhandled_io.1, self.unhandled_mmio.0, self.unhandled_mmio.1
         );
+        for line in &self.devices {
+            s += line;
+            s.push('\n');
+        }
         if let Some(p) = &self.profile {
             s += p;
         }
@@ -248,7 +254,15 @@ fn load_guest(
             };
             let rsdp = vessel_boot::create_acpi_tables(mem, num_cpus, platform)?;
             vessel_boot::create_mptable(mem, num_cpus)?;
-            let cmdline = compose_cmdline(config, nested_params);
+            let mut cmdline = compose_cmdline(config, nested_params);
+            // Without ACPI the kernel cannot see the DSDT's virtio-mmio devices: name them on
+            // the command line instead (kernels with VIRTIO_MMIO_CMDLINE_DEVICES).
+            if cmdline.split_whitespace().any(|w| w == "acpi=off") {
+                for d in &platform.virtio_mmio {
+                    cmdline.push(' ');
+                    cmdline += &vessel_virtio::mmio::cmdline_entry(d.base, d.irq);
+                }
+            }
             log::info!("kernel command line: {cmdline}");
             let cfg = BootConfig {
                 cmdline: &cmdline,
@@ -509,7 +523,7 @@ impl Vm {
                 rx,
                 handles,
                 devices,
-                _virtio: virtio,
+                virtio,
                 _vm,
                 _mem: mem,
                 raw,
@@ -746,7 +760,7 @@ struct RunningInner {
     devices: LegacyDevices,
     // Dropped only after every vCPU thread is joined: the guest never runs on memory or
     // devices that are gone.
-    _virtio: crate::virtio::VirtioManager,
+    virtio: crate::virtio::VirtioManager,
     _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     raw: Option<terminal::RawTerminal>,
@@ -797,7 +811,7 @@ impl RunningInner {
             rx,
             handles,
             devices,
-            _virtio,
+            virtio,
             _vm,
             _mem,
             raw,
@@ -921,6 +935,7 @@ impl RunningInner {
             profile,
             kernel: kernel_source,
             since_spawn,
+            devices: virtio.stats_lines(),
         };
         Ok(VmOutcome {
             reason: first_reason.unwrap_or(ExitReason::Signal),
