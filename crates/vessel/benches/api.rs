@@ -1,0 +1,105 @@
+//! API benchmark (prints figures; not a test): process start to the API socket accepting
+//! (`vessel --api-sock`, Firecracker-compatible mode), and the round trip of `GET /` and
+//! `PUT /machine-config` on a kept-alive connection.
+//!
+//! `cargo bench -p vessel --bench api`
+
+use std::os::unix::net::UnixStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vessel_api::client::Client;
+
+const STARTS: usize = 30;
+const REQUESTS: usize = 2000;
+
+fn spawn(sock: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn vessel")
+}
+
+fn stop(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Spawn to the first successful `connect`, polling every 50 µs.
+fn time_to_socket(sock: &std::path::Path) -> Duration {
+    let _ = std::fs::remove_file(sock);
+    let t = Instant::now();
+    let child = spawn(sock);
+    let accepted = loop {
+        if UnixStream::connect(sock).is_ok() {
+            break Some(t.elapsed());
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            break None;
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    };
+    stop(child);
+    accepted.expect("the API socket never accepted")
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn main() {
+    let dir = std::env::temp_dir().join(format!("vessel-api-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("api.sock");
+
+    let mut starts: Vec<Duration> = (0..STARTS).map(|_| time_to_socket(&sock)).collect();
+    starts.sort();
+    println!(
+        "process start to API socket accepting ({STARTS} runs): median {:.2} ms, p90 {:.2} ms, min {:.2} ms",
+        ms(percentile(&starts, 0.5)),
+        ms(percentile(&starts, 0.9)),
+        ms(starts[0])
+    );
+
+    let _ = std::fs::remove_file(&sock);
+    let child = spawn(&sock);
+    let mut c = Client::new(&sock, Duration::from_secs(5));
+    let t = Instant::now();
+    while c.request("GET", "/", None).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    for (what, method, path, body) in [
+        ("GET /", "GET", "/", None),
+        (
+            "PUT /machine-config",
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 2, "mem_size_mib": 256}"#),
+        ),
+    ] {
+        let mut times = Vec::with_capacity(REQUESTS);
+        for _ in 0..REQUESTS {
+            let t = Instant::now();
+            let r = c.request(method, path, body).expect("request");
+            times.push(t.elapsed());
+            assert!(r.status < 300, "{what}: {}", r.status);
+        }
+        times.sort();
+        println!(
+            "{what} round trip ({REQUESTS} on one connection): median {:.1} µs, p99 {:.1} µs",
+            percentile(&times, 0.5).as_secs_f64() * 1e6,
+            percentile(&times, 0.99).as_secs_f64() * 1e6
+        );
+    }
+    stop(child);
+    let _ = std::fs::remove_dir_all(&dir);
+}
