@@ -24,7 +24,8 @@ pub struct LegacyDevices {
     stdio: bool,
 }
 
-fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
+/// A new event registered with KVM as the irqfd of `gsi`: writing it raises the interrupt.
+pub(crate) fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
     let fd = EventFd::new(libc::EFD_NONBLOCK)
         .map_err(|e| VmmError::Device(format!("eventfd for IRQ {gsi}: {e}")))?;
     vm.register_irqfd(&fd, gsi).kvm("KVM_IRQFD")?;

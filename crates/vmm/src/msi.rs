@@ -134,12 +134,7 @@ impl MsiRoutes {
             t.next_gsi += 1;
             t.next_gsi - 1
         };
-        let evt = EventFd::new(libc::EFD_NONBLOCK)
-            .map_err(|e| VmmError::Device(format!("eventfd for GSI {gsi}: {e}")))?;
-        self.vm
-            .register_irqfd(&evt, gsi)
-            .map_err(|e| VmmError::Device(format!("KVM_IRQFD for GSI {gsi}: {e}")))?;
-        Ok((gsi, evt))
+        Ok((gsi, crate::devices::irqfd(&self.vm, gsi)?))
     }
 
     /// Routes `gsi` to `msg`, or removes its route (`None`: masked or disabled).

@@ -13,7 +13,6 @@ use vessel_pci::{BarAllocator, BarKind, BarSpec, PciBus, PciConfigIo, PciConfigM
 use vessel_virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use vessel_virtio::pci::{VirtioPciDevice, BAR0_SIZE};
 use vessel_virtio::VirtioDevice;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::error::{KvmContext, VmmError};
@@ -114,8 +113,7 @@ impl VirtioManager {
             ))
         })?;
         let base = addr::VIRTIO_MMIO_START + index as u64 * addr::VIRTIO_MMIO_WINDOW;
-        let irq_evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| device_err(name, e))?;
-        self.vm.register_irqfd(&irq_evt, irq).kvm("KVM_IRQFD")?;
+        let irq_evt = crate::devices::irqfd(&self.vm, irq)?;
         let transport = MmioTransport::new(device, self.mem.clone(), irq_evt)
             .map_err(|e| device_err(name, e))?;
         for (queue, kick) in transport.queue_kicks().iter().enumerate() {
