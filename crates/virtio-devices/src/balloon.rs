@@ -13,7 +13,7 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{
     Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
 };
@@ -21,7 +21,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vessel_virtio::worker::{
-    consume, drain_queue, notify_if_needed, EventHandler, Worker, WorkerControl,
+    consume, drain_queue, next_chain, notify_if_needed, EventHandler, Worker, WorkerControl,
 };
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
@@ -471,12 +471,8 @@ impl BalloonHandler {
             if self.health.is_broken() {
                 return;
             }
-            let chain = match q.queue.iter(&self.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health.mark_broken(&format_args!("statsq: {e}"));
-                    return;
-                }
+            let Ok(chain) = next_chain(&mut q.queue, &self.mem, &self.health, &"statsq") else {
+                return;
             };
             let Some(chain) = chain else {
                 match q.queue.enable_notification(&self.mem) {
@@ -757,6 +753,7 @@ mod tests {
     use crate::rng::testing::*;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
+    use virtio_queue::QueueOwnedT;
     use vm_memory::GuestAddress;
 
     fn pfn_bytes(pfns: &[u32]) -> Vec<u8> {

@@ -14,14 +14,14 @@ use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestMemoryMmap};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::balloon::read_driver_bytes;
 use vessel_virtio::worker::{
-    consume, drain_queue, notify_if_needed, EventHandler, Worker, WorkerControl,
+    consume, drain_queue, next_chain, notify_if_needed, EventHandler, Worker, WorkerControl,
 };
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
@@ -397,12 +397,8 @@ impl ConsoleHandler {
                 }
                 break;
             }
-            let chain = match q.queue.iter(&self.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health.mark_broken(&format_args!("receiveq: {e}"));
-                    return;
-                }
+            let Ok(chain) = next_chain(&mut q.queue, &self.mem, &self.health, &"receiveq") else {
+                return;
             };
             let Some(chain) = chain else {
                 // No buffer: wait for the driver's kick (re-checking the ring once
@@ -504,6 +500,7 @@ mod tests {
     use crate::rng::testing::*;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
+    use virtio_queue::QueueOwnedT;
     use vm_memory::GuestAddress;
 
     /// A sink the test can read.

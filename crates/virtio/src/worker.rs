@@ -128,6 +128,30 @@ pub fn consume(evt: &EventFd) {
     let _ = evt.read();
 }
 
+/// The driver broke a queue's ring; the device is marked as needing reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Broken;
+
+/// The next available chain of `queue` (`None` when the driver has made none available), or
+/// [`Broken`] after marking the device as needing reset when the ring is invalid (an available
+/// index more than the queue size ahead, a ring outside guest memory). `what` names the queue
+/// in the log.
+pub fn next_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemoryMmap,
+    health: &DeviceHealth,
+    what: &dyn std::fmt::Display,
+) -> Result<Option<DescriptorChain<&'m GuestMemoryMmap>>, Broken> {
+    // `iter` checks the available index against the queue size.
+    match queue.iter(mem) {
+        Ok(mut it) => Ok(it.next()),
+        Err(e) => {
+            health.mark_broken(&format_args!("{what}: {e}"));
+            Err(Broken)
+        }
+    }
+}
+
 /// What [`drain_queue`] did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Drained {
@@ -165,13 +189,8 @@ where
             return out;
         }
         loop {
-            // `iter` checks the available index against the queue size.
-            let chain = match queue.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    health.mark_broken(&format_args!("queue {index}: {e}"));
-                    return out;
-                }
+            let Ok(chain) = next_chain(queue, mem, health, &format_args!("queue {index}")) else {
+                return out;
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();

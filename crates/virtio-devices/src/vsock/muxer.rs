@@ -15,7 +15,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use vessel_virtio::worker::{consume, notify_if_needed, EventHandler, WorkerControl};
+use vessel_virtio::worker::{consume, next_chain, notify_if_needed, EventHandler, WorkerControl};
 use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryMmap;
@@ -316,12 +316,9 @@ impl Muxer {
         consume(&self.tx.kick);
         let mut completed = 0u32;
         loop {
-            let chain = match self.tx.queue.iter(&self.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health.mark_broken(&format_args!("vsock tx: {e}"));
-                    return;
-                }
+            let Ok(chain) = next_chain(&mut self.tx.queue, &self.mem, &self.health, &"vsock tx")
+            else {
+                return;
             };
             let Some(chain) = chain else {
                 match self.tx.queue.enable_notification(&self.mem) {
@@ -655,12 +652,9 @@ impl Muxer {
                 self.queue_ctrl(h);
                 break;
             }
-            let chain = match self.rx.queue.iter(&self.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health.mark_broken(&format_args!("vsock rx: {e}"));
-                    return;
-                }
+            let Ok(chain) = next_chain(&mut self.rx.queue, &self.mem, &self.health, &"vsock rx")
+            else {
+                return;
             };
             let Some(chain) = chain else {
                 if let Ok(true) = self.rx.queue.enable_notification(&self.mem) {
@@ -749,12 +743,9 @@ impl Muxer {
     fn flush_ctrl(&mut self) {
         let mut delivered = false;
         while let Some(h) = self.ctrl.front().copied() {
-            let chain = match self.rx.queue.iter(&self.mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health.mark_broken(&format_args!("vsock rx: {e}"));
-                    return;
-                }
+            let Ok(chain) = next_chain(&mut self.rx.queue, &self.mem, &self.health, &"vsock rx")
+            else {
+                return;
             };
             let Some(chain) = chain else {
                 if let Ok(true) = self.rx.queue.enable_notification(&self.mem) {
