@@ -13,6 +13,7 @@ pub mod exit;
 pub mod msrs;
 pub mod nested;
 mod scratch_vm;
+pub mod snapshot;
 pub mod state;
 pub mod system;
 

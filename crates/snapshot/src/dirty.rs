@@ -1,0 +1,192 @@
+//! Dirty-page bitmaps over guest memory: one bit per 4 KiB page, region by region, in the
+//! layout KVM's `KVM_GET_DIRTY_LOG` returns (bit `i` of word `w` is page `64 * w + i` of the
+//! memory slot).
+
+use serde::{Deserialize, Serialize};
+
+/// The page size dirty tracking works in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One guest memory region: where it starts in the guest and how long it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemRegion {
+    pub gpa: u64,
+    pub size: u64,
+}
+
+impl MemRegion {
+    pub fn pages(&self) -> u64 {
+        self.size.div_ceil(PAGE_SIZE)
+    }
+}
+
+/// A set of dirty pages over a list of regions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    regions: Vec<MemRegion>,
+    bits: Vec<Vec<u64>>,
+}
+
+impl DirtyBitmap {
+    /// An empty (all clean) bitmap over `regions`.
+    pub fn new(regions: &[MemRegion]) -> Self {
+        DirtyBitmap {
+            regions: regions.to_vec(),
+            bits: regions
+                .iter()
+                .map(|r| vec![0u64; r.pages().div_ceil(64) as usize])
+                .collect(),
+        }
+    }
+
+    /// A bitmap with every page dirty.
+    pub fn all(regions: &[MemRegion]) -> Self {
+        let mut b = Self::new(regions);
+        for r in regions {
+            b.mark(r.gpa, r.size);
+        }
+        b
+    }
+
+    pub fn regions(&self) -> &[MemRegion] {
+        &self.regions
+    }
+
+    /// ORs in a region's words as KVM's dirty log returns them (extra words are ignored).
+    pub fn merge_words(&mut self, region: usize, words: &[u64]) {
+        let Some(pages) = self.regions.get(region).map(MemRegion::pages) else {
+            return;
+        };
+        let bits = &mut self.bits[region];
+        for (b, w) in bits.iter_mut().zip(words) {
+            *b |= w;
+        }
+        // Bits past the region's last page stay clear.
+        if pages % 64 != 0 {
+            if let Some(last) = bits.last_mut() {
+                *last &= (1u64 << (pages % 64)) - 1;
+            }
+        }
+    }
+
+    /// ORs in another bitmap over the same regions.
+    pub fn merge(&mut self, other: &DirtyBitmap) {
+        for (i, words) in other.bits.iter().enumerate() {
+            self.merge_words(i, words);
+        }
+    }
+
+    /// Marks every page that `[gpa, gpa + len)` touches. Addresses outside the regions are
+    /// ignored.
+    pub fn mark(&mut self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let end = gpa.saturating_add(len);
+        for (r, bits) in self.regions.iter().zip(self.bits.iter_mut()) {
+            let r_end = r.gpa + r.size;
+            let (s, e) = (gpa.max(r.gpa), end.min(r_end));
+            if s >= e {
+                continue;
+            }
+            let first = (s - r.gpa) / PAGE_SIZE;
+            let last = (e - 1 - r.gpa) / PAGE_SIZE;
+            for p in first..=last {
+                bits[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+    }
+
+    /// Whether the page holding `gpa` is dirty.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        self.regions
+            .iter()
+            .zip(&self.bits)
+            .find(|(r, _)| gpa >= r.gpa && gpa < r.gpa + r.size)
+            .is_some_and(|(r, bits)| {
+                let p = (gpa - r.gpa) / PAGE_SIZE;
+                bits[(p / 64) as usize] & (1 << (p % 64)) != 0
+            })
+    }
+
+    /// The number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.bits
+            .iter()
+            .flatten()
+            .map(|w| u64::from(w.count_ones()))
+            .sum()
+    }
+
+    /// Runs of consecutive dirty pages in region `region`, as (first page, page count).
+    pub fn runs(&self, region: usize) -> Vec<(u64, u64)> {
+        let Some(bits) = self.bits.get(region) else {
+            return Vec::new();
+        };
+        let pages = self.regions[region].pages();
+        let mut out = Vec::new();
+        let mut start: Option<u64> = None;
+        for p in 0..pages {
+            let dirty = bits[(p / 64) as usize] & (1 << (p % 64)) != 0;
+            match (dirty, start) {
+                (true, None) => start = Some(p),
+                (false, Some(s)) => {
+                    out.push((s, p - s));
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = start {
+            out.push((s, pages - s));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn regions() -> Vec<MemRegion> {
+        vec![
+            MemRegion {
+                gpa: 0,
+                size: 64 * PAGE_SIZE + 100,
+            },
+            MemRegion {
+                gpa: 1 << 32,
+                size: 8 * PAGE_SIZE,
+            },
+        ]
+    }
+
+    #[test]
+    fn marks_and_runs() {
+        let mut b = DirtyBitmap::new(&regions());
+        assert_eq!(b.count(), 0);
+        b.mark(PAGE_SIZE - 1, 2); // pages 0 and 1
+        b.mark(10 * PAGE_SIZE, 1);
+        b.mark(64 * PAGE_SIZE, 1); // the partial page 64
+        b.mark((1 << 32) + 7 * PAGE_SIZE, 1 << 20); // clipped to page 7
+        b.mark(1 << 40, 4096); // outside: ignored
+        assert_eq!(b.count(), 5);
+        assert_eq!(b.runs(0), [(0, 2), (10, 1), (64, 1)]);
+        assert_eq!(b.runs(1), [(7, 1)]);
+        assert!(b.is_dirty(10 * PAGE_SIZE + 5));
+        assert!(!b.is_dirty(11 * PAGE_SIZE));
+        assert!(b.runs(9).is_empty());
+    }
+
+    #[test]
+    fn kvm_words_merge() {
+        let mut b = DirtyBitmap::new(&regions());
+        b.merge_words(0, &[0b1010, 0b110, 99]);
+        assert_eq!(b.runs(0), [(1, 1), (3, 1)]);
+        assert_eq!(b.count(), 2, "bits past the region are dropped");
+        let all = DirtyBitmap::all(&regions());
+        assert_eq!(all.count(), 65 + 8);
+        b.merge(&all);
+        assert_eq!(b, all);
+    }
+}

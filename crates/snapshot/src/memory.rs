@@ -1,0 +1,357 @@
+//! Guest memory files.
+//!
+//! A memory file is the guest's RAM regions back to back, in guest-address order (the
+//! regions are listed in the state file). Pages never written read as zero, so writers leave
+//! zero pages as holes: a mostly idle guest gives a small file. A diff file holds only the
+//! pages dirtied since the previous snapshot, at their place, with holes elsewhere;
+//! [`rebase`] copies its data onto a full file, which gives the full file of the later
+//! snapshot.
+//!
+//! Restore maps the file privately ([`map_private`]): nothing is read up front, the guest
+//! faults pages in from the page cache as it touches them, and its writes stay in the VMM's
+//! anonymous copy-on-write pages, so any number of clones can share one file.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use vessel_memory::GuestMemoryMmap;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
+
+use crate::dirty::{DirtyBitmap, MemRegion, PAGE_SIZE};
+use crate::format::SnapshotError;
+
+/// The regions of `mem`, in order.
+pub fn layout(mem: &GuestMemoryMmap) -> Vec<MemRegion> {
+    mem.iter()
+        .map(|r| MemRegion {
+            gpa: r.start_addr().0,
+            size: r.len(),
+        })
+        .collect()
+}
+
+/// What writing a memory file did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct WriteStats {
+    /// Bytes of guest memory covered (the file's logical size for a full file).
+    pub covered: u64,
+    /// Bytes actually written.
+    pub written: u64,
+}
+
+fn mem_err(e: impl std::fmt::Display) -> SnapshotError {
+    SnapshotError::Memory(e.to_string())
+}
+
+/// The host bytes of one region.
+///
+/// # Safety
+/// Nothing may write the region while the slice lives: every vCPU is parked and every
+/// device worker is quiesced.
+unsafe fn region_bytes(r: &GuestRegionMmap) -> &[u8] {
+    // SAFETY: the mapping is `r.len()` bytes long and lives as long as `r`; the caller
+    // guarantees nobody writes it meanwhile.
+    unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (pre, words, post) = 
+        // SAFETY: reinterpreting initialized bytes as u64 words; align_to handles alignment.
+        unsafe { page.align_to::<u64>() };
+    pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
+}
+
+/// Writes the pages of `bytes` (a region at file offset `base`) that `want` selects,
+/// coalescing runs; zero pages are skipped when `skip_zero` (the file has holes there).
+fn write_pages(
+    file: &File,
+    path: &Path,
+    bytes: &[u8],
+    base: u64,
+    runs: &[(u64, u64)],
+    skip_zero: bool,
+) -> Result<u64, SnapshotError> {
+    let mut written = 0u64;
+    let page = PAGE_SIZE as usize;
+    for &(first, count) in runs {
+        let mut run_start: Option<usize> = None;
+        let end_page = (first + count) as usize;
+        let flush = |from: usize, to: usize, written: &mut u64| -> Result<(), SnapshotError> {
+            let to = to.min(bytes.len());
+            file.write_all_at(&bytes[from..to], base + from as u64)
+                .map_err(SnapshotError::io(path))?;
+            *written += (to - from) as u64;
+            Ok(())
+        };
+        for p in first as usize..end_page {
+            let off = p * page;
+            if off >= bytes.len() {
+                break;
+            }
+            let data = &bytes[off..(off + page).min(bytes.len())];
+            let keep = !(skip_zero && is_zero(data));
+            match (keep, run_start) {
+                (true, None) => run_start = Some(off),
+                (false, Some(s)) => {
+                    flush(s, off, &mut written)?;
+                    run_start = None;
+                }
+                _ => {}
+            }
+        }
+        if let Some(s) = run_start {
+            flush(s, end_page * page, &mut written)?;
+        }
+    }
+    Ok(written)
+}
+
+/// Writes all of guest memory to `path` (created or replaced), zero pages as holes.
+///
+/// # Safety
+/// Every vCPU must be parked and every device worker quiesced: nothing may write guest
+/// memory while it is read.
+pub unsafe fn write_full(mem: &GuestMemoryMmap, path: &Path) -> Result<WriteStats, SnapshotError> {
+    let regions = layout(mem);
+    // SAFETY: forwarded from the caller.
+    unsafe { write_selected(mem, path, &DirtyBitmap::all(&regions), true, true) }
+}
+
+/// Writes the pages `dirty` marks to `path` at their place, creating it (sparse) if needed
+/// and leaving every other byte of an existing file as it was.
+///
+/// # Safety
+/// As for [`write_full`].
+pub unsafe fn write_diff(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    dirty: &DirtyBitmap,
+) -> Result<WriteStats, SnapshotError> {
+    // SAFETY: forwarded from the caller.
+    unsafe { write_selected(mem, path, dirty, false, false) }
+}
+
+/// # Safety
+/// As for [`write_full`].
+unsafe fn write_selected(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    pages: &DirtyBitmap,
+    truncate: bool,
+    skip_zero: bool,
+) -> Result<WriteStats, SnapshotError> {
+    if pages.regions() != layout(mem).as_slice() {
+        return Err(SnapshotError::Mismatch(
+            "the dirty bitmap does not cover guest memory's regions".into(),
+        ));
+    }
+    let file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(truncate)
+        .open(path)
+        .map_err(SnapshotError::io(path))?;
+    let total: u64 = mem.iter().map(|r| r.len()).sum();
+    if file.metadata().map_err(SnapshotError::io(path))?.len() < total {
+        file.set_len(total).map_err(SnapshotError::io(path))?;
+    }
+    let mut stats = WriteStats {
+        covered: total,
+        written: 0,
+    };
+    let mut base = 0u64;
+    for (i, r) in mem.iter().enumerate() {
+        // SAFETY: the caller guarantees guest memory is not written meanwhile.
+        let bytes = unsafe { region_bytes(r) };
+        stats.written += write_pages(&file, path, bytes, base, &pages.runs(i), skip_zero)?;
+        base += r.len();
+    }
+    file.sync_data().map_err(SnapshotError::io(path))?;
+    Ok(stats)
+}
+
+/// Copies the data of `diff` (every extent that is not a hole) onto `base` at the same
+/// offsets: `base` then holds the memory of the diff's snapshot.
+pub fn rebase(base: &Path, diff: &Path) -> Result<u64, SnapshotError> {
+    let src = File::open(diff).map_err(SnapshotError::io(diff))?;
+    let dst = OpenOptions::new()
+        .write(true)
+        .open(base)
+        .map_err(SnapshotError::io(base))?;
+    let len = src.metadata().map_err(SnapshotError::io(diff))?.len();
+    if dst.metadata().map_err(SnapshotError::io(base))?.len() < len {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} is smaller than the diff {}",
+            base.display(),
+            diff.display()
+        )));
+    }
+    let mut copied = 0u64;
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    while pos < len {
+        let Some(start) = seek(&src, pos, libc::SEEK_DATA) else {
+            break;
+        };
+        let end = seek(&src, start, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) as usize).min(buf.len());
+            src.read_exact_at(&mut buf[..n], at)
+                .map_err(SnapshotError::io(diff))?;
+            dst.write_all_at(&buf[..n], at)
+                .map_err(SnapshotError::io(base))?;
+            at += n as u64;
+        }
+        copied += end - start;
+        pos = end;
+    }
+    dst.sync_data().map_err(SnapshotError::io(base))?;
+    Ok(copied)
+}
+
+/// `lseek(fd, pos, whence)`; `None` past the last data (ENXIO).
+fn seek(f: &File, pos: u64, whence: i32) -> Option<u64> {
+    // SAFETY: lseek on a descriptor this function borrows; no memory is involved.
+    let r = unsafe { libc::lseek(f.as_raw_fd(), pos as libc::off_t, whence) };
+    (r >= 0).then_some(r as u64)
+}
+
+/// Maps the memory file at `path` as guest memory with `regions`, privately: pages are read
+/// from the file when first touched, writes stay in this process.
+pub fn map_private(regions: &[MemRegion], path: &Path) -> Result<GuestMemoryMmap, SnapshotError> {
+    let file = Arc::new(File::open(path).map_err(SnapshotError::io(path))?);
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    let len = file.metadata().map_err(SnapshotError::io(path))?.len();
+    if len < total {
+        return Err(SnapshotError::Truncated {
+            have: len,
+            want: total,
+        });
+    }
+    let mut out = Vec::with_capacity(regions.len());
+    let mut offset = 0u64;
+    for r in regions {
+        let size = usize::try_from(r.size).map_err(mem_err)?;
+        let region = MmapRegionBuilder::new(size)
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(mem_err)?;
+        out.push(
+            GuestRegionMmap::new(region, GuestAddress(r.gpa))
+                .ok_or_else(|| mem_err(format!("region at {:#x} overflows", r.gpa)))?,
+        );
+        offset += r.size;
+    }
+    GuestMemoryMmap::from_regions(out).map_err(mem_err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    fn tmp(name: &str) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("vessel-mem-{}-{name}", std::process::id()))
+    }
+
+    fn guest() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[
+            (GuestAddress(0), 64 * 4096),
+            (GuestAddress(1 << 20), 16 * 4096),
+        ])
+        .unwrap()
+    }
+
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn full_file_round_trips_with_holes() {
+        let mem = guest();
+        mem.write_obj(0xdead_beef_u32, GuestAddress(4096 * 3 + 8))
+            .unwrap();
+        mem.write_obj(0x1234_u16, GuestAddress((1 << 20) + 4096 * 15))
+            .unwrap();
+        let p = tmp("full");
+        // SAFETY: nothing else uses `mem`.
+        let st = unsafe { write_full(&mem, &p) }.unwrap();
+        assert_eq!(st.covered, 80 * 4096);
+        assert_eq!(st.written, 2 * 4096, "zero pages are holes");
+        assert!(allocated(&p) < 80 * 4096);
+        let back = map_private(&layout(&mem), &p).unwrap();
+        assert_eq!(
+            back.read_obj::<u32>(GuestAddress(4096 * 3 + 8)).unwrap(),
+            0xdead_beef
+        );
+        assert_eq!(
+            back.read_obj::<u16>(GuestAddress((1 << 20) + 4096 * 15))
+                .unwrap(),
+            0x1234
+        );
+        // Writes to the restored guest stay private.
+        back.write_obj(7u8, GuestAddress(0)).unwrap();
+        let again = map_private(&layout(&mem), &p).unwrap();
+        assert_eq!(again.read_obj::<u8>(GuestAddress(0)).unwrap(), 0);
+        let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn diff_on_full_rebases_to_the_later_memory() {
+        let mem = guest();
+        mem.write_obj(1u64, GuestAddress(0)).unwrap();
+        mem.write_obj(2u64, GuestAddress(4096 * 10)).unwrap();
+        let full = tmp("base");
+        let diff = tmp("diff");
+        let _ = std::fs::remove_file(&diff);
+        // SAFETY: nothing else uses `mem`.
+        unsafe { write_full(&mem, &full) }.unwrap();
+        // Later: page 10 zeroed, page 20 and the second region written.
+        let mut dirty = DirtyBitmap::new(&layout(&mem));
+        mem.write_obj(0u64, GuestAddress(4096 * 10)).unwrap();
+        mem.write_obj(3u64, GuestAddress(4096 * 20)).unwrap();
+        mem.write_obj(4u64, GuestAddress((1 << 20) + 8)).unwrap();
+        dirty.mark(4096 * 10, 8);
+        dirty.mark(4096 * 20, 8);
+        dirty.mark((1 << 20) + 8, 8);
+        // SAFETY: nothing else uses `mem`.
+        let st = unsafe { write_diff(&mem, &diff, &dirty) }.unwrap();
+        assert_eq!(st.written, 3 * 4096);
+        rebase(&full, &diff).unwrap();
+        let back = map_private(&layout(&mem), &full).unwrap();
+        for (addr, want) in [
+            (0u64, 1u64),
+            (4096 * 10, 0),
+            (4096 * 20, 3),
+            ((1 << 20) + 8, 4),
+        ] {
+            assert_eq!(back.read_obj::<u64>(GuestAddress(addr)).unwrap(), want);
+        }
+        let _ = std::fs::remove_file(full);
+        let _ = std::fs::remove_file(diff);
+    }
+
+    #[test]
+    fn short_files_and_foreign_layouts_are_refused() {
+        let mem = guest();
+        let p = tmp("short");
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        assert!(matches!(
+            map_private(&layout(&mem), &p),
+            Err(SnapshotError::Truncated { .. })
+        ));
+        let other = DirtyBitmap::new(&[MemRegion { gpa: 0, size: 4096 }]);
+        // SAFETY: nothing else uses `mem`.
+        assert!(unsafe { write_diff(&mem, &p, &other) }.is_err());
+        assert!(map_private(&layout(&mem), Path::new("/nonexistent/mem")).is_err());
+        let _ = std::fs::remove_file(p);
+    }
+}
