@@ -59,9 +59,8 @@ unsafe fn region_bytes(r: &GuestRegionMmap) -> &[u8] {
 }
 
 fn is_zero(page: &[u8]) -> bool {
-    let (pre, words, post) = 
-        // SAFETY: reinterpreting initialized bytes as u64 words; align_to handles alignment.
-        unsafe { page.align_to::<u64>() };
+    // SAFETY: reinterpreting initialized bytes as u64 words; align_to handles alignment.
+    let (pre, words, post) = unsafe { page.align_to::<u64>() };
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)
 }
 
