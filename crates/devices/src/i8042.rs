@@ -110,7 +110,7 @@ const CTRL_ALT_DEL_SET2: [u8; 11] = [
 ];
 
 /// Where a byte in the output buffer came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum Source {
     /// An answer to a controller command (polled by the driver, no interrupt).
     Controller,
@@ -119,13 +119,27 @@ enum Source {
 }
 
 /// What the next byte written to the data port is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 enum DataTarget {
     Ram(u8),
     OutputPort,
     KbdBuffer,
     AuxBuffer,
     AuxDevice,
+}
+
+/// What a snapshot keeps of the controller (opaque to other crates).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct I8042Snapshot {
+    ram: Vec<u8>,
+    output_port: u8,
+    last_write_command: bool,
+    pending: Option<DataTarget>,
+    kbd_pending: Option<u8>,
+    queue: Vec<(u8, Source)>,
+    last_data: u8,
+    port_b: u8,
+    refresh: bool,
 }
 
 /// The i8042 controller with its keyboard, and system control port B.
@@ -169,6 +183,38 @@ impl I8042 {
             port_b: 0,
             refresh: false,
         }
+    }
+
+    /// The controller's registers and output buffer, for a snapshot.
+    pub fn save_state(&self) -> I8042Snapshot {
+        I8042Snapshot {
+            ram: self.ram.to_vec(),
+            output_port: self.output_port,
+            last_write_command: self.last_write_command,
+            pending: self.pending,
+            kbd_pending: self.kbd_pending,
+            queue: self.queue.iter().copied().collect(),
+            last_data: self.last_data,
+            port_b: self.port_b,
+            refresh: self.refresh,
+        }
+    }
+
+    /// Loads a saved state (the interrupt line and exit signal stay this device's).
+    pub fn restore_state(&mut self, s: &I8042Snapshot) -> Result<(), String> {
+        if s.ram.len() != self.ram.len() || s.queue.len() > QUEUE_SIZE {
+            return Err("i8042 state has the wrong size".into());
+        }
+        self.ram.copy_from_slice(&s.ram);
+        self.output_port = s.output_port;
+        self.last_write_command = s.last_write_command;
+        self.pending = s.pending;
+        self.kbd_pending = s.kbd_pending;
+        self.queue = s.queue.iter().copied().collect();
+        self.last_data = s.last_data;
+        self.port_b = s.port_b;
+        self.refresh = s.refresh;
+        Ok(())
     }
 
     /// Raise the keyboard interrupt (IRQ 1) by writing `irq`.
@@ -698,5 +744,27 @@ mod tests {
         d.read(DATA, &mut w);
         assert_eq!(w[0], 0x55);
         assert_eq!(w[1] & 0x2f, 0x23);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+
+    #[test]
+    fn output_buffer_and_ram_carry_over() {
+        let mut a = I8042::new(ExitSignal::new().unwrap());
+        assert!(a.send_ctrl_alt_del());
+        a.ram[1] = 0x77;
+        let s = a.save_state();
+        let mut b = I8042::new(ExitSignal::new().unwrap());
+        b.restore_state(&s).unwrap();
+        assert_eq!(b.save_state(), s);
+        assert_eq!(b.queue, a.queue);
+        let mut bad = s.clone();
+        bad.ram.push(0);
+        assert!(b.restore_state(&bad).is_err());
+        let json = serde_json::to_string(&s).unwrap();
+        assert_eq!(serde_json::from_str::<I8042Snapshot>(&json).unwrap(), s);
     }
 }

@@ -139,6 +139,17 @@ fn from_bcd(v: u8) -> u8 {
     (v >> 4) * 10 + (v & 0x0f)
 }
 
+/// What a snapshot keeps of the RTC: its RAM and the guest's offset from the host clock
+/// (a restored guest's clock keeps that offset from the host's time).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RtcSnapshot {
+    pub index: u8,
+    pub cmos: Vec<u8>,
+    pub offset: i64,
+    /// The time being set (Unix seconds) while status B's SET bit is held.
+    pub frozen: Option<i64>,
+}
+
 /// The CMOS RTC and its 128 bytes of RAM.
 pub struct Rtc {
     index: u8,
@@ -178,6 +189,28 @@ impl Rtc {
             offset: 0,
             frozen: None,
         }
+    }
+
+    /// The RTC's RAM and clock offset, for a snapshot.
+    pub fn save_state(&self) -> RtcSnapshot {
+        RtcSnapshot {
+            index: self.index,
+            cmos: self.cmos.to_vec(),
+            offset: self.offset,
+            frozen: self.frozen.map(DateTime::to_unix),
+        }
+    }
+
+    /// Loads a saved state.
+    pub fn restore_state(&mut self, s: &RtcSnapshot) -> Result<(), String> {
+        if s.cmos.len() != self.cmos.len() {
+            return Err(format!("RTC state has {} bytes of CMOS", s.cmos.len()));
+        }
+        self.index = s.index & 0x7f;
+        self.cmos.copy_from_slice(&s.cmos);
+        self.offset = s.offset;
+        self.frozen = s.frozen.map(DateTime::from_unix);
+        Ok(())
     }
 
     fn reg_b(&self) -> u8 {
@@ -554,5 +587,32 @@ mod tests {
         wr(&mut rtc, REG_HOURS, 0x12); // 12 AM
         wr(&mut rtc, REG_B, REG_B_24H);
         assert_eq!(rd(&mut rtc, REG_HOURS), 0x00);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::BusDevice;
+
+    #[test]
+    fn guest_clock_offset_and_ram_carry_over() {
+        let mut a = Rtc::with_clock(|| 1_000_000);
+        // The guest writes CMOS byte 0x40 and sets the clock one hour ahead.
+        a.write(0, &[0x40]);
+        a.write(1, &[0x99]);
+        a.offset = 3600;
+        let s = a.save_state();
+        let mut b = Rtc::with_clock(|| 1_000_000);
+        b.restore_state(&s).unwrap();
+        assert_eq!(b.save_state(), s);
+        assert_eq!(b.now().to_unix(), 1_003_600);
+        b.write(0, &[0x40]);
+        let mut v = [0u8];
+        b.read(1, &mut v);
+        assert_eq!(v[0], 0x99);
+        let mut bad = s;
+        bad.cmos.pop();
+        assert!(b.restore_state(&bad).is_err());
     }
 }

@@ -98,6 +98,24 @@ impl Drop for ConsoleOut {
     }
 }
 
+/// What a snapshot keeps of the UART.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    /// The receive FIFO.
+    pub fifo: Vec<u8>,
+    /// Input waiting behind the FIFO.
+    pub backlog: Vec<u8>,
+}
+
 /// A 16550A UART on the port bus.
 pub struct Serial {
     uart: Uart,
@@ -160,6 +178,60 @@ impl Serial {
     /// Bytes of output the sink refused (write errors); they were dropped.
     pub fn lost_output_bytes(&self) -> u64 {
         self.uart.writer().lost
+    }
+
+    /// The UART's registers, FIFO and input backlog, for a snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let u = self.uart.state();
+        SerialSnapshot {
+            baud_divisor_low: u.baud_divisor_low,
+            baud_divisor_high: u.baud_divisor_high,
+            interrupt_enable: u.interrupt_enable,
+            interrupt_identification: u.interrupt_identification,
+            line_control: u.line_control,
+            line_status: u.line_status,
+            modem_control: u.modem_control,
+            modem_status: u.modem_status,
+            scratch: u.scratch,
+            fifo: u.in_buffer,
+            backlog: self.backlog.iter().copied().collect(),
+        }
+    }
+
+    /// Loads a saved state into this UART, keeping its interrupt line and output. An
+    /// interrupt the saved state had pending is raised again.
+    pub fn restore_state(&mut self, s: &SerialSnapshot) -> Result<(), String> {
+        if s.backlog.len() > INPUT_BACKLOG_SIZE {
+            return Err(format!("serial backlog of {} bytes", s.backlog.len()));
+        }
+        let state = vm_superio::serial::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.fifo.clone(),
+        };
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .eventfd()
+            .try_clone()
+            .map_err(|e| format!("serial interrupt: {e}"))?;
+        let out = std::mem::replace(
+            self.uart.writer_mut(),
+            ConsoleOut::new(Box::new(io::sink())),
+        );
+        match Uart::from_state(&state, IrqLine::new(irq), NoEvents, out) {
+            Ok(u) => self.uart = u,
+            Err(e) => return Err(format!("serial state refused: {e:?}")),
+        }
+        self.backlog = s.backlog.iter().copied().collect();
+        Ok(())
     }
 
     /// Move backlog into the FIFO, as much as fits.
@@ -497,5 +569,44 @@ mod tests {
         }
         // The FIFO and the backlog behind it filled up; the rest was refused, not waited on.
         assert_eq!(total, s.fifo_size + INPUT_BACKLOG_SIZE);
+    }
+}
+
+#[cfg(test)]
+mod snapshot_tests {
+    use super::*;
+    use crate::BusDevice;
+
+    fn uart() -> Serial {
+        Serial::with_sink(EventFd::new(libc::EFD_NONBLOCK).unwrap())
+    }
+
+    #[test]
+    fn state_moves_to_a_new_uart() {
+        let mut a = uart();
+        a.write(3, &[0x80]); // DLAB
+        a.write(0, &[0x01]); // divisor 1
+        a.write(3, &[0x03]); // 8N1
+        a.write(7, &[0x5a]); // scratch
+        a.write(1, &[0x01]); // receive interrupt on
+        a.enqueue_input(b"hello");
+        let s = a.save_state();
+        assert_eq!(s.fifo, b"hello");
+        assert_eq!(s.scratch, 0x5a);
+
+        let mut b = uart();
+        b.restore_state(&s).unwrap();
+        assert_eq!(b.save_state(), s);
+        let mut byte = [0u8];
+        b.read(7, &mut byte);
+        assert_eq!(byte[0], 0x5a);
+        b.read(0, &mut byte);
+        assert_eq!(byte[0], b'h', "the FIFO carries over");
+        // The pending receive interrupt is raised again on the new line.
+        assert!(b.irq_eventfd().read().unwrap() >= 1);
+
+        let mut bad = s.clone();
+        bad.backlog = vec![0; INPUT_BACKLOG_SIZE + 1];
+        assert!(b.restore_state(&bad).is_err());
     }
 }
