@@ -59,7 +59,7 @@ fn bare_once(code: &[u8]) -> Duration {
     vm.create_irq_chip().unwrap();
     let layout = GuestLayout::new(64 << 20).unwrap();
     let mem = create_guest_memory(&layout).unwrap();
-    vessel_vmm::vm::register_memory(&vm, &mem).unwrap();
+    vessel_vmm::vm::register_memory(&vm, &mem, false).unwrap();
     mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
     let gdt = vessel_boot::write_gdt(&mem, vessel_boot::EntryMode::Long64).unwrap();
     let pml4 = vessel_boot::write_identity_page_tables(&mem).unwrap();

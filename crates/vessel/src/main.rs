@@ -18,6 +18,7 @@ use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
 mod apicli;
 mod firecracker;
 mod logger;
+mod snapshotcli;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +49,11 @@ enum Command {
     },
     /// Talk to a running VM's API socket: status, pause, resume, ctrl-alt-del, metrics, ...
     Api(apicli::ApiArgs),
+    /// Snapshot files: restore a VM from one, rebase a diff, inspect a state file.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshotcli::SnapshotCommand,
+    },
 }
 
 #[derive(Subcommand)]
@@ -166,6 +172,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             rng: args.rng,
             balloon: args.balloon,
         },
+        track_dirty_pages: false,
     };
     let outcome = vessel_vmm::run(&config).map_err(|e| e.to_string())?;
     if args.stats || args.profile.is_some() {
@@ -233,6 +240,7 @@ fn main() -> ExitCode {
     let result = match command {
         Command::Run(args) => run(*args),
         Command::Api(args) => apicli::run(args),
+        Command::Snapshot { command } => snapshotcli::run(command),
         Command::Image {
             command: ImageCommand::Build { name },
         } => build_image(name).map(|p| {

@@ -15,7 +15,10 @@ use std::sync::mpsc;
 use std::thread;
 
 use serde_json::{json, Map, Value};
-use vessel_api::types::{BootSource as ApiBootSource, CpuTemplate, HugePages, Logger};
+use vessel_api::types::{
+    BootSource as ApiBootSource, CpuTemplate, HugePages, Logger, MemoryBackendType,
+    RestoreHugePages, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+};
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,6 +27,7 @@ use crate::device_config::{
     BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
 };
 use crate::error::VmmError;
+use crate::snapshot::{SnapshotKind, SnapshotRequest};
 use crate::vm::{ControlError, RunningVm, Vm, VmHandle, VmOutcome};
 
 /// The virtio-blk serial (device id) is at most 20 bytes.
@@ -126,6 +130,7 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             rng: r.entropy.map(|_| Transport::Mmio),
             balloon,
         },
+        track_dirty_pages: m.track_dirty_pages,
     })
 }
 
@@ -168,6 +173,9 @@ pub struct ApiBackend {
     ended: EventFd,
     outcome: Option<mpsc::Receiver<Result<VmOutcome, VmmError>>>,
     logger: Option<LoggerHook>,
+    /// The resources the VM was started (or restored) with, as `GET /vm/config` shows them:
+    /// stored in snapshots so that a restoring VMM serves them again.
+    api_config: Option<Value>,
 }
 
 impl std::fmt::Debug for ApiBackend {
@@ -189,6 +197,7 @@ impl ApiBackend {
                 .map_err(|e| VmmError::Device(format!("eventfd: {e}")))?,
             outcome: None,
             logger: None,
+            api_config: None,
         })
     }
 
@@ -267,7 +276,98 @@ impl VmmBackend for ApiBackend {
         let config = resources_to_config(resources, &self.base)?;
         let start_err = |e: VmmError| ApiError::bad(format!("Start microvm error: {e}"));
         let vm = Vm::build(&config).map_err(start_err)?;
+        self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
         self.start_supervised(vm)
+    }
+
+    fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
+        let req = SnapshotRequest {
+            state: PathBuf::from(&p.snapshot_path),
+            memory: PathBuf::from(&p.mem_file_path),
+            kind: match p.snapshot_type {
+                Some(SnapshotType::Diff) => SnapshotKind::Diff,
+                _ => SnapshotKind::Full,
+            },
+            api: self.api_config.clone(),
+        };
+        let info = self
+            .running()?
+            .snapshot(&req)
+            .map_err(|e| ApiError::bad(format!("Create snapshot error: {e}")))?;
+        log::info!(
+            "snapshot {:?}: {} of {} MiB written in {:?} (devices {:?}, memory {:?})",
+            info.kind,
+            info.memory.written >> 20,
+            info.memory.covered >> 20,
+            info.total,
+            info.devices_time,
+            info.memory_time
+        );
+        Ok(())
+    }
+
+    fn snapshot_load(&mut self, p: &SnapshotLoadParams) -> Result<VmResources, ApiError> {
+        if self.vm.is_some() {
+            return Err(ApiError::NotSupportedPostBoot);
+        }
+        let load_err = |e: String| ApiError::bad(format!("Load snapshot error: {e}"));
+        let memory = match (&p.mem_file_path, &p.mem_backend) {
+            (Some(f), _) => PathBuf::from(f),
+            (None, Some(b)) if b.backend_type == MemoryBackendType::File => {
+                PathBuf::from(&b.backend_path)
+            }
+            (None, Some(_)) => {
+                return Err(ApiError::Unsupported("userfaultfd memory backends".into()))
+            }
+            (None, None) => return Err(load_err("no memory file".into())),
+        };
+        if matches!(p.huge_pages, Some(RestoreHugePages::Huge2M)) {
+            return Err(ApiError::Unsupported("huge page backed memory".into()));
+        }
+        let snap = crate::snapshot::load_state(std::path::Path::new(&p.snapshot_path))
+            .map_err(|e| load_err(e.to_string()))?;
+        let mut resources = snap
+            .api
+            .as_ref()
+            .and_then(|v| VmResources::from_config_json(&v.to_string(), None).ok())
+            .unwrap_or_default();
+        let mut config = snap.config.clone();
+        config.serial = self.base.serial.clone();
+        config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+        resources.machine_config.track_dirty_pages = config.track_dirty_pages;
+        for o in &p.network_overrides {
+            let at = resources
+                .network_interfaces
+                .iter()
+                .position(|n| n.iface_id == o.iface_id)
+                .ok_or_else(|| {
+                    load_err(format!(
+                        "the snapshot has no network interface {}",
+                        o.iface_id
+                    ))
+                })?;
+            if let Some(n) = config.devices.nets.get_mut(at) {
+                n.tap = o.host_dev_name.clone();
+            }
+            resources.network_interfaces[at].host_dev_name = o.host_dev_name.clone();
+        }
+        if let Some(o) = &p.vsock_override {
+            match (&mut config.devices.vsock, &mut resources.vsock) {
+                (Some(v), r) => {
+                    v.uds = PathBuf::from(&o.uds_path);
+                    if let Some(r) = r {
+                        r.uds_path = o.uds_path.clone();
+                    }
+                }
+                (None, _) => return Err(load_err("the snapshot has no vsock device".into())),
+            }
+        }
+        let vm = crate::snapshot::restore_with(&snap, &config, &memory)
+            .map_err(|e| load_err(e.to_string()))?;
+        let vm = if p.resume_vm { vm } else { vm.paused() };
+        self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
+        self.start_supervised(vm)?;
+        Ok(resources)
     }
 
     fn pause(&mut self) -> Result<(), ApiError> {

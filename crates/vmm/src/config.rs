@@ -6,7 +6,7 @@ use std::str::FromStr;
 pub use crate::device_config::DeviceConfigs;
 
 /// What the VM boots.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum BootSource {
     /// The built-in demo guest: prints a greeting and powers off.
     Demo,
@@ -20,7 +20,7 @@ pub enum BootSource {
 }
 
 /// Where the guest's COM1 goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SerialTarget {
     /// The terminal (raw mode when stdin is a tty); stdin feeds the guest.
     Stdio,
@@ -48,7 +48,7 @@ impl FromStr for SerialTarget {
 
 /// Whether to apply the nested-host fallback (kernel parameters and user-space completion of
 /// what the host cannot run).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum NestedMode {
     /// Probe the host at start.
     #[default]
@@ -70,7 +70,7 @@ impl FromStr for NestedMode {
 }
 
 /// A whole VM.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     pub boot: BootSource,
     /// The full kernel command line; `None` for Vessel's default.
@@ -86,6 +86,10 @@ pub struct VmConfig {
     pub profile_ms: Option<u64>,
     /// Virtio devices.
     pub devices: DeviceConfigs,
+    /// Log the pages the guest dirties (KVM's dirty log), for diff snapshots and live
+    /// migration. Costs a write fault per page between two reads of the log.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
 }
 
 impl Default for VmConfig {
@@ -100,6 +104,7 @@ impl Default for VmConfig {
             nested: NestedMode::Auto,
             profile_ms: None,
             devices: DeviceConfigs::default(),
+            track_dirty_pages: false,
         }
     }
 }

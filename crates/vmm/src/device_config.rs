@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 /// How a virtio device is attached.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Transport {
     /// virtio-pci: what stock distribution kernels find on their own (the default).
     #[default]
@@ -27,7 +27,7 @@ impl FromStr for Transport {
 }
 
 /// `--disk path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio]`
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
@@ -36,7 +36,7 @@ pub struct DiskConfig {
 }
 
 /// `--net tap=NAME[,mac=MAC][,queues=N][,transport=pci|mmio]`
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
@@ -45,7 +45,7 @@ pub struct NetConfig {
 }
 
 /// `--vsock cid=N,uds=PATH[,transport=pci|mmio]`
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub cid: u64,
     pub uds: PathBuf,
@@ -53,7 +53,7 @@ pub struct VsockConfig {
 }
 
 /// `--balloon [size=MIB][,stats=on][,deflate_on_oom=on][,transport=...]`
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct BalloonConfig {
     /// Initial balloon size in MiB.
     pub size_mib: u64,
@@ -63,7 +63,7 @@ pub struct BalloonConfig {
 }
 
 /// Every virtio device of a VM.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfigs {
     pub disks: Vec<DiskConfig>,
     pub nets: Vec<NetConfig>,

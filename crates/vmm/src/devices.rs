@@ -7,10 +7,10 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
-use vessel_devices::{
-    acpi_pm::AcpiPm, debug_port::DebugPort, i8042::I8042, rtc::Rtc, serial::Serial, Bus, BusDevice,
-    ExitSignal,
-};
+use vessel_devices::i8042::{I8042Snapshot, I8042};
+use vessel_devices::rtc::{Rtc, RtcSnapshot};
+use vessel_devices::serial::{Serial, SerialSnapshot};
+use vessel_devices::{acpi_pm::AcpiPm, debug_port::DebugPort, Bus, BusDevice, ExitSignal};
 use vessel_memory::ports;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,7 +21,20 @@ use crate::terminal;
 pub struct LegacyDevices {
     serial: Arc<Mutex<Serial>>,
     i8042: Arc<Mutex<I8042>>,
+    rtc: Arc<Mutex<Rtc>>,
     stdio: bool,
+}
+
+/// What a snapshot keeps of the legacy devices (the ACPI PM block and port 0x80 have none).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct LegacyState {
+    pub serial: SerialSnapshot,
+    pub i8042: I8042Snapshot,
+    pub rtc: RtcSnapshot,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A new event registered with KVM as the irqfd of `gsi`: writing it raises the interrupt.
@@ -70,7 +83,8 @@ impl LegacyDevices {
             I8042::new(exit.clone()).with_kbd_irq(irqfd(vm, ports::I8042_KBD_IRQ)?),
         ));
         insert(io, i8042.clone(), ports::I8042_DATA, I8042::PORT_LEN)?;
-        insert(io, Arc::new(Mutex::new(Rtc::new())), ports::RTC_INDEX, 2)?;
+        let rtc = Arc::new(Mutex::new(Rtc::new()));
+        insert(io, rtc.clone(), ports::RTC_INDEX, 2)?;
         insert(
             io,
             Arc::new(Mutex::new(AcpiPm::new(exit.clone()))),
@@ -81,8 +95,27 @@ impl LegacyDevices {
         Ok(LegacyDevices {
             serial,
             i8042,
+            rtc,
             stdio: matches!(target, SerialTarget::Stdio),
         })
+    }
+
+    /// The devices' state, for a snapshot (the vCPUs are parked).
+    pub fn save_state(&self) -> LegacyState {
+        LegacyState {
+            serial: lock(&self.serial).save_state(),
+            i8042: lock(&self.i8042).save_state(),
+            rtc: lock(&self.rtc).save_state(),
+        }
+    }
+
+    /// Loads a snapshot's state into freshly created devices.
+    pub fn restore_state(&self, s: &LegacyState) -> Result<(), VmmError> {
+        let bad = |e: String| VmmError::Device(format!("snapshot: {e}"));
+        lock(&self.serial).restore_state(&s.serial).map_err(bad)?;
+        lock(&self.i8042).restore_state(&s.i8042).map_err(bad)?;
+        lock(&self.rtc).restore_state(&s.rtc).map_err(bad)?;
+        Ok(())
     }
 
     /// The keyboard controller (Ctrl-Alt-Del is typed on its keyboard).

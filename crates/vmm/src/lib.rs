@@ -17,6 +17,7 @@ mod guest_access;
 mod msi;
 pub mod nested;
 pub mod profile;
+pub mod snapshot;
 mod terminal;
 mod vcpu;
 mod virtio;

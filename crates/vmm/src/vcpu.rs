@@ -13,6 +13,7 @@ use std::time::Duration;
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vessel_devices::{Bus, ExitSignal, VmExitReason};
+use vessel_kvm::snapshot::VcpuState;
 use vessel_memory::GuestMemoryMmap;
 
 use crate::error::VmmError;
@@ -56,12 +57,26 @@ pub struct VcpuShared {
 /// The exit loop only loads [`PauseGate::requested`] (one atomic) per exit; the VMM sets it,
 /// kicks every vCPU out of `KVM_RUN`, and waits in [`PauseGate::wait_parked`] until each has
 /// parked on the condition variable. [`PauseGate::release`] lets them go.
+///
+/// Parked vCPUs also serve state requests: [`PauseGate::save_states`] asks each to read its
+/// own registers (a vCPU's state is read on its own thread, outside `KVM_RUN`).
 #[derive(Debug, Default)]
 pub struct PauseGate {
     requested: AtomicBool,
-    /// How many vCPU threads are parked.
-    parked: Mutex<usize>,
+    state: Mutex<GateState>,
     changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct GateState {
+    /// How many vCPU threads are parked.
+    parked: usize,
+    /// A state request is open.
+    saving: bool,
+    /// The MSRs to read.
+    msrs: Arc<Vec<u32>>,
+    /// One slot per vCPU, filled by the vCPU.
+    saved: Vec<Option<Result<VcpuState, String>>>,
 }
 
 impl PauseGate {
@@ -89,19 +104,34 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, usize> {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner())
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Parks the calling vCPU thread until released or until `stop` is set.
-    fn park(&self, stop: &AtomicBool) {
-        let mut parked = self.lock();
-        *parked += 1;
+    /// Parks the calling vCPU thread until released or until `stop` is set, answering state
+    /// requests with `save` meanwhile.
+    fn park(
+        &self,
+        stop: &AtomicBool,
+        id: usize,
+        mut save: impl FnMut(&[u32]) -> Result<VcpuState, String>,
+    ) {
+        let mut st = self.lock();
+        st.parked += 1;
         self.changed.notify_all();
-        while self.requested() && !stop.load(Ordering::Acquire) {
-            parked = self.changed.wait(parked).unwrap_or_else(|e| e.into_inner());
+        loop {
+            if st.saving && st.saved.get(id).is_some_and(|s| s.is_none()) {
+                let msrs = st.msrs.clone();
+                let r = save(&msrs);
+                st.saved[id] = Some(r);
+                self.changed.notify_all();
+            }
+            if !self.requested() || stop.load(Ordering::Acquire) {
+                break;
+            }
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
         }
-        *parked -= 1;
+        st.parked -= 1;
         self.changed.notify_all();
     }
 
@@ -110,9 +140,47 @@ impl PauseGate {
         let guard = self.lock();
         let (guard, _) = self
             .changed
-            .wait_timeout_while(guard, timeout, |parked| *parked < count)
+            .wait_timeout_while(guard, timeout, |st| st.parked < count)
             .unwrap_or_else(|e| e.into_inner());
-        *guard >= count
+        guard.parked >= count
+    }
+
+    /// Has each of the `count` parked vCPUs read its state (with `msrs`); returns them in vCPU
+    /// order. The vCPUs must all be parked (the VM paused).
+    pub fn save_states(
+        &self,
+        count: usize,
+        msrs: Vec<u32>,
+        timeout: Duration,
+    ) -> Result<Vec<VcpuState>, String> {
+        let st = self.lock();
+        // A VM started paused may still be on its way to the gate.
+        let (mut st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.parked < count)
+            .unwrap_or_else(|e| e.into_inner());
+        if st.parked < count {
+            return Err("the vCPUs are not all paused".into());
+        }
+        st.saving = true;
+        st.msrs = Arc::new(msrs);
+        st.saved = (0..count).map(|_| None).collect();
+        self.changed.notify_all();
+        let (mut st, _) = self
+            .changed
+            .wait_timeout_while(st, timeout, |st| st.saved.iter().any(Option::is_none))
+            .unwrap_or_else(|e| e.into_inner());
+        st.saving = false;
+        let saved = std::mem::take(&mut st.saved);
+        let mut out = Vec::with_capacity(count);
+        for (i, s) in saved.into_iter().enumerate() {
+            match s {
+                Some(Ok(v)) => out.push(v),
+                Some(Err(e)) => return Err(format!("vCPU {i}: {e}")),
+                None => return Err(format!("vCPU {i} did not report its state in {timeout:?}")),
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -170,7 +238,12 @@ impl Vcpu {
                 return Ok(VcpuStop::Stopped);
             }
             if self.shared.pause.requested() {
-                self.shared.pause.park(&self.shared.stop);
+                let fd = &self.fd;
+                self.shared
+                    .pause
+                    .park(&self.shared.stop, self.id as usize, |msrs| {
+                        VcpuState::save(fd, msrs).map_err(|e| e.to_string())
+                    });
                 continue;
             }
             let next = match self.fd.run() {
@@ -322,18 +395,72 @@ mod tests {
         gate: Arc<PauseGate>,
         stop: Arc<AtomicBool>,
         count: Arc<std::sync::atomic::AtomicU64>,
+        id: usize,
     ) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || loop {
             if stop.load(Ordering::Acquire) {
                 return;
             }
             if gate.requested() {
-                gate.park(&stop);
+                gate.park(&stop, id, |msrs| Ok(fake_state(id as u64, msrs.len())));
                 continue;
             }
             count.fetch_add(1, Ordering::Relaxed);
             std::thread::yield_now();
         })
+    }
+
+    /// A vCPU state with `rax` = the vCPU's id and one MSR per requested index.
+    fn fake_state(id: u64, msrs: usize) -> VcpuState {
+        VcpuState {
+            mp_state: Default::default(),
+            regs: kvm_bindings::kvm_regs {
+                rax: id,
+                ..Default::default()
+            },
+            sregs: Default::default(),
+            xsave: Default::default(),
+            xcrs: Default::default(),
+            debugregs: Default::default(),
+            lapic: Default::default(),
+            msrs: vec![(0, 0); msrs],
+            events: Default::default(),
+            tsc_khz: None,
+        }
+    }
+
+    #[test]
+    fn parked_threads_report_their_state_in_order() {
+        let gate = Arc::new(PauseGate::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let threads: Vec<_> = (0..3)
+            .map(|i| spawn_loop(gate.clone(), stop.clone(), count.clone(), i))
+            .collect();
+        // Not paused: refused rather than read from running vCPUs.
+        assert!(gate
+            .save_states(3, vec![1], Duration::from_millis(50))
+            .is_err());
+        gate.request();
+        assert!(gate.wait_parked(3, Duration::from_secs(10)));
+        let states = gate
+            .save_states(3, vec![1, 2], Duration::from_secs(10))
+            .unwrap();
+        let ids: Vec<u64> = states.iter().map(|s| s.regs.rax).collect();
+        assert_eq!(ids, [0, 1, 2]);
+        assert!(states.iter().all(|s| s.msrs.len() == 2));
+        // A second request is answered too.
+        assert_eq!(
+            gate.save_states(3, vec![], Duration::from_secs(10))
+                .unwrap()
+                .len(),
+            3
+        );
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        for t in threads {
+            t.join().unwrap();
+        }
     }
 
     #[test]
@@ -345,7 +472,8 @@ mod tests {
             .collect();
         let threads: Vec<_> = counts
             .iter()
-            .map(|c| spawn_loop(gate.clone(), stop.clone(), c.clone()))
+            .enumerate()
+            .map(|(i, c)| spawn_loop(gate.clone(), stop.clone(), c.clone(), i))
             .collect();
         gate.request();
         assert!(gate.wait_parked(3, Duration::from_secs(10)));

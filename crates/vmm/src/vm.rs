@@ -197,12 +197,17 @@ pub fn compose_cmdline(config: &VmConfig, nested_params: Option<&str>) -> String
     s
 }
 
-/// Give KVM every region of guest memory, one slot each.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+/// Give KVM every region of guest memory, one slot each (slot `i` is region `i`), with
+/// dirty-page logging when `log_dirty`.
+pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmmError> {
     for (slot, region) in mem.iter().enumerate() {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: region.as_ptr() as u64,
@@ -328,20 +333,39 @@ pub struct Vm {
     pause: Arc<PauseGate>,
     nested: bool,
     kernel_source: Option<String>,
+    start_paused: bool,
 }
 
 impl Vm {
     /// Builds the VM described by `config`, up to the first `KVM_RUN`.
     pub fn build(config: &VmConfig) -> Result<Vm, VmmError> {
+        Vm::assemble(config, None)
+    }
+
+    /// Builds a VM from a snapshot (see [`crate::snapshot::restore`]): `config` is the
+    /// snapshot's, `mem` its memory file mapped, `state` everything else.
+    pub(crate) fn from_snapshot(
+        config: &VmConfig,
+        mem: GuestMemoryMmap,
+        state: &crate::snapshot::VmSnapshot,
+    ) -> Result<Vm, VmmError> {
+        Vm::assemble(config, Some((mem, state)))
+    }
+
+    fn assemble(
+        config: &VmConfig,
+        restore: Option<(GuestMemoryMmap, &crate::snapshot::VmSnapshot)>,
+    ) -> Result<Vm, VmmError> {
         let t0 = Instant::now();
         let kvm = vessel_kvm::system::open()?;
         vessel_kvm::system::check_capabilities(&kvm)?;
         let layout = validate(config, vessel_kvm::system::max_vcpus(&kvm))?;
 
-        let nested = match config.nested {
-            NestedMode::On => true,
-            NestedMode::Off => false,
-            NestedMode::Auto => {
+        let nested = match (&restore, config.nested) {
+            (Some((_, snap)), _) => snap.nested,
+            (None, NestedMode::On) => true,
+            (None, NestedMode::Off) => false,
+            (None, NestedMode::Auto) => {
                 // The demo guest never leaves ring 0 and makes no system calls: no need to
                 // probe.
                 !matches!(config.boot, BootSource::Demo)
@@ -349,8 +373,11 @@ impl Vm {
             }
         };
         let vm = Arc::new(create_vm(&kvm)?);
-        let mem = create_guest_memory(&layout)?;
-        register_memory(&vm, &mem)?;
+        let (mem, snapshot) = match restore {
+            Some((mem, snap)) => (mem, Some(snap)),
+            None => (create_guest_memory(&layout)?, None),
+        };
+        register_memory(&vm, &mem, config.track_dirty_pages)?;
         let mut fds = Vec::with_capacity(config.cpus as usize);
         for id in 0..config.cpus {
             fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
@@ -364,21 +391,29 @@ impl Vm {
         let io_bus = Arc::new(io_bus);
         let mmio_bus = Arc::new(mmio_bus);
 
-        let nested_params = nested.then(|| nested_params(&fds[0]));
-        let (regs, kernel_source) = load_guest(
-            config,
-            &mem,
-            &layout,
-            nested_params.as_deref(),
-            virtio.platform(),
-        )?;
-        if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
-            eprintln!(
-                "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
-            );
-        }
-        let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
-        let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
+        // A new guest gets its boot image and boot registers; a restored one has both in its
+        // memory and vCPU state.
+        let boot = match snapshot {
+            Some(_) => None,
+            None => {
+                let nested_params = nested.then(|| nested_params(&fds[0]));
+                let (regs, kernel_source) = load_guest(
+                    config,
+                    &mem,
+                    &layout,
+                    nested_params.as_deref(),
+                    virtio.platform(),
+                )?;
+                if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
+                    eprintln!(
+                        "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
+                    );
+                }
+                let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
+                let cr3 = vessel_boot::write_identity_page_tables(&mem)?;
+                Some((regs, gdt, cr3, kernel_source))
+            }
+        };
 
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -397,8 +432,12 @@ impl Vm {
         for (id, fd) in fds.into_iter().enumerate() {
             let id = id as u8;
             cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
-            if id == 0 {
-                cpu::set_boot_registers(&fd, &regs, &gdt, cr3)?;
+            match (&boot, snapshot) {
+                (Some((regs, gdt, cr3, _)), _) if id == 0 => {
+                    cpu::set_boot_registers(&fd, regs, gdt, *cr3)?
+                }
+                (_, Some(snap)) => crate::snapshot::restore_vcpu(&fd, id, snap)?,
+                _ => {}
             }
             vcpus.push(Vcpu::new(
                 id,
@@ -407,6 +446,9 @@ impl Vm {
                 nested,
                 config.profile_ms.is_some(),
             ));
+        }
+        if let Some(snap) = snapshot {
+            crate::snapshot::restore_machine(&vm, &devices, &virtio, snap)?;
         }
         Ok(Vm {
             config: config.clone(),
@@ -422,8 +464,15 @@ impl Vm {
             stop,
             pause,
             nested,
-            kernel_source,
+            kernel_source: boot.and_then(|b| b.3),
+            start_paused: false,
         })
+    }
+
+    /// Starts the vCPUs parked: the VM is paused until [`VmHandle::resume`].
+    pub fn paused(mut self) -> Self {
+        self.start_paused = true;
+        self
     }
 
     /// Starts the vCPU threads (and, with a stdio console, the terminal). The VM runs until
@@ -451,12 +500,22 @@ impl Vm {
         let since_spawn = since_spawn();
         let started = Instant::now();
         let (tx, rx) = mpsc::channel::<Msg>();
+        if self.start_paused {
+            // Every vCPU parks before its first KVM_RUN.
+            self.pause.request();
+        }
+        let devices = Arc::new(self.devices);
+        let virtio = Arc::new(Mutex::new(self.virtio));
         let control = Arc::new(Control {
             stop: self.stop.clone(),
             pause: self.pause.clone(),
             threads: Mutex::new(Vec::new()),
-            i8042: self.devices.i8042(),
-            state: AtomicU8::new(STATE_RUNNING),
+            i8042: devices.i8042(),
+            state: AtomicU8::new(if self.start_paused {
+                STATE_PAUSED
+            } else {
+                STATE_RUNNING
+            }),
             stop_requested: AtomicBool::new(false),
             wake: Mutex::new(tx.clone()),
             vcpus: self.vcpus.len(),
@@ -464,13 +523,20 @@ impl Vm {
             io_bus: self.io_bus.clone(),
             mmio_bus: self.mmio_bus.clone(),
             pauses: AtomicU64::new(0),
+            snap: crate::snapshot::Parts {
+                vm: self._vm.clone(),
+                mem: self.mem.clone(),
+                devices: devices.clone(),
+                virtio: virtio.clone(),
+                config: self.config.clone(),
+                nested: self.nested,
+                lock: Mutex::new(()),
+            },
         });
         let mut handles = Vec::new();
         let Vm {
             config,
             vcpus,
-            devices,
-            virtio,
             io_bus,
             mmio_bus,
             exit,
@@ -577,6 +643,8 @@ struct Control {
     io_bus: Arc<Bus>,
     mmio_bus: Arc<Bus>,
     pauses: AtomicU64,
+    /// What a snapshot reads.
+    snap: crate::snapshot::Parts,
 }
 
 impl Control {
@@ -732,6 +800,23 @@ impl VmHandle {
         }
     }
 
+    /// Takes a snapshot of the paused VM: memory to `req.memory`, everything else to
+    /// `req.state` (see [`crate::snapshot`]). The VM stays paused.
+    pub fn snapshot(
+        &self,
+        req: &crate::snapshot::SnapshotRequest,
+    ) -> Result<crate::snapshot::SnapshotInfo, crate::snapshot::SnapshotFailure> {
+        use crate::snapshot::SnapshotFailure;
+        if self.control.stop.load(Ordering::Acquire) {
+            return Err(SnapshotFailure::Ended);
+        }
+        if self.state() != RunState::Paused {
+            return Err(SnapshotFailure::NotPaused);
+        }
+        let c = &self.control;
+        crate::snapshot::take(&c.snap, &c.pause, c.vcpus, req)
+    }
+
     /// Figures that can be read while the VM runs.
     pub fn stats(&self) -> LiveStats {
         let c = &self.control;
@@ -757,10 +842,10 @@ struct RunningInner {
     control: Arc<Control>,
     rx: mpsc::Receiver<Msg>,
     handles: Vec<thread::JoinHandle<()>>,
-    devices: LegacyDevices,
+    devices: Arc<LegacyDevices>,
     // Dropped only after every vCPU thread is joined: the guest never runs on memory or
     // devices that are gone.
-    virtio: crate::virtio::VirtioManager,
+    virtio: Arc<Mutex<crate::virtio::VirtioManager>>,
     _vm: Arc<VmFd>,
     _mem: GuestMemoryMmap,
     raw: Option<terminal::RawTerminal>,
@@ -935,7 +1020,7 @@ impl RunningInner {
             profile,
             kernel: kernel_source,
             since_spawn,
-            devices: virtio.stats_lines(),
+            devices: virtio.lock().map(|v| v.stats_lines()).unwrap_or_default(),
         };
         Ok(VmOutcome {
             reason: first_reason.unwrap_or(ExitReason::Signal),

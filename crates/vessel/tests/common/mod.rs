@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod fcprocess;
 pub mod tinyguest;
 
 pub fn vessel() -> Command {

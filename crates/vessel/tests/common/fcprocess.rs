@@ -1,0 +1,141 @@
+//! A `vessel` process in Firecracker mode (`--api-sock`), its console collected as it
+//! comes, and short-hands for API calls that assert the status.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vessel_api::client::{Client, ClientResponse};
+
+use super::vessel;
+
+pub struct FcVessel {
+    pub child: Child,
+    pub console: Arc<Mutex<String>>,
+    pub stderr: Arc<Mutex<String>>,
+    pub sock: PathBuf,
+}
+
+fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let out = Arc::new(Mutex::new(String::new()));
+    let o = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+impl FcVessel {
+    /// Starts `vessel --api-sock DIR/NAME.sock` and waits for the socket.
+    pub fn start(dir: &Path, name: &str, extra: &[&str]) -> FcVessel {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut cmd = vessel();
+        cmd.arg("--api-sock")
+            .arg(&sock)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn vessel");
+        let console = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        let v = FcVessel {
+            child,
+            console,
+            stderr,
+            sock,
+        };
+        let t = Instant::now();
+        while !v.sock.exists() {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no API socket; stderr: {}",
+                v.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        v
+    }
+
+    pub fn client(&self) -> Client {
+        Client::new(&self.sock, Duration::from_secs(60))
+    }
+
+    pub fn console(&self) -> String {
+        self.console.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the console.
+    pub fn wait_console(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
+        let t = Instant::now();
+        loop {
+            if pred(&self.console()) {
+                return;
+            }
+            assert!(
+                t.elapsed() < limit,
+                "waited {limit:?} for {what}; console:\n{}\nstderr:\n{}",
+                tail(&self.console()),
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the process (as a crash would) and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for FcVessel {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The last 40 lines of `s`.
+pub fn tail(s: &str) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
+}
+
+pub fn call(c: &mut Client, method: &str, path: &str, body: Option<Value>) -> ClientResponse {
+    let body = body.map(|b| b.to_string());
+    c.request(method, path, body.as_deref())
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// Calls and asserts the status; returns the body as JSON (Null when empty).
+pub fn expect(c: &mut Client, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
+    let r = call(c, method, path, body);
+    assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+    r.json()
+}
+
+pub fn action(kind: &str) -> Option<Value> {
+    Some(json!({ "action_type": kind }))
+}
+
+/// `GET /`'s state.
+pub fn state(c: &mut Client) -> String {
+    expect(c, "GET", "/", None, 200)["state"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}

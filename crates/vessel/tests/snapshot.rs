@@ -1,0 +1,259 @@
+//! Snapshots end to end, through Firecracker's API: a tiny guest that counts in memory and
+//! in a register is snapshotted (full, then diff), killed, and restored in new processes; the
+//! count goes on from where it stopped. Damaged and foreign snapshot files are refused
+//! with a clear error and the VMM stays up.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::fcprocess::*;
+use common::tinyguest::{elf, Guest};
+use common::*;
+use iced_x86::code_asm::*;
+use serde_json::json;
+
+const LIMIT: Duration = Duration::from_secs(90);
+/// Where the guest keeps its memory counter (identity-mapped, above the guest's code).
+const COUNTER: u64 = 0x30_0000;
+
+/// A guest that forever increments a counter in memory and one in r12, printing
+/// `TICK <memory> <register>` after each.
+fn counter_guest() -> Vec<u8> {
+    let mut g = Guest::new();
+    let mut tick = g.a.create_label();
+    let mut delay = g.a.create_label();
+    g.a.xor(r12d, r12d).unwrap();
+    g.a.mov(r13, COUNTER).unwrap();
+    g.a.mov(qword_ptr(r13), 0).unwrap();
+    g.a.set_label(&mut tick).unwrap();
+    g.a.inc(qword_ptr(r13)).unwrap();
+    g.a.inc(r12).unwrap();
+    g.print("TICK ");
+    g.a.mov(rax, qword_ptr(r13)).unwrap();
+    g.print_rax_hex();
+    g.print(" ");
+    g.a.mov(rax, r12).unwrap();
+    g.print_rax_hex();
+    g.print("\n");
+    g.a.mov(ecx, 300_000u32).unwrap();
+    g.a.set_label(&mut delay).unwrap();
+    g.a.dec(ecx).unwrap();
+    g.a.jnz(delay).unwrap();
+    g.a.jmp(tick).unwrap();
+    g.finish()
+}
+
+/// The (memory, register) counts of every tick line.
+fn counts(console: &str) -> Vec<(u64, u64)> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("TICK "))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let m = u64::from_str_radix(w.next()?, 16).ok()?;
+            let r = u64::from_str_radix(w.next()?, 16).ok()?;
+            Some((m, r))
+        })
+        .collect()
+}
+
+fn last_count(v: &FcVessel) -> u64 {
+    let c = counts(&v.console());
+    let (m, r) = *c.last().expect("no tick yet");
+    assert_eq!(m, r, "memory and register counters disagree");
+    m
+}
+
+/// Pauses and waits for the console to settle; returns the last count printed.
+fn pause(v: &FcVessel) -> u64 {
+    let mut c = v.client();
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    let mut last = v.console();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = v.console();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    last_count(v)
+}
+
+fn create(v: &FcVessel, state: &Path, mem: &Path, kind: &str) {
+    let mut c = v.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        Some(json!({
+            "snapshot_type": kind,
+            "snapshot_path": state,
+            "mem_file_path": mem,
+        })),
+        204,
+    );
+}
+
+/// A new process restores `state` + `mem` and resumes; returns it.
+fn restore(dir: &Path, name: &str, state: &Path, mem: &Path) -> FcVessel {
+    let v = FcVessel::start(dir, name, &[]);
+    let mut c = v.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        Some(json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        })),
+        204,
+    );
+    assert_eq!(state_of(&v), "Running");
+    v
+}
+
+fn state_of(v: &FcVessel) -> String {
+    state(&mut v.client())
+}
+
+#[test]
+fn full_and_diff_snapshots_restore_in_new_processes_and_the_count_goes_on() {
+    let dir = scratch("snapshot-counter");
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, elf(&counter_guest())).unwrap();
+    let (full_state, full_mem) = (dir.join("full.state"), dir.join("full.mem"));
+    let (diff_state, diff_mem) = (dir.join("diff.state"), dir.join("diff.mem"));
+
+    let a = FcVessel::start(&dir, "a", &[]);
+    let mut c = a.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})),
+        204,
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true})),
+        204,
+    );
+    // Not paused yet: refused.
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    a.wait_console("ticks", LIMIT, |s| counts(s).len() >= 3);
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": full_state, "mem_file_path": full_mem})),
+        400,
+    );
+    assert!(
+        e["fault_message"].as_str().unwrap().contains("paused"),
+        "{e}"
+    );
+
+    let at_full = pause(&a);
+    create(&a, &full_state, &full_mem, "Full");
+    assert_eq!(state_of(&a), "Paused");
+    // The source goes on after its snapshot.
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Resumed"})),
+        204,
+    );
+    a.wait_console("ticks after the snapshot", LIMIT, |s| {
+        counts(s).last().is_some_and(|l| l.0 >= at_full + 3)
+    });
+    let at_diff = pause(&a);
+    create(&a, &diff_state, &diff_mem, "Diff");
+    drop(a); // killed
+
+    // The diff file holds only what changed: much less than the 64 MiB of memory.
+    use std::os::unix::fs::MetadataExt;
+    let diff_blocks = std::fs::metadata(&diff_mem).unwrap().blocks() * 512;
+    assert!(diff_blocks < 8 << 20, "diff allocates {diff_blocks} bytes");
+
+    // Restore the full snapshot: the count resumes right after `at_full`.
+    let b = restore(&dir, "b", &full_state, &full_mem);
+    b.wait_console("ticks after restore", LIMIT, |s| counts(s).len() >= 2);
+    let after = counts(&b.console());
+    assert_eq!(
+        after[0],
+        (at_full + 1, at_full + 1),
+        "{}",
+        tail(&b.console())
+    );
+    drop(b);
+
+    // Layer the diff on (a copy of) the full memory: restores at `at_diff`.
+    let layered = dir.join("layered.mem");
+    std::fs::copy(&full_mem, &layered).unwrap();
+    let out = run_with_timeout(
+        {
+            let mut cmd = vessel();
+            cmd.args(["snapshot", "rebase", "--base"])
+                .arg(&layered)
+                .arg("--diff")
+                .arg(&diff_mem);
+            cmd
+        },
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let d = restore(&dir, "d", &diff_state, &layered);
+    d.wait_console("ticks after the diff restore", LIMIT, |s| {
+        counts(s).len() >= 2
+    });
+    let after = counts(&d.console());
+    assert_eq!(
+        after[0],
+        (at_diff + 1, at_diff + 1),
+        "{}",
+        tail(&d.console())
+    );
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
+    let dir = scratch("snapshot-bad");
+    let junk = dir.join("junk");
+    std::fs::write(&junk, b"not a snapshot at all").unwrap();
+    let mem = dir.join("mem");
+    std::fs::write(&mem, vec![0u8; 4096]).unwrap();
+    let v = FcVessel::start(&dir, "v", &[]);
+    let mut c = v.client();
+    for (state, what) in [
+        (dir.join("missing"), "No such file"),
+        (junk.clone(), "not a Vessel snapshot"),
+    ] {
+        let e = expect(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            Some(json!({"snapshot_path": state, "mem_file_path": mem})),
+            400,
+        );
+        let m = e["fault_message"].as_str().unwrap();
+        assert!(m.starts_with("Load snapshot error"), "{m}");
+        assert!(m.contains(what), "{m}");
+    }
+    assert_eq!(state_of(&v), "Not started");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,299 @@
+//! Snapshots of a whole VM: what a state file holds ([`VmSnapshot`]), taking one from a
+//! paused VM ([`crate::VmHandle::snapshot`]) and building a VM back from one ([`restore`]).
+//!
+//! A snapshot is two files: the state (vCPUs, KVM's irqchips/PIT/clock, the legacy devices,
+//! every virtio device with its queue positions, and the VM's configuration, in
+//! `vessel-snapshot`'s versioned, checksummed format) and the guest memory. Memory is written
+//! first and the state file last, atomically, so a state file never names memory that is not
+//! all there.
+//!
+//! A diff snapshot writes only the pages dirtied since the previous snapshot: KVM's dirty log
+//! for the guest's own writes. It needs `track_dirty_pages`.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_ioctls::{VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
+use vessel_kvm::snapshot::{msr_candidates, VcpuState, VmKvmState};
+use vessel_memory::GuestMemoryMmap;
+use vessel_snapshot::dirty::{DirtyBitmap, MemRegion};
+use vessel_snapshot::memory::{self, WriteStats};
+use vessel_snapshot::{read_state, write_state, SnapshotError};
+
+use crate::config::{SerialTarget, VmConfig};
+use crate::devices::{LegacyDevices, LegacyState};
+use crate::error::VmmError;
+use crate::vcpu::PauseGate;
+use crate::virtio::VirtioManager;
+use crate::vm::Vm;
+
+/// What identifies a Vessel VM state file's payload.
+pub const STATE_KIND: &str = "vessel-vm";
+/// How long the vCPUs get to report their state.
+const VCPU_STATE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Everything of a VM but its memory.
+#[derive(Serialize, Deserialize)]
+pub struct VmSnapshot {
+    /// [`STATE_KIND`].
+    pub kind: String,
+    /// The Vessel version that wrote it.
+    pub vessel_version: String,
+    /// The VM's configuration: the restored VM gets the same devices.
+    pub config: VmConfig,
+    /// Whether the nested-host fallback was on (it stays on).
+    pub nested: bool,
+    /// The guest memory regions, in memory-file order.
+    pub memory: Vec<MemRegion>,
+    pub vcpus: Vec<VcpuState>,
+    pub kvm: VmKvmState,
+    pub legacy: LegacyState,
+    /// Virtio devices, in creation order.
+    #[serde(default)]
+    pub virtio: serde_json::Value,
+    /// What the management API keeps about the VM (its resources), opaque here.
+    #[serde(default)]
+    pub api: Option<serde_json::Value>,
+}
+
+/// A full snapshot or the pages dirtied since the last one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SnapshotKind {
+    Full,
+    Diff,
+}
+
+/// Where to put a snapshot.
+#[derive(Debug, Clone)]
+pub struct SnapshotRequest {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+    pub kind: SnapshotKind,
+    /// Stored as [`VmSnapshot::api`].
+    pub api: Option<serde_json::Value>,
+}
+
+/// What taking a snapshot did, and how long each part took.
+#[derive(Debug, Clone)]
+pub struct SnapshotInfo {
+    pub kind: SnapshotKind,
+    pub memory: WriteStats,
+    /// Pages written by a diff snapshot.
+    pub dirty_pages: Option<u64>,
+    pub devices_time: Duration,
+    pub memory_time: Duration,
+    pub total: Duration,
+}
+
+/// Why a snapshot was not taken. The VM is left as it was (paused).
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotFailure {
+    #[error("the VM must be paused")]
+    NotPaused,
+    #[error("the VM has ended")]
+    Ended,
+    #[error("diff snapshots need dirty page tracking (track_dirty_pages)")]
+    NoDirtyTracking,
+    #[error("{0}")]
+    File(#[from] SnapshotError),
+    #[error("{0}")]
+    State(String),
+}
+
+/// What the running VM shares with [`crate::VmHandle::snapshot`].
+pub(crate) struct Parts {
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub devices: Arc<LegacyDevices>,
+    pub virtio: Arc<Mutex<VirtioManager>>,
+    pub config: VmConfig,
+    pub nested: bool,
+    /// One snapshot at a time.
+    pub lock: Mutex<()>,
+}
+
+/// KVM's dirty log since its last read, as a bitmap over `regions` (slot `i` is region `i`).
+fn kvm_dirty_log(vm: &VmFd, regions: &[MemRegion]) -> Result<DirtyBitmap, SnapshotFailure> {
+    let mut bits = DirtyBitmap::new(regions);
+    for (slot, r) in regions.iter().enumerate() {
+        let words = vm
+            .get_dirty_log(slot as u32, r.size as usize)
+            .map_err(|e| SnapshotFailure::State(format!("KVM_GET_DIRTY_LOG: {e}")))?;
+        bits.merge_words(slot, &words);
+    }
+    Ok(bits)
+}
+
+/// Takes a snapshot of a paused VM (every vCPU parked on `pause`).
+pub(crate) fn take(
+    parts: &Parts,
+    pause: &PauseGate,
+    vcpus: usize,
+    req: &SnapshotRequest,
+) -> Result<SnapshotInfo, SnapshotFailure> {
+    let _one = parts.lock.lock().unwrap_or_else(|e| e.into_inner());
+    if req.kind == SnapshotKind::Diff && !parts.config.track_dirty_pages {
+        return Err(SnapshotFailure::NoDirtyTracking);
+    }
+    let devices = parts.virtio.lock().map(|v| v.placed().len()).unwrap_or(0);
+    if devices > 0 {
+        return Err(SnapshotFailure::State(
+            "snapshots of VMs with virtio devices are not supported yet".into(),
+        ));
+    }
+    let t0 = Instant::now();
+    let kvm = vessel_kvm::system::open().map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    let msrs = msr_candidates(&kvm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    let vcpu_states = pause
+        .save_states(vcpus, msrs, VCPU_STATE_TIMEOUT)
+        .map_err(SnapshotFailure::State)?;
+    let kvm_state =
+        VmKvmState::save(&parts.vm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    let legacy = parts.devices.save_state();
+    let regions = memory::layout(&parts.mem);
+    let state = VmSnapshot {
+        kind: STATE_KIND.into(),
+        vessel_version: env!("CARGO_PKG_VERSION").into(),
+        config: parts.config.clone(),
+        nested: parts.nested,
+        memory: regions.clone(),
+        vcpus: vcpu_states,
+        kvm: kvm_state,
+        legacy,
+        virtio: serde_json::Value::Null,
+        api: req.api.clone(),
+    };
+    let devices_time = t0.elapsed();
+
+    let t1 = Instant::now();
+    let (stats, dirty_pages) = match req.kind {
+        SnapshotKind::Full => {
+            if parts.config.track_dirty_pages {
+                // The next diff is relative to this snapshot: drop what the log holds.
+                kvm_dirty_log(&parts.vm, &regions)?;
+            }
+            // SAFETY: every vCPU is parked (save_states checked) and the device workers
+            // are quiesced, so nothing writes guest memory while it is read.
+            (
+                unsafe { memory::write_full(&parts.mem, &req.memory) }?,
+                None,
+            )
+        }
+        SnapshotKind::Diff => {
+            let dirty = kvm_dirty_log(&parts.vm, &regions)?;
+            let n = dirty.count();
+            // SAFETY: as above.
+            let st = unsafe { memory::write_diff(&parts.mem, &req.memory, &dirty) }?;
+            (st, Some(n))
+        }
+    };
+    let memory_time = t1.elapsed();
+    write_state(&req.state, &state)?;
+    Ok(SnapshotInfo {
+        kind: req.kind,
+        memory: stats,
+        dirty_pages,
+        devices_time,
+        memory_time,
+        total: t0.elapsed(),
+    })
+}
+
+/// Reads and checks a state file.
+pub fn load_state(path: &Path) -> Result<VmSnapshot, SnapshotError> {
+    let s: VmSnapshot = read_state(path)?;
+    if s.kind != STATE_KIND {
+        return Err(SnapshotError::Mismatch(format!(
+            "a '{}' state, not a Vessel VM",
+            s.kind
+        )));
+    }
+    if s.vcpus.len() != s.config.cpus as usize {
+        return Err(SnapshotError::Mismatch(format!(
+            "{} vCPU states for {} vCPUs",
+            s.vcpus.len(),
+            s.config.cpus
+        )));
+    }
+    Ok(s)
+}
+
+/// How to restore.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub state: PathBuf,
+    pub memory: PathBuf,
+    /// Where the restored guest's console goes (the snapshot's own target otherwise).
+    pub serial: Option<SerialTarget>,
+    /// Turn dirty page tracking on or off for the restored VM.
+    pub track_dirty_pages: Option<bool>,
+}
+
+/// A VM rebuilt from a snapshot, not yet started, and the snapshot's state (its `api` part
+/// is for the caller). Guest memory is the memory file mapped privately: pages load as the
+/// guest touches them.
+pub fn restore(req: &RestoreRequest) -> Result<(Vm, VmSnapshot), VmmError> {
+    let snap = load_state(&req.state).map_err(snapshot_error)?;
+    let mut config = snap.config.clone();
+    if let Some(s) = &req.serial {
+        config.serial = s.clone();
+    }
+    if let Some(t) = req.track_dirty_pages {
+        config.track_dirty_pages = t;
+    }
+    let vm = restore_with(&snap, &config, &req.memory)?;
+    Ok((vm, snap))
+}
+
+fn snapshot_error(e: SnapshotError) -> VmmError {
+    VmmError::Device(format!("snapshot: {e}"))
+}
+
+/// Builds a VM from `snap` and the memory file `memory`, with `config` (the snapshot's
+/// configuration, possibly with host-side changes: another console, TAP or vsock socket).
+/// The guest-visible machine must stay the same: vCPU count, memory size and the list of
+/// devices are checked against the snapshot.
+pub fn restore_with(snap: &VmSnapshot, config: &VmConfig, memory: &Path) -> Result<Vm, VmmError> {
+    let c = &snap.config;
+    let d = (&config.devices, &c.devices);
+    if config.cpus != c.cpus
+        || config.memory != c.memory
+        || d.0.disks.len() != d.1.disks.len()
+        || d.0.nets.len() != d.1.nets.len()
+        || d.0.vsock.is_some() != d.1.vsock.is_some()
+        || d.0.rng != d.1.rng
+        || d.0.balloon.is_some() != d.1.balloon.is_some()
+    {
+        return Err(snapshot_error(SnapshotError::Mismatch(
+            "the configuration changes the machine the snapshot was taken of".into(),
+        )));
+    }
+    let mem = memory::map_private(&snap.memory, memory).map_err(snapshot_error)?;
+    Vm::from_snapshot(config, mem, snap)
+}
+
+/// Loads vCPU `id`'s state (its CPUID is already set).
+pub(crate) fn restore_vcpu(fd: &VcpuFd, id: u8, snap: &VmSnapshot) -> Result<(), VmmError> {
+    let state = snap.vcpus.get(id as usize).ok_or_else(|| VmmError::Vcpu {
+        cpu: id,
+        reason: "the snapshot has no state for this vCPU".into(),
+    })?;
+    state.restore(fd).map_err(|e| VmmError::Vcpu {
+        cpu: id,
+        reason: format!("restoring its state: {e}"),
+    })
+}
+
+/// Loads KVM's devices and clock, the legacy devices and the virtio devices.
+pub(crate) fn restore_machine(
+    vm: &VmFd,
+    devices: &LegacyDevices,
+    _virtio: &VirtioManager,
+    snap: &VmSnapshot,
+) -> Result<(), VmmError> {
+    snap.kvm.restore(vm)?;
+    devices.restore_state(&snap.legacy)?;
+    Ok(())
+}
