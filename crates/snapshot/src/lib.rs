@@ -7,10 +7,12 @@
 //!   dirty pages (diff), merged onto a base ([`memory::rebase`]) and mapped back privately
 //!   so a restored guest faults its pages in lazily.
 //! - [`dirty`]: page bitmaps, from KVM's dirty log or the VMM's own writes.
+//! - [`stream`]: the live-migration wire format.
 
 pub mod dirty;
 pub mod format;
 pub mod memory;
+pub mod stream;
 
 pub use dirty::DirtyBitmap;
 pub use format::{read_state, write_state, SnapshotError, FORMAT_VERSION};

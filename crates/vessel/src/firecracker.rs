@@ -231,7 +231,10 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
             let outcome = outcome.map_err(|e| e.to_string())?;
             log::info!("the microVM ended: {:?}", outcome.reason);
             return Ok(match outcome.reason {
-                ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => ExitCode::SUCCESS,
+                ExitReason::PowerOff
+                | ExitReason::Reset
+                | ExitReason::Stopped
+                | ExitReason::Migrated => ExitCode::SUCCESS,
                 ExitReason::UserQuit => ExitCode::from(130),
                 ExitReason::Signal => ExitCode::from(143),
             });

@@ -18,6 +18,7 @@ use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
 mod apicli;
 mod firecracker;
 mod logger;
+mod migratecli;
 mod snapshotcli;
 
 #[derive(Parser)]
@@ -49,6 +50,11 @@ enum Command {
     },
     /// Talk to a running VM's API socket: status, pause, resume, ctrl-alt-del, metrics, ...
     Api(apicli::ApiArgs),
+    /// Live migration: receive a VM, or have a running VMM send its VM.
+    Migrate {
+        #[command(subcommand)]
+        command: migratecli::MigrateCommand,
+    },
     /// Snapshot files: restore a VM from one, rebase a diff, inspect a state file.
     Snapshot {
         #[command(subcommand)]
@@ -184,7 +190,9 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         }
     }
     Ok(match outcome.reason {
-        ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped => ExitCode::SUCCESS,
+        ExitReason::PowerOff | ExitReason::Reset | ExitReason::Stopped | ExitReason::Migrated => {
+            ExitCode::SUCCESS
+        }
         ExitReason::UserQuit => {
             eprintln!("vessel: stopped from the console (Ctrl-A x)");
             ExitCode::from(130)
@@ -241,6 +249,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(*args),
         Command::Api(args) => apicli::run(args),
         Command::Snapshot { command } => snapshotcli::run(command),
+        Command::Migrate { command } => migratecli::run(command),
         Command::Image {
             command: ImageCommand::Build { name },
         } => build_image(name).map(|p| {

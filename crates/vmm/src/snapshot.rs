@@ -115,7 +115,10 @@ pub(crate) struct Parts {
 }
 
 /// KVM's dirty log since its last read, as a bitmap over `regions` (slot `i` is region `i`).
-fn kvm_dirty_log(vm: &VmFd, regions: &[MemRegion]) -> Result<DirtyBitmap, SnapshotFailure> {
+pub(crate) fn kvm_dirty_log(
+    vm: &VmFd,
+    regions: &[MemRegion],
+) -> Result<DirtyBitmap, SnapshotFailure> {
     let mut bits = DirtyBitmap::new(regions);
     for (slot, r) in regions.iter().enumerate() {
         let words = vm
@@ -124,6 +127,40 @@ fn kvm_dirty_log(vm: &VmFd, regions: &[MemRegion]) -> Result<DirtyBitmap, Snapsh
         bits.merge_words(slot, &words);
     }
     Ok(bits)
+}
+
+/// Everything of a paused VM but its memory.
+pub(crate) fn capture(
+    parts: &Parts,
+    pause: &PauseGate,
+    vcpus: usize,
+    api: Option<serde_json::Value>,
+) -> Result<VmSnapshot, SnapshotFailure> {
+    let devices = parts.virtio.lock().map(|v| v.placed().len()).unwrap_or(0);
+    if devices > 0 {
+        return Err(SnapshotFailure::State(
+            "snapshots of VMs with virtio devices are not supported yet".into(),
+        ));
+    }
+    let kvm = vessel_kvm::system::open().map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    let msrs = msr_candidates(&kvm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    let vcpu_states = pause
+        .save_states(vcpus, msrs, VCPU_STATE_TIMEOUT)
+        .map_err(SnapshotFailure::State)?;
+    let kvm_state =
+        VmKvmState::save(&parts.vm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    Ok(VmSnapshot {
+        kind: STATE_KIND.into(),
+        vessel_version: env!("CARGO_PKG_VERSION").into(),
+        config: parts.config.clone(),
+        nested: parts.nested,
+        memory: memory::layout(&parts.mem),
+        vcpus: vcpu_states,
+        kvm: kvm_state,
+        legacy: parts.devices.save_state(),
+        virtio: serde_json::Value::Null,
+        api,
+    })
 }
 
 /// Takes a snapshot of a paused VM (every vCPU parked on `pause`).
@@ -137,34 +174,9 @@ pub(crate) fn take(
     if req.kind == SnapshotKind::Diff && !parts.config.track_dirty_pages {
         return Err(SnapshotFailure::NoDirtyTracking);
     }
-    let devices = parts.virtio.lock().map(|v| v.placed().len()).unwrap_or(0);
-    if devices > 0 {
-        return Err(SnapshotFailure::State(
-            "snapshots of VMs with virtio devices are not supported yet".into(),
-        ));
-    }
     let t0 = Instant::now();
-    let kvm = vessel_kvm::system::open().map_err(|e| SnapshotFailure::State(e.to_string()))?;
-    let msrs = msr_candidates(&kvm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
-    let vcpu_states = pause
-        .save_states(vcpus, msrs, VCPU_STATE_TIMEOUT)
-        .map_err(SnapshotFailure::State)?;
-    let kvm_state =
-        VmKvmState::save(&parts.vm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
-    let legacy = parts.devices.save_state();
-    let regions = memory::layout(&parts.mem);
-    let state = VmSnapshot {
-        kind: STATE_KIND.into(),
-        vessel_version: env!("CARGO_PKG_VERSION").into(),
-        config: parts.config.clone(),
-        nested: parts.nested,
-        memory: regions.clone(),
-        vcpus: vcpu_states,
-        kvm: kvm_state,
-        legacy,
-        virtio: serde_json::Value::Null,
-        api: req.api.clone(),
-    };
+    let state = capture(parts, pause, vcpus, req.api.clone())?;
+    let regions = state.memory.clone();
     let devices_time = t0.elapsed();
 
     let t1 = Instant::now();

@@ -54,6 +54,8 @@ pub enum ExitReason {
     Signal,
     /// [`VmHandle::stop`].
     Stopped,
+    /// Live-migrated to another process, which runs it now.
+    Migrated,
 }
 
 /// Figures about a finished VM.
@@ -517,6 +519,7 @@ impl Vm {
                 STATE_RUNNING
             }),
             stop_requested: AtomicBool::new(false),
+            migrated: AtomicBool::new(false),
             wake: Mutex::new(tx.clone()),
             vcpus: self.vcpus.len(),
             started,
@@ -637,6 +640,8 @@ struct Control {
     i8042: Arc<Mutex<I8042>>,
     state: AtomicU8,
     stop_requested: AtomicBool,
+    /// The VM was handed over by a live migration.
+    migrated: AtomicBool,
     wake: Mutex<mpsc::Sender<Msg>>,
     vcpus: usize,
     started: Instant,
@@ -817,6 +822,46 @@ impl VmHandle {
         crate::snapshot::take(&c.snap, &c.pause, c.vcpus, req)
     }
 
+    /// Live-migrates the VM to the receiver listening at `url` (see [`crate::migration`]).
+    /// On success the VM ends here with [`ExitReason::Migrated`]; on failure it goes on as
+    /// it was.
+    pub fn migrate(
+        &self,
+        url: &crate::migration::MigrationUrl,
+        opts: &crate::migration::MigrateOptions,
+    ) -> Result<crate::migration::MigrationStats, crate::migration::MigrationError> {
+        use crate::migration::{Connection, MigrationError};
+        if self.control.stop.load(Ordering::Acquire) {
+            return Err(MigrationError::NotRunning);
+        }
+        let was_paused = self.state() == RunState::Paused;
+        let mut conn = Connection::connect(url)?;
+        let c = &self.control;
+        let stats = crate::migration::send(
+            &c.snap,
+            &c.pause,
+            c.vcpus,
+            &mut conn,
+            opts,
+            || {
+                self.pause()
+                    .map_err(|e| MigrationError::State(e.to_string()))
+            },
+            || {
+                if !was_paused {
+                    self.resume()
+                        .map_err(|e| MigrationError::State(e.to_string()))?;
+                }
+                Ok(())
+            },
+        )?;
+        c.migrated.store(true, Ordering::Release);
+        if let Ok(w) = c.wake.lock() {
+            let _ = w.send(Msg::Wake);
+        }
+        Ok(stats)
+    }
+
     /// Figures that can be read while the VM runs.
     pub fn stats(&self) -> LiveStats {
         let c = &self.control;
@@ -951,6 +996,10 @@ impl RunningInner {
                     }
                     if SIGNALLED.load(Ordering::Acquire) {
                         first_reason.get_or_insert(ExitReason::Signal);
+                        control.end();
+                    }
+                    if control.migrated.load(Ordering::Acquire) {
+                        first_reason.get_or_insert(ExitReason::Migrated);
                         control.end();
                     }
                     if control.stop_requested.load(Ordering::Acquire) {
