@@ -31,6 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::common::VirtioCommon;
 use crate::device::{device_type, InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::state::{SnapshotError, VirtioPciState};
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern devices have id 0x1040 + virtio device type.
@@ -244,6 +245,90 @@ impl VirtioPciDevice {
             interrupt,
             pci_cfg_cap,
         })
+    }
+
+    /// Stops the device at a consistent point for a snapshot (see
+    /// [`VirtioCommon::quiesce`]); the registers, config space and MSI-X table stay.
+    pub fn quiesce(&mut self) -> Result<(), SnapshotError> {
+        self.common.quiesce()
+    }
+
+    /// The function's state (the device must be quiesced or not running).
+    pub fn save_state(&self) -> Result<VirtioPciState, SnapshotError> {
+        let mut common = self.common.save_state()?;
+        for (i, q) in common.queues.iter_mut().enumerate() {
+            q.vector = self.interrupt.queue_vector(i as u16);
+        }
+        Ok(VirtioPciState {
+            common,
+            config: self.config.save_state(),
+            msix: self.msix.save_state(),
+            isr: self.interrupt.isr.load(Ordering::Acquire),
+            config_vector: self.interrupt.config_vector.load(Ordering::Acquire),
+        })
+    }
+
+    /// Starts a quiesced device again (see [`VirtioCommon::resume`]).
+    pub fn resume(&mut self) {
+        self.common.resume();
+    }
+
+    /// Puts a saved state into this freshly built function (built from the same device
+    /// configuration at the same BAR address): configuration space, MSI-X table (every
+    /// deliverable vector is announced to the [`MsiController`] again, which re-creates the
+    /// VMM's routes), vectors, then the device (see [`VirtioCommon::restore_state`]). Every
+    /// vector of a ready queue is raised once, in case an interrupt was lost with the old
+    /// process (a spurious one is harmless). A state that does not fit changes nothing.
+    pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), SnapshotError> {
+        let name = self.common.device().name();
+        let pci = |why: String| SnapshotError::Pci { name, why };
+        let vectors = self.msix.num_vectors();
+        let vector_ok = |v: u16| v < vectors || v == crate::state::NO_VECTOR;
+        if !vector_ok(state.config_vector) {
+            return Err(pci(format!("config vector {}", state.config_vector)));
+        }
+        if let Some(q) = state.common.queues.iter().find(|q| !vector_ok(q.vector)) {
+            return Err(pci(format!("queue vector {}", q.vector)));
+        }
+        if state.common.queues.len() != self.interrupt.queue_vectors.len() {
+            return Err(SnapshotError::QueueCount {
+                name,
+                saved: state.common.queues.len(),
+                actual: self.interrupt.queue_vectors.len(),
+            });
+        }
+        let config_before = self.config.save_state();
+        let msix_before = self.msix.save_state();
+        self.config
+            .restore_state(&state.config)
+            .map_err(|e| pci(e.to_string()))?;
+        if let Err(e) = self.msix.restore_state(&state.msix) {
+            let _ = self.config.restore_state(&config_before);
+            return Err(pci(e.to_string()));
+        }
+        let irq = &self.interrupt;
+        irq.config_vector
+            .store(state.config_vector, Ordering::Release);
+        for (slot, q) in irq.queue_vectors.iter().zip(&state.common.queues) {
+            slot.store(q.vector, Ordering::Release);
+        }
+        irq.isr.store(state.isr, Ordering::Release);
+        if let Err(e) = self.common.restore_state(&state.common) {
+            self.interrupt.reset();
+            let _ = self.msix.restore_state(&msix_before);
+            let _ = self.config.restore_state(&config_before);
+            return Err(e);
+        }
+        if self.common.is_active() {
+            for q in state.common.queues.iter().filter(|q| q.ready) {
+                if q.vector != crate::state::NO_VECTOR {
+                    if let Err(e) = self.msix.trigger(q.vector) {
+                        log::warn!("{name}: cannot raise restored vector {}: {e}", q.vector);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The BAR access the `VIRTIO_PCI_CAP_PCI_CFG` window selects, if the driver set up a
