@@ -8,3 +8,5 @@ pub mod console;
 pub mod net;
 pub mod rng;
 pub mod vsock;
+#[cfg(test)]
+mod snapshot_tests;

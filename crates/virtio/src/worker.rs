@@ -30,6 +30,11 @@ pub trait EventHandler: Send + 'static {
         events: EventSet,
         ctl: &mut WorkerControl,
     ) -> io::Result<()>;
+
+    /// Called on the worker thread when [`Worker::quiesce`] stops it, before the handler is
+    /// handed back: finish whatever is in flight (work submitted from this thread, such as
+    /// io_uring requests, must complete before the thread exits, which would cancel it).
+    fn quiesce(&mut self) {}
 }
 
 /// Lets a handler add or remove watched descriptors from inside the loop (vsock
@@ -105,6 +110,7 @@ impl Worker {
                             // Events after the stop in this batch stay pending on their
                             // (level-triggered) descriptors for the next worker.
                             if thread_keep.load(Ordering::Acquire) {
+                                handler.quiesce();
                                 return Some(Box::new(handler));
                             }
                             return None;
@@ -124,8 +130,9 @@ impl Worker {
         })
     }
 
-    /// Stops the thread between two events and hands its handler back (with the queues and
-    /// everything else it owns), for a device that quiesces. `None` if the thread had
+    /// Stops the thread between two events, runs [`EventHandler::quiesce`] on it and hands
+    /// the handler back (with the queues and everything else it owns), for a device that
+    /// quiesces. `None` if the thread had
     /// already ended (an error stopped it; the handler was dropped) or `H` is not the
     /// handler's type.
     pub fn quiesce<H: EventHandler>(&mut self) -> Option<H> {

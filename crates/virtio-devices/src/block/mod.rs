@@ -323,6 +323,11 @@ impl EventHandler for BlockHandler {
         }
         Ok(())
     }
+
+    fn quiesce(&mut self) {
+        // On the worker thread: its exit would cancel the io_uring requests it submitted.
+        self.server.finish_in_flight();
+    }
 }
 
 impl VirtioDevice for Block {
@@ -376,11 +381,9 @@ impl VirtioDevice for Block {
     fn quiesce(&mut self) -> bool {
         // Unlike a reset, requests in flight are completed and published, not dropped.
         if let Some(mut w) = self.worker.take() {
-            match w.quiesce::<BlockHandler>() {
-                Some(mut h) => {
-                    h.server.finish_in_flight();
-                }
-                None => log::warn!("virtio-blk: the worker had stopped before the quiesce"),
+            // The handler finishes the requests in flight (see `BlockHandler::quiesce`).
+            if w.quiesce::<BlockHandler>().is_none() {
+                log::warn!("virtio-blk: the worker had stopped before the quiesce");
             }
         }
         true
