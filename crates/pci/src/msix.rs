@@ -407,7 +407,7 @@ impl Msix {
         s.pending.copy_from_slice(&state.pending);
         // Bits past the last vector do not exist.
         let n = s.entries.len();
-        if n % 64 != 0 {
+        if !n.is_multiple_of(64) {
             if let Some(last) = s.pending.last_mut() {
                 *last &= (1u64 << (n % 64)) - 1;
             }

@@ -77,10 +77,17 @@ impl Driver {
         serde_json::from_str(&json).unwrap()
     }
 
-    fn restore(dev: impl VirtioDevice + 'static, m: &GuestMemoryMmap, s: &MmioTransportState) -> Driver {
+    fn restore(
+        dev: impl VirtioDevice + 'static,
+        m: &GuestMemoryMmap,
+        s: &MmioTransportState,
+    ) -> Driver {
         let mut d = Driver::new(dev, m);
         d.t.restore_state(s).unwrap();
-        assert!(d.t.common().is_active(), "the restored device did not start");
+        assert!(
+            d.t.common().is_active(),
+            "the restored device did not start"
+        );
         d
     }
 }
@@ -142,7 +149,8 @@ fn block_round_trip(engine: crate::block::BlockEngine) {
         m.write_obj(3u64, GuestAddress(at + 8)).unwrap();
     };
     hdr(0x40_0000, 1);
-    m.write_slice(&[0x5a; 512], GuestAddress(0x41_0000)).unwrap();
+    m.write_slice(&[0x5a; 512], GuestAddress(0x41_0000))
+        .unwrap();
     m.write_obj(0xffu8, GuestAddress(0x42_0000)).unwrap();
     q.add(&[
         (0x40_0000, 16, false),
@@ -371,7 +379,10 @@ fn net_keeps_its_mac_and_carries_on_after_a_restore() {
     let dev = Net::new(cfg.clone()).unwrap();
     let mac = dev.mac();
     let mut d = Driver::new(dev, &m);
-    d.probe(features::VERSION_1 | crate::net::feature::MAC, &[Some(&rx), Some(&tx)]);
+    d.probe(
+        features::VERSION_1 | crate::net::feature::MAC,
+        &[Some(&rx), Some(&tx)],
+    );
     let frame_len = (VNET_HDR_LEN + 60) as u32;
     tx.add(&[(0x40_0000, frame_len, false)]);
     d.kick(1);

@@ -28,6 +28,4 @@ pub use device::{
 };
 pub use mmio::MmioTransport;
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
-pub use state::{
-    MmioTransportState, QueueState, SnapshotError, VirtioCommonState, VirtioPciState,
-};
+pub use state::{MmioTransportState, QueueState, SnapshotError, VirtioCommonState, VirtioPciState};

@@ -1071,7 +1071,12 @@ mod tests {
         h.dev.quiesce().unwrap();
         let state = h.dev.save_state().unwrap();
         assert_eq!(
-            state.common.queues.iter().map(|q| q.vector).collect::<Vec<_>>(),
+            state
+                .common
+                .queues
+                .iter()
+                .map(|q| q.vector)
+                .collect::<Vec<_>>(),
             vec![1, 2]
         );
         let json = serde_json::to_string(&state).unwrap();
@@ -1096,7 +1101,9 @@ mod tests {
         assert_eq!(routed, vec![0, 1, 2]);
         assert_eq!(fresh.ctl.take_triggers(), vec![1, 2]);
         // The driver reads back what it wrote.
-        for off in [0x00u64, 0x08, 0x10, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x20, 0x28, 0x30] {
+        for off in [
+            0x00u64, 0x08, 0x10, 0x14, 0x16, 0x18, 0x1a, 0x1c, 0x20, 0x28, 0x30,
+        ] {
             assert_eq!(fresh.rd(off, 2), h.rd(off, 2), "common config {off:#x}");
         }
         for off in (0..0x100).step_by(4) {

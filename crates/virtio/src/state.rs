@@ -246,7 +246,8 @@ mod tests {
             let slot = Self::AVAIL + 4 + 2 * u64::from(self.added % QSIZE);
             m.write_obj(head, GuestAddress(slot)).unwrap();
             self.added = self.added.wrapping_add(1);
-            m.write_obj(self.added, GuestAddress(Self::AVAIL + 2)).unwrap();
+            m.write_obj(self.added, GuestAddress(Self::AVAIL + 2))
+                .unwrap();
             head
         }
 
@@ -293,7 +294,11 @@ mod tests {
         wr(t, 0x70, s(status::ACKNOWLEDGE | status::DRIVER));
         wr(t, 0x24, 1);
         wr(t, 0x20, 1); // VERSION_1
-        wr(t, 0x70, s(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK));
+        wr(
+            t,
+            0x70,
+            s(status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK),
+        );
         wr(t, 0x30, 0);
         wr(t, 0x38, u32::from(QSIZE));
         wr(t, 0x80, Ring::DESC as u32);
@@ -358,7 +363,7 @@ mod tests {
         wr(&mut t, 0x50, 0);
         std::thread::sleep(Duration::from_millis(20));
         assert_eq!(ring.used_idx(), 1);
-        assert!(matches!(t.common().save_state(), Ok(_)));
+        assert!(t.common().save_state().is_ok());
         // ...and everything once resumed.
         t.resume();
         assert!(t.common().is_active());
@@ -447,12 +452,17 @@ mod tests {
         let state = t.save_state().unwrap();
         drop(t);
         // The guest scribbles over used->idx: far beyond avail->idx.
-        m.write_obj(0x8000u16, GuestAddress(Ring::USED + 2)).unwrap();
+        m.write_obj(0x8000u16, GuestAddress(Ring::USED + 2))
+            .unwrap();
         let (mut fresh, irq) = transport(&m, Counter::new(1));
         fresh.restore_state(&state).unwrap();
         assert!(!fresh.common().is_active());
         assert_ne!(rd(&mut fresh, 0x70) as u8 & status::DEVICE_NEEDS_RESET, 0);
-        assert_eq!(rd(&mut fresh, 0x60), 3, "the saved used-ring bit and a config interrupt");
+        assert_eq!(
+            rd(&mut fresh, 0x60),
+            3,
+            "the saved used-ring bit and a config interrupt"
+        );
         assert_eq!(irq.read().unwrap(), 2);
         // The driver resets it and starts over.
         wr(&mut fresh, 0x70, 0);

@@ -90,39 +90,40 @@ impl Worker {
         let keep = Arc::new(AtomicBool::new(false));
         let thread_keep = keep.clone();
         let thread_name = name.to_string();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || -> Kept {
-                let _stop = thread_stop;
-                let mut events = vec![EpollEvent::default(); 32];
-                loop {
-                    let n = match ctl.epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("{thread_name}: epoll failed: {e}");
-                            return None;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        let token = ev.data();
-                        if token == STOP_TOKEN {
-                            // Events after the stop in this batch stay pending on their
-                            // (level-triggered) descriptors for the next worker.
-                            if thread_keep.load(Ordering::Acquire) {
-                                handler.quiesce();
-                                return Some(Box::new(handler));
+        let thread =
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(move || -> Kept {
+                    let _stop = thread_stop;
+                    let mut events = vec![EpollEvent::default(); 32];
+                    loop {
+                        let n = match ctl.epoll.wait(-1, &mut events) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                log::error!("{thread_name}: epoll failed: {e}");
+                                return None;
                             }
-                            return None;
-                        }
-                        let set = EventSet::from_bits_truncate(ev.events);
-                        if let Err(e) = handler.handle_event(token, set, &mut ctl) {
-                            log::error!("{thread_name}: stopping: {e}");
-                            return None;
+                        };
+                        for ev in &events[..n] {
+                            let token = ev.data();
+                            if token == STOP_TOKEN {
+                                // Events after the stop in this batch stay pending on their
+                                // (level-triggered) descriptors for the next worker.
+                                if thread_keep.load(Ordering::Acquire) {
+                                    handler.quiesce();
+                                    return Some(Box::new(handler));
+                                }
+                                return None;
+                            }
+                            let set = EventSet::from_bits_truncate(ev.events);
+                            if let Err(e) = handler.handle_event(token, set, &mut ctl) {
+                                log::error!("{thread_name}: stopping: {e}");
+                                return None;
+                            }
                         }
                     }
-                }
-            })?;
+                })?;
         Ok(Worker {
             stop,
             keep,

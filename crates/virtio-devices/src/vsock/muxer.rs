@@ -284,16 +284,12 @@ impl Muxer {
         };
         let head = chain.head_index();
         // struct virtio_vsock_event { le32 id; }, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0.
-        let len = match chain.writer(&self.mem) {
-            Ok(mut w) if w.available_bytes() >= 4 => {
-                if w.write_all(&0u32.to_le_bytes()).is_ok() {
-                    4
-                } else {
-                    0
-                }
-            }
-            _ => 0,
-        };
+        let written = chain
+            .writer(&self.mem)
+            .ok()
+            .filter(|w| w.available_bytes() >= 4)
+            .is_some_and(|mut w| w.write_all(&0u32.to_le_bytes()).is_ok());
+        let len = if written { 4 } else { 0 };
         if let Err(e) = q.queue.add_used(&self.mem, head, len) {
             self.health
                 .mark_broken(&format_args!("vsock event queue: {e}"));
