@@ -129,6 +129,39 @@ pub enum ConfigError {
     MsixTwice,
 }
 
+/// A BAR's registers in a [`ConfigSpaceState`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BarRegisterState {
+    pub index: u8,
+    /// The address the BAR registers hold.
+    pub addr: u64,
+    /// The address the device answers at.
+    pub committed: u64,
+    /// Whether the guest was sizing the BAR.
+    pub sizing: bool,
+}
+
+/// What the guest wrote into a function's configuration space, for a snapshot: the header
+/// and capability bytes, and the BAR registers. Identity registers, BAR sizes and the
+/// capability layout are not part of it (they come from the function's construction).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ConfigSpaceState {
+    /// The 256 header bytes.
+    pub bytes: Vec<u8>,
+    pub bars: Vec<BarRegisterState>,
+}
+
+/// Why a saved configuration space does not fit this function.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigStateError {
+    #[error("the saved configuration space has {0} bytes instead of 256")]
+    Length(usize),
+    #[error("the saved configuration space has BARs {saved:?}, the function has {actual:?}")]
+    Bars { saved: Vec<u8>, actual: Vec<u8> },
+    #[error("saved BAR {0} address {1:#x} is not aligned to the BAR's size")]
+    BarAlignment(u8, u64),
+}
+
 #[derive(Debug, Clone, Copy)]
 struct BarState {
     spec: BarSpec,
@@ -364,6 +397,66 @@ impl ConfigSpace {
             off = usize::from(self.bytes[off + 1]);
         }
         found
+    }
+
+    /// What the guest wrote, for a snapshot (see [`ConfigSpaceState`]).
+    pub fn save_state(&self) -> ConfigSpaceState {
+        let bars = self
+            .bars
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match s {
+                BarSlot::Bar(b) => Some(BarRegisterState {
+                    index: i as u8,
+                    addr: b.addr,
+                    committed: b.committed,
+                    sizing: b.sizing,
+                }),
+                _ => None,
+            })
+            .collect();
+        ConfigSpaceState {
+            bytes: self.bytes.to_vec(),
+            bars,
+        }
+    }
+
+    /// Puts back what [`ConfigSpace::save_state`] saved, into a function built the same way.
+    /// Only the bits the guest may write are taken from the state; nothing changes when the
+    /// state does not fit (other BARs, bad length or alignment). The MSI-X message control
+    /// bits are not forwarded to the [`Msix`]: restore it from its own state.
+    pub fn restore_state(&mut self, state: &ConfigSpaceState) -> Result<(), ConfigStateError> {
+        if state.bytes.len() != CONFIG_SPACE_SIZE {
+            return Err(ConfigStateError::Length(state.bytes.len()));
+        }
+        let actual: Vec<u8> = self.bars().iter().map(|b| b.index).collect();
+        let saved: Vec<u8> = state.bars.iter().map(|b| b.index).collect();
+        if actual != saved {
+            return Err(ConfigStateError::Bars { saved, actual });
+        }
+        for b in &state.bars {
+            if let BarSlot::Bar(cur) = self.bars[usize::from(b.index)] {
+                let mut mask = cur.mask();
+                if cur.spec.kind == BarKind::Memory32 {
+                    mask &= 0xffff_ffff;
+                }
+                if (b.addr | b.committed) & !mask != 0 {
+                    return Err(ConfigStateError::BarAlignment(b.index, b.addr));
+                }
+            }
+        }
+        for (i, byte) in self.bytes.iter_mut().enumerate() {
+            let w = self.writable[i];
+            *byte = (*byte & !w) | (state.bytes[i] & w);
+        }
+        for b in &state.bars {
+            if let BarSlot::Bar(cur) = &mut self.bars[usize::from(b.index)] {
+                cur.addr = b.addr;
+                cur.committed = b.committed;
+                cur.sizing = b.sizing;
+            }
+        }
+        Ok(())
     }
 
     /// The byte at `off` as the guest reads it.
@@ -741,5 +834,68 @@ mod tests {
         let mut d = [0u8; 2];
         c.read(1, &mut d);
         assert_eq!(d, [0x1a, 0x42]);
+    }
+
+    #[test]
+    fn state_round_trip_keeps_guest_writes_only() {
+        let build = || {
+            let mut c = ConfigSpace::new(ids());
+            c.add_bar(0, mem64(0x4000), 0x1_0000_8000).unwrap();
+            c.add_capability(cap_id::VENDOR_SPECIFIC, &[1, 2, 3, 4], &[0, 0xff])
+                .unwrap();
+            c
+        };
+        let mut a = build();
+        a.write(reg::COMMAND as u64, &[0x06, 0]);
+        a.write(reg::INTERRUPT_LINE as u64, &[0x0b]);
+        a.write(0x43, &[0x5a]);
+        // The guest moves BAR 0 (decoding off, then on).
+        a.write(reg::COMMAND as u64, &[0, 0]);
+        wr32(&mut a, 0x10, 0x2_0000);
+        wr32(&mut a, 0x14, 0);
+        a.write(reg::COMMAND as u64, &[0x06, 0]);
+        let state = a.save_state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: ConfigSpaceState = serde_json::from_str(&json).unwrap();
+
+        let mut b = build();
+        b.restore_state(&state).unwrap();
+        for off in (0..CONFIG_SPACE_SIZE).step_by(4) {
+            assert_eq!(b.read_u32(off), a.read_u32(off), "register {off:#x}");
+        }
+        assert_eq!(b.bars(), a.bars());
+        assert_eq!(b.bar(0).unwrap().base, 0x2_0000);
+
+        // Read-only bytes are not taken from a state, whatever it says.
+        let mut forged = state.clone();
+        forged.bytes[reg::VENDOR_ID] = 0x12;
+        let mut c = build();
+        c.restore_state(&forged).unwrap();
+        assert_eq!(c.read_u16(reg::VENDOR_ID), 0x1af4);
+    }
+
+    #[test]
+    fn mismatched_states_are_refused_untouched() {
+        let mut a = ConfigSpace::new(ids());
+        a.add_bar(0, mem64(0x4000), 0x1_0000_8000).unwrap();
+        let good = a.save_state();
+        let mut other = ConfigSpace::new(ids());
+        other.add_bar(2, mem64(0x4000), 0x1_0000_8000).unwrap();
+        let before = other.save_state();
+        assert!(matches!(
+            other.restore_state(&good),
+            Err(ConfigStateError::Bars { .. })
+        ));
+        assert_eq!(other.save_state(), before);
+        let mut short = good.clone();
+        short.bytes.truncate(10);
+        assert_eq!(a.restore_state(&short), Err(ConfigStateError::Length(10)));
+        let mut odd = good.clone();
+        odd.bars[0].committed = 0x1_0000_8010;
+        assert!(matches!(
+            a.restore_state(&odd),
+            Err(ConfigStateError::BarAlignment(0, _))
+        ));
+        assert_eq!(a.bar(0).unwrap().base, 0x1_0000_8000);
     }
 }

@@ -21,5 +21,10 @@ pub use bus::{
     BarReprogram, HostBridge, PciBarRegion, PciBus, PciBusError, PciConfigIo, PciConfigMmio,
     PciDevice, ECAM_BUS_SIZE, PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT,
 };
-pub use config::{BarInfo, BarKind, BarMove, BarSpec, ConfigError, ConfigSpace, PciIds};
-pub use msix::{MsiController, MsiMessage, Msix, MsixError, MsixLocation};
+pub use config::{
+    BarInfo, BarKind, BarMove, BarRegisterState, BarSpec, ConfigError, ConfigSpace,
+    ConfigSpaceState, ConfigStateError, PciIds,
+};
+pub use msix::{
+    MsiController, MsiMessage, Msix, MsixError, MsixLocation, MsixState, MsixStateError,
+};

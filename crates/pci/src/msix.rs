@@ -55,6 +55,26 @@ pub enum MsixError {
     Bar(u8),
 }
 
+/// The MSI-X state of a function, for a snapshot: each vector's table entry
+/// (address low, address high, data, vector control), the pending bits, and the enable and
+/// function mask bits of message control.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct MsixState {
+    pub table: Vec<[u32; 4]>,
+    pub pending: Vec<u64>,
+    pub enabled: bool,
+    pub function_masked: bool,
+}
+
+/// Why a saved MSI-X state does not fit this function.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MsixStateError {
+    #[error("the saved MSI-X state has {saved} vectors, the function has {actual}")]
+    Vectors { saved: usize, actual: usize },
+    #[error("the saved MSI-X pending bit array has {saved} words instead of {actual}")]
+    Pending { saved: usize, actual: usize },
+}
+
 /// Where the table or the PBA lives: a BAR and an offset in it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MsixLocation {
@@ -99,7 +119,7 @@ impl Entry {
     }
 }
 
-struct MsixState {
+struct Inner {
     entries: Vec<Entry>,
     pending: Vec<u64>,
     enabled: bool,
@@ -109,7 +129,7 @@ struct MsixState {
     controller: Arc<dyn MsiController>,
 }
 
-impl MsixState {
+impl Inner {
     fn is_pending(&self, v: usize) -> bool {
         self.pending[v / 64] & (1 << (v % 64)) != 0
     }
@@ -147,7 +167,7 @@ impl MsixState {
 /// the BAR and the device's interrupt path each hold one).
 #[derive(Clone)]
 pub struct Msix {
-    state: Arc<Mutex<MsixState>>,
+    state: Arc<Mutex<Inner>>,
     vectors: u16,
     table: MsixLocation,
     pba: MsixLocation,
@@ -174,7 +194,7 @@ impl Msix {
             }
         }
         let n = usize::from(vectors);
-        let state = MsixState {
+        let state = Inner {
             entries: vec![
                 Entry {
                     addr_lo: 0,
@@ -198,7 +218,7 @@ impl Msix {
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, MsixState> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -341,6 +361,63 @@ impl Msix {
             "msix: write of {} bytes to the PBA at {offset:#x}",
             data.len()
         );
+    }
+
+    /// The table, pending bits and control bits, for a snapshot.
+    pub fn save_state(&self) -> MsixState {
+        let s = self.lock();
+        MsixState {
+            table: s
+                .entries
+                .iter()
+                .map(|e| [e.addr_lo, e.addr_hi, e.data, e.control])
+                .collect(),
+            pending: s.pending.clone(),
+            enabled: s.enabled,
+            function_masked: s.function_masked,
+        }
+    }
+
+    /// Puts back a saved state (of a function with as many vectors). Every vector that is
+    /// deliverable is announced to the [`MsiController`] (so a fresh VMM re-creates its
+    /// routes), and pending vectors that are deliverable go out. Nothing changes when the
+    /// state does not fit.
+    pub fn restore_state(&self, state: &MsixState) -> Result<(), MsixStateError> {
+        let mut s = self.lock();
+        if state.table.len() != s.entries.len() {
+            return Err(MsixStateError::Vectors {
+                saved: state.table.len(),
+                actual: s.entries.len(),
+            });
+        }
+        if state.pending.len() != s.pending.len() {
+            return Err(MsixStateError::Pending {
+                saved: state.pending.len(),
+                actual: s.pending.len(),
+            });
+        }
+        for (e, t) in s.entries.iter_mut().zip(&state.table) {
+            *e = Entry {
+                addr_lo: t[0],
+                addr_hi: t[1],
+                data: t[2],
+                control: t[3] & VECTOR_MASKED,
+            };
+        }
+        s.pending.copy_from_slice(&state.pending);
+        // Bits past the last vector do not exist.
+        let n = s.entries.len();
+        if !n.is_multiple_of(64) {
+            if let Some(last) = s.pending.last_mut() {
+                *last &= (1u64 << (n % 64)) - 1;
+            }
+        }
+        s.enabled = state.enabled;
+        s.function_masked = state.function_masked;
+        for v in 0..n {
+            s.sync(v);
+        }
+        Ok(())
     }
 
     /// Raises vector `v`: delivered now if it is deliverable, left pending if it is masked,
@@ -577,5 +654,51 @@ pub(crate) mod tests {
         assert!(m.trigger(70).is_err());
         assert!(!m.pending(70));
         assert!(!m.vector_masked(70));
+    }
+
+    #[test]
+    fn state_restores_routes_and_pending_vectors() {
+        let (m, _) = msix(70);
+        program(&m, 0, MSG.address, MSG.data);
+        unmask(&m, 0);
+        program(&m, 65, MSG.address, 0x42);
+        m.set_message_control(CONTROL_ENABLE);
+        // Vector 65 stays masked with a pending trigger.
+        m.trigger(65).unwrap();
+        let state = m.save_state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: MsixState = serde_json::from_str(&json).unwrap();
+
+        let (fresh, ctl) = msix(70);
+        fresh.restore_state(&state).unwrap();
+        // The live vector is routed again; the masked one keeps its pending bit.
+        assert_eq!(ctl.take_updates(), vec![(0, Some(MSG))]);
+        assert!(ctl.take_triggers().is_empty());
+        assert!(fresh.enabled());
+        assert!(fresh.pending(65));
+        assert!(fresh.vector_masked(65));
+        let mut e = [0u8; 16];
+        fresh.read_table(65 * 16, &mut e);
+        let mut want = [0u8; 16];
+        m.read_table(65 * 16, &mut want);
+        assert_eq!(e, want);
+        unmask(&fresh, 65);
+        let msg65 = MsiMessage {
+            address: MSG.address,
+            data: 0x42,
+        };
+        assert_eq!(ctl.take_triggers(), vec![(65, msg65)]);
+
+        // A state of another size is refused and changes nothing.
+        let (small, ctl) = msix(3);
+        assert_eq!(
+            small.restore_state(&state),
+            Err(MsixStateError::Vectors {
+                saved: 70,
+                actual: 3
+            })
+        );
+        assert!(ctl.take_updates().is_empty());
+        assert!(!small.enabled());
     }
 }

@@ -382,6 +382,38 @@ impl VirtioDevice for Balloon {
     fn name(&self) -> &'static str {
         "virtio-balloon"
     }
+
+    fn quiesce(&mut self) -> bool {
+        // The statistics buffer goes back to the driver (length 0), which sends fresh
+        // statistics in a new one once the device runs again; the sizes stay.
+        if let Some(mut w) = self.worker.take() {
+            if let Some(mut h) = w.quiesce::<BalloonHandler>() {
+                h.give_back_stats();
+            }
+        }
+        self.shared.lock().interrupt = None;
+        true
+    }
+
+    fn save_device_state(&self) -> serde_json::Value {
+        let s = self.shared.lock();
+        serde_json::json!({ "num_pages": s.num_pages, "actual": s.actual })
+    }
+
+    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let field = |name: &str| {
+            state
+                .get(name)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|v| u32::try_from(v).ok())
+                .ok_or_else(|| format!("virtio-balloon: no valid {name:?} in {state}"))
+        };
+        let (num_pages, actual) = (field("num_pages")?, field("actual")?);
+        let mut s = self.shared.lock();
+        s.num_pages = num_pages;
+        s.actual = actual;
+        Ok(())
+    }
 }
 
 struct BalloonHandler {
@@ -510,6 +542,10 @@ impl BalloonHandler {
     /// Gives the held statistics buffer back so that the driver refills it.
     fn return_stats_buffer(&mut self) {
         consume(&self.shared.stats_request);
+        self.give_back_stats();
+    }
+
+    fn give_back_stats(&mut self) {
         let Some(q) = self.stats.as_mut() else {
             return;
         };

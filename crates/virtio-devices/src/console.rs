@@ -303,6 +303,27 @@ impl VirtioDevice for Console {
     fn name(&self) -> &'static str {
         "virtio-console"
     }
+
+    fn save_device_state(&self) -> serde_json::Value {
+        // Input not yet delivered stays buffered in the device, as across a reset.
+        let s = self.shared.input();
+        serde_json::json!({ "cols": s.cols, "rows": s.rows })
+    }
+
+    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let field = |name: &str| {
+            state
+                .get(name)
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|v| u16::try_from(v).ok())
+                .ok_or_else(|| format!("virtio-console: no valid {name:?} in {state}"))
+        };
+        let (cols, rows) = (field("cols")?, field("rows")?);
+        let mut s = self.shared.input();
+        s.cols = cols;
+        s.rows = rows;
+        Ok(())
+    }
 }
 
 struct ConsoleHandler {

@@ -7,4 +7,6 @@ pub mod block;
 pub mod console;
 pub mod net;
 pub mod rng;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod vsock;

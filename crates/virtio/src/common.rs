@@ -13,6 +13,7 @@ use crate::device::{
     features, ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice,
     VirtioInterrupt,
 };
+use crate::state::{QueueState, SnapshotError, VirtioCommonState, NO_VECTOR};
 
 /// Device status bits (virtio 1.2, section 2.1).
 pub mod status {
@@ -44,6 +45,8 @@ pub struct VirtioCommon {
     kicks: Vec<EventFd>,
     config_generation: u32,
     active: bool,
+    /// Stopped by [`VirtioCommon::quiesce`], to be activated again by `resume`.
+    quiesced: bool,
 }
 
 impl VirtioCommon {
@@ -76,6 +79,7 @@ impl VirtioCommon {
             kicks,
             config_generation: 0,
             active: false,
+            quiesced: false,
         })
     }
 
@@ -266,13 +270,14 @@ impl VirtioCommon {
     }
 
     fn reset(&mut self) {
-        if self.active && !self.device.reset() {
+        if (self.active || self.quiesced) && !self.device.reset() {
             log::warn!("{}: device cannot be reset", self.device.name());
             // The status does not read back 0, so the driver knows the reset failed.
             self.status |= status::FAILED;
             return;
         }
         self.active = false;
+        self.quiesced = false;
         self.status = 0;
         self.device_features_sel = 0;
         self.driver_features_sel = 0;
@@ -282,6 +287,204 @@ impl VirtioCommon {
             q.reset();
         }
         self.health.clear();
+    }
+
+    // ---- snapshots ----
+
+    /// Whether [`VirtioCommon::quiesce`] stopped the device (and `resume` has not yet
+    /// started it again).
+    pub fn is_quiesced(&self) -> bool {
+        self.quiesced
+    }
+
+    /// Stops a running device at a consistent point ([`VirtioDevice::quiesce`]), keeping
+    /// every register. Nothing to do for a device that is not running. The guest must not
+    /// run until [`VirtioCommon::resume`] (or for good, if the VMM ends).
+    pub fn quiesce(&mut self) -> Result<(), SnapshotError> {
+        if !self.active {
+            return Ok(());
+        }
+        if !self.device.quiesce() {
+            return Err(SnapshotError::Quiesce(self.device.name()));
+        }
+        self.active = false;
+        self.quiesced = true;
+        Ok(())
+    }
+
+    /// The registers and the device's state; the device must not be running (quiesce it).
+    pub fn save_state(&self) -> Result<VirtioCommonState, SnapshotError> {
+        if self.active {
+            return Err(SnapshotError::Running(self.device.name()));
+        }
+        Ok(VirtioCommonState {
+            device_type: self.device.device_type(),
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            driver_features: self.driver_features,
+            status: self.status,
+            queue_select: self.queue_select,
+            config_generation: self.config_generation,
+            queues: self
+                .queues
+                .iter()
+                .map(|q| QueueState {
+                    max_size: q.max_size(),
+                    size: q.size(),
+                    ready: q.ready(),
+                    desc: q.desc_table(),
+                    avail: q.avail_ring(),
+                    used: q.used_ring(),
+                    vector: NO_VECTOR,
+                })
+                .collect(),
+            broken: self.health.is_broken(),
+            device: self.device.save_device_state(),
+        })
+    }
+
+    /// Starts a quiesced device again with the same queues, from where `used->idx` says
+    /// (exactly what a restore does). Nothing to do for a device that was not quiesced. A
+    /// queue whose indices no longer make sense marks the device as needing reset.
+    pub fn resume(&mut self) {
+        if !self.quiesced {
+            return;
+        }
+        self.quiesced = false;
+        if !self.health.is_broken() {
+            self.activate_from_used_idx();
+        }
+    }
+
+    /// Checks `state` against this device and builds its queues, changing nothing.
+    fn restored_queues(&self, state: &VirtioCommonState) -> Result<Vec<Queue>, SnapshotError> {
+        let name = self.device.name();
+        let actual = self.device.device_type();
+        if state.device_type != actual {
+            return Err(SnapshotError::DeviceType {
+                saved: state.device_type,
+                actual,
+            });
+        }
+        if state.queues.len() != self.queues.len() {
+            return Err(SnapshotError::QueueCount {
+                name,
+                saved: state.queues.len(),
+                actual: self.queues.len(),
+            });
+        }
+        let offered = self.device.avail_features() | features::VERSION_1;
+        if state.status & status::FEATURES_OK != 0 && state.driver_features & !offered != 0 {
+            return Err(SnapshotError::Features {
+                name,
+                features: state.driver_features,
+                offered,
+            });
+        }
+        let mut queues = Vec::with_capacity(state.queues.len());
+        for (index, (s, mine)) in state.queues.iter().zip(&self.queues).enumerate() {
+            let err = |why: String| SnapshotError::Queue { name, index, why };
+            if s.max_size != mine.max_size() {
+                return Err(err(format!(
+                    "maximum size {} where this device has {}",
+                    s.max_size,
+                    mine.max_size()
+                )));
+            }
+            let mut q = Queue::new(mine.max_size()).map_err(|e| err(e.to_string()))?;
+            q.try_set_size(s.size).map_err(|e| err(e.to_string()))?;
+            q.try_set_desc_table_address(vm_memory::GuestAddress(s.desc))
+                .map_err(|e| err(e.to_string()))?;
+            q.try_set_avail_ring_address(vm_memory::GuestAddress(s.avail))
+                .map_err(|e| err(e.to_string()))?;
+            q.try_set_used_ring_address(vm_memory::GuestAddress(s.used))
+                .map_err(|e| err(e.to_string()))?;
+            q.set_ready(s.ready);
+            queues.push(q);
+        }
+        Ok(queues)
+    }
+
+    /// Puts a saved state into this freshly built device (built from the same configuration
+    /// as the saved one, over guest memory already holding the saved contents) and, if the
+    /// driver had started it, activates it from `used->idx` and kicks every ready queue.
+    /// A state that does not fit (another device type, queue count or layout, unoffered
+    /// features, device state the device refuses) is refused with nothing changed.
+    pub fn restore_state(&mut self, state: &VirtioCommonState) -> Result<(), SnapshotError> {
+        let name = self.device.name();
+        if self.active || self.quiesced || self.status != 0 {
+            return Err(SnapshotError::NotFresh(name));
+        }
+        let queues = self.restored_queues(state)?;
+        self.device
+            .restore_device_state(&state.device)
+            .map_err(|why| SnapshotError::Device { name, why })?;
+        self.queues = queues;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.driver_features = state.driver_features;
+        self.status = state.status & !status::DEVICE_NEEDS_RESET;
+        self.queue_select = state.queue_select;
+        self.config_generation = state.config_generation;
+        if state.broken {
+            // The driver already knows; it will reset the device.
+            self.health.set_broken_quietly();
+            return Ok(());
+        }
+        let running = status::FEATURES_OK | status::DRIVER_OK;
+        if self.status & running == running && self.status & status::FAILED == 0 {
+            self.activate_from_used_idx();
+        }
+        Ok(())
+    }
+
+    /// Activates the device with every ready queue positioned at `used->idx`, after checking
+    /// that the driver's available index is at most a queue size ahead of it; then kicks
+    /// every ready queue, for the buffers whose notification the stopped device missed.
+    fn activate_from_used_idx(&mut self) {
+        use std::sync::atomic::Ordering;
+        let name = self.device.name();
+        for (index, q) in self.queues.iter_mut().enumerate() {
+            if !q.ready() {
+                continue;
+            }
+            if !q.is_valid(&self.mem) {
+                self.health.mark_broken(&format_args!(
+                    "{name}: queue {index} has an invalid size or addresses outside guest memory"
+                ));
+                return;
+            }
+            let used = q.used_idx(&self.mem, Ordering::Acquire);
+            let avail = q.avail_idx(&self.mem, Ordering::Acquire);
+            match (used, avail) {
+                (Ok(used), Ok(avail)) if (avail - used).0 <= q.size() => {
+                    q.set_next_avail(used.0);
+                    q.set_next_used(used.0);
+                }
+                (Ok(used), Ok(avail)) => {
+                    self.health.mark_broken(&format_args!(
+                        "{name}: queue {index}: used index {} is more than the queue size behind the available index {}",
+                        used.0, avail.0
+                    ));
+                    return;
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    self.health
+                        .mark_broken(&format_args!("{name}: queue {index}: {e}"));
+                    return;
+                }
+            }
+        }
+        self.activate();
+        if self.active {
+            for (q, kick) in self.queues.iter().zip(&self.kicks) {
+                if q.ready() {
+                    if let Err(e) = kick.write(1) {
+                        log::warn!("{name}: cannot kick a restored queue: {e}");
+                    }
+                }
+            }
+        }
     }
 
     // ---- queues ----

@@ -83,6 +83,12 @@ impl DeviceHealth {
     pub(crate) fn clear(&self) {
         self.broken.store(false, Ordering::Release);
     }
+
+    /// Marks the device broken without telling the driver (a restored device that was
+    /// already broken when it was saved: the driver was told then).
+    pub(crate) fn set_broken_quietly(&self) {
+        self.broken.store(true, Ordering::Release);
+    }
 }
 
 /// One queue handed to an activated device.
@@ -161,6 +167,35 @@ pub trait VirtioDevice: Send {
 
     /// A short name for logs and thread names ("virtio-blk").
     fn name(&self) -> &'static str;
+
+    /// Stops the device's worker at a consistent point for a snapshot, like
+    /// [`VirtioDevice::reset`] but keeping what the driver set up (the transport keeps its
+    /// registers and activates the device again with the same queues).
+    ///
+    /// When this returns, the device holds no chain it popped without completing it: every
+    /// request in flight has been finished and put in the used ring (or the chain given
+    /// back), so each queue's next available and next used positions equal `used->idx` in
+    /// guest memory. The default stops the device with `reset`, which is right for devices
+    /// that never keep a chain across events and keep nothing worth carrying over.
+    fn quiesce(&mut self) -> bool {
+        self.reset()
+    }
+
+    /// Device-specific state for a snapshot (taken after [`VirtioDevice::quiesce`]):
+    /// whatever the driver changed or saw that the device's construction does not give back.
+    fn save_device_state(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+
+    /// Puts back what [`VirtioDevice::save_device_state`] saved, into a device built from the
+    /// same configuration, before it is activated. Must not change anything on error.
+    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        if state.is_null() {
+            Ok(())
+        } else {
+            Err(format!("{} keeps no device state", self.name()))
+        }
+    }
 }
 
 /// Copies `data.len()` bytes of a configuration structure at `offset`, zero past its end.

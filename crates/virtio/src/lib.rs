@@ -7,6 +7,7 @@
 //!   the status state machine, queue configuration, activation and reset;
 //! - [`mmio`]: the virtio-mmio transport (register decoding only);
 //! - [`pci`]: the virtio-pci transport (capabilities, common config, notify, ISR, MSI-X);
+//! - [`state`]: snapshot state of devices and transports (quiesce, save, resume, restore);
 //! - [`worker`]: the epoll worker thread and queue-draining loop every device uses.
 //!
 //! Devices themselves live in `vessel-virtio-devices`; PCI config space and MSI-X in
@@ -17,6 +18,7 @@ pub mod common;
 pub mod device;
 pub mod mmio;
 pub mod pci;
+pub mod state;
 pub mod worker;
 
 pub use common::VirtioCommon;
@@ -26,3 +28,4 @@ pub use device::{
 };
 pub use mmio::MmioTransport;
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
+pub use state::{MmioTransportState, QueueState, SnapshotError, VirtioCommonState, VirtioPciState};

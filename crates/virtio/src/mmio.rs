@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::common::VirtioCommon;
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
+use crate::state::{MmioTransportState, SnapshotError};
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -85,6 +86,39 @@ impl MmioTransport {
 
     pub fn common(&self) -> &VirtioCommon {
         &self.common
+    }
+
+    /// Stops the device at a consistent point for a snapshot (see
+    /// [`VirtioCommon::quiesce`]); the registers stay.
+    pub fn quiesce(&mut self) -> Result<(), SnapshotError> {
+        self.common.quiesce()
+    }
+
+    /// The transport's state (the device must be quiesced or not running).
+    pub fn save_state(&self) -> Result<MmioTransportState, SnapshotError> {
+        Ok(MmioTransportState {
+            common: self.common.save_state()?,
+            interrupt_status: self.interrupt.status(),
+        })
+    }
+
+    /// Starts a quiesced device again (see [`VirtioCommon::resume`]).
+    pub fn resume(&mut self) {
+        self.common.resume();
+    }
+
+    /// Puts a saved state into this freshly built transport (see
+    /// [`VirtioCommon::restore_state`]); a pending interrupt status is raised again.
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), SnapshotError> {
+        self.common.restore_state(&state.common)?;
+        let pending = state.interrupt_status & (INT_USED_RING | INT_CONFIG);
+        if pending != 0 {
+            self.interrupt.status.fetch_or(pending, Ordering::AcqRel);
+            if let Err(e) = self.interrupt.irq.write(1) {
+                log::warn!("virtio-mmio: cannot raise a restored interrupt: {e}");
+            }
+        }
+        Ok(())
     }
 
     /// The queue notification events (register each as an ioeventfd at

@@ -3,8 +3,11 @@
 //! writing its own event loop; [`drain_queue`] is the shared "pop chains, complete them,
 //! decide whether to interrupt" loop with event-index suppression.
 
+use std::any::Any;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -27,6 +30,11 @@ pub trait EventHandler: Send + 'static {
         events: EventSet,
         ctl: &mut WorkerControl,
     ) -> io::Result<()>;
+
+    /// Called on the worker thread when [`Worker::quiesce`] stops it, before the handler is
+    /// handed back: finish whatever is in flight (work submitted from this thread, such as
+    /// io_uring requests, must complete before the thread exits, which would cancel it).
+    fn quiesce(&mut self) {}
 }
 
 /// Lets a handler add or remove watched descriptors from inside the loop (vsock
@@ -52,10 +60,15 @@ impl WorkerControl {
     }
 }
 
+/// What the thread hands back when it ends: its handler, when asked to keep it.
+type Kept = Option<Box<dyn Any + Send>>;
+
 /// A running worker thread; dropping it stops and joins the thread.
 pub struct Worker {
     stop: EventFd,
-    thread: Option<JoinHandle<()>>,
+    /// Set before `stop` is signalled when the handler is to be handed back.
+    keep: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Kept>>,
 }
 
 impl Worker {
@@ -74,38 +87,63 @@ impl Worker {
             ctl.add(fd, token, events)?;
         }
         let thread_stop = stop.try_clone()?;
+        let keep = Arc::new(AtomicBool::new(false));
+        let thread_keep = keep.clone();
         let thread_name = name.to_string();
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let _keep = thread_stop;
-                let mut events = vec![EpollEvent::default(); 32];
-                loop {
-                    let n = match ctl.epoll.wait(-1, &mut events) {
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            log::error!("{thread_name}: epoll failed: {e}");
-                            return;
-                        }
-                    };
-                    for ev in &events[..n] {
-                        let token = ev.data();
-                        if token == STOP_TOKEN {
-                            return;
-                        }
-                        let set = EventSet::from_bits_truncate(ev.events);
-                        if let Err(e) = handler.handle_event(token, set, &mut ctl) {
-                            log::error!("{thread_name}: stopping: {e}");
-                            return;
+        let thread =
+            std::thread::Builder::new()
+                .name(name.to_string())
+                .spawn(move || -> Kept {
+                    let _stop = thread_stop;
+                    let mut events = vec![EpollEvent::default(); 32];
+                    loop {
+                        let n = match ctl.epoll.wait(-1, &mut events) {
+                            Ok(n) => n,
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                log::error!("{thread_name}: epoll failed: {e}");
+                                return None;
+                            }
+                        };
+                        for ev in &events[..n] {
+                            let token = ev.data();
+                            if token == STOP_TOKEN {
+                                // Events after the stop in this batch stay pending on their
+                                // (level-triggered) descriptors for the next worker.
+                                if thread_keep.load(Ordering::Acquire) {
+                                    handler.quiesce();
+                                    return Some(Box::new(handler));
+                                }
+                                return None;
+                            }
+                            let set = EventSet::from_bits_truncate(ev.events);
+                            if let Err(e) = handler.handle_event(token, set, &mut ctl) {
+                                log::error!("{thread_name}: stopping: {e}");
+                                return None;
+                            }
                         }
                     }
-                }
-            })?;
+                })?;
         Ok(Worker {
             stop,
+            keep,
             thread: Some(thread),
         })
+    }
+
+    /// Stops the thread between two events, runs [`EventHandler::quiesce`] on it and hands
+    /// the handler back (with the queues and everything else it owns), for a device that
+    /// quiesces. `None` if the thread had
+    /// already ended (an error stopped it; the handler was dropped) or `H` is not the
+    /// handler's type.
+    pub fn quiesce<H: EventHandler>(&mut self) -> Option<H> {
+        let t = self.thread.take()?;
+        self.keep.store(true, Ordering::Release);
+        let _ = self.stop.write(1);
+        match t.join() {
+            Ok(Some(h)) => h.downcast::<H>().ok().map(|h| *h),
+            _ => None,
+        }
     }
 
     /// Stops the thread and waits for it.

@@ -137,6 +137,12 @@ impl MsiRoutes {
         Ok((gsi, crate::devices::irqfd(&self.vm, gsi)?))
     }
 
+    /// The MSI routes in the table: (GSI, message).
+    #[cfg(test)]
+    pub(crate) fn msi_routes(&self) -> Vec<(u32, MsiMessage)> {
+        self.table().msi.clone()
+    }
+
     /// Routes `gsi` to `msg`, or removes its route (`None`: masked or disabled).
     pub fn set(&self, gsi: u32, msg: Option<MsiMessage>) -> Result<(), VmmError> {
         let mut t = self.table();

@@ -11,7 +11,8 @@
 //!
 //! Every request is finished (data in the page cache, or on disk for `FLUSH`) before its used
 //! entry is published. With io_uring, used entries are published in completion order and a
-//! reset waits for every request in flight before it returns. Counters for the VMM are in
+//! reset waits for every request in flight before it returns; a quiesce (for snapshots)
+//! waits for them too and publishes their results. Counters for the VMM are in
 //! [`BlockStats`].
 
 mod disk;
@@ -322,6 +323,11 @@ impl EventHandler for BlockHandler {
         }
         Ok(())
     }
+
+    fn quiesce(&mut self) {
+        // On the worker thread: its exit would cancel the io_uring requests it submitted.
+        self.server.finish_in_flight();
+    }
 }
 
 impl VirtioDevice for Block {
@@ -370,5 +376,16 @@ impl VirtioDevice for Block {
 
     fn name(&self) -> &'static str {
         "virtio-blk"
+    }
+
+    fn quiesce(&mut self) -> bool {
+        // Unlike a reset, requests in flight are completed and published, not dropped.
+        if let Some(mut w) = self.worker.take() {
+            // The handler finishes the requests in flight (see `BlockHandler::quiesce`).
+            if w.quiesce::<BlockHandler>().is_none() {
+                log::warn!("virtio-blk: the worker had stopped before the quiesce");
+            }
+        }
+        true
     }
 }

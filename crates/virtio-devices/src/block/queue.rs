@@ -141,6 +141,27 @@ impl QueueServer {
         n
     }
 
+    /// Waits for every io_uring request in flight and publishes each (status, used entry,
+    /// interrupt if due) without popping anything new: afterwards the queue holds no chain
+    /// that was popped and not completed. For a quiesce; returns how many completed.
+    pub fn finish_in_flight(&mut self) -> u64 {
+        let mut n = 0;
+        while self.in_flight() > 0 {
+            if let Some(r) = &mut self.ring {
+                if let Err(e) = r.wait() {
+                    log::error!("virtio-blk: cannot wait for requests in flight: {e}");
+                    break;
+                }
+                r.consume_event();
+            }
+            n += self.reap();
+        }
+        if n > 0 {
+            self.notify();
+        }
+        n
+    }
+
     /// The queue, for tests and the benchmark's synthetic driver.
     pub fn queue(&self) -> &Queue {
         &self.queue

@@ -1166,3 +1166,51 @@ fn io_uring_reset_with_requests_in_flight_leaves_guest_memory_alone() {
     }
     assert_eq!(stats.snapshot().requests, 0);
 }
+
+#[test]
+fn io_uring_quiesce_completes_requests_in_flight() {
+    let Some((mut b, mut w, _r, _img)) = pipe_block() else {
+        return;
+    };
+    let stats = b.stats();
+    let m = mem();
+    let (mut vq, q) = TestRing::new(&m, 16, &read_chains(&m, 4));
+    let kick = EventFd::new(EFD_NONBLOCK).unwrap();
+    b.activate(ctx_for(&b, &m, q, kick.try_clone().unwrap()))
+        .unwrap();
+    for i in 0..4 {
+        vq.push(i);
+    }
+    kick.write(1).unwrap();
+    // Bounded wait for the worker to submit the four reads; not a timing assertion.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stats.snapshot().io_submissions < 4 {
+        assert!(std::time::Instant::now() < deadline, "reads not submitted");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(vq.used_idx(), 0);
+    // The quiesce waits for the reads: feed them from another thread once it has started
+    // (if the data came first, the worker would complete them itself, which is fine too).
+    let feeder = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        for _ in 0..4 {
+            w.write_all(&[0x42; 512]).unwrap();
+        }
+        w
+    });
+    assert!(b.quiesce());
+    assert!(b.worker.is_none());
+    let _w = feeder.join().unwrap();
+    // Every request popped was completed and published: the used index is the available one.
+    assert_eq!(vq.used_idx(), 4);
+    for i in 0..4u16 {
+        let (id, len) = vq.used(i);
+        assert_eq!(len, 513);
+        assert_eq!(status(&m, STATUS + u64::from(id)), S_OK);
+        let mut got = [0u8; 512];
+        m.read_slice(&mut got, GuestAddress(rbuf(u64::from(id))))
+            .unwrap();
+        assert_eq!(got, [0x42; 512]);
+    }
+    assert_eq!(stats.snapshot().requests, 4);
+}

@@ -140,6 +140,8 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     avail_features: u64,
     config: [u8; 12],
+    /// Queue pairs the driver uses (`VQ_PAIRS_SET`), kept across a quiesce or a restore.
+    active_pairs: u16,
     worker: Option<Worker>,
 }
 
@@ -180,6 +182,7 @@ impl Net {
             queue_sizes,
             avail_features: offered_features(queue_pairs),
             config,
+            active_pairs: 1,
             worker: None,
         })
     }
@@ -234,12 +237,13 @@ impl VirtioDevice for Net {
             }
             tap.set_offload(offload)
                 .map_err(|e| ActivateError::Backend(e.to_string()))?;
+            let on = p < usize::from(self.active_pairs.max(1));
             if multi {
                 // Only the first pair receives until the driver asks for more.
-                tap.set_queue_enabled(p == 0)
+                tap.set_queue_enabled(on)
                     .map_err(|e| ActivateError::Backend(e.to_string()))?;
             }
-            pairs.push(QueuePair::new(p as u16, tap.clone(), rx, tx));
+            pairs.push(QueuePair::new(p as u16, tap.clone(), rx, tx).start_enabled(on));
         }
         let ctrl = if acked & feature::CTRL_VQ != 0 {
             ctx.take_queue(2 * self.queue_pairs)
@@ -257,7 +261,7 @@ impl VirtioDevice for Net {
             }
             if pair.rx.is_some() {
                 // Pairs other than the first wait for `VQ_PAIRS_SET`.
-                let ev = if p == 0 {
+                let ev = if p < u64::from(self.active_pairs.max(1)) {
                     EventSet::IN
                 } else {
                     EventSet::empty()
@@ -276,6 +280,7 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         self.worker = None;
+        self.active_pairs = 1;
         if self.queue_pairs > 1 {
             for tap in &self.taps {
                 let _ = tap.set_queue_enabled(true);
@@ -286,6 +291,46 @@ impl VirtioDevice for Net {
 
     fn name(&self) -> &'static str {
         "virtio-net"
+    }
+
+    fn quiesce(&mut self) -> bool {
+        // The worker never keeps a chain between events (receive buffers it cannot fill
+        // are put back); only the number of pairs in use is worth keeping.
+        if let Some(mut w) = self.worker.take() {
+            if let Some(h) = w.quiesce::<NetHandler>() {
+                let n = h.pairs.iter().filter(|p| p.enabled()).count();
+                self.active_pairs = u16::try_from(n).unwrap_or(1).max(1);
+            }
+        }
+        true
+    }
+
+    fn save_device_state(&self) -> serde_json::Value {
+        // The TAP is reopened by name; the MAC may have been random.
+        serde_json::json!({ "mac": self.mac, "active_pairs": self.active_pairs })
+    }
+
+    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        let mac: [u8; 6] = state
+            .get("mac")
+            .and_then(|m| serde_json::from_value(m.clone()).ok())
+            .filter(|m: &[u8; 6]| m[0] & 1 == 0)
+            .ok_or_else(|| format!("virtio-net: no valid unicast \"mac\" in {state}"))?;
+        let pairs = state
+            .get("active_pairs")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|n| u16::try_from(n).ok())
+            .filter(|n| (1..=self.queue_pairs).contains(n))
+            .ok_or_else(|| {
+                format!(
+                    "virtio-net: \"active_pairs\" must be 1 to {} in {state}",
+                    self.queue_pairs
+                )
+            })?;
+        self.mac = mac;
+        self.config[..6].copy_from_slice(&mac);
+        self.active_pairs = pairs;
+        Ok(())
     }
 }
 

@@ -67,6 +67,11 @@ impl<'a> Ring<'a> {
         }
     }
 
+    /// The guest addresses of the descriptor table, available ring and used ring.
+    pub fn addresses(&self) -> (u64, u64, u64) {
+        (self.desc, self.avail, self.used)
+    }
+
     /// The device side of this ring, with event index off.
     pub fn active(&self, index: u16) -> ActiveQueue {
         let mut queue = Queue::new(self.size).unwrap();

@@ -145,6 +145,18 @@ impl QueuePair {
             tx,
         }
     }
+
+    /// Whether the pair is used from the start: only the first, unless the driver of a
+    /// restored device had already asked for more with `VQ_PAIRS_SET`.
+    pub(super) fn start_enabled(mut self, on: bool) -> Self {
+        self.enabled = on;
+        self.tap_polled = self.rx.is_some() && on;
+        self
+    }
+
+    pub(super) fn enabled(&self) -> bool {
+        self.enabled
+    }
 }
 
 /// Counters, for logs and tests.

@@ -9,7 +9,9 @@
 //!
 //! Streams only, with the credit-based flow control of virtio 1.2 section 5.10.6.3. The
 //! listener and every connection live in the device worker's epoll set. Reset closes every
-//! connection (the worker and everything it owns is dropped).
+//! connection (the worker and everything it owns is dropped); a quiesce keeps them for the
+//! resume; a device restored from a snapshot sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`, as
+//! its host-side connections did not survive.
 //!
 //! - [`packet`]: the 44-byte packet header;
 //! - `muxer`: connections, their state machine and the queue processing.
@@ -65,6 +67,11 @@ pub struct Vsock {
     listener: Arc<UnixListener>,
     queue_sizes: [u16; 3],
     worker: Option<Worker>,
+    /// The connections of a quiesced device, for its next activation.
+    parked: Option<Muxer>,
+    /// Restored from a snapshot: the next activation tells the driver its connections are
+    /// gone (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`).
+    reset_on_activate: bool,
 }
 
 impl Vsock {
@@ -80,6 +87,8 @@ impl Vsock {
             listener: Arc::new(listener),
             queue_sizes: [QUEUE_SIZE; 3],
             worker: None,
+            parked: None,
+            reset_on_activate: false,
         })
     }
 
@@ -131,8 +140,12 @@ impl VirtioDevice for Vsock {
         self.worker = None;
         let rx = ctx.take_queue(0).ok_or(ActivateError::MissingQueue(0))?;
         let tx = ctx.take_queue(1).ok_or(ActivateError::MissingQueue(1))?;
-        // The event queue carries only transport-reset events, which we never send.
+        // The event queue carries only transport-reset events, sent after a restore.
         let evq = ctx.take_queue(2);
+        let evq_kick = match &evq {
+            Some(q) => Some(q.kick.try_clone().map_err(ActivateError::Worker)?),
+            None => None,
+        };
         let mut fds = vec![
             (rx.kick.as_raw_fd(), Tokens::RX_KICK, EventSet::IN),
             (tx.kick.as_raw_fd(), Tokens::TX_KICK, EventSet::IN),
@@ -141,26 +154,61 @@ impl VirtioDevice for Vsock {
         if let Some(q) = &evq {
             fds.push((q.kick.as_raw_fd(), Tokens::EVT_KICK, EventSet::IN));
         }
-        let muxer = Muxer::new(
-            ctx.mem,
-            self.guest_cid,
-            self.uds_path.clone(),
-            self.listener.clone(),
-            rx,
-            tx,
-            evq,
-            ctx.interrupt,
-            ctx.health,
-        );
+        let mut muxer = match self.parked.take() {
+            // Started again after a quiesce: the connections carry on.
+            Some(mut m) => {
+                m.rebind(ctx.mem, rx, tx, evq, ctx.interrupt, ctx.health);
+                fds.extend(m.watched_fds());
+                m
+            }
+            None => Muxer::new(
+                ctx.mem,
+                self.guest_cid,
+                self.uds_path.clone(),
+                self.listener.clone(),
+                rx,
+                tx,
+                evq,
+                ctx.interrupt,
+                ctx.health,
+            ),
+        };
+        let reset = std::mem::take(&mut self.reset_on_activate);
+        if reset {
+            muxer.request_transport_reset();
+        }
         self.worker =
             Some(Worker::spawn("virtio-vsock", &fds, muxer).map_err(ActivateError::Worker)?);
+        if let (true, Some(k)) = (reset, evq_kick) {
+            k.write(1).map_err(ActivateError::Worker)?;
+        }
         Ok(())
     }
 
     fn reset(&mut self) -> bool {
         // Dropping the worker drops the muxer and closes every connection.
         self.worker = None;
+        self.parked = None;
+        self.reset_on_activate = false;
         true
+    }
+
+    fn quiesce(&mut self) -> bool {
+        // The muxer never keeps a chain between events; keep it (and the host connections)
+        // for the activation that resumes the device.
+        if let Some(mut w) = self.worker.take() {
+            self.parked = w.quiesce::<Muxer>();
+        }
+        true
+    }
+
+    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
+        if !state.is_null() {
+            return Err(format!("virtio-vsock keeps no device state, got {state}"));
+        }
+        // The host side of every connection is gone with the old process.
+        self.reset_on_activate = true;
+        Ok(())
     }
 
     fn name(&self) -> &'static str {
@@ -171,6 +219,7 @@ impl VirtioDevice for Vsock {
 impl Drop for Vsock {
     fn drop(&mut self) {
         self.worker = None;
+        self.parked = None;
         let _ = std::fs::remove_file(&self.uds_path);
     }
 }

@@ -168,6 +168,8 @@ pub(super) struct Muxer {
     /// Streams waiting for receive buffers.
     rx_waiters: Vec<Key>,
     scratch: Vec<u8>,
+    /// A `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` is to be sent on the event queue.
+    reset_pending: bool,
     pub(super) stats: VsockStats,
 }
 
@@ -221,8 +223,82 @@ impl Muxer {
             ctrl: VecDeque::new(),
             rx_waiters: Vec::new(),
             scratch: vec![0u8; MAX_PKT_PAYLOAD],
+            reset_pending: false,
             stats: VsockStats::default(),
         }
+    }
+
+    /// Takes the queues (and the rest of the activation context) of a device started
+    /// again after a quiesce, keeping every connection.
+    pub(super) fn rebind(
+        &mut self,
+        mem: GuestMemoryMmap,
+        rx: ActiveQueue,
+        tx: ActiveQueue,
+        evq: Option<ActiveQueue>,
+        interrupt: Arc<dyn VirtioInterrupt>,
+        health: DeviceHealth,
+    ) {
+        self.mem = mem;
+        self.rx = rx;
+        self.tx = tx;
+        self.evq = evq;
+        self.interrupt = interrupt;
+        self.health = health;
+    }
+
+    /// The connection descriptors to watch, as they were registered (for a new worker after
+    /// a quiesce): pending host connections and connections in the epoll set.
+    pub(super) fn watched_fds(&self) -> Vec<(std::os::unix::io::RawFd, u64, EventSet)> {
+        let pending = self
+            .pending
+            .iter()
+            .map(|(id, p)| (p.stream.as_raw_fd(), Tokens::FIRST_ID + id, EventSet::IN));
+        let conns = self
+            .conns
+            .values()
+            .filter(|c| c.registered)
+            .map(|c| (c.stream.as_raw_fd(), Tokens::FIRST_ID + c.id, c.events));
+        pending.chain(conns).collect()
+    }
+
+    /// Sends `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` as soon as the event queue has a buffer
+    /// (call before the worker starts, then kick the event queue): the driver drops its
+    /// connections and reads the guest CID again. For a restored device, whose host-side
+    /// connections did not survive.
+    pub(super) fn request_transport_reset(&mut self) {
+        self.reset_pending = true;
+    }
+
+    fn send_transport_reset(&mut self) {
+        let Some(q) = self.evq.as_mut() else {
+            return;
+        };
+        let Ok(chain) = next_chain(&mut q.queue, &self.mem, &self.health, &"vsock event queue")
+        else {
+            return;
+        };
+        let Some(chain) = chain else {
+            // No buffer yet: the driver's next kick brings us back.
+            return;
+        };
+        let head = chain.head_index();
+        // struct virtio_vsock_event { le32 id; }, VIRTIO_VSOCK_EVENT_TRANSPORT_RESET = 0.
+        let written = chain
+            .writer(&self.mem)
+            .ok()
+            .filter(|w| w.available_bytes() >= 4)
+            .is_some_and(|mut w| w.write_all(&0u32.to_le_bytes()).is_ok());
+        let len = if written { 4 } else { 0 };
+        if let Err(e) = q.queue.add_used(&self.mem, head, len) {
+            self.health
+                .mark_broken(&format_args!("vsock event queue: {e}"));
+            return;
+        }
+        if len == 4 {
+            self.reset_pending = false;
+        }
+        notify_if_needed(&mut q.queue, q.index, &self.mem, self.interrupt.as_ref());
     }
 
     fn alloc_id(&mut self) -> u64 {
@@ -808,6 +884,9 @@ impl Muxer {
             Tokens::EVT_KICK => {
                 if let Some(q) = &self.evq {
                     consume(&q.kick);
+                }
+                if self.reset_pending {
+                    self.send_transport_reset();
                 }
             }
             Tokens::LISTENER => self.accept(poll),
