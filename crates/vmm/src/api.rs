@@ -625,6 +625,18 @@ mod tests {
     }
 
     #[test]
+    fn balloon_figures_in_api_units() {
+        let dev = vessel_virtio_devices::balloon::Balloon::new(Default::default()).unwrap();
+        let h = dev.handle();
+        h.set_target_mib(12);
+        let s = balloon_stats(&h);
+        assert_eq!((s.target_pages, s.target_mib), (12 * 256, 12));
+        assert_eq!((s.actual_pages, s.actual_mib, s.free_memory), (0, 0, None));
+        assert!(refuse_rate_limiters(true).is_err());
+        assert!(refuse_rate_limiters(false).is_ok());
+    }
+
+    #[test]
     fn start_without_kernel_and_unsupported_features_are_refused() {
         let mut b = ApiBackend::new(VmConfig::default()).unwrap();
         let r = VmResources::default();
@@ -634,6 +646,8 @@ mod tests {
         assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
         // Nothing started: control calls are pre-boot errors.
         assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(b.stop(), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(b.balloon_update(1), Err(ApiError::NotSupportedPreBoot));
         assert!(b.take_outcome().is_none());
         assert!(b.metrics().unwrap().is_empty());
     }
