@@ -51,6 +51,10 @@ pub trait VmmBackend {
     fn send_ctrl_alt_del(&mut self) -> Result<(), ApiError> {
         unsupported("SendCtrlAltDel")
     }
+    /// Ends the VM at once (`PUT /vessel/stop`); returns without waiting for it.
+    fn stop(&mut self) -> Result<(), ApiError> {
+        unsupported("stopping the microVM")
+    }
     /// The VMM's own metric groups, merged into the metrics line on each flush
     /// (e.g. `{"vcpu": {...}, "block": {...}}`).
     fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
@@ -189,6 +193,9 @@ impl VmmBackend for ChannelBackend {
     }
     fn send_ctrl_alt_del(&mut self) -> Result<(), ApiError> {
         self.call(|b| b.send_ctrl_alt_del())
+    }
+    fn stop(&mut self) -> Result<(), ApiError> {
+        self.call(|b| b.stop())
     }
     fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
         self.call(|b| b.metrics())

@@ -283,6 +283,12 @@ impl ApiController {
         }
     }
 
+    /// `PUT /vessel/stop` (extension): ends the started VM at once.
+    pub fn stop(&mut self) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.backend.stop()
+    }
+
     /// `InstanceStart`: validates the resources and has the backend boot the VM.
     pub fn start(&mut self) -> Result<(), ApiError> {
         self.require_preboot()?;
@@ -423,7 +429,9 @@ impl ApiController {
 
 /// Opens the metrics file or FIFO for appending, without blocking on a FIFO with no reader.
 fn open_metrics_sink(path: &str) -> Result<File, ApiError> {
+    // Read-write, so that opening a FIFO never waits for (or fails without) a reader.
     OpenOptions::new()
+        .read(true)
         .append(true)
         .create(true)
         .custom_flags(libc::O_NONBLOCK)

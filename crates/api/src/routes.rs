@@ -276,6 +276,18 @@ fn build() -> Vec<Route> {
                 Ok(Reply::Text(c.prometheus(), "text/plain; version=0.0.4"))
             }),
         },
+        Route {
+            method: Method::Put,
+            path: "/vessel/stop",
+            operation_id: "stopVm",
+            request: None,
+            response: None,
+            metric: "stop",
+            handler: Box::new(|c, _, _| {
+                c.stop()?;
+                Ok(Reply::Empty)
+            }),
+        },
     ]
 }
 
@@ -317,6 +329,36 @@ fn error_response(e: &ApiError) -> Response {
 /// Answers one request: routing, Firecracker's body rules, the handler, metrics.
 pub fn dispatch(controller: &Mutex<ApiController>, metrics: &Metrics, req: &Request) -> Response {
     let path = req.path();
+    log::info!(
+        "The API server received a {} request on \"{path}\".",
+        req.method.as_str()
+    );
+    let response = route(controller, metrics, req, path);
+    // Refused requests are logged: 4xx as warnings (the client's doing), 5xx as errors.
+    if response.status >= 400 {
+        let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+        let msg = body["fault_message"].as_str().unwrap_or("");
+        if response.status >= 500 {
+            log::error!(
+                "Received Error. Status code: {}. Message: {msg}",
+                response.status
+            );
+        } else {
+            log::warn!(
+                "Received Error. Status code: {}. Message: {msg}",
+                response.status
+            );
+        }
+    }
+    response
+}
+
+fn route(
+    controller: &Mutex<ApiController>,
+    metrics: &Metrics,
+    req: &Request,
+    path: &str,
+) -> Response {
     let Some((index, params)) = find(&req.method, path) else {
         metrics.server.unknown_routes.inc();
         // A known path whose id segment is missing (`PUT /drives`) gets the id error.

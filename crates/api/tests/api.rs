@@ -52,6 +52,10 @@ impl VmmBackend for Mock {
         self.log("ctrl_alt_del");
         Ok(())
     }
+    fn stop(&mut self) -> Result<(), ApiError> {
+        self.log("stop");
+        Ok(())
+    }
     fn metrics(&mut self) -> Result<serde_json::Map<String, Value>, ApiError> {
         let mut m = serde_json::Map::new();
         m.insert("vcpu".into(), json!({"exit_io_in": 7}));
@@ -441,6 +445,7 @@ fn every_endpoint_before_and_after_start() {
             400,
         ),
         ("GET", "/vessel/metrics", None, 200, 200),
+        ("PUT", "/vessel/stop", None, 400, 204),
     ];
     // Every route of the table is exercised.
     for r in routes::table() {

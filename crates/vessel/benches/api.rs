@@ -1,6 +1,8 @@
 //! API benchmark (prints figures; not a test): process start to the API socket accepting
-//! (`vessel --api-sock`, Firecracker-compatible mode), and the round trip of `GET /` and
-//! `PUT /machine-config` on a kept-alive connection.
+//! (`vessel --api-sock`, Firecracker-compatible mode); the round trip of `GET /` and
+//! `PUT /machine-config` on a kept-alive connection before start; and, with a tiny guest
+//! whose vCPU spins (`jmp $`), `GET /`, `GET /vm/config` and `PATCH /vm` Paused+Resumed
+//! pairs while it runs.
 //!
 //! `cargo bench -p vessel --bench api`
 
@@ -10,8 +12,13 @@ use std::time::{Duration, Instant};
 
 use vessel_api::client::Client;
 
+#[allow(dead_code)]
+#[path = "../tests/common/tinyguest.rs"]
+mod tinyguest;
+
 const STARTS: usize = 30;
 const REQUESTS: usize = 2000;
+const PAUSE_PAIRS: usize = 300;
 
 fn spawn(sock: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_vessel"))
@@ -53,6 +60,85 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+fn report(what: &str, mut times: Vec<Duration>) {
+    times.sort();
+    println!(
+        "{what} ({} samples): median {:.1} µs, p99 {:.1} µs",
+        times.len(),
+        percentile(&times, 0.5).as_secs_f64() * 1e6,
+        percentile(&times, 0.99).as_secs_f64() * 1e6
+    );
+}
+
+fn time_requests(
+    c: &mut Client,
+    n: usize,
+    requests: &[(&str, &str, Option<&str>)],
+) -> Vec<Duration> {
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            for (method, path, body) in requests {
+                let r = c.request(method, path, *body).expect("request");
+                assert!(r.status < 300, "{method} {path}: {} {}", r.status, r.text());
+            }
+            t.elapsed()
+        })
+        .collect()
+}
+
+/// Round trips while a guest keeps its vCPU busy.
+fn running_guest(dir: &std::path::Path) {
+    let sock = dir.join("running.sock");
+    let kernel = dir.join("spin.elf");
+    // jmp $
+    std::fs::write(&kernel, tinyguest::elf(&[0xeb, 0xfe])).unwrap();
+    let _ = std::fs::remove_file(&sock);
+    let child = spawn(&sock);
+    let mut c = Client::new(&sock, Duration::from_secs(10));
+    let t = Instant::now();
+    while c.request("GET", "/", None).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "no API socket");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let boot = format!(r#"{{"kernel_image_path": "{}"}}"#, kernel.display());
+    for (method, path, body) in [
+        ("PUT", "/boot-source", Some(boot.as_str())),
+        (
+            "PUT",
+            "/machine-config",
+            Some(r#"{"vcpu_count": 1, "mem_size_mib": 32}"#),
+        ),
+        (
+            "PUT",
+            "/actions",
+            Some(r#"{"action_type": "InstanceStart"}"#),
+        ),
+    ] {
+        let r = c.request(method, path, body).expect("request");
+        assert!(r.status < 300, "{path}: {}", r.text());
+    }
+    let get = [("GET", "/", None)];
+    report(
+        "running guest: GET / round trip",
+        time_requests(&mut c, REQUESTS, &get),
+    );
+    let config = [("GET", "/vm/config", None)];
+    report(
+        "running guest: GET /vm/config round trip",
+        time_requests(&mut c, REQUESTS, &config),
+    );
+    let pairs = [
+        ("PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
+        ("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#)),
+    ];
+    report(
+        "running guest: PATCH /vm Paused + Resumed pair",
+        time_requests(&mut c, PAUSE_PAIRS, &pairs),
+    );
+    stop(child);
 }
 
 fn main() {
@@ -101,5 +187,6 @@ fn main() {
         );
     }
     stop(child);
+    running_guest(&dir);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,9 +1,10 @@
 //! `vessel api --sock PATH COMMAND`: a small client for people, talking to a running VM's
-//! API socket (Vessel's or Firecracker's).
+//! API socket (Vessel's or Firecracker's): status, start, pause, resume, ctrl-alt-del,
+//! poweroff, snapshot create/load, balloon show/set/stats, metrics, and raw get/put/patch.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
 use vessel_api::client::{Client, ClientResponse};
@@ -30,6 +31,26 @@ enum ApiCommand {
     Resume,
     /// Type Ctrl-Alt-Del on the guest's keyboard (a Linux guest reboots, ending the VM).
     CtrlAltDel,
+    /// End the VM: Ctrl-Alt-Del, then, if the VM still runs after the grace period, stop it
+    /// (PUT /vessel/stop). Returns once the VM's process has removed its socket.
+    Poweroff {
+        /// Stop at once, without Ctrl-Alt-Del.
+        #[arg(long)]
+        force: bool,
+        /// Seconds to wait for the guest after Ctrl-Alt-Del.
+        #[arg(long, default_value_t = 10)]
+        grace: u64,
+    },
+    /// Snapshots: create (the VM must be paused) or load (on a fresh VMM).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+    /// The balloon device: show it, set its target size, read its statistics.
+    Balloon {
+        #[command(subcommand)]
+        command: BalloonCommand,
+    },
     /// Start the configured VM (InstanceStart).
     Start,
     /// Write a metrics line to the metrics path (FlushMetrics).
@@ -44,12 +65,86 @@ enum ApiCommand {
     Patch { path: String, json: String },
 }
 
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// PUT /snapshot/create.
+    Create {
+        /// Where to write guest memory.
+        #[arg(long, value_name = "PATH")]
+        mem: String,
+        /// Where to write the VM state.
+        #[arg(long, value_name = "PATH")]
+        state: String,
+        /// A diff snapshot (pages dirtied since the last one).
+        #[arg(long)]
+        diff: bool,
+    },
+    /// PUT /snapshot/load.
+    Load {
+        /// The guest memory file.
+        #[arg(long, value_name = "PATH")]
+        mem: String,
+        /// The VM state file.
+        #[arg(long, value_name = "PATH")]
+        state: String,
+        /// Resume the VM once loaded.
+        #[arg(long)]
+        resume: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BalloonCommand {
+    /// GET /balloon.
+    Show,
+    /// PATCH /balloon: the balloon's target size in MiB.
+    Set { mib: u32 },
+    /// GET /balloon/statistics.
+    Stats,
+}
+
 fn action(kind: &str) -> String {
     format!("{{\"action_type\": \"{kind}\"}}")
 }
 
 pub fn run(args: ApiArgs) -> Result<ExitCode, String> {
+    let mut client = Client::new(&args.sock, Duration::from_secs(args.timeout));
     let (method, path, body) = match args.command {
+        ApiCommand::Poweroff { force, grace } => {
+            return poweroff(&mut client, &args.sock, force, Duration::from_secs(grace))
+        }
+        ApiCommand::Snapshot {
+            command: SnapshotCommand::Create { mem, state, diff },
+        } => {
+            let mut b = serde_json::json!({"mem_file_path": mem, "snapshot_path": state});
+            if diff {
+                b["snapshot_type"] = "Diff".into();
+            }
+            ("PUT", "/snapshot/create".into(), Some(b.to_string()))
+        }
+        ApiCommand::Snapshot {
+            command: SnapshotCommand::Load { mem, state, resume },
+        } => (
+            "PUT",
+            "/snapshot/load".into(),
+            Some(
+                serde_json::json!({
+                    "snapshot_path": state,
+                    "mem_backend": {"backend_type": "File", "backend_path": mem},
+                    "resume_vm": resume
+                })
+                .to_string(),
+            ),
+        ),
+        ApiCommand::Balloon { command } => match command {
+            BalloonCommand::Show => ("GET", "/balloon".into(), None),
+            BalloonCommand::Set { mib } => (
+                "PATCH",
+                "/balloon".into(),
+                Some(format!("{{\"amount_mib\": {mib}}}")),
+            ),
+            BalloonCommand::Stats => ("GET", "/balloon/statistics".into(), None),
+        },
         ApiCommand::Status => ("GET", "/".to_string(), None),
         ApiCommand::Pause => ("PATCH", "/vm".into(), Some(r#"{"state": "Paused"}"#.into())),
         ApiCommand::Resume => (
@@ -65,7 +160,6 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, String> {
         ApiCommand::Put { path, json } => ("PUT", path, Some(json)),
         ApiCommand::Patch { path, json } => ("PATCH", path, Some(json)),
     };
-    let mut client = Client::new(&args.sock, Duration::from_secs(args.timeout));
     let r = client
         .request(method, &path, body.as_deref())
         .map_err(|e| format!("{}: {e}", args.sock.display()))?;
@@ -75,6 +169,58 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, String> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// Waits until the socket is gone (the VM's process removed it on exit) or `limit` passes.
+fn wait_gone(sock: &Path, limit: Duration) -> bool {
+    let t = Instant::now();
+    while sock.exists() {
+        if t.elapsed() >= limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    true
+}
+
+fn poweroff(
+    client: &mut Client,
+    sock: &Path,
+    force: bool,
+    grace: Duration,
+) -> Result<ExitCode, String> {
+    let err = |e: std::io::Error| format!("{}: {e}", sock.display());
+    if !force {
+        let r = client
+            .request("PUT", "/actions", Some(&action("SendCtrlAltDel")))
+            .map_err(err)?;
+        if (200..300).contains(&r.status) {
+            if wait_gone(sock, grace) {
+                println!("the microVM powered off");
+                return Ok(ExitCode::SUCCESS);
+            }
+            eprintln!(
+                "vessel: the guest did not end within {} s of Ctrl-Alt-Del; stopping it",
+                grace.as_secs()
+            );
+        } else {
+            print_response(&r);
+        }
+    }
+    let r = client.request("PUT", "/vessel/stop", None).map_err(err)?;
+    if !(200..300).contains(&r.status) {
+        print_response(&r);
+        return Ok(ExitCode::FAILURE);
+    }
+    if wait_gone(sock, Duration::from_secs(30)) {
+        println!("the microVM stopped");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(format!(
+            "{}: the VM's process did not exit after stopping",
+            sock.display()
+        ))
+    }
 }
 
 /// Success bodies go to stdout (JSON pretty-printed); errors to stderr with their status.

@@ -9,6 +9,7 @@
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -25,8 +26,8 @@ use crate::logger;
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
 
 /// How often metrics are written to the metrics path without a `FlushMetrics` (as
-/// Firecracker).
-const METRICS_PERIOD: Duration = Duration::from_secs(60);
+/// Firecracker), in milliseconds.
+const METRICS_PERIOD_MS: u64 = 60_000;
 
 /// Firecracker's process flags (no subcommand).
 #[derive(Args, Debug, Default)]
@@ -49,10 +50,10 @@ pub struct FirecrackerArgs {
     /// Firecracker mode: log level (Error, Warning, Info, Debug, Trace, Off).
     #[arg(long, value_name = "LEVEL")]
     pub level: Option<String>,
-    /// Firecracker mode: accepted; logs are always one line per record.
+    /// Firecracker mode: show each record's level in the log file.
     #[arg(long)]
     pub show_level: bool,
-    /// Firecracker mode: accepted; logs are always one line per record.
+    /// Firecracker mode: show each record's source file and line in the log file.
     #[arg(long)]
     pub show_log_origin: bool,
     /// Firecracker mode: accepted (the boot timer device is not emulated yet).
@@ -81,6 +82,9 @@ pub struct FirecrackerArgs {
     pub module: Option<String>,
     #[arg(long, hide = true)]
     pub mmds_size_limit: Option<usize>,
+    /// Period of the metrics written without a `FlushMetrics`, in milliseconds (tests).
+    #[arg(long, hide = true, default_value_t = METRICS_PERIOD_MS)]
+    pub metrics_period_ms: u64,
 }
 
 impl FirecrackerArgs {
@@ -101,7 +105,7 @@ fn level_filter(l: LogLevel) -> log::LevelFilter {
     }
 }
 
-/// `PUT /logger` and a config file's `logger`.
+/// `PUT /logger` and a config file's `logger`: what is given changes, the rest stays.
 fn configure_logger(l: &Logger) -> Result<(), ApiError> {
     if let Some(p) = &l.log_path {
         logger::set_path(p)
@@ -110,7 +114,53 @@ fn configure_logger(l: &Logger) -> Result<(), ApiError> {
     if let Some(level) = l.level {
         log::set_max_level(level_filter(level));
     }
+    let mut o = logger::options();
+    o.show_level = l.show_level.unwrap_or(o.show_level);
+    o.show_origin = l.show_log_origin.unwrap_or(o.show_origin);
+    if let Some(m) = &l.module {
+        o.module = Some(m.clone()).filter(|m| !m.is_empty());
+    }
+    logger::set_options(o);
     Ok(())
+}
+
+/// The eventfd the SIGINT/SIGTERM handler writes (-1 until installed).
+static SIGNAL_FD: AtomicI32 = AtomicI32::new(-1);
+/// The signal that arrived.
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+    let one: u64 = 1;
+    // SAFETY: write(2) is async-signal-safe; it reads 8 bytes from a live local. A closed or
+    // invalid descriptor only makes it fail.
+    unsafe {
+        libc::write(
+            SIGNAL_FD.load(Ordering::SeqCst),
+            (&one as *const u64).cast(),
+            8,
+        )
+    };
+}
+
+/// Until the VM starts (which installs its own handlers, ending the VM on these signals),
+/// SIGINT and SIGTERM wake the main loop, which ends the process cleanly (the API socket
+/// is removed).
+fn install_signal_handlers(wake: &EventFd) -> Result<(), String> {
+    let fd = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    SIGNAL_FD.store(fd.as_raw_fd(), Ordering::SeqCst);
+    // The handler writes it for the rest of the process.
+    std::mem::forget(fd);
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        vmm_sys_util::signal::register_signal_handler(sig, on_signal)
+            .map_err(|e| format!("signal handler: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The exit status of a process ended by `sig`, as a shell reports it.
+fn signal_exit(sig: i32) -> ExitCode {
+    ExitCode::from(128u8.saturating_add(u8::try_from(sig).unwrap_or(0)))
 }
 
 fn lock(ctl: &Mutex<ApiController>) -> std::sync::MutexGuard<'_, ApiController> {
@@ -136,6 +186,16 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
     if let Some(level) = &args.level {
         log::set_max_level(logger::parse_level(level)?);
     }
+    let id = args
+        .id
+        .clone()
+        .unwrap_or_else(|| "anonymous-instance".to_string());
+    logger::set_instance_id(&id);
+    logger::set_options(logger::Options {
+        show_level: args.show_level,
+        show_origin: args.show_log_origin,
+        module: None,
+    });
     if let Some(p) = &args.log_path {
         logger::set_path(&p.to_string_lossy())
             .map_err(|e| format!("cannot open the log file {}: {e}", p.display()))?;
@@ -163,14 +223,12 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
         .with_logger(configure_logger);
 
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let signalled = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    install_signal_handlers(&signalled)?;
     let waker = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
     let (channel, jobs) = vessel_api::backend::channel(move || {
         let _ = waker.write(1);
     });
-    let id = args
-        .id
-        .clone()
-        .unwrap_or_else(|| "anonymous-instance".to_string());
     let ctl = Arc::new(Mutex::new(ApiController::new(
         Box::new(channel),
         id,
@@ -216,11 +274,23 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
             serde_json::from_str(&md).map_err(|e| format!("invalid metadata JSON: {e}"))?;
         lock(&ctl).mmds().put(v).map_err(|e| e.to_string())?;
     }
-    start_metrics_timer(ctl.clone());
+    start_metrics_timer(
+        ctl.clone(),
+        Duration::from_millis(args.metrics_period_ms.max(1)),
+    );
 
     loop {
-        poll_readable(&[wake.as_raw_fd(), backend.ended_event().as_raw_fd()]);
+        poll_readable(&[
+            wake.as_raw_fd(),
+            backend.ended_event().as_raw_fd(),
+            signalled.as_raw_fd(),
+        ]);
         let _ = wake.read();
+        if signalled.read().is_ok() {
+            let sig = SIGNAL.load(Ordering::SeqCst);
+            log::info!("stopped by signal {sig} before the microVM started");
+            return Ok(signal_exit(sig));
+        }
         while let Ok(job) = jobs.try_recv() {
             job.run(&mut backend);
         }
@@ -262,12 +332,14 @@ impl VmmBackend for NoBackend {
     }
 }
 
-/// Writes a metrics line every minute (when a metrics path is configured).
-fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>) {
+/// Writes a metrics line every `period` once the VM has started (when a metrics path is
+/// configured). A thread of its own: the flush asks the backend for its metrics, which the
+/// main loop answers.
+fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) {
     let _ = std::thread::Builder::new()
         .name("metrics".into())
         .spawn(move || loop {
-            std::thread::sleep(METRICS_PERIOD);
+            std::thread::sleep(period);
             let mut c = lock(&ctl);
             if c.state() != vessel_api::types::InstanceState::NotStarted {
                 if let Err(e) = c.flush_metrics() {

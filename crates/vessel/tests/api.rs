@@ -362,6 +362,12 @@ fn the_vessel_api_client_drives_a_vm() {
     assert!(ok, "{err}");
     let (ok, out, _) = api(&["get", "/vm/config"]);
     assert!(ok && out.contains("guest.elf"), "{out}");
+    let (ok, _, err) = api(&[
+        "put",
+        "/balloon",
+        r#"{"amount_mib": 0, "deflate_on_oom": false}"#,
+    ]);
+    assert!(ok, "{err}");
     let (ok, _, err) = api(&["start"]);
     assert!(ok, "{err}");
     v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
@@ -371,13 +377,33 @@ fn the_vessel_api_client_drives_a_vm() {
     assert!(out.contains("Paused"), "{out}");
     assert_no_progress(&v);
     let paused_at = ticks(&v.console());
+    // The requests reach the API; the VMM may not take snapshots (yet).
+    let mem = dir.join("mem").to_str().unwrap().to_string();
+    let st = dir.join("state").to_str().unwrap().to_string();
+    let (ok, _, err) = api(&["snapshot", "create", "--mem", &mem, "--state", &st]);
+    assert!(
+        ok || (err.contains("HTTP 400") && err.contains("napshot")),
+        "{err}"
+    );
+    // Loading is for a fresh VMM only.
+    let (ok, _, err) = api(&["snapshot", "load", "--mem", &mem, "--state", &st]);
+    assert!(!ok && err.contains("HTTP 400"), "{err}");
     let (ok, _, err) = api(&["resume"]);
     assert!(ok, "{err}");
     v.wait_console("ticks after resume", LIMIT, |s| ticks(s) > paused_at);
     let (ok, out, _) = api(&["metrics"]);
     assert!(ok && out.contains("vessel_vm"), "{out}");
-    let (ok, _, err) = api(&["ctrl-alt-del"]);
+    let (ok, _, err) = api(&["balloon", "set", "6"]);
     assert!(ok, "{err}");
+    let (ok, out, _) = api(&["balloon", "show"]);
+    assert!(ok && out.contains("\"amount_mib\": 6"), "{out}");
+    // Statistics were not enabled before boot.
+    let (ok, _, err) = api(&["balloon", "stats"]);
+    assert!(!ok && err.contains("not enabled"), "{err}");
+    // Ctrl-Alt-Del resets this guest: poweroff returns once the process is gone.
+    let (ok, out, err) = api(&["poweroff"]);
+    assert!(ok && out.contains("powered off"), "{out} {err}");
+    assert!(!v.sock.exists());
     assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -470,6 +496,279 @@ fn bad_config_files_and_flags_fail_with_one_line() {
         "{}",
         text(&out.stderr)
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Waits until `path` holds at least `n` lines.
+fn wait_lines(path: &Path, n: usize, v: &Vessel) -> String {
+    let t = Instant::now();
+    loop {
+        let s = std::fs::read_to_string(path).unwrap_or_default();
+        if s.lines().count() >= n {
+            return s;
+        }
+        assert!(
+            t.elapsed() < LIMIT,
+            "{} has fewer than {n} lines: {s}\nstderr: {}",
+            path.display(),
+            v.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn disk(dir: &Path, name: &str, mib: u64) -> String {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(mib << 20).unwrap();
+    p.to_str().unwrap().to_string()
+}
+
+fn fault(v: &Value) -> &str {
+    v["fault_message"].as_str().unwrap_or_default()
+}
+
+/// After `InstanceStart`: a drive switches to another backing file, rate limiters are refused
+/// (not ignored), the balloon's target and statistics interval change through the running
+/// device, metrics are written periodically, and `vessel api poweroff --force` stops the VM.
+#[test]
+fn post_boot_drive_balloon_and_periodic_metrics() {
+    let dir = scratch("api-post-boot");
+    let kernel = write_kernel(&dir, ticker(None));
+    let (first, second) = (disk(&dir, "a.img", 1), disk(&dir, "b.img", 2));
+    let metrics = dir.join("metrics.json");
+    let mut v = Vessel::start(&dir, &["--metrics-period-ms", "100"]);
+    let mut c = v.client();
+    let put = |c: &mut Client, path: &str, body: Value| expect(c, "PUT", path, Some(body), 204);
+    put(
+        &mut c,
+        "/boot-source",
+        json!({ "kernel_image_path": kernel }),
+    );
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    put(
+        &mut c,
+        "/drives/scratch",
+        json!({"drive_id": "scratch", "path_on_host": first, "is_root_device": false, "is_read_only": false}),
+    );
+    put(
+        &mut c,
+        "/balloon",
+        json!({"amount_mib": 4, "deflate_on_oom": false, "stats_polling_interval_s": 1}),
+    );
+    put(&mut c, "/metrics", json!({ "metrics_path": metrics }));
+    // Before start, nothing is written periodically.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(std::fs::read_to_string(&metrics).unwrap_or_default(), "");
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
+
+    // Drives.
+    let patch = |c: &mut Client, path: &str, body: Value, status: u16| {
+        expect(c, "PATCH", path, Some(body), status)
+    };
+    patch(
+        &mut c,
+        "/drives/scratch",
+        json!({"drive_id": "scratch", "path_on_host": second}),
+        204,
+    );
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(cfg["drives"][0]["path_on_host"], second.as_str(), "{cfg}");
+    let e = patch(
+        &mut c,
+        "/drives/scratch",
+        json!({"drive_id": "scratch", "path_on_host": dir.join("missing.img")}),
+        400,
+    );
+    assert!(!fault(&e).is_empty(), "{e}");
+    let e = patch(
+        &mut c,
+        "/drives/scratch",
+        json!({"drive_id": "scratch", "rate_limiter": {"bandwidth": {"size": 1000, "refill_time": 100}}}),
+        400,
+    );
+    assert!(fault(&e).contains("rate limiters"), "{e}");
+    // The refused update changed nothing.
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(cfg["drives"][0]["path_on_host"], second.as_str(), "{cfg}");
+    assert!(cfg["drives"][0]["rate_limiter"].is_null(), "{cfg}");
+    patch(
+        &mut c,
+        "/drives/other",
+        json!({"drive_id": "other", "path_on_host": second}),
+        400,
+    );
+
+    // Balloon.
+    patch(&mut c, "/balloon", json!({"amount_mib": 8}), 204);
+    let b = expect(&mut c, "GET", "/balloon", None, 200);
+    assert_eq!(
+        (
+            b["amount_mib"].as_u64(),
+            b["stats_polling_interval_s"].as_u64()
+        ),
+        (Some(8), Some(1)),
+        "{b}"
+    );
+    let st = expect(&mut c, "GET", "/balloon/statistics", None, 200);
+    assert_eq!(st["target_mib"], 8, "{st}");
+    assert_eq!(st["target_pages"], 8 * 256, "{st}");
+    // The tiny guest has no balloon driver: nothing inflated.
+    assert_eq!(st["actual_pages"], 0, "{st}");
+    patch(
+        &mut c,
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": 5}),
+        204,
+    );
+    let b = expect(&mut c, "GET", "/balloon", None, 200);
+    assert_eq!(b["stats_polling_interval_s"], 5, "{b}");
+    let e = patch(
+        &mut c,
+        "/balloon/statistics",
+        json!({"stats_polling_interval_s": 0}),
+        400,
+    );
+    assert!(fault(&e).contains("statistics"), "{e}");
+    patch(&mut c, "/balloon", json!({"amount_mib": 1000}), 400);
+
+    // Metrics lines keep coming without FlushMetrics.
+    let lines = wait_lines(&metrics, 3, &v);
+    for l in lines.lines() {
+        let m: Value = serde_json::from_str(l).unwrap();
+        assert!(m["utc_timestamp_ms"].is_u64(), "{l}");
+    }
+
+    // Stop through the CLI.
+    let out = run_with_timeout(
+        {
+            let mut cmd = vessel();
+            cmd.args(["api", "--sock"])
+                .arg(&v.sock)
+                .args(["poweroff", "--force"]);
+            cmd
+        },
+        LIMIT,
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("stopped"),
+        "{}",
+        text(&out.stdout)
+    );
+    assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
+    assert!(!v.sock.exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--log-path` with `--show-level`, then `PUT /logger`: records land in the file in
+/// Firecracker's format with their level (and origin once asked); the level filters.
+#[test]
+fn logger_writes_levelled_lines_to_the_log_path() {
+    let dir = scratch("api-logger");
+    let log = dir.join("vessel.log");
+    let v = Vessel::start(
+        &dir,
+        &[
+            "--log-path",
+            log.to_str().unwrap(),
+            "--level",
+            "Info",
+            "--show-level",
+        ],
+    );
+    let mut c = v.client();
+    expect(&mut c, "GET", "/version", None, 200);
+    let s = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        s.lines()
+            .any(|l| l.contains("[api-test:vessel-api-conn:INFO] ")
+                && l.contains("received a GET request on \"/version\"")),
+        "{s}"
+    );
+    // Now warnings only, with their origin, to a second file.
+    let log2 = dir.join("vessel2.log");
+    expect(
+        &mut c,
+        "PUT",
+        "/logger",
+        Some(json!({"log_path": log2, "level": "Warning", "show_log_origin": true})),
+        204,
+    );
+    expect(&mut c, "GET", "/version", None, 200);
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 0, "mem_size_mib": 64})),
+        400,
+    );
+    let s = std::fs::read_to_string(&log2).unwrap();
+    let lines: Vec<&str> = s.lines().collect();
+    assert_eq!(lines.len(), 1, "{s}");
+    let l = lines[0];
+    assert!(
+        l.contains(":WARN:") && l.contains("routes.rs:") && l.contains(fault(&e)),
+        "{l}"
+    );
+    // YYYY-MM-DDTHH:MM:SS.nnnnnnnnn [
+    assert_eq!(l.as_bytes()[10], b'T', "{l}");
+    assert_eq!(&l[29..31], " [", "{l}");
+    // A FIFO nobody reads opens without blocking, and logging to it never blocks the VMM.
+    let fifo = dir.join("log.fifo");
+    let cpath = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(cpath.as_ptr(), 0o600) }, 0);
+    expect(
+        &mut c,
+        "PUT",
+        "/logger",
+        Some(json!({"log_path": fifo, "level": "Trace"})),
+        204,
+    );
+    for _ in 0..2000 {
+        call(&mut c, "GET", "/", None);
+    }
+    assert_eq!(state(&mut c), "Not started");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn kill(v: &Vessel, sig: i32) {
+    // SAFETY: signals our own child by its pid.
+    assert_eq!(unsafe { libc::kill(v.child.id() as i32, sig) }, 0);
+}
+
+/// SIGTERM before `InstanceStart` and SIGINT while the VM runs: the process ends and removes
+/// its API socket.
+#[test]
+fn signals_remove_the_api_socket_before_and_after_start() {
+    let dir = scratch("api-signals");
+    let mut v = Vessel::start(&dir, &[]);
+    assert_eq!(state(&mut v.client()), "Not started");
+    kill(&v, libc::SIGTERM);
+    assert_eq!(v.wait_exit(LIMIT), Some(128 + libc::SIGTERM));
+    assert!(!v.sock.exists(), "the socket outlived the process");
+
+    let kernel = write_kernel(&dir, ticker(None));
+    let mut v = Vessel::start(&dir, &[]);
+    let mut c = v.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({ "kernel_image_path": kernel })),
+        204,
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
+    kill(&v, libc::SIGINT);
+    assert_eq!(v.wait_exit(LIMIT), Some(143), "{}", v.stderr());
+    assert!(!v.sock.exists(), "the socket outlived the process");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

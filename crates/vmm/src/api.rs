@@ -10,16 +10,21 @@
 //! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
 //! transport.
 
-use std::path::PathBuf;
-use std::sync::mpsc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 use vessel_api::types::{
-    BootSource as ApiBootSource, CpuTemplate, HugePages, Logger, MemoryBackendType,
+    Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, BootSource as ApiBootSource,
+    CpuTemplate, HugePages, Logger, MemoryBackendType, PartialDrive, PartialNetworkInterface,
     RestoreHugePages, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
+use vessel_virtio_devices::balloon::{stat_tag, BalloonHandle, PAGE_SIZE as BALLOON_PAGE};
+use vessel_virtio_devices::block::BlockHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BootSource, VmConfig, DEFAULT_CMDLINE};
@@ -28,7 +33,7 @@ use crate::device_config::{
 };
 use crate::error::VmmError;
 use crate::snapshot::{SnapshotKind, SnapshotRequest};
-use crate::vm::{ControlError, RunningVm, Vm, VmHandle, VmOutcome};
+use crate::vm::{ControlError, RunState, RunningVm, Vm, VmHandle, VmOutcome};
 
 /// The virtio-blk serial (device id) is at most 20 bytes.
 const BLK_SERIAL_MAX: usize = 20;
@@ -176,6 +181,78 @@ pub struct ApiBackend {
     /// The resources the VM was started (or restored) with, as `GET /vm/config` shows them:
     /// stored in snapshots so that a restoring VMM serves them again.
     api_config: Option<Value>,
+    /// The started VM's balloon, if it has one.
+    balloon: Option<BalloonState>,
+    /// The started VM's disks, with their drive ids, in device order.
+    drives: Vec<(String, BlockHandle)>,
+}
+
+/// A running balloon: its handle, how it was configured, and the statistics polling interval
+/// its poller thread reads.
+struct BalloonState {
+    handle: BalloonHandle,
+    config: ApiBalloon,
+    interval_s: Arc<AtomicU16>,
+}
+
+/// Balloon pages per MiB.
+const BALLOON_PAGES_PER_MIB: u32 = (1 << 20) / BALLOON_PAGE as u32;
+
+/// Asks the balloon driver for fresh statistics every `interval_s` seconds (read again each
+/// round, so `PATCH /balloon/statistics` takes effect at once) until the VM ends.
+fn poll_balloon_stats(vm: VmHandle, balloon: BalloonHandle, interval_s: Arc<AtomicU16>) {
+    let mut last = Instant::now();
+    while vm.state() != RunState::Ended {
+        thread::sleep(Duration::from_millis(100));
+        let every = Duration::from_secs(u64::from(interval_s.load(Ordering::Relaxed)));
+        if !every.is_zero() && last.elapsed() >= every {
+            balloon.request_stats();
+            last = Instant::now();
+        }
+    }
+}
+
+/// The API's view of the balloon's figures.
+fn balloon_stats(h: &BalloonHandle) -> ApiBalloonStats {
+    let (target, actual) = (h.target_pages(), h.actual_pages());
+    let mut s = ApiBalloonStats {
+        target_pages: target,
+        actual_pages: actual,
+        target_mib: target / BALLOON_PAGES_PER_MIB,
+        actual_mib: actual / BALLOON_PAGES_PER_MIB,
+        ..Default::default()
+    };
+    for (tag, value) in h.latest_stats().map(|l| l.entries).unwrap_or_default() {
+        let slot = match tag {
+            stat_tag::SWAP_IN => &mut s.swap_in,
+            stat_tag::SWAP_OUT => &mut s.swap_out,
+            stat_tag::MAJFLT => &mut s.major_faults,
+            stat_tag::MINFLT => &mut s.minor_faults,
+            stat_tag::MEMFREE => &mut s.free_memory,
+            stat_tag::MEMTOT => &mut s.total_memory,
+            stat_tag::AVAIL => &mut s.available_memory,
+            stat_tag::CACHES => &mut s.disk_caches,
+            stat_tag::HTLB_PGALLOC => &mut s.hugetlb_allocations,
+            stat_tag::HTLB_PGFAIL => &mut s.hugetlb_failures,
+            stat_tag::OOM_KILLS => &mut s.oom_kill,
+            stat_tag::ALLOC_STALL => &mut s.alloc_stall,
+            stat_tag::ASYNC_SCAN => &mut s.async_scan,
+            stat_tag::DIRECT_SCAN => &mut s.direct_scan,
+            stat_tag::ASYNC_RECLAIM => &mut s.async_reclaim,
+            stat_tag::DIRECT_RECLAIM => &mut s.direct_reclaim,
+            _ => continue,
+        };
+        *slot = Some(value);
+    }
+    s
+}
+
+/// Rate limiters are not implemented yet: a request that sets one is refused, never ignored.
+fn refuse_rate_limiters(any: bool) -> Result<(), ApiError> {
+    if any {
+        return Err(ApiError::Unsupported("rate limiters".into()));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for ApiBackend {
@@ -198,6 +275,8 @@ impl ApiBackend {
             outcome: None,
             logger: None,
             api_config: None,
+            balloon: None,
+            drives: Vec::new(),
         })
     }
 
@@ -276,8 +355,34 @@ impl VmmBackend for ApiBackend {
         let config = resources_to_config(resources, &self.base)?;
         let start_err = |e: VmmError| ApiError::bad(format!("Start microvm error: {e}"));
         let vm = Vm::build(&config).map_err(start_err)?;
+        let handles = vm.device_handles();
+        // `resources_to_config` keeps the drives' order.
+        let drives: Vec<(String, BlockHandle)> = resources
+            .drives
+            .iter()
+            .map(|d| d.drive_id.clone())
+            .zip(handles.blocks.iter().cloned())
+            .collect();
+        let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
-        self.start_supervised(vm)
+        self.start_supervised(vm)?;
+        self.drives = drives;
+        if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
+            let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
+            if config.stats_polling_interval_s > 0 {
+                let (h, i) = (handle.clone(), interval_s.clone());
+                thread::Builder::new()
+                    .name("balloon-stats".into())
+                    .spawn(move || poll_balloon_stats(vm, h, i))
+                    .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
+            }
+            self.balloon = Some(BalloonState {
+                handle,
+                config,
+                interval_s,
+            });
+        }
+        Ok(())
     }
 
     fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
@@ -385,6 +490,11 @@ impl VmmBackend for ApiBackend {
         })
     }
 
+    fn stop(&mut self) -> Result<(), ApiError> {
+        self.running()?.stop();
+        Ok(())
+    }
+
     fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
         let mut m = Map::new();
         if let Some(vm) = &self.vm {
@@ -410,6 +520,81 @@ impl VmmBackend for ApiBackend {
             Some(hook) => hook(logger),
             None => Ok(()),
         }
+    }
+
+    fn update_drive(&mut self, u: &PartialDrive) -> Result<(), ApiError> {
+        self.running()?;
+        refuse_rate_limiters(u.rate_limiter.is_some())?;
+        let Some(path) = &u.path_on_host else {
+            return Ok(());
+        };
+        let Some((_, disk)) = self.drives.iter().find(|(id, _)| *id == u.drive_id) else {
+            return Err(ApiError::bad(format!(
+                "Drive config error: Unable to patch the block device: drive {} not found.",
+                u.drive_id
+            )));
+        };
+        let sectors = disk.replace_backing_file(Path::new(path)).map_err(|e| {
+            ApiError::bad(format!(
+                "Drive config error: Unable to patch the block device: {e}"
+            ))
+        })?;
+        log::info!(
+            "drive {}: now backed by {path} ({sectors} sectors)",
+            u.drive_id
+        );
+        Ok(())
+    }
+
+    fn update_network_interface(&mut self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
+        self.running()?;
+        refuse_rate_limiters(u.rx_rate_limiter.is_some() || u.tx_rate_limiter.is_some())
+    }
+
+    fn balloon_config(&mut self) -> Result<ApiBalloon, ApiError> {
+        let b = self.running_balloon()?;
+        Ok(ApiBalloon {
+            amount_mib: b.handle.target_pages() / BALLOON_PAGES_PER_MIB,
+            stats_polling_interval_s: b.interval_s.load(Ordering::Relaxed),
+            ..b.config
+        })
+    }
+
+    fn balloon_update(&mut self, amount_mib: u32) -> Result<(), ApiError> {
+        self.running_balloon()?
+            .handle
+            .set_target_mib(u64::from(amount_mib));
+        Ok(())
+    }
+
+    fn balloon_stats_interval(&mut self, seconds: u16) -> Result<(), ApiError> {
+        let b = self.running_balloon()?;
+        if b.interval_s.load(Ordering::Relaxed) == 0 || seconds == 0 {
+            return Err(ApiError::bad(
+                "Balloon update error: Cannot enable or disable the statistics after boot.",
+            ));
+        }
+        b.interval_s.store(seconds, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn balloon_stats(&mut self) -> Result<ApiBalloonStats, ApiError> {
+        let b = self.running_balloon()?;
+        if b.interval_s.load(Ordering::Relaxed) == 0 {
+            return Err(ApiError::bad(
+                "Balloon update error: Statistics for the balloon device are not enabled",
+            ));
+        }
+        Ok(balloon_stats(&b.handle))
+    }
+}
+
+impl ApiBackend {
+    fn running_balloon(&self) -> Result<&BalloonState, ApiError> {
+        self.running()?;
+        self.balloon
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("Balloon config error: No balloon device found."))
     }
 }
 
@@ -538,6 +723,18 @@ mod tests {
     }
 
     #[test]
+    fn balloon_figures_in_api_units() {
+        let dev = vessel_virtio_devices::balloon::Balloon::new(Default::default()).unwrap();
+        let h = dev.handle();
+        h.set_target_mib(12);
+        let s = balloon_stats(&h);
+        assert_eq!((s.target_pages, s.target_mib), (12 * 256, 12));
+        assert_eq!((s.actual_pages, s.actual_mib, s.free_memory), (0, 0, None));
+        assert!(refuse_rate_limiters(true).is_err());
+        assert!(refuse_rate_limiters(false).is_ok());
+    }
+
+    #[test]
     fn start_without_kernel_and_unsupported_features_are_refused() {
         let mut b = ApiBackend::new(VmConfig::default()).unwrap();
         let r = VmResources::default();
@@ -547,6 +744,8 @@ mod tests {
         assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
         // Nothing started: control calls are pre-boot errors.
         assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(b.stop(), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(b.balloon_update(1), Err(ApiError::NotSupportedPreBoot));
         assert!(b.take_outcome().is_none());
         assert!(b.metrics().unwrap().is_empty());
     }

@@ -21,6 +21,8 @@ pub struct DeviceHandles {
     pub balloon: Option<balloon::BalloonHandle>,
     /// Per-disk statistics, in `--disk` order.
     pub disks: Vec<Arc<block::BlockStats>>,
+    /// Per-disk control (backing file swaps), in `--disk` order.
+    pub blocks: Vec<block::BlockHandle>,
 }
 
 fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {
@@ -43,6 +45,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         })
         .map_err(|e| VmmError::Device(format!("--disk {}: {e}", d.path.display())))?;
         handles.disks.push(dev.stats());
+        handles.blocks.push(dev.handle());
         out.push(planned(dev, d.transport));
     }
     for n in &configs.nets {

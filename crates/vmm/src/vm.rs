@@ -1078,6 +1078,15 @@ impl RunningInner {
     }
 }
 
+/// For the management API ([`crate::api`]).
+impl Vm {
+    /// The handles on the devices the API drives after start (balloon, disks). Clone what is
+    /// needed before [`Vm::start`]; the handles stay valid while the VM runs.
+    pub(crate) fn device_handles(&self) -> &crate::virtio_devices::DeviceHandles {
+        &self.virtio.handles
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,7 @@ use std::io::{self, Seek, SeekFrom};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::{BlockError, SECTOR_SIZE};
 
@@ -20,8 +21,9 @@ pub const IOV_MAX: usize = 1024;
 #[derive(Debug)]
 pub struct Disk {
     file: File,
-    /// Usable size in bytes: the file size rounded down to a whole sector.
-    size: u64,
+    /// Usable size in bytes: the file size rounded down to a whole sector (changes when the
+    /// backing file is replaced).
+    size: AtomicU64,
     read_only: bool,
     serial: [u8; SERIAL_BYTES],
 }
@@ -76,7 +78,7 @@ impl Disk {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Disk {
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             serial: id,
         })
@@ -87,7 +89,7 @@ impl Disk {
     pub fn from_file(file: File, size: u64, read_only: bool) -> Disk {
         Disk {
             file,
-            size,
+            size: AtomicU64::new(size),
             read_only,
             serial: [0; SERIAL_BYTES],
         }
@@ -95,7 +97,28 @@ impl Disk {
 
     /// Usable size in bytes (a multiple of [`SECTOR_SIZE`]).
     pub fn size(&self) -> u64 {
-        self.size
+        self.size.load(Ordering::Acquire)
+    }
+
+    /// Makes `other`'s file the backing file of this disk, keeping this disk's descriptor
+    /// number (so requests submitted afterwards, by either engine, reach the new file) and
+    /// taking `other`'s size. Requests already in the kernel finish on the old file.
+    pub fn replace_with(&self, other: Disk) -> io::Result<()> {
+        // SAFETY: both descriptors are open and owned by live `File`s; dup3 atomically makes
+        // our descriptor number refer to `other`'s open file (closing our old one), so
+        // `self.file` stays a valid, owned descriptor. `other` then closes its own copy.
+        let r = unsafe {
+            libc::dup3(
+                other.file.as_raw_fd(),
+                self.file.as_raw_fd(),
+                libc::O_CLOEXEC,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.size.store(other.size(), Ordering::Release);
+        Ok(())
     }
 
     /// The image's file descriptor (for io_uring submissions).

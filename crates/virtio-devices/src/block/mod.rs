@@ -24,13 +24,14 @@ mod uring;
 
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use vessel_virtio::worker::{consume, EventHandler, Worker, WorkerControl};
 use vessel_virtio::{
-    device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, InterruptCause,
+    VirtioDevice, VirtioInterrupt,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
@@ -177,6 +178,59 @@ pub struct Block {
     stats: Arc<BlockStats>,
     queue_sizes: [u16; 1],
     worker: Option<Worker>,
+    /// The running device's interrupt (for configuration changes through a [`BlockHandle`]).
+    interrupt: RunningInterrupt,
+}
+
+type RunningInterrupt = Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>;
+
+/// The host's side of a block device: cheap to clone, usable from any thread, before and
+/// after activation.
+#[derive(Clone)]
+pub struct BlockHandle {
+    disk: Arc<Disk>,
+    interrupt: RunningInterrupt,
+}
+
+impl std::fmt::Debug for BlockHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockHandle")
+            .field("capacity", &self.capacity())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BlockHandle {
+    /// Capacity in 512-byte sectors.
+    pub fn capacity(&self) -> u64 {
+        self.disk.size() / SECTOR_SIZE
+    }
+
+    /// Switches the device to another backing file (opened as the current one: read-only or
+    /// not), updates the capacity in the configuration space and, if the device is running,
+    /// raises a configuration-change interrupt so the driver reads it again. Requests
+    /// submitted from now on use the new file. Returns the new capacity in sectors; on error
+    /// nothing changed.
+    pub fn replace_backing_file(&self, path: &Path) -> Result<u64, BlockError> {
+        let new = Disk::open(path, self.disk.read_only(), None)?;
+        self.disk
+            .replace_with(new)
+            .map_err(|source| BlockError::Open {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        let irq = self
+            .interrupt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        if let Some(irq) = irq {
+            if let Err(e) = irq.trigger(InterruptCause::Config) {
+                log::warn!("virtio-blk: cannot raise the config interrupt: {e}");
+            }
+        }
+        Ok(self.capacity())
+    }
 }
 
 impl Block {
@@ -231,12 +285,25 @@ impl Block {
             stats: Arc::new(BlockStats::default()),
             queue_sizes: [QUEUE_SIZE],
             worker: None,
+            interrupt: Arc::default(),
         })
     }
 
     /// The device's counters; the VMM may keep this and read it at any time.
     pub fn stats(&self) -> Arc<BlockStats> {
         self.stats.clone()
+    }
+
+    /// The host's control of this device (backing file swaps).
+    pub fn handle(&self) -> BlockHandle {
+        BlockHandle {
+            disk: self.disk.clone(),
+            interrupt: self.interrupt.clone(),
+        }
+    }
+
+    fn set_interrupt(&self, irq: Option<Arc<dyn VirtioInterrupt>>) {
+        *self.interrupt.lock().unwrap_or_else(|e| e.into_inner()) = irq;
     }
 
     /// The engine in use: [`BlockEngine::IoUring`] or [`BlockEngine::Sync`].
@@ -344,7 +411,10 @@ impl VirtioDevice for Block {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        // The capacity follows the backing file (see `BlockHandle::replace_backing_file`).
+        let mut config = self.config;
+        config[..8].copy_from_slice(&self.capacity().to_le_bytes());
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -353,7 +423,9 @@ impl VirtioDevice for Block {
         let kick = q.kick;
         let kick_fd = kick.as_raw_fd();
         let first_kick = kick.try_clone().map_err(ActivateError::Worker)?;
+        let irq = ctx.interrupt.clone();
         let server = self.server(q.queue, q.index, ctx)?;
+        self.set_interrupt(Some(irq));
         let mut fds = vec![(kick_fd, KICK_TOKEN, EventSet::IN)];
         if let Some(fd) = server.completion_fd() {
             fds.push((fd, COMPLETION_TOKEN, EventSet::IN));
@@ -371,6 +443,7 @@ impl VirtioDevice for Block {
         // io_uring that waits for every request in flight (their results are dropped), so
         // no completion writes into guest memory once this returns.
         self.worker = None;
+        self.set_interrupt(None);
         true
     }
 

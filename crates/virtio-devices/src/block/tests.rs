@@ -161,6 +161,7 @@ both_engines!(
     indirect_chain_is_served,
     broken_ring_marks_the_device_broken_without_serving,
     worker_serves_kicks_and_reset_stops_it,
+    replaced_backing_file_serves_requests_and_capacity,
 );
 
 /// A descriptor: address, length, device-writable.
@@ -1213,4 +1214,99 @@ fn io_uring_quiesce_completes_requests_in_flight() {
         assert_eq!(got, [0x42; 512]);
     }
     assert_eq!(stats.snapshot().requests, 4);
+}
+
+fn config_capacity(b: &Block) -> u64 {
+    let mut c = [0u8; 8];
+    b.read_config(0, &mut c);
+    u64::from_le_bytes(c)
+}
+
+fn replaced_backing_file_serves_requests_and_capacity() {
+    let old = TempImage::new(64 * 1024);
+    let new = TempImage::new(256 * 1024);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&new.0)
+        .unwrap()
+        .write_all_at(&[0x5a; 512], 200 * 512)
+        .unwrap();
+    let b = block(&old, false);
+    let h = b.handle();
+    assert_eq!((h.capacity(), config_capacity(&b)), (128, 128));
+    let m = mem();
+    let read_200 = |b: &Block| {
+        header(&m, HDR, VIRTIO_BLK_T_IN, 200);
+        poison(&m, STATUS);
+        serve(
+            b,
+            &m,
+            &[&[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)]],
+        );
+        status(&m, STATUS)
+    };
+    // Past the end of the old image.
+    assert_eq!(read_200(&b), S_IOERR);
+    // A file that cannot be opened changes nothing.
+    let missing = std::env::temp_dir().join("vessel-blk-test-no-such-image");
+    assert!(h.replace_backing_file(&missing).is_err());
+    assert_eq!(config_capacity(&b), 128);
+    assert_eq!(h.replace_backing_file(&new.0).unwrap(), 512);
+    assert_eq!((b.capacity(), config_capacity(&b)), (512, 512));
+    assert_eq!(read_200(&b), S_OK);
+    let mut got = vec![0u8; 512];
+    m.read_slice(&mut got, GuestAddress(DATA)).unwrap();
+    assert_eq!(got, vec![0x5a; 512]);
+    // Writes go to the new file; the old one is untouched.
+    header(&m, HDR, VIRTIO_BLK_T_OUT, 1);
+    m.write_slice(&[0xc3; 512], GuestAddress(DATA)).unwrap();
+    serve(
+        &b,
+        &m,
+        &[&[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)]],
+    );
+    assert_eq!(status(&m, STATUS), S_OK);
+    assert_eq!(new.read(512, 512), vec![0xc3; 512]);
+    assert_eq!(old.read(512, 512), pattern(512, 512));
+}
+
+#[test]
+fn replacing_the_backing_file_of_a_running_device_raises_a_config_interrupt() {
+    let old = TempImage::new(64 * 1024);
+    let new = TempImage::new(128 * 1024);
+    let mut b = block(&old, true);
+    let h = b.handle();
+    // Not running: no interrupt to raise.
+    assert_eq!(h.replace_backing_file(&new.0).unwrap(), 256);
+    let m = mem();
+    let vq = MockSplitQueue::new(&m, 16);
+    let irq = Arc::new(Irq::default());
+    b.activate(ActivateContext {
+        mem: m.clone(),
+        acked_features: b.avail_features(),
+        queues: vec![ActiveQueue {
+            queue: vq.create_queue().unwrap(),
+            kick: EventFd::new(EFD_NONBLOCK).unwrap(),
+            index: 0,
+        }],
+        interrupt: irq.clone(),
+        health: DeviceHealth::new(irq.clone()),
+    })
+    .unwrap();
+    assert_eq!(h.replace_backing_file(&old.0).unwrap(), 128);
+    assert_eq!(config_capacity(&b), 128);
+    let configs = || {
+        irq.causes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| **c == InterruptCause::Config)
+            .count()
+    };
+    assert_eq!(configs(), 1);
+    assert!(b.reset());
+    h.replace_backing_file(&new.0).unwrap();
+    assert_eq!(configs(), 1);
+    // The device stays read-only on its new file.
+    assert_ne!(b.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
 }
