@@ -55,6 +55,11 @@ pub trait VmmBackend {
     fn stop(&mut self) -> Result<(), ApiError> {
         unsupported("stopping the microVM")
     }
+    /// Live-migrates the VM (`PUT /vessel/migrate`); returns the migration's figures once
+    /// the receiver runs the VM.
+    fn migrate(&mut self, _params: &MigrateParams) -> Result<Value, ApiError> {
+        unsupported("live migration")
+    }
     /// The VMM's own metric groups, merged into the metrics line on each flush
     /// (e.g. `{"vcpu": {...}, "block": {...}}`).
     fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
@@ -122,6 +127,8 @@ impl std::fmt::Debug for BackendJob {
 
 /// Default time the API waits for the VMM to answer a call.
 pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long `PUT /vessel/migrate` may take.
+pub const MIGRATION_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// A [`VmmBackend`] that forwards each call to the VMM's thread. See the module docs.
 pub struct ChannelBackend {
@@ -154,6 +161,17 @@ impl ChannelBackend {
         &mut self,
         f: impl FnOnce(&mut dyn VmmBackend) -> Result<R, ApiError> + Send + 'static,
     ) -> Result<R, ApiError> {
+        let timeout = self.timeout;
+        self.call_within(timeout, f)
+    }
+
+    /// [`Self::call`] with its own reply timeout (live migration takes as long as the link
+    /// needs).
+    fn call_within<R: Send + 'static>(
+        &mut self,
+        timeout: Duration,
+        f: impl FnOnce(&mut dyn VmmBackend) -> Result<R, ApiError> + Send + 'static,
+    ) -> Result<R, ApiError> {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         let job = BackendJob(Box::new(move |b| {
             // The API side may have timed out and gone; nothing to do then.
@@ -163,11 +181,11 @@ impl ChannelBackend {
             .send(job)
             .map_err(|_| ApiError::Internal("the VMM is no longer running".into()))?;
         (self.wake)();
-        match reply_rx.recv_timeout(self.timeout) {
+        match reply_rx.recv_timeout(timeout) {
             Ok(r) => r,
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ApiError::Internal(format!(
                 "the VMM did not answer within {} s",
-                self.timeout.as_secs()
+                timeout.as_secs()
             ))),
             Err(mpsc::RecvTimeoutError::Disconnected) => {
                 Err(ApiError::Internal("the VMM dropped the request".into()))
@@ -196,6 +214,10 @@ impl VmmBackend for ChannelBackend {
     }
     fn stop(&mut self) -> Result<(), ApiError> {
         self.call(|b| b.stop())
+    }
+    fn migrate(&mut self, params: &MigrateParams) -> Result<Value, ApiError> {
+        let p = params.clone();
+        self.call_within(MIGRATION_REPLY_TIMEOUT, move |b| b.migrate(&p))
     }
     fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
         self.call(|b| b.metrics())

@@ -289,6 +289,12 @@ impl ApiController {
         self.backend.stop()
     }
 
+    /// `PUT /vessel/migrate` (extension): live-migrates the started VM.
+    pub fn migrate(&mut self, p: MigrateParams) -> Result<Value, ApiError> {
+        self.require_started()?;
+        self.backend.migrate(&p)
+    }
+
     /// `InstanceStart`: validates the resources and has the backend boot the VM.
     pub fn start(&mut self) -> Result<(), ApiError> {
         self.require_preboot()?;

@@ -288,6 +288,22 @@ fn build() -> Vec<Route> {
                 Ok(Reply::Empty)
             }),
         },
+        Route {
+            method: Method::Put,
+            path: "/vessel/migrate",
+            operation_id: "migrateVm",
+            request: Some(MigrateParams::NAME),
+            response: Some("MigrationStats"),
+            metric: "migrate",
+            handler: Box::new(|c, _, body| {
+                let p: MigrateParams = serde_json::from_slice(body).map_err(|e| {
+                    ApiError::bad(format!(
+                        "An error occurred when deserializing the json body of a request: {e}."
+                    ))
+                })?;
+                Ok(Reply::Json(c.migrate(p)?))
+            }),
+        },
     ]
 }
 

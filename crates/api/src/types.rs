@@ -49,6 +49,7 @@ schema! {
     ErrorBody => "Error",
     crate::resources::VmConfig => "FullVmConfiguration",
     serde_json::Value => "MmdsContentsObject",
+    MigrateParams => "MigrateParams",
 }
 
 fn is_false(b: &bool) -> bool {
@@ -716,4 +717,19 @@ pub struct VersionInfo {
 pub struct ErrorBody {
     /// What went wrong.
     pub fault_message: String,
+}
+
+/// `PUT /vessel/migrate` (extension): live-migrate the running VM to a receiver
+/// (`vessel migrate receive --listen ...`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateParams {
+    /// `unix:PATH` or `tcp:HOST:PORT`.
+    pub destination: String,
+    /// The longest pause the guest should see, in milliseconds (default 10).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Pre-copy rounds at most (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
 }

@@ -446,6 +446,13 @@ fn every_endpoint_before_and_after_start() {
         ),
         ("GET", "/vessel/metrics", None, 200, 200),
         ("PUT", "/vessel/stop", None, 400, 204),
+        (
+            "PUT",
+            "/vessel/migrate",
+            Some(json!({"destination": "unix:/nonexistent/m.sock"})),
+            400,
+            400,
+        ),
     ];
     // Every route of the table is exercised.
     for r in routes::table() {

@@ -7,10 +7,11 @@
 
 use std::fmt;
 
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::{GuestAddress, GuestMemoryMmap as VmGuestMemoryMmap};
 
 /// The guest memory type used throughout Vessel (anonymous private mappings).
-pub type GuestMemoryMmap = VmGuestMemoryMmap<()>;
+pub type GuestMemoryMmap = VmGuestMemoryMmap<AtomicBitmap>;
 
 pub use vm_memory;
 

@@ -18,6 +18,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
@@ -32,6 +33,18 @@ pub fn layout(mem: &GuestMemoryMmap) -> Vec<MemRegion> {
             size: r.len(),
         })
         .collect()
+}
+
+/// The pages the VMM itself (its devices) wrote since the last call, from guest memory's
+/// own dirty bitmaps, which `vm-memory` sets on every write through its API, and resets
+/// them. KVM's dirty log has the guest's writes; the union of both is what changed.
+pub fn take_vmm_dirty(mem: &GuestMemoryMmap) -> DirtyBitmap {
+    let regions = layout(mem);
+    let mut bits = DirtyBitmap::new(&regions);
+    for (i, r) in mem.iter().enumerate() {
+        bits.merge_words(i, &std::ops::Deref::deref(r).bitmap().get_and_reset());
+    }
+    bits
 }
 
 /// What writing a memory file did.
@@ -52,7 +65,7 @@ fn mem_err(e: impl std::fmt::Display) -> SnapshotError {
 /// # Safety
 /// Nothing may write the region while the slice lives: every vCPU is parked and every
 /// device worker is quiesced.
-unsafe fn region_bytes(r: &GuestRegionMmap) -> &[u8] {
+unsafe fn region_bytes(r: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
     // SAFETY: the mapping is `r.len()` bytes long and lives as long as `r`; the caller
     // guarantees nobody writes it meanwhile.
     unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
@@ -236,7 +249,7 @@ pub fn map_private(regions: &[MemRegion], path: &Path) -> Result<GuestMemoryMmap
     let mut offset = 0u64;
     for r in regions {
         let size = usize::try_from(r.size).map_err(mem_err)?;
-        let region = MmapRegionBuilder::new(size)
+        let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
@@ -336,6 +349,29 @@ mod tests {
         }
         let _ = std::fs::remove_file(full);
         let _ = std::fs::remove_file(diff);
+    }
+
+    #[test]
+    fn vmm_writes_are_tracked_and_reset() {
+        let mem = guest();
+        take_vmm_dirty(&mem);
+        mem.write_obj(1u32, GuestAddress(4096 * 5 + 4)).unwrap();
+        mem.write_slice(&[1; 8192], GuestAddress((1 << 20) + 4096))
+            .unwrap();
+        let d = take_vmm_dirty(&mem);
+        assert_eq!(d.count(), 3);
+        assert!(d.is_dirty(4096 * 5));
+        assert!(d.is_dirty((1 << 20) + 2 * 4096));
+        assert_eq!(take_vmm_dirty(&mem).count(), 0, "reading resets");
+        // Restored memory tracks too.
+        let p = tmp("track");
+        // SAFETY: nothing else uses `mem`.
+        unsafe { write_full(&mem, &p) }.unwrap();
+        let back = map_private(&layout(&mem), &p).unwrap();
+        take_vmm_dirty(&back);
+        back.write_obj(9u8, GuestAddress(0)).unwrap();
+        assert_eq!(take_vmm_dirty(&back).runs(0), [(0, 1)]);
+        let _ = std::fs::remove_file(p);
     }
 
     #[test]

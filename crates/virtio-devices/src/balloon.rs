@@ -13,10 +13,9 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vessel_memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{
-    Bytes, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -14,8 +14,9 @@ use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use vessel_memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -6,9 +6,10 @@
 use std::io;
 use std::os::unix::io::AsRawFd;
 
+use vessel_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, VolatileSlice};
+use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmm_sys_util::epoll::EventSet;
 
 use vessel_virtio::worker::{consume, drain_queue, EventHandler, Worker, WorkerControl};
@@ -186,11 +187,12 @@ pub(crate) mod testing {
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
 
+    use vessel_memory::GuestMemoryMmap;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::Queue;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     use vessel_virtio::{

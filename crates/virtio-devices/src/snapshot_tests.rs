@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use vessel_devices::BusDevice;
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::common::status;
 use vessel_virtio::mmio::MmioTransport;
 use vessel_virtio::{features, MmioTransportState, VirtioDevice};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::net::testutil::{mem, Ring};

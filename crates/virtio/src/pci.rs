@@ -21,12 +21,12 @@ use std::sync::atomic::{AtomicU16, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use vessel_devices::BusDevice;
+use vessel_memory::GuestMemoryMmap;
 use vessel_pci::{
     BarInfo, BarKind, BarMove, BarSpec, ConfigError, ConfigSpace, MsiController, Msix, MsixError,
     MsixLocation, PciDevice, PciIds,
 };
 use virtio_queue::{Queue, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::common::VirtioCommon;

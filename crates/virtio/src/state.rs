@@ -119,7 +119,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
     use vessel_devices::BusDevice;
-    use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+    use vessel_memory::GuestMemoryMmap;
+    use vm_memory::{Bytes, GuestAddress};
     use vmm_sys_util::epoll::EventSet;
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, BootSource as ApiBootSource,
-    CpuTemplate, HugePages, Logger, MemoryBackendType, PartialDrive, PartialNetworkInterface,
-    RestoreHugePages, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    CpuTemplate, HugePages, Logger, MemoryBackendType, MigrateParams, PartialDrive,
+    PartialNetworkInterface, RestoreHugePages, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::balloon::{stat_tag, BalloonHandle, PAGE_SIZE as BALLOON_PAGE};
@@ -32,6 +33,7 @@ use crate::device_config::{
     BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
 };
 use crate::error::VmmError;
+use crate::migration::{MigrateOptions, MigrationUrl};
 use crate::snapshot::{SnapshotKind, SnapshotRequest};
 use crate::vm::{ControlError, RunState, RunningVm, Vm, VmHandle, VmOutcome};
 
@@ -383,6 +385,24 @@ impl VmmBackend for ApiBackend {
             });
         }
         Ok(())
+    }
+
+    fn migrate(&mut self, p: &MigrateParams) -> Result<Value, ApiError> {
+        let fail = |e: String| ApiError::bad(format!("Migration error: {e}"));
+        let url: MigrationUrl = p.destination.parse().map_err(fail)?;
+        let mut opts = MigrateOptions::default();
+        if let Some(ms) = p.downtime_ms {
+            opts.downtime = std::time::Duration::from_millis(ms);
+        }
+        if let Some(r) = p.max_rounds {
+            opts.max_rounds = r;
+        }
+        let stats = self
+            .running()?
+            .migrate(&url, &opts)
+            .map_err(|e| fail(e.to_string()))?;
+        log::info!("migrated to {}: {stats:?}", p.destination);
+        serde_json::to_value(stats).map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {

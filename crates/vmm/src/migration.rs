@@ -26,7 +26,7 @@ use vessel_snapshot::stream::{self, FrameType, MAX_PAGES_RUN};
 
 use crate::config::{SerialTarget, VmConfig};
 use crate::error::VmmError;
-use crate::snapshot::{capture, kvm_dirty_log, Parts, VmSnapshot};
+use crate::snapshot::{capture, dirty_pages, quiesce_devices, resume_devices, Parts, VmSnapshot};
 use crate::vcpu::PauseGate;
 use crate::vm::{register_memory, RunningVm, Vm};
 
@@ -253,8 +253,8 @@ pub(crate) fn send(
     let mut stats = MigrationStats::default();
     dirty_logging(parts, true)?;
     let result = (|| {
-        // Clear what the log held: from here on it is relative to the first pass.
-        kvm_dirty_log(&parts.vm, &regions).map_err(|e| MigrationError::State(e.to_string()))?;
+        // Clear what the logs held: from here on they are relative to the first pass.
+        dirty_pages(parts).map_err(|e| MigrationError::State(e.to_string()))?;
         let hello = Hello {
             version: PROTOCOL_VERSION,
             config: parts.config.clone(),
@@ -272,8 +272,7 @@ pub(crate) fn send(
         let mut last_dirty = u64::MAX;
         stats.converged = "round limit".into();
         while stats.rounds < opts.max_rounds {
-            let dirty = kvm_dirty_log(&parts.vm, &regions)
-                .map_err(|e| MigrationError::State(e.to_string()))?;
+            let dirty = dirty_pages(parts).map_err(|e| MigrationError::State(e.to_string()))?;
             let n = dirty.count();
             let eta = (n * PAGE_SIZE) as f64 / rate;
             if eta <= opts.downtime.as_secs_f64() {
@@ -305,9 +304,12 @@ pub(crate) fn send(
         // Stop and copy.
         let paused_at = Instant::now();
         pause()?;
+        quiesce_devices(parts).map_err(|e| {
+            let _ = resume();
+            MigrationError::State(e.to_string())
+        })?;
         let stop_and_copy = (|| {
-            let dirty = kvm_dirty_log(&parts.vm, &regions)
-                .map_err(|e| MigrationError::State(e.to_string()))?;
+            let dirty = dirty_pages(parts).map_err(|e| MigrationError::State(e.to_string()))?;
             let (p, b) = send_pages(conn, &parts.mem, &dirty, false)?;
             stats.pages_paused += p;
             stats.bytes_sent += b;
@@ -332,6 +334,7 @@ pub(crate) fn send(
         })();
         if let Err(e) = stop_and_copy {
             // The source keeps the VM: run it again.
+            resume_devices(parts);
             let _ = resume();
             return Err(e);
         }

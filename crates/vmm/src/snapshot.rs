@@ -26,7 +26,7 @@ use crate::config::{SerialTarget, VmConfig};
 use crate::devices::{LegacyDevices, LegacyState};
 use crate::error::VmmError;
 use crate::vcpu::PauseGate;
-use crate::virtio::VirtioManager;
+use crate::virtio::{VirtioDeviceState, VirtioManager};
 use crate::vm::Vm;
 
 /// What identifies a Vessel VM state file's payload.
@@ -129,19 +129,40 @@ pub(crate) fn kvm_dirty_log(
     Ok(bits)
 }
 
-/// Everything of a paused VM but its memory.
+/// The pages written since the last call: KVM's dirty log (the guest's writes) and guest
+/// memory's own bitmaps (the devices' writes). Both are reset.
+pub(crate) fn dirty_pages(parts: &Parts) -> Result<DirtyBitmap, SnapshotFailure> {
+    let regions = memory::layout(&parts.mem);
+    let mut d = kvm_dirty_log(&parts.vm, &regions)?;
+    d.merge(&memory::take_vmm_dirty(&parts.mem));
+    Ok(d)
+}
+
+/// Brings every virtio device to a consistent stop (see `VirtioManager::quiesce_all`).
+pub(crate) fn quiesce_devices(parts: &Parts) -> Result<(), SnapshotFailure> {
+    let v = parts.virtio.lock().unwrap_or_else(|e| e.into_inner());
+    v.quiesce_all().map_err(|e| {
+        v.resume_all();
+        SnapshotFailure::State(e.to_string())
+    })
+}
+
+/// Lets the virtio devices run again after [`quiesce_devices`].
+pub(crate) fn resume_devices(parts: &Parts) {
+    parts
+        .virtio
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .resume_all();
+}
+
+/// Everything of a paused VM whose devices are quiesced, but its memory.
 pub(crate) fn capture(
     parts: &Parts,
     pause: &PauseGate,
     vcpus: usize,
     api: Option<serde_json::Value>,
 ) -> Result<VmSnapshot, SnapshotFailure> {
-    let devices = parts.virtio.lock().map(|v| v.placed().len()).unwrap_or(0);
-    if devices > 0 {
-        return Err(SnapshotFailure::State(
-            "snapshots of VMs with virtio devices are not supported yet".into(),
-        ));
-    }
     let kvm = vessel_kvm::system::open().map_err(|e| SnapshotFailure::State(e.to_string()))?;
     let msrs = msr_candidates(&kvm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
     let vcpu_states = pause
@@ -149,6 +170,12 @@ pub(crate) fn capture(
         .map_err(SnapshotFailure::State)?;
     let kvm_state =
         VmKvmState::save(&parts.vm).map_err(|e| SnapshotFailure::State(e.to_string()))?;
+    let virtio = parts
+        .virtio
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .save_all()
+        .map_err(|e| SnapshotFailure::State(e.to_string()))?;
     Ok(VmSnapshot {
         kind: STATE_KIND.into(),
         vessel_version: env!("CARGO_PKG_VERSION").into(),
@@ -158,7 +185,7 @@ pub(crate) fn capture(
         vcpus: vcpu_states,
         kvm: kvm_state,
         legacy: parts.devices.save_state(),
-        virtio: serde_json::Value::Null,
+        virtio: serde_json::to_value(virtio).map_err(|e| SnapshotFailure::State(e.to_string()))?,
         api,
     })
 }
@@ -175,17 +202,30 @@ pub(crate) fn take(
         return Err(SnapshotFailure::NoDirtyTracking);
     }
     let t0 = Instant::now();
+    quiesce_devices(parts)?;
+    let r = write_snapshot(parts, pause, vcpus, req, t0);
+    resume_devices(parts);
+    r
+}
+
+fn write_snapshot(
+    parts: &Parts,
+    pause: &PauseGate,
+    vcpus: usize,
+    req: &SnapshotRequest,
+    t0: Instant,
+) -> Result<SnapshotInfo, SnapshotFailure> {
     let state = capture(parts, pause, vcpus, req.api.clone())?;
-    let regions = state.memory.clone();
     let devices_time = t0.elapsed();
 
     let t1 = Instant::now();
     let (stats, dirty_pages) = match req.kind {
         SnapshotKind::Full => {
+            // The next diff is relative to this snapshot: drop what the logs hold.
             if parts.config.track_dirty_pages {
-                // The next diff is relative to this snapshot: drop what the log holds.
-                kvm_dirty_log(&parts.vm, &regions)?;
+                kvm_dirty_log(&parts.vm, &state.memory)?;
             }
+            memory::take_vmm_dirty(&parts.mem);
             // SAFETY: every vCPU is parked (save_states checked) and the device workers
             // are quiesced, so nothing writes guest memory while it is read.
             (
@@ -194,7 +234,7 @@ pub(crate) fn take(
             )
         }
         SnapshotKind::Diff => {
-            let dirty = kvm_dirty_log(&parts.vm, &regions)?;
+            let dirty = dirty_pages(parts)?;
             let n = dirty.count();
             // SAFETY: as above.
             let st = unsafe { memory::write_diff(&parts.mem, &req.memory, &dirty) }?;
@@ -302,10 +342,15 @@ pub(crate) fn restore_vcpu(fd: &VcpuFd, id: u8, snap: &VmSnapshot) -> Result<(),
 pub(crate) fn restore_machine(
     vm: &VmFd,
     devices: &LegacyDevices,
-    _virtio: &VirtioManager,
+    virtio: &VirtioManager,
     snap: &VmSnapshot,
 ) -> Result<(), VmmError> {
     snap.kvm.restore(vm)?;
     devices.restore_state(&snap.legacy)?;
-    Ok(())
+    let states: Vec<VirtioDeviceState> = match &snap.virtio {
+        serde_json::Value::Null => Vec::new(),
+        v => serde_json::from_value(v.clone())
+            .map_err(|e| snapshot_error(SnapshotError::Parse(format!("virtio devices: {e}"))))?,
+    };
+    virtio.restore_all(&states)
 }

@@ -16,6 +16,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::worker::notify_if_needed;
 use vessel_virtio::{DeviceHealth, VirtioInterrupt};
 use virtio_bindings::virtio_blk::{
@@ -23,7 +24,7 @@ use virtio_bindings::virtio_blk::{
 };
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::disk::{Disk, IOV_MAX};
 use super::request::{disk_range, parse, Op, Request, Seg, DWZ_SEGMENT_LEN};

@@ -5,13 +5,14 @@ use std::os::unix::fs::FileExt;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Mutex;
 
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
 const S_OK: u8 = VIRTIO_BLK_S_OK as u8;

@@ -13,7 +13,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, types, IoUring, Probe};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vessel_memory::GuestMemoryMmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::{Disk, IOV_MAX};

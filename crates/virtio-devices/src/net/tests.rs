@@ -5,8 +5,8 @@ use std::sync::Arc;
 use super::testutil::{mem, Ring, TestIrq};
 use super::worker::{NetHandler, QueuePair, TapPoll};
 use super::*;
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::DeviceHealth;
-use vm_memory::GuestMemoryMmap;
 
 /// A datagram socket pair: one end plays the TAP, the test holds the other.
 fn fake_tap() -> (Tap, OwnedFd) {

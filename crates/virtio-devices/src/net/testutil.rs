@@ -5,9 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{ActiveQueue, InterruptCause, VirtioInterrupt};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub const F_NEXT: u16 = 1;

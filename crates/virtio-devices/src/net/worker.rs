@@ -10,11 +10,12 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::worker::{consume, drain_queue, notify_if_needed, EventHandler, WorkerControl};
 use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestMemoryBackend};
 use vmm_sys_util::epoll::EventSet;
 
 use super::{feature, Tap, VNET_HDR_LEN};

@@ -15,10 +15,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::worker::{consume, next_chain, notify_if_needed, EventHandler, WorkerControl};
 use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
 use virtio_queue::{QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 
 use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use super::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
 use super::*;
 use crate::net::testutil::{mem, Ring, TestIrq};
+use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{ActivateContext, DeviceHealth};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
 
 const CID: u64 = 42;
