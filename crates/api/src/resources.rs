@@ -46,6 +46,12 @@ impl MmdsStore {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The store itself, for the VMM's MMDS network stack: what the API writes later is what
+    /// the guest reads.
+    pub fn shared(&self) -> Arc<Mutex<Value>> {
+        self.inner.clone()
+    }
+
     /// A copy of the whole store.
     pub fn get(&self) -> Value {
         self.lock().clone()

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, BootSource as ApiBootSource,
-    CpuTemplate, HugePages, Logger, MemoryBackendType, MigrateParams, PartialDrive,
+    CpuTemplate, HugePages, Logger, MemoryBackendType, MigrateParams, MmdsVersion, PartialDrive,
     PartialNetworkInterface, RestoreHugePages, SnapshotCreateParams, SnapshotLoadParams,
-    SnapshotType,
+    SnapshotType, DEFAULT_MMDS_ADDR,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::balloon::{stat_tag, BalloonHandle, PAGE_SIZE as BALLOON_PAGE};
@@ -88,6 +88,7 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             transport: Transport::Mmio,
         });
     }
+    let mmds = mmds(r);
     let mut nets = Vec::with_capacity(r.network_interfaces.len());
     for n in &r.network_interfaces {
         let mac = match &n.guest_mac {
@@ -103,6 +104,10 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             mac,
             queue_pairs: 1,
             transport: Transport::Mmio,
+            mmds: mmds
+                .as_ref()
+                .filter(|(_, ifaces)| ifaces.contains(&n.iface_id))
+                .map(|(m, _)| m.clone()),
         });
     }
     let vsock = r.vsock.as_ref().map(|v| VsockConfig {
@@ -141,6 +146,24 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
     })
 }
 
+/// The VM's MMDS (reading the API's store, so the guest sees later `PUT`/`PATCH /mmds`) and
+/// the interfaces that reach it, when `mmds_config` is set.
+fn mmds(r: &VmResources) -> Option<(vessel_mmds::Mmds, &[String])> {
+    let c = r.mmds_config.as_ref()?;
+    let options = vessel_mmds::MmdsOptions {
+        version: match c.version {
+            MmdsVersion::V1 => vessel_mmds::Version::V1,
+            MmdsVersion::V2 => vessel_mmds::Version::V2,
+        },
+        imds_compat: c.imds_compat,
+        ipv4: c.ipv4_address.unwrap_or(DEFAULT_MMDS_ADDR),
+    };
+    Some((
+        vessel_mmds::Mmds::new(r.mmds.shared(), options),
+        &c.network_interfaces,
+    ))
+}
+
 /// What Vessel cannot do yet among what the API accepts: refused when configured, with the
 /// spec's 400, rather than at `InstanceStart`.
 fn unsupported(r: &VmResources) -> Result<(), ApiError> {
@@ -150,9 +173,6 @@ fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     }
     if m.huge_pages != HugePages::None {
         return Err(ApiError::Unsupported("huge page backed memory".into()));
-    }
-    if r.mmds_config.is_some() {
-        return Err(ApiError::Unsupported("MMDS".into()));
     }
     if r.balloon
         .is_some_and(|b| b.free_page_hinting || b.free_page_reporting)
@@ -752,6 +772,79 @@ mod tests {
         assert_eq!((s.actual_pages, s.actual_mib, s.free_memory), (0, 0, None));
         assert!(refuse_rate_limiters(true).is_err());
         assert!(refuse_rate_limiters(false).is_ok());
+    }
+
+    #[test]
+    fn mmds_config_reaches_the_named_interfaces_and_shares_the_store() {
+        let kernel = file("kernel-mmds");
+        let mut r = VmResources::default();
+        r.set_boot_source(ApiBoot {
+            kernel_image_path: kernel.clone(),
+            initrd_path: None,
+            boot_args: None,
+        })
+        .unwrap();
+        for (id, tap) in [("eth0", "tap0"), ("eth1", "tap1")] {
+            r.set_network_interface(NetworkInterface {
+                iface_id: id.into(),
+                host_dev_name: tap.into(),
+                guest_mac: None,
+                mtu: None,
+                rx_rate_limiter: None,
+                tx_rate_limiter: None,
+            })
+            .unwrap();
+        }
+        r.set_mmds_config(
+            serde_json::from_value(json!({
+                "version": "V2", "network_interfaces": ["eth1"],
+                "ipv4_address": "169.254.170.2", "imds_compat": true
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let mut b = ApiBackend::new(VmConfig::default()).unwrap();
+        assert_eq!(b.validate(&r), Ok(()), "MMDS is supported");
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        let nets = &c.devices.nets;
+        assert!(nets[0].mmds.is_none());
+        let m = nets[1].mmds.as_ref().expect("eth1 has MMDS");
+        let o = m.options();
+        assert_eq!(o.version, vessel_mmds::Version::V2);
+        assert!(o.imds_compat);
+        assert_eq!(o.ipv4, std::net::Ipv4Addr::new(169, 254, 170, 2));
+        // The guest reads what the API writes after the VM was built.
+        r.mmds.put(json!({"k": "v"})).unwrap();
+        let req = b"GET /k HTTP/1.1\r\n\r\n";
+        let vessel_mmds::Served::Response { response, .. } =
+            m.serve(req, std::time::Instant::now())
+        else {
+            panic!("no response");
+        };
+        assert!(
+            String::from_utf8_lossy(&response).starts_with("HTTP/1.1 401"),
+            "V2"
+        );
+        let put = b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n";
+        let vessel_mmds::Served::Response { response, .. } =
+            m.serve(put, std::time::Instant::now())
+        else {
+            panic!("no response");
+        };
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let token = text.rsplit("\r\n\r\n").next().unwrap();
+        let get = format!("GET /k HTTP/1.1\r\nX-metadata-token: {token}\r\n\r\n");
+        let vessel_mmds::Served::Response { response, .. } =
+            m.serve(get.as_bytes(), std::time::Instant::now())
+        else {
+            panic!("no response");
+        };
+        let text = String::from_utf8_lossy(&response).into_owned();
+        assert!(
+            text.starts_with("HTTP/1.1 200") && text.ends_with("\r\n\r\nv"),
+            "{text}"
+        );
+        let _ = std::fs::remove_file(kernel);
     }
 
     #[test]

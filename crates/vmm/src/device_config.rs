@@ -42,6 +42,10 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     pub queue_pairs: u16,
     pub transport: Transport,
+    /// The VM's MMDS, when the guest reaches it through this interface (API and
+    /// `--config-file` only: `mmds-config`'s `network_interfaces`).
+    #[serde(skip)]
+    pub mmds: Option<vessel_mmds::Mmds>,
 }
 
 /// `--vsock cid=N,uds=PATH[,transport=pci|mmio]`
@@ -206,6 +210,7 @@ impl FromStr for NetConfig {
             mac,
             queue_pairs,
             transport,
+            mmds: None,
         })
     }
 }

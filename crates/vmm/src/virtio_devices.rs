@@ -49,12 +49,13 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         out.push(planned(dev, d.transport));
     }
     for n in &configs.nets {
-        let dev = net::Net::new(net::NetConfig {
+        let mut dev = net::Net::new(net::NetConfig {
             tap: n.tap.clone(),
             mac: n.mac,
             queue_pairs: n.queue_pairs,
         })
         .map_err(|e| VmmError::Device(format!("--net tap={}: {e}", n.tap)))?;
+        dev.set_mmds(n.mmds.clone());
         out.push(planned(dev, n.transport));
     }
     if let Some(v) = &configs.vsock {

@@ -4,7 +4,8 @@
 //! receive buffers, checksum/TSO offloads, and a control queue for multiqueue.
 //!
 //! - [`tap`]: opening `/dev/net/tun` and the TAP ioctls;
-//! - `worker`: the queue processing (RX, TX, control queue) in the device's worker thread.
+//! - `worker`: the queue processing (RX, TX, control queue) in the device's worker thread,
+//!   and the MMDS detour (`worker/mmds.rs`) for interfaces that serve it.
 
 pub mod tap;
 mod worker;
@@ -21,7 +22,7 @@ use vmm_sys_util::epoll::EventSet;
 
 pub use tap::{Tap, TapError};
 
-use worker::{NetHandler, QueuePair, Tokens};
+use worker::{MmdsPath, NetHandler, QueuePair, Tokens};
 
 /// Size of the header in front of every frame (`virtio_net_hdr_v1`, `num_buffers` included).
 pub const VNET_HDR_LEN: usize = 12;
@@ -143,6 +144,7 @@ pub struct Net {
     /// Queue pairs the driver uses (`VQ_PAIRS_SET`), kept across a quiesce or a restore.
     active_pairs: u16,
     worker: Option<Worker>,
+    mmds: Option<vessel_mmds::Mmds>,
 }
 
 impl Net {
@@ -184,7 +186,15 @@ impl Net {
             config,
             active_pairs: 1,
             worker: None,
+            mmds: None,
         })
+    }
+
+    /// Serves MMDS on this interface: the guest's frames for the MMDS address are answered
+    /// by a `vessel_mmds::MmdsStack` (a new one each time the driver activates the device)
+    /// and never reach the TAP.
+    pub fn set_mmds(&mut self, mmds: Option<vessel_mmds::Mmds>) {
+        self.mmds = mmds;
     }
 
     pub fn mac(&self) -> [u8; 6] {
@@ -272,7 +282,11 @@ impl VirtioDevice for Net {
         if let Some(q) = &ctrl {
             fds.push((q.kick.as_raw_fd(), Tokens::CTRL, EventSet::IN));
         }
-        let handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl);
+        let mut handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl);
+        handler.mmds = self
+            .mmds
+            .clone()
+            .map(|m| MmdsPath::new(vessel_mmds::MmdsStack::new(m)));
         let worker = Worker::spawn("virtio-net", &fds, handler).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         Ok(())

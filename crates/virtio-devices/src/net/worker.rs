@@ -20,6 +20,9 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::{feature, Tap, VNET_HDR_LEN};
 
+mod mmds;
+pub(super) use mmds::MmdsPath;
+
 /// Most `iovec`s one `readv`/`writev` takes (`IOV_MAX`).
 const MAX_IOVS: usize = 1024;
 /// Largest frame a guest may send: a 64 KiB GSO frame plus Ethernet/VLAN header and ours.
@@ -194,6 +197,8 @@ pub(super) struct NetHandler {
     /// (head, length, first iovec) of the chains gathered for the frame being received.
     rx_chains: Vec<(u16, usize, usize)>,
     pub(super) stats: NetStats,
+    /// MMDS, when the interface has it.
+    pub(super) mmds: Option<MmdsPath>,
 }
 
 impl NetHandler {
@@ -222,6 +227,7 @@ impl NetHandler {
             iovs: IoVecs::new(),
             rx_chains: Vec::new(),
             stats: NetStats::default(),
+            mmds: None,
         }
     }
 
@@ -335,6 +341,9 @@ impl NetHandler {
         if !self.pairs[p].enabled || self.pairs[p].rx.is_none() || self.health.is_broken() {
             return;
         }
+        if p == 0 {
+            self.mmds_rx();
+        }
         let bad_before = self.stats.bad_chains;
         let mut delivered = 0;
         let mut budget = BUDGET;
@@ -410,6 +419,7 @@ impl NetHandler {
         let tap = &pair.tap;
         let iovs = &mut self.iovs;
         let stats = &mut self.stats;
+        let mmds = &mut self.mmds;
         drain_queue(
             &mut txq.queue,
             txq.index,
@@ -419,6 +429,10 @@ impl NetHandler {
             |chain| {
                 iovs.0.clear();
                 match collect_iovs(mem, chain, false, iovs) {
+                    // Frames for MMDS stay here.
+                    Some(len)
+                        if len <= MAX_TX_LEN
+                            && mmds.as_mut().is_some_and(|m| m.divert(&iovs.0, len)) => {}
                     Some(len) if (VNET_HDR_LEN..=MAX_TX_LEN).contains(&len) => {
                         // SAFETY: the iovecs point into mapped guest memory (see
                         // `collect_iovs`), at most `MAX_IOVS` of them; the result is checked.
@@ -442,6 +456,7 @@ impl NetHandler {
                 0
             },
         );
+        self.mmds_rx();
     }
 
     /// Serves the control queue.

@@ -1,0 +1,234 @@
+//! MMDS on this interface: frames the guest sends to the MMDS address go to a
+//! [`MmdsStack`] instead of the TAP, and the stack's frames reach the receive queue of the
+//! first pair ahead of the TAP's. The stack only speaks in answer to the guest, so the
+//! worker needs no extra event: it delivers after each transmit batch and whenever the
+//! driver adds receive buffers.
+
+use vessel_mmds::{MmdsStack, MAX_FRAME_LEN};
+use virtio_queue::{QueueOwnedT, QueueT};
+
+use super::{
+    collect_iovs, enable_notification_past_avail, notify_if_needed, write_iovs, NetHandler,
+    MAX_IOVS, VNET_HDR_LEN,
+};
+
+/// The first bytes of a frame the stack needs to tell whether the frame may be its own.
+const HEAD_LEN: usize = 42;
+
+/// The MMDS stack of a device and its buffers.
+pub(in crate::net) struct MmdsPath {
+    pub(in crate::net) stack: MmdsStack,
+    /// A guest frame being offered to the stack.
+    frame: Vec<u8>,
+    /// A frame taken from the stack that waits for receive buffers (`out[..len]`).
+    out: Vec<u8>,
+    out_len: Option<usize>,
+}
+
+impl MmdsPath {
+    pub(in crate::net) fn new(stack: MmdsStack) -> Self {
+        MmdsPath {
+            stack,
+            frame: Vec::new(),
+            out: vec![0; MAX_FRAME_LEN],
+            out_len: None,
+        }
+    }
+
+    /// Offers the frame in `iovs` (`len` bytes, virtio header first) to the stack; true
+    /// when it was for MMDS and must not reach the TAP.
+    pub(super) fn divert(&mut self, iovs: &[libc::iovec], len: usize) -> bool {
+        let mut head = [0u8; HEAD_LEN];
+        let n = read_iovs(iovs, VNET_HDR_LEN, &mut head);
+        if !self.stack.may_intercept(&head[..n]) {
+            return false;
+        }
+        self.frame.resize(len.saturating_sub(VNET_HDR_LEN), 0);
+        let n = read_iovs(iovs, VNET_HDR_LEN, &mut self.frame);
+        self.stack.intercept(&self.frame[..n])
+    }
+
+    fn has_frames(&self) -> bool {
+        self.out_len.is_some() || self.stack.has_frames()
+    }
+}
+
+/// Copies bytes from the buffers described by `iovs`, starting `offset` bytes in, into
+/// `out`; returns how many were copied.
+fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == out.len() {
+            break;
+        }
+        if offset >= iov.iov_len {
+            offset -= iov.iov_len;
+            continue;
+        }
+        let n = (out.len() - done).min(iov.iov_len - offset);
+        // SAFETY: `iov` was built by `collect_iovs` from a guest memory slice of `iov_len`
+        // bytes that stays mapped while the worker holds the memory; `offset + n <= iov_len`
+        // and `done + n <= out.len()`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                iov.iov_base.cast::<u8>().add(offset),
+                out.as_mut_ptr().add(done),
+                n,
+            );
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}
+
+/// What became of one MMDS frame.
+enum Delivery {
+    Delivered,
+    /// The stack has nothing to send.
+    Empty,
+    NoBuffers,
+    Broken,
+}
+
+impl NetHandler {
+    /// Hands the MMDS stack's frames to the guest until either runs out.
+    pub(super) fn mmds_rx(&mut self) {
+        if self.health.is_broken() || !self.mmds.as_ref().is_some_and(MmdsPath::has_frames) {
+            return;
+        }
+        let mut delivered = 0;
+        loop {
+            match self.mmds_rx_frame() {
+                Delivery::Delivered => delivered += 1,
+                Delivery::Empty | Delivery::Broken => break,
+                Delivery::NoBuffers => {
+                    let Some(rxq) = self.pairs.first_mut().and_then(|p| p.rx.as_mut()) else {
+                        break;
+                    };
+                    match enable_notification_past_avail(&mut rxq.queue, &self.mem) {
+                        Ok(true) => continue,
+                        Ok(false) => break,
+                        Err(e) => {
+                            self.health
+                                .mark_broken(&format_args!("queue {}: {e}", rxq.index));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if delivered > 0 {
+            if let Some(rxq) = self.pairs.first_mut().and_then(|p| p.rx.as_mut()) {
+                notify_if_needed(
+                    &mut rxq.queue,
+                    rxq.index,
+                    &self.mem,
+                    self.interrupt.as_ref(),
+                );
+            }
+        }
+    }
+
+    /// Writes one frame of the stack into the receive buffers of the first pair.
+    fn mmds_rx_frame(&mut self) -> Delivery {
+        let mem = &self.mem;
+        let Some(path) = self.mmds.as_mut() else {
+            return Delivery::Empty;
+        };
+        let Some(rxq) = self.pairs.first_mut().and_then(|p| p.rx.as_mut()) else {
+            return Delivery::Empty;
+        };
+        let frame_len = match path.out_len {
+            Some(n) => n,
+            None => match path.stack.pop_frame(&mut path.out) {
+                Some(n) => {
+                    path.out_len = Some(n);
+                    n
+                }
+                None => return Delivery::Empty,
+            },
+        };
+        let q = &mut rxq.queue;
+        let qindex = rxq.index;
+        let iovs = &mut self.iovs;
+        let chains = &mut self.rx_chains;
+        iovs.0.clear();
+        chains.clear();
+        let total = VNET_HDR_LEN + frame_len;
+        // Without merged buffers a frame takes one chain, cut to its size like the TAP's.
+        let need = if self.mrg_rxbuf { total } else { 1 };
+        let mut capacity = 0usize;
+        while capacity < need && iovs.0.len() < MAX_IOVS {
+            if !self.mrg_rxbuf && !chains.is_empty() {
+                break;
+            }
+            let chain = match q.iter(mem) {
+                Ok(mut it) => it.next(),
+                Err(e) => {
+                    self.health
+                        .mark_broken(&format_args!("queue {qindex}: {e}"));
+                    return Delivery::Broken;
+                }
+            };
+            let Some(chain) = chain else { break };
+            let head = chain.head_index();
+            let start = iovs.0.len();
+            match collect_iovs(mem, chain, true, iovs) {
+                Some(len) if len >= VNET_HDR_LEN => {
+                    chains.push((head, len, start));
+                    capacity += len;
+                }
+                _ => {
+                    iovs.0.truncate(start);
+                    self.stats.bad_chains += 1;
+                    if let Err(e) = q.add_used(mem, head, 0) {
+                        self.health
+                            .mark_broken(&format_args!("queue {qindex}: {e}"));
+                        return Delivery::Broken;
+                    }
+                }
+            }
+        }
+        let ring_full = chains.len() >= usize::from(q.size());
+        if chains.is_empty() || (capacity < need && !ring_full) {
+            for _ in 0..chains.len() {
+                q.go_to_previous_position();
+            }
+            return Delivery::NoBuffers;
+        }
+        let written = total.min(capacity);
+        let mut used = 0usize;
+        let mut left = written;
+        for &(_, len, _) in chains.iter() {
+            if left == 0 {
+                break;
+            }
+            left = left.saturating_sub(len);
+            used += 1;
+        }
+        for _ in used..chains.len() {
+            q.go_to_previous_position();
+        }
+        // A plain header: no offloads (our checksums are complete), then num_buffers.
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        hdr[10..].copy_from_slice(&(used as u16).to_le_bytes());
+        write_iovs(&iovs.0, 0, &hdr);
+        write_iovs(&iovs.0, VNET_HDR_LEN, &path.out[..frame_len]);
+        path.out_len = None;
+        let mut left = written;
+        for &(head, len, _) in &chains[..used] {
+            let this = left.min(len);
+            left -= this;
+            if let Err(e) = q.add_used(mem, head, this as u32) {
+                self.health
+                    .mark_broken(&format_args!("queue {qindex}: {e}"));
+                return Delivery::Broken;
+            }
+        }
+        Delivery::Delivered
+    }
+}
+
+#[cfg(test)]
+mod tests;
