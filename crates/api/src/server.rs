@@ -11,7 +11,7 @@ use std::io::{self, Read, Write};
 use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -50,12 +50,18 @@ impl Default for ServerConfig {
 
 type Connections = Arc<Mutex<HashMap<u64, UnixStream>>>;
 
+/// How long shutting down waits for requests being answered.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
 /// A running API server. Dropping it (or [`ApiServer::shutdown`]) stops it.
 #[derive(Debug)]
 pub struct ApiServer {
     path: PathBuf,
     stop: Arc<AtomicBool>,
     connections: Connections,
+    /// Requests being answered: shutting down waits for them (a request that ends the VM,
+    /// such as a migration, still gets its answer).
+    in_flight: Arc<AtomicUsize>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -85,13 +91,16 @@ impl ApiServer {
             .metrics()
             .clone();
         let (s, c) = (stop.clone(), connections.clone());
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let f = in_flight.clone();
         let accept = thread::Builder::new()
             .name("vessel-api".into())
-            .spawn(move || accept_loop(listener, controller, metrics, config, s, c))?;
+            .spawn(move || accept_loop(listener, controller, metrics, config, s, c, f))?;
         Ok(ApiServer {
             path: path.to_path_buf(),
             stop,
             connections,
+            in_flight,
             accept: Some(accept),
         })
     }
@@ -112,6 +121,10 @@ impl ApiServer {
             // Wake the accept call.
             let _ = UnixStream::connect(&self.path);
             let _ = accept.join();
+            let deadline = Instant::now() + SHUTDOWN_GRACE;
+            while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(1));
+            }
             for (_, s) in self
                 .connections
                 .lock()
@@ -138,6 +151,7 @@ fn accept_loop(
     config: ServerConfig,
     stop: Arc<AtomicBool>,
     connections: Connections,
+    in_flight: Arc<AtomicUsize>,
 ) {
     let next_id = AtomicU64::new(0);
     for stream in listener.incoming() {
@@ -168,10 +182,11 @@ fn accept_loop(
         }
         metrics.server.connections.inc();
         let (ctl, m, conns) = (controller.clone(), metrics.clone(), connections.clone());
+        let busy = in_flight.clone();
         let spawned = thread::Builder::new()
             .name("vessel-api-conn".into())
             .spawn(move || {
-                serve_connection(stream, &ctl, &m, &config);
+                serve_connection(stream, &ctl, &m, &config, &busy);
                 conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&id);
             });
         if spawned.is_err() {
@@ -222,6 +237,7 @@ fn serve_connection(
     controller: &Mutex<ApiController>,
     metrics: &Metrics,
     config: &ServerConfig,
+    in_flight: &AtomicUsize,
 ) {
     let mut buf: Vec<u8> = Vec::new();
     loop {
@@ -270,8 +286,11 @@ fn serve_connection(
                 }
             }
         };
+        in_flight.fetch_add(1, Ordering::SeqCst);
         let response = routes::dispatch(controller, metrics, &request);
-        if response.write_to(&mut stream, request.keep_alive).is_err() || !request.keep_alive {
+        let written = response.write_to(&mut stream, request.keep_alive);
+        in_flight.fetch_sub(1, Ordering::SeqCst);
+        if written.is_err() || !request.keep_alive {
             let _ = stream.shutdown(Shutdown::Both);
             return;
         }

@@ -1,6 +1,8 @@
-//! Snapshots end to end, through Firecracker's API: a tiny guest that counts in memory and
-//! in a register is snapshotted (full, then diff), killed, and restored in new processes; the
-//! count goes on from where it stopped. Damaged and foreign snapshot files are refused
+//! Snapshots and live migration end to end, through Firecracker's API: a tiny guest that
+//! counts in memory and in a register is snapshotted (full, then diff), killed, and restored
+//! in new processes; the count goes on from where it stopped. It is live-migrated to a
+//! `vessel migrate receive` process and goes on counting there; a receiver that breaks off
+//! mid-way leaves it running on the source. Damaged and foreign snapshot files are refused
 //! with a clear error and the VMM stays up.
 
 mod common;
@@ -255,5 +257,149 @@ fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
         assert!(m.contains(what), "{m}");
     }
     assert_eq!(state_of(&v), "Not started");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts the counter guest in a new Firecracker-mode process.
+fn start_counter(dir: &Path, name: &str, extra_config: serde_json::Value) -> FcVessel {
+    let kernel = dir.join("guest.elf");
+    std::fs::write(&kernel, elf(&counter_guest())).unwrap();
+    let v = FcVessel::start(dir, name, &[]);
+    let mut c = v.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})),
+        204,
+    );
+    let mut mc = json!({"vcpu_count": 1, "mem_size_mib": 64});
+    if let (Some(m), Some(e)) = (mc.as_object_mut(), extra_config.as_object()) {
+        m.extend(e.clone());
+    }
+    expect(&mut c, "PUT", "/machine-config", Some(mc), 204);
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| counts(s).len() >= 3);
+    v
+}
+
+#[test]
+fn live_migration_moves_a_running_guest_to_another_process() {
+    use std::process::Stdio;
+    let dir = scratch("migrate");
+    let src = start_counter(&dir, "src", json!({}));
+    let addr = dir.join("migrate.sock");
+    let mut dst = vessel();
+    dst.args(["migrate", "receive", "--listen"])
+        .arg(format!("unix:{}", addr.display()))
+        .args(["--serial", "stdio"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut dst = dst.spawn().unwrap();
+    let dst_out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    {
+        let mut out = dst.stdout.take().unwrap();
+        let o = dst_out.clone();
+        std::thread::spawn(move || {
+            use std::io::Read;
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = out.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                o.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+    }
+    let t = std::time::Instant::now();
+    while !addr.exists() {
+        assert!(t.elapsed() < LIMIT, "the receiver never listened");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = last_count(&src);
+    let mut c = src.client();
+    let stats = expect(
+        &mut c,
+        "PUT",
+        "/vessel/migrate",
+        Some(json!({"destination": format!("unix:{}", addr.display()), "downtime_ms": 50})),
+        200,
+    );
+    assert!(stats["bytes_sent"].as_u64().unwrap() > 0, "{stats}");
+    assert!(stats["downtime_us"].as_u64().is_some(), "{stats}");
+    // The source hands over and exits with success.
+    let mut src = src;
+    let t = std::time::Instant::now();
+    let code = loop {
+        if let Some(s) = src.child.try_wait().unwrap() {
+            break s.code();
+        }
+        assert!(t.elapsed() < LIMIT, "the source did not exit");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert_eq!(code, Some(0), "source stderr: {}", src.stderr());
+    let handed_over = last_count(&src);
+    assert!(handed_over >= before);
+    // The destination counts on from exactly where the source stopped.
+    let t = std::time::Instant::now();
+    loop {
+        let c = counts(&dst_out.lock().unwrap());
+        if c.len() >= 2 {
+            assert_eq!(c[0], (handed_over + 1, handed_over + 1), "{c:?}");
+            break;
+        }
+        assert!(t.elapsed() < LIMIT, "no ticks on the destination");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = dst.kill();
+    let _ = dst.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_receiver_that_breaks_off_leaves_the_source_running() {
+    use std::io::Read;
+    let dir = scratch("migrate-abort");
+    let src = start_counter(&dir, "src", json!({}));
+    let addr = dir.join("broken.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&addr).unwrap();
+    // A receiver that reads a little and dies, as a killed destination would.
+    let breaker = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 4096];
+        let _ = s.read_exact(&mut buf);
+    });
+    let mut c = src.client();
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/vessel/migrate",
+        Some(json!({"destination": format!("unix:{}", addr.display())})),
+        400,
+    );
+    assert!(
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .starts_with("Migration error"),
+        "{e}"
+    );
+    breaker.join().unwrap();
+    assert_eq!(state_of(&src), "Running");
+    let now = last_count(&src);
+    src.wait_console("ticks after the failed migration", LIMIT, |s| {
+        counts(s).last().is_some_and(|l| l.0 >= now + 2)
+    });
+    // Nobody listening at all: refused at once, still running.
+    expect(
+        &mut c,
+        "PUT",
+        "/vessel/migrate",
+        Some(json!({"destination": format!("unix:{}", dir.join("nobody").display())})),
+        400,
+    );
+    assert_eq!(state_of(&src), "Running");
     let _ = std::fs::remove_dir_all(&dir);
 }
