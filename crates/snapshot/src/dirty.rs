@@ -76,6 +76,15 @@ impl DirtyBitmap {
         }
     }
 
+    /// Keeps only the pages also set in `other` (over the same regions).
+    pub fn intersect(&mut self, other: &DirtyBitmap) {
+        for (mine, theirs) in self.bits.iter_mut().zip(&other.bits) {
+            for (a, b) in mine.iter_mut().zip(theirs) {
+                *a &= b;
+            }
+        }
+    }
+
     /// Marks every page that `[gpa, gpa + len)` touches. Addresses outside the regions are
     /// ignored.
     pub fn mark(&mut self, gpa: u64, len: u64) {
@@ -186,6 +195,9 @@ mod tests {
         assert_eq!(b.count(), 2, "bits past the region are dropped");
         let all = DirtyBitmap::all(&regions());
         assert_eq!(all.count(), 65 + 8);
+        let mut only = all.clone();
+        only.intersect(&b);
+        assert_eq!(only, b);
         b.merge(&all);
         assert_eq!(b, all);
     }

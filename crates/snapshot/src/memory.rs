@@ -47,6 +47,101 @@ pub fn take_vmm_dirty(mem: &GuestMemoryMmap) -> DirtyBitmap {
     bits
 }
 
+/// The pages of guest memory mapped in this process's page tables: those the guest (or the
+/// VMM) touched since the memory was mapped, read from `/proc/self/pagemap`. Right after a
+/// restore, that is the guest's working set.
+pub fn resident_pages(mem: &GuestMemoryMmap) -> Result<DirtyBitmap, SnapshotError> {
+    pagemap_pages(mem, |e| e >> 63 == 1)
+}
+
+/// The pages whose `/proc/self/pagemap` entry passes `keep`.
+fn pagemap_pages(
+    mem: &GuestMemoryMmap,
+    keep: impl Fn(u64) -> bool,
+) -> Result<DirtyBitmap, SnapshotError> {
+    let path = Path::new("/proc/self/pagemap");
+    let pagemap = File::open(path).map_err(SnapshotError::io(path))?;
+    let regions = layout(mem);
+    let mut bits = DirtyBitmap::new(&regions);
+    let mut buf = vec![0u8; 8 * 4096];
+    for r in mem.iter() {
+        let host = r.as_ptr() as u64;
+        let pages = r.len() / PAGE_SIZE;
+        let mut p = 0u64;
+        while p < pages {
+            let n = ((pages - p) as usize).min(buf.len() / 8);
+            let chunk = &mut buf[..n * 8];
+            pagemap
+                .read_exact_at(chunk, (host / PAGE_SIZE + p) * 8)
+                .map_err(SnapshotError::io(path))?;
+            for (k, e) in chunk.chunks_exact(8).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(e);
+                if keep(u64::from_le_bytes(w)) {
+                    bits.mark(r.start_addr().0 + (p + k as u64) * PAGE_SIZE, 1);
+                }
+            }
+            p += n as u64;
+        }
+    }
+    Ok(bits)
+}
+
+/// Maps the pages `pages` selects into the page tables ahead of the guest
+/// (`MADV_POPULATE_READ`): a restored guest then takes no host page fault on them. Returns
+/// the bytes prefetched.
+pub fn prefetch(mem: &GuestMemoryMmap, pages: &DirtyBitmap) -> u64 {
+    const MADV_POPULATE_READ: i32 = 22;
+    let mut total = 0;
+    for (i, r) in mem.iter().enumerate() {
+        for (first, count) in pages.runs(i) {
+            let (off, len) = (first * PAGE_SIZE, count * PAGE_SIZE);
+            if off + len > r.len() {
+                continue;
+            }
+            // SAFETY: the range lies inside this region's live mapping; populating pages
+            // changes no memory contents.
+            let rc = unsafe {
+                libc::madvise(
+                    r.as_ptr().add(off as usize).cast(),
+                    len as usize,
+                    MADV_POPULATE_READ,
+                )
+            };
+            if rc == 0 {
+                total += len;
+            }
+        }
+    }
+    total
+}
+
+/// A working set as a file: `[[region, first page, page count], ...]` in JSON.
+pub fn save_working_set(path: &Path, pages: &DirtyBitmap) -> Result<(), SnapshotError> {
+    let runs: Vec<(usize, u64, u64)> = (0..pages.regions().len())
+        .flat_map(|i| pages.runs(i).into_iter().map(move |(f, c)| (i, f, c)))
+        .collect();
+    let text = serde_json::to_vec(&runs).map_err(|e| SnapshotError::Parse(e.to_string()))?;
+    std::fs::write(path, text).map_err(SnapshotError::io(path))
+}
+
+/// Reads a working set saved by [`save_working_set`] for memory with `regions`.
+pub fn load_working_set(path: &Path, regions: &[MemRegion]) -> Result<DirtyBitmap, SnapshotError> {
+    let text = std::fs::read(path).map_err(SnapshotError::io(path))?;
+    let runs: Vec<(usize, u64, u64)> =
+        serde_json::from_slice(&text).map_err(|e| SnapshotError::Parse(e.to_string()))?;
+    let mut bits = DirtyBitmap::new(regions);
+    for (i, first, count) in runs {
+        if let Some(r) = regions.get(i) {
+            bits.mark(
+                r.gpa.saturating_add(first.saturating_mul(PAGE_SIZE)),
+                count.saturating_mul(PAGE_SIZE),
+            );
+        }
+    }
+    Ok(bits)
+}
+
 /// What writing a memory file did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct WriteStats {
@@ -175,11 +270,27 @@ unsafe fn write_selected(
         covered: total,
         written: 0,
     };
+    // Anonymous memory never touched reads as zero: with `skip_zero`, only pages that are
+    // present or swapped out (pagemap bits 63, 62) are looked at, so untouched memory is
+    // neither scanned nor faulted in.
+    let touched = if skip_zero {
+        pagemap_pages(mem, |e| e >> 62 != 0).ok()
+    } else {
+        None
+    };
     let mut base = 0u64;
     for (i, r) in mem.iter().enumerate() {
         // SAFETY: the caller guarantees guest memory is not written meanwhile.
         let bytes = unsafe { region_bytes(r) };
-        stats.written += write_pages(&file, path, bytes, base, &pages.runs(i), skip_zero)?;
+        let runs = match &touched {
+            Some(t) if r.file_offset().is_none() => {
+                let mut both = pages.clone();
+                both.intersect(t);
+                both.runs(i)
+            }
+            _ => pages.runs(i),
+        };
+        stats.written += write_pages(&file, path, bytes, base, &runs, skip_zero)?;
         base += r.len();
     }
     file.sync_data().map_err(SnapshotError::io(path))?;
@@ -372,6 +483,41 @@ mod tests {
         back.write_obj(9u8, GuestAddress(0)).unwrap();
         assert_eq!(take_vmm_dirty(&back).runs(0), [(0, 1)]);
         let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn working_sets_are_recorded_saved_and_prefetched() {
+        let mem = guest();
+        mem.write_obj(5u8, GuestAddress(7 * 4096)).unwrap();
+        let p = tmp("ws-mem");
+        // SAFETY: nothing else uses `mem`.
+        unsafe { write_full(&mem, &p) }.unwrap();
+        let back = map_private(&layout(&mem), &p).unwrap();
+        assert_eq!(
+            resident_pages(&back).unwrap().count(),
+            0,
+            "nothing touched yet"
+        );
+        let _ = back.read_obj::<u8>(GuestAddress(7 * 4096)).unwrap();
+        let _ = back
+            .read_obj::<u8>(GuestAddress((1 << 20) + 3 * 4096))
+            .unwrap();
+        let ws = resident_pages(&back).unwrap();
+        assert!(ws.is_dirty(7 * 4096) && ws.is_dirty((1 << 20) + 3 * 4096));
+        let f = tmp("ws");
+        save_working_set(&f, &ws).unwrap();
+        let loaded = load_working_set(&f, &layout(&mem)).unwrap();
+        assert_eq!(loaded, ws);
+        // A fresh mapping with the set prefetched has those pages resident up front.
+        let again = map_private(&layout(&mem), &p).unwrap();
+        assert_eq!(prefetch(&again, &loaded), ws.count() * 4096);
+        // (The kernel maps neighbouring cached pages too: fault-around.)
+        let mut resident = resident_pages(&again).unwrap();
+        let before = resident.clone();
+        resident.merge(&ws);
+        assert_eq!(resident, before, "every prefetched page is resident");
+        let _ = std::fs::remove_file(p);
+        let _ = std::fs::remove_file(f);
     }
 
     #[test]

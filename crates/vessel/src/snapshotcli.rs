@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use vessel_vmm::snapshot::{load_state, restore, RestoreRequest};
+use vessel_vmm::snapshot::{load_state, restore, RestoreRequest, WorkingSet};
 use vessel_vmm::SerialTarget;
 
 #[derive(Subcommand)]
@@ -22,6 +22,12 @@ pub enum SnapshotCommand {
         /// Where the console goes (default: the snapshot's own target).
         #[arg(long)]
         serial: Option<SerialTarget>,
+        /// Working-set file: prefetched if it exists, else recorded for next time.
+        #[arg(long)]
+        working_set: Option<PathBuf>,
+        /// How long after the restore the working set is recorded, in milliseconds.
+        #[arg(long, default_value_t = 100)]
+        record_ms: u64,
     },
     /// Copy the pages of a diff memory file onto the full memory file it follows.
     Rebase {
@@ -41,12 +47,22 @@ pub enum SnapshotCommand {
 
 pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
     match cmd {
-        SnapshotCommand::Restore { state, mem, serial } => {
+        SnapshotCommand::Restore {
+            state,
+            mem,
+            serial,
+            working_set,
+            record_ms,
+        } => {
             let req = RestoreRequest {
                 state,
                 memory: mem,
                 serial,
                 track_dirty_pages: None,
+                working_set: working_set.map(|path| WorkingSet {
+                    path,
+                    record_after: std::time::Duration::from_millis(record_ms),
+                }),
             };
             let (vm, _) = restore(&req).map_err(|e| e.to_string())?;
             let outcome = vm

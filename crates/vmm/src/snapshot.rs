@@ -272,6 +272,15 @@ pub fn load_state(path: &Path) -> Result<VmSnapshot, SnapshotError> {
     Ok(s)
 }
 
+/// Working-set prefetch: if `path` holds a working set, its pages are mapped before the
+/// guest runs; if not, the pages the guest touches in its first `record_after` are written
+/// there for the next restore.
+#[derive(Debug, Clone)]
+pub struct WorkingSet {
+    pub path: PathBuf,
+    pub record_after: Duration,
+}
+
 /// How to restore.
 #[derive(Debug, Clone)]
 pub struct RestoreRequest {
@@ -281,6 +290,8 @@ pub struct RestoreRequest {
     pub serial: Option<SerialTarget>,
     /// Turn dirty page tracking on or off for the restored VM.
     pub track_dirty_pages: Option<bool>,
+    /// Prefetch (or record) the guest's working set.
+    pub working_set: Option<WorkingSet>,
 }
 
 /// A VM rebuilt from a snapshot, not yet started, and the snapshot's state (its `api` part
@@ -295,7 +306,7 @@ pub fn restore(req: &RestoreRequest) -> Result<(Vm, VmSnapshot), VmmError> {
     if let Some(t) = req.track_dirty_pages {
         config.track_dirty_pages = t;
     }
-    let vm = restore_with(&snap, &config, &req.memory)?;
+    let vm = restore_prefetched(&snap, &config, &req.memory, req.working_set.as_ref())?;
     Ok((vm, snap))
 }
 
@@ -308,6 +319,16 @@ fn snapshot_error(e: SnapshotError) -> VmmError {
 /// The guest-visible machine must stay the same: vCPU count, memory size and the list of
 /// devices are checked against the snapshot.
 pub fn restore_with(snap: &VmSnapshot, config: &VmConfig, memory: &Path) -> Result<Vm, VmmError> {
+    restore_prefetched(snap, config, memory, None)
+}
+
+/// [`restore_with`], prefetching or recording the working set `ws`.
+pub fn restore_prefetched(
+    snap: &VmSnapshot,
+    config: &VmConfig,
+    memory: &Path,
+    ws: Option<&WorkingSet>,
+) -> Result<Vm, VmmError> {
     let c = &snap.config;
     let d = (&config.devices, &c.devices);
     if config.cpus != c.cpus
@@ -323,7 +344,40 @@ pub fn restore_with(snap: &VmSnapshot, config: &VmConfig, memory: &Path) -> Resu
         )));
     }
     let mem = memory::map_private(&snap.memory, memory).map_err(snapshot_error)?;
-    Vm::from_snapshot(config, mem, snap)
+    let mut record = None;
+    if let Some(ws) = ws {
+        match memory::load_working_set(&ws.path, &snap.memory) {
+            Ok(set) => {
+                let n = memory::prefetch(&mem, &set);
+                log::info!("prefetched a working set of {} KiB", n >> 10);
+            }
+            Err(_) => record = Some(ws.clone()),
+        }
+    }
+    let mut vm = Vm::from_snapshot(config, mem.clone(), snap)?;
+    if let Some(ws) = record {
+        vm.on_start(Box::new(move || {
+            let spawned = std::thread::Builder::new()
+                .name("working-set".into())
+                .spawn(move || {
+                    std::thread::sleep(ws.record_after);
+                    match memory::resident_pages(&mem)
+                        .and_then(|set| memory::save_working_set(&ws.path, &set).map(|_| set))
+                    {
+                        Ok(set) => log::info!(
+                            "recorded a working set of {} pages in {}",
+                            set.count(),
+                            ws.path.display()
+                        ),
+                        Err(e) => log::warn!("cannot record the working set: {e}"),
+                    }
+                });
+            if let Err(e) = spawned {
+                log::warn!("cannot record the working set: {e}");
+            }
+        }));
+    }
+    Ok(vm)
 }
 
 /// Loads vCPU `id`'s state (its CPUID is already set).

@@ -336,6 +336,8 @@ pub struct Vm {
     nested: bool,
     kernel_source: Option<String>,
     start_paused: bool,
+    /// Run once the vCPU threads exist (e.g. recording a restored guest's working set).
+    after_start: Vec<Box<dyn FnOnce() + Send>>,
 }
 
 impl Vm {
@@ -468,7 +470,13 @@ impl Vm {
             nested,
             kernel_source: boot.and_then(|b| b.3),
             start_paused: false,
+            after_start: Vec::new(),
         })
+    }
+
+    /// Runs `f` once [`Vm::start`] has started the vCPUs.
+    pub(crate) fn on_start(&mut self, f: Box<dyn FnOnce() + Send>) {
+        self.after_start.push(f);
     }
 
     /// Starts the vCPUs parked: the VM is paused until [`VmHandle::resume`].
@@ -548,6 +556,7 @@ impl Vm {
             kernel_source,
             _vm,
             mem,
+            after_start,
             ..
         } = self;
         {
@@ -584,6 +593,9 @@ impl Vm {
             }
         }
         drop(tx);
+        for f in after_start {
+            f();
+        }
         Ok(RunningVm {
             control: control.clone(),
             inner: Some(RunningInner {
