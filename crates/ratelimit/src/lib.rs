@@ -456,6 +456,15 @@ impl RateLimiter {
         }
     }
 
+    /// Replaces both buckets with `config`'s (absent ones: no limit).
+    pub fn set_config(&self, config: &RateLimiterConfig) {
+        let set = |b: Option<BucketConfig>| match b {
+            Some(b) if !b.is_unlimited() => BucketUpdate::Set(b),
+            _ => BucketUpdate::Disable,
+        };
+        self.update(set(config.bandwidth), set(config.ops));
+    }
+
     /// The current configuration.
     pub fn config(&self) -> RateLimiterConfig {
         let s = self.lock();
