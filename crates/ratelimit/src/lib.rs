@@ -182,7 +182,9 @@ impl TokenBucket {
     fn refill(&mut self, now: Duration) {
         let elapsed = now.saturating_sub(self.last);
         self.last = self.last.max(now);
-        let ns = i128::try_from(elapsed.as_nanos()).unwrap_or(i128::MAX).min(clamp(CLAMP));
+        let ns = i128::try_from(elapsed.as_nanos())
+            .unwrap_or(i128::MAX)
+            .min(clamp(CLAMP));
         let full = self.size * self.refill_ns;
         self.credit = self.credit.saturating_add(ns * self.size).min(full);
     }

@@ -2,8 +2,8 @@
 //! driver (keeping requests outstanding) and the worker (firing the limiter's timer).
 
 use super::*;
-use std::time::Duration;
 use crate::net::testutil::Ring;
+use std::time::Duration;
 use vessel_ratelimit::{BucketConfig, Clock, FakeClock, RateLimiter, RateLimiterConfig};
 
 both_engines!(
