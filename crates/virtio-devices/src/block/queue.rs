@@ -350,7 +350,6 @@ impl QueueServer {
                 Err(NotQueued::Unsuitable) => self.reqs.push(r),
             }
         }
-        drop(iter);
         if self.throttled {
             // Leave the refused chain for when the limiter's timer fires.
             self.queue.go_to_previous_position();
@@ -417,7 +416,6 @@ impl QueueServer {
             }
             self.reqs.push(r);
         }
-        drop(iter);
         if self.throttled {
             // Leave the refused chain for when the limiter's timer fires.
             self.queue.go_to_previous_position();
