@@ -179,6 +179,11 @@ fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     if m.huge_pages != HugePages::None {
         return Err(ApiError::Unsupported("huge page backed memory".into()));
     }
+    if r.entropy
+        .is_some_and(|e| limiter_config(&e.rate_limiter).is_some())
+    {
+        return Err(ApiError::Unsupported("entropy device rate limiters".into()));
+    }
     if r.balloon
         .is_some_and(|b| b.free_page_hinting || b.free_page_reporting)
     {
@@ -1058,6 +1063,19 @@ mod tests {
         assert!(matches!(b.start(&r), Err(ApiError::BadRequest(_))));
         let mut r = VmResources::default();
         r.machine_config.huge_pages = HugePages::Huge2M;
+        assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
+        let mut r = VmResources::default();
+        r.set_entropy(
+            serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(b.validate(&r), Ok(()), "a limiter that limits nothing");
+        r.set_entropy(
+            serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 1, "refill_time": 9}}}))
+                .unwrap(),
+        )
+        .unwrap();
         assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
         // Nothing started: control calls are pre-boot errors.
         assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));
