@@ -106,10 +106,12 @@ struct RunArgs {
     /// The kernel's System.map, to name functions in the profile.
     #[arg(long)]
     system_map: Option<PathBuf>,
-    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio].
+    /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio]
+    /// [,bw=BYTES_PER_S][,iops=N] (rate limits, each with a one-second bucket).
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<DiskConfig>,
-    /// A virtio-net device on a TAP (repeatable): tap=NAME[,mac=MAC][,queues=N][,transport=...].
+    /// A virtio-net device on a TAP (repeatable): tap=NAME[,mac=MAC][,queues=N][,transport=...]
+    /// [,rx_bw=BYTES_PER_S][,rx_ops=N][,tx_bw=BYTES_PER_S][,tx_ops=N] (rate limits).
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N,uds=PATH[,transport=...]. The host connects to PATH and

@@ -20,12 +20,14 @@ use serde_json::{json, Map, Value};
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, BootSource as ApiBootSource,
     CpuTemplate, HugePages, Logger, MemoryBackendType, MigrateParams, MmdsVersion, PartialDrive,
-    PartialNetworkInterface, RestoreHugePages, SnapshotCreateParams, SnapshotLoadParams,
-    SnapshotType, DEFAULT_MMDS_ADDR,
+    PartialNetworkInterface, RateLimiter as ApiRateLimiter, RestoreHugePages, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType, TokenBucket as ApiTokenBucket, DEFAULT_MMDS_ADDR,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
+use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
 use vessel_virtio_devices::balloon::{stat_tag, BalloonHandle, PAGE_SIZE as BALLOON_PAGE};
 use vessel_virtio_devices::block::BlockHandle;
+use vessel_virtio_devices::net::NetHandle;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BootSource, VmConfig, DEFAULT_CMDLINE};
@@ -86,6 +88,7 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             // Firecracker answers VIRTIO_BLK_T_GET_ID with the drive id.
             serial: (d.drive_id.len() <= BLK_SERIAL_MAX).then(|| d.drive_id.clone()),
             transport: Transport::Mmio,
+            rate_limiter: limiter_config(&d.rate_limiter),
         });
     }
     let mmds = mmds(r);
@@ -104,6 +107,8 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             mac,
             queue_pairs: 1,
             transport: Transport::Mmio,
+            rx_rate_limiter: limiter_config(&n.rx_rate_limiter),
+            tx_rate_limiter: limiter_config(&n.tx_rate_limiter),
             mmds: mmds
                 .as_ref()
                 .filter(|(_, ifaces)| ifaces.contains(&n.iface_id))
@@ -174,6 +179,11 @@ fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     if m.huge_pages != HugePages::None {
         return Err(ApiError::Unsupported("huge page backed memory".into()));
     }
+    if r.entropy
+        .is_some_and(|e| limiter_config(&e.rate_limiter).is_some())
+    {
+        return Err(ApiError::Unsupported("entropy device rate limiters".into()));
+    }
     if r.balloon
         .is_some_and(|b| b.free_page_hinting || b.free_page_reporting)
     {
@@ -207,6 +217,8 @@ pub struct ApiBackend {
     balloon: Option<BalloonState>,
     /// The started VM's disks, with their drive ids, in device order.
     drives: Vec<(String, BlockHandle)>,
+    /// The started VM's network interfaces, with their ids, in device order.
+    nets: Vec<(String, NetHandle)>,
 }
 
 /// A running balloon: its handle, how it was configured, and the statistics polling interval
@@ -269,12 +281,34 @@ fn balloon_stats(h: &BalloonHandle) -> ApiBalloonStats {
     s
 }
 
-/// Rate limiters are not implemented yet: a request that sets one is refused, never ignored.
-fn refuse_rate_limiters(any: bool) -> Result<(), ApiError> {
-    if any {
-        return Err(ApiError::Unsupported("rate limiters".into()));
+fn bucket_config(b: &ApiTokenBucket) -> BucketConfig {
+    BucketConfig {
+        size: b.size,
+        one_time_burst: b.one_time_burst.unwrap_or(0),
+        refill_time_ms: b.refill_time,
     }
-    Ok(())
+}
+
+/// An API rate limiter as the device configuration stores it (`None` when it limits
+/// nothing).
+fn limiter_config(r: &Option<ApiRateLimiter>) -> Option<RateLimiterConfig> {
+    let c = r.map(|r| RateLimiterConfig {
+        bandwidth: r.bandwidth.as_ref().map(bucket_config),
+        ops: r.ops.as_ref().map(bucket_config),
+    })?;
+    (!c.is_unlimited()).then_some(c)
+}
+
+/// Applies a `PATCH`'s rate limiter to a running device's: a bucket that is given replaces
+/// the current one (a new, full bucket; size or refill time 0 removes the limit), one that
+/// is not stays as it is.
+fn update_limiter(l: &RateLimiter, u: &Option<ApiRateLimiter>) {
+    if let Some(u) = u {
+        l.update(
+            BucketUpdate::from_patch(u.bandwidth.as_ref().map(bucket_config)),
+            BucketUpdate::from_patch(u.ops.as_ref().map(bucket_config)),
+        );
+    }
 }
 
 impl std::fmt::Debug for ApiBackend {
@@ -299,6 +333,7 @@ impl ApiBackend {
             api_config: None,
             balloon: None,
             drives: Vec::new(),
+            nets: Vec::new(),
         })
     }
 
@@ -385,10 +420,12 @@ impl VmmBackend for ApiBackend {
             .map(|d| d.drive_id.clone())
             .zip(handles.blocks.iter().cloned())
             .collect();
+        let nets = net_handles(resources, &vm);
         let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
         self.start_supervised(vm)?;
         self.drives = drives;
+        self.nets = nets;
         if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
             let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
             if config.stats_polling_interval_s > 0 {
@@ -510,8 +547,10 @@ impl VmmBackend for ApiBackend {
         let vm = crate::snapshot::restore_with(&snap, &config, &memory)
             .map_err(|e| load_err(e.to_string()))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
+        let nets = net_handles(&resources, &vm);
         self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
         self.start_supervised(vm)?;
+        self.nets = nets;
         Ok(resources)
     }
 
@@ -564,31 +603,12 @@ impl VmmBackend for ApiBackend {
 
     fn update_drive(&mut self, u: &PartialDrive) -> Result<(), ApiError> {
         self.running()?;
-        refuse_rate_limiters(u.rate_limiter.is_some())?;
-        let Some(path) = &u.path_on_host else {
-            return Ok(());
-        };
-        let Some((_, disk)) = self.drives.iter().find(|(id, _)| *id == u.drive_id) else {
-            return Err(ApiError::bad(format!(
-                "Drive config error: Unable to patch the block device: drive {} not found.",
-                u.drive_id
-            )));
-        };
-        let sectors = disk.replace_backing_file(Path::new(path)).map_err(|e| {
-            ApiError::bad(format!(
-                "Drive config error: Unable to patch the block device: {e}"
-            ))
-        })?;
-        log::info!(
-            "drive {}: now backed by {path} ({sectors} sectors)",
-            u.drive_id
-        );
-        Ok(())
+        self.patch_drive(u)
     }
 
     fn update_network_interface(&mut self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
         self.running()?;
-        refuse_rate_limiters(u.rx_rate_limiter.is_some() || u.tx_rate_limiter.is_some())
+        self.patch_network_interface(u)
     }
 
     fn balloon_config(&mut self) -> Result<ApiBalloon, ApiError> {
@@ -629,7 +649,71 @@ impl VmmBackend for ApiBackend {
     }
 }
 
+/// The network interfaces' ids with their devices' handles (the devices are in the
+/// resources' order).
+fn net_handles(resources: &VmResources, vm: &Vm) -> Vec<(String, NetHandle)> {
+    resources
+        .network_interfaces
+        .iter()
+        .map(|n| n.iface_id.clone())
+        .zip(vm.device_handles().nets.iter().cloned())
+        .collect()
+}
+
 impl ApiBackend {
+    /// A post-boot drive update: a new backing file, then the rate limiter (on error
+    /// nothing changed).
+    fn patch_drive(&self, u: &PartialDrive) -> Result<(), ApiError> {
+        if u.path_on_host.is_none() && u.rate_limiter.is_none() {
+            return Ok(());
+        }
+        let Some((_, disk)) = self.drives.iter().find(|(id, _)| *id == u.drive_id) else {
+            return Err(ApiError::bad(format!(
+                "Drive config error: Unable to patch the block device: drive {} not found.",
+                u.drive_id
+            )));
+        };
+        if let Some(path) = &u.path_on_host {
+            let sectors = disk.replace_backing_file(Path::new(path)).map_err(|e| {
+                ApiError::bad(format!(
+                    "Drive config error: Unable to patch the block device: {e}"
+                ))
+            })?;
+            log::info!(
+                "drive {}: now backed by {path} ({sectors} sectors)",
+                u.drive_id
+            );
+        }
+        if u.rate_limiter.is_some() {
+            update_limiter(disk.rate_limiter(), &u.rate_limiter);
+            log::info!(
+                "drive {}: rate limiter now {:?}",
+                u.drive_id,
+                disk.rate_limiter().config()
+            );
+        }
+        Ok(())
+    }
+
+    /// A post-boot network interface update: its rate limiters.
+    fn patch_network_interface(&self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
+        let Some((_, net)) = self.nets.iter().find(|(id, _)| *id == u.iface_id) else {
+            return Err(ApiError::bad(format!(
+                "Network interface error: Invalid interface ID - not found: {}",
+                u.iface_id
+            )));
+        };
+        update_limiter(&net.rx, &u.rx_rate_limiter);
+        update_limiter(&net.tx, &u.tx_rate_limiter);
+        log::info!(
+            "network interface {}: rate limiters now rx {:?}, tx {:?}",
+            u.iface_id,
+            net.rx.config(),
+            net.tx.config()
+        );
+        Ok(())
+    }
+
     fn running_balloon(&self) -> Result<&BalloonState, ApiError> {
         self.running()?;
         self.balloon
@@ -770,8 +854,6 @@ mod tests {
         let s = balloon_stats(&h);
         assert_eq!((s.target_pages, s.target_mib), (12 * 256, 12));
         assert_eq!((s.actual_pages, s.actual_mib, s.free_memory), (0, 0, None));
-        assert!(refuse_rate_limiters(true).is_err());
-        assert!(refuse_rate_limiters(false).is_ok());
     }
 
     #[test]
@@ -848,12 +930,152 @@ mod tests {
     }
 
     #[test]
+    fn rate_limiters_map_at_start_and_patches_reach_the_devices() {
+        use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
+        let kernel = file("kernel-rl");
+        let mut r = VmResources::default();
+        r.set_boot_source(ApiBoot {
+            kernel_image_path: kernel.clone(),
+            initrd_path: None,
+            boot_args: None,
+        })
+        .unwrap();
+        r.set_drive(
+            serde_json::from_value(json!({
+                "drive_id": "d", "path_on_host": kernel, "is_root_device": false, "is_read_only": true,
+                "rate_limiter": {"ops": {"size": 100, "one_time_burst": 7, "refill_time": 1000}}
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        r.set_network_interface(NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: serde_json::from_value(
+                json!({"bandwidth": {"size": 0, "refill_time": 0}}),
+            )
+            .unwrap(),
+        })
+        .unwrap();
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        let ops = BucketConfig {
+            size: 100,
+            one_time_burst: 7,
+            refill_time_ms: 1000,
+        };
+        assert_eq!(
+            c.devices.disks[0].rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(ops)
+            })
+        );
+        // A limiter that limits nothing is no limiter.
+        assert_eq!(c.devices.nets[0].tx_rate_limiter, None);
+        assert_eq!(c.devices.nets[0].rx_rate_limiter, None);
+
+        // Post-boot PATCHes go to the running devices' limiters.
+        let img = std::env::temp_dir().join(format!("vessel-api-rl-{}.img", std::process::id()));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let dev = Block::new(BlockConfig {
+            path: img.clone(),
+            read_only: true,
+            serial: None,
+            engine: BlockEngine::Sync,
+        })
+        .unwrap();
+        let net = NetHandle {
+            rx: RateLimiter::unlimited().unwrap(),
+            tx: RateLimiter::unlimited().unwrap(),
+        };
+        let mut b = ApiBackend::new(VmConfig::default()).unwrap();
+        b.drives.push(("d".into(), dev.handle()));
+        b.nets.push(("eth0".into(), net.clone()));
+        let drive = |v: Value| -> PartialDrive { serde_json::from_value(v).unwrap() };
+        let iface = |v: Value| -> PartialNetworkInterface { serde_json::from_value(v).unwrap() };
+        let both = drive(json!({"drive_id": "d", "rate_limiter": {
+            "bandwidth": {"size": 1000, "refill_time": 100},
+            "ops": {"size": 100, "one_time_burst": 7, "refill_time": 1000}
+        }}));
+        // Without a running VM the trait refuses.
+        assert_eq!(b.update_drive(&both), Err(ApiError::NotSupportedPreBoot));
+        b.patch_drive(&both).unwrap();
+        let l = dev.rate_limiter();
+        let bw = BucketConfig {
+            size: 1000,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        };
+        assert_eq!(
+            l.config(),
+            RateLimiterConfig {
+                bandwidth: Some(bw),
+                ops: Some(ops)
+            }
+        );
+        assert!(l.try_consume(1, 1000));
+        assert!(
+            !l.try_consume(1, 1000),
+            "the device's limiter enforces the patch"
+        );
+        // A bucket left out stays; size 0 removes one.
+        b.patch_drive(&drive(
+            json!({"drive_id": "d", "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            l.config(),
+            RateLimiterConfig {
+                bandwidth: Some(bw),
+                ops: None
+            }
+        );
+        assert!(b
+            .patch_drive(&drive(json!({"drive_id": "nope", "rate_limiter": {}})))
+            .is_err());
+        b.patch_network_interface(&iface(json!({
+            "iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 5, "refill_time": 10}}
+        })))
+        .unwrap();
+        assert_eq!(net.rx.config(), RateLimiterConfig::default());
+        assert_eq!(
+            net.tx.config().ops,
+            Some(BucketConfig {
+                size: 5,
+                one_time_burst: 0,
+                refill_time_ms: 10
+            })
+        );
+        assert!(b
+            .patch_network_interface(&iface(json!({"iface_id": "eth9"})))
+            .is_err());
+        let _ = std::fs::remove_file(img);
+        let _ = std::fs::remove_file(kernel);
+    }
+
+    #[test]
     fn start_without_kernel_and_unsupported_features_are_refused() {
         let mut b = ApiBackend::new(VmConfig::default()).unwrap();
         let r = VmResources::default();
         assert!(matches!(b.start(&r), Err(ApiError::BadRequest(_))));
         let mut r = VmResources::default();
         r.machine_config.huge_pages = HugePages::Huge2M;
+        assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
+        let mut r = VmResources::default();
+        r.set_entropy(
+            serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(b.validate(&r), Ok(()), "a limiter that limits nothing");
+        r.set_entropy(
+            serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 1, "refill_time": 9}}}))
+                .unwrap(),
+        )
+        .unwrap();
         assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
         // Nothing started: control calls are pre-boot errors.
         assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));

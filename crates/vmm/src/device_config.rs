@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::str::FromStr;
 
+pub use vessel_ratelimit::{BucketConfig, RateLimiterConfig};
+
 /// How a virtio device is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Transport {
@@ -26,22 +28,31 @@ impl FromStr for Transport {
     }
 }
 
-/// `--disk path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio]`
+/// `--disk path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio][,bw=BYTES/S][,iops=N]`
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
     pub read_only: bool,
     pub serial: Option<String>,
     pub transport: Transport,
+    /// Limits on the disk's requests (absent: none).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
 }
 
 /// `--net tap=NAME[,mac=MAC][,queues=N][,transport=pci|mmio]`
+/// `[,rx_bw=BYTES/S][,rx_ops=N][,tx_bw=BYTES/S][,tx_ops=N]`
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: Option<[u8; 6]>,
     pub queue_pairs: u16,
     pub transport: Transport,
+    /// Limits on received and sent frames (absent: none).
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiterConfig>,
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiterConfig>,
     /// The VM's MMDS, when the guest reaches it through this interface (API and
     /// `--config-file` only: `mmds-config`'s `network_interfaces`).
     #[serde(skip)]
@@ -133,6 +144,22 @@ impl Options {
             .map(Option::unwrap_or_default)
     }
 
+    /// A rate limiter from `BW_KEY=bytes per second` and `OPS_KEY=operations per second`
+    /// (each with a bucket of one second's worth); `None` when neither is given.
+    fn rate_limiter(
+        &mut self,
+        bw_key: &str,
+        ops_key: &str,
+    ) -> Result<Option<RateLimiterConfig>, String> {
+        let mut rate = |key: &str| -> Result<Option<BucketConfig>, String> {
+            self.take(key)
+                .map(|v| parse_number::<u64>(self.what, key, &v).map(BucketConfig::per_second))
+                .transpose()
+        };
+        let (bandwidth, ops) = (rate(bw_key)?, rate(ops_key)?);
+        Ok((bandwidth.is_some() || ops.is_some()).then_some(RateLimiterConfig { bandwidth, ops }))
+    }
+
     fn finish(self) -> Result<(), String> {
         match self.map.keys().next() {
             Some(k) => Err(format!("{}: unknown option '{k}'", self.what)),
@@ -177,12 +204,14 @@ impl FromStr for DiskConfig {
             return Err("--disk: serial is at most 20 bytes".into());
         }
         let transport = o.transport()?;
+        let rate_limiter = o.rate_limiter("bw", "iops")?;
         o.finish()?;
         Ok(DiskConfig {
             path,
             read_only,
             serial,
             transport,
+            rate_limiter,
         })
     }
 }
@@ -204,12 +233,16 @@ impl FromStr for NetConfig {
             return Err("--net: queues must be at least 1".into());
         }
         let transport = o.transport()?;
+        let rx_rate_limiter = o.rate_limiter("rx_bw", "rx_ops")?;
+        let tx_rate_limiter = o.rate_limiter("tx_bw", "tx_ops")?;
         o.finish()?;
         Ok(NetConfig {
             tap,
             mac,
             queue_pairs,
             transport,
+            rx_rate_limiter,
+            tx_rate_limiter,
             mmds: None,
         })
     }
@@ -280,9 +313,20 @@ mod tests {
                 path: "/tmp/a.img".into(),
                 read_only: true,
                 serial: Some("abc".into()),
-                transport: Transport::Mmio
+                transport: Transport::Mmio,
+                rate_limiter: None,
             }
         );
+        let d: DiskConfig = "path=x,bw=1000000,iops=500".parse().unwrap();
+        assert_eq!(
+            d.rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: Some(BucketConfig::per_second(1_000_000)),
+                ops: Some(BucketConfig::per_second(500)),
+            })
+        );
+        let d: DiskConfig = "path=x,iops=5".parse().unwrap();
+        assert_eq!(d.rate_limiter.and_then(|r| r.bandwidth), None);
         let d: DiskConfig = "path=x".parse().unwrap();
         assert!(!d.read_only);
         assert_eq!(d.transport, Transport::Pci);
@@ -295,6 +339,8 @@ mod tests {
             "path=x,path=y",
             "path=x,transport=usb",
             "path=x,serial=123456789012345678901",
+            "path=x,bw=fast",
+            "path=x,iops=-1",
             "nonsense",
         ] {
             let e = bad.parse::<DiskConfig>().unwrap_err();
@@ -308,6 +354,17 @@ mod tests {
         assert_eq!(n.tap, "vtap0");
         assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 1]));
         assert_eq!(n.queue_pairs, 2);
+        assert_eq!((n.rx_rate_limiter, n.tx_rate_limiter), (None, None));
+        let n: NetConfig = "tap=t,rx_bw=100,tx_ops=7".parse().unwrap();
+        assert_eq!(
+            n.rx_rate_limiter.and_then(|r| r.bandwidth),
+            Some(BucketConfig::per_second(100))
+        );
+        assert_eq!(
+            n.tx_rate_limiter.and_then(|r| r.ops),
+            Some(BucketConfig::per_second(7))
+        );
+        assert!(n.rx_rate_limiter.is_some_and(|r| r.ops.is_none()));
         for bad in [
             "mac=02:00:00:00:00:01",
             "tap=x,mac=zz:00:00:00:00:01",
@@ -316,6 +373,8 @@ mod tests {
             "tap=averyveryverylongname",
             "tap=x,queues=0",
             "tap=x,queues=-1",
+            "tap=x,rx_bw=x",
+            "tap=x,bw=5",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }

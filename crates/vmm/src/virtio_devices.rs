@@ -21,8 +21,10 @@ pub struct DeviceHandles {
     pub balloon: Option<balloon::BalloonHandle>,
     /// Per-disk statistics, in `--disk` order.
     pub disks: Vec<Arc<block::BlockStats>>,
-    /// Per-disk control (backing file swaps), in `--disk` order.
+    /// Per-disk control (backing file swaps, rate limiter), in `--disk` order.
     pub blocks: Vec<block::BlockHandle>,
+    /// Per-interface control (rate limiters), in `--net` order.
+    pub nets: Vec<net::NetHandle>,
 }
 
 fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {
@@ -44,6 +46,9 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             engine: block::BlockEngine::Auto,
         })
         .map_err(|e| VmmError::Device(format!("--disk {}: {e}", d.path.display())))?;
+        if let Some(r) = &d.rate_limiter {
+            dev.rate_limiter().set_config(r);
+        }
         handles.disks.push(dev.stats());
         handles.blocks.push(dev.handle());
         out.push(planned(dev, d.transport));
@@ -56,6 +61,14 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         })
         .map_err(|e| VmmError::Device(format!("--net tap={}: {e}", n.tap)))?;
         dev.set_mmds(n.mmds.clone());
+        let h = dev.handle();
+        if let Some(r) = &n.rx_rate_limiter {
+            h.rx.set_config(r);
+        }
+        if let Some(r) = &n.tx_rate_limiter {
+            h.tx.set_config(r);
+        }
+        handles.nets.push(h);
         out.push(planned(dev, n.transport));
     }
     if let Some(v) = &configs.vsock {

@@ -9,6 +9,10 @@
 //!   ([`BlockEngine`]): synchronous (merged `preadv`/`pwritev` in the worker thread) or io_uring;
 //! - `uring`: the io_uring ring, its in-flight slots and completion eventfd.
 //!
+//! A rate limiter (`vessel_ratelimit`, one operation per request and the data bytes of
+//! reads and writes) is checked before each chain is taken: a refused chain stays in the
+//! queue until the limiter's timer, watched by the worker, fires.
+//!
 //! Every request is finished (data in the page cache, or on disk for `FLUSH`) before its used
 //! entry is published. With io_uring, used entries are published in completion order and a
 //! reset waits for every request in flight before it returns; a quiesce (for snapshots)
@@ -28,6 +32,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use vessel_ratelimit::RateLimiter;
 use vessel_virtio::worker::{consume, EventHandler, Worker, WorkerControl};
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, InterruptCause,
@@ -108,6 +113,8 @@ pub enum BlockError {
     SerialTooLong(String),
     #[error("io_uring is not available on this host: {0}")]
     IoUringUnavailable(#[source] io::Error),
+    #[error("cannot create the rate limiter's timer: {0}")]
+    RateLimiter(#[source] io::Error),
 }
 
 /// Counters of a block device, shared with the VMM (all relaxed atomics).
@@ -180,6 +187,8 @@ pub struct Block {
     worker: Option<Worker>,
     /// The running device's interrupt (for configuration changes through a [`BlockHandle`]).
     interrupt: RunningInterrupt,
+    /// Limits the requests taken from the queue (none until configured).
+    limiter: RateLimiter,
 }
 
 type RunningInterrupt = Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>;
@@ -190,6 +199,7 @@ type RunningInterrupt = Arc<Mutex<Option<Arc<dyn VirtioInterrupt>>>>;
 pub struct BlockHandle {
     disk: Arc<Disk>,
     interrupt: RunningInterrupt,
+    limiter: RateLimiter,
 }
 
 impl std::fmt::Debug for BlockHandle {
@@ -230,6 +240,12 @@ impl BlockHandle {
             }
         }
         Ok(self.capacity())
+    }
+
+    /// The device's rate limiter: updates take effect at the next request, also while the
+    /// device runs.
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
     }
 }
 
@@ -286,6 +302,7 @@ impl Block {
             queue_sizes: [QUEUE_SIZE],
             worker: None,
             interrupt: Arc::default(),
+            limiter: RateLimiter::unlimited().map_err(BlockError::RateLimiter)?,
         })
     }
 
@@ -299,7 +316,19 @@ impl Block {
         BlockHandle {
             disk: self.disk.clone(),
             interrupt: self.interrupt.clone(),
+            limiter: self.limiter.clone(),
         }
+    }
+
+    /// The device's rate limiter (the one its handle updates).
+    pub fn rate_limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
+
+    /// Uses `limiter` instead (one on another clock, for tests); handles taken before keep
+    /// the old one.
+    pub fn set_rate_limiter(&mut self, limiter: RateLimiter) {
+        self.limiter = limiter;
     }
 
     fn set_interrupt(&self, irq: Option<Arc<dyn VirtioInterrupt>>) {
@@ -360,19 +389,22 @@ impl Block {
             self.disk.clone(),
             self.stats.clone(),
         )
-        .with_ring(ring))
+        .with_ring(ring)
+        .with_limiter(self.limiter.clone()))
     }
 }
 
-/// The worker's event handler: the one queue's kick and, with io_uring, the completion
-/// eventfd.
+/// The worker's event handler: the one queue's kick, the rate limiter's timer and, with
+/// io_uring, the completion eventfd.
 struct BlockHandler {
     kick: EventFd,
     server: QueueServer,
+    limiter: RateLimiter,
 }
 
 const KICK_TOKEN: u64 = 0;
 const COMPLETION_TOKEN: u64 = 1;
+const LIMITER_TOKEN: u64 = 2;
 
 impl EventHandler for BlockHandler {
     fn handle_event(
@@ -387,6 +419,9 @@ impl EventHandler for BlockHandler {
             self.server.process();
         } else if token == COMPLETION_TOKEN {
             self.server.on_completion_event();
+        } else if token == LIMITER_TOKEN {
+            self.limiter.on_timer();
+            self.server.process();
         }
         Ok(())
     }
@@ -426,11 +461,19 @@ impl VirtioDevice for Block {
         let irq = ctx.interrupt.clone();
         let server = self.server(q.queue, q.index, ctx)?;
         self.set_interrupt(Some(irq));
-        let mut fds = vec![(kick_fd, KICK_TOKEN, EventSet::IN)];
+        let mut fds = vec![
+            (kick_fd, KICK_TOKEN, EventSet::IN),
+            (self.limiter.as_raw_fd(), LIMITER_TOKEN, EventSet::IN),
+        ];
         if let Some(fd) = server.completion_fd() {
             fds.push((fd, COMPLETION_TOKEN, EventSet::IN));
         }
-        let handler = BlockHandler { kick, server };
+        let limiter = self.limiter.clone();
+        let handler = BlockHandler {
+            kick,
+            server,
+            limiter,
+        };
         let worker = Worker::spawn(self.name(), &fds, handler).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
         // Serve whatever the driver made available before the kick event was watched.

@@ -17,6 +17,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
+use vessel_ratelimit::RateLimiter;
 use vessel_virtio::worker::notify_if_needed;
 use vessel_virtio::{DeviceHealth, VirtioInterrupt};
 use virtio_bindings::virtio_blk::{
@@ -55,6 +56,11 @@ pub struct QueueServer {
     iovs: IovBuf,
     /// The io_uring engine's ring; `None` for the synchronous engine.
     ring: Option<Uring>,
+    /// The device's rate limiter (shared with its handle).
+    limiter: Option<RateLimiter>,
+    /// The limiter refused the last chain looked at (left in the queue): stop serving until
+    /// its timer fires.
+    throttled: bool,
 }
 
 impl QueueServer {
@@ -81,7 +87,21 @@ impl QueueServer {
             reqs: Vec::with_capacity(size),
             iovs: IovBuf(Vec::with_capacity(IOV_MAX)),
             ring: None,
+            limiter: None,
+            throttled: false,
         }
+    }
+
+    /// Rate-limits the requests taken from the queue.
+    pub(crate) fn with_limiter(mut self, limiter: RateLimiter) -> QueueServer {
+        self.limiter = Some(limiter);
+        self
+    }
+
+    /// Whether the rate limiter stopped the last `process` (the rest of the queue waits for
+    /// its timer).
+    pub fn throttled(&self) -> bool {
+        self.throttled
     }
 
     /// Uses `ring` (the io_uring engine) instead of synchronous I/O.
@@ -189,6 +209,7 @@ impl QueueServer {
             }
             loop {
                 match self.pop_batch() {
+                    Ok(0) if self.throttled => return completed,
                     Ok(0) => break,
                     Ok(_) => {}
                     Err(e) => return self.broken(e, completed),
@@ -202,6 +223,10 @@ impl QueueServer {
                 // driver can refill while the next batch runs.
                 if notify_if_needed(&mut self.queue, self.index, &self.mem, &*self.interrupt) {
                     self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.throttled {
+                    // The limiter's timer brings us back; notifications stay as they are.
+                    return completed;
                 }
             }
             match self.queue.enable_notification(&self.mem) {
@@ -254,9 +279,10 @@ impl QueueServer {
                 if self.health.is_broken() {
                     return completed;
                 }
-                if !room {
-                    // All slots busy: completions will bring us back here; leave the rest
-                    // of the ring (and notifications) alone until then.
+                if !room || self.throttled {
+                    // All slots busy (or the limiter refused): completions (its timer) will
+                    // bring us back here; leave the rest of the ring (and notifications)
+                    // alone until then.
                     self.notify();
                     return completed;
                 }
@@ -284,13 +310,19 @@ impl QueueServer {
             return Ok((0, false));
         };
         let mem = &self.mem;
+        self.throttled = false;
         let mut iter = self.queue.iter(mem)?;
         let mut popped = 0;
         while ring.has_room() {
             let Some(chain) = iter.next() else { break };
-            popped += 1;
             let at = self.segs.len();
             let mut r = parse(chain, mem, &self.disk, &mut self.descs, &mut self.segs);
+            if !admit(self.limiter.as_ref(), &r) {
+                self.segs.truncate(at);
+                self.throttled = true;
+                break;
+            }
+            popped += 1;
             let queued = match r.op {
                 Op::In | Op::Out => ring.queue_rw(
                     r.head,
@@ -318,7 +350,11 @@ impl QueueServer {
                 Err(NotQueued::Unsuitable) => self.reqs.push(r),
             }
         }
-        Ok((popped, ring.has_room()))
+        if self.throttled {
+            // Leave the refused chain for when the limiter's timer fires.
+            self.queue.go_to_previous_position();
+        }
+        Ok((popped, self.ring.as_ref().is_some_and(Uring::has_room)))
     }
 
     /// Publishes every posted io_uring completion.
@@ -368,10 +404,21 @@ impl QueueServer {
         self.reqs.clear();
         self.segs.clear();
         let mem = &self.mem;
+        self.throttled = false;
         let mut iter = self.queue.iter(mem)?;
         for chain in &mut iter {
+            let at = self.segs.len();
             let r = parse(chain, mem, &self.disk, &mut self.descs, &mut self.segs);
+            if !admit(self.limiter.as_ref(), &r) {
+                self.segs.truncate(at);
+                self.throttled = true;
+                break;
+            }
             self.reqs.push(r);
+        }
+        if self.throttled {
+            // Leave the refused chain for when the limiter's timer fires.
+            self.queue.go_to_previous_position();
         }
         Ok(self.reqs.len())
     }
@@ -609,6 +656,17 @@ impl QueueServer {
     pub(crate) fn stats(&self) -> &BlockStats {
         &self.stats
     }
+}
+
+/// Whether the rate limiter lets request `r` through (taking its tokens): one operation, and
+/// its data bytes for reads and writes (Firecracker's accounting).
+fn admit(limiter: Option<&RateLimiter>, r: &Request) -> bool {
+    let Some(l) = limiter else { return true };
+    let bytes = match r.op {
+        Op::In | Op::Out => r.len,
+        _ => 0,
+    };
+    l.try_consume(1, bytes)
 }
 
 /// Writes the status byte (if the chain has one); returns the used length.

@@ -1311,3 +1311,5 @@ fn replacing_the_backing_file_of_a_running_device_raises_a_config_interrupt() {
     // The device stays read-only on its new file.
     assert_ne!(b.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
 }
+
+mod rate_limited;

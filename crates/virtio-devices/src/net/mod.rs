@@ -6,6 +6,10 @@
 //! - [`tap`]: opening `/dev/net/tun` and the TAP ioctls;
 //! - `worker`: the queue processing (RX, TX, control queue) in the device's worker thread,
 //!   and the MMDS detour (`worker/mmds.rs`) for interfaces that serve it.
+//!
+//! Receive and transmit rate limiters (`vessel_ratelimit`, shared by every queue pair; a
+//! [`NetHandle`] updates them while the device runs): a refused transmit frame stays in its
+//! queue and the TAP is not read until the limiter's timer fires.
 
 pub mod tap;
 mod worker;
@@ -13,6 +17,7 @@ mod worker;
 use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
+use vessel_ratelimit::RateLimiter;
 use vessel_virtio::worker::Worker;
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
@@ -71,6 +76,8 @@ pub enum NetError {
     QueuePairs(u16),
     #[error("MAC {0:02x?} is a multicast address")]
     MulticastMac([u8; 6]),
+    #[error("cannot create a rate limiter's timer: {0}")]
+    RateLimiter(#[source] std::io::Error),
 }
 
 /// A random, unicast, locally administered MAC address.
@@ -145,6 +152,16 @@ pub struct Net {
     active_pairs: u16,
     worker: Option<Worker>,
     mmds: Option<vessel_mmds::Mmds>,
+    rx_limiter: RateLimiter,
+    tx_limiter: RateLimiter,
+}
+
+/// The host's control of a net device: its rate limiters (updates take effect at the next
+/// frame, also while the device runs).
+#[derive(Debug, Clone)]
+pub struct NetHandle {
+    pub rx: RateLimiter,
+    pub tx: RateLimiter,
 }
 
 impl Net {
@@ -187,7 +204,24 @@ impl Net {
             active_pairs: 1,
             worker: None,
             mmds: None,
+            rx_limiter: RateLimiter::unlimited().map_err(NetError::RateLimiter)?,
+            tx_limiter: RateLimiter::unlimited().map_err(NetError::RateLimiter)?,
         })
+    }
+
+    /// The device's rate limiters.
+    pub fn handle(&self) -> NetHandle {
+        NetHandle {
+            rx: self.rx_limiter.clone(),
+            tx: self.tx_limiter.clone(),
+        }
+    }
+
+    /// Uses these rate limiters instead (ones on another clock, for tests); handles taken
+    /// before keep the old ones.
+    pub fn set_rate_limiters(&mut self, rx: RateLimiter, tx: RateLimiter) {
+        self.rx_limiter = rx;
+        self.tx_limiter = tx;
     }
 
     /// Serves MMDS on this interface: the guest's frames for the MMDS address are answered
@@ -282,7 +316,18 @@ impl VirtioDevice for Net {
         if let Some(q) = &ctrl {
             fds.push((q.kick.as_raw_fd(), Tokens::CTRL, EventSet::IN));
         }
-        let mut handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl);
+        fds.push((
+            self.rx_limiter.as_raw_fd(),
+            Tokens::RX_LIMITER,
+            EventSet::IN,
+        ));
+        fds.push((
+            self.tx_limiter.as_raw_fd(),
+            Tokens::TX_LIMITER,
+            EventSet::IN,
+        ));
+        let mut handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl)
+            .with_limiters(self.rx_limiter.clone(), self.tx_limiter.clone());
         handler.mmds = self
             .mmds
             .clone()

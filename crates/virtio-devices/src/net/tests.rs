@@ -580,3 +580,5 @@ mod real_tap {
         ));
     }
 }
+
+mod rate_limited;

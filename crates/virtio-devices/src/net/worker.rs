@@ -11,7 +11,10 @@ use std::os::unix::io::AsRawFd;
 use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
-use vessel_virtio::worker::{consume, drain_queue, notify_if_needed, EventHandler, WorkerControl};
+use vessel_ratelimit::RateLimiter;
+use vessel_virtio::worker::{
+    consume, drain_queue, next_chain, notify_if_needed, EventHandler, WorkerControl,
+};
 use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
@@ -39,6 +42,8 @@ pub(super) struct Tokens;
 
 impl Tokens {
     pub(super) const CTRL: u64 = 1 << 40;
+    pub(super) const RX_LIMITER: u64 = (1 << 40) + 1;
+    pub(super) const TX_LIMITER: u64 = (1 << 40) + 2;
     pub(super) fn rx_kick(pair: u64) -> u64 {
         4 * pair
     }
@@ -199,6 +204,9 @@ pub(super) struct NetHandler {
     pub(super) stats: NetStats,
     /// MMDS, when the interface has it.
     pub(super) mmds: Option<MmdsPath>,
+    /// Rate limiters of the frames received and sent (MMDS frames are not limited).
+    pub(super) rx_limiter: Option<RateLimiter>,
+    pub(super) tx_limiter: Option<RateLimiter>,
 }
 
 impl NetHandler {
@@ -228,6 +236,37 @@ impl NetHandler {
             rx_chains: Vec::new(),
             stats: NetStats::default(),
             mmds: None,
+            rx_limiter: None,
+            tx_limiter: None,
+        }
+    }
+
+    /// Rate-limits received and sent frames; a limiter's timer must reach
+    /// [`NetHandler::on_limiter_timer`] (the worker watches it as `Tokens::RX_LIMITER` and
+    /// `Tokens::TX_LIMITER`).
+    pub(super) fn with_limiters(mut self, rx: RateLimiter, tx: RateLimiter) -> Self {
+        self.rx_limiter = Some(rx);
+        self.tx_limiter = Some(tx);
+        self
+    }
+
+    /// A limiter's timer fired: serve what it held back on every pair in use.
+    pub(super) fn on_limiter_timer(&mut self, token: u64, ctl: &mut dyn TapPoll) {
+        for p in 0..self.pairs.len() {
+            if !self.pairs[p].enabled {
+                continue;
+            }
+            if token == Tokens::TX_LIMITER {
+                self.process_tx(p);
+                continue;
+            }
+            // The TAP was taken out of the epoll set while receiving was throttled.
+            let pair = &mut self.pairs[p];
+            if pair.rx.is_some() && !pair.tap_polled {
+                ctl.set_tap_polled(&pair.tap, Tokens::tap(u64::from(pair.index)), true);
+                pair.tap_polled = true;
+            }
+            self.process_rx(p, ctl);
         }
     }
 
@@ -348,7 +387,31 @@ impl NetHandler {
         let mut delivered = 0;
         let mut budget = BUDGET;
         while budget > 0 {
-            match self.rx_frame(p) {
+            // A frame's size is only known once read: it takes one operation and a byte
+            // now, the rest of its bytes (maybe into debt) once received.
+            let limiter = self.rx_limiter.as_ref().filter(|l| l.is_limited()).cloned();
+            if let Some(l) = &limiter {
+                if !l.try_consume(1, 1) {
+                    // Stop reading the TAP until the limiter's timer fires.
+                    let pair = &mut self.pairs[p];
+                    if pair.tap_polled {
+                        ctl.set_tap_polled(&pair.tap, Tokens::tap(u64::from(pair.index)), false);
+                        pair.tap_polled = false;
+                    }
+                    break;
+                }
+            }
+            let bytes_before = self.stats.rx_bytes;
+            let got = self.rx_frame(p);
+            if let Some(l) = &limiter {
+                match got {
+                    Rx::Delivered => {
+                        l.force_consume(0, (self.stats.rx_bytes - bytes_before).saturating_sub(1))
+                    }
+                    _ => l.refund(1, 1),
+                }
+            }
+            match got {
                 Rx::Delivered => {
                     delivered += 1;
                     budget -= 1;
@@ -412,6 +475,15 @@ impl NetHandler {
 
     /// Sends every frame the driver queued on pair `p`.
     pub(super) fn process_tx(&mut self, p: usize) {
+        if self
+            .tx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_limited)
+        {
+            self.process_tx_limited(p);
+            self.mmds_rx();
+            return;
+        }
         let mem = &self.mem;
         let pair = &mut self.pairs[p];
         let Some(txq) = pair.tx.as_mut() else { return };
@@ -428,35 +500,68 @@ impl NetHandler {
             &self.health,
             |chain| {
                 iovs.0.clear();
-                match collect_iovs(mem, chain, false, iovs) {
-                    // Frames for MMDS stay here.
-                    Some(len)
-                        if len <= MAX_TX_LEN
-                            && mmds.as_mut().is_some_and(|m| m.divert(&iovs.0, len)) => {}
-                    Some(len) if (VNET_HDR_LEN..=MAX_TX_LEN).contains(&len) => {
-                        // SAFETY: the iovecs point into mapped guest memory (see
-                        // `collect_iovs`), at most `MAX_IOVS` of them; the result is checked.
-                        let n = unsafe {
-                            libc::writev(
-                                tap.as_raw_fd(),
-                                iovs.0.as_ptr(),
-                                iovs.0.len() as libc::c_int,
-                            )
-                        };
-                        if n < 0 {
-                            log::debug!("virtio-net: TAP write: {}", io::Error::last_os_error());
-                            stats.tx_errors += 1;
-                        } else {
-                            stats.tx_frames += 1;
-                            stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
-                        }
-                    }
-                    _ => stats.bad_chains += 1,
-                }
+                let len = collect_iovs(mem, chain, false, iovs);
+                transmit(tap, iovs, len, stats, mmds);
                 0
             },
         );
         self.mmds_rx();
+    }
+
+    /// `process_tx` under a rate limiter: `drain_queue`'s loop, asking the limiter before
+    /// each frame (one operation, its bytes past our header); a refused frame stays in the
+    /// queue until the limiter's timer fires.
+    fn process_tx_limited(&mut self, p: usize) {
+        let mem = &self.mem;
+        let pair = &mut self.pairs[p];
+        let Some(txq) = pair.tx.as_mut() else { return };
+        let Some(limiter) = &self.tx_limiter else {
+            return;
+        };
+        consume(&txq.kick);
+        let (q, index, health) = (&mut txq.queue, txq.index, &self.health);
+        if health.is_broken() {
+            return;
+        }
+        let mut sent = 0;
+        'serve: loop {
+            if let Err(e) = q.disable_notification(mem) {
+                health.mark_broken(&format_args!("queue {index}: {e}"));
+                return;
+            }
+            loop {
+                let chain = match next_chain(q, mem, health, &format_args!("queue {index}")) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => break,
+                    Err(_) => return,
+                };
+                let head = chain.head_index();
+                self.iovs.0.clear();
+                let len = collect_iovs(mem, chain, false, &mut self.iovs);
+                let bytes = len.map_or(0, |l| l.saturating_sub(VNET_HDR_LEN)) as u64;
+                if !limiter.try_consume(1, bytes) {
+                    q.go_to_previous_position();
+                    break 'serve;
+                }
+                transmit(&pair.tap, &self.iovs, len, &mut self.stats, &mut self.mmds);
+                if let Err(e) = q.add_used(mem, head, 0) {
+                    health.mark_broken(&format_args!("queue {index}: {e}"));
+                    return;
+                }
+                sent += 1;
+            }
+            match q.enable_notification(mem) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break,
+                Err(e) => {
+                    health.mark_broken(&format_args!("queue {index}: {e}"));
+                    return;
+                }
+            }
+        }
+        if sent > 0 {
+            notify_if_needed(q, index, mem, self.interrupt.as_ref());
+        }
     }
 
     /// Serves the control queue.
@@ -514,6 +619,41 @@ impl NetHandler {
                 self.process_rx(p, ctl);
             }
         }
+    }
+}
+
+/// Sends one frame of `len` bytes (`None`: a malformed chain) gathered in `iovs` to the TAP,
+/// or to MMDS when it is for MMDS.
+fn transmit(
+    tap: &Tap,
+    iovs: &IoVecs,
+    len: Option<usize>,
+    stats: &mut NetStats,
+    mmds: &mut Option<MmdsPath>,
+) {
+    match len {
+        // Frames for MMDS stay here.
+        Some(len) if len <= MAX_TX_LEN && mmds.as_mut().is_some_and(|m| m.divert(&iovs.0, len)) => {
+        }
+        Some(len) if (VNET_HDR_LEN..=MAX_TX_LEN).contains(&len) => {
+            // SAFETY: the iovecs point into mapped guest memory (see `collect_iovs`), at most
+            // `MAX_IOVS` of them; the result is checked.
+            let n = unsafe {
+                libc::writev(
+                    tap.as_raw_fd(),
+                    iovs.0.as_ptr(),
+                    iovs.0.len() as libc::c_int,
+                )
+            };
+            if n < 0 {
+                log::debug!("virtio-net: TAP write: {}", io::Error::last_os_error());
+                stats.tx_errors += 1;
+            } else {
+                stats.tx_frames += 1;
+                stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+            }
+        }
+        _ => stats.bad_chains += 1,
     }
 }
 
@@ -613,6 +753,18 @@ impl EventHandler for NetHandler {
     ) -> io::Result<()> {
         if token == Tokens::CTRL {
             self.process_ctrl(ctl);
+            return Ok(());
+        }
+        if token == Tokens::RX_LIMITER || token == Tokens::TX_LIMITER {
+            let l = if token == Tokens::RX_LIMITER {
+                &self.rx_limiter
+            } else {
+                &self.tx_limiter
+            };
+            if let Some(l) = l {
+                l.on_timer();
+            }
+            self.on_limiter_timer(token, ctl);
             return Ok(());
         }
         let p = (token / 4) as usize;
