@@ -259,6 +259,15 @@ fn plan(args: &JailArgs) -> Result<Plan, JailError> {
 /// single thread (it forks).
 pub fn run(args: &JailArgs) -> Result<i32, JailError> {
     let plan = plan(args)?;
+    let threads = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Threads:")?.trim().parse::<u32>().ok())
+    });
+    if threads.is_some_and(|n| n > 1) {
+        return Err(JailError::Invalid(
+            "the jailer must run on a single thread (it forks)".into(),
+        ));
+    }
     // Nothing but stdio (and what the jailer opens below on purpose) reaches the VMM.
     sys::cloexec_from(3).map_err(io_err("mark descriptors close-on-exec"))?;
 
