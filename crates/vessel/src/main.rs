@@ -60,6 +60,9 @@ enum Command {
         #[command(subcommand)]
         command: snapshotcli::SnapshotCommand,
     },
+    /// Run Vessel in a jail (own root, namespaces, cgroup limits, unprivileged uid/gid), with
+    /// Firecracker's jailer flags: vessel jail --id ID --uid U --gid G [...] -- run ...
+    Jail(Box<vessel_jailer::JailArgs>),
 }
 
 #[derive(Subcommand)]
@@ -252,6 +255,13 @@ fn main() -> ExitCode {
         Command::Api(args) => apicli::run(args),
         Command::Snapshot { command } => snapshotcli::run(command),
         Command::Migrate { command } => migratecli::run(command),
+        Command::Jail(mut args) => {
+            // The jailed VMM is this vessel binary unless --exec-file names another.
+            if args.exec_file.is_none() {
+                args.exec_file = std::env::current_exe().ok();
+            }
+            return vessel_jailer::main_with(&args);
+        }
         Command::Image {
             command: ImageCommand::Build { name },
         } => build_image(name).map(|p| {
