@@ -5,17 +5,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::fcprocess::*;
 use common::tinyguest::{elf, Guest};
 use common::*;
 use iced_x86::code_asm::*;
 use serde_json::{json, Value};
-use vessel_api::client::{Client, ClientResponse};
+use vessel_api::client::Client;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -70,152 +69,19 @@ fn write_kernel(dir: &Path, code: Vec<u8>) -> PathBuf {
     kernel
 }
 
-/// A `vessel` process in Firecracker mode, its console (stdout) collected as it comes.
-struct Vessel {
-    child: Child,
-    stdin: Option<ChildStdin>,
-    console: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-    sock: PathBuf,
-}
-
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let o = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
-}
-
-impl Vessel {
-    fn start(dir: &Path, extra: &[&str]) -> Vessel {
-        let sock = dir.join("api.sock");
-        let mut cmd = vessel();
-        cmd.arg("--api-sock")
-            .arg(&sock)
-            .args(["--id", "api-test"])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn vessel");
-        let console = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        let stdin = child.stdin.take();
-        let v = Vessel {
-            child,
-            stdin,
-            console,
-            stderr,
-            sock,
-        };
-        let t = Instant::now();
-        while !v.sock.exists() {
-            assert!(t.elapsed() < LIMIT, "no API socket; stderr: {}", v.stderr());
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        v
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.sock, Duration::from_secs(30))
-    }
-
-    fn console(&self) -> String {
-        self.console.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits until `pred` holds for the console.
-    fn wait_console(&self, what: &str, limit: Duration, pred: impl Fn(&str) -> bool) {
-        let t = Instant::now();
-        loop {
-            if pred(&self.console()) {
-                return;
-            }
-            assert!(
-                t.elapsed() < limit,
-                "waited {limit:?} for {what}; console:\n{}\nstderr:\n{}",
-                tail(&self.console()),
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for the process to exit; returns its status code.
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let t = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s.code();
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                panic!(
-                    "vessel did not exit within {limit:?}; console:\n{}\nstderr:\n{}",
-                    tail(&self.console()),
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for Vessel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn tail(s: &str) -> String {
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(40)..].join("\n")
+/// A `vessel` process in Firecracker mode with id `api-test`, serving `DIR/api.sock`.
+fn start_vessel(dir: &Path, extra: &[&str]) -> FcVessel {
+    let mut args = vec!["--id", "api-test"];
+    args.extend_from_slice(extra);
+    FcVessel::start(dir, "api", &args)
 }
 
 fn ticks(console: &str) -> usize {
     console.lines().filter(|l| l.starts_with("TICK ")).count()
 }
 
-fn call(c: &mut Client, method: &str, path: &str, body: Option<Value>) -> ClientResponse {
-    let body = body.map(|b| b.to_string());
-    c.request(method, path, body.as_deref())
-        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
-}
-
-fn expect(c: &mut Client, method: &str, path: &str, body: Option<Value>, status: u16) -> Value {
-    let r = call(c, method, path, body);
-    assert_eq!(r.status, status, "{method} {path}: {}", r.text());
-    r.json()
-}
-
-fn action(kind: &str) -> Option<Value> {
-    Some(json!({ "action_type": kind }))
-}
-
-fn state(c: &mut Client) -> String {
-    expect(c, "GET", "/", None, 200)["state"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
-}
-
 /// Pause stops the guest: once the console has stopped growing, it stays still.
-fn assert_no_progress(v: &Vessel) {
+fn assert_no_progress(v: &FcVessel) {
     let mut last = v.console();
     // Let what was written before the pause reach us.
     let t = Instant::now();
@@ -240,7 +106,7 @@ fn assert_no_progress(v: &Vessel) {
 fn api_configures_starts_pauses_resumes_and_ctrl_alt_del_resets() {
     let dir = scratch("api-session");
     let kernel = write_kernel(&dir, ticker(None));
-    let mut v = Vessel::start(&dir, &[]);
+    let mut v = start_vessel(&dir, &[]);
     let mut c = v.client();
 
     assert_eq!(state(&mut c), "Not started");
@@ -336,7 +202,7 @@ fn api_configures_starts_pauses_resumes_and_ctrl_alt_del_resets() {
 fn the_vessel_api_client_drives_a_vm() {
     let dir = scratch("api-cli");
     let kernel = write_kernel(&dir, ticker(None));
-    let mut v = Vessel::start(&dir, &[]);
+    let mut v = start_vessel(&dir, &[]);
     let sock = v.sock.to_str().unwrap().to_string();
     let api = |args: &[&str]| {
         let out = vessel()
@@ -448,7 +314,7 @@ fn config_file_with_the_api_serves_a_running_vm() {
         .to_string(),
     )
     .unwrap();
-    let mut v = Vessel::start(&dir, &["--config-file", config.to_str().unwrap()]);
+    let mut v = start_vessel(&dir, &["--config-file", config.to_str().unwrap()]);
     let mut c = v.client();
     v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
     assert_eq!(state(&mut c), "Running");
@@ -500,7 +366,7 @@ fn bad_config_files_and_flags_fail_with_one_line() {
 }
 
 /// Waits until `path` holds at least `n` lines.
-fn wait_lines(path: &Path, n: usize, v: &Vessel) -> String {
+fn wait_lines(path: &Path, n: usize, v: &FcVessel) -> String {
     let t = Instant::now();
     loop {
         let s = std::fs::read_to_string(path).unwrap_or_default();
@@ -537,7 +403,7 @@ fn post_boot_drive_balloon_and_periodic_metrics() {
     let kernel = write_kernel(&dir, ticker(None));
     let (first, second) = (disk(&dir, "a.img", 1), disk(&dir, "b.img", 2));
     let metrics = dir.join("metrics.json");
-    let mut v = Vessel::start(&dir, &["--metrics-period-ms", "100"]);
+    let mut v = start_vessel(&dir, &["--metrics-period-ms", "100"]);
     let mut c = v.client();
     let put = |c: &mut Client, path: &str, body: Value| expect(c, "PUT", path, Some(body), 204);
     put(
@@ -677,7 +543,7 @@ fn post_boot_drive_balloon_and_periodic_metrics() {
 fn logger_writes_levelled_lines_to_the_log_path() {
     let dir = scratch("api-logger");
     let log = dir.join("vessel.log");
-    let v = Vessel::start(
+    let v = start_vessel(
         &dir,
         &[
             "--log-path",
@@ -743,7 +609,7 @@ fn logger_writes_levelled_lines_to_the_log_path() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-fn kill(v: &Vessel, sig: i32) {
+fn kill(v: &FcVessel, sig: i32) {
     // SAFETY: signals our own child by its pid.
     assert_eq!(unsafe { libc::kill(v.child.id() as i32, sig) }, 0);
 }
@@ -753,14 +619,14 @@ fn kill(v: &Vessel, sig: i32) {
 #[test]
 fn signals_remove_the_api_socket_before_and_after_start() {
     let dir = scratch("api-signals");
-    let mut v = Vessel::start(&dir, &[]);
+    let mut v = start_vessel(&dir, &[]);
     assert_eq!(state(&mut v.client()), "Not started");
     kill(&v, libc::SIGTERM);
     assert_eq!(v.wait_exit(LIMIT), Some(128 + libc::SIGTERM));
     assert!(!v.sock.exists(), "the socket outlived the process");
 
     let kernel = write_kernel(&dir, ticker(None));
-    let mut v = Vessel::start(&dir, &[]);
+    let mut v = start_vessel(&dir, &[]);
     let mut c = v.client();
     expect(
         &mut c,
@@ -792,7 +658,7 @@ fn minimal_linux_session_through_the_socket() {
     };
     let dir = scratch("api-minimal");
     let metrics = dir.join("metrics.json");
-    let mut v = Vessel::start(&dir, &[]);
+    let mut v = start_vessel(&dir, &[]);
     let mut c = v.client();
     expect(
         &mut c,

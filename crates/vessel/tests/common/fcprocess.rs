@@ -3,7 +3,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,6 +14,8 @@ use super::vessel;
 
 pub struct FcVessel {
     pub child: Child,
+    /// The console's input.
+    pub stdin: Option<ChildStdin>,
     pub console: Arc<Mutex<String>>,
     pub stderr: Arc<Mutex<String>>,
     pub sock: PathBuf,
@@ -44,13 +46,16 @@ impl FcVessel {
         cmd.arg("--api-sock")
             .arg(&sock)
             .args(extra)
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn vessel");
         let console = collect(child.stdout.take().unwrap());
         let stderr = collect(child.stderr.take().unwrap());
+        let stdin = child.stdin.take();
         let v = FcVessel {
             child,
+            stdin,
             console,
             stderr,
             sock,
@@ -92,6 +97,25 @@ impl FcVessel {
                 tail(&self.console()),
                 self.stderr()
             );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the process to exit; returns its status code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let t = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s.code();
+            }
+            if t.elapsed() > limit {
+                let _ = self.child.kill();
+                panic!(
+                    "vessel did not exit within {limit:?}; console:\n{}\nstderr:\n{}",
+                    tail(&self.console()),
+                    self.stderr()
+                );
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
     }
