@@ -7,10 +7,9 @@
 
 mod common;
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -19,29 +18,6 @@ use vessel_api::client::Client;
 
 const LIMIT: Duration = Duration::from_secs(15 * 60);
 const AMI: &str = "ami-vessel-42";
-
-fn sh(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// An ext4 image holding `files` (mkfs.ext4 -d).
-fn ext4_image(dir: &Path, files: &Path) -> PathBuf {
-    let img = dir.join("disk.ext4");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(8 << 20).unwrap();
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(files)
-        .arg(&img)
-        .output()
-        .expect("run mkfs.ext4 (e2fsprogs)");
-    assert!(out.status.success(), "mkfs.ext4: {}", text(&out.stderr));
-    img
-}
 
 const SCRIPT: &str = r#"
 ip addr add 172.30.97.2/24 dev eth0 && ip link set eth0 up
@@ -67,23 +43,6 @@ while [ $i -lt 300 ]; do
 done
 r rotated "$v"
 "#;
-
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let o = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
-}
 
 fn results(console: &str) -> Vec<(String, String)> {
     console
@@ -137,7 +96,7 @@ fn guest_reads_mmds(version: &str, tap: &str) {
     let files = dir.join("files");
     std::fs::create_dir_all(&files).unwrap();
     std::fs::write(files.join("vessel-run"), SCRIPT).unwrap();
-    let disk = ext4_image(&dir, &files);
+    let disk = ext4_image(&dir, &files, 8);
     let metadata = dir.join("metadata.json");
     std::fs::write(
         &metadata,
@@ -178,8 +137,8 @@ fn guest_reads_mmds(version: &str, tap: &str) {
         .stderr(Stdio::piped());
     let t = Instant::now();
     let mut child = cmd.spawn().expect("spawn vessel");
-    let console = collect(child.stdout.take().unwrap());
-    let stderr = collect(child.stderr.take().unwrap());
+    let console = collect_output(child.stdout.take().unwrap());
+    let stderr = collect_output(child.stderr.take().unwrap());
     let waited = wait_for(&console, &mut child, "MMDS-WAIT", LIMIT);
     let rotated = waited && {
         // The host rotates a value after boot: the guest must see it.

@@ -296,23 +296,7 @@ fn live_migration_moves_a_running_guest_to_another_process() {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let mut dst = dst.spawn().unwrap();
-    let dst_out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    {
-        let mut out = dst.stdout.take().unwrap();
-        let o = dst_out.clone();
-        std::thread::spawn(move || {
-            use std::io::Read;
-            let mut buf = [0u8; 4096];
-            while let Ok(n) = out.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                o.lock()
-                    .unwrap()
-                    .push_str(&String::from_utf8_lossy(&buf[..n]));
-            }
-        });
-    }
+    let dst_out = collect_output(dst.stdout.take().unwrap());
     let t = std::time::Instant::now();
     while !addr.exists() {
         assert!(t.elapsed() < LIMIT, "the receiver never listened");
@@ -401,5 +385,112 @@ fn a_receiver_that_breaks_off_leaves_the_source_running() {
         400,
     );
     assert_eq!(state_of(&src), "Running");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// With `VESSEL_E2E=1`: the kit's `minimal` Linux with a virtio-blk disk is snapshotted while
+/// idle, killed, and restored in a new process: its shell answers, reads the disk, writes it,
+/// and the write is on the host's file after power-off.
+#[test]
+fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
+    use std::io::Write;
+    if std::env::var("VESSEL_E2E").ok().as_deref() != Some("1") {
+        eprintln!("note: set VESSEL_E2E=1 to snapshot the minimal guest");
+        return;
+    }
+    let Some((kernel, initrd)) = kit_image("minimal") else {
+        return;
+    };
+    let dir = scratch("snapshot-minimal");
+    let disk = dir.join("disk.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[..21].copy_from_slice(b"VESSEL-SNAPSHOT-DISK\n");
+    std::fs::write(&disk, &image).unwrap();
+    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+
+    let a = FcVessel::start(&dir, "a", &[]);
+    let mut c = a.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({
+            "kernel_image_path": kernel,
+            "initrd_path": initrd,
+            "boot_args": vessel_vmm::DEFAULT_CMDLINE
+        })),
+        204,
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
+        204,
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/drives/data",
+        Some(json!({
+            "drive_id": "data", "path_on_host": disk,
+            "is_root_device": false, "is_read_only": false
+        })),
+        204,
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    a.wait_console("VESSEL-GUEST-READY", Duration::from_secs(15 * 60), |s| {
+        s.lines().any(|l| l.trim_end() == "VESSEL-GUEST-READY")
+    });
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    create(&a, &state, &mem, "Full");
+    drop(a);
+
+    let mut b = restore(&dir, "b", &state, &mem);
+    let say = |b: &mut FcVessel, line: &str| {
+        b.stdin
+            .as_mut()
+            .unwrap()
+            .write_all(line.as_bytes())
+            .unwrap()
+    };
+    // Markers computed by the shell, so the terminal's echo of the command never matches.
+    say(
+        &mut b,
+        "head -c 20 /dev/vda; echo; echo SHELL-$((1+1))-OK\n",
+    );
+    b.wait_console(
+        "the shell after the restore",
+        Duration::from_secs(5 * 60),
+        |s| s.contains("SHELL-2-OK"),
+    );
+    assert!(
+        b.console().contains("VESSEL-SNAPSHOT-DISK"),
+        "{}",
+        tail(&b.console())
+    );
+    say(
+        &mut b,
+        "echo restored-write | dd of=/dev/vda bs=512 seek=8 conv=fsync 2>/dev/null; echo WROTE-$((40+2))\n",
+    );
+    b.wait_console("the disk write", Duration::from_secs(5 * 60), |s| {
+        s.contains("WROTE-42")
+    });
+    say(&mut b, "poweroff -f\n");
+    assert_eq!(
+        b.wait_exit(Duration::from_secs(5 * 60)),
+        Some(0),
+        "{}",
+        b.stderr()
+    );
+    let after = std::fs::read(&disk).unwrap();
+    assert_eq!(&after[4096..4096 + 15], b"restored-write\n");
+    assert_eq!(&after[..21], b"VESSEL-SNAPSHOT-DISK\n");
     let _ = std::fs::remove_dir_all(&dir);
 }

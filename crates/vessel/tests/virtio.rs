@@ -37,14 +37,6 @@ impl NetPlan {
     }
 }
 
-fn sh(cmd: &str) -> bool {
-    Command::new("sh")
-        .arg("-c")
-        .arg(cmd)
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 /// Compiles the guest's vsock tool (static, so it needs nothing from the initramfs).
 fn build_vsock_tool(dir: &Path) -> PathBuf {
     let out = dir.join("vsock");
@@ -57,21 +49,6 @@ fn build_vsock_tool(dir: &Path) -> PathBuf {
         .expect("run gcc");
     assert!(st.success(), "gcc -static failed for {}", src.display());
     out
-}
-
-/// An ext4 image holding `files` (mkfs.ext4 -d).
-fn ext4_image(dir: &Path, files: &Path, size_mib: u64) -> PathBuf {
-    let img = dir.join("disk.ext4");
-    let f = std::fs::File::create(&img).unwrap();
-    f.set_len(size_mib << 20).unwrap();
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-d"])
-        .arg(files)
-        .arg(&img)
-        .output()
-        .expect("run mkfs.ext4 (e2fsprogs)");
-    assert!(out.status.success(), "mkfs.ext4: {}", text(&out.stderr));
-    img
 }
 
 /// A file of an ext4 image, read with debugfs.

@@ -1,7 +1,6 @@
 //! A `vessel` process in Firecracker mode (`--api-sock`), its console collected as it
 //! comes, and short-hands for API calls that assert the status.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::{Arc, Mutex};
@@ -21,23 +20,6 @@ pub struct FcVessel {
     pub sock: PathBuf,
 }
 
-fn collect(mut r: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let out = Arc::new(Mutex::new(String::new()));
-    let o = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = r.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
-}
-
 impl FcVessel {
     /// Starts `vessel --api-sock DIR/NAME.sock` and waits for the socket.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> FcVessel {
@@ -50,8 +32,8 @@ impl FcVessel {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn vessel");
-        let console = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
+        let console = super::collect_output(child.stdout.take().unwrap());
+        let stderr = super::collect_output(child.stderr.take().unwrap());
         let stdin = child.stdin.take();
         let v = FcVessel {
             child,

@@ -81,3 +81,48 @@ pub fn kit_image(name: &str) -> Option<(PathBuf, PathBuf)> {
         _ => panic!("image {name} is not available: {}", text(&out.stderr)),
     }
 }
+
+/// Collects everything `r` yields, as it comes, into a shared string.
+pub fn collect_output(
+    mut r: impl std::io::Read + Send + 'static,
+) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let o = out.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+/// Runs `cmd` with `sh -c`; true if it succeeded.
+pub fn sh(cmd: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// An ext4 image of `size_mib` MiB named `disk.ext4` in `dir`, holding `files`
+/// (mkfs.ext4 -d).
+pub fn ext4_image(dir: &Path, files: &Path, size_mib: u64) -> PathBuf {
+    let img = dir.join("disk.ext4");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(size_mib << 20).unwrap();
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-d"])
+        .arg(files)
+        .arg(&img)
+        .output()
+        .expect("run mkfs.ext4 (e2fsprogs)");
+    assert!(out.status.success(), "mkfs.ext4: {}", text(&out.stderr));
+    img
+}

@@ -189,6 +189,85 @@ enum Rx {
     Broken,
 }
 
+/// What [`gather_rx_buffers`] works on (fields of the handler, borrowed apart from the queue).
+pub(super) struct RxBuffers<'a> {
+    pub q: &'a mut virtio_queue::Queue,
+    pub qindex: u16,
+    pub mem: &'a GuestMemoryMmap,
+    pub mrg_rxbuf: bool,
+    pub iovs: &'a mut IoVecs,
+    /// (head, length, first iovec) of each chain taken.
+    pub chains: &'a mut Vec<(u16, usize, usize)>,
+    pub bad_chains: &'a mut u64,
+    pub health: &'a DeviceHealth,
+}
+
+/// What gathering receive buffers for one frame gave.
+pub(super) enum Gathered {
+    /// Chains holding this many bytes are in `chains` and `iovs`.
+    Ready(usize),
+    /// Not enough buffers yet; nothing was taken.
+    NoBuffers,
+    /// The ring is broken (the device was marked as needing reset).
+    Broken,
+}
+
+/// Takes receive chains until they hold `need` bytes (with merged buffers) or one chain
+/// (without); chains too short for the virtio-net header are returned empty. A ring full of
+/// buffers is used even when short of `need`: the driver will never give more.
+pub(super) fn gather_rx_buffers(b: RxBuffers<'_>, need: usize) -> Gathered {
+    let RxBuffers {
+        q,
+        qindex,
+        mem,
+        mrg_rxbuf,
+        iovs,
+        chains,
+        bad_chains,
+        health,
+    } = b;
+    iovs.0.clear();
+    chains.clear();
+    let mut capacity = 0usize;
+    while capacity < need && iovs.0.len() < MAX_IOVS {
+        if !mrg_rxbuf && !chains.is_empty() {
+            break;
+        }
+        let chain = match q.iter(mem) {
+            Ok(mut it) => it.next(),
+            Err(e) => {
+                health.mark_broken(&format_args!("queue {qindex}: {e}"));
+                return Gathered::Broken;
+            }
+        };
+        let Some(chain) = chain else { break };
+        let head = chain.head_index();
+        let start = iovs.0.len();
+        match collect_iovs(mem, chain, true, iovs) {
+            Some(len) if len >= VNET_HDR_LEN => {
+                chains.push((head, len, start));
+                capacity += len;
+            }
+            _ => {
+                iovs.0.truncate(start);
+                *bad_chains += 1;
+                if let Err(e) = q.add_used(mem, head, 0) {
+                    health.mark_broken(&format_args!("queue {qindex}: {e}"));
+                    return Gathered::Broken;
+                }
+            }
+        }
+    }
+    let ring_full = chains.len() >= usize::from(q.size());
+    if chains.is_empty() || (capacity < need && !ring_full) {
+        for _ in 0..chains.len() {
+            q.go_to_previous_position();
+        }
+        return Gathered::NoBuffers;
+    }
+    Gathered::Ready(capacity)
+}
+
 pub(super) struct NetHandler {
     mem: GuestMemoryMmap,
     mrg_rxbuf: bool,
@@ -279,51 +358,26 @@ impl NetHandler {
         };
         let q = &mut rxq.queue;
         let qindex = rxq.index;
+        let need = if self.mrg_rxbuf { self.rx_capacity } else { 1 };
+        match gather_rx_buffers(
+            RxBuffers {
+                q,
+                qindex,
+                mem,
+                mrg_rxbuf: self.mrg_rxbuf,
+                iovs: &mut self.iovs,
+                chains: &mut self.rx_chains,
+                bad_chains: &mut self.stats.bad_chains,
+                health: &self.health,
+            },
+            need,
+        ) {
+            Gathered::Ready(_) => {}
+            Gathered::NoBuffers => return Rx::NoBuffers,
+            Gathered::Broken => return Rx::Broken,
+        };
         let iovs = &mut self.iovs;
         let chains = &mut self.rx_chains;
-        iovs.0.clear();
-        chains.clear();
-        let mut capacity = 0usize;
-        let need = if self.mrg_rxbuf { self.rx_capacity } else { 1 };
-        while capacity < need && iovs.0.len() < MAX_IOVS {
-            if !self.mrg_rxbuf && !chains.is_empty() {
-                break;
-            }
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health
-                        .mark_broken(&format_args!("queue {qindex}: {e}"));
-                    return Rx::Broken;
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let start = iovs.0.len();
-            match collect_iovs(mem, chain, true, iovs) {
-                Some(len) if len >= VNET_HDR_LEN => {
-                    chains.push((head, len, start));
-                    capacity += len;
-                }
-                _ => {
-                    iovs.0.truncate(start);
-                    self.stats.bad_chains += 1;
-                    if let Err(e) = q.add_used(mem, head, 0) {
-                        self.health
-                            .mark_broken(&format_args!("queue {qindex}: {e}"));
-                        return Rx::Broken;
-                    }
-                }
-            }
-        }
-        // A ring full of buffers is all the driver will ever give: use it.
-        let ring_full = chains.len() >= usize::from(q.size());
-        if chains.is_empty() || (capacity < need && !ring_full) {
-            for _ in 0..chains.len() {
-                q.go_to_previous_position();
-            }
-            return Rx::NoBuffers;
-        }
         // SAFETY: every iovec points into mapped guest memory (see `collect_iovs`) and the
         // count is bounded by `MAX_IOVS`; the result is checked.
         let n = unsafe {

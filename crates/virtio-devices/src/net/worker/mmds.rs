@@ -8,8 +8,8 @@ use vessel_mmds::{MmdsStack, MAX_FRAME_LEN};
 use virtio_queue::{QueueOwnedT, QueueT};
 
 use super::{
-    collect_iovs, enable_notification_past_avail, notify_if_needed, write_iovs, NetHandler,
-    MAX_IOVS, VNET_HDR_LEN,
+    enable_notification_past_avail, gather_rx_buffers, notify_if_needed, write_iovs, Gathered,
+    NetHandler, RxBuffers, VNET_HDR_LEN,
 };
 
 /// The first bytes of a frame the stack needs to tell whether the frame may be its own.
@@ -151,52 +151,28 @@ impl NetHandler {
         };
         let q = &mut rxq.queue;
         let qindex = rxq.index;
-        let iovs = &mut self.iovs;
-        let chains = &mut self.rx_chains;
-        iovs.0.clear();
-        chains.clear();
         let total = VNET_HDR_LEN + frame_len;
         // Without merged buffers a frame takes one chain, cut to its size like the TAP's.
         let need = if self.mrg_rxbuf { total } else { 1 };
-        let mut capacity = 0usize;
-        while capacity < need && iovs.0.len() < MAX_IOVS {
-            if !self.mrg_rxbuf && !chains.is_empty() {
-                break;
-            }
-            let chain = match q.iter(mem) {
-                Ok(mut it) => it.next(),
-                Err(e) => {
-                    self.health
-                        .mark_broken(&format_args!("queue {qindex}: {e}"));
-                    return Delivery::Broken;
-                }
-            };
-            let Some(chain) = chain else { break };
-            let head = chain.head_index();
-            let start = iovs.0.len();
-            match collect_iovs(mem, chain, true, iovs) {
-                Some(len) if len >= VNET_HDR_LEN => {
-                    chains.push((head, len, start));
-                    capacity += len;
-                }
-                _ => {
-                    iovs.0.truncate(start);
-                    self.stats.bad_chains += 1;
-                    if let Err(e) = q.add_used(mem, head, 0) {
-                        self.health
-                            .mark_broken(&format_args!("queue {qindex}: {e}"));
-                        return Delivery::Broken;
-                    }
-                }
-            }
-        }
-        let ring_full = chains.len() >= usize::from(q.size());
-        if chains.is_empty() || (capacity < need && !ring_full) {
-            for _ in 0..chains.len() {
-                q.go_to_previous_position();
-            }
-            return Delivery::NoBuffers;
-        }
+        let capacity = match gather_rx_buffers(
+            RxBuffers {
+                q,
+                qindex,
+                mem,
+                mrg_rxbuf: self.mrg_rxbuf,
+                iovs: &mut self.iovs,
+                chains: &mut self.rx_chains,
+                bad_chains: &mut self.stats.bad_chains,
+                health: &self.health,
+            },
+            need,
+        ) {
+            Gathered::Ready(c) => c,
+            Gathered::NoBuffers => return Delivery::NoBuffers,
+            Gathered::Broken => return Delivery::Broken,
+        };
+        let iovs = &mut self.iovs;
+        let chains = &mut self.rx_chains;
         let written = total.min(capacity);
         let mut used = 0usize;
         let mut left = written;
