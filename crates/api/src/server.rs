@@ -85,9 +85,23 @@ impl ApiServer {
             .metrics()
             .clone();
         let (s, c) = (stop.clone(), connections.clone());
+        // The API's seccomp filter is installed first thing on the accept thread (the
+        // connection threads inherit it); a failure fails the start.
+        let (filtered_tx, filtered) = std::sync::mpsc::channel();
         let accept = thread::Builder::new()
             .name("vessel-api".into())
-            .spawn(move || accept_loop(listener, controller, metrics, config, s, c))?;
+            .spawn(move || {
+                let r = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Api);
+                let ok = r.is_ok();
+                let _ = filtered_tx.send(r);
+                if ok {
+                    accept_loop(listener, controller, metrics, config, s, c)
+                }
+            })?;
+        filtered
+            .recv()
+            .map_err(|_| io::Error::other("the API thread ended"))?
+            .map_err(io::Error::other)?;
         Ok(ApiServer {
             path: path.to_path_buf(),
             stop,

@@ -254,17 +254,19 @@ pub fn enabled() -> bool {
 }
 
 /// Installs `kind`'s filter on the calling thread (and the threads it starts later). Does
-/// nothing without [`configure`], with [`Policy::Off`], or when this thread already has
-/// its filter.
+/// nothing without [`configure`], with [`Policy::Off`] (but for [`set_selftest`]'s call),
+/// or when this thread already has its filter.
 pub fn apply(kind: ThreadKind) -> Result<(), Error> {
-    let Some(Some(installed)) = INSTALLED.get() else {
+    let Some(installed) = INSTALLED.get() else {
         return Ok(());
     };
     if APPLIED.with(|a| a.replace(true)) {
         return Ok(());
     }
-    for p in installed.programs.get(&kind).into_iter().flatten() {
-        seccompiler::apply_filter(p)?;
+    if let Some(installed) = installed {
+        for p in installed.programs.get(&kind).into_iter().flatten() {
+            seccompiler::apply_filter(p)?;
+        }
     }
     if SELFTEST.get() == Some(&kind) {
         selftest_violation(kind);
