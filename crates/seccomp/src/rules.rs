@@ -174,10 +174,7 @@ fn base(l: &mut List, pid: u32) -> Result<(), Error> {
         )?,
     );
     // A thread may narrow itself further (a worker started by a vCPU thread does).
-    l.when(
-        SYS_seccomp,
-        one_of(0, &[SECCOMP_SET_MODE_FILTER as u64])?,
-    );
+    l.when(SYS_seccomp, one_of(0, &[SECCOMP_SET_MODE_FILTER as u64])?);
     // Non-blocking and close-on-exec through ioctl (the standard library's way).
     l.when(SYS_ioctl, one_of(1, &[FIONBIO as u64, FIOCLEX as u64])?);
     Ok(())
@@ -355,12 +352,10 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, Error> {
                 SYS_getrlimit,
                 SYS_uname,
                 SYS_sysinfo,
-                SYS_wait4,
                 SYS_getuid,
                 SYS_geteuid,
                 SYS_getgid,
                 SYS_getegid,
-                SYS_kill,
             ]);
             l.when(
                 SYS_ioctl,
@@ -409,5 +404,6 @@ pub(crate) const FORBIDDEN: &[i64] = &[
     libc::SYS_keyctl,
     libc::SYS_setuid,
     libc::SYS_reboot,
-    libc::SYS_ptrace,
+    libc::SYS_kill,
+    libc::SYS_tkill,
 ];

@@ -283,7 +283,10 @@ fn filter_files_compile() {
 
 #[test]
 fn worker_names_map_to_kinds() {
-    assert_eq!(DeviceKind::from_worker_name("virtio-blk"), DeviceKind::Block);
+    assert_eq!(
+        DeviceKind::from_worker_name("virtio-blk"),
+        DeviceKind::Block
+    );
     assert_eq!(DeviceKind::from_worker_name("virtio-net"), DeviceKind::Net);
     assert_eq!(
         DeviceKind::from_worker_name("virtio-vsock"),

@@ -71,14 +71,14 @@ impl SeccompArgs {
             Policy::Off
         } else if let Some(path) = &self.seccomp_filter {
             Policy::from_file(path).map_err(|e| e.to_string())?
-        } else if self.seccomp_log || std::env::var_os("VESSEL_SECCOMP_DISCOVER").is_some() {
+        } else if self.seccomp_log {
             Policy::Builtin(Action::Log)
         } else {
             Policy::Builtin(Action::Kill)
         };
         if let Some(k) = &self.seccomp_selftest {
-            let kind = ThreadKind::from_key(k)
-                .ok_or_else(|| format!("'{k}' is not a thread kind"))?;
+            let kind =
+                ThreadKind::from_key(k).ok_or_else(|| format!("'{k}' is not a thread kind"))?;
             vessel_seccomp::set_selftest(kind);
         }
         vessel_seccomp::configure(policy).map_err(|e| e.to_string())

@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use common::tinyguest::{elf, Guest};
 use common::*;
+use iced_x86::code_asm::*;
 
 const LIMIT: Duration = Duration::from_secs(60);
 
@@ -37,7 +38,11 @@ fn a_forbidden_syscall_on_a_vcpu_thread_kills_the_process() {
         text(&out.stderr)
     );
     // The guest never ran: the filter was on before the first KVM_RUN.
-    assert!(!text(&out.stdout).contains("Hello"), "{}", text(&out.stdout));
+    assert!(
+        !text(&out.stdout).contains("Hello"),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -87,10 +92,22 @@ fn a_filter_file_replaces_the_builtin_filters() {
     let dir = scratch("seccomp-file");
     let file = filter_file(&dir, r#"{ "errno": 1 }"#, r#""kill_process""#);
     // The file's vCPU filter kills on execve...
-    let out = run(&["run", "--seccomp-filter", &file, "--seccomp-selftest", "vcpu"]);
+    let out = run(&[
+        "run",
+        "--seccomp-filter",
+        &file,
+        "--seccomp-selftest",
+        "vcpu",
+    ]);
     assert!(killed_by_sigsys(&out), "{:?}", out.status);
     // ...and its VMM filter answers EPERM.
-    let out = run(&["run", "--seccomp-filter", &file, "--seccomp-selftest", "vmm"]);
+    let out = run(&[
+        "run",
+        "--seccomp-filter",
+        &file,
+        "--seccomp-selftest",
+        "vmm",
+    ]);
     assert!(out.status.success(), "{:?}", out.status);
     assert!(
         text(&out.stderr).contains("Operation not permitted"),
@@ -102,7 +119,11 @@ fn a_filter_file_replaces_the_builtin_filters() {
     let bad = dir.join("bad.json");
     let out = run(&["run", "--seccomp-filter", bad.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("seccomp"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("seccomp"),
+        "{}",
+        text(&out.stderr)
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -164,5 +185,104 @@ fn firecracker_mode_filters_its_threads() {
         "vcpu",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A guest that prints `TICK` forever.
+fn ticker_kernel(dir: &Path) -> String {
+    let mut g = Guest::new();
+    let mut tick = g.a.create_label();
+    let mut delay = g.a.create_label();
+    g.a.set_label(&mut tick).unwrap();
+    g.print("TICK\n");
+    g.a.mov(ecx, 300_000u32).unwrap();
+    g.a.set_label(&mut delay).unwrap();
+    g.a.dec(ecx).unwrap();
+    g.a.jnz(delay).unwrap();
+    g.a.jmp(tick).unwrap();
+    let path = dir.join("ticker.elf");
+    std::fs::write(&path, elf(&g.finish())).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Live migration over TCP between two filtered processes: snapshots of memory, dirty
+/// logging, sockets on the VMM thread; neither process meets its filter.
+#[test]
+fn live_migration_runs_under_the_filters() {
+    use common::fcprocess::*;
+    use serde_json::json;
+    use std::process::{Command, Stdio};
+
+    let dir = scratch("seccomp-migrate");
+    let kernel = ticker_kernel(&dir);
+    let mut src = FcVessel::start(&dir, "src", &[]);
+    let mut c = src.client();
+    expect(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})),
+        204,
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 32})),
+        204,
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    src.wait_console("ticks", LIMIT, |s| s.matches("TICK").count() >= 3);
+
+    // A free port: bind, read it, let go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let console = dir.join("dst.console");
+    let mut dst = Command::new(env!("CARGO_BIN_EXE_vessel"))
+        .args(["migrate", "receive", "--listen", &addr, "--serial"])
+        .arg(format!("file={}", console.display()))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Retry until the receiver listens.
+    let t = std::time::Instant::now();
+    let r = loop {
+        let r = call(
+            &mut c,
+            "PUT",
+            "/vessel/migrate",
+            Some(json!({"destination": addr, "downtime_ms": 50})),
+        );
+        if r.status < 300 || t.elapsed() > LIMIT {
+            break r;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(r.status < 300, "{}: {}", r.status, r.text());
+    // The source ends cleanly; the receiver goes on ticking.
+    let status = src.child.wait().unwrap();
+    assert!(status.success(), "source: {status:?}: {}", src.stderr());
+    let t = std::time::Instant::now();
+    while std::fs::read_to_string(&console)
+        .unwrap_or_default()
+        .matches("TICK")
+        .count()
+        < 3
+    {
+        assert!(t.elapsed() < LIMIT, "the migrated guest does not tick");
+        assert!(dst.try_wait().unwrap().is_none(), "the receiver ended");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(dst.try_wait().unwrap().is_none(), "the receiver ended");
+    let _ = dst.kill();
+    let status = dst.wait().unwrap();
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    src.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -566,12 +566,12 @@ impl Vm {
                             seccomp_vcpu(id)?;
                             v.run()
                         }))
-                            .unwrap_or_else(|_| {
-                                Err(VmmError::Vcpu {
-                                    cpu: id,
-                                    reason: "the vCPU thread panicked".into(),
-                                })
-                            });
+                        .unwrap_or_else(|_| {
+                            Err(VmmError::Vcpu {
+                                cpu: id,
+                                reason: "the vCPU thread panicked".into(),
+                            })
+                        });
                         let _ = tx.send(Msg::Vcpu(id, r, v.take_report()));
                     })
                     .map_err(VmmError::Thread);
