@@ -176,7 +176,7 @@ fn base(l: &mut List, pid: u32) -> Result<(), Error> {
     // A thread may narrow itself further (a worker started by a vCPU thread does).
     l.when(SYS_seccomp, one_of(0, &[SECCOMP_SET_MODE_FILTER as u64])?);
     // Non-blocking and close-on-exec through ioctl (the standard library's way).
-    l.when(SYS_ioctl, one_of(1, &[FIONBIO as u64, FIOCLEX as u64])?);
+    l.when(SYS_ioctl, one_of(1, &[FIONBIO, FIOCLEX])?);
     Ok(())
 }
 
@@ -359,16 +359,7 @@ pub(crate) fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, Error> {
             ]);
             l.when(
                 SYS_ioctl,
-                one_of(
-                    1,
-                    &[
-                        TCGETS as u64,
-                        TCSETS as u64,
-                        TCSETSW as u64,
-                        TCSETSF as u64,
-                        TIOCGWINSZ as u64,
-                    ],
-                )?,
+                one_of(1, &[TCGETS, TCSETS, TCSETSW, TCSETSF, TIOCGWINSZ])?,
             );
         }
     }

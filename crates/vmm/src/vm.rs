@@ -1093,6 +1093,22 @@ impl Vm {
     }
 }
 
+/// Installs the vCPU filter on the calling (vCPU) thread, before its first `KVM_RUN`.
+fn seccomp_vcpu(cpu: u8) -> Result<(), VmmError> {
+    vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vcpu).map_err(|e| VmmError::Vcpu {
+        cpu,
+        reason: e.to_string(),
+    })
+}
+
+/// Installs the VMM filter on a helper thread started before the VM (which does not inherit
+/// the main thread's); a failure is logged (the main thread's own, at start, fails the VM).
+pub fn seccomp_helper(name: &str) {
+    if let Err(e) = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm) {
+        log::error!("{name}: {e}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1152,21 +1168,5 @@ mod tests {
             Err(VmmError::MemoryExceedsHost { .. })
         ));
         assert!(validate(&VmConfig::default(), 8).is_ok());
-    }
-}
-
-/// Installs the vCPU filter on the calling (vCPU) thread, before its first `KVM_RUN`.
-fn seccomp_vcpu(cpu: u8) -> Result<(), VmmError> {
-    vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vcpu).map_err(|e| VmmError::Vcpu {
-        cpu,
-        reason: e.to_string(),
-    })
-}
-
-/// Installs the VMM filter on a helper thread started before the VM (which does not inherit
-/// the main thread's); a failure is logged (the main thread's own, at start, fails the VM).
-pub fn seccomp_helper(name: &str) {
-    if let Err(e) = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm) {
-        log::error!("{name}: {e}");
     }
 }
