@@ -206,9 +206,35 @@ fn clone3_enosys() -> Result<BpfProgram, Error> {
     .try_into()?)
 }
 
-/// What each thread kind installs, compiled once by [`configure`].
-struct Installed {
-    programs: HashMap<ThreadKind, Vec<BpfProgram>>,
+/// What each thread kind installs: built-in filters are compiled when a thread of that kind
+/// first needs them (a plain `vessel run` compiles two of the eleven), a file's at
+/// [`configure`].
+enum Installed {
+    Builtin {
+        action: Action,
+        programs: HashMap<ThreadKind, OnceLock<Result<Vec<BpfProgram>, String>>>,
+    },
+    Custom(HashMap<ThreadKind, BpfProgram>),
+}
+
+impl Installed {
+    fn programs(&self, kind: ThreadKind) -> Result<Vec<BpfProgram>, Error> {
+        match self {
+            Installed::Builtin { action, programs } => {
+                let Some(cell) = programs.get(&kind) else {
+                    return Ok(Vec::new());
+                };
+                cell.get_or_init(|| builtin(kind, *action).map_err(|e| e.to_string()))
+                    .clone()
+                    .map_err(Error::File)
+            }
+            Installed::Custom(map) => Ok(map.get(&kind).cloned().into_iter().collect()),
+        }
+    }
+}
+
+fn builtin(kind: ThreadKind, action: Action) -> Result<Vec<BpfProgram>, Error> {
+    Ok(vec![clone3_enosys()?, compile(kind, action)?])
 }
 
 static INSTALLED: OnceLock<Option<Installed>> = OnceLock::new();
@@ -219,28 +245,26 @@ thread_local! {
     static APPLIED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Compiles `policy`'s filters for every thread kind. Call once, before any thread applies
-/// its filter; a second call is an error.
+/// Chooses `policy` for every thread kind. Call once, before any thread applies its
+/// filter; a second call is an error.
 pub fn configure(policy: Policy) -> Result<(), Error> {
     let installed = match policy {
         Policy::Off => None,
-        Policy::Builtin(action) => {
-            let clone3 = clone3_enosys()?;
-            let mut programs = HashMap::new();
-            for kind in ThreadKind::all() {
-                programs.insert(kind, vec![clone3.clone(), compile(kind, action)?]);
-            }
-            Some(Installed { programs })
-        }
+        Policy::Builtin(action) => Some(Installed::Builtin {
+            action,
+            programs: ThreadKind::all()
+                .into_iter()
+                .map(|k| (k, OnceLock::new()))
+                .collect(),
+        }),
         Policy::Custom(map) => {
             let mut programs = HashMap::new();
             for kind in ThreadKind::all() {
-                let p = map.get(kind.key()).or_else(|| map.get("vmm"));
-                if let Some(p) = p {
-                    programs.insert(kind, vec![p.clone()]);
+                if let Some(p) = map.get(kind.key()).or_else(|| map.get("vmm")) {
+                    programs.insert(kind, p.clone());
                 }
             }
-            Some(Installed { programs })
+            Some(Installed::Custom(programs))
         }
     };
     INSTALLED
@@ -264,8 +288,8 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
         return Ok(());
     }
     if let Some(installed) = installed {
-        for p in installed.programs.get(&kind).into_iter().flatten() {
-            seccompiler::apply_filter(p)?;
+        for p in installed.programs(kind)? {
+            seccompiler::apply_filter(&p)?;
         }
     }
     if SELFTEST.get() == Some(&kind) {
