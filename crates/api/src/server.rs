@@ -93,9 +93,23 @@ impl ApiServer {
         let (s, c) = (stop.clone(), connections.clone());
         let in_flight = Arc::new(AtomicUsize::new(0));
         let f = in_flight.clone();
+        // The API's seccomp filter is installed first thing on the accept thread (the
+        // connection threads inherit it); a failure fails the start.
+        let (filtered_tx, filtered) = std::sync::mpsc::channel();
         let accept = thread::Builder::new()
             .name("vessel-api".into())
-            .spawn(move || accept_loop(listener, controller, metrics, config, s, c, f))?;
+            .spawn(move || {
+                let r = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Api);
+                let ok = r.is_ok();
+                let _ = filtered_tx.send(r);
+                if ok {
+                    accept_loop(listener, controller, metrics, config, s, c, f)
+                }
+            })?;
+        filtered
+            .recv()
+            .map_err(|_| io::Error::other("the API thread ended"))?
+            .map_err(io::Error::other)?;
         Ok(ApiServer {
             path: path.to_path_buf(),
             stop,

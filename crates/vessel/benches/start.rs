@@ -1,7 +1,8 @@
 //! VMM start and footprint. Prints figures; asserts nothing.
 //!
 //! - process spawn to the first `KVM_RUN` of the demo guest (the VMM reads the spawn instant
-//!   from `VESSEL_SPAWN_NS`), and the demo guest end to end (spawn to exit);
+//!   from `VESSEL_SPAWN_NS`), and the demo guest end to end (spawn to exit), with seccomp
+//!   filters (the default) and without (`--no-seccomp`);
 //! - VMM memory overhead: RSS of a running 1 vCPU / 128 MiB VM minus the guest pages it touched.
 //!
 //!   cargo bench -p vessel --bench start
@@ -34,42 +35,57 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
+/// One start of the demo guest: (spawn -> first KVM_RUN, spawn -> exit), in ms.
+fn start_once(extra: &[&str]) -> (f64, f64) {
+    let t = Instant::now();
+    let out = vessel()
+        .args(["run", "--stats"])
+        .args(extra)
+        .env("VESSEL_SPAWN_NS", monotonic_ns().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run vessel");
+    let whole = t.elapsed().as_secs_f64() * 1e3;
+    assert!(out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let ms = err
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("vessel: first KVM_RUN ")?
+                .split(' ')
+                .next()?
+                .parse::<f64>()
+                .ok()
+        })
+        .expect("stats line");
+    (ms, whole)
+}
+
+/// Start times with seccomp filters (the default) and without (`--no-seccomp`), the runs
+/// interleaved so that both see the same machine load.
 fn start_times() {
-    let mut first_run = Vec::new();
-    let mut whole = Vec::new();
+    let variants: [(&str, &[&str]); 2] = [("seccomp on", &[]), ("--no-seccomp", &["--no-seccomp"])];
+    let mut first_run = vec![Vec::new(); variants.len()];
+    let mut whole = vec![Vec::new(); variants.len()];
     for _ in 0..RUNS {
-        let t = Instant::now();
-        let out = vessel()
-            .args(["run", "--stats"])
-            .env("VESSEL_SPAWN_NS", monotonic_ns().to_string())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run vessel");
-        whole.push(t.elapsed().as_secs_f64() * 1e3);
-        assert!(out.status.success());
-        let err = String::from_utf8_lossy(&out.stderr);
-        let ms = err
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix("vessel: first KVM_RUN ")?
-                    .split(' ')
-                    .next()?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .expect("stats line");
-        first_run.push(ms);
+        for (i, (_, extra)) in variants.iter().enumerate() {
+            let (f, w) = start_once(extra);
+            first_run[i].push(f);
+            whole[i].push(w);
+        }
     }
-    println!(
-        "start: spawn -> first guest instruction: median {:.2} ms, p90 {:.2} ms ({RUNS} runs)",
-        percentile(&mut first_run, 0.5),
-        percentile(&mut first_run, 0.9)
-    );
-    println!(
-        "start: demo guest end to end (spawn -> exit): median {:.2} ms, p90 {:.2} ms",
-        percentile(&mut whole, 0.5),
-        percentile(&mut whole, 0.9)
-    );
+    for (i, (label, _)) in variants.iter().enumerate() {
+        println!(
+            "start ({label}): spawn -> first guest instruction: median {:.2} ms, p90 {:.2} ms ({RUNS} runs)",
+            percentile(&mut first_run[i], 0.5),
+            percentile(&mut first_run[i], 0.9)
+        );
+        println!(
+            "start ({label}): demo guest end to end (spawn -> exit): median {:.2} ms, p90 {:.2} ms",
+            percentile(&mut whole[i], 0.5),
+            percentile(&mut whole[i], 0.9)
+        );
+    }
 }
 
 /// KiB from smaps: (Rss of the process, Rss of its largest mapping (guest RAM), private dirty

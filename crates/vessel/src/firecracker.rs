@@ -73,12 +73,6 @@ pub struct FirecrackerArgs {
     #[arg(long, hide = true)]
     pub parent_cpu_time_us: Option<u64>,
     #[arg(long, hide = true)]
-    pub seccomp_level: Option<String>,
-    #[arg(long, hide = true)]
-    pub seccomp_filter: Option<PathBuf>,
-    #[arg(long, hide = true)]
-    pub no_seccomp: bool,
-    #[arg(long, hide = true)]
     pub module: Option<String>,
     #[arg(long, hide = true)]
     pub mmds_size_limit: Option<usize>,
@@ -261,6 +255,7 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
         std::thread::Builder::new()
             .name("config-file".into())
             .spawn(move || {
+                vessel_vmm::vm::seccomp_helper("config-file");
                 let r = VmResources::from_config_file(&path, metadata.as_deref())
                     .and_then(|res| boot_config(&ctl, res));
                 if let Err(e) = r {
@@ -338,13 +333,20 @@ impl VmmBackend for NoBackend {
 fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) {
     let _ = std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(move || loop {
-            std::thread::sleep(period);
-            let mut c = lock(&ctl);
-            if c.state() != vessel_api::types::InstanceState::NotStarted {
-                if let Err(e) = c.flush_metrics() {
-                    log::warn!("{e}");
-                }
-            }
+        .spawn(move || {
+            vessel_vmm::vm::seccomp_helper("metrics");
+            metrics_loop(&ctl, period)
         });
+}
+
+fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration) {
+    loop {
+        std::thread::sleep(period);
+        let mut c = lock(ctl);
+        if c.state() != vessel_api::types::InstanceState::NotStarted {
+            if let Err(e) = c.flush_metrics() {
+                log::warn!("{e}");
+            }
+        }
+    }
 }

@@ -37,6 +37,52 @@ struct Cli {
     command: Option<Command>,
     #[command(flatten)]
     firecracker: firecracker::FirecrackerArgs,
+    #[command(flatten)]
+    seccomp: SeccompArgs,
+}
+
+/// seccomp-bpf filters (every command that starts a VM; Firecracker mode too).
+#[derive(Args, Debug, Default)]
+struct SeccompArgs {
+    /// Run without seccomp filters (they are on by default).
+    #[arg(long, global = true, conflicts_with_all = ["seccomp_filter", "seccomp_log"])]
+    no_seccomp: bool,
+    /// Use the filters of this Firecracker-style JSON file (keys vmm, api, vcpu and
+    /// optionally virtio-blk, virtio-net, ...) instead of Vessel's.
+    #[arg(long, global = true, value_name = "FILE")]
+    seccomp_filter: Option<PathBuf>,
+    /// Log syscalls outside the filters (kernel log) instead of killing the process.
+    #[arg(long, global = true, conflicts_with = "seccomp_filter")]
+    seccomp_log: bool,
+    /// Firecracker before 1.0: 0 turns the filters off, 1 and 2 leave them on.
+    #[arg(long, global = true, hide = true, value_name = "LEVEL")]
+    seccomp_level: Option<u8>,
+    /// Tests: the first thread of this kind (vmm, api, vcpu, virtio-blk, ...) makes a
+    /// forbidden syscall once its filter is on.
+    #[arg(long, global = true, hide = true, value_name = "KIND")]
+    seccomp_selftest: Option<String>,
+}
+
+impl SeccompArgs {
+    /// Chooses the process's filters; every thread installs its own as it starts.
+    fn configure(&self) -> Result<(), String> {
+        use vessel_seccomp::{Action, Policy, ThreadKind};
+        let policy = if self.no_seccomp || self.seccomp_level == Some(0) {
+            Policy::Off
+        } else if let Some(path) = &self.seccomp_filter {
+            Policy::from_file(path).map_err(|e| e.to_string())?
+        } else if self.seccomp_log {
+            Policy::Builtin(Action::Log)
+        } else {
+            Policy::Builtin(Action::Kill)
+        };
+        if let Some(k) = &self.seccomp_selftest {
+            let kind =
+                ThreadKind::from_key(k).ok_or_else(|| format!("'{k}' is not a thread kind"))?;
+            vessel_seccomp::set_selftest(kind);
+        }
+        vessel_seccomp::configure(policy).map_err(|e| e.to_string())
+    }
 }
 
 #[derive(Subcommand)]
@@ -236,6 +282,10 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(e),
     };
     logger::init(cli.log_level);
+    if let Err(e) = cli.seccomp.configure() {
+        eprintln!("vessel: {e}");
+        return ExitCode::from(2);
+    }
     let command = match cli.command {
         Some(c) => c,
         None if cli.firecracker.any()

@@ -95,6 +95,11 @@ impl Worker {
                 .name(name.to_string())
                 .spawn(move || -> Kept {
                     let _stop = thread_stop;
+                    // The device's filter, before the first event from the guest.
+                    if let Err(e) = vessel_seccomp::apply_worker(&thread_name) {
+                        log::error!("{thread_name}: {e}");
+                        return None;
+                    }
                     let mut events = vec![EpollEvent::default(); 32];
                     loop {
                         let n = match ctl.epoll.wait(-1, &mut events) {

@@ -375,6 +375,7 @@ impl ApiBackend {
         thread::Builder::new()
             .name("vm-wait".into())
             .spawn(move || {
+                crate::vm::seccomp_helper("vm-wait");
                 if let Ok(running) = vm_rx.recv() {
                     let _ = tx.send(running.wait());
                     let _ = ended.write(1);

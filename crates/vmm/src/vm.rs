@@ -488,6 +488,9 @@ impl Vm {
     /// Starts the vCPU threads (and, with a stdio console, the terminal). The VM runs until
     /// [`RunningVm::wait`] sees it end.
     pub fn start(self) -> Result<RunningVm, VmmError> {
+        // The VMM's filter, before any guest code runs (the stdin pump inherits it).
+        vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm)
+            .map_err(|e| VmmError::Device(e.to_string()))?;
         vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick)
             .map_err(|e| VmmError::Device(format!("signal handler: {e}")))?;
         for sig in [libc::SIGINT, libc::SIGTERM] {
@@ -568,13 +571,16 @@ impl Vm {
                     .spawn(move || {
                         // Report even a panic: the supervisor counts one message per vCPU.
                         let id = v.id;
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| v.run()))
-                            .unwrap_or_else(|_| {
-                                Err(VmmError::Vcpu {
-                                    cpu: id,
-                                    reason: "the vCPU thread panicked".into(),
-                                })
-                            });
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            seccomp_vcpu(id)?;
+                            v.run()
+                        }))
+                        .unwrap_or_else(|_| {
+                            Err(VmmError::Vcpu {
+                                cpu: id,
+                                reason: "the vCPU thread panicked".into(),
+                            })
+                        });
                         let _ = tx.send(Msg::Vcpu(id, r, v.take_report()));
                     })
                     .map_err(VmmError::Thread);
@@ -1096,6 +1102,22 @@ impl Vm {
     /// needed before [`Vm::start`]; the handles stay valid while the VM runs.
     pub(crate) fn device_handles(&self) -> &crate::virtio_devices::DeviceHandles {
         &self.virtio.handles
+    }
+}
+
+/// Installs the vCPU filter on the calling (vCPU) thread, before its first `KVM_RUN`.
+fn seccomp_vcpu(cpu: u8) -> Result<(), VmmError> {
+    vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vcpu).map_err(|e| VmmError::Vcpu {
+        cpu,
+        reason: e.to_string(),
+    })
+}
+
+/// Installs the VMM filter on a helper thread started before the VM (which does not inherit
+/// the main thread's); a failure is logged (the main thread's own, at start, fails the VM).
+pub fn seccomp_helper(name: &str) {
+    if let Err(e) = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm) {
+        log::error!("{name}: {e}");
     }
 }
 
