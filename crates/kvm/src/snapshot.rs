@@ -75,7 +75,9 @@ pub fn msr_candidates(kvm: &Kvm) -> Result<Vec<u32>, KvmError> {
         .get_msr_index_list()
         .map_err(KvmError::ioctl("KVM_GET_MSR_INDEX_LIST"))?;
     let mut out: Vec<u32> = vec![MSR_IA32_TSC];
-    let mtrrs = [0xfe, index::MTRR_DEF_TYPE]
+    // MTRRs (not MTRRcap, 0xfe, which is read-only): default type, 8 variable pairs, the
+    // fixed-range ones.
+    let mtrrs = [index::MTRR_DEF_TYPE]
         .into_iter()
         .chain(0x200..0x210)
         .chain([0x250, 0x258, 0x259])
