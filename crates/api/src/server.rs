@@ -135,6 +135,8 @@ impl ApiServer {
             // Wake the accept call.
             let _ = UnixStream::connect(&self.path);
             let _ = accept.join();
+            // Nobody can connect any more: the socket goes now, before the wait below.
+            let _ = std::fs::remove_file(&self.path);
             let deadline = Instant::now() + SHUTDOWN_GRACE;
             while self.in_flight.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
                 thread::sleep(Duration::from_millis(1));
@@ -147,7 +149,6 @@ impl ApiServer {
             {
                 let _ = s.shutdown(Shutdown::Both);
             }
-            let _ = std::fs::remove_file(&self.path);
         }
     }
 }

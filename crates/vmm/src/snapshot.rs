@@ -112,6 +112,8 @@ pub(crate) struct Parts {
     pub nested: bool,
     /// One snapshot at a time.
     pub lock: Mutex<()>,
+    /// The virtio devices were quiesced by a pause (and are resumed with the vCPUs).
+    pub devices_quiesced: std::sync::atomic::AtomicBool,
 }
 
 /// KVM's dirty log since its last read, as a bitmap over `regions` (slot `i` is region `i`).
@@ -202,9 +204,15 @@ pub(crate) fn take(
         return Err(SnapshotFailure::NoDirtyTracking);
     }
     let t0 = Instant::now();
+    // Devices a pause quiesced stay quiesced until the VM resumes.
+    let by_pause = parts
+        .devices_quiesced
+        .load(std::sync::atomic::Ordering::Acquire);
     quiesce_devices(parts)?;
     let r = write_snapshot(parts, pause, vcpus, req, t0);
-    resume_devices(parts);
+    if !by_pause {
+        resume_devices(parts);
+    }
     r
 }
 

@@ -545,6 +545,7 @@ impl Vm {
                 config: self.config.clone(),
                 nested: self.nested,
                 lock: Mutex::new(()),
+                devices_quiesced: AtomicBool::new(false),
             },
         });
         let mut handles = Vec::new();
@@ -748,8 +749,9 @@ impl VmHandle {
         Ok(())
     }
 
-    /// Stops every vCPU out of `KVM_RUN` and parks it; returns once all are parked. Pausing
-    /// a paused VM does nothing.
+    /// Stops every vCPU out of `KVM_RUN` and parks it, then quiesces the virtio devices
+    /// (in-flight requests finish); returns once all are stopped. Pausing a paused VM does
+    /// nothing.
     pub fn pause(&self) -> Result<(), ControlError> {
         self.require_alive()?;
         let c = &self.control;
@@ -774,6 +776,12 @@ impl VmHandle {
                 return Err(ControlError::PauseTimeout(PAUSE_TIMEOUT));
             }
         }
+        // The device workers stop too, at a consistent point: every request they took is
+        // finished and in its used ring, nothing half done.
+        match crate::snapshot::quiesce_devices(&c.snap) {
+            Ok(()) => c.snap.devices_quiesced.store(true, Ordering::Release),
+            Err(e) => log::warn!("pause: the devices keep running: {e}"),
+        }
         c.pauses.fetch_add(1, Ordering::Relaxed);
         let _ = c.state.compare_exchange(
             STATE_RUNNING,
@@ -788,6 +796,9 @@ impl VmHandle {
     pub fn resume(&self) -> Result<(), ControlError> {
         self.require_alive()?;
         let c = &self.control;
+        if c.snap.devices_quiesced.swap(false, Ordering::AcqRel) {
+            crate::snapshot::resume_devices(&c.snap);
+        }
         let _ = c.state.compare_exchange(
             STATE_PAUSED,
             STATE_RUNNING,
