@@ -91,7 +91,13 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
         }
         Kind::Vsock => {
             let uds_path = std::env::temp_dir().join(format!("vessel-fuzz-vsock-{pid}.sock"));
-            Box::new(Vsock::new(VsockConfig { guest_cid: 3, uds_path }).ok()?)
+            Box::new(
+                Vsock::new(VsockConfig {
+                    guest_cid: 3,
+                    uds_path,
+                })
+                .ok()?,
+            )
         }
         Kind::Rng => Box::new(Rng::new()),
         Kind::Balloon => Box::new(
@@ -235,8 +241,12 @@ pub fn run(kind: Kind, data: &[u8]) {
             continue;
         };
         queue.set_size(size);
-        if queue.try_set_desc_table_address(GuestAddress(desc)).is_err()
-            || queue.try_set_avail_ring_address(GuestAddress(avail)).is_err()
+        if queue
+            .try_set_desc_table_address(GuestAddress(desc))
+            .is_err()
+            || queue
+                .try_set_avail_ring_address(GuestAddress(avail))
+                .is_err()
             || queue.try_set_used_ring_address(GuestAddress(used)).is_err()
         {
             continue;

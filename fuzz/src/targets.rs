@@ -149,7 +149,12 @@ struct FlatMem {
 }
 
 impl FlatMem {
-    fn range(&self, gva: u64, len: usize, write: bool) -> Result<std::ops::Range<usize>, AccessError> {
+    fn range(
+        &self,
+        gva: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<std::ops::Range<usize>, AccessError> {
         if write {
             if let Some(p) = self.read_only_page {
                 if gva < p.saturating_add(4096) && gva.saturating_add(len as u64) > p {
@@ -157,8 +162,12 @@ impl FlatMem {
                 }
             }
         }
-        let start = gva.checked_sub(self.base).ok_or(AccessError::Unbacked(gva))?;
-        let end = start.checked_add(len as u64).ok_or(AccessError::Unbacked(gva))?;
+        let start = gva
+            .checked_sub(self.base)
+            .ok_or(AccessError::Unbacked(gva))?;
+        let end = start
+            .checked_add(len as u64)
+            .ok_or(AccessError::Unbacked(gva))?;
         if end > self.bytes.len() as u64 {
             return Err(AccessError::Unmapped(gva));
         }
@@ -218,7 +227,9 @@ pub fn emulate(data: &[u8]) {
             s.cs.l = 1;
         }
     }
-    for seg in [&mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs] {
+    for seg in [
+        &mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs,
+    ] {
         seg.present = 1;
         seg.s = 1;
         seg.type_ = 3;

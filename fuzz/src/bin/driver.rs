@@ -130,9 +130,9 @@ fn load_corpus(dir: &Path) -> Vec<Vec<u8>> {
 fn save_crash(root: &Path, target: &str, input: &[u8]) -> PathBuf {
     let dir = root.join("artifacts").join(target);
     let _ = std::fs::create_dir_all(&dir);
-    let h = input
-        .iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+    let h = input.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
     let p = dir.join(format!("crash-{h:016x}"));
     let _ = std::fs::write(&p, input);
     p
@@ -190,7 +190,10 @@ fn main() {
             runs += 1;
             if !run_one(name, f, input) {
                 crashes += 1;
-                eprintln!("{name}: corpus input crashed: {:?}", save_crash(&root, name, input));
+                eprintln!(
+                    "{name}: corpus input crashed: {:?}",
+                    save_crash(&root, name, input)
+                );
             }
         }
         let budget = Duration::from_secs_f64(secs);
@@ -204,7 +207,10 @@ fn main() {
             runs += 1;
             if !run_one(name, f, &input) {
                 crashes += 1;
-                eprintln!("{name}: crash saved to {:?}", save_crash(&root, name, &input));
+                eprintln!(
+                    "{name}: crash saved to {:?}",
+                    save_crash(&root, name, &input)
+                );
             }
         }
         let t = start.elapsed().as_secs_f64();

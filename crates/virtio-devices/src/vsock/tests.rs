@@ -477,12 +477,14 @@ fn broken_device_drains_kicks_instead_of_spinning() {
     let g = Guest::start(&m);
     let (_, avail, _) = g.tx.addresses();
     // An available index far ahead of the ring: the device marks itself broken.
-    vm_memory::Bytes::write_obj(&m, 1000u16, vm_memory::GuestAddress(avail + 2))
-        .unwrap();
+    vm_memory::Bytes::write_obj(&m, 1000u16, vm_memory::GuestAddress(avail + 2)).unwrap();
     g.tx_kick.write(1).unwrap();
     let deadline = Instant::now() + TIMEOUT;
     while !g.health.is_broken() {
-        assert!(Instant::now() < deadline, "the device never noticed the broken ring");
+        assert!(
+            Instant::now() < deadline,
+            "the device never noticed the broken ring"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
     for kick in [&g.tx_kick, &g.rx_kick] {
