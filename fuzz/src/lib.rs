@@ -10,8 +10,11 @@
 pub mod devices;
 pub mod targets;
 
-/// Every target, by name, for the driver and the corpus replay test.
-pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+/// A fuzz target: must return for every input.
+pub type Target = fn(&[u8]);
+
+/// Every target, by name, for the stable driver.
+pub const TARGETS: &[(&str, Target)] = &[
     ("boot_loader", targets::boot_loader),
     ("api_request", targets::api_request),
     ("config_file", targets::config_file),
