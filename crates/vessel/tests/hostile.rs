@@ -166,8 +166,11 @@ fn garbage_to_virtio_mmio_and_pci_config_windows() {
     args.truncate(3);
     let mut g = Guest::new();
     let a = &mut g.a;
-    // Every register of the first eight virtio-mmio windows (the devices and empty slots).
-    scribble(a, VIRTIO_MMIO_START, 8 * 0x1000, 0x40 / 4 * 4);
+    // Every register and the first config bytes of the first eight virtio-mmio windows (the
+    // devices and empty slots).
+    for w in 0..8 {
+        scribble(a, VIRTIO_MMIO_START + w * 0x1000, 0x200, 4);
+    }
     // Configuration space of every device on bus 0 through ECAM (function 0, standard header).
     for dev in 0..32u64 {
         scribble(a, PCI_ECAM_START + (dev << 15), 0x100, 4);
