@@ -79,8 +79,16 @@ pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<FrameType>
             "migration frame of {len} bytes is too large"
         )));
     }
-    buf.resize(len as usize, 0);
-    r.read_exact(buf)?;
+    // Read what arrives rather than allocating the announced length up front: a 9-byte header
+    // claiming MAX_FRAME must not cost 64 MiB when the stream then ends.
+    buf.clear();
+    let got = r.take(len).read_to_end(buf)?;
+    if got as u64 != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("migration frame cut short: {got} of {len} bytes"),
+        ));
+    }
     Ok(kind)
 }
 
@@ -131,5 +139,22 @@ mod tests {
         short.extend_from_slice(&[0; 10]);
         assert!(read_frame(&mut &short[..], &mut buf).is_err());
         assert!(parse_pages(&[1, 2, 3]).is_err());
+    }
+
+    /// Found by fuzzing (fuzz/, target snapshot_frame): a header announcing the largest
+    /// allowed frame made the reader allocate and zero all of it before reading a byte.
+    #[test]
+    fn a_short_stream_behind_a_large_header_allocates_only_what_arrived() {
+        let mut buf = Vec::new();
+        let mut wire = vec![FrameType::Pages as u8];
+        wire.extend_from_slice(&MAX_FRAME.to_le_bytes());
+        wire.extend_from_slice(&[1; 100]);
+        let e = read_frame(&mut &wire[..], &mut buf).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(
+            buf.capacity() < 1 << 20,
+            "{} bytes allocated",
+            buf.capacity()
+        );
     }
 }

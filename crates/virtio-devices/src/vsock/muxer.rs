@@ -876,6 +876,7 @@ impl Muxer {
 
     pub(super) fn handle(&mut self, token: u64, events: EventSet, poll: &mut dyn Poll) {
         if self.health.is_broken() {
+            self.drop_event_while_broken(token, poll);
             return;
         }
         match token {
@@ -901,6 +902,48 @@ impl Muxer {
             _ => {}
         }
         self.flush_ctrl();
+    }
+}
+
+impl Muxer {
+    /// A broken device serves nothing until the driver resets it, but the event that fired
+    /// must still be taken: the worker's epoll is level-triggered, and an event left pending
+    /// (a kick a hostile driver sent after breaking a ring) would spin the worker thread at
+    /// full speed for the rest of the VM's life. Kicks are drained; sockets are no longer
+    /// watched (a reset starts a fresh worker with everything it needs).
+    fn drop_event_while_broken(&mut self, token: u64, poll: &mut dyn Poll) {
+        let fd = match token {
+            Tokens::RX_KICK => {
+                consume(&self.rx.kick);
+                return;
+            }
+            Tokens::TX_KICK => {
+                consume(&self.tx.kick);
+                return;
+            }
+            Tokens::EVT_KICK => {
+                if let Some(q) = &self.evq {
+                    consume(&q.kick);
+                }
+                return;
+            }
+            Tokens::LISTENER => Some(self.listener.as_raw_fd()),
+            t if t >= Tokens::FIRST_ID => {
+                let id = t - Tokens::FIRST_ID;
+                match self.pending.get(&id) {
+                    Some(p) => Some(p.stream.as_raw_fd()),
+                    None => self
+                        .ids
+                        .get(&id)
+                        .and_then(|k| self.conns.get(k))
+                        .map(|c| c.stream.as_raw_fd()),
+                }
+            }
+            _ => None,
+        };
+        if let Some(fd) = fd {
+            let _ = poll.remove(fd);
+        }
     }
 }
 

@@ -1,0 +1,287 @@
+//! The targets: one `fn(&[u8])` per untrusted input.
+
+use std::io::Cursor;
+use std::os::unix::fs::FileExt;
+use std::sync::{Mutex, OnceLock};
+
+use arbitrary::{Arbitrary, Unstructured};
+use vessel_api::backend::VmmBackend;
+use vessel_api::controller::ApiController;
+use vessel_api::http::{parse_request, Limits, Parsed};
+use vessel_api::metrics::Metrics;
+use vessel_api::resources::VmResources;
+use vessel_api::ApiError;
+use vessel_kvm::emulate::{complete, AccessError, GuestAccess};
+use vessel_kvm::CpuState;
+use vessel_memory::{create_guest_memory, GuestLayout, GuestMemoryMmap};
+
+use crate::devices;
+
+/// Guest RAM for the kernel loaders: 64 MiB, mapped once (pages a load touched stay).
+fn boot_guest() -> &'static (GuestMemoryMmap, GuestLayout) {
+    static GUEST: OnceLock<(GuestMemoryMmap, GuestLayout)> = OnceLock::new();
+    GUEST.get_or_init(|| {
+        let layout = GuestLayout::new(64 << 20).expect("a 64 MiB layout");
+        let mem = create_guest_memory(&layout).expect("64 MiB of guest memory");
+        (mem, layout)
+    })
+}
+
+/// A memfd holding the kernel image (the loaders take a `File`).
+fn kernel_file() -> &'static Mutex<std::fs::File> {
+    static FILE: OnceLock<Mutex<std::fs::File>> = OnceLock::new();
+    FILE.get_or_init(|| {
+        // SAFETY: a NUL-terminated name and no flags; the result is checked.
+        let fd = unsafe { libc::memfd_create(c"vessel-fuzz-kernel".as_ptr(), 0) };
+        assert!(fd >= 0, "memfd_create failed");
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        Mutex::new(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    })
+}
+
+/// A bzImage or ELF kernel: `load_kernel` (and its PVH-preferring variant) over guest memory.
+pub fn boot_loader(data: &[u8]) {
+    let (mem, layout) = boot_guest();
+    let Ok(mut file) = kernel_file().lock() else {
+        return;
+    };
+    if file.set_len(0).is_err() || file.write_all_at(data, 0).is_err() {
+        return;
+    }
+    let _ = vessel_boot::load_kernel(mem, layout, &mut file);
+    let opts = vessel_boot::LoadOptions {
+        prefer_pvh: true,
+        decompress_on_host: false,
+    };
+    let _ = vessel_boot::load_kernel_with(mem, layout, &mut file, &opts);
+}
+
+/// A backend that accepts everything and touches nothing.
+struct FakeBackend;
+
+impl VmmBackend for FakeBackend {
+    fn start(&mut self, _: &VmResources) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn pause(&mut self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn resume(&mut self) -> Result<(), ApiError> {
+        Ok(())
+    }
+    fn stop(&mut self) -> Result<(), ApiError> {
+        Ok(())
+    }
+}
+
+/// Bytes from a client socket: every request `parse_request` finds in them (pipelined),
+/// dispatched through the route table to a controller over a fake backend.
+pub fn api_request(data: &[u8]) {
+    let limits = Limits::default();
+    let controller = Mutex::new(ApiController::new(Box::new(FakeBackend), "fuzz", "1.7.0"));
+    let metrics = Metrics::new();
+    let mut buf = data;
+    for _ in 0..64 {
+        match parse_request(buf, &limits) {
+            Ok(Parsed::Request(req, used)) => {
+                // `PUT /metrics` opens (creates) the file it names: keep the fuzzer off the
+                // host's file system.
+                if !req.path().starts_with("/metrics") {
+                    let _ = vessel_api::routes::dispatch(&controller, &metrics, &req);
+                }
+                if used == 0 || used > buf.len() {
+                    return;
+                }
+                buf = &buf[used..];
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A `--config-file` (and `--metadata`, split at the first NUL).
+pub fn config_file(data: &[u8]) {
+    let (cfg, meta) = match data.iter().position(|&b| b == 0) {
+        Some(i) => (&data[..i], Some(&data[i + 1..])),
+        None => (data, None),
+    };
+    let Ok(cfg) = std::str::from_utf8(cfg) else {
+        return;
+    };
+    let meta = meta.and_then(|m| std::str::from_utf8(m).ok());
+    let _ = VmResources::from_config_json(cfg, meta);
+}
+
+/// A snapshot state file: as given (header checks), and as a payload wrapped in a valid
+/// header so that the fuzzer reaches the parser past the checksum.
+pub fn snapshot_state(data: &[u8]) {
+    use vessel_snapshot::format::{decode, FORMAT_VERSION, MAGIC};
+    use vessel_vmm::snapshot::VmSnapshot;
+    let _ = decode::<VmSnapshot>(data);
+    let mut file = Vec::with_capacity(32 + data.len());
+    file.extend_from_slice(MAGIC);
+    file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    file.extend_from_slice(&0u32.to_le_bytes());
+    file.extend_from_slice(&(data.len() as u64).to_le_bytes());
+    file.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
+    file.extend_from_slice(&0u32.to_le_bytes());
+    file.extend_from_slice(data);
+    let _ = decode::<VmSnapshot>(&file);
+}
+
+/// A migration stream: frames until the first error, `Pages` payloads split.
+pub fn snapshot_frame(data: &[u8]) {
+    use vessel_snapshot::stream::{parse_pages, read_frame, FrameType};
+    let mut r = Cursor::new(data);
+    let mut buf = Vec::new();
+    while let Ok(kind) = read_frame(&mut r, &mut buf) {
+        if kind == FrameType::Pages {
+            let _ = parse_pages(&buf);
+        }
+    }
+}
+
+/// Flat mock guest memory for the completer: `bytes` at linear address `base`.
+struct FlatMem {
+    base: u64,
+    bytes: Vec<u8>,
+    read_only_page: Option<u64>,
+}
+
+impl FlatMem {
+    fn range(
+        &self,
+        gva: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<std::ops::Range<usize>, AccessError> {
+        if write {
+            if let Some(p) = self.read_only_page {
+                if gva < p.saturating_add(4096) && gva.saturating_add(len as u64) > p {
+                    return Err(AccessError::ReadOnly(gva));
+                }
+            }
+        }
+        let start = gva
+            .checked_sub(self.base)
+            .ok_or(AccessError::Unbacked(gva))?;
+        let end = start
+            .checked_add(len as u64)
+            .ok_or(AccessError::Unbacked(gva))?;
+        if end > self.bytes.len() as u64 {
+            return Err(AccessError::Unmapped(gva));
+        }
+        Ok(start as usize..end as usize)
+    }
+}
+
+impl GuestAccess for FlatMem {
+    fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), AccessError> {
+        let r = self.range(gva, buf.len(), false)?;
+        buf.copy_from_slice(&self.bytes[r]);
+        Ok(())
+    }
+    fn write(&mut self, gva: u64, buf: &[u8]) -> Result<(), AccessError> {
+        let r = self.range(gva, buf.len(), true)?;
+        self.bytes[r].copy_from_slice(buf);
+        Ok(())
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+struct EmulateInput {
+    mode: u8,
+    /// General-purpose registers; small values are made to point into the mock memory.
+    gprs: [u64; 16],
+    rflags: u64,
+    cs_base: u32,
+    ds_base: u32,
+    cpl3: bool,
+    read_only_page: Option<u8>,
+    insn: Vec<u8>,
+    memory: Vec<u8>,
+}
+
+/// An instruction KVM could not emulate, in a register state built from the input, over mock
+/// guest memory.
+pub fn emulate(data: &[u8]) {
+    let Ok(inp) = EmulateInput::arbitrary(&mut Unstructured::new(data)) else {
+        return;
+    };
+    let mut cpu = CpuState::default();
+    let s = &mut cpu.sregs;
+    match inp.mode % 3 {
+        0 => {
+            s.cs.base = u64::from(inp.cs_base & 0xf_fff0);
+        }
+        1 => {
+            s.cr0 = 0x11;
+            s.cs.db = 1;
+            s.cs.limit = 0xffff_ffff;
+            s.cs.base = u64::from(inp.cs_base);
+        }
+        _ => {
+            s.cr0 = 0x8005_0033;
+            s.cr4 = 0x0020_06b0;
+            s.efer = 0xd01;
+            s.cs.l = 1;
+        }
+    }
+    for seg in [
+        &mut s.cs, &mut s.ss, &mut s.ds, &mut s.es, &mut s.fs, &mut s.gs,
+    ] {
+        seg.present = 1;
+        seg.s = 1;
+        seg.type_ = 3;
+        if inp.cpl3 {
+            seg.dpl = 3;
+            seg.selector |= 3;
+        }
+    }
+    s.cs.type_ = 0xb;
+    s.ds.base = u64::from(inp.ds_base);
+    // Memory: 64 KiB around RIP.
+    let base = 0x10_0000u64;
+    let r = &mut cpu.regs;
+    let g = inp.gprs;
+    let fix = |v: u64| if v >> 63 == 0 { base + (v & 0xffff) } else { v };
+    (r.rax, r.rbx, r.rcx, r.rdx) = (g[0], fix(g[1]), g[2] & 0xffff, g[3]);
+    (r.rsi, r.rdi, r.rsp, r.rbp) = (fix(g[4]), fix(g[5]), fix(g[6]), fix(g[7]));
+    (r.r8, r.r9, r.r10, r.r11) = (g[8], g[9], g[10], g[11]);
+    (r.r12, r.r13, r.r14, r.r15) = (g[12], g[13], g[14], g[15]);
+    r.rflags = (inp.rflags & 0x3f_7fd5) | 2;
+    r.rip = base + 0x8000 - cpu.sregs.cs.base.min(base);
+    let mut bytes = inp.memory;
+    bytes.resize(0x1_0000, 0);
+    let mut mem = FlatMem {
+        base,
+        bytes,
+        read_only_page: inp.read_only_page.map(|p| base + u64::from(p % 16) * 4096),
+    };
+    let insn = &inp.insn[..inp.insn.len().min(15)];
+    let _ = complete(insn, &mut cpu, &mut mem);
+}
+
+pub fn virtio_block(data: &[u8]) {
+    devices::run(devices::Kind::Block, data);
+}
+
+pub fn virtio_net(data: &[u8]) {
+    devices::run(devices::Kind::Net, data);
+}
+
+pub fn virtio_vsock(data: &[u8]) {
+    devices::run(devices::Kind::Vsock, data);
+}
+
+pub fn virtio_rng(data: &[u8]) {
+    devices::run(devices::Kind::Rng, data);
+}
+
+pub fn virtio_balloon(data: &[u8]) {
+    devices::run(devices::Kind::Balloon, data);
+}
+
+pub fn virtio_console(data: &[u8]) {
+    devices::run(devices::Kind::Console, data);
+}
