@@ -27,6 +27,11 @@ step "guest kit"
 target/release/vessel image build minimal
 if [ "$extended" = 1 ]; then target/release/vessel image build debian; fi
 
+step "fuzzing (bounded: 10 s per target, then the regression inputs)"
+command -v cargo-fuzz >/dev/null || cargo install --locked cargo-fuzz
+scripts/fuzz.sh 10
+cargo test --release --manifest-path fuzz/Cargo.toml --test replay
+
 step "tests"
 export VESSEL_E2E=1
 export VESSEL_E2E_DEBIAN="$extended"
