@@ -166,7 +166,8 @@ unsafe fn region_bytes(r: &GuestRegionMmap<AtomicBitmap>) -> &[u8] {
     unsafe { std::slice::from_raw_parts(r.as_ptr(), r.len() as usize) }
 }
 
-fn is_zero(page: &[u8]) -> bool {
+/// Whether every byte of `page` is zero (compared a word at a time).
+pub fn is_zero(page: &[u8]) -> bool {
     // SAFETY: reinterpreting initialized bytes as u64 words; align_to handles alignment.
     let (pre, words, post) = unsafe { page.align_to::<u64>() };
     pre.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && post.iter().all(|&b| b == 0)

@@ -206,7 +206,9 @@ fn send_pages(
                 // Send maximal runs of pages worth sending.
                 let mut start: Option<usize> = None;
                 for k in 0..=n {
-                    let keep = k < n && !(skip_zero && is_zero(&chunk[k * page..(k + 1) * page]));
+                    let keep = k < n
+                        && !(skip_zero
+                            && vessel_snapshot::memory::is_zero(&chunk[k * page..(k + 1) * page]));
                     match (keep, start) {
                         (true, None) => start = Some(k),
                         (false, Some(s)) => {
@@ -227,10 +229,6 @@ fn send_pages(
         }
     }
     Ok((n_pages, bytes))
-}
-
-fn is_zero(b: &[u8]) -> bool {
-    b.iter().all(|&x| x == 0)
 }
 
 /// Turns KVM's dirty log on or off for every memory slot.
