@@ -128,22 +128,13 @@ fn api_configures_starts_pauses_resumes_and_ctrl_alt_del_resets() {
     );
     expect(&mut c, "PUT", "/actions", action("SendCtrlAltDel"), 400);
 
-    expect(
+    configure(
         &mut c,
-        "PUT",
-        "/boot-source",
-        Some(json!({
+        json!({
             "kernel_image_path": kernel,
             "boot_args": "console=ttyS0 reboot=k"
-        })),
-        204,
-    );
-    expect(
-        &mut c,
-        "PUT",
-        "/machine-config",
-        Some(json!({"vcpu_count": 2, "mem_size_mib": 64})),
-        204,
+        }),
+        json!({"vcpu_count": 2, "mem_size_mib": 64}),
     );
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
     assert_eq!(state(&mut c), "Running");
@@ -660,23 +651,14 @@ fn minimal_linux_session_through_the_socket() {
     let metrics = dir.join("metrics.json");
     let mut v = start_vessel(&dir, &[]);
     let mut c = v.client();
-    expect(
+    configure(
         &mut c,
-        "PUT",
-        "/boot-source",
-        Some(json!({
+        json!({
             "kernel_image_path": kernel,
             "initrd_path": initrd,
             "boot_args": vessel_vmm::DEFAULT_CMDLINE
-        })),
-        204,
-    );
-    expect(
-        &mut c,
-        "PUT",
-        "/machine-config",
-        Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
-        204,
+        }),
+        json!({"vcpu_count": 1, "mem_size_mib": 128}),
     );
     expect(
         &mut c,

@@ -217,19 +217,10 @@ fn live_migration_runs_under_the_filters() {
     let kernel = ticker_kernel(&dir);
     let mut src = FcVessel::start(&dir, "src", &[]);
     let mut c = src.client();
-    expect(
+    configure(
         &mut c,
-        "PUT",
-        "/boot-source",
-        Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})),
-        204,
-    );
-    expect(
-        &mut c,
-        "PUT",
-        "/machine-config",
-        Some(json!({"vcpu_count": 1, "mem_size_mib": 32})),
-        204,
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
     );
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
     src.wait_console("ticks", LIMIT, |s| s.matches("TICK").count() >= 3);

@@ -131,30 +131,12 @@ fn state_of(v: &FcVessel) -> String {
 #[test]
 fn full_and_diff_snapshots_restore_in_new_processes_and_the_count_goes_on() {
     let dir = scratch("snapshot-counter");
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(&counter_guest())).unwrap();
     let (full_state, full_mem) = (dir.join("full.state"), dir.join("full.mem"));
     let (diff_state, diff_mem) = (dir.join("diff.state"), dir.join("diff.mem"));
 
-    let a = FcVessel::start(&dir, "a", &[]);
+    let a = start_counter(&dir, "a", json!({"track_dirty_pages": true}));
     let mut c = a.client();
-    expect(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})),
-        204,
-    );
-    expect(
-        &mut c,
-        "PUT",
-        "/machine-config",
-        Some(json!({"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true})),
-        204,
-    );
     // Not paused yet: refused.
-    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
-    a.wait_console("ticks", LIMIT, |s| counts(s).len() >= 3);
     let e = expect(
         &mut c,
         "PUT",
@@ -266,18 +248,15 @@ fn start_counter(dir: &Path, name: &str, extra_config: serde_json::Value) -> FcV
     std::fs::write(&kernel, elf(&counter_guest())).unwrap();
     let v = FcVessel::start(dir, name, &[]);
     let mut c = v.client();
-    expect(
-        &mut c,
-        "PUT",
-        "/boot-source",
-        Some(json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"})),
-        204,
-    );
     let mut mc = json!({"vcpu_count": 1, "mem_size_mib": 64});
     if let (Some(m), Some(e)) = (mc.as_object_mut(), extra_config.as_object()) {
         m.extend(e.clone());
     }
-    expect(&mut c, "PUT", "/machine-config", Some(mc), 204);
+    configure(
+        &mut c,
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+        mc,
+    );
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
     v.wait_console("ticks", LIMIT, |s| counts(s).len() >= 3);
     v
@@ -410,23 +389,14 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
 
     let a = FcVessel::start(&dir, "a", &[]);
     let mut c = a.client();
-    expect(
+    configure(
         &mut c,
-        "PUT",
-        "/boot-source",
-        Some(json!({
+        json!({
             "kernel_image_path": kernel,
             "initrd_path": initrd,
             "boot_args": vessel_vmm::DEFAULT_CMDLINE
-        })),
-        204,
-    );
-    expect(
-        &mut c,
-        "PUT",
-        "/machine-config",
-        Some(json!({"vcpu_count": 1, "mem_size_mib": 128})),
-        204,
+        }),
+        json!({"vcpu_count": 1, "mem_size_mib": 128}),
     );
     expect(
         &mut c,

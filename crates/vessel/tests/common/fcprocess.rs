@@ -134,6 +134,12 @@ pub fn expect(c: &mut Client, method: &str, path: &str, body: Option<Value>, sta
     r.json()
 }
 
+/// `PUT /boot-source` then `PUT /machine-config`, each answered 204.
+pub fn configure(c: &mut Client, boot_source: Value, machine_config: Value) {
+    expect(c, "PUT", "/boot-source", Some(boot_source), 204);
+    expect(c, "PUT", "/machine-config", Some(machine_config), 204);
+}
+
 pub fn action(kind: &str) -> Option<Value> {
     Some(json!({ "action_type": kind }))
 }
