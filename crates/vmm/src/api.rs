@@ -744,6 +744,19 @@ mod tests {
         .unwrap()
     }
 
+    /// Resources booting a kernel file `name` (made here) with the default command line.
+    fn with_kernel(name: &str) -> (String, VmResources) {
+        let kernel = file(name);
+        let mut r = VmResources::default();
+        r.set_boot_source(ApiBoot {
+            kernel_image_path: kernel.clone(),
+            initrd_path: None,
+            boot_args: None,
+        })
+        .unwrap();
+        (kernel, r)
+    }
+
     #[test]
     fn resources_map_to_an_mmio_vm() {
         let kernel = file("kernel");
@@ -826,14 +839,7 @@ mod tests {
 
     #[test]
     fn default_cmdline_and_partuuid_root() {
-        let kernel = file("kernel2");
-        let mut r = VmResources::default();
-        r.set_boot_source(ApiBoot {
-            kernel_image_path: kernel.clone(),
-            initrd_path: None,
-            boot_args: None,
-        })
-        .unwrap();
+        let (kernel, mut r) = with_kernel("kernel2");
         let c = resources_to_config(&r, &VmConfig::default()).unwrap();
         assert_eq!(c.cmdline.as_deref(), Some(DEFAULT_CMDLINE));
         let mut d = drive("root", &kernel, true, false);
@@ -859,14 +865,7 @@ mod tests {
 
     #[test]
     fn mmds_config_reaches_the_named_interfaces_and_shares_the_store() {
-        let kernel = file("kernel-mmds");
-        let mut r = VmResources::default();
-        r.set_boot_source(ApiBoot {
-            kernel_image_path: kernel.clone(),
-            initrd_path: None,
-            boot_args: None,
-        })
-        .unwrap();
+        let (kernel, mut r) = with_kernel("kernel-mmds");
         for (id, tap) in [("eth0", "tap0"), ("eth1", "tap1")] {
             r.set_network_interface(NetworkInterface {
                 iface_id: id.into(),
@@ -933,14 +932,7 @@ mod tests {
     #[test]
     fn rate_limiters_map_at_start_and_patches_reach_the_devices() {
         use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
-        let kernel = file("kernel-rl");
-        let mut r = VmResources::default();
-        r.set_boot_source(ApiBoot {
-            kernel_image_path: kernel.clone(),
-            initrd_path: None,
-            boot_args: None,
-        })
-        .unwrap();
+        let (kernel, mut r) = with_kernel("kernel-rl");
         r.set_drive(
             serde_json::from_value(json!({
                 "drive_id": "d", "path_on_host": kernel, "is_root_device": false, "is_read_only": true,
