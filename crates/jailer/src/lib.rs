@@ -15,10 +15,13 @@
 //! (PID 1 of the new PID namespace) joins the cgroup, drops to the uid/gid, and execs the VMM
 //! with an empty environment. The parent writes `<exec-file name>.pid` in the jail, forwards
 //! signals, waits, removes the cgroup and exits with the VMM's status (with `--daemonize` it
-//! exits at once and the VMM runs in a session of its own with stdio on `/dev/null`).
+//! exits as soon as the VMM has exec'd, and the VMM runs in a session of its own with stdio
+//! on `/dev/null`). A failure in the child before the exec reaches the jailer on a
+//! close-on-exec pipe and becomes the jailer's error, daemonized or not.
 
 use std::ffi::{CString, OsString};
 use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -340,24 +343,45 @@ pub fn run(args: &JailArgs) -> Result<i32, JailError> {
     enter_root(chroot, &args.binds)?;
     populate(&devices, args.uid, args.gid)?;
 
+    // The child reports a failure before exec on this pipe; both ends are close-on-exec, so
+    // end of file with nothing read means the exec went through.
+    let (mut exec_status, exec_report) = std::io::pipe().map_err(io_err("create a pipe"))?;
     match sys::fork().map_err(io_err("fork"))? {
         sys::Fork::Child => {
+            drop(exec_status);
             let e = child(
                 &plan,
                 &cgroups,
                 dev_null.as_ref().map(|f| f.as_raw_fd()),
                 args,
             );
-            eprintln!("vessel-jailer: {e}");
+            let mut report = exec_report;
+            // Best effort: if the parent is gone there is nobody left to tell.
+            let _ = report.write_all(e.to_string().as_bytes());
             // SAFETY: _exit ends this forked child without running the parent's exit handlers.
             unsafe { libc::_exit(126) }
         }
         sys::Fork::Parent(pid) => {
+            drop(exec_report);
+            let mut failure = String::new();
+            let read = exec_status.read_to_string(&mut failure);
+            if read.is_err() || !failure.is_empty() {
+                // The child never became the VMM: reap it and say why.
+                let _ = sys::wait_exit_code(pid);
+                for cg in &cgroups {
+                    remove_cgroup(cg);
+                }
+                return Err(match read {
+                    Err(e) => io_err("read the VMM's exec status")(e),
+                    Ok(_) => JailError::Invalid(failure),
+                });
+            }
             // The pid as the host sees it: the jailer's own PID namespace is the host's.
             let pid_file = Path::new("/").join(format!("{}.pid", plan.exec_name));
             fs::write(&pid_file, format!("{pid}\n"))
                 .map_err(io_err(format!("write {}", pid_file.display())))?;
             if args.daemonize {
+                // The VMM runs: it has exec'd, as its uid/gid, in its cgroups.
                 return Ok(0);
             }
             sys::forward_signals_to(pid).map_err(io_err("install signal handlers"))?;

@@ -1,7 +1,8 @@
 //! `vessel-jailer` with Firecracker's `--daemonize` around a dynamically linked program
 //! (`/bin/sleep`): the jailer returns at once, the program runs in the jail with its loader and
 //! libraries, in a session of its own with stdio on /dev/null, in a new network namespace,
-//! under the pids limit. Needs root (skipped otherwise).
+//! under the pids limit; and a program that cannot be exec'd makes the daemonizing jailer fail
+//! with the reason instead of returning 0. Needs root (skipped otherwise).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
@@ -51,7 +52,7 @@ fn daemonized_program_runs_detached_in_the_jail() {
         .trim()
         .parse()
         .unwrap();
-    // The jailer has exited; the program is still there, as the unprivileged user.
+    // The jailer has exited once the program exec'd: it is there, as the unprivileged user.
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(
         status.contains("Uid:\t40125\t40125\t40125\t40125"),
@@ -104,4 +105,66 @@ fn daemonized_program_runs_detached_in_the_jail() {
         }
     }
     let _ = std::fs::remove_dir_all(&base);
+}
+
+#[test]
+fn daemonize_reports_a_program_that_cannot_be_execed() {
+    // SAFETY: geteuid takes no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    let base = std::env::temp_dir().join(format!("vessel-jailer-noexec-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(&base).unwrap();
+    // A plain text file without execute permission: execve fails with EACCES in the child.
+    let exe = base.join("files").join("not-a-program");
+    std::fs::create_dir_all(exe.parent().unwrap()).unwrap();
+    std::fs::write(&exe, "just text\n").unwrap();
+    let id = format!("noexec-{}", std::process::id());
+    let out = Command::new(env!("CARGO_BIN_EXE_vessel-jailer"))
+        .args(["--id", &id, "--exec-file"])
+        .arg(&exe)
+        .args(["--uid", "40126", "--gid", "40126", "--chroot-base-dir"])
+        .arg(base.join("jails"))
+        .args(["--daemonize", "--pids", "8"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the jailer succeeded: {stderr}");
+    assert!(
+        stderr.contains("exec /not-a-program") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+    // No pid file for a VMM that never ran, and the cgroup is gone again.
+    let root = base
+        .join("jails")
+        .join("not-a-program")
+        .join(&id)
+        .join("root");
+    assert!(!root.join("not-a-program.pid").exists());
+    let cgroup_left = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" - cgroup"))
+        .filter_map(|l| l.split_whitespace().nth(4).map(str::to_string))
+        .any(|mnt| walk_has(Path::new(&mnt), &id));
+    assert!(!cgroup_left, "a cgroup named {id} is left");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Whether a directory named `name` is somewhere under `dir` (two levels deep at most: the
+/// jailer's cgroups are `<parent>/<id>` under a hierarchy's root).
+fn walk_has(dir: &Path, name: &str) -> bool {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return false;
+    };
+    entries.flatten().any(|e| {
+        let p = e.path();
+        p.is_dir()
+            && (e.file_name() == name
+                || std::fs::read_dir(&p)
+                    .map(|sub| sub.flatten().any(|s| s.file_name() == name))
+                    .unwrap_or(false))
+    })
 }
