@@ -14,6 +14,7 @@ pub mod device_config;
 mod devices;
 pub mod error;
 mod guest_access;
+pub mod kvm_vm;
 pub mod migration;
 mod msi;
 pub mod nested;

@@ -4,8 +4,10 @@
 //! [`RunningVm`], whose [`VmHandle`] pauses, resumes, types Ctrl-Alt-Del or stops it from any
 //! thread while [`RunningVm::wait`] supervises it to the end. [`run`] does all three.
 //!
-//! Order matters to KVM: the VM, its TSS and identity-map pages, the in-kernel irqchip and PIT,
-//! guest memory, then the vCPUs. The boot image and tables are written before any vCPU runs.
+//! Order matters to KVM: the VM, its TSS and identity-map pages and the in-kernel irqchip and
+//! PIT come first (possibly made ahead of time, see [`crate::kvm_vm`]), then guest memory
+//! (registered on a helper thread while the vCPUs, devices and boot image are made) and the
+//! vCPUs. Guest memory is in KVM before any vCPU state is loaded or any vCPU runs.
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
@@ -14,25 +16,22 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Kvm, VmFd};
+use kvm_ioctls::VmFd;
 use vessel_boot::{BootConfig, BootRegs, EntryMode};
 use vessel_devices::i8042::I8042;
 use vessel_devices::{Bus, ExitSignal, VmExitReason};
-use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{addr, create_guest_memory, GuestLayout, GuestMemoryMmap};
 
 use crate::config::{BootSource, NestedMode, VmConfig, DEFAULT_CMDLINE};
 use crate::cpu;
 use crate::devices::LegacyDevices;
 use crate::error::{KvmContext, VmmError};
+pub use crate::kvm_vm::register_memory;
 use crate::profile;
 use crate::terminal;
 use crate::vcpu::{kick_signal, PauseGate, Vcpu, VcpuReport, VcpuShared, VcpuStop};
 
-/// KVM's TSS (3 pages) and identity-map page, just below the IO-APIC/LAPIC area, in the gap.
-const KVM_TSS_ADDR: usize = 0xfffb_d000;
-const KVM_IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
 /// The most vCPUs a VM can have: APIC ids 0..=254 (255 is the xAPIC broadcast id).
 pub const MAX_CPUS: usize = 255;
 
@@ -199,29 +198,6 @@ pub fn compose_cmdline(config: &VmConfig, nested_params: Option<&str>) -> String
     s
 }
 
-/// Give KVM every region of guest memory, one slot each (slot `i` is region `i`), with
-/// dirty-page logging when `log_dirty`.
-pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmmError> {
-    for (slot, region) in mem.iter().enumerate() {
-        let r = kvm_userspace_memory_region {
-            slot: slot as u32,
-            flags: if log_dirty {
-                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
-            } else {
-                0
-            },
-            guest_phys_addr: region.start_addr().0,
-            memory_size: region.len(),
-            userspace_addr: region.as_ptr() as u64,
-        };
-        // SAFETY: the region is a live mapping owned by `mem`, the slots do not overlap, and
-        // `run` joins every vCPU thread before `mem` is unmapped, so the guest never runs
-        // on memory that is gone.
-        unsafe { vm.set_user_memory_region(r) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
-    }
-    Ok(())
-}
-
 /// Load what boots: returns the boot CPU's registers and, for Linux, how the kernel was
 /// loaded.
 fn load_guest(
@@ -298,20 +274,6 @@ fn nested_params(vcpu: &kvm_ioctls::VcpuFd) -> String {
     p
 }
 
-fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
-    let vm = kvm.create_vm().kvm("KVM_CREATE_VM")?;
-    vm.set_tss_address(KVM_TSS_ADDR).kvm("KVM_SET_TSS_ADDR")?;
-    vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDR)
-        .kvm("KVM_SET_IDENTITY_MAP_ADDR")?;
-    vm.create_irq_chip().kvm("KVM_CREATE_IRQCHIP")?;
-    let pit = kvm_pit_config {
-        flags: KVM_PIT_SPEAKER_DUMMY,
-        ..Default::default()
-    };
-    vm.create_pit2(pit).kvm("KVM_CREATE_PIT2")?;
-    Ok(vm)
-}
-
 /// Build the VM described by `config`, run it until it ends, and tear it down.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     Vm::build(config)?.start()?.wait()
@@ -369,19 +331,25 @@ impl Vm {
             (Some((_, snap)), _) => snap.nested,
             (None, NestedMode::On) => true,
             (None, NestedMode::Off) => false,
+            // The demo guest never leaves ring 0 and makes no system calls: no need to probe.
+            (None, NestedMode::Auto) if matches!(config.boot, BootSource::Demo) => false,
             (None, NestedMode::Auto) => {
-                // The demo guest never leaves ring 0 and makes no system calls: no need to
-                // probe.
-                !matches!(config.boot, BootSource::Demo)
-                    && vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
+                // The probe runs a scratch VM: make this one meanwhile.
+                crate::kvm_vm::prepare_ahead();
+                vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
             }
         };
-        let vm = Arc::new(create_vm(&kvm)?);
+        let vm = Arc::new(crate::kvm_vm::take_or_create(&kvm)?);
         let (mem, snapshot) = match restore {
             Some((mem, snap)) => (mem, Some(snap)),
             None => (create_guest_memory(&layout)?, None),
         };
-        register_memory(&vm, &mem, config.track_dirty_pages)?;
+        // KVM registers the memory while the vCPUs, the devices and the boot image are made.
+        let memslots = crate::kvm_vm::register_memory_in_background(
+            vm.clone(),
+            mem.clone(),
+            config.track_dirty_pages,
+        );
         let mut fds = Vec::with_capacity(config.cpus as usize);
         for id in 0..config.cpus {
             fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
@@ -419,6 +387,7 @@ impl Vm {
             }
         };
 
+        memslots.wait()?;
         let supported = kvm
             .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
             .kvm("KVM_GET_SUPPORTED_CPUID")?;
