@@ -133,30 +133,50 @@ fn check(file: &[u8]) -> Result<&[u8], SnapshotError> {
     Ok(payload)
 }
 
-/// Writes `state` to `path` atomically: a temporary file beside it, synced, then renamed, so
-/// a crash never leaves a half-written state file under the final name.
+/// Writes `state` to `path` atomically (see [`replace_file`]).
 pub fn write_state<T: Serialize>(path: &Path, state: &T) -> Result<(), SnapshotError> {
     let bytes = encode(state)?;
-    let tmp = temp_path(path);
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(SnapshotError::io(&tmp))?;
-    f.write_all(&bytes)
-        .and_then(|_| f.sync_all())
-        .map_err(SnapshotError::io(&tmp))?;
-    fs::rename(&tmp, path).map_err(SnapshotError::io(path))
+    replace_file(path, |f, tmp| {
+        let mut f = f;
+        f.write_all(&bytes).map_err(SnapshotError::io(tmp))
+    })
 }
 
-/// `dir/.name.tmp` for `dir/name`.
+/// Makes a new file for `path` with `fill`, then renames it over `path`: a temporary file
+/// beside it, filled, synced, renamed. A crash never leaves a half-written file under the
+/// final name, and whoever still has the old file open or mapped (a guest restored from a
+/// memory file, its clones) keeps the old contents. On failure the temporary file is removed.
+pub fn replace_file<T>(
+    path: &Path,
+    fill: impl FnOnce(&File, &Path) -> Result<T, SnapshotError>,
+) -> Result<T, SnapshotError> {
+    let tmp = temp_path(path);
+    let result = (|| {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(SnapshotError::io(&tmp))?;
+        let v = fill(&f, &tmp)?;
+        f.sync_all().map_err(SnapshotError::io(&tmp))?;
+        fs::rename(&tmp, path).map_err(SnapshotError::io(path))?;
+        Ok(v)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `dir/.name.PID.tmp` for `dir/name`.
 fn temp_path(path: &Path) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp"))
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
 }
 
 /// Reads and checks a state file.

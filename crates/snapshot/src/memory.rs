@@ -218,7 +218,9 @@ fn write_pages(
     Ok(written)
 }
 
-/// Writes all of guest memory to `path` (created or replaced), zero pages as holes.
+/// Writes all of guest memory to a new file that replaces `path` (see
+/// [`crate::format::replace_file`]: a guest whose memory maps the old file, e.g. the VM being
+/// snapshotted when it was restored from `path`, keeps it), zero pages as holes.
 ///
 /// # Safety
 /// Every vCPU must be parked and every device worker quiesced: nothing may write guest
@@ -243,13 +245,16 @@ pub unsafe fn write_diff(
     unsafe { write_selected(mem, path, dirty, false, false) }
 }
 
+/// With `replace`, the pages go to a new file renamed over `path`; otherwise into `path` in
+/// place (created if needed).
+///
 /// # Safety
 /// As for [`write_full`].
 unsafe fn write_selected(
     mem: &GuestMemoryMmap,
     path: &Path,
     pages: &DirtyBitmap,
-    truncate: bool,
+    replace: bool,
     skip_zero: bool,
 ) -> Result<WriteStats, SnapshotError> {
     if pages.regions() != layout(mem).as_slice() {
@@ -257,12 +262,34 @@ unsafe fn write_selected(
             "the dirty bitmap does not cover guest memory's regions".into(),
         ));
     }
+    // SAFETY: forwarded from the caller.
+    let write = |file: &File| unsafe { write_pages_of(mem, file, path, pages, skip_zero) };
+    if replace {
+        return crate::format::replace_file(path, |file, _| write(file));
+    }
     let file = OpenOptions::new()
         .write(true)
         .create(true)
-        .truncate(truncate)
+        .truncate(false)
         .open(path)
         .map_err(SnapshotError::io(path))?;
+    let stats = write(&file)?;
+    file.sync_data().map_err(SnapshotError::io(path))?;
+    Ok(stats)
+}
+
+/// Writes the pages `pages` selects into `file` (named `path` in errors), growing it to the
+/// size of guest memory if it is smaller.
+///
+/// # Safety
+/// As for [`write_full`].
+unsafe fn write_pages_of(
+    mem: &GuestMemoryMmap,
+    file: &File,
+    path: &Path,
+    pages: &DirtyBitmap,
+    skip_zero: bool,
+) -> Result<WriteStats, SnapshotError> {
     let total: u64 = mem.iter().map(|r| r.len()).sum();
     if file.metadata().map_err(SnapshotError::io(path))?.len() < total {
         file.set_len(total).map_err(SnapshotError::io(path))?;
@@ -291,50 +318,73 @@ unsafe fn write_selected(
             }
             _ => pages.runs(i),
         };
-        stats.written += write_pages(&file, path, bytes, base, &runs, skip_zero)?;
+        stats.written += write_pages(file, path, bytes, base, &runs, skip_zero)?;
         base += r.len();
     }
-    file.sync_data().map_err(SnapshotError::io(path))?;
     Ok(stats)
 }
 
-/// Copies the data of `diff` (every extent that is not a hole) onto `base` at the same
-/// offsets: `base` then holds the memory of the diff's snapshot.
+/// Merges the data of `diff` (every extent that is not a hole) onto `base` at the same
+/// offsets: `base` then holds the memory of the diff's snapshot. Returns the diff's bytes
+/// copied.
+///
+/// The merged file is a new one that replaces `base` (see [`crate::format::replace_file`]),
+/// so guests restored from the old `base` and still running on it (clones map it privately
+/// and read untouched pages from it) keep their memory as it was.
 pub fn rebase(base: &Path, diff: &Path) -> Result<u64, SnapshotError> {
     let src = File::open(diff).map_err(SnapshotError::io(diff))?;
-    let dst = OpenOptions::new()
-        .write(true)
-        .open(base)
-        .map_err(SnapshotError::io(base))?;
+    let old = File::open(base).map_err(SnapshotError::io(base))?;
     let len = src.metadata().map_err(SnapshotError::io(diff))?.len();
-    if dst.metadata().map_err(SnapshotError::io(base))?.len() < len {
+    let meta = old.metadata().map_err(SnapshotError::io(base))?;
+    if meta.len() < len {
         return Err(SnapshotError::Mismatch(format!(
             "{} is smaller than the diff {}",
             base.display(),
             diff.display()
         )));
     }
+    crate::format::replace_file(base, |dst, tmp| {
+        dst.set_permissions(meta.permissions())
+            .and_then(|_| dst.set_len(meta.len()))
+            .map_err(SnapshotError::io(tmp))?;
+        let mut buf = vec![0u8; 1 << 20];
+        copy_data(&old, base, dst, tmp, meta.len(), &mut buf)?;
+        copy_data(&src, diff, dst, tmp, len, &mut buf)
+    })
+}
+
+/// Copies every data extent of `src` below `len` into `dst` at the same offset (holes stay
+/// holes); the bytes copied.
+fn copy_data(
+    src: &File,
+    src_path: &Path,
+    dst: &File,
+    dst_path: &Path,
+    len: u64,
+    buf: &mut [u8],
+) -> Result<u64, SnapshotError> {
     let mut copied = 0u64;
     let mut pos = 0u64;
-    let mut buf = vec![0u8; 1 << 20];
     while pos < len {
-        let Some(start) = seek(&src, pos, libc::SEEK_DATA) else {
+        let Some(start) = seek(src, pos, libc::SEEK_DATA) else {
             break;
         };
-        let end = seek(&src, start, libc::SEEK_HOLE).unwrap_or(len).min(len);
+        if start >= len {
+            break;
+        }
+        let end = seek(src, start, libc::SEEK_HOLE).unwrap_or(len).min(len);
         let mut at = start;
         while at < end {
             let n = ((end - at) as usize).min(buf.len());
             src.read_exact_at(&mut buf[..n], at)
-                .map_err(SnapshotError::io(diff))?;
+                .map_err(SnapshotError::io(src_path))?;
             dst.write_all_at(&buf[..n], at)
-                .map_err(SnapshotError::io(base))?;
+                .map_err(SnapshotError::io(dst_path))?;
             at += n as u64;
         }
         copied += end - start;
         pos = end;
     }
-    dst.sync_data().map_err(SnapshotError::io(base))?;
     Ok(copied)
 }
 
@@ -426,6 +476,74 @@ mod tests {
         let again = map_private(&layout(&mem), &p).unwrap();
         assert_eq!(again.read_obj::<u8>(GuestAddress(0)).unwrap(), 0);
         let _ = std::fs::remove_file(p);
+    }
+
+    #[test]
+    fn a_full_snapshot_onto_the_file_a_guest_runs_from_keeps_its_memory() {
+        // A guest restored from `p` (mapped privately: untouched pages read from the file)
+        // is snapshotted to `p` again, as `PUT /snapshot/create` with the same path does.
+        let src = guest();
+        for (i, at) in [0u64, 4096 * 7, (1 << 20) + 4096 * 3].iter().enumerate() {
+            src.write_obj(0x1111_0000_u32 + i as u32, GuestAddress(*at))
+                .unwrap();
+        }
+        let p = tmp("same-path");
+        // SAFETY: nothing else uses `src`.
+        unsafe { write_full(&src, &p) }.unwrap();
+        let restored = map_private(&layout(&src), &p).unwrap();
+        // The guest touches one page only; the other two are still the file's.
+        restored
+            .write_obj(0x2222_u32, GuestAddress(4096 * 7))
+            .unwrap();
+        // SAFETY: nothing else uses `restored`.
+        unsafe { write_full(&restored, &p) }.unwrap();
+        let expect = [0x1111_0000_u32, 0x2222, 0x1111_0002];
+        let at = [0u64, 4096 * 7, (1 << 20) + 4096 * 3];
+        let again = map_private(&layout(&src), &p).unwrap();
+        for (want, at) in expect.iter().zip(at) {
+            // The running guest still sees its memory, and the new file holds it.
+            assert_eq!(restored.read_obj::<u32>(GuestAddress(at)).unwrap(), *want);
+            assert_eq!(again.read_obj::<u32>(GuestAddress(at)).unwrap(), *want);
+        }
+        let dir = p.parent().unwrap();
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        let leftovers: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.contains(&name) && n.ends_with(".tmp")
+            })
+            .collect();
+        assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
+        let _ = std::fs::remove_file(&p);
+    }
+
+    #[test]
+    fn rebase_leaves_guests_running_on_the_old_base_alone() {
+        let mem = guest();
+        mem.write_obj(0xaaaa_u32, GuestAddress(4096)).unwrap();
+        mem.write_obj(0xbbbb_u32, GuestAddress(4096 * 9)).unwrap();
+        let (base, diff) = (tmp("rebase-live-base"), tmp("rebase-live-diff"));
+        // SAFETY: nothing else uses `mem`.
+        unsafe { write_full(&mem, &base) }.unwrap();
+        // A clone runs on the base without having touched page 1.
+        let clone = map_private(&layout(&mem), &base).unwrap();
+        let _ = take_vmm_dirty(&mem);
+        mem.write_obj(0xcccc_u32, GuestAddress(4096)).unwrap();
+        let dirty = take_vmm_dirty(&mem);
+        // SAFETY: nothing else uses `mem`.
+        unsafe { write_diff(&mem, &diff, &dirty) }.unwrap();
+        rebase(&base, &diff).unwrap();
+        assert_eq!(clone.read_obj::<u32>(GuestAddress(4096)).unwrap(), 0xaaaa);
+        let merged = map_private(&layout(&mem), &base).unwrap();
+        assert_eq!(merged.read_obj::<u32>(GuestAddress(4096)).unwrap(), 0xcccc);
+        assert_eq!(
+            merged.read_obj::<u32>(GuestAddress(4096 * 9)).unwrap(),
+            0xbbbb
+        );
+        let _ = std::fs::remove_file(&base);
+        let _ = std::fs::remove_file(&diff);
     }
 
     #[test]
