@@ -426,6 +426,7 @@ mod tests {
             msrs: vec![(0, 0); msrs],
             events: Default::default(),
             tsc_khz: None,
+            cpuid: None,
         }
     }
 

@@ -419,9 +419,14 @@ impl Vm {
             }
         };
 
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .kvm("KVM_GET_SUPPORTED_CPUID")?;
+        // Restored vCPUs get their saved CPUID; only older state files without it need this.
+        let supported = match snapshot {
+            Some(snap) if snap.vcpus.iter().all(|v| v.cpuid.is_some()) => None,
+            _ => Some(
+                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .kvm("KVM_GET_SUPPORTED_CPUID")?,
+            ),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseGate::default());
         let shared = VcpuShared {
@@ -435,13 +440,21 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for (id, fd) in fds.into_iter().enumerate() {
             let id = id as u8;
-            cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
             match (&boot, snapshot) {
-                (Some((regs, gdt, cr3, _)), _) if id == 0 => {
-                    cpu::set_boot_registers(&fd, regs, gdt, *cr3)?
+                // Only the CPUID, then the saved state: it overwrites the power-on MSRs, FPU
+                // and LAPIC setup a new vCPU gets.
+                (_, Some(snap)) => {
+                    crate::snapshot::restore_vcpu(&fd, id, snap, supported.as_ref(), nested)?
                 }
-                (_, Some(snap)) => crate::snapshot::restore_vcpu(&fd, id, snap)?,
-                _ => {}
+                (boot, None) => {
+                    let supported = supported.as_ref().ok_or_else(|| {
+                        VmmError::Device("no supported CPUID for a new vCPU".into())
+                    })?;
+                    cpu::configure_vcpu(&fd, id, config.cpus as u8, supported, nested)?;
+                    if let (Some((regs, gdt, cr3, _)), 0) = (boot, id) {
+                        cpu::set_boot_registers(&fd, regs, gdt, *cr3)?;
+                    }
+                }
             }
             vcpus.push(Vcpu::new(
                 id,
