@@ -716,6 +716,8 @@ pub enum ControlError {
     PauseTimeout(Duration),
     #[error("the guest's keyboard buffer is full (the guest does not read its keyboard)")]
     KeyboardFull,
+    #[error("the devices could not be stopped, the VM runs on: {0}")]
+    Devices(String),
 }
 
 /// How long [`VmHandle::pause`] waits for every vCPU to park.
@@ -763,7 +765,8 @@ impl VmHandle {
     }
 
     /// Stops every vCPU out of `KVM_RUN` and parks it, then quiesces the virtio devices
-    /// (in-flight requests finish); returns once all are stopped. Pausing a paused VM does
+    /// (in-flight requests finish); returns once all are stopped. If the devices cannot be
+    /// quiesced, the vCPUs run again and the error is returned. Pausing a paused VM does
     /// nothing.
     pub fn pause(&self) -> Result<(), ControlError> {
         self.require_alive()?;
@@ -791,10 +794,12 @@ impl VmHandle {
         }
         // The device workers stop too, at a consistent point: every request they took is
         // finished and in its used ring, nothing half done.
-        match crate::snapshot::quiesce_devices(&c.snap) {
-            Ok(()) => c.snap.devices_quiesced.store(true, Ordering::Release),
-            Err(e) => log::warn!("pause: the devices keep running: {e}"),
+        // If they cannot, the pause is undone (the devices run again already) and reported.
+        if let Err(e) = crate::snapshot::quiesce_devices(&c.snap) {
+            c.pause.release();
+            return Err(ControlError::Devices(e.to_string()));
         }
+        c.snap.devices_quiesced.store(true, Ordering::Release);
         c.pauses.fetch_add(1, Ordering::Relaxed);
         let _ = c.state.compare_exchange(
             STATE_RUNNING,
