@@ -2,15 +2,17 @@
 //! ([`VcpuState`]) and the in-kernel devices and clock ([`VmKvmState`]). The VMM's snapshot
 //! code stores these (they are `serde` types) next to its own devices' state.
 //!
-//! Restore order matters, and follows what the kernel expects: CPUID first (done when the
-//! vCPU is created), then the MP state, registers, special registers, XSAVE, XCRs, debug
+//! Restore order matters, and follows what the kernel expects: CPUID first (the saved one;
+//! a state file from before it was saved leaves it to the caller, who sets it when the vCPU
+//! is created), then the MP state, registers, special registers, XSAVE, XCRs, debug
 //! registers, the local APIC, the MSRs (TSC first, so that the TSC deadline is read against
 //! the restored counter) and last the pending events.
 
 use kvm_bindings::{
-    kvm_clock_data, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state, kvm_msr_entry,
-    kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, Msrs,
-    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    kvm_clock_data, kvm_cpuid_entry2, kvm_debugregs, kvm_irqchip, kvm_lapic_state, kvm_mp_state,
+    kvm_msr_entry, kvm_pit_state2, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave,
+    CpuId, Msrs, KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE,
+    KVM_MAX_CPUID_ENTRIES, KVM_VCPUEVENT_VALID_NMI_PENDING, KVM_VCPUEVENT_VALID_SHADOW,
 };
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
@@ -38,6 +40,11 @@ pub struct VcpuState {
     pub events: kvm_vcpu_events,
     /// The guest TSC frequency, when KVM reports one.
     pub tsc_khz: Option<u32>,
+    /// The CPUID the vCPU was given (`KVM_GET_CPUID2`), set again on restore so the guest
+    /// keeps the CPU it booted on. Absent from state files of earlier Vessels: their restore
+    /// computes the CPUID from the host as a boot does.
+    #[serde(default)]
+    pub cpuid: Option<Vec<kvm_cpuid_entry2>>,
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -146,11 +153,28 @@ impl VcpuState {
                 .get_vcpu_events()
                 .map_err(KvmError::ioctl("KVM_GET_VCPU_EVENTS"))?,
             tsc_khz: vcpu.get_tsc_khz().ok().filter(|&k| k > 0),
+            cpuid: Some(
+                vcpu.get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+                    .map_err(KvmError::ioctl("KVM_GET_CPUID2"))?
+                    .as_slice()
+                    .to_vec(),
+            )
+            .filter(|c| !c.is_empty()),
         })
     }
 
-    /// Loads this state into a freshly created (and CPUID-configured) vCPU.
+    /// Loads this state into a freshly created vCPU: its saved CPUID first, or, for a state
+    /// without one ([`VcpuState::cpuid`] `None`), the caller has set the CPUID already.
     pub fn restore(&self, vcpu: &VcpuFd) -> Result<(), KvmError> {
+        if let Some(entries) = &self.cpuid {
+            let cpuid = CpuId::from_entries(entries).map_err(|_| KvmError::TooManyEntries {
+                what: "CPUID",
+                len: entries.len(),
+                max: KVM_MAX_CPUID_ENTRIES,
+            })?;
+            vcpu.set_cpuid2(&cpuid)
+                .map_err(KvmError::ioctl("KVM_SET_CPUID2"))?;
+        }
         if let Some(khz) = self.tsc_khz {
             // A host with another TSC frequency needs TSC scaling; without it the guest
             // keeps running on the host's rate, which its clocksource re-calibrates.
@@ -176,7 +200,16 @@ impl VcpuState {
         vcpu.set_lapic(&self.lapic)
             .map_err(KvmError::ioctl("KVM_SET_LAPIC"))?;
         write_msrs(vcpu, &self.msrs)?;
-        vcpu.set_vcpu_events(&self.events)
+        // KVM_SET_VCPU_EVENTS writes nmi.pending and interrupt.shadow only with
+        // VALID_NMI_PENDING and VALID_SHADOW (else a pending NMI is dropped). KVM_GET_VCPU_EVENTS
+        // fills both and flags them itself, with SMM (and PAYLOAD or TRIPLE_FAULT when those
+        // capabilities are on, which a SET on a VM without them refuses): keep its flags, and
+        // set the two this restore depends on whatever the file says. Never
+        // VALID_SIPI_VECTOR: GET reports sipi_vector as 0 ("never valid when reporting"),
+        // which would overwrite the LAPIC's.
+        let mut events = self.events;
+        events.flags |= KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW;
+        vcpu.set_vcpu_events(&events)
             .map_err(KvmError::ioctl("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
@@ -267,6 +300,15 @@ mod tests {
         let indices = msr_candidates(&kvm).unwrap();
         assert_eq!(indices.first(), Some(&MSR_IA32_TSC));
         assert!(indices.contains(&index::LSTAR));
+        // The vCPU's CPUID, with a mark only this test puts there: leaf 0x4000_0000's EBX.
+        let mut cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let hv = cpuid
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.function == 0x4000_0000)
+            .expect("KVM lists its signature leaf");
+        hv.ebx = 0x7e57_c1d0;
+        vcpu.set_cpuid2(&cpuid).unwrap();
         let mut regs = vcpu.get_regs().unwrap();
         regs.rax = 0x1234_5678;
         regs.rip = 0x1000;
@@ -283,6 +325,11 @@ mod tests {
         // Through serde, as the snapshot file carries it.
         let json = serde_json::to_string(&state).unwrap();
         let back: VcpuState = serde_json::from_str(&json).unwrap();
+        // A state file from before the CPUID was saved still loads, without one.
+        let mut old: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert!(old.as_object_mut().unwrap().remove("cpuid").is_some());
+        let old: VcpuState = serde_json::from_value(old).unwrap();
+        assert!(old.cpuid.is_none());
 
         let vm2 = kvm.create_vm().unwrap();
         vm2.create_irq_chip().unwrap();
@@ -290,9 +337,64 @@ mod tests {
         back.restore(&vcpu2).unwrap();
         let r = vcpu2.get_regs().unwrap();
         assert_eq!((r.rax, r.rip), (0x1234_5678, 0x1000));
+        // The saved CPUID, not one computed here.
+        let back_cpuid = vcpu2.get_cpuid2(KVM_MAX_CPUID_ENTRIES).unwrap();
+        let hv2 = back_cpuid
+            .as_slice()
+            .iter()
+            .find(|e| e.function == 0x4000_0000)
+            .unwrap();
+        assert_eq!(hv2.ebx, 0x7e57_c1d0);
+        let leaves = |c: &[kvm_cpuid_entry2]| -> Vec<(u32, u32, u32, u32, u32, u32)> {
+            c.iter()
+                .map(|e| (e.function, e.index, e.eax, e.ebx, e.ecx, e.edx))
+                .collect()
+        };
+        assert_eq!(
+            leaves(back_cpuid.as_slice()),
+            leaves(back.cpuid.as_deref().unwrap())
+        );
         assert_eq!(vcpu2.get_sregs().unwrap().cr0 & 1, 1);
         let lstar = read_msrs(&vcpu2, &[index::LSTAR]).unwrap();
         assert_eq!(lstar, [(index::LSTAR, 0xffff_ffff_8100_0000)]);
+    }
+
+    #[test]
+    fn a_pending_nmi_and_the_interrupt_shadow_survive_restore() {
+        let Some(kvm) = kvm() else { return };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut ev = vcpu.get_vcpu_events().unwrap();
+        ev.nmi.pending = 1;
+        // KVM_X86_SHADOW_INT_MOV_SS: the instruction after a MOV SS.
+        ev.interrupt.shadow = 1;
+        ev.flags = KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW;
+        vcpu.set_vcpu_events(&ev).unwrap();
+        let state = VcpuState::save(&vcpu, &[MSR_IA32_TSC]).unwrap();
+        assert_eq!(state.events.nmi.pending, 1);
+        let mut state: VcpuState =
+            serde_json::from_str(&serde_json::to_string(&state).unwrap()).unwrap();
+        // Restore writes both whatever flags the saving kernel reported.
+        state.events.flags &= !(KVM_VCPUEVENT_VALID_NMI_PENDING | KVM_VCPUEVENT_VALID_SHADOW);
+
+        let vm2 = kvm.create_vm().unwrap();
+        vm2.create_irq_chip().unwrap();
+        let vcpu2 = vm2.create_vcpu(0).unwrap();
+        state.restore(&vcpu2).unwrap();
+        let back = vcpu2.get_vcpu_events().unwrap();
+        assert_eq!(back.nmi.pending, 1, "the pending NMI is restored");
+        assert_eq!(back.interrupt.shadow, 1);
+    }
+
+    /// Restore skips the boot-time MSR setup: the snapshot must hold every MSR it sets.
+    #[test]
+    fn snapshots_cover_the_boot_msrs() {
+        let Some(kvm) = kvm() else { return };
+        let candidates = msr_candidates(&kvm).unwrap();
+        for m in crate::msrs::boot_msrs() {
+            assert!(candidates.contains(&m.index), "MSR {:#x}", m.index);
+        }
     }
 
     #[test]

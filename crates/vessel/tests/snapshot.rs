@@ -2,8 +2,8 @@
 //! counts in memory and in a register is snapshotted (full, then diff), killed, and restored
 //! in new processes; the count goes on from where it stopped. It is live-migrated to a
 //! `vessel migrate receive` process and goes on counting there; a receiver that breaks off
-//! mid-way leaves it running on the source. Damaged and foreign snapshot files are refused
-//! with a clear error and the VMM stays up.
+//! mid-way leaves it running on the source. A restored guest keeps the CPUID saved with it.
+//! Damaged and foreign snapshot files are refused with a clear error and the VMM stays up.
 
 mod common;
 
@@ -20,8 +20,12 @@ const LIMIT: Duration = Duration::from_secs(90);
 /// Where the guest keeps its memory counter (identity-mapped, above the guest's code).
 const COUNTER: u64 = 0x30_0000;
 
+/// CPUID leaf 0x8000_0002 (the first brand-string characters): it means nothing to KVM, so a
+/// test can mark it in a state file.
+const BRAND_LEAF: u32 = 0x8000_0002;
+
 /// A guest that forever increments a counter in memory and one in r12, printing
-/// `TICK <memory> <register>` after each.
+/// `TICK <memory> <register> <CPUID 0x8000_0002 EAX>` after each.
 fn counter_guest() -> Vec<u8> {
     let mut g = Guest::new();
     let mut tick = g.a.create_label();
@@ -37,6 +41,12 @@ fn counter_guest() -> Vec<u8> {
     g.print_rax_hex();
     g.print(" ");
     g.a.mov(rax, r12).unwrap();
+    g.print_rax_hex();
+    g.print(" ");
+    g.a.mov(eax, BRAND_LEAF).unwrap();
+    g.a.xor(ecx, ecx).unwrap();
+    g.a.cpuid().unwrap();
+    g.a.mov(eax, eax).unwrap(); // zero-extended into rax
     g.print_rax_hex();
     g.print("\n");
     g.a.mov(ecx, 300_000u32).unwrap();
@@ -58,6 +68,15 @@ fn counts(console: &str) -> Vec<(u64, u64)> {
             let r = u64::from_str_radix(w.next()?, 16).ok()?;
             Some((m, r))
         })
+        .collect()
+}
+
+/// The CPUID brand words of every tick line.
+fn brands(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("TICK "))
+        .filter_map(|l| u64::from_str_radix(l.split_whitespace().nth(2)?, 16).ok())
         .collect()
 }
 
@@ -211,6 +230,71 @@ fn full_and_diff_snapshots_restore_in_new_processes_and_the_count_goes_on() {
         tail(&d.console())
     );
     drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Rewrites a state file through `edit` (checksum and header redone).
+fn edit_state(from: &Path, to: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let mut v: serde_json::Value =
+        vessel_snapshot::format::decode(&std::fs::read(from).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(to, vessel_snapshot::format::encode(&v).unwrap()).unwrap();
+}
+
+/// The restored guest runs on the CPUID saved in the snapshot, not on one computed from the
+/// host again: a mark put into the state file's CPUID is what the guest reads after restore.
+/// A state file without a CPUID (as earlier Vessels wrote) restores with the host's.
+#[test]
+fn a_restored_guest_keeps_the_saved_cpuid() {
+    const MARK: u32 = 0x7e57_c1d0;
+    let dir = scratch("snapshot-cpuid");
+    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let a = start_counter(&dir, "a", json!({}));
+    let host = *brands(&a.console()).last().unwrap();
+    assert_ne!(host, MARK as u64);
+    pause(&a);
+    create(&a, &state, &mem, "Full");
+    drop(a);
+
+    let marked = dir.join("marked.state");
+    edit_state(&state, &marked, |v| {
+        let entries = v["vcpus"][0]["cpuid"]
+            .as_array_mut()
+            .expect("the state holds the vCPU's CPUID");
+        // kvm_cpuid_entry2 as bytes: function, index, flags, eax, ...
+        let leaf = entries
+            .iter_mut()
+            .find(|e| e.as_array().unwrap()[..4] == BRAND_LEAF.to_le_bytes().map(|b| json!(b)))
+            .expect("the brand-string leaf");
+        for (i, b) in MARK.to_le_bytes().iter().enumerate() {
+            leaf[12 + i] = json!(b);
+        }
+    });
+    let b = restore(&dir, "b", &marked, &mem);
+    b.wait_console("ticks after restore", LIMIT, |s| brands(s).len() >= 2);
+    assert!(
+        brands(&b.console()).iter().all(|&w| w == MARK as u64),
+        "{}",
+        tail(&b.console())
+    );
+    drop(b);
+
+    let old = dir.join("old.state");
+    edit_state(&state, &old, |v| {
+        for cpu in v["vcpus"].as_array_mut().unwrap() {
+            cpu.as_object_mut().unwrap().remove("cpuid");
+        }
+    });
+    let c = restore(&dir, "c", &old, &mem);
+    c.wait_console("ticks after restoring an old state", LIMIT, |s| {
+        brands(s).len() >= 2
+    });
+    assert!(
+        brands(&c.console()).iter().all(|&w| w == host),
+        "{}",
+        tail(&c.console())
+    );
+    drop(c);
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -27,9 +27,25 @@ pub fn configure_vcpu(
     supported_cpuid: &CpuId,
     hide_pv: bool,
 ) -> Result<(), VmmError> {
-    let cpuid = vessel_kvm::cpuid::normalize(supported_cpuid, id, num_cpus, hide_pv);
-    vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")?;
+    set_cpuid(vcpu, id, num_cpus, supported_cpuid, hide_pv)?;
+    set_power_on_state(vcpu, id)
+}
 
+/// Set the CPUID of one vCPU, computed from what this host's KVM supports.
+pub fn set_cpuid(
+    vcpu: &VcpuFd,
+    id: u8,
+    num_cpus: u8,
+    supported_cpuid: &CpuId,
+    hide_pv: bool,
+) -> Result<(), VmmError> {
+    let cpuid = vessel_kvm::cpuid::normalize(supported_cpuid, id, num_cpus, hide_pv);
+    vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")
+}
+
+/// The MSRs, FPU and LAPIC LINT wiring a vCPU has at power-on. A restored vCPU skips this:
+/// its saved state sets all of them (the snapshot's MSR list holds every boot MSR).
+fn set_power_on_state(vcpu: &VcpuFd, id: u8) -> Result<(), VmmError> {
     let entries = vessel_kvm::msrs::boot_msrs();
     let msrs =
         Msrs::from_entries(&entries).map_err(|e| VmmError::Device(format!("MSR list: {e:?}")))?;

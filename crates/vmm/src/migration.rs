@@ -302,10 +302,18 @@ pub(crate) fn send(
         // Stop and copy.
         let paused_at = Instant::now();
         pause()?;
-        quiesce_devices(parts).map_err(|e| {
-            let _ = resume();
-            MigrationError::State(e.to_string())
-        })?;
+        // Devices a pause quiesced stay so on failure (`resume` restarts them with the
+        // vCPUs, or, for a VM that was paused before, leaves them stopped); those of a VM
+        // started paused are quiesced here and restarted here.
+        let by_pause = parts
+            .devices_quiesced
+            .load(std::sync::atomic::Ordering::Acquire);
+        if !by_pause {
+            quiesce_devices(parts).map_err(|e| {
+                let _ = resume();
+                MigrationError::State(e.to_string())
+            })?;
+        }
         let stop_and_copy = (|| {
             let dirty = dirty_pages(parts).map_err(|e| MigrationError::State(e.to_string()))?;
             let (p, b) = send_pages(conn, &parts.mem, &dirty, false)?;
@@ -331,8 +339,10 @@ pub(crate) fn send(
             }
         })();
         if let Err(e) = stop_and_copy {
-            // The source keeps the VM: run it again.
-            resume_devices(parts);
+            // The source keeps the VM: as it was, running or paused.
+            if !by_pause {
+                resume_devices(parts);
+            }
             let _ = resume();
             return Err(e);
         }

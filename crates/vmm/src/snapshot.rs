@@ -403,12 +403,26 @@ pub fn restore_prefetched(
     Ok(vm)
 }
 
-/// Loads vCPU `id`'s state (its CPUID is already set).
-pub(crate) fn restore_vcpu(fd: &VcpuFd, id: u8, snap: &VmSnapshot) -> Result<(), VmmError> {
+/// Loads vCPU `id`'s state into a new vCPU, its saved CPUID first. A state from before the
+/// CPUID was saved gets it computed from `supported` (this host's), as a boot does.
+pub(crate) fn restore_vcpu(
+    fd: &VcpuFd,
+    id: u8,
+    snap: &VmSnapshot,
+    supported: Option<&kvm_bindings::CpuId>,
+    hide_pv: bool,
+) -> Result<(), VmmError> {
     let state = snap.vcpus.get(id as usize).ok_or_else(|| VmmError::Vcpu {
         cpu: id,
         reason: "the snapshot has no state for this vCPU".into(),
     })?;
+    if state.cpuid.is_none() {
+        let supported = supported.ok_or_else(|| VmmError::Vcpu {
+            cpu: id,
+            reason: "no CPUID to restore it with".into(),
+        })?;
+        crate::cpu::set_cpuid(fd, id, snap.config.cpus as u8, supported, hide_pv)?;
+    }
     state.restore(fd).map_err(|e| VmmError::Vcpu {
         cpu: id,
         reason: format!("restoring its state: {e}"),

@@ -238,6 +238,12 @@ impl Vcpu {
                 return Ok(VcpuStop::Stopped);
             }
             if self.shared.pause.requested() {
+                // The state read while parked must be whole: finish the last exit first.
+                match self.complete_last_exit()? {
+                    Next::Continue => {}
+                    Next::Stop(s) => return Ok(s),
+                    Next::Fail(reason) => return Err(self.fail(reason)),
+                }
                 let fd = &self.fd;
                 self.shared
                     .pause
@@ -278,6 +284,46 @@ impl Vcpu {
                         cpu: self.id,
                         reason: e.to_string(),
                     })?;
+            }
+        }
+    }
+
+    /// Has KVM finish the operation of the last exit, without running the guest any further.
+    ///
+    /// KVM completes a port-I/O or MMIO exit (the data of an IN or MMIO read into its register,
+    /// RIP past the instruction, the next fragment of a string or split access) only on the
+    /// next `KVM_RUN`; until then the registers show the instruction not done, and a snapshot
+    /// taken then would run an OUT or MMIO write again after restore, or lose an IN's data.
+    /// `KVM_RUN` with `immediate_exit` set completes what is pending and returns `EINTR` before
+    /// any guest instruction runs (KVM's API documentation, `immediate_exit` and "the
+    /// corresponding operations are complete ... only after userspace has re-entered the kernel
+    /// with KVM_RUN"); an exit it returns instead (a further fragment) is handled and the
+    /// completion goes on.
+    ///
+    /// Done on every park rather than only after an I/O exit: a pause is rare, the extra
+    /// `KVM_RUN` with nothing pending costs a few microseconds, it covers every exit KVM
+    /// completes lazily, and the exit path keeps no per-exit bookkeeping.
+    fn complete_last_exit(&mut self) -> Result<Next, VmmError> {
+        loop {
+            self.fd.set_kvm_immediate_exit(1);
+            let next = match self.fd.run() {
+                Ok(exit) => {
+                    self.report.exits += 1;
+                    handle_exit(exit, &self.shared, &mut self.report)
+                }
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    return Ok(Next::Continue);
+                }
+                Err(e) => Some(Next::Fail(format!("KVM_RUN failed: {e}"))),
+            };
+            self.fd.set_kvm_immediate_exit(0);
+            let next = match next {
+                Some(n) => n,
+                None => self.slow_exit()?,
+            };
+            if next != Next::Continue {
+                return Ok(next);
             }
         }
     }
@@ -426,6 +472,7 @@ mod tests {
             msrs: vec![(0, 0); msrs],
             events: Default::default(),
             tsc_khz: None,
+            cpuid: None,
         }
     }
 
@@ -497,6 +544,128 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+    }
+
+    /// A port (and MMIO byte) that answers reads with 0x42, records writes, and asks the vCPUs to pause on
+    /// each access: the vCPU parks right after handling the exit, with KVM's part of it
+    /// (the IN's data into AL, RIP past the instruction) still to do.
+    struct PausingPort {
+        gate: Arc<PauseGate>,
+        reads: Arc<std::sync::atomic::AtomicU64>,
+        writes: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl vessel_devices::BusDevice for PausingPort {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0x42);
+            self.reads.fetch_add(1, Ordering::Release);
+            self.gate.request();
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.writes.lock().unwrap().extend_from_slice(data);
+            self.gate.request();
+        }
+    }
+
+    fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// A vCPU paused right after a port or MMIO exit reports the instruction done: an IN's or
+    /// MMIO read's data in AL and RIP past it, an OUT's RIP past it (a snapshot taken there
+    /// would otherwise lose the data read, or run the OUT again after restore).
+    #[test]
+    fn a_vcpu_paused_after_an_io_exit_saves_the_instruction_completed() {
+        use vessel_memory::vm_memory::{Bytes, GuestAddress};
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("note: no /dev/kvm");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.set_tss_address(0xfffb_d000).unwrap();
+        vm.create_irq_chip().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x8000)]).unwrap();
+        // Real mode at 0x1000: in al, dx; inc al; out dx, al; mov al, [0xc000] (MMIO); jmp $.
+        let code = [0xec, 0xfe, 0xc0, 0xee, 0xa0, 0x00, 0xc0, 0xeb, 0xfe];
+        mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
+        crate::vm::register_memory(&vm, &mem, false).unwrap();
+        let fd = vm.create_vcpu(0).unwrap();
+        let mut sregs = fd.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        fd.set_sregs(&sregs).unwrap();
+        fd.set_regs(&kvm_bindings::kvm_regs {
+            rip: 0x1000,
+            rdx: 0x500,
+            rflags: 2,
+            ..Default::default()
+        })
+        .unwrap();
+
+        let gate = Arc::new(PauseGate::default());
+        let reads = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let mut io_bus = Bus::new();
+        let port = PausingPort {
+            gate: gate.clone(),
+            reads: reads.clone(),
+            writes: writes.clone(),
+        };
+        let port = Arc::new(Mutex::new(port));
+        io_bus.insert(port.clone(), 0x500, 1).unwrap();
+        let mut mmio_bus = Bus::new();
+        mmio_bus.insert(port, 0xc000, 1).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let shared = VcpuShared {
+            io_bus: Arc::new(io_bus),
+            mmio_bus: Arc::new(mmio_bus),
+            exit: ExitSignal::new().unwrap(),
+            stop: stop.clone(),
+            mem: mem.clone(),
+            pause: gate.clone(),
+        };
+        let mut vcpu = Vcpu::new(0, fd, shared, false, false);
+        let thread = std::thread::spawn(move || vcpu.run().map_err(|e| e.to_string()));
+
+        wait_for("the IN", || reads.load(Ordering::Acquire) == 1);
+        let s = gate
+            .save_states(1, Vec::new(), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            (s[0].regs.rip, s[0].regs.rax & 0xff),
+            (0x1001, 0x42),
+            "the IN is completed before the state is read"
+        );
+        gate.release();
+        wait_for("the OUT", || !writes.lock().unwrap().is_empty());
+        let s = gate
+            .save_states(1, Vec::new(), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(s[0].regs.rip, 0x1004, "the OUT is completed too");
+        assert_eq!(*writes.lock().unwrap(), [0x43]);
+        gate.release();
+        wait_for("the MMIO read", || reads.load(Ordering::Acquire) == 2);
+        let s = gate
+            .save_states(1, Vec::new(), Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(
+            (s[0].regs.rip, s[0].regs.rax & 0xff),
+            (0x1007, 0x42),
+            "and the MMIO read"
+        );
+        // Parked, it ends on `stop` without running the guest again.
+        stop.store(true, Ordering::Release);
+        gate.wake_all();
+        assert_eq!(thread.join().unwrap(), Ok(VcpuStop::Stopped));
+        assert_eq!(*writes.lock().unwrap(), [0x43]);
+        drop(vm);
     }
 
     #[test]

@@ -388,9 +388,14 @@ impl Vm {
         };
 
         memslots.wait()?;
-        let supported = kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .kvm("KVM_GET_SUPPORTED_CPUID")?;
+        // Restored vCPUs get their saved CPUID; only older state files without it need this.
+        let supported = match snapshot {
+            Some(snap) if snap.vcpus.iter().all(|v| v.cpuid.is_some()) => None,
+            _ => Some(
+                kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                    .kvm("KVM_GET_SUPPORTED_CPUID")?,
+            ),
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let pause = Arc::new(PauseGate::default());
         let shared = VcpuShared {
@@ -404,13 +409,21 @@ impl Vm {
         let mut vcpus = Vec::with_capacity(config.cpus as usize);
         for (id, fd) in fds.into_iter().enumerate() {
             let id = id as u8;
-            cpu::configure_vcpu(&fd, id, config.cpus as u8, &supported, nested)?;
             match (&boot, snapshot) {
-                (Some((regs, gdt, cr3, _)), _) if id == 0 => {
-                    cpu::set_boot_registers(&fd, regs, gdt, *cr3)?
+                // Only the CPUID, then the saved state: it overwrites the power-on MSRs, FPU
+                // and LAPIC setup a new vCPU gets.
+                (_, Some(snap)) => {
+                    crate::snapshot::restore_vcpu(&fd, id, snap, supported.as_ref(), nested)?
                 }
-                (_, Some(snap)) => crate::snapshot::restore_vcpu(&fd, id, snap)?,
-                _ => {}
+                (boot, None) => {
+                    let supported = supported.as_ref().ok_or_else(|| {
+                        VmmError::Device("no supported CPUID for a new vCPU".into())
+                    })?;
+                    cpu::configure_vcpu(&fd, id, config.cpus as u8, supported, nested)?;
+                    if let (Some((regs, gdt, cr3, _)), 0) = (boot, id) {
+                        cpu::set_boot_registers(&fd, regs, gdt, *cr3)?;
+                    }
+                }
             }
             vcpus.push(Vcpu::new(
                 id,
@@ -672,6 +685,8 @@ pub enum ControlError {
     PauseTimeout(Duration),
     #[error("the guest's keyboard buffer is full (the guest does not read its keyboard)")]
     KeyboardFull,
+    #[error("the devices could not be stopped, the VM runs on: {0}")]
+    Devices(String),
 }
 
 /// How long [`VmHandle::pause`] waits for every vCPU to park.
@@ -719,7 +734,8 @@ impl VmHandle {
     }
 
     /// Stops every vCPU out of `KVM_RUN` and parks it, then quiesces the virtio devices
-    /// (in-flight requests finish); returns once all are stopped. Pausing a paused VM does
+    /// (in-flight requests finish); returns once all are stopped. If the devices cannot be
+    /// quiesced, the vCPUs run again and the error is returned. Pausing a paused VM does
     /// nothing.
     pub fn pause(&self) -> Result<(), ControlError> {
         self.require_alive()?;
@@ -747,10 +763,12 @@ impl VmHandle {
         }
         // The device workers stop too, at a consistent point: every request they took is
         // finished and in its used ring, nothing half done.
-        match crate::snapshot::quiesce_devices(&c.snap) {
-            Ok(()) => c.snap.devices_quiesced.store(true, Ordering::Release),
-            Err(e) => log::warn!("pause: the devices keep running: {e}"),
+        // If they cannot, the pause is undone (the devices run again already) and reported.
+        if let Err(e) = crate::snapshot::quiesce_devices(&c.snap) {
+            c.pause.release();
+            return Err(ControlError::Devices(e.to_string()));
         }
+        c.snap.devices_quiesced.store(true, Ordering::Release);
         c.pauses.fetch_add(1, Ordering::Relaxed);
         let _ = c.state.compare_exchange(
             STATE_RUNNING,
