@@ -1,6 +1,6 @@
 //! Vessel's KVM layer: opening `/dev/kvm` and checking its capabilities, the per-vCPU CPUID
 //! and boot MSR policy, and what a nested host needs: detecting one
-//! ([`nested::probe_cpuid_passthrough`]), the guest kernel parameters that keep the guest off
+//! ([`nested::probe_nested_host`]), the guest kernel parameters that keep the guest off
 //! instructions its emulator lacks ([`nested::nested_kernel_params`]), reading emulation
 //! failures out of `kvm_run` ([`exit`]) and completing those instructions in user space
 //! ([`emulate`]), with a readable account of the vCPU for error reports ([`diagnose`]).

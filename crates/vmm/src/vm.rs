@@ -336,7 +336,7 @@ impl Vm {
             (None, NestedMode::Auto) => {
                 // The probe runs a scratch VM: make this one meanwhile.
                 crate::kvm_vm::prepare_ahead();
-                vessel_kvm::nested::probe_cpuid_passthrough(&kvm)?
+                vessel_kvm::nested::probe_nested_host(&kvm)?
             }
         };
         let vm = Arc::new(crate::kvm_vm::take_or_create(&kvm)?);

@@ -7,11 +7,11 @@
 //! leaves, but KVM_SET_CPUID2 replaces the feature words of leaves 0x1 and 0x7 with the host's
 //! own (`KVM_GET_CPUID2` shows them). So the guest kernel is told on its command line,
 //! [`nested_kernel_params`]; what no parameter avoids is completed in user space by
-//! [`crate::emulate`]. [`probe_cpuid_passthrough`] detects such a host.
+//! [`crate::emulate`]. [`probe_nested_host`] detects such a host.
 
 mod probe;
 
-pub use probe::probe_cpuid_passthrough;
+pub use probe::{probe_cpuid_passthrough, probe_kernel_mode_emulated, probe_nested_host};
 
 /// A CPU feature the guest kernel must not use, as Linux 6.1 numbers it in
 /// `arch/x86/include/asm/cpufeatures.h`: `X86_FEATURE_<name> = word * 32 + bit`.
