@@ -378,7 +378,7 @@ impl Vm {
                 )?;
                 if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
                     eprintln!(
-                        "vessel: this host's KVM is nested and emulates guest kernel mode (guests see the host's CPUID): adding kernel parameters: {p}"
+                        "vessel: this host's KVM is nested and emulates guest kernel mode: adding kernel parameters: {p}"
                     );
                 }
                 let gdt = vessel_boot::write_gdt(&mem, regs.mode)?;
