@@ -1124,12 +1124,6 @@ impl Vm {
 
 /// The VM generation ID (see [`crate::vmgenid`]).
 impl Vm {
-    /// The ID the guest reads now (`None` for a guest without the device).
-    pub fn generation_id(&self) -> Option<crate::vmgenid::GenerationId> {
-        let s = self.vmgenid.as_ref()?;
-        crate::vmgenid::read(&self.mem, s).ok()
-    }
-
     /// A restored clone's new ID, announced to the guest; run after the irqchips are
     /// restored and before any vCPU runs.
     pub(crate) fn new_generation(&self) -> Result<(), VmmError> {

@@ -82,7 +82,8 @@ fn write_new(mem: &GuestMemoryMmap, s: &VmGenIdState) -> Result<GenerationId, Vm
 }
 
 /// The ID the guest reads now.
-pub(crate) fn read(mem: &GuestMemoryMmap, s: &VmGenIdState) -> Result<GenerationId, VmmError> {
+#[cfg(test)]
+fn read(mem: &GuestMemoryMmap, s: &VmGenIdState) -> Result<GenerationId, VmmError> {
     let mut id = GenerationId::default();
     mem.read_slice(&mut id, GuestAddress(s.addr)).map_err(|e| {
         VmmError::Device(format!(
