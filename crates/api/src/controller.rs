@@ -351,6 +351,14 @@ impl ApiController {
                 "Load snapshot error: Exactly one of `mem_file_path` and `mem_backend` must be given.",
             ));
         }
+        if let Some(cid) = p.vsock_override.as_ref().and_then(|o| o.guest_cid) {
+            // 0-2 are the hypervisor, local and host addresses; u32::MAX is VMADDR_CID_ANY.
+            if cid < 3 || cid == u32::MAX {
+                return Err(ApiError::bad(format!(
+                    "Load snapshot error: Invalid guest CID {cid} in vsock_override: it must be 3 or more, and below 4294967295."
+                )));
+            }
+        }
         let mut restored = self.backend.snapshot_load(&p)?;
         restored.logger = self.resources.logger.take();
         restored.metrics = self.resources.metrics.take();

@@ -493,9 +493,13 @@ pub struct NetworkOverride {
 /// `SnapshotLoadParams.vsock_override`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-#[allow(missing_docs)]
 pub struct VsockOverride {
+    /// The restored device's host socket.
     pub uds_path: String,
+    /// Vessel extension: the restored guest's new CID (a clone's own address); the driver
+    /// reads it again on the transport reset that follows every restore.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_cid: Option<u32>,
 }
 
 /// Huge page choice on restore.

@@ -440,7 +440,10 @@ fn every_endpoint_before_and_after_start() {
         (
             "PUT",
             "/snapshot/load",
-            Some(json!({"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"})),
+            Some(json!({
+                "snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m",
+                "vsock_override": {"uds_path": "/tmp/v.sock", "guest_cid": 7}
+            })),
             400,
             400,
         ),
@@ -657,6 +660,30 @@ fn bad_bodies_get_firecracker_errors() {
             "/snapshot/load",
             Some("{\"snapshot_path\": \"/s\"}"),
             "Exactly one of",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                "{\"snapshot_path\": \"/s\", \"mem_file_path\": \"/m\", \"vsock_override\": {\"uds_path\": \"/v\", \"guest_cid\": 2}}",
+            ),
+            "Invalid guest CID 2 in vsock_override",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                "{\"snapshot_path\": \"/s\", \"mem_file_path\": \"/m\", \"vsock_override\": {\"uds_path\": \"/v\", \"guest_cid\": 4294967295}}",
+            ),
+            "Invalid guest CID 4294967295",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some(
+                "{\"snapshot_path\": \"/s\", \"mem_file_path\": \"/m\", \"vsock_override\": {\"uds_path\": \"/v\", \"guest_cid\": 4294967296}}",
+            ),
+            "invalid value",
         ),
         (
             "DELETE",

@@ -1,11 +1,12 @@
 //! ACPI tables: RSDP, XSDT, FADT (hardware-reduced), MADT, MCFG (when there is a PCI bus) and
-//! a DSDT describing the legacy devices Vessel emulates, the virtio-mmio devices and the PCI
-//! host bridge. Built with `acpi_tables`, placed from [`addr::RSDP_START`] up in
+//! a DSDT describing the legacy devices Vessel emulates, the virtio-mmio devices, the PCI
+//! host bridge and the VM generation ID (with the generic event device announcing its
+//! changes). Built with `acpi_tables`, placed from [`addr::RSDP_START`] up in
 //! the BIOS area (0xe0000..1 MiB, e820-reserved), where Linux also scans for the RSDP.
 
 use acpi_tables::aml::{
-    self, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package,
-    ResourceTemplate, IO,
+    self, AddressSpaceCacheable, Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed,
+    Method, Name, Notify, Package, Path, ResourceTemplate, Return, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -27,8 +28,9 @@ const OEM_TABLE_ID: [u8; 8] = *b"VESSELVM";
 const OEM_REVISION: u32 = 1;
 /// FADT hypervisor vendor identity.
 const HYPERVISOR_ID: [u8; 8] = *b"VESSEL  ";
-/// End (exclusive) of the BIOS area the tables live in.
-const BIOS_AREA_END: u64 = 0x10_0000;
+/// End (exclusive) of the part of the BIOS area the tables live in (the VM generation ID
+/// follows).
+const TABLES_END: u64 = addr::VMGENID_START;
 /// Alignment of each table.
 const TABLE_ALIGN: u64 = 16;
 
@@ -99,6 +101,24 @@ pub struct PlatformDevices {
     /// A PCI host bridge on segment 0, bus 0: configuration through ports 0xcf8/0xcfc and ECAM
     /// at [`addr::PCI_ECAM_START`] (MCFG), BARs in [`addr::PCI_MMIO32_START`]..
     pub pci: bool,
+    /// The VM generation ID device.
+    pub vmgenid: Option<VmGenIdInfo>,
+}
+
+/// Where the VM generation ID is and how the guest learns that it changed.
+///
+/// Microsoft's "Virtual Machine Generation ID" device (what Linux's `vmgenid` driver binds
+/// to): `_HID` `VMGENCTR`, `_CID` `VM_Gen_Counter`, and an `ADDR` method returning
+/// `Package { low 32 bits, high 32 bits }` of the 16-byte ID's guest-physical address. The
+/// platform is hardware-reduced (no SCI, no GPE block), so the change notification comes
+/// from an ACPI generic event device (`ACPI0013`): its interrupt runs `_EVT`, which sends
+/// `Notify(VGEN, 0x80)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmGenIdInfo {
+    /// Guest-physical address of the ID (8-byte aligned, in e820-reserved memory).
+    pub addr: u64,
+    /// The generic event device's GSI (edge-triggered, active high).
+    pub irq: u32,
 }
 
 /// Write the ACPI tables for `num_cpus` vCPUs and `devices`; returns the RSDP's address
@@ -134,11 +154,11 @@ pub fn create_acpi_tables(
     let xsdt_addr = place(xsdt.len());
     let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
     let end = place(0);
-    if end > BIOS_AREA_END {
+    if end > TABLES_END {
         return Err(BootError::TableTooLarge {
             what: "ACPI tables",
             size: (end - addr::RSDP_START) as usize,
-            space: "BIOS area (0xe0000..0x100000)",
+            space: "BIOS area (0xe0000..0xff000)",
         });
     }
 
@@ -313,8 +333,34 @@ fn virtio_mmio_devices(devices: &[MmioDeviceInfo], out: &mut Vec<u8>) {
     }
 }
 
+/// The VM generation ID device `\_SB_.VGEN` and the generic event device `\_SB_.GED_`
+/// whose interrupt notifies it (see [`VmGenIdInfo`]).
+fn vmgenid_devices(v: &VmGenIdInfo, out: &mut Vec<u8>) {
+    let hid = Name::new("_HID".into(), &"VMGENCTR");
+    let cid = Name::new("_CID".into(), &"VM_Gen_Counter");
+    let ddn = Name::new("_DDN".into(), &"VM_Gen_Counter");
+    let (low, high) = (v.addr as u32, (v.addr >> 32) as u32);
+    let pkg = Package::new(vec![&low, &high]);
+    let ret = Return::new(&pkg);
+    let addr = Method::new("ADDR".into(), 0, false, vec![&ret]);
+    Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(out);
+
+    let hid = Name::new("_HID".into(), &"ACPI0013");
+    let uid = Name::new("_UID".into(), &0u8);
+    let irq = Interrupt::new(true, true, false, false, v.irq);
+    let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq]));
+    // Linux's evged runs `_EVT(GSI)` for each interrupt of `_CRS`.
+    let target = Path::new("\\_SB_.VGEN");
+    let notify = Notify::new(&target, &0x80u8);
+    let gsi = Equal::new(&Arg(0), &v.irq);
+    let when = If::new(&gsi, vec![&notify]);
+    let evt = Method::new("_EVT".into(), 1, false, vec![&when]);
+    Device::new("GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(out);
+}
+
 /// The DSDT: `\_S5_` (soft off) and, in `\_SB_`, COM1, the i8042 and the CMOS RTC with
-/// their I/O ports and IRQs, the virtio-mmio devices and the PCI host bridge.
+/// their I/O ports and IRQs, the virtio-mmio devices, the PCI host bridge and the VM
+/// generation ID.
 fn dsdt(devices: &PlatformDevices) -> Vec<u8> {
     let mut body = bytes_of(&Name::new(
         "_S5_".into(),
@@ -352,6 +398,9 @@ fn dsdt(devices: &PlatformDevices) -> Vec<u8> {
     virtio_mmio_devices(&devices.virtio_mmio, &mut extra);
     if devices.pci {
         pci_devices(&mut extra);
+    }
+    if let Some(v) = &devices.vmgenid {
+        vmgenid_devices(v, &mut extra);
     }
     let extra = RawAml(extra);
     aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc, &extra]).to_aml_bytes(&mut body);
@@ -599,6 +648,7 @@ mod tests {
                 },
             ],
             pci: true,
+            vmgenid: None,
         };
         let all = tables(&mem, create_acpi_tables(&mem, 2, &devices).unwrap());
         let d = find(&all, b"DSDT");
@@ -637,6 +687,151 @@ mod tests {
         );
         assert!(!all.iter().any(|(s, _, _)| s == b"MCFG"));
         assert!(!contains(find(&all, b"DSDT"), &hid));
+    }
+
+    /// An AML PkgLength at `at`: (the length it gives, counting itself; its own size).
+    fn pkg_length(aml: &[u8], at: usize) -> (usize, usize) {
+        let lead = aml[at];
+        let extra = usize::from(lead >> 6);
+        if extra == 0 {
+            return (usize::from(lead & 0x3f), 1);
+        }
+        let mut len = usize::from(lead & 0x0f);
+        for i in 0..extra {
+            len |= usize::from(aml[at + 1 + i]) << (4 + 8 * i);
+        }
+        (len, 1 + extra)
+    }
+
+    /// The body (what follows the name) of `Device(name)` in `aml`.
+    fn device_body<'a>(aml: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+        (0..aml.len() - 6)
+            .find_map(|i| {
+                if aml[i..i + 2] != [0x5b, 0x82] {
+                    return None;
+                }
+                let (len, size) = pkg_length(aml, i + 2);
+                let name_at = i + 2 + size;
+                (aml.get(name_at..name_at + 4) == Some(name))
+                    .then(|| &aml[name_at + 4..i + 2 + len])
+            })
+            .unwrap_or_else(|| panic!("no device {}", String::from_utf8_lossy(name)))
+    }
+
+    /// An AML integer term at the start of `aml`: (value, bytes used).
+    fn integer(aml: &[u8]) -> (u64, usize) {
+        let le = |n: usize| {
+            let mut v = [0u8; 8];
+            v[..n].copy_from_slice(&aml[1..1 + n]);
+            u64::from_le_bytes(v)
+        };
+        match aml[0] {
+            0x00 => (0, 1),
+            0x01 => (1, 1),
+            0x0a => (le(1), 2),
+            0x0b => (le(2), 3),
+            0x0c => (le(4), 5),
+            0x0e => (le(8), 9),
+            op => panic!("not an integer: opcode {op:#x}"),
+        }
+    }
+
+    /// `Name(name, "string")`.
+    fn string_name(name: &str, value: &str) -> Vec<u8> {
+        let mut v = vec![0x08];
+        v.extend_from_slice(name.as_bytes());
+        v.push(0x0d);
+        v.extend_from_slice(value.as_bytes());
+        v.push(0);
+        v
+    }
+
+    /// What `ADDR` in `Device(VGEN)` returns: `Package(2) { low, high }` as one address.
+    fn vmgenid_addr(dsdt: &[u8]) -> u64 {
+        let dev = device_body(dsdt, b"VGEN");
+        // Method(ADDR, 0) { Return (Package(2) {low, high}) }
+        let at = dev
+            .windows(6)
+            .position(|w| w[..4] == *b"ADDR" && w[4] == 0 && w[5] == 0xa4)
+            .expect("ADDR method returning a value")
+            + 6;
+        assert_eq!(dev[at], 0x12, "PackageOp");
+        let (_, size) = pkg_length(dev, at + 1);
+        let body = &dev[at + 1 + size..];
+        assert_eq!(body[0], 2, "two elements");
+        let (low, n) = integer(&body[1..]);
+        let (high, _) = integer(&body[1 + n..]);
+        assert!(low <= u64::from(u32::MAX) && high <= u64::from(u32::MAX));
+        low | (high << 32)
+    }
+
+    #[test]
+    fn vmgenid_device_and_the_generic_event_device_that_notifies_it() {
+        let (mem, _) = testutil::guest(64 * MIB);
+        let v = VmGenIdInfo {
+            addr: addr::VMGENID_START,
+            irq: ports::GED_IRQ,
+        };
+        let devices = PlatformDevices {
+            vmgenid: Some(v),
+            ..Default::default()
+        };
+        let all = tables(&mem, create_acpi_tables(&mem, 1, &devices).unwrap());
+        let d = find(&all, b"DSDT");
+        let vgen = device_body(d, b"VGEN");
+        assert!(contains(vgen, &string_name("_HID", "VMGENCTR")));
+        assert!(contains(vgen, &string_name("_CID", "VM_Gen_Counter")));
+        assert!(contains(vgen, &string_name("_DDN", "VM_Gen_Counter")));
+        assert_eq!(vmgenid_addr(d), addr::VMGENID_START);
+        // The ID lies after every table.
+        for (sig, at, t) in &all {
+            assert!(
+                at + t.len() as u64 <= addr::VMGENID_START,
+                "{} overlaps the VM generation ID",
+                String::from_utf8_lossy(sig)
+            );
+        }
+
+        let ged = device_body(d, b"GED_");
+        assert!(contains(ged, &string_name("_HID", "ACPI0013")));
+        // Extended IRQ descriptor: consumer, edge, active-high, exclusive, the GED's GSI.
+        let mut irq = vec![0x89, 6, 0, 0b0011, 1];
+        irq.extend_from_slice(&ports::GED_IRQ.to_le_bytes());
+        assert!(contains(ged, &irq));
+        // Method(_EVT, 1) { If (Arg0 == GSI) { Notify(\_SB_.VGEN, 0x80) } }
+        let evt = ged
+            .windows(5)
+            .position(|w| w[..4] == *b"_EVT" && w[4] == 1)
+            .expect("_EVT with one argument");
+        let body = &ged[evt + 5..];
+        assert_eq!(body[0], 0xa0, "IfOp");
+        let (_, size) = pkg_length(body, 1);
+        let pred = &body[1 + size..];
+        assert_eq!(&pred[..2], &[0x93, 0x68], "LEqual(Arg0, ...)");
+        let (gsi, n) = integer(&pred[2..]);
+        assert_eq!(gsi, u64::from(ports::GED_IRQ));
+        let mut notify = vec![0x86, b'\\', 0x2e];
+        notify.extend_from_slice(b"_SB_VGEN");
+        notify.extend_from_slice(&[0x0a, 0x80]);
+        assert_eq!(&pred[2 + n..2 + n + notify.len()], &notify[..]);
+
+        // Both are in \_SB_; without a VM generation ID neither is there.
+        assert!(contains(d, b"_SB_"));
+        let plain = dsdt(&PlatformDevices::default());
+        assert!(!contains(&plain, b"VMGENCTR"));
+        assert!(!contains(&plain, b"ACPI0013"));
+    }
+
+    #[test]
+    fn vmgenid_addresses_above_4_gib_are_split_in_two_halves() {
+        let d = dsdt(&PlatformDevices {
+            vmgenid: Some(VmGenIdInfo {
+                addr: 0x12_3456_7ff8,
+                irq: 5,
+            }),
+            ..Default::default()
+        });
+        assert_eq!(vmgenid_addr(&d), 0x12_3456_7ff8);
     }
 
     #[test]

@@ -108,8 +108,8 @@ pub enum BootError {
         /// The range it must fit in, in words.
         space: &'static str,
     },
-    /// The host could not supply random bytes for the guest's RNG seed.
-    #[error("cannot get a random seed for the guest from the host (getrandom): {0}")]
+    /// The host could not supply random bytes (the guest's RNG seed, its VM generation ID).
+    #[error("cannot get random bytes for the guest from the host (getrandom): {0}")]
     RngSeed(#[source] std::io::Error),
     /// Writing a boot structure to guest memory failed.
     #[error("cannot write the {what} to guest memory at {addr:#x}: {reason}")]

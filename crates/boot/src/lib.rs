@@ -32,7 +32,9 @@ mod zeropage;
 #[cfg(test)]
 mod testutil;
 
-pub use acpi::{create_acpi_tables, MmioDeviceInfo, PlatformDevices, IOAPIC_ID, OEM_ID};
+pub use acpi::{
+    create_acpi_tables, MmioDeviceInfo, PlatformDevices, VmGenIdInfo, IOAPIC_ID, OEM_ID,
+};
 pub use boot::{configure_boot, BootConfig, BootRegs, BOOT_RFLAGS};
 pub use cpu_tables::{
     boot_segments, write_gdt, write_identity_page_tables, Gdt, Segment, CODE_SELECTOR,
@@ -45,5 +47,5 @@ pub use loader::{
     ELF_CMDLINE_MAX,
 };
 pub use mptable::create_mptable;
-pub use setup_data::{host_rng_seed, RNG_SEED_LEN, SETUP_DATA_START};
+pub use setup_data::{host_random, host_rng_seed, RNG_SEED_LEN, SETUP_DATA_START};
 pub use zeropage::LOADER_TYPE_UNDEFINED;

@@ -60,9 +60,15 @@ pub(crate) fn write_rng_seed(
 /// waits only until the host's own pool is initialised, once after the host boots).
 pub fn host_rng_seed() -> Result<[u8; RNG_SEED_LEN], BootError> {
     let mut seed = [0u8; RNG_SEED_LEN];
+    host_random(&mut seed)?;
+    Ok(seed)
+}
+
+/// Fills `buf` from the host kernel's CSPRNG (`getrandom(2)`).
+pub fn host_random(buf: &mut [u8]) -> Result<(), BootError> {
     let mut filled = 0;
-    while filled < seed.len() {
-        let rest = &mut seed[filled..];
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
         // SAFETY: `rest` is a live, writable buffer of `rest.len()` bytes, and getrandom writes
         // at most that many bytes into it; flags 0 asks for nothing else.
         let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
@@ -82,7 +88,7 @@ pub fn host_rng_seed() -> Result<[u8; RNG_SEED_LEN], BootError> {
             }
         }
     }
-    Ok(seed)
+    Ok(())
 }
 
 #[cfg(test)]

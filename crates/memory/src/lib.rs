@@ -42,6 +42,10 @@ pub mod addr {
     pub const EBDA_START: u64 = 0x9fc00;
     /// The ACPI RSDP, in the BIOS area Linux scans (0xe0000..0x100000); tables follow it.
     pub const RSDP_START: u64 = 0xe0000;
+    /// The VM generation ID: 16 bytes in the last page of the BIOS area (e820-reserved, after
+    /// the ACPI tables), where the DSDT's `VGEN` device says it is.
+    pub const VMGENID_START: u64 = 0xf_f000;
+    pub const VMGENID_SIZE: u64 = 16;
     /// The first byte after the BIOS area: where "high" memory and the kernel start.
     pub const HIMEM_START: u64 = 0x10_0000;
     /// Start of the 32-bit MMIO gap (3 GiB .. 4 GiB): never RAM.
@@ -101,10 +105,14 @@ pub mod ports {
     pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
     pub const PCI_CONFIG_LEN: u64 = 8;
     /// IO-APIC pins free for virtio-mmio devices, in the order they are handed out (the
-    /// legacy devices keep 1, 4 and 8; 9 is the SCI; 0 and 2 belong to the timer and cascade).
-    pub const VIRTIO_MMIO_IRQS: [u32; 18] = [
-        5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 3,
+    /// legacy devices keep 1, 4 and 8; 9 is the SCI; 0 and 2 belong to the timer and cascade;
+    /// 3 is the generic event device's).
+    pub const VIRTIO_MMIO_IRQS: [u32; 17] = [
+        5, 6, 7, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
     ];
+    /// The ACPI generic event device's interrupt (edge-triggered, active high): its `_EVT`
+    /// tells the guest that the VM generation ID changed.
+    pub const GED_IRQ: u32 = 3;
     /// GSIs from here on are MSI routes (above the 24 IO-APIC pins).
     pub const MSI_GSI_START: u32 = 24;
 }
@@ -398,6 +406,30 @@ mod tests {
         assert_eq!(m.num_regions(), 1);
         assert!(m.address_in_range(GuestAddress(64 * MIB - 1)));
         assert!(!m.address_in_range(GuestAddress(64 * MIB)));
+    }
+
+    #[test]
+    fn vmgenid_is_reserved_and_its_interrupt_is_nobody_elses() {
+        let l = GuestLayout::new(64 * MIB).unwrap();
+        let (at, len) = (addr::VMGENID_START, addr::VMGENID_SIZE);
+        assert_eq!(at % 8, 0, "8-byte aligned");
+        assert!(l
+            .e820()
+            .iter()
+            .any(|e| e.kind == E820Kind::Reserved && e.addr <= at && at + len <= e.end()));
+        assert!(l.is_ram(at, len), "backed by guest memory");
+        assert!(at >= addr::RSDP_START && at + len <= addr::HIMEM_START);
+        let taken = [
+            0,
+            2,
+            ports::COM1_IRQ,
+            ports::I8042_KBD_IRQ,
+            ports::RTC_IRQ,
+            ports::ACPI_SCI_IRQ,
+        ];
+        assert!(!taken.contains(&ports::GED_IRQ));
+        assert!(!ports::VIRTIO_MMIO_IRQS.contains(&ports::GED_IRQ));
+        const { assert!(ports::GED_IRQ < ports::MSI_GSI_START) };
     }
 
     #[test]

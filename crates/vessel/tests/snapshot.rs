@@ -4,6 +4,8 @@
 //! `vessel migrate receive` process and goes on counting there; a receiver that breaks off
 //! mid-way leaves it running on the source. A restored guest keeps the CPUID saved with it.
 //! Damaged and foreign snapshot files are refused with a clear error and the VMM stays up.
+//! Clones restored from one snapshot each get a fresh VM generation ID and the vsock CID their
+//! restore call names.
 
 mod common;
 
@@ -344,6 +346,124 @@ fn start_counter(dir: &Path, name: &str, extra_config: serde_json::Value) -> FcV
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
     v.wait_console("ticks", LIMIT, |s| counts(s).len() >= 3);
     v
+}
+
+/// The VM generation ID (`vessel_memory::addr::VMGENID_START`, 16 bytes) and the guest CID
+/// in the configuration space of the first virtio-mmio device (the only one: vsock).
+const VMGENID: u64 = 0xf_f000;
+const VSOCK_CID: u64 = 0xd000_0000 + 0x100;
+
+/// A guest that forever prints `ID <generation id, two words> <vsock CID>`.
+fn identity_guest() -> Vec<u8> {
+    let mut g = Guest::new();
+    let mut again = g.a.create_label();
+    let mut delay = g.a.create_label();
+    g.a.set_label(&mut again).unwrap();
+    g.print("ID ");
+    g.a.mov(r13, VMGENID).unwrap();
+    g.a.mov(rax, qword_ptr(r13)).unwrap();
+    g.print_rax_hex();
+    g.a.mov(rax, qword_ptr(r13 + 8)).unwrap();
+    g.print_rax_hex();
+    g.print(" ");
+    g.a.mov(r13, VSOCK_CID).unwrap();
+    g.a.mov(eax, dword_ptr(r13)).unwrap();
+    g.print_rax_hex();
+    g.print("\n");
+    g.a.mov(ecx, 300_000u32).unwrap();
+    g.a.set_label(&mut delay).unwrap();
+    g.a.dec(ecx).unwrap();
+    g.a.jnz(delay).unwrap();
+    g.a.jmp(again).unwrap();
+    g.finish()
+}
+
+/// The (generation ID, CID) of every complete `ID` line.
+fn identities(console: &str) -> Vec<(String, u64)> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("ID "))
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            let id = w.next().filter(|id| id.len() == 32)?;
+            let cid = u64::from_str_radix(w.next().filter(|c| c.len() == 16)?, 16).ok()?;
+            Some((id.to_string(), cid))
+        })
+        .collect()
+}
+
+/// The last identity printed, once at least three lines are there (the first one after a
+/// restore may have been read before the snapshot).
+fn identity(v: &FcVessel) -> (String, u64) {
+    v.wait_console("identity lines", LIMIT, |s| identities(s).len() >= 3);
+    identities(&v.console()).pop().unwrap()
+}
+
+#[test]
+fn clones_of_one_snapshot_get_fresh_generation_ids_and_their_own_vsock_cids() {
+    let dir = scratch("snapshot-clones");
+    let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let kernel = dir.join("identity.elf");
+    std::fs::write(&kernel, elf(&identity_guest())).unwrap();
+    let a = FcVessel::start(&dir, "a", &[]);
+    let mut c = a.client();
+    configure(
+        &mut c,
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/vsock",
+        Some(json!({"guest_cid": 3, "uds_path": dir.join("a.vsock")})),
+        204,
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    let (original, cid) = identity(&a);
+    assert_eq!(cid, 3, "{}", tail(&a.console()));
+    assert_ne!(original, "0".repeat(32), "a random ID at first boot");
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    create(&a, &state, &mem, "Full");
+    drop(a);
+
+    // Two clones of the same files, running side by side.
+    let clone = |name: &str, cid: u32| {
+        let v = FcVessel::start(&dir, name, &[]);
+        let mut c = v.client();
+        expect(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            Some(json!({
+                "snapshot_path": state,
+                "mem_backend": {"backend_type": "File", "backend_path": mem},
+                "vsock_override": {"uds_path": dir.join(format!("{name}.vsock")), "guest_cid": cid},
+                "resume_vm": true,
+            })),
+            204,
+        );
+        let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+        assert_eq!(cfg["vsock"]["guest_cid"], cid, "{cfg}");
+        v
+    };
+    let b = clone("b", 7);
+    let d = clone("d", 8);
+    let (b_id, b_cid) = identity(&b);
+    let (d_id, d_cid) = identity(&d);
+    assert_eq!((b_cid, d_cid), (7, 8), "each clone reads its own CID");
+    assert_ne!(b_id, original, "{}", tail(&b.console()));
+    assert_ne!(d_id, original, "{}", tail(&d.console()));
+    assert_ne!(b_id, d_id, "the clones have different generation IDs");
+    drop(b);
+    drop(d);
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

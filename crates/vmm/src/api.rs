@@ -521,33 +521,7 @@ impl VmmBackend for ApiBackend {
         config.serial = self.base.serial.clone();
         config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
         resources.machine_config.track_dirty_pages = config.track_dirty_pages;
-        for o in &p.network_overrides {
-            let at = resources
-                .network_interfaces
-                .iter()
-                .position(|n| n.iface_id == o.iface_id)
-                .ok_or_else(|| {
-                    load_err(format!(
-                        "the snapshot has no network interface {}",
-                        o.iface_id
-                    ))
-                })?;
-            if let Some(n) = config.devices.nets.get_mut(at) {
-                n.tap = o.host_dev_name.clone();
-            }
-            resources.network_interfaces[at].host_dev_name = o.host_dev_name.clone();
-        }
-        if let Some(o) = &p.vsock_override {
-            match (&mut config.devices.vsock, &mut resources.vsock) {
-                (Some(v), r) => {
-                    v.uds = PathBuf::from(&o.uds_path);
-                    if let Some(r) = r {
-                        r.uds_path = o.uds_path.clone();
-                    }
-                }
-                (None, _) => return Err(load_err("the snapshot has no vsock device".into())),
-            }
-        }
+        apply_overrides(p, &mut config, &mut resources)?;
         let vm = crate::snapshot::restore_with(&snap, &config, &memory)
             .map_err(|e| load_err(e.to_string()))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
@@ -724,6 +698,51 @@ impl ApiBackend {
             .as_ref()
             .ok_or_else(|| ApiError::bad("Balloon config error: No balloon device found."))
     }
+}
+
+/// `PUT /snapshot/load`'s host-side changes (the TAPs, the vsock socket and the guest's CID)
+/// applied to the snapshot's configuration and API resources.
+fn apply_overrides(
+    p: &SnapshotLoadParams,
+    config: &mut VmConfig,
+    resources: &mut VmResources,
+) -> Result<(), ApiError> {
+    let load_err = |e: String| ApiError::bad(format!("Load snapshot error: {e}"));
+    for o in &p.network_overrides {
+        let at = resources
+            .network_interfaces
+            .iter()
+            .position(|n| n.iface_id == o.iface_id)
+            .ok_or_else(|| {
+                load_err(format!(
+                    "the snapshot has no network interface {}",
+                    o.iface_id
+                ))
+            })?;
+        if let Some(n) = config.devices.nets.get_mut(at) {
+            n.tap = o.host_dev_name.clone();
+        }
+        resources.network_interfaces[at].host_dev_name = o.host_dev_name.clone();
+    }
+    if let Some(o) = &p.vsock_override {
+        match (&mut config.devices.vsock, &mut resources.vsock) {
+            (Some(v), r) => {
+                v.uds = PathBuf::from(&o.uds_path);
+                if let Some(cid) = o.guest_cid {
+                    // The controller checked the range; the device checks it again.
+                    v.cid = u64::from(cid);
+                }
+                if let Some(r) = r {
+                    r.uds_path = o.uds_path.clone();
+                    if let Some(cid) = o.guest_cid {
+                        r.guest_cid = cid;
+                    }
+                }
+            }
+            (None, _) => return Err(load_err("the snapshot has no vsock device".into())),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1050,6 +1069,72 @@ mod tests {
             .is_err());
         let _ = std::fs::remove_file(img);
         let _ = std::fs::remove_file(kernel);
+    }
+
+    #[test]
+    fn snapshot_load_overrides_give_a_clone_its_own_vsock_socket_and_cid() {
+        let (kernel, mut r) = with_kernel("kernel-clone");
+        let uds =
+            std::env::temp_dir().join(format!("vessel-api-clone-{}.sock", std::process::id()));
+        r.set_vsock(Vsock {
+            guest_cid: 3,
+            uds_path: "/tmp/original.sock".into(),
+            vsock_id: None,
+        })
+        .unwrap();
+        let load = |o: Value| -> SnapshotLoadParams {
+            serde_json::from_value(json!({
+                "snapshot_path": "/s", "mem_file_path": "/m", "vsock_override": o
+            }))
+            .unwrap()
+        };
+        let snap_config = resources_to_config(&r, &VmConfig::default()).unwrap();
+
+        let (mut c, mut res) = (snap_config.clone(), r.clone());
+        apply_overrides(
+            &load(json!({"uds_path": uds.display().to_string(), "guest_cid": 42})),
+            &mut c,
+            &mut res,
+        )
+        .unwrap();
+        let v = c.devices.vsock.as_ref().unwrap();
+        assert_eq!((v.cid, v.uds.as_path()), (42, uds.as_path()));
+        let rv = res.vsock.as_ref().unwrap();
+        assert_eq!(
+            (rv.guest_cid, rv.uds_path.as_str()),
+            (42, uds.to_str().unwrap())
+        );
+        // The device built from it reports the new CID in its configuration space.
+        let (devices, _) = crate::virtio_devices::build(&c.devices).unwrap();
+        let mut cid = [0u8; 8];
+        devices[0].device.read_config(0, &mut cid);
+        assert_eq!(u64::from_le_bytes(cid), 42);
+        drop(devices);
+
+        // Without guest_cid, only the socket changes.
+        let (mut c, mut res) = (snap_config.clone(), r.clone());
+        apply_overrides(
+            &load(json!({"uds_path": "/tmp/other.sock"})),
+            &mut c,
+            &mut res,
+        )
+        .unwrap();
+        assert_eq!(c.devices.vsock.as_ref().unwrap().cid, 3);
+        assert_eq!(res.vsock.as_ref().unwrap().guest_cid, 3);
+
+        // A snapshot without vsock has nothing to override.
+        let (plain_kernel, plain) = with_kernel("kernel-clone-plain");
+        let mut c = resources_to_config(&plain, &VmConfig::default()).unwrap();
+        let mut res = plain.clone();
+        let e = apply_overrides(
+            &load(json!({"uds_path": "/tmp/x", "guest_cid": 5})),
+            &mut c,
+            &mut res,
+        )
+        .unwrap_err();
+        assert!(format!("{e:?}").contains("no vsock device"), "{e:?}");
+        let _ = std::fs::remove_file(kernel);
+        let _ = std::fs::remove_file(plain_kernel);
     }
 
     #[test]

@@ -25,6 +25,7 @@ mod vcpu;
 mod virtio;
 mod virtio_devices;
 pub mod vm;
+pub mod vmgenid;
 
 pub use config::{BootSource, NestedMode, SerialTarget, VmConfig, DEFAULT_CMDLINE};
 pub use error::VmmError;

@@ -28,6 +28,7 @@ use crate::error::VmmError;
 use crate::vcpu::PauseGate;
 use crate::virtio::{VirtioDeviceState, VirtioManager};
 use crate::vm::Vm;
+use crate::vmgenid::VmGenIdState;
 
 /// What identifies a Vessel VM state file's payload.
 pub const STATE_KIND: &str = "vessel-vm";
@@ -56,6 +57,9 @@ pub struct VmSnapshot {
     /// What the management API keeps about the VM (its resources), opaque here.
     #[serde(default)]
     pub api: Option<serde_json::Value>,
+    /// The VM generation ID device (absent in files older than it, whose guests have none).
+    #[serde(default)]
+    pub vmgenid: Option<VmGenIdState>,
 }
 
 /// A full snapshot or the pages dirtied since the last one.
@@ -110,6 +114,7 @@ pub(crate) struct Parts {
     pub virtio: Arc<Mutex<VirtioManager>>,
     pub config: VmConfig,
     pub nested: bool,
+    pub vmgenid: Option<VmGenIdState>,
     /// One snapshot at a time.
     pub lock: Mutex<()>,
     /// The virtio devices were quiesced by a pause (and are resumed with the vCPUs).
@@ -189,6 +194,7 @@ pub(crate) fn capture(
         legacy: parts.devices.save_state(),
         virtio: serde_json::to_value(virtio).map_err(|e| SnapshotFailure::State(e.to_string()))?,
         api,
+        vmgenid: parts.vmgenid,
     })
 }
 
@@ -332,7 +338,8 @@ pub fn restore_with(snap: &VmSnapshot, config: &VmConfig, memory: &Path) -> Resu
     restore_prefetched(snap, config, memory, None)
 }
 
-/// [`restore_with`], prefetching or recording the working set `ws`.
+/// [`restore_with`], prefetching or recording the working set `ws`. The restored VM gets a
+/// new VM generation ID: it is a clone, however many others run from the same files.
 pub fn restore_prefetched(
     snap: &VmSnapshot,
     config: &VmConfig,
@@ -378,6 +385,7 @@ pub fn restore_prefetched(
         }
     }
     let mut vm = Vm::from_snapshot(config, mem.clone(), snap)?;
+    vm.new_generation()?;
     if let Some(ws) = record {
         vm.on_start(Box::new(move || {
             let spawned = std::thread::Builder::new()

@@ -300,6 +300,7 @@ pub struct Vm {
     start_paused: bool,
     /// Run once the vCPU threads exist (e.g. recording a restored guest's working set).
     after_start: Vec<Box<dyn FnOnce() + Send>>,
+    vmgenid: Option<crate::vmgenid::VmGenIdState>,
 }
 
 impl Vm {
@@ -364,18 +365,21 @@ impl Vm {
         let mmio_bus = Arc::new(mmio_bus);
 
         // A new guest gets its boot image and boot registers; a restored one has both in its
-        // memory and vCPU state.
+        // memory and vCPU state. The same goes for the VM generation ID.
+        let vmgenid = match snapshot {
+            Some(snap) => snap.vmgenid,
+            None => crate::vmgenid::install(&config.boot, &mem)?,
+        };
         let boot = match snapshot {
             Some(_) => None,
             None => {
                 let nested_params = nested.then(|| nested_params(&fds[0]));
-                let (regs, kernel_source) = load_guest(
-                    config,
-                    &mem,
-                    &layout,
-                    nested_params.as_deref(),
-                    virtio.platform(),
-                )?;
+                let platform = vessel_boot::PlatformDevices {
+                    vmgenid: vmgenid.map(|v| v.info()),
+                    ..virtio.platform().clone()
+                };
+                let (regs, kernel_source) =
+                    load_guest(config, &mem, &layout, nested_params.as_deref(), &platform)?;
                 if let (Some(p), NestedMode::Auto) = (&nested_params, config.nested) {
                     eprintln!(
                         "vessel: this host's KVM is nested and emulates guest kernel mode: adding kernel parameters: {p}"
@@ -453,6 +457,7 @@ impl Vm {
             kernel_source: boot.and_then(|b| b.3),
             start_paused: false,
             after_start: Vec::new(),
+            vmgenid,
         })
     }
 
@@ -526,6 +531,7 @@ impl Vm {
                 virtio: virtio.clone(),
                 config: self.config.clone(),
                 nested: self.nested,
+                vmgenid: self.vmgenid,
                 lock: Mutex::new(()),
                 devices_quiesced: AtomicBool::new(false),
             },
@@ -1100,6 +1106,18 @@ impl Vm {
     /// needed before [`Vm::start`]; the handles stay valid while the VM runs.
     pub(crate) fn device_handles(&self) -> &crate::virtio_devices::DeviceHandles {
         &self.virtio.handles
+    }
+}
+
+/// The VM generation ID (see [`crate::vmgenid`]).
+impl Vm {
+    /// A restored clone's new ID, announced to the guest; run after the irqchips are
+    /// restored and before any vCPU runs.
+    pub(crate) fn new_generation(&self) -> Result<(), VmmError> {
+        if let Some(s) = &self.vmgenid {
+            crate::vmgenid::regenerate(&self._vm, &self.mem, s)?;
+        }
+        Ok(())
     }
 }
 
