@@ -204,8 +204,33 @@ pub fn print_and_exit(args: &FirecrackerArgs) -> Option<Result<ExitCode, String>
     )
 }
 
-/// Runs Firecracker mode to the end of the VM.
-pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
+/// `clock` (CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID) in microseconds.
+pub fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; on failure it stays zero.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec.max(0) as u64) * 1_000_000 + (ts.tv_nsec.max(0) as u64) / 1000
+}
+
+/// Firecracker's api_server startup gauges, once the socket listens: wall time since
+/// `--start-time-us` (the launcher's monotonic clock; else since `main` began, `started_us`),
+/// and the process's CPU time less `--start-time-cpu-us` plus `--parent-cpu-time-us`.
+fn report_startup(ctl: &Mutex<ApiController>, args: &FirecrackerArgs, started_us: u64) {
+    let wall =
+        clock_us(libc::CLOCK_MONOTONIC).saturating_sub(args.start_time_us.unwrap_or(started_us));
+    let cpu = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+        .saturating_sub(args.start_time_cpu_us.unwrap_or(0))
+        + args.parent_cpu_time_us.unwrap_or(0);
+    lock(ctl).metrics().server.set_process_startup(wall, cpu);
+    log::info!("API server listening: process startup {wall} us, {cpu} CPU us");
+}
+
+/// Runs Firecracker mode to the end of the VM; `started_us` is when `main` began
+/// (CLOCK_MONOTONIC, microseconds).
+pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
     if let Some(level) = &args.level {
         log::set_max_level(logger::parse_level(level)?);
     }
@@ -292,6 +317,8 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
                 .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?,
         )
     };
+
+    report_startup(&ctl, &args, started_us);
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.

@@ -309,6 +309,7 @@ fn names_a_firecracker_flag(m: &clap::ArgMatches) -> bool {
 
 fn main() -> ExitCode {
     use clap::{CommandFactory, FromArgMatches};
+    let started_us = firecracker::clock_us(libc::CLOCK_MONOTONIC);
     let parsed = Cli::command()
         .try_get_matches()
         .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
@@ -333,7 +334,7 @@ fn main() -> ExitCode {
     let command = match cli.command {
         Some(c) => c,
         None if names_a_firecracker_flag(&matches) => {
-            return finish(firecracker::run(cli.firecracker));
+            return finish(firecracker::run(cli.firecracker, started_us));
         }
         None => {
             // No subcommand and no Firecracker flag: help, as for any incomplete command.

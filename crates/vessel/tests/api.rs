@@ -833,7 +833,10 @@ fn metrics_path_mmds_limit_and_module_flags() {
     expect(&mut c, "PUT", "/actions", action("FlushMetrics"), 204);
     let m = std::fs::read_to_string(&metrics).unwrap();
     let line: Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
-    assert!(line.get("api_server").is_some(), "{m}");
+    let api = &line["api_server"];
+    for gauge in ["process_startup_time_us", "process_startup_time_cpu_us"] {
+        assert!(api[gauge].as_u64().is_some_and(|n| n > 0), "{gauge}: {m}");
+    }
     expect(&mut c, "PUT", "/actions", action("SendCtrlAltDel"), 204);
     assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
     // The API's records (module vessel_api) are filtered out of the log.
