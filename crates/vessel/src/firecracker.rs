@@ -218,13 +218,13 @@ pub fn clock_us(clock: libc::clockid_t) -> u64 {
 /// Firecracker's api_server startup gauges, once the socket listens: wall time since
 /// `--start-time-us` (the launcher's monotonic clock; else since `main` began, `started_us`),
 /// and the process's CPU time less `--start-time-cpu-us` plus `--parent-cpu-time-us`.
-fn report_startup(ctl: &Mutex<ApiController>, args: &FirecrackerArgs, started_us: u64) {
+fn report_startup(metrics: &vessel_api::Metrics, args: &FirecrackerArgs, started_us: u64) {
     let wall =
         clock_us(libc::CLOCK_MONOTONIC).saturating_sub(args.start_time_us.unwrap_or(started_us));
     let cpu = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
         .saturating_sub(args.start_time_cpu_us.unwrap_or(0))
         + args.parent_cpu_time_us.unwrap_or(0);
-    lock(ctl).metrics().server.set_process_startup(wall, cpu);
+    metrics.server.set_process_startup(wall, cpu);
     log::info!("API server listening: process startup {wall} us, {cpu} CPU us");
 }
 
@@ -301,6 +301,16 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
             .map_err(|e| format!("--metrics-path: {e}"))?;
     }
 
+    if let (None, Some(md)) = (&args.config_file, &metadata) {
+        lock(&ctl)
+            .resources()
+            .put_metadata(md)
+            .map_err(|e| e.to_string())?;
+    }
+    // Once the server runs, its threads hold the controller while the main thread answers
+    // their calls: from here on the main thread must not lock it.
+    let metrics = lock(&ctl).metrics().clone();
+
     let _server = if args.no_api {
         None
     } else {
@@ -318,7 +328,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
         )
     };
 
-    report_startup(&ctl, &args, started_us);
+    report_startup(&metrics, &args, started_us);
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.
@@ -343,11 +353,6 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
                 }
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;
-    } else if let Some(md) = metadata {
-        lock(&ctl)
-            .resources()
-            .put_metadata(&md)
-            .map_err(|e| e.to_string())?;
     }
     start_metrics_timer(
         ctl.clone(),
