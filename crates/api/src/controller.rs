@@ -19,13 +19,19 @@ use crate::types::*;
 /// The application name Firecracker clients expect in `GET /`.
 pub const APP_NAME: &str = "Firecracker";
 
+/// The Firecracker API version Vessel implements: `info.version` of `openapi.json` (a test
+/// keeps them equal). `GET /version`, `GET /` and `vessel --version` report it where
+/// Firecracker reports its own version, so clients that gate features on it (Kata
+/// Containers requires >= 0.21.1) judge the API they talk to.
+pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
+
 /// Owns the configuration and the instance state; one per VM.
 pub struct ApiController {
     resources: VmResources,
     state: InstanceState,
     backend: Box<dyn VmmBackend + Send>,
     id: String,
-    vmm_version: String,
+    vessel_version: String,
     metrics: Arc<Metrics>,
     metrics_sink: Option<File>,
 }
@@ -40,18 +46,19 @@ impl std::fmt::Debug for ApiController {
 }
 
 impl ApiController {
-    /// A controller for a fresh VM named `id`, reporting `vmm_version`.
+    /// A controller for a fresh VM named `id`; `vessel_version` is the implementation's own
+    /// version, reported next to [`FIRECRACKER_API_VERSION`] (the `vessel_version` extension).
     pub fn new(
         backend: Box<dyn VmmBackend + Send>,
         id: impl Into<String>,
-        vmm_version: impl Into<String>,
+        vessel_version: impl Into<String>,
     ) -> Self {
         Self {
             resources: VmResources::default(),
             state: InstanceState::NotStarted,
             backend,
             id: id.into(),
-            vmm_version: vmm_version.into(),
+            vessel_version: vessel_version.into(),
             metrics: Arc::new(Metrics::new()),
             metrics_sink: None,
         }
@@ -121,15 +128,17 @@ impl ApiController {
         InstanceInfo {
             id: self.id.clone(),
             state: self.state,
-            vmm_version: self.vmm_version.clone(),
+            vmm_version: FIRECRACKER_API_VERSION.to_string(),
             app_name: APP_NAME.to_string(),
+            vessel_version: self.vessel_version.clone(),
         }
     }
 
     /// `GET /version`.
     pub fn version(&self) -> VersionInfo {
         VersionInfo {
-            firecracker_version: self.vmm_version.clone(),
+            firecracker_version: FIRECRACKER_API_VERSION.to_string(),
+            vessel_version: self.vessel_version.clone(),
         }
     }
 
@@ -428,6 +437,11 @@ impl ApiController {
     /// `GET|PUT|PATCH /mmds`.
     pub fn mmds(&self) -> &crate::resources::MmdsStore {
         &self.resources.mmds
+    }
+
+    /// The MMDS store, to set its limit (`--mmds-size-limit`).
+    pub fn mmds_mut(&mut self) -> &mut crate::resources::MmdsStore {
+        &mut self.resources.mmds
     }
 
     /// `PUT /mmds/config` (pre-boot).

@@ -25,7 +25,7 @@ pub mod server;
 pub mod types;
 
 pub use backend::{BackendJob, ChannelBackend, VmmBackend};
-pub use controller::ApiController;
+pub use controller::{ApiController, FIRECRACKER_API_VERSION};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use resources::{MmdsStore, VmConfig, VmResources};

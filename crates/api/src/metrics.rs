@@ -60,6 +60,21 @@ pub struct ServerCounters {
     pub timeouts: Counter,
     /// Method/path pairs matching no route.
     pub unknown_routes: Counter,
+    /// Firecracker's `process_startup_time_us`: process start to the API socket listening
+    /// (a gauge, repeated in every line; 0 until set).
+    pub process_startup_time_us: AtomicU64,
+    /// Firecracker's `process_startup_time_cpu_us`: the CPU time spent until then.
+    pub process_startup_time_cpu_us: AtomicU64,
+}
+
+impl ServerCounters {
+    /// Records how long the process took to serve its API, in wall and CPU microseconds.
+    pub fn set_process_startup(&self, wall_us: u64, cpu_us: u64) {
+        self.process_startup_time_us
+            .store(wall_us, Ordering::Relaxed);
+        self.process_startup_time_cpu_us
+            .store(cpu_us, Ordering::Relaxed);
+    }
 }
 
 /// All API metrics.
@@ -142,6 +157,15 @@ impl Metrics {
             ("unknown_routes", &s.unknown_routes),
         ] {
             api.insert(name.into(), c.take_delta().into());
+        }
+        for (name, g) in [
+            ("process_startup_time_us", &s.process_startup_time_us),
+            (
+                "process_startup_time_cpu_us",
+                &s.process_startup_time_cpu_us,
+            ),
+        ] {
+            api.insert(name.into(), g.load(Ordering::Relaxed).into());
         }
         out.insert("api_server".into(), Value::Object(api));
         for (route, c) in routes::table().iter().zip(&self.routes) {
@@ -254,4 +278,24 @@ fn sanitize(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn startup_gauges_repeat_and_counters_are_deltas() {
+        let m = Metrics::new();
+        m.server.set_process_startup(7_000, 3_000);
+        m.server.connections.inc();
+        let first = m.json_line(None, None, Map::new());
+        let api = &first["api_server"];
+        assert_eq!(api["process_startup_time_us"], 7_000);
+        assert_eq!(api["process_startup_time_cpu_us"], 3_000);
+        assert_eq!(api["connections_count"], 1);
+        let second = m.json_line(None, None, Map::new());
+        assert_eq!(second["api_server"]["process_startup_time_us"], 7_000);
+        assert_eq!(second["api_server"]["connections_count"], 0);
+    }
 }

@@ -169,4 +169,12 @@ mod tests {
         let cfg = json!({"$ref": "#/definitions/FullVmConfiguration"});
         assert!(validate(&cfg, &json!({"drives": [{"drive_id": 3}]})).is_err());
     }
+
+    #[test]
+    fn the_served_api_version_is_the_document_s() {
+        assert_eq!(
+            document()["info"]["version"].as_str(),
+            Some(crate::FIRECRACKER_API_VERSION)
+        );
+    }
 }

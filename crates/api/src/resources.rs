@@ -46,6 +46,11 @@ impl MmdsStore {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Sets the most bytes of JSON the store holds (`--mmds-size-limit`).
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
     /// The store itself, for the VMM's MMDS network stack: what the API writes later is what
     /// the guest reads.
     pub fn shared(&self) -> Arc<Mutex<Value>> {
@@ -602,11 +607,16 @@ impl VmResources {
             r.set_mmds_config(m)?;
         }
         if let Some(md) = metadata {
-            let v: Value = serde_json::from_str(md)
-                .map_err(|e| ApiError::bad(format!("Invalid MMDS metadata JSON: {e}")))?;
-            r.mmds.put(v)?;
+            r.put_metadata(md)?;
         }
         Ok(r)
+    }
+
+    /// Fills MMDS from `--metadata`'s JSON text.
+    pub fn put_metadata(&self, md: &str) -> Result<(), ApiError> {
+        let v: Value = serde_json::from_str(md)
+            .map_err(|e| ApiError::bad(format!("Invalid MMDS metadata JSON: {e}")))?;
+        self.mmds.put(v)
     }
 
     /// [`Self::from_config_json`] on a file.

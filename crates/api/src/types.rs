@@ -703,17 +703,21 @@ pub struct InstanceInfo {
     pub id: String,
     /// Run state.
     pub state: InstanceState,
-    /// Version of the VMM.
+    /// The Firecracker API version served ([`crate::controller::FIRECRACKER_API_VERSION`]).
     pub vmm_version: String,
     /// Always "Firecracker", so that Firecracker clients accept the answer.
     pub app_name: String,
+    /// Vessel extension: Vessel's own version.
+    pub vessel_version: String,
 }
 
 /// `GET /version`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
-    /// The VMM's version.
+    /// The Firecracker API version served ([`crate::controller::FIRECRACKER_API_VERSION`]).
     pub firecracker_version: String,
+    /// Vessel extension: Vessel's own version.
+    pub vessel_version: String,
 }
 
 /// The body of every error response.

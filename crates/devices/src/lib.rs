@@ -11,13 +11,16 @@
 //! - [`rtc::Rtc`]: the MC146818 CMOS real-time clock;
 //! - [`acpi_pm::AcpiPm`]: the hardware-reduced ACPI sleep control/status and reset registers;
 //! - [`debug_port::DebugPort`] (port 0x80) and [`debug_port::PortSink`] (known ports that need
-//!   no emulation).
+//!   no emulation);
+//! - [`boot_timer::BootTimer`]: Firecracker's boot timer (MMIO), which logs the guest's boot
+//!   time when it writes 123.
 //!
 //! Port numbers come from `vessel_memory::ports`. The crate does not know about KVM: devices
 //! raise interrupts by writing an [`EventFd`](vmm_sys_util::eventfd::EventFd) that the VMM
 //! registers as an irqfd for the device's GSI.
 
 pub mod acpi_pm;
+pub mod boot_timer;
 pub mod bus;
 pub mod debug_port;
 pub mod exit;
@@ -27,6 +30,7 @@ pub mod rtc;
 pub mod serial;
 
 pub use acpi_pm::AcpiPm;
+pub use boot_timer::BootTimer;
 pub use bus::{Bus, BusDevice, BusError};
 pub use debug_port::{DebugPort, PortSink};
 pub use exit::{ExitSignal, VmExitReason};

@@ -3,7 +3,8 @@
 //! ([`nested::probe_nested_host`]), the guest kernel parameters that keep the guest off
 //! instructions its emulator lacks ([`nested::nested_kernel_params`]), reading emulation
 //! failures out of `kvm_run` ([`exit`]) and completing those instructions in user space
-//! ([`emulate`]), with a readable account of the vCPU for error reports ([`diagnose`]).
+//! ([`emulate`]), with a readable account of the vCPU for error reports ([`diagnose`]); and
+//! Firecracker's custom CPU templates ([`template`]).
 
 pub mod cpuid;
 pub mod diagnose;
@@ -16,6 +17,7 @@ mod scratch_vm;
 pub mod snapshot;
 pub mod state;
 pub mod system;
+pub mod template;
 
 pub use error::KvmError;
 pub use state::CpuState;

@@ -83,7 +83,7 @@ fn filter_supported(entries: Vec<kvm_msr_entry>, supported: &[u32]) -> Vec<kvm_m
         .collect()
 }
 
-fn is_mtrr(index: u32) -> bool {
+pub(crate) fn is_mtrr(index: u32) -> bool {
     index == 0xfe || (0x200..=0x2ff).contains(&index)
 }
 

@@ -50,6 +50,9 @@ pub mod addr {
     pub const HIMEM_START: u64 = 0x10_0000;
     /// Start of the 32-bit MMIO gap (3 GiB .. 4 GiB): never RAM.
     pub const MMIO_GAP_START: u64 = 0xc000_0000;
+    /// Firecracker's boot timer register (`--boot-timer`), at the start of the gap as in
+    /// Firecracker, below the devices.
+    pub const BOOT_TIMER_START: u64 = MMIO_GAP_START;
     /// End of the 32-bit MMIO gap.
     pub const MMIO_GAP_END: u64 = 0x1_0000_0000;
     /// The IO-APIC registers.

@@ -87,6 +87,25 @@ fn u32_at(b: &[u8], at: usize) -> u32 {
     u32::from_le_bytes(x)
 }
 
+/// The format version in the header of the state file at `path`, whatever it is (for
+/// `--describe-snapshot`): only the magic is checked.
+pub fn read_format_version(path: &Path) -> Result<u32, SnapshotError> {
+    let mut head = Vec::with_capacity(12);
+    File::open(path)
+        .and_then(|f| f.take(12).read_to_end(&mut head))
+        .map_err(SnapshotError::io(path))?;
+    if head.len() < 8 || &head[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    if head.len() < 12 {
+        return Err(SnapshotError::Truncated {
+            have: head.len() as u64,
+            want: HEADER_LEN as u64,
+        });
+    }
+    Ok(u32_at(&head, 8))
+}
+
 /// Checks the header and checksum of a whole file and parses its payload.
 pub fn decode<T: DeserializeOwned>(file: &[u8]) -> Result<T, SnapshotError> {
     let payload = check(file)?;
@@ -214,7 +233,23 @@ mod tests {
         let p = std::env::temp_dir().join(format!("vessel-fmt-{}", std::process::id()));
         write_state(&p, &sample()).unwrap();
         assert_eq!(read_state::<S>(&p).unwrap(), sample());
+        assert_eq!(read_format_version(&p).unwrap(), FORMAT_VERSION);
         assert!(!temp_path(&p).exists());
+        // The version of another format is reported, not refused; other files are.
+        let mut other = encode(&sample()).unwrap();
+        other[8..12].copy_from_slice(&7u32.to_le_bytes());
+        fs::write(&p, &other).unwrap();
+        assert_eq!(read_format_version(&p).unwrap(), 7);
+        fs::write(&p, b"VESSELSN").unwrap();
+        assert!(matches!(
+            read_format_version(&p),
+            Err(SnapshotError::Truncated { .. })
+        ));
+        fs::write(&p, b"not a snapshot").unwrap();
+        assert!(matches!(
+            read_format_version(&p),
+            Err(SnapshotError::BadMagic)
+        ));
         let _ = fs::remove_file(p);
     }
 

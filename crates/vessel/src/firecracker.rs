@@ -14,9 +14,10 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use vessel_api::types::{LogLevel, Logger};
+use vessel_api::types::{LogLevel, Logger, MetricsConfig};
 use vessel_api::{ApiController, ApiError, ApiServer, ServerConfig, VmResources, VmmBackend};
 use vessel_vmm::api::ApiBackend;
+use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ExitReason, SerialTarget, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -56,36 +57,45 @@ pub struct FirecrackerArgs {
     /// Firecracker mode: show each record's source file and line in the log file.
     #[arg(long)]
     pub show_log_origin: bool,
-    /// Firecracker mode: accepted (the boot timer device is not emulated yet).
+    /// Firecracker mode: the guest writing 123 at 0xc000_0000 logs its boot time (Info).
     #[arg(long)]
     pub boot_timer: bool,
+    /// Firecracker mode: write metrics to this file or FIFO (as PUT /metrics).
+    #[arg(long, value_name = "PATH")]
+    pub metrics_path: Option<PathBuf>,
+    /// Firecracker mode: log only records from modules whose path starts with this.
+    #[arg(long, value_name = "MODULE")]
+    pub module: Option<String>,
     /// Firecracker mode: JSON file with the initial MMDS contents.
     #[arg(long, value_name = "FILE")]
     pub metadata: Option<PathBuf>,
-    /// Firecracker mode: largest API request body, in bytes.
+    /// Firecracker mode: largest API request body, in bytes [default: 65536].
     #[arg(long, value_name = "BYTES")]
     pub http_api_max_payload_size: Option<usize>,
-    // Flags that Firecracker's launchers pass and that have no meaning for Vessel.
+    /// Firecracker mode: largest MMDS store, in bytes of JSON [default: the
+    /// --http-api-max-payload-size given, else 51200].
+    #[arg(long, value_name = "BYTES")]
+    pub mmds_size_limit: Option<usize>,
+    /// Firecracker mode: put the microVM's devices on PCI rather than virtio-mmio.
+    #[arg(long)]
+    pub enable_pci: bool,
+    /// Print the snapshot data format version this Vessel writes, and exit.
+    #[arg(long)]
+    pub snapshot_version: bool,
+    /// Print the data format version of this snapshot state file, and exit.
+    #[arg(long, value_name = "FILE")]
+    pub describe_snapshot: Option<PathBuf>,
+    // Set by Firecracker's jailer and launchers: when the process started (monotonic clock)
+    // and the CPU time spent before it, for the api_server startup metrics.
     #[arg(long, hide = true)]
     pub start_time_us: Option<u64>,
     #[arg(long, hide = true)]
     pub start_time_cpu_us: Option<u64>,
     #[arg(long, hide = true)]
     pub parent_cpu_time_us: Option<u64>,
-    #[arg(long, hide = true)]
-    pub module: Option<String>,
-    #[arg(long, hide = true)]
-    pub mmds_size_limit: Option<usize>,
     /// Period of the metrics written without a `FlushMetrics`, in milliseconds (tests).
     #[arg(long, hide = true, default_value_t = METRICS_PERIOD_MS)]
     pub metrics_period_ms: u64,
-}
-
-impl FirecrackerArgs {
-    /// Whether any flag selects Firecracker mode.
-    pub fn any(&self) -> bool {
-        self.api_sock.is_some() || self.config_file.is_some() || self.no_api
-    }
 }
 
 fn level_filter(l: LogLevel) -> log::LevelFilter {
@@ -175,8 +185,52 @@ fn poll_readable(fds: &[i32]) {
     unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
 }
 
-/// Runs Firecracker mode to the end of the VM.
-pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
+/// `--snapshot-version` and `--describe-snapshot FILE`: Firecracker prints a data format
+/// version and exits. Vessel's state format is one integer N, printed as `vN.0.0` so that the
+/// answer parses as the semantic version Firecracker prints.
+pub fn print_and_exit(args: &FirecrackerArgs) -> Option<Result<ExitCode, String>> {
+    if args.snapshot_version {
+        println!("v{}.0.0", vessel_snapshot::FORMAT_VERSION);
+        return Some(Ok(ExitCode::SUCCESS));
+    }
+    let path = args.describe_snapshot.as_ref()?;
+    Some(
+        vessel_snapshot::format::read_format_version(path)
+            .map(|v| {
+                println!("v{v}.0.0");
+                ExitCode::SUCCESS
+            })
+            .map_err(|e| e.to_string()),
+    )
+}
+
+/// `clock` (CLOCK_MONOTONIC, CLOCK_PROCESS_CPUTIME_ID) in microseconds.
+pub fn clock_us(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own; on failure it stays zero.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    (ts.tv_sec.max(0) as u64) * 1_000_000 + (ts.tv_nsec.max(0) as u64) / 1000
+}
+
+/// Firecracker's api_server startup gauges, once the socket listens: wall time since
+/// `--start-time-us` (the launcher's monotonic clock; else since `main` began, `started_us`),
+/// and the process's CPU time less `--start-time-cpu-us` plus `--parent-cpu-time-us`.
+fn report_startup(metrics: &vessel_api::Metrics, args: &FirecrackerArgs, started_us: u64) {
+    let wall =
+        clock_us(libc::CLOCK_MONOTONIC).saturating_sub(args.start_time_us.unwrap_or(started_us));
+    let cpu = clock_us(libc::CLOCK_PROCESS_CPUTIME_ID)
+        .saturating_sub(args.start_time_cpu_us.unwrap_or(0))
+        + args.parent_cpu_time_us.unwrap_or(0);
+    metrics.server.set_process_startup(wall, cpu);
+    log::info!("API server listening: process startup {wall} us, {cpu} CPU us");
+}
+
+/// Runs Firecracker mode to the end of the VM; `started_us` is when `main` began
+/// (CLOCK_MONOTONIC, microseconds).
+pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
     if let Some(level) = &args.level {
         log::set_max_level(logger::parse_level(level)?);
     }
@@ -188,7 +242,7 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
     logger::set_options(logger::Options {
         show_level: args.show_level,
         show_origin: args.show_log_origin,
-        module: None,
+        module: args.module.clone().filter(|m| !m.is_empty()),
     });
     if let Some(p) = &args.log_path {
         logger::set_path(&p.to_string_lossy())
@@ -197,9 +251,11 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
     if args.no_api && args.config_file.is_none() {
         return Err("--no-api needs --config-file".into());
     }
-    if args.boot_timer {
-        log::info!("--boot-timer: the boot timer device is not emulated; ignored");
-    }
+    // As Firecracker: the MMDS store may be as large as an API request unless told.
+    let mmds_limit = args
+        .mmds_size_limit
+        .or(args.http_api_max_payload_size)
+        .unwrap_or(vessel_api::resources::DEFAULT_MMDS_LIMIT);
     let metadata = match &args.metadata {
         Some(p) => Some(
             std::fs::read_to_string(p)
@@ -210,10 +266,17 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
     // The guest console is the process's stdin/stdout, as Firecracker's.
     let base = VmConfig {
         serial: SerialTarget::Stdio,
+        boot_timer: args.boot_timer,
         ..Default::default()
+    };
+    let transport = if args.enable_pci {
+        Transport::Pci
+    } else {
+        Transport::Mmio
     };
     let mut backend = ApiBackend::new(base)
         .map_err(|e| e.to_string())?
+        .with_transport(transport)
         .with_logger(configure_logger);
 
     let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
@@ -228,6 +291,25 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
         id,
         env!("CARGO_PKG_VERSION"),
     )));
+    lock(&ctl).mmds_mut().set_limit(mmds_limit);
+    if let Some(p) = &args.metrics_path {
+        lock(&ctl)
+            .put_metrics(MetricsConfig {
+                metrics_path: p.to_string_lossy().into_owned(),
+                ..Default::default()
+            })
+            .map_err(|e| format!("--metrics-path: {e}"))?;
+    }
+
+    if let (None, Some(md)) = (&args.config_file, &metadata) {
+        lock(&ctl)
+            .resources()
+            .put_metadata(md)
+            .map_err(|e| e.to_string())?;
+    }
+    // Once the server runs, its threads hold the controller while the main thread answers
+    // their calls: from here on the main thread must not lock it.
+    let metrics = lock(&ctl).metrics().clone();
 
     let _server = if args.no_api {
         None
@@ -246,6 +328,8 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
         )
     };
 
+    report_startup(&metrics, &args, started_us);
+
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.
     let (failed_tx, failed) = mpsc::channel::<String>();
@@ -256,18 +340,19 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
             .name("config-file".into())
             .spawn(move || {
                 vessel_vmm::vm::seccomp_helper("config-file");
-                let r = VmResources::from_config_file(&path, metadata.as_deref())
-                    .and_then(|res| boot_config(&ctl, res));
+                let r = VmResources::from_config_file(&path, None).and_then(|mut res| {
+                    res.mmds.set_limit(mmds_limit);
+                    if let Some(md) = &metadata {
+                        res.put_metadata(md)?;
+                    }
+                    boot_config(&ctl, res)
+                });
                 if let Err(e) = r {
                     let _ = failed_tx.send(format!("{}: {e}", path.display()));
                     let _ = wake.write(1);
                 }
             })
             .map_err(|e| format!("cannot start a thread: {e}"))?;
-    } else if let Some(md) = metadata {
-        let v: serde_json::Value =
-            serde_json::from_str(&md).map_err(|e| format!("invalid metadata JSON: {e}"))?;
-        lock(&ctl).mmds().put(v).map_err(|e| e.to_string())?;
     }
     start_metrics_timer(
         ctl.clone(),

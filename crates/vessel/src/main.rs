@@ -1,9 +1,9 @@
 //! `vessel`: the command line. Parses what the user asked for into a `VmConfig` (or an image
 //! build), runs it, and turns the outcome into one line and an exit status.
 //!
-//! Without a subcommand, Firecracker's process flags (`--api-sock`, `--config-file`,
-//! `--no-api`, ...) select Firecracker-compatible mode ([`firecracker`]); `vessel api`
-//! talks to a running VM's socket ([`apicli`]).
+//! Without a subcommand, any of Firecracker's process flags (`--api-sock`, `--config-file`,
+//! `--no-api`, `--log-path`, ...) selects Firecracker-compatible mode ([`firecracker`]); a
+//! bare `vessel` prints help. `vessel api` talks to a running VM's socket ([`apicli`]).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -24,12 +24,15 @@ mod snapshotcli;
 #[derive(Parser)]
 #[command(
     name = "vessel",
-    version,
+    disable_version_flag = true,
     about = "Vessel: a KVM hypervisor that boots unmodified Linux",
-    long_about = "Vessel: a KVM hypervisor that boots unmodified Linux.\n\nWith no subcommand, Vessel takes Firecracker's process flags (--api-sock, --config-file, --no-api, --id, ...) and serves Firecracker's API.",
+    long_about = "Vessel: a KVM hypervisor that boots unmodified Linux.\n\nWith no subcommand, any of Firecracker's process flags (--api-sock, --config-file, --no-api, --id, --log-path, ...) makes Vessel serve Firecracker's API as Firecracker does; a bare `vessel` prints this help.",
     args_conflicts_with_subcommands = true
 )]
 struct Cli {
+    /// Print the version: the Firecracker API version served, then Vessel's own.
+    #[arg(short = 'V', long)]
+    version: bool,
     /// Log level for Vessel's own messages (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn", value_parser = parse_level)]
     log_level: log::LevelFilter,
@@ -146,6 +149,10 @@ struct RunArgs {
     /// Nested-host fallback: auto (probe the host), on or off.
     #[arg(long, default_value = "auto")]
     nested: NestedMode,
+    /// Firecracker's boot timer: the guest writing 123 at 0xc000_0000 logs its boot time
+    /// (at info level: --log-level info).
+    #[arg(long)]
+    boot_timer: bool,
     /// Print exit and timing statistics when the VM ends.
     #[arg(long)]
     stats: bool,
@@ -230,6 +237,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             balloon: args.balloon,
         },
         track_dirty_pages: false,
+        boot_timer: args.boot_timer,
+        cpu_template: None,
     };
     let outcome = vessel_vmm::run(&config).map_err(|e| e.to_string())?;
     if args.stats || args.profile.is_some() {
@@ -276,27 +285,60 @@ fn usage_error(e: clap::Error) -> ExitCode {
     ExitCode::from(2)
 }
 
+/// The first line is shaped as Firecracker's `Firecracker v1.x.y`, whose second word tools
+/// parse as the version of the API they will talk to (Kata Containers: first line, second
+/// word, leading 'v' stripped, at least 0.21.1); it gives the Firecracker API version Vessel
+/// implements, and names Vessel's own version after it.
+fn version_text() -> String {
+    format!(
+        "Vessel v{api} (Firecracker API v{api}; vessel {own})\n",
+        api = vessel_api::FIRECRACKER_API_VERSION,
+        own = env!("CARGO_PKG_VERSION")
+    )
+}
+
+/// Whether the command line names a flag other than Vessel's own `--log-level` (all the
+/// others at the top level are Firecracker's), so that any Firecracker flag on its own starts
+/// Firecracker mode. A bare `vessel` prints help instead of serving the default socket.
+fn names_a_firecracker_flag(m: &clap::ArgMatches) -> bool {
+    m.ids().any(|id| {
+        id.as_str() != "log_level"
+            && m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
+    })
+}
+
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    use clap::{CommandFactory, FromArgMatches};
+    let started_us = firecracker::clock_us(libc::CLOCK_MONOTONIC);
+    let parsed = Cli::command()
+        .try_get_matches()
+        .and_then(|m| Cli::from_arg_matches(&m).map(|c| (c, m)));
+    let (cli, matches) = match parsed {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    if cli.version {
+        print!("{}", version_text());
+        return ExitCode::SUCCESS;
+    }
     logger::init(cli.log_level);
+    if cli.command.is_none() {
+        if let Some(code) = firecracker::print_and_exit(&cli.firecracker) {
+            return finish(code);
+        }
+    }
     if let Err(e) = cli.seccomp.configure() {
         eprintln!("vessel: {e}");
         return ExitCode::from(2);
     }
     let command = match cli.command {
         Some(c) => c,
-        None if cli.firecracker.any()
-            || cli.firecracker.id.is_some()
-            || cli.firecracker.level.is_some() =>
-        {
-            return finish(firecracker::run(cli.firecracker));
+        None if names_a_firecracker_flag(&matches) => {
+            return finish(firecracker::run(cli.firecracker, started_us));
         }
         None => {
             // No subcommand and no Firecracker flag: help, as for any incomplete command.
-            let _ = <Cli as clap::CommandFactory>::command().print_help();
+            let _ = Cli::command().print_help();
             return ExitCode::SUCCESS;
         }
     };

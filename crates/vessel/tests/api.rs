@@ -234,13 +234,20 @@ fn the_vessel_api_client_drives_a_vm() {
     assert!(out.contains("Paused"), "{out}");
     assert_no_progress(&v);
     let paused_at = ticks(&v.console());
-    // The requests reach the API; the VMM may not take snapshots (yet).
+    // A paused VM snapshots; `--describe-snapshot` reads the state file's format version.
     let mem = dir.join("mem").to_str().unwrap().to_string();
     let st = dir.join("state").to_str().unwrap().to_string();
     let (ok, _, err) = api(&["snapshot", "create", "--mem", &mem, "--state", &st]);
-    assert!(
-        ok || (err.contains("HTTP 400") && err.contains("napshot")),
-        "{err}"
+    assert!(ok, "{err}");
+    assert!(std::fs::metadata(&mem).unwrap().len() >= 32 << 20);
+    let out = vessel()
+        .args(["--describe-snapshot", &st])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        format!("v{}.0.0\n", vessel_snapshot::FORMAT_VERSION)
     );
     // Loading is for a fresh VMM only.
     let (ok, _, err) = api(&["snapshot", "load", "--mem", &mem, "--state", &st]);
@@ -712,5 +719,183 @@ fn minimal_linux_session_through_the_socket() {
         "{}",
         v.stderr()
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// What tools parse from Firecracker's process: `--version`'s first line (Kata Containers:
+/// second word, 'v' stripped, a semantic version of at least 0.21.1), `--snapshot-version`.
+#[test]
+fn version_flags_answer_as_firecracker_s() {
+    let out = vessel().arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    let first = stdout.lines().next().unwrap_or("");
+    let version = first
+        .split(' ')
+        .nth(1)
+        .unwrap_or("")
+        .trim_start_matches('v');
+    assert_eq!(version, vessel_api::FIRECRACKER_API_VERSION, "{stdout}");
+    let n: Vec<u32> = version.split('.').map(|x| x.parse().unwrap()).collect();
+    assert!(
+        n.len() == 3 && (n[0], n[1], n[2]) >= (0, 21, 1),
+        "{version}"
+    );
+    assert!(stdout.contains(env!("CARGO_PKG_VERSION")), "{stdout}");
+    let out = vessel().arg("--snapshot-version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        text(&out.stdout),
+        format!("v{}.0.0\n", vessel_snapshot::FORMAT_VERSION)
+    );
+    let out = vessel()
+        .args(["--describe-snapshot", "/etc/hostname"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("not a Vessel snapshot"));
+}
+
+/// `--metrics-path` opens the metrics sink as `PUT /metrics` would; `--mmds-size-limit` bounds
+/// the store; `--module` keeps only the named module's records; `GET /version` reports the
+/// API version and Vessel's own; `PUT /cpu-config` checks templates and boots with a good one.
+#[test]
+fn metrics_path_mmds_limit_and_module_flags() {
+    let dir = scratch("api-flags");
+    let metrics = dir.join("metrics.json");
+    let log = dir.join("vessel.log");
+    let mut v = start_vessel(
+        &dir,
+        &[
+            "--metrics-path",
+            metrics.to_str().unwrap(),
+            "--mmds-size-limit",
+            "64",
+            "--log-path",
+            log.to_str().unwrap(),
+            "--level",
+            "Info",
+            "--module",
+            "vessel_vmm",
+        ],
+    );
+    let mut c = v.client();
+    let ver = expect(&mut c, "GET", "/version", None, 200);
+    assert_eq!(
+        ver,
+        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION,
+               "vessel_version": env!("CARGO_PKG_VERSION")})
+    );
+    // The metrics sink is already configured.
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/metrics",
+        Some(json!({"metrics_path": dir.join("other.json")})),
+        400,
+    );
+    assert!(fault(&e).contains("Reinitialization"), "{e}");
+    expect(&mut c, "PUT", "/mmds", Some(json!({"a": "b"})), 204);
+    let big = json!({"a": "x".repeat(64)});
+    expect(&mut c, "PUT", "/mmds", Some(big), 413);
+    // A custom CPU template: malformed ones are refused with the reason, a good one boots.
+    let leaf1 = |bitmap: &str| {
+        json!({"cpuid_modifiers": [{"leaf": "0x1", "subleaf": "0x0", "flags": 0,
+            "modifiers": [{"register": "ecx", "bitmap": bitmap}]}]})
+    };
+    let e = expect(&mut c, "PUT", "/cpu-config", Some(leaf1("0b1x")), 400);
+    assert!(fault(&e).contains("2 bits, 32 are needed"), "{e}");
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/cpu-config",
+        Some(leaf1(&format!("0b{}", "y".repeat(32)))),
+        400,
+    );
+    assert!(fault(&e).contains("'y'"), "{e}");
+    let absent = json!({"cpuid_modifiers": [{"leaf": "0x4fffffff", "subleaf": "0x0",
+        "flags": 0, "modifiers": []}]});
+    let e = expect(&mut c, "PUT", "/cpu-config", Some(absent), 400);
+    assert!(fault(&e).contains("not among those KVM offers"), "{e}");
+    // Leaf 1 ECX bit 31 (hypervisor) set, the rest as Vessel has it.
+    let good = leaf1(&format!("0b1{}", "x".repeat(31)));
+    expect(&mut c, "PUT", "/cpu-config", Some(good.clone()), 204);
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(cfg["cpu-config"], good, "{cfg}");
+    let kernel = write_kernel(&dir, ticker(None));
+    configure(
+        &mut c,
+        json!({"kernel_image_path": kernel}),
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
+    expect(&mut c, "PUT", "/actions", action("FlushMetrics"), 204);
+    let m = std::fs::read_to_string(&metrics).unwrap();
+    let line: Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+    let api = &line["api_server"];
+    for gauge in ["process_startup_time_us", "process_startup_time_cpu_us"] {
+        assert!(api[gauge].as_u64().is_some_and(|n| n > 0), "{gauge}: {m}");
+    }
+    expect(&mut c, "PUT", "/actions", action("SendCtrlAltDel"), 204);
+    assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
+    // The API's records (module vessel_api) are filtered out of the log.
+    let s = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(!s.contains("received a GET request"), "{s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--boot-timer`: the guest writing 123 at 0xc000_0000 logs Firecracker's boot time line
+/// at info level; other values and offsets are ignored.
+#[test]
+fn boot_timer_logs_the_guest_boot_time() {
+    let dir = scratch("api-boot-timer");
+    let mut g = Guest::new();
+    g.a.mov(rdi, 0xc000_0000u64).unwrap();
+    g.a.mov(byte_ptr(rdi), 122u32).unwrap();
+    g.a.mov(byte_ptr(rdi + 1), 123u32).unwrap();
+    g.a.mov(byte_ptr(rdi), 123u32).unwrap();
+    g.print("TIMED\n");
+    g.power_off();
+    let kernel = write_kernel(&dir, g.finish());
+    let log = dir.join("vessel.log");
+    let mut v = start_vessel(
+        &dir,
+        &[
+            "--boot-timer",
+            "--log-path",
+            log.to_str().unwrap(),
+            "--level",
+            "Info",
+        ],
+    );
+    let mut c = v.client();
+    configure(
+        &mut c,
+        json!({"kernel_image_path": kernel}),
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
+    assert!(v.console().contains("TIMED"), "{}", v.console());
+    let s = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = s
+        .lines()
+        .filter(|l| l.contains("Guest-boot-time"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{s}");
+    let words: Vec<&str> = lines[0].split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "Guest-boot-time").unwrap();
+    // Guest-boot-time = US us MS ms, CPU_US CPU us CPU_MS CPU ms
+    assert_eq!(&words[at + 1..at + 2], ["="], "{}", lines[0]);
+    let us: u64 = words[at + 2].parse().unwrap();
+    let ms: u64 = words[at + 4].parse().unwrap();
+    let cpu_us: u64 = words[at + 6].parse().unwrap();
+    assert_eq!(ms, us / 1000, "{}", lines[0]);
+    assert_eq!(
+        (words[at + 3], words[at + 7], words[at + 8]),
+        ("us", "CPU", "us")
+    );
+    assert!(us > 0 && cpu_us > 0, "{}", lines[0]);
     let _ = std::fs::remove_dir_all(&dir);
 }

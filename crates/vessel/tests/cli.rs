@@ -132,3 +132,18 @@ fn initrd_larger_than_memory_is_refused() {
 fn bad_serial_target_is_refused() {
     fails_with(&["run", "--serial", "tty9"], "serial target");
 }
+
+/// Any Firecracker flag on its own selects Firecracker mode (which then reports what is wrong
+/// with it); a bare `vessel` prints help.
+#[test]
+fn any_firecracker_flag_selects_firecracker_mode() {
+    fails_with(&["--metadata", "/nonexistent/md.json"], "metadata file");
+    fails_with(&["--log-path", "/nonexistent/dir/log"], "log file");
+    let out = run_with_timeout(vessel(), LIMIT);
+    assert!(out.status.success());
+    assert!(
+        text(&out.stdout).contains("Usage: vessel"),
+        "{}",
+        text(&out.stdout)
+    );
+}

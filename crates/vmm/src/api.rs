@@ -67,8 +67,18 @@ pub fn kernel_cmdline(resources: &VmResources, boot: &ApiBootSource) -> String {
 }
 
 /// Maps API resources to a VM configuration. `base` supplies what the API does not
-/// describe (console, nested mode, profiling); every device is placed on virtio-mmio.
+/// describe (console, nested mode, profiling, boot timer); every device is placed on
+/// virtio-mmio.
 pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig, ApiError> {
+    resources_to_config_on(r, base, Transport::Mmio)
+}
+
+/// [`resources_to_config`] with every device on `transport` (`--enable-pci`: PCI).
+pub fn resources_to_config_on(
+    r: &VmResources,
+    base: &VmConfig,
+    transport: Transport,
+) -> Result<VmConfig, ApiError> {
     let Some(boot) = &r.boot_source else {
         return Err(ApiError::bad(
             "Start microvm error: Missing kernel configuration.",
@@ -87,7 +97,7 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             read_only: d.is_read_only.unwrap_or(false),
             // Firecracker answers VIRTIO_BLK_T_GET_ID with the drive id.
             serial: (d.drive_id.len() <= BLK_SERIAL_MAX).then(|| d.drive_id.clone()),
-            transport: Transport::Mmio,
+            transport,
             rate_limiter: limiter_config(&d.rate_limiter),
         });
     }
@@ -106,7 +116,7 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             tap: n.host_dev_name.clone(),
             mac,
             queue_pairs: 1,
-            transport: Transport::Mmio,
+            transport,
             rx_rate_limiter: limiter_config(&n.rx_rate_limiter),
             tx_rate_limiter: limiter_config(&n.tx_rate_limiter),
             mmds: mmds
@@ -118,13 +128,13 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
     let vsock = r.vsock.as_ref().map(|v| VsockConfig {
         cid: u64::from(v.guest_cid),
         uds: PathBuf::from(&v.uds_path),
-        transport: Transport::Mmio,
+        transport,
     });
     let balloon = r.balloon.as_ref().map(|b| BalloonConfig {
         size_mib: u64::from(b.amount_mib),
         stats: b.stats_polling_interval_s > 0,
         deflate_on_oom: b.deflate_on_oom,
-        transport: Transport::Mmio,
+        transport,
     });
     let m = &r.machine_config;
     Ok(VmConfig {
@@ -144,10 +154,16 @@ pub fn resources_to_config(r: &VmResources, base: &VmConfig) -> Result<VmConfig,
             disks,
             nets,
             vsock,
-            rng: r.entropy.map(|_| Transport::Mmio),
+            rng: r.entropy.map(|_| transport),
             balloon,
         },
         track_dirty_pages: m.track_dirty_pages,
+        boot_timer: base.boot_timer,
+        cpu_template: r
+            .cpu_config
+            .as_ref()
+            .map(crate::cpu_config::from_api)
+            .transpose()?,
     })
 }
 
@@ -219,6 +235,8 @@ pub struct ApiBackend {
     drives: Vec<(String, BlockHandle)>,
     /// The started VM's network interfaces, with their ids, in device order.
     nets: Vec<(String, NetHandle)>,
+    /// Where the devices go (virtio-mmio unless `--enable-pci`).
+    transport: Transport,
 }
 
 /// A running balloon: its handle, how it was configured, and the statistics polling interval
@@ -337,7 +355,14 @@ impl ApiBackend {
             balloon: None,
             drives: Vec::new(),
             nets: Vec::new(),
+            transport: Transport::Mmio,
         })
+    }
+
+    /// Places the devices of the VMs it starts on `transport` (default virtio-mmio).
+    pub fn with_transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
     }
 
     /// Calls `hook` for `PUT /logger` (and a config file's `logger`).
@@ -405,7 +430,11 @@ impl ApiBackend {
 
 impl VmmBackend for ApiBackend {
     fn validate(&mut self, resources: &VmResources) -> Result<(), ApiError> {
-        unsupported(resources)
+        unsupported(resources)?;
+        if let Some(c) = &resources.cpu_config {
+            crate::cpu_config::check_on_host(&crate::cpu_config::from_api(c)?)?;
+        }
+        Ok(())
     }
 
     fn start(&mut self, resources: &VmResources) -> Result<(), ApiError> {
@@ -413,7 +442,7 @@ impl VmmBackend for ApiBackend {
             return Err(ApiError::NotSupportedPostBoot);
         }
         unsupported(resources)?;
-        let config = resources_to_config(resources, &self.base)?;
+        let config = resources_to_config_on(resources, &self.base, self.transport)?;
         let start_err = |e: VmmError| ApiError::bad(format!("Start microvm error: {e}"));
         let vm = Vm::build(&config).map_err(start_err)?;
         let handles = vm.device_handles();

@@ -90,6 +90,13 @@ pub struct VmConfig {
     /// migration. Costs a write fault per page between two reads of the log.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Firecracker's boot timer device (`--boot-timer`): the guest writing 123 at
+    /// [`vessel_devices::boot_timer::BOOT_TIMER_ADDR`] logs the time since the VM was built.
+    #[serde(default)]
+    pub boot_timer: bool,
+    /// A custom CPU template (`PUT /cpu-config`) applied on top of Vessel's CPUID and MSRs.
+    #[serde(default)]
+    pub cpu_template: Option<vessel_kvm::template::CpuTemplate>,
 }
 
 impl Default for VmConfig {
@@ -105,6 +112,8 @@ impl Default for VmConfig {
             profile_ms: None,
             devices: DeviceConfigs::default(),
             track_dirty_pages: false,
+            boot_timer: false,
+            cpu_template: None,
         }
     }
 }

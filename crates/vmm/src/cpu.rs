@@ -3,6 +3,7 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vessel_boot::{BootRegs, EntryMode, Gdt, Segment};
+use vessel_kvm::template::CpuTemplate;
 
 use crate::error::{KvmContext, VmmError};
 
@@ -19,33 +20,53 @@ const X86_CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
 const EFER_LMA: u64 = 1 << 10;
 
-/// Set CPUID, MSRs, FPU and LAPIC of one vCPU (boot CPU or not).
+/// Set CPUID, MSRs, FPU and LAPIC of one vCPU (boot CPU or not); a custom CPU `template`
+/// changes the CPUID and MSRs Vessel sets.
 pub fn configure_vcpu(
     vcpu: &VcpuFd,
     id: u8,
     num_cpus: u8,
     supported_cpuid: &CpuId,
     hide_pv: bool,
+    template: Option<&CpuTemplate>,
 ) -> Result<(), VmmError> {
-    set_cpuid(vcpu, id, num_cpus, supported_cpuid, hide_pv)?;
-    set_power_on_state(vcpu, id)
+    set_cpuid(vcpu, id, num_cpus, supported_cpuid, hide_pv, template)?;
+    set_power_on_state(vcpu, id, template)
 }
 
-/// Set the CPUID of one vCPU, computed from what this host's KVM supports.
+fn template_error(id: u8) -> impl Fn(String) -> VmmError {
+    move |reason| VmmError::Vcpu {
+        cpu: id,
+        reason: format!("CPU template: {reason}"),
+    }
+}
+
+/// Set the CPUID of one vCPU, computed from what this host's KVM supports, with a custom CPU
+/// `template` applied on top.
 pub fn set_cpuid(
     vcpu: &VcpuFd,
     id: u8,
     num_cpus: u8,
     supported_cpuid: &CpuId,
     hide_pv: bool,
+    template: Option<&CpuTemplate>,
 ) -> Result<(), VmmError> {
-    let cpuid = vessel_kvm::cpuid::normalize(supported_cpuid, id, num_cpus, hide_pv);
+    let mut cpuid = vessel_kvm::cpuid::normalize(supported_cpuid, id, num_cpus, hide_pv);
+    if let Some(t) = template {
+        t.apply_cpuid(&mut cpuid).map_err(template_error(id))?;
+    }
     vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")
 }
 
-/// The MSRs, FPU and LAPIC LINT wiring a vCPU has at power-on. A restored vCPU skips this:
-/// its saved state sets all of them (the snapshot's MSR list holds every boot MSR).
-fn set_power_on_state(vcpu: &VcpuFd, id: u8) -> Result<(), VmmError> {
+/// The MSRs (with a template's changes), FPU and LAPIC LINT wiring a vCPU has at power-on. A
+/// restored vCPU skips this: its saved state sets all of them (the snapshot's MSR list holds
+/// every boot MSR).
+fn set_power_on_state(
+    vcpu: &VcpuFd,
+    id: u8,
+    template: Option<&CpuTemplate>,
+) -> Result<(), VmmError> {
+    let template_error = template_error(id);
     let entries = vessel_kvm::msrs::boot_msrs();
     let msrs =
         Msrs::from_entries(&entries).map_err(|e| VmmError::Device(format!("MSR list: {e:?}")))?;
@@ -59,6 +80,28 @@ fn set_power_on_state(vcpu: &VcpuFd, id: u8) -> Result<(), VmmError> {
                 entries[set].index
             ),
         });
+    }
+
+    if let Some(t) = template.filter(|t| !t.msrs.is_empty()) {
+        let entries = t.msr_entries();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|e| VmmError::Device(format!("MSR list: {e:?}")))?;
+        let read = vcpu.get_msrs(&mut msrs).kvm("KVM_GET_MSRS")?;
+        if read != entries.len() {
+            return Err(template_error(format!(
+                "KVM cannot read MSR {:#x}",
+                entries[read].index
+            )));
+        }
+        t.apply_msrs(msrs.as_mut_slice());
+        let set = vcpu.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;
+        if set != entries.len() {
+            return Err(template_error(format!(
+                "KVM refused the value {:#x} for MSR {:#x}",
+                msrs.as_slice()[set].data,
+                entries[set].index
+            )));
+        }
     }
 
     let fpu = kvm_fpu {

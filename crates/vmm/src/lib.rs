@@ -9,6 +9,7 @@
 pub mod api;
 pub mod config;
 pub mod cpu;
+pub mod cpu_config;
 pub mod demo;
 pub mod device_config;
 mod devices;

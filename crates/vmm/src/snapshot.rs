@@ -429,7 +429,14 @@ pub(crate) fn restore_vcpu(
             cpu: id,
             reason: "no CPUID to restore it with".into(),
         })?;
-        crate::cpu::set_cpuid(fd, id, snap.config.cpus as u8, supported, hide_pv)?;
+        crate::cpu::set_cpuid(
+            fd,
+            id,
+            snap.config.cpus as u8,
+            supported,
+            hide_pv,
+            snap.config.cpu_template.as_ref(),
+        )?;
     }
     state.restore(fd).map_err(|e| VmmError::Vcpu {
         cpu: id,

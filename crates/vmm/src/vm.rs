@@ -324,6 +324,7 @@ impl Vm {
         restore: Option<(GuestMemoryMmap, &crate::snapshot::VmSnapshot)>,
     ) -> Result<Vm, VmmError> {
         let t0 = Instant::now();
+        let boot_timer = config.boot_timer.then(vessel_devices::BootTimer::start);
         let kvm = vessel_kvm::system::open()?;
         vessel_kvm::system::check_capabilities(&kvm)?;
         let layout = validate(config, vessel_kvm::system::max_vcpus(&kvm))?;
@@ -359,6 +360,15 @@ impl Vm {
         let exit = ExitSignal::new().map_err(|e| VmmError::Device(format!("exit eventfd: {e}")))?;
         let mut io_bus = Bus::new();
         let mut mmio_bus = Bus::new();
+        if let Some(t) = boot_timer {
+            mmio_bus
+                .insert(
+                    Arc::new(Mutex::new(t)),
+                    vessel_memory::addr::BOOT_TIMER_START,
+                    vessel_devices::boot_timer::BOOT_TIMER_LEN,
+                )
+                .map_err(|e| VmmError::Device(format!("boot timer: {e}")))?;
+        }
         let devices = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
         let virtio = crate::virtio::create(&vm, &mem, &mut io_bus, &mut mmio_bus, &config.devices)?;
         let io_bus = Arc::new(io_bus);
@@ -423,7 +433,14 @@ impl Vm {
                     let supported = supported.as_ref().ok_or_else(|| {
                         VmmError::Device("no supported CPUID for a new vCPU".into())
                     })?;
-                    cpu::configure_vcpu(&fd, id, config.cpus as u8, supported, nested)?;
+                    cpu::configure_vcpu(
+                        &fd,
+                        id,
+                        config.cpus as u8,
+                        supported,
+                        nested,
+                        config.cpu_template.as_ref(),
+                    )?;
                     if let (Some((regs, gdt, cr3, _)), 0) = (boot, id) {
                         cpu::set_boot_registers(&fd, regs, gdt, *cr3)?;
                     }

@@ -21,7 +21,7 @@ pub struct FcVessel {
 }
 
 impl FcVessel {
-    /// Starts `vessel --api-sock DIR/NAME.sock` and waits for the socket.
+    /// Starts `vessel --api-sock DIR/NAME.sock` and waits for the socket to accept.
     pub fn start(dir: &Path, name: &str, extra: &[&str]) -> FcVessel {
         let sock = dir.join(format!("{name}.sock"));
         let mut cmd = vessel();
@@ -43,7 +43,8 @@ impl FcVessel {
             sock,
         };
         let t = Instant::now();
-        while !v.sock.exists() {
+        // The socket's file appears at bind(), a moment before listen(): wait until it accepts.
+        while std::os::unix::net::UnixStream::connect(&v.sock).is_err() {
             assert!(
                 t.elapsed() < Duration::from_secs(30),
                 "no API socket; stderr: {}",
