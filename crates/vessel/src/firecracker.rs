@@ -252,18 +252,15 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
     if let Some(path) = args.config_file.clone() {
         let ctl = ctl.clone();
         let wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-        std::thread::Builder::new()
-            .name("config-file".into())
-            .spawn(move || {
-                vessel_vmm::vm::seccomp_helper("config-file");
-                let r = VmResources::from_config_file(&path, metadata.as_deref())
-                    .and_then(|res| boot_config(&ctl, res));
-                if let Err(e) = r {
-                    let _ = failed_tx.send(format!("{}: {e}", path.display()));
-                    let _ = wake.write(1);
-                }
-            })
-            .map_err(|e| format!("cannot start a thread: {e}"))?;
+        vessel_vmm::vm::spawn_helper("config-file", move || {
+            let r = VmResources::from_config_file(&path, metadata.as_deref())
+                .and_then(|res| boot_config(&ctl, res));
+            if let Err(e) = r {
+                let _ = failed_tx.send(format!("{}: {e}", path.display()));
+                let _ = wake.write(1);
+            }
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
     } else if let Some(md) = metadata {
         let v: serde_json::Value =
             serde_json::from_str(&md).map_err(|e| format!("invalid metadata JSON: {e}"))?;
@@ -272,7 +269,7 @@ pub fn run(args: FirecrackerArgs) -> Result<ExitCode, String> {
     start_metrics_timer(
         ctl.clone(),
         Duration::from_millis(args.metrics_period_ms.max(1)),
-    );
+    )?;
 
     loop {
         poll_readable(&[
@@ -330,13 +327,10 @@ impl VmmBackend for NoBackend {
 /// Writes a metrics line every `period` once the VM has started (when a metrics path is
 /// configured). A thread of its own: the flush asks the backend for its metrics, which the
 /// main loop answers.
-fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) {
-    let _ = std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            vessel_vmm::vm::seccomp_helper("metrics");
-            metrics_loop(&ctl, period)
-        });
+fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) -> Result<(), String> {
+    vessel_vmm::vm::spawn_helper("metrics", move || metrics_loop(&ctl, period))
+        .map(drop)
+        .map_err(|e| format!("cannot start a thread: {e}"))
 }
 
 fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration) {
