@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Writes the seed inputs under fuzz/seeds/<target>/ (run from the repository root).
+"""Writes the seed inputs under fuzz/seeds/<target>/, and the reconstructed inputs of past
+findings under fuzz/regressions/<target>/ (run from anywhere).
 
 Seeds get the fuzzers past the first gate of each format (ELF and bzImage magic, HTTP
-request lines, JSON shapes, frame headers); the fuzzers do the rest.
+request lines, JSON shapes, frame headers, well-formed virtqueue requests); the fuzzers do
+the rest. A crashing input found later goes into regressions/ as the fuzzer saved it.
 """
 import json, os, struct, zlib
 
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seeds")
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "seeds")
 
 
-def put(target, name, data):
-    d = os.path.join(ROOT, target)
+def put(target, name, data, root=ROOT):
+    d = os.path.join(root, target)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, name), "wb") as f:
         f.write(data if isinstance(data, bytes) else data.encode())
@@ -99,3 +102,144 @@ put("snapshot_frame", "stream", frame(1, b'{"version":1}') + frame(2, struct.pac
 # emulate: register state bytes then an instruction (mov [rbx], eax; rep movsb; cmpxchg; ...).
 for i, insn in enumerate([b"\x89\x03", b"\xf3\xa4", b"\x0f\xb1\x0b", b"\x0f\x01\xf9", b"\xf3\x0f\xc7\xf8", b"\x48\xa5", b"\xcc", b"\x0f\x0b"]):
     put("emulate", f"insn-{i}", bytes([2]) + bytes(16 * 8 + 8 + 4 + 4 + 1 + 1) + bytes([len(insn)]) + insn + bytes(64))
+
+
+# --- virtio_* targets --------------------------------------------------------------------
+# The input is decoded with `arbitrary` into `devices::Input` (fuzz/src/devices.rs); these
+# helpers write that encoding: integers little-endian, a bool is a byte (bit 0), an Option a
+# bool then the value, a Vec each element behind a "one more" byte 1, ended by a 0.
+# Guest memory of the harness: queue i at 0x3000 * (i + 1) (descriptors, available ring,
+# used ring one page each); `fill` at DATA. Descriptor flags: 1 NEXT, 2 WRITE, 4 INDIRECT.
+DATA = 0x80000
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+
+def vec(items, enc):
+    return b"".join(b"\x01" + enc(i) for i in items) + b"\x00"
+
+
+def u8s(bs):
+    return vec(bs, lambda b: bytes([b]))
+
+
+def desc(addr, length, flags=0, nxt=0):
+    return struct.pack("<IHBB", addr, length, flags, nxt)
+
+
+def queue(descs=(), avail=(), bogus_avail_idx=None, disabled=False):
+    out = vec(descs, lambda d: d) + u8s(avail)
+    out += b"\x00" if bogus_avail_idx is None else b"\x01" + struct.pack("<H", bogus_avail_idx)
+    return out + bytes([int(disabled)])
+
+
+def device_input(features, queues, fill=b"", config_writes=(), rekicks=0):
+    """`queues`: one `queue(...)` per device queue, in the device's order."""
+    out = struct.pack("<Q", features)
+    out += vec(config_writes, lambda cw: bytes([cw[0]]) + u8s(cw[1]))
+    out += vec(queues, lambda q: q)
+    return out + bytes([rekicks]) + u8s(fill)
+
+
+def chains(*chain_list):
+    """Descriptor chains laid out one after the other: each chain a list of
+    (addr, len, flags); NEXT links are added. Returns (descs, heads)."""
+    descs, heads = [], []
+    for chain in chain_list:
+        heads.append(len(descs))
+        for k, (addr, length, flags) in enumerate(chain):
+            last = k == len(chain) - 1
+            descs.append(desc(addr, length, flags | (0 if last else NEXT), len(descs) + 1))
+    return descs, heads
+
+
+ALL = (1 << 64) - 1
+
+# virtio-blk: one request queue. Headers (type, reserved, sector) in `fill`, data buffers
+# and status bytes above it.
+blk_hdr = lambda t, sector: struct.pack("<IIQ", t, 0, sector)
+IN, OUT, FLUSH, GET_ID, DISCARD, WRITE_ZEROES = 0, 1, 4, 8, 11, 13
+fill = blk_hdr(IN, 0) + blk_hdr(OUT, 1) + blk_hdr(FLUSH, 0) + blk_hdr(GET_ID, 0)
+fill += blk_hdr(DISCARD, 0) + blk_hdr(WRITE_ZEROES, 0)
+fill += struct.pack("<QII", 8, 8, 0)  # one discard / write-zeroes segment at DATA + 96
+d, h = chains(
+    [(DATA, 16, 0), (0x90000, 512, WRITE), (0x9f000, 1, WRITE)],
+    [(DATA + 16, 16, 0), (0x91000, 1024, 0), (0x9f001, 1, WRITE)],
+    [(DATA + 32, 16, 0), (0x9f002, 1, WRITE)],
+    [(DATA + 48, 16, 0), (0x92000, 20, WRITE), (0x9f003, 1, WRITE)],
+    [(DATA + 64, 16, 0), (DATA + 96, 16, 0), (0x9f004, 1, WRITE)],
+    [(DATA + 80, 16, 0), (DATA + 96, 16, 0), (0x9f005, 1, WRITE)],
+)
+put("virtio_block", "requests", device_input(ALL, [queue(d, h)], fill))
+# The same read through an indirect table (in `fill`), and a second kick.
+table = desc(DATA, 16, NEXT, 1) + desc(0x90000, 4096, WRITE | NEXT, 2) + desc(0x9f000, 1, WRITE)
+fill = blk_hdr(IN, 2).ljust(64, b"\0") + table
+put("virtio_block", "indirect", device_input(1 << 28 | 1 << 29, [queue([desc(DATA + 64, 48, INDIRECT)], [0])], fill, rekicks=1))
+
+# virtio-net: rx0, tx0. A frame to send (virtio_net_hdr_v1, then an ARP request); receive
+# buffers stay available (nothing arrives on the TAP).
+net_hdr = bytes(12)
+arp = bytes.fromhex("ffffffffffff" "060000000001" "0806" "0001080006040001" "060000000001" "0a000002" "000000000000" "0a000001")
+fill = net_hdr + arp
+d_rx, h_rx = chains([(0x90000, 1526, WRITE)], [(0x91000, 1526, WRITE)])
+d_tx, h_tx = chains([(DATA, 12, 0), (DATA + 12, len(arp), 0)], [(DATA, 12 + len(arp), 0)])
+put("virtio_net", "tx-arp", device_input(1 << 15 | 1 << 5 | 1 << 16, [queue(d_rx, h_rx), queue(d_tx, h_tx)], fill))
+put("virtio_net", "tx-offloads", device_input(ALL, [queue(d_rx, h_rx), queue(d_tx, h_tx)], fill, rekicks=2))
+
+# virtio-vsock: rx, tx, event. Packets from the guest (CID 3) to the host (CID 2): a
+# connection request to a port nobody serves (answered with a reset on rx), data and a
+# credit request for connections that do not exist, a shutdown.
+def vsock_pkt(op, dst_port=5000, payload=b""):
+    hdr = struct.pack("<QQIIIHHIII", 3, 2, 1234, dst_port, len(payload), 1, op, 0, 65536, 0)
+    return hdr + payload
+
+REQUEST, RST, SHUTDOWN, RW, CREDIT_UPDATE, CREDIT_REQUEST = 1, 3, 4, 5, 6, 7
+pkts = [vsock_pkt(REQUEST), vsock_pkt(RW, payload=b"hello"), vsock_pkt(CREDIT_REQUEST), vsock_pkt(SHUTDOWN), vsock_pkt(RST)]
+fill, tx_chains, at = b"", [], DATA
+for p in pkts:
+    tx_chains.append([(at, 44, 0)] + ([(at + 44, len(p) - 44, 0)] if len(p) > 44 else []))
+    fill += p.ljust(64, b"\0")
+    at += 64
+d_rx, h_rx = chains(*[[(0x90000 + 0x1000 * i, 4096, WRITE)] for i in range(4)])
+d_tx, h_tx = chains(*tx_chains)
+d_ev, h_ev = chains([(0x98000, 4, WRITE)])
+put("virtio_vsock", "packets", device_input(ALL, [queue(d_rx, h_rx), queue(d_tx, h_tx), queue(d_ev, h_ev)], fill))
+put("virtio_vsock", "request-then-rekick", device_input(1 << 32, [queue(d_rx, h_rx), queue(d_tx, h_tx[:1]), queue()], fill, rekicks=3))
+
+# virtio-rng: buffers of every size to fill, one split over two descriptors.
+d, h = chains([(0x90000, 16, WRITE)], [(0x91000, 4096, WRITE)], [(0x92000, 100, WRITE), (0x93000, 60000, WRITE)], [(0x9f000, 1, WRITE)])
+put("virtio_rng", "buffers", device_input(ALL, [queue(d, h)]))
+put("virtio_rng", "one-buffer-rekicked", device_input(1 << 32, [queue(d[:1], [0])], rekicks=3))
+
+# virtio-balloon: inflate and deflate page frame numbers (pages of the harness's guest
+# memory), statistics (tag, value), free page reports. Features: STATS_VQ, DEFLATE_ON_OOM,
+# FREE_PAGE_REPORTING.
+pfns = struct.pack("<8I", *range(0xa0, 0xa8))
+stats = b"".join(struct.pack("<HQ", tag, 1000 * tag) for tag in range(10))
+fill = pfns + stats
+inflate = chains([(DATA, len(pfns), 0)], [(DATA, 8, 0)])
+deflate = chains([(DATA, 16, 0)])
+stats_q = chains([(DATA + len(pfns), len(stats), 0)])
+report = chains([(0xb0000, 0x4000, WRITE)], [(0xb8000, 0x1000, WRITE)])
+features = 1 << 1 | 1 << 2 | 1 << 5 | 1 << 32
+put("virtio_balloon", "inflate-deflate-stats-report", device_input(features, [queue(*inflate), queue(*deflate), queue(*stats_q), queue(*report)], fill, config_writes=[(4, [0x10, 0, 0, 0])]))
+put("virtio_balloon", "inflate-only", device_input(1 << 32, [queue(*inflate), queue()], fill, rekicks=1))
+
+# virtio-console: receiveq0 (buffers stay: nothing is typed), transmitq0 with output; a
+# write to emerg_wr.
+text = b"hello from the console seed\n"
+d_rx, h_rx = chains([(0x90000, 256, WRITE)])
+d_tx, h_tx = chains([(DATA, len(text), 0)], [(DATA, 5, 0), (DATA + 5, len(text) - 5, 0)])
+put("virtio_console", "output", device_input(ALL, [queue(d_rx, h_rx), queue(d_tx, h_tx)], text, config_writes=[(8, [ord("!"), 0, 0, 0])]))
+put("virtio_console", "output-rekicked", device_input(1 << 32, [queue(), queue(d_tx[:1], [0])], text, rekicks=2))
+
+# --- regressions: reconstructed inputs of past findings -----------------------------------
+REG = os.path.join(HERE, "regressions")
+
+# virtio_vsock: an available index far ahead of the tx ring breaks the device; the extra
+# kicks after that must still be taken (the worker used to leave them pending and spin).
+put("virtio_vsock", "broken-ring-then-kicks",
+    device_input(1 << 32, [queue(), queue(bogus_avail_idx=1000), queue()], rekicks=3), root=REG)
+
+# snapshot_frame: a 9-byte header announcing the largest allowed frame (64 MiB), then a
+# few bytes: read_frame used to allocate the announced length before reading any.
+put("snapshot_frame", "huge-announced-length", bytes([2]) + struct.pack("<Q", 64 << 20) + b"\x01" * 100, root=REG)

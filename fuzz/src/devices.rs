@@ -187,17 +187,28 @@ fn readable(fd: &EventFd) -> bool {
     n > 0 && p.revents & libc::POLLIN != 0
 }
 
+/// What one input did to the device: for the replay test, which checks that the seeds
+/// reach the device's request handling.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Whether the device was activated (an input can fail earlier, by design).
+    pub activated: bool,
+    /// Chains the device returned on its queues (the used rings' indices at the end).
+    pub used: u32,
+}
+
 /// Runs one input against the device of `kind`.
 pub fn run(kind: Kind, data: &[u8]) {
-    let Ok(inp) = Input::arbitrary(&mut Unstructured::new(data)) else {
-        return;
-    };
-    let Ok(mut guard) = harness(kind).lock() else {
-        return;
-    };
-    let Some(h) = guard.as_mut() else {
-        return;
-    };
+    let _ = run_reported(kind, data);
+}
+
+/// [`run`], telling what happened; `None` when the input does not decode or the device is
+/// not available on this host (`virtio_net` without a TAP).
+pub fn run_reported(kind: Kind, data: &[u8]) -> Option<Report> {
+    let inp = Input::arbitrary(&mut Unstructured::new(data)).ok()?;
+    let mut guard = harness(kind).lock().ok()?;
+    let h = guard.as_mut()?;
+    let mut report = Report::default();
     let mem = &h.mem;
     // A clean guest for every input (reproducible findings).
     let _ = mem.write_slice(&vec![0u8; MEM_SIZE as usize], GuestAddress(0));
@@ -216,6 +227,7 @@ pub fn run(kind: Kind, data: &[u8]) {
     let mut queues = Vec::new();
     let mut kicks = Vec::new();
     let mut kick_index = Vec::new();
+    let mut used_rings = Vec::new();
     for (i, &max) in max_sizes.iter().enumerate() {
         let q_in = inp.queues.get(i);
         if q_in.is_some_and(|q| q.disabled) {
@@ -253,6 +265,7 @@ pub fn run(kind: Kind, data: &[u8]) {
         }
         queue.set_event_idx(event_idx);
         queue.set_ready(true);
+        used_rings.push(used);
         let Ok(kick) = EventFd::new(EFD_NONBLOCK) else {
             continue;
         };
@@ -277,8 +290,9 @@ pub fn run(kind: Kind, data: &[u8]) {
     };
     if h.dev.activate(ctx).is_err() {
         h.dev.reset();
-        return;
+        return Some(report);
     }
+    report.activated = true;
     // Queues a device leaves alone by design (the balloon's statistics and reporting queues
     // when their features were not negotiated) are not waited on.
     let watched = match kind {
@@ -309,4 +323,9 @@ pub fn run(kind: Kind, data: &[u8]) {
     }
     // Stops and joins the worker: whatever the kick started has finished.
     h.dev.reset();
+    for used in used_rings {
+        let idx: u16 = mem.read_obj(GuestAddress(used + 2)).unwrap_or(0);
+        report.used += u32::from(idx);
+    }
+    Some(report)
 }

@@ -28,3 +28,13 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_balloon", targets::virtio_balloon),
     ("virtio_console", targets::virtio_console),
 ];
+
+/// The `virtio_*` targets and the device each drives (for the replay test's checks).
+pub const DEVICE_TARGETS: &[(&str, devices::Kind)] = &[
+    ("virtio_block", devices::Kind::Block),
+    ("virtio_net", devices::Kind::Net),
+    ("virtio_vsock", devices::Kind::Vsock),
+    ("virtio_rng", devices::Kind::Rng),
+    ("virtio_balloon", devices::Kind::Balloon),
+    ("virtio_console", devices::Kind::Console),
+];

@@ -394,16 +394,31 @@ pub fn run(args: &JailArgs) -> Result<i32, JailError> {
     }
 }
 
-/// Best effort: the cgroup can stay busy for a moment after the last task exits.
+/// How long cleanup waits for a cgroup to become removable after the VMM exited: a v1
+/// memory cgroup stays busy until the kernel has released its pages (RCU), which can take
+/// seconds on a loaded host.
+const CGROUP_REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Removes `cg` once its last task has gone, retrying while the kernel reports it busy (up to
+/// [`CGROUP_REMOVE_WAIT`]); warns when it has to leave the directory behind.
 fn remove_cgroup(cg: &cgroup::VmCgroup) {
-    for _ in 0..50 {
-        match cg.remove() {
+    let start = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(5);
+    loop {
+        let e = match cg.remove() {
             Ok(()) => return,
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                std::thread::sleep(std::time::Duration::from_millis(10))
-            }
-            Err(_) => return,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
+            Err(e) => e,
+        };
+        if e.raw_os_error() != Some(libc::EBUSY) || start.elapsed() >= CGROUP_REMOVE_WAIT {
+            eprintln!(
+                "vessel-jailer: warning: cannot remove the cgroup {} ({e}); it is left behind",
+                cg.path.display()
+            );
+            return;
         }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(100));
     }
 }
 

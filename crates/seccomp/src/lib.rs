@@ -267,9 +267,29 @@ pub fn configure(policy: Policy) -> Result<(), Error> {
             Some(Installed::Custom(programs))
         }
     };
+    if installed.is_some() {
+        size_malloc_arenas();
+    }
     INSTALLED
         .set(installed)
         .map_err(|_| Error::File("seccomp is already configured".into()))
+}
+
+/// glibc's malloc sizes its pool of arenas lazily: the first thread that needs a new arena
+/// once there are more than eight reads `/sys/devices/system/cpu/online` (`openat`), which
+/// no filtered thread may do, so a device worker started late (after a guest reset, with
+/// enough threads about) died of SIGSYS. Setting the pool's size up front (glibc's own
+/// default: eight per CPU), before any thread is filtered, means malloc never looks.
+fn size_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only sets a malloc parameter; it takes plain integers.
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+            log::warn!("seccomp: cannot set malloc's arena count");
+        }
+    }
 }
 
 /// Whether [`configure`] chose filters (not `Off`, not unconfigured).
@@ -296,6 +316,41 @@ pub fn apply(kind: ThreadKind) -> Result<(), Error> {
         selftest_violation(kind);
     }
     Ok(())
+}
+
+/// Starts thread `name`, which installs `kind`'s filter before it runs `f`, and fails closed:
+/// when the filter cannot be installed, the thread ends without running `f` and the error is
+/// returned here (so the caller stops, instead of leaving an unfiltered thread behind). For
+/// helper threads started before the VMM's main thread installs its own filter (threads
+/// started after it inherit it).
+pub fn spawn<F, T>(
+    name: &str,
+    kind: ThreadKind,
+    f: F,
+) -> std::io::Result<std::thread::JoinHandle<Option<T>>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            let r = apply(kind);
+            let ok = r.is_ok();
+            let _ = filtered_tx.send(r);
+            ok.then(f)
+        })?;
+    let r = filtered
+        .recv()
+        .map_err(|_| std::io::Error::other(format!("{name}: the thread ended")))?;
+    if let Err(e) = r {
+        let _ = thread.join();
+        return Err(std::io::Error::other(format!(
+            "{name}: cannot install the thread's filter ({e})"
+        )));
+    }
+    Ok(thread)
 }
 
 /// [`apply`] for a device worker named `name` (see [`DeviceKind::from_worker_name`]).

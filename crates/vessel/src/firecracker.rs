@@ -336,28 +336,25 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
     if let Some(path) = args.config_file.clone() {
         let ctl = ctl.clone();
         let wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-        std::thread::Builder::new()
-            .name("config-file".into())
-            .spawn(move || {
-                vessel_vmm::vm::seccomp_helper("config-file");
-                let r = VmResources::from_config_file(&path, None).and_then(|mut res| {
-                    res.mmds.set_limit(mmds_limit);
-                    if let Some(md) = &metadata {
-                        res.put_metadata(md)?;
-                    }
-                    boot_config(&ctl, res)
-                });
-                if let Err(e) = r {
-                    let _ = failed_tx.send(format!("{}: {e}", path.display()));
-                    let _ = wake.write(1);
+        vessel_vmm::vm::spawn_helper("config-file", move || {
+            let r = VmResources::from_config_file(&path, None).and_then(|mut res| {
+                res.mmds.set_limit(mmds_limit);
+                if let Some(md) = &metadata {
+                    res.put_metadata(md)?;
                 }
-            })
-            .map_err(|e| format!("cannot start a thread: {e}"))?;
+                boot_config(&ctl, res)
+            });
+            if let Err(e) = r {
+                let _ = failed_tx.send(format!("{}: {e}", path.display()));
+                let _ = wake.write(1);
+            }
+        })
+        .map_err(|e| format!("cannot start a thread: {e}"))?;
     }
     start_metrics_timer(
         ctl.clone(),
         Duration::from_millis(args.metrics_period_ms.max(1)),
-    );
+    )?;
 
     loop {
         poll_readable(&[
@@ -415,13 +412,10 @@ impl VmmBackend for NoBackend {
 /// Writes a metrics line every `period` once the VM has started (when a metrics path is
 /// configured). A thread of its own: the flush asks the backend for its metrics, which the
 /// main loop answers.
-fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) {
-    let _ = std::thread::Builder::new()
-        .name("metrics".into())
-        .spawn(move || {
-            vessel_vmm::vm::seccomp_helper("metrics");
-            metrics_loop(&ctl, period)
-        });
+fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) -> Result<(), String> {
+    vessel_vmm::vm::spawn_helper("metrics", move || metrics_loop(&ctl, period))
+        .map(drop)
+        .map_err(|e| format!("cannot start a thread: {e}"))
 }
 
 fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration) {

@@ -225,35 +225,46 @@ fn live_migration_runs_under_the_filters() {
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
     src.wait_console("ticks", LIMIT, |s| s.matches("TICK").count() >= 3);
 
-    // A free port: bind, read it, let go.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("tcp:127.0.0.1:{port}");
+    // A free port: bind, read it, let go. Someone else may take it before the receiver
+    // binds it (the receiver then exits, or the source reaches the wrong listener): start
+    // over with another port, a few times.
     let console = dir.join("dst.console");
-    let mut dst = Command::new(env!("CARGO_BIN_EXE_vessel"))
-        .args(["migrate", "receive", "--listen", &addr, "--serial"])
-        .arg(format!("file={}", console.display()))
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Retry until the receiver listens.
-    let t = std::time::Instant::now();
-    let r = loop {
-        let r = call(
-            &mut c,
-            "PUT",
-            "/vessel/migrate",
-            Some(json!({"destination": addr, "downtime_ms": 50})),
-        );
-        if r.status < 300 || t.elapsed() > LIMIT {
-            break r;
+    let mut attempt = 0;
+    let (mut dst, r) = loop {
+        attempt += 1;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let addr = format!("tcp:127.0.0.1:{port}");
+        let mut dst = Command::new(env!("CARGO_BIN_EXE_vessel"))
+            .args(["migrate", "receive", "--listen", &addr, "--serial"])
+            .arg(format!("file={}", console.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Retry until the receiver listens, or is gone.
+        let t = std::time::Instant::now();
+        let r = loop {
+            let r = call(
+                &mut c,
+                "PUT",
+                "/vessel/migrate",
+                Some(json!({"destination": addr, "downtime_ms": 50})),
+            );
+            if r.status < 300 || t.elapsed() > LIMIT || dst.try_wait().unwrap().is_some() {
+                break r;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if r.status < 300 || attempt == 5 {
+            break (dst, r);
         }
-        std::thread::sleep(Duration::from_millis(50));
+        let _ = dst.kill();
+        let _ = dst.wait();
     };
     assert!(r.status < 300, "{}: {}", r.status, r.text());
     // The source ends cleanly; the receiver goes on ticking.

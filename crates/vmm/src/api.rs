@@ -400,16 +400,14 @@ impl ApiBackend {
             .ended
             .try_clone()
             .map_err(|e| ApiError::Internal(format!("eventfd: {e}")))?;
-        thread::Builder::new()
-            .name("vm-wait".into())
-            .spawn(move || {
-                crate::vm::seccomp_helper("vm-wait");
-                if let Ok(running) = vm_rx.recv() {
-                    let _ = tx.send(running.wait());
-                    let _ = ended.write(1);
-                }
-            })
-            .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
+        // Its filter is on before the VM starts; without it, the VM does not start.
+        crate::vm::spawn_helper("vm-wait", move || {
+            if let Ok(running) = vm_rx.recv() {
+                let _ = tx.send(running.wait());
+                let _ = ended.write(1);
+            }
+        })
+        .map_err(|e| ApiError::Internal(format!("cannot start the VM supervisor: {e}")))?;
         let running = vm
             .start()
             .map_err(|e| ApiError::bad(format!("Start microvm error: {e}")))?;

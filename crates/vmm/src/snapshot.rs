@@ -367,16 +367,12 @@ pub fn restore_prefetched(
             Ok(set) => {
                 // On a thread of its own: the VM is built and starts meanwhile, and the guest
                 // faults in what it touches before the prefetch gets there.
+                // It runs beside the guest: under the VMM's filter.
                 let mem = mem.clone();
-                let spawned =
-                    std::thread::Builder::new()
-                        .name("prefetch".into())
-                        .spawn(move || {
-                            // It runs beside the guest: under the VMM's filter.
-                            crate::vm::seccomp_helper("prefetch");
-                            let n = memory::prefetch(&mem, &set);
-                            log::info!("prefetched a working set of {} KiB", n >> 10);
-                        });
+                let spawned = crate::vm::spawn_helper("prefetch", move || {
+                    let n = memory::prefetch(&mem, &set);
+                    log::info!("prefetched a working set of {} KiB", n >> 10);
+                });
                 if let Err(e) = spawned {
                     log::warn!("cannot prefetch the working set: {e}");
                 }

@@ -1146,12 +1146,15 @@ fn seccomp_vcpu(cpu: u8) -> Result<(), VmmError> {
     })
 }
 
-/// Installs the VMM filter on a helper thread started before the VM (which does not inherit
-/// the main thread's); a failure is logged (the main thread's own, at start, fails the VM).
-pub fn seccomp_helper(name: &str) {
-    if let Err(e) = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm) {
-        log::error!("{name}: {e}");
-    }
+/// Starts helper thread `name` before the VM (it does not inherit the main thread's filter)
+/// with the VMM filter installed first; fails closed: when the filter cannot be installed,
+/// `f` never runs and the error is returned (see [`vessel_seccomp::spawn`]).
+pub fn spawn_helper<F, T>(name: &str, f: F) -> std::io::Result<std::thread::JoinHandle<Option<T>>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    vessel_seccomp::spawn(name, vessel_seccomp::ThreadKind::Vmm, f)
 }
 
 #[cfg(test)]
