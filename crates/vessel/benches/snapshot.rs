@@ -1,8 +1,8 @@
 //! Snapshot, restore and live-migration figures. Prints; asserts nothing.
 //!
 //! - restore of a 512 MiB, 1 vCPU guest to its first instruction (the first exit it makes
-//!   after the restore), cold and with the KVM VM made ahead of the request, and to "guest
-//!   ready" (a full sweep over a 64 MiB working set), with and without working-set prefetch;
+//!   after the restore), and to "guest ready" (a full sweep over a 64 MiB working set), with
+//!   and without working-set prefetch;
 //! - snapshot creation throughput (a 512 MiB guest whose memory is all non-zero) against
 //!   `memcpy` of the same size;
 //! - live migration of an idle 1 GiB guest to a receiver in this process: downtime, total
@@ -186,21 +186,11 @@ fn evict(path: &Path) {
 fn restore_figures(d: &Path) {
     println!("restore, 512 MiB, 1 vCPU (median / max of {RUNS}):");
     let (state, mem) = snapshot_of(d, "spin", guest(0, false), 512, 1000);
-    // Interleaved, so that the machine's load weighs on both alike.
-    let (mut cold, mut ahead) = (Vec::new(), Vec::new());
-    for _ in 0..RUNS {
-        cold.push(restore_once(&state, &mem, None, 1).0);
-        // As the API server does while it waits for `PUT /snapshot/load` (and a migration
-        // receiver while memory arrives): the KVM VM is made before the request.
-        vessel_vmm::kvm_vm::prepare_ahead();
-        std::thread::sleep(Duration::from_millis(100));
-        ahead.push(restore_once(&state, &mem, None, 1).0);
-    }
-    let ((cold_med, cold_max), (ahead_med, ahead_max)) = (median(cold), median(ahead));
-    println!("  restore to first instruction: {cold_med:.2} ms / {cold_max:.2} ms");
-    println!(
-        "  the same with the KVM VM made ahead of the request: {ahead_med:.2} ms / {ahead_max:.2} ms"
-    );
+    let v: Vec<f64> = (0..RUNS)
+        .map(|_| restore_once(&state, &mem, None, 1).0)
+        .collect();
+    let (m, x) = median(v);
+    println!("  restore to first instruction: {m:.2} ms / {x:.2} ms");
 
     let (state, mem) = snapshot_of(d, "sweep", guest(64, true), 512, 3);
     let (mut first, mut ready) = (Vec::new(), Vec::new());

@@ -341,9 +341,6 @@ impl ApiBackend {
     /// A backend whose VMs take the console, nested mode, profiling and appended kernel
     /// parameters from `base` (its boot source, size and devices are replaced by the API's).
     pub fn new(base: VmConfig) -> Result<ApiBackend, VmmError> {
-        // The VM that `InstanceStart` or `PUT /snapshot/load` will fill is made while the
-        // API is being configured.
-        crate::kvm_vm::prepare_ahead();
         Ok(ApiBackend {
             base,
             vm: None,

@@ -397,8 +397,6 @@ fn protocol(e: impl std::fmt::Display) -> VmmError {
 /// The receiver's side: reads a whole VM from `conn` and builds it. On failure the sender
 /// is told why (it keeps running its VM). `serial` replaces the console target.
 pub fn receive(mut conn: Connection, serial: Option<SerialTarget>) -> Result<Incoming, VmmError> {
-    // The KVM VM is made while memory arrives, not in the downtime.
-    crate::kvm_vm::prepare_ahead();
     let r = receive_vm(&mut conn, serial);
     match r {
         Ok((vm, bytes)) => Ok(Incoming { vm, conn, bytes }),

@@ -312,8 +312,6 @@ pub struct RestoreRequest {
 /// is for the caller). Guest memory is the memory file mapped privately: pages load as the
 /// guest touches them.
 pub fn restore(req: &RestoreRequest) -> Result<(Vm, VmSnapshot), VmmError> {
-    // The KVM VM is made while the state file is read and checked.
-    crate::kvm_vm::prepare_ahead();
     let snap = load_state(&req.state).map_err(snapshot_error)?;
     let mut config = snap.config.clone();
     if let Some(s) = &req.serial {

@@ -4,10 +4,9 @@
 //! [`RunningVm`], whose [`VmHandle`] pauses, resumes, types Ctrl-Alt-Del or stops it from any
 //! thread while [`RunningVm::wait`] supervises it to the end. [`run`] does all three.
 //!
-//! Order matters to KVM: the VM, its TSS and identity-map pages and the in-kernel irqchip and
-//! PIT come first (possibly made ahead of time, see [`crate::kvm_vm`]), then guest memory
-//! (registered on a helper thread while the vCPUs, devices and boot image are made) and the
-//! vCPUs. Guest memory is in KVM before any vCPU state is loaded or any vCPU runs.
+//! Order matters to KVM: the VM with its TSS and identity-map pages, guest memory, the
+//! in-kernel irqchip and PIT, then the vCPUs (see [`crate::kvm_vm`] for why memory comes before
+//! the irqchip). The boot image and tables are written before any vCPU runs.
 
 use std::fs::File;
 use std::os::unix::thread::JoinHandleExt;
@@ -335,23 +334,15 @@ impl Vm {
             (None, NestedMode::Off) => false,
             // The demo guest never leaves ring 0 and makes no system calls: no need to probe.
             (None, NestedMode::Auto) if matches!(config.boot, BootSource::Demo) => false,
-            (None, NestedMode::Auto) => {
-                // The probe runs a scratch VM: make this one meanwhile.
-                crate::kvm_vm::prepare_ahead();
-                vessel_kvm::nested::probe_nested_host(&kvm)?
-            }
+            (None, NestedMode::Auto) => vessel_kvm::nested::probe_nested_host(&kvm)?,
         };
-        let vm = Arc::new(crate::kvm_vm::take_or_create(&kvm)?);
+        let vm = Arc::new(crate::kvm_vm::create_vm(&kvm)?);
         let (mem, snapshot) = match restore {
             Some((mem, snap)) => (mem, Some(snap)),
             None => (create_guest_memory(&layout)?, None),
         };
-        // KVM registers the memory while the vCPUs, the devices and the boot image are made.
-        let memslots = crate::kvm_vm::register_memory_in_background(
-            vm.clone(),
-            mem.clone(),
-            config.track_dirty_pages,
-        );
+        register_memory(&vm, &mem, config.track_dirty_pages)?;
+        crate::kvm_vm::create_irqchip_and_pit(&vm)?;
         let mut fds = Vec::with_capacity(config.cpus as usize);
         for id in 0..config.cpus {
             fds.push(vm.create_vcpu(id as u64).kvm("KVM_CREATE_VCPU")?);
@@ -401,7 +392,6 @@ impl Vm {
             }
         };
 
-        memslots.wait()?;
         // Restored vCPUs get their saved CPUID; only older state files without it need this.
         let supported = match snapshot {
             Some(snap) if snap.vcpus.iter().all(|v| v.cpuid.is_some()) => None,
