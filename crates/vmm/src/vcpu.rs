@@ -633,11 +633,13 @@ mod tests {
         };
         let mut vcpu = Vcpu::new(0, fd, shared, false, false);
         let thread = std::thread::spawn(move || vcpu.run().map_err(|e| e.to_string()));
+        let saved = |gate: &PauseGate| {
+            gate.save_states(1, Vec::new(), Duration::from_secs(10))
+                .unwrap()
+        };
 
         wait_for("the IN", || reads.load(Ordering::Acquire) == 1);
-        let s = gate
-            .save_states(1, Vec::new(), Duration::from_secs(10))
-            .unwrap();
+        let s = saved(&gate);
         assert_eq!(
             (s[0].regs.rip, s[0].regs.rax & 0xff),
             (0x1001, 0x42),
@@ -645,16 +647,12 @@ mod tests {
         );
         gate.release();
         wait_for("the OUT", || !writes.lock().unwrap().is_empty());
-        let s = gate
-            .save_states(1, Vec::new(), Duration::from_secs(10))
-            .unwrap();
+        let s = saved(&gate);
         assert_eq!(s[0].regs.rip, 0x1004, "the OUT is completed too");
         assert_eq!(*writes.lock().unwrap(), [0x43]);
         gate.release();
         wait_for("the MMIO read", || reads.load(Ordering::Acquire) == 2);
-        let s = gate
-            .save_states(1, Vec::new(), Duration::from_secs(10))
-            .unwrap();
+        let s = saved(&gate);
         assert_eq!(
             (s[0].regs.rip, s[0].regs.rax & 0xff),
             (0x1007, 0x42),
