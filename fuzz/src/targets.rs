@@ -116,8 +116,8 @@ pub fn config_file(data: &[u8]) {
 /// header so that the fuzzer reaches the parser past the checksum.
 pub fn snapshot_state(data: &[u8]) {
     use vessel_snapshot::format::{decode, FORMAT_VERSION, MAGIC};
-    use vessel_vmm::snapshot::VmSnapshot;
-    let _ = decode::<VmSnapshot>(data);
+    use vessel_vmm::snapshot::{NoApi, VmSnapshot};
+    let _ = decode::<VmSnapshot<NoApi>>(data);
     let mut file = Vec::with_capacity(32 + data.len());
     file.extend_from_slice(MAGIC);
     file.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -126,7 +126,7 @@ pub fn snapshot_state(data: &[u8]) {
     file.extend_from_slice(&crc32fast::hash(data).to_le_bytes());
     file.extend_from_slice(&0u32.to_le_bytes());
     file.extend_from_slice(data);
-    let _ = decode::<VmSnapshot>(&file);
+    let _ = decode::<VmSnapshot<NoApi>>(&file);
 }
 
 /// A migration stream: frames until the first error, `Pages` payloads split.

@@ -28,6 +28,7 @@ pub mod i8042;
 mod irq;
 pub mod rtc;
 pub mod serial;
+mod state;
 
 pub use acpi_pm::AcpiPm;
 pub use boot_timer::BootTimer;
@@ -37,3 +38,4 @@ pub use exit::{ExitSignal, VmExitReason};
 pub use i8042::I8042;
 pub use rtc::Rtc;
 pub use serial::Serial;
+pub use state::StateError;

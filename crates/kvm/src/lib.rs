@@ -4,7 +4,7 @@
 //! instructions its emulator lacks ([`nested::nested_kernel_params`]), reading emulation
 //! failures out of `kvm_run` ([`exit`]) and completing those instructions in user space
 //! ([`emulate`]), with a readable account of the vCPU for error reports ([`diagnose`]); and
-//! Firecracker's custom CPU templates ([`template`]).
+//! Firecracker's custom CPU templates ([`template`]); the x86 register bits ([`regs`]).
 
 pub mod cpuid;
 pub mod diagnose;
@@ -13,6 +13,7 @@ pub mod error;
 pub mod exit;
 pub mod msrs;
 pub mod nested;
+pub mod regs;
 mod scratch_vm;
 pub mod snapshot;
 pub mod state;

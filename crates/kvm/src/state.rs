@@ -3,12 +3,7 @@
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
-/// CR0.PE: protected mode enabled.
-const CR0_PE: u64 = 1 << 0;
-/// EFER.LMA: long mode active.
-const EFER_LMA: u64 = 1 << 10;
-/// RFLAGS.VM: virtual-8086 mode.
-const RFLAGS_VM: u64 = 1 << 17;
+use crate::regs::{CR0_PE, EFER_LMA, RFLAGS_VM};
 
 /// General and special registers of one vCPU, as `KVM_GET_REGS`/`KVM_GET_SREGS` return them.
 #[derive(Clone, Copy, Debug, Default)]

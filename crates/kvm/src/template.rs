@@ -12,6 +12,25 @@
 use kvm_bindings::{kvm_cpuid_entry2, kvm_msr_entry, CpuId};
 use serde::{Deserialize, Serialize};
 
+/// What is wrong with a template, or with applying it on this host.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TemplateError {
+    #[error("bitmap '{0}' does not start with 0b")]
+    NoPrefix(String),
+    #[error("bitmap '{bitmap}' has '{digit}': use 0, 1 or x for each bit")]
+    BadDigit { bitmap: String, digit: char },
+    #[error("bitmap '{bitmap}' has {got} bits, {bits} are needed (one 0, 1 or x per bit)")]
+    Width { bitmap: String, got: u32, bits: u32 },
+    #[error("'{0}' is not a 32-bit number (decimal, 0x hex or 0b binary)")]
+    Number(String),
+    #[error("CPUID leaf {leaf:#x} subleaf {subleaf:#x} is not among those KVM offers on this host")]
+    LeafNotOffered { leaf: u32, subleaf: u32 },
+    #[error("MSR {0:#x} is not one KVM handles on this host")]
+    MsrNotHandled(u32),
+    #[error("CPUID leaf {leaf:#x} subleaf {subleaf:#x} is missing")]
+    LeafMissing { leaf: u32, subleaf: u32 },
+}
+
 /// Which bits a bitmap sets (`mask`) and to what (`value`, within `mask`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bitmap {
@@ -21,10 +40,10 @@ pub struct Bitmap {
 
 impl Bitmap {
     /// Parses a bitmap of `bits` bits (32 or 64).
-    pub fn parse(s: &str, bits: u32) -> Result<Bitmap, String> {
+    pub fn parse(s: &str, bits: u32) -> Result<Bitmap, TemplateError> {
         let digits = s
             .strip_prefix("0b")
-            .ok_or_else(|| format!("bitmap '{s}' does not start with 0b"))?;
+            .ok_or_else(|| TemplateError::NoPrefix(s.to_string()))?;
         let (mut mask, mut value, mut n) = (0u64, 0u64, 0u32);
         for c in digits.chars() {
             let (m, v) = match c {
@@ -33,9 +52,10 @@ impl Bitmap {
                 '1' => (1, 1),
                 'x' | 'X' => (0, 0),
                 other => {
-                    return Err(format!(
-                        "bitmap '{s}' has '{other}': use 0, 1 or x for each bit"
-                    ))
+                    return Err(TemplateError::BadDigit {
+                        bitmap: s.to_string(),
+                        digit: other,
+                    })
                 }
             };
             n += 1;
@@ -45,9 +65,11 @@ impl Bitmap {
             }
         }
         if n != bits {
-            return Err(format!(
-                "bitmap '{s}' has {n} bits, {bits} are needed (one 0, 1 or x per bit)"
-            ));
+            return Err(TemplateError::Width {
+                bitmap: s.to_string(),
+                got: n,
+                bits,
+            });
         }
         Ok(Bitmap { mask, value })
     }
@@ -92,7 +114,7 @@ pub struct CpuTemplate {
 }
 
 /// A leaf, subleaf or MSR address: `0x` hexadecimal, `0b` binary or decimal.
-pub fn parse_u32(s: &str) -> Result<u32, String> {
+pub fn parse_u32(s: &str) -> Result<u32, TemplateError> {
     let t = s.trim();
     let r = if let Some(h) = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")) {
         u32::from_str_radix(&h.replace('_', ""), 16)
@@ -101,7 +123,7 @@ pub fn parse_u32(s: &str) -> Result<u32, String> {
     } else {
         t.parse()
     };
-    r.map_err(|_| format!("'{s}' is not a 32-bit number (decimal, 0x hex or 0b binary)"))
+    r.map_err(|_| TemplateError::Number(s.to_string()))
 }
 
 /// KVM's entry for `leaf`/`subleaf`: subleaf 0 also names a leaf without subleaves.
@@ -129,22 +151,19 @@ fn register(e: &mut kvm_cpuid_entry2, r: Register) -> &mut u32 {
 impl CpuTemplate {
     /// Refuses modifiers of CPUID leaves absent from `supported` (`KVM_GET_SUPPORTED_CPUID`)
     /// and of MSRs absent from `msr_list` (`KVM_GET_MSR_INDEX_LIST`; MTRRs always pass).
-    pub fn check(&self, supported: &CpuId, msr_list: &[u32]) -> Result<(), String> {
+    pub fn check(&self, supported: &CpuId, msr_list: &[u32]) -> Result<(), TemplateError> {
         let mut entries = supported.as_slice().to_vec();
         for m in &self.cpuid {
             if find(&mut entries, m.leaf, m.subleaf).is_none() {
-                return Err(format!(
-                    "CPUID leaf {:#x} subleaf {:#x} is not among those KVM offers on this host",
-                    m.leaf, m.subleaf
-                ));
+                return Err(TemplateError::LeafNotOffered {
+                    leaf: m.leaf,
+                    subleaf: m.subleaf,
+                });
             }
         }
         for m in &self.msrs {
             if !crate::msrs::is_mtrr(m.addr) && !msr_list.contains(&m.addr) {
-                return Err(format!(
-                    "MSR {:#x} is not one KVM handles on this host",
-                    m.addr
-                ));
+                return Err(TemplateError::MsrNotHandled(m.addr));
             }
         }
         Ok(())
@@ -152,14 +171,12 @@ impl CpuTemplate {
 
     /// Applies the CPUID modifiers to a vCPU's table (after Vessel's policy). A leaf missing
     /// from `cpuid` is an error ([`Self::check`] catches it first).
-    pub fn apply_cpuid(&self, cpuid: &mut CpuId) -> Result<(), String> {
+    pub fn apply_cpuid(&self, cpuid: &mut CpuId) -> Result<(), TemplateError> {
         let entries = cpuid.as_mut_slice();
         for m in &self.cpuid {
-            let e = find(entries, m.leaf, m.subleaf).ok_or_else(|| {
-                format!(
-                    "CPUID leaf {:#x} subleaf {:#x} is missing",
-                    m.leaf, m.subleaf
-                )
+            let e = find(entries, m.leaf, m.subleaf).ok_or(TemplateError::LeafMissing {
+                leaf: m.leaf,
+                subleaf: m.subleaf,
             })?;
             e.flags = m.flags;
             for (r, b) in &m.registers {
@@ -223,13 +240,13 @@ mod tests {
     #[test]
     fn malformed_bitmaps_are_refused_with_the_reason() {
         let e = Bitmap::parse(&"0".repeat(32), 32).unwrap_err();
-        assert!(e.contains("0b"), "{e}");
+        assert!(e.to_string().contains("0b"), "{e}");
         let e = Bitmap::parse(&bits32(&"0".repeat(31)), 32).unwrap_err();
-        assert!(e.contains("31 bits, 32"), "{e}");
+        assert!(e.to_string().contains("31 bits, 32"), "{e}");
         let e = Bitmap::parse(&bits32(&"0".repeat(40)), 32).unwrap_err();
-        assert!(e.contains("40 bits, 32 are needed"), "{e}");
+        assert!(e.to_string().contains("40 bits, 32 are needed"), "{e}");
         let e = Bitmap::parse(&bits32(&format!("2{}", "0".repeat(31))), 32).unwrap_err();
-        assert!(e.contains("'2'"), "{e}");
+        assert!(e.to_string().contains("'2'"), "{e}");
         assert!(Bitmap::parse(&bits32(&"0".repeat(32)), 64).is_err());
     }
 
@@ -307,7 +324,7 @@ mod tests {
             msrs: vec![],
         };
         let e = t.check(&table(), &[]).unwrap_err();
-        assert!(e.contains("leaf 0x7 subleaf 0x2"), "{e}");
+        assert!(e.to_string().contains("leaf 0x7 subleaf 0x2"), "{e}");
         assert!(t.apply_cpuid(&mut table()).is_err());
         let b = Bitmap::parse(&format!("0b{}", "x".repeat(64)), 64).unwrap();
         let t = CpuTemplate {
@@ -320,6 +337,7 @@ mod tests {
         assert!(t
             .check(&table(), &[0x10])
             .unwrap_err()
+            .to_string()
             .contains("MSR 0x1234"));
         assert!(t.check(&table(), &[0x1234]).is_ok());
     }

@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use tinyguest::{elf, Guest, LOAD_ADDR};
 use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{create_guest_memory, GuestLayout};
-use vessel_vmm::{BootSource, NestedMode, SerialTarget, VmConfig};
+use vessel_vmm::{Payload, NestedMode, SerialTarget, VmConfig};
 
 const EXITS: u32 = 100_000;
 const REPS: usize = 5;
@@ -38,7 +38,7 @@ fn guest(n: u32) -> Vec<u8> {
 
 fn vessel_once(path: &std::path::Path) -> Duration {
     let cfg = VmConfig {
-        boot: BootSource::Linux {
+        boot: Payload::Linux {
             kernel: path.to_path_buf(),
             initrd: None,
             system_map: None,
@@ -59,7 +59,7 @@ fn bare_once(code: &[u8]) -> Duration {
     vm.create_irq_chip().unwrap();
     let layout = GuestLayout::new(64 << 20).unwrap();
     let mem = create_guest_memory(&layout).unwrap();
-    vessel_vmm::vm::register_memory(&vm, &mem, false).unwrap();
+    vessel_vmm::kvm_vm::register_memory(&vm, &mem, false).unwrap();
     mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
     let gdt = vessel_boot::write_gdt(&mem, vessel_boot::EntryMode::Long64).unwrap();
     let pml4 = vessel_boot::write_identity_page_tables(&mem).unwrap();

@@ -20,10 +20,9 @@ use std::time::{Duration, Instant};
 use iced_x86::code_asm::*;
 use tinyguest::{elf, Guest};
 use vessel_vmm::migration::{self, Connection, MigrateOptions, MigrationUrl};
-use vessel_vmm::snapshot::{
-    load_state, restore_prefetched, SnapshotKind, SnapshotRequest, WorkingSet,
-};
-use vessel_vmm::{BootSource, NestedMode, RunningVm, SerialTarget, Vm, VmConfig, VmHandle};
+use vessel_vmm::restore::{load_state, restore_prefetched, WorkingSet};
+use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
+use vessel_vmm::{Payload, NestedMode, RunningVm, SerialTarget, Vm, VmConfig, VmHandle};
 
 const RUNS: usize = 15;
 const MIB: u64 = 1 << 20;
@@ -39,7 +38,7 @@ fn dir() -> PathBuf {
 
 fn config(kernel: &Path, mem_mib: u64) -> VmConfig {
     VmConfig {
-        boot: BootSource::Linux {
+        boot: Payload::Linux {
             kernel: kernel.to_path_buf(),
             initrd: None,
             system_map: None,
@@ -119,7 +118,7 @@ fn snapshot_of(
         d.join(format!("{name}.mem")),
     );
     let info = h
-        .snapshot(&SnapshotRequest {
+        .snapshot(&SnapshotRequest::<NoApi> {
             state: state.clone(),
             memory: mem.clone(),
             kind: SnapshotKind::Full,
@@ -155,7 +154,7 @@ fn median(mut v: Vec<f64>) -> (f64, f64) {
 /// Restores `state`/`mem` and waits for `n` exits; returns (to first exit, to n-th exit).
 fn restore_once(state: &Path, mem: &Path, ws: Option<&WorkingSet>, n: u64) -> (f64, f64) {
     let t0 = Instant::now();
-    let snap = load_state(state).unwrap();
+    let snap = load_state::<NoApi>(state).unwrap();
     let mut cfg = snap.config.clone();
     cfg.serial = SerialTarget::Null;
     let vm = restore_prefetched(&snap, &cfg, mem, ws)

@@ -336,7 +336,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
     if let Some(path) = args.config_file.clone() {
         let ctl = ctl.clone();
         let wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
-        vessel_vmm::vm::spawn_helper("config-file", move || {
+        vessel_vmm::spawn_helper("config-file", move || {
             let r = VmResources::from_config_file(&path, None).and_then(|mut res| {
                 res.mmds.set_limit(mmds_limit);
                 if let Some(md) = &metadata {
@@ -413,7 +413,7 @@ impl VmmBackend for NoBackend {
 /// configured). A thread of its own: the flush asks the backend for its metrics, which the
 /// main loop answers.
 fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) -> Result<(), String> {
-    vessel_vmm::vm::spawn_helper("metrics", move || metrics_loop(&ctl, period))
+    vessel_vmm::spawn_helper("metrics", move || metrics_loop(&ctl, period))
         .map(drop)
         .map_err(|e| format!("cannot start a thread: {e}"))
 }

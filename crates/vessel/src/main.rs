@@ -13,7 +13,7 @@ use vessel_image::ImageName;
 use vessel_vmm::device_config::{
     parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
 };
-use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
+use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
 
 mod apicli;
 mod firecracker;
@@ -202,20 +202,20 @@ fn build_image(name: ImageName) -> Result<vessel_image::ImagePaths, String> {
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     let boot = match (args.kernel, args.image) {
-        (Some(kernel), _) => BootSource::Linux {
+        (Some(kernel), _) => Payload::Linux {
             kernel,
             initrd: args.initrd,
             system_map: args.system_map,
         },
         (None, Some(name)) => {
             let p = build_image(name)?;
-            BootSource::Linux {
+            Payload::Linux {
                 kernel: p.kernel,
                 initrd: Some(p.initrd),
                 system_map: args.system_map.or(p.system_map),
             }
         }
-        (None, None) => BootSource::Demo,
+        (None, None) => Payload::Demo,
     };
     let config = VmConfig {
         boot: boot.clone(),
@@ -223,8 +223,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         append: args.append,
         cpus: args.cpus,
         memory: args.memory.unwrap_or(match boot {
-            BootSource::Demo => DEMO_MEMORY,
-            BootSource::Linux { .. } => LINUX_MEMORY,
+            Payload::Demo => DEMO_MEMORY,
+            Payload::Linux { .. } => LINUX_MEMORY,
         }),
         serial: args.serial,
         nested: args.nested,
@@ -240,7 +240,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         boot_timer: args.boot_timer,
         cpu_template: None,
     };
-    let outcome = vessel_vmm::run(&config).map_err(|e| e.to_string())?;
+    let outcome = vessel_vmm::run(&config).map_err(|e| ErrorChain(&e).to_string())?;
     if args.stats || args.profile.is_some() {
         eprint!("{}", outcome.stats.summary());
         match outcome.reason {

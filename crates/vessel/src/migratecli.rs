@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use vessel_vmm::migration::{receive, Connection, MigrationUrl};
-use vessel_vmm::SerialTarget;
+use vessel_vmm::{ErrorChain, SerialTarget};
 
 #[derive(Subcommand)]
 pub enum MigrateCommand {
@@ -39,7 +39,7 @@ pub fn run(cmd: MigrateCommand) -> Result<ExitCode, String> {
     match cmd {
         MigrateCommand::Receive { listen, serial } => {
             let conn = Connection::accept(&listen).map_err(|e| format!("{listen:?}: {e}"))?;
-            let incoming = receive(conn, serial).map_err(|e| e.to_string())?;
+            let incoming = receive(conn, serial).map_err(|e| ErrorChain(&e).to_string())?;
             eprintln!(
                 "vessel: received the VM ({} MiB on the wire)",
                 incoming.bytes >> 20
@@ -47,7 +47,7 @@ pub fn run(cmd: MigrateCommand) -> Result<ExitCode, String> {
             let outcome = incoming
                 .start()
                 .and_then(|r| r.wait())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ErrorChain(&e).to_string())?;
             eprintln!("vessel: the migrated VM ended: {:?}", outcome.reason);
             Ok(ExitCode::SUCCESS)
         }

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use vessel_vmm::snapshot::{load_state, restore, RestoreRequest, WorkingSet};
-use vessel_vmm::SerialTarget;
+use vessel_vmm::restore::{load_state, restore, RestoreRequest, WorkingSet};
+use vessel_vmm::snapshot::NoApi;
+use vessel_vmm::{ErrorChain, SerialTarget};
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -64,11 +65,11 @@ pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
                     record_after: std::time::Duration::from_millis(record_ms),
                 }),
             };
-            let (vm, _) = restore(&req).map_err(|e| e.to_string())?;
+            let (vm, _) = restore(&req).map_err(|e| ErrorChain(&e).to_string())?;
             let outcome = vm
                 .start()
                 .and_then(|r| r.wait())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| ErrorChain(&e).to_string())?;
             eprintln!("vessel: the restored VM ended: {:?}", outcome.reason);
             Ok(ExitCode::SUCCESS)
         }
@@ -82,7 +83,7 @@ pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Inspect { state } => {
-            let s = load_state(&state).map_err(|e| e.to_string())?;
+            let s = load_state::<NoApi>(&state).map_err(|e| e.to_string())?;
             println!("vessel version: {}", s.vessel_version);
             println!("vcpus: {}", s.vcpus.len());
             let mem: u64 = s.memory.iter().map(|r| r.size).sum();

@@ -5,9 +5,9 @@ use std::str::FromStr;
 
 pub use crate::device_config::DeviceConfigs;
 
-/// What the VM boots.
+/// What the VM boots: its payload.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum BootSource {
+pub enum Payload {
     /// The built-in demo guest: prints a greeting and powers off.
     Demo,
     /// A Linux kernel (bzImage or ELF vmlinux) with an optional initrd.
@@ -30,17 +30,20 @@ pub enum SerialTarget {
     File(PathBuf),
 }
 
+/// Not a serial target.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a serial target: use stdio, null or file=PATH")]
+pub struct BadSerialTarget(pub String);
+
 impl FromStr for SerialTarget {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadSerialTarget;
+    fn from_str(s: &str) -> Result<Self, BadSerialTarget> {
         match s {
             "stdio" => Ok(SerialTarget::Stdio),
             "null" => Ok(SerialTarget::Null),
             _ => match s.strip_prefix("file=") {
                 Some(p) if !p.is_empty() => Ok(SerialTarget::File(PathBuf::from(p))),
-                _ => Err(format!(
-                    "'{s}' is not a serial target: use stdio, null or file=PATH"
-                )),
+                _ => Err(BadSerialTarget(s.to_string())),
             },
         }
     }
@@ -57,14 +60,19 @@ pub enum NestedMode {
     Off,
 }
 
+/// Not a nested mode.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a nested mode: use auto, on or off")]
+pub struct BadNestedMode(pub String);
+
 impl FromStr for NestedMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = BadNestedMode;
+    fn from_str(s: &str) -> Result<Self, BadNestedMode> {
         match s {
             "auto" => Ok(NestedMode::Auto),
             "on" => Ok(NestedMode::On),
             "off" => Ok(NestedMode::Off),
-            _ => Err(format!("'{s}' is not a nested mode: use auto, on or off")),
+            _ => Err(BadNestedMode(s.to_string())),
         }
     }
 }
@@ -72,7 +80,7 @@ impl FromStr for NestedMode {
 /// A whole VM.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
-    pub boot: BootSource,
+    pub boot: Payload,
     /// The full kernel command line; `None` for Vessel's default.
     pub cmdline: Option<String>,
     /// Words appended to the command line (default or given).
@@ -102,7 +110,7 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
-            boot: BootSource::Demo,
+            boot: Payload::Demo,
             cmdline: None,
             append: Vec::new(),
             cpus: 1,

@@ -3,22 +3,16 @@
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, CpuId, Msrs};
 use kvm_ioctls::VcpuFd;
 use vessel_boot::{BootRegs, EntryMode, Gdt, Segment};
+use vessel_kvm::regs::{CR0_ET, CR0_PE, CR0_PG, CR4_PAE, EFER_LMA, EFER_LME};
 use vessel_kvm::template::CpuTemplate;
 
-use crate::error::{KvmContext, VmmError};
+use crate::error::{KvmContext, VcpuError, VmmError};
 
 /// LAPIC register offsets and delivery modes used to wire LINT0/LINT1 as on a PC.
 const APIC_LVT0: usize = 0x350;
 const APIC_LVT1: usize = 0x360;
 const APIC_MODE_NMI: u32 = 0x4;
 const APIC_MODE_EXTINT: u32 = 0x7;
-
-const X86_CR0_PE: u64 = 1 << 0;
-const X86_CR0_ET: u64 = 1 << 4;
-const X86_CR0_PG: u64 = 1 << 31;
-const X86_CR4_PAE: u64 = 1 << 5;
-const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
 
 /// Set CPUID, MSRs, FPU and LAPIC of one vCPU (boot CPU or not); a custom CPU `template`
 /// changes the CPUID and MSRs Vessel sets.
@@ -34,11 +28,8 @@ pub fn configure_vcpu(
     set_power_on_state(vcpu, id, template)
 }
 
-fn template_error(id: u8) -> impl Fn(String) -> VmmError {
-    move |reason| VmmError::Vcpu {
-        cpu: id,
-        reason: format!("CPU template: {reason}"),
-    }
+fn vcpu_error(id: u8) -> impl Fn(VcpuError) -> VmmError {
+    move |source| VmmError::Vcpu { cpu: id, source }
 }
 
 /// Set the CPUID of one vCPU, computed from what this host's KVM supports, with a custom CPU
@@ -53,7 +44,8 @@ pub fn set_cpuid(
 ) -> Result<(), VmmError> {
     let mut cpuid = vessel_kvm::cpuid::normalize(supported_cpuid, id, num_cpus, hide_pv);
     if let Some(t) = template {
-        t.apply_cpuid(&mut cpuid).map_err(template_error(id))?;
+        t.apply_cpuid(&mut cpuid)
+            .map_err(|e| vcpu_error(id)(VcpuError::Template(e)))?;
     }
     vcpu.set_cpuid2(&cpuid).kvm("KVM_SET_CPUID2")
 }
@@ -66,41 +58,32 @@ fn set_power_on_state(
     id: u8,
     template: Option<&CpuTemplate>,
 ) -> Result<(), VmmError> {
-    let template_error = template_error(id);
+    let fail = vcpu_error(id);
     let entries = vessel_kvm::msrs::boot_msrs();
-    let msrs =
-        Msrs::from_entries(&entries).map_err(|e| VmmError::Device(format!("MSR list: {e:?}")))?;
+    let msrs = Msrs::from_entries(&entries).map_err(VmmError::MsrList)?;
     let set = vcpu.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;
     if set != entries.len() {
-        return Err(VmmError::Vcpu {
-            cpu: id,
-            reason: format!(
-                "KVM accepted only {set} of {} boot MSRs (the first refused is {:#x})",
-                entries.len(),
-                entries[set].index
-            ),
-        });
+        return Err(fail(VcpuError::BootMsrs {
+            set,
+            total: entries.len(),
+            first: entries[set].index,
+        }));
     }
 
     if let Some(t) = template.filter(|t| !t.msrs.is_empty()) {
         let entries = t.msr_entries();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|e| VmmError::Device(format!("MSR list: {e:?}")))?;
+        let mut msrs = Msrs::from_entries(&entries).map_err(VmmError::MsrList)?;
         let read = vcpu.get_msrs(&mut msrs).kvm("KVM_GET_MSRS")?;
         if read != entries.len() {
-            return Err(template_error(format!(
-                "KVM cannot read MSR {:#x}",
-                entries[read].index
-            )));
+            return Err(fail(VcpuError::TemplateMsrUnreadable(entries[read].index)));
         }
         t.apply_msrs(msrs.as_mut_slice());
         let set = vcpu.set_msrs(&msrs).kvm("KVM_SET_MSRS")?;
         if set != entries.len() {
-            return Err(template_error(format!(
-                "KVM refused the value {:#x} for MSR {:#x}",
-                msrs.as_slice()[set].data,
-                entries[set].index
-            )));
+            return Err(fail(VcpuError::TemplateMsrRefused {
+                value: msrs.as_slice()[set].data,
+                msr: entries[set].index,
+            }));
         }
     }
 
@@ -172,13 +155,13 @@ pub fn set_boot_registers(
     sregs.idt.limit = 0;
     match regs.mode {
         EntryMode::Long64 => {
-            sregs.cr0 = X86_CR0_PE | X86_CR0_ET | X86_CR0_PG;
+            sregs.cr0 = CR0_PE | CR0_ET | CR0_PG;
             sregs.cr3 = cr3;
-            sregs.cr4 = X86_CR4_PAE;
+            sregs.cr4 = CR4_PAE;
             sregs.efer = EFER_LME | EFER_LMA;
         }
         EntryMode::Pvh32 => {
-            sregs.cr0 = X86_CR0_PE | X86_CR0_ET;
+            sregs.cr0 = CR0_PE | CR0_ET;
             sregs.cr3 = 0;
             sregs.cr4 = 0;
             sregs.efer = 0;

@@ -17,13 +17,54 @@ pub enum Transport {
     Mmio,
 }
 
+/// A device option the CLI cannot use: one line naming the option and what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("'{0}' is not a transport: use pci or mmio")]
+    Transport(String),
+    #[error("{what}: '{part}' is not key=value")]
+    NotKeyValue { what: &'static str, part: String },
+    #[error("{what}: '{key}' given twice")]
+    Twice { what: &'static str, key: String },
+    #[error("{what}: {key}=... is required")]
+    Required { what: &'static str, key: String },
+    #[error("{what}: {key}={value}: use on or off")]
+    Flag {
+        what: &'static str,
+        key: String,
+        value: String,
+    },
+    #[error("{what}: '{value}' is not a transport: use pci or mmio")]
+    TransportOf { what: &'static str, value: String },
+    #[error("{what}: unknown option '{key}'")]
+    Unknown { what: &'static str, key: String },
+    #[error("{what}: {key}={value} is not a valid number")]
+    Number {
+        what: &'static str,
+        key: String,
+        value: String,
+    },
+    #[error("'{0}' is not a MAC address (aa:bb:cc:dd:ee:ff)")]
+    Mac(String),
+    #[error("{0} is a multicast address")]
+    MulticastMac(String),
+    #[error("--disk: serial is at most 20 bytes")]
+    SerialTooLong,
+    #[error("--net: TAP name '{0}' is longer than 15 bytes")]
+    TapName(String),
+    #[error("--net: queues must be at least 1")]
+    NoQueues,
+    #[error("--vsock: cid {0} is reserved (use 3..=4294967295)")]
+    ReservedCid(u64),
+}
+
 impl FromStr for Transport {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         match s {
             "pci" => Ok(Transport::Pci),
             "mmio" => Ok(Transport::Mmio),
-            _ => Err(format!("'{s}' is not a transport: use pci or mmio")),
+            _ => Err(ConfigError::Transport(s.to_string())),
         }
     }
 }
@@ -105,14 +146,18 @@ struct Options {
 }
 
 impl Options {
-    fn parse(what: &'static str, s: &str) -> Result<Self, String> {
+    fn parse(what: &'static str, s: &str) -> Result<Self, ConfigError> {
         let mut map = BTreeMap::new();
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part
-                .split_once('=')
-                .ok_or_else(|| format!("{what}: '{part}' is not key=value"))?;
+            let (k, v) = part.split_once('=').ok_or_else(|| ConfigError::NotKeyValue {
+                what,
+                part: part.to_string(),
+            })?;
             if map.insert(k.to_string(), v.to_string()).is_some() {
-                return Err(format!("{what}: '{k}' given twice"));
+                return Err(ConfigError::Twice {
+                    what,
+                    key: k.to_string(),
+                });
             }
         }
         Ok(Options { what, map })
@@ -122,24 +167,35 @@ impl Options {
         self.map.remove(key)
     }
 
-    fn required(&mut self, key: &str) -> Result<String, String> {
+    fn required(&mut self, key: &str) -> Result<String, ConfigError> {
         match self.take(key) {
             Some(v) if !v.is_empty() => Ok(v),
-            _ => Err(format!("{}: {key}=... is required", self.what)),
+            _ => Err(ConfigError::Required {
+                what: self.what,
+                key: key.to_string(),
+            }),
         }
     }
 
-    fn flag(&mut self, key: &str) -> Result<bool, String> {
+    fn flag(&mut self, key: &str) -> Result<bool, ConfigError> {
         match self.take(key).as_deref() {
             None | Some("off") | Some("false") => Ok(false),
             Some("on") | Some("true") => Ok(true),
-            Some(v) => Err(format!("{}: {key}={v}: use on or off", self.what)),
+            Some(v) => Err(ConfigError::Flag {
+                what: self.what,
+                key: key.to_string(),
+                value: v.to_string(),
+            }),
         }
     }
 
-    fn transport(&mut self) -> Result<Transport, String> {
+    fn transport(&mut self) -> Result<Transport, ConfigError> {
+        let what = self.what;
         self.take("transport")
-            .map(|t| t.parse().map_err(|e| format!("{}: {e}", self.what)))
+            .map(|t| {
+                t.parse()
+                    .map_err(|_| ConfigError::TransportOf { what, value: t })
+            })
             .transpose()
             .map(Option::unwrap_or_default)
     }
@@ -150,8 +206,8 @@ impl Options {
         &mut self,
         bw_key: &str,
         ops_key: &str,
-    ) -> Result<Option<RateLimiterConfig>, String> {
-        let mut rate = |key: &str| -> Result<Option<BucketConfig>, String> {
+    ) -> Result<Option<RateLimiterConfig>, ConfigError> {
+        let mut rate = |key: &str| -> Result<Option<BucketConfig>, ConfigError> {
             self.take(key)
                 .map(|v| parse_number::<u64>(self.what, key, &v).map(BucketConfig::per_second))
                 .transpose()
@@ -160,23 +216,29 @@ impl Options {
         Ok((bandwidth.is_some() || ops.is_some()).then_some(RateLimiterConfig { bandwidth, ops }))
     }
 
-    fn finish(self) -> Result<(), String> {
-        match self.map.keys().next() {
-            Some(k) => Err(format!("{}: unknown option '{k}'", self.what)),
+    fn finish(self) -> Result<(), ConfigError> {
+        match self.map.into_keys().next() {
+            Some(key) => Err(ConfigError::Unknown {
+                what: self.what,
+                key,
+            }),
             None => Ok(()),
         }
     }
 }
 
-fn parse_number<T: FromStr>(what: &str, key: &str, v: &str) -> Result<T, String> {
-    v.parse()
-        .map_err(|_| format!("{what}: {key}={v} is not a valid number"))
+fn parse_number<T: FromStr>(what: &'static str, key: &str, v: &str) -> Result<T, ConfigError> {
+    v.parse().map_err(|_| ConfigError::Number {
+        what,
+        key: key.to_string(),
+        value: v.to_string(),
+    })
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
     let parts: Vec<&str> = s.split(':').collect();
-    let bad = || format!("'{s}' is not a MAC address (aa:bb:cc:dd:ee:ff)");
+    let bad = || ConfigError::Mac(s.to_string());
     if parts.len() != 6 {
         return Err(bad());
     }
@@ -188,20 +250,20 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
         *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
     }
     if mac[0] & 1 != 0 {
-        return Err(format!("{s} is a multicast address"));
+        return Err(ConfigError::MulticastMac(s.to_string()));
     }
     Ok(mac)
 }
 
 impl FromStr for DiskConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut o = Options::parse("--disk", s)?;
         let path = PathBuf::from(o.required("path")?);
         let read_only = o.flag("readonly")?;
         let serial = o.take("serial");
         if serial.as_ref().is_some_and(|s| s.len() > 20) {
-            return Err("--disk: serial is at most 20 bytes".into());
+            return Err(ConfigError::SerialTooLong);
         }
         let transport = o.transport()?;
         let rate_limiter = o.rate_limiter("bw", "iops")?;
@@ -217,12 +279,12 @@ impl FromStr for DiskConfig {
 }
 
 impl FromStr for NetConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut o = Options::parse("--net", s)?;
         let tap = o.required("tap")?;
         if tap.len() >= 16 {
-            return Err(format!("--net: TAP name '{tap}' is longer than 15 bytes"));
+            return Err(ConfigError::TapName(tap));
         }
         let mac = o.take("mac").map(|m| parse_mac(&m)).transpose()?;
         let queue_pairs = match o.take("queues") {
@@ -230,7 +292,7 @@ impl FromStr for NetConfig {
             None => 1,
         };
         if queue_pairs == 0 {
-            return Err("--net: queues must be at least 1".into());
+            return Err(ConfigError::NoQueues);
         }
         let transport = o.transport()?;
         let rx_rate_limiter = o.rate_limiter("rx_bw", "rx_ops")?;
@@ -249,14 +311,12 @@ impl FromStr for NetConfig {
 }
 
 impl FromStr for VsockConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut o = Options::parse("--vsock", s)?;
         let cid: u64 = parse_number("--vsock", "cid", &o.required("cid")?)?;
         if cid < 3 || cid > u64::from(u32::MAX) {
-            return Err(format!(
-                "--vsock: cid {cid} is reserved (use 3..=4294967295)"
-            ));
+            return Err(ConfigError::ReservedCid(cid));
         }
         let uds = PathBuf::from(o.required("uds")?);
         let transport = o.transport()?;
@@ -270,8 +330,8 @@ impl FromStr for VsockConfig {
 }
 
 impl FromStr for BalloonConfig {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
         let mut o = Options::parse("--balloon", s)?;
         let size_mib = match o.take("size") {
             Some(v) => parse_number("--balloon", "size", &v)?,
@@ -291,7 +351,7 @@ impl FromStr for BalloonConfig {
 }
 
 /// `--rng [transport=pci|mmio]`
-pub fn parse_rng(s: &str) -> Result<Transport, String> {
+pub fn parse_rng(s: &str) -> Result<Transport, ConfigError> {
     let mut o = Options::parse("--rng", s)?;
     let t = o.transport()?;
     o.finish()?;
@@ -344,7 +404,7 @@ mod tests {
             "nonsense",
         ] {
             let e = bad.parse::<DiskConfig>().unwrap_err();
-            assert!(e.starts_with("--disk"), "{bad}: {e}");
+            assert!(e.to_string().starts_with("--disk"), "{bad}: {e}");
         }
     }
 

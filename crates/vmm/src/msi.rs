@@ -15,7 +15,7 @@ use vessel_memory::ports::MSI_GSI_START;
 use vessel_pci::{MsiController, MsiMessage};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::error::VmmError;
+use crate::error::{KvmContext, VmmError};
 
 /// Number of IO-APIC pins of KVM's in-kernel IO-APIC.
 const IOAPIC_PINS: u32 = 24;
@@ -129,12 +129,12 @@ impl MsiRoutes {
         let gsi = {
             let mut t = self.table();
             if t.next_gsi >= MAX_GSI {
-                return Err(VmmError::Device("out of MSI routes".into()));
+                return Err(VmmError::OutOfMsiRoutes);
             }
             t.next_gsi += 1;
             t.next_gsi - 1
         };
-        Ok((gsi, crate::devices::irqfd(&self.vm, gsi)?))
+        Ok((gsi, crate::legacy::irqfd(&self.vm, gsi)?))
     }
 
     /// The MSI routes in the table: (GSI, message).
@@ -158,11 +158,8 @@ impl MsiRoutes {
         }
         let mut entries = default_entries();
         entries.extend(t.msi.iter().map(|(g, m)| msi_entry(*g, m)));
-        let routing = KvmIrqRouting::from_entries(&entries)
-            .map_err(|e| VmmError::Device(format!("routing table: {e:?}")))?;
-        self.vm
-            .set_gsi_routing(&routing)
-            .map_err(|e| VmmError::Device(format!("KVM_SET_GSI_ROUTING: {e}")))
+        let routing = KvmIrqRouting::from_entries(&entries).map_err(VmmError::RoutingTable)?;
+        self.vm.set_gsi_routing(&routing).kvm("KVM_SET_GSI_ROUTING")
     }
 }
 

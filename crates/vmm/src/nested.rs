@@ -18,17 +18,15 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use vessel_kvm::emulate::{self, Completion, CpuState, GuestAccess};
+use vessel_kvm::regs::{EFER_LMA, RFLAGS_FIXED, RFLAGS_RF};
 use vessel_memory::GuestMemoryMmap;
 
-use crate::error::{KvmContext, VmmError};
+use crate::error::{KvmContext, VcpuError, VmmError};
 use crate::guest_access::VcpuMemory;
 
 const MSR_STAR: u32 = 0xc000_0081;
 const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
-const EFER_LMA: u64 = 1 << 10;
-const RFLAGS_FIXED: u64 = 1 << 1;
-const RFLAGS_RF: u64 = 1 << 16;
 const PF_VECTOR: u64 = 14;
 /// How often the #PF handler address is re-read from the guest's IDT.
 const IDT_RECHECK: Duration = Duration::from_millis(20);
@@ -295,7 +293,10 @@ impl Default for NestedVcpu {
 fn diagnosis(cpu: &CpuState, bytes: &[u8], what: &str) -> VmmError {
     VmmError::Vcpu {
         cpu: 0,
-        reason: format!("{what}\n{}", vessel_kvm::diagnose::describe(cpu, bytes)),
+        source: VcpuError::Diagnosed {
+            what: what.to_string(),
+            diagnosis: vessel_kvm::diagnose::describe(cpu, bytes),
+        },
     }
 }
 
@@ -307,8 +308,7 @@ fn read_msrs<const N: usize>(vcpu: &VcpuFd, idx: [u32; N]) -> Result<[u64; N], V
             ..Default::default()
         })
         .collect();
-    let mut msrs =
-        Msrs::from_entries(&entries).map_err(|e| VmmError::Device(format!("MSR list: {e:?}")))?;
+    let mut msrs = Msrs::from_entries(&entries).map_err(VmmError::MsrList)?;
     vcpu.get_msrs(&mut msrs).kvm("KVM_GET_MSRS")?;
     let mut out = [0u64; N];
     for (o, e) in out.iter_mut().zip(msrs.as_slice()) {

@@ -98,6 +98,32 @@ pub fn timeline(
     out
 }
 
+/// The profile of a finished VM sampled every `period`: where all vCPUs spent their time,
+/// then the boot vCPU's samples over time (where each phase of a boot goes), symbolized with
+/// `system_map` when it loads.
+pub(crate) fn vm_profile(
+    reports: &[crate::vcpu::VcpuReport],
+    system_map: Option<&Path>,
+    period: std::time::Duration,
+) -> String {
+    let samples: Vec<u64> = reports
+        .iter()
+        .flat_map(|r| r.samples.iter().copied())
+        .collect();
+    let map = system_map.and_then(|p| SymbolMap::load(p).ok());
+    let mut text = report(&samples, map.as_ref(), 40);
+    if let Some(boot) = reports.first() {
+        text += &timeline(
+            &boot.samples,
+            period,
+            map.as_ref(),
+            std::time::Duration::from_secs(5),
+            3,
+        );
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

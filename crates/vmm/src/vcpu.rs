@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vessel_devices::{Bus, ExitSignal, VmExitReason};
+use vessel_devices::{ExitSignal, VmExitReason};
 use vessel_kvm::snapshot::VcpuState;
-use vessel_memory::GuestMemoryMmap;
 
-use crate::error::VmmError;
+use crate::error::{VcpuError, VmmError};
+use crate::machine::Machine;
 use crate::nested::{NestedStats, NestedVcpu};
 
 /// The signal that interrupts `KVM_RUN` (a real-time signal with an empty handler).
@@ -34,22 +34,11 @@ pub enum VcpuStop {
 }
 
 /// What the run loop does after one exit.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 enum Next {
     Continue,
     Stop(VcpuStop),
-    Fail(String),
-}
-
-/// What every vCPU thread shares.
-#[derive(Clone)]
-pub struct VcpuShared {
-    pub io_bus: Arc<Bus>,
-    pub mmio_bus: Arc<Bus>,
-    pub exit: ExitSignal,
-    pub stop: Arc<AtomicBool>,
-    pub mem: GuestMemoryMmap,
-    pub pause: Arc<PauseGate>,
+    Fail(VcpuError),
 }
 
 /// Where vCPU threads park while the VM is paused.
@@ -76,7 +65,7 @@ struct GateState {
     /// The MSRs to read.
     msrs: Arc<Vec<u32>>,
     /// One slot per vCPU, filled by the vCPU.
-    saved: Vec<Option<Result<VcpuState, String>>>,
+    saved: Vec<Option<Result<VcpuState, vessel_kvm::KvmError>>>,
 }
 
 impl PauseGate {
@@ -114,7 +103,7 @@ impl PauseGate {
         &self,
         stop: &AtomicBool,
         id: usize,
-        mut save: impl FnMut(&[u32]) -> Result<VcpuState, String>,
+        mut save: impl FnMut(&[u32]) -> Result<VcpuState, vessel_kvm::KvmError>,
     ) {
         let mut st = self.lock();
         st.parked += 1;
@@ -152,7 +141,7 @@ impl PauseGate {
         count: usize,
         msrs: Vec<u32>,
         timeout: Duration,
-    ) -> Result<Vec<VcpuState>, String> {
+    ) -> Result<Vec<VcpuState>, VcpuStateError> {
         let st = self.lock();
         // A VM started paused may still be on its way to the gate.
         let (mut st, _) = self
@@ -160,7 +149,7 @@ impl PauseGate {
             .wait_timeout_while(st, timeout, |st| st.parked < count)
             .unwrap_or_else(|e| e.into_inner());
         if st.parked < count {
-            return Err("the vCPUs are not all paused".into());
+            return Err(VcpuStateError::NotPaused);
         }
         st.saving = true;
         st.msrs = Arc::new(msrs);
@@ -176,12 +165,27 @@ impl PauseGate {
         for (i, s) in saved.into_iter().enumerate() {
             match s {
                 Some(Ok(v)) => out.push(v),
-                Some(Err(e)) => return Err(format!("vCPU {i}: {e}")),
-                None => return Err(format!("vCPU {i} did not report its state in {timeout:?}")),
+                Some(Err(source)) => return Err(VcpuStateError::Read { cpu: i, source }),
+                None => return Err(VcpuStateError::Timeout { cpu: i, timeout }),
             }
         }
         Ok(out)
     }
+}
+
+/// Why [`PauseGate::save_states`] got no state.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuStateError {
+    #[error("the vCPUs are not all paused")]
+    NotPaused,
+    #[error("vCPU {cpu}")]
+    Read {
+        cpu: usize,
+        #[source]
+        source: vessel_kvm::KvmError,
+    },
+    #[error("vCPU {cpu} did not report its state in {timeout:?}")]
+    Timeout { cpu: usize, timeout: Duration },
 }
 
 /// Counters a vCPU keeps about its own run.
@@ -199,18 +203,18 @@ pub struct VcpuReport {
 pub struct Vcpu {
     pub id: u8,
     fd: VcpuFd,
-    shared: VcpuShared,
+    machine: Arc<Machine>,
     nested: Option<NestedVcpu>,
     profile: bool,
     pub report: VcpuReport,
 }
 
 impl Vcpu {
-    pub fn new(id: u8, fd: VcpuFd, shared: VcpuShared, nested: bool, profile: bool) -> Self {
+    pub fn new(id: u8, fd: VcpuFd, machine: Arc<Machine>, nested: bool, profile: bool) -> Self {
         Vcpu {
             id,
             fd,
-            shared,
+            machine,
             nested: nested.then(NestedVcpu::new),
             profile,
             report: VcpuReport {
@@ -224,20 +228,20 @@ impl Vcpu {
         }
     }
 
-    fn fail(&self, reason: String) -> VmmError {
+    fn fail(&self, source: VcpuError) -> VmmError {
         VmmError::Vcpu {
             cpu: self.id,
-            reason,
+            source,
         }
     }
 
     /// Run until the guest or the VMM ends the VM.
     pub fn run(&mut self) -> Result<VcpuStop, VmmError> {
         loop {
-            if self.shared.stop.load(Ordering::Acquire) {
+            if self.machine.stopping() {
                 return Ok(VcpuStop::Stopped);
             }
-            if self.shared.pause.requested() {
+            if self.machine.pause.requested() {
                 // The state read while parked must be whole: finish the last exit first.
                 match self.complete_last_exit()? {
                     Next::Continue => {}
@@ -245,17 +249,14 @@ impl Vcpu {
                     Next::Fail(reason) => return Err(self.fail(reason)),
                 }
                 let fd = &self.fd;
-                self.shared
-                    .pause
-                    .park(&self.shared.stop, self.id as usize, |msrs| {
-                        VcpuState::save(fd, msrs).map_err(|e| e.to_string())
-                    });
+                let m = &self.machine;
+                m.pause.park(&m.stop, self.id as usize, |msrs| VcpuState::save(fd, msrs));
                 continue;
             }
             let next = match self.fd.run() {
                 Ok(exit) => {
                     self.report.exits += 1;
-                    match handle_exit(exit, &self.shared, &mut self.report) {
+                    match handle_exit(exit, &self.machine, &mut self.report) {
                         Some(n) => n,
                         None => self.slow_exit()?,
                     }
@@ -271,7 +272,7 @@ impl Vcpu {
                     }
                     Next::Continue
                 }
-                Err(e) => Next::Fail(format!("KVM_RUN failed: {e}")),
+                Err(e) => Next::Fail(VcpuError::Run(e)),
             };
             match next {
                 Next::Continue => {}
@@ -279,11 +280,8 @@ impl Vcpu {
                 Next::Fail(reason) => return Err(self.fail(reason)),
             }
             if let Some(n) = self.nested.as_mut() {
-                n.maybe_recheck(&self.fd, &self.shared.mem)
-                    .map_err(|e| VmmError::Vcpu {
-                        cpu: self.id,
-                        reason: e.to_string(),
-                    })?;
+                n.maybe_recheck(&self.fd, &self.machine.mem)
+                    .map_err(|e| self.fail(VcpuError::Setup(Box::new(e))))?;
             }
         }
     }
@@ -309,20 +307,20 @@ impl Vcpu {
             let next = match self.fd.run() {
                 Ok(exit) => {
                     self.report.exits += 1;
-                    handle_exit(exit, &self.shared, &mut self.report)
+                    handle_exit(exit, &self.machine, &mut self.report)
                 }
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.fd.set_kvm_immediate_exit(0);
                     return Ok(Next::Continue);
                 }
-                Err(e) => Some(Next::Fail(format!("KVM_RUN failed: {e}"))),
+                Err(e) => Some(Next::Fail(VcpuError::Run(e))),
             };
             self.fd.set_kvm_immediate_exit(0);
             let next = match next {
                 Some(n) => n,
                 None => self.slow_exit()?,
             };
-            if next != Next::Continue {
+            if !matches!(next, Next::Continue) {
                 return Ok(next);
             }
         }
@@ -334,10 +332,10 @@ impl Vcpu {
         let reason = self.fd.get_kvm_run().exit_reason;
         let id = self.id;
         let with_cpu = |e: VmmError| match e {
-            VmmError::Vcpu { reason, .. } => VmmError::Vcpu { cpu: id, reason },
+            VmmError::Vcpu { source, .. } => VmmError::Vcpu { cpu: id, source },
             e => VmmError::Vcpu {
                 cpu: id,
-                reason: e.to_string(),
+                source: VcpuError::Setup(Box::new(e)),
             },
         };
         match reason {
@@ -347,27 +345,27 @@ impl Vcpu {
                 let pc = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.debug.arch.pc };
                 match self.nested.as_mut() {
                     Some(n) => n
-                        .on_debug(&self.fd, &self.shared.mem, pc)
+                        .on_debug(&self.fd, &self.machine.mem, pc)
                         .map_err(with_cpu)?,
-                    None => return Ok(Next::Fail(format!("unexpected debug exit at {pc:#x}"))),
+                    None => return Ok(Next::Fail(VcpuError::UnexpectedDebug(pc))),
                 }
                 Ok(Next::Continue)
             }
             kvm_bindings::KVM_EXIT_INTERNAL_ERROR => match self.nested.as_mut() {
                 Some(n) => {
-                    n.on_internal_error(&mut self.fd, &self.shared.mem)
+                    n.on_internal_error(&mut self.fd, &self.machine.mem)
                         .map_err(with_cpu)?;
                     Ok(Next::Continue)
                 }
                 None => {
                     let mut n = NestedVcpu::new();
-                    n.on_internal_error(&mut self.fd, &self.shared.mem)
+                    n.on_internal_error(&mut self.fd, &self.machine.mem)
                         .map_err(with_cpu)?;
                     // Completed without the fallback being on: still fine, keep going.
                     Ok(Next::Continue)
                 }
             },
-            other => Ok(Next::Fail(format!("unexpected exit reason {other}"))),
+            other => Ok(Next::Fail(VcpuError::UnexpectedExit(other))),
         }
     }
 
@@ -381,7 +379,7 @@ impl Vcpu {
 }
 
 /// Handle the exits that need only the buses; `None` for those that need the vCPU.
-fn handle_exit(exit: VcpuExit<'_>, shared: &VcpuShared, report: &mut VcpuReport) -> Option<Next> {
+fn handle_exit(exit: VcpuExit<'_>, shared: &Machine, report: &mut VcpuReport) -> Option<Next> {
     Some(match exit {
         VcpuExit::IoIn(port, data) => {
             report.io_exits += 1;
@@ -411,16 +409,14 @@ fn handle_exit(exit: VcpuExit<'_>, shared: &VcpuShared, report: &mut VcpuReport)
         VcpuExit::SystemEvent(kind, _) => match kind {
             KVM_SYSTEM_EVENT_SHUTDOWN => Next::Stop(VcpuStop::Guest(VmExitReason::PowerOff)),
             KVM_SYSTEM_EVENT_RESET => Next::Stop(VcpuStop::Guest(VmExitReason::Reset)),
-            KVM_SYSTEM_EVENT_CRASH => Next::Fail("the guest crashed (KVM system event)".into()),
-            other => Next::Fail(format!("unexpected KVM system event {other}")),
+            KVM_SYSTEM_EVENT_CRASH => Next::Fail(VcpuError::GuestCrashed),
+            other => Next::Fail(VcpuError::UnexpectedSystemEvent(other)),
         },
-        VcpuExit::Hlt => Next::Fail("the guest halted with no way to wake up".into()),
-        VcpuExit::FailEntry(reason, cpu) => Next::Fail(format!(
-            "KVM could not enter the guest (hardware entry failure {reason:#x} on host CPU {cpu})"
-        )),
+        VcpuExit::Hlt => Next::Fail(VcpuError::Halted),
+        VcpuExit::FailEntry(reason, cpu) => Next::Fail(VcpuError::FailEntry { reason, cpu }),
         VcpuExit::Intr => Next::Continue,
         VcpuExit::Debug(_) | VcpuExit::InternalError => return None,
-        other => Next::Fail(format!("unexpected exit {other:?}")),
+        other => Next::Fail(VcpuError::Unhandled(format!("{other:?}"))),
     })
 }
 
@@ -435,6 +431,8 @@ fn guest_request(exit: &ExitSignal) -> Next {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vessel_devices::Bus;
+    use vessel_memory::GuestMemoryMmap;
 
     /// A stand-in for the exit loop: parks whenever asked, counts its iterations.
     fn spawn_loop(
@@ -595,7 +593,7 @@ mod tests {
         // Real mode at 0x1000: in al, dx; inc al; out dx, al; mov al, [0xc000] (MMIO); jmp $.
         let code = [0xec, 0xfe, 0xc0, 0xee, 0xa0, 0x00, 0xc0, 0xeb, 0xfe];
         mem.write_slice(&code, GuestAddress(0x1000)).unwrap();
-        crate::vm::register_memory(&vm, &mem, false).unwrap();
+        crate::kvm_vm::register_memory(&vm, &mem, false).unwrap();
         let fd = vm.create_vcpu(0).unwrap();
         let mut sregs = fd.get_sregs().unwrap();
         sregs.cs.base = 0;
@@ -622,16 +620,8 @@ mod tests {
         io_bus.insert(port.clone(), 0x500, 1).unwrap();
         let mut mmio_bus = Bus::new();
         mmio_bus.insert(port, 0xc000, 1).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let shared = VcpuShared {
-            io_bus: Arc::new(io_bus),
-            mmio_bus: Arc::new(mmio_bus),
-            exit: ExitSignal::new().unwrap(),
-            stop: stop.clone(),
-            mem: mem.clone(),
-            pause: gate.clone(),
-        };
-        let mut vcpu = Vcpu::new(0, fd, shared, false, false);
+        let machine = Arc::new(Machine::for_test(vm, mem, io_bus, mmio_bus, gate.clone()));
+        let mut vcpu = Vcpu::new(0, fd, machine.clone(), false, false);
         let thread = std::thread::spawn(move || vcpu.run().map_err(|e| e.to_string()));
         let saved = |gate: &PauseGate| {
             gate.save_states(1, Vec::new(), Duration::from_secs(10))
@@ -659,11 +649,11 @@ mod tests {
             "and the MMIO read"
         );
         // Parked, it ends on `stop` without running the guest again.
-        stop.store(true, Ordering::Release);
+        machine.stop.store(true, Ordering::Release);
         gate.wake_all();
         assert_eq!(thread.join().unwrap(), Ok(VcpuStop::Stopped));
         assert_eq!(*writes.lock().unwrap(), [0x43]);
-        drop(vm);
+        drop(machine);
     }
 
     #[test]

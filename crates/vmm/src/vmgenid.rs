@@ -14,7 +14,7 @@ use vessel_boot::VmGenIdInfo;
 use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{addr, ports, GuestMemoryMmap};
 
-use crate::config::BootSource;
+use crate::config::Payload;
 use crate::error::{KvmContext, VmmError};
 
 /// A VM generation ID, as the guest reads it.
@@ -42,10 +42,10 @@ impl VmGenIdState {
     /// Refuses what a damaged or hostile state file could hold.
     fn check(&self) -> Result<(), VmmError> {
         if !self.addr.is_multiple_of(8) || self.irq >= ports::MSI_GSI_START {
-            return Err(VmmError::Device(format!(
-                "snapshot: VM generation ID at {:#x} with interrupt {}: not an 8-byte aligned address and an IO-APIC pin",
-                self.addr, self.irq
-            )));
+            return Err(VmmError::BadVmGenId {
+                addr: self.addr,
+                irq: self.irq,
+            });
         }
         Ok(())
     }
@@ -54,10 +54,10 @@ impl VmGenIdState {
 /// A new guest booting `boot` gets a random ID in `mem`; the demo guest has no ACPI tables to
 /// describe one.
 pub(crate) fn install(
-    boot: &BootSource,
+    boot: &Payload,
     mem: &GuestMemoryMmap,
 ) -> Result<Option<VmGenIdState>, VmmError> {
-    if matches!(boot, BootSource::Demo) {
+    if matches!(boot, Payload::Demo) {
         return Ok(None);
     }
     let s = VmGenIdState {
@@ -72,12 +72,12 @@ pub(crate) fn install(
 fn write_new(mem: &GuestMemoryMmap, s: &VmGenIdState) -> Result<GenerationId, VmmError> {
     let mut id = GenerationId::default();
     vessel_boot::host_random(&mut id)?;
-    mem.write_slice(&id, GuestAddress(s.addr)).map_err(|e| {
-        VmmError::Device(format!(
-            "cannot write the VM generation ID at {:#x}: {e}",
-            s.addr
-        ))
-    })?;
+    mem.write_slice(&id, GuestAddress(s.addr))
+        .map_err(|source| VmmError::GuestMemory {
+            what: "write the VM generation ID",
+            addr: s.addr,
+            source,
+        })?;
     Ok(id)
 }
 
@@ -85,12 +85,12 @@ fn write_new(mem: &GuestMemoryMmap, s: &VmGenIdState) -> Result<GenerationId, Vm
 #[cfg(test)]
 fn read(mem: &GuestMemoryMmap, s: &VmGenIdState) -> Result<GenerationId, VmmError> {
     let mut id = GenerationId::default();
-    mem.read_slice(&mut id, GuestAddress(s.addr)).map_err(|e| {
-        VmmError::Device(format!(
-            "cannot read the VM generation ID at {:#x}: {e}",
-            s.addr
-        ))
-    })?;
+    mem.read_slice(&mut id, GuestAddress(s.addr))
+        .map_err(|source| VmmError::GuestMemory {
+            what: "read the VM generation ID",
+            addr: s.addr,
+            source,
+        })?;
     Ok(id)
 }
 
@@ -141,12 +141,12 @@ mod tests {
     #[test]
     fn a_new_guest_gets_a_random_id_and_a_restore_a_fresh_one_with_an_interrupt() {
         let mem = create_guest_memory(&GuestLayout::new(64 << 20).unwrap()).unwrap();
-        let linux = BootSource::Linux {
+        let linux = Payload::Linux {
             kernel: "/k".into(),
             initrd: None,
             system_map: None,
         };
-        assert_eq!(install(&BootSource::Demo, &mem).unwrap(), None);
+        assert_eq!(install(&Payload::Demo, &mem).unwrap(), None);
         let s = install(&linux, &mem)
             .unwrap()
             .expect("a Linux guest has one");

@@ -7,7 +7,7 @@ use vessel_virtio::VirtioDevice;
 use vessel_virtio_devices::{balloon, block, net, rng, vsock};
 
 use crate::device_config::{DeviceConfigs, Transport};
-use crate::error::VmmError;
+use crate::device_manager::DeviceError;
 
 /// A device model and where it goes.
 pub struct PlannedDevice {
@@ -16,7 +16,7 @@ pub struct PlannedDevice {
 }
 
 /// Handles the VMM keeps on running devices (for the API and statistics).
-#[derive(Default)]
+#[derive(Default, Clone)]
 pub struct DeviceHandles {
     pub balloon: Option<balloon::BalloonHandle>,
     /// Per-disk statistics, in `--disk` order.
@@ -35,7 +35,7 @@ fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> Planned
 }
 
 /// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon).
-pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandles), VmmError> {
+pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandles), DeviceError> {
     let mut out = Vec::new();
     let mut handles = DeviceHandles::default();
     for d in &configs.disks {
@@ -45,7 +45,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             serial: d.serial.clone(),
             engine: block::BlockEngine::Auto,
         })
-        .map_err(|e| VmmError::Device(format!("--disk {}: {e}", d.path.display())))?;
+        .map_err(|e| DeviceError::setup(format!("--disk {}", d.path.display()))(Box::new(e)))?;
         if let Some(r) = &d.rate_limiter {
             dev.rate_limiter().set_config(r);
         }
@@ -59,7 +59,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             mac: n.mac,
             queue_pairs: n.queue_pairs,
         })
-        .map_err(|e| VmmError::Device(format!("--net tap={}: {e}", n.tap)))?;
+        .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap))(Box::new(e)))?;
         dev.set_mmds(n.mmds.clone());
         let h = dev.handle();
         if let Some(r) = &n.rx_rate_limiter {
@@ -76,7 +76,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             guest_cid: v.cid,
             uds_path: v.uds.clone(),
         })
-        .map_err(|e| VmmError::Device(format!("--vsock uds={}: {e}", v.uds.display())))?;
+        .map_err(|e| DeviceError::setup(format!("--vsock uds={}", v.uds.display()))(Box::new(e)))?;
         out.push(planned(dev, v.transport));
     }
     if let Some(t) = configs.rng {
@@ -88,7 +88,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             deflate_on_oom: b.deflate_on_oom,
             free_page_reporting: true,
         })
-        .map_err(|e| VmmError::Device(format!("virtio-balloon: {e}")))?;
+        .map_err(|e| DeviceError::setup("virtio-balloon")(Box::new(e)))?;
         let handle = dev.handle();
         handle.set_target_mib(b.size_mib);
         handles.balloon = Some(handle);

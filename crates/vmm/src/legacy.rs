@@ -1,4 +1,4 @@
-//! The device manager for the legacy PC platform: builds the port-I/O bus, places
+//! The legacy PC devices (COM1, the i8042, the RTC, the ACPI PM block, port 0x80): builds the port-I/O bus, places
 //! every device at its port from `vessel_memory::ports`, and wires interrupts as irqfds.
 
 use std::fs::OpenOptions;
@@ -39,8 +39,10 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 /// A new event registered with KVM as the irqfd of `gsi`: writing it raises the interrupt.
 pub(crate) fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
-    let fd = EventFd::new(libc::EFD_NONBLOCK)
-        .map_err(|e| VmmError::Device(format!("eventfd for IRQ {gsi}: {e}")))?;
+    let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::EventFd {
+        what: format!("IRQ {gsi}"),
+        source,
+    })?;
     vm.register_irqfd(&fd, gsi).kvm("KVM_IRQFD")?;
     Ok(fd)
 }
@@ -52,7 +54,10 @@ fn insert(
     len: u64,
 ) -> Result<(), VmmError> {
     bus.insert(dev, base as u64, len)
-        .map_err(|e| VmmError::Device(format!("port {base:#x}: {e}")))
+        .map_err(|source| VmmError::Bus {
+            what: format!("port {base:#x}"),
+            source,
+        })
 }
 
 impl LegacyDevices {
@@ -110,17 +115,15 @@ impl LegacyDevices {
     }
 
     /// Loads a snapshot's state into freshly created devices.
-    pub fn restore_state(&self, s: &LegacyState) -> Result<(), VmmError> {
-        let bad = |e: String| VmmError::Device(format!("snapshot: {e}"));
-        lock(&self.serial).restore_state(&s.serial).map_err(bad)?;
-        lock(&self.i8042).restore_state(&s.i8042).map_err(bad)?;
-        lock(&self.rtc).restore_state(&s.rtc).map_err(bad)?;
-        Ok(())
+    pub fn restore_state(&self, s: &LegacyState) -> Result<(), vessel_devices::StateError> {
+        lock(&self.serial).restore_state(&s.serial)?;
+        lock(&self.i8042).restore_state(&s.i8042)?;
+        lock(&self.rtc).restore_state(&s.rtc)
     }
 
-    /// The keyboard controller (Ctrl-Alt-Del is typed on its keyboard).
-    pub fn i8042(&self) -> Arc<Mutex<I8042>> {
-        self.i8042.clone()
+    /// Types Ctrl-Alt-Del on the keyboard; false if its buffer is full.
+    pub fn send_ctrl_alt_del(&self) -> bool {
+        lock(&self.i8042).send_ctrl_alt_del()
     }
 
     pub fn console_is_stdio(&self) -> bool {

@@ -22,7 +22,7 @@ use vessel_virtio::{MmioTransportState, VirtioDevice, VirtioPciState};
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::error::{KvmContext, VmmError};
 use crate::msi::{FunctionMsi, MsiRoutes};
-use crate::virtio_devices::DeviceHandles;
+use crate::device_factory::DeviceHandles;
 
 /// The PCI bus, created with the first PCI device.
 struct PciHost {
@@ -32,15 +32,12 @@ struct PciHost {
 }
 
 /// A placed device's transport, kept for snapshots.
-// Read by the snapshot methods, which vm.rs's snapshot code calls.
-#[allow(dead_code)]
 enum Placed {
     Mmio(Arc<Mutex<MmioTransport>>),
     Pci(Arc<Mutex<VirtioPciDevice>>),
 }
 
 /// A placed device.
-#[allow(dead_code)]
 struct Managed {
     /// `<name>-<index in creation order>` ("virtio-blk-0").
     id: String,
@@ -49,7 +46,6 @@ struct Managed {
 }
 
 /// The saved state of one virtio device, tagged with its transport.
-#[allow(dead_code)]
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "transport", rename_all = "lowercase")]
 pub enum VirtioTransportState {
@@ -57,7 +53,6 @@ pub enum VirtioTransportState {
     Pci(VirtioPciState),
 }
 
-#[allow(dead_code)]
 impl VirtioTransportState {
     fn kind(&self) -> &'static str {
         match self {
@@ -76,12 +71,50 @@ pub struct VirtioDeviceState {
     pub state: VirtioTransportState,
 }
 
-#[allow(dead_code)]
-fn snapshot_err(what: &str, e: impl std::fmt::Display) -> VmmError {
-    VmmError::Device(format!("snapshot: {what}: {e}"))
+/// Why a virtio device could not be placed, saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("{0}: no interrupt line left for another virtio-mmio device (at most {1}); use transport=pci")]
+    NoMmioIrq(&'static str, usize),
+    #[error("{0}: too many queues")]
+    TooManyQueues(&'static str),
+    #[error("{0}: no notify address")]
+    NoNotifyAddress(&'static str),
+    #[error("{what}")]
+    Setup {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{id}")]
+    State {
+        id: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{id}: the device cannot be stopped")]
+    Quiesce { id: String },
+    #[error("the snapshot's devices differ from the configured ones: {0}")]
+    Differ(String),
 }
 
-#[allow(dead_code)]
+impl DeviceError {
+    /// `what` could not be set up because of `source`.
+    pub(crate) fn setup(
+        what: impl Into<String>,
+    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> DeviceError {
+        let what = what.into();
+        move |source| DeviceError::Setup { what, source }
+    }
+}
+
+fn state_err<E: std::error::Error + Send + Sync + 'static>(id: &str) -> impl FnOnce(E) -> DeviceError + '_ {
+    move |e| DeviceError::State {
+        id: id.to_string(),
+        source: Box::new(e),
+    }
+}
+
 fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -100,8 +133,8 @@ pub struct VirtioManager {
     pub handles: DeviceHandles,
 }
 
-fn device_err(what: &str, e: impl std::fmt::Display) -> VmmError {
-    VmmError::Device(format!("{what}: {e}"))
+fn device_err<E: std::error::Error + Send + Sync + 'static>(what: &str) -> impl FnOnce(E) -> VmmError + '_ {
+    move |e| VmmError::Device(DeviceError::setup(what)(Box::new(e)))
 }
 
 impl VirtioManager {
@@ -122,8 +155,6 @@ impl VirtioManager {
     }
 }
 
-// The snapshot code in vm.rs calls these (dead code until it does).
-#[allow(dead_code)]
 impl VirtioManager {
     // ---- snapshots ----
     //
@@ -134,19 +165,19 @@ impl VirtioManager {
     /// completed (see `VirtioDevice::quiesce`). The registers stay. Quiesce before saving
     /// the vCPUs and the interrupt controller (a device completing its last requests raises
     /// interrupts) and before saving guest memory (it writes the used rings).
-    pub fn quiesce_all(&self) -> Result<(), VmmError> {
+    pub fn quiesce_all(&self) -> Result<(), DeviceError> {
         for d in &self.devices {
             let r = match &d.transport {
                 Placed::Mmio(t) => lock(t).quiesce(),
                 Placed::Pci(t) => lock(t).quiesce(),
             };
-            r.map_err(|e| snapshot_err(&d.id, e))?;
+            r.map_err(state_err(&d.id))?;
         }
         Ok(())
     }
 
     /// The state of every device, in creation order (after [`VirtioManager::quiesce_all`]).
-    pub fn save_all(&self) -> Result<Vec<VirtioDeviceState>, VmmError> {
+    pub fn save_all(&self) -> Result<Vec<VirtioDeviceState>, DeviceError> {
         self.devices
             .iter()
             .map(|d| {
@@ -154,7 +185,7 @@ impl VirtioManager {
                     Placed::Mmio(t) => lock(t).save_state().map(VirtioTransportState::Mmio),
                     Placed::Pci(t) => lock(t).save_state().map(VirtioTransportState::Pci),
                 }
-                .map_err(|e| snapshot_err(&d.id, e))?;
+                .map_err(state_err(&d.id))?;
                 Ok(VirtioDeviceState {
                     id: d.id.clone(),
                     device_type: d.device_type,
@@ -211,10 +242,10 @@ impl VirtioManager {
     /// their used rings (a restored vsock device tells the driver its connections are
     /// gone). A snapshot whose devices differ from the configured ones is refused, listing
     /// the differences, before any device is touched.
-    pub fn restore_all(&self, states: &[VirtioDeviceState]) -> Result<(), VmmError> {
+    pub fn restore_all(&self, states: &[VirtioDeviceState]) -> Result<(), DeviceError> {
         let diff = self.mismatches(states);
         if !diff.is_empty() {
-            return Err(snapshot_err("the virtio devices differ", diff.join("; ")));
+            return Err(DeviceError::Differ(diff.join("; ")));
         }
         for (s, d) in states.iter().zip(&self.devices) {
             let r = match (&s.state, &d.transport) {
@@ -225,7 +256,7 @@ impl VirtioManager {
                     why: "transport mismatch".into(),
                 }),
             };
-            r.map_err(|e| snapshot_err(&d.id, e))?;
+            r.map_err(state_err(&d.id))?;
         }
         Ok(())
     }
@@ -282,17 +313,14 @@ impl VirtioManager {
     ) -> Result<(), VmmError> {
         let index = self.platform.virtio_mmio.len();
         let name = device.name();
-        let irq = *ports::VIRTIO_MMIO_IRQS.get(index).ok_or_else(|| {
-            VmmError::Device(format!(
-                "{name}: no interrupt line left for another virtio-mmio device (at most {}); use transport=pci",
-                ports::VIRTIO_MMIO_IRQS.len()
-            ))
-        })?;
+        let irq = *ports::VIRTIO_MMIO_IRQS
+            .get(index)
+            .ok_or(DeviceError::NoMmioIrq(name, ports::VIRTIO_MMIO_IRQS.len()))?;
         let base = addr::VIRTIO_MMIO_START + index as u64 * addr::VIRTIO_MMIO_WINDOW;
-        let irq_evt = crate::devices::irqfd(&self.vm, irq)?;
+        let irq_evt = crate::legacy::irqfd(&self.vm, irq)?;
         let device_type = device.device_type();
         let transport = MmioTransport::new(device, self.mem.clone(), irq_evt)
-            .map_err(|e| device_err(name, e))?;
+            .map_err(device_err(name))?;
         for (queue, kick) in transport.queue_kicks().iter().enumerate() {
             self.vm
                 .register_ioevent(
@@ -305,7 +333,7 @@ impl VirtioManager {
         let transport = Arc::new(Mutex::new(transport));
         mmio_bus
             .insert(transport.clone(), base, addr::VIRTIO_MMIO_WINDOW)
-            .map_err(|e| device_err(name, e))?;
+            .map_err(device_err(name))?;
         self.devices.push(Managed {
             id: self.managed_id(name),
             device_type,
@@ -339,14 +367,14 @@ impl VirtioManager {
                     u64::from(ports::PCI_CONFIG_ADDRESS),
                     ports::PCI_CONFIG_LEN,
                 )
-                .map_err(|e| device_err("PCI config ports", e))?;
+                .map_err(device_err("PCI config ports"))?;
             mmio_bus
                 .insert(
                     Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))),
                     addr::PCI_ECAM_START,
                     addr::PCI_ECAM_SIZE,
                 )
-                .map_err(|e| device_err("PCI ECAM", e))?;
+                .map_err(device_err("PCI ECAM"))?;
             let bars = BarAllocator::new(
                 (
                     addr::PCI_MMIO32_START,
@@ -354,7 +382,7 @@ impl VirtioManager {
                 ),
                 None,
             )
-            .map_err(|e| device_err("PCI BAR window", e))?;
+            .map_err(device_err("PCI BAR window"))?;
             self.platform.pci = true;
             self.pci = Some(PciHost {
                 bus,
@@ -384,15 +412,15 @@ impl VirtioManager {
                 kind: BarKind::Memory64,
                 prefetchable: false,
             })
-            .map_err(|e| device_err(name, e))?;
+            .map_err(device_err(name))?;
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1)
-            .map_err(|_| device_err(name, "too many queues"))?;
+            .map_err(|_| DeviceError::TooManyQueues(name))?;
         let msi = Arc::new(FunctionMsi::new(host.routes.clone(), vectors)?);
-        let dev = VirtioPciDevice::new(device, mem, msi, bar0).map_err(|e| device_err(name, e))?;
+        let dev = VirtioPciDevice::new(device, mem, msi, bar0).map_err(device_err(name))?;
         for (queue, kick) in dev.queue_kicks().iter().enumerate() {
             let at = dev
                 .notify_address(queue as u16)
-                .ok_or_else(|| device_err(name, "no notify address"))?;
+                .ok_or(DeviceError::NoNotifyAddress(name))?;
             vm.register_ioevent(kick, &IoEventAddress::Mmio(at), NoDatamatch)
                 .kvm("KVM_IOEVENTFD")?;
         }
@@ -402,10 +430,10 @@ impl VirtioManager {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .add_device(dev.clone())
-            .map_err(|e| device_err(name, e))?;
+            .map_err(device_err(name))?;
         mmio_bus
             .insert(dev.clone(), bar0, BAR0_SIZE)
-            .map_err(|e| device_err(name, e))?;
+            .map_err(device_err(name))?;
         self.devices.push(Managed {
             id,
             device_type,
@@ -427,7 +455,7 @@ pub fn create(
     configs: &DeviceConfigs,
 ) -> Result<VirtioManager, VmmError> {
     let mut m = VirtioManager::new(vm.clone(), mem.clone());
-    let (devices, handles) = crate::virtio_devices::build(configs)?;
+    let (devices, handles) = crate::device_factory::build(configs)?;
     m.handles = handles;
     for planned in devices {
         m.add(io_bus, mmio_bus, planned.device, planned.transport)?;

@@ -1,0 +1,323 @@
+//! Building a VM up to its first `KVM_RUN`: [`build_for_boot`] for a new guest and
+//! [`build_from_snapshot`] for a restored or migrated one, two short functions over the same
+//! steps:
+//!
+//! 1. [`open_host`]: KVM opened, its capabilities and the configuration checked;
+//! 2. [`create_machine`]: the KVM VM with its TSS and identity-map pages, guest memory
+//!    registered, the in-kernel irqchip and PIT, the vCPUs created, the legacy and virtio
+//!    devices on their buses: one [`Machine`] (see [`crate::kvm_vm`] for why memory comes
+//!    before the irqchip);
+//! 3. a new guest gets its payload loaded ([`crate::payload`]) and power-on vCPUs; a restored
+//!    one gets its saved vCPU, KVM and device state instead, and never runs boot code.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_ioctls::{Kvm, VcpuFd};
+use vessel_boot::BootRegs;
+use vessel_devices::{Bus, ExitSignal};
+use vessel_memory::{create_guest_memory, GuestLayout, GuestMemoryMmap};
+
+use crate::config::{NestedMode, Payload, VmConfig};
+use crate::cpu;
+use crate::device_factory::DeviceHandles;
+use crate::error::{KvmContext, VcpuError, VmmError};
+use crate::legacy::LegacyDevices;
+use crate::machine::Machine;
+use crate::payload;
+use crate::restore::RestoreError;
+use crate::snapshot::VmSnapshot;
+use crate::vcpu::{PauseGate, Vcpu};
+use crate::vmgenid::{self, VmGenIdState};
+
+/// A VM built and ready to run: memory, devices, the boot image and the vCPUs are set up;
+/// no vCPU has run yet. [`Vm::start`] runs it.
+pub struct Vm {
+    pub(crate) machine: Arc<Machine>,
+    pub(crate) vcpus: Vec<Vcpu>,
+    /// When building started.
+    pub(crate) t0: Instant,
+    /// How the kernel was loaded (a new Linux guest).
+    pub(crate) kernel_source: Option<String>,
+    pub(crate) start_paused: bool,
+    /// Run once the vCPU threads exist (e.g. recording a restored guest's working set).
+    pub(crate) after_start: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Vm {
+    /// Builds the VM described by `config`, up to the first `KVM_RUN`.
+    pub fn build(config: &VmConfig) -> Result<Vm, VmmError> {
+        build_for_boot(config)
+    }
+
+    /// Starts the vCPUs parked: the VM is paused until [`crate::VmHandle::resume`].
+    pub fn paused(mut self) -> Self {
+        self.start_paused = true;
+        self
+    }
+
+    /// Runs `f` once [`Vm::start`] has started the vCPUs.
+    pub(crate) fn on_start(&mut self, f: Box<dyn FnOnce() + Send>) {
+        self.after_start.push(f);
+    }
+
+    /// The handles on the devices a management API drives after start (balloon, disks,
+    /// network interfaces); they stay valid while the VM runs.
+    pub fn device_handles(&self) -> DeviceHandles {
+        self.machine.device_handles()
+    }
+
+    /// A restored clone's new VM generation ID, announced to the guest; run after the
+    /// irqchips are restored and before any vCPU runs.
+    pub(crate) fn new_generation(&self) -> Result<(), VmmError> {
+        let m = &self.machine;
+        if let Some(s) = &m.vmgenid {
+            vmgenid::regenerate(&m.vm, &m.mem, s)?;
+        }
+        Ok(())
+    }
+}
+
+/// What every build starts from.
+struct Host {
+    kvm: Kvm,
+    layout: GuestLayout,
+    /// Started first: it measures from the start of the build.
+    boot_timer: Option<vessel_devices::BootTimer>,
+}
+
+/// Opens KVM and checks what can be checked before touching it further.
+fn open_host(config: &VmConfig) -> Result<Host, VmmError> {
+    let boot_timer = config.boot_timer.then(vessel_devices::BootTimer::start);
+    let kvm = vessel_kvm::system::open()?;
+    vessel_kvm::system::check_capabilities(&kvm)?;
+    let layout = payload::validate(config, vessel_kvm::system::max_vcpus(&kvm))?;
+    Ok(Host {
+        kvm,
+        layout,
+        boot_timer,
+    })
+}
+
+/// The KVM VM, its memory, irqchip, vCPUs and devices, as one [`Machine`]; and the vCPUs'
+/// file descriptors, not yet configured.
+fn create_machine(
+    host: Host,
+    config: &VmConfig,
+    mem: GuestMemoryMmap,
+    nested: bool,
+    vmgenid: Option<VmGenIdState>,
+) -> Result<(Arc<Machine>, Vec<VcpuFd>), VmmError> {
+    let vm = Arc::new(crate::kvm_vm::create_vm(&host.kvm)?);
+    crate::kvm_vm::register_memory(&vm, &mem, config.track_dirty_pages)?;
+    crate::kvm_vm::create_irqchip_and_pit(&vm)?;
+    let fds = (0..config.cpus)
+        .map(|id| vm.create_vcpu(u64::from(id)).kvm("KVM_CREATE_VCPU"))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let exit = ExitSignal::new().map_err(|source| VmmError::EventFd {
+        what: "the exit signal".into(),
+        source,
+    })?;
+    let mut io_bus = Bus::new();
+    let mut mmio_bus = Bus::new();
+    if let Some(t) = host.boot_timer {
+        let at = vessel_memory::addr::BOOT_TIMER_START;
+        mmio_bus
+            .insert(
+                Arc::new(Mutex::new(t)),
+                at,
+                vessel_devices::boot_timer::BOOT_TIMER_LEN,
+            )
+            .map_err(|source| VmmError::Bus {
+                what: "the boot timer".into(),
+                source,
+            })?;
+    }
+    let legacy = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
+    let virtio =
+        crate::device_manager::create(&vm, &mem, &mut io_bus, &mut mmio_bus, &config.devices)?;
+    let machine = Machine {
+        vm,
+        mem,
+        io_bus,
+        mmio_bus,
+        exit,
+        legacy,
+        virtio: Mutex::new(virtio),
+        config: config.clone(),
+        nested,
+        vmgenid,
+        stop: AtomicBool::new(false),
+        pause: Arc::new(PauseGate::default()),
+        snapshot_lock: Mutex::new(()),
+        devices_quiesced: AtomicBool::new(false),
+    };
+    Ok((Arc::new(machine), fds))
+}
+
+/// The vCPUs of `machine`, ready to run.
+fn vcpus(machine: &Arc<Machine>, fds: Vec<VcpuFd>) -> Vec<Vcpu> {
+    let profile = machine.config.profile_ms.is_some();
+    fds.into_iter()
+        .enumerate()
+        .map(|(id, fd)| Vcpu::new(id as u8, fd, machine.clone(), machine.nested, profile))
+        .collect()
+}
+
+/// Builds a new VM described by `config`, up to the first `KVM_RUN`.
+pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
+    let t0 = Instant::now();
+    let host = open_host(config)?;
+    let nested = match config.nested {
+        NestedMode::On => true,
+        NestedMode::Off => false,
+        // The demo guest never leaves ring 0 and makes no system calls: no need to probe.
+        NestedMode::Auto if matches!(config.boot, Payload::Demo) => false,
+        NestedMode::Auto => vessel_kvm::nested::probe_nested_host(&host.kvm)?,
+    };
+    let layout = host.layout.clone();
+    let supported = host
+        .kvm
+        .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+        .kvm("KVM_GET_SUPPORTED_CPUID")?;
+    let mem = create_guest_memory(&layout)?;
+    let vmgenid = vmgenid::install(&config.boot, &mem)?;
+    let (machine, fds) = create_machine(host, config, mem, nested, vmgenid)?;
+
+    let image = load_payload(&machine, &layout, &fds[0])?;
+    for (id, fd) in fds.iter().enumerate() {
+        let id = id as u8;
+        cpu::configure_vcpu(
+            fd,
+            id,
+            config.cpus as u8,
+            &supported,
+            nested,
+            config.cpu_template.as_ref(),
+        )?;
+        if id == 0 {
+            cpu::set_boot_registers(fd, &image.regs, &image.gdt, image.cr3)?;
+        }
+    }
+    Ok(Vm {
+        vcpus: vcpus(&machine, fds),
+        machine,
+        t0,
+        kernel_source: image.kernel_source,
+        start_paused: false,
+        after_start: Vec::new(),
+    })
+}
+
+/// What a new guest boots from: the boot CPU's registers and tables.
+struct BootImage {
+    regs: BootRegs,
+    gdt: vessel_boot::Gdt,
+    cr3: u64,
+    /// How the kernel was loaded, for Linux guests.
+    kernel_source: Option<String>,
+}
+
+/// Writes the payload, its tables and the boot page tables into guest memory.
+fn load_payload(m: &Machine, layout: &GuestLayout, boot_cpu: &VcpuFd) -> Result<BootImage, VmmError> {
+    let nested_params = m.nested.then(|| payload::nested_params(boot_cpu));
+    let platform = vessel_boot::PlatformDevices {
+        vmgenid: m.vmgenid.map(|v| v.info()),
+        ..m.virtio().platform().clone()
+    };
+    let (regs, kernel_source) = payload::load_guest(
+        &m.config,
+        &m.mem,
+        layout,
+        nested_params.as_deref(),
+        &platform,
+    )?;
+    if let (Some(p), NestedMode::Auto) = (&nested_params, m.config.nested) {
+        eprintln!(
+            "vessel: this host's KVM is nested and emulates guest kernel mode: adding kernel parameters: {p}"
+        );
+    }
+    let gdt = vessel_boot::write_gdt(&m.mem, regs.mode)?;
+    let cr3 = vessel_boot::write_identity_page_tables(&m.mem)?;
+    Ok(BootImage {
+        regs,
+        gdt,
+        cr3,
+        kernel_source,
+    })
+}
+
+/// Builds a VM from a snapshot's (or a migration's) state: `config` is the snapshot's (with
+/// host-side changes), `mem` its guest memory, filled. Nothing of the boot path runs: the
+/// vCPUs, KVM's devices and clock, and every device get their saved state.
+pub(crate) fn build_from_snapshot<A>(
+    config: &VmConfig,
+    mem: GuestMemoryMmap,
+    snap: &VmSnapshot<A>,
+) -> Result<Vm, VmmError> {
+    let t0 = Instant::now();
+    let host = open_host(config)?;
+    // Only state files older than the saved CPUID need this host's.
+    let supported = match snap.vcpus.iter().all(|v| v.cpuid.is_some()) {
+        true => None,
+        false => Some(
+            host.kvm
+                .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+                .kvm("KVM_GET_SUPPORTED_CPUID")?,
+        ),
+    };
+    let (machine, fds) = create_machine(host, config, mem, snap.nested, snap.vmgenid)?;
+    for (id, fd) in fds.iter().enumerate() {
+        restore_vcpu(fd, id as u8, snap, supported.as_ref())?;
+    }
+    restore_devices(&machine, snap)?;
+    Ok(Vm {
+        vcpus: vcpus(&machine, fds),
+        machine,
+        t0,
+        kernel_source: None,
+        start_paused: false,
+        after_start: Vec::new(),
+    })
+}
+
+/// Loads vCPU `id`'s state into a new vCPU, its saved CPUID first: it overwrites the
+/// power-on MSRs, FPU and LAPIC setup a new vCPU gets. A state from before the CPUID was
+/// saved gets it computed from `supported` (this host's), as a boot does.
+fn restore_vcpu<A>(
+    fd: &VcpuFd,
+    id: u8,
+    snap: &VmSnapshot<A>,
+    supported: Option<&kvm_bindings::CpuId>,
+) -> Result<(), VmmError> {
+    let fail = |source| VmmError::Vcpu { cpu: id, source };
+    let state = snap
+        .vcpus
+        .get(id as usize)
+        .ok_or_else(|| fail(VcpuError::NoSavedState))?;
+    if state.cpuid.is_none() {
+        let supported = supported.ok_or_else(|| fail(VcpuError::NoCpuid))?;
+        cpu::set_cpuid(
+            fd,
+            id,
+            snap.config.cpus as u8,
+            supported,
+            snap.nested,
+            snap.config.cpu_template.as_ref(),
+        )?;
+    }
+    state.restore(fd).map_err(|e| fail(VcpuError::Restore(e)))
+}
+
+/// Loads KVM's devices and clock, the legacy devices and the virtio devices.
+fn restore_devices<A>(m: &Machine, snap: &VmSnapshot<A>) -> Result<(), RestoreError> {
+    snap.kvm.restore(&m.vm).map_err(RestoreError::Kvm)?;
+    m.legacy
+        .restore_state(&snap.legacy)
+        .map_err(RestoreError::Legacy)?;
+    m.virtio()
+        .restore_all(&snap.virtio)
+        .map_err(RestoreError::Devices)
+}
