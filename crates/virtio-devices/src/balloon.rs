@@ -24,7 +24,8 @@ use vessel_virtio::worker::{
 };
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
-    DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
+    BalloonState, DeviceHealth, DeviceState, DeviceStateError, InterruptCause, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Balloon feature bits (virtio 1.2 section 5.5.3).
@@ -394,20 +395,18 @@ impl VirtioDevice for Balloon {
         true
     }
 
-    fn save_device_state(&self) -> serde_json::Value {
+    fn save_device_state(&self) -> DeviceState {
         let s = self.shared.lock();
-        serde_json::json!({ "num_pages": s.num_pages, "actual": s.actual })
+        DeviceState::Balloon(BalloonState {
+            num_pages: s.num_pages,
+            actual: s.actual,
+        })
     }
 
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let field = |name: &str| {
-            state
-                .get(name)
-                .and_then(serde_json::Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| format!("virtio-balloon: no valid {name:?} in {state}"))
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Balloon(BalloonState { num_pages, actual }) = *state else {
+            return Err(DeviceStateError::kind(self.name(), state));
         };
-        let (num_pages, actual) = (field("num_pages")?, field("actual")?);
         let mut s = self.shared.lock();
         s.num_pages = num_pages;
         s.actual = actual;

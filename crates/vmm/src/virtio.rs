@@ -140,7 +140,7 @@ impl VirtioManager {
                 Placed::Mmio(t) => lock(t).quiesce(),
                 Placed::Pci(t) => lock(t).quiesce(),
             };
-            r.map_err(|e| snapshot_err(&d.id, e))?;
+            r.map_err(|e| snapshot_err(&d.id, vessel_virtio::ErrorChain(&e)))?;
         }
         Ok(())
     }
@@ -154,7 +154,7 @@ impl VirtioManager {
                     Placed::Mmio(t) => lock(t).save_state().map(VirtioTransportState::Mmio),
                     Placed::Pci(t) => lock(t).save_state().map(VirtioTransportState::Pci),
                 }
-                .map_err(|e| snapshot_err(&d.id, e))?;
+                .map_err(|e| snapshot_err(&d.id, vessel_virtio::ErrorChain(&e)))?;
                 Ok(VirtioDeviceState {
                     id: d.id.clone(),
                     device_type: d.device_type,
@@ -220,12 +220,9 @@ impl VirtioManager {
             let r = match (&s.state, &d.transport) {
                 (VirtioTransportState::Mmio(s), Placed::Mmio(t)) => lock(t).restore_state(s),
                 (VirtioTransportState::Pci(s), Placed::Pci(t)) => lock(t).restore_state(s),
-                _ => Err(vessel_virtio::SnapshotError::Pci {
-                    name: "virtio",
-                    why: "transport mismatch".into(),
-                }),
+                _ => Err(vessel_virtio::StateError::Transport("virtio")),
             };
-            r.map_err(|e| snapshot_err(&d.id, e))?;
+            r.map_err(|e| snapshot_err(&d.id, vessel_virtio::ErrorChain(&e)))?;
         }
         Ok(())
     }

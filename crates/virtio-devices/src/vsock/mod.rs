@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use vessel_virtio::worker::Worker;
 use vessel_virtio::{
-    device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+    DeviceStateError, VirtioDevice,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -202,9 +203,9 @@ impl VirtioDevice for Vsock {
         true
     }
 
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        if !state.is_null() {
-            return Err(format!("virtio-vsock keeps no device state, got {state}"));
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        if *state != DeviceState::None {
+            return Err(DeviceStateError::kind(self.name(), state));
         }
         // The host side of every connection is gone with the old process.
         self.reset_on_activate = true;

@@ -417,6 +417,27 @@ fn reset_closes_connections() {
 }
 
 #[test]
+fn only_an_empty_device_state_is_restored() {
+    let mut dev = Vsock::new(VsockConfig {
+        guest_cid: 3,
+        uds_path: temp_uds(),
+    })
+    .unwrap();
+    assert_eq!(dev.save_device_state(), DeviceState::None);
+    let console = DeviceState::Console(vessel_virtio::ConsoleState { cols: 1, rows: 1 });
+    assert_eq!(
+        dev.restore_device_state(&console),
+        Err(DeviceStateError::Kind {
+            device: "virtio-vsock",
+            saved: "a virtio-console"
+        })
+    );
+    assert!(!dev.reset_on_activate);
+    dev.restore_device_state(&DeviceState::None).unwrap();
+    assert!(dev.reset_on_activate);
+}
+
+#[test]
 fn config_and_construction() {
     let uds = temp_uds();
     assert!(matches!(
