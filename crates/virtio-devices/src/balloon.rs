@@ -82,7 +82,7 @@ const TOKEN_STATS_REQUEST: u64 = 4;
 
 /// Which optional features the balloon offers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BalloonConfig {
+pub struct BalloonParams {
     /// Offer the statistics queue (`VIRTIO_BALLOON_F_STATS_VQ`).
     pub stats: bool,
     /// Let the guest deflate on its own under memory pressure (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`).
@@ -222,7 +222,7 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    pub fn new(config: BalloonConfig) -> io::Result<Self> {
+    pub fn new(config: BalloonParams) -> io::Result<Self> {
         let mut avail_features = features::COMMON;
         let mut queues = 2;
         if config.stats {
@@ -1009,7 +1009,7 @@ mod tests {
 
     #[test]
     fn config_space() {
-        let mut b = Balloon::new(BalloonConfig::default()).unwrap();
+        let mut b = Balloon::new(BalloonParams::default()).unwrap();
         let h = b.handle();
         h.set_target_mib(3);
         let mut d = [0u8; 8];
@@ -1031,10 +1031,10 @@ mod tests {
 
     #[test]
     fn features_and_queue_count() {
-        let b = Balloon::new(BalloonConfig::default()).unwrap();
+        let b = Balloon::new(BalloonParams::default()).unwrap();
         assert_eq!(b.queue_max_sizes().len(), 2);
         assert_eq!(b.avail_features() & 0xff, 0);
-        let b = Balloon::new(BalloonConfig {
+        let b = Balloon::new(BalloonParams {
             stats: true,
             deflate_on_oom: true,
             free_page_reporting: true,
@@ -1054,7 +1054,7 @@ mod tests {
         dev: Balloon,
     }
 
-    fn start(m: &GuestMemoryMmap, cfg: BalloonConfig, acked: u64, queues: u16) -> Running<'_> {
+    fn start(m: &GuestMemoryMmap, cfg: BalloonParams, acked: u64, queues: u16) -> Running<'_> {
         let vqs: Vec<_> = (0..queues)
             .map(|i| MockSplitQueue::create(m, queue_base(i), 16))
             .collect();
@@ -1078,7 +1078,7 @@ mod tests {
     #[test]
     fn running_balloon_inflates_and_reports_stats() {
         let m = mem();
-        let cfg = BalloonConfig {
+        let cfg = BalloonParams {
             stats: true,
             deflate_on_oom: false,
             free_page_reporting: true,
@@ -1152,7 +1152,7 @@ mod tests {
     #[test]
     fn reporting_queue_follows_absent_stats_queue() {
         let m = mem();
-        let cfg = BalloonConfig {
+        let cfg = BalloonParams {
             stats: true,
             deflate_on_oom: false,
             free_page_reporting: true,
@@ -1173,7 +1173,7 @@ mod tests {
         let m = mem();
         let irq = Arc::new(CountingInterrupt::default());
         let vq = MockSplitQueue::new(&m, 16);
-        let mut dev = Balloon::new(BalloonConfig {
+        let mut dev = Balloon::new(BalloonParams {
             stats: true,
             ..Default::default()
         })

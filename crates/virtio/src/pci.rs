@@ -354,11 +354,6 @@ impl VirtioPciDevice {
         &self.common
     }
 
-    /// For `config_changed` and the like.
-    pub fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
-    }
-
     pub fn interrupt(&self) -> &Arc<VirtioPciInterrupt> {
         &self.interrupt
     }

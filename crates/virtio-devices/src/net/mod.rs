@@ -59,7 +59,7 @@ pub mod feature {
 
 /// What to build a virtio-net device from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct NetParams {
     /// TAP interface name (attached to if it exists, created otherwise).
     pub tap: String,
     /// Guest MAC address; a random locally administered one when absent.
@@ -167,7 +167,7 @@ pub struct NetHandle {
 
 impl Net {
     /// Opens (or creates) the TAP, one queue per queue pair.
-    pub fn new(cfg: NetConfig) -> Result<Net, NetError> {
+    pub fn new(cfg: NetParams) -> Result<Net, NetError> {
         if cfg.queue_pairs == 0 || cfg.queue_pairs > MAX_QUEUE_PAIRS {
             return Err(NetError::QueuePairs(cfg.queue_pairs));
         }

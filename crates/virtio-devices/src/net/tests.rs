@@ -372,7 +372,7 @@ fn bad_tap_names_and_queue_counts_are_refused() {
         Err(TapError::BadName(_))
     ));
     assert!(matches!(
-        Net::new(NetConfig {
+        Net::new(NetParams {
             tap: "x".into(),
             mac: None,
             queue_pairs: 0
@@ -506,7 +506,7 @@ mod real_tap {
             return;
         }
         let name = format!("vst{}", std::process::id() % 100_000);
-        let mut net = Net::new(NetConfig {
+        let mut net = Net::new(NetParams {
             tap: name.clone(),
             mac: Some([0x02, 0, 0, 0, 0, 0x42]),
             queue_pairs: 1,
@@ -595,7 +595,7 @@ mod real_tap {
             return;
         }
         let name = format!("vsm{}", std::process::id() % 100_000);
-        let net = Net::new(NetConfig {
+        let net = Net::new(NetParams {
             tap: name.clone(),
             mac: None,
             queue_pairs: 2,

@@ -40,7 +40,7 @@ pub const QUEUE_SIZE: u16 = 256;
 
 /// What to build a virtio-vsock device from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VsockConfig {
+pub struct VsockParams {
     /// The guest's context id (3 or more).
     pub guest_cid: u64,
     /// Path of the host-side Unix socket (and prefix of `<uds_path>_<port>`).
@@ -77,7 +77,7 @@ pub struct Vsock {
 
 impl Vsock {
     /// Listens on `uds_path` (replacing a stale socket file there).
-    pub fn new(cfg: VsockConfig) -> Result<Vsock, VsockError> {
+    pub fn new(cfg: VsockParams) -> Result<Vsock, VsockError> {
         if cfg.guest_cid < 3 || cfg.guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::BadCid(cfg.guest_cid));
         }
