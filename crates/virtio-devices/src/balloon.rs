@@ -414,6 +414,33 @@ impl VirtioDevice for Balloon {
     }
 }
 
+/// The queues whose chains carry guest pages, each served the same way (every chain used
+/// with length 0 once its pages are handled); only what is done with the pages differs.
+#[derive(Debug, Clone, Copy)]
+enum PageQueue {
+    /// inflateq: PFNs the driver gave up, dropped from the host.
+    Inflate,
+    /// deflateq: PFNs the driver takes back.
+    Deflate,
+    /// reporting_vq: free page ranges, dropped from the host.
+    Report,
+}
+
+impl PageQueue {
+    fn serve(
+        self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        counters: &mut BalloonCounters,
+    ) {
+        match self {
+            PageQueue::Inflate => inflate_chain(mem, chain, counters),
+            PageQueue::Deflate => deflate_chain(mem, chain, counters),
+            PageQueue::Report => report_chain(mem, chain, counters),
+        }
+    }
+}
+
 struct BalloonHandler {
     mem: GuestMemoryMmap,
     interrupt: Arc<dyn VirtioInterrupt>,
@@ -430,10 +457,10 @@ struct BalloonHandler {
 impl EventHandler for BalloonHandler {
     fn handle_event(&mut self, token: u64, _: EventSet, _: &mut WorkerControl) -> io::Result<()> {
         match token {
-            TOKEN_INFLATE => self.process_pages(true),
-            TOKEN_DEFLATE => self.process_pages(false),
+            TOKEN_INFLATE => self.process_pages(PageQueue::Inflate),
+            TOKEN_DEFLATE => self.process_pages(PageQueue::Deflate),
             TOKEN_STATS => self.process_stats(),
-            TOKEN_REPORTING => self.process_reporting(),
+            TOKEN_REPORTING => self.process_pages(PageQueue::Report),
             TOKEN_STATS_REQUEST => self.return_stats_buffer(),
             _ => {}
         }
@@ -442,35 +469,14 @@ impl EventHandler for BalloonHandler {
 }
 
 impl BalloonHandler {
-    fn process_pages(&mut self, inflate: bool) {
-        let q = if inflate {
-            &mut self.inflate
-        } else {
-            &mut self.deflate
+    /// Serves every chain the driver made available on one of the page queues.
+    fn process_pages(&mut self, kind: PageQueue) {
+        let q = match kind {
+            PageQueue::Inflate => Some(&mut self.inflate),
+            PageQueue::Deflate => Some(&mut self.deflate),
+            PageQueue::Report => self.reporting.as_mut(),
         };
-        consume(&q.kick);
-        let mem = &self.mem;
-        let mut counters = BalloonCounters::default();
-        drain_queue(
-            &mut q.queue,
-            q.index,
-            mem,
-            self.interrupt.as_ref(),
-            &self.health,
-            |chain| {
-                if inflate {
-                    inflate_chain(mem, chain, &mut counters);
-                } else {
-                    deflate_chain(mem, chain, &mut counters);
-                }
-                0
-            },
-        );
-        self.add_counters(&counters);
-    }
-
-    fn process_reporting(&mut self) {
-        let Some(q) = self.reporting.as_mut() else {
+        let Some(q) = q else {
             return;
         };
         consume(&q.kick);
@@ -483,7 +489,7 @@ impl BalloonHandler {
             self.interrupt.as_ref(),
             &self.health,
             |chain| {
-                report_chain(mem, chain, &mut counters);
+                kind.serve(mem, chain, &mut counters);
                 0
             },
         );
