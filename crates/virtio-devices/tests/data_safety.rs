@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt};
-use vessel_virtio_devices::block::{Block, BlockParams, BlockEngine};
+use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
