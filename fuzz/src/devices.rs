@@ -83,7 +83,10 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
             let tap = match Tap::open(&format!("vfz{}", pid % 100_000), false) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("virtio_net: no TAP device ({e}); the target does nothing");
+                    eprintln!(
+                        "virtio_net: no TAP device ({}); the target does nothing",
+                        vessel_virtio::ErrorChain(&e)
+                    );
                     return None;
                 }
             };

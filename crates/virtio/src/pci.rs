@@ -75,13 +75,13 @@ const ISR_CONFIG: u8 = 2;
 /// Why a virtio-pci function could not be built (VMM-side problems, never guest input).
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioPciError {
-    #[error("cannot create the queue events: {0}")]
+    #[error("cannot create the queue events")]
     Io(#[from] io::Error),
     #[error("{0} queues do not fit the MSI-X table")]
     TooManyQueues(usize),
-    #[error("configuration space: {0}")]
+    #[error("configuration space")]
     Config(#[from] ConfigError),
-    #[error("MSI-X: {0}")]
+    #[error("MSI-X")]
     Msix(#[from] MsixError),
 }
 

@@ -385,7 +385,8 @@ impl VirtioManager {
         let vectors = u16::try_from(device.queue_max_sizes().len() + 1)
             .map_err(|_| device_err(name, "too many queues"))?;
         let msi = Arc::new(FunctionMsi::new(host.routes.clone(), vectors)?);
-        let dev = VirtioPciDevice::new(device, mem, msi, bar0).map_err(|e| device_err(name, e))?;
+        let dev = VirtioPciDevice::new(device, mem, msi, bar0)
+            .map_err(|e| device_err(name, vessel_virtio::ErrorChain(&e)))?;
         for (queue, kick) in dev.queue_kicks().iter().enumerate() {
             let at = dev
                 .notify_address(queue as u16)

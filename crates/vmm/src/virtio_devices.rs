@@ -2,7 +2,7 @@
 //! the transport each goes on.
 
 use std::sync::Arc;
-use vessel_virtio::VirtioDevice;
+use vessel_virtio::{ErrorChain, VirtioDevice};
 
 use vessel_virtio_devices::{balloon, block, net, rng, vsock};
 
@@ -45,7 +45,9 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             serial: d.serial.clone(),
             engine: block::BlockEngine::Auto,
         })
-        .map_err(|e| VmmError::Device(format!("--disk {}: {e}", d.path.display())))?;
+        .map_err(|e| {
+            VmmError::Device(format!("--disk {}: {}", d.path.display(), ErrorChain(&e)))
+        })?;
         if let Some(r) = &d.rate_limiter {
             dev.rate_limiter().set_config(r);
         }
@@ -59,7 +61,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             mac: n.mac,
             queue_pairs: n.queue_pairs,
         })
-        .map_err(|e| VmmError::Device(format!("--net tap={}: {e}", n.tap)))?;
+        .map_err(|e| VmmError::Device(format!("--net tap={}: {}", n.tap, ErrorChain(&e))))?;
         dev.set_mmds(n.mmds.clone());
         let h = dev.handle();
         if let Some(r) = &n.rx_rate_limiter {
@@ -76,7 +78,13 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             guest_cid: v.cid,
             uds_path: v.uds.clone(),
         })
-        .map_err(|e| VmmError::Device(format!("--vsock uds={}: {e}", v.uds.display())))?;
+        .map_err(|e| {
+            VmmError::Device(format!(
+                "--vsock uds={}: {}",
+                v.uds.display(),
+                ErrorChain(&e)
+            ))
+        })?;
         out.push(planned(dev, v.transport));
     }
     if let Some(t) = configs.rng {
@@ -88,7 +96,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             deflate_on_oom: b.deflate_on_oom,
             free_page_reporting: true,
         })
-        .map_err(|e| VmmError::Device(format!("virtio-balloon: {e}")))?;
+        .map_err(|e| VmmError::Device(format!("virtio-balloon: {}", ErrorChain(&e))))?;
         let handle = dev.handle();
         handle.set_target_mib(b.size_mib);
         handles.balloon = Some(handle);

@@ -97,6 +97,8 @@ pub enum BlockEngine {
 /// Why a block device cannot be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    // The message keeps its source until crates/vmm/src/api.rs (PATCH /drives) shows the
+    // chain of sources: it displays this error alone.
     #[error("cannot open the disk image {path}: {source}")]
     Open {
         path: PathBuf,
@@ -105,6 +107,7 @@ pub enum BlockError {
     },
     #[error("the disk image {path} is neither a regular file nor a block device")]
     NotAFileOrBlockDevice { path: PathBuf },
+    // As for `Open`.
     #[error("cannot find the size of the disk image {path}: {source}")]
     Size {
         path: PathBuf,
@@ -115,9 +118,9 @@ pub enum BlockError {
     Empty { path: PathBuf },
     #[error("block device serial {0:?} is longer than 20 bytes")]
     SerialTooLong(String),
-    #[error("io_uring is not available on this host: {0}")]
+    #[error("io_uring is not available on this host")]
     IoUringUnavailable(#[source] io::Error),
-    #[error("cannot create the rate limiter's timer: {0}")]
+    #[error("cannot create the rate limiter's timer")]
     RateLimiter(#[source] io::Error),
 }
 

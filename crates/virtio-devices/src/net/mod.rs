@@ -77,7 +77,7 @@ pub enum NetError {
     QueuePairs(u16),
     #[error("MAC {0:02x?} is a multicast address")]
     MulticastMac([u8; 6]),
-    #[error("cannot create a rate limiter's timer: {0}")]
+    #[error("cannot create a rate limiter's timer")]
     RateLimiter(#[source] std::io::Error),
 }
 

@@ -51,7 +51,7 @@ pub struct VsockParams {
 pub enum VsockError {
     #[error("guest CID {0} is reserved (it must be 3 or more, and below 2^32 - 1)")]
     BadCid(u64),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Listen {
         path: PathBuf,
         #[source]

@@ -5,6 +5,7 @@ use std::io;
 
 use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::worker::{consume, drain_queue};
+use vessel_virtio::ErrorChain;
 use virtio_bindings::virtio_net as vn;
 use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
@@ -57,7 +58,7 @@ impl NetHandler {
             }
             pair.enabled = on;
             if let Err(e) = pair.tap.set_queue_enabled(on) {
-                log::warn!("virtio-net: {e}");
+                log::warn!("virtio-net: {}", ErrorChain(&e));
             }
             if pair.rx.is_some() && pair.tap_polled != on {
                 ctl.set_tap_polled(&pair.tap, Tokens::tap(p as u64), on);
