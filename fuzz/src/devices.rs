@@ -17,7 +17,7 @@ use vessel_virtio::{
     ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
 };
 use vessel_virtio_devices::balloon::{Balloon, BalloonParams};
-use vessel_virtio_devices::block::{Block, BlockParams, BlockEngine};
+use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
 use vessel_virtio_devices::console::Console;
 use vessel_virtio_devices::net::{Net, Tap};
 use vessel_virtio_devices::rng::Rng;
