@@ -16,6 +16,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::{Muxer, Poll, CONN_BUF, MAX_CONNS};
 use crate::vsock::packet::{op, shutdown, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
 
+/// What identifies a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct Key {
     /// Our (host) port.
@@ -24,6 +25,7 @@ pub(super) struct Key {
     pub(super) peer: u32,
 }
 
+/// Where a connection is in its handshake.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum State {
     /// Host-initiated: REQUEST sent (or queued), waiting for the guest's RESPONSE.
@@ -31,6 +33,8 @@ pub(super) enum State {
     Established,
 }
 
+/// One connection: its host stream, the credit both sides gave, and guest data not yet
+/// written to the host.
 pub(super) struct Conn {
     pub(super) id: u64,
     pub(super) stream: UnixStream,
