@@ -16,12 +16,12 @@ use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{
     ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
 };
-use vessel_virtio_devices::balloon::{Balloon, BalloonConfig};
-use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
+use vessel_virtio_devices::balloon::{Balloon, BalloonParams};
+use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
 use vessel_virtio_devices::console::Console;
 use vessel_virtio_devices::net::{Net, Tap};
 use vessel_virtio_devices::rng::Rng;
-use vessel_virtio_devices::vsock::{Vsock, VsockConfig};
+use vessel_virtio_devices::vsock::{Vsock, VsockParams};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -68,7 +68,7 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
         Kind::Block => {
             let path = std::env::temp_dir().join(format!("vessel-fuzz-{pid}.img"));
             std::fs::write(&path, vec![0u8; 1 << 20]).ok()?;
-            let b = Block::new(BlockConfig {
+            let b = Block::new(BlockParams {
                 path: path.clone(),
                 read_only: false,
                 serial: None,
@@ -83,7 +83,10 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
             let tap = match Tap::open(&format!("vfz{}", pid % 100_000), false) {
                 Ok(t) => t,
                 Err(e) => {
-                    eprintln!("virtio_net: no TAP device ({e}); the target does nothing");
+                    eprintln!(
+                        "virtio_net: no TAP device ({}); the target does nothing",
+                        vessel_virtio::ErrorChain(&e)
+                    );
                     return None;
                 }
             };
@@ -92,7 +95,7 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
         Kind::Vsock => {
             let uds_path = std::env::temp_dir().join(format!("vessel-fuzz-vsock-{pid}.sock"));
             Box::new(
-                Vsock::new(VsockConfig {
+                Vsock::new(VsockParams {
                     guest_cid: 3,
                     uds_path,
                 })
@@ -101,7 +104,7 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
         }
         Kind::Rng => Box::new(Rng::new()),
         Kind::Balloon => Box::new(
-            Balloon::new(BalloonConfig {
+            Balloon::new(BalloonParams {
                 stats: true,
                 deflate_on_oom: true,
                 free_page_reporting: true,

@@ -223,11 +223,6 @@ impl I8042 {
         self
     }
 
-    /// The keyboard interrupt event, if any (to register as an irqfd for GSI 1).
-    pub fn kbd_irq_eventfd(&self) -> Option<&EventFd> {
-        self.kbd_irq.as_ref().map(IrqLine::eventfd)
-    }
-
     fn ctr(&self) -> u8 {
         self.ram[0]
     }

@@ -23,7 +23,7 @@ use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{
     ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
 };
-use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
+use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN};
 use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
@@ -269,7 +269,7 @@ fn main() {
     }
     let file = File::open(&path).unwrap();
     let open = |engine| {
-        Block::new(BlockConfig {
+        Block::new(BlockParams {
             path: path.clone(),
             read_only: true,
             serial: None,

@@ -24,7 +24,8 @@ use vessel_virtio::worker::{
 };
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
-    DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
+    BalloonState, DeviceHealth, DeviceState, DeviceStateError, InterruptCause, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Balloon feature bits (virtio 1.2 section 5.5.3).
@@ -81,7 +82,7 @@ const TOKEN_STATS_REQUEST: u64 = 4;
 
 /// Which optional features the balloon offers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BalloonConfig {
+pub struct BalloonParams {
     /// Offer the statistics queue (`VIRTIO_BALLOON_F_STATS_VQ`).
     pub stats: bool,
     /// Let the guest deflate on its own under memory pressure (`VIRTIO_BALLOON_F_DEFLATE_ON_OOM`).
@@ -221,7 +222,7 @@ pub struct Balloon {
 }
 
 impl Balloon {
-    pub fn new(config: BalloonConfig) -> io::Result<Self> {
+    pub fn new(config: BalloonParams) -> io::Result<Self> {
         let mut avail_features = features::COMMON;
         let mut queues = 2;
         if config.stats {
@@ -394,24 +395,49 @@ impl VirtioDevice for Balloon {
         true
     }
 
-    fn save_device_state(&self) -> serde_json::Value {
+    fn save_device_state(&self) -> DeviceState {
         let s = self.shared.lock();
-        serde_json::json!({ "num_pages": s.num_pages, "actual": s.actual })
+        DeviceState::Balloon(BalloonState {
+            num_pages: s.num_pages,
+            actual: s.actual,
+        })
     }
 
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let field = |name: &str| {
-            state
-                .get(name)
-                .and_then(serde_json::Value::as_u64)
-                .and_then(|v| u32::try_from(v).ok())
-                .ok_or_else(|| format!("virtio-balloon: no valid {name:?} in {state}"))
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Balloon(BalloonState { num_pages, actual }) = *state else {
+            return Err(DeviceStateError::kind(self.name(), state));
         };
-        let (num_pages, actual) = (field("num_pages")?, field("actual")?);
         let mut s = self.shared.lock();
         s.num_pages = num_pages;
         s.actual = actual;
         Ok(())
+    }
+}
+
+/// The queues whose chains carry guest pages, each served the same way (every chain used
+/// with length 0 once its pages are handled); only what is done with the pages differs.
+#[derive(Debug, Clone, Copy)]
+enum PageQueue {
+    /// inflateq: PFNs the driver gave up, dropped from the host.
+    Inflate,
+    /// deflateq: PFNs the driver takes back.
+    Deflate,
+    /// reporting_vq: free page ranges, dropped from the host.
+    Report,
+}
+
+impl PageQueue {
+    fn serve(
+        self,
+        mem: &GuestMemoryMmap,
+        chain: DescriptorChain<&GuestMemoryMmap>,
+        counters: &mut BalloonCounters,
+    ) {
+        match self {
+            PageQueue::Inflate => inflate_chain(mem, chain, counters),
+            PageQueue::Deflate => deflate_chain(mem, chain, counters),
+            PageQueue::Report => report_chain(mem, chain, counters),
+        }
     }
 }
 
@@ -431,10 +457,10 @@ struct BalloonHandler {
 impl EventHandler for BalloonHandler {
     fn handle_event(&mut self, token: u64, _: EventSet, _: &mut WorkerControl) -> io::Result<()> {
         match token {
-            TOKEN_INFLATE => self.process_pages(true),
-            TOKEN_DEFLATE => self.process_pages(false),
+            TOKEN_INFLATE => self.process_pages(PageQueue::Inflate),
+            TOKEN_DEFLATE => self.process_pages(PageQueue::Deflate),
             TOKEN_STATS => self.process_stats(),
-            TOKEN_REPORTING => self.process_reporting(),
+            TOKEN_REPORTING => self.process_pages(PageQueue::Report),
             TOKEN_STATS_REQUEST => self.return_stats_buffer(),
             _ => {}
         }
@@ -443,35 +469,14 @@ impl EventHandler for BalloonHandler {
 }
 
 impl BalloonHandler {
-    fn process_pages(&mut self, inflate: bool) {
-        let q = if inflate {
-            &mut self.inflate
-        } else {
-            &mut self.deflate
+    /// Serves every chain the driver made available on one of the page queues.
+    fn process_pages(&mut self, kind: PageQueue) {
+        let q = match kind {
+            PageQueue::Inflate => Some(&mut self.inflate),
+            PageQueue::Deflate => Some(&mut self.deflate),
+            PageQueue::Report => self.reporting.as_mut(),
         };
-        consume(&q.kick);
-        let mem = &self.mem;
-        let mut counters = BalloonCounters::default();
-        drain_queue(
-            &mut q.queue,
-            q.index,
-            mem,
-            self.interrupt.as_ref(),
-            &self.health,
-            |chain| {
-                if inflate {
-                    inflate_chain(mem, chain, &mut counters);
-                } else {
-                    deflate_chain(mem, chain, &mut counters);
-                }
-                0
-            },
-        );
-        self.add_counters(&counters);
-    }
-
-    fn process_reporting(&mut self) {
-        let Some(q) = self.reporting.as_mut() else {
+        let Some(q) = q else {
             return;
         };
         consume(&q.kick);
@@ -484,7 +489,7 @@ impl BalloonHandler {
             self.interrupt.as_ref(),
             &self.health,
             |chain| {
-                report_chain(mem, chain, &mut counters);
+                kind.serve(mem, chain, &mut counters);
                 0
             },
         );
@@ -1010,7 +1015,7 @@ mod tests {
 
     #[test]
     fn config_space() {
-        let mut b = Balloon::new(BalloonConfig::default()).unwrap();
+        let mut b = Balloon::new(BalloonParams::default()).unwrap();
         let h = b.handle();
         h.set_target_mib(3);
         let mut d = [0u8; 8];
@@ -1032,10 +1037,10 @@ mod tests {
 
     #[test]
     fn features_and_queue_count() {
-        let b = Balloon::new(BalloonConfig::default()).unwrap();
+        let b = Balloon::new(BalloonParams::default()).unwrap();
         assert_eq!(b.queue_max_sizes().len(), 2);
         assert_eq!(b.avail_features() & 0xff, 0);
-        let b = Balloon::new(BalloonConfig {
+        let b = Balloon::new(BalloonParams {
             stats: true,
             deflate_on_oom: true,
             free_page_reporting: true,
@@ -1055,7 +1060,7 @@ mod tests {
         dev: Balloon,
     }
 
-    fn start(m: &GuestMemoryMmap, cfg: BalloonConfig, acked: u64, queues: u16) -> Running<'_> {
+    fn start(m: &GuestMemoryMmap, cfg: BalloonParams, acked: u64, queues: u16) -> Running<'_> {
         let vqs: Vec<_> = (0..queues)
             .map(|i| MockSplitQueue::create(m, queue_base(i), 16))
             .collect();
@@ -1079,7 +1084,7 @@ mod tests {
     #[test]
     fn running_balloon_inflates_and_reports_stats() {
         let m = mem();
-        let cfg = BalloonConfig {
+        let cfg = BalloonParams {
             stats: true,
             deflate_on_oom: false,
             free_page_reporting: true,
@@ -1153,7 +1158,7 @@ mod tests {
     #[test]
     fn reporting_queue_follows_absent_stats_queue() {
         let m = mem();
-        let cfg = BalloonConfig {
+        let cfg = BalloonParams {
             stats: true,
             deflate_on_oom: false,
             free_page_reporting: true,
@@ -1174,7 +1179,7 @@ mod tests {
         let m = mem();
         let irq = Arc::new(CountingInterrupt::default());
         let vq = MockSplitQueue::new(&m, 16);
-        let mut dev = Balloon::new(BalloonConfig {
+        let mut dev = Balloon::new(BalloonParams {
             stats: true,
             ..Default::default()
         })

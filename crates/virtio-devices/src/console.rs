@@ -26,7 +26,8 @@ use vessel_virtio::worker::{
 };
 use vessel_virtio::{
     device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
-    DeviceHealth, InterruptCause, VirtioDevice, VirtioInterrupt,
+    ConsoleState, DeviceHealth, DeviceState, DeviceStateError, InterruptCause, VirtioDevice,
+    VirtioInterrupt,
 };
 
 /// Console feature bits (virtio 1.2 section 5.3.3).
@@ -305,21 +306,19 @@ impl VirtioDevice for Console {
         "virtio-console"
     }
 
-    fn save_device_state(&self) -> serde_json::Value {
+    fn save_device_state(&self) -> DeviceState {
         // Input not yet delivered stays buffered in the device, as across a reset.
         let s = self.shared.input();
-        serde_json::json!({ "cols": s.cols, "rows": s.rows })
+        DeviceState::Console(ConsoleState {
+            cols: s.cols,
+            rows: s.rows,
+        })
     }
 
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let field = |name: &str| {
-            state
-                .get(name)
-                .and_then(serde_json::Value::as_u64)
-                .and_then(|v| u16::try_from(v).ok())
-                .ok_or_else(|| format!("virtio-console: no valid {name:?} in {state}"))
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Console(ConsoleState { cols, rows }) = *state else {
+            return Err(DeviceStateError::kind(self.name(), state));
         };
-        let (cols, rows) = (field("cols")?, field("rows")?);
         let mut s = self.shared.input();
         s.cols = cols;
         s.rows = rows;

@@ -118,11 +118,11 @@ fn temp_path(what: &str) -> std::path::PathBuf {
 }
 
 fn block_round_trip(engine: crate::block::BlockEngine) {
-    use crate::block::{Block, BlockConfig};
+    use crate::block::{Block, BlockParams};
     let path = temp_path("blk");
     std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
     let open = || {
-        Block::new(BlockConfig {
+        Block::new(BlockParams {
             path: path.clone(),
             read_only: false,
             serial: None,
@@ -130,7 +130,7 @@ fn block_round_trip(engine: crate::block::BlockEngine) {
         })
         .unwrap()
     };
-    if let Err(crate::block::BlockError::IoUringUnavailable(e)) = Block::new(BlockConfig {
+    if let Err(crate::block::BlockError::IoUringUnavailable(e)) = Block::new(BlockParams {
         path: path.clone(),
         read_only: true,
         serial: None,
@@ -214,8 +214,8 @@ fn rng_carries_on_after_a_restore() {
 
 #[test]
 fn balloon_keeps_its_sizes_and_returns_the_stats_buffer() {
-    use crate::balloon::{feature, Balloon, BalloonConfig, PAGE_SIZE};
-    let cfg = BalloonConfig {
+    use crate::balloon::{feature, Balloon, BalloonParams, PAGE_SIZE};
+    let cfg = BalloonParams {
         stats: true,
         deflate_on_oom: false,
         free_page_reporting: false,
@@ -287,10 +287,10 @@ fn vsock_uds() -> std::path::PathBuf {
 #[test]
 fn vsock_keeps_connections_across_a_resume_and_resets_after_a_restore() {
     use crate::vsock::packet::{op, Header, HDR_LEN, HOST_CID, TYPE_STREAM};
-    use crate::vsock::{Vsock, VsockConfig};
+    use crate::vsock::{Vsock, VsockParams};
     const CID: u64 = 42;
     let uds = vsock_uds();
-    let cfg = VsockConfig {
+    let cfg = VsockParams {
         guest_cid: CID,
         uds_path: uds.clone(),
     };
@@ -361,7 +361,7 @@ fn vsock_keeps_connections_across_a_resume_and_resets_after_a_restore() {
 
 #[test]
 fn net_keeps_its_mac_and_carries_on_after_a_restore() {
-    use crate::net::{Net, NetConfig, VNET_HDR_LEN};
+    use crate::net::{Net, NetParams, VNET_HDR_LEN};
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 || !std::path::Path::new("/dev/net/tun").exists() {
         eprintln!("skipping: needs root and /dev/net/tun");
@@ -370,7 +370,7 @@ fn net_keeps_its_mac_and_carries_on_after_a_restore() {
     let name = format!("vsn{}", std::process::id() % 100_000);
     // No MAC configured: each device picks a random one; the restored one must keep the
     // one the driver saw.
-    let cfg = NetConfig {
+    let cfg = NetParams {
         tap: name,
         mac: None,
         queue_pairs: 1,

@@ -21,7 +21,7 @@ use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::{ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt};
-use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
+use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_OUT};
 use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
@@ -73,7 +73,7 @@ fn writer_child() {
     let Ok(path) = std::env::var(CHILD_ENV) else {
         return;
     };
-    let blk = Block::new(BlockConfig {
+    let blk = Block::new(BlockParams {
         path: PathBuf::from(path),
         read_only: false,
         serial: None,
@@ -245,7 +245,7 @@ fn data_safety_after_sigkill_sync_engine() {
 fn data_safety_after_sigkill_io_uring_engine() {
     let dir = std::env::temp_dir().join(format!("vessel-ds-probe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let probe = Block::new(BlockConfig {
+    let probe = Block::new(BlockParams {
         path: image(&dir),
         read_only: false,
         serial: None,

@@ -13,7 +13,8 @@ use crate::device::{
     features, ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioDevice,
     VirtioInterrupt,
 };
-use crate::state::{QueueState, SnapshotError, VirtioCommonState, NO_VECTOR};
+use crate::state::{QueueState, QueueStateError, StateError, VirtioCommonState, NO_VECTOR};
+use crate::ErrorChain;
 
 /// Device status bits (virtio 1.2, section 2.1).
 pub mod status {
@@ -263,9 +264,10 @@ impl VirtioCommon {
         };
         match self.device.activate(ctx) {
             Ok(()) => self.active = true,
-            Err(e) => self
-                .health
-                .mark_broken(&format_args!("{}: {e}", self.device.name())),
+            Err(e) => {
+                self.health
+                    .mark_broken(&format_args!("{}: {}", self.device.name(), ErrorChain(&e)))
+            }
         }
     }
 
@@ -300,12 +302,12 @@ impl VirtioCommon {
     /// Stops a running device at a consistent point ([`VirtioDevice::quiesce`]), keeping
     /// every register. Nothing to do for a device that is not running. The guest must not
     /// run until [`VirtioCommon::resume`] (or for good, if the VMM ends).
-    pub fn quiesce(&mut self) -> Result<(), SnapshotError> {
+    pub fn quiesce(&mut self) -> Result<(), StateError> {
         if !self.active {
             return Ok(());
         }
         if !self.device.quiesce() {
-            return Err(SnapshotError::Quiesce(self.device.name()));
+            return Err(StateError::Quiesce(self.device.name()));
         }
         self.active = false;
         self.quiesced = true;
@@ -313,9 +315,9 @@ impl VirtioCommon {
     }
 
     /// The registers and the device's state; the device must not be running (quiesce it).
-    pub fn save_state(&self) -> Result<VirtioCommonState, SnapshotError> {
+    pub fn save_state(&self) -> Result<VirtioCommonState, StateError> {
         if self.active {
-            return Err(SnapshotError::Running(self.device.name()));
+            return Err(StateError::Running(self.device.name()));
         }
         Ok(VirtioCommonState {
             device_type: self.device.device_type(),
@@ -357,17 +359,17 @@ impl VirtioCommon {
     }
 
     /// Checks `state` against this device and builds its queues, changing nothing.
-    fn restored_queues(&self, state: &VirtioCommonState) -> Result<Vec<Queue>, SnapshotError> {
+    fn restored_queues(&self, state: &VirtioCommonState) -> Result<Vec<Queue>, StateError> {
         let name = self.device.name();
         let actual = self.device.device_type();
         if state.device_type != actual {
-            return Err(SnapshotError::DeviceType {
+            return Err(StateError::DeviceType {
                 saved: state.device_type,
                 actual,
             });
         }
         if state.queues.len() != self.queues.len() {
-            return Err(SnapshotError::QueueCount {
+            return Err(StateError::QueueCount {
                 name,
                 saved: state.queues.len(),
                 actual: self.queues.len(),
@@ -375,7 +377,7 @@ impl VirtioCommon {
         }
         let offered = self.device.avail_features() | features::VERSION_1;
         if state.status & status::FEATURES_OK != 0 && state.driver_features & !offered != 0 {
-            return Err(SnapshotError::Features {
+            return Err(StateError::Features {
                 name,
                 features: state.driver_features,
                 offered,
@@ -383,22 +385,25 @@ impl VirtioCommon {
         }
         let mut queues = Vec::with_capacity(state.queues.len());
         for (index, (s, mine)) in state.queues.iter().zip(&self.queues).enumerate() {
-            let err = |why: String| SnapshotError::Queue { name, index, why };
+            let err = |source: QueueStateError| StateError::Queue {
+                name,
+                index,
+                source,
+            };
             if s.max_size != mine.max_size() {
-                return Err(err(format!(
-                    "maximum size {} where this device has {}",
-                    s.max_size,
-                    mine.max_size()
-                )));
+                return Err(err(QueueStateError::MaxSize {
+                    saved: s.max_size,
+                    actual: mine.max_size(),
+                }));
             }
-            let mut q = Queue::new(mine.max_size()).map_err(|e| err(e.to_string()))?;
-            q.try_set_size(s.size).map_err(|e| err(e.to_string()))?;
-            q.try_set_desc_table_address(vm_memory::GuestAddress(s.desc))
-                .map_err(|e| err(e.to_string()))?;
-            q.try_set_avail_ring_address(vm_memory::GuestAddress(s.avail))
-                .map_err(|e| err(e.to_string()))?;
-            q.try_set_used_ring_address(vm_memory::GuestAddress(s.used))
-                .map_err(|e| err(e.to_string()))?;
+            let set = |q: &mut Queue| -> Result<(), virtio_queue::Error> {
+                q.try_set_size(s.size)?;
+                q.try_set_desc_table_address(vm_memory::GuestAddress(s.desc))?;
+                q.try_set_avail_ring_address(vm_memory::GuestAddress(s.avail))?;
+                q.try_set_used_ring_address(vm_memory::GuestAddress(s.used))
+            };
+            let mut q = Queue::new(mine.max_size()).map_err(|e| err(e.into()))?;
+            set(&mut q).map_err(|e| err(e.into()))?;
             q.set_ready(s.ready);
             queues.push(q);
         }
@@ -410,15 +415,15 @@ impl VirtioCommon {
     /// driver had started it, activates it from `used->idx` and kicks every ready queue.
     /// A state that does not fit (another device type, queue count or layout, unoffered
     /// features, device state the device refuses) is refused with nothing changed.
-    pub fn restore_state(&mut self, state: &VirtioCommonState) -> Result<(), SnapshotError> {
+    pub fn restore_state(&mut self, state: &VirtioCommonState) -> Result<(), StateError> {
         let name = self.device.name();
         if self.active || self.quiesced || self.status != 0 {
-            return Err(SnapshotError::NotFresh(name));
+            return Err(StateError::NotFresh(name));
         }
         let queues = self.restored_queues(state)?;
         self.device
             .restore_device_state(&state.device)
-            .map_err(|why| SnapshotError::Device { name, why })?;
+            .map_err(|source| StateError::Device { name, source })?;
         self.queues = queues;
         self.device_features_sel = state.device_features_sel;
         self.driver_features_sel = state.driver_features_sel;

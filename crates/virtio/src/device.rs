@@ -10,6 +10,8 @@ use vessel_memory::GuestMemoryMmap;
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::state::{DeviceState, DeviceStateError};
+
 /// Device type ids (virtio 1.2, section 5).
 pub mod device_type {
     pub const NET: u32 = 1;
@@ -127,10 +129,15 @@ impl ActivateContext {
 pub enum ActivateError {
     #[error("queue {0} is required but was not enabled by the driver")]
     MissingQueue(u16),
-    #[error("cannot start the device worker: {0}")]
+    #[error("cannot start the device worker")]
     Worker(#[source] io::Error),
-    #[error("{0}")]
-    Backend(String),
+    /// The device's host backend (a TAP, a file) refused what activation asked of it.
+    #[error("{what}")]
+    Backend {
+        what: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// A virtio device, independent of its transport.
@@ -183,17 +190,17 @@ pub trait VirtioDevice: Send {
 
     /// Device-specific state for a snapshot (taken after [`VirtioDevice::quiesce`]):
     /// whatever the driver changed or saw that the device's construction does not give back.
-    fn save_device_state(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    fn save_device_state(&self) -> DeviceState {
+        DeviceState::None
     }
 
     /// Puts back what [`VirtioDevice::save_device_state`] saved, into a device built from the
-    /// same configuration, before it is activated. Must not change anything on error.
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        if state.is_null() {
-            Ok(())
-        } else {
-            Err(format!("{} keeps no device state", self.name()))
+    /// same configuration, before it is activated. Must not change anything on error. The
+    /// default takes only [`DeviceState::None`].
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        match state {
+            DeviceState::None => Ok(()),
+            other => Err(DeviceStateError::kind(self.name(), other)),
         }
     }
 }

@@ -28,4 +28,24 @@ pub use device::{
 };
 pub use mmio::MmioTransport;
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
-pub use state::{MmioTransportState, QueueState, SnapshotError, VirtioCommonState, VirtioPciState};
+pub use state::{
+    BalloonState, ConsoleState, DeviceState, DeviceStateError, MmioTransportState, NetState,
+    PciStateError, QueueState, QueueStateError, StateError, VirtioCommonState, VirtioPciState,
+};
+
+/// Shows an error with its chain of sources, `error: source: source's source`, for logs
+/// and for errors that end up as text where crates meet.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}

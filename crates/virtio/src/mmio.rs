@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::common::VirtioCommon;
 use crate::device::{InterruptCause, VirtioDevice, VirtioInterrupt};
-use crate::state::{MmioTransportState, SnapshotError};
+use crate::state::{MmioTransportState, StateError};
 
 /// Size of one device's register window.
 pub const MMIO_WINDOW: u64 = 0x1000;
@@ -90,12 +90,12 @@ impl MmioTransport {
 
     /// Stops the device at a consistent point for a snapshot (see
     /// [`VirtioCommon::quiesce`]); the registers stay.
-    pub fn quiesce(&mut self) -> Result<(), SnapshotError> {
+    pub fn quiesce(&mut self) -> Result<(), StateError> {
         self.common.quiesce()
     }
 
     /// The transport's state (the device must be quiesced or not running).
-    pub fn save_state(&self) -> Result<MmioTransportState, SnapshotError> {
+    pub fn save_state(&self) -> Result<MmioTransportState, StateError> {
         Ok(MmioTransportState {
             common: self.common.save_state()?,
             interrupt_status: self.interrupt.status(),
@@ -109,7 +109,7 @@ impl MmioTransport {
 
     /// Puts a saved state into this freshly built transport (see
     /// [`VirtioCommon::restore_state`]); a pending interrupt status is raised again.
-    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), SnapshotError> {
+    pub fn restore_state(&mut self, state: &MmioTransportState) -> Result<(), StateError> {
         self.common.restore_state(&state.common)?;
         let pending = state.interrupt_status & (INT_USED_RING | INT_CONFIG);
         if pending != 0 {

@@ -31,7 +31,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::common::VirtioCommon;
 use crate::device::{device_type, InterruptCause, VirtioDevice, VirtioInterrupt};
-use crate::state::{SnapshotError, VirtioPciState};
+use crate::state::{PciStateError, StateError, VirtioPciState};
 
 pub const VIRTIO_PCI_VENDOR_ID: u16 = 0x1af4;
 /// Modern devices have id 0x1040 + virtio device type.
@@ -75,13 +75,13 @@ const ISR_CONFIG: u8 = 2;
 /// Why a virtio-pci function could not be built (VMM-side problems, never guest input).
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioPciError {
-    #[error("cannot create the queue events: {0}")]
+    #[error("cannot create the queue events")]
     Io(#[from] io::Error),
     #[error("{0} queues do not fit the MSI-X table")]
     TooManyQueues(usize),
-    #[error("configuration space: {0}")]
+    #[error("configuration space")]
     Config(#[from] ConfigError),
-    #[error("MSI-X: {0}")]
+    #[error("MSI-X")]
     Msix(#[from] MsixError),
 }
 
@@ -249,12 +249,12 @@ impl VirtioPciDevice {
 
     /// Stops the device at a consistent point for a snapshot (see
     /// [`VirtioCommon::quiesce`]); the registers, config space and MSI-X table stay.
-    pub fn quiesce(&mut self) -> Result<(), SnapshotError> {
+    pub fn quiesce(&mut self) -> Result<(), StateError> {
         self.common.quiesce()
     }
 
     /// The function's state (the device must be quiesced or not running).
-    pub fn save_state(&self) -> Result<VirtioPciState, SnapshotError> {
+    pub fn save_state(&self) -> Result<VirtioPciState, StateError> {
         let mut common = self.common.save_state()?;
         for (i, q) in common.queues.iter_mut().enumerate() {
             q.vector = self.interrupt.queue_vector(i as u16);
@@ -279,19 +279,19 @@ impl VirtioPciDevice {
     /// VMM's routes), vectors, then the device (see [`VirtioCommon::restore_state`]). Every
     /// vector of a ready queue is raised once, in case an interrupt was lost with the old
     /// process (a spurious one is harmless). A state that does not fit changes nothing.
-    pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), SnapshotError> {
+    pub fn restore_state(&mut self, state: &VirtioPciState) -> Result<(), StateError> {
         let name = self.common.device().name();
-        let pci = |why: String| SnapshotError::Pci { name, why };
+        let pci = |source: PciStateError| StateError::Pci { name, source };
         let vectors = self.msix.num_vectors();
         let vector_ok = |v: u16| v < vectors || v == crate::state::NO_VECTOR;
         if !vector_ok(state.config_vector) {
-            return Err(pci(format!("config vector {}", state.config_vector)));
+            return Err(pci(PciStateError::ConfigVector(state.config_vector)));
         }
         if let Some(q) = state.common.queues.iter().find(|q| !vector_ok(q.vector)) {
-            return Err(pci(format!("queue vector {}", q.vector)));
+            return Err(pci(PciStateError::QueueVector(q.vector)));
         }
         if state.common.queues.len() != self.interrupt.queue_vectors.len() {
-            return Err(SnapshotError::QueueCount {
+            return Err(StateError::QueueCount {
                 name,
                 saved: state.common.queues.len(),
                 actual: self.interrupt.queue_vectors.len(),
@@ -301,10 +301,10 @@ impl VirtioPciDevice {
         let msix_before = self.msix.save_state();
         self.config
             .restore_state(&state.config)
-            .map_err(|e| pci(e.to_string()))?;
+            .map_err(|e| pci(e.into()))?;
         if let Err(e) = self.msix.restore_state(&state.msix) {
             let _ = self.config.restore_state(&config_before);
-            return Err(pci(e.to_string()));
+            return Err(pci(e.into()));
         }
         let irq = &self.interrupt;
         irq.config_vector
@@ -352,11 +352,6 @@ impl VirtioPciDevice {
 
     pub fn common(&self) -> &VirtioCommon {
         &self.common
-    }
-
-    /// For `config_changed` and the like.
-    pub fn common_mut(&mut self) -> &mut VirtioCommon {
-        &mut self.common
     }
 
     pub fn interrupt(&self) -> &Arc<VirtioPciInterrupt> {
@@ -1134,20 +1129,20 @@ mod tests {
         bad_vector.common.queues[0].vector = 7;
         assert!(matches!(
             fresh.dev.restore_state(&bad_vector),
-            Err(SnapshotError::Pci { .. })
+            Err(StateError::Pci { .. })
         ));
         let mut bad_msix = state.clone();
         bad_msix.msix.table.pop();
         assert!(matches!(
             fresh.dev.restore_state(&bad_msix),
-            Err(SnapshotError::Pci { .. })
+            Err(StateError::Pci { .. })
         ));
         // Fails in the common part, after the PCI parts were applied: rolled back.
         let mut bad_type = state.clone();
         bad_type.common.device_type = 1;
         assert!(matches!(
             fresh.dev.restore_state(&bad_type),
-            Err(SnapshotError::DeviceType { .. })
+            Err(StateError::DeviceType { .. })
         ));
         assert_eq!(fresh.dev.save_state().unwrap(), before);
         assert!(!fresh.dev.common().is_active());

@@ -47,7 +47,7 @@ pub struct VirtioCommonState {
     pub broken: bool,
     /// What [`crate::VirtioDevice::save_device_state`] returned.
     #[serde(default)]
-    pub device: serde_json::Value,
+    pub device: DeviceState,
 }
 
 /// A virtio-mmio device.
@@ -69,15 +69,137 @@ pub struct VirtioPciState {
     pub config_vector: u16,
 }
 
-/// Why a device cannot be quiesced, saved or restored.
+/// A device's own state in a snapshot: what [`crate::VirtioDevice::save_device_state`]
+/// returns and [`crate::VirtioDevice::restore_device_state`] takes back.
+///
+/// The payloads live here rather than beside each device (in `vessel-virtio-devices`)
+/// because the transports hold `Box<dyn VirtioDevice>` and carry this state without knowing
+/// the device; each device converts its own variant to and from its fields, and checks it,
+/// in its own file.
+///
+/// The JSON is untagged, the shape the snapshot files have always had: `null` (no state),
+/// `{"mac": [6 bytes], "active_pairs": N}` (net), `{"cols": C, "rows": R}` (console) or
+/// `{"num_pages": N, "actual": A}` (balloon). The payloads refuse unknown fields, so the
+/// shapes cannot be mistaken for one another.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    expecting = "a virtio device state: null, {\"mac\": [6 bytes], \"active_pairs\": N} \
+                 (net), {\"cols\": C, \"rows\": R} (console) or \
+                 {\"num_pages\": N, \"actual\": A} (balloon)"
+)]
+pub enum DeviceState {
+    /// The device keeps nothing beyond what its construction gives back (`null`).
+    #[default]
+    None,
+    Net(NetState),
+    Console(ConsoleState),
+    Balloon(BalloonState),
+    /// The test device of this crate's unit tests.
+    #[cfg(test)]
+    Counter {
+        served: u32,
+    },
+}
+
+impl DeviceState {
+    /// What kind of state this is, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DeviceState::None => "no",
+            DeviceState::Net(_) => "a virtio-net",
+            DeviceState::Console(_) => "a virtio-console",
+            DeviceState::Balloon(_) => "a virtio-balloon",
+            #[cfg(test)]
+            DeviceState::Counter { .. } => "a counter",
+        }
+    }
+}
+
+/// virtio-net: what the driver may have seen that a rebuilt device would not give back
+/// (the TAP is reopened by name; the MAC may have been random).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetState {
+    pub mac: [u8; 6],
+    /// The queue pairs the driver enabled (1 without multiqueue).
+    pub active_pairs: u16,
+}
+
+/// virtio-console: the console size the driver read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleState {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// virtio-balloon: the target the host set and the size the driver reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonState {
+    pub num_pages: u32,
+    pub actual: u32,
+}
+
+/// Why a device refuses a saved [`DeviceState`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceStateError {
+    #[error("{device} cannot take {saved} device state")]
+    Kind {
+        device: &'static str,
+        saved: &'static str,
+    },
+    #[error("the MAC address {0:02x?} is not unicast")]
+    NotUnicast([u8; 6]),
+    #[error("{saved} active queue pairs where the device has 1 to {max}")]
+    ActivePairs { saved: u16, max: u16 },
+}
+
+impl DeviceStateError {
+    /// `device` was given another device's state.
+    pub fn kind(device: &'static str, saved: &DeviceState) -> Self {
+        DeviceStateError::Kind {
+            device,
+            saved: saved.kind(),
+        }
+    }
+}
+
+/// Why a saved queue does not fit the device's queue.
 #[derive(Debug, thiserror::Error)]
-pub enum SnapshotError {
+pub enum QueueStateError {
+    #[error("maximum size {saved} where this device has {actual}")]
+    MaxSize { saved: u16, actual: u16 },
+    #[error("invalid queue configuration")]
+    Invalid(#[from] virtio_queue::Error),
+}
+
+/// Why a saved PCI function state does not fit this function.
+#[derive(Debug, thiserror::Error)]
+pub enum PciStateError {
+    #[error("config vector {0}")]
+    ConfigVector(u16),
+    #[error("queue vector {0}")]
+    QueueVector(u16),
+    #[error("configuration space")]
+    Config(#[from] vessel_pci::ConfigStateError),
+    #[error("MSI-X")]
+    Msix(#[from] vessel_pci::MsixStateError),
+}
+
+/// Why a transport's device cannot be quiesced, or its saved state (transport registers,
+/// queues, device state) saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
     #[error("{0}: the device could not be stopped")]
     Quiesce(&'static str),
     #[error("{0}: the device is running; quiesce it before saving its state")]
     Running(&'static str),
     #[error("{0}: the device was already set up by a driver; restore into a fresh device")]
     NotFresh(&'static str),
+    #[error("{0}: the saved state is for another transport")]
+    Transport(&'static str),
     #[error("the saved device is of type {saved}, this one of type {actual}")]
     DeviceType { saved: u32, actual: u32 },
     #[error("{name}: the saved device has {saved} queues, this one {actual}")]
@@ -86,11 +208,12 @@ pub enum SnapshotError {
         saved: usize,
         actual: usize,
     },
-    #[error("{name}: saved queue {index}: {why}")]
+    #[error("{name}: saved queue {index}")]
     Queue {
         name: &'static str,
         index: usize,
-        why: String,
+        #[source]
+        source: QueueStateError,
     },
     #[error("{name}: the saved driver features {features:#x} were accepted but this device offers only {offered:#x}")]
     Features {
@@ -98,10 +221,18 @@ pub enum SnapshotError {
         features: u64,
         offered: u64,
     },
-    #[error("{name}: device state: {why}")]
-    Device { name: &'static str, why: String },
-    #[error("{name}: PCI state: {why}")]
-    Pci { name: &'static str, why: String },
+    #[error("{name}: device state")]
+    Device {
+        name: &'static str,
+        #[source]
+        source: DeviceStateError,
+    },
+    #[error("{name}: PCI state")]
+    Pci {
+        name: &'static str,
+        #[source]
+        source: PciStateError,
+    },
 }
 
 #[cfg(test)]
@@ -207,16 +338,16 @@ mod tests {
         fn name(&self) -> &'static str {
             "counter"
         }
-        fn save_device_state(&self) -> serde_json::Value {
-            serde_json::json!({ "served": self.served.load(Ordering::SeqCst) })
+        fn save_device_state(&self) -> DeviceState {
+            DeviceState::Counter {
+                served: self.served.load(Ordering::SeqCst),
+            }
         }
-        fn restore_device_state(&mut self, v: &serde_json::Value) -> Result<(), String> {
-            let n = v
-                .get("served")
-                .and_then(|n| n.as_u64())
-                .and_then(|n| u32::try_from(n).ok())
-                .ok_or("no count")?;
-            self.served.store(n, Ordering::SeqCst);
+        fn restore_device_state(&mut self, v: &DeviceState) -> Result<(), DeviceStateError> {
+            let DeviceState::Counter { served } = v else {
+                return Err(DeviceStateError::kind(self.name(), v));
+            };
+            self.served.store(*served, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -331,7 +462,7 @@ mod tests {
         assert!(!t.common().is_active());
         assert!(t.common().is_quiesced());
         let state = round_trip(&t.save_state().unwrap());
-        assert_eq!(state.common.device, serde_json::json!({ "served": 2 }));
+        assert_eq!(state.common.device, DeviceState::Counter { served: 2 });
         assert_eq!(state.common.queues[0].desc, Ring::DESC);
         drop(t);
 
@@ -371,7 +502,7 @@ mod tests {
         ring.wait_used(2);
         assert_eq!(ring.used(1), (1, 2));
         // Saving a running device is refused.
-        assert!(matches!(t.save_state(), Err(SnapshotError::Running(_))));
+        assert!(matches!(t.save_state(), Err(StateError::Running(_))));
         // A guest reset after a quiesce works as usual.
         t.quiesce().unwrap();
         wr(&mut t, 0x70, 0);
@@ -392,7 +523,7 @@ mod tests {
         let (mut fresh, _) = transport(&m, Counter::new(1));
         assert!(matches!(
             fresh.restore_state(&other_type),
-            Err(SnapshotError::DeviceType {
+            Err(StateError::DeviceType {
                 saved: 2,
                 actual: 4
             })
@@ -401,7 +532,7 @@ mod tests {
         let e = two.restore_state(&state).unwrap_err();
         assert!(matches!(
             e,
-            SnapshotError::QueueCount {
+            StateError::QueueCount {
                 saved: 1,
                 actual: 2,
                 ..
@@ -412,19 +543,19 @@ mod tests {
         bad_queue.common.queues[0].size = 3;
         assert!(matches!(
             fresh.restore_state(&bad_queue),
-            Err(SnapshotError::Queue { index: 0, .. })
+            Err(StateError::Queue { index: 0, .. })
         ));
         let mut bad_features = state.clone();
         bad_features.common.driver_features |= 1 << 40;
         assert!(matches!(
             fresh.restore_state(&bad_features),
-            Err(SnapshotError::Features { .. })
+            Err(StateError::Features { .. })
         ));
         let mut bad_device = state.clone();
-        bad_device.common.device = serde_json::json!("nonsense");
+        bad_device.common.device = DeviceState::Console(ConsoleState { cols: 1, rows: 2 });
         assert!(matches!(
             fresh.restore_state(&bad_device),
-            Err(SnapshotError::Device { .. })
+            Err(StateError::Device { .. })
         ));
         // Nothing was applied: the device is as built, and a good state still goes in.
         assert_eq!(rd(&mut fresh, 0x70), 0);
@@ -436,7 +567,7 @@ mod tests {
         again.interrupt_status = 0;
         assert!(matches!(
             fresh.restore_state(&again),
-            Err(SnapshotError::NotFresh(_))
+            Err(StateError::NotFresh(_))
         ));
     }
 
@@ -493,5 +624,85 @@ mod tests {
         assert!(!fresh.common().is_active());
         assert_ne!(rd(&mut fresh, 0x70) as u8 & status::DEVICE_NEEDS_RESET, 0);
         assert!(irq.read().is_err(), "no interrupt");
+    }
+
+    #[test]
+    fn device_states_parse_from_the_json_snapshot_files_hold() {
+        let parse = |j: &str| serde_json::from_str::<DeviceState>(j).unwrap();
+        assert_eq!(parse("null"), DeviceState::None);
+        assert_eq!(
+            parse(r#"{"mac":[2,0,0,0,0,1],"active_pairs":2}"#),
+            DeviceState::Net(NetState {
+                mac: [2, 0, 0, 0, 0, 1],
+                active_pairs: 2
+            })
+        );
+        assert_eq!(
+            parse(r#"{"cols":80,"rows":25}"#),
+            DeviceState::Console(ConsoleState { cols: 80, rows: 25 })
+        );
+        assert_eq!(
+            parse(r#"{"num_pages":256,"actual":128}"#),
+            DeviceState::Balloon(BalloonState {
+                num_pages: 256,
+                actual: 128
+            })
+        );
+        // And they are written back in the same shape.
+        for j in [
+            "null",
+            r#"{"mac":[2,0,0,0,0,1],"active_pairs":2}"#,
+            r#"{"cols":80,"rows":25}"#,
+            r#"{"num_pages":256,"actual":128}"#,
+        ] {
+            assert_eq!(serde_json::to_string(&parse(j)).unwrap(), j);
+        }
+        // A common state without a device state (older files) has none.
+        let mut common = serde_json::to_value(VirtioCommonState {
+            device_type: 1,
+            device_features_sel: 0,
+            driver_features_sel: 0,
+            driver_features: 0,
+            status: 0,
+            queue_select: 0,
+            config_generation: 0,
+            queues: Vec::new(),
+            broken: false,
+            device: DeviceState::Balloon(BalloonState {
+                num_pages: 1,
+                actual: 1,
+            }),
+        })
+        .unwrap();
+        common.as_object_mut().unwrap().remove("device");
+        let common: VirtioCommonState = serde_json::from_value(common).unwrap();
+        assert_eq!(common.device, DeviceState::None);
+    }
+
+    #[test]
+    fn wrong_device_state_shapes_are_refused_clearly() {
+        for bad in [
+            r#"{"mac":[2,0,0,0,0,1]}"#,
+            r#"{"mac":[2,0,0,0,0],"active_pairs":1}"#,
+            r#"{"cols":80,"rows":25,"extra":1}"#,
+            r#"{"num_pages":-1,"actual":0}"#,
+            r#"{"cols":70000,"rows":25}"#,
+            r#""nonsense""#,
+            "{}",
+        ] {
+            let e = serde_json::from_str::<DeviceState>(bad).unwrap_err();
+            let msg = e.to_string();
+            assert!(msg.contains("a virtio device state"), "{bad}: {msg}");
+            assert!(msg.contains("(balloon)"), "{bad}: {msg}");
+        }
+        // A device refuses another device's state, and says which.
+        let e = DeviceStateError::kind(
+            "virtio-rng",
+            &DeviceState::Console(ConsoleState { cols: 1, rows: 1 }),
+        );
+        assert_eq!(
+            e.to_string(),
+            "virtio-rng cannot take a virtio-console device state"
+        );
     }
 }

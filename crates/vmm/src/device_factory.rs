@@ -39,7 +39,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
     let mut out = Vec::new();
     let mut handles = DeviceHandles::default();
     for d in &configs.disks {
-        let dev = block::Block::new(block::BlockConfig {
+        let dev = block::Block::new(block::BlockParams {
             path: d.path.clone(),
             read_only: d.read_only,
             serial: d.serial.clone(),
@@ -54,7 +54,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         out.push(planned(dev, d.transport));
     }
     for n in &configs.nets {
-        let mut dev = net::Net::new(net::NetConfig {
+        let mut dev = net::Net::new(net::NetParams {
             tap: n.tap.clone(),
             mac: n.mac,
             queue_pairs: n.queue_pairs,
@@ -72,7 +72,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         out.push(planned(dev, n.transport));
     }
     if let Some(v) = &configs.vsock {
-        let dev = vsock::Vsock::new(vsock::VsockConfig {
+        let dev = vsock::Vsock::new(vsock::VsockParams {
             guest_cid: v.cid,
             uds_path: v.uds.clone(),
         })
@@ -83,7 +83,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         out.push(planned(rng::Rng::new(), t));
     }
     if let Some(b) = &configs.balloon {
-        let dev = balloon::Balloon::new(balloon::BalloonConfig {
+        let dev = balloon::Balloon::new(balloon::BalloonParams {
             stats: b.stats,
             deflate_on_oom: b.deflate_on_oom,
             free_page_reporting: true,

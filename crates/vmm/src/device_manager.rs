@@ -251,10 +251,7 @@ impl VirtioManager {
             let r = match (&s.state, &d.transport) {
                 (VirtioTransportState::Mmio(s), Placed::Mmio(t)) => lock(t).restore_state(s),
                 (VirtioTransportState::Pci(s), Placed::Pci(t)) => lock(t).restore_state(s),
-                _ => Err(vessel_virtio::SnapshotError::Pci {
-                    name: "virtio",
-                    why: "transport mismatch".into(),
-                }),
+                _ => Err(vessel_virtio::StateError::Transport("virtio")),
             };
             r.map_err(state_err(&d.id))?;
         }

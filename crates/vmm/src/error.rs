@@ -143,19 +143,7 @@ impl<T> KvmContext<T> for Result<T, kvm_ioctls::Error> {
 }
 
 /// An error and all its sources on one line, `a: b: c`: what a user reads.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut next = self.0.source();
-        while let Some(e) = next {
-            write!(f, ": {e}")?;
-            next = e.source();
-        }
-        Ok(())
-    }
-}
+pub use vessel_virtio::ErrorChain;
 
 #[cfg(test)]
 mod tests {

@@ -64,9 +64,13 @@ pub const MAX_DISCARD_SECTORS: u32 = u32::MAX / SECTOR_SIZE as u32;
 /// Length of the configuration space we serve (up to `write_zeroes_may_unmap` and padding).
 const CONFIG_LEN: usize = 60;
 
+/// The former name of [`BlockParams`], kept only while `crates/vmm/src/api.rs`'s tests
+/// (outside this crate's owners' reach for now) still use it.
+pub type BlockConfig = BlockParams;
+
 /// How to open a block device's backing image.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BlockConfig {
+pub struct BlockParams {
     /// A raw image file or a host block device.
     pub path: PathBuf,
     /// Open read-only and offer `VIRTIO_BLK_F_RO`; writes fail with an I/O error.
@@ -93,6 +97,8 @@ pub enum BlockEngine {
 /// Why a block device cannot be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
+    // The message keeps its source until crates/vmm/src/api.rs (PATCH /drives) shows the
+    // chain of sources: it displays this error alone.
     #[error("cannot open the disk image {path}: {source}")]
     Open {
         path: PathBuf,
@@ -101,6 +107,7 @@ pub enum BlockError {
     },
     #[error("the disk image {path} is neither a regular file nor a block device")]
     NotAFileOrBlockDevice { path: PathBuf },
+    // As for `Open`.
     #[error("cannot find the size of the disk image {path}: {source}")]
     Size {
         path: PathBuf,
@@ -111,9 +118,9 @@ pub enum BlockError {
     Empty { path: PathBuf },
     #[error("block device serial {0:?} is longer than 20 bytes")]
     SerialTooLong(String),
-    #[error("io_uring is not available on this host: {0}")]
+    #[error("io_uring is not available on this host")]
     IoUringUnavailable(#[source] io::Error),
-    #[error("cannot create the rate limiter's timer: {0}")]
+    #[error("cannot create the rate limiter's timer")]
     RateLimiter(#[source] io::Error),
 }
 
@@ -157,17 +164,6 @@ impl BlockStats {
             bytes_written: l(&self.bytes_written),
             io_submissions: l(&self.io_submissions),
             errors: l(&self.errors),
-        }
-    }
-}
-
-impl BlockStatsSnapshot {
-    /// Requests served per worker wake-up (0 before the first wake-up).
-    pub fn requests_per_wakeup(&self) -> f64 {
-        if self.wakeups == 0 {
-            0.0
-        } else {
-            self.requests as f64 / self.wakeups as f64
         }
     }
 }
@@ -252,7 +248,7 @@ impl BlockHandle {
 impl Block {
     /// Opens the image. Sizes that are not a whole number of sectors are rounded down (with a
     /// warning).
-    pub fn new(cfg: BlockConfig) -> Result<Block, BlockError> {
+    pub fn new(cfg: BlockParams) -> Result<Block, BlockError> {
         let disk = Disk::open(&cfg.path, cfg.read_only, cfg.serial.as_deref())?;
         let engine = match cfg.engine {
             BlockEngine::Sync => BlockEngine::Sync,

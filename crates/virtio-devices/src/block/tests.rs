@@ -94,7 +94,7 @@ fn engine() -> BlockEngine {
 }
 
 fn block(img: &TempImage, read_only: bool) -> Block {
-    let b = Block::new(BlockConfig {
+    let b = Block::new(BlockParams {
         path: img.0.clone(),
         read_only,
         serial: Some("vessel-test-disk".into()),
@@ -233,14 +233,14 @@ fn poison(m: &GuestMemoryMmap, at: u64) {
 
 #[test]
 fn open_errors_are_clear() {
-    let missing = Block::new(BlockConfig {
+    let missing = Block::new(BlockParams {
         path: "/nonexistent/vessel.img".into(),
         read_only: false,
         serial: None,
         engine: BlockEngine::Sync,
     });
     assert!(matches!(missing, Err(BlockError::Open { .. })));
-    let dir = Block::new(BlockConfig {
+    let dir = Block::new(BlockParams {
         path: std::env::temp_dir(),
         read_only: true,
         serial: None,
@@ -251,7 +251,7 @@ fn open_errors_are_clear() {
         Err(BlockError::NotAFileOrBlockDevice { .. }) | Err(BlockError::Open { .. })
     ));
     let img = TempImage::new(100);
-    let tiny = Block::new(BlockConfig {
+    let tiny = Block::new(BlockParams {
         path: img.0.clone(),
         read_only: false,
         serial: None,
@@ -259,7 +259,7 @@ fn open_errors_are_clear() {
     });
     assert!(matches!(tiny, Err(BlockError::Empty { .. })));
     let img = TempImage::new(4096);
-    let long = Block::new(BlockConfig {
+    let long = Block::new(BlockParams {
         path: img.0.clone(),
         read_only: false,
         serial: Some("x".repeat(21)),
@@ -301,7 +301,7 @@ fn size_rounds_down_and_config_space() {
 #[test]
 fn default_serial_is_derived_from_the_file() {
     let img = TempImage::new(4096);
-    let b = Block::new(BlockConfig {
+    let b = Block::new(BlockParams {
         path: img.0.clone(),
         read_only: true,
         serial: None,
@@ -314,7 +314,7 @@ fn default_serial_is_derived_from_the_file() {
     // Same file, same serial.
     let b2 = block(&img, true);
     assert_ne!(b2.serial(), s); // an explicit serial wins
-    let b3 = Block::new(BlockConfig {
+    let b3 = Block::new(BlockParams {
         path: img.0.clone(),
         read_only: false,
         serial: None,

@@ -20,7 +20,8 @@ use std::sync::Arc;
 use vessel_ratelimit::RateLimiter;
 use vessel_virtio::worker::Worker;
 use vessel_virtio::{
-    device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+    DeviceStateError, NetState, VirtioDevice,
 };
 use virtio_bindings::virtio_net as vn;
 use vmm_sys_util::epoll::EventSet;
@@ -58,7 +59,7 @@ pub mod feature {
 
 /// What to build a virtio-net device from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct NetConfig {
+pub struct NetParams {
     /// TAP interface name (attached to if it exists, created otherwise).
     pub tap: String,
     /// Guest MAC address; a random locally administered one when absent.
@@ -76,7 +77,7 @@ pub enum NetError {
     QueuePairs(u16),
     #[error("MAC {0:02x?} is a multicast address")]
     MulticastMac([u8; 6]),
-    #[error("cannot create a rate limiter's timer: {0}")]
+    #[error("cannot create a rate limiter's timer")]
     RateLimiter(#[source] std::io::Error),
 }
 
@@ -166,7 +167,7 @@ pub struct NetHandle {
 
 impl Net {
     /// Opens (or creates) the TAP, one queue per queue pair.
-    pub fn new(cfg: NetConfig) -> Result<Net, NetError> {
+    pub fn new(cfg: NetParams) -> Result<Net, NetError> {
         if cfg.queue_pairs == 0 || cfg.queue_pairs > MAX_QUEUE_PAIRS {
             return Err(NetError::QueuePairs(cfg.queue_pairs));
         }
@@ -280,12 +281,18 @@ impl VirtioDevice for Net {
                 }
             }
             tap.set_offload(offload)
-                .map_err(|e| ActivateError::Backend(e.to_string()))?;
+                .map_err(|e| ActivateError::Backend {
+                    what: "cannot set the TAP offloads",
+                    source: e.into(),
+                })?;
             let on = p < usize::from(self.active_pairs.max(1));
             if multi {
                 // Only the first pair receives until the driver asks for more.
                 tap.set_queue_enabled(on)
-                    .map_err(|e| ActivateError::Backend(e.to_string()))?;
+                    .map_err(|e| ActivateError::Backend {
+                        what: "cannot enable or disable a TAP queue",
+                        source: e.into(),
+                    })?;
             }
             pairs.push(QueuePair::new(p as u16, tap.clone(), rx, tx).start_enabled(on));
         }
@@ -364,31 +371,30 @@ impl VirtioDevice for Net {
         true
     }
 
-    fn save_device_state(&self) -> serde_json::Value {
+    fn save_device_state(&self) -> DeviceState {
         // The TAP is reopened by name; the MAC may have been random.
-        serde_json::json!({ "mac": self.mac, "active_pairs": self.active_pairs })
+        DeviceState::Net(NetState {
+            mac: self.mac,
+            active_pairs: self.active_pairs,
+        })
     }
 
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        let mac: [u8; 6] = state
-            .get("mac")
-            .and_then(|m| serde_json::from_value(m.clone()).ok())
-            .filter(|m: &[u8; 6]| m[0] & 1 == 0)
-            .ok_or_else(|| format!("virtio-net: no valid unicast \"mac\" in {state}"))?;
-        let pairs = state
-            .get("active_pairs")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|n| u16::try_from(n).ok())
-            .filter(|n| (1..=self.queue_pairs).contains(n))
-            .ok_or_else(|| {
-                format!(
-                    "virtio-net: \"active_pairs\" must be 1 to {} in {state}",
-                    self.queue_pairs
-                )
-            })?;
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Net(NetState { mac, active_pairs }) = *state else {
+            return Err(DeviceStateError::kind(self.name(), state));
+        };
+        if mac[0] & 1 != 0 {
+            return Err(DeviceStateError::NotUnicast(mac));
+        }
+        if !(1..=self.queue_pairs).contains(&active_pairs) {
+            return Err(DeviceStateError::ActivePairs {
+                saved: active_pairs,
+                max: self.queue_pairs,
+            });
+        }
         self.mac = mac;
         self.config[..6].copy_from_slice(&mac);
-        self.active_pairs = pairs;
+        self.active_pairs = active_pairs;
         Ok(())
     }
 }

@@ -43,7 +43,9 @@ struct IfReq {
 pub enum TapError {
     #[error("/dev/net/tun does not exist (is the tun module loaded?)")]
     NoTunDevice,
-    #[error("permission denied opening TAP {name:?} (needs CAP_NET_ADMIN or a TAP owned by this user): {source}")]
+    #[error(
+        "permission denied opening TAP {name:?} (needs CAP_NET_ADMIN or a TAP owned by this user)"
+    )]
     Permission {
         name: String,
         #[source]
@@ -51,13 +53,13 @@ pub enum TapError {
     },
     #[error("TAP name {0:?} is longer than 15 bytes or contains a NUL")]
     BadName(String),
-    #[error("TAP {name:?} exists with other flags (single- vs multi-queue?) or is busy: {source}")]
+    #[error("TAP {name:?} exists with other flags (single- vs multi-queue?) or is busy")]
     Busy {
         name: String,
         #[source]
         source: io::Error,
     },
-    #[error("TAP {name:?}: {what}: {source}")]
+    #[error("TAP {name:?}: {what}")]
     Io {
         name: String,
         what: &'static str,

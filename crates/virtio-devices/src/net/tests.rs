@@ -372,13 +372,46 @@ fn bad_tap_names_and_queue_counts_are_refused() {
         Err(TapError::BadName(_))
     ));
     assert!(matches!(
-        Net::new(NetConfig {
+        Net::new(NetParams {
             tap: "x".into(),
             mac: None,
             queue_pairs: 0
         }),
         Err(NetError::QueuePairs(0))
     ));
+}
+
+#[test]
+fn saved_device_state_is_checked_before_it_is_applied() {
+    let (t, _p) = fake_tap();
+    let mut net = Net::with_taps(vec![t], Some([2, 0, 0, 0, 0, 1])).unwrap();
+    let net_state = |mac, active_pairs| DeviceState::Net(NetState { mac, active_pairs });
+    assert_eq!(net.save_device_state(), net_state([2, 0, 0, 0, 0, 1], 1));
+    assert_eq!(
+        net.restore_device_state(&net_state([3, 0, 0, 0, 0, 2], 1)),
+        Err(DeviceStateError::NotUnicast([3, 0, 0, 0, 0, 2]))
+    );
+    for pairs in [0, 2] {
+        assert_eq!(
+            net.restore_device_state(&net_state([2, 0, 0, 0, 0, 2], pairs)),
+            Err(DeviceStateError::ActivePairs {
+                saved: pairs,
+                max: 1
+            })
+        );
+    }
+    assert!(matches!(
+        net.restore_device_state(&DeviceState::None),
+        Err(DeviceStateError::Kind { .. })
+    ));
+    // Nothing was applied.
+    assert_eq!(net.mac(), [2, 0, 0, 0, 0, 1]);
+    net.restore_device_state(&net_state([2, 0, 0, 0, 0, 2], 1))
+        .unwrap();
+    assert_eq!(net.mac(), [2, 0, 0, 0, 0, 2]);
+    let mut cfg = [0u8; 6];
+    net.read_config(0, &mut cfg);
+    assert_eq!(cfg, [2, 0, 0, 0, 0, 2]);
 }
 
 mod real_tap {
@@ -473,7 +506,7 @@ mod real_tap {
             return;
         }
         let name = format!("vst{}", std::process::id() % 100_000);
-        let mut net = Net::new(NetConfig {
+        let mut net = Net::new(NetParams {
             tap: name.clone(),
             mac: Some([0x02, 0, 0, 0, 0, 0x42]),
             queue_pairs: 1,
@@ -562,7 +595,7 @@ mod real_tap {
             return;
         }
         let name = format!("vsm{}", std::process::id() % 100_000);
-        let net = Net::new(NetConfig {
+        let net = Net::new(NetParams {
             tap: name.clone(),
             mac: None,
             queue_pairs: 2,

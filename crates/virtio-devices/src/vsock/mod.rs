@@ -28,7 +28,8 @@ use std::sync::Arc;
 
 use vessel_virtio::worker::Worker;
 use vessel_virtio::{
-    device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, DeviceState,
+    DeviceStateError, VirtioDevice,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -39,7 +40,7 @@ pub const QUEUE_SIZE: u16 = 256;
 
 /// What to build a virtio-vsock device from.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VsockConfig {
+pub struct VsockParams {
     /// The guest's context id (3 or more).
     pub guest_cid: u64,
     /// Path of the host-side Unix socket (and prefix of `<uds_path>_<port>`).
@@ -50,7 +51,7 @@ pub struct VsockConfig {
 pub enum VsockError {
     #[error("guest CID {0} is reserved (it must be 3 or more, and below 2^32 - 1)")]
     BadCid(u64),
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Listen {
         path: PathBuf,
         #[source]
@@ -76,7 +77,7 @@ pub struct Vsock {
 
 impl Vsock {
     /// Listens on `uds_path` (replacing a stale socket file there).
-    pub fn new(cfg: VsockConfig) -> Result<Vsock, VsockError> {
+    pub fn new(cfg: VsockParams) -> Result<Vsock, VsockError> {
         if cfg.guest_cid < 3 || cfg.guest_cid >= u64::from(u32::MAX) {
             return Err(VsockError::BadCid(cfg.guest_cid));
         }
@@ -202,9 +203,9 @@ impl VirtioDevice for Vsock {
         true
     }
 
-    fn restore_device_state(&mut self, state: &serde_json::Value) -> Result<(), String> {
-        if !state.is_null() {
-            return Err(format!("virtio-vsock keeps no device state, got {state}"));
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        if *state != DeviceState::None {
+            return Err(DeviceStateError::kind(self.name(), state));
         }
         // The host side of every connection is gone with the old process.
         self.reset_on_activate = true;

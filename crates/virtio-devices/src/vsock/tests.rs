@@ -46,7 +46,7 @@ struct Guest<'a> {
 impl<'a> Guest<'a> {
     fn start(m: &'a GuestMemoryMmap) -> Guest<'a> {
         let uds = temp_uds();
-        let mut dev = Vsock::new(VsockConfig {
+        let mut dev = Vsock::new(VsockParams {
             guest_cid: CID,
             uds_path: uds.clone(),
         })
@@ -417,10 +417,31 @@ fn reset_closes_connections() {
 }
 
 #[test]
+fn only_an_empty_device_state_is_restored() {
+    let mut dev = Vsock::new(VsockParams {
+        guest_cid: 3,
+        uds_path: temp_uds(),
+    })
+    .unwrap();
+    assert_eq!(dev.save_device_state(), DeviceState::None);
+    let console = DeviceState::Console(vessel_virtio::ConsoleState { cols: 1, rows: 1 });
+    assert_eq!(
+        dev.restore_device_state(&console),
+        Err(DeviceStateError::Kind {
+            device: "virtio-vsock",
+            saved: "a virtio-console"
+        })
+    );
+    assert!(!dev.reset_on_activate);
+    dev.restore_device_state(&DeviceState::None).unwrap();
+    assert!(dev.reset_on_activate);
+}
+
+#[test]
 fn config_and_construction() {
     let uds = temp_uds();
     assert!(matches!(
-        Vsock::new(VsockConfig {
+        Vsock::new(VsockParams {
             guest_cid: 2,
             uds_path: uds.clone()
         }),
@@ -428,14 +449,14 @@ fn config_and_construction() {
     ));
     std::fs::write(&uds, b"not a socket").unwrap();
     assert!(matches!(
-        Vsock::new(VsockConfig {
+        Vsock::new(VsockParams {
             guest_cid: 3,
             uds_path: uds.clone()
         }),
         Err(VsockError::NotASocket { .. })
     ));
     std::fs::remove_file(&uds).unwrap();
-    let dev = Vsock::new(VsockConfig {
+    let dev = Vsock::new(VsockParams {
         guest_cid: 0x1_0000_0003 & 0xffff_ffff,
         uds_path: uds.clone(),
     })
@@ -448,7 +469,7 @@ fn config_and_construction() {
     // A stale socket file is replaced.
     drop(dev);
     let _l = UnixListener::bind(&uds).unwrap();
-    assert!(Vsock::new(VsockConfig {
+    assert!(Vsock::new(VsockParams {
         guest_cid: 3,
         uds_path: uds
     })
