@@ -47,11 +47,11 @@ enum HostLoadError {
     Decompress(#[from] DecompressError),
     #[error("its payload (at {offset:#x}, {len} bytes) is not inside the file")]
     PayloadOutsideFile { offset: u64, len: u64 },
-    #[error("cannot read its payload: {0}")]
+    #[error("cannot read its payload")]
     Io(#[source] std::io::Error),
     #[error("its {format} payload is not an ELF vmlinux (it starts with {head})")]
     NotElf { format: Compression, head: String },
-    #[error("the vmlinux in its {format} payload cannot be loaded: {source}")]
+    #[error("the vmlinux in its {format} payload cannot be loaded")]
     Elf {
         format: Compression,
         #[source]
@@ -81,8 +81,15 @@ where
         match load_decompressed(mem, layout, image, len, &hdr, options.prefer_pvh) {
             Ok(kernel) => return Ok(kernel),
             Err(e) => {
-                log::info!("bzImage left for the guest to decompress: {e}");
-                e.to_string()
+                // The reason with every cause, on one line.
+                let mut reason = e.to_string();
+                let mut cause = std::error::Error::source(&e);
+                while let Some(c) = cause {
+                    reason = format!("{reason}: {c}");
+                    cause = c.source();
+                }
+                log::info!("bzImage left for the guest to decompress: {reason}");
+                reason
             }
         }
     } else {
@@ -99,7 +106,7 @@ where
     let result = BzImage::load(mem, Some(GuestAddress(load_addr)), image, None).map_err(|e| {
         BootError::KernelLoad {
             format: "bzImage",
-            reason: e.to_string(),
+            source: e,
         }
     })?;
     let hdr = result.setup_header.unwrap_or(hdr);

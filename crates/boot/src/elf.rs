@@ -65,7 +65,7 @@ where
         Elf::load(mem, None, image, Some(GuestAddress(addr::HIMEM_START))).map_err(|e| {
             BootError::KernelLoad {
                 format: "ELF",
-                reason: e.to_string(),
+                source: e,
             }
         })?;
     // linux-loader copies the file bytes only; clear the rest of each segment (.bss) so that

@@ -15,7 +15,7 @@ pub enum BootError {
     #[error("not a Linux kernel: neither a bzImage nor an ELF vmlinux")]
     NotAKernel,
     /// Reading the kernel file failed.
-    #[error("cannot read the kernel file: {0}")]
+    #[error("cannot read the kernel file")]
     KernelIo(#[source] std::io::Error),
     /// The bzImage ends before the end its setup header announces.
     #[error("truncated bzImage: its setup header describes {expected} bytes but the file has only {actual}")]
@@ -49,15 +49,16 @@ pub enum BootError {
         ram_end: u64,
     },
     /// The kernel loader refused the image for a reason not caught by the checks above.
-    #[error("cannot load the {format} kernel: {reason}")]
+    #[error("cannot load the {format} kernel")]
     KernelLoad {
         /// "bzImage" or "ELF".
         format: &'static str,
         /// What the loader reported.
-        reason: String,
+        #[source]
+        source: linux_loader::loader::Error,
     },
     /// Reading the initrd file failed.
-    #[error("cannot read the initrd file: {0}")]
+    #[error("cannot read the initrd file")]
     InitrdIo(#[source] std::io::Error),
     /// The initrd file has no bytes at all.
     #[error("the initrd file is empty")]
@@ -109,27 +110,31 @@ pub enum BootError {
         space: &'static str,
     },
     /// The host could not supply random bytes (the guest's RNG seed, its VM generation ID).
-    #[error("cannot get random bytes for the guest from the host (getrandom): {0}")]
+    #[error("cannot get random bytes for the guest from the host (getrandom)")]
     RngSeed(#[source] std::io::Error),
     /// Writing a boot structure to guest memory failed.
-    #[error("cannot write the {what} to guest memory at {addr:#x}: {reason}")]
+    #[error("cannot write the {what} to guest memory at {addr:#x}")]
     GuestWrite {
         /// Which structure.
         what: &'static str,
         /// Where it was to go.
         addr: u64,
         /// What went wrong.
-        reason: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
 impl BootError {
-    /// A closure mapping any displayable write error to [`BootError::GuestWrite`].
-    pub(crate) fn write<E: fmt::Display>(what: &'static str, addr: u64) -> impl FnOnce(E) -> Self {
+    /// A closure mapping a write error to [`BootError::GuestWrite`].
+    pub(crate) fn write<E: std::error::Error + Send + Sync + 'static>(
+        what: &'static str,
+        addr: u64,
+    ) -> impl FnOnce(E) -> Self {
         move |e| BootError::GuestWrite {
             what,
             addr,
-            reason: e.to_string(),
+            source: Box::new(e),
         }
     }
 }

@@ -12,7 +12,7 @@ pub enum KvmError {
     #[error("no permission to open /dev/kvm: add your user to the kvm group or run as root")]
     PermissionDenied,
     /// `/dev/kvm` could not be opened for another reason.
-    #[error("cannot open /dev/kvm: {0}")]
+    #[error("cannot open /dev/kvm")]
     Open(#[source] kvm_ioctls::Error),
     /// The kernel speaks a KVM API other than the stable version 12.
     #[error("KVM API version is {0}, Vessel needs version 12")]
@@ -21,7 +21,7 @@ pub enum KvmError {
     #[error("KVM lacks capability {0}, which Vessel needs")]
     MissingCapability(&'static str),
     /// A KVM ioctl failed.
-    #[error("{op} failed: {source}")]
+    #[error("{op} failed")]
     Ioctl {
         /// The ioctl, by its KVM name.
         op: &'static str,
@@ -40,7 +40,7 @@ pub enum KvmError {
         max: usize,
     },
     /// Mapping memory for a throwaway probe guest failed.
-    #[error("cannot map probe guest memory: {0}")]
+    #[error("cannot map probe guest memory")]
     Mmap(#[source] std::io::Error),
     /// The probe guest did something other than what it was written to do.
     #[error("probe guest stopped unexpectedly: {0}")]

@@ -3,7 +3,7 @@
 
 use kvm_bindings::{kvm_regs, kvm_sregs};
 
-use crate::regs::{CR0_PE, EFER_LMA, RFLAGS_VM};
+use crate::regs::{rflags, CR0_PE, EFER_LMA};
 
 /// General and special registers of one vCPU, as `KVM_GET_REGS`/`KVM_GET_SREGS` return them.
 #[derive(Clone, Copy, Debug, Default)]
@@ -27,7 +27,7 @@ impl CpuState {
 
     /// The code size the current instruction is decoded with: 16, 32 or 64.
     pub fn bitness(&self) -> u32 {
-        if !self.protected() || self.regs.rflags & RFLAGS_VM != 0 {
+        if !self.protected() || self.regs.rflags & rflags::VM != 0 {
             16
         } else if self.long_mode_64() {
             64
@@ -43,7 +43,7 @@ impl CpuState {
     pub fn cpl(&self) -> u8 {
         if !self.protected() {
             0
-        } else if self.regs.rflags & RFLAGS_VM != 0 {
+        } else if self.regs.rflags & rflags::VM != 0 {
             3
         } else {
             self.sregs.ss.dpl
@@ -153,7 +153,7 @@ mod tests {
         compat.sregs.cs.db = 1;
         assert_eq!(compat.bitness(), 32, "compatibility mode decodes as 32-bit");
         let mut vm86 = prot32();
-        vm86.regs.rflags |= RFLAGS_VM;
+        vm86.regs.rflags |= rflags::VM;
         assert_eq!(vm86.bitness(), 16);
         assert_eq!(vm86.cpl(), 3);
     }

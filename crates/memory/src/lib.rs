@@ -281,28 +281,36 @@ pub fn create_guest_memory(layout: &GuestLayout) -> Result<GuestMemoryMmap, Memo
     Ok(GuestMemoryMmap::from_ranges(&layout.ram_regions())?)
 }
 
+/// A memory size the CLI cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("'{0}' is not a size (try 512M or 2G)")]
+    NotASize(String),
+    #[error("'{0}' has an unknown unit (use K, M, G or T)")]
+    Unit(String),
+    #[error("'{0}' is too large")]
+    TooLarge(String),
+}
+
 /// Parse a memory size as the CLI takes it: a number of MiB (`512`), or a number with a
 /// `K`, `M`, `G` or `T` suffix (`512M`, `2G`, `1536MiB`), binary units.
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, SizeError> {
     let t = s.trim();
     let digits_end = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(digits_end);
-    if num.is_empty() {
-        return Err(format!("'{s}' is not a size (try 512M or 2G)"));
-    }
     let n: u64 = num
         .parse()
-        .map_err(|_| format!("'{s}' is not a size (try 512M or 2G)"))?;
+        .map_err(|_| SizeError::NotASize(s.to_string()))?;
     let mult = match unit.trim().to_ascii_uppercase().as_str() {
         "" | "M" | "MB" | "MIB" => MIB,
         "K" | "KB" | "KIB" => KIB,
         "G" | "GB" | "GIB" => GIB,
         "T" | "TB" | "TIB" => 1 << 40,
         "B" => 1,
-        _ => return Err(format!("'{s}' has an unknown unit (use K, M, G or T)")),
+        _ => return Err(SizeError::Unit(s.to_string())),
     };
     n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
+        .ok_or_else(|| SizeError::TooLarge(s.to_string()))
 }
 
 #[cfg(test)]

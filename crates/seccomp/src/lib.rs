@@ -24,9 +24,9 @@ pub use seccompiler::BpfProgram as Program;
 /// Errors building or installing filters.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("seccomp: {0}")]
+    #[error("seccomp")]
     Backend(#[from] seccompiler::BackendError),
-    #[error("seccomp: {0}")]
+    #[error("seccomp")]
     Seccompiler(#[from] seccompiler::Error),
     #[error("seccomp filter file: {0}")]
     File(String),

@@ -34,7 +34,7 @@ pub const MAX_PAYLOAD: u64 = 64 << 20;
 /// Why a snapshot could not be written or read.
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
-    #[error("{path}: {source}")]
+    #[error("{}", path.display())]
     Io {
         path: PathBuf,
         #[source]
@@ -50,10 +50,20 @@ pub enum SnapshotError {
     TooLarge(u64),
     #[error("snapshot state is damaged: checksum {found:#010x}, expected {expected:#010x}")]
     Checksum { found: u32, expected: u32 },
-    #[error("snapshot state does not parse: {0}")]
-    Parse(String),
-    #[error("snapshot memory: {0}")]
-    Memory(String),
+    #[error("snapshot state does not parse")]
+    Parse(#[source] serde_json::Error),
+    #[error("snapshot memory: region at {gpa:#x} of {size:#x} bytes does not fit this host")]
+    RegionTooLarge { gpa: u64, size: u64 },
+    #[error("snapshot memory: cannot map the region at {gpa:#x}")]
+    Map {
+        gpa: u64,
+        #[source]
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("snapshot memory: the region at {0:#x} overflows")]
+    RegionOverflow(u64),
+    #[error("snapshot memory: the regions do not form guest memory")]
+    Regions(#[source] vm_memory::GuestRegionCollectionError),
     #[error("the snapshot does not fit this VM: {0}")]
     Mismatch(String),
 }
@@ -69,7 +79,7 @@ impl SnapshotError {
 
 /// The whole file for `state`.
 pub fn encode<T: Serialize>(state: &T) -> Result<Vec<u8>, SnapshotError> {
-    let payload = serde_json::to_vec(state).map_err(|e| SnapshotError::Parse(e.to_string()))?;
+    let payload = serde_json::to_vec(state).map_err(SnapshotError::Parse)?;
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
@@ -109,7 +119,7 @@ pub fn read_format_version(path: &Path) -> Result<u32, SnapshotError> {
 /// Checks the header and checksum of a whole file and parses its payload.
 pub fn decode<T: DeserializeOwned>(file: &[u8]) -> Result<T, SnapshotError> {
     let payload = check(file)?;
-    serde_json::from_slice(payload).map_err(|e| SnapshotError::Parse(e.to_string()))
+    serde_json::from_slice(payload).map_err(SnapshotError::Parse)
 }
 
 /// Checks the header and checksum; returns the payload.

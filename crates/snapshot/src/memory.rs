@@ -121,7 +121,7 @@ pub fn save_working_set(path: &Path, pages: &DirtyBitmap) -> Result<(), Snapshot
     let runs: Vec<(usize, u64, u64)> = (0..pages.regions().len())
         .flat_map(|i| pages.runs(i).into_iter().map(move |(f, c)| (i, f, c)))
         .collect();
-    let text = serde_json::to_vec(&runs).map_err(|e| SnapshotError::Parse(e.to_string()))?;
+    let text = serde_json::to_vec(&runs).map_err(SnapshotError::Parse)?;
     std::fs::write(path, text).map_err(SnapshotError::io(path))
 }
 
@@ -129,7 +129,7 @@ pub fn save_working_set(path: &Path, pages: &DirtyBitmap) -> Result<(), Snapshot
 pub fn load_working_set(path: &Path, regions: &[MemRegion]) -> Result<DirtyBitmap, SnapshotError> {
     let text = std::fs::read(path).map_err(SnapshotError::io(path))?;
     let runs: Vec<(usize, u64, u64)> =
-        serde_json::from_slice(&text).map_err(|e| SnapshotError::Parse(e.to_string()))?;
+        serde_json::from_slice(&text).map_err(SnapshotError::Parse)?;
     let mut bits = DirtyBitmap::new(regions);
     for (i, first, count) in runs {
         if let Some(r) = regions.get(i) {
@@ -149,10 +149,6 @@ pub struct WriteStats {
     pub covered: u64,
     /// Bytes actually written.
     pub written: u64,
-}
-
-fn mem_err(e: impl std::fmt::Display) -> SnapshotError {
-    SnapshotError::Memory(e.to_string())
 }
 
 /// The host bytes of one region.
@@ -410,20 +406,23 @@ pub fn map_private(regions: &[MemRegion], path: &Path) -> Result<GuestMemoryMmap
     let mut out = Vec::with_capacity(regions.len());
     let mut offset = 0u64;
     for r in regions {
-        let size = usize::try_from(r.size).map_err(mem_err)?;
+        let size = usize::try_from(r.size).map_err(|_| SnapshotError::RegionTooLarge {
+            gpa: r.gpa,
+            size: r.size,
+        })?;
         let region = MmapRegionBuilder::new_with_bitmap(size, AtomicBitmap::with_len(size))
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
             .build()
-            .map_err(mem_err)?;
+            .map_err(|source| SnapshotError::Map { gpa: r.gpa, source })?;
         out.push(
             GuestRegionMmap::new(region, GuestAddress(r.gpa))
-                .ok_or_else(|| mem_err(format!("region at {:#x} overflows", r.gpa)))?,
+                .ok_or(SnapshotError::RegionOverflow(r.gpa))?,
         );
         offset += r.size;
     }
-    GuestMemoryMmap::from_regions(out).map_err(mem_err)
+    GuestMemoryMmap::from_regions(out).map_err(SnapshotError::Regions)
 }
 
 #[cfg(test)]

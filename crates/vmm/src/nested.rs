@@ -18,7 +18,7 @@ use kvm_bindings::{
 };
 use kvm_ioctls::VcpuFd;
 use vessel_kvm::emulate::{self, Completion, CpuState, GuestAccess};
-use vessel_kvm::regs::{EFER_LMA, RFLAGS_FIXED, RFLAGS_RF};
+use vessel_kvm::regs::{rflags, EFER_LMA};
 use vessel_memory::GuestMemoryMmap;
 
 use crate::error::{KvmContext, VcpuError, VmmError};
@@ -132,7 +132,7 @@ pub fn redirect_syscall(
     sregs.ss = ss;
     regs.rip = lstar;
     regs.rsp = frame.rsp;
-    regs.rflags = (frame.rflags & !sfmask & !RFLAGS_RF) | RFLAGS_FIXED;
+    regs.rflags = (frame.rflags & !sfmask & !rflags::RF) | rflags::FIXED;
     true
 }
 

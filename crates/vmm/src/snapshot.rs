@@ -90,39 +90,6 @@ impl<'de> Deserialize<'de> for NoApi {
     }
 }
 
-impl<A> VmSnapshot<A> {
-    /// The same state with its API part dropped: what building the VM back needs.
-    pub fn without_api(self) -> (VmSnapshot, Option<A>) {
-        let VmSnapshot {
-            kind,
-            vessel_version,
-            config,
-            nested,
-            memory,
-            vcpus,
-            kvm,
-            legacy,
-            virtio,
-            api,
-            vmgenid,
-        } = self;
-        let core = VmSnapshot {
-            kind,
-            vessel_version,
-            config,
-            nested,
-            memory,
-            vcpus,
-            kvm,
-            legacy,
-            virtio,
-            api: None,
-            vmgenid,
-        };
-        (core, api)
-    }
-}
-
 /// A full snapshot or the pages dirtied since the last one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SnapshotKind {

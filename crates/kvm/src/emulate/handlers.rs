@@ -6,7 +6,7 @@ use super::regs::{read_gpr, rflags, width_mask, write_gpr};
 use super::{vector, AccessError, Completion, CpuState, EmulateError, GuestAccess};
 
 /// CR4.LA57: 57-bit linear addresses.
-const CR4_LA57: u64 = 1 << 12;
+use crate::regs::CR4_LA57;
 
 /// Carries out `instr` on `cpu` and `mem`.
 pub(super) fn execute(

@@ -143,7 +143,7 @@ pub enum EmulateError {
     },
     /// Guest memory could not be read or written, and it was not a page fault: the address is
     /// not RAM, or the instruction bytes could not be fetched.
-    #[error("guest memory access failed: {0}")]
+    #[error("guest memory access failed")]
     Memory(#[from] AccessError),
 }
 

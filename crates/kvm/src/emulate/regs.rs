@@ -5,17 +5,7 @@ use iced_x86::Register;
 use kvm_bindings::kvm_regs;
 
 /// RFLAGS bits the completer reads or writes.
-pub(super) mod rflags {
-    pub const CF: u64 = 1 << 0;
-    pub const PF: u64 = 1 << 2;
-    pub const AF: u64 = 1 << 4;
-    pub const ZF: u64 = 1 << 6;
-    pub const SF: u64 = 1 << 7;
-    pub const OF: u64 = 1 << 11;
-    pub const AC: u64 = 1 << 18;
-    /// The six arithmetic status flags.
-    pub const STATUS: u64 = CF | PF | AF | ZF | SF | OF;
-}
+pub(super) use crate::regs::rflags;
 
 fn slot(regs: &kvm_regs, full: Register) -> Option<u64> {
     Some(match full {
