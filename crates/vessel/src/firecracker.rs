@@ -16,11 +16,11 @@ use std::time::Duration;
 use clap::Args;
 use vessel_api::types::{LogLevel, Logger, MetricsConfig};
 use vessel_api::{ApiController, ApiError, ApiServer, ServerConfig, VmResources, VmmBackend};
-use vessel_vmm::api::ApiBackend;
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ExitReason, SerialTarget, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::fc::ApiBackend;
 use crate::logger;
 
 /// Where Firecracker listens when given no `--api-sock`.

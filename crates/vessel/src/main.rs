@@ -16,6 +16,7 @@ use vessel_vmm::device_config::{
 use vessel_vmm::{BootSource, ExitReason, NestedMode, SerialTarget, VmConfig};
 
 mod apicli;
+mod fc;
 mod firecracker;
 mod logger;
 mod migratecli;

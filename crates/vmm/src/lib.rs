@@ -6,10 +6,8 @@
 //! (`vessel-boot`), *what a device does* (`vessel-devices`) or *what KVM can do*
 //! (`vessel-kvm`): it puts them together and runs them.
 
-pub mod api;
 pub mod config;
 pub mod cpu;
-pub mod cpu_config;
 pub mod demo;
 pub mod device_config;
 mod devices;
@@ -24,7 +22,7 @@ pub mod snapshot;
 mod terminal;
 mod vcpu;
 mod virtio;
-mod virtio_devices;
+pub mod virtio_devices;
 pub mod vm;
 pub mod vmgenid;
 

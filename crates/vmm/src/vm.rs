@@ -1111,7 +1111,7 @@ impl RunningInner {
 impl Vm {
     /// The handles on the devices the API drives after start (balloon, disks). Clone what is
     /// needed before [`Vm::start`]; the handles stay valid while the VM runs.
-    pub(crate) fn device_handles(&self) -> &crate::virtio_devices::DeviceHandles {
+    pub fn device_handles(&self) -> &crate::virtio_devices::DeviceHandles {
         &self.virtio.handles
     }
 }
