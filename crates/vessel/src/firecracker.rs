@@ -287,7 +287,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
         let _ = waker.write(1);
     });
     let ctl = Arc::new(Mutex::new(ApiController::new(
-        Box::new(channel),
+        channel,
         id,
         env!("CARGO_PKG_VERSION"),
     )));
