@@ -465,8 +465,8 @@ impl ApiController {
     }
 
     /// `GET /vm/config`.
-    pub fn vm_config(&self) -> crate::resources::VmConfig {
-        self.resources.to_vm_config()
+    pub fn vm_config(&self) -> crate::resources::FullVmConfig {
+        self.resources.to_full_vm_config()
     }
 }
 

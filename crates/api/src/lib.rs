@@ -28,5 +28,5 @@ pub use backend::{Backend, BackendJob, ChannelBackend, VmmBackend};
 pub use controller::{ApiController, FIRECRACKER_API_VERSION};
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use resources::{MmdsStore, VmConfig, VmResources};
+pub use resources::{FullVmConfig, MmdsStore, VmResources};
 pub use server::{ApiServer, ServerConfig};

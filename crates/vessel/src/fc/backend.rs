@@ -174,7 +174,7 @@ impl VmmBackend for ApiBackend {
             .collect();
         let nets = net_handles(resources, &vm);
         let balloon = handles.balloon.clone().zip(resources.balloon);
-        self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
+        self.api_config = serde_json::to_value(resources.to_full_vm_config()).ok();
         self.start_supervised(vm)?;
         self.drives = drives;
         self.nets = nets;
@@ -274,7 +274,7 @@ impl VmmBackend for ApiBackend {
             .map_err(|e| load_err(e.to_string()))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm);
-        self.api_config = serde_json::to_value(resources.to_vm_config()).ok();
+        self.api_config = serde_json::to_value(resources.to_full_vm_config()).ok();
         self.start_supervised(vm)?;
         self.nets = nets;
         Ok(resources)
