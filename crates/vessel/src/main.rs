@@ -369,12 +369,52 @@ fn main() -> ExitCode {
     finish(result)
 }
 
-fn finish(result: Result<ExitCode, String>) -> ExitCode {
+fn finish<E: Into<Box<dyn std::error::Error>>>(result: Result<ExitCode, E>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vessel: {e}");
+            eprintln!("vessel: {}", report(&*e.into()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its sources as one line, `a: b: c`; a source whose text its parent's already
+/// ends with (errors that still repeat their source) is not repeated.
+fn report(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let t = s.to_string();
+        if !text.ends_with(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        next = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_print_with_their_sources_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = firecracker::FirecrackerError::LogFile {
+            path: "/l".into(),
+            source: io(),
+        };
+        assert_eq!(report(&e), "cannot open the log file /l: gone");
+        let e = firecracker::FirecrackerError::Thread(io());
+        assert_eq!(report(&e), "cannot start a thread: gone");
+        let s: Box<dyn std::error::Error> = "plain".into();
+        assert_eq!(report(&*s), "plain");
+        // A source the message already repeats is printed once.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        assert_eq!(report(&Repeats(io())), "outer: gone");
     }
 }
