@@ -343,11 +343,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let result = match command {
-        Command::Run(args) => run(*args),
-        Command::Api(args) => apicli::run(args),
-        Command::Snapshot { command } => snapshotcli::run(command),
-        Command::Migrate { command } => migratecli::run(command),
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match command {
+        Command::Run(args) => run(*args).map_err(Into::into),
+        Command::Api(args) => apicli::run(args).map_err(Into::into),
+        Command::Snapshot { command } => snapshotcli::run(command).map_err(Into::into),
+        Command::Migrate { command } => migratecli::run(command).map_err(Into::into),
         Command::Jail(mut args) => {
             // The jailed VMM is this vessel binary unless --exec-file names another.
             if args.exec_file.is_none() {
@@ -357,7 +357,7 @@ fn main() -> ExitCode {
         }
         Command::Image {
             command: ImageCommand::Build { name },
-        } => build_image(name).map(|p| {
+        } => build_image(name).map_err(Into::into).map(|p| {
             println!("kernel={}", p.kernel.display());
             println!("initrd={}", p.initrd.display());
             if let Some(m) = p.system_map {

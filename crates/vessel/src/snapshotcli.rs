@@ -45,7 +45,18 @@ pub enum SnapshotCommand {
     },
 }
 
-pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
+/// Why a snapshot command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotCliError {
+    /// Restoring or running the VM failed.
+    #[error(transparent)]
+    Vmm(#[from] vessel_vmm::VmmError),
+    /// A snapshot file could not be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] vessel_snapshot::format::SnapshotError),
+}
+
+pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, SnapshotCliError> {
     match cmd {
         SnapshotCommand::Restore {
             state,
@@ -64,16 +75,13 @@ pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
                     record_after: std::time::Duration::from_millis(record_ms),
                 }),
             };
-            let (vm, _) = restore(&req).map_err(|e| e.to_string())?;
-            let outcome = vm
-                .start()
-                .and_then(|r| r.wait())
-                .map_err(|e| e.to_string())?;
+            let (vm, _) = restore(&req)?;
+            let outcome = vm.start().and_then(|r| r.wait())?;
             eprintln!("vessel: the restored VM ended: {:?}", outcome.reason);
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Rebase { base, diff } => {
-            let n = vessel_snapshot::memory::rebase(&base, &diff).map_err(|e| e.to_string())?;
+            let n = vessel_snapshot::memory::rebase(&base, &diff)?;
             println!(
                 "copied {n} bytes from {} onto {}",
                 diff.display(),
@@ -82,7 +90,7 @@ pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Inspect { state } => {
-            let s = load_state(&state).map_err(|e| e.to_string())?;
+            let s = load_state(&state)?;
             println!("vessel version: {}", s.vessel_version);
             println!("vcpus: {}", s.vcpus.len());
             let mem: u64 = s.memory.iter().map(|r| r.size).sum();
