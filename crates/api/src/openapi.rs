@@ -300,6 +300,22 @@ mod tests {
     }
 
     #[test]
+    fn schema_errors_name_the_place() {
+        let drive = json!({"$ref": "#/definitions/Drive"});
+        let e = validate(&drive, &json!({"drive_id": "a"})).unwrap_err();
+        assert_eq!(e.to_string(), "$: missing required property is_root_device");
+        let e = validate(&drive, &json!({"drive_id": 1, "is_root_device": true})).unwrap_err();
+        assert_eq!(e.to_string(), "$.drive_id: expected string, got 1");
+        assert_eq!(
+            response_schema("/nope", "get", 200).unwrap_err(),
+            SchemaError::NotDocumented {
+                method: "get".into(),
+                path: "/nope".into()
+            }
+        );
+    }
+
+    #[test]
     fn the_served_api_version_is_the_document_s() {
         assert_eq!(
             document()["info"]["version"].as_str(),
