@@ -1,5 +1,8 @@
-//! The boundary to the VMM: the [`VmmBackend`] trait, and [`ChannelBackend`], which runs the
-//! calls on the VMM's own thread.
+//! The boundary to the VMM: the [`VmmBackend`] trait, and [`Backend`], through which the
+//! controller makes every call: `backend.call(|vmm| vmm.pause())` runs the closure against the
+//! VMM, in place ([`Backend::Direct`]) or on the VMM's own thread ([`Backend::Channel`], with a
+//! reply timeout). An endpoint is a model, a route row, a controller method and (when the VMM
+//! is involved) one `VmmBackend` method: nothing forwards calls by hand.
 //!
 //! The VMM implements `VmmBackend` once, on an object that lives on its main thread (it need
 //! not be `Send`). It hands the API server a [`ChannelBackend`]; each call becomes a
@@ -15,7 +18,7 @@
 //!
 //! The API threads only wait on the reply (with a timeout); vCPU threads are never involved.
 
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
@@ -130,11 +133,92 @@ pub const DEFAULT_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long `PUT /vessel/migrate` may take.
 pub const MIGRATION_REPLY_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// A [`VmmBackend`] that forwards each call to the VMM's thread. See the module docs.
+/// How the controller reaches the VMM: every backend call is a closure run against the
+/// [`VmmBackend`], in place ([`Backend::Direct`]) or on the VMM's own thread
+/// ([`Backend::Channel`]). A new endpoint therefore needs no forwarding code here.
+pub enum Backend {
+    /// A backend the API threads call in place (tests, fuzzing, a VMM without a thread of
+    /// its own).
+    Direct(Mutex<Box<dyn VmmBackend + Send>>),
+    /// A backend on the VMM's thread, reached through [`channel`].
+    Channel(ChannelBackend),
+}
+
+impl std::fmt::Debug for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Backend::Direct(_) => "Backend::Direct",
+            Backend::Channel(_) => "Backend::Channel",
+        })
+    }
+}
+
+impl<B: VmmBackend + Send + 'static> From<Box<B>> for Backend {
+    fn from(b: Box<B>) -> Self {
+        Backend::Direct(Mutex::new(b))
+    }
+}
+
+impl From<Box<dyn VmmBackend + Send>> for Backend {
+    fn from(b: Box<dyn VmmBackend + Send>) -> Self {
+        Backend::Direct(Mutex::new(b))
+    }
+}
+
+impl From<ChannelBackend> for Backend {
+    fn from(c: ChannelBackend) -> Self {
+        Backend::Channel(c)
+    }
+}
+
+impl Backend {
+    /// Runs `f` against the VMM and returns its result; over the channel, fails with a 500
+    /// when the VMM does not answer within its timeout or is gone.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn VmmBackend) -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        match self {
+            Backend::Direct(b) => Ok(f(&mut **b.lock().unwrap_or_else(|e| e.into_inner()))),
+            Backend::Channel(c) => c.call(f),
+        }
+    }
+
+    /// [`Self::call`] with its own reply timeout (live migration takes as long as the link
+    /// needs); a direct call is not timed.
+    pub fn call_within<R: Send + 'static>(
+        &self,
+        timeout: Duration,
+        f: impl FnOnce(&mut dyn VmmBackend) -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        match self {
+            Backend::Direct(_) => self.call(f),
+            Backend::Channel(c) => c.call_within(timeout, f),
+        }
+    }
+
+    /// [`Self::call`] for a backend method that can fail: its error and the call's are one.
+    pub fn try_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn VmmBackend) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.call(f)?
+    }
+}
+
+/// Forwards calls to the VMM's thread. See the module docs.
 pub struct ChannelBackend {
     jobs: mpsc::Sender<BackendJob>,
     wake: Box<dyn Fn() + Send>,
     timeout: Duration,
+}
+
+impl std::fmt::Debug for ChannelBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChannelBackend")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A `ChannelBackend` and the receiver of its jobs. `wake` is called after each job is queued.
@@ -157,20 +241,27 @@ impl ChannelBackend {
         self
     }
 
-    fn call<R: Send + 'static>(
-        &mut self,
-        f: impl FnOnce(&mut dyn VmmBackend) -> Result<R, ApiError> + Send + 'static,
+    /// Runs `f` on the VMM's thread and waits (up to the timeout) for its result.
+    pub fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn VmmBackend) -> R + Send + 'static,
     ) -> Result<R, ApiError> {
-        let timeout = self.timeout;
-        self.call_within(timeout, f)
+        self.call_within(self.timeout, f)
     }
 
-    /// [`Self::call`] with its own reply timeout (live migration takes as long as the link
-    /// needs).
-    fn call_within<R: Send + 'static>(
-        &mut self,
+    /// [`Self::call`] for a backend method that can fail: its error and the call's are one.
+    pub fn try_call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn VmmBackend) -> Result<T, ApiError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        self.call(f)?
+    }
+
+    /// [`Self::call`] with its own reply timeout.
+    pub fn call_within<R: Send + 'static>(
+        &self,
         timeout: Duration,
-        f: impl FnOnce(&mut dyn VmmBackend) -> Result<R, ApiError> + Send + 'static,
+        f: impl FnOnce(&mut dyn VmmBackend) -> R + Send + 'static,
     ) -> Result<R, ApiError> {
         let (reply_tx, reply_rx) = mpsc::sync_channel(1);
         let job = BackendJob(Box::new(move |b| {
@@ -182,7 +273,7 @@ impl ChannelBackend {
             .map_err(|_| ApiError::Internal("the VMM is no longer running".into()))?;
         (self.wake)();
         match reply_rx.recv_timeout(timeout) {
-            Ok(r) => r,
+            Ok(r) => Ok(r),
             Err(mpsc::RecvTimeoutError::Timeout) => Err(ApiError::Internal(format!(
                 "the VMM did not answer within {} s",
                 timeout.as_secs()
@@ -191,71 +282,6 @@ impl ChannelBackend {
                 Err(ApiError::Internal("the VMM dropped the request".into()))
             }
         }
-    }
-}
-
-impl VmmBackend for ChannelBackend {
-    fn validate(&mut self, resources: &VmResources) -> Result<(), ApiError> {
-        let r = resources.clone();
-        self.call(move |b| b.validate(&r))
-    }
-    fn start(&mut self, resources: &VmResources) -> Result<(), ApiError> {
-        let r = resources.clone();
-        self.call(move |b| b.start(&r))
-    }
-    fn pause(&mut self) -> Result<(), ApiError> {
-        self.call(|b| b.pause())
-    }
-    fn resume(&mut self) -> Result<(), ApiError> {
-        self.call(|b| b.resume())
-    }
-    fn send_ctrl_alt_del(&mut self) -> Result<(), ApiError> {
-        self.call(|b| b.send_ctrl_alt_del())
-    }
-    fn stop(&mut self) -> Result<(), ApiError> {
-        self.call(|b| b.stop())
-    }
-    fn migrate(&mut self, params: &MigrateParams) -> Result<Value, ApiError> {
-        let p = params.clone();
-        self.call_within(MIGRATION_REPLY_TIMEOUT, move |b| b.migrate(&p))
-    }
-    fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
-        self.call(|b| b.metrics())
-    }
-    fn configure_logger(&mut self, logger: &Logger) -> Result<(), ApiError> {
-        let l = logger.clone();
-        self.call(move |b| b.configure_logger(&l))
-    }
-    fn update_drive(&mut self, update: &PartialDrive) -> Result<(), ApiError> {
-        let u = update.clone();
-        self.call(move |b| b.update_drive(&u))
-    }
-    fn update_network_interface(
-        &mut self,
-        update: &PartialNetworkInterface,
-    ) -> Result<(), ApiError> {
-        let u = update.clone();
-        self.call(move |b| b.update_network_interface(&u))
-    }
-    fn balloon_config(&mut self) -> Result<Balloon, ApiError> {
-        self.call(|b| b.balloon_config())
-    }
-    fn balloon_update(&mut self, amount_mib: u32) -> Result<(), ApiError> {
-        self.call(move |b| b.balloon_update(amount_mib))
-    }
-    fn balloon_stats_interval(&mut self, seconds: u16) -> Result<(), ApiError> {
-        self.call(move |b| b.balloon_stats_interval(seconds))
-    }
-    fn balloon_stats(&mut self) -> Result<BalloonStats, ApiError> {
-        self.call(|b| b.balloon_stats())
-    }
-    fn snapshot_create(&mut self, params: &SnapshotCreateParams) -> Result<(), ApiError> {
-        let p = params.clone();
-        self.call(move |b| b.snapshot_create(&p))
-    }
-    fn snapshot_load(&mut self, params: &SnapshotLoadParams) -> Result<VmResources, ApiError> {
-        let p = params.clone();
-        self.call(move |b| b.snapshot_load(&p))
     }
 }
 
@@ -285,7 +311,7 @@ mod tests {
     fn channel_runs_calls_on_the_vmm_thread() {
         let wakes = Arc::new(AtomicUsize::new(0));
         let w = wakes.clone();
-        let (mut backend, jobs) = channel(move || {
+        let (backend, jobs) = channel(move || {
             w.fetch_add(1, Ordering::SeqCst);
         });
         let vmm_thread = std::thread::spawn(move || {
@@ -296,22 +322,45 @@ mod tests {
             vmm.paused
         });
         assert_eq!(
-            backend.start(&VmResources::default()),
+            backend.try_call(|b| b.start(&VmResources::default())),
             Err(ApiError::bad("no kernel"))
         );
-        assert_eq!(backend.pause(), Ok(()));
-        assert!(matches!(backend.resume(), Err(ApiError::Unsupported(_))));
+        assert_eq!(backend.try_call(|b| b.pause()), Ok(()));
+        assert!(matches!(
+            backend.try_call(|b| b.resume()),
+            Err(ApiError::Unsupported(_))
+        ));
         assert!(vmm_thread.join().unwrap_or(false));
         assert_eq!(wakes.load(Ordering::SeqCst), 3);
     }
 
     #[test]
+    fn direct_calls_run_in_place() {
+        let backend = Backend::from(Box::new(Vmm { paused: false }));
+        assert_eq!(
+            backend.try_call(|b| b.start(&VmResources::default())),
+            Err(ApiError::bad("no kernel"))
+        );
+        assert_eq!(backend.try_call(|b| b.pause()), Ok(()));
+        assert_eq!(
+            backend.call_within(Duration::from_millis(1), |b| b.stop()),
+            Ok(Err(ApiError::Unsupported("stopping the microVM".into())))
+        );
+    }
+
+    #[test]
     fn channel_times_out_and_reports_a_gone_vmm() {
         let (backend, jobs) = channel(|| {});
-        let mut backend = backend.with_timeout(Duration::from_millis(50));
+        let backend = backend.with_timeout(Duration::from_millis(50));
         // Nobody runs the job: the call times out.
-        assert!(matches!(backend.pause(), Err(ApiError::Internal(_))));
+        assert!(matches!(
+            backend.try_call(|b| b.pause()),
+            Err(ApiError::Internal(_))
+        ));
         drop(jobs);
-        assert!(matches!(backend.pause(), Err(ApiError::Internal(_))));
+        assert!(matches!(
+            backend.try_call(|b| b.pause()),
+            Err(ApiError::Internal(_))
+        ));
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
-use crate::backend::VmmBackend;
+use crate::backend::{Backend, MIGRATION_REPLY_TIMEOUT};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::resources::VmResources;
@@ -29,7 +29,7 @@ pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
 pub struct ApiController {
     resources: VmResources,
     state: InstanceState,
-    backend: Box<dyn VmmBackend + Send>,
+    backend: Backend,
     id: String,
     vessel_version: String,
     metrics: Arc<Metrics>,
@@ -48,15 +48,17 @@ impl std::fmt::Debug for ApiController {
 impl ApiController {
     /// A controller for a fresh VM named `id`; `vessel_version` is the implementation's own
     /// version, reported next to [`FIRECRACKER_API_VERSION`] (the `vessel_version` extension).
+    /// `backend` is a boxed [`crate::VmmBackend`] (called in place) or a
+    /// [`crate::ChannelBackend`] (called on the VMM's thread).
     pub fn new(
-        backend: Box<dyn VmmBackend + Send>,
+        backend: impl Into<Backend>,
         id: impl Into<String>,
         vessel_version: impl Into<String>,
     ) -> Self {
         Self {
             resources: VmResources::default(),
             state: InstanceState::NotStarted,
-            backend,
+            backend: backend.into(),
             id: id.into(),
             vessel_version: vessel_version.into(),
             metrics: Arc::new(Metrics::new()),
@@ -67,9 +69,10 @@ impl ApiController {
     /// Adopts resources built elsewhere (the `--config-file`): applies their logger and
     /// metrics configuration, and has the backend vet them.
     pub fn with_resources(mut self, resources: VmResources) -> Result<Self, ApiError> {
-        self.backend.validate(&resources)?;
-        if let Some(l) = &resources.logger {
-            self.backend.configure_logger(l)?;
+        let r = resources.clone();
+        self.backend.try_call(move |b| b.validate(&r))?;
+        if let Some(l) = resources.logger.clone() {
+            self.backend.try_call(move |b| b.configure_logger(&l))?;
         }
         if let Some(m) = &resources.metrics {
             self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
@@ -118,7 +121,8 @@ impl ApiController {
         self.require_preboot()?;
         let mut next = self.resources.clone();
         f(&mut next)?;
-        self.backend.validate(&next)?;
+        let candidate = next.clone();
+        self.backend.try_call(move |b| b.validate(&candidate))?;
         self.resources = next;
         Ok(())
     }
@@ -176,7 +180,8 @@ impl ApiController {
     pub fn patch_drive(&mut self, u: PartialDrive) -> Result<(), ApiError> {
         self.require_started()?;
         self.resources.check_drive_update(&u)?;
-        self.backend.update_drive(&u)?;
+        let update = u.clone();
+        self.backend.try_call(move |b| b.update_drive(&update))?;
         self.resources.apply_drive_update(&u);
         Ok(())
     }
@@ -190,7 +195,9 @@ impl ApiController {
     pub fn patch_network_interface(&mut self, u: PartialNetworkInterface) -> Result<(), ApiError> {
         self.require_started()?;
         self.resources.check_net_update(&u)?;
-        self.backend.update_network_interface(&u)?;
+        let update = u.clone();
+        self.backend
+            .try_call(move |b| b.update_network_interface(&update))?;
         self.resources.apply_net_update(&u);
         Ok(())
     }
@@ -222,7 +229,7 @@ impl ApiController {
                     "Balloon config error: No balloon device found.",
                 ));
             }
-            self.backend.balloon_config()
+            self.backend.try_call(|b| b.balloon_config())
         }
     }
 
@@ -241,7 +248,9 @@ impl ApiController {
                 "Balloon update error: Amount of pages requested is too large.",
             ));
         }
-        self.backend.balloon_update(u.amount_mib)?;
+        let amount_mib = u.amount_mib;
+        self.backend
+            .try_call(move |b| b.balloon_update(amount_mib))?;
         if let Some(b) = &mut self.resources.balloon {
             b.amount_mib = u.amount_mib;
         }
@@ -257,7 +266,7 @@ impl ApiController {
                 "Balloon update error: Statistics for the balloon device are not enabled",
             ));
         }
-        self.backend.balloon_stats()
+        self.backend.try_call(|b| b.balloon_stats())
     }
 
     /// `PATCH /balloon/statistics` (post-boot; statistics cannot be turned on or off).
@@ -269,8 +278,9 @@ impl ApiController {
                 "Balloon update error: Cannot enable or disable the statistics after boot.",
             ));
         }
+        let seconds = u.stats_polling_interval_s;
         self.backend
-            .balloon_stats_interval(u.stats_polling_interval_s)?;
+            .try_call(move |b| b.balloon_stats_interval(seconds))?;
         if let Some(b) = &mut self.resources.balloon {
             b.stats_polling_interval_s = u.stats_polling_interval_s;
         }
@@ -283,7 +293,7 @@ impl ApiController {
             ActionType::InstanceStart => self.start(),
             ActionType::SendCtrlAltDel => {
                 self.require_started()?;
-                self.backend.send_ctrl_alt_del()
+                self.backend.try_call(|b| b.send_ctrl_alt_del())
             }
             ActionType::FlushMetrics => {
                 self.require_started()?;
@@ -295,20 +305,22 @@ impl ApiController {
     /// `PUT /vessel/stop` (extension): ends the started VM at once.
     pub fn stop(&mut self) -> Result<(), ApiError> {
         self.require_started()?;
-        self.backend.stop()
+        self.backend.try_call(|b| b.stop())
     }
 
     /// `PUT /vessel/migrate` (extension): live-migrates the started VM.
     pub fn migrate(&mut self, p: MigrateParams) -> Result<Value, ApiError> {
         self.require_started()?;
-        self.backend.migrate(&p)
+        self.backend
+            .call_within(MIGRATION_REPLY_TIMEOUT, move |b| b.migrate(&p))?
     }
 
     /// `InstanceStart`: validates the resources and has the backend boot the VM.
     pub fn start(&mut self) -> Result<(), ApiError> {
         self.require_preboot()?;
         self.resources.validate_for_start()?;
-        self.backend.start(&self.resources)?;
+        let r = self.resources.clone();
+        self.backend.try_call(move |b| b.start(&r))?;
         self.state = InstanceState::Running;
         Ok(())
     }
@@ -318,11 +330,11 @@ impl ApiController {
         self.require_started()?;
         match vm.state {
             VmState::Paused => {
-                self.backend.pause()?;
+                self.backend.try_call(|b| b.pause())?;
                 self.state = InstanceState::Paused;
             }
             VmState::Resumed => {
-                self.backend.resume()?;
+                self.backend.try_call(|b| b.resume())?;
                 self.state = InstanceState::Running;
             }
         }
@@ -344,7 +356,7 @@ impl ApiController {
                 "Create snapshot error: Diff snapshots require track_dirty_pages.",
             ));
         }
-        self.backend.snapshot_create(&p)
+        self.backend.try_call(move |b| b.snapshot_create(&p))
     }
 
     /// `PUT /snapshot/load` (only on a fresh VMM).
@@ -368,7 +380,8 @@ impl ApiController {
                 )));
             }
         }
-        let mut restored = self.backend.snapshot_load(&p)?;
+        let params = p.clone();
+        let mut restored = self.backend.try_call(move |b| b.snapshot_load(&params))?;
         restored.logger = self.resources.logger.take();
         restored.metrics = self.resources.metrics.take();
         restored.mmds = self.resources.mmds.clone();
@@ -384,7 +397,9 @@ impl ApiController {
     /// `PUT /logger` (pre-boot).
     pub fn put_logger(&mut self, l: Logger) -> Result<(), ApiError> {
         self.require_preboot()?;
-        self.backend.configure_logger(&l)?;
+        let logger = l.clone();
+        self.backend
+            .try_call(move |b| b.configure_logger(&logger))?;
         self.resources.logger = Some(l);
         Ok(())
     }
@@ -404,7 +419,7 @@ impl ApiController {
 
     /// The metrics line (API and VMM groups) as JSON.
     pub fn metrics_json(&mut self) -> Value {
-        let extra = self.backend.metrics().unwrap_or_default();
+        let extra = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
         let m = self.resources.metrics.as_ref();
         self.metrics.json_line(
             m.filter(|m| m.emit_id).map(|_| self.id.as_str()),
@@ -430,7 +445,7 @@ impl ApiController {
 
     /// `GET /vessel/metrics`: cumulative counters in the Prometheus text format.
     pub fn prometheus(&mut self) -> String {
-        let extra = self.backend.metrics().unwrap_or_default();
+        let extra = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
         self.metrics.prometheus(&extra)
     }
 
@@ -450,8 +465,8 @@ impl ApiController {
     }
 
     /// `GET /vm/config`.
-    pub fn vm_config(&self) -> crate::resources::VmConfig {
-        self.resources.to_vm_config()
+    pub fn vm_config(&self) -> crate::resources::FullVmConfig {
+        self.resources.to_full_vm_config()
     }
 }
 

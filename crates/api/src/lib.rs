@@ -5,7 +5,7 @@
 //! How the VMM plugs in:
 //! 1. implement [`VmmBackend`] on its main-thread object;
 //! 2. `let (backend, jobs) = backend::channel(wake)` and
-//!    `let ctl = Arc::new(Mutex::new(ApiController::new(Box::new(backend), id, version)))`;
+//!    `let ctl = Arc::new(Mutex::new(ApiController::new(backend, id, version)))`;
 //! 3. `ApiServer::start(socket_path, ctl, ServerConfig::default())`;
 //! 4. in its main loop, when woken, `while let Ok(job) = jobs.try_recv() { job.run(&mut vmm) }`.
 //!
@@ -24,9 +24,9 @@ pub mod routes;
 pub mod server;
 pub mod types;
 
-pub use backend::{BackendJob, ChannelBackend, VmmBackend};
+pub use backend::{Backend, BackendJob, ChannelBackend, VmmBackend};
 pub use controller::{ApiController, FIRECRACKER_API_VERSION};
 pub use error::ApiError;
 pub use metrics::Metrics;
-pub use resources::{MmdsStore, VmConfig, VmResources};
+pub use resources::{FullVmConfig, MmdsStore, VmResources};
 pub use server::{ApiServer, ServerConfig};

@@ -8,6 +8,99 @@ use serde_json::Value;
 /// The document, as committed.
 pub const DOCUMENT: &str = include_str!("../openapi.json");
 
+/// Why a value, request or response does not match the document.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SchemaError {
+    /// The operation is not in the document.
+    #[error("{method} {path} is not documented")]
+    NotDocumented {
+        /// Lower-case method.
+        method: String,
+        /// Path pattern.
+        path: String,
+    },
+    /// The operation does not document this response status.
+    #[error("{method} {path}: status {status} is not documented")]
+    StatusNotDocumented {
+        /// Lower-case method.
+        method: String,
+        /// Path pattern.
+        path: String,
+        /// Response status.
+        status: u16,
+    },
+    /// A `$ref` outside `#/definitions/`.
+    #[error("unsupported $ref {0}")]
+    UnsupportedRef(String),
+    /// A `$ref` to a definition the document lacks.
+    #[error("unknown definition {0}")]
+    UnknownDefinition(String),
+    /// A schema `type` the validator does not know.
+    #[error("{at}: unsupported schema type {ty}")]
+    UnsupportedType {
+        /// Location in the value (`$.drives[0]`).
+        at: String,
+        /// The schema's type.
+        ty: String,
+    },
+    /// The value has another JSON type.
+    #[error("{at}: expected {expected}, got {got}")]
+    WrongType {
+        /// Location in the value.
+        at: String,
+        /// The schema's type.
+        expected: String,
+        /// The value found.
+        got: Value,
+    },
+    /// The value is not among the schema's `enum`.
+    #[error("{at}: {value} is not one of {allowed:?}")]
+    NotInEnum {
+        /// Location in the value.
+        at: String,
+        /// The value found.
+        value: Value,
+        /// The values allowed.
+        allowed: Vec<Value>,
+    },
+    /// The number is below the schema's `minimum`.
+    #[error("{at}: {n} < minimum {min}")]
+    BelowMinimum {
+        /// Location in the value.
+        at: String,
+        /// The number found.
+        n: f64,
+        /// The minimum.
+        min: f64,
+    },
+    /// The number is above the schema's `maximum`.
+    #[error("{at}: {n} > maximum {max}")]
+    AboveMaximum {
+        /// Location in the value.
+        at: String,
+        /// The number found.
+        n: f64,
+        /// The maximum.
+        max: f64,
+    },
+    /// A required property is missing.
+    #[error("{at}: missing required property {name}")]
+    MissingProperty {
+        /// Location of the object.
+        at: String,
+        /// The property.
+        name: String,
+    },
+    /// A property the schema does not allow.
+    #[error("{at}: unknown property {name}")]
+    UnknownProperty {
+        /// Location of the object.
+        at: String,
+        /// The property.
+        name: String,
+    },
+}
+
 /// The parsed document (`Null` if it does not parse, which a test catches).
 pub fn document() -> &'static Value {
     static DOC: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
@@ -35,10 +128,13 @@ pub fn response_schema(
     path: &str,
     method: &str,
     status: u16,
-) -> Result<Option<&'static Value>, String> {
+) -> Result<Option<&'static Value>, SchemaError> {
     let responses = operation(path, method)
         .and_then(|o| o.get("responses"))
-        .ok_or_else(|| format!("{method} {path} is not documented"))?;
+        .ok_or_else(|| SchemaError::NotDocumented {
+            method: method.to_string(),
+            path: path.to_string(),
+        })?;
     let r = responses
         .get(status.to_string())
         .or_else(|| {
@@ -48,20 +144,24 @@ pub fn response_schema(
                 None
             }
         })
-        .ok_or_else(|| format!("{method} {path}: status {status} is not documented"))?;
+        .ok_or_else(|| SchemaError::StatusNotDocumented {
+            method: method.to_string(),
+            path: path.to_string(),
+            status,
+        })?;
     Ok(r.get("schema"))
 }
 
-fn resolve(schema: &Value) -> Result<&Value, String> {
+fn resolve(schema: &Value) -> Result<&Value, SchemaError> {
     match schema.get("$ref").and_then(Value::as_str) {
         Some(r) => {
             let name = r
                 .strip_prefix("#/definitions/")
-                .ok_or_else(|| format!("unsupported $ref {r}"))?;
+                .ok_or_else(|| SchemaError::UnsupportedRef(r.to_string()))?;
             document()
                 .get("definitions")
                 .and_then(|d| d.get(name))
-                .ok_or_else(|| format!("unknown definition {name}"))
+                .ok_or_else(|| SchemaError::UnknownDefinition(name.to_string()))
         }
         None => Ok(schema),
     }
@@ -73,11 +173,11 @@ pub fn ref_name(schema: &Value) -> Option<&str> {
 }
 
 /// Checks `value` against `schema`; the error names the offending location.
-pub fn validate(schema: &Value, value: &Value) -> Result<(), String> {
+pub fn validate(schema: &Value, value: &Value) -> Result<(), SchemaError> {
     validate_at(schema, value, "$")
 }
 
-fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), SchemaError> {
     let schema = resolve(schema)?;
     if let Some(t) = schema.get("type").and_then(Value::as_str) {
         let ok = match t {
@@ -87,26 +187,47 @@ fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
             "integer" => value.is_i64() || value.is_u64(),
             "number" => value.is_number(),
             "boolean" => value.is_boolean(),
-            other => return Err(format!("{at}: unsupported schema type {other}")),
+            other => {
+                return Err(SchemaError::UnsupportedType {
+                    at: at.to_string(),
+                    ty: other.to_string(),
+                })
+            }
         };
         if !ok {
-            return Err(format!("{at}: expected {t}, got {value}"));
+            return Err(SchemaError::WrongType {
+                at: at.to_string(),
+                expected: t.to_string(),
+                got: value.clone(),
+            });
         }
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
         if !allowed.contains(value) {
-            return Err(format!("{at}: {value} is not one of {allowed:?}"));
+            return Err(SchemaError::NotInEnum {
+                at: at.to_string(),
+                value: value.clone(),
+                allowed: allowed.clone(),
+            });
         }
     }
     if let Some(n) = value.as_f64() {
         if let Some(min) = schema.get("minimum").and_then(Value::as_f64) {
             if n < min {
-                return Err(format!("{at}: {n} < minimum {min}"));
+                return Err(SchemaError::BelowMinimum {
+                    at: at.to_string(),
+                    n,
+                    min,
+                });
             }
         }
         if let Some(max) = schema.get("maximum").and_then(Value::as_f64) {
             if n > max {
-                return Err(format!("{at}: {n} > maximum {max}"));
+                return Err(SchemaError::AboveMaximum {
+                    at: at.to_string(),
+                    n,
+                    max,
+                });
             }
         }
     }
@@ -124,7 +245,10 @@ fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
         {
             let name = r.as_str().unwrap_or("");
             if !obj.contains_key(name) {
-                return Err(format!("{at}: missing required property {name}"));
+                return Err(SchemaError::MissingProperty {
+                    at: at.to_string(),
+                    name: name.to_string(),
+                });
             }
         }
         let props = schema.get("properties").and_then(Value::as_object);
@@ -132,7 +256,12 @@ fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), String> {
             match props.and_then(|p| p.get(k)) {
                 Some(s) => validate_at(s, v, &format!("{at}.{k}"))?,
                 None => match schema.get("additionalProperties") {
-                    Some(Value::Bool(false)) => return Err(format!("{at}: unknown property {k}")),
+                    Some(Value::Bool(false)) => {
+                        return Err(SchemaError::UnknownProperty {
+                            at: at.to_string(),
+                            name: k.clone(),
+                        })
+                    }
                     Some(s @ Value::Object(_)) => validate_at(s, v, &format!("{at}.{k}"))?,
                     _ => {}
                 },
@@ -168,6 +297,22 @@ mod tests {
         assert!(validate(&json!({"$ref": "#/definitions/Nope"}), &json!({})).is_err());
         let cfg = json!({"$ref": "#/definitions/FullVmConfiguration"});
         assert!(validate(&cfg, &json!({"drives": [{"drive_id": 3}]})).is_err());
+    }
+
+    #[test]
+    fn schema_errors_name_the_place() {
+        let drive = json!({"$ref": "#/definitions/Drive"});
+        let e = validate(&drive, &json!({"drive_id": "a"})).unwrap_err();
+        assert_eq!(e.to_string(), "$: missing required property is_root_device");
+        let e = validate(&drive, &json!({"drive_id": 1, "is_root_device": true})).unwrap_err();
+        assert_eq!(e.to_string(), "$.drive_id: expected string, got 1");
+        assert_eq!(
+            response_schema("/nope", "get", 200).unwrap_err(),
+            SchemaError::NotDocumented {
+                method: "get".into(),
+                path: "/nope".into()
+            }
+        );
     }
 
     #[test]

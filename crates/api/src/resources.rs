@@ -135,7 +135,7 @@ pub enum CpuConfigSource {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[allow(missing_docs)]
-pub struct VmConfig {
+pub struct FullVmConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<Balloon>,
     #[serde(default)]
@@ -544,8 +544,8 @@ impl VmResources {
     }
 
     /// The configuration as `GET /vm/config` returns it.
-    pub fn to_vm_config(&self) -> VmConfig {
-        VmConfig {
+    pub fn to_full_vm_config(&self) -> FullVmConfig {
+        FullVmConfig {
             balloon: self.balloon,
             drives: self.drives.clone(),
             boot_source: self.boot_source.clone(),
@@ -563,8 +563,17 @@ impl VmResources {
     /// Builds resources from a Firecracker `--config-file` JSON, with the same validation as
     /// the API. `boot-source` is required. `metadata` (from `--metadata`) fills MMDS.
     pub fn from_config_json(json: &str, metadata: Option<&str>) -> Result<VmResources, ApiError> {
-        let cfg: VmConfig =
+        let cfg: FullVmConfig =
             serde_json::from_str(json).map_err(|e| ApiError::bad(format!("Invalid JSON: {e}")))?;
+        Self::from_full_vm_config(cfg, metadata)
+    }
+
+    /// Builds resources from Firecracker's full VM configuration (a parsed `--config-file`, or
+    /// what a snapshot stored), with the same validation as the API.
+    pub fn from_full_vm_config(
+        cfg: FullVmConfig,
+        metadata: Option<&str>,
+    ) -> Result<VmResources, ApiError> {
         let mut r = VmResources {
             logger: cfg.logger,
             metrics: cfg.metrics,

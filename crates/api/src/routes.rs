@@ -14,7 +14,7 @@ use crate::controller::ApiController;
 use crate::error::ApiError;
 use crate::http::{Method, Request, Response};
 use crate::metrics::Metrics;
-use crate::resources::VmConfig;
+use crate::resources::FullVmConfig;
 use crate::types::*;
 
 /// Path parameters, in pattern order (`{drive_id}` ...).
@@ -262,7 +262,7 @@ fn build() -> Vec<Route> {
         put::<CpuConfig>("/cpu-config", "putCpuConfiguration", "cpu_cfg", |c, b| {
             c.put_cpu_config(b)
         }),
-        get::<VmConfig>("/vm/config", "getExportVmConfig", "vm_config", |c| {
+        get::<FullVmConfig>("/vm/config", "getExportVmConfig", "vm_config", |c| {
             Ok(c.vm_config())
         }),
         Route {

@@ -47,7 +47,7 @@ schema! {
     InstanceInfo => "InstanceInfo",
     VersionInfo => "FirecrackerVersion",
     ErrorBody => "Error",
-    crate::resources::VmConfig => "FullVmConfiguration",
+    crate::resources::FullVmConfig => "FullVmConfiguration",
     serde_json::Value => "MmdsContentsObject",
     MigrateParams => "MigrateParams",
 }

@@ -899,14 +899,14 @@ fn config_file_builds_the_same_resources() {
     assert_eq!(r.mmds_address(), Some("169.254.170.2".parse().unwrap()));
     assert_eq!(r.mmds.get(), json!({"latest": {}}));
     // Round trip through GET /vm/config's form.
-    let exported = serde_json::to_value(r.to_vm_config()).unwrap();
+    let exported = serde_json::to_value(r.to_full_vm_config()).unwrap();
     openapi::validate(
         &json!({"$ref": "#/definitions/FullVmConfiguration"}),
         &exported,
     )
     .unwrap();
     let again = VmResources::from_config_json(&exported.to_string(), None).unwrap();
-    assert_eq!(again.to_vm_config(), r.to_vm_config());
+    assert_eq!(again.to_full_vm_config(), r.to_full_vm_config());
     // Same validation as the API.
     let mut bad = cfg.clone();
     bad["machine-config"]["vcpu_count"] = json!(0);

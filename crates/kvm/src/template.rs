@@ -23,7 +23,9 @@ pub enum TemplateError {
     Width { bitmap: String, got: u32, bits: u32 },
     #[error("'{0}' is not a 32-bit number (decimal, 0x hex or 0b binary)")]
     Number(String),
-    #[error("CPUID leaf {leaf:#x} subleaf {subleaf:#x} is not among those KVM offers on this host")]
+    #[error(
+        "CPUID leaf {leaf:#x} subleaf {subleaf:#x} is not among those KVM offers on this host"
+    )]
     LeafNotOffered { leaf: u32, subleaf: u32 },
     #[error("MSR {0:#x} is not one KVM handles on this host")]
     MsrNotHandled(u32),

@@ -15,7 +15,7 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use tinyguest::{elf, Guest, LOAD_ADDR};
 use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{create_guest_memory, GuestLayout};
-use vessel_vmm::{Payload, NestedMode, SerialTarget, VmConfig};
+use vessel_vmm::{NestedMode, Payload, SerialTarget, VmConfig};
 
 const EXITS: u32 = 100_000;
 const REPS: usize = 5;

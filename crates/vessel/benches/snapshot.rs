@@ -22,7 +22,7 @@ use tinyguest::{elf, Guest};
 use vessel_vmm::migration::{self, Connection, MigrateOptions, MigrationUrl};
 use vessel_vmm::restore::{load_state, restore_prefetched, WorkingSet};
 use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
-use vessel_vmm::{Payload, NestedMode, RunningVm, SerialTarget, Vm, VmConfig, VmHandle};
+use vessel_vmm::{NestedMode, Payload, RunningVm, SerialTarget, Vm, VmConfig, VmHandle};
 
 const RUNS: usize = 15;
 const MIB: u64 = 1 << 20;

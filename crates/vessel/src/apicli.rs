@@ -103,11 +103,31 @@ enum BalloonCommand {
     Stats,
 }
 
+/// Why an API command failed (HTTP errors are printed, not returned).
+#[derive(Debug, thiserror::Error)]
+pub enum ApiCliError {
+    /// The request could not be sent or answered.
+    #[error("{}", .sock.display())]
+    Socket {
+        /// The API socket.
+        sock: PathBuf,
+        /// What went wrong on it.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `poweroff`: the VM's process kept running after `PUT /vessel/stop`.
+    #[error("{}: the VM's process did not exit after stopping", .sock.display())]
+    NotExited {
+        /// The API socket.
+        sock: PathBuf,
+    },
+}
+
 fn action(kind: &str) -> String {
     format!("{{\"action_type\": \"{kind}\"}}")
 }
 
-pub fn run(args: ApiArgs) -> Result<ExitCode, String> {
+pub fn run(args: ApiArgs) -> Result<ExitCode, ApiCliError> {
     let mut client = Client::new(&args.sock, Duration::from_secs(args.timeout));
     let (method, path, body) = match args.command {
         ApiCommand::Poweroff { force, grace } => {
@@ -162,7 +182,10 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, String> {
     };
     let r = client
         .request(method, &path, body.as_deref())
-        .map_err(|e| format!("{}: {e}", args.sock.display()))?;
+        .map_err(|source| ApiCliError::Socket {
+            sock: args.sock.clone(),
+            source,
+        })?;
     print_response(&r);
     Ok(if (200..300).contains(&r.status) {
         ExitCode::SUCCESS
@@ -188,8 +211,11 @@ fn poweroff(
     sock: &Path,
     force: bool,
     grace: Duration,
-) -> Result<ExitCode, String> {
-    let err = |e: std::io::Error| format!("{}: {e}", sock.display());
+) -> Result<ExitCode, ApiCliError> {
+    let err = |source| ApiCliError::Socket {
+        sock: sock.to_path_buf(),
+        source,
+    };
     if !force {
         let r = client
             .request("PUT", "/actions", Some(&action("SendCtrlAltDel")))
@@ -216,10 +242,9 @@ fn poweroff(
         println!("the microVM stopped");
         Ok(ExitCode::SUCCESS)
     } else {
-        Err(format!(
-            "{}: the VM's process did not exit after stopping",
-            sock.display()
-        ))
+        Err(ApiCliError::NotExited {
+            sock: sock.to_path_buf(),
+        })
     }
 }
 

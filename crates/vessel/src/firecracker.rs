@@ -16,12 +16,80 @@ use std::time::Duration;
 use clap::Args;
 use vessel_api::types::{LogLevel, Logger, MetricsConfig};
 use vessel_api::{ApiController, ApiError, ApiServer, ServerConfig, VmResources, VmmBackend};
-use vessel_vmm::api::ApiBackend;
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ExitReason, SerialTarget, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::fc::ApiBackend;
 use crate::logger;
+
+/// Why Firecracker mode could not run (printed as `vessel: ` and the error's chain).
+#[derive(Debug, thiserror::Error)]
+pub enum FirecrackerError {
+    /// `--level` is not a level.
+    #[error(transparent)]
+    Level(#[from] logger::LevelError),
+    /// `--log-path` cannot be opened.
+    #[error("cannot open the log file {}", .path.display())]
+    LogFile {
+        /// The log file.
+        path: PathBuf,
+        /// Why it cannot be opened.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--no-api` without a configuration to boot.
+    #[error("--no-api needs --config-file")]
+    NoApiWithoutConfig,
+    /// `--metadata` cannot be read.
+    #[error("cannot read the metadata file {}", .path.display())]
+    Metadata {
+        /// The metadata file.
+        path: PathBuf,
+        /// Why it cannot be read.
+        #[source]
+        source: std::io::Error,
+    },
+    /// An eventfd could not be made or cloned.
+    #[error("eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// The SIGINT/SIGTERM handlers could not be installed.
+    #[error("signal handler")]
+    SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// `--metrics-path` was refused.
+    #[error("--metrics-path")]
+    MetricsPath(#[source] ApiError),
+    /// The API refused the initial configuration (`--metadata`).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The API socket cannot be served.
+    #[error("cannot serve the API on {}", .path.display())]
+    Serve {
+        /// The socket path.
+        path: PathBuf,
+        /// Why it cannot be served.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `--config-file` does not describe a VM that starts.
+    #[error("{}", .path.display())]
+    ConfigFile {
+        /// The configuration file.
+        path: PathBuf,
+        /// Why the VM did not start from it.
+        #[source]
+        source: ApiError,
+    },
+    /// A helper thread could not be started.
+    #[error("cannot start a thread")]
+    Thread(#[source] std::io::Error),
+    /// The VMM failed (making the backend, or running the VM).
+    #[error(transparent)]
+    Vmm(#[from] vessel_vmm::VmmError),
+    /// `--describe-snapshot`'s file has no readable format version.
+    #[error(transparent)]
+    Snapshot(#[from] vessel_snapshot::format::SnapshotError),
+}
 
 /// Where Firecracker listens when given no `--api-sock`.
 pub const DEFAULT_API_SOCK: &str = "/run/firecracker.socket";
@@ -150,14 +218,14 @@ extern "C" fn on_signal(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc:
 /// Until the VM starts (which installs its own handlers, ending the VM on these signals),
 /// SIGINT and SIGTERM wake the main loop, which ends the process cleanly (the API socket
 /// is removed).
-fn install_signal_handlers(wake: &EventFd) -> Result<(), String> {
-    let fd = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+fn install_signal_handlers(wake: &EventFd) -> Result<(), FirecrackerError> {
+    let fd = wake.try_clone().map_err(FirecrackerError::EventFd)?;
     SIGNAL_FD.store(fd.as_raw_fd(), Ordering::SeqCst);
     // The handler writes it for the rest of the process.
     std::mem::forget(fd);
     for sig in [libc::SIGINT, libc::SIGTERM] {
         vmm_sys_util::signal::register_signal_handler(sig, on_signal)
-            .map_err(|e| format!("signal handler: {e}"))?;
+            .map_err(FirecrackerError::SignalHandler)?;
     }
     Ok(())
 }
@@ -188,7 +256,7 @@ fn poll_readable(fds: &[i32]) {
 /// `--snapshot-version` and `--describe-snapshot FILE`: Firecracker prints a data format
 /// version and exits. Vessel's state format is one integer N, printed as `vN.0.0` so that the
 /// answer parses as the semantic version Firecracker prints.
-pub fn print_and_exit(args: &FirecrackerArgs) -> Option<Result<ExitCode, String>> {
+pub fn print_and_exit(args: &FirecrackerArgs) -> Option<Result<ExitCode, FirecrackerError>> {
     if args.snapshot_version {
         println!("v{}.0.0", vessel_snapshot::FORMAT_VERSION);
         return Some(Ok(ExitCode::SUCCESS));
@@ -200,7 +268,7 @@ pub fn print_and_exit(args: &FirecrackerArgs) -> Option<Result<ExitCode, String>
                 println!("v{v}.0.0");
                 ExitCode::SUCCESS
             })
-            .map_err(|e| e.to_string()),
+            .map_err(FirecrackerError::from),
     )
 }
 
@@ -230,7 +298,7 @@ fn report_startup(metrics: &vessel_api::Metrics, args: &FirecrackerArgs, started
 
 /// Runs Firecracker mode to the end of the VM; `started_us` is when `main` began
 /// (CLOCK_MONOTONIC, microseconds).
-pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
+pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, FirecrackerError> {
     if let Some(level) = &args.level {
         log::set_max_level(logger::parse_level(level)?);
     }
@@ -245,11 +313,13 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
         module: args.module.clone().filter(|m| !m.is_empty()),
     });
     if let Some(p) = &args.log_path {
-        logger::set_path(&p.to_string_lossy())
-            .map_err(|e| format!("cannot open the log file {}: {e}", p.display()))?;
+        logger::set_path(&p.to_string_lossy()).map_err(|source| FirecrackerError::LogFile {
+            path: p.clone(),
+            source,
+        })?;
     }
     if args.no_api && args.config_file.is_none() {
-        return Err("--no-api needs --config-file".into());
+        return Err(FirecrackerError::NoApiWithoutConfig);
     }
     // As Firecracker: the MMDS store may be as large as an API request unless told.
     let mmds_limit = args
@@ -257,10 +327,14 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
         .or(args.http_api_max_payload_size)
         .unwrap_or(vessel_api::resources::DEFAULT_MMDS_LIMIT);
     let metadata = match &args.metadata {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(|e| format!("cannot read the metadata file {}: {e}", p.display()))?,
-        ),
+        Some(p) => {
+            Some(
+                std::fs::read_to_string(p).map_err(|source| FirecrackerError::Metadata {
+                    path: p.clone(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
     // The guest console is the process's stdin/stdout, as Firecracker's.
@@ -274,20 +348,19 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
     } else {
         Transport::Mmio
     };
-    let mut backend = ApiBackend::new(base)
-        .map_err(|e| e.to_string())?
+    let mut backend = ApiBackend::new(base)?
         .with_transport(transport)
         .with_logger(configure_logger);
 
-    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-    let signalled = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+    let wake = EventFd::new(libc::EFD_NONBLOCK).map_err(FirecrackerError::EventFd)?;
+    let signalled = EventFd::new(libc::EFD_NONBLOCK).map_err(FirecrackerError::EventFd)?;
     install_signal_handlers(&signalled)?;
-    let waker = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+    let waker = wake.try_clone().map_err(FirecrackerError::EventFd)?;
     let (channel, jobs) = vessel_api::backend::channel(move || {
         let _ = waker.write(1);
     });
     let ctl = Arc::new(Mutex::new(ApiController::new(
-        Box::new(channel),
+        channel,
         id,
         env!("CARGO_PKG_VERSION"),
     )));
@@ -298,14 +371,11 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
                 metrics_path: p.to_string_lossy().into_owned(),
                 ..Default::default()
             })
-            .map_err(|e| format!("--metrics-path: {e}"))?;
+            .map_err(FirecrackerError::MetricsPath)?;
     }
 
     if let (None, Some(md)) = (&args.config_file, &metadata) {
-        lock(&ctl)
-            .resources()
-            .put_metadata(md)
-            .map_err(|e| e.to_string())?;
+        lock(&ctl).resources().put_metadata(md)?;
     }
     // Once the server runs, its threads hold the controller while the main thread answers
     // their calls: from here on the main thread must not lock it.
@@ -323,8 +393,12 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
             config.limits.max_body_bytes = n;
         }
         Some(
-            ApiServer::start(&path, ctl.clone(), config)
-                .map_err(|e| format!("cannot serve the API on {}: {e}", path.display()))?,
+            ApiServer::start(&path, ctl.clone(), config).map_err(|source| {
+                FirecrackerError::Serve {
+                    path: path.clone(),
+                    source,
+                }
+            })?,
         )
     };
 
@@ -332,10 +406,10 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.
-    let (failed_tx, failed) = mpsc::channel::<String>();
+    let (failed_tx, failed) = mpsc::channel::<FirecrackerError>();
     if let Some(path) = args.config_file.clone() {
         let ctl = ctl.clone();
-        let wake = wake.try_clone().map_err(|e| format!("eventfd: {e}"))?;
+        let wake = wake.try_clone().map_err(FirecrackerError::EventFd)?;
         vessel_vmm::spawn_helper("config-file", move || {
             let r = VmResources::from_config_file(&path, None).and_then(|mut res| {
                 res.mmds.set_limit(mmds_limit);
@@ -345,11 +419,11 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
                 boot_config(&ctl, res)
             });
             if let Err(e) = r {
-                let _ = failed_tx.send(format!("{}: {e}", path.display()));
+                let _ = failed_tx.send(FirecrackerError::ConfigFile { path, source: e });
                 let _ = wake.write(1);
             }
         })
-        .map_err(|e| format!("cannot start a thread: {e}"))?;
+        .map_err(FirecrackerError::Thread)?;
     }
     start_metrics_timer(
         ctl.clone(),
@@ -375,7 +449,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, String> {
             return Err(e);
         }
         if let Some(outcome) = backend.take_outcome() {
-            let outcome = outcome.map_err(|e| e.to_string())?;
+            let outcome = outcome?;
             log::info!("the microVM ended: {:?}", outcome.reason);
             return Ok(match outcome.reason {
                 ExitReason::PowerOff
@@ -412,10 +486,13 @@ impl VmmBackend for NoBackend {
 /// Writes a metrics line every `period` once the VM has started (when a metrics path is
 /// configured). A thread of its own: the flush asks the backend for its metrics, which the
 /// main loop answers.
-fn start_metrics_timer(ctl: Arc<Mutex<ApiController>>, period: Duration) -> Result<(), String> {
+fn start_metrics_timer(
+    ctl: Arc<Mutex<ApiController>>,
+    period: Duration,
+) -> Result<(), FirecrackerError> {
     vessel_vmm::spawn_helper("metrics", move || metrics_loop(&ctl, period))
         .map(drop)
-        .map_err(|e| format!("cannot start a thread: {e}"))
+        .map_err(FirecrackerError::Thread)
 }
 
 fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration) {

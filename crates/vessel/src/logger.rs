@@ -168,13 +168,16 @@ pub fn set_path(path: &str) -> std::io::Result<()> {
     Ok(())
 }
 
+/// A name that is not one of Firecracker's log levels.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("'{0}' is not a log level (error, warning, info, debug, trace, off)")]
+pub struct LevelError(pub String);
+
 /// Firecracker's level names (any case): Error, Warning, Info, Debug, Trace, Off.
-pub fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
+pub fn parse_level(s: &str) -> Result<log::LevelFilter, LevelError> {
     match s.to_ascii_lowercase().as_str() {
         "warning" => Ok(log::LevelFilter::Warn),
-        other => other.parse().map_err(|_| {
-            format!("'{s}' is not a log level (error, warning, info, debug, trace, off)")
-        }),
+        other => other.parse().map_err(|_| LevelError(s.to_string())),
     }
 }
 

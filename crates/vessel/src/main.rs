@@ -16,6 +16,7 @@ use vessel_vmm::device_config::{
 use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
 
 mod apicli;
+mod fc;
 mod firecracker;
 mod logger;
 mod migratecli;
@@ -73,7 +74,7 @@ impl SeccompArgs {
         let policy = if self.no_seccomp || self.seccomp_level == Some(0) {
             Policy::Off
         } else if let Some(path) = &self.seccomp_filter {
-            Policy::from_file(path).map_err(|e| e.to_string())?
+            Policy::from_file(path).map_err(|e| ErrorChain(&e).to_string())?
         } else if self.seccomp_log {
             Policy::Builtin(Action::Log)
         } else {
@@ -84,7 +85,7 @@ impl SeccompArgs {
                 ThreadKind::from_key(k).ok_or_else(|| format!("'{k}' is not a thread kind"))?;
             vessel_seccomp::set_selftest(kind);
         }
-        vessel_seccomp::configure(policy).map_err(|e| e.to_string())
+        vessel_seccomp::configure(policy).map_err(|e| ErrorChain(&e).to_string())
     }
 }
 
@@ -141,7 +142,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest memory: MiB, or with a unit (512M, 2G) [default: 256M for Linux, 32M for the demo].
-    #[arg(long, value_parser = vessel_memory_size)]
+    #[arg(long, value_parser = vessel_memory::parse_size)]
     memory: Option<u64>,
     /// Where COM1 goes: stdio, null or file=PATH.
     #[arg(long, default_value = "stdio")]
@@ -192,12 +193,9 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("'{s}' is not a log level (error, warn, info, debug, trace)"))
 }
 
-fn vessel_memory_size(s: &str) -> Result<u64, String> {
-    vessel_memory::parse_size(s)
-}
-
 fn build_image(name: ImageName) -> Result<vessel_image::ImagePaths, String> {
-    vessel_image::build(name, &mut |line| eprintln!("vessel: {line}")).map_err(|e| e.to_string())
+    vessel_image::build(name, &mut |line| eprintln!("vessel: {line}"))
+        .map_err(|e| ErrorChain(&e).to_string())
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
@@ -342,11 +340,11 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
-    let result = match command {
-        Command::Run(args) => run(*args),
-        Command::Api(args) => apicli::run(args),
-        Command::Snapshot { command } => snapshotcli::run(command),
-        Command::Migrate { command } => migratecli::run(command),
+    let result: Result<ExitCode, Box<dyn std::error::Error>> = match command {
+        Command::Run(args) => run(*args).map_err(Into::into),
+        Command::Api(args) => apicli::run(args).map_err(Into::into),
+        Command::Snapshot { command } => snapshotcli::run(command).map_err(Into::into),
+        Command::Migrate { command } => migratecli::run(command).map_err(Into::into),
         Command::Jail(mut args) => {
             // The jailed VMM is this vessel binary unless --exec-file names another.
             if args.exec_file.is_none() {
@@ -356,7 +354,7 @@ fn main() -> ExitCode {
         }
         Command::Image {
             command: ImageCommand::Build { name },
-        } => build_image(name).map(|p| {
+        } => build_image(name).map_err(Into::into).map(|p| {
             println!("kernel={}", p.kernel.display());
             println!("initrd={}", p.initrd.display());
             if let Some(m) = p.system_map {
@@ -368,12 +366,39 @@ fn main() -> ExitCode {
     finish(result)
 }
 
-fn finish(result: Result<ExitCode, String>) -> ExitCode {
+fn finish<E: Into<Box<dyn std::error::Error>>>(result: Result<ExitCode, E>) -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("vessel: {e}");
+            eprintln!("vessel: {}", ErrorChain(&*e.into()));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_print_with_their_sources_once() {
+        let io = || std::io::Error::new(std::io::ErrorKind::NotFound, "gone");
+        let e = firecracker::FirecrackerError::LogFile {
+            path: "/l".into(),
+            source: io(),
+        };
+        assert_eq!(
+            ErrorChain(&e).to_string(),
+            "cannot open the log file /l: gone"
+        );
+        let e = firecracker::FirecrackerError::Thread(io());
+        assert_eq!(ErrorChain(&e).to_string(), "cannot start a thread: gone");
+        let s: Box<dyn std::error::Error> = "plain".into();
+        assert_eq!(ErrorChain(&*s).to_string(), "plain");
+        // A source the message already repeats is printed once.
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        assert_eq!(ErrorChain(&Repeats(io())).to_string(), "outer: gone");
     }
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use vessel_vmm::migration::{receive, Connection, MigrationUrl};
-use vessel_vmm::{ErrorChain, SerialTarget};
+use vessel_vmm::SerialTarget;
 
 #[derive(Subcommand)]
 pub enum MigrateCommand {
@@ -35,19 +35,45 @@ pub enum MigrateCommand {
     },
 }
 
-pub fn run(cmd: MigrateCommand) -> Result<ExitCode, String> {
+/// Why a migration command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateCliError {
+    /// `receive`: nothing could be accepted on the listening address.
+    #[error("{listen:?}")]
+    Accept {
+        /// The address listened on.
+        listen: MigrationUrl,
+        /// Why accepting failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Receiving or running the VM failed.
+    #[error(transparent)]
+    Vmm(#[from] vessel_vmm::VmmError),
+    /// `send`: the sending VMM's API could not be asked.
+    #[error("{}", .sock.display())]
+    Api {
+        /// The sending VMM's API socket.
+        sock: PathBuf,
+        /// What went wrong on it.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub fn run(cmd: MigrateCommand) -> Result<ExitCode, MigrateCliError> {
     match cmd {
         MigrateCommand::Receive { listen, serial } => {
-            let conn = Connection::accept(&listen).map_err(|e| format!("{listen:?}: {e}"))?;
-            let incoming = receive(conn, serial).map_err(|e| ErrorChain(&e).to_string())?;
+            let conn = Connection::accept(&listen).map_err(|source| MigrateCliError::Accept {
+                listen: listen.clone(),
+                source,
+            })?;
+            let incoming = receive(conn, serial)?;
             eprintln!(
                 "vessel: received the VM ({} MiB on the wire)",
                 incoming.bytes >> 20
             );
-            let outcome = incoming
-                .start()
-                .and_then(|r| r.wait())
-                .map_err(|e| ErrorChain(&e).to_string())?;
+            let outcome = incoming.start().and_then(|r| r.wait())?;
             eprintln!("vessel: the migrated VM ended: {:?}", outcome.reason);
             Ok(ExitCode::SUCCESS)
         }
@@ -60,7 +86,10 @@ pub fn run(cmd: MigrateCommand) -> Result<ExitCode, String> {
             let body = serde_json::json!({ "destination": to, "downtime_ms": downtime_ms });
             let r = c
                 .request("PUT", "/vessel/migrate", Some(&body.to_string()))
-                .map_err(|e| format!("{}: {e}", api_sock.display()))?;
+                .map_err(|source| MigrateCliError::Api {
+                    sock: api_sock.clone(),
+                    source,
+                })?;
             println!("{}", r.text());
             Ok(if r.status < 300 {
                 ExitCode::SUCCESS

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::Subcommand;
 use vessel_vmm::restore::{load_state, restore, RestoreRequest, WorkingSet};
 use vessel_vmm::snapshot::NoApi;
-use vessel_vmm::{ErrorChain, SerialTarget};
+use vessel_vmm::SerialTarget;
 
 #[derive(Subcommand)]
 pub enum SnapshotCommand {
@@ -46,7 +46,18 @@ pub enum SnapshotCommand {
     },
 }
 
-pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
+/// Why a snapshot command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotCliError {
+    /// Restoring or running the VM failed.
+    #[error(transparent)]
+    Vmm(#[from] vessel_vmm::VmmError),
+    /// A snapshot file could not be read or written.
+    #[error(transparent)]
+    Snapshot(#[from] vessel_snapshot::format::SnapshotError),
+}
+
+pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, SnapshotCliError> {
     match cmd {
         SnapshotCommand::Restore {
             state,
@@ -65,16 +76,13 @@ pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
                     record_after: std::time::Duration::from_millis(record_ms),
                 }),
             };
-            let (vm, _) = restore(&req).map_err(|e| ErrorChain(&e).to_string())?;
-            let outcome = vm
-                .start()
-                .and_then(|r| r.wait())
-                .map_err(|e| ErrorChain(&e).to_string())?;
+            let (vm, _) = restore(&req)?;
+            let outcome = vm.start().and_then(|r| r.wait())?;
             eprintln!("vessel: the restored VM ended: {:?}", outcome.reason);
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Rebase { base, diff } => {
-            let n = vessel_snapshot::memory::rebase(&base, &diff).map_err(|e| e.to_string())?;
+            let n = vessel_snapshot::memory::rebase(&base, &diff)?;
             println!(
                 "copied {n} bytes from {} onto {}",
                 diff.display(),
@@ -83,7 +91,7 @@ pub fn run(cmd: SnapshotCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
         SnapshotCommand::Inspect { state } => {
-            let s = load_state::<NoApi>(&state).map_err(|e| e.to_string())?;
+            let s = load_state::<NoApi>(&state)?;
             println!("vessel version: {}", s.vessel_version);
             println!("vcpus: {}", s.vcpus.len());
             let mem: u64 = s.memory.iter().map(|r| r.size).sum();

@@ -33,19 +33,24 @@ pub use state::{
     PciStateError, QueueState, QueueStateError, StateError, VirtioCommonState, VirtioPciState,
 };
 
-/// Shows an error with its chain of sources, `error: source: source's source`, for logs
-/// and for errors that end up as text where crates meet.
+/// Shows an error with its chain of sources, `error: source: source's source`, for logs,
+/// the CLI and errors that end up as text where crates meet. A source whose text the line
+/// already ends with (an error that still repeats its source) is not repeated.
 #[derive(Debug, Clone, Copy)]
 pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
 
 impl std::fmt::Display for ErrorChain<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
+        let mut text = self.0.to_string();
         let mut next = self.0.source();
         while let Some(e) = next {
-            write!(f, ": {e}")?;
+            let t = e.to_string();
+            if !text.ends_with(&t) {
+                text.push_str(": ");
+                text.push_str(&t);
+            }
             next = e.source();
         }
-        Ok(())
+        f.write_str(&text)
     }
 }

@@ -177,7 +177,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         NestedMode::Auto if matches!(config.boot, Payload::Demo) => false,
         NestedMode::Auto => vessel_kvm::nested::probe_nested_host(&host.kvm)?,
     };
-    let layout = host.layout.clone();
+    let layout = host.layout;
     let supported = host
         .kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
@@ -221,7 +221,11 @@ struct BootImage {
 }
 
 /// Writes the payload, its tables and the boot page tables into guest memory.
-fn load_payload(m: &Machine, layout: &GuestLayout, boot_cpu: &VcpuFd) -> Result<BootImage, VmmError> {
+fn load_payload(
+    m: &Machine,
+    layout: &GuestLayout,
+    boot_cpu: &VcpuFd,
+) -> Result<BootImage, VmmError> {
     let nested_params = m.nested.then(|| payload::nested_params(boot_cpu));
     let platform = vessel_boot::PlatformDevices {
         vmgenid: m.vmgenid.map(|v| v.info()),

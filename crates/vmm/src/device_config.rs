@@ -149,10 +149,12 @@ impl Options {
     fn parse(what: &'static str, s: &str) -> Result<Self, ConfigError> {
         let mut map = BTreeMap::new();
         for part in s.split(',').filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| ConfigError::NotKeyValue {
-                what,
-                part: part.to_string(),
-            })?;
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| ConfigError::NotKeyValue {
+                    what,
+                    part: part.to_string(),
+                })?;
             if map.insert(k.to_string(), v.to_string()).is_some() {
                 return Err(ConfigError::Twice {
                     what,

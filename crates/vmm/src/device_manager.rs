@@ -20,9 +20,9 @@ use vessel_virtio::pci::{VirtioPciDevice, BAR0_SIZE};
 use vessel_virtio::{MmioTransportState, VirtioDevice, VirtioPciState};
 
 use crate::device_config::{DeviceConfigs, Transport};
+use crate::device_factory::DeviceHandles;
 use crate::error::{KvmContext, VmmError};
 use crate::msi::{FunctionMsi, MsiRoutes};
-use crate::device_factory::DeviceHandles;
 
 /// The PCI bus, created with the first PCI device.
 struct PciHost {
@@ -108,7 +108,9 @@ impl DeviceError {
     }
 }
 
-fn state_err<E: std::error::Error + Send + Sync + 'static>(id: &str) -> impl FnOnce(E) -> DeviceError + '_ {
+fn state_err<E: std::error::Error + Send + Sync + 'static>(
+    id: &str,
+) -> impl FnOnce(E) -> DeviceError + '_ {
     move |e| DeviceError::State {
         id: id.to_string(),
         source: Box::new(e),
@@ -133,7 +135,9 @@ pub struct VirtioManager {
     pub handles: DeviceHandles,
 }
 
-fn device_err<E: std::error::Error + Send + Sync + 'static>(what: &str) -> impl FnOnce(E) -> VmmError + '_ {
+fn device_err<E: std::error::Error + Send + Sync + 'static>(
+    what: &str,
+) -> impl FnOnce(E) -> VmmError + '_ {
     move |e| VmmError::Device(DeviceError::setup(what)(Box::new(e)))
 }
 
@@ -316,8 +320,8 @@ impl VirtioManager {
         let base = addr::VIRTIO_MMIO_START + index as u64 * addr::VIRTIO_MMIO_WINDOW;
         let irq_evt = crate::legacy::irqfd(&self.vm, irq)?;
         let device_type = device.device_type();
-        let transport = MmioTransport::new(device, self.mem.clone(), irq_evt)
-            .map_err(device_err(name))?;
+        let transport =
+            MmioTransport::new(device, self.mem.clone(), irq_evt).map_err(device_err(name))?;
         for (queue, kick) in transport.queue_kicks().iter().enumerate() {
             self.vm
                 .register_ioevent(

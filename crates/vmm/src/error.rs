@@ -108,7 +108,11 @@ pub enum VcpuError {
     #[error("unexpected exit {0}")]
     Unhandled(String),
     #[error("KVM accepted only {set} of {total} boot MSRs (the first refused is {first:#x})")]
-    BootMsrs { set: usize, total: usize, first: u32 },
+    BootMsrs {
+        set: usize,
+        total: usize,
+        first: u32,
+    },
     #[error("CPU template")]
     Template(#[source] vessel_kvm::template::TemplateError),
     #[error("CPU template: KVM cannot read MSR {0:#x}")]

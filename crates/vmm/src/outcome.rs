@@ -101,4 +101,3 @@ pub(crate) fn since_spawn() -> Option<Duration> {
     let t: u64 = std::env::var("VESSEL_SPAWN_NS").ok()?.parse().ok()?;
     Some(Duration::from_nanos(monotonic_ns().checked_sub(t)?))
 }
-

@@ -84,23 +84,24 @@ impl Vm {
             let mut threads = control.lock_threads();
             for mut v in vcpus {
                 let tx = tx.clone();
-                let spawned = thread::Builder::new()
-                    .name(format!("vcpu{}", v.id))
-                    .spawn(move || {
-                        // Report even a panic: the supervisor counts one message per vCPU.
-                        let id = v.id;
-                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            seccomp_vcpu(id)?;
-                            v.run()
-                        }))
-                        .unwrap_or_else(|_| {
-                            Err(VmmError::Vcpu {
-                                cpu: id,
-                                source: VcpuError::Panicked,
-                            })
+                let spawned =
+                    thread::Builder::new()
+                        .name(format!("vcpu{}", v.id))
+                        .spawn(move || {
+                            // Report even a panic: the supervisor counts one message per vCPU.
+                            let id = v.id;
+                            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                seccomp_vcpu(id)?;
+                                v.run()
+                            }))
+                            .unwrap_or_else(|_| {
+                                Err(VmmError::Vcpu {
+                                    cpu: id,
+                                    source: VcpuError::Panicked,
+                                })
+                            });
+                            let _ = tx.send(Msg::Vcpu(id, r, v.take_report()));
                         });
-                        let _ = tx.send(Msg::Vcpu(id, r, v.take_report()));
-                    });
                 match spawned {
                     Ok(h) => {
                         threads.push(h.as_pthread_t());
@@ -316,4 +317,3 @@ where
 {
     vessel_seccomp::spawn(name, vessel_seccomp::ThreadKind::Vmm, f)
 }
-

@@ -250,7 +250,8 @@ impl Vcpu {
                 }
                 let fd = &self.fd;
                 let m = &self.machine;
-                m.pause.park(&m.stop, self.id as usize, |msrs| VcpuState::save(fd, msrs));
+                m.pause
+                    .park(&m.stop, self.id as usize, |msrs| VcpuState::save(fd, msrs));
                 continue;
             }
             let next = match self.fd.run() {

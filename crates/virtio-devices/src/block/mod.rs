@@ -97,9 +97,7 @@ pub enum BlockEngine {
 /// Why a block device cannot be created.
 #[derive(Debug, thiserror::Error)]
 pub enum BlockError {
-    // The message keeps its source until crates/vmm/src/api.rs (PATCH /drives) shows the
-    // chain of sources: it displays this error alone.
-    #[error("cannot open the disk image {path}: {source}")]
+    #[error("cannot open the disk image {path}")]
     Open {
         path: PathBuf,
         #[source]
@@ -107,8 +105,7 @@ pub enum BlockError {
     },
     #[error("the disk image {path} is neither a regular file nor a block device")]
     NotAFileOrBlockDevice { path: PathBuf },
-    // As for `Open`.
-    #[error("cannot find the size of the disk image {path}: {source}")]
+    #[error("cannot find the size of the disk image {path}")]
     Size {
         path: PathBuf,
         #[source]

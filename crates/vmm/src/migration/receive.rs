@@ -100,4 +100,3 @@ fn receive_vm(conn: &mut Connection, serial: Option<SerialTarget>) -> Result<(Vm
     let vm = builder::build_from_snapshot(&config, mem, &state)?;
     Ok((vm, bytes))
 }
-

@@ -135,7 +135,9 @@ pub(crate) fn send(
         // Devices a pause quiesced stay so on failure (`resume` restarts them with the
         // vCPUs, or, for a VM that was paused before, leaves them stopped); those of a VM
         // started paused are quiesced here and restarted here.
-        let by_pause = m.devices_quiesced.load(std::sync::atomic::Ordering::Acquire);
+        let by_pause = m
+            .devices_quiesced
+            .load(std::sync::atomic::Ordering::Acquire);
         if !by_pause {
             quiesce_devices(m).map_err(|e| {
                 let _ = resume();
@@ -148,8 +150,7 @@ pub(crate) fn send(
             stats.pages_paused += p;
             stats.bytes_sent += b;
             let state: VmSnapshot = capture(m, None)?;
-            let bytes =
-                vessel_snapshot::format::encode(&state).map_err(MigrationError::Encode)?;
+            let bytes = vessel_snapshot::format::encode(&state).map_err(MigrationError::Encode)?;
             stream::write_frame(conn, FrameType::State, &bytes)?;
             stats.bytes_sent += bytes.len() as u64 + 9;
             conn.flush()?;

@@ -1,0 +1,615 @@
+//! [`ApiBackend`]: `vessel_api::VmmBackend` on top of the core's [`Vm`] and [`VmHandle`].
+//!
+//! The backend lives on the VMM's main thread (the API server reaches it through
+//! `vessel_api::backend::channel`). `InstanceStart` builds and starts the VM and hands
+//! [`RunningVm::wait`] to a thread of its own; when the VM ends, [`ApiBackend::ended_event`]
+//! becomes readable and [`ApiBackend::take_outcome`] returns how it ended.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::{mpsc, Arc};
+use std::thread;
+
+use serde_json::{json, Map, Value};
+use vessel_api::resources::FullVmConfig;
+use vessel_api::types::{
+    Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
+    MigrateParams, PartialDrive, PartialNetworkInterface, RestoreHugePages, SnapshotCreateParams,
+    SnapshotLoadParams, SnapshotType,
+};
+use vessel_api::{ApiError, VmResources, VmmBackend};
+use vessel_virtio_devices::block::BlockHandle;
+use vessel_virtio_devices::net::NetHandle;
+use vessel_vmm::device_config::Transport;
+use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
+use vessel_vmm::restore::{load_state, restore_with};
+use vessel_vmm::snapshot::{SnapshotKind, SnapshotRequest};
+use vessel_vmm::{
+    ControlError, ErrorChain, RunningVm, Vm, VmConfig, VmHandle, VmOutcome, VmmError,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::balloon::{balloon_stats, poll_balloon_stats, BalloonState, BALLOON_PAGES_PER_MIB};
+use super::config::{apply_overrides, resources_to_config_on, unsupported, update_limiter};
+use super::cpu_config;
+
+fn control_error(e: ControlError) -> ApiError {
+    match e {
+        ControlError::Ended => ApiError::Internal("the microVM has ended".into()),
+        e => ApiError::Internal(e.to_string()),
+    }
+}
+
+type LoggerHook = Box<dyn FnMut(&Logger) -> Result<(), ApiError> + Send>;
+
+/// `VmmBackend` for a Vessel VM. See the module docs.
+pub struct ApiBackend {
+    base: VmConfig,
+    vm: Option<VmHandle>,
+    ended: EventFd,
+    outcome: Option<mpsc::Receiver<Result<VmOutcome, VmmError>>>,
+    logger: Option<LoggerHook>,
+    /// The resources the VM was started (or restored) with, as `GET /vm/config` shows them:
+    /// stored in snapshots so that a restoring VMM serves them again.
+    api_config: Option<FullVmConfig>,
+    /// The started VM's balloon, if it has one.
+    balloon: Option<BalloonState>,
+    /// The started VM's disks, with their drive ids, in device order.
+    drives: Vec<(String, BlockHandle)>,
+    /// The started VM's network interfaces, with their ids, in device order.
+    nets: Vec<(String, NetHandle)>,
+    /// Where the devices go (virtio-mmio unless `--enable-pci`).
+    transport: Transport,
+}
+
+impl std::fmt::Debug for ApiBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiBackend")
+            .field("vm", &self.vm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiBackend {
+    /// A backend whose VMs take the console, nested mode, profiling and appended kernel
+    /// parameters from `base` (its boot source, size and devices are replaced by the API's).
+    pub fn new(base: VmConfig) -> Result<ApiBackend, VmmError> {
+        Ok(ApiBackend {
+            base,
+            vm: None,
+            ended: EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::EventFd {
+                what: "the VM's end".into(),
+                source,
+            })?,
+            outcome: None,
+            logger: None,
+            api_config: None,
+            balloon: None,
+            drives: Vec::new(),
+            nets: Vec::new(),
+            transport: Transport::Mmio,
+        })
+    }
+
+    /// Places the devices of the VMs it starts on `transport` (default virtio-mmio).
+    pub fn with_transport(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// Calls `hook` for `PUT /logger` (and a config file's `logger`).
+    pub fn with_logger(
+        mut self,
+        hook: impl FnMut(&Logger) -> Result<(), ApiError> + Send + 'static,
+    ) -> Self {
+        self.logger = Some(Box::new(hook));
+        self
+    }
+
+    /// Readable once the started VM has ended.
+    pub fn ended_event(&self) -> &EventFd {
+        &self.ended
+    }
+
+    /// How the VM ended, once it has (`None` before, and after the first call).
+    pub fn take_outcome(&mut self) -> Option<Result<VmOutcome, VmmError>> {
+        let r = self.outcome.as_ref()?.try_recv().ok()?;
+        self.outcome = None;
+        Some(r)
+    }
+
+    /// Starts `vm` and supervises it on a thread of its own until it ends. The thread exists
+    /// before the vCPUs run, so a VM is never left without its supervisor.
+    fn start_supervised(&mut self, vm: Vm) -> Result<(), ApiError> {
+        let (vm_tx, vm_rx) = mpsc::channel::<RunningVm>();
+        let (tx, rx) = mpsc::channel();
+        let ended = self
+            .ended
+            .try_clone()
+            .map_err(|e| ApiError::Internal(format!("eventfd: {e}")))?;
+        // Its filter is on before the VM starts; without it, the VM does not start.
+        vessel_vmm::spawn_helper("vm-wait", move || {
+            if let Ok(running) = vm_rx.recv() {
+                let _ = tx.send(running.wait());
+                let _ = ended.write(1);
+            }
+        })
+        .map_err(|e| ApiError::Internal(format!("cannot start the VM supervisor: {e}")))?;
+        let running = vm
+            .start()
+            .map_err(|e| ApiError::bad(format!("Start microvm error: {}", ErrorChain(&e))))?;
+        self.vm = Some(running.handle());
+        // The thread only ends after receiving; if it is somehow gone, dropping the VM here
+        // stops and joins it.
+        vm_tx
+            .send(running)
+            .map_err(|_| ApiError::Internal("the VM supervisor is gone".into()))?;
+        self.outcome = Some(rx);
+        Ok(())
+    }
+
+    fn running(&self) -> Result<&VmHandle, ApiError> {
+        self.vm.as_ref().ok_or(ApiError::NotSupportedPreBoot)
+    }
+}
+
+impl VmmBackend for ApiBackend {
+    fn validate(&mut self, resources: &VmResources) -> Result<(), ApiError> {
+        unsupported(resources)?;
+        if let Some(c) = &resources.cpu_config {
+            cpu_config::check_on_host(&cpu_config::from_api(c)?)?;
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, resources: &VmResources) -> Result<(), ApiError> {
+        if self.vm.is_some() {
+            return Err(ApiError::NotSupportedPostBoot);
+        }
+        unsupported(resources)?;
+        let config = resources_to_config_on(resources, &self.base, self.transport)?;
+        let start_err =
+            |e: VmmError| ApiError::bad(format!("Start microvm error: {}", ErrorChain(&e)));
+        let vm = Vm::build(&config).map_err(start_err)?;
+        let handles = vm.device_handles();
+        // `resources_to_config` keeps the drives' order.
+        let drives: Vec<(String, BlockHandle)> = resources
+            .drives
+            .iter()
+            .map(|d| d.drive_id.clone())
+            .zip(handles.blocks.iter().cloned())
+            .collect();
+        let nets = net_handles(resources, &vm);
+        let balloon = handles.balloon.clone().zip(resources.balloon);
+        self.api_config = Some(resources.to_full_vm_config());
+        self.start_supervised(vm)?;
+        self.drives = drives;
+        self.nets = nets;
+        if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
+            let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
+            if config.stats_polling_interval_s > 0 {
+                let (h, i) = (handle.clone(), interval_s.clone());
+                thread::Builder::new()
+                    .name("balloon-stats".into())
+                    .spawn(move || poll_balloon_stats(vm, h, i))
+                    .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
+            }
+            self.balloon = Some(BalloonState {
+                handle,
+                config,
+                interval_s,
+            });
+        }
+        Ok(())
+    }
+
+    fn migrate(&mut self, p: &MigrateParams) -> Result<Value, ApiError> {
+        let fail = |e: &(dyn std::error::Error + 'static)| {
+            ApiError::bad(format!("Migration error: {}", ErrorChain(e)))
+        };
+        let url: MigrationUrl = p.destination.parse().map_err(|e| fail(&e))?;
+        let mut opts = MigrateOptions::default();
+        if let Some(ms) = p.downtime_ms {
+            opts.downtime = std::time::Duration::from_millis(ms);
+        }
+        if let Some(r) = p.max_rounds {
+            opts.max_rounds = r;
+        }
+        let stats = self.running()?.migrate(&url, &opts).map_err(|e| fail(&e))?;
+        log::info!("migrated to {}: {stats:?}", p.destination);
+        serde_json::to_value(stats).map_err(|e| ApiError::Internal(e.to_string()))
+    }
+
+    fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
+        let req = SnapshotRequest {
+            state: PathBuf::from(&p.snapshot_path),
+            memory: PathBuf::from(&p.mem_file_path),
+            kind: match p.snapshot_type {
+                Some(SnapshotType::Diff) => SnapshotKind::Diff,
+                _ => SnapshotKind::Full,
+            },
+            api: self.api_config.clone(),
+        };
+        let info = self
+            .running()?
+            .snapshot(&req)
+            .map_err(|e| ApiError::bad(format!("Create snapshot error: {}", ErrorChain(&e))))?;
+        log::info!(
+            "snapshot {:?}: {} of {} MiB written in {:?} (devices {:?}, memory {:?})",
+            info.kind,
+            info.memory.written >> 20,
+            info.memory.covered >> 20,
+            info.total,
+            info.devices_time,
+            info.memory_time
+        );
+        Ok(())
+    }
+
+    fn snapshot_load(&mut self, p: &SnapshotLoadParams) -> Result<VmResources, ApiError> {
+        if self.vm.is_some() {
+            return Err(ApiError::NotSupportedPostBoot);
+        }
+        let load_err =
+            |e: &dyn std::fmt::Display| ApiError::bad(format!("Load snapshot error: {e}"));
+        let memory = match (&p.mem_file_path, &p.mem_backend) {
+            (Some(f), _) => PathBuf::from(f),
+            (None, Some(b)) if b.backend_type == MemoryBackendType::File => {
+                PathBuf::from(&b.backend_path)
+            }
+            (None, Some(_)) => {
+                return Err(ApiError::Unsupported("userfaultfd memory backends".into()))
+            }
+            (None, None) => return Err(load_err(&"no memory file")),
+        };
+        if matches!(p.huge_pages, Some(RestoreHugePages::Huge2M)) {
+            return Err(ApiError::Unsupported("huge page backed memory".into()));
+        }
+        let snap = load_state::<FullVmConfig>(Path::new(&p.snapshot_path))
+            .map_err(|e| load_err(&ErrorChain(&e)))?;
+        let mut resources = snap
+            .api
+            .clone()
+            .and_then(|c| VmResources::from_full_vm_config(c, None).ok())
+            .unwrap_or_default();
+        let mut config = snap.config.clone();
+        config.serial = self.base.serial.clone();
+        config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+        resources.machine_config.track_dirty_pages = config.track_dirty_pages;
+        apply_overrides(p, &mut config, &mut resources)?;
+        let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
+        let vm = if p.resume_vm { vm } else { vm.paused() };
+        let nets = net_handles(&resources, &vm);
+        self.api_config = Some(resources.to_full_vm_config());
+        self.start_supervised(vm)?;
+        self.nets = nets;
+        Ok(resources)
+    }
+
+    fn pause(&mut self) -> Result<(), ApiError> {
+        self.running()?.pause().map_err(control_error)
+    }
+
+    fn resume(&mut self) -> Result<(), ApiError> {
+        self.running()?.resume().map_err(control_error)
+    }
+
+    fn send_ctrl_alt_del(&mut self) -> Result<(), ApiError> {
+        self.running()?.ctrl_alt_del().map_err(|e| match e {
+            ControlError::KeyboardFull => ApiError::bad(format!("SendCtrlAltDel: {e}")),
+            e => control_error(e),
+        })
+    }
+
+    fn stop(&mut self) -> Result<(), ApiError> {
+        self.running()?.stop();
+        Ok(())
+    }
+
+    fn metrics(&mut self) -> Result<Map<String, Value>, ApiError> {
+        let mut m = Map::new();
+        if let Some(vm) = &self.vm {
+            let s = vm.stats();
+            m.insert(
+                "vessel_vm".into(),
+                json!({
+                    "vcpus": s.vcpus,
+                    "uptime_ms": s.uptime.as_millis() as u64,
+                    "pauses": s.pauses,
+                    "unhandled_port_reads": s.unhandled_io.0,
+                    "unhandled_port_writes": s.unhandled_io.1,
+                    "unhandled_mmio_reads": s.unhandled_mmio.0,
+                    "unhandled_mmio_writes": s.unhandled_mmio.1,
+                }),
+            );
+        }
+        Ok(m)
+    }
+
+    fn configure_logger(&mut self, logger: &Logger) -> Result<(), ApiError> {
+        match &mut self.logger {
+            Some(hook) => hook(logger),
+            None => Ok(()),
+        }
+    }
+
+    fn update_drive(&mut self, u: &PartialDrive) -> Result<(), ApiError> {
+        self.running()?;
+        self.patch_drive(u)
+    }
+
+    fn update_network_interface(&mut self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
+        self.running()?;
+        self.patch_network_interface(u)
+    }
+
+    fn balloon_config(&mut self) -> Result<ApiBalloon, ApiError> {
+        let b = self.running_balloon()?;
+        Ok(ApiBalloon {
+            amount_mib: b.handle.target_pages() / BALLOON_PAGES_PER_MIB,
+            stats_polling_interval_s: b.interval_s.load(Ordering::Relaxed),
+            ..b.config
+        })
+    }
+
+    fn balloon_update(&mut self, amount_mib: u32) -> Result<(), ApiError> {
+        self.running_balloon()?
+            .handle
+            .set_target_mib(u64::from(amount_mib));
+        Ok(())
+    }
+
+    fn balloon_stats_interval(&mut self, seconds: u16) -> Result<(), ApiError> {
+        let b = self.running_balloon()?;
+        if b.interval_s.load(Ordering::Relaxed) == 0 || seconds == 0 {
+            return Err(ApiError::bad(
+                "Balloon update error: Cannot enable or disable the statistics after boot.",
+            ));
+        }
+        b.interval_s.store(seconds, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn balloon_stats(&mut self) -> Result<ApiBalloonStats, ApiError> {
+        let b = self.running_balloon()?;
+        if b.interval_s.load(Ordering::Relaxed) == 0 {
+            return Err(ApiError::bad(
+                "Balloon update error: Statistics for the balloon device are not enabled",
+            ));
+        }
+        Ok(balloon_stats(&b.handle))
+    }
+}
+
+/// The network interfaces' ids with their devices' handles (the devices are in the
+/// resources' order).
+fn net_handles(resources: &VmResources, vm: &Vm) -> Vec<(String, NetHandle)> {
+    resources
+        .network_interfaces
+        .iter()
+        .map(|n| n.iface_id.clone())
+        .zip(vm.device_handles().nets.iter().cloned())
+        .collect()
+}
+
+impl ApiBackend {
+    /// A post-boot drive update: a new backing file, then the rate limiter (on error
+    /// nothing changed).
+    fn patch_drive(&self, u: &PartialDrive) -> Result<(), ApiError> {
+        if u.path_on_host.is_none() && u.rate_limiter.is_none() {
+            return Ok(());
+        }
+        let Some((_, disk)) = self.drives.iter().find(|(id, _)| *id == u.drive_id) else {
+            return Err(ApiError::bad(format!(
+                "Drive config error: Unable to patch the block device: drive {} not found.",
+                u.drive_id
+            )));
+        };
+        if let Some(path) = &u.path_on_host {
+            let sectors = disk.replace_backing_file(Path::new(path)).map_err(|e| {
+                ApiError::bad(format!(
+                    "Drive config error: Unable to patch the block device: {}",
+                    ErrorChain(&e)
+                ))
+            })?;
+            log::info!(
+                "drive {}: now backed by {path} ({sectors} sectors)",
+                u.drive_id
+            );
+        }
+        if u.rate_limiter.is_some() {
+            update_limiter(disk.rate_limiter(), &u.rate_limiter);
+            log::info!(
+                "drive {}: rate limiter now {:?}",
+                u.drive_id,
+                disk.rate_limiter().config()
+            );
+        }
+        Ok(())
+    }
+
+    /// A post-boot network interface update: its rate limiters.
+    fn patch_network_interface(&self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
+        let Some((_, net)) = self.nets.iter().find(|(id, _)| *id == u.iface_id) else {
+            return Err(ApiError::bad(format!(
+                "Network interface error: Invalid interface ID - not found: {}",
+                u.iface_id
+            )));
+        };
+        update_limiter(&net.rx, &u.rx_rate_limiter);
+        update_limiter(&net.tx, &u.tx_rate_limiter);
+        log::info!(
+            "network interface {}: rate limiters now rx {:?}, tx {:?}",
+            u.iface_id,
+            net.rx.config(),
+            net.tx.config()
+        );
+        Ok(())
+    }
+
+    fn running_balloon(&self) -> Result<&BalloonState, ApiError> {
+        self.running()?;
+        self.balloon
+            .as_ref()
+            .ok_or_else(|| ApiError::bad("Balloon config error: No balloon device found."))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fc::config::resources_to_config;
+    use crate::fc::config::tests::with_kernel;
+    use serde_json::json;
+    use vessel_api::types::{HugePages, NetworkInterface};
+    use vessel_ratelimit::{BucketConfig, RateLimiter, RateLimiterConfig};
+
+    #[test]
+    fn rate_limiters_map_at_start_and_patches_reach_the_devices() {
+        use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
+        let (kernel, mut r) = with_kernel("kernel-rl");
+        r.set_drive(
+            serde_json::from_value(json!({
+                "drive_id": "d", "path_on_host": kernel, "is_root_device": false, "is_read_only": true,
+                "rate_limiter": {"ops": {"size": 100, "one_time_burst": 7, "refill_time": 1000}}
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        r.set_network_interface(NetworkInterface {
+            iface_id: "eth0".into(),
+            host_dev_name: "tap0".into(),
+            guest_mac: None,
+            mtu: None,
+            rx_rate_limiter: None,
+            tx_rate_limiter: serde_json::from_value(
+                json!({"bandwidth": {"size": 0, "refill_time": 0}}),
+            )
+            .unwrap(),
+        })
+        .unwrap();
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        let ops = BucketConfig {
+            size: 100,
+            one_time_burst: 7,
+            refill_time_ms: 1000,
+        };
+        assert_eq!(
+            c.devices.disks[0].rate_limiter,
+            Some(RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(ops)
+            })
+        );
+        // A limiter that limits nothing is no limiter.
+        assert_eq!(c.devices.nets[0].tx_rate_limiter, None);
+        assert_eq!(c.devices.nets[0].rx_rate_limiter, None);
+
+        // Post-boot PATCHes go to the running devices' limiters.
+        let img = std::env::temp_dir().join(format!("vessel-api-rl-{}.img", std::process::id()));
+        std::fs::write(&img, vec![0u8; 4096]).unwrap();
+        let dev = Block::new(BlockConfig {
+            path: img.clone(),
+            read_only: true,
+            serial: None,
+            engine: BlockEngine::Sync,
+        })
+        .unwrap();
+        let net = NetHandle {
+            rx: RateLimiter::unlimited().unwrap(),
+            tx: RateLimiter::unlimited().unwrap(),
+        };
+        let mut b = ApiBackend::new(VmConfig::default()).unwrap();
+        b.drives.push(("d".into(), dev.handle()));
+        b.nets.push(("eth0".into(), net.clone()));
+        let drive = |v: Value| -> PartialDrive { serde_json::from_value(v).unwrap() };
+        let iface = |v: Value| -> PartialNetworkInterface { serde_json::from_value(v).unwrap() };
+        let both = drive(json!({"drive_id": "d", "rate_limiter": {
+            "bandwidth": {"size": 1000, "refill_time": 100},
+            "ops": {"size": 100, "one_time_burst": 7, "refill_time": 1000}
+        }}));
+        // Without a running VM the trait refuses.
+        assert_eq!(b.update_drive(&both), Err(ApiError::NotSupportedPreBoot));
+        b.patch_drive(&both).unwrap();
+        let l = dev.rate_limiter();
+        let bw = BucketConfig {
+            size: 1000,
+            one_time_burst: 0,
+            refill_time_ms: 100,
+        };
+        assert_eq!(
+            l.config(),
+            RateLimiterConfig {
+                bandwidth: Some(bw),
+                ops: Some(ops)
+            }
+        );
+        assert!(l.try_consume(1, 1000));
+        assert!(
+            !l.try_consume(1, 1000),
+            "the device's limiter enforces the patch"
+        );
+        // A bucket left out stays; size 0 removes one.
+        b.patch_drive(&drive(
+            json!({"drive_id": "d", "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}),
+        ))
+        .unwrap();
+        assert_eq!(
+            l.config(),
+            RateLimiterConfig {
+                bandwidth: Some(bw),
+                ops: None
+            }
+        );
+        assert!(b
+            .patch_drive(&drive(json!({"drive_id": "nope", "rate_limiter": {}})))
+            .is_err());
+        b.patch_network_interface(&iface(json!({
+            "iface_id": "eth0", "tx_rate_limiter": {"ops": {"size": 5, "refill_time": 10}}
+        })))
+        .unwrap();
+        assert_eq!(net.rx.config(), RateLimiterConfig::default());
+        assert_eq!(
+            net.tx.config().ops,
+            Some(BucketConfig {
+                size: 5,
+                one_time_burst: 0,
+                refill_time_ms: 10
+            })
+        );
+        assert!(b
+            .patch_network_interface(&iface(json!({"iface_id": "eth9"})))
+            .is_err());
+        let _ = std::fs::remove_file(img);
+        let _ = std::fs::remove_file(kernel);
+    }
+
+    #[test]
+    fn start_without_kernel_and_unsupported_features_are_refused() {
+        let mut b = ApiBackend::new(VmConfig::default()).unwrap();
+        let r = VmResources::default();
+        assert!(matches!(b.start(&r), Err(ApiError::BadRequest(_))));
+        let mut r = VmResources::default();
+        r.machine_config.huge_pages = HugePages::Huge2M;
+        assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
+        let mut r = VmResources::default();
+        r.set_entropy(
+            serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(b.validate(&r), Ok(()), "a limiter that limits nothing");
+        r.set_entropy(
+            serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 1, "refill_time": 9}}}))
+                .unwrap(),
+        )
+        .unwrap();
+        assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
+        // Nothing started: control calls are pre-boot errors.
+        assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(b.stop(), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(b.balloon_update(1), Err(ApiError::NotSupportedPreBoot));
+        assert!(b.take_outcome().is_none());
+        assert!(b.metrics().unwrap().is_empty());
+    }
+}

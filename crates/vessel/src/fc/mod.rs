@@ -1,0 +1,19 @@
+//! Firecracker compatibility, the adapter between the HTTP API (`vessel-api`) and the VMM core
+//! (`vessel-vmm`), which speaks no HTTP:
+//!
+//! - [`backend`]: [`backend::ApiBackend`], the `VmmBackend` the API server calls, on top of
+//!   the core's `Vm` and `VmHandle`;
+//! - [`config`]: Firecracker's pre-boot `VmResources` (or `--config-file`) to the core's
+//!   `VmConfig`;
+//! - [`cpu_config`]: Firecracker custom CPU templates to `vessel_kvm` templates;
+//! - `balloon`: the running balloon's state, statistics poller and figures.
+//!
+//! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
+//! transport unless `--enable-pci`.
+
+pub mod backend;
+mod balloon;
+pub mod config;
+pub mod cpu_config;
+
+pub use backend::ApiBackend;
