@@ -201,9 +201,9 @@ impl I8042 {
     }
 
     /// Loads a saved state (the interrupt line and exit signal stay this device's).
-    pub fn restore_state(&mut self, s: &I8042Snapshot) -> Result<(), crate::StateError> {
+    pub fn restore_state(&mut self, s: &I8042Snapshot) -> Result<(), crate::SavedStateError> {
         if s.ram.len() != self.ram.len() || s.queue.len() > QUEUE_SIZE {
-            return Err(crate::StateError::I8042Size);
+            return Err(crate::SavedStateError::I8042Size);
         }
         self.ram.copy_from_slice(&s.ram);
         self.output_port = s.output_port;

@@ -38,4 +38,4 @@ pub use exit::{ExitSignal, VmExitReason};
 pub use i8042::I8042;
 pub use rtc::Rtc;
 pub use serial::Serial;
-pub use state::StateError;
+pub use state::SavedStateError;

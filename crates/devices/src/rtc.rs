@@ -202,9 +202,9 @@ impl Rtc {
     }
 
     /// Loads a saved state.
-    pub fn restore_state(&mut self, s: &RtcSnapshot) -> Result<(), crate::StateError> {
+    pub fn restore_state(&mut self, s: &RtcSnapshot) -> Result<(), crate::SavedStateError> {
         if s.cmos.len() != self.cmos.len() {
-            return Err(crate::StateError::RtcCmos(s.cmos.len()));
+            return Err(crate::SavedStateError::RtcCmos(s.cmos.len()));
         }
         self.index = s.index & 0x7f;
         self.cmos.copy_from_slice(&s.cmos);

@@ -200,9 +200,9 @@ impl Serial {
 
     /// Loads a saved state into this UART, keeping its interrupt line and output. An
     /// interrupt the saved state had pending is raised again.
-    pub fn restore_state(&mut self, s: &SerialSnapshot) -> Result<(), crate::StateError> {
+    pub fn restore_state(&mut self, s: &SerialSnapshot) -> Result<(), crate::SavedStateError> {
         if s.backlog.len() > INPUT_BACKLOG_SIZE {
-            return Err(crate::StateError::SerialBacklog(s.backlog.len()));
+            return Err(crate::SavedStateError::SerialBacklog(s.backlog.len()));
         }
         let state = vm_superio::serial::SerialState {
             baud_divisor_low: s.baud_divisor_low,
@@ -221,14 +221,14 @@ impl Serial {
             .interrupt_evt()
             .eventfd()
             .try_clone()
-            .map_err(crate::StateError::SerialInterrupt)?;
+            .map_err(crate::SavedStateError::SerialInterrupt)?;
         let out = std::mem::replace(
             self.uart.writer_mut(),
             ConsoleOut::new(Box::new(io::sink())),
         );
         match Uart::from_state(&state, IrqLine::new(irq), NoEvents, out) {
             Ok(u) => self.uart = u,
-            Err(e) => return Err(crate::StateError::SerialRefused(e)),
+            Err(e) => return Err(crate::SavedStateError::SerialRefused(e)),
         }
         self.backlog = s.backlog.iter().copied().collect();
         Ok(())

@@ -2,7 +2,7 @@
 
 /// A saved state that does not fit the device it is loaded into.
 #[derive(Debug, thiserror::Error)]
-pub enum StateError {
+pub enum SavedStateError {
     #[error("serial backlog of {0} bytes")]
     SerialBacklog(usize),
     #[error("serial interrupt")]

@@ -146,10 +146,10 @@ impl ModuleIndex {
         };
         if known.deps.is_none() {
             let data = read_module(&root.join(&known.path))?;
-            known.deps = Some(modinfo_depends(&modinfo(&data).map_err(|reason| {
+            known.deps = Some(modinfo_depends(&modinfo(&data).map_err(|e| {
                 ImageError::Module {
                     module: known.path.display().to_string(),
-                    reason,
+                    reason: e.to_string(),
                 }
             })?));
         }
@@ -359,14 +359,14 @@ fn le_u64(b: &[u8], at: usize) -> Option<u64> {
 }
 
 /// The `key=value` strings of a module's `.modinfo` section (ELF64 LE).
-pub fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
+pub fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, ModinfoError> {
     if elf.get(..4) != Some(b"\x7fELF") {
-        return Err("not an ELF file".into());
+        return Err(ModinfoError::NotElf);
     }
     if elf.get(4) != Some(&2) || elf.get(5) != Some(&1) {
-        return Err("not a 64-bit little-endian ELF file".into());
+        return Err(ModinfoError::Not64BitLittleEndian);
     }
-    let bad = || "malformed ELF section table".to_string();
+    let bad = || ModinfoError::Malformed;
     let shoff = usize::try_from(le_u64(elf, 0x28).ok_or_else(bad)?).map_err(|_| bad())?;
     let shentsize = usize::from(le_u16(elf, 0x3a).ok_or_else(bad)?);
     let shnum = usize::from(le_u16(elf, 0x3c).ok_or_else(bad)?);
@@ -397,7 +397,20 @@ pub fn modinfo(elf: &[u8]) -> Result<Vec<(String, String)>, String> {
                 .collect());
         }
     }
-    Err("no .modinfo section".into())
+    Err(ModinfoError::NoModinfo)
+}
+
+/// Why a module's `.modinfo` could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ModinfoError {
+    #[error("not an ELF file")]
+    NotElf,
+    #[error("not a 64-bit little-endian ELF file")]
+    Not64BitLittleEndian,
+    #[error("malformed ELF section table")]
+    Malformed,
+    #[error("no .modinfo section")]
+    NoModinfo,
 }
 
 /// The module names in the `depends=` entries of a modinfo list.
@@ -697,7 +710,10 @@ kernel/needs_ghost.ko: kernel/ghost.ko
             ["virtio", "virtio_ring", "net_failover"]
         );
         assert!(modinfo_depends(&modinfo(&fake_module(&["depends="])).unwrap()).is_empty());
-        assert!(modinfo(b"not elf").unwrap_err().contains("not an ELF"));
+        assert!(modinfo(b"not elf")
+            .unwrap_err()
+            .to_string()
+            .contains("not an ELF"));
         let mut truncated = elf.clone();
         truncated.truncate(100);
         assert!(modinfo(&truncated).is_err());

@@ -19,7 +19,7 @@ pub enum Transport {
 
 /// A device option the CLI cannot use: one line naming the option and what to write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConfigError {
+pub enum DeviceOptionError {
     #[error("'{0}' is not a transport: use pci or mmio")]
     Transport(String),
     #[error("{what}: '{part}' is not key=value")]
@@ -59,12 +59,12 @@ pub enum ConfigError {
 }
 
 impl FromStr for Transport {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
         match s {
             "pci" => Ok(Transport::Pci),
             "mmio" => Ok(Transport::Mmio),
-            _ => Err(ConfigError::Transport(s.to_string())),
+            _ => Err(DeviceOptionError::Transport(s.to_string())),
         }
     }
 }
@@ -146,17 +146,17 @@ struct Options {
 }
 
 impl Options {
-    fn parse(what: &'static str, s: &str) -> Result<Self, ConfigError> {
+    fn parse(what: &'static str, s: &str) -> Result<Self, DeviceOptionError> {
         let mut map = BTreeMap::new();
         for part in s.split(',').filter(|p| !p.is_empty()) {
             let (k, v) = part
                 .split_once('=')
-                .ok_or_else(|| ConfigError::NotKeyValue {
+                .ok_or_else(|| DeviceOptionError::NotKeyValue {
                     what,
                     part: part.to_string(),
                 })?;
             if map.insert(k.to_string(), v.to_string()).is_some() {
-                return Err(ConfigError::Twice {
+                return Err(DeviceOptionError::Twice {
                     what,
                     key: k.to_string(),
                 });
@@ -169,21 +169,21 @@ impl Options {
         self.map.remove(key)
     }
 
-    fn required(&mut self, key: &str) -> Result<String, ConfigError> {
+    fn required(&mut self, key: &str) -> Result<String, DeviceOptionError> {
         match self.take(key) {
             Some(v) if !v.is_empty() => Ok(v),
-            _ => Err(ConfigError::Required {
+            _ => Err(DeviceOptionError::Required {
                 what: self.what,
                 key: key.to_string(),
             }),
         }
     }
 
-    fn flag(&mut self, key: &str) -> Result<bool, ConfigError> {
+    fn flag(&mut self, key: &str) -> Result<bool, DeviceOptionError> {
         match self.take(key).as_deref() {
             None | Some("off") | Some("false") => Ok(false),
             Some("on") | Some("true") => Ok(true),
-            Some(v) => Err(ConfigError::Flag {
+            Some(v) => Err(DeviceOptionError::Flag {
                 what: self.what,
                 key: key.to_string(),
                 value: v.to_string(),
@@ -191,12 +191,12 @@ impl Options {
         }
     }
 
-    fn transport(&mut self) -> Result<Transport, ConfigError> {
+    fn transport(&mut self) -> Result<Transport, DeviceOptionError> {
         let what = self.what;
         self.take("transport")
             .map(|t| {
                 t.parse()
-                    .map_err(|_| ConfigError::TransportOf { what, value: t })
+                    .map_err(|_| DeviceOptionError::TransportOf { what, value: t })
             })
             .transpose()
             .map(Option::unwrap_or_default)
@@ -208,8 +208,8 @@ impl Options {
         &mut self,
         bw_key: &str,
         ops_key: &str,
-    ) -> Result<Option<RateLimiterConfig>, ConfigError> {
-        let mut rate = |key: &str| -> Result<Option<BucketConfig>, ConfigError> {
+    ) -> Result<Option<RateLimiterConfig>, DeviceOptionError> {
+        let mut rate = |key: &str| -> Result<Option<BucketConfig>, DeviceOptionError> {
             self.take(key)
                 .map(|v| parse_number::<u64>(self.what, key, &v).map(BucketConfig::per_second))
                 .transpose()
@@ -218,9 +218,9 @@ impl Options {
         Ok((bandwidth.is_some() || ops.is_some()).then_some(RateLimiterConfig { bandwidth, ops }))
     }
 
-    fn finish(self) -> Result<(), ConfigError> {
+    fn finish(self) -> Result<(), DeviceOptionError> {
         match self.map.into_keys().next() {
-            Some(key) => Err(ConfigError::Unknown {
+            Some(key) => Err(DeviceOptionError::Unknown {
                 what: self.what,
                 key,
             }),
@@ -229,8 +229,12 @@ impl Options {
     }
 }
 
-fn parse_number<T: FromStr>(what: &'static str, key: &str, v: &str) -> Result<T, ConfigError> {
-    v.parse().map_err(|_| ConfigError::Number {
+fn parse_number<T: FromStr>(
+    what: &'static str,
+    key: &str,
+    v: &str,
+) -> Result<T, DeviceOptionError> {
+    v.parse().map_err(|_| DeviceOptionError::Number {
         what,
         key: key.to_string(),
         value: v.to_string(),
@@ -238,9 +242,9 @@ fn parse_number<T: FromStr>(what: &'static str, key: &str, v: &str) -> Result<T,
 }
 
 /// Parses a MAC address `aa:bb:cc:dd:ee:ff`.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
+pub fn parse_mac(s: &str) -> Result<[u8; 6], DeviceOptionError> {
     let parts: Vec<&str> = s.split(':').collect();
-    let bad = || ConfigError::Mac(s.to_string());
+    let bad = || DeviceOptionError::Mac(s.to_string());
     if parts.len() != 6 {
         return Err(bad());
     }
@@ -252,20 +256,20 @@ pub fn parse_mac(s: &str) -> Result<[u8; 6], ConfigError> {
         *b = u8::from_str_radix(p, 16).map_err(|_| bad())?;
     }
     if mac[0] & 1 != 0 {
-        return Err(ConfigError::MulticastMac(s.to_string()));
+        return Err(DeviceOptionError::MulticastMac(s.to_string()));
     }
     Ok(mac)
 }
 
 impl FromStr for DiskConfig {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
         let mut o = Options::parse("--disk", s)?;
         let path = PathBuf::from(o.required("path")?);
         let read_only = o.flag("readonly")?;
         let serial = o.take("serial");
         if serial.as_ref().is_some_and(|s| s.len() > 20) {
-            return Err(ConfigError::SerialTooLong);
+            return Err(DeviceOptionError::SerialTooLong);
         }
         let transport = o.transport()?;
         let rate_limiter = o.rate_limiter("bw", "iops")?;
@@ -281,12 +285,12 @@ impl FromStr for DiskConfig {
 }
 
 impl FromStr for NetConfig {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
         let mut o = Options::parse("--net", s)?;
         let tap = o.required("tap")?;
         if tap.len() >= 16 {
-            return Err(ConfigError::TapName(tap));
+            return Err(DeviceOptionError::TapName(tap));
         }
         let mac = o.take("mac").map(|m| parse_mac(&m)).transpose()?;
         let queue_pairs = match o.take("queues") {
@@ -294,7 +298,7 @@ impl FromStr for NetConfig {
             None => 1,
         };
         if queue_pairs == 0 {
-            return Err(ConfigError::NoQueues);
+            return Err(DeviceOptionError::NoQueues);
         }
         let transport = o.transport()?;
         let rx_rate_limiter = o.rate_limiter("rx_bw", "rx_ops")?;
@@ -313,12 +317,12 @@ impl FromStr for NetConfig {
 }
 
 impl FromStr for VsockConfig {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
         let mut o = Options::parse("--vsock", s)?;
         let cid: u64 = parse_number("--vsock", "cid", &o.required("cid")?)?;
         if cid < 3 || cid > u64::from(u32::MAX) {
-            return Err(ConfigError::ReservedCid(cid));
+            return Err(DeviceOptionError::ReservedCid(cid));
         }
         let uds = PathBuf::from(o.required("uds")?);
         let transport = o.transport()?;
@@ -332,8 +336,8 @@ impl FromStr for VsockConfig {
 }
 
 impl FromStr for BalloonConfig {
-    type Err = ConfigError;
-    fn from_str(s: &str) -> Result<Self, ConfigError> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
         let mut o = Options::parse("--balloon", s)?;
         let size_mib = match o.take("size") {
             Some(v) => parse_number("--balloon", "size", &v)?,
@@ -353,7 +357,7 @@ impl FromStr for BalloonConfig {
 }
 
 /// `--rng [transport=pci|mmio]`
-pub fn parse_rng(s: &str) -> Result<Transport, ConfigError> {
+pub fn parse_rng(s: &str) -> Result<Transport, DeviceOptionError> {
     let mut o = Options::parse("--rng", s)?;
     let t = o.transport()?;
     o.finish()?;

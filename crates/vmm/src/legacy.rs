@@ -115,7 +115,7 @@ impl LegacyDevices {
     }
 
     /// Loads a snapshot's state into freshly created devices.
-    pub fn restore_state(&self, s: &LegacyState) -> Result<(), vessel_devices::StateError> {
+    pub fn restore_state(&self, s: &LegacyState) -> Result<(), vessel_devices::SavedStateError> {
         lock(&self.serial).restore_state(&s.serial)?;
         lock(&self.i8042).restore_state(&s.i8042)?;
         lock(&self.rtc).restore_state(&s.rtc)

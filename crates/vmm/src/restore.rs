@@ -27,7 +27,7 @@ pub enum RestoreError {
     #[error("KVM's VM state")]
     Kvm(#[source] vessel_kvm::KvmError),
     #[error("the legacy devices")]
-    Legacy(#[source] vessel_devices::StateError),
+    Legacy(#[source] vessel_devices::SavedStateError),
     #[error("the virtio devices")]
     Devices(#[source] DeviceError),
 }
