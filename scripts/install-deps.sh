@@ -12,9 +12,10 @@
 #   e2fsprogs        mkfs.ext4 and debugfs: the ext4 disk images the virtio tests boot with
 #   iproute2         ip: the TAP device of the virtio-net test
 #   iputils-ping     ping: the host pings the guest in the virtio-net test
+#   qemu-utils       qemu-img: makes and checks the qcow2 images the block tests use
 set -eu
 
-PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping"
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -69,6 +69,7 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
             let path = std::env::temp_dir().join(format!("vessel-fuzz-{pid}.img"));
             std::fs::write(&path, vec![0u8; 1 << 20]).ok()?;
             let b = Block::new(BlockParams {
+                format: None,
                 path: path.clone(),
                 read_only: false,
                 serial: None,

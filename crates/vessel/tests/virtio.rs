@@ -147,6 +147,12 @@ for d in /sys/block/vd*; do
     [ "$(cat $d/serial 2>/dev/null)" = rawdata ] && raw=/dev/${d##*/}
 done
 echo "raw $raw $(head -c 16 $raw)" >> $out
+for d in /sys/block/vd*; do
+    [ "$(cat $d/serial 2>/dev/null)" = qcow2data ] && q=/dev/${d##*/}
+done
+echo "qcow2 $q $(head -c 16 $q)" >> $out
+echo -n QCOW2-GUEST-WROTE > /tmp/qw
+dd if=/tmp/qw of=$q bs=512 seek=8 conv=notrunc 2>/dev/null && sync && echo "qcow2 written" >> $out
 echo "rng $(cat /sys/class/misc/hw_random/rng_current 2>/dev/null) $(head -c 16 /dev/hwrng | od -An -tx1 | tr -d ' \n')" >> $out
 if [ -d /sys/class/net/eth0 ]; then
     ip addr add GUEST_IP/24 dev eth0 && ip link set eth0 up
@@ -195,6 +201,23 @@ fn guest_uses_virtio_devices(image: &str, limit: Duration) {
     let mut data = b"RAW-DISK-MARKER!".to_vec();
     data.resize(1 << 20, 0x5a);
     std::fs::write(&raw, &data).unwrap();
+    // A qcow2 overlay over a raw base: the guest reads the base through it and writes into it.
+    let base = dir.join("qcow2-base.raw");
+    let mut base_data = b"QCOW2-BASE-MARK!".to_vec();
+    base_data.resize(1 << 20, 0xa5);
+    std::fs::write(&base, &base_data).unwrap();
+    let overlay = dir.join("overlay.qcow2");
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        base.to_str().unwrap(),
+        overlay.to_str().unwrap(),
+    ]);
     let uds = dir.join("vsock.sock");
     let console = dir.join("console.txt");
 
@@ -219,6 +242,10 @@ fn guest_uses_virtio_devices(image: &str, limit: Duration) {
         .arg(format!(
             "--disk=path={},readonly=on,serial=rawdata,transport=pci",
             raw.display()
+        ))
+        .arg(format!(
+            "--disk=path={},serial=qcow2data,transport=pci",
+            overlay.display()
         ))
         .arg("--rng=transport=pci")
         .arg(format!(
@@ -260,6 +287,26 @@ fn guest_uses_virtio_devices(image: &str, limit: Duration) {
     };
     assert!(result.contains(&format!("md5 {md5}")), "{result}\n{tail}");
     assert!(result.contains(" RAW-DISK-MARKER!"), "{result}\n{tail}");
+    // The qcow2 disk: the base read through it, the guest's write in the overlay, which QEMU's
+    // own tools find consistent; the base untouched.
+    assert!(result.contains(" QCOW2-BASE-MARK!"), "{result}\n{tail}");
+    assert!(result.contains("qcow2 written"), "{result}\n{tail}");
+    qemu_img(&["check", "-q", overlay.to_str().unwrap()]);
+    let flat = dir.join("overlay.raw");
+    qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        overlay.to_str().unwrap(),
+        flat.to_str().unwrap(),
+    ]);
+    let flat = std::fs::read(&flat).unwrap();
+    assert_eq!(&flat[4096..4096 + 17], b"QCOW2-GUEST-WROTE");
+    assert_eq!(&flat[..16], b"QCOW2-BASE-MARK!");
+    assert!(
+        std::fs::read(&base).unwrap() == base_data,
+        "the base is never written"
+    );
     let rng_line = result.lines().find(|l| l.starts_with("rng ")).unwrap_or("");
     assert!(rng_line.contains("virtio_rng"), "{result}");
     let hex = rng_line.rsplit(' ').next().unwrap_or("");
@@ -283,4 +330,17 @@ fn guest_uses_virtio_devices(image: &str, limit: Duration) {
         assert!(result.contains("net guest-ping ok"), "{result}\n{tail}");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Runs Debian's `qemu-img` (qemu-utils, installed by scripts/install-deps.sh).
+fn qemu_img(args: &[&str]) {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("qemu-img (Debian's qemu-utils) is needed");
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?}: {}",
+        text(&out.stderr)
+    );
 }

@@ -270,6 +270,7 @@ fn main() {
     let file = File::open(&path).unwrap();
     let open = |engine| {
         Block::new(BlockParams {
+            format: None,
             path: path.clone(),
             read_only: true,
             serial: None,

@@ -74,6 +74,7 @@ fn writer_child() {
         return;
     };
     let blk = Block::new(BlockParams {
+        format: None,
         path: PathBuf::from(path),
         read_only: false,
         serial: None,
@@ -246,6 +247,7 @@ fn data_safety_after_sigkill_io_uring_engine() {
     let dir = std::env::temp_dir().join(format!("vessel-ds-probe-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let probe = Block::new(BlockParams {
+        format: None,
         path: image(&dir),
         read_only: false,
         serial: None,

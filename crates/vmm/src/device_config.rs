@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 pub use vessel_ratelimit::{BucketConfig, RateLimiterConfig};
+pub use vessel_virtio_devices::block::DiskFormat;
 
 /// How a virtio device is attached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
@@ -48,6 +49,8 @@ pub enum DeviceOptionError {
     Mac(String),
     #[error("{0} is a multicast address")]
     MulticastMac(String),
+    #[error("--disk: format={0}: use raw or qcow2")]
+    Format(String),
     #[error("--disk: serial is at most 20 bytes")]
     SerialTooLong,
     #[error("--net: TAP name '{0}' is longer than 15 bytes")]
@@ -69,10 +72,14 @@ impl FromStr for Transport {
     }
 }
 
-/// `--disk path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio][,bw=BYTES/S][,iops=N]`
+/// `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=ID][,transport=pci|mmio]`
+/// `[,bw=BYTES/S][,iops=N]`
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     pub path: PathBuf,
+    /// The image's format; `None`: detected from its header when it is opened.
+    #[serde(default)]
+    pub format: Option<DiskFormat>,
     pub read_only: bool,
     pub serial: Option<String>,
     pub transport: Transport,
@@ -266,6 +273,12 @@ impl FromStr for DiskConfig {
     fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
         let mut o = Options::parse("--disk", s)?;
         let path = PathBuf::from(o.required("path")?);
+        let format = match o.take("format").as_deref() {
+            None => None,
+            Some("raw") => Some(DiskFormat::Raw),
+            Some("qcow2") => Some(DiskFormat::Qcow2),
+            Some(other) => return Err(DeviceOptionError::Format(other.to_string())),
+        };
         let read_only = o.flag("readonly")?;
         let serial = o.take("serial");
         if serial.as_ref().is_some_and(|s| s.len() > 20) {
@@ -276,6 +289,7 @@ impl FromStr for DiskConfig {
         o.finish()?;
         Ok(DiskConfig {
             path,
+            format,
             read_only,
             serial,
             transport,
@@ -377,12 +391,19 @@ mod tests {
             d,
             DiskConfig {
                 path: "/tmp/a.img".into(),
+                format: None,
                 read_only: true,
                 serial: Some("abc".into()),
                 transport: Transport::Mmio,
                 rate_limiter: None,
             }
         );
+        let d: DiskConfig = "path=x,format=qcow2".parse().unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Qcow2));
+        let d: DiskConfig = "path=x,format=raw".parse().unwrap();
+        assert_eq!(d.format, Some(DiskFormat::Raw));
+        let e = "path=x,format=vmdk".parse::<DiskConfig>().unwrap_err();
+        assert_eq!(e.to_string(), "--disk: format=vmdk: use raw or qcow2");
         let d: DiskConfig = "path=x,bw=1000000,iops=500".parse().unwrap();
         assert_eq!(
             d.rate_limiter,

@@ -40,6 +40,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
     let mut handles = DeviceHandles::default();
     for d in &configs.disks {
         let dev = block::Block::new(block::BlockParams {
+            format: d.format,
             path: d.path.clone(),
             read_only: d.read_only,
             serial: d.serial.clone(),

@@ -466,7 +466,7 @@ mod tests {
 
     #[test]
     fn rate_limiters_map_at_start_and_patches_reach_the_devices() {
-        use vessel_virtio_devices::block::{Block, BlockConfig, BlockEngine};
+        use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
         let (kernel, mut r) = with_kernel("kernel-rl");
         r.set_drive(
             serde_json::from_value(json!({
@@ -508,7 +508,8 @@ mod tests {
         // Post-boot PATCHes go to the running devices' limiters.
         let img = std::env::temp_dir().join(format!("vessel-api-rl-{}.img", std::process::id()));
         std::fs::write(&img, vec![0u8; 4096]).unwrap();
-        let dev = Block::new(BlockConfig {
+        let dev = Block::new(BlockParams {
+            format: None,
             path: img.clone(),
             read_only: true,
             serial: None,

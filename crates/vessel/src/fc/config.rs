@@ -12,7 +12,7 @@ use vessel_api::types::{
 use vessel_api::{ApiError, VmResources};
 use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
 use vessel_vmm::device_config::{
-    BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
+    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, NetConfig, Transport, VsockConfig,
 };
 use vessel_vmm::{Payload, VmConfig, DEFAULT_CMDLINE};
 
@@ -72,6 +72,9 @@ pub fn resources_to_config_on(
         };
         disks.push(DiskConfig {
             path: PathBuf::from(path),
+            // Firecracker's drives are raw: never probed, so a guest that writes a qcow2
+            // header into its disk cannot make the host open files it names.
+            format: Some(DiskFormat::Raw),
             read_only: d.is_read_only.unwrap_or(false),
             // Firecracker answers VIRTIO_BLK_T_GET_ID with the drive id.
             serial: (d.drive_id.len() <= BLK_SERIAL_MAX).then(|| d.drive_id.clone()),

@@ -1,6 +1,7 @@
-//! The backing image of a virtio-blk device: a raw file or a host block device, opened once,
-//! with the few operations requests need (vectored positional reads and writes straight
-//! between the file and guest memory, `fdatasync`, hole punching and zeroing).
+//! The backing image of a virtio-blk device: a raw file, a host block device or a qcow2 image
+//! ([`super::qcow2`]), opened once, with the few operations requests need (vectored positional
+//! reads and writes straight between the image and guest memory, `fdatasync`, hole punching
+//! and zeroing).
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
@@ -9,6 +10,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::qcow2::{is_qcow2, Qcow2Image};
 use super::{BlockError, SECTOR_SIZE};
 
 /// Bytes of a device serial (`VIRTIO_BLK_ID_BYTES`).
@@ -17,10 +19,24 @@ pub const SERIAL_BYTES: usize = virtio_bindings::virtio_blk::VIRTIO_BLK_ID_BYTES
 /// Most iovecs one `preadv`/`pwritev` takes (Linux `UIO_MAXIOV`).
 pub const IOV_MAX: usize = 1024;
 
+/// The format of a disk image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskFormat {
+    /// The guest's bytes as they are: a file or a host block device.
+    #[default]
+    Raw,
+    /// QEMU's copy-on-write format, with backing files.
+    Qcow2,
+}
+
 /// An open disk image.
 #[derive(Debug)]
 pub struct Disk {
+    /// The image file (for a qcow2 image: its top layer, for the serial and metadata only).
     file: File,
+    /// `Some` for a qcow2 image: every request goes through it.
+    qcow2: Option<Qcow2Image>,
     /// Usable size in bytes: the file size rounded down to a whole sector (changes when the
     /// backing file is replaced).
     size: AtomicU64,
@@ -32,7 +48,13 @@ pub struct Disk {
 static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl Disk {
-    pub fn open(path: &Path, read_only: bool, serial: Option<&str>) -> Result<Disk, BlockError> {
+    /// Opens the image at `path`; `format` `None` detects it from the header.
+    pub fn open(
+        path: &Path,
+        read_only: bool,
+        serial: Option<&str>,
+        format: Option<DiskFormat>,
+    ) -> Result<Disk, BlockError> {
         let p = || PathBuf::from(path);
         let file = OpenOptions::new()
             .read(true)
@@ -46,10 +68,27 @@ impl Disk {
         if !ft.is_file() && !ft.is_block_device() {
             return Err(BlockError::NotAFileOrBlockDevice { path: p() });
         }
-        // `seek(End)` gives the size of block devices too (their metadata length is 0).
-        let raw_size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size { path: p(), source })?;
+        let format = match format {
+            Some(f) => f,
+            None if is_qcow2(&file).map_err(|source| BlockError::Open { path: p(), source })? => {
+                DiskFormat::Qcow2
+            }
+            None => DiskFormat::Raw,
+        };
+        let qcow2 = match format {
+            DiskFormat::Raw => None,
+            DiskFormat::Qcow2 => Some(
+                Qcow2Image::open(path, read_only)
+                    .map_err(|source| BlockError::Qcow2 { path: p(), source })?,
+            ),
+        };
+        let raw_size = match &qcow2 {
+            Some(q) => q.size(),
+            // `seek(End)` gives the size of block devices too (their metadata length is 0).
+            None => (&file)
+                .seek(SeekFrom::End(0))
+                .map_err(|source| BlockError::Size { path: p(), source })?,
+        };
         let size = raw_size - raw_size % SECTOR_SIZE;
         if size != raw_size {
             log::warn!(
@@ -78,10 +117,19 @@ impl Disk {
         id[..n].copy_from_slice(&serial.as_bytes()[..n]);
         Ok(Disk {
             file,
+            qcow2,
             size: AtomicU64::new(size),
             read_only,
             serial: id,
         })
+    }
+
+    /// The image's format.
+    pub fn format(&self) -> DiskFormat {
+        match self.qcow2 {
+            Some(_) => DiskFormat::Qcow2,
+            None => DiskFormat::Raw,
+        }
     }
 
     /// A disk over any open file (tests use pipes to hold requests in flight).
@@ -89,6 +137,7 @@ impl Disk {
     pub fn from_file(file: File, size: u64, read_only: bool) -> Disk {
         Disk {
             file,
+            qcow2: None,
             size: AtomicU64::new(size),
             read_only,
             serial: [0; SERIAL_BYTES],
@@ -103,7 +152,11 @@ impl Disk {
     /// Makes `other`'s file the backing file of this disk, keeping this disk's descriptor
     /// number (so requests submitted afterwards, by either engine, reach the new file) and
     /// taking `other`'s size. Requests already in the kernel finish on the old file.
+    /// Raw images only: a qcow2 image on either side is refused (`EOPNOTSUPP`).
     pub fn replace_with(&self, other: Disk) -> io::Result<()> {
+        if self.qcow2.is_some() || other.qcow2.is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
+        }
         // SAFETY: both descriptors are open and owned by live `File`s; dup3 atomically makes
         // our descriptor number refer to `other`'s open file (closing our old one), so
         // `self.file` stays a valid, owned descriptor. `other` then closes its own copy.
@@ -121,9 +174,10 @@ impl Disk {
         Ok(())
     }
 
-    /// The image's file descriptor (for io_uring submissions).
-    pub fn fd(&self) -> std::os::unix::io::RawFd {
-        self.file.as_raw_fd()
+    /// The image's file descriptor, for io_uring submissions: raw images only (a qcow2
+    /// image's requests need its metadata, so they go through [`Disk::transfer`]).
+    pub fn fd(&self) -> Option<std::os::unix::io::RawFd> {
+        self.qcow2.is_none().then(|| self.file.as_raw_fd())
     }
 
     pub fn read_only(&self) -> bool {
@@ -148,6 +202,15 @@ impl Disk {
         mut offset: u64,
         write: bool,
     ) -> io::Result<u64> {
+        if let Some(q) = &self.qcow2 {
+            // SAFETY: the caller's guarantees, passed on.
+            let n = unsafe { q.transfer(iovs, offset, write) }?;
+            // Consumed, as a raw transfer leaves them.
+            for v in iovs.iter_mut() {
+                v.iov_len = 0;
+            }
+            return Ok(n);
+        }
         let fd = self.file.as_raw_fd();
         let mut total = 0u64;
         let mut at = 0usize;
@@ -212,12 +275,18 @@ impl Disk {
 
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
-        self.file.sync_data()
+        match &self.qcow2 {
+            Some(q) => q.flush(),
+            None => self.file.sync_data(),
+        }
     }
 
     /// Discards `[offset, offset + len)`: punches a hole, or writes zeros where the host
     /// cannot.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(q) = &self.qcow2 {
+            return q.write_zeroes(offset, len);
+        }
         let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
         if self.fallocate(mode, offset, len).is_ok() {
             return Ok(());
@@ -228,6 +297,9 @@ impl Disk {
     /// Zeroes `[offset, offset + len)`, deallocating it if `unmap` (hole punching reads back as
     /// zeros), falling back to writing zeros.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if let Some(q) = &self.qcow2 {
+            return q.write_zeroes(offset, len);
+        }
         if unmap {
             let mode = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
             if self.fallocate(mode, offset, len).is_ok() {

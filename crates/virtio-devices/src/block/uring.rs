@@ -190,7 +190,11 @@ impl Uring {
             slot.iovs.clear();
             return Err(NotQueued::Unsuitable);
         }
-        let fd = types::Fd(self.disk.fd());
+        // A qcow2 image has no descriptor to submit to: its requests run synchronously.
+        let Some(fd) = self.disk.fd().map(types::Fd) else {
+            slot.iovs.clear();
+            return Err(NotQueued::Unsuitable);
+        };
         let (ptr, cnt) = (slot.iovs.as_ptr(), slot.iovs.len() as u32);
         let sqe = if write {
             opcode::Writev::new(fd, ptr, cnt).offset(offset).build()
@@ -232,7 +236,10 @@ impl Uring {
         let Some(&i) = self.free.last() else {
             return Err(NotQueued::Unsuitable);
         };
-        let sqe = opcode::Fsync::new(types::Fd(self.disk.fd()))
+        let Some(fd) = self.disk.fd().map(types::Fd) else {
+            return Err(NotQueued::Unsuitable);
+        };
+        let sqe = opcode::Fsync::new(fd)
             .flags(types::FsyncFlags::DATASYNC)
             .build()
             .user_data(u64::from(i));
