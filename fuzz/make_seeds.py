@@ -232,6 +232,24 @@ d_tx, h_tx = chains([(DATA, len(text), 0)], [(DATA, 5, 0), (DATA + 5, len(text) 
 put("virtio_console", "output", device_input(ALL, [queue(d_rx, h_rx), queue(d_tx, h_tx)], text, config_writes=[(8, [ord("!"), 0, 0, 0])]))
 put("virtio_console", "output-rekicked", device_input(1 << 32, [queue(), queue(d_tx[:1], [0])], text, rekicks=2))
 
+# qcow2_open: small images made by qemu-img (512-byte clusters keep them a few KiB): a v3
+# image with data, a v2 image, and an overlay naming a backing file that does not exist.
+import subprocess, tempfile
+with tempfile.TemporaryDirectory() as tmp:
+    def qcow2(name, *args):
+        path = os.path.join(tmp, name)
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", *args[:-1], path, args[-1]], check=True)
+        return path
+    def qemu_io(path, cmd):
+        subprocess.run(["qemu-io", "-c", cmd, path], check=True, stdout=subprocess.DEVNULL)
+    v3 = qcow2("v3", "-o", "cluster_size=512", "64K")
+    qemu_io(v3, "write -P 0x5a 1024 2048")
+    v2 = qcow2("v2", "-o", "cluster_size=512,compat=0.10", "64K")
+    overlay = qcow2("overlay", "-o", "cluster_size=512", "-F", "raw", "-b", "/nonexistent/base.raw", "-u", "64K")
+    for name, path in [("v3-with-data", v3), ("v2-empty", v2), ("overlay-missing-backing", overlay)]:
+        with open(path, "rb") as f:
+            put("qcow2_open", name, f.read())
+
 # --- regressions: reconstructed inputs of past findings -----------------------------------
 REG = os.path.join(HERE, "regressions")
 

@@ -27,6 +27,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_rng", targets::virtio_rng),
     ("virtio_balloon", targets::virtio_balloon),
     ("virtio_console", targets::virtio_console),
+    ("qcow2_open", targets::qcow2_open),
 ];
 
 /// The `virtio_*` targets and the device each drives (for the replay test's checks).

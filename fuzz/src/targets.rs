@@ -285,3 +285,31 @@ pub fn virtio_balloon(data: &[u8]) {
 pub fn virtio_console(data: &[u8]) {
     devices::run(devices::Kind::Console, data);
 }
+
+/// A qcow2 image (header, L1 and refcount tables, feature bits, backing file name): opened
+/// read-only as a virtio-blk disk. Backing files it names are opened read-only when they are
+/// regular files; a loop or a chain deeper than 16 is refused.
+pub fn qcow2_open(data: &[u8]) {
+    use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams, DiskFormat};
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let path = PATH.get_or_init(|| {
+        std::env::temp_dir().join(format!("vessel-fuzz-{}.qcow2", std::process::id()))
+    });
+    let Ok(_one) = LOCK.lock() else {
+        return;
+    };
+    if std::fs::write(path, data).is_err() {
+        return;
+    }
+    let disk = Block::new(BlockParams {
+        path: path.clone(),
+        format: Some(DiskFormat::Qcow2),
+        read_only: true,
+        serial: None,
+        engine: BlockEngine::Sync,
+    });
+    if let Ok(d) = disk {
+        let _ = d.capacity();
+    }
+}

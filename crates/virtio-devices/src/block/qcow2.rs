@@ -61,10 +61,19 @@ impl ChainGate {
     }
 }
 
-/// `path`, resolved; a missing file is named in the error.
+/// `path`, resolved; a missing file is named in the error, and so is anything but a regular
+/// file or a block device (an image naming a FIFO or `/dev/stdin` would block the open).
 fn canonical(path: &Path) -> io::Result<PathBuf> {
-    std::fs::canonicalize(path)
-        .map_err(|e| io::Error::new(e.kind(), format!("backing file {}: {e}", path.display())))
+    let named = |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", path.display()));
+    let resolved = std::fs::canonicalize(path).map_err(named)?;
+    let kind = std::fs::metadata(&resolved).map_err(named)?.file_type();
+    if !kind.is_file() && !std::os::unix::fs::FileTypeExt::is_block_device(&kind) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a regular file or a block device", path.display()),
+        ));
+    }
+    Ok(resolved)
 }
 
 impl imago::format::gate::ImplicitOpenGate<ImageFile> for ChainGate {
@@ -80,6 +89,10 @@ impl imago::format::gate::ImplicitOpenGate<ImageFile> for ChainGate {
     }
 
     fn open_storage(&mut self, options: StorageOpenOptions) -> io::Result<ImageFile> {
+        // A raw backing file is opened here directly, without `open_format`.
+        if let Some(path) = options.get_filename() {
+            canonical(path)?;
+        }
         // Writable only for the writable image's own data file: backing images are opened
         // read-only above, and their storage with them.
         ImageFile::open(options)
@@ -348,6 +361,14 @@ mod tests {
         qemu_img(&["rebase", "-q", "-u", "-b", sb, "-F", "qcow2", sa]).unwrap();
         let e = refusal(&b);
         assert!(e.contains("loop"), "{e}");
+
+        // A backing "file" that is a character device (it could block the open) is refused.
+        let dev = dir.join("dev.qcow2");
+        let sd = dev.to_str().unwrap();
+        qemu_img(&["create", "-q", "-f", "qcow2", sd, "1M"]).unwrap();
+        qemu_img(&["rebase", "-q", "-u", "-b", "/dev/zero", "-F", "raw", sd]).unwrap();
+        let e = refusal(&dev);
+        assert!(e.contains("not a regular file"), "{e}");
 
         // A missing backing file is named.
         std::fs::remove_file(&base).unwrap();
