@@ -198,7 +198,75 @@ fn build_image(name: ImageName) -> Result<vessel_image::ImagePaths, String> {
         .map_err(|e| ErrorChain(&e).to_string())
 }
 
+/// A file in memory (a memfd), named by its `/proc/self/fd` path while it is open.
+struct MemFile {
+    file: std::fs::File,
+}
+
+impl MemFile {
+    fn new(name: &std::ffi::CStr, data: &[u8]) -> Result<MemFile, String> {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        // SAFETY: a NUL-terminated name and a flag; the result is checked.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(format!("memfd: {}", std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        file.write_all(data).map_err(|e| format!("memfd: {e}"))?;
+        Ok(MemFile { file })
+    }
+
+    fn path(&self) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
+    }
+}
+
+/// With no kernel: the Linux the first disk that has one boots, found on the host in its
+/// bootloader configuration (see `vessel_diskboot`), held in memory files.
+fn linux_from_disks(
+    disks: &[vessel_vmm::device_config::DiskConfig],
+) -> Result<(vessel_diskboot::BootImage, MemFile, Option<MemFile>), String> {
+    let t = std::time::Instant::now();
+    let mut first_error = None;
+    for d in disks {
+        match vessel_diskboot::find_linux(&d.path) {
+            Ok(found) => {
+                eprintln!(
+                    "vessel: booting '{}' from {} ({}) directly, found in {:.1} ms",
+                    found.title,
+                    d.path.display(),
+                    found.found_in,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+                let kernel = MemFile::new(c"vessel-kernel", &found.kernel)?;
+                let initrd = match &found.initrd {
+                    Some(data) => Some(MemFile::new(c"vessel-initrd", data)?),
+                    None => None,
+                };
+                return Ok((found, kernel, initrd));
+            }
+            Err(e) => {
+                first_error.get_or_insert(ErrorChain(&e).to_string());
+            }
+        }
+    }
+    Err(first_error.unwrap_or_else(|| "no disk to boot".into()))
+}
+
 fn run(args: RunArgs) -> Result<ExitCode, String> {
+    // Kept open while the VM is built: the loader reads them by their /proc paths.
+    let mut from_disk = None;
+    if args.kernel.is_none() && args.image.is_none() && !args.disk.is_empty() {
+        from_disk = Some(linux_from_disks(&args.disk)?);
+    }
+    let cmdline = args.cmdline.or_else(|| {
+        from_disk
+            .as_ref()
+            .map(|(found, _, _)| found.cmdline.clone())
+    });
     let boot = match (args.kernel, args.image) {
         (Some(kernel), _) => Payload::Linux {
             kernel,
@@ -213,11 +281,18 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
                 system_map: args.system_map.or(p.system_map),
             }
         }
-        (None, None) => Payload::Demo,
+        (None, None) => match &from_disk {
+            Some((_, kernel, initrd)) => Payload::Linux {
+                kernel: kernel.path(),
+                initrd: initrd.as_ref().map(MemFile::path),
+                system_map: args.system_map,
+            },
+            None => Payload::Demo,
+        },
     };
     let config = VmConfig {
         boot: boot.clone(),
-        cmdline: args.cmdline,
+        cmdline,
         append: args.append,
         cpus: args.cpus,
         memory: args.memory.unwrap_or(match boot {

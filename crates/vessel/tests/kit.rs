@@ -84,3 +84,60 @@ fn debian_boots_and_powers_off() {
         );
     }
 }
+
+/// The `minimal` kernel and initramfs in a cloud-style disk (GPT, ext4 root, GRUB's
+/// `grub.cfg`), as a qcow2 overlay: `vessel run --disk` with no kernel finds them in the
+/// bootloader's configuration and boots them directly.
+#[test]
+fn minimal_boots_from_a_cloud_style_qcow2_disk_without_a_kernel() {
+    let Some((kernel, initrd)) = kit_image("minimal") else {
+        return;
+    };
+    let dir = scratch("kit-disk-boot");
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("boot/grub")).unwrap();
+    std::fs::copy(&kernel, root.join("boot/vmlinuz-minimal")).unwrap();
+    std::fs::copy(&initrd, root.join("boot/initrd.img-minimal")).unwrap();
+    std::fs::write(
+        root.join("boot/grub/grub.cfg"),
+        format!(
+            "set default=\"0\"\nmenuentry 'Vessel minimal' {{\n\tlinux /boot/vmlinuz-minimal {}\n\tinitrd /boot/initrd.img-minimal\n}}\n",
+            vessel_vmm::DEFAULT_CMDLINE
+        ),
+    )
+    .unwrap();
+    let size =
+        std::fs::metadata(&kernel).unwrap().len() + std::fs::metadata(&initrd).unwrap().len();
+    let disk = vessel_diskboot::make::gpt_ext4_disk(&dir, &root, (size >> 20) + 16).unwrap();
+    let overlay = dir.join("disk.qcow2");
+    let made = std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+        .arg(&disk)
+        .arg(&overlay)
+        .status()
+        .expect("qemu-img (Debian's qemu-utils) is needed");
+    assert!(made.success());
+    let console = dir.join("console.txt");
+    let mut cmd = vessel();
+    cmd.arg("run")
+        .arg(format!("--disk=path={}", overlay.display()))
+        .args(["--memory", "128M", "--append", "vessel.poweroff", "--stats"])
+        .arg(format!("--serial=file={}", console.display()));
+    let t = Instant::now();
+    let out = run_with_timeout(cmd, MINIMAL_LIMIT);
+    let console = std::fs::read_to_string(&console).unwrap_or_default();
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "{stderr}\n{console}");
+    assert!(stderr.contains("booting 'Vessel minimal' from"), "{stderr}");
+    assert!(
+        console
+            .lines()
+            .any(|l| l.trim_end() == "VESSEL-GUEST-READY"),
+        "never got ready:\n{console}"
+    );
+    eprintln!(
+        "minimal from a qcow2 disk: ready and powered off in {:.1} s\n{stderr}",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -273,6 +273,23 @@ impl Disk {
         }
     }
 
+    /// Reads `buf.len()` bytes at `offset` into `buf` (host-side reads of an image, e.g. to
+    /// find the kernel it boots).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if offset
+            .checked_add(buf.len() as u64)
+            .is_none_or(|end| end > self.size())
+        {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut iov = [libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }];
+        // SAFETY: the one iovec is `buf`, borrowed mutably for the whole call.
+        unsafe { self.transfer(&mut iov, offset, false) }.map(drop)
+    }
+
     /// Makes every completed write durable.
     pub fn flush(&self) -> io::Result<()> {
         match &self.qcow2 {

@@ -46,8 +46,7 @@ use virtio_bindings::virtio_blk::{
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
-use disk::Disk;
-pub use disk::{DiskFormat, SERIAL_BYTES};
+pub use disk::{Disk, DiskFormat, SERIAL_BYTES};
 pub use qcow2::MAX_CHAIN;
 #[doc(hidden)]
 pub use queue::QueueServer;
