@@ -250,6 +250,22 @@ with tempfile.TemporaryDirectory() as tmp:
         with open(path, "rb") as f:
             put("qcow2_open", name, f.read())
 
+# boot_config: a Debian cloud image's grub.cfg (trimmed, with a submenu) and a BLS entry.
+put("boot_config", "grub-debian", """set default="1>0"
+menuentry 'Debian GNU/Linux' --class debian $menuentry_id_option 'gnulinux-simple' {
+\tsearch --no-floppy --fs-uuid --set=root 1234-abcd
+\tlinux\t/boot/vmlinuz-6.1.0-28-cloud-amd64 root=PARTUUID=5678 ro console=ttyS0,115200 $vt_handoff
+\tinitrd\t/boot/initrd.img-6.1.0-28-cloud-amd64
+}
+submenu 'Advanced options' {
+\tmenuentry 'Debian, with Linux 6.1.0-27' {
+\t\tlinux\t/boot/vmlinuz-6.1.0-27-cloud-amd64 root=PARTUUID=5678 ro single
+\t\tinitrd\t/boot/initrd.img-6.1.0-27-cloud-amd64 /boot/extra.img
+\t}
+}
+""")
+put("boot_config", "bls-entry", "title Fedora Linux (6.11.4)\nversion 6.11.4\nlinux /vmlinuz-6.11.4\ninitrd /initramfs-6.11.4.img\noptions root=UUID=1 ro\n")
+
 # --- regressions: reconstructed inputs of past findings -----------------------------------
 REG = os.path.join(HERE, "regressions")
 

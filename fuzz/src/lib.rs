@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_balloon", targets::virtio_balloon),
     ("virtio_console", targets::virtio_console),
     ("qcow2_open", targets::qcow2_open),
+    ("boot_config", targets::boot_config),
 ];
 
 /// The `virtio_*` targets and the device each drives (for the replay test's checks).

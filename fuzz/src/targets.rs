@@ -313,3 +313,11 @@ pub fn qcow2_open(data: &[u8]) {
         let _ = d.capacity();
     }
 }
+
+/// A bootloader configuration read from a disk image for direct boot: GRUB's `grub.cfg` and a
+/// Boot Loader Spec entry (`vessel_diskboot::config`).
+pub fn boot_config(data: &[u8]) {
+    let text = String::from_utf8_lossy(data);
+    let _ = vessel_diskboot::config::grub_default(&text);
+    let _ = vessel_diskboot::config::bls_entry(&text);
+}
