@@ -242,14 +242,17 @@ fn write_snapshot<A: Serialize + Clone>(
                 kvm_dirty_log(&m.vm, &state.memory)?;
             }
             memory::take_vmm_dirty(&m.mem);
-            // SAFETY: every vCPU is parked (save_states checked) and the device workers
-            // are quiesced, so nothing writes guest memory while it is read.
-            (unsafe { memory::write_full(&m.mem, &req.memory) }?, None)
+            // SAFETY: `capture` above had every vCPU report its state from the pause gate
+            // (so all are parked) and `take` quiesced the device workers: nothing writes
+            // guest memory while `write_full` reads it.
+            let st = unsafe { memory::write_full(&m.mem, &req.memory) }?;
+            (st, None)
         }
         SnapshotKind::Diff => {
             let dirty = dirty_pages(m)?;
             let n = dirty.count();
-            // SAFETY: as above.
+            // SAFETY: the vCPUs are parked and the device workers quiesced (see the full
+            // case): nothing writes guest memory while `write_diff` reads the dirty pages.
             let st = unsafe { memory::write_diff(&m.mem, &req.memory, &dirty) }?;
             (st, Some(n))
         }
