@@ -249,14 +249,6 @@ impl ChannelBackend {
         self.call_within(self.timeout, f)
     }
 
-    /// [`Self::call`] for a backend method that can fail: its error and the call's are one.
-    pub fn try_call<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut dyn VmmBackend) -> Result<T, ApiError> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        self.call(f)?
-    }
-
     /// [`Self::call`] with its own reply timeout.
     pub fn call_within<R: Send + 'static>(
         &self,
@@ -314,6 +306,7 @@ mod tests {
         let (backend, jobs) = channel(move || {
             w.fetch_add(1, Ordering::SeqCst);
         });
+        let backend = Backend::from(backend);
         let vmm_thread = std::thread::spawn(move || {
             let mut vmm = Vmm { paused: false };
             for job in jobs.iter().take(3) {
@@ -351,7 +344,7 @@ mod tests {
     #[test]
     fn channel_times_out_and_reports_a_gone_vmm() {
         let (backend, jobs) = channel(|| {});
-        let backend = backend.with_timeout(Duration::from_millis(50));
+        let backend = Backend::from(backend.with_timeout(Duration::from_millis(50)));
         // Nobody runs the job: the call times out.
         assert!(matches!(
             backend.try_call(|b| b.pause()),

@@ -117,30 +117,25 @@ fn temp_path(what: &str) -> std::path::PathBuf {
     ))
 }
 
-fn block_round_trip(engine: crate::block::BlockEngine) {
+/// A write of sector 3, a snapshot, and a read of it from a device restored on the same
+/// image. With `keep_source`, the first device still exists (paused, as a snapshot's source
+/// or a migration's sender does) while the restored one reads.
+fn block_write_snapshot_read(
+    path: &std::path::Path,
+    engine: crate::block::BlockEngine,
+    keep_source: bool,
+) {
     use crate::block::{Block, BlockParams};
-    let path = temp_path("blk");
-    std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
     let open = || {
         Block::new(BlockParams {
             format: None,
-            path: path.clone(),
+            path: path.to_path_buf(),
             read_only: false,
             serial: None,
             engine,
         })
         .unwrap()
     };
-    if let Err(crate::block::BlockError::IoUringUnavailable(e)) = Block::new(BlockParams {
-        format: None,
-        path: path.clone(),
-        read_only: true,
-        serial: None,
-        engine,
-    }) {
-        eprintln!("skipping the io_uring engine: {e}");
-        return;
-    }
     let m = mem();
     let mut q = ring(&m, 0);
     let mut d = Driver::new(open(), &m);
@@ -164,7 +159,12 @@ fn block_round_trip(engine: crate::block::BlockEngine) {
     assert_eq!(q.wait_used().1, 1);
     assert_eq!(m.read_obj::<u8>(GuestAddress(0x42_0000)).unwrap(), 0);
     let state = d.snapshot();
-    drop(d);
+    let source = if keep_source {
+        Some(d)
+    } else {
+        drop(d);
+        None
+    };
 
     let mut d = Driver::restore(open(), &m, &state);
     hdr(0x40_1000, 0);
@@ -180,6 +180,24 @@ fn block_round_trip(engine: crate::block::BlockEngine) {
     assert_eq!(m.read_obj::<u8>(GuestAddress(0x42_0001)).unwrap(), 0);
     assert_eq!(q.read(0x43_0000, 512), vec![0x5a; 512]);
     drop(d);
+    drop(source);
+}
+
+fn block_round_trip(engine: crate::block::BlockEngine) {
+    use crate::block::{Block, BlockParams};
+    let path = temp_path("blk");
+    std::fs::write(&path, vec![0u8; 64 * 1024]).unwrap();
+    if let Err(crate::block::BlockError::IoUringUnavailable(e)) = Block::new(BlockParams {
+        format: None,
+        path: path.clone(),
+        read_only: true,
+        serial: None,
+        engine,
+    }) {
+        eprintln!("skipping the io_uring engine: {e}");
+        return;
+    }
+    block_write_snapshot_read(&path, engine, false);
     let _ = std::fs::remove_file(&path);
 }
 
@@ -191,10 +209,10 @@ fn block_write_then_read_across_a_snapshot() {
 
 /// A qcow2 image caches its metadata: the quiesce of a snapshot writes it out, so a device
 /// opened on the same image while the first still exists (a clone, a migration's receiver)
-/// reads what the guest wrote before the snapshot.
+/// reads what the guest wrote before the snapshot (a new cluster, mapped in metadata the
+/// image caches).
 #[test]
 fn a_qcow2_disk_is_consistent_on_disk_once_quiesced() {
-    use crate::block::{Block, BlockEngine, BlockParams};
     let path = temp_path("blk.qcow2");
     let made = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -205,51 +223,7 @@ fn a_qcow2_disk_is_consistent_on_disk_once_quiesced() {
         eprintln!("note: qemu-img (Debian's qemu-utils) cannot make a qcow2 image here");
         return;
     }
-    let open = || {
-        Block::new(BlockParams {
-            format: None,
-            path: path.clone(),
-            read_only: false,
-            serial: None,
-            engine: BlockEngine::Auto,
-        })
-        .unwrap()
-    };
-    let m = mem();
-    let mut q = ring(&m, 0);
-    let mut d = Driver::new(open(), &m);
-    d.probe(features::VERSION_1, &[Some(&q)]);
-    let hdr = |at: u64, t: u32| {
-        m.write_obj(t, GuestAddress(at)).unwrap();
-        m.write_obj(0u32, GuestAddress(at + 4)).unwrap();
-        m.write_obj(3u64, GuestAddress(at + 8)).unwrap();
-    };
-    // A write of sector 3: a new cluster, mapped in metadata the image caches.
-    hdr(0x40_0000, 1);
-    m.write_slice(&[0x5a; 512], GuestAddress(0x41_0000))
-        .unwrap();
-    q.add(&[
-        (0x40_0000, 16, false),
-        (0x41_0000, 512, false),
-        (0x42_0000, 1, true),
-    ]);
-    d.kick(0);
-    assert_eq!(q.wait_used().1, 1);
-    let state = d.snapshot();
-
-    // The first device still exists (paused), as a snapshot's source does.
-    let mut clone = Driver::restore(open(), &m, &state);
-    hdr(0x40_1000, 0);
-    q.add(&[
-        (0x40_1000, 16, false),
-        (0x43_0000, 512, true),
-        (0x42_0001, 1, true),
-    ]);
-    clone.kick(0);
-    assert_eq!(q.wait_used().1, 513);
-    assert_eq!(q.read(0x43_0000, 512), vec![0x5a; 512]);
-    drop(clone);
-    drop(d);
+    block_write_snapshot_read(&path, crate::block::BlockEngine::Auto, true);
     let _ = std::fs::remove_file(&path);
 }
 

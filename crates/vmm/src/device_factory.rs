@@ -46,7 +46,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             serial: d.serial.clone(),
             engine: block::BlockEngine::Auto,
         })
-        .map_err(|e| DeviceError::setup(format!("--disk {}", d.path.display()))(Box::new(e)))?;
+        .map_err(|e| DeviceError::setup(format!("--disk {}", d.path.display()), e))?;
         if let Some(r) = &d.rate_limiter {
             dev.rate_limiter().set_config(r);
         }
@@ -60,7 +60,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             mac: n.mac,
             queue_pairs: n.queue_pairs,
         })
-        .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap))(Box::new(e)))?;
+        .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap), e))?;
         dev.set_mmds(n.mmds.clone());
         let h = dev.handle();
         if let Some(r) = &n.rx_rate_limiter {
@@ -77,7 +77,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             guest_cid: v.cid,
             uds_path: v.uds.clone(),
         })
-        .map_err(|e| DeviceError::setup(format!("--vsock uds={}", v.uds.display()))(Box::new(e)))?;
+        .map_err(|e| DeviceError::setup(format!("--vsock uds={}", v.uds.display()), e))?;
         out.push(planned(dev, v.transport));
     }
     if let Some(t) = configs.rng {
@@ -89,7 +89,7 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
             deflate_on_oom: b.deflate_on_oom,
             free_page_reporting: true,
         })
-        .map_err(|e| DeviceError::setup("virtio-balloon")(Box::new(e)))?;
+        .map_err(|e| DeviceError::setup("virtio-balloon", e))?;
         let handle = dev.handle();
         handle.set_target_mib(b.size_mib);
         handles.balloon = Some(handle);

@@ -102,9 +102,12 @@ impl DeviceError {
     /// `what` could not be set up because of `source`.
     pub(crate) fn setup(
         what: impl Into<String>,
-    ) -> impl FnOnce(Box<dyn std::error::Error + Send + Sync>) -> DeviceError {
-        let what = what.into();
-        move |source| DeviceError::Setup { what, source }
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> DeviceError {
+        DeviceError::Setup {
+            what: what.into(),
+            source: Box::new(source),
+        }
     }
 }
 
@@ -138,7 +141,7 @@ pub struct VirtioManager {
 fn device_err<E: std::error::Error + Send + Sync + 'static>(
     what: &str,
 ) -> impl FnOnce(E) -> VmmError + '_ {
-    move |e| VmmError::Device(DeviceError::setup(what)(Box::new(e)))
+    move |e| VmmError::Device(DeviceError::setup(what, e))
 }
 
 impl VirtioManager {

@@ -25,7 +25,7 @@ use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
 use vessel_vmm::restore::{load_state, restore_with};
 use vessel_vmm::snapshot::{SnapshotKind, SnapshotRequest};
 use vessel_vmm::{
-    ControlError, ErrorChain, RunningVm, Vm, VmConfig, VmHandle, VmOutcome, VmmError,
+    ControlError, DeviceHandles, ErrorChain, RunningVm, Vm, VmConfig, VmHandle, VmOutcome, VmmError,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -179,7 +179,7 @@ impl VmmBackend for ApiBackend {
             .map(|d| d.drive_id.clone())
             .zip(handles.blocks.iter().cloned())
             .collect();
-        let nets = net_handles(resources, &vm);
+        let nets = net_handles(resources, &handles);
         let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
@@ -279,7 +279,7 @@ impl VmmBackend for ApiBackend {
         apply_overrides(p, &mut config, &mut resources)?;
         let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
-        let nets = net_handles(&resources, &vm);
+        let nets = net_handles(&resources, &vm.device_handles());
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         self.nets = nets;
@@ -383,12 +383,12 @@ impl VmmBackend for ApiBackend {
 
 /// The network interfaces' ids with their devices' handles (the devices are in the
 /// resources' order).
-fn net_handles(resources: &VmResources, vm: &Vm) -> Vec<(String, NetHandle)> {
+fn net_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, NetHandle)> {
     resources
         .network_interfaces
         .iter()
         .map(|n| n.iface_id.clone())
-        .zip(vm.device_handles().nets.iter().cloned())
+        .zip(handles.nets.iter().cloned())
         .collect()
 }
 
