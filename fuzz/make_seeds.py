@@ -266,6 +266,120 @@ submenu 'Advanced options' {
 """)
 put("boot_config", "bls-entry", "title Fedora Linux (6.11.4)\nversion 6.11.4\nlinux /vmlinuz-6.11.4\ninitrd /initramfs-6.11.4.img\noptions root=UUID=1 ro\n")
 
+# disk_scan: small disk images booted directly, made with dosfstools' mkfs.fat, mtools' mcopy,
+# util-linux's sfdisk and e2fsprogs' mkfs.ext4 (fixed ids and times, so that the same seeds
+# come out each run, except for the ext4 inodes' change times, which mkfs.ext4 -d copies):
+# a bare FAT12 filesystem laid out as systemd-boot's ESP (loader entries, kernels under the
+# machine id), the same in a GPT partition beside an ESP holding GRUB's stub and a full
+# grub.cfg, an MBR partition, and a bare ext4 with a grub.cfg.
+with tempfile.TemporaryDirectory() as tmp:
+    def tree(name, files):
+        root = os.path.join(tmp, name)
+        for path, data in files.items():
+            p = os.path.join(root, path)
+            os.makedirs(os.path.dirname(p), exist_ok=True)
+            with open(p, "wb") as f:
+                f.write(data if isinstance(data, bytes) else data.encode())
+        for d, dirs, names in os.walk(root):
+            for n in dirs + names:
+                os.utime(os.path.join(d, n), (1000000000, 1000000000))
+        return root
+
+    def fat(name, kib, root):
+        img = os.path.join(tmp, name)
+        subprocess.run(["mkfs.fat", "--invariant", "-C", img, str(kib)], check=True, stdout=subprocess.DEVNULL)
+        entries = [os.path.join(root, e) for e in sorted(os.listdir(root))]
+        subprocess.run(["mcopy", "-m", "-s", "-i", img, *entries, "::/"], check=True)
+        with open(img, "rb") as f:
+            return f.read()
+
+    def partitioned(name, label, parts):
+        """A disk with `parts` (sfdisk type, filesystem bytes) from sector 40, 34 sectors spare at the end."""
+        img = os.path.join(tmp, name)
+        script, at = [f"label: {label}", "label-id: 0x12345678" if label == "dos" else "label-id: 01234567-89AB-CDEF-0123-456789ABCDEF"], 40
+        for i, (kind, fs) in enumerate(parts):
+            uuid = "" if label == "dos" else f", uuid=01234567-89AB-CDEF-0123-45678900000{i}"
+            script.append(f"start={at}, size={len(fs) // 512}, type={kind}{uuid}")
+            at += len(fs) // 512
+        with open(img, "wb") as f:
+            f.truncate((at + 34) * 512)
+        subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", img],
+                       input="\n".join(script).encode(), check=True, stdout=subprocess.DEVNULL)
+        with open(img, "r+b") as f:
+            at = 40
+            for _, fs in parts:
+                f.seek(at * 512)
+                f.write(fs)
+                at += len(fs) // 512
+        with open(img, "rb") as f:
+            return f.read()
+
+    bls = fat("bls.img", 64, tree("bls", {
+        "loader/entries/0123abcd-6.10.0.conf": "title Old Linux\nlinux /0123abcd/6.10.0/linux\n",
+        "loader/entries/0123abcd-6.11.4.conf": "title Fedora Linux (6.11.4)\nlinux /0123abcd/6.11.4/linux\ninitrd /0123abcd/6.11.4/initrd\noptions root=UUID=1 ro quiet\n",
+        "0123abcd/6.10.0/linux": b"OLD-KERNEL",
+        "0123abcd/6.11.4/linux": b"KERNEL" * 1000,
+        "0123abcd/6.11.4/initrd": b"INITRD" * 200,
+    }))
+    put("disk_scan", "fat12-loader-entries", bls)
+    esp = fat("esp.img", 64, tree("esp", {
+        "EFI/debian/grub.cfg": "search.fs_uuid 0123 root\nset prefix=($root)'/boot/grub'\nconfigfile $prefix/grub.cfg\n",
+        "EFI/fedora/grub.cfg": "set default=\"0\"\nmenuentry 'Fedora' {\n\tlinuxefi /vmlinuz-6.11 root=LABEL=root\n\tinitrdefi /initramfs-6.11.img\n}\n",
+        "vmlinuz-6.11": b"K" * 3000,
+        "initramfs-6.11.img": b"I" * 700,
+    }))
+    put("disk_scan", "gpt-esp-grub", partitioned("gpt.img", "gpt", [
+        ("C12A7328-F81F-11D2-BA4B-00A0C93EC93B", esp),
+        ("0FC63DAF-8483-4772-8E79-3D69D8477DE4", bls),
+    ]))
+    put("disk_scan", "mbr-fat", partitioned("mbr.img", "dos", [("ef", bls)]))
+    root = tree("root", {
+        "boot/grub/grub.cfg": "menuentry 'Debian GNU/Linux' {\n\tlinux /boot/vmlinuz root=/dev/vda1 ro\n\tinitrd /boot/initrd.img\n}\n",
+        "boot/vmlinuz": b"KERNEL" * 100,
+        "boot/initrd.img": b"INITRD" * 50,
+    })
+    ext4 = os.path.join(tmp, "root.ext4")
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-b", "1024", "-N", "16", "-O", "^has_journal,^resize_inode",
+                    "-U", "01234567-89ab-cdef-0123-456789abcdef", "-E", "root_owner=0:0,hash_seed=01234567-89ab-cdef-0123-456789abcdef",
+                    "-d", root, ext4, "128k"], check=True, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "E2FSPROGS_FAKE_TIME": "1000000000"})
+    with open(ext4, "rb") as f:
+        put("disk_scan", "ext4-grub", f.read())
+
+# fw_cfg: operations on the device (fuzz/src/targets.rs, `fw_cfg`): an opcode byte, then its
+# operands, little-endian. Files, sorted: 0x20 bootorder, 0x21 etc/acpi/tables (5000 bytes),
+# 0x22 etc/e820; guest memory 0..0x10000 and 0x20000..0x30000.
+FW_SELECT, FW_READ, FW_WRITE, FW_PREAD, FW_DMA, FW_POKE = range(6)
+DMA_ERR, DMA_READ, DMA_SKIP, DMA_SEL, DMA_WRITE = 1, 2, 4, 8, 16
+
+
+def fw_dma(desc, control, length, address, how=0):
+    return bytes([FW_DMA]) + struct.pack("<IIIQB", desc, control, length, address, how)
+
+
+def fw_sel(key):
+    return key << 16 | DMA_SEL
+
+
+put("fw_cfg", "ports", bytes([FW_SELECT, 0, 0, FW_READ, 4, FW_SELECT, 0x19, 0, FW_READ, 200])
+    + bytes([FW_PREAD, 4, 3, FW_PREAD, 8, 2, FW_SELECT, 0x21, 0x40, FW_READ, 16])
+    + bytes([FW_WRITE, 1, 0]) + bytes(8) + bytes([FW_WRITE, 0, 0]) + bytes(8))
+put("fw_cfg", "dma",
+    fw_dma(0x1000, fw_sel(0x19) | DMA_READ, 4 + 3 * 64, 0x2000)
+    + fw_dma(0x1000, fw_sel(0x20) | DMA_READ, 16, 0x3000, how=1)
+    + fw_dma(0x1000, fw_sel(0x21) | DMA_SKIP, 100, 0)
+    + fw_dma(0x1000, DMA_READ, 100, 0x4000)
+    + fw_dma(0x1000, DMA_READ, 0x200, 0xff00)  # straddles the hole: error
+    + fw_dma(0x1000, fw_sel(0x22) | DMA_WRITE, 20, 0x5000))
+put("fw_cfg", "dma-hostile",
+    fw_dma(0x1000, fw_sel(0x21) | DMA_READ, 0xFFFFFFFF, 0x2000)
+    + fw_dma(0x1000, fw_sel(0x21) | DMA_READ, 0xF000, 0x21000)
+    + fw_dma(0x1fff8, DMA_READ, 16, 0x2000)
+    + fw_dma(0x2000, DMA_READ, 16, 0x2000, how=2)
+    + fw_dma(0xFFFFFFF8, DMA_READ | DMA_SKIP | DMA_WRITE, 16, (1 << 64) - 8, how=3)
+    + bytes([FW_POKE]) + struct.pack("<IB", 0x1000, 4) + struct.pack(">I", fw_sel(0x19) | DMA_READ)
+    + bytes([FW_WRITE, 8, 2]) + struct.pack("<I", 0x00100000) + bytes(4))
+
 # --- regressions: reconstructed inputs of past findings -----------------------------------
 REG = os.path.join(HERE, "regressions")
 
@@ -277,3 +391,10 @@ put("virtio_vsock", "broken-ring-then-kicks",
 # snapshot_frame: a 9-byte header announcing the largest allowed frame (64 MiB), then a
 # few bytes: read_frame used to allocate the announced length before reading any.
 put("snapshot_frame", "huge-announced-length", bytes([2]) + struct.pack("<Q", 64 << 20) + b"\x01" * 100, root=REG)
+
+# disk_scan: an MBR whose one used entry starts at sector 0: `mbrman`, which read MBRs then,
+# panicked (unwrap of an empty range while guessing the alignment).
+mbr = bytearray(1024)
+mbr[446 + 4] = 0x01
+mbr[510:512] = b"\x55\xaa"
+put("disk_scan", "mbr-entry-at-sector-0", bytes(mbr), root=REG)

@@ -13,9 +13,15 @@
 #   iproute2         ip: the TAP device of the virtio-net test
 #   iputils-ping     ping: the host pings the guest in the virtio-net test
 #   qemu-utils       qemu-img: makes and checks the qcow2 images the block tests use
+#   lz4              the minimal kernel's bzImage is LZ4-compressed (make bzImage runs lz4)
+#   grub-pc-bin      GRUB's i386-pc modules and boot.img: BIOS boot of scripts/make-boot-disk.sh's disk
+#   grub-efi-amd64-bin  GRUB's x86_64-efi modules: its UEFI boot (BOOTX64.EFI)
+#   mtools dosfstools   mkfs.vfat, mmd, mcopy: the disk's EFI system partition, without mounting
+#   fdisk            sfdisk: partitions that disk image (GPT) as a regular file
+#   seabios ovmf     the BIOS and UEFI firmware the VMM boots those disks with
 set -eu
 
-PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils"
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

@@ -1,6 +1,7 @@
 //! Fuzz targets for the inputs Vessel does not trust: kernel images, API requests and config
-//! files, virtqueues a guest driver lays out, snapshot state and migration frames, and the
-//! instructions the user-space completer decodes.
+//! files, virtqueues a guest driver lays out, snapshot state and migration frames, the
+//! instructions the user-space completer decodes, and the port and DMA accesses firmware makes
+//! to the fw_cfg device.
 //!
 //! Each target is a plain `fn(&[u8])` in [`targets`], so that the same code runs under
 //! `cargo fuzz` (the `fuzz_targets/` binaries, libFuzzer) and under the stable in-process
@@ -29,6 +30,8 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_console", targets::virtio_console),
     ("qcow2_open", targets::qcow2_open),
     ("boot_config", targets::boot_config),
+    ("disk_scan", targets::disk_scan),
+    ("fw_cfg", targets::fw_cfg),
 ];
 
 /// The `virtio_*` targets and the device each drives (for the replay test's checks).

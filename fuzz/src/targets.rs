@@ -321,3 +321,142 @@ pub fn boot_config(data: &[u8]) {
     let _ = vessel_diskboot::config::grub_default(&text);
     let _ = vessel_diskboot::config::bls_entry(&text);
 }
+
+/// A disk image booted directly (`vessel_diskboot::find_linux`): its partition table (GPT,
+/// MBR or none), its ext2/3/4 and FAT12/16/32 filesystems (boot sector, allocation table,
+/// cluster chains, directories and long names), the bootloader configurations on them and the
+/// kernel and initrds they name. Written to a file and opened read-only, as raw or, by its
+/// header, as qcow2.
+pub fn disk_scan(data: &[u8]) {
+    static PATH: OnceLock<std::path::PathBuf> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    let path = PATH.get_or_init(|| {
+        std::env::temp_dir().join(format!("vessel-fuzz-{}.disk", std::process::id()))
+    });
+    let Ok(_one) = LOCK.lock() else {
+        return;
+    };
+    if std::fs::write(path, data).is_err() {
+        return;
+    }
+    let _ = vessel_diskboot::find_linux(path);
+}
+
+/// Port accesses and DMA descriptors from a guest's firmware: the fw_cfg device
+/// (`vessel_devices::fw_cfg`) over two 64 KiB regions of guest memory with a hole between
+/// them, holding a few items and files. The input is a sequence of operations, each an opcode
+/// byte (mod 6) and its operands (integers little-endian):
+///
+/// - 0 select: `u16` key;
+/// - 1 data reads: `u8` count of 1-byte reads of the data port;
+/// - 2 port write: `u8` offset (mod 12), `u8` width (1, 2, 4 or 8 by its low bits, cut at the
+///   end of the range), `u64` value;
+/// - 3 port read: `u8` offset, `u8` width;
+/// - 4 DMA: `u32` descriptor address, `u32` control, `u32` length, `u64` buffer address, `u8`
+///   how to start it (bit 0: one 64-bit write, else two 32-bit writes; bit 1: a high half of
+///   1); the descriptor is stored big-endian where it fits in memory;
+/// - 5 memory write: `u32` address, `u8` length, then that many bytes.
+pub fn fw_cfg(data: &[u8]) {
+    use vessel_devices::fw_cfg::{e820_bytes, keys, FwCfg};
+    use vessel_memory::vm_memory::GuestAddress;
+
+    const HOLE_START: u64 = 0x1_0000;
+    const HIGH_START: u64 = 0x2_0000;
+    let Ok(mem) = GuestMemoryMmap::from_ranges(&[
+        (GuestAddress(0), HOLE_START as usize),
+        (GuestAddress(HIGH_START), 0x1_0000),
+    ]) else {
+        return;
+    };
+    let mut fw = FwCfg::new(mem.clone());
+    let _ = fw.add_u16(keys::NB_CPUS, 2);
+    let e820 = e820_bytes(&[(0, HOLE_START, 1), (HIGH_START, 0x1_0000, 1)]);
+    let _ = fw.add_file("etc/e820", e820);
+    let _ = fw.add_file("bootorder", b"/pci@i0cf8/*@1\n".to_vec());
+    let _ = fw.add_file("etc/acpi/tables", (0..=255u8).cycle().take(5000).collect());
+
+    let mut input = Reader(data);
+    // Bounded: every operation consumes at least one byte.
+    while fw_cfg_step(&mut fw, &mem, &mut input).is_some() {}
+}
+
+/// Input bytes, consumed from the front.
+struct Reader<'a>(&'a [u8]);
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = self.0.split_at_checked(n)?;
+        self.0 = rest;
+        Some(head)
+    }
+    fn byte(&mut self) -> Option<u8> {
+        self.take(1).map(|b| b[0])
+    }
+    /// `n` bytes as a little-endian integer.
+    fn le(&mut self, n: usize) -> Option<u64> {
+        Some(
+            self.take(n)?
+                .iter()
+                .rev()
+                .fold(0, |v, &x| v << 8 | u64::from(x)),
+        )
+    }
+    /// A port offset and an access width that fits the device's range from it.
+    fn access(&mut self) -> Option<(u64, usize)> {
+        use vessel_devices::fw_cfg::FW_CFG_PORT_LEN;
+        let offset = u64::from(self.byte()?) % FW_CFG_PORT_LEN;
+        let width = [1usize, 2, 4, 8][usize::from(self.byte()? & 3)];
+        Some((offset, width.min((FW_CFG_PORT_LEN - offset) as usize)))
+    }
+}
+
+/// One operation of the `fw_cfg` target; `None` at the end of the input.
+fn fw_cfg_step(
+    fw: &mut vessel_devices::FwCfg,
+    mem: &GuestMemoryMmap,
+    r: &mut Reader,
+) -> Option<()> {
+    use vessel_devices::BusDevice;
+    use vessel_memory::vm_memory::{Bytes, GuestAddress};
+    match r.byte()? % 6 {
+        0 => fw.write(0, r.take(2)?),
+        1 => {
+            for _ in 0..r.byte()? {
+                fw.read(1, &mut [0]);
+            }
+        }
+        2 => {
+            let (offset, width) = r.access()?;
+            fw.write(offset, &r.take(8)?[..width]);
+        }
+        3 => {
+            let (offset, width) = r.access()?;
+            fw.read(offset, &mut [0u8; 8][..width]);
+        }
+        4 => {
+            let desc = r.le(4)?;
+            let control = r.le(4)? as u32;
+            let length = r.le(4)? as u32;
+            let address = r.le(8)?;
+            let how = r.byte()?;
+            let mut d = [0u8; 16];
+            d[..4].copy_from_slice(&control.to_be_bytes());
+            d[4..8].copy_from_slice(&length.to_be_bytes());
+            d[8..].copy_from_slice(&address.to_be_bytes());
+            let _ = mem.write_slice(&d, GuestAddress(desc));
+            let high = u32::from(how & 2 != 0);
+            if how & 1 != 0 {
+                fw.write(4, &(u64::from(high) << 32 | desc).to_be_bytes());
+            } else {
+                fw.write(4, &high.to_be_bytes());
+                fw.write(8, &(desc as u32).to_be_bytes());
+            }
+        }
+        _ => {
+            let at = r.le(4)?;
+            let n = usize::from(r.byte()?);
+            let _ = mem.write_slice(r.take(n)?, GuestAddress(at));
+        }
+    }
+    Some(())
+}

@@ -8,6 +8,7 @@ use acpi_tables::aml::{
     self, AddressSpaceCacheable, Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed,
     Method, Name, Notify, Package, Path, ResourceTemplate, Return, IO,
 };
+use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
@@ -33,6 +34,8 @@ const HYPERVISOR_ID: [u8; 8] = *b"VESSEL  ";
 const TABLES_END: u64 = addr::VMGENID_START;
 /// Alignment of each table.
 const TABLE_ALIGN: u64 = 16;
+/// Alignment of the FACS.
+const FACS_ALIGN: u64 = 64;
 
 /// FADT IAPC_BOOT_ARCH: an 8042 keyboard controller is present.
 const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
@@ -103,6 +106,11 @@ pub struct PlatformDevices {
     pub pci: bool,
     /// The VM generation ID device.
     pub vmgenid: Option<VmGenIdInfo>,
+    /// The guest boots through firmware (SeaBIOS, OVMF), as on a PC: full ACPI (the FADT
+    /// points at the PM1 blocks and PM timer at [`ports::ACPI_PM1_EVT`], and at a FACS), and
+    /// the host bridge's 32-bit window is the whole MMIO gap below the IO-APIC, where the
+    /// firmware puts the BARs.
+    pub firmware: bool,
 }
 
 /// Where the VM generation ID is and how the guest learns that it changed.
@@ -121,6 +129,59 @@ pub struct VmGenIdInfo {
     pub irq: u32,
 }
 
+/// The tables laid out from `start` (an address, or 0 for offsets in one blob): each
+/// (signature, where, bytes), the XSDT last, and the RSDP pointing at the XSDT.
+struct Laid {
+    tables: Vec<([u8; 4], u64, Vec<u8>)>,
+    rsdp: Vec<u8>,
+    end: u64,
+}
+
+fn lay_out(num_cpus: u8, devices: &PlatformDevices, start: u64) -> Result<Laid, BootError> {
+    check_cpus(num_cpus)?;
+    let mut next = start;
+    let mut place = |len: usize| {
+        let at = next.next_multiple_of(TABLE_ALIGN);
+        next = at + len as u64;
+        at
+    };
+    let mut tables = Vec::new();
+    let facs_addr = devices.firmware.then(|| {
+        // The FACS must be 64-byte aligned.
+        let at = place(FACS::len() + FACS_ALIGN as usize).next_multiple_of(FACS_ALIGN);
+        tables.push((*b"FACS", at, bytes_of(&FACS::new())));
+        at
+    });
+    let dsdt = dsdt(devices);
+    let dsdt_addr = place(dsdt.len());
+    tables.push((*b"DSDT", dsdt_addr, dsdt));
+    let fadt = fadt(dsdt_addr, facs_addr);
+    tables.push((*b"FACP", place(fadt.len()), fadt));
+    let madt = madt(num_cpus);
+    tables.push((*b"APIC", place(madt.len()), madt));
+    if devices.pci {
+        let mcfg = mcfg();
+        tables.push((*b"MCFG", place(mcfg.len()), mcfg));
+    }
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    // The DSDT and the FACS are reached through the FADT.
+    for (_, at, _) in tables
+        .iter()
+        .filter(|(s, _, _)| s != b"DSDT" && s != b"FACS")
+    {
+        xsdt.add_entry(*at);
+    }
+    let xsdt = bytes_of(&xsdt);
+    let xsdt_addr = place(xsdt.len());
+    tables.push((*b"XSDT", xsdt_addr, xsdt));
+    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
+    Ok(Laid {
+        tables,
+        rsdp,
+        end: place(0),
+    })
+}
+
 /// Write the ACPI tables for `num_cpus` vCPUs and `devices`; returns the RSDP's address
 /// ([`addr::RSDP_START`]) for the zero page or PVH start info.
 pub fn create_acpi_tables(
@@ -128,59 +189,93 @@ pub fn create_acpi_tables(
     num_cpus: u8,
     devices: &PlatformDevices,
 ) -> Result<u64, BootError> {
-    check_cpus(num_cpus)?;
-    let mut next = addr::RSDP_START + Rsdp::len() as u64;
-    let mut place = |len: usize| {
-        let at = next.next_multiple_of(TABLE_ALIGN);
-        next = at + len as u64;
-        at
-    };
-
-    let dsdt = dsdt(devices);
-    let dsdt_addr = place(dsdt.len());
-    let fadt = fadt(dsdt_addr);
-    let fadt_addr = place(fadt.len());
-    let madt = madt(num_cpus);
-    let madt_addr = place(madt.len());
-    let mcfg = devices.pci.then(mcfg);
-    let mcfg_addr = mcfg.as_ref().map(|t| place(t.len()));
-    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
-    xsdt.add_entry(fadt_addr);
-    xsdt.add_entry(madt_addr);
-    if let Some(at) = mcfg_addr {
-        xsdt.add_entry(at);
-    }
-    let xsdt = bytes_of(&xsdt);
-    let xsdt_addr = place(xsdt.len());
-    let rsdp = bytes_of(&Rsdp::new(OEM_ID, xsdt_addr));
-    let end = place(0);
-    if end > TABLES_END {
+    let laid = lay_out(num_cpus, devices, addr::RSDP_START + Rsdp::len() as u64)?;
+    if laid.end > TABLES_END {
         return Err(BootError::TableTooLarge {
             what: "ACPI tables",
-            size: (end - addr::RSDP_START) as usize,
+            size: (laid.end - addr::RSDP_START) as usize,
             space: "BIOS area (0xe0000..0xff000)",
         });
     }
-
-    for (what, at, bytes) in [
-        ("RSDP", addr::RSDP_START, &rsdp),
-        ("DSDT", dsdt_addr, &dsdt),
-        ("FADT", fadt_addr, &fadt),
-        ("MADT", madt_addr, &madt),
-        ("XSDT", xsdt_addr, &xsdt),
-    ] {
-        mem.write_slice(bytes, GuestAddress(at))
-            .map_err(BootError::write(what, at))?;
-    }
-    if let (Some(t), Some(at)) = (&mcfg, mcfg_addr) {
-        mem.write_slice(t, GuestAddress(at))
-            .map_err(BootError::write("MCFG", at))?;
+    mem.write_slice(&laid.rsdp, GuestAddress(addr::RSDP_START))
+        .map_err(BootError::write("RSDP", addr::RSDP_START))?;
+    for (sig, at, bytes) in &laid.tables {
+        let what = match sig {
+            b"DSDT" => "DSDT",
+            b"FACP" => "FADT",
+            b"APIC" => "MADT",
+            b"MCFG" => "MCFG",
+            _ => "XSDT",
+        };
+        mem.write_slice(bytes, GuestAddress(*at))
+            .map_err(BootError::write(what, *at))?;
     }
     log::debug!(
-        "ACPI tables for {num_cpus} vCPUs at {:#x}..{end:#x}",
-        addr::RSDP_START
+        "ACPI tables for {num_cpus} vCPUs at {:#x}..{:#x}",
+        addr::RSDP_START,
+        laid.end
     );
     Ok(addr::RSDP_START)
+}
+
+/// The ACPI tables for a firmware to install (QEMU's fw_cfg table-loader convention): every
+/// table in one blob, with its pointers holding offsets in that blob, and the RSDP apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirmwareAcpi {
+    /// The RSDP (36 bytes); its XSDT address is an offset in `tables`.
+    pub rsdp: Vec<u8>,
+    /// DSDT, FADT, MADT, MCFG (with PCI) and XSDT, 16-byte aligned.
+    pub tables: Vec<u8>,
+    /// Each table: (signature, offset in `tables`, length). All but the FACS have a checksum.
+    pub layout: Vec<([u8; 4], usize, usize)>,
+    /// The 8-byte pointer fields in `tables` (offsets) that the firmware must relocate by
+    /// where it puts `tables`.
+    pub pointers: Vec<usize>,
+    /// The RSDP's one pointer (to the XSDT), at this offset in `rsdp`.
+    pub rsdp_pointer: usize,
+}
+
+/// FADT field offsets (ACPI 6): `X_FIRMWARE_CTRL` (the FACS), `X_DSDT`.
+const FADT_X_FIRMWARE_CTRL: usize = 132;
+const FADT_X_DSDT: usize = 140;
+/// RSDP field offset: `XsdtAddress`.
+const RSDP_XSDT: usize = 24;
+/// Size of a table header (the XSDT's entries follow it).
+const SDT_HEADER: usize = 36;
+
+/// The tables of [`create_acpi_tables`], for a firmware.
+pub fn firmware_acpi_tables(
+    num_cpus: u8,
+    devices: &PlatformDevices,
+) -> Result<FirmwareAcpi, BootError> {
+    let laid = lay_out(num_cpus, devices, 0)?;
+    let mut tables = vec![0u8; laid.end as usize];
+    let mut layout = Vec::new();
+    let mut pointers = Vec::new();
+    for (sig, at, bytes) in &laid.tables {
+        let at = *at as usize;
+        tables[at..at + bytes.len()].copy_from_slice(bytes);
+        layout.push((*sig, at, bytes.len()));
+        match sig {
+            b"FACP" => {
+                pointers.push(at + FADT_X_DSDT);
+                if devices.firmware {
+                    pointers.push(at + FADT_X_FIRMWARE_CTRL);
+                }
+            }
+            b"XSDT" => {
+                pointers.extend((SDT_HEADER..bytes.len()).step_by(8).map(|o| at + o));
+            }
+            _ => {}
+        }
+    }
+    Ok(FirmwareAcpi {
+        rsdp: laid.rsdp,
+        tables,
+        layout,
+        pointers,
+        rsdp_pointer: RSDP_XSDT,
+    })
 }
 
 /// An 8-bit register in the system I/O space.
@@ -194,13 +289,37 @@ fn io_port_byte(port: u16) -> GAS {
     )
 }
 
-/// The FADT: hardware-reduced ACPI with sleep control/status and reset registers in I/O
-/// space, pointing at the DSDT by its 64-bit address.
-fn fadt(dsdt_addr: u64) -> Vec<u8> {
+/// The FADT, pointing at the DSDT by its 64-bit address: hardware-reduced ACPI with sleep
+/// control/status and reset registers in I/O space; or, with a FACS (a firmware boot), a PC's
+/// full ACPI with the PM1 blocks and PM timer instead of the sleep registers.
+fn fadt(dsdt_addr: u64, facs_addr: Option<u64>) -> Vec<u8> {
     let mut f = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
         .dsdt_64(dsdt_addr)
-        .flag(Flags::HwReducedAcpi)
         .flag(Flags::ResetRegSup);
+    match facs_addr {
+        None => f = f.flag(Flags::HwReducedAcpi),
+        Some(facs) => {
+            f = f.firmware_ctrl_64(facs);
+            let block = |port: u16, len: u8| {
+                GAS::new(
+                    AddressSpace::SystemIo,
+                    len * 8,
+                    0,
+                    AccessSize::ByteAccess,
+                    u64::from(port),
+                )
+            };
+            f.pm1a_evt_blk = u32::from(ports::ACPI_PM1_EVT).into();
+            f.pm1_evt_len = 4;
+            f.x_pm1a_evt_blk = block(ports::ACPI_PM1_EVT, 4);
+            f.pm1a_cnt_blk = u32::from(ports::ACPI_PM1_CNT).into();
+            f.pm1_cnt_len = 2;
+            f.x_pm1a_cnt_blk = block(ports::ACPI_PM1_CNT, 2);
+            f.pm_tmr_blk = u32::from(ports::ACPI_PM_TMR).into();
+            f.pm_tmr_len = 4;
+            f.x_pm_tmr_blk = block(ports::ACPI_PM_TMR, 4);
+        }
+    }
     // Ignored when hardware-reduced, but what a PC would say.
     f.sci_int = (ports::ACPI_SCI_IRQ as u16).into();
     // An i8042 is emulated; there is no VGA; MSI works (MSI_NOT_SUPPORTED clear); CMOS RTC
@@ -208,8 +327,10 @@ fn fadt(dsdt_addr: u64) -> Vec<u8> {
     f.iapc_boot_arch = (IAPC_BOOT_ARCH_8042 | IAPC_BOOT_ARCH_NO_VGA).into();
     f.reset_reg = io_port_byte(ports::ACPI_RESET);
     f.reset_value = ports::ACPI_RESET_VALUE;
-    f.sleep_control_reg = io_port_byte(ports::ACPI_SLEEP_CONTROL);
-    f.sleep_status_reg = io_port_byte(ports::ACPI_SLEEP_STATUS);
+    if facs_addr.is_none() {
+        f.sleep_control_reg = io_port_byte(ports::ACPI_SLEEP_CONTROL);
+        f.sleep_status_reg = io_port_byte(ports::ACPI_SLEEP_STATUS);
+    }
     f.hypervisor_vendor_identity = u64::from_le_bytes(HYPERVISOR_ID).into();
     bytes_of(&f.finalize())
 }
@@ -279,7 +400,7 @@ fn mcfg() -> Vec<u8> {
 
 /// The PCI host bridge (`PNP0A08`, compatible with `PNP0A03`) on bus 0 with its windows, and a
 /// motherboard-resource device reserving the ECAM range (Linux checks it before using MCFG).
-fn pci_devices(out: &mut Vec<u8>) {
+fn pci_devices(firmware: bool, out: &mut Vec<u8>) {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &0u8);
@@ -295,11 +416,15 @@ fn pci_devices(out: &mut Vec<u8>) {
     );
     let io_low = aml::AddressSpace::new_io(0u16, ports::PCI_CONFIG_ADDRESS - 1, None);
     let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
+    let (start, end) = match firmware {
+        true => (addr::MMIO_GAP_START, addr::IOAPIC_START),
+        false => (addr::PCI_MMIO32_START, addr::PCI_MMIO32_END),
+    };
     let mem32 = aml::AddressSpace::new_memory(
         AddressSpaceCacheable::NotCacheable,
         true,
-        addr::PCI_MMIO32_START as u32,
-        (addr::PCI_MMIO32_END - 1) as u32,
+        start as u32,
+        (end - 1) as u32,
         None,
     );
     let crs = ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &mem32]);
@@ -397,7 +522,7 @@ fn dsdt(devices: &PlatformDevices) -> Vec<u8> {
     let mut extra = Vec::new();
     virtio_mmio_devices(&devices.virtio_mmio, &mut extra);
     if devices.pci {
-        pci_devices(&mut extra);
+        pci_devices(devices.firmware, &mut extra);
     }
     if let Some(v) = &devices.vmgenid {
         vmgenid_devices(v, &mut extra);
@@ -649,6 +774,7 @@ mod tests {
             ],
             pci: true,
             vmgenid: None,
+            firmware: false,
         };
         let all = tables(&mem, create_acpi_tables(&mem, 2, &devices).unwrap());
         let d = find(&all, b"DSDT");
@@ -839,5 +965,75 @@ mod tests {
         let (mem, _) = testutil::guest(64 * MIB);
         let err = create_acpi_tables(&mem, 0, &PlatformDevices::default()).unwrap_err();
         assert!(matches!(err, BootError::BadCpuCount(0)), "{err}");
+    }
+
+    #[test]
+    fn firmware_tables_point_at_each_other_by_offset_in_one_blob() {
+        let devices = PlatformDevices {
+            pci: true,
+            firmware: true,
+            ..Default::default()
+        };
+        let fw = firmware_acpi_tables(2, &devices).unwrap();
+        let sig_at = |off: u64| {
+            fw.layout
+                .iter()
+                .find(|(_, at, _)| *at as u64 == off)
+                .map(|(sig, _, _)| *sig)
+        };
+        let mut seen = Vec::new();
+        for p in &fw.pointers {
+            let v = u64_at(&fw.tables, *p);
+            seen.push(sig_at(v).expect("every pointer is a table's offset"));
+        }
+        assert_eq!(
+            seen,
+            vec![*b"DSDT", *b"FACS", *b"FACP", *b"APIC", *b"MCFG"],
+            "FADT.X_DSDT and X_FIRMWARE_CTRL, then the XSDT's entries"
+        );
+        assert_eq!(sig_at(u64_at(&fw.rsdp, fw.rsdp_pointer)), Some(*b"XSDT"));
+        assert_eq!(sum(&fw.rsdp[..20]), 0);
+        for (sig, at, len) in &fw.layout {
+            assert_eq!(&fw.tables[*at..*at + 4], sig);
+            assert_eq!(u32_at(&fw.tables[*at..], 4) as usize, *len);
+            if sig == b"FACS" {
+                assert_eq!(at % 64, 0, "the FACS is 64-byte aligned");
+            } else {
+                assert_eq!(sum(&fw.tables[*at..*at + len]), 0, "checksum");
+            }
+        }
+        // Full ACPI: not hardware-reduced, with the PM1 blocks and the PM timer.
+        let (_, fadt, _) = *fw.layout.iter().find(|(s, _, _)| s == b"FACP").unwrap();
+        let fadt = &fw.tables[fadt..];
+        assert_eq!(u32_at(fadt, 112) & (1 << 20), 0, "HW_REDUCED_ACPI is clear");
+        assert_eq!(u32_at(fadt, 56), u32::from(ports::ACPI_PM1_EVT));
+        assert_eq!(u32_at(fadt, 64), u32::from(ports::ACPI_PM1_CNT));
+        assert_eq!(u32_at(fadt, 76), u32::from(ports::ACPI_PM_TMR));
+        assert_eq!(
+            &fadt[88..92],
+            &[4, 2, 0, 4],
+            "PM1_EVT_LEN, PM1_CNT_LEN, PM2, PM_TMR_LEN"
+        );
+        // The host bridge's window is the whole MMIO gap below the IO-APIC.
+        let (_, at, len) = *fw.layout.iter().find(|(s, _, _)| s == b"DSDT").unwrap();
+        let dsdt = &fw.tables[at..at + len];
+        let window = [
+            (addr::MMIO_GAP_START as u32).to_le_bytes(),
+            ((addr::IOAPIC_START - 1) as u32).to_le_bytes(),
+        ]
+        .concat();
+        assert!(
+            contains(dsdt, &window),
+            "the window is the gap below the IO-APIC"
+        );
+        let direct = firmware_acpi_tables(
+            2,
+            &PlatformDevices {
+                pci: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert!(!contains(&direct.tables, &window));
     }
 }

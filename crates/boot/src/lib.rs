@@ -33,7 +33,8 @@ mod zeropage;
 mod testutil;
 
 pub use acpi::{
-    create_acpi_tables, MmioDeviceInfo, PlatformDevices, VmGenIdInfo, IOAPIC_ID, OEM_ID,
+    create_acpi_tables, firmware_acpi_tables, FirmwareAcpi, MmioDeviceInfo, PlatformDevices,
+    VmGenIdInfo, IOAPIC_ID, OEM_ID,
 };
 pub use boot::{configure_boot, BootConfig, BootRegs, BOOT_RFLAGS};
 pub use cpu_tables::{

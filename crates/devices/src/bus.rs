@@ -19,6 +19,16 @@ pub trait BusDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// What serves the addresses no range of a [`Bus`] covers, before they count as unhandled:
+/// ranges that move while the VM runs (the PCI BARs a guest or its firmware reprograms),
+/// looked up by address.
+pub trait BusFallback: Send + Sync {
+    /// Reads `data.len()` bytes at `addr`; false when nothing is there.
+    fn read(&self, addr: u64, data: &mut [u8]) -> bool;
+    /// Writes `data` at `addr`; false when nothing is there.
+    fn write(&self, addr: u64, data: &[u8]) -> bool;
+}
+
 /// Why a device could not be inserted on a bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum BusError {
@@ -57,6 +67,7 @@ struct BusRange {
 #[derive(Default)]
 pub struct Bus {
     ranges: Vec<BusRange>,
+    fallback: Option<Arc<dyn BusFallback>>,
     unhandled_reads: AtomicU64,
     unhandled_writes: AtomicU64,
 }
@@ -105,6 +116,12 @@ impl Bus {
         Ok(())
     }
 
+    /// Sends the accesses no range covers to `fallback` first (one per bus; a second call
+    /// replaces the first).
+    pub fn set_fallback(&mut self, fallback: Arc<dyn BusFallback>) {
+        self.fallback = Some(fallback);
+    }
+
     /// The device whose range holds all of `addr..addr + len`, and the offset of `addr` in it.
     #[inline]
     fn find(&self, addr: u64, len: usize) -> Option<(&BusRange, u64)> {
@@ -131,6 +148,9 @@ impl Bus {
                 true
             }
             None => {
+                if self.fallback.as_ref().is_some_and(|f| f.read(addr, data)) {
+                    return true;
+                }
                 data.fill(0xff);
                 self.unhandled_reads.fetch_add(1, Ordering::Relaxed);
                 false
@@ -147,6 +167,9 @@ impl Bus {
                 true
             }
             None => {
+                if self.fallback.as_ref().is_some_and(|f| f.write(addr, data)) {
+                    return true;
+                }
                 self.unhandled_writes.fetch_add(1, Ordering::Relaxed);
                 false
             }
@@ -289,6 +312,42 @@ mod tests {
         assert!(!bus.read(0, &mut data[..4]));
         assert!(!bus.write(0x80, &[0x12]));
         assert_eq!(bus.unhandled(), (2, 1));
+    }
+
+    /// Serves 0x9000..0x9010 with 0x5a, like a BAR that moved there.
+    struct Moved;
+    impl BusFallback for Moved {
+        fn read(&self, addr: u64, data: &mut [u8]) -> bool {
+            let hit = (0x9000..0x9010).contains(&addr);
+            if hit {
+                data.fill(0x5a);
+            }
+            hit
+        }
+        fn write(&self, addr: u64, _data: &[u8]) -> bool {
+            (0x9000..0x9010).contains(&addr)
+        }
+    }
+
+    #[test]
+    fn the_fallback_serves_only_what_no_range_covers_and_misses_still_count() {
+        let mut bus = Bus::new();
+        let r = recorder();
+        bus.insert(r.clone(), 0x9000, 4).unwrap();
+        bus.set_fallback(Arc::new(Moved));
+        let mut d = [0u8; 2];
+        // A fixed range wins over the fallback.
+        assert!(bus.read(0x9000, &mut d));
+        assert_eq!(d, [0, 1]);
+        assert!(bus.read(0x9008, &mut d));
+        assert_eq!(d, [0x5a, 0x5a]);
+        assert!(bus.write(0x9008, &d));
+        assert_eq!(bus.unhandled(), (0, 0));
+        assert!(!bus.read(0xa000, &mut d));
+        assert_eq!(d, [0xff, 0xff]);
+        assert!(!bus.write(0xa000, &d));
+        assert_eq!(bus.unhandled(), (1, 1));
+        assert_eq!(r.lock().unwrap().reads.len(), 1);
     }
 
     #[test]

@@ -4,6 +4,10 @@
 //! as an I/O delay (`io_delay`). Accesses are answered silently and counted in a counter the
 //! VMM can read for its statistics ([`DebugPort::counter`]) without locking the device.
 //!
+//! [`FirmwareLog`]: QEMU's debug console port 0x402 ([`FIRMWARE_LOG_PORT`]), where SeaBIOS and
+//! OVMF write their log; each line goes to Vessel's log at debug level
+//! (`--log-level debug`).
+//!
 //! [`PortSink`]: a device for known ports Vessel does not emulate (e.g. 0x87 DMA page, 0xed
 //! delay port): reads return all-ones as from an empty slot, writes are dropped, and neither
 //! counts as an unknown access on the bus.
@@ -81,6 +85,59 @@ impl BusDevice for PortSink {
     fn write(&mut self, _offset: u64, _data: &[u8]) {}
 }
 
+/// QEMU's `isa-debugcon` port, where SeaBIOS and OVMF write their debug log.
+pub const FIRMWARE_LOG_PORT: u16 = 0x402;
+
+/// The longest line kept; longer ones are logged in pieces.
+const MAX_LINE: usize = 512;
+
+/// Port 0x402: the firmware's log, a line at a time, at debug level. Reads return 0xe9, the
+/// value a firmware checks to know the port is there.
+#[derive(Default)]
+pub struct FirmwareLog {
+    line: Vec<u8>,
+    lines: u64,
+}
+
+impl FirmwareLog {
+    pub fn new() -> Self {
+        FirmwareLog::default()
+    }
+
+    /// Lines logged so far.
+    pub fn lines(&self) -> u64 {
+        self.lines
+    }
+
+    fn flush(&mut self) {
+        let text = String::from_utf8_lossy(&self.line);
+        log::debug!("firmware: {}", text.trim_end());
+        self.line.clear();
+        self.lines += 1;
+    }
+}
+
+impl BusDevice for FirmwareLog {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0xe9);
+    }
+
+    fn write(&mut self, _offset: u64, data: &[u8]) {
+        for &b in data {
+            match b {
+                b'\n' => self.flush(),
+                b'\r' => {}
+                _ => {
+                    self.line.push(b);
+                    if self.line.len() >= MAX_LINE {
+                        self.flush();
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,5 +179,21 @@ mod tests {
         assert!(!bus.write(0xee, &[0]));
         assert!(!bus.read(0x87, &mut w));
         assert_eq!(bus.unhandled(), (1, 1));
+    }
+
+    #[test]
+    fn the_firmware_log_is_cut_in_lines_and_long_lines_in_pieces() {
+        let mut l = FirmwareLog::new();
+        for b in b"SeaBIOS (version 1.16)\r\nhalf" {
+            l.write(0, &[*b]);
+        }
+        assert_eq!(l.lines(), 1);
+        l.write(0, b" line\n");
+        assert_eq!(l.lines(), 2);
+        l.write(0, &[b'x'; 2 * MAX_LINE]);
+        assert_eq!(l.lines(), 4);
+        let mut d = [0u8; 1];
+        l.read(0, &mut d);
+        assert_eq!(d, [0xe9]);
     }
 }

@@ -3,8 +3,8 @@
 //! complete.
 //!
 //! Layout under [`cache_dir`]:
-//! - `images/<name>/` the outputs (kernel, `initrd.cpio`, `System.map`) and
-//!   the `stamp` describing them;
+//! - `images/<name>/` the outputs (kernel, `initrd.cpio`, `System.map`, and
+//!   for minimal also `bzImage`) and the `stamp` describing them;
 //! - `work/<name>/` downloads, extracted packages and the kernel build tree.
 
 use std::collections::BTreeMap;
@@ -129,6 +129,9 @@ impl Stamp {
 pub const INITRD_FILE: &str = "initrd.cpio";
 /// The System.map file name in an image directory.
 pub const SYSTEM_MAP_FILE: &str = "System.map";
+/// The bzImage file name in an image directory (minimal: the same kernel as
+/// `vmlinux`, for boot loaders such as GRUB that need a bzImage).
+pub const BZIMAGE_FILE: &str = "bzImage";
 
 /// The directories of one image: its outputs and its work area.
 #[derive(Debug, Clone)]
@@ -162,6 +165,10 @@ impl ImageDirs {
         self.image.join(SYSTEM_MAP_FILE)
     }
 
+    pub fn bzimage(&self) -> PathBuf {
+        self.image.join(BZIMAGE_FILE)
+    }
+
     pub fn stamp(&self) -> PathBuf {
         self.image.join(STAMP_FILE)
     }
@@ -172,13 +179,16 @@ impl ImageDirs {
         self.kernel().is_file() && self.initrd().is_file()
     }
 
-    /// The finished image's paths; `system_map` only when there is one.
+    /// The finished image's paths; `system_map` and `bzimage` only when
+    /// there is one.
     pub fn paths(&self) -> crate::ImagePaths {
         let map = self.system_map();
+        let bzimage = self.bzimage();
         crate::ImagePaths {
             kernel: self.kernel(),
             initrd: self.initrd(),
             system_map: map.is_file().then_some(map),
+            bzimage: bzimage.is_file().then_some(bzimage),
         }
     }
 }

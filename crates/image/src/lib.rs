@@ -42,6 +42,10 @@ pub struct ImagePaths {
     /// linux-image-*-amd64 has just a placeholder, the real map is in the
     /// 850 MB -dbg package, so today this is `None`).
     pub system_map: Option<PathBuf>,
+    /// The same kernel as a bzImage, when the image has one besides `kernel`
+    /// (minimal: `bzImage`, LZ4-compressed, for boot loaders such as GRUB;
+    /// debian: `None`, its `kernel` is already a bzImage).
+    pub bzimage: Option<PathBuf>,
 }
 
 /// Builds image `name` under [`cache_dir`] (or returns the cached one when it

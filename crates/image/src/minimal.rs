@@ -3,6 +3,10 @@
 //! built in, booted as the ELF vmlinux (its 64-bit entry; it also has a PVH note). Its
 //! initramfs has the same layout as debian's, with no modules.
 //!
+//! The same build also yields `bzImage` (LZ4-compressed, cheap to decompress
+//! where guest kernel code is emulated) for firmware boot through a boot
+//! loader such as GRUB, which cannot load an ELF vmlinux.
+//!
 //! The source tree and the `O=` build tree stay under `work/minimal` so a
 //! changed fragment rebuilds incrementally; a changed init script only
 //! rebuilds the initramfs.
@@ -44,6 +48,16 @@ fn initrd_recipe() -> Vec<(&'static str, String)> {
 fn matches(stamp: &Stamp, recipe: &[(&'static str, String)]) -> bool {
     let expected: Vec<(&str, &str)> = recipe.iter().map(|(k, v)| (*k, v.as_str())).collect();
     stamp.matches(&expected)
+}
+
+/// True when the stamp's kernel recipe is current and every kernel output
+/// (vmlinux, System.map, bzImage) is in place; a cache from before bzImage
+/// existed rebuilds the kernel.
+fn kernel_cached(stamp: &Stamp, dirs: &ImageDirs) -> bool {
+    matches(stamp, &kernel_recipe())
+        && dirs.kernel().is_file()
+        && dirs.system_map().is_file()
+        && dirs.bzimage().is_file()
 }
 
 /// Parallel jobs for make.
@@ -131,7 +145,7 @@ fn ensure_source(apt: &mut Apt<'_>, work: &Path) -> Result<(PathBuf, String), Im
     Ok((src, deb.version))
 }
 
-/// Configures and builds vmlinux; returns the kernel release.
+/// Configures and builds vmlinux and bzImage; returns the kernel release.
 fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String), ImageError> {
     check_needs(KERNEL_TOOLS)?;
     let (src, version) = ensure_source(apt, &dirs.work)?;
@@ -165,11 +179,13 @@ fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String),
 
     let jobs = jobs();
     apt.log(&format!(
-        "minimal: make -j{jobs} vmlinux (several minutes; log: {})",
+        "minimal: make -j{jobs} vmlinux bzImage (several minutes; log: {})",
         log_file.display()
     ));
     run_logged(
-        make(&src, &build).arg(format!("-j{jobs}")).arg("vmlinux"),
+        make(&src, &build)
+            .arg(format!("-j{jobs}"))
+            .args(["vmlinux", "bzImage"]),
         &log_file,
     )?;
 
@@ -194,6 +210,7 @@ fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String),
     }
     rename_into_place(&tmp, &dirs.kernel())?;
     copy_atomic(&build.join("System.map"), &dirs.system_map())?;
+    copy_atomic(&build.join("arch/x86/boot/bzImage"), &dirs.bzimage())?;
     Ok((release, version))
 }
 
@@ -201,8 +218,7 @@ fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String),
 pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths, ImageError> {
     let dirs = ImageDirs::new(root, "minimal", "vmlinux");
     let old = Stamp::load(&dirs.stamp());
-    let kernel_ok =
-        matches(&old, &kernel_recipe()) && dirs.kernel().is_file() && dirs.system_map().is_file();
+    let kernel_ok = kernel_cached(&old, &dirs);
     let initrd_ok = matches(&old, &initrd_recipe()) && dirs.initrd().is_file();
     if kernel_ok && initrd_ok {
         log(&format!("minimal: up to date in {}", dirs.image.display()));
@@ -297,7 +313,12 @@ mod tests {
             std::env::temp_dir().join(format!("vessel-minimal-cache-{}", std::process::id()));
         let dirs = ImageDirs::new(&root, "minimal", "vmlinux");
         ensure_dir(&dirs.image).unwrap();
-        for p in [dirs.kernel(), dirs.initrd(), dirs.system_map()] {
+        for p in [
+            dirs.kernel(),
+            dirs.initrd(),
+            dirs.system_map(),
+            dirs.bzimage(),
+        ] {
             fs::write(p, b"x").unwrap();
         }
         let mut stamp = Stamp::new();
@@ -312,7 +333,31 @@ mod tests {
             paths.system_map,
             Some(root.join("images/minimal/System.map"))
         );
+        assert_eq!(paths.bzimage, Some(root.join("images/minimal/bzImage")));
         assert!(lines[0].contains("up to date"), "{lines:?}");
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn cache_without_bzimage_is_not_up_to_date() {
+        let root = std::env::temp_dir().join(format!("vessel-minimal-nobz-{}", std::process::id()));
+        let dirs = ImageDirs::new(&root, "minimal", "vmlinux");
+        ensure_dir(&dirs.image).unwrap();
+        for p in [dirs.kernel(), dirs.initrd(), dirs.system_map()] {
+            fs::write(p, b"x").unwrap();
+        }
+        let mut stamp = Stamp::new();
+        for (k, v) in kernel_recipe().into_iter().chain(initrd_recipe()) {
+            stamp.set(k, v);
+        }
+        fs::write(dirs.stamp(), stamp.render()).unwrap();
+        // An old cache (vmlinux only) must rebuild the kernel.
+        let old = Stamp::load(&dirs.stamp());
+        assert!(!kernel_cached(&old, &dirs));
+        assert_eq!(dirs.paths().bzimage, None);
+        fs::write(dirs.bzimage(), b"x").unwrap();
+        assert!(kernel_cached(&old, &dirs));
+        assert_eq!(dirs.paths().bzimage, Some(dirs.bzimage()));
         fs::remove_dir_all(&root).unwrap();
     }
 }

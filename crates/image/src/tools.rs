@@ -52,6 +52,7 @@ pub(crate) const KERNEL_TOOLS: &[Need] = &[
     Need::Program("flex", "flex"),
     Need::Program("bison", "bison"),
     Need::Program("bc", "bc"),
+    Need::Program("lz4", "lz4"),
     Need::File("/usr/include/gelf.h", "libelf-dev"),
 ];
 

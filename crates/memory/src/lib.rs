@@ -102,6 +102,14 @@ pub mod ports {
     /// The `SLP_TYP` of S5 (soft off) in the DSDT's `_S5` package. A sleep control write of
     /// `(SLP_TYP << 2) | SLP_EN` (SLP_EN = bit 5) with this type powers the guest off.
     pub const SLEEP_TYPE_S5: u8 = 5;
+    /// The fixed ACPI registers of a guest booted through firmware (full ACPI, not
+    /// hardware-reduced; see `vessel_devices::acpi_pm1`): PM1a event block (status and
+    /// enable, 4 bytes), PM1a control block (2 bytes) and the PM timer (4 bytes).
+    pub const ACPI_PM1_EVT: u16 = 0xb000;
+    pub const ACPI_PM1_CNT: u16 = 0xb004;
+    pub const ACPI_PM_TMR: u16 = 0xb008;
+    /// Ports from `ACPI_PM1_EVT` the three blocks cover.
+    pub const ACPI_PM1_LEN: u64 = 12;
     /// ACPI SCI interrupt line (FADT `SCI_INT`).
     pub const ACPI_SCI_IRQ: u32 = 9;
     /// PCI configuration mechanism #1: address register 0xcf8, data 0xcfc..0xcff.

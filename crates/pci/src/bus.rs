@@ -23,6 +23,11 @@ pub const ECAM_BUS_SIZE: u64 = 1 << 20;
 /// Host bridge identity: Intel vendor id, host bridge class (0x06/0x00).
 pub const HOST_BRIDGE_VENDOR_ID: u16 = 0x8086;
 pub const HOST_BRIDGE_DEVICE_ID: u16 = 0x0d57;
+/// The i440FX host bridge (82441FX PMC) that SeaBIOS and OVMF recognise as QEMU's `pc`
+/// machine.
+pub const I440FX_DEVICE_ID: u16 = 0x1237;
+/// The i440FX's PAM registers (shadow RAM control of 0xc0000..0x100000): 0x59..0x60.
+const I440FX_PAM: std::ops::Range<u64> = 0x59..0x60;
 
 /// A function on the PCI bus.
 pub trait PciDevice: Send {
@@ -61,9 +66,12 @@ pub enum PciBusError {
 /// The host bridge: identity registers only.
 pub struct HostBridge {
     config: ConfigSpace,
+    /// The i440FX's PAM registers; `None` for Vessel's own bridge.
+    pam: Option<[u8; 7]>,
 }
 
 impl HostBridge {
+    /// Vessel's own host bridge (8086:0d57), for guests booted without firmware.
     pub fn new() -> Self {
         HostBridge {
             config: ConfigSpace::new(PciIds {
@@ -73,7 +81,34 @@ impl HostBridge {
                 subclass: 0x00,
                 ..PciIds::default()
             }),
+            pam: None,
         }
+    }
+
+    /// An i440FX (8086:1237, revision 2), the identity SeaBIOS and OVMF look for. Its PAM
+    /// registers read back what the firmware writes; guest memory below 1 MiB is always RAM
+    /// whatever they say (the firmware copies itself there, which RAM allows).
+    pub fn i440fx() -> Self {
+        HostBridge {
+            config: ConfigSpace::new(PciIds {
+                vendor_id: HOST_BRIDGE_VENDOR_ID,
+                device_id: I440FX_DEVICE_ID,
+                revision: 2,
+                class: 0x06,
+                subclass: 0x00,
+                ..PciIds::default()
+            }),
+            pam: Some([0; 7]),
+        }
+    }
+
+    /// The PAM register bytes `offset..offset + len` touches, as (index in `data`, PAM index).
+    fn pam_bytes(&self, offset: u64, len: usize) -> impl Iterator<Item = (usize, usize)> {
+        let on = self.pam.is_some();
+        (0..len).filter_map(move |i| {
+            let reg = offset.checked_add(i as u64)?;
+            (on && I440FX_PAM.contains(&reg)).then(|| (i, (reg - I440FX_PAM.start) as usize))
+        })
     }
 }
 
@@ -86,8 +121,20 @@ impl Default for HostBridge {
 impl PciDevice for HostBridge {
     fn config_read(&mut self, offset: u64, data: &mut [u8]) {
         self.config.read(offset, data);
+        let bytes: Vec<_> = self.pam_bytes(offset, data.len()).collect();
+        if let Some(pam) = &self.pam {
+            for (i, p) in bytes {
+                data[i] = pam[p];
+            }
+        }
     }
     fn config_write(&mut self, offset: u64, data: &[u8]) -> Vec<BarMove> {
+        let bytes: Vec<_> = self.pam_bytes(offset, data.len()).collect();
+        if let Some(pam) = &mut self.pam {
+            for (i, p) in bytes {
+                pam[p] = data[i];
+            }
+        }
         self.config.write(offset, data)
     }
     fn bars(&self) -> Vec<BarInfo> {
@@ -118,10 +165,15 @@ fn lock(dev: &Mutex<dyn PciDevice>) -> MutexGuard<'_, dyn PciDevice + 'static> {
 }
 
 impl PciBus {
-    /// A bus with the host bridge in slot 0.
+    /// A bus with Vessel's host bridge in slot 0.
     pub fn new() -> Self {
+        Self::with_host_bridge(HostBridge::new())
+    }
+
+    /// A bus with `bridge` in slot 0.
+    pub fn with_host_bridge(bridge: HostBridge) -> Self {
         let mut slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>> = vec![None; NUM_SLOTS];
-        slots[0] = Some(Arc::new(Mutex::new(HostBridge::new())));
+        slots[0] = Some(Arc::new(Mutex::new(bridge)));
         PciBus {
             slots,
             on_reprogram: None,
@@ -436,6 +488,32 @@ mod tests {
         let mut d = [0u8; 4];
         mmio.read(ecam(0, 0, 0), &mut d);
         assert_eq!(u32::from_le_bytes(d), 0x0d57_8086);
+    }
+
+    #[test]
+    fn an_i440fx_bridge_keeps_its_pam_registers_and_nothing_else_of_what_is_written() {
+        let mut b = HostBridge::i440fx();
+        let mut d = [0u8; 4];
+        b.config_read(0, &mut d);
+        assert_eq!(u32::from_le_bytes(d), 0x1237_8086);
+        // SeaBIOS writes PAM0..PAM6 as two dwords at 0x58 and 0x5c.
+        b.config_write(0x58, &[0xaa, 0x30, 0x33, 0x33]);
+        b.config_write(0x5c, &[0x33, 0x33, 0x33, 0x33]);
+        b.config_read(0x58, &mut d);
+        assert_eq!(d, [0, 0x30, 0x33, 0x33], "0x58 is not a PAM register");
+        b.config_read(0x5c, &mut d);
+        assert_eq!(d, [0x33; 4], "0x5c..=0x5f are PAM3..PAM6");
+        b.config_write(0x60, &[0x44]);
+        b.config_read(0x60, &mut d);
+        assert_eq!(d[0], 0, "0x60 is not a PAM register");
+        let mut one = [0u8; 1];
+        b.config_read(0x59, &mut one);
+        assert_eq!(one, [0x30]);
+        // Vessel's own bridge has no PAM registers.
+        let mut v = HostBridge::new();
+        v.config_write(0x59, &[0x30]);
+        v.config_read(0x59, &mut one);
+        assert_eq!(one, [0]);
     }
 
     #[test]

@@ -7,19 +7,22 @@
 //!   [`MsiController`];
 //! - [`bus`]: the [`PciDevice`] trait, [`PciBus`] (bus 0, host bridge in slot 0), and the
 //!   [`PciConfigIo`] (ports 0xcf8-0xcff) and [`PciConfigMmio`] (ECAM) bus devices;
-//! - [`allocator`]: [`BarAllocator`], where the VMM places BARs.
+//! - [`allocator`]: [`BarAllocator`], where the VMM places BARs;
+//! - [`bar_map`]: [`BarMap`], where the BARs are after the guest or its firmware moved them.
 //!
 //! Nothing here talks to KVM.
 
 pub mod allocator;
+pub mod bar_map;
 pub mod bus;
 pub mod config;
 pub mod msix;
 
 pub use allocator::{AllocError, BarAllocator};
+pub use bar_map::BarMap;
 pub use bus::{
     BarReprogram, HostBridge, PciBarRegion, PciBus, PciBusError, PciConfigIo, PciConfigMmio,
-    PciDevice, ECAM_BUS_SIZE, PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT,
+    PciDevice, ECAM_BUS_SIZE, I440FX_DEVICE_ID, PCI_CONFIG_IO_LEN, PCI_CONFIG_IO_PORT,
 };
 pub use config::{
     BarInfo, BarKind, BarMove, BarRegisterState, BarSpec, ConfigError, ConfigSpace,

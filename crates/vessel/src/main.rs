@@ -13,6 +13,7 @@ use vessel_image::ImageName;
 use vessel_vmm::device_config::{
     parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
 };
+use vessel_vmm::firmware::Firmware;
 use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
 
 mod apicli;
@@ -20,6 +21,7 @@ mod fc;
 mod firecracker;
 mod logger;
 mod migratecli;
+mod seed;
 mod snapshotcli;
 
 #[derive(Parser)]
@@ -119,6 +121,10 @@ enum Command {
 enum ImageCommand {
     /// Build (or find cached) image NAME (debian or minimal); prints kernel=PATH and initrd=PATH.
     Build { name: ImageName },
+    /// Print the kernel parameters this host needs in a Linux guest's command line (on a
+    /// nested host whose KVM emulates guest kernel mode; nothing elsewhere). Vessel adds them
+    /// when it boots a kernel; an image booted through firmware needs them in its bootloader.
+    KernelParams,
 }
 
 #[derive(Args)]
@@ -129,6 +135,11 @@ struct RunArgs {
     /// Initial ramdisk.
     #[arg(long, requires = "kernel")]
     initrd: Option<PathBuf>,
+    /// Boot through firmware from the disks: bios (Debian's SeaBIOS), uefi (Debian's OVMF)
+    /// or the path of a firmware image. Without a kernel, a disk with no Linux Vessel can boot
+    /// directly boots through SeaBIOS.
+    #[arg(long, value_name = "bios|uefi|PATH", conflicts_with_all = ["kernel", "image"])]
+    firmware: Option<String>,
     /// Boot a guest-kit image (built first if needed): debian or minimal.
     #[arg(long)]
     image: Option<ImageName>,
@@ -167,6 +178,11 @@ struct RunArgs {
     /// [,bw=BYTES_PER_S][,iops=N] (rate limits, each with a one-second bucket).
     #[arg(long, value_name = "OPTIONS")]
     disk: Vec<DiskConfig>,
+    /// A cloud-init NoCloud seed disk (`cidata`), added after the disks:
+    /// [user-data=FILE][,meta-data=FILE][,network-config=FILE]. With no files: a fresh
+    /// console password for the image's default user (printed) and your SSH public keys.
+    #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = seed::parse)]
+    cloud_init: Option<seed::SeedOptions>,
     /// A virtio-net device on a TAP (repeatable): tap=NAME[,mac=MAC][,queues=N][,transport=...]
     /// [,rx_bw=BYTES_PER_S][,rx_ops=N][,tx_bw=BYTES_PER_S][,tx_ops=N] (rate limits).
     #[arg(long, value_name = "OPTIONS")]
@@ -259,8 +275,39 @@ fn linux_from_disks(
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     // Kept open while the VM is built: the loader reads them by their /proc paths.
     let mut from_disk = None;
-    if args.kernel.is_none() && args.image.is_none() && !args.disk.is_empty() {
-        from_disk = Some(linux_from_disks(&args.disk)?);
+    let mut firmware = args
+        .firmware
+        .as_deref()
+        .map(Firmware::resolve)
+        .transpose()
+        .map_err(|e| ErrorChain(&e).to_string())?;
+    if args.kernel.is_none() && args.image.is_none() && firmware.is_none() && !args.disk.is_empty()
+    {
+        match linux_from_disks(&args.disk) {
+            Ok(found) => from_disk = Some(found),
+            Err(why) => {
+                eprintln!("vessel: {why}");
+                let bios = Firmware::resolve("bios").map_err(|e| ErrorChain(&e).to_string())?;
+                eprintln!("vessel: falling back to firmware: {}", bios.code.display());
+                firmware = Some(bios);
+            }
+        }
+    }
+    // Kept open while the VM runs: the disk is its /proc path.
+    let mut seed_file = None;
+    let mut disks = args.disk.clone();
+    if let Some(o) = &args.cloud_init {
+        let image = seed::build(o, &mut |line| eprintln!("vessel: {line}"))?;
+        let file = MemFile::new(c"vessel-cidata", &image)?;
+        disks.push(DiskConfig {
+            path: file.path(),
+            format: Some(vessel_vmm::device_config::DiskFormat::Raw),
+            read_only: true,
+            serial: Some("cidata".into()),
+            transport: vessel_vmm::device_config::Transport::Pci,
+            rate_limiter: None,
+        });
+        seed_file = Some(file);
     }
     let cmdline = args.cmdline.or_else(|| {
         from_disk
@@ -281,13 +328,14 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
                 system_map: args.system_map.or(p.system_map),
             }
         }
-        (None, None) => match &from_disk {
-            Some((_, kernel, initrd)) => Payload::Linux {
+        (None, None) => match (&from_disk, firmware) {
+            (Some((_, kernel, initrd)), _) => Payload::Linux {
                 kernel: kernel.path(),
                 initrd: initrd.as_ref().map(MemFile::path),
                 system_map: args.system_map,
             },
-            None => Payload::Demo,
+            (None, Some(fw)) => Payload::Firmware(fw),
+            (None, None) => Payload::Demo,
         },
     };
     let config = VmConfig {
@@ -297,13 +345,13 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         cpus: args.cpus,
         memory: args.memory.unwrap_or(match boot {
             Payload::Demo => DEMO_MEMORY,
-            Payload::Linux { .. } => LINUX_MEMORY,
+            Payload::Linux { .. } | Payload::Firmware(_) => LINUX_MEMORY,
         }),
         serial: args.serial,
         nested: args.nested,
         profile_ms: args.profile,
         devices: DeviceConfigs {
-            disks: args.disk,
+            disks,
             nets: args.net,
             vsock: args.vsock,
             rng: args.rng,
@@ -314,6 +362,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         cpu_template: None,
     };
     let outcome = vessel_vmm::run(&config).map_err(|e| ErrorChain(&e).to_string())?;
+    drop(seed_file);
     if args.stats || args.profile.is_some() {
         eprint!("{}", outcome.stats.summary());
         match outcome.reason {
@@ -428,12 +477,23 @@ fn main() -> ExitCode {
             return vessel_jailer::main_with(&args);
         }
         Command::Image {
+            command: ImageCommand::KernelParams,
+        } => vessel_vmm::payload::host_kernel_params()
+            .map_err(Into::into)
+            .map(|p| {
+                println!("{}", p.unwrap_or_default());
+                ExitCode::SUCCESS
+            }),
+        Command::Image {
             command: ImageCommand::Build { name },
         } => build_image(name).map_err(Into::into).map(|p| {
             println!("kernel={}", p.kernel.display());
             println!("initrd={}", p.initrd.display());
             if let Some(m) = p.system_map {
                 println!("system_map={}", m.display());
+            }
+            if let Some(b) = p.bzimage {
+                println!("bzimage={}", b.display());
             }
             ExitCode::SUCCESS
         }),

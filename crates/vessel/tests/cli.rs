@@ -147,3 +147,24 @@ fn any_firecracker_flag_selects_firecracker_mode() {
         text(&out.stdout)
     );
 }
+
+/// `--cloud-init` refuses what cloud-init would ignore, before any VM is made: a user-data
+/// file that is not cloud-config or a script, a missing file, an unknown option.
+#[test]
+fn cloud_init_seeds_that_cloud_init_would_ignore_are_refused() {
+    let dir = std::env::temp_dir().join(format!("vessel-cli-seed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ud = dir.join("user-data");
+    std::fs::write(&ud, "hello: world\n").unwrap();
+    let arg = format!("--cloud-init=user-data={}", ud.display());
+    fails_with(&["run", &arg], "#cloud-config");
+    fails_with(
+        &["run", "--cloud-init=user-data=/nonexistent/ud"],
+        "/nonexistent/ud",
+    );
+    fails_with(
+        &["run", "--cloud-init=vendor=/x"],
+        "unknown cloud-init option",
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -23,13 +23,16 @@ use crate::config::{NestedMode, Payload, VmConfig};
 use crate::cpu;
 use crate::device_factory::DeviceHandles;
 use crate::error::{KvmContext, VcpuError, VmmError};
+use crate::firmware::{FirmwareKind, FirmwareRom};
 use crate::legacy::LegacyDevices;
 use crate::machine::Machine;
 use crate::payload;
+use crate::pci_host::Bridge;
 use crate::restore::RestoreError;
 use crate::snapshot::VmSnapshot;
 use crate::vcpu::{PauseGate, Vcpu};
 use crate::vmgenid::{self, VmGenIdState};
+use vessel_devices::fw_cfg::{FW_CFG_PORT_BASE, FW_CFG_PORT_LEN};
 
 /// A VM built and ready to run: memory, devices, the boot image and the vCPUs are set up;
 /// no vCPU has run yet. [`Vm::start`] runs it.
@@ -136,8 +139,62 @@ fn create_machine(
             })?;
     }
     let legacy = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
-    let virtio =
-        crate::device_manager::create(&vm, &mem, &mut io_bus, &mut mmio_bus, &config.devices)?;
+    let firmware = match &config.boot {
+        Payload::Firmware(fw) => Some(fw),
+        _ => None,
+    };
+    let bridge = match firmware {
+        Some(_) => Bridge::I440fx,
+        None => Bridge::Vessel,
+    };
+    let mut virtio = crate::device_manager::create(
+        &vm,
+        &mem,
+        &mut io_bus,
+        &mut mmio_bus,
+        &config.devices,
+        bridge,
+    )?;
+    let firmware = match firmware {
+        Some(fw) => {
+            virtio.booted_by_firmware();
+            let rom = FirmwareRom::map(&vm, fw)?;
+            let fw_cfg =
+                crate::firmware::fw_cfg(&mem, &host.layout, config.cpus as u8, virtio.platform())?;
+            io_bus
+                .insert(
+                    Arc::new(Mutex::new(fw_cfg)),
+                    u64::from(FW_CFG_PORT_BASE),
+                    FW_CFG_PORT_LEN,
+                )
+                .map_err(|source| VmmError::Bus {
+                    what: "fw_cfg".into(),
+                    source,
+                })?;
+            io_bus
+                .insert(
+                    Arc::new(Mutex::new(vessel_devices::AcpiPm1::new(exit.clone()))),
+                    u64::from(vessel_memory::ports::ACPI_PM1_EVT),
+                    vessel_devices::AcpiPm1::PORT_LEN,
+                )
+                .map_err(|source| VmmError::Bus {
+                    what: "the ACPI PM1 registers".into(),
+                    source,
+                })?;
+            io_bus
+                .insert(
+                    Arc::new(Mutex::new(vessel_devices::FirmwareLog::new())),
+                    u64::from(vessel_devices::debug_port::FIRMWARE_LOG_PORT),
+                    1,
+                )
+                .map_err(|source| VmmError::Bus {
+                    what: "the firmware log port".into(),
+                    source,
+                })?;
+            Some(rom)
+        }
+        None => None,
+    };
     let machine = Machine {
         vm,
         mem,
@@ -148,6 +205,7 @@ fn create_machine(
         virtio: Mutex::new(virtio),
         config: config.clone(),
         nested,
+        firmware,
         vmgenid,
         stop: AtomicBool::new(false),
         pause: Arc::new(PauseGate::default()),
@@ -187,6 +245,17 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let (machine, fds) = create_machine(host, config, mem, nested, vmgenid)?;
 
     let image = load_payload(&machine, &layout, &fds[0])?;
+    if let (Payload::Firmware(fw), Some(rom)) = (&config.boot, &machine.firmware) {
+        let at = rom.ranges().last().map_or(0, |r| r.0);
+        eprintln!(
+            "vessel: booting through {} firmware {} (at {at:#x})",
+            match fw.kind {
+                FirmwareKind::Bios => "BIOS",
+                FirmwareKind::Uefi => "UEFI",
+            },
+            fw.code.display()
+        );
+    }
     for (id, fd) in fds.iter().enumerate() {
         let id = id as u8;
         cpu::configure_vcpu(
@@ -197,7 +266,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
             nested,
             config.cpu_template.as_ref(),
         )?;
-        if id == 0 {
+        // A firmware starts from the reset vector: KVM's power-on state.
+        if let (0, Some(image)) = (id, &image) {
             cpu::set_boot_registers(fd, &image.regs, &image.gdt, image.cr3)?;
         }
     }
@@ -205,7 +275,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         vcpus: vcpus(&machine, fds),
         machine,
         t0,
-        kernel_source: image.kernel_source,
+        kernel_source: image.and_then(|i| i.kernel_source),
         start_paused: false,
         after_start: Vec::new(),
     })
@@ -220,24 +290,32 @@ struct BootImage {
     kernel_source: Option<String>,
 }
 
-/// Writes the payload, its tables and the boot page tables into guest memory.
+/// Writes the payload, its tables and the boot page tables into guest memory; `None` for a
+/// firmware, which needs none of it.
 fn load_payload(
     m: &Machine,
     layout: &GuestLayout,
     boot_cpu: &VcpuFd,
-) -> Result<BootImage, VmmError> {
+) -> Result<Option<BootImage>, VmmError> {
+    if let Some(rom) = &m.firmware {
+        rom.shadow(&m.mem)?;
+        return Ok(None);
+    }
     let nested_params = m.nested.then(|| payload::nested_params(boot_cpu));
     let platform = vessel_boot::PlatformDevices {
         vmgenid: m.vmgenid.map(|v| v.info()),
         ..m.virtio().platform().clone()
     };
-    let (regs, kernel_source) = payload::load_guest(
+    let Some((regs, kernel_source)) = payload::load_guest(
         &m.config,
         &m.mem,
         layout,
         nested_params.as_deref(),
         &platform,
-    )?;
+    )?
+    else {
+        return Ok(None);
+    };
     if let (Some(p), NestedMode::Auto) = (&nested_params, m.config.nested) {
         eprintln!(
             "vessel: this host's KVM is nested and emulates guest kernel mode: adding kernel parameters: {p}"
@@ -245,12 +323,12 @@ fn load_payload(
     }
     let gdt = vessel_boot::write_gdt(&m.mem, regs.mode)?;
     let cr3 = vessel_boot::write_identity_page_tables(&m.mem)?;
-    Ok(BootImage {
+    Ok(Some(BootImage {
         regs,
         gdt,
         cr3,
         kernel_source,
-    })
+    }))
 }
 
 /// Builds a VM from a snapshot's (or a migration's) state: `config` is the snapshot's (with

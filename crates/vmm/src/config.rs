@@ -17,6 +17,8 @@ pub enum Payload {
         /// The kernel's `System.map`, used to symbolize profiles.
         system_map: Option<PathBuf>,
     },
+    /// Firmware (SeaBIOS or OVMF), which boots from the disks.
+    Firmware(crate::firmware::Firmware),
 }
 
 /// Where the guest's COM1 goes.

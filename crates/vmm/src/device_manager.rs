@@ -10,11 +10,11 @@
 
 use std::sync::{Arc, Mutex, PoisonError};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::{IoEventAddress, VmFd};
 use vessel_boot::{MmioDeviceInfo, PlatformDevices};
 use vessel_devices::Bus;
 use vessel_memory::{addr, ports, GuestMemoryMmap};
-use vessel_pci::{BarAllocator, BarKind, BarSpec, PciBus, PciConfigIo, PciConfigMmio};
+use vessel_pci::{BarKind, BarSpec};
 use vessel_virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use vessel_virtio::pci::{VirtioPciDevice, BAR0_SIZE};
 use vessel_virtio::{MmioTransportState, VirtioDevice, VirtioPciState};
@@ -22,14 +22,8 @@ use vessel_virtio::{MmioTransportState, VirtioDevice, VirtioPciState};
 use crate::device_config::{DeviceConfigs, Transport};
 use crate::device_factory::DeviceHandles;
 use crate::error::{KvmContext, VmmError};
-use crate::msi::{FunctionMsi, MsiRoutes};
-
-/// The PCI bus, created with the first PCI device.
-struct PciHost {
-    bus: Arc<Mutex<PciBus>>,
-    bars: BarAllocator,
-    routes: Arc<MsiRoutes>,
-}
+use crate::msi::FunctionMsi;
+use crate::pci_host::{Bridge, PciHost};
 
 /// A placed device's transport, kept for snapshots.
 enum Placed {
@@ -129,6 +123,7 @@ pub struct VirtioManager {
     vm: Arc<VmFd>,
     mem: GuestMemoryMmap,
     platform: PlatformDevices,
+    bridge: Bridge,
     pci: Option<PciHost>,
     /// Every placed device, in creation order.
     devices: Vec<Managed>,
@@ -145,11 +140,12 @@ fn device_err<E: std::error::Error + Send + Sync + 'static>(
 }
 
 impl VirtioManager {
-    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap) -> Self {
+    pub fn new(vm: Arc<VmFd>, mem: GuestMemoryMmap, bridge: Bridge) -> Self {
         VirtioManager {
             vm,
             mem,
             platform: PlatformDevices::default(),
+            bridge,
             pci: None,
             devices: Vec::new(),
             placed: Vec::new(),
@@ -250,6 +246,14 @@ impl VirtioManager {
     /// gone). A snapshot whose devices differ from the configured ones is refused, listing
     /// the differences, before any device is touched.
     pub fn restore_all(&self, states: &[VirtioDeviceState]) -> Result<(), DeviceError> {
+        self.restore_states(states)?;
+        if let Some(host) = &self.pci {
+            host.follow_restored();
+        }
+        Ok(())
+    }
+
+    fn restore_states(&self, states: &[VirtioDeviceState]) -> Result<(), DeviceError> {
         let diff = self.mismatches(states);
         if !diff.is_empty() {
             return Err(DeviceError::Differ(diff.join("; ")));
@@ -266,6 +270,12 @@ impl VirtioManager {
     }
 
     /// What the ACPI tables describe.
+    /// The guest boots through firmware: full ACPI, and the firmware places the BARs (the
+    /// tables then describe its window).
+    pub(crate) fn booted_by_firmware(&mut self) {
+        self.platform.firmware = true;
+    }
+
     pub fn platform(&self) -> &PlatformDevices {
         &self.platform
     }
@@ -356,43 +366,13 @@ impl VirtioManager {
     /// The PCI host: created (config ports, ECAM window, BAR allocator) on first use.
     fn pci_host(&mut self, io_bus: &mut Bus, mmio_bus: &mut Bus) -> Result<&mut PciHost, VmmError> {
         if self.pci.is_none() {
-            let bus = Arc::new(Mutex::new(PciBus::new()));
-            bus.lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .set_reprogram_handler(|r| {
-                    log::warn!(
-                        "the guest moved BAR {} of PCI slot {} from {:#x} to {:#x}; Vessel keeps serving it at {:#x}",
-                        r.bar, r.slot, r.old_base, r.new_base, r.old_base
-                    )
-                });
-            io_bus
-                .insert(
-                    Arc::new(Mutex::new(PciConfigIo::new(bus.clone()))),
-                    u64::from(ports::PCI_CONFIG_ADDRESS),
-                    ports::PCI_CONFIG_LEN,
-                )
-                .map_err(device_err("PCI config ports"))?;
-            mmio_bus
-                .insert(
-                    Arc::new(Mutex::new(PciConfigMmio::new(bus.clone()))),
-                    addr::PCI_ECAM_START,
-                    addr::PCI_ECAM_SIZE,
-                )
-                .map_err(device_err("PCI ECAM"))?;
-            let bars = BarAllocator::new(
-                (
-                    addr::PCI_MMIO32_START,
-                    addr::PCI_MMIO32_END - addr::PCI_MMIO32_START,
-                ),
-                None,
-            )
-            .map_err(device_err("PCI BAR window"))?;
+            self.pci = Some(PciHost::new(
+                self.vm.clone(),
+                self.bridge,
+                io_bus,
+                mmio_bus,
+            )?);
             self.platform.pci = true;
-            self.pci = Some(PciHost {
-                bus,
-                bars,
-                routes: Arc::new(MsiRoutes::new(self.vm.clone())),
-            });
         }
         Ok(self.pci.as_mut().expect("just created"))
     }
@@ -407,7 +387,6 @@ impl VirtioManager {
         let device_type = device.device_type();
         let id = self.managed_id(name);
         let mem = self.mem.clone();
-        let vm = self.vm.clone();
         let host = self.pci_host(io_bus, mmio_bus)?;
         let bar0 = host
             .bars
@@ -421,23 +400,23 @@ impl VirtioManager {
             .map_err(|_| DeviceError::TooManyQueues(name))?;
         let msi = Arc::new(FunctionMsi::new(host.routes.clone(), vectors)?);
         let dev = VirtioPciDevice::new(device, mem, msi, bar0).map_err(device_err(name))?;
-        for (queue, kick) in dev.queue_kicks().iter().enumerate() {
-            let at = dev
-                .notify_address(queue as u16)
-                .ok_or(DeviceError::NoNotifyAddress(name))?;
-            vm.register_ioevent(kick, &IoEventAddress::Mmio(at), NoDatamatch)
-                .kvm("KVM_IOEVENTFD")?;
-        }
+        let kicks = dev
+            .queue_kicks()
+            .iter()
+            .enumerate()
+            .map(|(queue, kick)| {
+                let at = dev
+                    .notify_address(queue as u16)
+                    .ok_or(DeviceError::NoNotifyAddress(name))?;
+                Ok((kick.try_clone().map_err(device_err(name))?, at))
+            })
+            .collect::<Result<Vec<_>, VmmError>>()?;
         let dev = Arc::new(Mutex::new(dev));
-        let slot = host
-            .bus
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        let slot = lock(&host.bus)
             .add_device(dev.clone())
             .map_err(device_err(name))?;
-        mmio_bus
-            .insert(dev.clone(), bar0, BAR0_SIZE)
-            .map_err(device_err(name))?;
+        let kicks: Vec<_> = kicks.iter().map(|(fd, at)| (fd, *at)).collect();
+        host.map_bar(slot, 0, (bar0, BAR0_SIZE), dev.clone(), &kicks)?;
         self.devices.push(Managed {
             id,
             device_type,
@@ -457,8 +436,13 @@ pub fn create(
     io_bus: &mut Bus,
     mmio_bus: &mut Bus,
     configs: &DeviceConfigs,
+    bridge: Bridge,
 ) -> Result<VirtioManager, VmmError> {
-    let mut m = VirtioManager::new(vm.clone(), mem.clone());
+    let mut m = VirtioManager::new(vm.clone(), mem.clone(), bridge);
+    // A firmware finds the platform by its host bridge, devices or not.
+    if bridge == Bridge::I440fx {
+        m.pci_host(io_bus, mmio_bus)?;
+    }
     let (devices, handles) = crate::device_factory::build(configs)?;
     m.handles = handles;
     for planned in devices {
@@ -501,7 +485,7 @@ mod tests {
     }
 
     fn manager(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, c: &DeviceConfigs) -> VirtioManager {
-        create(vm, mem, &mut Bus::new(), &mut Bus::new(), c).unwrap()
+        create(vm, mem, &mut Bus::new(), &mut Bus::new(), c, Bridge::Vessel).unwrap()
     }
 
     #[test]

@@ -15,6 +15,16 @@ pub enum VmmError {
     Memory(#[from] vessel_memory::MemoryError),
     #[error(transparent)]
     Boot(#[from] vessel_boot::BootError),
+    #[error(transparent)]
+    Firmware(#[from] crate::firmware::FirmwareError),
+    #[error("fw_cfg: cannot add {what}")]
+    FwCfg {
+        what: String,
+        #[source]
+        source: vessel_devices::fw_cfg::FwCfgError,
+    },
+    #[error("cannot build the ACPI table-loader script")]
+    TableLoader(#[source] vessel_devices::fw_cfg::loader::LoaderError),
     #[error("cannot open {}", path.display())]
     Open {
         path: PathBuf,

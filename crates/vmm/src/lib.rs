@@ -4,7 +4,8 @@
 //! cannot run. It speaks no HTTP: management APIs drive it through [`Vm`] and [`VmHandle`].
 //!
 //! Read it top-down:
-//! - [`config`]: what a VM is made of; [`payload`]: what a new VM boots;
+//! - [`config`]: what a VM is made of; [`payload`]: what a new VM boots (or [`firmware`],
+//!   which boots it);
 //! - [`builder`]: [`builder::build_for_boot`] and [`builder::build_from_snapshot`] make a
 //!   [`Vm`] (a [`Machine`] and its vCPUs) over shared steps;
 //! - [`running`]: [`Vm::start`] and the supervisor; [`control`]: [`VmHandle`] (pause, resume,
@@ -25,6 +26,7 @@ pub mod device_config;
 pub mod device_factory;
 mod device_manager;
 pub mod error;
+pub mod firmware;
 mod guest_access;
 pub mod kvm_vm;
 mod legacy;
@@ -34,6 +36,7 @@ mod msi;
 pub mod nested;
 pub mod outcome;
 pub mod payload;
+mod pci_host;
 pub mod profile;
 pub mod restore;
 pub mod running;

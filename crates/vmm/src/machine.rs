@@ -35,6 +35,8 @@ pub struct Machine {
     pub(crate) config: VmConfig,
     /// The nested-host fallback is on.
     pub(crate) nested: bool,
+    /// The firmware's read-only images, mapped below 4 GiB (firmware boots only).
+    pub(crate) firmware: Option<crate::firmware::FirmwareRom>,
     /// The VM generation ID device, for guests that have one.
     pub(crate) vmgenid: Option<VmGenIdState>,
     /// vCPUs leave their loop at the next exit once set.
@@ -79,7 +81,12 @@ impl Machine {
                 .expect("legacy devices");
         let vm = Arc::new(vm);
         Machine {
-            virtio: Mutex::new(VirtioManager::new(vm.clone(), mem.clone())),
+            virtio: Mutex::new(VirtioManager::new(
+                vm.clone(),
+                mem.clone(),
+                crate::pci_host::Bridge::Vessel,
+            )),
+            firmware: None,
             vm,
             mem,
             io_bus,

@@ -42,6 +42,9 @@ pub fn validate(config: &VmConfig, max_vcpus: usize) -> Result<GuestLayout, VmmE
             max,
         });
     }
+    if let Payload::Firmware(fw) = &config.boot {
+        fw.check_supported()?;
+    }
     let layout = GuestLayout::new(config.memory)?;
     if let Some(host) = host_memory() {
         if config.memory > host {
@@ -72,15 +75,17 @@ pub fn compose_cmdline(config: &VmConfig, nested_params: Option<&str>) -> String
 }
 
 /// Load what boots: returns the boot CPU's registers and, for Linux, how the kernel was
-/// loaded.
+/// loaded; `None` for a firmware, which the vCPU runs from its reset vector (its image is
+/// part of the machine, see [`crate::firmware`]).
 pub(crate) fn load_guest(
     config: &VmConfig,
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     nested_params: Option<&str>,
     platform: &vessel_boot::PlatformDevices,
-) -> Result<(BootRegs, Option<String>), VmmError> {
+) -> Result<Option<(BootRegs, Option<String>)>, VmmError> {
     match &config.boot {
+        Payload::Firmware(_) => Ok(None),
         Payload::Demo => {
             let code = crate::demo::code();
             mem.write_slice(&code, GuestAddress(addr::HIMEM_START))
@@ -97,7 +102,7 @@ pub(crate) fn load_guest(
                 rflags: 2,
                 mode: EntryMode::Long64,
             };
-            Ok((regs, None))
+            Ok(Some((regs, None)))
         }
         Payload::Linux { kernel, initrd, .. } => {
             let num_cpus = config.cpus as u8;
@@ -135,9 +140,23 @@ pub(crate) fn load_guest(
                 rng_seed: Some(vessel_boot::host_rng_seed()?),
             };
             let regs = vessel_boot::configure_boot(mem, layout, &loaded, &cfg)?;
-            Ok((regs, Some(loaded.source().to_string())))
+            Ok(Some((regs, Some(loaded.source().to_string()))))
         }
     }
+}
+
+/// The kernel parameters this host needs in a Linux guest's command line: those of
+/// [`nested_params`] on a nested host whose KVM emulates guest kernel mode, `None` elsewhere.
+/// Vessel adds them itself when it boots a kernel; a guest booted through firmware takes its
+/// command line from its own bootloader, which must carry them (`vessel image kernel-params`).
+pub fn host_kernel_params() -> Result<Option<String>, VmmError> {
+    let kvm = vessel_kvm::system::open()?;
+    if !vessel_kvm::nested::probe_nested_host(&kvm)? {
+        return Ok(None);
+    }
+    let vm = crate::kvm_vm::create_vm(&kvm)?;
+    let vcpu = crate::error::KvmContext::kvm(vm.create_vcpu(0), "KVM_CREATE_VCPU")?;
+    Ok(Some(nested_params(&vcpu)))
 }
 
 /// The kernel parameters for a nested host: the fixed set from `vessel_kvm::nested`, plus the

@@ -276,7 +276,7 @@ impl Supervisor {
         let profile = config.profile_ms.map(|ms| {
             let system_map = match &config.boot {
                 Payload::Linux { system_map, .. } => system_map.as_deref(),
-                Payload::Demo => None,
+                Payload::Demo | Payload::Firmware(_) => None,
             };
             crate::profile::vm_profile(&reports, system_map, Duration::from_millis(ms))
         });

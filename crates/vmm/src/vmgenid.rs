@@ -51,13 +51,13 @@ impl VmGenIdState {
     }
 }
 
-/// A new guest booting `boot` gets a random ID in `mem`; the demo guest has no ACPI tables to
-/// describe one.
+/// A new Linux guest booting `boot` gets a random ID in `mem`.
 pub(crate) fn install(
     boot: &Payload,
     mem: &GuestMemoryMmap,
 ) -> Result<Option<VmGenIdState>, VmmError> {
-    if matches!(boot, Payload::Demo) {
+    // The demo guest has no ACPI tables; a firmware owns the BIOS area the ID would use.
+    if matches!(boot, Payload::Demo | Payload::Firmware(_)) {
         return Ok(None);
     }
     let s = VmGenIdState {

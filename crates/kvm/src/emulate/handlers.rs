@@ -25,6 +25,10 @@ pub(super) fn execute(
             Ok(exception(vector::BP, None))
         }
         Code::Wait => Ok(op.advance()),
+        // OVMF's first instructions include `fninit`; at that point the FPU holds its
+        // power-on state, which is what `fninit` would set, so completing it is advancing
+        // (the VMM does not model x87 state here, as for `fwait`).
+        Code::Fninit => Ok(op.advance()),
         Code::Clac => op.set_ac(false),
         Code::Stac => op.set_ac(true),
         Code::Ud2 => Ok(exception(vector::UD, None)),

@@ -145,6 +145,17 @@ fn fwait_only_advances() {
 }
 
 #[test]
+fn fninit_only_advances() {
+    let mut cpu = long64();
+    let before = cpu.regs;
+    let bytes = asm64(|a| a.fninit());
+    assert_eq!(bytes, [0xdb, 0xe3], "fninit has no fwait prefix");
+    assert_eq!(run(&bytes, &mut cpu, &mut mem64()), Completion::Done);
+    assert_eq!(cpu.regs.rip, before.rip + 2);
+    assert_eq!(cpu.regs.rflags, before.rflags);
+}
+
+#[test]
 fn stac_sets_and_clac_clears_ac() {
     let mut cpu = long64();
     let stac = asm64(|a| a.stac());

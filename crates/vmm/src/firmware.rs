@@ -1,0 +1,388 @@
+//! Booting through firmware: Debian's SeaBIOS (`--firmware bios`) or OVMF
+//! (`--firmware uefi`), or any image given by path. The firmware image is mapped read-only
+//! just below 4 GiB, as flash is on a PC, with its last 128 KiB also in RAM at 0xe0000 (the
+//! legacy BIOS area SeaBIOS runs from); the boot vCPU starts at the reset vector in real mode
+//! (KVM's power-on state), and the firmware learns about the machine through QEMU's fw_cfg
+//! interface ([`vessel_devices::fw_cfg`]): the e820 map, the CPU count, the serial console
+//! and Vessel's ACPI tables as a table-loader script. The PCI host bridge becomes an i440FX,
+//! the platform both firmwares know, and they place the BARs themselves.
+
+use std::path::{Path, PathBuf};
+
+use kvm_bindings::kvm_userspace_memory_region;
+use kvm_ioctls::VmFd;
+use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vessel_memory::GuestMemoryMmap;
+
+use vessel_boot::PlatformDevices;
+use vessel_devices::fw_cfg::loader::{self, TableLoader, Zone};
+use vessel_devices::fw_cfg::{e820_bytes, keys, FwCfg};
+use vessel_memory::{addr, ports, E820Kind, GuestLayout};
+
+use crate::error::{KvmContext, VmmError};
+
+/// Debian's SeaBIOS (package `seabios`).
+pub const SEABIOS: &str = "/usr/share/seabios/bios-256k.bin";
+/// Debian's OVMF code and variable-store template (package `ovmf`).
+pub const OVMF_CODE: &str = "/usr/share/OVMF/OVMF_CODE_4M.fd";
+pub const OVMF_VARS: &str = "/usr/share/OVMF/OVMF_VARS_4M.fd";
+
+/// The smallest and largest firmware image Vessel maps (SeaBIOS is 256 KiB, OVMF 4 MiB).
+const MIN_SIZE: u64 = 64 << 10;
+const MAX_SIZE: u64 = 16 << 20;
+/// The legacy BIOS area at the top of the first MiB: the image's last 128 KiB go there.
+const LOW_BIOS_SIZE: u64 = 128 << 10;
+const LOW_BIOS_END: u64 = 1 << 20;
+/// KVM memory slots of the firmware images (after the RAM slots, which are 0 and 1).
+const FIRST_SLOT: u32 = 16;
+
+/// Which firmware.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum FirmwareKind {
+    /// A legacy BIOS (SeaBIOS).
+    Bios,
+    /// UEFI (OVMF).
+    Uefi,
+}
+
+/// The firmware a VM boots through.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Firmware {
+    pub kind: FirmwareKind,
+    /// The code image.
+    pub code: PathBuf,
+    /// UEFI only: the variable store, mapped below the code.
+    pub vars: Option<PathBuf>,
+}
+
+/// Why a firmware cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum FirmwareError {
+    #[error("'{0}' is not a firmware: use bios, uefi or a path to an image")]
+    BadName(String),
+    #[error("{} is missing: install Debian's {package} package", path.display())]
+    Missing {
+        path: PathBuf,
+        package: &'static str,
+    },
+    #[error("cannot read the firmware image {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("UEFI firmware ({}) is not supported yet: OVMF needs the Q35 platform's power-management timer and a flash device, which Vessel does not emulate yet; use --firmware bios, or boot the image's Linux directly (--disk with no firmware)", code.display())]
+    UefiNotYet { code: PathBuf },
+    #[error("the firmware image {} is {size} bytes: it must be 64 KiB to 16 MiB, a multiple of 4 KiB", path.display())]
+    BadSize { path: PathBuf, size: u64 },
+}
+
+impl Firmware {
+    /// `bios`, `uefi`, or a path (a file ending in `.fd` is taken for UEFI code, anything
+    /// else for a BIOS).
+    pub fn resolve(spec: &str) -> Result<Firmware, FirmwareError> {
+        let fw = match spec {
+            "bios" => Firmware {
+                kind: FirmwareKind::Bios,
+                code: SEABIOS.into(),
+                vars: None,
+            },
+            "uefi" => Firmware {
+                kind: FirmwareKind::Uefi,
+                code: OVMF_CODE.into(),
+                vars: Some(OVMF_VARS.into()),
+            },
+            "" => return Err(FirmwareError::BadName(spec.into())),
+            path => {
+                let code = PathBuf::from(path);
+                let uefi = code.extension().is_some_and(|e| e == "fd");
+                Firmware {
+                    kind: if uefi {
+                        FirmwareKind::Uefi
+                    } else {
+                        FirmwareKind::Bios
+                    },
+                    code,
+                    vars: None,
+                }
+            }
+        };
+        for p in std::iter::once(&fw.code).chain(&fw.vars) {
+            if !p.exists() {
+                let package = match fw.kind {
+                    FirmwareKind::Bios => "seabios",
+                    FirmwareKind::Uefi => "ovmf",
+                };
+                return Err(FirmwareError::Missing {
+                    path: p.clone(),
+                    package,
+                });
+            }
+        }
+        Ok(fw)
+    }
+
+    /// Whether Vessel can run this firmware (OVMF cannot run yet: it would wait forever on a
+    /// timer Vessel does not have).
+    pub fn check_supported(&self) -> Result<(), FirmwareError> {
+        match self.kind {
+            FirmwareKind::Bios => Ok(()),
+            FirmwareKind::Uefi => Err(FirmwareError::UefiNotYet {
+                code: self.code.clone(),
+            }),
+        }
+    }
+
+    /// The images to map, top down from 4 GiB: the code, then the variable store.
+    fn images(&self) -> Result<Vec<Vec<u8>>, FirmwareError> {
+        std::iter::once(&self.code)
+            .chain(&self.vars)
+            .map(|p| read_image(p))
+            .collect()
+    }
+}
+
+fn read_image(path: &Path) -> Result<Vec<u8>, FirmwareError> {
+    let data = std::fs::read(path).map_err(|source| FirmwareError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let size = data.len() as u64;
+    if !(MIN_SIZE..=MAX_SIZE).contains(&size) || !size.is_multiple_of(4096) {
+        return Err(FirmwareError::BadSize {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok(data)
+}
+
+/// The firmware images as the guest sees them: read-only memory below 4 GiB. Kept for as
+/// long as the VM runs (KVM maps it).
+pub struct FirmwareRom {
+    regions: GuestMemoryMmap,
+}
+
+impl FirmwareRom {
+    /// Maps `fw` below 4 GiB (read-only KVM slots).
+    pub(crate) fn map(vm: &VmFd, fw: &Firmware) -> Result<Self, VmmError> {
+        let images = fw.images()?;
+        let mut top = 1u64 << 32;
+        let mut ranges = Vec::new();
+        for img in &images {
+            top -= img.len() as u64;
+            ranges.push((GuestAddress(top), img.len()));
+        }
+        let regions =
+            GuestMemoryMmap::from_ranges(&ranges).map_err(vessel_memory::MemoryError::Mmap)?;
+        for ((at, _), img) in ranges.iter().zip(&images) {
+            regions
+                .write_slice(img, *at)
+                .map_err(|source| VmmError::GuestMemory {
+                    what: "copy the firmware image",
+                    addr: at.0,
+                    source,
+                })?;
+        }
+        for (i, region) in regions.iter().enumerate() {
+            let r = kvm_userspace_memory_region {
+                slot: FIRST_SLOT + i as u32,
+                flags: kvm_bindings::KVM_MEM_READONLY,
+                guest_phys_addr: region.start_addr().0,
+                memory_size: region.len(),
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `regions`, which the returned
+            // `FirmwareRom` keeps; the machine holds it until every vCPU thread is joined, so
+            // the guest never reads unmapped memory. The range (below 4 GiB, above the
+            // LAPIC) overlaps no RAM slot.
+            unsafe { vm.set_user_memory_region(r) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
+        }
+        Ok(FirmwareRom { regions })
+    }
+
+    /// A new guest: copies the code's last 128 KiB into `mem` at 0xe0000, where a PC's BIOS
+    /// shadows it (a restored guest has its own copy, changed as the firmware ran).
+    pub(crate) fn shadow(&self, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+        // The code is the image at the top, ending at 4 GiB.
+        let Some(code) = self.regions.iter().last() else {
+            return Ok(());
+        };
+        let len = LOW_BIOS_SIZE.min(code.len());
+        let mut low = vec![0u8; len as usize];
+        let from = code.start_addr().0 + code.len() - len;
+        self.regions
+            .read_slice(&mut low, GuestAddress(from))
+            .map_err(|source| VmmError::GuestMemory {
+                what: "read the firmware image",
+                addr: from,
+                source,
+            })?;
+        let at = LOW_BIOS_END - len;
+        mem.write_slice(&low, GuestAddress(at))
+            .map_err(|source| VmmError::GuestMemory {
+                what: "copy the firmware into the BIOS area",
+                addr: at,
+                source,
+            })
+    }
+
+    /// Where the images are: (start, length), in address order (the code last).
+    pub fn ranges(&self) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
+    }
+}
+
+/// The fw_cfg device a firmware reads the machine from: CPUs, RAM, the e820 map, a serial
+/// console on COM1, no boot menu, and the ACPI tables of `platform` with the table-loader
+/// script that installs them.
+pub(crate) fn fw_cfg(
+    mem: &GuestMemoryMmap,
+    layout: &GuestLayout,
+    cpus: u8,
+    platform: &PlatformDevices,
+) -> Result<FwCfg, VmmError> {
+    let mut fw = FwCfg::new(mem.clone());
+    let add = |what: &str| {
+        let what = what.to_string();
+        move |source| VmmError::FwCfg { what, source }
+    };
+    fw.add_u16(keys::NB_CPUS, u16::from(cpus))
+        .map_err(add("the CPU count"))?;
+    fw.add_u16(keys::MAX_CPUS, u16::from(cpus))
+        .map_err(add("the CPU count"))?;
+    fw.add_u64(keys::RAM_SIZE, layout.mem_size())
+        .map_err(add("the RAM size"))?;
+    // RAM, and the ECAM window the firmware must not hand out (SeaBIOS and OVMF add
+    // their own reservations for the BIOS area).
+    let e820: Vec<_> = layout
+        .ram_regions()
+        .iter()
+        .map(|(at, len)| (at.0, *len as u64, E820Kind::Ram as u32))
+        .chain(platform.pci.then_some((
+            addr::PCI_ECAM_START,
+            addr::PCI_ECAM_SIZE,
+            E820Kind::Reserved as u32,
+        )))
+        .collect();
+    fw.add_file("etc/e820", e820_bytes(&e820))
+        .map_err(add("etc/e820"))?;
+    fw.add_file("etc/sercon-port", ports::COM1.to_le_bytes().to_vec())
+        .map_err(add("etc/sercon-port"))?;
+    fw.add_file("etc/show-boot-menu", 0u16.to_le_bytes().to_vec())
+        .map_err(add("etc/show-boot-menu"))?;
+    // With nothing to boot, SeaBIOS says so and resets after this long (ms) instead of its
+    // default minute; the reset ends the VM.
+    fw.add_file(
+        "etc/boot-fail-wait",
+        BOOT_FAIL_WAIT_MS.to_le_bytes().to_vec(),
+    )
+    .map_err(add("etc/boot-fail-wait"))?;
+    add_acpi(&mut fw, cpus, platform)?;
+    Ok(fw)
+}
+
+/// Vessel's ACPI tables as `etc/acpi/tables` and `etc/acpi/rsdp`, and the `etc/table-loader`
+/// script with which the firmware places them, links them and sums them.
+fn add_acpi(fw: &mut FwCfg, cpus: u8, platform: &PlatformDevices) -> Result<(), VmmError> {
+    const TABLES: &str = loader::ACPI_TABLES_FILE;
+    const RSDP: &str = loader::ACPI_RSDP_FILE;
+    let acpi = vessel_boot::firmware_acpi_tables(cpus, platform)?;
+    let mut script = TableLoader::new();
+    let mut build = || -> Result<(), loader::LoaderError> {
+        script.allocate(RSDP, 16, Zone::FSeg)?;
+        script.allocate(TABLES, 64, Zone::High)?;
+        for p in &acpi.pointers {
+            script.add_pointer(TABLES, TABLES, *p as u32, 8)?;
+        }
+        script.add_pointer(RSDP, TABLES, acpi.rsdp_pointer as u32, 8)?;
+        for (_, at, len) in acpi.layout.iter().filter(|(s, _, _)| s != b"FACS") {
+            script.add_checksum(TABLES, (*at + SDT_CHECKSUM) as u32, *at as u32, *len as u32)?;
+        }
+        script.add_checksum(RSDP, RSDP_CHECKSUM, 0, RSDP_V1_LEN)?;
+        script.add_checksum(RSDP, RSDP_EXT_CHECKSUM, 0, acpi.rsdp.len() as u32)
+    };
+    build().map_err(VmmError::TableLoader)?;
+    let zeroed = |mut bytes: Vec<u8>, sums: &[usize]| {
+        for s in sums {
+            bytes[*s] = 0;
+        }
+        bytes
+    };
+    let table_sums: Vec<_> = acpi
+        .layout
+        .iter()
+        .map(|(_, at, _)| at + SDT_CHECKSUM)
+        .collect();
+    let rsdp_sums = [RSDP_CHECKSUM as usize, RSDP_EXT_CHECKSUM as usize];
+    let err = |what: &str| {
+        let what = what.to_string();
+        move |source| VmmError::FwCfg { what, source }
+    };
+    fw.add_file(TABLES, zeroed(acpi.tables, &table_sums))
+        .map_err(err(TABLES))?;
+    fw.add_file(RSDP, zeroed(acpi.rsdp, &rsdp_sums))
+        .map_err(err(RSDP))?;
+    fw.add_file(loader::LOADER_FILE, script.to_bytes())
+        .map_err(err(loader::LOADER_FILE))
+}
+
+/// How long SeaBIOS waits before it resets when no disk boots.
+const BOOT_FAIL_WAIT_MS: u32 = 3000;
+
+/// Checksum fields: a table header's, and the RSDP's two (the first 20 bytes, all 36).
+const SDT_CHECKSUM: usize = 9;
+const RSDP_CHECKSUM: u32 = 8;
+const RSDP_EXT_CHECKSUM: u32 = 32;
+const RSDP_V1_LEN: u32 = 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_paths_resolve_and_bad_ones_say_why() {
+        assert!(matches!(
+            Firmware::resolve(""),
+            Err(FirmwareError::BadName(_))
+        ));
+        let e = Firmware::resolve("/nonexistent/bios.bin").unwrap_err();
+        assert!(e.to_string().contains("seabios"), "{e}");
+        let e = Firmware::resolve("/nonexistent/CODE.fd").unwrap_err();
+        assert!(e.to_string().contains("ovmf"), "{e}");
+        if Path::new(SEABIOS).exists() {
+            let fw = Firmware::resolve("bios").unwrap();
+            assert_eq!(fw.kind, FirmwareKind::Bios);
+            assert_eq!(fw.images().unwrap()[0].len(), 256 << 10);
+        }
+    }
+
+    #[test]
+    fn images_of_odd_sizes_are_refused() {
+        let dir = std::env::temp_dir().join(format!("vessel-fw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, size) in [("small", 4096usize), ("odd", (64 << 10) + 1)] {
+            let p = dir.join(name);
+            std::fs::write(&p, vec![0u8; size]).unwrap();
+            let fw = Firmware::resolve(p.to_str().unwrap()).unwrap();
+            assert!(matches!(
+                fw.images(),
+                Err(FirmwareError::BadSize { size: s, .. }) if s == size as u64
+            ));
+        }
+        let p = dir.join("ok.bin");
+        std::fs::write(&p, vec![0u8; 64 << 10]).unwrap();
+        assert_eq!(
+            Firmware::resolve(p.to_str().unwrap())
+                .unwrap()
+                .images()
+                .unwrap()
+                .len(),
+            1
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
