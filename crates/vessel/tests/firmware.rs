@@ -241,3 +241,89 @@ fn the_same_disk_boots_directly_from_its_grub_cfg() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A VM paused in the middle of SeaBIOS (right after its banner, before it has looked at the
+/// disk), snapshotted, stopped, and restored: the restored firmware goes on from where it
+/// was: it finds the virtio disk at the BAR it had moved (served there again after the
+/// restore), reads it, says it is not bootable and resets. The firmware image is mapped again
+/// from its file; the shadowed BIOS area comes back with guest memory.
+#[test]
+fn a_vm_snapshotted_in_the_middle_of_seabios_goes_on_after_restore() {
+    use vessel_vmm::device_config::{DeviceConfigs, DiskConfig, Transport};
+    use vessel_vmm::firmware::Firmware;
+    use vessel_vmm::restore::{restore, RestoreRequest};
+    use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
+    use vessel_vmm::{ExitReason, Payload, SerialTarget, Vm, VmConfig};
+
+    if !have_seabios() {
+        return;
+    }
+    let dir = scratch("fw-snapshot");
+    let disk = dir.join("empty.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let (before, after) = (dir.join("before.txt"), dir.join("after.txt"));
+    let config = VmConfig {
+        boot: Payload::Firmware(Firmware::resolve("bios").unwrap()),
+        memory: 64 << 20,
+        serial: SerialTarget::File(before.clone()),
+        devices: DeviceConfigs {
+            disks: vec![DiskConfig {
+                path: disk.clone(),
+                format: None,
+                read_only: true,
+                serial: None,
+                transport: Transport::Pci,
+                rate_limiter: None,
+            }],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let vm = Vm::build(&config).unwrap().start().unwrap();
+    let h = vm.handle();
+    let t = Instant::now();
+    while !console_text(&before).contains("SeaBIOS (version") {
+        assert!(t.elapsed() < FIRMWARE_LIMIT, "SeaBIOS never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.pause().unwrap();
+    let so_far = console_text(&before);
+    assert!(
+        !so_far.contains("Boot failed"),
+        "paused too late to test anything: {so_far}"
+    );
+    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
+    h.snapshot(&SnapshotRequest::<NoApi> {
+        state: state.clone(),
+        memory: memory.clone(),
+        kind: SnapshotKind::Full,
+        api: None,
+    })
+    .unwrap();
+    h.stop();
+    vm.wait().unwrap();
+
+    let (restored, _) = restore(&RestoreRequest {
+        state,
+        memory,
+        serial: Some(SerialTarget::File(after.clone())),
+        track_dirty_pages: None,
+        working_set: None,
+    })
+    .unwrap();
+    let running = restored.start().unwrap();
+    let h = running.handle();
+    let watchdog = std::thread::spawn(move || {
+        std::thread::sleep(FIRMWARE_LIMIT);
+        h.stop();
+    });
+    let outcome = running.wait().unwrap();
+    let console = console_text(&after);
+    assert_eq!(outcome.reason, ExitReason::Reset, "{console}");
+    assert!(
+        console.contains("Boot failed: not a bootable disk"),
+        "the restored SeaBIOS read the disk: {console}"
+    );
+    drop(watchdog);
+    let _ = std::fs::remove_dir_all(&dir);
+}

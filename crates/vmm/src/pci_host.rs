@@ -162,8 +162,10 @@ impl PciHost {
 }
 
 /// Follows one move: the BAR answers at its new base, and the ioeventfds inside it move
-/// with it. A failure to move an ioeventfd leaves that queue's notifications to the
-/// device's register (slower, not lost), and is logged.
+/// with it. A failure to move an ioeventfd (a guest may put a BAR over another's
+/// notifications) leaves that queue's notifications to the device's notify register
+/// through the BAR (slower, not lost); it is logged at debug level, as a guest can repeat it
+/// at will.
 fn follow(vm: &VmFd, map: &BarMap, kicks: &Mutex<HashMap<u8, Kicks>>, r: &BarReprogram) {
     if !map.moved(r) {
         return;
@@ -183,10 +185,10 @@ fn follow(vm: &VmFd, map: &BarMap, kicks: &Mutex<HashMap<u8, Kicks>>, r: &BarRep
         let old = IoEventAddress::Mmio(r.old_base.wrapping_add(*offset));
         let new = IoEventAddress::Mmio(r.new_base.wrapping_add(*offset));
         if let Err(e) = vm.unregister_ioevent(fd, &old, NoDatamatch) {
-            log::warn!("cannot remove a queue notification at its old address: {e}");
+            log::debug!("cannot remove a queue notification at its old address: {e}");
         }
         if let Err(e) = vm.register_ioevent(fd, &new, NoDatamatch) {
-            log::warn!(
+            log::debug!(
                 "cannot move a queue notification of PCI 00:{:02x}.0 to {:#x}: {e}",
                 r.slot,
                 r.new_base.wrapping_add(*offset)
