@@ -302,6 +302,12 @@ impl ApiController {
         }
     }
 
+    /// `PUT /vessel/cloud-init` (extension, pre-boot): the seed disk the VM gets at start;
+    /// a second call replaces the first.
+    pub fn put_cloud_init(&mut self, c: CloudInitSeed) -> Result<(), ApiError> {
+        self.configure(|r| r.set_cloud_init(c))
+    }
+
     /// `PUT /vessel/stop` (extension): ends the started VM at once.
     pub fn stop(&mut self) -> Result<(), ApiError> {
         self.require_started()?;

@@ -174,6 +174,13 @@ pub struct FullVmConfig {
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
+    /// Vessel extension: the `PUT /vessel/cloud-init` seed.
+    #[serde(
+        rename = "vessel-cloud-init",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub cloud_init: Option<CloudInitSeed>,
 }
 
 /// Everything configured before `InstanceStart`; the VMM builds the VM from it.
@@ -203,6 +210,9 @@ pub struct VmResources {
     pub logger: Option<Logger>,
     /// Metrics configuration.
     pub metrics: Option<MetricsConfig>,
+    /// Vessel extension: a cloud-init seed disk, added after the drives at start (the VMM
+    /// checks its user-data when it is set).
+    pub cloud_init: Option<CloudInitSeed>,
 }
 
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
@@ -254,6 +264,7 @@ impl VmResources {
             && self.entropy.is_none()
             && self.balloon.is_none()
             && self.mmds_config.is_none()
+            && self.cloud_init.is_none()
     }
 
     /// `PUT /boot-source`. The kernel and initrd must be readable.
@@ -533,6 +544,12 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /vessel/cloud-init`: sets or replaces the seed.
+    pub fn set_cloud_init(&mut self, c: CloudInitSeed) -> Result<(), ApiError> {
+        self.cloud_init = Some(c);
+        Ok(())
+    }
+
     /// Checks that the resources suffice to boot.
     pub fn validate_for_start(&self) -> Result<(), ApiError> {
         if self.boot_source.is_none() {
@@ -557,6 +574,7 @@ impl VmResources {
             network_interfaces: self.network_interfaces.clone(),
             vsock: self.vsock.clone(),
             entropy: self.entropy,
+            cloud_init: self.cloud_init.clone(),
         }
     }
 
@@ -614,6 +632,9 @@ impl VmResources {
         }
         if let Some(m) = cfg.mmds_config {
             r.set_mmds_config(m)?;
+        }
+        if let Some(c) = cfg.cloud_init {
+            r.set_cloud_init(c)?;
         }
         if let Some(md) = metadata {
             r.put_metadata(md)?;

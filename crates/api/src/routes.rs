@@ -276,6 +276,12 @@ fn build() -> Vec<Route> {
                 Ok(Reply::Text(c.prometheus(), "text/plain; version=0.0.4"))
             }),
         },
+        put::<CloudInitSeed>(
+            "/vessel/cloud-init",
+            "putCloudInit",
+            "cloud_init",
+            |c, b| c.put_cloud_init(b),
+        ),
         Route {
             method: Method::Put,
             path: "/vessel/stop",

@@ -50,6 +50,7 @@ schema! {
     crate::resources::FullVmConfig => "FullVmConfiguration",
     serde_json::Value => "MmdsContentsObject",
     MigrateParams => "MigrateParams",
+    CloudInitSeed => "CloudInitSeed",
 }
 
 fn is_false(b: &bool) -> bool {
@@ -740,4 +741,22 @@ pub struct MigrateParams {
     /// Pre-copy rounds at most (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rounds: Option<u32>,
+}
+
+/// `PUT /vessel/cloud-init` (extension): a cloud-init NoCloud seed disk (`cidata`) that the
+/// VM gets as its last, read-only drive. The strings are the files' contents. The user-data
+/// is required: the CLI's default (a fresh password, the host user's SSH keys) is not offered
+/// here, as a `204` has nowhere to report the password.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudInitSeed {
+    /// The `user-data` file; it must start with a header cloud-init recognises
+    /// (`#cloud-config`, `#!`, ...).
+    pub user_data: String,
+    /// The `meta-data` file; default: a random instance id and the hostname `vessel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub meta_data: Option<String>,
+    /// The `network-config` file (cloud-init's network configuration, version 1 or 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network_config: Option<String>,
 }

@@ -34,6 +34,15 @@ impl VmmBackend for Mock {
         if r.machine_config.huge_pages != HugePages::None {
             return Err(ApiError::Unsupported("huge pages".into()));
         }
+        // The VMM checks the user-data (here: a stand-in for its header check).
+        if r.cloud_init
+            .as_ref()
+            .is_some_and(|c| !c.user_data.starts_with('#'))
+        {
+            return Err(ApiError::bad(
+                "Cloud-init seed error: unrecognised user-data",
+            ));
+        }
         Ok(())
     }
     fn start(&mut self, _: &VmResources) -> Result<(), ApiError> {
@@ -447,6 +456,13 @@ fn every_endpoint_before_and_after_start() {
             400,
             400,
         ),
+        (
+            "PUT",
+            "/vessel/cloud-init",
+            Some(json!({"user_data": "#cloud-config\n", "meta_data": "instance-id: i-1\n"})),
+            204,
+            400,
+        ),
         ("GET", "/vessel/metrics", None, 200, 200),
         ("PUT", "/vessel/stop", None, 400, 204),
         (
@@ -513,6 +529,10 @@ fn every_endpoint_before_and_after_start() {
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 512);
     assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
     assert_eq!(cfg["balloon"]["amount_mib"], 32);
+    assert_eq!(
+        cfg["vessel-cloud-init"],
+        json!({"user_data": "#cloud-config\n", "meta_data": "instance-id: i-1\n"})
+    );
     assert_eq!(
         env.call(&mut c, "GET", "/mmds", None).json(),
         json!({"latest": {"meta-data": {"ami-id": "ami-1", "hostname": "vm0"}}})
@@ -690,6 +710,25 @@ fn bad_bodies_get_firecracker_errors() {
             ),
             "invalid value",
         ),
+        (
+            "PUT",
+            "/vessel/cloud-init",
+            Some("{\"user_data\": \"#cloud-config\", \"vendor_data\": \"x\"}"),
+            "unknown field `vendor_data`",
+        ),
+        (
+            "PUT",
+            "/vessel/cloud-init",
+            Some("{\"meta_data\": \"instance-id: x\"}"),
+            "missing field `user_data`",
+        ),
+        (
+            "PUT",
+            "/vessel/cloud-init",
+            Some("{\"user_data\": \"hello\"}"),
+            "Cloud-init seed error",
+        ),
+        ("PUT", "/vessel/cloud-init", None, "Empty PUT request."),
         (
             "DELETE",
             "/drives/x",
@@ -924,4 +963,55 @@ fn config_file_builds_the_same_resources() {
         .unwrap();
     ctl.start().unwrap();
     assert_eq!(ctl.state(), InstanceState::Running);
+}
+
+#[test]
+fn a_second_cloud_init_seed_replaces_the_first_and_a_refused_one_changes_nothing() {
+    let env = Env::new();
+    let mut c = env.client();
+    let put = |c: &mut Client, body: Value| {
+        check_request("PUT", "/vessel/cloud-init", &body);
+        env.call(c, "PUT", "/vessel/cloud-init", Some(body))
+    };
+    assert_eq!(
+        put(&mut c, json!({"user_data": "#cloud-config\na: 1\n"})).status,
+        204
+    );
+    let second = json!({"user_data": "#!/bin/sh\necho hi\n", "network_config": "version: 2\n"});
+    assert_eq!(put(&mut c, second.clone()).status, 204);
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/vessel/cloud-init",
+        Some(json!({"user_data": "nope"})),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
+    assert_eq!(cfg["vessel-cloud-init"], second, "{cfg}");
+    // A seed is boot-specific: a snapshot can no longer be loaded.
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/snapshot/load",
+        Some(json!({"snapshot_path": "/s", "mem_file_path": "/m"})),
+    );
+    assert!(
+        r.text().contains("not allowed after configuring"),
+        "{}",
+        r.text()
+    );
+    // The config file takes it too, and exports it the same way.
+    let file = json!({
+        "boot-source": {"kernel_image_path": env.p("vmlinux")},
+        "vessel-cloud-init": second
+    });
+    let res = VmResources::from_config_json(&file.to_string(), None).unwrap();
+    assert_eq!(
+        res.cloud_init.as_ref().unwrap().user_data,
+        "#!/bin/sh\necho hi\n"
+    );
+    assert_eq!(
+        serde_json::to_value(res.to_full_vm_config()).unwrap()["vessel-cloud-init"],
+        second
+    );
 }
