@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use memfile::MemFile;
 use vessel_image::ImageName;
 use vessel_vmm::device_config::{
     parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
@@ -20,6 +21,7 @@ mod apicli;
 mod fc;
 mod firecracker;
 mod logger;
+mod memfile;
 mod migratecli;
 mod seed;
 mod snapshotcli;
@@ -212,32 +214,6 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
 fn build_image(name: ImageName) -> Result<vessel_image::ImagePaths, String> {
     vessel_image::build(name, &mut |line| eprintln!("vessel: {line}"))
         .map_err(|e| ErrorChain(&e).to_string())
-}
-
-/// A file in memory (a memfd), named by its `/proc/self/fd` path while it is open.
-struct MemFile {
-    file: std::fs::File,
-}
-
-impl MemFile {
-    fn new(name: &std::ffi::CStr, data: &[u8]) -> Result<MemFile, String> {
-        use std::io::Write;
-        use std::os::fd::FromRawFd;
-        // SAFETY: a NUL-terminated name and a flag; the result is checked.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(format!("memfd: {}", std::io::Error::last_os_error()));
-        }
-        // SAFETY: `fd` is a fresh descriptor owned by nothing else.
-        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
-        file.write_all(data).map_err(|e| format!("memfd: {e}"))?;
-        Ok(MemFile { file })
-    }
-
-    fn path(&self) -> PathBuf {
-        use std::os::fd::AsRawFd;
-        PathBuf::from(format!("/proc/self/fd/{}", self.file.as_raw_fd()))
-    }
 }
 
 /// With no kernel: the Linux the first disk that has one boots, found on the host in its

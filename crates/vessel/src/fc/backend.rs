@@ -31,7 +31,8 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::balloon::{balloon_stats, poll_balloon_stats, BalloonState, BALLOON_PAGES_PER_MIB};
 use super::config::{apply_overrides, resources_to_config_on, unsupported, update_limiter};
-use super::cpu_config;
+use super::{cidata, cpu_config};
+use crate::memfile::{is_process_local, MemFile};
 
 fn control_error(e: ControlError) -> ApiError {
     match e {
@@ -60,6 +61,9 @@ pub struct ApiBackend {
     nets: Vec<(String, NetHandle)>,
     /// Where the devices go (virtio-mmio unless `--enable-pci`).
     transport: Transport,
+    /// The started VM's cloud-init seed disk (`PUT /vessel/cloud-init`), held as long as
+    /// the VM.
+    seed: Option<MemFile>,
 }
 
 impl std::fmt::Debug for ApiBackend {
@@ -88,6 +92,7 @@ impl ApiBackend {
             drives: Vec::new(),
             nets: Vec::new(),
             transport: Transport::Mmio,
+            seed: None,
         })
     }
 
@@ -159,6 +164,9 @@ impl VmmBackend for ApiBackend {
         if let Some(c) = &resources.cpu_config {
             cpu_config::check_on_host(&cpu_config::from_api(c)?)?;
         }
+        if let Some(seed) = &resources.cloud_init {
+            cidata::check(seed)?;
+        }
         Ok(())
     }
 
@@ -167,7 +175,13 @@ impl VmmBackend for ApiBackend {
             return Err(ApiError::NotSupportedPostBoot);
         }
         unsupported(resources)?;
-        let config = resources_to_config_on(resources, &self.base, self.transport)?;
+        let mut config = resources_to_config_on(resources, &self.base, self.transport)?;
+        // The seed goes after the drives, so the drives keep their order (and handles).
+        let seed = resources
+            .cloud_init
+            .as_ref()
+            .map(|s| cidata::attach(s, &mut config, self.transport))
+            .transpose()?;
         let start_err =
             |e: VmmError| ApiError::bad(format!("Start microvm error: {}", ErrorChain(&e)));
         let vm = Vm::build(&config).map_err(start_err)?;
@@ -183,6 +197,7 @@ impl VmmBackend for ApiBackend {
         let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
+        self.seed = seed;
         self.drives = drives;
         self.nets = nets;
         if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
@@ -207,6 +222,7 @@ impl VmmBackend for ApiBackend {
         let fail = |e: &(dyn std::error::Error + 'static)| {
             ApiError::bad(format!("Migration error: {}", ErrorChain(e)))
         };
+        self.refuse_seed("Migration error")?;
         let url: MigrationUrl = p.destination.parse().map_err(|e| fail(&e))?;
         let mut opts = MigrateOptions::default();
         if let Some(ms) = p.downtime_ms {
@@ -221,6 +237,7 @@ impl VmmBackend for ApiBackend {
     }
 
     fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
+        self.refuse_seed("Create snapshot error")?;
         let req = SnapshotRequest {
             state: PathBuf::from(&p.snapshot_path),
             memory: PathBuf::from(&p.mem_file_path),
@@ -272,6 +289,20 @@ impl VmmBackend for ApiBackend {
             .clone()
             .and_then(|c| VmResources::from_full_vm_config(c, None).ok())
             .unwrap_or_default();
+        // A memfd disk (a `vessel run --cloud-init` seed) was a descriptor of the process
+        // that took the snapshot: here the same path names another file, or none.
+        if let Some(d) = snap
+            .config
+            .devices
+            .disks
+            .iter()
+            .find(|d| is_process_local(&d.path))
+        {
+            return Err(load_err(&format!(
+                "the snapshot has a disk in the memory of the process that took it ({}, e.g. a cloud-init seed), which cannot be restored",
+                d.path.display()
+            )));
+        }
         let mut config = snap.config.clone();
         config.serial = self.base.serial.clone();
         config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
@@ -447,6 +478,17 @@ impl ApiBackend {
         Ok(())
     }
 
+    /// Snapshots and migration carry disks by path, and the seed's path is a descriptor of
+    /// this process: refused, rather than restored onto whatever that path names elsewhere.
+    fn refuse_seed(&self, what: &str) -> Result<(), ApiError> {
+        if self.seed.is_some() {
+            return Err(ApiError::bad(format!(
+                "{what}: the microVM has a cloud-init seed disk (PUT /vessel/cloud-init), which snapshots and migration do not carry."
+            )));
+        }
+        Ok(())
+    }
+
     fn running_balloon(&self) -> Result<&BalloonState, ApiError> {
         self.running()?;
         self.balloon
@@ -612,5 +654,44 @@ mod tests {
         assert_eq!(b.balloon_update(1), Err(ApiError::NotSupportedPreBoot));
         assert!(b.take_outcome().is_none());
         assert!(b.metrics().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_seed_is_vetted_when_configured_and_keeps_snapshots_and_migration_away() {
+        let mut b = ApiBackend::new(VmConfig::default()).unwrap();
+        let mut r = VmResources::default();
+        r.set_cloud_init(serde_json::from_value(json!({"user_data": "hello"})).unwrap())
+            .unwrap();
+        let e = b.validate(&r).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("the user-data starts with \"hello\""),
+            "{e}"
+        );
+        r.set_cloud_init(serde_json::from_value(json!({"user_data": "#cloud-config\n"})).unwrap())
+            .unwrap();
+        assert_eq!(b.validate(&r), Ok(()));
+        // A VM holding a seed is neither snapshotted nor migrated.
+        b.seed = Some(MemFile::new(c"vessel-test-seed", b"seed").unwrap());
+        let snap: SnapshotCreateParams =
+            serde_json::from_value(json!({"snapshot_path": "/s", "mem_file_path": "/m"})).unwrap();
+        let e = b.snapshot_create(&snap).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Create snapshot error: the microVM has a cloud-init seed"),
+            "{e}"
+        );
+        let e = b
+            .migrate(&MigrateParams {
+                destination: "unix:/nonexistent".into(),
+                downtime_ms: None,
+                max_rounds: None,
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("Migration error: the microVM has a cloud-init seed"),
+            "{e}"
+        );
     }
 }

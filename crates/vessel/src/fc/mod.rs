@@ -6,13 +6,15 @@
 //! - [`config`]: Firecracker's pre-boot `VmResources` (or `--config-file`) to the core's
 //!   `VmConfig`;
 //! - [`cpu_config`]: Firecracker custom CPU templates to `vessel_kvm` templates;
-//! - `balloon`: the running balloon's state, statistics poller and figures.
+//! - `balloon`: the running balloon's state, statistics poller and figures;
+//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk.
 //!
 //! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
 //! transport unless `--enable-pci`.
 
 pub mod backend;
 mod balloon;
+pub mod cidata;
 pub mod config;
 pub mod cpu_config;
 
