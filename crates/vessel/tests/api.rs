@@ -899,3 +899,101 @@ fn boot_timer_logs_the_guest_boot_time() {
     assert!(us > 0 && cpu_us > 0, "{}", lines[0]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// How many of `pid`'s descriptors are the cloud-init seed's memfd.
+fn seed_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|l| l.to_string_lossy().starts_with("/memfd:vessel-cidata"))
+        .count()
+}
+
+/// `PUT /vessel/cloud-init`: a user-data cloud-init would ignore and unknown fields are 400s
+/// at `PUT` time; at `InstanceStart` the seed becomes one more disk (its memfd, opened by the
+/// block device); after start it is refused like the other pre-boot resources, it shows in
+/// `GET /vm/config`, and a snapshot of the VM is refused.
+#[test]
+fn cloud_init_seed_through_the_api() {
+    let dir = scratch("api-cidata");
+    let kernel = write_kernel(&dir, ticker(None));
+    let data = disk(&dir, "data.img", 1);
+    let mut v = start_vessel(&dir, &[]);
+    let mut c = v.client();
+    let pid = v.child.id();
+    configure(
+        &mut c,
+        json!({ "kernel_image_path": kernel }),
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/drives/data",
+        Some(
+            json!({"drive_id": "data", "path_on_host": data, "is_root_device": false, "is_read_only": true}),
+        ),
+        204,
+    );
+    let put = |c: &mut Client, body: Value, status: u16| {
+        expect(c, "PUT", "/vessel/cloud-init", Some(body), status)
+    };
+    let e = put(&mut c, json!({"user_data": "hello: world\n"}), 400);
+    assert!(
+        fault(&e).starts_with(
+            "Cloud-init seed error: the user-data starts with \"hello: world\", which cloud-init does not recognise"
+        ),
+        "{e}"
+    );
+    let e = put(
+        &mut c,
+        json!({"user_data": "#cloud-config\n", "vendor_data": "x"}),
+        400,
+    );
+    assert!(fault(&e).contains("unknown field `vendor_data`"), "{e}");
+    put(
+        &mut c,
+        json!({"user_data": "#cloud-config\nusers: []\n"}),
+        204,
+    );
+    // The second replaces the first.
+    let seed = json!({
+        "user_data": "#cloud-config\npassword: hunter2\n",
+        "meta_data": "instance-id: i-1\nlocal-hostname: seeded\n"
+    });
+    put(&mut c, seed.clone(), 204);
+    assert_eq!(seed_fds(pid), 0, "the seed is built at start");
+
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
+    // The backend's memfd, and the block device's own descriptor of it.
+    assert!(seed_fds(pid) >= 2, "fds: {}", seed_fds(pid));
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(cfg["vessel-cloud-init"], seed, "{cfg}");
+    assert_eq!(cfg["drives"].as_array().map(Vec::len), Some(1), "{cfg}");
+
+    let e = put(&mut c, seed.clone(), 400);
+    assert_eq!(
+        fault(&e),
+        "The requested operation is not supported after starting the microVM."
+    );
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": dir.join("s"), "mem_file_path": dir.join("m")})),
+        400,
+    );
+    assert!(fault(&e).contains("cloud-init seed"), "{e}");
+    assert!(!dir.join("s").exists());
+    expect(&mut c, "PUT", "/vessel/stop", None, 204);
+    assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
