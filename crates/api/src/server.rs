@@ -184,8 +184,7 @@ fn accept_loop(
             let mut open = connections.lock().unwrap_or_else(|e| e.into_inner());
             if open.len() >= config.max_connections {
                 metrics.server.connections_refused.inc();
-                let _ = Response::fault(503, "Too many open API connections.")
-                    .write_to(&mut stream, false);
+                refuse(&mut stream);
                 continue;
             }
             match stream.try_clone() {
@@ -311,3 +310,19 @@ fn serve_connection(
         }
     }
 }
+
+/// Answers a connection over the limit with a 503. The request is read first (briefly): a
+/// socket closed with unread data sends a reset, which can destroy the 503 before the client
+/// reads it.
+fn refuse(stream: &mut UnixStream) {
+    use std::io::Read;
+    let _ = stream.set_read_timeout(Some(REFUSE_READ_TIMEOUT));
+    let mut scratch = [0u8; 4096];
+    let _ = stream.read(&mut scratch);
+    let _ = Response::fault(503, "Too many open API connections.").write_to(stream, false);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.read(&mut scratch);
+}
+
+/// How long a refused connection may take to send its request.
+const REFUSE_READ_TIMEOUT: Duration = Duration::from_millis(100);
