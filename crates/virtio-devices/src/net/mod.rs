@@ -11,6 +11,7 @@
 //! [`NetHandle`] updates them while the device runs): a refused transmit frame stays in its
 //! queue and the TAP is not read until the limiter's timer fires.
 
+pub mod passt;
 pub mod tap;
 mod worker;
 
