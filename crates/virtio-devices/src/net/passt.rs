@@ -120,6 +120,11 @@ impl PasstStream {
         self.end
     }
 
+    /// Ends the stream (passt hung up): nothing more is read or sent.
+    pub fn close(&mut self) {
+        self.finish(StreamEnd::Closed);
+    }
+
     fn finish(&mut self, end: StreamEnd) -> StreamEnd {
         *self.end.get_or_insert(end)
     }
