@@ -22,7 +22,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{feature, lock_stream, Backend, VNET_HDR_LEN};
+use super::{feature, lock_stream, Backend, PasstStream, VNET_HDR_LEN};
 
 mod copy;
 mod ctrl;
@@ -672,15 +672,7 @@ fn transmit(
         Some(len) if (VNET_HDR_LEN..=MAX_TX_LEN).contains(&len) => {
             let tap = match backend {
                 Backend::Tap(tap) => tap,
-                Backend::Passt(s) => {
-                    if lock_stream(s).queue_frame(&iovs.0, VNET_HDR_LEN, len - VNET_HDR_LEN) {
-                        stats.tx_frames += 1;
-                        stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
-                    } else {
-                        stats.tx_errors += 1;
-                    }
-                    return;
-                }
+                Backend::Passt(s) => return passt::transmit(s, iovs, len, stats),
             };
             // SAFETY: the iovecs point into mapped guest memory (see `collect_iovs`), at most
             // `MAX_IOVS` of them; the result is checked.

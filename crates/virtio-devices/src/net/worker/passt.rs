@@ -6,12 +6,26 @@
 //! VM keeps running.
 
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use vessel_virtio::InterruptCause;
 use vmm_sys_util::epoll::EventSet;
 
 use super::copy::{deliver_copy, Delivery};
-use super::{lock_stream, Backend, NetHandler, Rx, RxBuffers, TapPoll, Tokens};
+use super::{
+    lock_stream, Backend, IoVecs, NetHandler, NetStats, PasstStream, Rx, RxBuffers, TapPoll,
+    Tokens, VNET_HDR_LEN,
+};
+
+/// Queues the guest frame in `iovs` (`len` bytes, virtio-net header first) for passt.
+pub(super) fn transmit(s: &Mutex<PasstStream>, iovs: &IoVecs, len: usize, stats: &mut NetStats) {
+    if lock_stream(s).queue_frame(&iovs.0, VNET_HDR_LEN, len - VNET_HDR_LEN) {
+        stats.tx_frames += 1;
+        stats.tx_bytes += (len - VNET_HDR_LEN) as u64;
+    } else {
+        stats.tx_errors += 1;
+    }
+}
 
 impl NetHandler {
     /// Receives one frame from passt into the receive buffers of pair `p`.
