@@ -14,6 +14,23 @@ fn framed(frame: &[u8]) -> Vec<u8> {
     v
 }
 
+/// Retries `f` for a few seconds while it returns `Ok`: a child that another test forks
+/// holds copies of our descriptors until it execs, so the peer's end of a socket pair may
+/// stay open for a moment after the test closes it.
+fn until_err<T>(mut f: impl FnMut() -> Result<T, StreamEnd>) -> StreamEnd {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        if let Err(e) = f() {
+            return e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream did not end"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
 fn take(s: &mut PasstStream) -> Option<Vec<u8>> {
     let len = s.peek_frame().unwrap()?;
     let f = s.frame().to_vec();
@@ -119,7 +136,7 @@ fn an_absurd_length_ends_the_stream() {
 fn eof_ends_the_stream() {
     let (mut s, peer) = pair();
     drop(peer);
-    assert_eq!(s.peek_frame(), Err(StreamEnd::Closed));
+    assert_eq!(until_err(|| s.peek_frame()), StreamEnd::Closed);
     assert!(!s.queue_bytes(b"x"));
     assert_eq!(s.stats.tx_dropped, 1);
 }
@@ -206,7 +223,7 @@ fn frames_are_dropped_once_passt_stops_reading_and_sending_to_a_dead_passt_fails
     assert!(dropped, "the send buffer is bounded");
     assert_eq!(s.stats.tx_dropped, 1);
     drop(peer);
-    assert_eq!(s.flush(), Err(StreamEnd::Closed));
+    assert_eq!(until_err(|| s.flush()), StreamEnd::Closed);
     assert_eq!(s.end(), Some(StreamEnd::Closed));
 }
 
@@ -251,16 +268,7 @@ fn the_child_gets_its_end_of_the_socket_and_dies_with_the_process_handle() {
     let alive = unsafe { libc::kill(pid as libc::pid_t, 0) } == 0;
     assert!(!alive, "passt is killed and reaped with its handle");
     // With passt gone, our end sees the end of the stream.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    loop {
-        match s.peek_frame() {
-            Err(e) => break assert_eq!(e, StreamEnd::Closed),
-            Ok(_) => {
-                assert!(std::time::Instant::now() < deadline, "no EOF");
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
-    }
+    assert_eq!(until_err(|| s.peek_frame()), StreamEnd::Closed);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
