@@ -77,7 +77,7 @@ pub struct NetParams {
 /// Where a passt-backed device finds passt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PasstSource {
-    /// Start passt (killed with the device), with these `-t` port forwards
+    /// Start passt (it exits when the device is dropped), with these `-t` port forwards
     /// (`HOSTPORT:GUESTPORT`).
     Spawn { tcp_forwards: Vec<String> },
     /// Connect to a passt started with `passt --socket PATH`.
@@ -248,7 +248,7 @@ impl Net {
         Net::with_backends(backends, mac)
     }
 
-    /// Builds the device on passt: started here (and killed with the device), or reached
+    /// Builds the device on passt: started here (exits when the device is dropped), or reached
     /// at its socket.
     pub fn with_passt(source: &PasstSource, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
         let (process, stream) = match source {

@@ -5,8 +5,11 @@
 //! - [`PasstStream`]: the framing on a non-blocking socket (a receive buffer that frames may
 //!   reach split or several at a time; a send buffer so a partial write never interleaves
 //!   two frames);
-//! - [`PasstProcess`]: a passt that Vessel starts on one end of a socket pair, killed with
-//!   the VM (and by the kernel if Vessel dies first).
+//! - [`PasstProcess`]: a passt that Vessel starts on one end of a socket pair. passt exits
+//!   when the other end closes (the device is dropped with the VM), and the kernel sends it
+//!   SIGTERM if the thread that started it dies first (`PR_SET_PDEATHSIG`). Vessel never
+//!   signals or reaps it itself: its seccomp filters forbid `kill`, and `wait4` is not
+//!   needed by anything else (a process running one VM leaves the zombie to init).
 
 use std::fmt;
 use std::io::{self, Read};
@@ -298,7 +301,7 @@ fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
     done
 }
 
-/// A passt that Vessel started; killed (and reaped) when dropped.
+/// A passt that Vessel started; it exits once its socket's other end is closed.
 #[derive(Debug)]
 pub struct PasstProcess {
     child: Child,
@@ -362,13 +365,6 @@ impl PasstProcess {
     /// Whether passt has exited (reaping it if so).
     pub fn has_exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for PasstProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
