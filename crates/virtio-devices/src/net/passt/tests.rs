@@ -393,3 +393,51 @@ fn a_real_passt_offers_an_address_to_a_dhcp_discover() {
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+#[test]
+fn a_real_passt_forwards_a_host_port_to_the_guest() {
+    if !passt_installed() {
+        eprintln!("skipped: passt is not installed (apt-get install passt)");
+        return;
+    }
+    let host_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let guest_port = 8080u16;
+    let (p, sock) = PasstProcess::spawn(&[format!("{host_port}:{guest_port}")]).unwrap();
+    let mut s = PasstStream::new(sock).unwrap();
+    // Let passt learn the guest's MAC address first.
+    let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
+    assert!(s.queue_bytes(&dhcp_discover(mac, 7)));
+    s.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut conn = None;
+    let syn = loop {
+        assert!(std::time::Instant::now() < deadline, "no SYN from passt");
+        if conn.is_none() {
+            // passt listens once it runs: retry until it does.
+            conn = std::net::TcpStream::connect(("127.0.0.1", host_port)).ok();
+        }
+        match s.peek_frame() {
+            Ok(Some(_)) => {
+                let f = s.frame().to_vec();
+                s.consume_frame();
+                // IPv4, TCP, SYN without ACK, to the guest port.
+                if f.len() >= 54 && f[12..14] == [0x08, 0x00] && f[23] == 6 {
+                    let tcp = &f[14 + usize::from(f[14] & 0x0f) * 4..];
+                    if tcp[2..4] == guest_port.to_be_bytes() && tcp[13] & 0x12 == 0x02 {
+                        break f;
+                    }
+                }
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("passt went away: {e}"),
+        }
+    };
+    assert_eq!(&syn[..6], &mac, "to the guest's MAC");
+    drop(conn);
+    drop(s);
+    drop(p);
+}
