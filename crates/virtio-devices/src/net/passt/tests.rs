@@ -356,33 +356,14 @@ fn a_real_passt_offers_an_address_to_a_dhcp_discover() {
         eprintln!("skipped: passt is not installed (apt-get install passt)");
         return;
     }
-    let (p, sock) = PasstProcess::spawn(&[]).unwrap();
+    let (mut p, sock) = PasstProcess::spawn(&[]).unwrap();
     let mut s = PasstStream::new(sock).unwrap();
     let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
     let xid = 0x1234_5678;
     assert!(s.queue_bytes(&dhcp_discover(mac, xid)));
     s.flush().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let offer = loop {
-        match s.peek_frame() {
-            Ok(Some(_)) => {
-                let t = dhcp_reply_type(s.frame(), xid);
-                s.consume_frame();
-                if let Some(t) = t {
-                    break t;
-                }
-            }
-            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
-            Err(e) => panic!("passt went away: {e}"),
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no DHCP reply from passt"
-        );
-    };
-    assert_eq!(offer, 2, "DHCPOFFER");
+    assert_eq!(wait_dhcp_reply(&mut s, xid), 2, "DHCPOFFER");
     // passt exits once its socket closes.
-    let mut p = p;
     drop(s);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !p.has_exited() {
@@ -440,4 +421,64 @@ fn a_real_passt_forwards_a_host_port_to_the_guest() {
     drop(conn);
     drop(s);
     drop(p);
+}
+
+/// Waits for a DHCP reply to `xid` on `s`; returns its message type.
+fn wait_dhcp_reply(s: &mut PasstStream, xid: u32) -> u8 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match s.peek_frame() {
+            Ok(Some(_)) => {
+                let t = dhcp_reply_type(s.frame(), xid);
+                s.consume_frame();
+                if let Some(t) = t {
+                    return t;
+                }
+            }
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(10)),
+            Err(e) => panic!("passt went away: {e}"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no DHCP reply from passt"
+        );
+    }
+}
+
+#[test]
+fn a_passt_the_user_started_is_reached_at_its_socket() {
+    if !passt_installed() {
+        eprintln!("skipped: passt is not installed (apt-get install passt)");
+        return;
+    }
+    let path = std::env::temp_dir().join(format!("vessel-passt-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let mut passt = Command::new("passt")
+        .arg("--socket")
+        .arg(&path)
+        .args(["--foreground", "--quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut s = loop {
+        match PasstStream::connect(&path) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    };
+    assert!(s.queue_bytes(&dhcp_discover([0x52, 0x54, 0, 1, 2, 3], 99)));
+    s.flush().unwrap();
+    assert_eq!(wait_dhcp_reply(&mut s, 99), 2, "DHCPOFFER");
+    let _ = passt.kill();
+    let _ = passt.wait();
+    let _ = std::fs::remove_file(&path);
+    // A socket nobody listens on is named in the error.
+    let e = PasstStream::connect(&path).unwrap_err();
+    assert!(e.to_string().contains(path.to_str().unwrap()), "{e}");
 }
