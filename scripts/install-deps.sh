@@ -19,9 +19,10 @@
 #   mtools dosfstools   mkfs.vfat, mmd, mcopy: the disk's EFI system partition, without mounting
 #   fdisk            sfdisk: partitions that disk image (GPT) as a regular file
 #   seabios ovmf     the BIOS and UEFI firmware the VMM boots those disks with
+#   passt            user-mode networking (--net user, --net passt) and its tests
 set -eu
 
-PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf"
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf passt"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

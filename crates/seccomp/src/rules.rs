@@ -297,8 +297,13 @@ fn device(l: &mut List, kind: DeviceKind) -> Result<(), Error> {
             block_io(l);
             l.when(libc::SYS_ioctl, one_of(1, &[BLKGETSIZE64, BLKSSZGET])?);
         }
-        // TAP reads and writes are in `base`; MMDS answers are built in memory.
-        DeviceKind::Net => tap_ioctls(l)?,
+        // TAP reads and writes are in `base`; MMDS answers are built in memory. passt's
+        // stream socket is read with `recv` (std's `UnixStream::read`) and written with
+        // `send` (MSG_NOSIGNAL: a gone passt is EPIPE, never SIGPIPE): `recvfrom`, `sendto`.
+        DeviceKind::Net => {
+            tap_ioctls(l)?;
+            l.any(&[libc::SYS_recvfrom, libc::SYS_sendto]);
+        }
         // Guest connections reach Unix sockets on the host.
         DeviceKind::Vsock => sockets(l, &[libc::AF_UNIX])?,
         // getrandom is in `base`.

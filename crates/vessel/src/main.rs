@@ -186,7 +186,10 @@ struct RunArgs {
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "", value_parser = seed::parse)]
     cloud_init: Option<seed::SeedOptions>,
     /// A virtio-net device on a TAP (repeatable): tap=NAME[,mac=MAC][,queues=N][,transport=...]
-    /// [,rx_bw=BYTES_PER_S][,rx_ops=N][,tx_bw=BYTES_PER_S][,tx_ops=N] (rate limits).
+    /// [,rx_bw=BYTES_PER_S][,rx_ops=N][,tx_bw=BYTES_PER_S][,tx_ops=N] (rate limits). Or
+    /// user-mode networking through passt, no root needed: user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...
+    /// starts passt; passt,socket=PATH uses a running `passt --socket PATH` (same options but
+    /// queues).
     #[arg(long, value_name = "OPTIONS")]
     net: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N,uds=PATH[,transport=...]. The host connects to PATH and

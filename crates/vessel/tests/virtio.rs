@@ -344,3 +344,114 @@ fn qemu_img(args: &[&str]) {
         text(&out.stderr)
     );
 }
+
+/// The guest's side of the passt test: DHCP through passt, then HTTP to the host's loopback
+/// through the default gateway's address (passt maps it there).
+const PASST_SCRIPT: &str = r#"
+out=/mnt/output.txt
+cat > /tmp/udhcpc.sh <<'EOS'
+#!/bin/sh
+[ "$1" = bound ] || exit 0
+ip addr add $ip/$mask dev $interface
+ip route add default via $router
+echo "lease $ip/$mask via $router" > /tmp/lease
+echo $router > /tmp/gw
+EOS
+chmod +x /tmp/udhcpc.sh
+ip link set eth0 up
+busybox udhcpc -i eth0 -q -n -t 10 -s /tmp/udhcpc.sh
+cat /tmp/lease >> $out
+gw=$(cat /tmp/gw)
+echo "gateway $gw" >> $out
+# busybox-static's wget crashes looking up the "http" service (static glibc NSS): nc.
+printf 'GET / HTTP/1.0\r\n\r\n' | timeout 30 nc $gw HTTP_PORT > /tmp/http 2>> $out
+echo "http $(tail -n 1 /tmp/http)" >> $out
+echo done >> $out
+cat $out
+"#;
+
+/// Answers every connection on `l` with one HTTP response until `stop` is set.
+fn http_server(l: std::net::TcpListener, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
+    l.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let mut served = 0;
+        while !stop.load(Ordering::Relaxed) {
+            let Ok((mut c, _)) = l.accept() else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            c.set_nonblocking(false).unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            let mut line = String::new();
+            while r.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                line.clear();
+            }
+            let body = "PASST-HTTP-OK";
+            let _ = write!(
+                c,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            served += 1;
+        }
+        served
+    })
+}
+
+fn passt_installed() -> bool {
+    Command::new("passt").arg("--version").output().is_ok()
+}
+
+#[test]
+fn minimal_guest_gets_an_address_and_reaches_the_host_through_passt() {
+    let Some((kernel, initrd)) = kit_image("minimal") else {
+        return;
+    };
+    if !passt_installed() {
+        eprintln!("note: passt is not installed (apt-get install passt); test skipped");
+        return;
+    }
+    let dir = scratch("virtio-passt");
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = PASST_SCRIPT.replace("HTTP_PORT", &port.to_string());
+    std::fs::write(files.join("vessel-run"), script).unwrap();
+    let disk = ext4_image(&dir, &files, 16);
+    let console = dir.join("console.txt");
+    let stop = Arc::new(AtomicBool::new(false));
+    let server = http_server(listener, stop.clone());
+
+    let mut cmd = vessel();
+    cmd.args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "128M", "--append", "vessel.poweroff"])
+        .arg(format!("--disk=path={},transport=mmio", disk.display()))
+        .arg("--net=user,mac=02:00:00:00:00:42,transport=pci")
+        .arg(format!("--serial=file={}", console.display()));
+    let t = Instant::now();
+    let out = run_with_timeout(cmd, LIMIT);
+    stop.store(true, Ordering::Relaxed);
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
+    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "vessel failed: {}\nconsole tail:\n{tail}",
+        text(&out.stderr)
+    );
+    eprintln!("passt guest finished in {:.1} s", t.elapsed().as_secs_f64());
+    let result = read_from_image(&disk, "/output.txt");
+    assert!(result.contains("lease "), "no DHCP lease: {result}\n{tail}");
+    assert!(
+        result.contains("http PASST-HTTP-OK"),
+        "no HTTP answer: {result}\n{tail}"
+    );
+    assert!(result.trim_end().ends_with("done"), "{result}");
+    assert!(server.join().unwrap() >= 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}

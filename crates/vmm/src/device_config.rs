@@ -57,6 +57,8 @@ pub enum DeviceOptionError {
     TapName(String),
     #[error("--net: queues must be at least 1")]
     NoQueues,
+    #[error("--net: hostfwd={0}: use hostfwd=tcp:HOSTPORT:GUESTPORT")]
+    HostFwd(String),
     #[error("--vsock: cid {0} is reserved (use 3..=4294967295)")]
     ReservedCid(u64),
 }
@@ -89,10 +91,16 @@ pub struct DiskConfig {
 }
 
 /// `--net tap=NAME[,mac=MAC][,queues=N][,transport=pci|mmio]`
-/// `[,rx_bw=BYTES/S][,rx_ops=N][,tx_bw=BYTES/S][,tx_ops=N]`
+/// `[,rx_bw=BYTES/S][,rx_ops=N][,tx_bw=BYTES/S][,tx_ops=N]`, or user-mode networking through
+/// passt: `--net user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...` (Vessel starts passt) or
+/// `--net passt,socket=PATH` (a passt already running), with the same options but `queues`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
+    /// The TAP's name (empty with passt).
     pub tap: String,
+    /// User-mode networking through passt instead of a TAP.
+    #[serde(default)]
+    pub passt: Option<PasstConfig>,
     pub mac: Option<[u8; 6]>,
     pub queue_pairs: u16,
     pub transport: Transport,
@@ -105,6 +113,38 @@ pub struct NetConfig {
     /// `--config-file` only: `mmds-config`'s `network_interfaces`).
     #[serde(skip)]
     pub mmds: Option<vessel_mmds::Mmds>,
+}
+
+/// Where a user-mode interface finds passt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PasstConfig {
+    /// `user`: Vessel starts passt (and stops it with the VM), forwarding these host TCP
+    /// ports to the guest.
+    Spawn { tcp_forwards: Vec<PortForward> },
+    /// `passt,socket=PATH`: connect to a passt started with `passt --socket PATH`.
+    Socket(PathBuf),
+}
+
+/// A host TCP port forwarded to a guest port (`hostfwd=tcp:HOSTPORT:GUESTPORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortForward {
+    pub host: u16,
+    pub guest: u16,
+}
+
+impl FromStr for PortForward {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
+        let bad = || DeviceOptionError::HostFwd(s.to_string());
+        let rest = s.strip_prefix("tcp:").ok_or_else(bad)?;
+        let (h, g) = rest.split_once(':').ok_or_else(bad)?;
+        let host: u16 = h.parse().map_err(|_| bad())?;
+        let guest: u16 = g.parse().map_err(|_| bad())?;
+        if host == 0 || guest == 0 {
+            return Err(bad());
+        }
+        Ok(PortForward { host, guest })
+    }
 }
 
 /// `--vsock cid=N,uds=PATH[,transport=pci|mmio]`
@@ -301,13 +341,43 @@ impl FromStr for DiskConfig {
 impl FromStr for NetConfig {
     type Err = DeviceOptionError;
     fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
-        let mut o = Options::parse("--net", s)?;
-        let tap = o.required("tap")?;
-        if tap.len() >= 16 {
-            return Err(DeviceOptionError::TapName(tap));
-        }
+        let (head, rest) = s.split_once(',').unwrap_or((s, ""));
+        let (mut o, tap, passt) = match head {
+            "user" => {
+                // hostfwd may be given several times.
+                let mut tcp_forwards = Vec::new();
+                let mut others = Vec::new();
+                for part in rest.split(',') {
+                    match part.strip_prefix("hostfwd=") {
+                        Some(f) => tcp_forwards.push(f.parse()?),
+                        None => others.push(part),
+                    }
+                }
+                let o = Options::parse("--net", &others.join(","))?;
+                (o, String::new(), Some(PasstConfig::Spawn { tcp_forwards }))
+            }
+            "passt" => {
+                let mut o = Options::parse("--net", rest)?;
+                let socket = PathBuf::from(o.required("socket")?);
+                (o, String::new(), Some(PasstConfig::Socket(socket)))
+            }
+            _ => {
+                let mut o = Options::parse("--net", s)?;
+                let tap = o.required("tap")?;
+                if tap.len() >= 16 {
+                    return Err(DeviceOptionError::TapName(tap));
+                }
+                (o, tap, None)
+            }
+        };
         let mac = o.take("mac").map(|m| parse_mac(&m)).transpose()?;
-        let queue_pairs = match o.take("queues") {
+        // passt has one queue pair: `queues` is left over (unknown) with it.
+        let queues = if passt.is_none() {
+            o.take("queues")
+        } else {
+            None
+        };
+        let queue_pairs = match queues {
             Some(v) => parse_number("--net", "queues", &v)?,
             None => 1,
         };
@@ -320,6 +390,7 @@ impl FromStr for NetConfig {
         o.finish()?;
         Ok(NetConfig {
             tap,
+            passt,
             mac,
             queue_pairs,
             transport,
@@ -432,6 +503,52 @@ mod tests {
         ] {
             let e = bad.parse::<DiskConfig>().unwrap_err();
             assert!(e.to_string().starts_with("--disk"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn user_nets_parse() {
+        let n: NetConfig = "user".parse().unwrap();
+        assert_eq!(n.tap, "");
+        assert_eq!(
+            n.passt,
+            Some(PasstConfig::Spawn {
+                tcp_forwards: vec![]
+            })
+        );
+        assert_eq!(n.queue_pairs, 1);
+        let n: NetConfig =
+            "user,mac=02:00:00:00:00:07,hostfwd=tcp:8080:80,transport=mmio,hostfwd=tcp:2222:22"
+                .parse()
+                .unwrap();
+        assert_eq!(n.mac, Some([2, 0, 0, 0, 0, 7]));
+        assert_eq!(n.transport, Transport::Mmio);
+        let fwd = |host, guest| PortForward { host, guest };
+        assert_eq!(
+            n.passt,
+            Some(PasstConfig::Spawn {
+                tcp_forwards: vec![fwd(8080, 80), fwd(2222, 22)]
+            })
+        );
+        let n: NetConfig = "passt,socket=/tmp/passt.sock,tx_bw=1000".parse().unwrap();
+        assert_eq!(
+            n.passt,
+            Some(PasstConfig::Socket(PathBuf::from("/tmp/passt.sock")))
+        );
+        assert!(n.tx_rate_limiter.is_some());
+        for bad in [
+            "user,queues=2",
+            "user,tap=x",
+            "user,hostfwd=udp:53:53",
+            "user,hostfwd=tcp:80",
+            "user,hostfwd=tcp:0:80",
+            "user,hostfwd=tcp:70000:80",
+            "user,socket=/x",
+            "passt",
+            "passt,hostfwd=tcp:1:2",
+            "user,mac=01:00:00:00:00:01",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
     }
 

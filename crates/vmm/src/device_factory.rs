@@ -6,7 +6,7 @@ use vessel_virtio::VirtioDevice;
 
 use vessel_virtio_devices::{balloon, block, net, rng, vsock};
 
-use crate::device_config::{DeviceConfigs, Transport};
+use crate::device_config::{DeviceConfigs, PasstConfig, Transport};
 use crate::device_manager::DeviceError;
 
 /// A device model and where it goes.
@@ -55,12 +55,29 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         out.push(planned(dev, d.transport));
     }
     for n in &configs.nets {
-        let mut dev = net::Net::new(net::NetParams {
-            tap: n.tap.clone(),
-            mac: n.mac,
-            queue_pairs: n.queue_pairs,
-        })
-        .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap), e))?;
+        let mut dev = match &n.passt {
+            None => net::Net::new(net::NetParams {
+                tap: n.tap.clone(),
+                mac: n.mac,
+                queue_pairs: n.queue_pairs,
+            })
+            .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap), e))?,
+            Some(PasstConfig::Spawn { tcp_forwards }) => {
+                let tcp_forwards = tcp_forwards
+                    .iter()
+                    .map(|f| format!("{}:{}", f.host, f.guest))
+                    .collect();
+                let source = net::PasstSource::Spawn { tcp_forwards };
+                net::Net::with_passt(&source, n.mac)
+                    .map_err(|e| DeviceError::setup("--net user", e))?
+            }
+            Some(PasstConfig::Socket(path)) => {
+                let source = net::PasstSource::Socket(path.clone());
+                net::Net::with_passt(&source, n.mac).map_err(|e| {
+                    DeviceError::setup(format!("--net passt,socket={}", path.display()), e)
+                })?
+            }
+        };
         dev.set_mmds(n.mmds.clone());
         let h = dev.handle();
         if let Some(r) = &n.rx_rate_limiter {

@@ -95,6 +95,7 @@ pub fn resources_to_config_on(
         };
         nets.push(NetConfig {
             tap: n.host_dev_name.clone(),
+            passt: None,
             mac,
             queue_pairs: 1,
             transport,

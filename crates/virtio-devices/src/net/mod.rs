@@ -1,9 +1,11 @@
 //! virtio-net (device type 1) backed by a TAP interface: one TAP queue (file descriptor) per
 //! virtqueue pair, frames moved with `readv`/`writev` straight between the TAP and guest
 //! memory (the 12-byte `virtio_net_hdr_v1` is shared with the TAP's `IFF_VNET_HDR`), merged
-//! receive buffers, checksum/TSO offloads, and a control queue for multiqueue.
+//! receive buffers, checksum/TSO offloads, and a control queue for multiqueue. Or backed by
+//! passt (user-mode networking, one queue pair, no offloads), see [`passt`].
 //!
 //! - [`tap`]: opening `/dev/net/tun` and the TAP ioctls;
+//! - [`passt`]: the passt stream protocol and the passt process Vessel may start;
 //! - `worker`: the queue processing (RX, TX, control queue) in the device's worker thread,
 //!   and the MMDS detour (`worker/mmds.rs`) for interfaces that serve it.
 //!
@@ -11,11 +13,14 @@
 //! [`NetHandle`] updates them while the device runs): a refused transmit frame stays in its
 //! queue and the TAP is not read until the limiter's timer fires.
 
+pub mod passt;
 pub mod tap;
 mod worker;
 
-use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use vessel_ratelimit::RateLimiter;
 use vessel_virtio::worker::Worker;
@@ -26,6 +31,7 @@ use vessel_virtio::{
 use virtio_bindings::virtio_net as vn;
 use vmm_sys_util::epoll::EventSet;
 
+pub use passt::{PasstError, PasstProcess, PasstStream};
 pub use tap::{Tap, TapError};
 
 use worker::{MmdsPath, NetHandler, QueuePair, Tokens};
@@ -68,11 +74,59 @@ pub struct NetParams {
     pub queue_pairs: u16,
 }
 
+/// Where a passt-backed device finds passt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasstSource {
+    /// Start passt (it exits when the device is dropped), with these `-t` port forwards
+    /// (`HOSTPORT:GUESTPORT`).
+    Spawn { tcp_forwards: Vec<String> },
+    /// Connect to a passt started with `passt --socket PATH`.
+    Socket(PathBuf),
+}
+
+/// Where a device's frames go: a TAP queue, or the stream to passt.
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    Tap(Arc<Tap>),
+    Passt(Arc<Mutex<PasstStream>>),
+}
+
+impl Backend {
+    pub(crate) fn is_passt(&self) -> bool {
+        matches!(self, Backend::Passt(_))
+    }
+
+    /// Enables or disables a TAP queue (passt has only one).
+    pub(crate) fn set_queue_enabled(&self, on: bool) -> Result<(), TapError> {
+        match self {
+            Backend::Tap(t) => t.set_queue_enabled(on),
+            Backend::Passt(_) => Ok(()),
+        }
+    }
+}
+
+impl AsRawFd for Backend {
+    fn as_raw_fd(&self) -> RawFd {
+        match self {
+            Backend::Tap(t) => t.as_raw_fd(),
+            Backend::Passt(s) => lock_stream(s).as_raw_fd(),
+        }
+    }
+}
+
+/// The stream to passt, also after a panic while it was held (its state stays consistent:
+/// every update is a few plain assignments).
+pub(crate) fn lock_stream(s: &Mutex<PasstStream>) -> MutexGuard<'_, PasstStream> {
+    s.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Why a virtio-net device could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
     #[error(transparent)]
     Tap(#[from] TapError),
+    #[error(transparent)]
+    Passt(#[from] PasstError),
     #[error("queue_pairs must be between 1 and {MAX_QUEUE_PAIRS}, not {0}")]
     QueuePairs(u16),
     #[error("MAC {0:02x?} is a multicast address")]
@@ -119,6 +173,12 @@ pub fn offered_features(queue_pairs: u16) -> u64 {
     f
 }
 
+/// Features the device offers with passt: no offloads (passt takes and gives complete,
+/// checksummed frames), one queue pair.
+pub fn passt_features() -> u64 {
+    features::COMMON | feature::MAC | feature::STATUS | feature::MRG_RXBUF
+}
+
 /// The TAP offload flags matching what the driver accepted to receive.
 pub fn tap_offload_flags(acked: u64) -> u32 {
     use tap::offload;
@@ -141,14 +201,18 @@ pub fn tap_offload_flags(acked: u64) -> u32 {
     flags
 }
 
-/// A virtio-net device on a TAP.
+/// A virtio-net device on a TAP or passt.
 pub struct Net {
     mac: [u8; 6],
     queue_pairs: u16,
-    taps: Vec<Arc<Tap>>,
+    backends: Vec<Backend>,
+    /// The passt Vessel started, if it did.
+    passt: Option<PasstProcess>,
     queue_sizes: Vec<u16>,
     avail_features: u64,
     config: [u8; 12],
+    /// `VIRTIO_NET_S_LINK_UP` of the configuration (down while passt is gone).
+    link_up: Arc<AtomicBool>,
     /// Queue pairs the driver uses (`VQ_PAIRS_SET`), kept across a quiesce or a restore.
     active_pairs: u16,
     worker: Option<Worker>,
@@ -177,7 +241,42 @@ impl Net {
 
     /// Builds the device on already opened TAP queues (one per queue pair).
     pub fn with_taps(taps: Vec<Tap>, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
-        let queue_pairs = u16::try_from(taps.len()).unwrap_or(u16::MAX);
+        let backends = taps
+            .into_iter()
+            .map(|t| Backend::Tap(Arc::new(t)))
+            .collect();
+        Net::with_backends(backends, mac)
+    }
+
+    /// Builds the device on passt: started here (exits when the device is dropped), or reached
+    /// at its socket.
+    pub fn with_passt(source: &PasstSource, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        let (process, stream) = match source {
+            PasstSource::Spawn { tcp_forwards } => {
+                let (p, sock) = PasstProcess::spawn(tcp_forwards)?;
+                let stream = PasstStream::new(sock).map_err(PasstError::Spawn)?;
+                (Some(p), stream)
+            }
+            PasstSource::Socket(path) => (None, PasstStream::connect(path)?),
+        };
+        Net::on_passt(stream, process, mac)
+    }
+
+    /// Builds the device on a connected passt stream.
+    pub fn on_passt(
+        stream: PasstStream,
+        process: Option<PasstProcess>,
+        mac: Option<[u8; 6]>,
+    ) -> Result<Net, NetError> {
+        let backend = Backend::Passt(Arc::new(Mutex::new(stream)));
+        let mut net = Net::with_backends(vec![backend], mac)?;
+        net.passt = process;
+        net.avail_features = passt_features();
+        Ok(net)
+    }
+
+    fn with_backends(backends: Vec<Backend>, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
+        let queue_pairs = u16::try_from(backends.len()).unwrap_or(u16::MAX);
         if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
             return Err(NetError::QueuePairs(queue_pairs));
         }
@@ -193,15 +292,16 @@ impl Net {
         // virtio_net_config: mac[6], status, max_virtqueue_pairs, mtu (unused: no F_MTU).
         let mut config = [0u8; 12];
         config[..6].copy_from_slice(&mac);
-        config[6..8].copy_from_slice(&(vn::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&queue_pairs.to_le_bytes());
         Ok(Net {
             mac,
             queue_pairs,
-            taps: taps.into_iter().map(Arc::new).collect(),
+            backends,
+            passt: None,
             queue_sizes,
             avail_features: offered_features(queue_pairs),
             config,
+            link_up: Arc::new(AtomicBool::new(true)),
             active_pairs: 1,
             worker: None,
             mmds: None,
@@ -236,8 +336,17 @@ impl Net {
         self.mac
     }
 
+    /// The TAP's name ("" on passt).
     pub fn tap_name(&self) -> &str {
-        self.taps.first().map(|t| t.name()).unwrap_or("")
+        match self.backends.first() {
+            Some(Backend::Tap(t)) => t.name(),
+            _ => "",
+        }
+    }
+
+    /// Whether the link is up (it goes down while passt is gone).
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Acquire)
     }
 
     pub fn queue_pairs(&self) -> u16 {
@@ -259,7 +368,11 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        read_config_bytes(&self.config, offset, data);
+        let mut config = self.config;
+        if self.link_up() {
+            config[6..8].copy_from_slice(&(vn::VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        }
+        read_config_bytes(&config, offset, data);
     }
 
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
@@ -268,7 +381,7 @@ impl VirtioDevice for Net {
         let offload = tap_offload_flags(acked);
         let multi = self.queue_pairs > 1;
         let mut pairs = Vec::new();
-        for (p, tap) in self.taps.iter().enumerate() {
+        for (p, backend) in self.backends.iter().enumerate() {
             let rx_idx = (2 * p) as u16;
             let rx = ctx.take_queue(rx_idx);
             let tx = ctx.take_queue(rx_idx + 1);
@@ -280,21 +393,24 @@ impl VirtioDevice for Net {
                     return Err(ActivateError::MissingQueue(1));
                 }
             }
-            tap.set_offload(offload)
-                .map_err(|e| ActivateError::Backend {
-                    what: "cannot set the TAP offloads",
-                    source: e.into(),
-                })?;
+            if let Backend::Tap(tap) = backend {
+                tap.set_offload(offload)
+                    .map_err(|e| ActivateError::Backend {
+                        what: "cannot set the TAP offloads",
+                        source: e.into(),
+                    })?;
+            }
             let on = p < usize::from(self.active_pairs.max(1));
             if multi {
                 // Only the first pair receives until the driver asks for more.
-                tap.set_queue_enabled(on)
+                backend
+                    .set_queue_enabled(on)
                     .map_err(|e| ActivateError::Backend {
                         what: "cannot enable or disable a TAP queue",
                         source: e.into(),
                     })?;
             }
-            pairs.push(QueuePair::new(p as u16, tap.clone(), rx, tx).start_enabled(on));
+            pairs.push(QueuePair::new(p as u16, backend.clone(), rx, tx).start_enabled(on));
         }
         let ctrl = if acked & feature::CTRL_VQ != 0 {
             ctx.take_queue(2 * self.queue_pairs)
@@ -317,7 +433,7 @@ impl VirtioDevice for Net {
                 } else {
                     EventSet::empty()
                 };
-                fds.push((pair.tap.as_raw_fd(), Tokens::tap(p), ev));
+                fds.push((pair.backend.as_raw_fd(), Tokens::tap(p), ev));
             }
         }
         if let Some(q) = &ctrl {
@@ -334,7 +450,8 @@ impl VirtioDevice for Net {
             EventSet::IN,
         ));
         let mut handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl)
-            .with_limiters(self.rx_limiter.clone(), self.tx_limiter.clone());
+            .with_limiters(self.rx_limiter.clone(), self.tx_limiter.clone())
+            .with_link(self.link_up.clone());
         handler.mmds = self
             .mmds
             .clone()
@@ -348,8 +465,8 @@ impl VirtioDevice for Net {
         self.worker = None;
         self.active_pairs = 1;
         if self.queue_pairs > 1 {
-            for tap in &self.taps {
-                let _ = tap.set_queue_enabled(true);
+            for backend in &self.backends {
+                let _ = backend.set_queue_enabled(true);
             }
         }
         true

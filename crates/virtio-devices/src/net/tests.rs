@@ -54,7 +54,8 @@ fn recv(fd: &OwnedFd) -> Option<Vec<u8>> {
 struct Polls(Vec<bool>);
 
 impl TapPoll for Polls {
-    fn set_tap_polled(&mut self, _: &Tap, _: u64, polled: bool) {
+    fn forget(&mut self, _: &Backend) {}
+    fn set_tap_polled(&mut self, _: &Backend, _: u64, polled: bool) {
         self.0.push(polled);
     }
 }
@@ -78,7 +79,12 @@ fn setup(m: &GuestMemoryMmap, acked: u64) -> Setup<'_> {
     let (tap, peer) = fake_tap();
     let irq = Arc::new(TestIrq::default());
     let health = DeviceHealth::new(irq.clone());
-    let pair = QueuePair::new(0, Arc::new(tap), Some(rx.active(0)), Some(tx.active(1)));
+    let pair = QueuePair::new(
+        0,
+        Backend::Tap(Arc::new(tap)),
+        Some(rx.active(0)),
+        Some(tx.active(1)),
+    );
     let h = NetHandler::new(
         m.clone(),
         acked,
@@ -259,8 +265,8 @@ fn ctrl_setup(m: &GuestMemoryMmap) -> (NetHandler, Ring<'_>, Ring<'_>, Ring<'_>)
     let irq = Arc::new(TestIrq::default());
     let health = DeviceHealth::new(irq.clone());
     let pairs = vec![
-        QueuePair::new(0, Arc::new(t0), Some(rx0.active(0)), None),
-        QueuePair::new(1, Arc::new(t1), Some(rx1.active(2)), None),
+        QueuePair::new(0, Backend::Tap(Arc::new(t0)), Some(rx0.active(0)), None),
+        QueuePair::new(1, Backend::Tap(Arc::new(t1)), Some(rx1.active(2)), None),
     ];
     let acked = feature::CTRL_VQ | feature::MQ;
     let h = NetHandler::new(m.clone(), acked, irq, health, pairs, Some(ctrl.active(4)));
@@ -602,10 +608,10 @@ mod real_tap {
         })
         .unwrap();
         assert_eq!(net.queue_pairs(), 2);
-        assert_eq!(net.taps.len(), 2);
+        assert_eq!(net.backends.len(), 2);
         // Detaching and re-attaching a queue works on a multi-queue TAP.
-        net.taps[1].set_queue_enabled(false).unwrap();
-        net.taps[1].set_queue_enabled(true).unwrap();
+        net.backends[1].set_queue_enabled(false).unwrap();
+        net.backends[1].set_queue_enabled(true).unwrap();
         // The same name as a single-queue TAP is refused while it exists.
         assert!(matches!(
             Tap::open(&name, false),
@@ -614,4 +620,5 @@ mod real_tap {
     }
 }
 
+mod passt;
 mod rate_limited;

@@ -1,5 +1,6 @@
 //! The virtio-net worker: RX (TAP readable → guest receive buffers, merged when negotiated),
-//! TX (transmit queue kick → `writev` to the TAP) and the control queue (in `ctrl`).
+//! TX (transmit queue kick → `writev` to the TAP) and the control queue (in `ctrl`); with
+//! passt instead of a TAP, the framing of `passt` (in `worker/passt.rs`).
 //!
 //! Frames never go through an intermediate buffer: each descriptor of a chain is turned into
 //! an `iovec` pointing into guest memory and the TAP is read or written with one
@@ -8,6 +9,7 @@
 
 use std::io;
 use std::os::unix::io::AsRawFd;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
@@ -20,10 +22,12 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::EventSet;
 
-use super::{feature, Tap, VNET_HDR_LEN};
+use super::{feature, lock_stream, Backend, PasstStream, VNET_HDR_LEN};
 
+mod copy;
 mod ctrl;
 mod mmds;
+mod passt;
 pub(super) use mmds::MmdsPath;
 
 /// Most `iovec`s one `readv`/`writev` takes (`IOV_MAX`).
@@ -126,10 +130,10 @@ fn write_iovs(iovs: &[libc::iovec], mut offset: usize, data: &[u8]) {
     }
 }
 
-/// One RX/TX queue pair and its TAP queue.
+/// One RX/TX queue pair and its TAP queue (or passt).
 pub(super) struct QueuePair {
     pub(super) index: u16,
-    pub(super) tap: Arc<Tap>,
+    pub(super) backend: Backend,
     pub(super) rx: Option<ActiveQueue>,
     pub(super) tx: Option<ActiveQueue>,
     /// Whether the TAP is in the epoll set (false while the guest has no receive buffers).
@@ -141,13 +145,13 @@ pub(super) struct QueuePair {
 impl QueuePair {
     pub(super) fn new(
         index: u16,
-        tap: Arc<Tap>,
+        backend: Backend,
         rx: Option<ActiveQueue>,
         tx: Option<ActiveQueue>,
     ) -> Self {
         QueuePair {
             index,
-            tap,
+            backend,
             tap_polled: rx.is_some() && index == 0,
             enabled: index == 0,
             rx,
@@ -182,7 +186,7 @@ pub(super) struct NetStats {
 }
 
 #[derive(Debug, PartialEq, Eq)]
-enum Rx {
+pub(super) enum Rx {
     Delivered,
     TapEmpty,
     NoBuffers,
@@ -286,6 +290,13 @@ pub(super) struct NetHandler {
     /// Rate limiters of the frames received and sent (MMDS frames are not limited).
     pub(super) rx_limiter: Option<RateLimiter>,
     pub(super) tx_limiter: Option<RateLimiter>,
+    /// The device's link status (passt: down once passt is gone).
+    link_up: Option<Arc<AtomicBool>>,
+    /// Whether the frames go to passt, and the link went down since.
+    passt: bool,
+    passt_down: bool,
+    /// Whether the driver reads the link status (`VIRTIO_NET_F_STATUS`).
+    status: bool,
 }
 
 impl NetHandler {
@@ -298,6 +309,7 @@ impl NetHandler {
         ctrl: Option<ActiveQueue>,
     ) -> Self {
         let gso = feature::GUEST_TSO4 | feature::GUEST_TSO6 | feature::GUEST_UFO;
+        let passt = pairs.iter().any(|p| p.backend.is_passt());
         NetHandler {
             mem,
             mrg_rxbuf: acked & feature::MRG_RXBUF != 0,
@@ -317,7 +329,17 @@ impl NetHandler {
             mmds: None,
             rx_limiter: None,
             tx_limiter: None,
+            link_up: None,
+            passt,
+            passt_down: false,
+            status: acked & feature::STATUS != 0,
         }
+    }
+
+    /// Keeps the device's link status here (passt takes it down when it goes away).
+    pub(super) fn with_link(mut self, link_up: Arc<AtomicBool>) -> Self {
+        self.link_up = Some(link_up);
+        self
     }
 
     /// Rate-limits received and sent frames; a limiter's timer must reach
@@ -342,7 +364,7 @@ impl NetHandler {
             // The TAP was taken out of the epoll set while receiving was throttled.
             let pair = &mut self.pairs[p];
             if pair.rx.is_some() && !pair.tap_polled {
-                ctl.set_tap_polled(&pair.tap, Tokens::tap(u64::from(pair.index)), true);
+                ctl.set_tap_polled(&pair.backend, Tokens::tap(u64::from(pair.index)), true);
                 pair.tap_polled = true;
             }
             self.process_rx(p, ctl);
@@ -351,6 +373,9 @@ impl NetHandler {
 
     /// Receives one frame from the TAP of pair `p` into the guest's receive buffers.
     fn rx_frame(&mut self, p: usize) -> Rx {
+        if self.passt {
+            return self.rx_frame_passt(p);
+        }
         let mem = &self.mem;
         let pair = &mut self.pairs[p];
         let Some(rxq) = pair.rx.as_mut() else {
@@ -382,7 +407,7 @@ impl NetHandler {
         // count is bounded by `MAX_IOVS`; the result is checked.
         let n = unsafe {
             libc::readv(
-                pair.tap.as_raw_fd(),
+                pair.backend.as_raw_fd(),
                 iovs.0.as_ptr(),
                 iovs.0.len() as libc::c_int,
             )
@@ -449,7 +474,11 @@ impl NetHandler {
                     // Stop reading the TAP until the limiter's timer fires.
                     let pair = &mut self.pairs[p];
                     if pair.tap_polled {
-                        ctl.set_tap_polled(&pair.tap, Tokens::tap(u64::from(pair.index)), false);
+                        ctl.set_tap_polled(
+                            &pair.backend,
+                            Tokens::tap(u64::from(pair.index)),
+                            false,
+                        );
                         pair.tap_polled = false;
                     }
                     break;
@@ -480,7 +509,7 @@ impl NetHandler {
                             // Wait for the driver's kick instead of spinning on the TAP.
                             if pair.tap_polled {
                                 ctl.set_tap_polled(
-                                    &pair.tap,
+                                    &pair.backend,
                                     Tokens::tap(u64::from(pair.index)),
                                     false,
                                 );
@@ -521,7 +550,7 @@ impl NetHandler {
             // We are not waiting for buffers: spare the driver its kicks.
             let _ = rxq.queue.disable_notification(&self.mem);
         } else {
-            ctl.set_tap_polled(&pair.tap, Tokens::tap(u64::from(pair.index)), true);
+            ctl.set_tap_polled(&pair.backend, Tokens::tap(u64::from(pair.index)), true);
             pair.tap_polled = true;
         }
         self.process_rx(p, ctl);
@@ -542,7 +571,7 @@ impl NetHandler {
         let pair = &mut self.pairs[p];
         let Some(txq) = pair.tx.as_mut() else { return };
         consume(&txq.kick);
-        let tap = &pair.tap;
+        let tap = &pair.backend;
         let iovs = &mut self.iovs;
         let stats = &mut self.stats;
         let mmds = &mut self.mmds;
@@ -559,6 +588,7 @@ impl NetHandler {
                 0
             },
         );
+        self.passt_flush(p);
         self.mmds_rx();
     }
 
@@ -597,7 +627,13 @@ impl NetHandler {
                     q.go_to_previous_position();
                     break 'serve;
                 }
-                transmit(&pair.tap, &self.iovs, len, &mut self.stats, &mut self.mmds);
+                transmit(
+                    &pair.backend,
+                    &self.iovs,
+                    len,
+                    &mut self.stats,
+                    &mut self.mmds,
+                );
                 if let Err(e) = q.add_used(mem, head, 0) {
                     health.mark_broken(&format_args!("queue {index}: {e}"));
                     return;
@@ -616,13 +652,14 @@ impl NetHandler {
         if sent > 0 {
             notify_if_needed(q, index, mem, self.interrupt.as_ref());
         }
+        self.passt_flush(p);
     }
 }
 
-/// Sends one frame of `len` bytes (`None`: a malformed chain) gathered in `iovs` to the TAP,
-/// or to MMDS when it is for MMDS.
+/// Sends one frame of `len` bytes (`None`: a malformed chain) gathered in `iovs` to the TAP
+/// (or queues it for passt, without its header), or to MMDS when it is for MMDS.
 fn transmit(
-    tap: &Tap,
+    backend: &Backend,
     iovs: &IoVecs,
     len: Option<usize>,
     stats: &mut NetStats,
@@ -633,6 +670,10 @@ fn transmit(
         Some(len) if len <= MAX_TX_LEN && mmds.as_mut().is_some_and(|m| m.divert(&iovs.0, len)) => {
         }
         Some(len) if (VNET_HDR_LEN..=MAX_TX_LEN).contains(&len) => {
+            let tap = match backend {
+                Backend::Tap(tap) => tap,
+                Backend::Passt(s) => return passt::transmit(s, iovs, len, stats),
+            };
             // SAFETY: the iovecs point into mapped guest memory (see `collect_iovs`), at most
             // `MAX_IOVS` of them; the result is checked.
             let n = unsafe {
@@ -671,20 +712,38 @@ fn enable_notification_past_avail(
     r
 }
 
-/// How the handler starts and stops watching a TAP (the worker's epoll, or a test double).
+/// How the handler starts and stops watching a TAP or passt (the worker's epoll, or a test
+/// double).
 pub(super) trait TapPoll {
-    fn set_tap_polled(&mut self, tap: &Tap, token: u64, polled: bool);
+    /// Watches (or stops watching) the backend for frames; passt's socket is also watched
+    /// for room to write while it has bytes queued.
+    fn set_tap_polled(&mut self, backend: &Backend, token: u64, polled: bool);
+    /// Stops watching the backend at all (passt is gone).
+    fn forget(&mut self, backend: &Backend);
 }
 
 impl TapPoll for WorkerControl {
-    fn set_tap_polled(&mut self, tap: &Tap, token: u64, polled: bool) {
-        let events = if polled {
+    fn set_tap_polled(&mut self, backend: &Backend, token: u64, polled: bool) {
+        let mut events = if polled {
             EventSet::IN
         } else {
             EventSet::empty()
         };
-        if let Err(e) = self.modify(tap.as_raw_fd(), token, events) {
+        if let Backend::Passt(s) = backend {
+            let mut s = lock_stream(s);
+            s.out_polled = s.wants_out();
+            if s.out_polled {
+                events |= EventSet::OUT;
+            }
+        }
+        if let Err(e) = self.modify(backend.as_raw_fd(), token, events) {
             log::warn!("virtio-net: cannot change TAP polling: {e}");
+        }
+    }
+
+    fn forget(&mut self, backend: &Backend) {
+        if let Err(e) = self.remove(backend.as_raw_fd()) {
+            log::warn!("virtio-net: cannot stop polling passt: {e}");
         }
     }
 }
@@ -693,7 +752,7 @@ impl EventHandler for NetHandler {
     fn handle_event(
         &mut self,
         token: u64,
-        _events: EventSet,
+        events: EventSet,
         ctl: &mut WorkerControl,
     ) -> io::Result<()> {
         if token == Tokens::CTRL {
@@ -710,6 +769,9 @@ impl EventHandler for NetHandler {
                 l.on_timer();
             }
             self.on_limiter_timer(token, ctl);
+            if self.passt {
+                self.passt_sync(ctl);
+            }
             return Ok(());
         }
         let p = (token / 4) as usize;
@@ -719,8 +781,12 @@ impl EventHandler for NetHandler {
         match token % 4 {
             0 => self.rx_kick(p, ctl),
             1 => self.process_tx(p),
+            2 if self.passt => self.passt_event(p, events, ctl),
             2 => self.process_rx(p, ctl),
             _ => {}
+        }
+        if self.passt {
+            self.passt_sync(ctl);
         }
         Ok(())
     }

@@ -57,11 +57,11 @@ impl NetHandler {
                 continue;
             }
             pair.enabled = on;
-            if let Err(e) = pair.tap.set_queue_enabled(on) {
+            if let Err(e) = pair.backend.set_queue_enabled(on) {
                 log::warn!("virtio-net: {}", ErrorChain(&e));
             }
             if pair.rx.is_some() && pair.tap_polled != on {
-                ctl.set_tap_polled(&pair.tap, Tokens::tap(p as u64), on);
+                ctl.set_tap_polled(&pair.backend, Tokens::tap(p as u64), on);
                 pair.tap_polled = on;
             }
             if on {

@@ -5,11 +5,10 @@
 //! driver adds receive buffers.
 
 use vessel_mmds::{MmdsStack, MAX_FRAME_LEN};
-use virtio_queue::{QueueOwnedT, QueueT};
 
+use super::copy::{deliver_copy, Delivery};
 use super::{
-    enable_notification_past_avail, gather_rx_buffers, notify_if_needed, write_iovs, Gathered,
-    NetHandler, RxBuffers, VNET_HDR_LEN,
+    enable_notification_past_avail, notify_if_needed, NetHandler, RxBuffers, VNET_HDR_LEN,
 };
 
 /// The first bytes of a frame the stack needs to tell whether the frame may be its own.
@@ -82,15 +81,6 @@ fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
     done
 }
 
-/// What became of one MMDS frame.
-enum Delivery {
-    Delivered,
-    /// The stack has nothing to send.
-    Empty,
-    NoBuffers,
-    Broken,
-}
-
 impl NetHandler {
     /// Hands the MMDS stack's frames to the guest until either runs out.
     pub(super) fn mmds_rx(&mut self) {
@@ -100,9 +90,9 @@ impl NetHandler {
         let mut delivered = 0;
         loop {
             match self.mmds_rx_frame() {
-                Delivery::Delivered => delivered += 1,
-                Delivery::Empty | Delivery::Broken => break,
-                Delivery::NoBuffers => {
+                Some(Delivery::Delivered) => delivered += 1,
+                None | Some(Delivery::Broken) => break,
+                Some(Delivery::NoBuffers) => {
                     let Some(rxq) = self.pairs.first_mut().and_then(|p| p.rx.as_mut()) else {
                         break;
                     };
@@ -131,14 +121,11 @@ impl NetHandler {
     }
 
     /// Writes one frame of the stack into the receive buffers of the first pair.
-    fn mmds_rx_frame(&mut self) -> Delivery {
+    /// `None` when the stack has nothing to send.
+    fn mmds_rx_frame(&mut self) -> Option<Delivery> {
         let mem = &self.mem;
-        let Some(path) = self.mmds.as_mut() else {
-            return Delivery::Empty;
-        };
-        let Some(rxq) = self.pairs.first_mut().and_then(|p| p.rx.as_mut()) else {
-            return Delivery::Empty;
-        };
+        let path = self.mmds.as_mut()?;
+        let rxq = self.pairs.first_mut().and_then(|p| p.rx.as_mut())?;
         let frame_len = match path.out_len {
             Some(n) => n,
             None => match path.stack.pop_frame(&mut path.out) {
@@ -146,63 +133,24 @@ impl NetHandler {
                     path.out_len = Some(n);
                     n
                 }
-                None => return Delivery::Empty,
+                None => return None,
             },
         };
-        let q = &mut rxq.queue;
-        let qindex = rxq.index;
-        let total = VNET_HDR_LEN + frame_len;
-        // Without merged buffers a frame takes one chain, cut to its size like the TAP's.
-        let need = if self.mrg_rxbuf { total } else { 1 };
-        let capacity = match gather_rx_buffers(
-            RxBuffers {
-                q,
-                qindex,
-                mem,
-                mrg_rxbuf: self.mrg_rxbuf,
-                iovs: &mut self.iovs,
-                chains: &mut self.rx_chains,
-                bad_chains: &mut self.stats.bad_chains,
-                health: &self.health,
-            },
-            need,
-        ) {
-            Gathered::Ready(c) => c,
-            Gathered::NoBuffers => return Delivery::NoBuffers,
-            Gathered::Broken => return Delivery::Broken,
+        let b = RxBuffers {
+            q: &mut rxq.queue,
+            qindex: rxq.index,
+            mem,
+            mrg_rxbuf: self.mrg_rxbuf,
+            iovs: &mut self.iovs,
+            chains: &mut self.rx_chains,
+            bad_chains: &mut self.stats.bad_chains,
+            health: &self.health,
         };
-        let iovs = &mut self.iovs;
-        let chains = &mut self.rx_chains;
-        let written = total.min(capacity);
-        let mut used = 0usize;
-        let mut left = written;
-        for &(_, len, _) in chains.iter() {
-            if left == 0 {
-                break;
-            }
-            left = left.saturating_sub(len);
-            used += 1;
+        let d = deliver_copy(b, &path.out[..frame_len]);
+        if matches!(d, Delivery::Delivered) {
+            path.out_len = None;
         }
-        for _ in used..chains.len() {
-            q.go_to_previous_position();
-        }
-        // A plain header: no offloads (our checksums are complete), then num_buffers.
-        let mut hdr = [0u8; VNET_HDR_LEN];
-        hdr[10..].copy_from_slice(&(used as u16).to_le_bytes());
-        write_iovs(&iovs.0, 0, &hdr);
-        write_iovs(&iovs.0, VNET_HDR_LEN, &path.out[..frame_len]);
-        path.out_len = None;
-        let mut left = written;
-        for &(head, len, _) in &chains[..used] {
-            let this = left.min(len);
-            left -= this;
-            if let Err(e) = q.add_used(mem, head, this as u32) {
-                self.health
-                    .mark_broken(&format_args!("queue {qindex}: {e}"));
-                return Delivery::Broken;
-            }
-        }
-        Delivery::Delivered
+        Some(d)
     }
 }
 

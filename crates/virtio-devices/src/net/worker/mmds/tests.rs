@@ -14,7 +14,7 @@ use vessel_virtio::DeviceHealth;
 use super::super::{NetHandler, QueuePair, TapPoll};
 use super::*;
 use crate::net::testutil::{mem, Ring, TestIrq};
-use crate::net::{feature, Tap};
+use crate::net::{feature, Backend, Tap};
 
 const GUEST_MAC: [u8; 6] = [2, 0, 0, 0, 0, 7];
 const GUEST_IP: [u8; 4] = [172, 16, 0, 2];
@@ -25,7 +25,8 @@ const TX_BASE: u64 = 0x2_0000;
 struct NoPoll;
 
 impl TapPoll for NoPoll {
-    fn set_tap_polled(&mut self, _: &Tap, _: u64, _: bool) {}
+    fn set_tap_polled(&mut self, _: &Backend, _: u64, _: bool) {}
+    fn forget(&mut self, _: &Backend) {}
 }
 
 fn fake_tap() -> (Tap, OwnedFd) {
@@ -77,7 +78,12 @@ fn setup(m: &vessel_memory::GuestMemoryMmap, acked: u64, store: serde_json::Valu
     let (tap, peer) = fake_tap();
     let irq = Arc::new(TestIrq::default());
     let health = DeviceHealth::new(irq.clone());
-    let pair = QueuePair::new(0, Arc::new(tap), Some(rx.active(0)), Some(tx.active(1)));
+    let pair = QueuePair::new(
+        0,
+        Backend::Tap(Arc::new(tap)),
+        Some(rx.active(0)),
+        Some(tx.active(1)),
+    );
     let mut h = NetHandler::new(m.clone(), acked, irq, health, vec![pair], None);
     let mmds = Mmds::new(Arc::new(Mutex::new(store)), MmdsOptions::default());
     h.mmds = Some(MmdsPath::new(vessel_mmds::MmdsStack::new(mmds)));
