@@ -25,6 +25,13 @@ fn have_seabios() -> bool {
     there
 }
 
+/// A 4 MiB disk of zeros: no boot sector, no partition, no Linux.
+fn empty_disk(dir: &Path) -> PathBuf {
+    let disk = dir.join("empty.raw");
+    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    disk
+}
+
 fn console_text(path: &Path) -> String {
     // SeaBIOS's serial console draws with escape sequences; keep the words.
     std::fs::read_to_string(path)
@@ -41,8 +48,7 @@ fn a_disk_with_nothing_to_boot_falls_back_to_seabios_which_says_so() {
         return;
     }
     let dir = scratch("fw-empty");
-    let disk = dir.join("empty.raw");
-    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let disk = empty_disk(&dir);
     let console = dir.join("console.txt");
     let mut cmd = vessel();
     cmd.arg("run")
@@ -259,8 +265,7 @@ fn a_vm_snapshotted_in_the_middle_of_seabios_goes_on_after_restore() {
         return;
     }
     let dir = scratch("fw-snapshot");
-    let disk = dir.join("empty.raw");
-    std::fs::write(&disk, vec![0u8; 4 << 20]).unwrap();
+    let disk = empty_disk(&dir);
     let (before, after) = (dir.join("before.txt"), dir.join("after.txt"));
     let config = VmConfig {
         boot: Payload::Firmware(Firmware::resolve("bios").unwrap()),
