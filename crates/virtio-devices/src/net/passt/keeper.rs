@@ -180,7 +180,7 @@ unsafe fn take_fd(msg: &libc::msghdr) -> Option<OwnedFd> {
 }
 
 /// Sends `data` (with `fd` attached, if any) on the control socket.
-fn send_msg(control: RawFd, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
+pub(crate) fn send_msg(control: RawFd, data: &[u8], fd: Option<RawFd>) -> io::Result<()> {
     let mut cbuf = [0u64; 4];
     let mut iov = libc::iovec {
         iov_base: data.as_ptr() as *mut libc::c_void,
@@ -275,7 +275,7 @@ pub fn self_command(control_fd: RawFd, tcp_forwards: &[String]) -> Command {
         .arg("--control-fd")
         .arg(control_fd.to_string());
     for f in tcp_forwards {
-        cmd.arg("-t").arg(f);
+        cmd.arg("--tcp").arg(f);
     }
     cmd
 }
