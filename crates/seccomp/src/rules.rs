@@ -300,9 +300,10 @@ fn device(l: &mut List, kind: DeviceKind) -> Result<(), Error> {
         // TAP reads and writes are in `base`; MMDS answers are built in memory. passt's
         // stream socket is read with `recv` (std's `UnixStream::read`) and written with
         // `send` (MSG_NOSIGNAL: a gone passt is EPIPE, never SIGPIPE): `recvfrom`, `sendto`.
+        // A new passt's socket comes from the passt keeper with SCM_RIGHTS: `recvmsg`.
         DeviceKind::Net => {
             tap_ioctls(l)?;
-            l.any(&[libc::SYS_recvfrom, libc::SYS_sendto]);
+            l.any(&[libc::SYS_recvfrom, libc::SYS_sendto, libc::SYS_recvmsg]);
         }
         // Guest connections reach Unix sockets on the host.
         DeviceKind::Vsock => sockets(l, &[libc::AF_UNIX])?,

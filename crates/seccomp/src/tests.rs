@@ -306,3 +306,26 @@ fn unconfigured_apply_does_nothing() {
     // Still allowed: this thread has no filter.
     assert_eq!(try_execve(), 7);
 }
+
+#[test]
+fn the_net_worker_may_receive_a_new_passt_socket_with_recvmsg() {
+    /// recvmsg on a descriptor that is not open: EBADF when allowed.
+    fn try_recvmsg() -> i32 {
+        // SAFETY: recvmsg on -1 fails with EBADF before reading the zeroed msghdr.
+        let r = unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            libc::recvmsg(-1, &mut msg, libc::MSG_DONTWAIT)
+        };
+        // SAFETY: reads this thread's errno.
+        if r == -1 && unsafe { *libc::__errno_location() } == libc::EBADF {
+            0
+        } else {
+            9
+        }
+    }
+    let net = programs(ThreadKind::Device(DeviceKind::Net), Action::Kill);
+    assert_eq!(in_child(&net, try_recvmsg), Ok(0));
+    // Not the entropy device's worker.
+    let rng = programs(ThreadKind::Device(DeviceKind::Rng), Action::Kill);
+    assert_eq!(in_child(&rng, try_recvmsg), Err(libc::SIGSYS));
+}

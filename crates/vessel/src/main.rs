@@ -117,6 +117,16 @@ enum Command {
     /// Run Vessel in a jail (own root, namespaces, cgroup limits, unprivileged uid/gid), with
     /// Firecracker's jailer flags: vessel jail --id ID --uid U --gid G [...] -- run ...
     Jail(Box<vessel_jailer::JailArgs>),
+    /// The process that starts passt (again) for `--net user`; Vessel starts it itself.
+    #[command(name = "passt-keeper", hide = true)]
+    PasstKeeper {
+        /// The control socket inherited from Vessel.
+        #[arg(long)]
+        control_fd: i32,
+        /// passt `-t` forwards (HOSTPORT:GUESTPORT).
+        #[arg(long = "tcp")]
+        tcp: Vec<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -448,6 +458,14 @@ fn main() -> ExitCode {
         Command::Api(args) => apicli::run(args).map_err(Into::into),
         Command::Snapshot { command } => snapshotcli::run(command).map_err(Into::into),
         Command::Migrate { command } => migratecli::run(command).map_err(Into::into),
+        Command::PasstKeeper { control_fd, tcp } => {
+            let code = vessel_virtio_devices::net::passt::keeper::keeper_main(
+                control_fd,
+                std::path::Path::new("passt"),
+                &tcp,
+            );
+            return ExitCode::from(u8::try_from(code).unwrap_or(1));
+        }
         Command::Jail(mut args) => {
             // The jailed VMM is this vessel binary unless --exec-file names another.
             if args.exec_file.is_none() {

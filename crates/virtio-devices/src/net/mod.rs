@@ -208,6 +208,11 @@ pub struct Net {
     backends: Vec<Backend>,
     /// The passt Vessel started, if it did.
     passt: Option<PasstProcess>,
+    /// The keeper that starts passt (again), and the socket it sends passt's sockets on.
+    keeper: Option<(
+        passt::keeper::PasstKeeper,
+        Arc<passt::keeper::KeeperControl>,
+    )>,
     queue_sizes: Vec<u16>,
     avail_features: u64,
     config: [u8; 12],
@@ -248,18 +253,33 @@ impl Net {
         Net::with_backends(backends, mac)
     }
 
-    /// Builds the device on passt: started here (exits when the device is dropped), or reached
-    /// at its socket.
+    /// Builds the device on passt: started by a keeper process (this binary's
+    /// `passt-keeper` subcommand, which starts passt again when it dies and exits when the
+    /// device is dropped), or reached at its socket (not restarted).
     pub fn with_passt(source: &PasstSource, mac: Option<[u8; 6]>) -> Result<Net, NetError> {
-        let (process, stream) = match source {
+        match source {
             PasstSource::Spawn { tcp_forwards } => {
-                let (p, sock) = PasstProcess::spawn(tcp_forwards)?;
-                let stream = PasstStream::new(sock).map_err(PasstError::Spawn)?;
-                (Some(p), stream)
+                Net::with_passt_keeper(|fd| passt::keeper::self_command(fd, tcp_forwards), mac)
             }
-            PasstSource::Socket(path) => (None, PasstStream::connect(path)?),
-        };
-        Net::on_passt(stream, process, mac)
+            PasstSource::Socket(path) => Net::on_passt(PasstStream::connect(path)?, None, mac),
+        }
+    }
+
+    /// Builds the device on passt started by the keeper that `make` runs (see
+    /// [`passt::keeper::PasstKeeper::spawn`]).
+    pub fn with_passt_keeper(
+        make: impl FnOnce(RawFd) -> std::process::Command,
+        mac: Option<[u8; 6]>,
+    ) -> Result<Net, NetError> {
+        let (keeper, control, pid, sock) = passt::keeper::PasstKeeper::spawn(make)?;
+        log::info!(
+            "virtio-net: passt started (pid {pid}, keeper pid {})",
+            keeper.id()
+        );
+        let stream = PasstStream::new(sock).map_err(PasstError::Spawn)?;
+        let mut net = Net::on_passt(stream, None, mac)?;
+        net.keeper = Some((keeper, Arc::new(control)));
+        Ok(net)
     }
 
     /// Builds the device on a connected passt stream.
@@ -298,6 +318,7 @@ impl Net {
             queue_pairs,
             backends,
             passt: None,
+            keeper: None,
             queue_sizes,
             avail_features: offered_features(queue_pairs),
             config,
@@ -439,6 +460,10 @@ impl VirtioDevice for Net {
         if let Some(q) = &ctrl {
             fds.push((q.kick.as_raw_fd(), Tokens::CTRL, EventSet::IN));
         }
+        let keeper = self.keeper.as_ref().map(|(_, c)| c.clone());
+        if let Some(c) = &keeper {
+            fds.push((c.as_raw_fd(), Tokens::KEEPER, EventSet::IN));
+        }
         fds.push((
             self.rx_limiter.as_raw_fd(),
             Tokens::RX_LIMITER,
@@ -451,7 +476,8 @@ impl VirtioDevice for Net {
         ));
         let mut handler = NetHandler::new(ctx.mem, acked, ctx.interrupt, ctx.health, pairs, ctrl)
             .with_limiters(self.rx_limiter.clone(), self.tx_limiter.clone())
-            .with_link(self.link_up.clone());
+            .with_link(self.link_up.clone())
+            .with_keeper(keeper);
         handler.mmds = self
             .mmds
             .clone()

@@ -366,7 +366,23 @@ impl PasstProcess {
     pub fn has_exited(&mut self) -> bool {
         !matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// How passt ended, once it has (reaping it).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Stops passt (SIGTERM) and reaps it: only where the filters allow it (the keeper).
+    pub fn stop(&mut self) {
+        // SAFETY: kill takes plain integers; the child is not reaped yet, so its pid is ours.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
 }
+
+pub mod keeper;
 
 #[cfg(test)]
 mod tests;

@@ -22,6 +22,7 @@ use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::GuestMemoryBackend;
 use vmm_sys_util::epoll::EventSet;
 
+use super::passt::keeper::KeeperControl;
 use super::{feature, lock_stream, Backend, PasstStream, VNET_HDR_LEN};
 
 mod copy;
@@ -48,6 +49,8 @@ impl Tokens {
     pub(super) const CTRL: u64 = 1 << 40;
     pub(super) const RX_LIMITER: u64 = (1 << 40) + 1;
     pub(super) const TX_LIMITER: u64 = (1 << 40) + 2;
+    /// The passt keeper's control socket (new passt sockets).
+    pub(super) const KEEPER: u64 = (1 << 40) + 3;
     pub(super) fn rx_kick(pair: u64) -> u64 {
         4 * pair
     }
@@ -295,6 +298,8 @@ pub(super) struct NetHandler {
     /// Whether the frames go to passt, and the link went down since.
     passt: bool,
     passt_down: bool,
+    /// The keeper that sends a new passt's socket after one dies (`--net user`).
+    keeper: Option<Arc<KeeperControl>>,
     /// Whether the driver reads the link status (`VIRTIO_NET_F_STATUS`).
     status: bool,
 }
@@ -332,6 +337,7 @@ impl NetHandler {
             link_up: None,
             passt,
             passt_down: false,
+            keeper: None,
             status: acked & feature::STATUS != 0,
         }
     }
@@ -339,6 +345,12 @@ impl NetHandler {
     /// Keeps the device's link status here (passt takes it down when it goes away).
     pub(super) fn with_link(mut self, link_up: Arc<AtomicBool>) -> Self {
         self.link_up = Some(link_up);
+        self
+    }
+
+    /// Takes new passt sockets from this keeper (watched as `Tokens::KEEPER`).
+    pub(super) fn with_keeper(mut self, keeper: Option<Arc<KeeperControl>>) -> Self {
+        self.keeper = keeper;
         self
     }
 
@@ -720,6 +732,10 @@ pub(super) trait TapPoll {
     fn set_tap_polled(&mut self, backend: &Backend, token: u64, polled: bool);
     /// Stops watching the backend at all (passt is gone).
     fn forget(&mut self, backend: &Backend);
+    /// Watches a backend that is not in the set (passt's new socket) for frames.
+    fn watch(&mut self, _backend: &Backend, _token: u64) {}
+    /// Stops watching a descriptor (the passt keeper's, once it is gone).
+    fn forget_fd(&mut self, _fd: std::os::unix::io::RawFd) {}
 }
 
 impl TapPoll for WorkerControl {
@@ -746,6 +762,18 @@ impl TapPoll for WorkerControl {
             log::warn!("virtio-net: cannot stop polling passt: {e}");
         }
     }
+
+    fn watch(&mut self, backend: &Backend, token: u64) {
+        if let Err(e) = self.add(backend.as_raw_fd(), token, EventSet::IN) {
+            log::warn!("virtio-net: cannot poll the new passt: {e}");
+        }
+    }
+
+    fn forget_fd(&mut self, fd: std::os::unix::io::RawFd) {
+        if let Err(e) = self.remove(fd) {
+            log::warn!("virtio-net: cannot stop polling the passt keeper: {e}");
+        }
+    }
 }
 
 impl EventHandler for NetHandler {
@@ -757,6 +785,11 @@ impl EventHandler for NetHandler {
     ) -> io::Result<()> {
         if token == Tokens::CTRL {
             self.process_ctrl(ctl);
+            return Ok(());
+        }
+        if token == Tokens::KEEPER {
+            self.keeper_event(ctl);
+            self.passt_sync(ctl);
             return Ok(());
         }
         if token == Tokens::RX_LIMITER || token == Tokens::TX_LIMITER {

@@ -424,7 +424,7 @@ fn a_real_passt_forwards_a_host_port_to_the_guest() {
 }
 
 /// Waits for a DHCP reply to `xid` on `s`; returns its message type.
-fn wait_dhcp_reply(s: &mut PasstStream, xid: u32) -> u8 {
+pub(crate) fn wait_dhcp_reply(s: &mut PasstStream, xid: u32) -> u8 {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         match s.peek_frame() {

@@ -14,6 +14,8 @@ use super::*;
 struct PasstPolls {
     polled: Vec<bool>,
     forgotten: usize,
+    watched: usize,
+    forgotten_fds: usize,
 }
 
 impl TapPoll for PasstPolls {
@@ -22,6 +24,12 @@ impl TapPoll for PasstPolls {
     }
     fn forget(&mut self, _: &Backend) {
         self.forgotten += 1;
+    }
+    fn watch(&mut self, _: &Backend, _: u64) {
+        self.watched += 1;
+    }
+    fn forget_fd(&mut self, _: std::os::unix::io::RawFd) {
+        self.forgotten_fds += 1;
     }
 }
 
@@ -227,4 +235,74 @@ fn passt_devices_offer_no_offloads_and_report_the_link() {
     assert_eq!(status, [0, 0]);
     assert_eq!(net.tap_name(), "");
     drop(peer);
+}
+
+#[test]
+fn a_new_passt_from_the_keeper_replaces_the_dead_stream_and_the_link_comes_back() {
+    use crate::net::passt::keeper::{control_pair, send_msg, KeeperControl};
+    use std::os::unix::io::AsRawFd;
+    use std::sync::atomic::Ordering;
+    let m = mem();
+    let mut s = passt_setup(&m, feature::STATUS);
+    let (ours, keeper) = control_pair().unwrap();
+    s.h = s.h.with_keeper(Some(Arc::new(KeeperControl::new(ours))));
+    let irq = s.irq.clone();
+    let configs = || {
+        irq.causes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&c| c == InterruptCause::Config)
+            .count()
+    };
+    let mut polls = PasstPolls::default();
+    // passt dies: the link goes down.
+    drop(s.peer);
+    s.h.passt_event(0, EventSet::IN | EventSet::HANG_UP, &mut polls);
+    s.h.passt_sync(&mut polls);
+    assert!(!s.link.load(Ordering::Acquire));
+    assert_eq!(polls.forgotten, 1);
+    assert_eq!(configs(), 1);
+    // Nothing from the keeper yet.
+    s.h.keeper_event(&mut polls);
+    assert_eq!(polls.watched, 0);
+    // The keeper sends a new passt's socket: the link comes back up.
+    let (new_ours, mut peer) = UnixStream::pair().unwrap();
+    send_msg(
+        keeper.as_raw_fd(),
+        &[b'F', 7, 0, 0, 0],
+        Some(new_ours.as_raw_fd()),
+    )
+    .unwrap();
+    drop(new_ours);
+    s.h.keeper_event(&mut polls);
+    s.h.passt_sync(&mut polls);
+    assert!(s.link.load(Ordering::Acquire));
+    assert_eq!(polls.watched, 1, "the new socket is watched");
+    assert_eq!(polls.forgotten, 1, "the dead one was already forgotten");
+    assert_eq!(configs(), 2);
+    // Frames flow both ways through the new stream.
+    let f = eth(60, 9);
+    let h = s.rx.add(&[(0x10_0000, 2048, true)]);
+    peer.write_all(&framed(&f)).unwrap();
+    s.h.passt_event(0, EventSet::IN, &mut polls);
+    assert_eq!(s.rx.next_used(), Some((u32::from(h), 12 + 60)));
+    assert_eq!(s.rx.read(0x10_0000 + 12, 60), f);
+    let mut t = vec![0u8; VNET_HDR_LEN];
+    t.extend_from_slice(&eth(80, 3));
+    s.tx.write(0x30_0000, &t);
+    s.tx.add(&[(0x30_0000, t.len() as u32, false)]);
+    s.h.process_tx(0);
+    let mut got = vec![0u8; 84];
+    peer.read_exact(&mut got).unwrap();
+    assert_eq!(got, framed(&t[VNET_HDR_LEN..]));
+    // A failure to start passt is only logged; the keeper's end is forgotten once.
+    send_msg(keeper.as_raw_fd(), b"Eno passt", None).unwrap();
+    s.h.keeper_event(&mut polls);
+    assert_eq!(polls.forgotten_fds, 0);
+    drop(keeper);
+    s.h.keeper_event(&mut polls);
+    s.h.keeper_event(&mut polls);
+    assert_eq!(polls.forgotten_fds, 1);
+    assert!(s.link.load(Ordering::Acquire), "the live stream stays up");
 }

@@ -11,6 +11,7 @@ use std::sync::Mutex;
 use vessel_virtio::InterruptCause;
 use vmm_sys_util::epoll::EventSet;
 
+use super::super::passt::keeper::KeeperMsg;
 use super::copy::{deliver_copy, Delivery};
 use super::{
     lock_stream, Backend, IoVecs, NetHandler, NetStats, PasstStream, Rx, RxBuffers, TapPoll,
@@ -112,7 +113,17 @@ impl NetHandler {
             (s.end(), s.wants_out() != s.out_polled)
         };
         if let Some(end) = end {
-            log::warn!("virtio-net: {end}; the link is down and the guest's frames are dropped");
+            if self.keeper.is_some() {
+                log::warn!(
+                    "virtio-net: {end}; the link is down and the guest's frames are dropped \
+                     until passt is started again"
+                );
+            } else {
+                log::warn!(
+                    "virtio-net: {end}; the link is down for good and the guest's frames are \
+                     dropped (a passt Vessel did not start is not restarted)"
+                );
+            }
             ctl.forget(&pair.backend);
             self.passt_down = true;
             if let Some(link) = &self.link_up {
@@ -128,6 +139,70 @@ impl NetHandler {
         if out_changed {
             let polled = pair.tap_polled;
             ctl.set_tap_polled(&pair.backend, Tokens::tap(0), polled);
+        }
+    }
+
+    /// The keeper sent something: a new passt's socket (it replaces the stream, the link
+    /// comes back up), a failure to start passt, or its end.
+    pub(in crate::net) fn keeper_event(&mut self, ctl: &mut dyn TapPoll) {
+        let Some(keeper) = self.keeper.clone() else {
+            return;
+        };
+        loop {
+            match keeper.recv(false) {
+                Ok(None) => return,
+                Ok(Some(KeeperMsg::Passt { pid, sock })) => self.passt_replace(pid, sock, ctl),
+                Ok(Some(KeeperMsg::Failed(m))) => {
+                    log::warn!("virtio-net: cannot start passt again ({m}); trying later")
+                }
+                Err(e) => {
+                    log::warn!(
+                        "virtio-net: the passt keeper is gone ({e}); passt is not restarted"
+                    );
+                    ctl.forget_fd(std::os::unix::io::AsRawFd::as_raw_fd(keeper.as_ref()));
+                    self.keeper = None;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Puts a new passt's socket in place of the stream (fresh buffers), watches it and
+    /// takes the link up again.
+    fn passt_replace(
+        &mut self,
+        pid: u32,
+        sock: std::os::unix::net::UnixStream,
+        ctl: &mut dyn TapPoll,
+    ) {
+        let Some(pair) = self.pairs.first_mut() else {
+            return;
+        };
+        let Backend::Passt(stream) = &pair.backend else {
+            return;
+        };
+        let new = match PasstStream::new(sock) {
+            Ok(s) => s,
+            Err(e) => {
+                log::warn!("virtio-net: cannot use the new passt's socket: {e}");
+                return;
+            }
+        };
+        if !self.passt_down {
+            ctl.forget(&pair.backend);
+        }
+        *lock_stream(stream) = new;
+        ctl.watch(&pair.backend, Tokens::tap(0));
+        pair.tap_polled = true;
+        self.passt_down = false;
+        log::info!("virtio-net: passt started again (pid {pid}); the link is up");
+        if let Some(link) = &self.link_up {
+            link.store(true, Ordering::Release);
+            if self.status {
+                if let Err(e) = self.interrupt.trigger(InterruptCause::Config) {
+                    log::warn!("virtio-net: cannot signal the link change: {e}");
+                }
+            }
         }
     }
 }
