@@ -11,6 +11,7 @@
 //!   signals or reaps it itself: its seccomp filters forbid `kill`, and `wait4` is not
 //!   needed by anything else (a process running one VM leaves the zombie to init).
 
+use super::worker::copy::read_iovs;
 use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
@@ -270,35 +271,6 @@ impl AsRawFd for PasstStream {
     fn as_raw_fd(&self) -> std::os::unix::io::RawFd {
         self.sock.as_raw_fd()
     }
-}
-
-/// Copies bytes from the buffers described by `iovs`, starting `offset` bytes in, into
-/// `out`; returns how many were copied.
-fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
-    let mut done = 0;
-    for iov in iovs {
-        if done == out.len() {
-            break;
-        }
-        if offset >= iov.iov_len {
-            offset -= iov.iov_len;
-            continue;
-        }
-        let n = (out.len() - done).min(iov.iov_len - offset);
-        // SAFETY: each iovec describes `iov_len` readable bytes (guest memory mapped while
-        // the worker holds it, or a live host buffer); `offset + n <= iov_len` and
-        // `done + n <= out.len()`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                iov.iov_base.cast::<u8>().add(offset),
-                out.as_mut_ptr().add(done),
-                n,
-            );
-        }
-        done += n;
-        offset = 0;
-    }
-    done
 }
 
 /// A passt that Vessel started; it exits once its socket's other end is closed.

@@ -25,7 +25,7 @@ use vmm_sys_util::epoll::EventSet;
 use super::passt::keeper::KeeperControl;
 use super::{feature, lock_stream, Backend, PasstStream, VNET_HDR_LEN};
 
-mod copy;
+pub(super) mod copy;
 mod ctrl;
 mod mmds;
 mod passt;

@@ -73,3 +73,32 @@ pub(super) fn deliver_copy(b: RxBuffers<'_>, frame: &[u8]) -> Delivery {
     }
     Delivery::Delivered
 }
+
+/// Copies bytes from the buffers described by `iovs`, starting `offset` bytes in, into
+/// `out`; returns how many were copied.
+pub(in crate::net) fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
+    let mut done = 0;
+    for iov in iovs {
+        if done == out.len() {
+            break;
+        }
+        if offset >= iov.iov_len {
+            offset -= iov.iov_len;
+            continue;
+        }
+        let n = (out.len() - done).min(iov.iov_len - offset);
+        // SAFETY: each iovec describes `iov_len` readable bytes (built by `collect_iovs` from
+        // guest memory that stays mapped while the worker holds it, or a live host buffer);
+        // `offset + n <= iov_len` and `done + n <= out.len()`.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                iov.iov_base.cast::<u8>().add(offset),
+                out.as_mut_ptr().add(done),
+                n,
+            );
+        }
+        done += n;
+        offset = 0;
+    }
+    done
+}

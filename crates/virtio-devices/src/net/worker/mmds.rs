@@ -6,7 +6,7 @@
 
 use vessel_mmds::{MmdsStack, MAX_FRAME_LEN};
 
-use super::copy::{deliver_copy, Delivery};
+use super::copy::{deliver_copy, read_iovs, Delivery};
 use super::{
     enable_notification_past_avail, notify_if_needed, NetHandler, RxBuffers, VNET_HDR_LEN,
 };
@@ -50,35 +50,6 @@ impl MmdsPath {
     fn has_frames(&self) -> bool {
         self.out_len.is_some() || self.stack.has_frames()
     }
-}
-
-/// Copies bytes from the buffers described by `iovs`, starting `offset` bytes in, into
-/// `out`; returns how many were copied.
-fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
-    let mut done = 0;
-    for iov in iovs {
-        if done == out.len() {
-            break;
-        }
-        if offset >= iov.iov_len {
-            offset -= iov.iov_len;
-            continue;
-        }
-        let n = (out.len() - done).min(iov.iov_len - offset);
-        // SAFETY: `iov` was built by `collect_iovs` from a guest memory slice of `iov_len`
-        // bytes that stays mapped while the worker holds the memory; `offset + n <= iov_len`
-        // and `done + n <= out.len()`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                iov.iov_base.cast::<u8>().add(offset),
-                out.as_mut_ptr().add(done),
-                n,
-            );
-        }
-        done += n;
-        offset = 0;
-    }
-    done
 }
 
 impl NetHandler {
