@@ -11,7 +11,7 @@
 //!   signals or reaps it itself: its seccomp filters forbid `kill`, and `wait4` is not
 //!   needed by anything else (a process running one VM leaves the zombie to init).
 
-use super::worker::copy::read_iovs;
+use super::worker::read_iovs;
 use std::fmt;
 use std::io::{self, Read};
 use std::os::unix::io::AsRawFd;
@@ -273,6 +273,29 @@ impl AsRawFd for PasstStream {
     }
 }
 
+/// Makes the child `cmd` starts keep `fd` open across its exec (clears `FD_CLOEXEC`) and
+/// get SIGTERM when the thread that started it exits (`PR_SET_PDEATHSIG`): passt and its
+/// keeper both start this way.
+pub(super) fn inherit_fd_and_die_with_parent(cmd: &mut Command, fd: std::os::unix::io::RawFd) {
+    let pre_exec = move || {
+        // SAFETY: fcntl and prctl are async-signal-safe and take plain integers; `fd` is open
+        // in the child (inherited on fork).
+        unsafe {
+            if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    };
+    // SAFETY: the closure only makes async-signal-safe calls and allocates nothing.
+    unsafe {
+        cmd.pre_exec(pre_exec);
+    }
+}
+
 /// A passt that Vessel started; it exits once its socket's other end is closed.
 #[derive(Debug)]
 pub struct PasstProcess {
@@ -302,24 +325,7 @@ impl PasstProcess {
             cmd.arg("-t").arg(f);
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let pre_exec = move || {
-            // SAFETY: fcntl and prctl are async-signal-safe and take plain integers; `fd`
-            // is open in the child (the socket pair's end, inherited on fork).
-            unsafe {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the closure only makes async-signal-safe calls (see above) and allocates
-        // nothing.
-        unsafe {
-            cmd.pre_exec(pre_exec);
-        }
+        inherit_fd_and_die_with_parent(&mut cmd, fd);
         let child = cmd.spawn().map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => PasstError::NotInstalled,
             _ => PasstError::Spawn(e),

@@ -18,21 +18,21 @@ use vessel_virtio::worker::{
     consume, drain_queue, next_chain, notify_if_needed, EventHandler, WorkerControl,
 };
 use vessel_virtio::{ActiveQueue, DeviceHealth, VirtioInterrupt};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
-use vm_memory::GuestMemoryBackend;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 
 use super::passt::keeper::KeeperControl;
 use super::{feature, lock_stream, Backend, PasstStream, VNET_HDR_LEN};
 
-pub(super) mod copy;
+mod buffers;
+mod copy;
 mod ctrl;
 mod mmds;
 mod passt;
+pub(super) use buffers::read_iovs;
+use buffers::{collect_iovs, gather_rx_buffers, write_iovs, Gathered, IoVecs, RxBuffers};
 pub(super) use mmds::MmdsPath;
 
-/// Most `iovec`s one `readv`/`writev` takes (`IOV_MAX`).
-const MAX_IOVS: usize = 1024;
 /// Largest frame a guest may send: a 64 KiB GSO frame plus Ethernet/VLAN header and ours.
 const MAX_TX_LEN: usize = 65_562 + VNET_HDR_LEN;
 /// Receive capacity gathered before reading a frame when GSO frames may arrive.
@@ -59,77 +59,6 @@ impl Tokens {
     }
     pub(super) fn tap(pair: u64) -> u64 {
         4 * pair + 2
-    }
-}
-
-/// Host views (`iovec`s) of guest buffers, rebuilt for every frame.
-pub(super) struct IoVecs(Vec<libc::iovec>);
-
-// SAFETY: the raw pointers in the vector point into guest memory, which is shared with the
-// guest anyway; they are only dereferenced (by `readv`/`writev`) while the worker holds the
-// `GuestMemoryMmap` that maps them, on whatever thread owns the vector.
-unsafe impl Send for IoVecs {}
-
-impl IoVecs {
-    pub(super) fn new() -> Self {
-        IoVecs(Vec::with_capacity(64))
-    }
-}
-
-/// Appends the host addresses of every descriptor of `chain` to `iovs`, all of which must be
-/// device-writable (`writable`) or all device-readable. Returns the chain's total length, or
-/// `None` for a malformed chain (wrong direction, outside guest memory, too many buffers),
-/// in which case `iovs` may hold a partial list that the caller truncates.
-pub(super) fn collect_iovs(
-    mem: &GuestMemoryMmap,
-    chain: DescriptorChain<&GuestMemoryMmap>,
-    writable: bool,
-    iovs: &mut IoVecs,
-) -> Option<usize> {
-    let mut total = 0usize;
-    for desc in chain {
-        if desc.is_write_only() != writable {
-            return None;
-        }
-        let len = desc.len() as usize;
-        if len == 0 {
-            continue;
-        }
-        for slice in GuestMemoryBackend::get_slices(mem, desc.addr(), len) {
-            let slice = slice.ok()?;
-            if iovs.0.len() >= MAX_IOVS {
-                return None;
-            }
-            let guard = slice.ptr_guard_mut();
-            iovs.0.push(libc::iovec {
-                iov_base: guard.as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-        total = total.checked_add(len)?;
-    }
-    Some(total)
-}
-
-/// Copies `data` into the buffers described by `iovs`, starting `offset` bytes in.
-fn write_iovs(iovs: &[libc::iovec], mut offset: usize, data: &[u8]) {
-    let mut data = data;
-    for iov in iovs {
-        if data.is_empty() {
-            return;
-        }
-        if offset >= iov.iov_len {
-            offset -= iov.iov_len;
-            continue;
-        }
-        let n = data.len().min(iov.iov_len - offset);
-        // SAFETY: `iov` was built by `collect_iovs` from a guest memory slice of `iov_len`
-        // bytes that stays mapped while the worker holds the memory; `offset + n <= iov_len`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), iov.iov_base.cast::<u8>().add(offset), n);
-        }
-        data = &data[n..];
-        offset = 0;
     }
 }
 
@@ -194,85 +123,6 @@ pub(super) enum Rx {
     TapEmpty,
     NoBuffers,
     Broken,
-}
-
-/// What [`gather_rx_buffers`] works on (fields of the handler, borrowed apart from the queue).
-pub(super) struct RxBuffers<'a> {
-    pub q: &'a mut virtio_queue::Queue,
-    pub qindex: u16,
-    pub mem: &'a GuestMemoryMmap,
-    pub mrg_rxbuf: bool,
-    pub iovs: &'a mut IoVecs,
-    /// (head, length, first iovec) of each chain taken.
-    pub chains: &'a mut Vec<(u16, usize, usize)>,
-    pub bad_chains: &'a mut u64,
-    pub health: &'a DeviceHealth,
-}
-
-/// What gathering receive buffers for one frame gave.
-pub(super) enum Gathered {
-    /// Chains holding this many bytes are in `chains` and `iovs`.
-    Ready(usize),
-    /// Not enough buffers yet; nothing was taken.
-    NoBuffers,
-    /// The ring is broken (the device was marked as needing reset).
-    Broken,
-}
-
-/// Takes receive chains until they hold `need` bytes (with merged buffers) or one chain
-/// (without); chains too short for the virtio-net header are returned empty. A ring full of
-/// buffers is used even when short of `need`: the driver will never give more.
-pub(super) fn gather_rx_buffers(b: RxBuffers<'_>, need: usize) -> Gathered {
-    let RxBuffers {
-        q,
-        qindex,
-        mem,
-        mrg_rxbuf,
-        iovs,
-        chains,
-        bad_chains,
-        health,
-    } = b;
-    iovs.0.clear();
-    chains.clear();
-    let mut capacity = 0usize;
-    while capacity < need && iovs.0.len() < MAX_IOVS {
-        if !mrg_rxbuf && !chains.is_empty() {
-            break;
-        }
-        let chain = match q.iter(mem) {
-            Ok(mut it) => it.next(),
-            Err(e) => {
-                health.mark_broken(&format_args!("queue {qindex}: {e}"));
-                return Gathered::Broken;
-            }
-        };
-        let Some(chain) = chain else { break };
-        let head = chain.head_index();
-        let start = iovs.0.len();
-        match collect_iovs(mem, chain, true, iovs) {
-            Some(len) if len >= VNET_HDR_LEN => {
-                chains.push((head, len, start));
-                capacity += len;
-            }
-            _ => {
-                iovs.0.truncate(start);
-                *bad_chains += 1;
-                if let Err(e) = q.add_used(mem, head, 0) {
-                    health.mark_broken(&format_args!("queue {qindex}: {e}"));
-                    return Gathered::Broken;
-                }
-            }
-        }
-    }
-    let ring_full = chains.len() >= usize::from(q.size());
-    if chains.is_empty() || (capacity < need && !ring_full) {
-        for _ in 0..chains.len() {
-            q.go_to_previous_position();
-        }
-        return Gathered::NoBuffers;
-    }
-    Gathered::Ready(capacity)
 }
 
 pub(super) struct NetHandler {
@@ -397,7 +247,7 @@ impl NetHandler {
         let qindex = rxq.index;
         let need = if self.mrg_rxbuf { self.rx_capacity } else { 1 };
         match gather_rx_buffers(
-            RxBuffers {
+            &mut RxBuffers {
                 q,
                 qindex,
                 mem,

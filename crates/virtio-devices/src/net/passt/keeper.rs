@@ -14,7 +14,6 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -227,23 +226,7 @@ impl PasstKeeper {
         let fd = theirs.as_raw_fd();
         let mut cmd = make(fd);
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
-        let pre_exec = move || {
-            // SAFETY: fcntl and prctl are async-signal-safe and take plain integers; `fd`
-            // is open in the child (inherited on fork).
-            unsafe {
-                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) < 0 {
-                    return Err(io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        };
-        // SAFETY: the closure only makes async-signal-safe calls and allocates nothing.
-        unsafe {
-            cmd.pre_exec(pre_exec);
-        }
+        super::inherit_fd_and_die_with_parent(&mut cmd, fd);
         let child = cmd.spawn().map_err(PasstError::Spawn)?;
         drop(theirs);
         let control = KeeperControl::new(ours);

@@ -15,36 +15,23 @@ pub(super) enum Delivery {
 /// Copies `frame` behind a header without offloads (its checksums are complete) into the
 /// receive chains of `b`'s queue, merged when negotiated; without merged buffers a frame
 /// takes one chain and is cut to its size, like the TAP's.
-pub(super) fn deliver_copy(b: RxBuffers<'_>, frame: &[u8]) -> Delivery {
-    let RxBuffers {
-        q,
-        qindex,
-        mem,
-        mrg_rxbuf,
-        iovs,
-        chains,
-        bad_chains,
-        health,
-    } = b;
+pub(super) fn deliver_copy(mut b: RxBuffers<'_>, frame: &[u8]) -> Delivery {
     let total = VNET_HDR_LEN + frame.len();
-    let need = if mrg_rxbuf { total } else { 1 };
-    let capacity = match gather_rx_buffers(
-        RxBuffers {
-            q: &mut *q,
-            qindex,
-            mem,
-            mrg_rxbuf,
-            iovs: &mut *iovs,
-            chains: &mut *chains,
-            bad_chains,
-            health,
-        },
-        need,
-    ) {
+    let need = if b.mrg_rxbuf { total } else { 1 };
+    let capacity = match gather_rx_buffers(&mut b, need) {
         Gathered::Ready(c) => c,
         Gathered::NoBuffers => return Delivery::NoBuffers,
         Gathered::Broken => return Delivery::Broken,
     };
+    let RxBuffers {
+        q,
+        qindex,
+        mem,
+        iovs,
+        chains,
+        health,
+        ..
+    } = b;
     let written = total.min(capacity);
     let mut used = 0usize;
     let mut left = written;
@@ -72,33 +59,4 @@ pub(super) fn deliver_copy(b: RxBuffers<'_>, frame: &[u8]) -> Delivery {
         }
     }
     Delivery::Delivered
-}
-
-/// Copies bytes from the buffers described by `iovs`, starting `offset` bytes in, into
-/// `out`; returns how many were copied.
-pub(in crate::net) fn read_iovs(iovs: &[libc::iovec], mut offset: usize, out: &mut [u8]) -> usize {
-    let mut done = 0;
-    for iov in iovs {
-        if done == out.len() {
-            break;
-        }
-        if offset >= iov.iov_len {
-            offset -= iov.iov_len;
-            continue;
-        }
-        let n = (out.len() - done).min(iov.iov_len - offset);
-        // SAFETY: each iovec describes `iov_len` readable bytes (built by `collect_iovs` from
-        // guest memory that stays mapped while the worker holds it, or a live host buffer);
-        // `offset + n <= iov_len` and `done + n <= out.len()`.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                iov.iov_base.cast::<u8>().add(offset),
-                out.as_mut_ptr().add(done),
-                n,
-            );
-        }
-        done += n;
-        offset = 0;
-    }
-    done
 }

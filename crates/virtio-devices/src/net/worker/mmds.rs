@@ -6,7 +6,8 @@
 
 use vessel_mmds::{MmdsStack, MAX_FRAME_LEN};
 
-use super::copy::{deliver_copy, read_iovs, Delivery};
+use super::copy::{deliver_copy, Delivery};
+use super::read_iovs;
 use super::{
     enable_notification_past_avail, notify_if_needed, NetHandler, RxBuffers, VNET_HDR_LEN,
 };
