@@ -102,12 +102,19 @@ impl HostBridge {
         }
     }
 
-    /// The PAM register bytes `offset..offset + len` touches, as (index in `data`, PAM index).
-    fn pam_bytes(&self, offset: u64, len: usize) -> impl Iterator<Item = (usize, usize)> {
-        let on = self.pam.is_some();
-        (0..len).filter_map(move |i| {
-            let reg = offset.checked_add(i as u64)?;
-            (on && I440FX_PAM.contains(&reg)).then(|| (i, (reg - I440FX_PAM.start) as usize))
+    /// The PAM registers `offset..offset + len` covers, as (first index in the access,
+    /// first PAM register, count); `None` for Vessel's bridge or an access beside them.
+    fn pam_window(&self, offset: u64, len: usize) -> Option<(usize, usize, usize)> {
+        self.pam.as_ref()?;
+        let end = offset.checked_add(len as u64)?;
+        let start = offset.max(I440FX_PAM.start);
+        let stop = end.min(I440FX_PAM.end);
+        (start < stop).then(|| {
+            (
+                (start - offset) as usize,
+                (start - I440FX_PAM.start) as usize,
+                (stop - start) as usize,
+            )
         })
     }
 }
@@ -121,19 +128,15 @@ impl Default for HostBridge {
 impl PciDevice for HostBridge {
     fn config_read(&mut self, offset: u64, data: &mut [u8]) {
         self.config.read(offset, data);
-        let bytes: Vec<_> = self.pam_bytes(offset, data.len()).collect();
-        if let Some(pam) = &self.pam {
-            for (i, p) in bytes {
-                data[i] = pam[p];
-            }
+        if let (Some((at, reg, n)), Some(pam)) = (self.pam_window(offset, data.len()), &self.pam) {
+            data[at..at + n].copy_from_slice(&pam[reg..reg + n]);
         }
     }
     fn config_write(&mut self, offset: u64, data: &[u8]) -> Vec<BarMove> {
-        let bytes: Vec<_> = self.pam_bytes(offset, data.len()).collect();
-        if let Some(pam) = &mut self.pam {
-            for (i, p) in bytes {
-                pam[p] = data[i];
-            }
+        if let (Some((at, reg, n)), Some(pam)) =
+            (self.pam_window(offset, data.len()), &mut self.pam)
+        {
+            pam[reg..reg + n].copy_from_slice(&data[at..at + n]);
         }
         self.config.write(offset, data)
     }

@@ -16,7 +16,7 @@ use vessel_memory::GuestMemoryMmap;
 
 use vessel_boot::PlatformDevices;
 use vessel_devices::fw_cfg::loader::{self, TableLoader, Zone};
-use vessel_devices::fw_cfg::{e820_bytes, keys, FwCfg};
+use vessel_devices::fw_cfg::{e820_bytes, keys, FwCfg, FwCfgError};
 use vessel_memory::{addr, ports, E820Kind, GuestLayout};
 
 use crate::error::{KvmContext, VmmError};
@@ -246,16 +246,12 @@ pub(crate) fn fw_cfg(
     platform: &PlatformDevices,
 ) -> Result<FwCfg, VmmError> {
     let mut fw = FwCfg::new(mem.clone());
-    let add = |what: &str| {
-        let what = what.to_string();
-        move |source| VmmError::FwCfg { what, source }
-    };
     fw.add_u16(keys::NB_CPUS, u16::from(cpus))
-        .map_err(add("the CPU count"))?;
+        .map_err(cannot_add("the CPU count"))?;
     fw.add_u16(keys::MAX_CPUS, u16::from(cpus))
-        .map_err(add("the CPU count"))?;
+        .map_err(cannot_add("the CPU count"))?;
     fw.add_u64(keys::RAM_SIZE, layout.mem_size())
-        .map_err(add("the RAM size"))?;
+        .map_err(cannot_add("the RAM size"))?;
     // RAM, and the ECAM window the firmware must not hand out (SeaBIOS and OVMF add
     // their own reservations for the BIOS area).
     let e820: Vec<_> = layout
@@ -269,20 +265,26 @@ pub(crate) fn fw_cfg(
         )))
         .collect();
     fw.add_file("etc/e820", e820_bytes(&e820))
-        .map_err(add("etc/e820"))?;
+        .map_err(cannot_add("etc/e820"))?;
     fw.add_file("etc/sercon-port", ports::COM1.to_le_bytes().to_vec())
-        .map_err(add("etc/sercon-port"))?;
+        .map_err(cannot_add("etc/sercon-port"))?;
     fw.add_file("etc/show-boot-menu", 0u16.to_le_bytes().to_vec())
-        .map_err(add("etc/show-boot-menu"))?;
+        .map_err(cannot_add("etc/show-boot-menu"))?;
     // With nothing to boot, SeaBIOS says so and resets after this long (ms) instead of its
     // default minute; the reset ends the VM.
     fw.add_file(
         "etc/boot-fail-wait",
         BOOT_FAIL_WAIT_MS.to_le_bytes().to_vec(),
     )
-    .map_err(add("etc/boot-fail-wait"))?;
+    .map_err(cannot_add("etc/boot-fail-wait"))?;
     add_acpi(&mut fw, cpus, platform)?;
     Ok(fw)
+}
+
+/// The error of adding `what` to fw_cfg.
+fn cannot_add(what: &str) -> impl FnOnce(FwCfgError) -> VmmError {
+    let what = what.to_string();
+    move |source| VmmError::FwCfg { what, source }
 }
 
 /// Vessel's ACPI tables as `etc/acpi/tables` and `etc/acpi/rsdp`, and the `etc/table-loader`
@@ -318,16 +320,12 @@ fn add_acpi(fw: &mut FwCfg, cpus: u8, platform: &PlatformDevices) -> Result<(), 
         .map(|(_, at, _)| at + SDT_CHECKSUM)
         .collect();
     let rsdp_sums = [RSDP_CHECKSUM as usize, RSDP_EXT_CHECKSUM as usize];
-    let err = |what: &str| {
-        let what = what.to_string();
-        move |source| VmmError::FwCfg { what, source }
-    };
     fw.add_file(TABLES, zeroed(acpi.tables, &table_sums))
-        .map_err(err(TABLES))?;
+        .map_err(cannot_add(TABLES))?;
     fw.add_file(RSDP, zeroed(acpi.rsdp, &rsdp_sums))
-        .map_err(err(RSDP))?;
+        .map_err(cannot_add(RSDP))?;
     fw.add_file(loader::LOADER_FILE, script.to_bytes())
-        .map_err(err(loader::LOADER_FILE))
+        .map_err(cannot_add(loader::LOADER_FILE))
 }
 
 /// How long SeaBIOS waits before it resets when no disk boots.
