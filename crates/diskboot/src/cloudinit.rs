@@ -200,6 +200,11 @@ pub fn check_user_data(data: &[u8]) -> Result<(), CloudInitError> {
     Err(CloudInitError::UnknownUserData { start })
 }
 
+/// Checks `config` as [`build_seed`] would, without building the image.
+pub fn check_seed(config: &SeedConfig) -> Result<(), CloudInitError> {
+    seed_files(config).map(drop)
+}
+
 /// The files of the seed, checked.
 fn seed_files(config: &SeedConfig) -> Result<Vec<(&'static str, Vec<u8>)>, CloudInitError> {
     check_user_data(&config.user_data)?;

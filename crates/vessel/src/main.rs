@@ -287,15 +287,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     let mut disks = args.disk.clone();
     if let Some(o) = &args.cloud_init {
         let image = seed::build(o, &mut |line| eprintln!("vessel: {line}"))?;
-        let file = MemFile::new(c"vessel-cidata", &image)?;
-        disks.push(DiskConfig {
-            path: file.path(),
-            format: Some(vessel_vmm::device_config::DiskFormat::Raw),
-            read_only: true,
-            serial: Some("cidata".into()),
-            transport: vessel_vmm::device_config::Transport::Pci,
-            rate_limiter: None,
-        });
+        let (file, disk) = seed::seed_disk(&image, vessel_vmm::device_config::Transport::Pci)?;
+        disks.push(disk);
         seed_file = Some(file);
     }
     let cmdline = args.cmdline.or_else(|| {

@@ -6,7 +6,28 @@
 use std::path::{Path, PathBuf};
 
 use vessel_diskboot::cloudinit::{self, SeedConfig};
+use vessel_vmm::device_config::{DiskConfig, DiskFormat, Transport};
 use vessel_vmm::ErrorChain;
+
+use crate::memfile::MemFile;
+
+/// The serial number the seed disk shows the guest.
+pub const SEED_SERIAL: &str = "cidata";
+
+/// The seed `image` as a disk: a memfd (keep it open as long as the VM runs) and its
+/// read-only raw disk on `transport`.
+pub fn seed_disk(image: &[u8], transport: Transport) -> Result<(MemFile, DiskConfig), String> {
+    let file = MemFile::new(c"vessel-cidata", image)?;
+    let disk = DiskConfig {
+        path: file.path(),
+        format: Some(DiskFormat::Raw),
+        read_only: true,
+        serial: Some(SEED_SERIAL.into()),
+        transport,
+        rate_limiter: None,
+    };
+    Ok((file, disk))
+}
 
 /// What `--cloud-init` names: `user-data=FILE[,meta-data=FILE][,network-config=FILE]`, or
 /// nothing for the defaults.

@@ -6,14 +6,11 @@
 
 use vessel_api::types::CloudInitSeed;
 use vessel_api::ApiError;
-use vessel_diskboot::cloudinit::{self, CloudInitError, SeedConfig, MAX_SEED_FILE};
-use vessel_vmm::device_config::{DiskConfig, DiskFormat, Transport};
+use vessel_diskboot::cloudinit::{self, CloudInitError, SeedConfig};
+use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ErrorChain, VmConfig};
 
 use crate::memfile::MemFile;
-
-/// The virtio-blk serial of the seed disk.
-pub const SEED_SERIAL: &str = "cidata";
 
 fn seed_error(e: &CloudInitError) -> ApiError {
     ApiError::bad(format!("Cloud-init seed error: {}", ErrorChain(e)))
@@ -21,17 +18,7 @@ fn seed_error(e: &CloudInitError) -> ApiError {
 
 /// Checks what `build_seed` would refuse, without building the image.
 pub(super) fn check(seed: &CloudInitSeed) -> Result<(), ApiError> {
-    cloudinit::check_user_data(seed.user_data.as_bytes()).map_err(|e| seed_error(&e))?;
-    for (file, data) in [
-        ("meta-data", &seed.meta_data),
-        ("network-config", &seed.network_config),
-    ] {
-        let size = data.as_ref().map_or(0, String::len);
-        if size > MAX_SEED_FILE {
-            return Err(seed_error(&CloudInitError::TooLarge { file, size }));
-        }
-    }
-    Ok(())
+    cloudinit::check_seed(&seed_config(seed)).map_err(|e| seed_error(&e))
 }
 
 fn seed_config(seed: &CloudInitSeed) -> SeedConfig {
@@ -51,16 +38,9 @@ pub(super) fn attach(
     transport: Transport,
 ) -> Result<MemFile, ApiError> {
     let image = cloudinit::build_seed(&seed_config(seed)).map_err(|e| seed_error(&e))?;
-    let file = MemFile::new(c"vessel-cidata", &image)
+    let (file, disk) = crate::seed::seed_disk(&image, transport)
         .map_err(|e| ApiError::Internal(format!("cloud-init seed: {e}")))?;
-    config.devices.disks.push(DiskConfig {
-        path: file.path(),
-        format: Some(DiskFormat::Raw),
-        read_only: true,
-        serial: Some(SEED_SERIAL.into()),
-        transport,
-        rate_limiter: None,
-    });
+    config.devices.disks.push(disk);
     Ok(file)
 }
 
@@ -69,7 +49,10 @@ mod tests {
     use super::*;
     use crate::fc::config::resources_to_config_on;
     use crate::fc::config::tests::with_kernel;
+    use crate::seed::SEED_SERIAL;
     use serde_json::json;
+    use vessel_diskboot::cloudinit::MAX_SEED_FILE;
+    use vessel_vmm::device_config::DiskFormat;
 
     fn seed(v: serde_json::Value) -> CloudInitSeed {
         serde_json::from_value(v).unwrap()
