@@ -219,6 +219,9 @@ fn build() -> Vec<Route> {
         put::<EntropyDevice>("/entropy", "putEntropyDevice", "entropy", |c, b| {
             c.put_entropy(b)
         }),
+        put::<SerialDevice>("/serial", "putSerialDevice", "serial", |c, b| {
+            c.put_serial(b)
+        }),
         get("/balloon", "describeBalloonConfig", "balloon", |c| {
             c.get_balloon()
         }),
@@ -351,28 +354,44 @@ fn error_response(e: &ApiError) -> Response {
 /// Answers one request: routing, Firecracker's body rules, the handler, metrics.
 pub fn dispatch(controller: &Mutex<ApiController>, metrics: &Metrics, req: &Request) -> Response {
     let path = req.path();
-    log::info!(
-        "The API server received a {} request on \"{path}\".",
-        req.method.as_str()
-    );
+    log::info!("The API server received a {}.", describe(req, path));
     let response = route(controller, metrics, req, path);
     // Refused requests are logged: 4xx as warnings (the client's doing), 5xx as errors.
     if response.status >= 400 {
         let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
         let msg = body["fault_message"].as_str().unwrap_or("");
-        if response.status >= 500 {
-            log::error!(
-                "Received Error. Status code: {}. Message: {msg}",
-                response.status
-            );
+        let status = response.status;
+        let reason = crate::http::reason(status);
+        if status >= 500 {
+            log::error!("Received Error. Status code: {status} {reason}. Message: {msg}");
         } else {
-            log::warn!(
-                "Received Error. Status code: {}. Message: {msg}",
-                response.status
-            );
+            log::warn!("Received Error. Status code: {status} {reason}. Message: {msg}");
         }
     }
     response
+}
+
+/// A request as Firecracker's log lines describe it: `Put request on "/drives/root" with body
+/// "{...}"` (the body quoted and escaped as a Rust string), never the body of `/mmds` (which
+/// may hold secrets) and the body of `/cpu-config` (large) only at Debug.
+fn describe(req: &Request, path: &str) -> String {
+    let method = match &req.method {
+        Method::Get => "Get",
+        Method::Put => "Put",
+        Method::Patch => "Patch",
+        Method::Other(m) => m.as_str(),
+    };
+    let plain = format!("{method} request on {path:?}");
+    if req.body.is_empty() || path == "/mmds" {
+        return plain;
+    }
+    if path == "/cpu-config" && !log::log_enabled!(log::Level::Debug) {
+        return format!(
+            "{plain}. To view the CPU template received by the API, configure log-level to DEBUG"
+        );
+    }
+    let body = std::str::from_utf8(&req.body).unwrap_or("inconvertible to UTF-8");
+    format!("{plain} with body {body:?}")
 }
 
 fn route(

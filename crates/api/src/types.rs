@@ -32,6 +32,7 @@ schema! {
     PartialNetworkInterface => "PartialNetworkInterface",
     Vsock => "Vsock",
     EntropyDevice => "EntropyDevice",
+    SerialDevice => "SerialDevice",
     Balloon => "Balloon",
     BalloonUpdate => "BalloonUpdate",
     BalloonStatsUpdate => "BalloonStatsUpdate",
@@ -325,6 +326,18 @@ pub struct EntropyDevice {
     /// Rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /serial`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDevice {
+    /// File or named pipe the guest's serial output is written to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Bytes of output per refill period; the excess is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
 }
 
 /// `PUT|GET /balloon`.

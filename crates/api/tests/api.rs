@@ -49,6 +49,13 @@ impl VmmBackend for Mock {
         self.log("start");
         Ok(())
     }
+    fn configure_serial(&mut self, s: &SerialDevice) -> Result<(), ApiError> {
+        self.log(&format!(
+            "serial {}",
+            s.serial_out_path.as_deref().unwrap_or("-")
+        ));
+        Ok(())
+    }
     fn pause(&mut self) -> Result<(), ApiError> {
         self.log("pause");
         Ok(())
@@ -422,6 +429,13 @@ fn every_endpoint_before_and_after_start() {
             204,
             400,
         ),
+        (
+            "PUT",
+            "/serial",
+            Some(json!({"serial_out_path": "/tmp/serial.log"})),
+            204,
+            400,
+        ),
         ("GET", "/vm/config", None, 200, 200),
         ("PATCH", "/vm", Some(json!({"state": "Paused"})), 400, 204),
         (
@@ -546,18 +560,26 @@ fn every_endpoint_before_and_after_start() {
         "ctrl_alt_del",
         "update_drive rootfs",
         "balloon 32",
+        "serial /tmp/serial.log",
     ] {
         assert!(
             calls.iter().any(|c| c == want),
             "{want} not called: {calls:?}"
         );
     }
-    // FlushMetrics wrote Firecracker-style lines.
+    // InstanceStart wrote a first Firecracker-style line, FlushMetrics the next, each with
+    // the counts since the one before.
     let lines = std::fs::read_to_string(&metrics_path).unwrap();
-    let first: Value = serde_json::from_str(lines.lines().next().unwrap()).unwrap();
-    assert_eq!(first["put_api_requests"]["boot_source_count"], 2);
-    assert_eq!(first["put_api_requests"]["boot_source_fails"], 1);
-    assert_eq!(first["vcpu"]["exit_io_in"], 7);
+    let lines: Vec<Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    assert_eq!(lines[0]["put_api_requests"]["boot_source_count"], 1);
+    assert_eq!(lines[0]["put_api_requests"]["boot_source_fails"], 0);
+    assert_eq!(lines[1]["put_api_requests"]["boot_source_count"], 1);
+    assert_eq!(lines[1]["put_api_requests"]["boot_source_fails"], 1);
+    assert_eq!(lines[1]["vcpu"]["exit_io_in"], 7);
     let prom = env.call(&mut c, "GET", "/vessel/metrics", None).text();
     assert!(
         prom.contains("vessel_api_requests_total{method=\"PUT\",path=\"/boot-source\"} 3"),
@@ -628,7 +650,7 @@ fn bad_bodies_get_firecracker_errors() {
             "PUT",
             "/boot-source",
             Some("{\"kernel_image_path\": \"/nonexistent/vmlinux\"}"),
-            "The kernel file cannot be opened",
+            "Boot source error: The kernel file cannot be opened: No such file or directory (os error 2) (/nonexistent/vmlinux)",
         ),
         (
             "PUT",
@@ -668,6 +690,13 @@ fn bad_bodies_get_firecracker_errors() {
             "does not correspond to any existing network interface",
         ),
         ("PUT", "/mmds", Some("[1]"), "must be a JSON object"),
+        // As Firecracker: no PATCH before a PUT has created the store.
+        (
+            "PATCH",
+            "/mmds",
+            Some("{\"a\": 1}"),
+            "The MMDS data store is not initialized.",
+        ),
         (
             "PUT",
             "/actions",
@@ -684,7 +713,13 @@ fn bad_bodies_get_firecracker_errors() {
             "PUT",
             "/snapshot/load",
             Some("{\"snapshot_path\": \"/s\"}"),
-            "Exactly one of",
+            "missing field: either `mem_backend` or `mem_file_path` is required",
+        ),
+        (
+            "PUT",
+            "/snapshot/load",
+            Some("{\"snapshot_path\": \"/s\", \"mem_file_path\": \"/m\", \"mem_backend\": {\"backend_type\": \"File\", \"backend_path\": \"/m\"}}"),
+            "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.",
         ),
         (
             "PUT",
@@ -868,6 +903,7 @@ fn slow_client_times_out_without_blocking_others() {
 fn concurrent_clients() {
     let env = Env::new();
     let sock = env.sock.clone();
+    env.call(&mut env.client(), "PUT", "/mmds", Some(json!({})));
     let threads: Vec<_> = (0..20)
         .map(|i| {
             let sock = sock.clone();

@@ -154,6 +154,11 @@ pub fn set_options(options: Options) {
     LOGGER.lock().options = options;
 }
 
+/// Whether records go to a log file (else to stderr).
+pub fn has_file() -> bool {
+    LOGGER.lock().file.is_some()
+}
+
 /// Sends further records to `path` (appended). A FIFO is opened read-write and non-blocking,
 /// so opening it never waits for a reader and a full FIFO never blocks the VMM.
 pub fn set_path(path: &str) -> std::io::Result<()> {

@@ -553,13 +553,43 @@ fn logger_writes_levelled_lines_to_the_log_path() {
     );
     let mut c = v.client();
     expect(&mut c, "GET", "/version", None, 200);
+    expect(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 32})),
+        204,
+    );
     let s = std::fs::read_to_string(&log).unwrap();
+    // Firecracker's lines, which its tools and tests wait for: the first line, the socket
+    // listening, and each request (with its body, escaped as Firecracker writes it).
+    let first = s.lines().next().unwrap_or("");
+    assert!(
+        first.ends_with(&format!(
+            "[api-test:main:INFO] Running Firecracker v{}",
+            vessel_api::FIRECRACKER_API_VERSION
+        )),
+        "{s}"
+    );
+    assert!(
+        s.lines().any(|l| l.ends_with(":INFO] API server started.")),
+        "{s}"
+    );
     assert!(
         s.lines()
             .any(|l| l.contains("[api-test:vessel-api-conn:INFO] ")
-                && l.contains("received a GET request on \"/version\"")),
+                && l.ends_with("received a Get request on \"/version\".")),
         "{s}"
     );
+    assert!(
+        s.lines().any(|l| l.contains(
+            r#"The API server received a Put request on "/machine-config" with body "{\""#
+        ) && l.contains(r#"\"mem_size_mib\":32"#)
+            && l.ends_with(r#"}"."#)),
+        "{s}"
+    );
+    // Durations are logged at Debug only.
+    assert!(!s.contains("Total previous API call duration"), "{s}");
     // Now warnings only, with their origin, to a second file.
     let log2 = dir.join("vessel2.log");
     expect(
@@ -841,7 +871,7 @@ fn metrics_path_mmds_limit_and_module_flags() {
     assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
     // The API's records (module vessel_api) are filtered out of the log.
     let s = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(!s.contains("received a GET request"), "{s}");
+    assert!(!s.contains("received a Get request"), "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -40,6 +40,7 @@ mod pci_host;
 pub mod profile;
 pub mod restore;
 pub mod running;
+mod serial_out;
 pub mod snapshot;
 mod terminal;
 mod vcpu;
