@@ -7,7 +7,8 @@
 //!   `VmConfig`;
 //! - [`cpu_config`]: Firecracker custom CPU templates to `vessel_kvm` templates;
 //! - `balloon`: the running balloon's state, statistics poller and figures;
-//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk.
+//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk;
+//! - [`signals`]: Firecracker's SIGXFSZ handler (log, exit 151).
 //!
 //! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
 //! transport unless `--enable-pci`.
@@ -17,5 +18,6 @@ mod balloon;
 pub mod cidata;
 pub mod config;
 pub mod cpu_config;
+pub mod signals;
 
 pub use backend::ApiBackend;
