@@ -337,6 +337,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         .clone()
         .unwrap_or_else(|| "anonymous-instance".to_string());
     logger::set_instance_id(&id);
+    crate::fc::signals::install(&id).map_err(FirecrackerError::SignalHandler)?;
     logger::set_options(logger::Options {
         show_level: args.show_level,
         show_origin: args.show_log_origin,
