@@ -252,7 +252,18 @@ fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), SchemaErro
             }
         }
         let props = schema.get("properties").and_then(Value::as_object);
+        let required = |k: &str| {
+            schema
+                .get("required")
+                .and_then(Value::as_array)
+                .is_some_and(|r| r.iter().any(|n| n.as_str() == Some(k)))
+        };
         for (k, v) in obj {
+            // An optional property may be null: Firecracker writes unset fields so (its
+            // Swagger 2.0 document cannot say it).
+            if v.is_null() && !required(k) {
+                continue;
+            }
             match props.and_then(|p| p.get(k)) {
                 Some(s) => validate_at(s, v, &format!("{at}.{k}"))?,
                 None => match schema.get("additionalProperties") {

@@ -659,6 +659,30 @@ impl VmResources {
         Ok(r)
     }
 
+    /// The resources a snapshot recorded, taken as they were (the files they name may be
+    /// gone or elsewhere now: the restored VM does not open them again), for `GET /vm/config`
+    /// after a restore.
+    pub fn recorded(cfg: FullVmConfig) -> VmResources {
+        VmResources {
+            boot_source: cfg.boot_source,
+            machine_config: cfg.machine_config.unwrap_or_default(),
+            cpu_config: match cfg.cpu_config {
+                Some(CpuConfigSource::Inline(c)) => Some(c),
+                _ => None,
+            },
+            drives: cfg.drives,
+            network_interfaces: cfg.network_interfaces,
+            vsock: cfg.vsock,
+            entropy: cfg.entropy,
+            balloon: cfg.balloon,
+            mmds_config: cfg.mmds_config,
+            logger: cfg.logger,
+            metrics: cfg.metrics,
+            cloud_init: cfg.cloud_init,
+            ..Default::default()
+        }
+    }
+
     /// Fills MMDS from `--metadata`'s JSON text.
     pub fn put_metadata(&self, md: &str) -> Result<(), ApiError> {
         let v: Value = serde_json::from_str(md)

@@ -14,7 +14,6 @@ use crate::controller::ApiController;
 use crate::error::ApiError;
 use crate::http::{Method, Request, Response};
 use crate::metrics::Metrics;
-use crate::resources::FullVmConfig;
 use crate::types::*;
 
 /// Path parameters, in pattern order (`{drive_id}` ...).
@@ -265,8 +264,10 @@ fn build() -> Vec<Route> {
         put::<CpuConfig>("/cpu-config", "putCpuConfiguration", "cpu_cfg", |c, b| {
             c.put_cpu_config(b)
         }),
-        get::<FullVmConfig>("/vm/config", "getExportVmConfig", "vm_config", |c| {
-            Ok(c.vm_config())
+        get("/vm/config", "getExportVmConfig", "vm_config", |c| {
+            let v = serde_json::to_value(c.vm_config())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(crate::fcconfig::export(v))
         }),
         Route {
             method: Method::Get,
@@ -437,7 +438,7 @@ fn route(
             (route.handler)(&mut c, &params, &req.body)
         }
     };
-    match result {
+    let mut response = match result {
         Ok(Reply::Empty) => Response::no_content(),
         Ok(Reply::Json(v)) => Response::json(&v),
         Ok(Reply::Text(t, ct)) => Response::text(t, ct),
@@ -447,6 +448,37 @@ fn route(
             }
             error_response(&e)
         }
+    };
+    if let Some(msg) = deprecation(&req.method, route.path, &req.body) {
+        log::warn!("{msg}");
+        metrics.server.deprecated_calls.inc();
+        response.deprecated = true;
+    }
+    response
+}
+
+/// Firecracker's deprecated fields (its v1.16 list): a request using one is served, and
+/// answered with `Deprecation: true`, a warning and a count.
+fn deprecation(method: &Method, path: &str, body: &[u8]) -> Option<&'static str> {
+    let body: Value = serde_json::from_slice(body).ok()?;
+    let has = |field: &str| body.get(field).is_some_and(|v| !v.is_null());
+    match (method, path) {
+        (Method::Put, "/machine-config") if has("cpu_template") => {
+            Some("PUT /machine-config: cpu_template field is deprecated.")
+        }
+        (Method::Patch, "/machine-config") if has("cpu_template") => {
+            Some("PATCH /machine-config: cpu_template field is deprecated.")
+        }
+        (Method::Put, "/mmds/config") if body.get("version").and_then(Value::as_str) != Some("V2") => {
+            Some("PUT /mmds/config: V1 is deprecated. Use V2 instead.")
+        }
+        (Method::Put, "/snapshot/load")
+            if has("mem_file_path") || body.get("enable_diff_snapshots") == Some(&Value::Bool(true)) =>
+        {
+            Some("PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated.")
+        }
+        (Method::Put, "/vsock") if has("vsock_id") => Some("PUT /vsock: vsock_id field is deprecated."),
+        _ => None,
     }
 }
 

@@ -280,11 +280,13 @@ fn serve_connection(
                 }
                 Ok(Parsed::NeedHead) => {}
                 Err(e) => {
-                    if e.status == 413 {
+                    if let Some((size, limit)) = e.oversize {
                         metrics.server.payload_too_large.inc();
-                    } else {
-                        metrics.server.bad_requests.inc();
+                        let _ = stream
+                            .write_all(&crate::http::firecracker_payload_too_large(size, limit));
+                        return;
                     }
+                    metrics.server.bad_requests.inc();
                     let _ = Response::fault(e.status, e.message).write_to(&mut stream, false);
                     return;
                 }

@@ -49,6 +49,7 @@ schema! {
     VersionInfo => "FirecrackerVersion",
     ErrorBody => "Error",
     crate::resources::FullVmConfig => "FullVmConfiguration",
+    crate::fcconfig::ExportedVmConfig => "FullVmConfiguration",
     serde_json::Value => "MmdsContentsObject",
     MigrateParams => "MigrateParams",
     CloudInitSeed => "CloudInitSeed",

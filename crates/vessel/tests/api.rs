@@ -1027,3 +1027,133 @@ fn cloud_init_seed_through_the_api() {
     assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A FIFO with a reader thread collecting what is written to it.
+fn fifo_reader(path: &Path) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (p, o) = (path.to_path_buf(), out.clone());
+    std::thread::spawn(move || {
+        use std::io::Read;
+        // Blocks until the writer opens it; ends when it closes.
+        let Ok(mut f) = std::fs::File::open(&p) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+/// What Kata Containers' Firecracker driver does: logger and metrics on FIFOs, a read-only
+/// root drive and 0-byte placeholder drives (the container's disk is put in one later with
+/// `PATCH /drives`), vsock with a hybrid-vsock socket, vCPU threads found by the name
+/// `fc_vcpu N`, and SIGTERM to stop it.
+#[test]
+fn a_kata_shaped_configuration_runs() {
+    let dir = scratch("api-kata");
+    let kernel = write_kernel(&dir, ticker(None));
+    let root = disk(&dir, "root.img", 1);
+    let placeholder = dir.join("drive_0.img");
+    std::fs::write(&placeholder, b"").unwrap();
+    let container = disk(&dir, "container.img", 2);
+    let (log, metrics) = (dir.join("log.fifo"), dir.join("metrics.fifo"));
+    let log_out = fifo_reader(&log);
+    let metrics_out = fifo_reader(&metrics);
+    let mut v = start_vessel(&dir, &[]);
+    let mut c = v.client();
+    let put = |c: &mut Client, path: &str, body: Value| expect(c, "PUT", path, Some(body), 204);
+    put(
+        &mut c,
+        "/logger",
+        json!({"log_path": log, "level": "Debug", "show_level": true, "show_log_origin": true}),
+    );
+    put(&mut c, "/metrics", json!({ "metrics_path": metrics }));
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    put(
+        &mut c,
+        "/boot-source",
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+    );
+    put(
+        &mut c,
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": root, "is_root_device": false, "is_read_only": true}),
+    );
+    put(
+        &mut c,
+        "/drives/drive_0",
+        json!({"drive_id": "drive_0", "path_on_host": placeholder, "is_root_device": false, "is_read_only": false}),
+    );
+    put(
+        &mut c,
+        "/vsock",
+        json!({"guest_cid": 3, "uds_path": dir.join("kata.hvsock")}),
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
+    // A metrics line at InstanceStart, in Firecracker's schema.
+    let t = Instant::now();
+    while !metrics_out.lock().unwrap().contains('\n') {
+        assert!(t.elapsed() < LIMIT, "no metrics line at start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = metrics_out
+        .lock()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let line: Value = serde_json::from_str(&first).unwrap();
+    assert!(
+        line["block"].is_object() && line["signals"].is_object(),
+        "{line}"
+    );
+    // The container's disk goes into the placeholder.
+    expect(
+        &mut c,
+        "PATCH",
+        "/drives/drive_0",
+        Some(json!({"drive_id": "drive_0", "path_on_host": container})),
+        204,
+    );
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(
+        cfg["drives"][1]["path_on_host"],
+        container.as_str(),
+        "{cfg}"
+    );
+    // Kata finds the vCPU threads by name.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", v.child.id())).unwrap();
+    let names: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "fc_vcpu 0"), "{names:?}");
+    // The log FIFO has Firecracker's lines.
+    let logged = log_out.lock().unwrap().clone();
+    assert!(
+        logged
+            .contains(r#"The API server received a Patch request on "/drives/drive_0" with body"#),
+        "{logged}"
+    );
+    // SIGTERM ends it.
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
+    assert!(v.wait_exit(LIMIT).is_some(), "{}", v.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -291,7 +291,7 @@ impl VmmBackend for ApiBackend {
         let mut resources = snap
             .api
             .clone()
-            .and_then(|c| VmResources::from_full_vm_config(c, None).ok())
+            .map(VmResources::recorded)
             .unwrap_or_default();
         // A memfd disk (a `vessel run --cloud-init` seed) was a descriptor of the process
         // that took the snapshot: here the same path names another file, or none.
