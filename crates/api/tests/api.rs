@@ -519,6 +519,21 @@ fn every_endpoint_before_and_after_start() {
             assert_eq!(r.status, 204, "{}", r.text());
         }
     }
+    // A snapshot of a running VM is refused in Firecracker's words.
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"})),
+    );
+    assert!(
+        r.json()["fault_message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("save/restore unavailable while running"),
+        "{}",
+        r.text()
+    );
     let r = env.call(&mut c, "GET", "/", None);
     assert_eq!(
         r.json(),

@@ -332,10 +332,16 @@ fn bad_config_files_and_flags_fail_with_one_line() {
         r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}"#,
     )
     .unwrap();
+    let log = dir.join("fc.log");
     let out = run_with_timeout(
         {
             let mut c = vessel();
-            c.arg("--config-file").arg(&config).arg("--no-api");
+            c.arg("--config-file")
+                .arg(&config)
+                .arg("--no-api")
+                .arg("--log-path")
+                .arg(&log)
+                .args(["--level", "Info"]);
             c
         },
         LIMIT,
@@ -346,6 +352,44 @@ fn bad_config_files_and_flags_fail_with_one_line() {
         "{}",
         text(&out.stderr)
     );
+    // The log file says it in Firecracker's words, then how the process ended.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = logged.lines().collect();
+    assert!(lines[0].contains("] Running Firecracker v"), "{logged}");
+    assert!(
+        logged.contains("Configuration for VMM from one single json failed"),
+        "{logged}"
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.ends_with("] Firecracker exiting with error. exit_code=1")),
+        "{logged}"
+    );
+    // --metadata: a missing file and one that is not JSON, in Firecracker's words.
+    let sock = dir.join("md.sock");
+    for (file, want) in [
+        (
+            dir.join("missing.json"),
+            "Unable to open or read from the mmds content file",
+        ),
+        (
+            dir.join("bad.json"),
+            "MMDS error: metadata provided not valid json",
+        ),
+    ] {
+        std::fs::write(dir.join("bad.json"), "{\"a\": ").unwrap();
+        let out = run_with_timeout(
+            {
+                let mut c = vessel();
+                c.arg("--api-sock").arg(&sock).arg("--metadata").arg(&file);
+                c
+            },
+            LIMIT,
+        );
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(want), "{}", text(&out.stderr));
+    }
     let out = run_with_timeout(
         {
             let mut c = vessel();
@@ -1155,5 +1199,55 @@ fn a_kata_shaped_configuration_runs() {
     // SAFETY: kill sends a signal to our own child.
     unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
     assert!(v.wait_exit(LIMIT).is_some(), "{}", v.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TAP is opened when it is configured, as Firecracker does: a multi-queue TAP (which a
+/// single-queue open cannot attach to) and a TAP another interface uses are refused at
+/// `PUT /network-interfaces` in Firecracker's words.
+#[test]
+fn unusable_taps_are_refused_when_configured() {
+    let dir = scratch("api-taps");
+    let tap = format!("vmq{}", std::process::id() % 100_000);
+    if !sh(&format!("ip tuntap add name {tap} mode tap multi_queue")) {
+        eprintln!("skipped: cannot create a TAP here (needs CAP_NET_ADMIN)");
+        return;
+    }
+    let v = start_vessel(&dir, &[]);
+    let mut c = v.client();
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(json!({"iface_id": "eth0", "host_dev_name": tap})),
+        400,
+    );
+    let want = format!(
+        "Could not create the network device: Open tap device failed: Error while creating ifreq structure: Invalid argument (os error 22). Invalid TUN/TAP Backend provided by {tap}. Check our documentation on setting up the network devices."
+    );
+    assert!(fault(&e).contains(&want), "{e}");
+    sh(&format!("ip link delete {tap}"));
+    // A single-queue TAP is fine once; a second interface on it is refused.
+    let single = format!("vsq{}", std::process::id() % 100_000);
+    assert!(sh(&format!("ip tuntap add name {single} mode tap")));
+    expect(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(json!({"iface_id": "eth0", "host_dev_name": single})),
+        204,
+    );
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(json!({"iface_id": "eth1", "host_dev_name": single})),
+        400,
+    );
+    assert!(
+        fault(&e).contains("Could not create the network device: Open tap device failed"),
+        "{e}"
+    );
+    sh(&format!("ip link delete {single}"));
     let _ = std::fs::remove_dir_all(&dir);
 }
