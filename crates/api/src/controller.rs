@@ -134,7 +134,6 @@ impl ApiController {
             state: self.state,
             vmm_version: FIRECRACKER_API_VERSION.to_string(),
             app_name: APP_NAME.to_string(),
-            vessel_version: self.vessel_version.clone(),
         }
     }
 
@@ -142,7 +141,6 @@ impl ApiController {
     pub fn version(&self) -> VersionInfo {
         VersionInfo {
             firecracker_version: FIRECRACKER_API_VERSION.to_string(),
-            vessel_version: self.vessel_version.clone(),
         }
     }
 
@@ -474,7 +472,13 @@ impl ApiController {
     /// `GET /vessel/metrics`: cumulative counters in the Prometheus text format.
     pub fn prometheus(&mut self) -> String {
         let extra = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
-        self.metrics.prometheus(&extra)
+        // Vessel's own version: Firecracker's clients validate `GET /` and `GET /version`
+        // against Firecracker's schema, so it is reported here (and by `vessel --version`).
+        format!(
+            "# TYPE vessel_build_info gauge\nvessel_build_info{{version=\"{}\"}} 1\n{}",
+            self.vessel_version,
+            self.metrics.prometheus(&extra)
+        )
     }
 
     /// `GET|PUT|PATCH /mmds`.

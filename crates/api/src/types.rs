@@ -722,8 +722,6 @@ pub struct InstanceInfo {
     pub vmm_version: String,
     /// Always "Firecracker", so that Firecracker clients accept the answer.
     pub app_name: String,
-    /// Vessel extension: Vessel's own version.
-    pub vessel_version: String,
 }
 
 /// `GET /version`.
@@ -731,8 +729,6 @@ pub struct InstanceInfo {
 pub struct VersionInfo {
     /// The Firecracker API version served ([`crate::controller::FIRECRACKER_API_VERSION`]).
     pub firecracker_version: String,
-    /// Vessel extension: Vessel's own version.
-    pub vessel_version: String,
 }
 
 /// The body of every error response.

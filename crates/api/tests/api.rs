@@ -537,12 +537,12 @@ fn every_endpoint_before_and_after_start() {
     let r = env.call(&mut c, "GET", "/", None);
     assert_eq!(
         r.json(),
-        json!({"id": "vm0", "state": "Running", "vmm_version": vessel_api::FIRECRACKER_API_VERSION, "app_name": "Firecracker", "vessel_version": "1.7.0"})
+        json!({"id": "vm0", "state": "Running", "vmm_version": vessel_api::FIRECRACKER_API_VERSION, "app_name": "Firecracker"})
     );
     let r = env.call(&mut c, "GET", "/version", None);
     assert_eq!(
         r.json(),
-        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION, "vessel_version": "1.7.0"})
+        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION})
     );
     let r = env.call(
         &mut c,

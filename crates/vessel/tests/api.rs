@@ -857,8 +857,16 @@ fn metrics_path_mmds_limit_and_module_flags() {
     let ver = expect(&mut c, "GET", "/version", None, 200);
     assert_eq!(
         ver,
-        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION,
-               "vessel_version": env!("CARGO_PKG_VERSION")})
+        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION})
+    );
+    // Vessel's own version is in its Prometheus metrics.
+    let prom = call(&mut c, "GET", "/vessel/metrics", None).text();
+    assert!(
+        prom.contains(&format!(
+            "vessel_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{prom}"
     );
     // The metrics sink is already configured.
     let e = expect(
