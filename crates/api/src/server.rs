@@ -305,12 +305,14 @@ fn serve_connection(
         in_flight.fetch_add(1, Ordering::SeqCst);
         let began = Instant::now();
         let response = routes::dispatch(controller, metrics, &request);
-        let written = response.write_to(&mut stream, request.keep_alive);
-        // Firecracker's line, which its tests pair with the request's.
+        // Firecracker's line, which its tests pair with the request's line: logged before
+        // the answer goes out, so the client's next request (maybe on another connection,
+        // served by another thread) cannot log its line in between.
         log::debug!(
             "Total previous API call duration: {} us.",
             began.elapsed().as_micros()
         );
+        let written = response.write_to(&mut stream, request.keep_alive);
         in_flight.fetch_sub(1, Ordering::SeqCst);
         if written.is_err() || !request.keep_alive {
             let _ = stream.shutdown(Shutdown::Both);

@@ -53,9 +53,13 @@ pub enum FirecrackerError {
     /// `--metadata` is not JSON.
     #[error("MMDS error: metadata provided not valid json")]
     MetadataJson(#[source] serde_json::Error),
-    /// `--metadata` does not fit the MMDS store.
-    #[error("Populating MMDS from file failed")]
-    MetadataPut(#[source] ApiError),
+    /// `--metadata` does not fit the MMDS store (Firecracker's words, with the store's reason
+    /// as Firecracker words it).
+    #[error("Populating MMDS from file failed: {reason}")]
+    MetadataPut {
+        /// Why the store refused it.
+        reason: String,
+    },
     /// An eventfd could not be made or cloned.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
@@ -402,6 +406,8 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         env!("CARGO_PKG_VERSION"),
     )));
     lock(&ctl).mmds_mut().set_limit(mmds_limit);
+    // The store itself (clones share it), filled from --metadata once the server runs.
+    let mmds = lock(&ctl).resources().mmds.clone();
     if let Some(p) = &args.metrics_path {
         lock(&ctl)
             .put_metrics(MetricsConfig {
@@ -411,14 +417,6 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
             .map_err(FirecrackerError::MetricsPath)?;
     }
 
-    if let (None, Some(md)) = (&args.config_file, &metadata) {
-        lock(&ctl)
-            .resources()
-            .mmds
-            .put(md.clone())
-            .map_err(FirecrackerError::MetadataPut)?;
-        log::info!("Successfully added metadata to mmds from file");
-    }
     // Once the server runs, its threads hold the controller while the main thread answers
     // their calls: from here on the main thread must not lock it.
     let metrics = lock(&ctl).metrics().clone();
@@ -448,6 +446,13 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         log::info!("API server started.");
     }
     report_startup(&metrics, &args, started_us);
+    // As Firecracker: the metadata goes in once the API server runs (so a failure follows
+    // `API server started.`), before any request is served.
+    if let (None, Some(md)) = (&args.config_file, &metadata) {
+        put_metadata(&mmds, md)?;
+    }
+    // What parsed the flags, compiled the filters and started the server is not run again.
+    crate::trim::release_pages();
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.
@@ -464,10 +469,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
                 .and_then(|mut res| {
                     res.mmds.set_limit(mmds_limit);
                     if let Some(md) = &metadata {
-                        res.mmds
-                            .put(md.clone())
-                            .map_err(FirecrackerError::MetadataPut)?;
-                        log::info!("Successfully added metadata to mmds from file");
+                        put_metadata(&res.mmds, md)?;
                     }
                     boot_config(&ctl, res).map_err(FirecrackerError::ConfigStart)
                 });
@@ -519,6 +521,20 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
             });
         }
     }
+}
+
+/// Fills the MMDS store from `--metadata`.
+fn put_metadata(
+    store: &vessel_api::MmdsStore,
+    md: &serde_json::Value,
+) -> Result<(), FirecrackerError> {
+    store
+        .put(md.clone())
+        .map_err(|e| FirecrackerError::MetadataPut {
+            reason: e.to_string().trim_start_matches("MMDS error: ").to_string(),
+        })?;
+    log::info!("Successfully added metadata to mmds from file");
+    Ok(())
 }
 
 /// Adopts the config file's resources and starts the VM.

@@ -25,6 +25,7 @@ mod memfile;
 mod migratecli;
 mod seed;
 mod snapshotcli;
+mod trim;
 
 #[derive(Parser)]
 #[command(

@@ -137,7 +137,10 @@ fn bad_serial_target_is_refused() {
 /// with it); a bare `vessel` prints help.
 #[test]
 fn any_firecracker_flag_selects_firecracker_mode() {
-    fails_with(&["--metadata", "/nonexistent/md.json"], "metadata file");
+    fails_with(
+        &["--metadata", "/nonexistent/md.json"],
+        "Unable to open or read from the mmds content file",
+    );
     fails_with(&["--log-path", "/nonexistent/dir/log"], "log file");
     let out = run_with_timeout(vessel(), LIMIT);
     assert!(out.status.success());

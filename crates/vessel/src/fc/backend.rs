@@ -201,6 +201,8 @@ impl VmmBackend for ApiBackend {
         let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
+        // The VM's build (loading, tables, devices) is not run again.
+        crate::trim::release_pages();
         self.seed = seed;
         self.drives = drives;
         self.nets = nets;
@@ -318,6 +320,7 @@ impl VmmBackend for ApiBackend {
         let nets = net_handles(&resources, &vm.device_handles());
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
+        crate::trim::release_pages();
         self.nets = nets;
         Ok(resources)
     }
@@ -662,6 +665,19 @@ mod tests {
         r.set_entropy(
             serde_json::from_value(json!({"rate_limiter": {"ops": {"size": 1, "refill_time": 9}}}))
                 .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            b.validate(&r),
+            Ok(()),
+            "entropy rate limiters are supported"
+        );
+        let mut r = VmResources::default();
+        r.set_balloon(
+            serde_json::from_value(
+                json!({"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}),
+            )
+            .unwrap(),
         )
         .unwrap();
         assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
