@@ -19,6 +19,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod pmem;
 pub mod resources;
 pub mod routes;
 pub mod server;

@@ -1,6 +1,7 @@
 //! The OpenAPI (Swagger 2.0) document of what Vessel serves (`crates/api/openapi.json`), and a
 //! small validator for the JSON-schema subset it uses (`$ref`, `type`, `properties`,
-//! `required`, `additionalProperties`, `items`, `enum`, `minimum`, `maximum`), so tests can
+//! `required`, `additionalProperties`, `items`, `enum`, `minimum`, `maximum`, and
+//! `x-nullable` beside a `$ref`: `null` is then allowed), so tests can
 //! check real requests and responses against it.
 
 use serde_json::Value;
@@ -178,6 +179,9 @@ pub fn validate(schema: &Value, value: &Value) -> Result<(), SchemaError> {
 }
 
 fn validate_at(schema: &Value, value: &Value, at: &str) -> Result<(), SchemaError> {
+    if value.is_null() && schema.get("x-nullable") == Some(&Value::Bool(true)) {
+        return Ok(());
+    }
     let schema = resolve(schema)?;
     if let Some(t) = schema.get("type").and_then(Value::as_str) {
         let ok = match t {
@@ -297,6 +301,11 @@ mod tests {
         assert!(validate(&json!({"$ref": "#/definitions/Nope"}), &json!({})).is_err());
         let cfg = json!({"$ref": "#/definitions/FullVmConfiguration"});
         assert!(validate(&cfg, &json!({"drives": [{"drive_id": 3}]})).is_err());
+        // x-nullable: a pmem device's rate limiter may be null, a drive's may not.
+        let pmem = json!({"id": "p", "path_on_host": "/f", "rate_limiter": null});
+        assert!(validate(&cfg, &json!({"pmem": [pmem]})).is_ok());
+        let drive = json!({"drive_id": "a", "is_root_device": true, "rate_limiter": null});
+        assert!(validate(&cfg, &json!({"drives": [drive]})).is_err());
     }
 
     #[test]

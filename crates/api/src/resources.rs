@@ -174,6 +174,9 @@ pub struct FullVmConfig {
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
+    /// virtio-pmem devices (`PUT /pmem/{id}`).
+    #[serde(default)]
+    pub pmem: Vec<Pmem>,
     /// Vessel extension: the `PUT /vessel/cloud-init` seed.
     #[serde(
         rename = "vessel-cloud-init",
@@ -213,6 +216,8 @@ pub struct VmResources {
     /// Vessel extension: a cloud-init seed disk, added after the drives at start (the VMM
     /// checks its user-data when it is set).
     pub cloud_init: Option<CloudInitSeed>,
+    /// virtio-pmem devices, in the order they were added (`/dev/pmem0` first).
+    pub pmem: Vec<Pmem>,
 }
 
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
@@ -221,7 +226,7 @@ fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::bad(format!("{what} cannot be opened: {path}: {e}")))
 }
 
-fn check_rate_limiter(r: &Option<RateLimiter>) -> Result<(), ApiError> {
+pub(crate) fn check_rate_limiter(r: &Option<RateLimiter>) -> Result<(), ApiError> {
     if let Some(r) = r {
         for b in [r.bandwidth, r.ops].into_iter().flatten() {
             if b.size > 0 && b.refill_time == 0 {
@@ -265,6 +270,7 @@ impl VmResources {
             && self.balloon.is_none()
             && self.mmds_config.is_none()
             && self.cloud_init.is_none()
+            && self.pmem.is_empty()
     }
 
     /// `PUT /boot-source`. The kernel and initrd must be readable.
@@ -341,6 +347,11 @@ impl VmResources {
             path,
         )?;
         check_rate_limiter(&d.rate_limiter)?;
+        if d.is_root_device && self.has_pmem_root() {
+            return Err(ApiError::bad(
+                "Drive config error: Attempt to add block as a root device while the root device defined as a pmem device",
+            ));
+        }
         if d.is_root_device
             && self
                 .drives
@@ -574,6 +585,7 @@ impl VmResources {
             network_interfaces: self.network_interfaces.clone(),
             vsock: self.vsock.clone(),
             entropy: self.entropy,
+            pmem: self.pmem.clone(),
             cloud_init: self.cloud_init.clone(),
         }
     }
@@ -617,6 +629,9 @@ impl VmResources {
         }
         for d in cfg.drives {
             r.set_drive(d)?;
+        }
+        for p in cfg.pmem {
+            r.set_pmem(p)?;
         }
         for n in cfg.network_interfaces {
             r.set_network_interface(n)?;

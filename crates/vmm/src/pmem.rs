@@ -1,0 +1,139 @@
+//! Where virtio-pmem regions go in the guest and how KVM maps them: each device's backing
+//! file (mapped by the device, see `vessel_virtio_devices::pmem`) gets a 2 MiB-aligned range
+//! of the guest layout's device memory, past RAM and every device window and absent from the
+//! e820 map, in configuration order, and a KVM memory slot of its own (read-only for a
+//! read-only device, never dirty-logged: the contents live in the host file, which snapshots
+//! and migration leave where it is).
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
+use kvm_ioctls::VmFd;
+use vessel_memory::addr::PMEM_ALIGN;
+use vessel_virtio_devices::pmem::PmemRegion;
+
+use crate::error::{KvmContext, VmmError};
+
+/// KVM memory slots of pmem regions: after RAM (0, 1) and the firmware images (16 on).
+pub const FIRST_SLOT: u32 = 32;
+/// The most pmem devices a VM may have (KVM offers far more slots; this keeps clear of
+/// whatever takes slots after them).
+pub const MAX_DEVICES: usize = 32;
+
+/// Why a region could not be placed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlaceError {
+    #[error(
+        "no room for a pmem region of {size:#x} bytes at {at:#x} (device memory ends at {end:#x})"
+    )]
+    NoRoom { size: u64, at: u64, end: u64 },
+    #[error("at most {MAX_DEVICES} pmem devices")]
+    TooMany,
+}
+
+/// Hands out consecutive 2 MiB-aligned ranges of `[start, end)`.
+#[derive(Debug, Clone)]
+pub struct Placer {
+    next: u64,
+    end: u64,
+    count: usize,
+}
+
+impl Placer {
+    /// Places regions in `area` (the guest layout's `device_memory()`).
+    pub fn new((start, end): (u64, u64)) -> Placer {
+        Placer {
+            next: start,
+            end,
+            count: 0,
+        }
+    }
+
+    /// The guest-physical address of the next region of `size` bytes (a multiple of 2 MiB).
+    pub fn place(&mut self, size: u64) -> Result<u64, PlaceError> {
+        if self.count == MAX_DEVICES {
+            return Err(PlaceError::TooMany);
+        }
+        let at = self.next.next_multiple_of(PMEM_ALIGN);
+        let no_room = PlaceError::NoRoom {
+            size,
+            at,
+            end: self.end,
+        };
+        let end = at.checked_add(size).ok_or(no_room.clone())?;
+        if end > self.end {
+            return Err(no_room);
+        }
+        self.next = end;
+        self.count += 1;
+        Ok(at)
+    }
+}
+
+/// Registers region `index` (in configuration order) with KVM.
+pub(crate) fn register(vm: &VmFd, index: usize, r: &PmemRegion) -> Result<(), VmmError> {
+    let slot = FIRST_SLOT + u32::try_from(index).unwrap_or(u32::MAX - FIRST_SLOT);
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags: if r.read_only { KVM_MEM_READONLY } else { 0 },
+        guest_phys_addr: r.guest_addr,
+        memory_size: r.size,
+        userspace_addr: r.host_addr,
+    };
+    // SAFETY: the range is the device's live mapping of `size` bytes, which the device (kept
+    // by the machine until every vCPU thread has ended) owns; the guest range was placed in
+    // the layout's device memory, which overlaps no other slot.
+    unsafe { vm.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+
+    #[test]
+    fn regions_are_aligned_consecutive_and_bounded() {
+        let mut p = Placer::new((512 * GIB, 512 * GIB + 10 * MIB));
+        assert_eq!(p.place(2 * MIB), Ok(512 * GIB));
+        assert_eq!(p.place(4 * MIB), Ok(512 * GIB + 2 * MIB));
+        assert_eq!(
+            p.place(6 * MIB),
+            Err(PlaceError::NoRoom {
+                size: 6 * MIB,
+                at: 512 * GIB + 6 * MIB,
+                end: 512 * GIB + 10 * MIB
+            })
+        );
+        assert_eq!(p.place(4 * MIB), Ok(512 * GIB + 6 * MIB));
+        let mut p = Placer::new((0, u64::MAX));
+        for _ in 0..MAX_DEVICES {
+            p.place(2 * MIB).unwrap();
+        }
+        assert_eq!(p.place(2 * MIB), Err(PlaceError::TooMany));
+        let mut p = Placer::new((u64::MAX - 3 * MIB, u64::MAX));
+        assert!(p.place(2 * MIB).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn kvm_maps_the_region_into_the_guest() {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("note: no /dev/kvm; skipped");
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        t.as_file().set_len(MIB).unwrap();
+        let mut dev =
+            vessel_virtio_devices::pmem::Pmem::new(&vessel_virtio_devices::pmem::PmemParams {
+                path: t.as_path().to_path_buf(),
+                read_only: true,
+            })
+            .unwrap();
+        dev.set_guest_address(512 * GIB);
+        let r = dev.region();
+        register(&vm, 0, &r).unwrap();
+        // A second region over the same range is refused: KVM checks overlaps.
+        let e = register(&vm, 1, &r).unwrap_err();
+        assert!(e.to_string().contains("KVM_SET_USER_MEMORY_REGION"), "{e}");
+    }
+}
