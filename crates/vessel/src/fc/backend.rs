@@ -14,8 +14,8 @@ use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
-    MigrateParams, PartialDrive, PartialNetworkInterface, RestoreHugePages, SnapshotCreateParams,
-    SnapshotLoadParams, SnapshotType,
+    MigrateParams, PartialDrive, PartialNetworkInterface, PartialPmem, RestoreHugePages,
+    SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::block::BlockHandle;
@@ -59,6 +59,8 @@ pub struct ApiBackend {
     drives: Vec<(String, BlockHandle)>,
     /// The started VM's network interfaces, with their ids, in device order.
     nets: Vec<(String, NetHandle)>,
+    /// The started VM's pmem devices.
+    pmem: super::pmem::PmemDevices,
     /// Where the devices go (virtio-mmio unless `--enable-pci`).
     transport: Transport,
     /// The started VM's cloud-init seed disk (`PUT /vessel/cloud-init`), held as long as
@@ -91,6 +93,7 @@ impl ApiBackend {
             balloon: None,
             drives: Vec::new(),
             nets: Vec::new(),
+            pmem: Default::default(),
             transport: Transport::Mmio,
             seed: None,
         })
@@ -194,12 +197,14 @@ impl VmmBackend for ApiBackend {
             .zip(handles.blocks.iter().cloned())
             .collect();
         let nets = net_handles(resources, &handles);
+        let pmem = super::pmem::PmemDevices::new(resources, &handles.pmem);
         let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         self.seed = seed;
         self.drives = drives;
         self.nets = nets;
+        self.pmem = pmem;
         if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
             let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
             if config.stats_polling_interval_s > 0 {
@@ -311,9 +316,11 @@ impl VmmBackend for ApiBackend {
         let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm.device_handles());
+        let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         self.nets = nets;
+        self.pmem = pmem;
         Ok(resources)
     }
 
@@ -353,6 +360,7 @@ impl VmmBackend for ApiBackend {
                     "unhandled_mmio_writes": s.unhandled_mmio.1,
                 }),
             );
+            self.pmem.metrics(&mut m);
         }
         Ok(m)
     }
@@ -372,6 +380,11 @@ impl VmmBackend for ApiBackend {
     fn update_network_interface(&mut self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
         self.running()?;
         self.patch_network_interface(u)
+    }
+
+    fn update_pmem(&mut self, u: &PartialPmem) -> Result<(), ApiError> {
+        self.running()?;
+        self.pmem.update(u)
     }
 
     fn balloon_config(&mut self) -> Result<ApiBalloon, ApiError> {

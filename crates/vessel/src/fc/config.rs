@@ -138,6 +138,7 @@ pub fn resources_to_config_on(
             vsock,
             rng: r.entropy.map(|_| transport),
             balloon,
+            pmem: super::pmem::configs(r, transport),
         },
         track_dirty_pages: m.track_dirty_pages,
         boot_timer: base.boot_timer,
@@ -202,7 +203,7 @@ fn bucket_config(b: &ApiTokenBucket) -> BucketConfig {
 
 /// An API rate limiter as the device configuration stores it (`None` when it limits
 /// nothing).
-fn limiter_config(r: &Option<ApiRateLimiter>) -> Option<RateLimiterConfig> {
+pub(super) fn limiter_config(r: &Option<ApiRateLimiter>) -> Option<RateLimiterConfig> {
     let c = r.map(|r| RateLimiterConfig {
         bandwidth: r.bandwidth.as_ref().map(bucket_config),
         ops: r.ops.as_ref().map(bucket_config),

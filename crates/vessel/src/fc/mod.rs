@@ -17,5 +17,6 @@ mod balloon;
 pub mod cidata;
 pub mod config;
 pub mod cpu_config;
+mod pmem;
 
 pub use backend::ApiBackend;
