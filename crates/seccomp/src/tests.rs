@@ -338,8 +338,9 @@ fn the_net_worker_may_receive_a_new_passt_socket_with_recvmsg() {
 fn the_pmem_worker_may_msync_and_others_may_not() {
     /// msync of an unaligned address: EINVAL when allowed.
     fn try_msync() -> i32 {
-        // SAFETY: msync checks the address's alignment before touching any mapping.
-        let r = unsafe { libc::msync(1 as *mut libc::c_void, 1, libc::MS_SYNC) };
+        // SAFETY: msync checks the address's alignment (1 is not page-aligned) before
+        // touching any mapping.
+        let r = unsafe { libc::msync(std::ptr::dangling_mut::<u8>().cast(), 1, libc::MS_SYNC) };
         // SAFETY: reads this thread's errno.
         if r == -1 && unsafe { *libc::__errno_location() } == libc::EINVAL {
             0
