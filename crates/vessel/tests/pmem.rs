@@ -2,9 +2,9 @@
 //! initramfs from a root file system on a pmem device (`root=on` puts `root=/dev/pmem0 rw` on
 //! the command line; `rootflags=dax` mounts it with DAX), on virtio-mmio. Its init (the kit's
 //! busybox and a script) mounts a second pmem device, on PCI, with `-o dax`, reads a file the
-//! host wrote there, writes one and syncs (the guest's flush); reads a third, read-only device;
-//! and powers off. The host then reads the guest's file from the backing file and finds the
-//! read-only one unchanged.
+//! host wrote there, writes one and syncs (the guest's flush); reads a third, read-only device
+//! and writes to it (the writes are dropped); and powers off. The host then reads the guest's
+//! file from the backing file and finds the read-only one unchanged.
 
 mod common;
 
@@ -30,6 +30,9 @@ echo written-by-the-guest > /data/from-guest.txt
 sync
 umount /data
 echo "PMEM-RO $(head -c 16 /dev/pmem2)"
+# Writes to the read-only device exit to the VMM, which drops them: the guest reads the file.
+dd if=/dev/zero of=/dev/pmem2 bs=4096 count=1 oflag=direct 2>/dev/null
+echo "PMEM-RO-AFTER-WRITE $(head -c 16 /dev/pmem2)"
 echo "PMEM-SIZES $(cat /sys/block/pmem0/size) $(cat /sys/block/pmem1/size) $(cat /sys/block/pmem2/size)"
 echo PMEM-DONE
 sync
@@ -154,6 +157,12 @@ fn minimal_guest_boots_from_pmem_with_dax_and_shares_files_with_the_host() {
     assert!(data_line.contains("dax"), "{data_line}");
     assert_eq!(line("PMEM-HOST-FILE "), "written-by-the-host");
     assert_eq!(line("PMEM-RO "), "READ-ONLY-PMEM!!");
+    assert_eq!(line("PMEM-RO-AFTER-WRITE "), "READ-ONLY-PMEM!!");
+    let stderr = text(&out.stderr);
+    assert!(
+        stderr.contains("of read-only pmem device 2; its writes are dropped"),
+        "{stderr}"
+    );
     // Regions are the files' sizes rounded up to 2 MiB (in 512-byte sectors).
     assert_eq!(line("PMEM-SIZES "), "49152 12288 4096");
     assert!(console_text.contains("PMEM-DONE"), "{tail}");

@@ -450,6 +450,12 @@ pub fn create(
     for planned in devices {
         if let Some(r) = &planned.pmem_region {
             crate::pmem::register(vm, regions, r)?;
+            if r.read_only {
+                let dev = Arc::new(Mutex::new(crate::pmem::ReadOnlyRegion::new(regions)));
+                mmio_bus
+                    .insert(dev, r.guest_addr, r.size)
+                    .map_err(device_err("a read-only pmem region"))?;
+            }
             m.placed.push(format!(
                 "virtio-pmem region {:#x}..{:#x}{}",
                 r.guest_addr,

@@ -3,7 +3,8 @@
 //! of the guest layout's device memory, past RAM and every device window and absent from the
 //! e820 map, in configuration order, and a KVM memory slot of its own (read-only for a
 //! read-only device, never dirty-logged: the contents live in the host file, which snapshots
-//! and migration leave where it is).
+//! and migration leave where it is). The guest's writes to a read-only region exit to the
+//! VMM as MMIO writes: [`ReadOnlyRegion`] drops them and says so once, as Firecracker warns.
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
@@ -68,6 +69,38 @@ impl Placer {
     }
 }
 
+/// The MMIO side of a read-only region: KVM serves its reads from the file's pages; writes
+/// exit here, are dropped, and the first one is logged.
+pub(crate) struct ReadOnlyRegion {
+    index: usize,
+    writes: u64,
+}
+
+impl ReadOnlyRegion {
+    /// The region of pmem device `index` (configuration order).
+    pub(crate) fn new(index: usize) -> Self {
+        ReadOnlyRegion { index, writes: 0 }
+    }
+}
+
+impl vessel_devices::BusDevice for ReadOnlyRegion {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        // KVM reads the slot itself; an access reaching here has no memory behind it.
+        data.fill(0);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        if self.writes == 0 {
+            log::warn!(
+                "virtio-pmem: the guest wrote {} bytes at offset {offset:#x} of read-only pmem device {}; its writes are dropped",
+                data.len(),
+                self.index
+            );
+        }
+        self.writes += 1;
+    }
+}
+
 /// Registers region `index` (in configuration order) with KVM.
 pub(crate) fn register(vm: &VmFd, index: usize, r: &PmemRegion) -> Result<(), VmmError> {
     let slot = FIRST_SLOT + u32::try_from(index).unwrap_or(u32::MAX - FIRST_SLOT);
@@ -112,6 +145,18 @@ mod tests {
         assert_eq!(p.place(2 * MIB), Err(PlaceError::TooMany));
         let mut p = Placer::new((u64::MAX - 3 * MIB, u64::MAX));
         assert!(p.place(2 * MIB).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn writes_to_a_read_only_region_are_dropped_and_counted() {
+        use vessel_devices::BusDevice;
+        let mut r = ReadOnlyRegion::new(2);
+        let mut d = [0xffu8; 8];
+        r.read(0, &mut d);
+        assert_eq!(d, [0; 8]);
+        r.write(0x1000, &[1, 2, 3, 4]);
+        r.write(0x2000, &[5]);
+        assert_eq!(r.writes, 2);
     }
 
     #[test]
