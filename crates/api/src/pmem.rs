@@ -42,6 +42,22 @@ pub struct PartialPmem {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+impl PartialPmem {
+    /// `p` after this update: a bucket given replaces the current one (size or refill time
+    /// 0 removes it), one left out stays.
+    pub fn apply_to(&self, p: &mut Pmem) {
+        let Some(new) = self.rate_limiter else {
+            return;
+        };
+        let old = p.rate_limiter.unwrap_or_default();
+        let r = RateLimiter {
+            bandwidth: patched(old.bandwidth, new.bandwidth),
+            ops: patched(old.ops, new.ops),
+        };
+        p.rate_limiter = (r.bandwidth.is_some() || r.ops.is_some()).then_some(r);
+    }
+}
+
 impl Schema for Pmem {
     const NAME: &'static str = "Pmem";
 }
@@ -110,16 +126,9 @@ impl VmResources {
 
     /// Records a successful update (after the backend applied it).
     pub fn apply_pmem_update(&mut self, u: &PartialPmem) {
-        let (Some(p), Some(new)) = (self.pmem.iter_mut().find(|p| p.id == u.id), u.rate_limiter)
-        else {
-            return;
-        };
-        let old = p.rate_limiter.unwrap_or_default();
-        let r = RateLimiter {
-            bandwidth: patched(old.bandwidth, new.bandwidth),
-            ops: patched(old.ops, new.ops),
-        };
-        p.rate_limiter = (r.bandwidth.is_some() || r.ops.is_some()).then_some(r);
+        if let Some(p) = self.pmem.iter_mut().find(|p| p.id == u.id) {
+            u.apply_to(p);
+        }
     }
 }
 

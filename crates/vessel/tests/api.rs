@@ -1091,6 +1091,54 @@ fn pmem_devices_start_patch_and_count() {
         m["patch_api_requests"]["pmem_fails"].as_u64() >= Some(1),
         "{m}"
     );
+
+    // A snapshot keeps the devices: a new process maps the same files at the same places.
+    let (state, mem) = (dir.join("pmem.state"), dir.join("pmem.mem"));
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        Some(json!({"snapshot_path": state, "mem_file_path": mem})),
+        204,
+    );
     v.kill();
+    let load = json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    });
+    let w = FcVessel::start(&dir, "restored", &[]);
+    let mut c = w.client();
+    expect(&mut c, "PUT", "/snapshot/load", Some(load.clone()), 204);
+    let restored = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(restored["pmem"], cfg["pmem"], "{restored}");
+    w.wait_console("ticks after the restore", LIMIT, |s| ticks(s) >= 1);
+    patch(
+        &mut c,
+        "data",
+        json!({"id": "data", "rate_limiter": {"ops": {"size": 0, "refill_time": 0}}}),
+        204,
+    );
+    drop(w);
+    // A backing file that changed size would move what the guest mapped: refused.
+    std::fs::File::options()
+        .write(true)
+        .open(&data)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
+    let x = FcVessel::start(&dir, "refused", &[]);
+    let e = expect(&mut x.client(), "PUT", "/snapshot/load", Some(load), 400);
+    assert!(
+        fault(&e).contains("did the backing file change size"),
+        "{e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -317,6 +317,7 @@ impl VmmBackend for ApiBackend {
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm.device_handles());
         let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
+        pmem.set_limiters(&resources);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         self.nets = nets;
@@ -384,7 +385,16 @@ impl VmmBackend for ApiBackend {
 
     fn update_pmem(&mut self, u: &PartialPmem) -> Result<(), ApiError> {
         self.running()?;
-        self.pmem.update(u)
+        self.pmem.update(u)?;
+        // Snapshots carry the limits the device has now.
+        if let Some(p) = self
+            .api_config
+            .as_mut()
+            .and_then(|c| c.pmem.iter_mut().find(|p| p.id == u.id))
+        {
+            u.apply_to(p);
+        }
+        Ok(())
     }
 
     fn balloon_config(&mut self) -> Result<ApiBalloon, ApiError> {

@@ -49,6 +49,15 @@ impl PmemDevices {
         }
     }
 
+    /// Sets each device's rate limiter to what `r` says (a restored VM: its devices were
+    /// rebuilt with the limits they booted with; the API's resources have the latest).
+    pub(super) fn set_limiters(&self, r: &VmResources) {
+        for ((_, dev), p) in self.devices.iter().zip(&r.pmem) {
+            dev.limiter
+                .set_config(&limiter_config(&p.rate_limiter).unwrap_or_default());
+        }
+    }
+
     /// `PATCH /pmem/{id}`: the device's rate limiter (buckets left out stay).
     pub(super) fn update(&self, u: &PartialPmem) -> Result<(), ApiError> {
         let Some((_, dev)) = self.devices.iter().find(|(id, _)| *id == u.id) else {
@@ -151,6 +160,15 @@ mod tests {
             .update(&serde_json::from_value(json!({"id": "x"})).unwrap())
             .unwrap_err();
         assert!(e.to_string().contains("Device not found"), "{e}");
+        // A restore puts the resources' limits (the latest) back on the rebuilt devices.
+        let mut r = r;
+        r.apply_pmem_update(&u);
+        let (c, d) = (handle(), handle());
+        let restored = PmemDevices::new(&r, &[c.clone(), d.clone()]);
+        d.limiter.set_config(&Default::default());
+        restored.set_limiters(&r);
+        assert_eq!(d.limiter.config(), b.limiter.config());
+        assert!(!c.limiter.is_limited());
     }
 
     #[test]
