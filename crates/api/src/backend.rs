@@ -72,6 +72,11 @@ pub trait VmmBackend {
     fn configure_logger(&mut self, _logger: &Logger) -> Result<(), ApiError> {
         Ok(())
     }
+    /// `PUT /serial`: where the guest's serial output goes (before start; also used by a
+    /// snapshot load).
+    fn configure_serial(&mut self, _serial: &SerialDevice) -> Result<(), ApiError> {
+        unsupported("serial output configuration")
+    }
     /// Post-boot `PATCH /drives/{id}` (new backing file and/or rate limiter).
     fn update_drive(&mut self, _update: &PartialDrive) -> Result<(), ApiError> {
         unsupported("updating a drive after boot")

@@ -25,7 +25,7 @@ pub const APP_NAME: &str = "Firecracker";
 /// keeps them equal). `GET /version`, `GET /` and `vessel --version` report it where
 /// Firecracker reports its own version, so clients that gate features on it (Kata
 /// Containers requires >= 0.21.1) judge the API they talk to.
-pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
+pub const FIRECRACKER_API_VERSION: &str = "1.16.1";
 
 /// Owns the configuration and the instance state; one per VM.
 pub struct ApiController {
@@ -136,7 +136,6 @@ impl ApiController {
             state: self.state,
             vmm_version: FIRECRACKER_API_VERSION.to_string(),
             app_name: APP_NAME.to_string(),
-            vessel_version: self.vessel_version.clone(),
         }
     }
 
@@ -144,7 +143,6 @@ impl ApiController {
     pub fn version(&self) -> VersionInfo {
         VersionInfo {
             firecracker_version: FIRECRACKER_API_VERSION.to_string(),
-            vessel_version: self.vessel_version.clone(),
         }
     }
 
@@ -212,6 +210,16 @@ impl ApiController {
     /// `PUT /entropy`.
     pub fn put_entropy(&mut self, e: EntropyDevice) -> Result<(), ApiError> {
         self.configure(|r| r.set_entropy(e))
+    }
+
+    /// `PUT /serial` (pre-boot): the VMM keeps it for the start or a snapshot load.
+    pub fn put_serial(&mut self, s: SerialDevice) -> Result<(), ApiError> {
+        self.require_preboot()?;
+        let serial = s.clone();
+        self.backend
+            .try_call(move |b| b.configure_serial(&serial))?;
+        self.resources.serial = Some(s);
+        Ok(())
     }
 
     /// `PUT /balloon` (pre-boot).
@@ -330,6 +338,11 @@ impl ApiController {
         let r = self.resources.clone();
         self.backend.try_call(move |b| b.start(&r))?;
         self.state = InstanceState::Running;
+        // As Firecracker: a first metrics line as soon as the VM runs (tools wait for it). The
+        // VM is running: a write that fails is logged, not an error of the start.
+        if let Err(e) = self.flush_metrics() {
+            log::warn!("{e}");
+        }
         Ok(())
     }
 
@@ -354,7 +367,7 @@ impl ApiController {
         self.require_started()?;
         if self.state != InstanceState::Paused {
             return Err(ApiError::bad(
-                "Create snapshot error: Cannot save the microVM state: the microVM must be paused.",
+                "Create snapshot error: Cannot save the microVM state: save/restore unavailable while running (pause the microVM first).",
             ));
         }
         if p.snapshot_type == Some(SnapshotType::Diff)
@@ -375,10 +388,17 @@ impl ApiController {
                 "Load snapshot error: Loading a microVM snapshot not allowed after configuring boot-specific resources.",
             ));
         }
-        if p.mem_file_path.is_some() == p.mem_backend.is_some() {
-            return Err(ApiError::bad(
-                "Load snapshot error: Exactly one of `mem_file_path` and `mem_backend` must be given.",
-            ));
+        // Firecracker's words for both cases.
+        match (&p.mem_file_path, &p.mem_backend) {
+            (Some(_), Some(_)) => return Err(ApiError::bad(
+                "too many fields: either `mem_backend` or `mem_file_path` exclusively is required.",
+            )),
+            (None, None) => {
+                return Err(ApiError::bad(
+                    "missing field: either `mem_backend` or `mem_file_path` is required.",
+                ))
+            }
+            _ => {}
         }
         if let Some(cid) = p.vsock_override.as_ref().and_then(|o| o.guest_cid) {
             // 0-2 are the hypervisor, local and host addresses; u32::MAX is VMADDR_CID_ANY.
@@ -454,7 +474,13 @@ impl ApiController {
     /// `GET /vessel/metrics`: cumulative counters in the Prometheus text format.
     pub fn prometheus(&mut self) -> String {
         let extra = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
-        self.metrics.prometheus(&extra)
+        // Vessel's own version: Firecracker's clients validate `GET /` and `GET /version`
+        // against Firecracker's schema, so it is reported here (and by `vessel --version`).
+        format!(
+            "# TYPE vessel_build_info gauge\nvessel_build_info{{version=\"{}\"}} 1\n{}",
+            self.vessel_version,
+            self.metrics.prometheus(&extra)
+        )
     }
 
     /// `GET|PUT|PATCH /mmds`.

@@ -16,6 +16,8 @@ pub mod backend;
 pub mod client;
 pub mod controller;
 pub mod error;
+pub mod fcconfig;
+pub mod fcmetrics;
 pub mod http;
 pub mod metrics;
 pub mod openapi;

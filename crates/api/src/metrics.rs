@@ -10,6 +10,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
 
+use crate::fcmetrics;
 use crate::http::Method;
 use crate::routes;
 
@@ -60,6 +61,9 @@ pub struct ServerCounters {
     pub timeouts: Counter,
     /// Method/path pairs matching no route.
     pub unknown_routes: Counter,
+    /// Requests that used a deprecated endpoint or field (Firecracker's
+    /// `deprecated_api.deprecated_http_api_calls`).
+    pub deprecated_calls: Counter,
     /// Firecracker's `process_startup_time_us`: process start to the API socket listening
     /// (a gauge, repeated in every line; 0 until set).
     pub process_startup_time_us: AtomicU64,
@@ -118,9 +122,12 @@ impl Metrics {
         self.routes.get(index)
     }
 
-    /// One Firecracker-style metrics object: `utc_timestamp_ms`, `api_server`, and
-    /// `get_api_requests`/`put_api_requests`/`patch_api_requests` with `<metric>_count` and
-    /// `<metric>_fails` (counts since the previous line), plus the VMM's `extra` groups.
+    /// One metrics line in Firecracker's schema ([`crate::fcmetrics`]): `utc_timestamp_ms`
+    /// and every group of Firecracker's, with `api_server`'s startup gauges, the
+    /// `get/put/patch_api_requests` counters Firecracker has (`<metric>_count`/`_fails`,
+    /// counts since the previous line), `deprecated_api`, and the fields of the VMM's `extra`
+    /// groups that the schema has; zeros elsewhere. `id` and `properties` only when asked
+    /// (Vessel extensions of `PUT /metrics`).
     pub fn json_line(
         &self,
         id: Option<&str>,
@@ -146,18 +153,8 @@ impl Metrics {
                 ),
             );
         }
+        let mut line = fcmetrics::skeleton();
         let s = &self.server;
-        let mut api = Map::new();
-        for (name, c) in [
-            ("connections_count", &s.connections),
-            ("connections_refused", &s.connections_refused),
-            ("bad_requests", &s.bad_requests),
-            ("payload_too_large", &s.payload_too_large),
-            ("timeouts", &s.timeouts),
-            ("unknown_routes", &s.unknown_routes),
-        ] {
-            api.insert(name.into(), c.take_delta().into());
-        }
         for (name, g) in [
             ("process_startup_time_us", &s.process_startup_time_us),
             (
@@ -165,27 +162,42 @@ impl Metrics {
                 &s.process_startup_time_cpu_us,
             ),
         ] {
-            api.insert(name.into(), g.load(Ordering::Relaxed).into());
+            fcmetrics::fill(
+                &mut line,
+                "api_server",
+                name,
+                &g.load(Ordering::Relaxed).into(),
+            );
         }
-        out.insert("api_server".into(), Value::Object(api));
+        fcmetrics::fill(
+            &mut line,
+            "deprecated_api",
+            "deprecated_http_api_calls",
+            &s.deprecated_calls.take_delta().into(),
+        );
         for (route, c) in routes::table().iter().zip(&self.routes) {
-            let group = out
-                .entry(group_name(&route.method))
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(g) = group {
-                let (dc, df) = (c.count.take_delta(), c.fails.take_delta());
-                for (key, d) in [
-                    (format!("{}_count", route.metric), dc),
-                    (format!("{}_fails", route.metric), df),
-                ] {
-                    let prev = g.get(&key).and_then(Value::as_u64).unwrap_or(0);
-                    g.insert(key, (prev + d).into());
+            let group = group_name(&route.method);
+            let (dc, df) = (c.count.take_delta(), c.fails.take_delta());
+            for (key, d) in [
+                (format!("{}_count", route.metric), dc),
+                (format!("{}_fails", route.metric), df),
+            ] {
+                let prev = line
+                    .get(group)
+                    .and_then(|g| g.get(&key))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                fcmetrics::fill(&mut line, group, &key, &(prev + d).into());
+            }
+        }
+        for (group, fields) in extra {
+            if let Value::Object(fields) = fields {
+                for (k, v) in fields {
+                    fcmetrics::fill(&mut line, &group, &k, &v);
                 }
             }
         }
-        for (k, v) in extra {
-            out.entry(k).or_insert(v);
-        }
+        out.extend(line);
         Value::Object(out)
     }
 
@@ -289,13 +301,50 @@ mod tests {
         let m = Metrics::new();
         m.server.set_process_startup(7_000, 3_000);
         m.server.connections.inc();
+        m.server.deprecated_calls.inc();
         let first = m.json_line(None, None, Map::new());
         let api = &first["api_server"];
         assert_eq!(api["process_startup_time_us"], 7_000);
         assert_eq!(api["process_startup_time_cpu_us"], 3_000);
-        assert_eq!(api["connections_count"], 1);
+        // Firecracker's schema has no connection counters (GET /vessel/metrics does).
+        assert!(api.get("connections_count").is_none());
+        assert_eq!(first["deprecated_api"]["deprecated_http_api_calls"], 1);
         let second = m.json_line(None, None, Map::new());
         assert_eq!(second["api_server"]["process_startup_time_us"], 7_000);
-        assert_eq!(second["api_server"]["connections_count"], 0);
+        assert_eq!(second["deprecated_api"]["deprecated_http_api_calls"], 0);
+    }
+
+    #[test]
+    fn lines_hold_firecracker_s_groups_only() {
+        let m = Metrics::new();
+        let (i, _) = routes::find(&Method::Put, "/drives/x").unwrap();
+        m.routes[i].count.inc();
+        m.routes[i].fails.inc();
+        let (i, _) = routes::find(&Method::Put, "/balloon").unwrap();
+        m.routes[i].count.inc();
+        let mut extra = Map::new();
+        extra.insert(
+            "vcpu".into(),
+            serde_json::json!({"exit_io_in": 5, "vessel_only": 1}),
+        );
+        extra.insert("vessel_vm".into(), serde_json::json!({"uptime_ms": 9}));
+        let line = m.json_line(None, None, extra);
+        assert_eq!(line["put_api_requests"]["drive_count"], 1);
+        assert_eq!(line["put_api_requests"]["drive_fails"], 1);
+        assert_eq!(line["vcpu"]["exit_io_in"], 5);
+        // Every group is there, with zeros where nothing was counted.
+        assert_eq!(line["signals"]["sigbus"], 0);
+        assert_eq!(line["memory_hotplug"]["plug_agg"]["max_us"], 0);
+        // Nothing outside the schema: no balloon route counter, no Vessel group or field.
+        assert!(line["put_api_requests"].get("balloon_count").is_none());
+        assert!(line.get("vessel_vm").is_none());
+        assert!(line["vcpu"].get("vessel_only").is_none());
+        assert!(line.get("other_api_requests").is_none());
+        // Prometheus keeps Vessel's own figures.
+        let mut extra = Map::new();
+        extra.insert("vessel_vm".into(), serde_json::json!({"uptime_ms": 9}));
+        assert!(m
+            .prometheus(&extra)
+            .contains("vessel_vessel_vm_uptime_ms 9"));
     }
 }

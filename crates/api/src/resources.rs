@@ -22,6 +22,9 @@ pub const DEFAULT_MMDS_LIMIT: usize = 51200;
 #[derive(Debug, Clone)]
 pub struct MmdsStore {
     inner: Arc<Mutex<Value>>,
+    /// Whether a `PUT` (or `--metadata`) has created the store: until then `GET` reads `{}`
+    /// and `PATCH` is refused, as Firecracker's.
+    initialized: Arc<std::sync::atomic::AtomicBool>,
     limit: usize,
 }
 
@@ -36,6 +39,7 @@ impl MmdsStore {
     pub fn new(limit: usize) -> Self {
         Self {
             inner: Arc::new(Mutex::new(Value::Object(Default::default()))),
+            initialized: Arc::default(),
             limit,
         }
     }
@@ -81,6 +85,8 @@ impl MmdsStore {
     pub fn put(&self, v: Value) -> Result<(), ApiError> {
         self.check(&v)?;
         *self.lock() = v;
+        self.initialized
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
 
@@ -89,6 +95,11 @@ impl MmdsStore {
         if !patch.is_object() {
             return Err(ApiError::bad(
                 "MMDS error: The MMDS data store patch must be a JSON object.",
+            ));
+        }
+        if !self.initialized.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::bad(
+                "MMDS error: The MMDS data store is not initialized.",
             ));
         }
         let mut guard = self.lock();
@@ -216,6 +227,8 @@ pub struct VmResources {
     /// Vessel extension: a cloud-init seed disk, added after the drives at start (the VMM
     /// checks its user-data when it is set).
     pub cloud_init: Option<CloudInitSeed>,
+    /// `PUT /serial` (not part of a config file or `GET /vm/config`, as Firecracker's).
+    pub serial: Option<SerialDevice>,
     /// virtio-pmem devices, in the order they were added (`/dev/pmem0` first).
     pub pmem: Vec<Pmem>,
 }
@@ -223,7 +236,7 @@ pub struct VmResources {
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
     File::open(path)
         .map(|_| ())
-        .map_err(|e| ApiError::bad(format!("{what} cannot be opened: {path}: {e}")))
+        .map_err(|e| ApiError::bad(format!("{what} cannot be opened: {e} ({path})")))
 }
 
 pub(crate) fn check_rate_limiter(r: &Option<RateLimiter>) -> Result<(), ApiError> {
@@ -414,8 +427,12 @@ impl VmResources {
             )));
         }
         if others().any(|o| o.host_dev_name == n.host_dev_name) {
+            // Firecracker's words: its second open of the TAP fails with EBUSY.
             return Err(ApiError::bad(format!(
-                "Network interface error: The host device name {} is already in use.",
+                "Could not create the network device: Open tap device failed: Error while \
+                 creating ifreq structure: Device or resource busy (os error 16). Invalid \
+                 TUN/TAP Backend provided by {0}. Check our documentation on setting up the \
+                 network devices. (another interface uses TAP {0})",
                 n.host_dev_name
             )));
         }
@@ -655,6 +672,31 @@ impl VmResources {
             r.put_metadata(md)?;
         }
         Ok(r)
+    }
+
+    /// The resources a snapshot recorded, taken as they were (the files they name may be
+    /// gone or elsewhere now: the restored VM does not open them again), for `GET /vm/config`
+    /// after a restore.
+    pub fn recorded(cfg: FullVmConfig) -> VmResources {
+        VmResources {
+            boot_source: cfg.boot_source,
+            machine_config: cfg.machine_config.unwrap_or_default(),
+            cpu_config: match cfg.cpu_config {
+                Some(CpuConfigSource::Inline(c)) => Some(c),
+                _ => None,
+            },
+            drives: cfg.drives,
+            network_interfaces: cfg.network_interfaces,
+            vsock: cfg.vsock,
+            entropy: cfg.entropy,
+            balloon: cfg.balloon,
+            mmds_config: cfg.mmds_config,
+            logger: cfg.logger,
+            metrics: cfg.metrics,
+            cloud_init: cfg.cloud_init,
+            pmem: cfg.pmem,
+            ..Default::default()
+        }
     }
 
     /// Fills MMDS from `--metadata`'s JSON text.

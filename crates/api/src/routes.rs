@@ -14,7 +14,6 @@ use crate::controller::ApiController;
 use crate::error::ApiError;
 use crate::http::{Method, Request, Response};
 use crate::metrics::Metrics;
-use crate::resources::FullVmConfig;
 use crate::types::*;
 
 /// Path parameters, in pattern order (`{drive_id}` ...).
@@ -235,6 +234,9 @@ fn build() -> Vec<Route> {
         put::<EntropyDevice>("/entropy", "putEntropyDevice", "entropy", |c, b| {
             c.put_entropy(b)
         }),
+        put::<SerialDevice>("/serial", "putSerialDevice", "serial", |c, b| {
+            c.put_serial(b)
+        }),
         get("/balloon", "describeBalloonConfig", "balloon", |c| {
             c.get_balloon()
         }),
@@ -278,8 +280,10 @@ fn build() -> Vec<Route> {
         put::<CpuConfig>("/cpu-config", "putCpuConfiguration", "cpu_cfg", |c, b| {
             c.put_cpu_config(b)
         }),
-        get::<FullVmConfig>("/vm/config", "getExportVmConfig", "vm_config", |c| {
-            Ok(c.vm_config())
+        get("/vm/config", "getExportVmConfig", "vm_config", |c| {
+            let v = serde_json::to_value(c.vm_config())
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok(crate::fcconfig::export(v))
         }),
         Route {
             method: Method::Get,
@@ -367,28 +371,44 @@ fn error_response(e: &ApiError) -> Response {
 /// Answers one request: routing, Firecracker's body rules, the handler, metrics.
 pub fn dispatch(controller: &Mutex<ApiController>, metrics: &Metrics, req: &Request) -> Response {
     let path = req.path();
-    log::info!(
-        "The API server received a {} request on \"{path}\".",
-        req.method.as_str()
-    );
+    log::info!("The API server received a {}.", describe(req, path));
     let response = route(controller, metrics, req, path);
     // Refused requests are logged: 4xx as warnings (the client's doing), 5xx as errors.
     if response.status >= 400 {
         let body: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
         let msg = body["fault_message"].as_str().unwrap_or("");
-        if response.status >= 500 {
-            log::error!(
-                "Received Error. Status code: {}. Message: {msg}",
-                response.status
-            );
+        let status = response.status;
+        let reason = crate::http::reason(status);
+        if status >= 500 {
+            log::error!("Received Error. Status code: {status} {reason}. Message: {msg}");
         } else {
-            log::warn!(
-                "Received Error. Status code: {}. Message: {msg}",
-                response.status
-            );
+            log::warn!("Received Error. Status code: {status} {reason}. Message: {msg}");
         }
     }
     response
+}
+
+/// A request as Firecracker's log lines describe it: `Put request on "/drives/root" with body
+/// "{...}"` (the body quoted and escaped as a Rust string), never the body of `/mmds` (which
+/// may hold secrets) and the body of `/cpu-config` (large) only at Debug.
+fn describe(req: &Request, path: &str) -> String {
+    let method = match &req.method {
+        Method::Get => "Get",
+        Method::Put => "Put",
+        Method::Patch => "Patch",
+        Method::Other(m) => m.as_str(),
+    };
+    let plain = format!("{method} request on {path:?}");
+    if req.body.is_empty() || path == "/mmds" {
+        return plain;
+    }
+    if path == "/cpu-config" && !log::log_enabled!(log::Level::Debug) {
+        return format!(
+            "{plain}. To view the CPU template received by the API, configure log-level to DEBUG"
+        );
+    }
+    let body = std::str::from_utf8(&req.body).unwrap_or("inconvertible to UTF-8");
+    format!("{plain} with body {body:?}")
 }
 
 fn route(
@@ -434,7 +454,7 @@ fn route(
             (route.handler)(&mut c, &params, &req.body)
         }
     };
-    match result {
+    let mut response = match result {
         Ok(Reply::Empty) => Response::no_content(),
         Ok(Reply::Json(v)) => Response::json(&v),
         Ok(Reply::Text(t, ct)) => Response::text(t, ct),
@@ -444,6 +464,37 @@ fn route(
             }
             error_response(&e)
         }
+    };
+    if let Some(msg) = deprecation(&req.method, route.path, &req.body) {
+        log::warn!("{msg}");
+        metrics.server.deprecated_calls.inc();
+        response.deprecated = true;
+    }
+    response
+}
+
+/// Firecracker's deprecated fields (its v1.16 list): a request using one is served, and
+/// answered with `Deprecation: true`, a warning and a count.
+fn deprecation(method: &Method, path: &str, body: &[u8]) -> Option<&'static str> {
+    let body: Value = serde_json::from_slice(body).ok()?;
+    let has = |field: &str| body.get(field).is_some_and(|v| !v.is_null());
+    match (method, path) {
+        (Method::Put, "/machine-config") if has("cpu_template") => {
+            Some("PUT /machine-config: cpu_template field is deprecated.")
+        }
+        (Method::Patch, "/machine-config") if has("cpu_template") => {
+            Some("PATCH /machine-config: cpu_template field is deprecated.")
+        }
+        (Method::Put, "/mmds/config") if body.get("version").and_then(Value::as_str) != Some("V2") => {
+            Some("PUT /mmds/config: V1 is deprecated. Use V2 instead.")
+        }
+        (Method::Put, "/snapshot/load")
+            if has("mem_file_path") || body.get("enable_diff_snapshots") == Some(&Value::Bool(true)) =>
+        {
+            Some("PUT /snapshot/load: mem_file_path and enable_diff_snapshots fields are deprecated.")
+        }
+        (Method::Put, "/vsock") if has("vsock_id") => Some("PUT /vsock: vsock_id field is deprecated."),
+        _ => None,
     }
 }
 

@@ -280,11 +280,13 @@ fn serve_connection(
                 }
                 Ok(Parsed::NeedHead) => {}
                 Err(e) => {
-                    if e.status == 413 {
+                    if let Some((size, limit)) = e.oversize {
                         metrics.server.payload_too_large.inc();
-                    } else {
-                        metrics.server.bad_requests.inc();
+                        let _ = stream
+                            .write_all(&crate::http::firecracker_payload_too_large(size, limit));
+                        return;
                     }
+                    metrics.server.bad_requests.inc();
                     let _ = Response::fault(e.status, e.message).write_to(&mut stream, false);
                     return;
                 }
@@ -301,8 +303,14 @@ fn serve_connection(
             }
         };
         in_flight.fetch_add(1, Ordering::SeqCst);
+        let began = Instant::now();
         let response = routes::dispatch(controller, metrics, &request);
         let written = response.write_to(&mut stream, request.keep_alive);
+        // Firecracker's line, which its tests pair with the request's.
+        log::debug!(
+            "Total previous API call duration: {} us.",
+            began.elapsed().as_micros()
+        );
         in_flight.fetch_sub(1, Ordering::SeqCst);
         if written.is_err() || !request.keep_alive {
             let _ = stream.shutdown(Shutdown::Both);

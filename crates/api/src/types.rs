@@ -32,6 +32,7 @@ schema! {
     PartialNetworkInterface => "PartialNetworkInterface",
     Vsock => "Vsock",
     EntropyDevice => "EntropyDevice",
+    SerialDevice => "SerialDevice",
     Balloon => "Balloon",
     BalloonUpdate => "BalloonUpdate",
     BalloonStatsUpdate => "BalloonStatsUpdate",
@@ -48,6 +49,7 @@ schema! {
     VersionInfo => "FirecrackerVersion",
     ErrorBody => "Error",
     crate::resources::FullVmConfig => "FullVmConfiguration",
+    crate::fcconfig::ExportedVmConfig => "FullVmConfiguration",
     serde_json::Value => "MmdsContentsObject",
     MigrateParams => "MigrateParams",
     CloudInitSeed => "CloudInitSeed",
@@ -327,6 +329,18 @@ pub struct EntropyDevice {
     /// Rate limiter.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /serial`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SerialDevice {
+    /// File or named pipe the guest's serial output is written to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial_out_path: Option<String>,
+    /// Bytes of output per refill period; the excess is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<TokenBucket>,
 }
 
 /// `PUT|GET /balloon`.
@@ -710,8 +724,6 @@ pub struct InstanceInfo {
     pub vmm_version: String,
     /// Always "Firecracker", so that Firecracker clients accept the answer.
     pub app_name: String,
-    /// Vessel extension: Vessel's own version.
-    pub vessel_version: String,
 }
 
 /// `GET /version`.
@@ -719,8 +731,6 @@ pub struct InstanceInfo {
 pub struct VersionInfo {
     /// The Firecracker API version served ([`crate::controller::FIRECRACKER_API_VERSION`]).
     pub firecracker_version: String,
-    /// Vessel extension: Vessel's own version.
-    pub vessel_version: String,
 }
 
 /// The body of every error response.

@@ -1,7 +1,8 @@
 //! Cgroups for a jailed VM: finding the hierarchies in `/proc/self/mounts`, choosing v2 or v1,
 //! creating `<mount>/<parent_cgroup>/<id>` with the limits written, and the handles the VMM
-//! process uses to join it (written from inside the jail, so the jailer itself stays outside)
-//! and the jailer uses to remove it when the VMM is gone.
+//! process uses to join it (written from inside the jail, so the jailer itself stays outside).
+//! As with Firecracker's jailer, nothing removes the cgroup: that is the integrator's job once
+//! the VMM has gone.
 //!
 //! Everything here works on plain paths, so the tests run it against a directory tree that
 //! looks like a cgroup mount.
@@ -9,7 +10,6 @@
 use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
@@ -209,29 +209,12 @@ pub struct VmCgroup {
     pub path: PathBuf,
     /// `cgroup.procs` of that directory, open for writing: the VMM writes `0` to join.
     procs: File,
-    /// `<mount>/<parent>`, to remove `<id>` from after the VMM has gone.
-    parent: OwnedFd,
-    name: String,
 }
 
 impl VmCgroup {
     /// Move the calling process into this cgroup (its children follow it).
     pub fn join(&self) -> std::io::Result<()> {
         (&self.procs).write_all(b"0")
-    }
-
-    /// Remove the (empty) cgroup directory; the VMM must have exited.
-    pub fn remove(&self) -> std::io::Result<()> {
-        let name = std::ffi::CString::new(self.name.as_str())
-            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-        // SAFETY: unlinkat reads the NUL-terminated name and uses a directory fd we own.
-        let r =
-            unsafe { libc::unlinkat(self.parent.as_raw_fd(), name.as_ptr(), libc::AT_REMOVEDIR) };
-        if r == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error())
-        }
     }
 }
 
@@ -250,15 +233,6 @@ fn write_file(path: &Path, value: &str) -> Result<(), JailError> {
         .map_err(io_err(format!("open {}", path.display())))?;
     f.write_all(value.as_bytes())
         .map_err(io_err(format!("write {value:?} to {}", path.display())))
-}
-
-fn open_dir(path: &Path) -> Result<OwnedFd, JailError> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(io_err(format!("open {}", path.display())))?;
-    Ok(OwnedFd::from(f))
 }
 
 fn open_procs(dir: &Path) -> Result<File, JailError> {
@@ -336,9 +310,7 @@ fn create_v2(
     }
     Ok(VmCgroup {
         procs: open_procs(&path)?,
-        parent: open_dir(&dir)?,
         path,
-        name: id.to_string(),
     })
 }
 
@@ -390,9 +362,7 @@ fn create_v1(
         }
         out.push(VmCgroup {
             procs: open_procs(&path)?,
-            parent: open_dir(&dir)?,
             path,
-            name: id.to_string(),
         });
     }
     Ok(out)
@@ -533,14 +503,6 @@ cgroup2 /sys/fs/cgroup/unified cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegat
         );
         cgs[0].join().unwrap();
         assert_eq!(fs::read_to_string(vm.join("cgroup.procs")).unwrap(), "0");
-        // remove() is an rmdir: it fails while the directory has files, as it would while
-        // a real cgroup has processes.
-        assert!(cgs[0].remove().is_err());
-        for f in fs::read_dir(&vm).unwrap() {
-            fs::remove_file(f.unwrap().path()).unwrap();
-        }
-        cgs[0].remove().unwrap();
-        assert!(!vm.exists());
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -1,27 +1,29 @@
 //! The jail a VMM runs in, modelled on Firecracker's jailer and taking its flags: a per-VM
 //! directory `<chroot-base-dir>/<exec-file name>/<id>/root` as the new root (`pivot_root`),
-//! new mount, PID, IPC and UTS namespaces (and a network namespace joined with `--netns` or
-//! created with `--new-net-ns`), cgroup v2 limits (v1 where that is all the host mounts) on
-//! CPU, memory and PIDs, device nodes for `/dev/kvm`, `/dev/net/tun` and `/dev/userfaultfd`
-//! only, rlimits, an unprivileged uid/gid with no_new_privs, then exec of the VMM.
+//! new mount, IPC and UTS namespaces (a PID namespace with `--new-pid-ns`, and a network
+//! namespace joined with `--netns` or created with `--new-net-ns`), cgroup v2 limits (v1
+//! where that is all the host mounts) on CPU, memory and PIDs, device nodes for `/dev/kvm`,
+//! `/dev/net/tun` and `/dev/userfaultfd` only, rlimits, an unprivileged uid/gid with
+//! no_new_privs, then exec of the VMM.
 //!
 //! Used by the `vessel-jailer` binary and by `vessel jail` ([`run`]).
 //!
-//! The sequence ([`run`]): validate everything; put the exec file (and, for a dynamically
-//! linked one, its loader and libraries) into the jail; create the cgroup(s) and write the
+//! The sequence ([`run`]): validate everything; copy the exec file (owned by the uid/gid, as
+//! Firecracker does) and, for a dynamically linked one, its loader and libraries into the jail,
+//! never writing through a link planted there ([`place`]); create the cgroup(s) and write the
 //! limits; set the rlimits; join `--netns`; unshare the namespaces; make the mounts private,
-//! bind the jail on itself and the `--bind` paths into it; `pivot_root` into it and detach
-//! the old root; make the device nodes and hand the jail root to the uid/gid; fork. The child
-//! (PID 1 of the new PID namespace) joins the cgroup, drops to the uid/gid, and execs the VMM
-//! with an empty environment. The parent writes `<exec-file name>.pid` in the jail, forwards
-//! signals, waits, removes the cgroup and exits with the VMM's status (with `--daemonize` it
-//! exits as soon as the VMM has exec'd, and the VMM runs in a session of its own with stdio
-//! on `/dev/null`). A failure in the child before the exec reaches the jailer on a
-//! close-on-exec pipe and becomes the jailer's error, daemonized or not.
+//! bind the jail on itself and the `--bind` paths into it; `pivot_root` into it and detach the
+//! old root; make `/`, `/dev`, `/dev/net` and `/run` mode 0700 owned by the uid/gid, and the
+//! device nodes. Then Firecracker's process model ([`launch`]): the jailer execs the VMM
+//! itself (its pid in `<exec-file name>.pid`), or with `--new-pid-ns` forks it into a new PID
+//! namespace, writes its pid and exits; `--daemonize` first double-forks into a new session
+//! with stdio on `/dev/null`. No jailer process stays beside the VMM, and nothing removes the
+//! cgroup afterwards (the integrator's job, as with Firecracker). The process that execs joins
+//! the cgroups, drops to the uid/gid and execs with an empty environment; a failure before the
+//! exec in a forked process reaches the jailer on a close-on-exec pipe and becomes its error.
 
-use std::ffi::{CString, OsString};
+use std::ffi::{CString, OsStr, OsString};
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -30,7 +32,9 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 pub mod cgroup;
+mod launch;
 pub mod libs;
+pub mod place;
 pub mod spec;
 mod sys;
 
@@ -84,7 +88,8 @@ pub struct JailArgs {
     /// Detach: new session, stdio on /dev/null, and the jailer exits once the VMM is started.
     #[arg(long)]
     pub daemonize: bool,
-    /// Accepted for Firecracker compatibility: the VMM always starts in a new PID namespace.
+    /// Start the VMM in a new PID namespace (as its PID 1): the jailer forks it, writes its pid
+    /// to <exec file name>.pid in the jail and exits. Without it the jailer becomes the VMM.
     #[arg(long)]
     pub new_pid_ns: bool,
     /// A cgroup file and the value to write to it, e.g. cpuset.cpus=0-1 (repeatable).
@@ -147,18 +152,19 @@ struct Plan {
 
 fn plan(args: &JailArgs) -> Result<Plan, JailError> {
     spec::validate_id(&args.id)?;
-    let exec_arg = args
-        .exec_file
-        .as_ref()
-        .ok_or_else(|| JailError::Invalid("--exec-file is required".into()))?;
-    let exec_file = fs::canonicalize(exec_arg)
-        .map_err(io_err(format!("--exec-file {}", exec_arg.display())))?;
-    if !fs::metadata(&exec_file)
-        .map_err(io_err(format!("--exec-file {}", exec_file.display())))?
-        .is_file()
-    {
+    // Firecracker's messages.
+    let exec_arg = args.exec_file.as_ref().ok_or_else(|| {
+        JailError::Invalid(
+            "Failed to parse arguments: Argument 'exec-file' required, but not found.".into(),
+        )
+    })?;
+    let exec_file = fs::canonicalize(exec_arg).map_err(io_err(format!(
+        "Failed to canonicalize path {}",
+        exec_arg.display()
+    )))?;
+    if !exec_file.is_file() {
         return Err(JailError::Invalid(format!(
-            "--exec-file {} is not a file",
+            "{} is not a file",
             exec_file.display()
         )));
     }
@@ -257,11 +263,12 @@ fn plan(args: &JailArgs) -> Result<Plan, JailError> {
     })
 }
 
-/// Build the jail and run the VMM in it. Returns the exit status for the jailer: the VMM's
-/// (128 + signal if a signal ended it), or 0 at once with `--daemonize`. Must run as root, on a
-/// single thread (it forks).
-pub fn run(args: &JailArgs) -> Result<i32, JailError> {
-    let plan = plan(args)?;
+/// Build the jail and start the VMM in it. Without `--new-pid-ns` or `--daemonize` this
+/// process becomes the VMM and the call does not return unless something failed; otherwise
+/// it returns `Ok` once the VMM runs, and the caller exits 0. Must run as root, on a single
+/// thread (it may fork).
+pub fn run(args: &JailArgs) -> Result<(), JailError> {
+    let mut plan = plan(args)?;
     let threads = fs::read_to_string("/proc/self/status").ok().and_then(|s| {
         s.lines()
             .find_map(|l| l.strip_prefix("Threads:")?.trim().parse::<u32>().ok())
@@ -274,12 +281,41 @@ pub fn run(args: &JailArgs) -> Result<i32, JailError> {
     // Nothing but stdio (and what the jailer opens below on purpose) reaches the VMM.
     sys::cloexec_from(3).map_err(io_err("mark descriptors close-on-exec"))?;
 
-    // The jail directory, the exec file and what a dynamic one needs.
+    // The jail directory, made as Firecracker's jailer makes it (`create_dir_all`: the levels
+    // get the umask's mode; the root becomes 0700 and the uid's once inside, see populate).
+    let base = &args.chroot_base_dir;
+    fs::create_dir_all(base).map_err(io_err(format!(
+        "Failed to create directory {}",
+        base.display()
+    )))?;
+    let base = fs::canonicalize(base).map_err(io_err(format!(
+        "Failed to canonicalize path {}",
+        base.display()
+    )))?;
+    plan.chroot = base.join(&plan.exec_name).join(&args.id).join("root");
     let chroot = &plan.chroot;
-    fs::create_dir_all(chroot).map_err(io_err(format!("create {}", chroot.display())))?;
-    libs::link_or_copy(&plan.exec_file, &chroot.join(&plan.exec_name))?;
+    fs::create_dir_all(chroot).map_err(io_err(format!(
+        "Failed to create directory {}",
+        chroot.display()
+    )))?;
+    // The exec file is copied, not linked, and owned by the uid/gid (Firecracker's way); the
+    // loader and libraries stay root's.
+    let root = place::JailDir::open(chroot)?;
+    place::copy_into(
+        &plan.exec_file,
+        &root,
+        OsStr::new(&plan.exec_name),
+        Some((args.uid, args.gid)),
+    )?;
     for f in libs::runtime_files(&plan.exec_file)? {
-        libs::link_or_copy(&f, &libs::under(chroot, &f))?;
+        let real = fs::canonicalize(&f).map_err(io_err(format!(
+            "Failed to canonicalize path {}",
+            f.display()
+        )))?;
+        let (Some(dir), Some(name)) = (f.parent(), f.file_name()) else {
+            continue;
+        };
+        place::copy_into(&real, &root.subdir(dir)?, name, None)?;
     }
 
     // Cgroups, made and filled now; the VMM joins them from inside the jail.
@@ -318,7 +354,7 @@ pub fn run(args: &JailArgs) -> Result<i32, JailError> {
                 .write(true)
                 .custom_flags(libc::O_CLOEXEC)
                 .open("/dev/null")
-                .map_err(io_err("open /dev/null"))?,
+                .map_err(io_err("Failed to open /dev/null"))?,
         )
     } else {
         None
@@ -331,131 +367,61 @@ pub fn run(args: &JailArgs) -> Result<i32, JailError> {
         )))?;
     }
 
-    // The namespaces; the PID namespace applies to the child forked below.
-    let mut flags =
-        libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    // The namespaces (the PID namespace, with --new-pid-ns, is made where the VMM is forked).
+    let mut flags = libc::CLONE_NEWNS | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
     if args.new_net_ns {
         flags |= libc::CLONE_NEWNET;
     }
     sys::unshare(flags).map_err(io_err("unshare the namespaces"))?;
     sys::sethostname(&args.id).map_err(io_err("set the hostname"))?;
 
-    enter_root(chroot, &args.binds)?;
+    enter_root(&root, &args.binds)?;
+    drop(root);
     populate(&devices, args.uid, args.gid)?;
-
-    // The child reports a failure before exec on this pipe; both ends are close-on-exec, so
-    // end of file with nothing read means the exec went through.
-    let (mut exec_status, exec_report) = std::io::pipe().map_err(io_err("create a pipe"))?;
-    match sys::fork().map_err(io_err("fork"))? {
-        sys::Fork::Child => {
-            drop(exec_status);
-            let e = child(
-                &plan,
-                &cgroups,
-                dev_null.as_ref().map(|f| f.as_raw_fd()),
-                args,
-            );
-            let mut report = exec_report;
-            // Best effort: if the parent is gone there is nobody left to tell.
-            let _ = report.write_all(e.to_string().as_bytes());
-            // SAFETY: _exit ends this forked child without running the parent's exit handlers.
-            unsafe { libc::_exit(126) }
-        }
-        sys::Fork::Parent(pid) => {
-            drop(exec_report);
-            let mut failure = String::new();
-            let read = exec_status.read_to_string(&mut failure);
-            if read.is_err() || !failure.is_empty() {
-                // The child never became the VMM: reap it and say why.
-                let _ = sys::wait_exit_code(pid);
-                for cg in &cgroups {
-                    remove_cgroup(cg);
-                }
-                return Err(match read {
-                    Err(e) => io_err("read the VMM's exec status")(e),
-                    Ok(_) => JailError::Invalid(failure),
-                });
-            }
-            // The pid as the host sees it: the jailer's own PID namespace is the host's.
-            let pid_file = Path::new("/").join(format!("{}.pid", plan.exec_name));
-            fs::write(&pid_file, format!("{pid}\n"))
-                .map_err(io_err(format!("write {}", pid_file.display())))?;
-            if args.daemonize {
-                // The VMM runs: it has exec'd, as its uid/gid, in its cgroups.
-                return Ok(0);
-            }
-            sys::forward_signals_to(pid).map_err(io_err("install signal handlers"))?;
-            let code = sys::wait_exit_code(pid).map_err(io_err("wait for the VMM"))?;
-            for cg in &cgroups {
-                remove_cgroup(cg);
-            }
-            Ok(code)
-        }
-    }
+    launch::launch(&plan, args, &cgroups, dev_null)
 }
 
-/// How long cleanup waits for a cgroup to become removable after the VMM exited: a v1
-/// memory cgroup stays busy until the kernel has released its pages (RCU), which can take
-/// seconds on a loaded host.
-const CGROUP_REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Removes `cg` once its last task has gone, retrying while the kernel reports it busy (up to
-/// [`CGROUP_REMOVE_WAIT`]); warns when it has to leave the directory behind.
-fn remove_cgroup(cg: &cgroup::VmCgroup) {
-    let start = std::time::Instant::now();
-    let mut pause = std::time::Duration::from_millis(5);
-    loop {
-        let e = match cg.remove() {
-            Ok(()) => return,
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return,
-            Err(e) => e,
-        };
-        if e.raw_os_error() != Some(libc::EBUSY) || start.elapsed() >= CGROUP_REMOVE_WAIT {
-            eprintln!(
-                "vessel-jailer: warning: cannot remove the cgroup {} ({e}); it is left behind",
-                cg.path.display()
-            );
-            return;
-        }
-        std::thread::sleep(pause);
-        pause = (pause * 2).min(std::time::Duration::from_millis(100));
-    }
-}
-
-/// Make `chroot` the root of this mount namespace, with the `--bind` paths mounted in it.
-fn enter_root(chroot: &Path, binds: &[Bind]) -> Result<(), JailError> {
+/// Make `root` the root of this mount namespace, with the `--bind` paths mounted in it (their
+/// mount points made without following links).
+fn enter_root(root: &place::JailDir, binds: &[Bind]) -> Result<(), JailError> {
+    let chroot = root.path();
     let c = |p: &Path| sys::cstr(p).map_err(io_err(format!("path {}", p.display())));
     // Nothing mounted from here on propagates back to the host.
     sys::mount(None, c"/", None, libc::MS_PRIVATE | libc::MS_REC)
         .map_err(io_err("make the mounts private"))?;
-    let root = c(chroot)?;
-    sys::mount(Some(&root), &root, None, libc::MS_BIND | libc::MS_REC)
+    let croot = c(chroot)?;
+    sys::mount(Some(&croot), &croot, None, libc::MS_BIND | libc::MS_REC)
         .map_err(io_err(format!("bind {} on itself", chroot.display())))?;
+    // The bind of the jail on itself is a new mount: reopen the root to reach into it.
+    let root = place::JailDir::open(chroot)?;
     for b in binds {
-        let target = libs::under(chroot, &b.dest);
-        let is_dir = b.source.is_dir();
-        if let Some(dir) = target.parent() {
-            fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
-        }
-        if is_dir {
-            fs::create_dir_all(&target)
-        } else {
-            OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&target)
-                .map(drop)
-        }
-        .map_err(io_err(format!("create {}", target.display())))?;
-        let (src, dst) = (c(&b.source)?, c(&target)?);
-        sys::mount(Some(&src), &dst, None, libc::MS_BIND | libc::MS_REC)
-            .map_err(io_err(format!("--bind {}", b.source.display())))?;
+        let rel = b.dest.strip_prefix("/").unwrap_or(&b.dest);
+        let (dir, name) = match (rel.parent(), rel.file_name()) {
+            (Some(d), Some(n)) => (root.subdir(d)?, n),
+            _ => {
+                return Err(JailError::Invalid(format!(
+                    "--bind {}: {} cannot be a mount point",
+                    b.source.display(),
+                    b.dest.display()
+                )))
+            }
+        };
+        let target = dir.mount_point(name, b.source.is_dir())?;
+        let src = c(&b.source)?;
+        sys::mount(
+            Some(&src),
+            &place::fd_path(&target),
+            None,
+            libc::MS_BIND | libc::MS_REC,
+        )
+        .map_err(io_err(format!("--bind {}", b.source.display())))?;
+        // The mount itself, reached through the name (which now leads into it).
+        let mounted = dir.reopen(name)?;
         let mut flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_NOSUID | libc::MS_NODEV;
         if !b.writable {
             flags |= libc::MS_RDONLY;
         }
-        sys::mount(None, &dst, None, flags)
+        sys::mount(None, &place::fd_path(&mounted), None, flags)
             .map_err(io_err(format!("--bind {}: remount", b.source.display())))?;
     }
     std::env::set_current_dir(chroot).map_err(io_err(format!("chdir {}", chroot.display())))?;
@@ -472,68 +438,41 @@ fn enter_root(chroot: &Path, binds: &[Bind]) -> Result<(), JailError> {
     sys::chroot(c".").map_err(io_err("chroot"))
 }
 
-/// Inside the new root: the device nodes, `/run`, and the root itself handed to the VMM's
-/// uid/gid (so it can create its API socket and files there).
+/// The directories Firecracker's jailer makes in the jail and hands to the VMM's uid/gid with
+/// mode 0700 (`/run` holds the API socket by default).
+const FOLDERS: [&str; 4] = ["/", "/dev", "/dev/net", "/run"];
+
+/// Inside the new root: [`FOLDERS`] (never through a link) and the device nodes, each
+/// `crw-------` and the VMM's.
 fn populate(devices: &[(&str, u64)], uid: u32, gid: u32) -> Result<(), JailError> {
-    use std::os::unix::fs::chown;
+    use std::os::unix::fs::lchown;
+    let top = place::JailDir::open(Path::new("/"))?;
+    for f in FOLDERS {
+        top.subdir(Path::new(f))?.set_mode_owner(0o700, uid, gid)?;
+    }
     for (path, rdev) in devices {
         let p = Path::new(path);
         if let Some(dir) = p.parent() {
-            fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
+            top.subdir(dir)?;
         }
+        // Whatever is there (a node of a previous run, a link) goes; unlink follows nothing.
         let _ = fs::remove_file(p);
         let cpath = sys::cstr(p).map_err(io_err(format!("path {path}")))?;
-        sys::mknod_char(&cpath, 0o600, *rdev).map_err(io_err(format!("mknod {path}")))?;
-        chown(p, Some(uid), Some(gid)).map_err(io_err(format!("chown {path}")))?;
-    }
-    fs::create_dir_all("/run").map_err(io_err("create /run"))?;
-    for d in ["/run", "/"] {
-        chown(d, Some(uid), Some(gid)).map_err(io_err(format!("chown {d}")))?;
+        sys::mknod_char(&cpath, 0o600, *rdev).map_err(io_err(format!(
+            "Failed to create {path} via mknod inside the jail"
+        )))?;
+        lchown(p, Some(uid), Some(gid))
+            .map_err(io_err(format!("Failed to change owner for {path}")))?;
     }
     Ok(())
 }
 
-/// The forked child, PID 1 of the new PID namespace: join the cgroups, detach if asked, drop
-/// privileges, exec the VMM. Returns only on failure.
-fn child(
-    plan: &Plan,
-    cgroups: &[cgroup::VmCgroup],
-    dev_null: Option<i32>,
-    args: &JailArgs,
-) -> JailError {
-    let run = || -> Result<std::convert::Infallible, JailError> {
-        for cg in cgroups {
-            cg.join()
-                .map_err(io_err(format!("join the cgroup {}", cg.path.display())))?;
-        }
-        if let Some(null) = dev_null {
-            sys::setsid().map_err(io_err("setsid"))?;
-            for fd in 0..3 {
-                sys::dup2(null, fd).map_err(io_err("redirect stdio to /dev/null"))?;
-            }
-        }
-        sys::drop_privileges(args.uid, args.gid).map_err(io_err(format!(
-            "switch to uid {} gid {}",
-            args.uid, args.gid
-        )))?;
-        if !args.daemonize {
-            sys::parent_death_signal(libc::SIGKILL)
-                .map_err(io_err("set the parent-death signal"))?;
-        }
-        let path = sys::cstr(&Path::new("/").join(&plan.exec_name)).map_err(io_err("exec path"))?;
-        let e = sys::execve(&path, &plan.argv, &[]);
-        Err(io_err(format!("exec /{}", plan.exec_name))(e))
-    };
-    match run() {
-        Ok(never) => match never {},
-        Err(e) => e,
-    }
-}
-
 /// The `vessel-jailer` and `vessel jail` entry point: run, and turn an error into one line.
+/// Returns only where the jailer does not become the VMM: success once the VMM runs (with
+/// `--new-pid-ns` or `--daemonize`), or a failure.
 pub fn main_with(args: &JailArgs) -> std::process::ExitCode {
     match run(args) {
-        Ok(code) => std::process::ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("vessel-jailer: {e}");
             std::process::ExitCode::FAILURE
@@ -665,13 +604,28 @@ mod tests {
         refused(a, "must not be 0");
         let mut a = base(&[]);
         a.id = "../etc".into();
-        refused(a, "--id");
+        refused(a, "Invalid instance ID: Invalid char (.) at position 0");
         let mut a = base(&[]);
         a.exec_file = Some("/no/such/vmm".into());
-        refused(a, "--exec-file");
+        refused(
+            a,
+            "Failed to canonicalize path /no/such/vmm: No such file or directory (os error 2)",
+        );
+        let mut a = base(&[]);
+        a.exec_file = Some("/tmp".into());
+        refused(a, "/tmp is not a file");
         let mut a = base(&[]);
         a.exec_file = None;
-        refused(a, "--exec-file is required");
+        refused(
+            a,
+            "Failed to parse arguments: Argument 'exec-file' required, but not found.",
+        );
+        let mut a = base(&[]);
+        a.id = String::new();
+        refused(
+            a,
+            "Invalid instance ID: Invalid len (0);  the length must be between 1 and 64",
+        );
         refused(base(&["--parent-cgroup", "../up"]), "--parent-cgroup");
         refused(base(&["--chroot-base-dir", "rel"]), "absolute");
         refused(base(&["--bind", "/no/such/kernel"]), "no such file");

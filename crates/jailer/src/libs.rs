@@ -1,7 +1,6 @@
 //! Putting the VMM binary into the jail: the exec file, and, when it is dynamically linked, its
 //! program interpreter and shared libraries at the paths the loader will look for them
-//! (a static build needs nothing else). Files are hard-linked where the jail is on the same
-//! filesystem, copied otherwise.
+//! (a static build needs nothing else). [`crate::place`] copies them in.
 
 use std::fs;
 use std::io::Read;
@@ -109,33 +108,6 @@ pub fn runtime_files(exe: &Path) -> Result<Vec<PathBuf>, JailError> {
     Ok(files)
 }
 
-/// Hard-link `src` (symbolic links resolved) to `dest`, or copy it when that fails (another
-/// filesystem); an existing `dest` is replaced.
-pub fn link_or_copy(src: &Path, dest: &Path) -> Result<(), JailError> {
-    let real = fs::canonicalize(src).map_err(io_err(format!("resolve {}", src.display())))?;
-    if let Some(dir) = dest.parent() {
-        fs::create_dir_all(dir).map_err(io_err(format!("create {}", dir.display())))?;
-    }
-    match fs::remove_file(dest) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io_err(format!("replace {}", dest.display()))(e)),
-    }
-    if fs::hard_link(&real, dest).is_ok() {
-        return Ok(());
-    }
-    fs::copy(&real, dest).map(|_| ()).map_err(io_err(format!(
-        "copy {} to {}",
-        real.display(),
-        dest.display()
-    )))
-}
-
-/// `path` (absolute) as a path under `root`.
-pub fn under(root: &Path, path: &Path) -> PathBuf {
-    root.join(path.strip_prefix("/").unwrap_or(path))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -201,27 +173,5 @@ mod tests {
         f[ph..ph + 4].copy_from_slice(&0u32.to_le_bytes());
         f[56..58].copy_from_slice(&0xffffu16.to_le_bytes());
         assert_eq!(interpreter(&f), None);
-    }
-
-    #[test]
-    fn link_or_copy_replaces_and_resolves_links() {
-        let d = std::env::temp_dir().join(format!("vessel-jailer-{}-link", std::process::id()));
-        let _ = fs::remove_dir_all(&d);
-        fs::create_dir_all(&d).unwrap();
-        fs::write(d.join("real"), b"content").unwrap();
-        std::os::unix::fs::symlink("real", d.join("alias")).unwrap();
-        let dest = d.join("jail/lib/alias");
-        link_or_copy(&d.join("alias"), &dest).unwrap();
-        assert!(!fs::symlink_metadata(&dest)
-            .unwrap()
-            .file_type()
-            .is_symlink());
-        assert_eq!(fs::read(&dest).unwrap(), b"content");
-        link_or_copy(&d.join("alias"), &dest).unwrap();
-        assert_eq!(
-            under(Path::new("/j"), Path::new("/lib/x")),
-            PathBuf::from("/j/lib/x")
-        );
-        fs::remove_dir_all(&d).unwrap();
     }
 }

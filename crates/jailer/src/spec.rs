@@ -9,18 +9,24 @@ fn invalid(msg: impl Into<String>) -> JailError {
     JailError::Invalid(msg.into())
 }
 
-/// A VM id: 1 to 64 ASCII letters, digits and hyphens (Firecracker's rule). It becomes a path
-/// component and a cgroup name, so nothing else is allowed.
+/// A VM id: 1 to 64 ASCII letters, digits and hyphens (Firecracker's rule, which also takes
+/// other Unicode letters). It becomes a path component and a cgroup name, so nothing else is
+/// allowed. The messages are Firecracker's.
 pub fn validate_id(id: &str) -> Result<(), JailError> {
     if id.is_empty() || id.len() > 64 {
         return Err(invalid(format!(
-            "--id must be 1 to 64 characters, not {}",
+            "Invalid instance ID: Invalid len ({});  the length must be between 1 and 64",
             id.len()
         )));
     }
-    if !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+    if let Some((i, c)) = id
+        .chars()
+        .enumerate()
+        .find(|(_, c)| !c.is_ascii_alphanumeric() && *c != '-')
+    {
         return Err(invalid(format!(
-            "--id {id:?} may only hold letters, digits and hyphens"
+            "Invalid instance ID: Invalid char ({c}) at position {i} (--id may hold ASCII \
+             letters, digits and hyphens)"
         )));
     }
     Ok(())
@@ -211,8 +217,19 @@ mod tests {
     #[test]
     fn ids() {
         assert!(validate_id("551e7604-e35c-42b3-b825-416853441234").is_ok());
-        assert!(validate_id("").is_err());
-        assert!(validate_id(&"a".repeat(65)).is_err());
+        // Firecracker's messages, word for word (its suite matches them).
+        assert_eq!(
+            validate_id("").unwrap_err().to_string(),
+            "Invalid instance ID: Invalid len (0);  the length must be between 1 and 64"
+        );
+        assert!(validate_id(&"a".repeat(65))
+            .unwrap_err()
+            .to_string()
+            .starts_with("Invalid instance ID: Invalid len (65);"));
+        assert!(validate_id("ab/c")
+            .unwrap_err()
+            .to_string()
+            .starts_with("Invalid instance ID: Invalid char (/) at position 2"));
         assert!(validate_id(&"a".repeat(64)).is_ok());
         for bad in ["../x", "a/b", "a b", "a.b", "a_b"] {
             assert!(validate_id(bad).is_err(), "{bad}");

@@ -3,7 +3,7 @@
 
 use std::ffi::{CStr, CString};
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 fn check(r: libc::c_int) -> io::Result<libc::c_int> {
@@ -163,13 +163,6 @@ pub fn drop_privileges(uid: libc::uid_t, gid: libc::gid_t) -> io::Result<()> {
     check(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) }).map(drop)
 }
 
-/// Have the kernel send `sig` to this process when its parent (the jailer) dies. Set after the
-/// uid change, which clears it.
-pub fn parent_death_signal(sig: libc::c_int) -> io::Result<()> {
-    // SAFETY: prctl with integer arguments only.
-    check(unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) }).map(drop)
-}
-
 pub fn setrlimit(resource: libc::__rlimit_resource_t, value: u64) -> io::Result<()> {
     let lim = libc::rlimit {
         rlim_cur: value,
@@ -211,38 +204,47 @@ fn clock_us(clock: libc::clockid_t) -> u64 {
     ts.tv_sec as u64 * 1_000_000 + ts.tv_nsec as u64 / 1000
 }
 
-static CHILD: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
-
-extern "C" fn forward(sig: libc::c_int) {
-    let pid = CHILD.load(std::sync::atomic::Ordering::Relaxed);
-    if pid > 0 {
-        // SAFETY: kill is async-signal-safe and takes integers.
-        unsafe { libc::kill(pid, sig) };
-    }
+/// Whether the calling process leads its session (its pid is its session id).
+pub fn is_session_leader() -> io::Result<bool> {
+    // SAFETY: getsid(0) asks about the calling process; no memory is involved.
+    let sid = check(unsafe { libc::getsid(0) })?;
+    Ok(sid == std::process::id() as libc::pid_t)
 }
 
-/// Pass SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 received by the jailer on to
-/// `child` (the VMM, which as its PID namespace's init only gets the signals it handles).
-pub fn forward_signals_to(child: libc::pid_t) -> io::Result<()> {
-    CHILD.store(child, std::sync::atomic::Ordering::Relaxed);
-    for sig in [
-        libc::SIGINT,
-        libc::SIGTERM,
-        libc::SIGHUP,
-        libc::SIGQUIT,
-        libc::SIGUSR1,
-        libc::SIGUSR2,
-    ] {
-        // SAFETY: a zeroed sigaction is a valid starting point; we set the handler (an
-        // extern "C" fn that only calls kill) and SA_RESTART, then install it.
-        let r = unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = forward as *const () as libc::sighandler_t;
-            sa.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(sig, &sa, std::ptr::null_mut())
-        };
-        check(r)?;
-    }
-    Ok(())
+pub fn kill(pid: libc::pid_t, sig: libc::c_int) -> io::Result<()> {
+    // SAFETY: kill takes integers only.
+    check(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// openat(2) relative to `dir`; the descriptor returned is close-on-exec.
+pub fn openat(
+    dir: BorrowedFd<'_>,
+    name: &CStr,
+    flags: libc::c_int,
+    mode: libc::mode_t,
+) -> io::Result<OwnedFd> {
+    // SAFETY: name is a NUL-terminated string that outlives the call; dir is a live
+    // descriptor borrowed for the call.
+    let fd = check(unsafe {
+        libc::openat(
+            dir.as_raw_fd(),
+            name.as_ptr(),
+            flags | libc::O_CLOEXEC,
+            libc::c_uint::from(mode),
+        )
+    })?;
+    // SAFETY: openat just returned this descriptor, which nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// mkdirat(2) relative to `dir`.
+pub fn mkdirat(dir: BorrowedFd<'_>, name: &CStr, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: name is a NUL-terminated string that outlives the call; dir is a live
+    // descriptor borrowed for the call.
+    check(unsafe { libc::mkdirat(dir.as_raw_fd(), name.as_ptr(), mode) }).map(drop)
+}
+
+pub fn fchmod(fd: BorrowedFd<'_>, mode: libc::mode_t) -> io::Result<()> {
+    // SAFETY: fchmod on a live descriptor borrowed for the call.
+    check(unsafe { libc::fchmod(fd.as_raw_fd(), mode) }).map(drop)
 }

@@ -57,7 +57,7 @@ pub struct BarReprogram {
 /// Why a device could not be put on the bus.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum PciBusError {
-    #[error("no free PCI slot")]
+    #[error("Could not find an available device slot on the PCI bus.")]
     Full,
     #[error("PCI slot {0} is taken or does not exist")]
     SlotInUse(u8),

@@ -42,6 +42,9 @@ pub enum SnapshotError {
     },
     #[error("not a Vessel snapshot state file (bad magic)")]
     BadMagic,
+    /// Shorter than the header (Firecracker's words first).
+    #[error("IO Error: File too short to contain CRC: {0} bytes, a state file's header has {HEADER_LEN}")]
+    TooShort(u64),
     #[error("snapshot format version {found}, this Vessel reads version {supported}")]
     Version { found: u32, supported: u32 },
     #[error("snapshot state is truncated: {have} of {want} bytes")]
@@ -124,14 +127,11 @@ pub fn decode<T: DeserializeOwned>(file: &[u8]) -> Result<T, SnapshotError> {
 
 /// Checks the header and checksum; returns the payload.
 fn check(file: &[u8]) -> Result<&[u8], SnapshotError> {
-    if file.len() < 8 || &file[..8] != MAGIC {
-        return Err(SnapshotError::BadMagic);
-    }
     if file.len() < HEADER_LEN {
-        return Err(SnapshotError::Truncated {
-            have: file.len() as u64,
-            want: HEADER_LEN as u64,
-        });
+        return Err(SnapshotError::TooShort(file.len() as u64));
+    }
+    if &file[..8] != MAGIC {
+        return Err(SnapshotError::BadMagic);
     }
     let version = u32_at(file, 8);
     if version != FORMAT_VERSION {
@@ -266,10 +266,15 @@ mod tests {
     #[test]
     fn damaged_files_are_refused() {
         let good = encode(&sample()).unwrap();
-        // Every truncation is refused.
+        // Every truncation is refused; one shorter than the header in Firecracker's words.
         for n in 0..good.len() {
             assert!(decode::<S>(&good[..n]).is_err(), "truncated to {n}");
         }
+        let e = decode::<S>(&[]).unwrap_err();
+        assert!(matches!(e, SnapshotError::TooShort(0)));
+        assert!(e
+            .to_string()
+            .starts_with("IO Error: File too short to contain CRC"));
         // Any flipped payload byte fails the checksum.
         for i in HEADER_LEN..good.len() {
             let mut bad = good.clone();

@@ -41,8 +41,8 @@ pub enum FirecrackerError {
     /// `--no-api` without a configuration to boot.
     #[error("--no-api needs --config-file")]
     NoApiWithoutConfig,
-    /// `--metadata` cannot be read.
-    #[error("cannot read the metadata file {}", .path.display())]
+    /// `--metadata` cannot be read (Firecracker's words, then the file).
+    #[error("Unable to open or read from the mmds content file {}", .path.display())]
     Metadata {
         /// The metadata file.
         path: PathBuf,
@@ -50,6 +50,12 @@ pub enum FirecrackerError {
         #[source]
         source: std::io::Error,
     },
+    /// `--metadata` is not JSON.
+    #[error("MMDS error: metadata provided not valid json")]
+    MetadataJson(#[source] serde_json::Error),
+    /// `--metadata` does not fit the MMDS store.
+    #[error("Populating MMDS from file failed")]
+    MetadataPut(#[source] ApiError),
     /// An eventfd could not be made or cloned.
     #[error("eventfd")]
     EventFd(#[source] std::io::Error),
@@ -59,11 +65,8 @@ pub enum FirecrackerError {
     /// `--metrics-path` was refused.
     #[error("--metrics-path")]
     MetricsPath(#[source] ApiError),
-    /// The API refused the initial configuration (`--metadata`).
-    #[error(transparent)]
-    Api(#[from] ApiError),
     /// The API socket cannot be served.
-    #[error("cannot serve the API on {}", .path.display())]
+    #[error("Failed to open the API socket at: {}. Check that it is not already used.", .path.display())]
     Serve {
         /// The socket path.
         path: PathBuf,
@@ -71,15 +74,18 @@ pub enum FirecrackerError {
         #[source]
         source: std::io::Error,
     },
-    /// `--config-file` does not describe a VM that starts.
-    #[error("{}", .path.display())]
+    /// `--config-file` does not describe a VM (Firecracker's words, then the file).
+    #[error("Configuration for VMM from one single json failed: {}", .path.display())]
     ConfigFile {
         /// The configuration file.
         path: PathBuf,
-        /// Why the VM did not start from it.
+        /// What is wrong with it.
         #[source]
         source: ApiError,
     },
+    /// The VM described by `--config-file` did not start.
+    #[error("Failed to build MicroVM from Json: Could not Start MicroVM from one single json")]
+    ConfigStart(#[source] ApiError),
     /// A helper thread could not be started.
     #[error("cannot start a thread")]
     Thread(#[source] std::io::Error),
@@ -296,6 +302,30 @@ fn report_startup(metrics: &vessel_api::Metrics, args: &FirecrackerArgs, started
     log::info!("API server listening: process startup {wall} us, {cpu} CPU us");
 }
 
+/// Runs Firecracker mode ([`run`]) and, as Firecracker, logs how it ended: the error's chain
+/// and `Firecracker exiting with error. exit_code=N`, or `Firecracker exiting successfully`.
+/// The error still goes to stderr too.
+pub fn main(args: FirecrackerArgs, started_us: u64) -> ExitCode {
+    match run(args, started_us) {
+        Ok(code) => {
+            if code == ExitCode::SUCCESS {
+                log::info!("Firecracker exiting successfully. exit_code=0");
+            }
+            code
+        }
+        Err(e) => {
+            let chain = vessel_vmm::ErrorChain(&e).to_string();
+            eprintln!("vessel: {chain}");
+            // Without a log file, records go to stderr, which has the error already.
+            if logger::has_file() {
+                log::error!("{chain}");
+                log::error!("Firecracker exiting with error. exit_code=1");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// Runs Firecracker mode to the end of the VM; `started_us` is when `main` began
 /// (CLOCK_MONOTONIC, microseconds).
 pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, FirecrackerError> {
@@ -307,6 +337,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         .clone()
         .unwrap_or_else(|| "anonymous-instance".to_string());
     logger::set_instance_id(&id);
+    crate::fc::signals::install(&id).map_err(FirecrackerError::SignalHandler)?;
     logger::set_options(logger::Options {
         show_level: args.show_level,
         show_origin: args.show_log_origin,
@@ -326,13 +357,19 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         .mmds_size_limit
         .or(args.http_api_max_payload_size)
         .unwrap_or(vessel_api::resources::DEFAULT_MMDS_LIMIT);
+    log::info!(
+        "Running Firecracker v{}",
+        vessel_api::FIRECRACKER_API_VERSION
+    );
     let metadata = match &args.metadata {
         Some(p) => {
+            let text = std::fs::read_to_string(p).map_err(|source| FirecrackerError::Metadata {
+                path: p.clone(),
+                source,
+            })?;
             Some(
-                std::fs::read_to_string(p).map_err(|source| FirecrackerError::Metadata {
-                    path: p.clone(),
-                    source,
-                })?,
+                serde_json::from_str::<serde_json::Value>(&text)
+                    .map_err(FirecrackerError::MetadataJson)?,
             )
         }
         None => None,
@@ -375,7 +412,12 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
     }
 
     if let (None, Some(md)) = (&args.config_file, &metadata) {
-        lock(&ctl).resources().put_metadata(md)?;
+        lock(&ctl)
+            .resources()
+            .mmds
+            .put(md.clone())
+            .map_err(FirecrackerError::MetadataPut)?;
+        log::info!("Successfully added metadata to mmds from file");
     }
     // Once the server runs, its threads hold the controller while the main thread answers
     // their calls: from here on the main thread must not lock it.
@@ -402,6 +444,9 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         )
     };
 
+    if !args.no_api {
+        log::info!("API server started.");
+    }
     report_startup(&metrics, &args, started_us);
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
@@ -411,16 +456,29 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         let ctl = ctl.clone();
         let wake = wake.try_clone().map_err(FirecrackerError::EventFd)?;
         vessel_vmm::spawn_helper("config-file", move || {
-            let r = VmResources::from_config_file(&path, None).and_then(|mut res| {
-                res.mmds.set_limit(mmds_limit);
-                if let Some(md) = &metadata {
-                    res.put_metadata(md)?;
+            let r = VmResources::from_config_file(&path, None)
+                .map_err(|source| FirecrackerError::ConfigFile {
+                    path: path.clone(),
+                    source,
+                })
+                .and_then(|mut res| {
+                    res.mmds.set_limit(mmds_limit);
+                    if let Some(md) = &metadata {
+                        res.mmds
+                            .put(md.clone())
+                            .map_err(FirecrackerError::MetadataPut)?;
+                        log::info!("Successfully added metadata to mmds from file");
+                    }
+                    boot_config(&ctl, res).map_err(FirecrackerError::ConfigStart)
+                });
+            match r {
+                Ok(()) => log::info!(
+                    "Successfully started microvm that was configured from one single json"
+                ),
+                Err(e) => {
+                    let _ = failed_tx.send(e);
+                    let _ = wake.write(1);
                 }
-                boot_config(&ctl, res)
-            });
-            if let Err(e) = r {
-                let _ = failed_tx.send(FirecrackerError::ConfigFile { path, source: e });
-                let _ = wake.write(1);
             }
         })
         .map_err(FirecrackerError::Thread)?;

@@ -12,6 +12,8 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -83,8 +85,17 @@ static LOGGER: Logger = Logger {
     }),
 };
 
+/// The descriptor of the log file, -1 until one is configured: for a signal handler, which
+/// cannot take the logger's lock (see `fc::signals`).
+static LOG_FD: AtomicI32 = AtomicI32::new(-1);
+
+/// The configured log file's descriptor, written to directly by signal handlers.
+pub fn raw_fd() -> Option<i32> {
+    Some(LOG_FD.load(Ordering::Acquire)).filter(|fd| *fd >= 0)
+}
+
 /// `days` since 1970-01-01 as (year, month, day) in the proleptic Gregorian calendar.
-fn civil_from_days(days: i64) -> (i64, u32, u32) {
+pub(crate) fn civil_from_days(days: i64) -> (i64, u32, u32) {
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);
@@ -154,6 +165,11 @@ pub fn set_options(options: Options) {
     LOGGER.lock().options = options;
 }
 
+/// Whether records go to a log file (else to stderr).
+pub fn has_file() -> bool {
+    LOGGER.lock().file.is_some()
+}
+
 /// Sends further records to `path` (appended). A FIFO is opened read-write and non-blocking,
 /// so opening it never waits for a reader and a full FIFO never blocks the VMM.
 pub fn set_path(path: &str) -> std::io::Result<()> {
@@ -164,7 +180,9 @@ pub fn set_path(path: &str) -> std::io::Result<()> {
         .create(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    LOGGER.lock().file = Some(f);
+    let mut state = LOGGER.lock();
+    LOG_FD.store(f.as_raw_fd(), Ordering::Release);
+    state.file = Some(f);
     Ok(())
 }
 

@@ -338,6 +338,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             Payload::Linux { .. } | Payload::Firmware(_) => LINUX_MEMORY,
         }),
         serial: args.serial,
+        serial_limit: None,
         nested: args.nested,
         profile_ms: args.profile,
         devices: DeviceConfigs {
@@ -345,6 +346,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             nets: args.net,
             vsock: args.vsock,
             rng: args.rng,
+            rng_rate_limiter: None,
             balloon: args.balloon,
             pmem: args.pmem,
         },
@@ -402,12 +404,25 @@ fn usage_error(e: clap::Error) -> ExitCode {
 /// parse as the version of the API they will talk to (Kata Containers: first line, second
 /// word, leading 'v' stripped, at least 0.21.1); it gives the Firecracker API version Vessel
 /// implements, and names Vessel's own version after it.
-fn version_text() -> String {
-    format!(
-        "Vessel v{api} (Firecracker API v{api}; vessel {own})\n",
-        api = vessel_api::FIRECRACKER_API_VERSION,
-        own = env!("CARGO_PKG_VERSION")
-    )
+/// Invoked as `firecracker`, the first line is exactly Firecracker's (`Firecracker v1.16.1`),
+/// which Firecracker's own tests parse.
+fn version_text(as_firecracker: bool) -> String {
+    let api = vessel_api::FIRECRACKER_API_VERSION;
+    let own = env!("CARGO_PKG_VERSION");
+    if as_firecracker {
+        format!("Firecracker v{api}\n\nVessel v{own}, a Firecracker-compatible VMM\n")
+    } else {
+        format!("Vessel v{api} (Firecracker API v{api}; vessel {own})\n")
+    }
+}
+
+/// Whether the process was started under the name `firecracker` (a drop-in binary or link).
+fn invoked_as_firecracker() -> bool {
+    std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == "firecracker"))
+        .unwrap_or(false)
 }
 
 /// Whether the command line names a flag other than Vessel's own `--log-level` (all the
@@ -430,8 +445,9 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => return usage_error(e),
     };
+    let as_firecracker = invoked_as_firecracker();
     if cli.version {
-        print!("{}", version_text());
+        print!("{}", version_text(as_firecracker));
         return ExitCode::SUCCESS;
     }
     logger::init(cli.log_level);
@@ -446,8 +462,9 @@ fn main() -> ExitCode {
     }
     let command = match cli.command {
         Some(c) => c,
-        None if names_a_firecracker_flag(&matches) => {
-            return finish(firecracker::run(cli.firecracker, started_us));
+        // As `firecracker`, no flag at all serves /run/firecracker.socket, as Firecracker.
+        None if as_firecracker || names_a_firecracker_flag(&matches) => {
+            return firecracker::main(cli.firecracker, started_us);
         }
         None => {
             // No subcommand and no Firecracker flag: help, as for any incomplete command.

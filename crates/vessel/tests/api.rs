@@ -332,10 +332,16 @@ fn bad_config_files_and_flags_fail_with_one_line() {
         r#"{"machine-config": {"vcpu_count": 1, "mem_size_mib": 32}}"#,
     )
     .unwrap();
+    let log = dir.join("fc.log");
     let out = run_with_timeout(
         {
             let mut c = vessel();
-            c.arg("--config-file").arg(&config).arg("--no-api");
+            c.arg("--config-file")
+                .arg(&config)
+                .arg("--no-api")
+                .arg("--log-path")
+                .arg(&log)
+                .args(["--level", "Info"]);
             c
         },
         LIMIT,
@@ -346,6 +352,44 @@ fn bad_config_files_and_flags_fail_with_one_line() {
         "{}",
         text(&out.stderr)
     );
+    // The log file says it in Firecracker's words, then how the process ended.
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = logged.lines().collect();
+    assert!(lines[0].contains("] Running Firecracker v"), "{logged}");
+    assert!(
+        logged.contains("Configuration for VMM from one single json failed"),
+        "{logged}"
+    );
+    assert!(
+        lines
+            .last()
+            .is_some_and(|l| l.ends_with("] Firecracker exiting with error. exit_code=1")),
+        "{logged}"
+    );
+    // --metadata: a missing file and one that is not JSON, in Firecracker's words.
+    let sock = dir.join("md.sock");
+    for (file, want) in [
+        (
+            dir.join("missing.json"),
+            "Unable to open or read from the mmds content file",
+        ),
+        (
+            dir.join("bad.json"),
+            "MMDS error: metadata provided not valid json",
+        ),
+    ] {
+        std::fs::write(dir.join("bad.json"), "{\"a\": ").unwrap();
+        let out = run_with_timeout(
+            {
+                let mut c = vessel();
+                c.arg("--api-sock").arg(&sock).arg("--metadata").arg(&file);
+                c
+            },
+            LIMIT,
+        );
+        assert!(!out.status.success());
+        assert!(text(&out.stderr).contains(want), "{}", text(&out.stderr));
+    }
     let out = run_with_timeout(
         {
             let mut c = vessel();
@@ -553,13 +597,43 @@ fn logger_writes_levelled_lines_to_the_log_path() {
     );
     let mut c = v.client();
     expect(&mut c, "GET", "/version", None, 200);
+    expect(
+        &mut c,
+        "PUT",
+        "/machine-config",
+        Some(json!({"vcpu_count": 1, "mem_size_mib": 32})),
+        204,
+    );
     let s = std::fs::read_to_string(&log).unwrap();
+    // Firecracker's lines, which its tools and tests wait for: the first line, the socket
+    // listening, and each request (with its body, escaped as Firecracker writes it).
+    let first = s.lines().next().unwrap_or("");
+    assert!(
+        first.ends_with(&format!(
+            "[api-test:main:INFO] Running Firecracker v{}",
+            vessel_api::FIRECRACKER_API_VERSION
+        )),
+        "{s}"
+    );
+    assert!(
+        s.lines().any(|l| l.ends_with(":INFO] API server started.")),
+        "{s}"
+    );
     assert!(
         s.lines()
             .any(|l| l.contains("[api-test:vessel-api-conn:INFO] ")
-                && l.contains("received a GET request on \"/version\"")),
+                && l.ends_with("received a Get request on \"/version\".")),
         "{s}"
     );
+    assert!(
+        s.lines().any(|l| l.contains(
+            r#"The API server received a Put request on "/machine-config" with body "{\""#
+        ) && l.contains(r#"\"mem_size_mib\":32"#)
+            && l.ends_with(r#"}"."#)),
+        "{s}"
+    );
+    // Durations are logged at Debug only.
+    assert!(!s.contains("Total previous API call duration"), "{s}");
     // Now warnings only, with their origin, to a second file.
     let log2 = dir.join("vessel2.log");
     expect(
@@ -783,8 +857,16 @@ fn metrics_path_mmds_limit_and_module_flags() {
     let ver = expect(&mut c, "GET", "/version", None, 200);
     assert_eq!(
         ver,
-        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION,
-               "vessel_version": env!("CARGO_PKG_VERSION")})
+        json!({"firecracker_version": vessel_api::FIRECRACKER_API_VERSION})
+    );
+    // Vessel's own version is in its Prometheus metrics.
+    let prom = call(&mut c, "GET", "/vessel/metrics", None).text();
+    assert!(
+        prom.contains(&format!(
+            "vessel_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "{prom}"
     );
     // The metrics sink is already configured.
     let e = expect(
@@ -841,7 +923,7 @@ fn metrics_path_mmds_limit_and_module_flags() {
     assert_eq!(v.wait_exit(LIMIT), Some(0), "{}", v.stderr());
     // The API's records (module vessel_api) are filtered out of the log.
     let s = std::fs::read_to_string(&log).unwrap_or_default();
-    assert!(!s.contains("received a GET request"), "{s}");
+    assert!(!s.contains("received a Get request"), "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -998,6 +1080,186 @@ fn cloud_init_seed_through_the_api() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A FIFO with a reader thread collecting what is written to it.
+fn fifo_reader(path: &Path) -> std::sync::Arc<std::sync::Mutex<String>> {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path we own.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let (p, o) = (path.to_path_buf(), out.clone());
+    std::thread::spawn(move || {
+        use std::io::Read;
+        // Blocks until the writer opens it; ends when it closes.
+        let Ok(mut f) = std::fs::File::open(&p) else {
+            return;
+        };
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            o.lock()
+                .unwrap()
+                .push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    });
+    out
+}
+
+/// What Kata Containers' Firecracker driver does: logger and metrics on FIFOs, a read-only
+/// root drive and 0-byte placeholder drives (the container's disk is put in one later with
+/// `PATCH /drives`), vsock with a hybrid-vsock socket, vCPU threads found by the name
+/// `fc_vcpu N`, and SIGTERM to stop it.
+#[test]
+fn a_kata_shaped_configuration_runs() {
+    let dir = scratch("api-kata");
+    let kernel = write_kernel(&dir, ticker(None));
+    let root = disk(&dir, "root.img", 1);
+    let placeholder = dir.join("drive_0.img");
+    std::fs::write(&placeholder, b"").unwrap();
+    let container = disk(&dir, "container.img", 2);
+    let (log, metrics) = (dir.join("log.fifo"), dir.join("metrics.fifo"));
+    let log_out = fifo_reader(&log);
+    let metrics_out = fifo_reader(&metrics);
+    let mut v = start_vessel(&dir, &[]);
+    let mut c = v.client();
+    let put = |c: &mut Client, path: &str, body: Value| expect(c, "PUT", path, Some(body), 204);
+    put(
+        &mut c,
+        "/logger",
+        json!({"log_path": log, "level": "Debug", "show_level": true, "show_log_origin": true}),
+    );
+    put(&mut c, "/metrics", json!({ "metrics_path": metrics }));
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    put(
+        &mut c,
+        "/boot-source",
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+    );
+    put(
+        &mut c,
+        "/drives/rootfs",
+        json!({"drive_id": "rootfs", "path_on_host": root, "is_root_device": false, "is_read_only": true}),
+    );
+    put(
+        &mut c,
+        "/drives/drive_0",
+        json!({"drive_id": "drive_0", "path_on_host": placeholder, "is_root_device": false, "is_read_only": false}),
+    );
+    put(
+        &mut c,
+        "/vsock",
+        json!({"guest_cid": 3, "uds_path": dir.join("kata.hvsock")}),
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    v.wait_console("ticks", LIMIT, |s| ticks(s) >= 1);
+    // A metrics line at InstanceStart, in Firecracker's schema.
+    let t = Instant::now();
+    while !metrics_out.lock().unwrap().contains('\n') {
+        assert!(t.elapsed() < LIMIT, "no metrics line at start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let first = metrics_out
+        .lock()
+        .unwrap()
+        .lines()
+        .next()
+        .unwrap()
+        .to_string();
+    let line: Value = serde_json::from_str(&first).unwrap();
+    assert!(
+        line["block"].is_object() && line["signals"].is_object(),
+        "{line}"
+    );
+    // The container's disk goes into the placeholder.
+    expect(
+        &mut c,
+        "PATCH",
+        "/drives/drive_0",
+        Some(json!({"drive_id": "drive_0", "path_on_host": container})),
+        204,
+    );
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(
+        cfg["drives"][1]["path_on_host"],
+        container.as_str(),
+        "{cfg}"
+    );
+    // Kata finds the vCPU threads by name.
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", v.child.id())).unwrap();
+    let names: Vec<String> = tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect();
+    assert!(names.iter().any(|n| n == "fc_vcpu 0"), "{names:?}");
+    // The log FIFO has Firecracker's lines.
+    let logged = log_out.lock().unwrap().clone();
+    assert!(
+        logged
+            .contains(r#"The API server received a Patch request on "/drives/drive_0" with body"#),
+        "{logged}"
+    );
+    // SIGTERM ends it.
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
+    assert!(v.wait_exit(LIMIT).is_some(), "{}", v.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A TAP is opened when it is configured, as Firecracker does: a multi-queue TAP (which a
+/// single-queue open cannot attach to) and a TAP another interface uses are refused at
+/// `PUT /network-interfaces` in Firecracker's words.
+#[test]
+fn unusable_taps_are_refused_when_configured() {
+    let dir = scratch("api-taps");
+    let tap = format!("vmq{}", std::process::id() % 100_000);
+    if !sh(&format!("ip tuntap add name {tap} mode tap multi_queue")) {
+        eprintln!("skipped: cannot create a TAP here (needs CAP_NET_ADMIN)");
+        return;
+    }
+    let v = start_vessel(&dir, &[]);
+    let mut c = v.client();
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(json!({"iface_id": "eth0", "host_dev_name": tap})),
+        400,
+    );
+    let want = format!(
+        "Could not create the network device: Open tap device failed: Error while creating ifreq structure: Invalid argument (os error 22). Invalid TUN/TAP Backend provided by {tap}. Check our documentation on setting up the network devices."
+    );
+    assert!(fault(&e).contains(&want), "{e}");
+    sh(&format!("ip link delete {tap}"));
+    // A single-queue TAP is fine once; a second interface on it is refused.
+    let single = format!("vsq{}", std::process::id() % 100_000);
+    assert!(sh(&format!("ip tuntap add name {single} mode tap")));
+    expect(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(json!({"iface_id": "eth0", "host_dev_name": single})),
+        204,
+    );
+    let e = expect(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(json!({"iface_id": "eth1", "host_dev_name": single})),
+        400,
+    );
+    assert!(
+        fault(&e).contains("Could not create the network device: Open tap device failed"),
+        "{e}"
+    );
+    sh(&format!("ip link delete {single}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// virtio-pmem through the socket, as Firecracker's suite uses it: an empty backing file
 /// fails `InstanceStart` with Firecracker's words and changes nothing; with real files the VM
 /// starts (the regions are mapped into KVM), `PATCH /pmem/{id}` reaches the running device,
@@ -1070,8 +1332,8 @@ fn pmem_devices_start_patch_and_count() {
         cfg["pmem"],
         json!([
             {"id": "data", "path_on_host": data, "root_device": false, "read_only": false,
-             "rate_limiter": {"bandwidth": {"size": 4096, "refill_time": 100},
-                              "ops": {"size": 10, "refill_time": 1000}}},
+             "rate_limiter": {"bandwidth": {"size": 4096, "one_time_burst": null, "refill_time": 100},
+                              "ops": {"size": 10, "one_time_burst": null, "refill_time": 1000}}},
             {"id": "ro", "path_on_host": ro, "root_device": false, "read_only": true,
              "rate_limiter": null}
         ]),
@@ -1083,14 +1345,18 @@ fn pmem_devices_start_patch_and_count() {
     for group in ["pmem", "pmem_data", "pmem_ro"] {
         assert_eq!(m[group]["event_fails"], 0, "{group}: {m}");
     }
-    assert!(
-        m["put_api_requests"]["pmem_count"].as_u64() >= Some(3),
-        "{m}"
-    );
-    assert!(
-        m["patch_api_requests"]["pmem_fails"].as_u64() >= Some(1),
-        "{m}"
-    );
+    // Counts are since the previous line (one is written at InstanceStart): all of them.
+    let total = |group: &str, key: &str| -> u64 {
+        lines
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|l| l[group][key].as_u64())
+            .sum()
+    };
+    assert_eq!(total("put_api_requests", "pmem_count"), 4, "{lines}");
+    assert_eq!(total("put_api_requests", "pmem_fails"), 1, "{lines}");
+    assert_eq!(total("patch_api_requests", "pmem_count"), 2, "{lines}");
+    assert_eq!(total("patch_api_requests", "pmem_fails"), 1, "{lines}");
 
     // A snapshot keeps the devices: a new process maps the same files at the same places.
     let (state, mem) = (dir.join("pmem.state"), dir.join("pmem.mem"));

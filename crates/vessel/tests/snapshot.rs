@@ -432,6 +432,8 @@ fn clones_of_one_snapshot_get_fresh_generation_ids_and_their_own_vsock_cids() {
     );
     create(&a, &state, &mem, "Full");
     drop(a);
+    // A restore does not read the kernel again (a clone in another jail has none).
+    std::fs::remove_file(&kernel).unwrap();
 
     // Two clones of the same files, running side by side.
     let clone = |name: &str, cid: u32| {
@@ -451,6 +453,14 @@ fn clones_of_one_snapshot_get_fresh_generation_ids_and_their_own_vsock_cids() {
         );
         let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
         assert_eq!(cfg["vsock"]["guest_cid"], cid, "{cfg}");
+        // The whole recorded configuration, in Firecracker's shape.
+        assert_eq!(cfg["machine-config"]["mem_size_mib"], 64, "{cfg}");
+        assert_eq!(
+            cfg["boot-source"],
+            json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0", "initrd_path": null}),
+            "{cfg}"
+        );
+        assert_eq!(cfg["drives"], json!([]), "{cfg}");
         v
     };
     let b = clone("b", 7);

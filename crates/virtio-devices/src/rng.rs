@@ -1,7 +1,9 @@
 //! virtio-rng (entropy device, virtio 1.2 section 5.4): one request queue; every
 //! device-writable buffer of a chain is filled with bytes from the host's `getrandom(2)`,
 //! written straight into guest memory. At most [`MAX_BYTES_PER_REQUEST`] bytes per chain, so a
-//! huge chain from a hostile driver cannot stall the worker.
+//! huge chain from a hostile driver cannot stall the worker. An optional rate limiter
+//! (Firecracker's entropy `rate_limiter`: bytes and requests) leaves a request that does not
+//! fit in the queue until its timer fires.
 
 use std::io;
 use std::os::unix::io::AsRawFd;
@@ -12,7 +14,8 @@ use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{GuestAddress, GuestMemoryBackend, VolatileSlice};
 use vmm_sys_util::epoll::EventSet;
 
-use vessel_virtio::worker::{consume, drain_queue, EventHandler, Worker, WorkerControl};
+use vessel_ratelimit::{RateLimiter, RateLimiterConfig};
+use vessel_virtio::worker::{consume, drain_queue_while, EventHandler, Worker, WorkerControl};
 use vessel_virtio::{
     device_type, features, ActivateContext, ActivateError, ActiveQueue, DeviceHealth, VirtioDevice,
     VirtioInterrupt,
@@ -26,11 +29,31 @@ pub const MAX_BYTES_PER_REQUEST: usize = 64 * 1024;
 /// The virtio entropy device.
 pub struct Rng {
     worker: Option<Worker>,
+    limiter: RateLimiter,
 }
 
+const KICK_TOKEN: u64 = 0;
+const LIMITER_TOKEN: u64 = 1;
+
 impl Rng {
+    /// A device with no rate limit.
     pub fn new() -> Self {
-        Rng { worker: None }
+        Rng {
+            worker: None,
+            limiter: RateLimiter::unlimited().expect("a timerfd for the rate limiter"),
+        }
+    }
+
+    /// A device limited by `limit` (bytes handed out and requests), if given.
+    pub fn with_limiter(limit: Option<&RateLimiterConfig>) -> io::Result<Self> {
+        let limiter = match limit {
+            Some(c) => RateLimiter::new(c)?,
+            None => RateLimiter::unlimited()?,
+        };
+        Ok(Rng {
+            worker: None,
+            limiter,
+        })
     }
 }
 
@@ -61,12 +84,16 @@ impl VirtioDevice for Rng {
     fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
         self.worker = None;
         let queue = ctx.take_queue(0).ok_or(ActivateError::MissingQueue(0))?;
-        let fds = [(queue.kick.as_raw_fd(), 0, EventSet::IN)];
+        let fds = [
+            (queue.kick.as_raw_fd(), KICK_TOKEN, EventSet::IN),
+            (self.limiter.as_raw_fd(), LIMITER_TOKEN, EventSet::IN),
+        ];
         let handler = RngHandler {
             mem: ctx.mem,
             queue,
             interrupt: ctx.interrupt,
             health: ctx.health,
+            limiter: self.limiter.clone(),
         };
         let worker = Worker::spawn("virtio-rng", &fds, handler).map_err(ActivateError::Worker)?;
         self.worker = Some(worker);
@@ -89,28 +116,49 @@ struct RngHandler {
     queue: ActiveQueue,
     interrupt: std::sync::Arc<dyn VirtioInterrupt>,
     health: DeviceHealth,
+    limiter: RateLimiter,
 }
 
 impl RngHandler {
     fn process(&mut self) {
-        let mem = &self.mem;
-        drain_queue(
+        let (mem, limiter) = (&self.mem, &self.limiter);
+        drain_queue_while(
             &mut self.queue.queue,
             self.queue.index,
             mem,
             self.interrupt.as_ref(),
             &self.health,
-            |chain| fill_chain(mem, chain, MAX_BYTES_PER_REQUEST),
+            |chain| {
+                if limiter.is_limited() {
+                    let bytes = writable_len(chain.clone()).min(MAX_BYTES_PER_REQUEST as u64);
+                    if !limiter.try_consume(1, bytes) {
+                        return None;
+                    }
+                }
+                Some(fill_chain(mem, chain, MAX_BYTES_PER_REQUEST))
+            },
         );
     }
 }
 
 impl EventHandler for RngHandler {
-    fn handle_event(&mut self, _token: u64, _: EventSet, _: &mut WorkerControl) -> io::Result<()> {
-        consume(&self.queue.kick);
+    fn handle_event(&mut self, token: u64, _: EventSet, _: &mut WorkerControl) -> io::Result<()> {
+        if token == LIMITER_TOKEN {
+            self.limiter.on_timer();
+        } else {
+            consume(&self.queue.kick);
+        }
         self.process();
         Ok(())
     }
+}
+
+/// The bytes a chain's device-writable buffers hold.
+fn writable_len(chain: DescriptorChain<&GuestMemoryMmap>) -> u64 {
+    chain
+        .filter(|d| d.is_write_only())
+        .map(|d| u64::from(d.len()))
+        .sum()
 }
 
 /// Fills the device-writable buffers of `chain` with random bytes, at most `cap` in all, and
@@ -313,6 +361,8 @@ mod tests {
     use super::testing::*;
     use super::*;
     use std::sync::Arc;
+    use std::time::{Duration, Instant};
+    use vessel_virtio::worker::drain_queue;
     use vessel_virtio::InterruptCause;
     use virtio_queue::mock::MockSplitQueue;
     use virtio_queue::{Queue, QueueOwnedT};
@@ -410,6 +460,45 @@ mod tests {
         add_chain(&vq, 1, &[(0x8_1000, 64, true)]);
         kick.write(1).unwrap();
         assert_eq!(vq.used().idx().load(), 1);
+    }
+
+    #[test]
+    fn a_rate_limited_request_waits_in_the_queue_for_the_timer() {
+        let m = mem();
+        let vq = MockSplitQueue::new(&m, 16);
+        let irq = Arc::new(CountingInterrupt::default());
+        let aq = active_queue(&vq, 0);
+        let kick = aq.kick.try_clone().unwrap();
+        // 64 bytes per 300 ms.
+        let limit = RateLimiterConfig {
+            bandwidth: Some(vessel_ratelimit::BucketConfig {
+                size: 64,
+                one_time_burst: 0,
+                refill_time_ms: 300,
+            }),
+            ops: None,
+        };
+        let mut dev = Rng::with_limiter(Some(&limit)).unwrap();
+        dev.activate(context(&m, features::COMMON, vec![aq], &irq))
+            .unwrap();
+        add_chain(&vq, 0, &[(0x8_0000, 64, true)]);
+        add_chain(&vq, 1, &[(0x8_1000, 64, true)]);
+        let t = Instant::now();
+        kick.write(1).unwrap();
+        wait_until("the first request", || vq.used().idx().load() >= 1);
+        // The second does not fit the bucket: it stays available, unanswered...
+        std::thread::sleep(Duration::from_millis(50));
+        if t.elapsed() < Duration::from_millis(250) {
+            assert_eq!(vq.used().idx().load(), 1);
+        }
+        // ...until the bucket refills and the timer serves it, with no new kick.
+        wait_until("the second request", || vq.used().idx().load() == 2);
+        assert!(
+            t.elapsed() >= Duration::from_millis(250),
+            "{:?}",
+            t.elapsed()
+        );
+        assert_eq!(used(&vq), vec![(0, 64), (1, 64)]);
     }
 
     #[test]

@@ -222,6 +222,22 @@ pub fn drain_queue<F>(
 where
     F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> u32,
 {
+    drain_queue_while(queue, index, mem, interrupt, health, |c| Some(serve(c)))
+}
+
+/// As [`drain_queue`], but `serve` may decline a chain (`None`, e.g. over a rate limit): the
+/// chain goes back to the available ring, untouched, and serving stops until the next call.
+pub fn drain_queue_while<F>(
+    queue: &mut Queue,
+    index: u16,
+    mem: &GuestMemoryMmap,
+    interrupt: &dyn VirtioInterrupt,
+    health: &DeviceHealth,
+    mut serve: F,
+) -> Drained
+where
+    F: FnMut(DescriptorChain<&GuestMemoryMmap>) -> Option<u32>,
+{
     let mut out = Drained::default();
     if health.is_broken() {
         return out;
@@ -237,7 +253,13 @@ where
             };
             let Some(chain) = chain else { break };
             let head = chain.head_index();
-            let len = serve(chain);
+            let Some(len) = serve(chain) else {
+                queue.go_to_previous_position();
+                if out.completed > 0 {
+                    out.notified = notify_if_needed(queue, index, mem, interrupt);
+                }
+                return out;
+            };
             if let Err(e) = queue.add_used(mem, head, len) {
                 health.mark_broken(&format_args!("queue {index}: {e}"));
                 return out;

@@ -138,7 +138,7 @@ fn create_machine(
                 source,
             })?;
     }
-    let legacy = LegacyDevices::new(&vm, &mut io_bus, &config.serial, &exit)?;
+    let legacy = LegacyDevices::new(&vm, &mut io_bus, &config.serial, config.serial_limit, &exit)?;
     let firmware = match &config.boot {
         Payload::Firmware(fw) => Some(fw),
         _ => None,

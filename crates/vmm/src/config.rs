@@ -91,6 +91,10 @@ pub struct VmConfig {
     /// Guest RAM in bytes.
     pub memory: u64,
     pub serial: SerialTarget,
+    /// Bytes per second of serial output to a file (Firecracker's `PUT /serial`
+    /// `rate_limiter`); the excess is dropped.
+    #[serde(default)]
+    pub serial_limit: Option<vessel_ratelimit::BucketConfig>,
     pub nested: NestedMode,
     /// Sample guest RIP this often (ms) and print a symbolized profile at exit.
     pub profile_ms: Option<u64>,
@@ -118,6 +122,7 @@ impl Default for VmConfig {
             cpus: 1,
             memory: 256 << 20,
             serial: SerialTarget::Stdio,
+            serial_limit: None,
             nested: NestedMode::Auto,
             profile_ms: None,
             devices: DeviceConfigs::default(),

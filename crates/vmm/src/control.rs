@@ -135,6 +135,8 @@ pub struct LiveStats {
     pub pauses: u64,
     pub unhandled_io: (u64, u64),
     pub unhandled_mmio: (u64, u64),
+    /// Serial output bytes dropped (over `serial_limit`, or a full FIFO).
+    pub serial_dropped_bytes: u64,
 }
 
 /// Controls a running VM from any thread. Cheap to clone.
@@ -290,6 +292,7 @@ impl VmHandle {
             pauses: self.control.pauses.load(Ordering::Relaxed),
             unhandled_io: m.io_bus.unhandled(),
             unhandled_mmio: m.mmio_bus.unhandled(),
+            serial_dropped_bytes: m.legacy.serial_dropped_bytes(),
         }
     }
 }

@@ -190,6 +190,9 @@ pub struct DeviceConfigs {
     pub vsock: Option<VsockConfig>,
     /// virtio-rng, on this transport.
     pub rng: Option<Transport>,
+    /// virtio-rng's rate limiter (bytes and requests handed to the guest).
+    #[serde(default)]
+    pub rng_rate_limiter: Option<RateLimiterConfig>,
     pub balloon: Option<BalloonConfig>,
     /// virtio-pmem devices, `/dev/pmem0` first.
     #[serde(default)]

@@ -107,7 +107,9 @@ pub fn build(
         out.push(planned(dev, v.transport));
     }
     if let Some(t) = configs.rng {
-        out.push(planned(rng::Rng::new(), t));
+        let dev = rng::Rng::with_limiter(configs.rng_rate_limiter.as_ref())
+            .map_err(|e| DeviceError::setup("virtio-rng rate limiter", e))?;
+        out.push(planned(dev, t));
     }
     if let Some(b) = &configs.balloon {
         let dev = balloon::Balloon::new(balloon::BalloonParams {

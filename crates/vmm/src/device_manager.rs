@@ -68,7 +68,7 @@ pub struct VirtioDeviceState {
 /// Why a virtio device could not be placed, saved or restored.
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("{0}: no interrupt line left for another virtio-mmio device (at most {1}); use transport=pci")]
+    #[error("Could not allocate GSI: The requested resource is not available. {0}: no interrupt line left for another virtio-mmio device (at most {1}); use transport=pci")]
     NoMmioIrq(&'static str, usize),
     #[error("{0}: too many queues")]
     TooManyQueues(&'static str),

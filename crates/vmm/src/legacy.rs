@@ -1,9 +1,8 @@
 //! The legacy PC devices (COM1, the i8042, the RTC, the ACPI PM block, port 0x80): builds the port-I/O bus, places
 //! every device at its port from `vessel_memory::ports`, and wires interrupts as irqfds.
 
-use std::fs::OpenOptions;
 use std::io::Write;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_ioctls::VmFd;
@@ -12,6 +11,8 @@ use vessel_devices::rtc::{Rtc, RtcSnapshot};
 use vessel_devices::serial::{Serial, SerialSnapshot};
 use vessel_devices::{acpi_pm::AcpiPm, debug_port::DebugPort, Bus, BusDevice, ExitSignal};
 use vessel_memory::ports;
+
+use crate::serial_out::{self, SerialOut};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::SerialTarget;
@@ -23,6 +24,8 @@ pub struct LegacyDevices {
     i8042: Arc<Mutex<I8042>>,
     rtc: Arc<Mutex<Rtc>>,
     stdio: bool,
+    /// Serial output bytes dropped (over the rate limit, or a full FIFO).
+    serial_dropped: Arc<AtomicU64>,
 }
 
 /// What a snapshot keeps of the legacy devices (the ACPI PM block and port 0x80 have none).
@@ -66,21 +69,24 @@ impl LegacyDevices {
         vm: &VmFd,
         io: &mut Bus,
         target: &SerialTarget,
+        limit: Option<vessel_ratelimit::BucketConfig>,
         exit: &ExitSignal,
     ) -> Result<Self, VmmError> {
+        let mut serial_dropped = Arc::default();
         let out: Box<dyn Write + Send> = match target {
             SerialTarget::Stdio => Box::new(std::io::stdout()),
             SerialTarget::Null => Box::new(std::io::sink()),
-            SerialTarget::File(p) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(|source| VmmError::Open {
+            SerialTarget::File(p) => {
+                let out = SerialOut::new(
+                    serial_out::open(p).map_err(|source| VmmError::Open {
                         path: p.clone(),
                         source,
                     })?,
-            ),
+                    limit,
+                );
+                serial_dropped = out.dropped();
+                Box::new(out)
+            }
         };
         let serial = Arc::new(Mutex::new(Serial::new(irqfd(vm, ports::COM1_IRQ)?, out)));
         insert(io, serial.clone(), ports::COM1, Serial::PORT_LEN)?;
@@ -102,7 +108,13 @@ impl LegacyDevices {
             i8042,
             rtc,
             stdio: matches!(target, SerialTarget::Stdio),
+            serial_dropped,
         })
+    }
+
+    /// Serial output bytes dropped so far.
+    pub fn serial_dropped_bytes(&self) -> u64 {
+        self.serial_dropped.load(Ordering::Relaxed)
     }
 
     /// The devices' state, for a snapshot (the vCPUs are parked).

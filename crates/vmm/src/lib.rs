@@ -41,6 +41,7 @@ pub mod pmem;
 pub mod profile;
 pub mod restore;
 pub mod running;
+mod serial_out;
 pub mod snapshot;
 mod terminal;
 mod vcpu;

@@ -76,9 +76,14 @@ impl Machine {
     ) -> Machine {
         let exit = ExitSignal::new().expect("eventfd");
         let config = VmConfig::default();
-        let legacy =
-            LegacyDevices::new(&vm, &mut io_bus, &crate::config::SerialTarget::Null, &exit)
-                .expect("legacy devices");
+        let legacy = LegacyDevices::new(
+            &vm,
+            &mut io_bus,
+            &crate::config::SerialTarget::Null,
+            None,
+            &exit,
+        )
+        .expect("legacy devices");
         let vm = Arc::new(vm);
         Machine {
             virtio: Mutex::new(VirtioManager::new(

@@ -28,6 +28,12 @@ extern "C" fn on_term(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     SIGNALLED.store(true, Ordering::Release);
 }
 
+/// A vCPU thread's name, Firecracker's `fc_vcpu <index>` (Kata Containers finds the vCPU
+/// threads by it). At most 15 bytes, the kernel's limit, for any index (`fc_vcpu 255`).
+pub fn vcpu_thread_name(id: u8) -> String {
+    format!("fc_vcpu {id}")
+}
+
 /// Build the VM described by `config`, run it until it ends, and tear it down.
 pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     Vm::build(config)?.start()?.wait()
@@ -86,7 +92,7 @@ impl Vm {
                 let tx = tx.clone();
                 let spawned =
                     thread::Builder::new()
-                        .name(format!("vcpu{}", v.id))
+                        .name(vcpu_thread_name(v.id))
                         .spawn(move || {
                             // Report even a panic: the supervisor counts one message per vCPU.
                             let id = v.id;
@@ -316,4 +322,28 @@ where
     T: Send + 'static,
 {
     vessel_seccomp::spawn(name, vessel_seccomp::ThreadKind::Vmm, f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vcpu_threads_carry_firecracker_s_names_whole() {
+        assert_eq!(vcpu_thread_name(0), "fc_vcpu 0");
+        // The kernel's view of a thread so named: nothing cut off, even for the last index.
+        let name = vcpu_thread_name(u8::MAX);
+        assert!(name.len() <= 15, "{name}");
+        let comm = thread::Builder::new()
+            .name(name.clone())
+            .spawn(|| {
+                // SAFETY: gettid takes no arguments.
+                let tid = unsafe { libc::gettid() };
+                std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        assert_eq!(comm.trim_end(), name);
+    }
 }

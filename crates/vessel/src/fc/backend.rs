@@ -15,7 +15,7 @@ use vessel_api::resources::FullVmConfig;
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
     MigrateParams, PartialDrive, PartialNetworkInterface, PartialPmem, RestoreHugePages,
-    SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    SerialDevice, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::block::BlockHandle;
@@ -25,12 +25,15 @@ use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
 use vessel_vmm::restore::{load_state, restore_with};
 use vessel_vmm::snapshot::{SnapshotKind, SnapshotRequest};
 use vessel_vmm::{
-    ControlError, DeviceHandles, ErrorChain, RunningVm, Vm, VmConfig, VmHandle, VmOutcome, VmmError,
+    ControlError, DeviceHandles, ErrorChain, RunningVm, SerialTarget, Vm, VmConfig, VmHandle,
+    VmOutcome, VmmError,
 };
 use vmm_sys_util::eventfd::EventFd;
 
 use super::balloon::{balloon_stats, poll_balloon_stats, BalloonState, BALLOON_PAGES_PER_MIB};
-use super::config::{apply_overrides, resources_to_config_on, unsupported, update_limiter};
+use super::config::{
+    apply_overrides, bucket_config, resources_to_config_on, unsupported, update_limiter,
+};
 use super::{cidata, cpu_config};
 use crate::memfile::{is_process_local, MemFile};
 
@@ -164,6 +167,7 @@ impl ApiBackend {
 impl VmmBackend for ApiBackend {
     fn validate(&mut self, resources: &VmResources) -> Result<(), ApiError> {
         unsupported(resources)?;
+        super::taps::check_taps(resources)?;
         if let Some(c) = &resources.cpu_config {
             cpu_config::check_on_host(&cpu_config::from_api(c)?)?;
         }
@@ -292,7 +296,7 @@ impl VmmBackend for ApiBackend {
         let mut resources = snap
             .api
             .clone()
-            .and_then(|c| VmResources::from_full_vm_config(c, None).ok())
+            .map(VmResources::recorded)
             .unwrap_or_default();
         // A memfd disk (a `vessel run --cloud-init` seed) was a descriptor of the process
         // that took the snapshot: here the same path names another file, or none.
@@ -310,6 +314,7 @@ impl VmmBackend for ApiBackend {
         }
         let mut config = snap.config.clone();
         config.serial = self.base.serial.clone();
+        config.serial_limit = self.base.serial_limit;
         config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
         resources.machine_config.track_dirty_pages = config.track_dirty_pages;
         apply_overrides(p, &mut config, &mut resources)?;
@@ -361,9 +366,21 @@ impl VmmBackend for ApiBackend {
                     "unhandled_mmio_writes": s.unhandled_mmio.1,
                 }),
             );
+            m.insert(
+                "uart".into(),
+                json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
+            );
             self.pmem.metrics(&mut m);
         }
         Ok(m)
+    }
+
+    fn configure_serial(&mut self, serial: &SerialDevice) -> Result<(), ApiError> {
+        if let Some(path) = &serial.serial_out_path {
+            self.base.serial = SerialTarget::File(PathBuf::from(path));
+        }
+        self.base.serial_limit = serial.rate_limiter.as_ref().map(bucket_config);
+        Ok(())
     }
 
     fn configure_logger(&mut self, logger: &Logger) -> Result<(), ApiError> {

@@ -130,6 +130,7 @@ pub fn resources_to_config_on(
         cpus: u32::from(m.vcpu_count),
         memory: (m.mem_size_mib as u64) << 20,
         serial: base.serial.clone(),
+        serial_limit: base.serial_limit,
         nested: base.nested,
         profile_ms: base.profile_ms,
         devices: DeviceConfigs {
@@ -137,6 +138,7 @@ pub fn resources_to_config_on(
             nets,
             vsock,
             rng: r.entropy.map(|_| transport),
+            rng_rate_limiter: r.entropy.and_then(|e| limiter_config(&e.rate_limiter)),
             balloon,
             pmem: super::pmem::configs(r, transport),
         },
@@ -178,11 +180,6 @@ pub(super) fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     if m.huge_pages != HugePages::None {
         return Err(ApiError::Unsupported("huge page backed memory".into()));
     }
-    if r.entropy
-        .is_some_and(|e| limiter_config(&e.rate_limiter).is_some())
-    {
-        return Err(ApiError::Unsupported("entropy device rate limiters".into()));
-    }
     if r.balloon
         .is_some_and(|b| b.free_page_hinting || b.free_page_reporting)
     {
@@ -193,7 +190,7 @@ pub(super) fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     Ok(())
 }
 
-fn bucket_config(b: &ApiTokenBucket) -> BucketConfig {
+pub(super) fn bucket_config(b: &ApiTokenBucket) -> BucketConfig {
     BucketConfig {
         size: b.size,
         one_time_burst: b.one_time_burst.unwrap_or(0),
@@ -262,7 +259,11 @@ pub(super) fn apply_overrides(
                     }
                 }
             }
-            (None, _) => return Err(load_err("the snapshot has no vsock device".into())),
+            (None, _) => {
+                return Err(load_err(
+                    "Unknown Vsock Device: the snapshot has no vsock device".into(),
+                ))
+            }
         }
     }
     Ok(())
@@ -529,7 +530,11 @@ pub(crate) mod tests {
             &mut res,
         )
         .unwrap_err();
-        assert!(format!("{e:?}").contains("no vsock device"), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("Unknown Vsock Device: the snapshot has no vsock device"),
+            "{e}"
+        );
         let _ = std::fs::remove_file(kernel);
         let _ = std::fs::remove_file(plain_kernel);
     }

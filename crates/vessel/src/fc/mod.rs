@@ -7,7 +7,9 @@
 //!   `VmConfig`;
 //! - [`cpu_config`]: Firecracker custom CPU templates to `vessel_kvm` templates;
 //! - `balloon`: the running balloon's state, statistics poller and figures;
-//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk.
+//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk;
+//! - [`signals`]: Firecracker's SIGXFSZ handler (log, exit 151);
+//! - `taps`: TAPs checked when configured, refused in Firecracker's words.
 //!
 //! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
 //! transport unless `--enable-pci`.
@@ -18,5 +20,7 @@ pub mod cidata;
 pub mod config;
 pub mod cpu_config;
 mod pmem;
+pub mod signals;
+mod taps;
 
 pub use backend::ApiBackend;

@@ -97,8 +97,11 @@ impl Disk {
                 raw_size - size
             );
         }
+        // An empty disk is a valid device of no sectors, as in Firecracker: Kata Containers
+        // configures 0-byte placeholder drives and swaps the real file in later with
+        // `PATCH /drives/{id}` (the capacity follows the new file).
         if size == 0 {
-            return Err(BlockError::Empty { path: p() });
+            log::info!("{}: an empty disk (0 sectors)", path.display());
         }
         let serial = match serial {
             Some(s) => {

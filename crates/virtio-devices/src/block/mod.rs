@@ -110,8 +110,6 @@ pub enum BlockError {
         #[source]
         source: io::Error,
     },
-    #[error("the disk image {path} is smaller than one 512-byte sector")]
-    Empty { path: PathBuf },
     #[error("block device serial {0:?} is longer than 20 bytes")]
     SerialTooLong(String),
     #[error("io_uring is not available on this host")]

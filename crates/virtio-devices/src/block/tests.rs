@@ -261,7 +261,19 @@ fn open_errors_are_clear() {
         serial: None,
         engine: BlockEngine::Sync,
     });
-    assert!(matches!(tiny, Err(BlockError::Empty { .. })));
+    // Less than a sector (or nothing): a disk of no sectors, which refuses every access.
+    let tiny = tiny.unwrap();
+    assert_eq!(tiny.capacity(), 0);
+    let zero = TempImage::new(0);
+    let empty = Block::new(BlockParams {
+        format: None,
+        path: zero.0.clone(),
+        read_only: false,
+        serial: None,
+        engine: BlockEngine::Sync,
+    })
+    .unwrap();
+    assert_eq!(empty.capacity(), 0);
     let img = TempImage::new(4096);
     let long = Block::new(BlockParams {
         format: None,
