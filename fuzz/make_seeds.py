@@ -210,6 +210,13 @@ d, h = chains([(0x90000, 16, WRITE)], [(0x91000, 4096, WRITE)], [(0x92000, 100, 
 put("virtio_rng", "buffers", device_input(ALL, [queue(d, h)]))
 put("virtio_rng", "one-buffer-rekicked", device_input(1 << 32, [queue(d[:1], [0])], rekicks=3))
 
+# virtio-pmem: flush requests (a 4-byte type 0, then a 4-byte status to write), one of an
+# unknown type, and one whose status descriptor is missing.
+fill = struct.pack("<II", 0, 7)
+d, h = chains([(DATA, 4, 0), (0x90000, 4, WRITE)], [(DATA + 4, 4, 0), (0x90010, 4, WRITE)], [(DATA, 4, 0)])
+put("virtio_pmem", "flushes", device_input(ALL, [queue(d, h)], fill))
+put("virtio_pmem", "flush-rekicked", device_input(1 << 32, [queue(d[:2], [0])], fill, rekicks=3))
+
 # virtio-balloon: inflate and deflate page frame numbers (pages of the harness's guest
 # memory), statistics (tag, value), free page reports. Features: STATS_VQ, DEFLATE_ON_OOM,
 # FREE_PAGE_REPORTING.

@@ -20,6 +20,7 @@ use vessel_virtio_devices::balloon::{Balloon, BalloonParams};
 use vessel_virtio_devices::block::{Block, BlockEngine, BlockParams};
 use vessel_virtio_devices::console::Console;
 use vessel_virtio_devices::net::{Net, Tap};
+use vessel_virtio_devices::pmem::{Pmem, PmemParams};
 use vessel_virtio_devices::rng::Rng;
 use vessel_virtio_devices::vsock::{Vsock, VsockParams};
 use virtio_queue::{Queue, QueueT};
@@ -47,6 +48,7 @@ pub enum Kind {
     Rng,
     Balloon,
     Console,
+    Pmem,
 }
 
 struct NullIrq;
@@ -113,12 +115,24 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
             .ok()?,
         ),
         Kind::Console => Box::new(Console::new(Box::new(io::sink()), None, Some((80, 25))).ok()?),
+        Kind::Pmem => {
+            let path = std::env::temp_dir().join(format!("vessel-fuzz-{pid}.pmem"));
+            std::fs::write(&path, vec![0u8; 1 << 20]).ok()?;
+            let p = Pmem::new(&PmemParams {
+                path: path.clone(),
+                read_only: false,
+            })
+            .ok()?;
+            // The mapping keeps the file alive.
+            let _ = std::fs::remove_file(&path);
+            Box::new(p)
+        }
     };
     Some(dev)
 }
 
 fn harness(kind: Kind) -> &'static Mutex<Option<Harness>> {
-    static H: [OnceLock<Mutex<Option<Harness>>>; 6] = [const { OnceLock::new() }; 6];
+    static H: [OnceLock<Mutex<Option<Harness>>>; 7] = [const { OnceLock::new() }; 7];
     H[kind as usize].get_or_init(|| {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE as usize)])
             .expect("guest memory for the device harness");

@@ -28,6 +28,7 @@ pub const TARGETS: &[(&str, Target)] = &[
     ("virtio_rng", targets::virtio_rng),
     ("virtio_balloon", targets::virtio_balloon),
     ("virtio_console", targets::virtio_console),
+    ("virtio_pmem", targets::virtio_pmem),
     ("qcow2_open", targets::qcow2_open),
     ("boot_config", targets::boot_config),
     ("disk_scan", targets::disk_scan),
@@ -42,4 +43,5 @@ pub const DEVICE_TARGETS: &[(&str, devices::Kind)] = &[
     ("virtio_rng", devices::Kind::Rng),
     ("virtio_balloon", devices::Kind::Balloon),
     ("virtio_console", devices::Kind::Console),
+    ("virtio_pmem", devices::Kind::Pmem),
 ];

@@ -286,6 +286,10 @@ pub fn virtio_console(data: &[u8]) {
     devices::run(devices::Kind::Console, data);
 }
 
+pub fn virtio_pmem(data: &[u8]) {
+    devices::run(devices::Kind::Pmem, data);
+}
+
 /// A qcow2 image (header, L1 and refcount tables, feature bits, backing file name): opened
 /// read-only as a virtio-blk disk. Backing files it names are opened read-only when they are
 /// regular files; a loop or a chain deeper than 16 is refused.

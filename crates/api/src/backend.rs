@@ -88,6 +88,10 @@ pub trait VmmBackend {
     ) -> Result<(), ApiError> {
         unsupported("updating a network interface after boot")
     }
+    /// Post-boot `PATCH /pmem/{id}` (rate limiter).
+    fn update_pmem(&mut self, _update: &PartialPmem) -> Result<(), ApiError> {
+        unsupported("updating a pmem device after boot")
+    }
     /// Post-boot `GET /balloon`: the device's current configuration.
     fn balloon_config(&mut self) -> Result<Balloon, ApiError> {
         unsupported("the balloon device")

@@ -16,6 +16,8 @@ use crate::metrics::Metrics;
 use crate::resources::VmResources;
 use crate::types::*;
 
+mod pmem;
+
 /// The application name Firecracker clients expect in `GET /`.
 pub const APP_NAME: &str = "Firecracker";
 

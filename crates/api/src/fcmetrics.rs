@@ -37,6 +37,16 @@ const BLOCK: &[Field] = &[
     Agg("write_agg"),
 ];
 
+/// Firecracker's `pmem` group, also each device's `pmem_<id>`.
+const PMEM: &[Field] = &[
+    Num("activate_fails"),
+    Num("cfg_fails"),
+    Num("event_fails"),
+    Num("queue_event_count"),
+    Num("rate_limiter_throttled_events"),
+    Num("rate_limiter_event_count"),
+];
+
 const NET: &[Field] = &[
     Num("activate_fails"),
     Num("cfg_fails"),
@@ -286,17 +296,7 @@ const GROUPS: &[(&str, &[Field])] = &[
         ],
     ),
     ("interrupts", &[Num("triggers"), Num("config_updates")]),
-    (
-        "pmem",
-        &[
-            Num("activate_fails"),
-            Num("cfg_fails"),
-            Num("event_fails"),
-            Num("queue_event_count"),
-            Num("rate_limiter_throttled_events"),
-            Num("rate_limiter_event_count"),
-        ],
-    ),
+    ("pmem", PMEM),
     (
         "memory_hotplug",
         &[
@@ -349,6 +349,8 @@ fn device_fields(group: &str) -> Option<&'static [Field]> {
         Some(BLOCK)
     } else if group.starts_with("net_") {
         Some(NET)
+    } else if group.starts_with("pmem_") {
+        Some(PMEM)
     } else {
         None
     }
@@ -428,5 +430,9 @@ mod tests {
         assert!(fill(&mut s, "block_rootfs", "read_count", &json!(3)));
         assert_eq!(s["block_rootfs"]["read_count"], 3);
         assert_eq!(s["block_rootfs"]["write_count"], 0);
+        assert!(fill(&mut s, "pmem_data", "queue_event_count", &json!(2)));
+        assert_eq!(s["pmem_data"]["queue_event_count"], 2);
+        assert_eq!(s["pmem_data"]["cfg_fails"], 0);
+        assert!(!fill(&mut s, "pmem_data", "flushes", &json!(1)));
     }
 }

@@ -21,6 +21,7 @@ pub mod fcmetrics;
 pub mod http;
 pub mod metrics;
 pub mod openapi;
+pub mod pmem;
 pub mod resources;
 pub mod routes;
 pub mod server;

@@ -308,6 +308,11 @@ mod tests {
         assert!(validate(&json!({"$ref": "#/definitions/Nope"}), &json!({})).is_err());
         let cfg = json!({"$ref": "#/definitions/FullVmConfiguration"});
         assert!(validate(&cfg, &json!({"drives": [{"drive_id": 3}]})).is_err());
+        // A pmem device's rate limiter may be null (unset), not another type.
+        let pmem = json!({"id": "p", "path_on_host": "/f", "rate_limiter": null});
+        assert!(validate(&cfg, &json!({"pmem": [pmem]})).is_ok());
+        let pmem = json!({"id": "p", "path_on_host": "/f", "rate_limiter": 3});
+        assert!(validate(&cfg, &json!({"pmem": [pmem]})).is_err());
     }
 
     #[test]

@@ -185,6 +185,9 @@ pub struct FullVmConfig {
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
+    /// virtio-pmem devices (`PUT /pmem/{id}`).
+    #[serde(default)]
+    pub pmem: Vec<Pmem>,
     /// Vessel extension: the `PUT /vessel/cloud-init` seed.
     #[serde(
         rename = "vessel-cloud-init",
@@ -226,6 +229,8 @@ pub struct VmResources {
     pub cloud_init: Option<CloudInitSeed>,
     /// `PUT /serial` (not part of a config file or `GET /vm/config`, as Firecracker's).
     pub serial: Option<SerialDevice>,
+    /// virtio-pmem devices, in the order they were added (`/dev/pmem0` first).
+    pub pmem: Vec<Pmem>,
 }
 
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
@@ -234,7 +239,7 @@ fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::bad(format!("{what} cannot be opened: {e} ({path})")))
 }
 
-fn check_rate_limiter(r: &Option<RateLimiter>) -> Result<(), ApiError> {
+pub(crate) fn check_rate_limiter(r: &Option<RateLimiter>) -> Result<(), ApiError> {
     if let Some(r) = r {
         for b in [r.bandwidth, r.ops].into_iter().flatten() {
             if b.size > 0 && b.refill_time == 0 {
@@ -278,6 +283,7 @@ impl VmResources {
             && self.balloon.is_none()
             && self.mmds_config.is_none()
             && self.cloud_init.is_none()
+            && self.pmem.is_empty()
     }
 
     /// `PUT /boot-source`. The kernel and initrd must be readable.
@@ -354,6 +360,11 @@ impl VmResources {
             path,
         )?;
         check_rate_limiter(&d.rate_limiter)?;
+        if d.is_root_device && self.has_pmem_root() {
+            return Err(ApiError::bad(
+                "Drive config error: Attempt to add block as a root device while the root device defined as a pmem device",
+            ));
+        }
         if d.is_root_device
             && self
                 .drives
@@ -591,6 +602,7 @@ impl VmResources {
             network_interfaces: self.network_interfaces.clone(),
             vsock: self.vsock.clone(),
             entropy: self.entropy,
+            pmem: self.pmem.clone(),
             cloud_init: self.cloud_init.clone(),
         }
     }
@@ -634,6 +646,9 @@ impl VmResources {
         }
         for d in cfg.drives {
             r.set_drive(d)?;
+        }
+        for p in cfg.pmem {
+            r.set_pmem(p)?;
         }
         for n in cfg.network_interfaces {
             r.set_network_interface(n)?;
@@ -679,6 +694,7 @@ impl VmResources {
             logger: cfg.logger,
             metrics: cfg.metrics,
             cloud_init: cfg.cloud_init,
+            pmem: cfg.pmem,
             ..Default::default()
         }
     }

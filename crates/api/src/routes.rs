@@ -214,6 +214,22 @@ fn build() -> Vec<Route> {
             Some(|n| &n.iface_id),
             |c, b| c.patch_network_interface(b),
         ),
+        write::<Pmem>(
+            Put,
+            "/pmem/{id}",
+            "putGuestPmemByID",
+            "pmem",
+            Some(|p| &p.id),
+            |c, b| c.put_pmem(b),
+        ),
+        write::<PartialPmem>(
+            Patch,
+            "/pmem/{id}",
+            "patchGuestPmemByID",
+            "pmem",
+            Some(|p| &p.id),
+            |c, b| c.patch_pmem(b),
+        ),
         put::<Vsock>("/vsock", "putGuestVsock", "vsock", |c, b| c.put_vsock(b)),
         put::<EntropyDevice>("/entropy", "putEntropyDevice", "entropy", |c, b| {
             c.put_entropy(b)

@@ -55,6 +55,8 @@ schema! {
     CloudInitSeed => "CloudInitSeed",
 }
 
+pub use crate::pmem::{PartialPmem, Pmem};
+
 fn is_false(b: &bool) -> bool {
     !*b
 }

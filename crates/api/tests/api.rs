@@ -81,6 +81,10 @@ impl VmmBackend for Mock {
         self.log(&format!("update_drive {}", u.drive_id));
         Ok(())
     }
+    fn update_pmem(&mut self, u: &PartialPmem) -> Result<(), ApiError> {
+        self.log(&format!("update_pmem {}", u.id));
+        Ok(())
+    }
     fn balloon_config(&mut self) -> Result<Balloon, ApiError> {
         Ok(Balloon {
             amount_mib: 16,
@@ -337,6 +341,20 @@ fn every_endpoint_before_and_after_start() {
         ),
         (
             "PUT",
+            "/pmem/data",
+            Some(json!({"id": "data", "path_on_host": env.p("data.img"), "read_only": true})),
+            204,
+            400,
+        ),
+        (
+            "PATCH",
+            "/pmem/data",
+            Some(json!({"id": "data", "rate_limiter": {"ops": {"size": 10, "refill_time": 1000}}})),
+            400,
+            204,
+        ),
+        (
+            "PUT",
             "/network-interfaces/eth0",
             Some(
                 json!({"iface_id": "eth0", "host_dev_name": "tap0", "guest_mac": "06:00:ac:10:00:02"}),
@@ -557,6 +575,12 @@ fn every_endpoint_before_and_after_start() {
     let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
     assert_eq!(cfg["machine-config"]["mem_size_mib"], 512);
     assert_eq!(cfg["drives"][0]["drive_id"], "rootfs");
+    assert_eq!(
+        cfg["pmem"],
+        json!([{"id": "data", "path_on_host": env.p("data.img"), "root_device": false,
+                "read_only": true, "rate_limiter": {"bandwidth": null,
+                "ops": {"size": 10, "one_time_burst": null, "refill_time": 1000}}}])
+    );
     assert_eq!(cfg["balloon"]["amount_mib"], 32);
     assert_eq!(
         cfg["vessel-cloud-init"],
@@ -574,6 +598,7 @@ fn every_endpoint_before_and_after_start() {
         "resume",
         "ctrl_alt_del",
         "update_drive rootfs",
+        "update_pmem data",
         "balloon 32",
         "serial /tmp/serial.log",
     ] {
@@ -1155,5 +1180,174 @@ fn deprecated_fields_get_the_deprecation_header() {
     assert_eq!(
         line["deprecated_api"]["deprecated_http_api_calls"],
         deprecated as u64
+    );
+}
+
+/// Firecracker's `test_pmem_api` and `test_pmem_rate_limiter_api` (its integration suite),
+/// the parts that need no guest.
+#[test]
+fn pmem_api_follows_firecracker() {
+    let env = Env::new();
+    let mut c = env.client();
+    let data = env.p("data.img");
+    let fault = |r: ClientResponse| {
+        assert_eq!(r.status, 400, "{}", r.text());
+        r.json()["fault_message"].as_str().unwrap().to_string()
+    };
+    let put = |c: &mut Client, id: &str, body: Value| {
+        env.call(c, "PUT", &format!("/pmem/{id}"), Some(body))
+    };
+    let e = fault(put(&mut c, "pmem", json!({"id": "pmem"})));
+    assert!(
+        e.starts_with("An error occurred when deserializing the json body of a request: missing field `path_on_host`"),
+        "{e}"
+    );
+    let drive = |root: bool| json!({"drive_id": "drive", "path_on_host": data, "is_root_device": root, "is_read_only": false});
+    assert_eq!(
+        env.call(&mut c, "PUT", "/drives/drive", Some(drive(true)))
+            .status,
+        204
+    );
+    let e = fault(put(
+        &mut c,
+        "pmem",
+        json!({"id": "pmem", "path_on_host": data, "root_device": true}),
+    ));
+    assert!(
+        e.contains(
+            "Attempt to add pmem as a root device while the root device defined as a block device"
+        ),
+        "{e}"
+    );
+    assert_eq!(
+        env.call(&mut c, "PUT", "/drives/drive", Some(drive(false)))
+            .status,
+        204
+    );
+    assert_eq!(
+        put(
+            &mut c,
+            "pmem",
+            json!({"id": "pmem", "path_on_host": data, "root_device": true})
+        )
+        .status,
+        204
+    );
+    let e = fault(put(
+        &mut c,
+        "pmem2",
+        json!({"id": "pmem2", "path_on_host": data, "root_device": true}),
+    ));
+    assert!(e.contains("A root pmem device already exist"), "{e}");
+    let e = fault(env.call(&mut c, "PUT", "/drives/drive", Some(drive(true))));
+    assert!(
+        e.contains(
+            "Attempt to add block as a root device while the root device defined as a pmem device"
+        ),
+        "{e}"
+    );
+    let e = fault(put(
+        &mut c,
+        "other",
+        json!({"id": "pmem", "path_on_host": data}),
+    ));
+    assert_eq!(
+        e,
+        "The id from the path does not match the id from the body!"
+    );
+
+    // The rate limiter at creation shows in GET /vm/config; a PUT without one clears it.
+    let rl = json!({"bandwidth": {"size": 1000000, "refill_time": 100}, "ops": {"size": 10, "refill_time": 1000}});
+    assert_eq!(
+        put(
+            &mut c,
+            "pmem0",
+            json!({"id": "pmem0", "path_on_host": data, "rate_limiter": rl})
+        )
+        .status,
+        204
+    );
+    let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
+    assert_eq!(cfg["pmem"][1]["rate_limiter"]["bandwidth"]["size"], 1000000);
+    assert_eq!(cfg["pmem"][1]["rate_limiter"]["ops"]["size"], 10);
+    assert_eq!(
+        put(
+            &mut c,
+            "pmem0",
+            json!({"id": "pmem0", "path_on_host": data})
+        )
+        .status,
+        204
+    );
+    let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
+    assert!(cfg["pmem"][1]
+        .as_object()
+        .unwrap()
+        .contains_key("rate_limiter"));
+    assert_eq!(cfg["pmem"][1]["rate_limiter"], Value::Null);
+
+    let patch = |c: &mut Client, id: &str, body: Value| {
+        env.call(c, "PATCH", &format!("/pmem/{id}"), Some(body))
+    };
+    let e = fault(patch(
+        &mut c,
+        "nonexistent",
+        json!({"id": "nonexistent", "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}),
+    ));
+    assert_eq!(
+        e,
+        "The requested operation is not supported before starting the microVM."
+    );
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": env.p("vmlinux")})),
+    );
+    assert_eq!(r.status, 204);
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    // After boot: no more devices; rate limiter patches, whole or in part.
+    assert_eq!(
+        put(&mut c, "pmem", json!({"id": "pmem", "path_on_host": data})).status,
+        400
+    );
+    for body in [
+        json!({"id": "pmem0", "rate_limiter": {"bandwidth": {"size": 5000, "refill_time": 100}, "ops": {"size": 500, "refill_time": 100}}}),
+        json!({"id": "pmem0", "rate_limiter": {"bandwidth": {"size": 2000000, "refill_time": 200}}}),
+        json!({"id": "pmem0", "rate_limiter": {"ops": {"size": 100, "refill_time": 500}}}),
+        json!({"id": "pmem0"}),
+    ] {
+        let r = patch(&mut c, "pmem0", body.clone());
+        assert_eq!(r.status, 204, "{body}: {}", r.text());
+    }
+    let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
+    assert_eq!(
+        cfg["pmem"][1]["rate_limiter"],
+        json!({"bandwidth": {"size": 2000000, "one_time_burst": null, "refill_time": 200},
+               "ops": {"size": 100, "one_time_burst": null, "refill_time": 500}})
+    );
+    let e = fault(patch(
+        &mut c,
+        "pmem0",
+        json!({"id": "pmem0", "path_on_host": "foo", "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}),
+    ));
+    assert!(e.contains("unknown field"), "{e}");
+    let e = fault(patch(
+        &mut c,
+        "nonexistent",
+        json!({"id": "nonexistent", "rate_limiter": {"ops": {"size": 1, "refill_time": 100}}}),
+    ));
+    assert!(e.contains("not found"), "{e}");
+    let calls = env.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.iter().filter(|c| *c == "update_pmem pmem0").count(),
+        4,
+        "{calls:?}"
     );
 }

@@ -74,6 +74,16 @@ pub mod addr {
     /// PCI configuration space through ECAM (the MCFG table), bus 0 only: 1 MiB.
     pub const PCI_ECAM_START: u64 = 0xe000_0000;
     pub const PCI_ECAM_SIZE: u64 = 0x10_0000;
+    /// Where device memory past RAM starts (virtio-pmem regions): 512 GiB, Firecracker's
+    /// first address past its 64-bit MMIO window, or the first GiB past RAM for larger
+    /// guests (see [`super::GuestLayout::device_memory`]). Never RAM, never in the e820 map.
+    pub const DEVICE_MEMORY_START: u64 = 512 << 30;
+    /// The end of the device memory area: 64 TiB, what a guest with 4-level paging maps
+    /// (`MAX_PHYSMEM_BITS` 46).
+    pub const DEVICE_MEMORY_END: u64 = 1 << 46;
+    /// virtio-pmem regions start and end on 2 MiB boundaries (the guest maps them with
+    /// `memremap_pages`, in 2 MiB sub-sections).
+    pub const PMEM_ALIGN: u64 = 2 << 20;
 }
 
 /// The platform's I/O ports and legacy interrupt lines (the port-space half of the map).
@@ -258,6 +268,26 @@ impl GuestLayout {
         map
     }
 
+    /// End (exclusive) of the highest RAM region.
+    pub fn ram_end(&self) -> u64 {
+        match self.high_ram_size() {
+            0 => self.low_ram_end(),
+            high => addr::MMIO_GAP_END + high,
+        }
+    }
+
+    /// The guest-physical range `[start, end)` for device memory (virtio-pmem regions):
+    /// from [`addr::DEVICE_MEMORY_START`], or the first GiB boundary past RAM when RAM
+    /// reaches that far, to [`addr::DEVICE_MEMORY_END`]. It overlaps neither RAM, the MMIO
+    /// gap nor anything in the e820 map.
+    pub fn device_memory(&self) -> (u64, u64) {
+        let past_ram = self.ram_end().next_multiple_of(GIB);
+        (
+            past_ram.max(addr::DEVICE_MEMORY_START),
+            addr::DEVICE_MEMORY_END,
+        )
+    }
+
     /// Where to put an initrd of `size` bytes: the highest page-aligned address that keeps it
     /// in low RAM, below `max_end` (the kernel's `initrd_addr_max` + 1) and above `min_start`
     /// (the end of the loaded kernel). `None` when it does not fit.
@@ -415,6 +445,33 @@ mod tests {
         // Does not fit.
         assert_eq!(l.initrd_addr(200 * MIB, 0, u64::MAX), None);
         assert_eq!(l.initrd_addr(100 * MIB, 60 * MIB, u64::MAX), None);
+    }
+
+    #[test]
+    fn device_memory_lies_past_ram_and_outside_the_e820_map() {
+        for size in [128 * MIB, 3 * GIB, 4 * GIB, 600 * GIB + 4 * KIB] {
+            let l = GuestLayout::new(size).unwrap();
+            let (start, end) = l.device_memory();
+            assert!(start >= l.ram_end(), "{size:#x}");
+            assert!(start >= addr::DEVICE_MEMORY_START);
+            assert_eq!(start % GIB, 0);
+            assert!(start < end);
+            assert!(!l.is_ram(start, 1));
+            for e in l.e820() {
+                assert!(
+                    e.end() <= start,
+                    "{e:?} reaches device memory at {start:#x}"
+                );
+            }
+        }
+        assert_eq!(
+            GuestLayout::new(256 * MIB).unwrap().device_memory().0,
+            512 * GIB
+        );
+        // 600 GiB of RAM: 3 GiB low, the rest from 4 GiB to 601 GiB + 4 KiB; next GiB: 602.
+        let big = GuestLayout::new(600 * GIB + 4 * KIB).unwrap();
+        assert_eq!(big.ram_end(), 601 * GIB + 4 * KIB);
+        assert_eq!(big.device_memory().0, 602 * GIB);
     }
 
     #[test]

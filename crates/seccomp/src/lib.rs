@@ -43,19 +43,21 @@ pub enum DeviceKind {
     Rng,
     Balloon,
     Console,
+    Pmem,
     /// A worker Vessel does not name: what any device may need.
     Other,
 }
 
 impl DeviceKind {
     /// The named kinds (all but `Other`).
-    pub const NAMED: [DeviceKind; 6] = [
+    pub const NAMED: [DeviceKind; 7] = [
         DeviceKind::Block,
         DeviceKind::Net,
         DeviceKind::Vsock,
         DeviceKind::Rng,
         DeviceKind::Balloon,
         DeviceKind::Console,
+        DeviceKind::Pmem,
     ];
 
     /// The kind of a worker thread, from its name (`virtio-blk`, `virtio-net`, ...).
@@ -67,6 +69,7 @@ impl DeviceKind {
             "rng" => DeviceKind::Rng,
             "balloon" => DeviceKind::Balloon,
             "console" => DeviceKind::Console,
+            "pmem" => DeviceKind::Pmem,
             _ => DeviceKind::Other,
         }
     }
@@ -109,6 +112,7 @@ impl ThreadKind {
                 DeviceKind::Rng => "virtio-rng",
                 DeviceKind::Balloon => "virtio-balloon",
                 DeviceKind::Console => "virtio-console",
+                DeviceKind::Pmem => "virtio-pmem",
                 DeviceKind::Other => "virtio",
             },
         }

@@ -315,6 +315,10 @@ fn device(l: &mut List, kind: DeviceKind) -> Result<(), Error> {
         }
         // Reads and writes on the console's descriptors are in `base`.
         DeviceKind::Console => {}
+        // A flush writes the mapped backing file back.
+        DeviceKind::Pmem => {
+            l.any(&[libc::SYS_msync]);
+        }
         // A device Vessel does not name: what any device may need.
         DeviceKind::Other => {
             for k in DeviceKind::NAMED {

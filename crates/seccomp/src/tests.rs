@@ -292,6 +292,10 @@ fn worker_names_map_to_kinds() {
         DeviceKind::from_worker_name("virtio-vsock"),
         DeviceKind::Vsock
     );
+    assert_eq!(
+        DeviceKind::from_worker_name("virtio-pmem"),
+        DeviceKind::Pmem
+    );
     assert_eq!(DeviceKind::from_worker_name("counter"), DeviceKind::Other);
     for k in ThreadKind::all() {
         assert_eq!(ThreadKind::from_key(k.key()), Some(k));
@@ -328,4 +332,24 @@ fn the_net_worker_may_receive_a_new_passt_socket_with_recvmsg() {
     // Not the entropy device's worker.
     let rng = programs(ThreadKind::Device(DeviceKind::Rng), Action::Kill);
     assert_eq!(in_child(&rng, try_recvmsg), Err(libc::SIGSYS));
+}
+
+#[test]
+fn the_pmem_worker_may_msync_and_others_may_not() {
+    /// msync of an unaligned address: EINVAL when allowed.
+    fn try_msync() -> i32 {
+        // SAFETY: msync checks the address's alignment (1 is not page-aligned) before
+        // touching any mapping.
+        let r = unsafe { libc::msync(std::ptr::dangling_mut::<u8>().cast(), 1, libc::MS_SYNC) };
+        // SAFETY: reads this thread's errno.
+        if r == -1 && unsafe { *libc::__errno_location() } == libc::EINVAL {
+            0
+        } else {
+            9
+        }
+    }
+    let pmem = programs(ThreadKind::Device(DeviceKind::Pmem), Action::Kill);
+    assert_eq!(in_child(&pmem, try_msync), Ok(0));
+    let rng = programs(ThreadKind::Device(DeviceKind::Rng), Action::Kill);
+    assert_eq!(in_child(&rng, try_msync), Err(libc::SIGSYS));
 }

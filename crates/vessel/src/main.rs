@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use memfile::MemFile;
 use vessel_image::ImageName;
 use vessel_vmm::device_config::{
-    parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, Transport, VsockConfig,
+    check_pmem, parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, PmemConfig,
+    Transport, VsockConfig,
 };
 use vessel_vmm::firmware::Firmware;
 use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
@@ -213,6 +214,12 @@ struct RunArgs {
     /// A virtio-balloon device: [size=MIB][,stats=on][,deflate_on_oom=on][,transport=...].
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<BalloonConfig>,
+    /// A virtio-pmem device (repeatable; /dev/pmem0 first): the file mapped into the guest as
+    /// persistent memory (mount it with -o dax): path=FILE[,readonly=on][,root=on]
+    /// [,transport=...][,bw=BYTES_PER_S][,iops=N] (flush rate limits). root=on adds
+    /// root=/dev/pmemN rw (ro with readonly=on) to the command line.
+    #[arg(long, value_name = "OPTIONS")]
+    pmem: Vec<PmemConfig>,
 }
 
 /// Default guest memory. The demo guest needs almost none, and KVM's cost of registering
@@ -263,6 +270,7 @@ fn linux_from_disks(
 }
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
+    check_pmem(&args.pmem).map_err(|e| e.to_string())?;
     // Kept open while the VM is built: the loader reads them by their /proc paths.
     let mut from_disk = None;
     let mut firmware = args
@@ -341,6 +349,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             rng: args.rng,
             rng_rate_limiter: None,
             balloon: args.balloon,
+            pmem: args.pmem,
         },
         track_dirty_pages: false,
         boot_timer: args.boot_timer,

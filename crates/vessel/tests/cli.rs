@@ -171,3 +171,24 @@ fn cloud_init_seeds_that_cloud_init_would_ignore_are_refused() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bad_pmem_devices_are_one_line() {
+    let d = scratch("pmem-cli");
+    let empty = d.join("empty.img");
+    std::fs::write(&empty, b"").unwrap();
+    let e = format!("--pmem=path={}", empty.display());
+    fails_with(&["run", &e], "Error backing file size is 0");
+    fails_with(
+        &["run", "--pmem=path=/nonexistent/pmem.img"],
+        "Error accessing backing file /nonexistent/pmem.img: No such file",
+    );
+    fails_with(
+        &["run", "--pmem=path=/a,root=on", "--pmem=path=/b,root=on"],
+        "--pmem: only one device may be the root device",
+    );
+    fails_with(
+        &["run", "--pmem=path=/a,dax=on"],
+        "--pmem: unknown option 'dax'",
+    );
+}

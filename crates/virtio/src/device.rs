@@ -1,5 +1,5 @@
 //! What a virtio device is, seen from its transport: the [`VirtioDevice`] trait that every
-//! device (block, net, vsock, rng, balloon, console) implements once, and the
+//! device (block, net, vsock, rng, balloon, console, pmem) implements once, and the
 //! [`ActivateContext`] a transport hands it when the driver sets `DRIVER_OK`.
 
 use std::io;
@@ -20,6 +20,7 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
+    pub const PMEM: u32 = 27;
 }
 
 /// Feature bits every device of ours may offer (the device-independent ones).

@@ -30,7 +30,8 @@ pub use mmio::MmioTransport;
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
 pub use state::{
     BalloonState, ConsoleState, DeviceState, DeviceStateError, MmioTransportState, NetState,
-    PciStateError, QueueState, QueueStateError, StateError, VirtioCommonState, VirtioPciState,
+    PciStateError, PmemState, QueueState, QueueStateError, StateError, VirtioCommonState,
+    VirtioPciState,
 };
 
 /// Shows an error with its chain of sources, `error: source: source's source`, for logs,

@@ -79,14 +79,15 @@ pub struct VirtioPciState {
 ///
 /// The JSON is untagged, the shape the snapshot files have always had: `null` (no state),
 /// `{"mac": [6 bytes], "active_pairs": N}` (net), `{"cols": C, "rows": R}` (console) or
-/// `{"num_pages": N, "actual": A}` (balloon). The payloads refuse unknown fields, so the
+/// `{"num_pages": N, "actual": A}` (balloon) or `{"start": S, "size": N}` (pmem). The payloads refuse unknown fields, so the
 /// shapes cannot be mistaken for one another.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(
     untagged,
     expecting = "a virtio device state: null, {\"mac\": [6 bytes], \"active_pairs\": N} \
                  (net), {\"cols\": C, \"rows\": R} (console) or \
-                 {\"num_pages\": N, \"actual\": A} (balloon)"
+                 {\"num_pages\": N, \"actual\": A} (balloon) or \
+                 {\"start\": S, \"size\": N} (pmem)"
 )]
 pub enum DeviceState {
     /// The device keeps nothing beyond what its construction gives back (`null`).
@@ -95,6 +96,7 @@ pub enum DeviceState {
     Net(NetState),
     Console(ConsoleState),
     Balloon(BalloonState),
+    Pmem(PmemState),
     /// The test device of this crate's unit tests.
     #[cfg(test)]
     Counter {
@@ -110,6 +112,7 @@ impl DeviceState {
             DeviceState::Net(_) => "a virtio-net",
             DeviceState::Console(_) => "a virtio-console",
             DeviceState::Balloon(_) => "a virtio-balloon",
+            DeviceState::Pmem(_) => "a virtio-pmem",
             #[cfg(test)]
             DeviceState::Counter { .. } => "a counter",
         }
@@ -142,6 +145,17 @@ pub struct BalloonState {
     pub actual: u32,
 }
 
+/// virtio-pmem: where the driver found the persistent memory region (its configuration
+/// space). The contents are in the host's backing file, not in the snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PmemState {
+    /// Guest-physical address of the region.
+    pub start: u64,
+    /// Its length in bytes (the backing file's size, rounded up to 2 MiB).
+    pub size: u64,
+}
+
 /// Why a device refuses a saved [`DeviceState`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceStateError {
@@ -154,6 +168,15 @@ pub enum DeviceStateError {
     NotUnicast([u8; 6]),
     #[error("{saved} active queue pairs where the device has 1 to {max}")]
     ActivePairs { saved: u16, max: u16 },
+    #[error(
+        "the pmem region was {saved_size:#x} bytes at {saved_start:#x}, now {size:#x} bytes at {start:#x} (did the backing file change size?)"
+    )]
+    PmemRegion {
+        saved_start: u64,
+        saved_size: u64,
+        start: u64,
+        size: u64,
+    },
 }
 
 impl DeviceStateError {

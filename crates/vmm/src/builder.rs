@@ -154,6 +154,7 @@ fn create_machine(
         &mut mmio_bus,
         &config.devices,
         bridge,
+        host.layout.device_memory(),
     )?;
     let firmware = match firmware {
         Some(fw) => {

@@ -61,6 +61,8 @@ pub enum DeviceOptionError {
     HostFwd(String),
     #[error("--vsock: cid {0} is reserved (use 3..=4294967295)")]
     ReservedCid(u64),
+    #[error("--pmem: only one device may be the root device")]
+    SecondPmemRoot,
 }
 
 impl FromStr for Transport {
@@ -165,6 +167,21 @@ pub struct BalloonConfig {
     pub transport: Transport,
 }
 
+/// `--pmem path=FILE[,readonly=on][,root=on][,transport=pci|mmio][,bw=BYTES/S][,iops=N]`: a
+/// virtio-pmem device, the file mapped into the guest as persistent memory (`/dev/pmemN`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PmemConfig {
+    pub path: PathBuf,
+    /// Map the file read-only (the guest's writes are dropped).
+    pub read_only: bool,
+    /// The guest's root file system: `root=/dev/pmemN` and `ro` or `rw` on the command line.
+    pub root: bool,
+    pub transport: Transport,
+    /// Limits on the guest's flushes (each one operation and the file's size in bytes).
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
 /// Every virtio device of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfigs {
@@ -177,11 +194,23 @@ pub struct DeviceConfigs {
     #[serde(default)]
     pub rng_rate_limiter: Option<RateLimiterConfig>,
     pub balloon: Option<BalloonConfig>,
+    /// virtio-pmem devices, `/dev/pmem0` first.
+    #[serde(default)]
+    pub pmem: Vec<PmemConfig>,
 }
 
 impl DeviceConfigs {
+    /// The kernel parameters of a root pmem device: `root=/dev/pmemN` and `ro` or `rw`, as
+    /// Firecracker adds them.
+    pub fn pmem_root_params(&self) -> Option<String> {
+        let (i, p) = self.pmem.iter().enumerate().find(|(_, p)| p.root)?;
+        let mode = if p.read_only { "ro" } else { "rw" };
+        Some(format!("root=/dev/pmem{i} {mode}"))
+    }
+
     pub fn is_empty(&self) -> bool {
-        self.disks.is_empty()
+        self.pmem.is_empty()
+            && self.disks.is_empty()
             && self.nets.is_empty()
             && self.vsock.is_none()
             && self.rng.is_none()
@@ -444,6 +473,34 @@ impl FromStr for BalloonConfig {
     }
 }
 
+impl FromStr for PmemConfig {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
+        let mut o = Options::parse("--pmem", s)?;
+        let path = PathBuf::from(o.required("path")?);
+        let read_only = o.flag("readonly")?;
+        let root = o.flag("root")?;
+        let transport = o.transport()?;
+        let rate_limiter = o.rate_limiter("bw", "iops")?;
+        o.finish()?;
+        Ok(PmemConfig {
+            path,
+            read_only,
+            root,
+            transport,
+            rate_limiter,
+        })
+    }
+}
+
+/// Checks a list of `--pmem` devices: at most one root device.
+pub fn check_pmem(pmem: &[PmemConfig]) -> Result<(), DeviceOptionError> {
+    if pmem.iter().filter(|p| p.root).count() > 1 {
+        return Err(DeviceOptionError::SecondPmemRoot);
+    }
+    Ok(())
+}
+
 /// `--rng [transport=pci|mmio]`
 pub fn parse_rng(s: &str) -> Result<Transport, DeviceOptionError> {
     let mut o = Options::parse("--rng", s)?;
@@ -585,6 +642,49 @@ mod tests {
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn pmem_parses_and_names_its_root() {
+        let p: PmemConfig = "path=/img,readonly=on,root=on,transport=mmio,iops=10"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            p,
+            PmemConfig {
+                path: "/img".into(),
+                read_only: true,
+                root: true,
+                transport: Transport::Mmio,
+                rate_limiter: Some(RateLimiterConfig {
+                    bandwidth: None,
+                    ops: Some(BucketConfig::per_second(10)),
+                }),
+            }
+        );
+        let q: PmemConfig = "path=/data".parse().unwrap();
+        assert!(!q.read_only && !q.root && q.rate_limiter.is_none());
+        assert_eq!(q.transport, Transport::Pci);
+        for bad in ["", "readonly=on", "path=x,root=maybe", "path=x,dax=on"] {
+            let e = bad.parse::<PmemConfig>().unwrap_err();
+            assert!(e.to_string().starts_with("--pmem"), "{bad}: {e}");
+        }
+        let mut d = DeviceConfigs {
+            pmem: vec![q.clone(), p.clone()],
+            ..DeviceConfigs::default()
+        };
+        assert!(!d.is_empty());
+        assert_eq!(d.pmem_root_params().as_deref(), Some("root=/dev/pmem1 ro"));
+        d.pmem[1].read_only = false;
+        assert_eq!(d.pmem_root_params().as_deref(), Some("root=/dev/pmem1 rw"));
+        check_pmem(&d.pmem).unwrap();
+        d.pmem[0].root = true;
+        assert_eq!(
+            check_pmem(&d.pmem).unwrap_err().to_string(),
+            "--pmem: only one device may be the root device"
+        );
+        d.pmem.clear();
+        assert_eq!(d.pmem_root_params(), None);
     }
 
     #[test]

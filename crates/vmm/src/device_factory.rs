@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use vessel_virtio::VirtioDevice;
 
-use vessel_virtio_devices::{balloon, block, net, rng, vsock};
+use vessel_virtio_devices::{balloon, block, net, pmem, rng, vsock};
 
 use crate::device_config::{DeviceConfigs, PasstConfig, Transport};
 use crate::device_manager::DeviceError;
@@ -13,6 +13,8 @@ use crate::device_manager::DeviceError;
 pub struct PlannedDevice {
     pub device: Box<dyn VirtioDevice>,
     pub transport: Transport,
+    /// A virtio-pmem device's region, which KVM must map before the guest runs.
+    pub pmem_region: Option<pmem::PmemRegion>,
 }
 
 /// Handles the VMM keeps on running devices (for the API and statistics).
@@ -25,17 +27,24 @@ pub struct DeviceHandles {
     pub blocks: Vec<block::BlockHandle>,
     /// Per-interface control (rate limiters), in `--net` order.
     pub nets: Vec<net::NetHandle>,
+    /// Per-pmem-device control (rate limiter) and counters, in `--pmem` order.
+    pub pmem: Vec<pmem::PmemHandle>,
 }
 
 fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {
     PlannedDevice {
         device: Box::new(device),
         transport,
+        pmem_region: None,
     }
 }
 
-/// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon).
-pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandles), DeviceError> {
+/// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon,
+/// pmem); pmem regions are placed in `device_memory` (the guest layout's).
+pub fn build(
+    configs: &DeviceConfigs,
+    device_memory: (u64, u64),
+) -> Result<(Vec<PlannedDevice>, DeviceHandles), DeviceError> {
     let mut out = Vec::new();
     let mut handles = DeviceHandles::default();
     for d in &configs.disks {
@@ -113,6 +122,28 @@ pub fn build(configs: &DeviceConfigs) -> Result<(Vec<PlannedDevice>, DeviceHandl
         handle.set_target_mib(b.size_mib);
         handles.balloon = Some(handle);
         out.push(planned(dev, b.transport));
+    }
+    let mut placer = crate::pmem::Placer::new(device_memory);
+    for p in &configs.pmem {
+        let what = || format!("Cannot create pmem device {}", p.path.display());
+        let mut dev = pmem::Pmem::new(&pmem::PmemParams {
+            path: p.path.clone(),
+            read_only: p.read_only,
+        })
+        .map_err(|e| DeviceError::setup(what(), e))?;
+        let at = placer
+            .place(dev.region().size)
+            .map_err(|e| DeviceError::setup(what(), e))?;
+        dev.set_guest_address(at);
+        if let Some(r) = &p.rate_limiter {
+            dev.rate_limiter().set_config(r);
+        }
+        handles.pmem.push(dev.handle());
+        let region = dev.region();
+        out.push(PlannedDevice {
+            pmem_region: Some(region),
+            ..planned(dev, p.transport)
+        });
     }
     Ok((out, handles))
 }

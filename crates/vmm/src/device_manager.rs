@@ -429,7 +429,7 @@ impl VirtioManager {
     }
 }
 
-/// Builds every device of `configs` and places it.
+/// Builds every device of `configs` and places it; pmem regions go in `device_memory`.
 pub fn create(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
@@ -437,15 +437,33 @@ pub fn create(
     mmio_bus: &mut Bus,
     configs: &DeviceConfigs,
     bridge: Bridge,
+    device_memory: (u64, u64),
 ) -> Result<VirtioManager, VmmError> {
     let mut m = VirtioManager::new(vm.clone(), mem.clone(), bridge);
     // A firmware finds the platform by its host bridge, devices or not.
     if bridge == Bridge::I440fx {
         m.pci_host(io_bus, mmio_bus)?;
     }
-    let (devices, handles) = crate::device_factory::build(configs)?;
+    let (devices, handles) = crate::device_factory::build(configs, device_memory)?;
     m.handles = handles;
+    let mut regions = 0;
     for planned in devices {
+        if let Some(r) = &planned.pmem_region {
+            crate::pmem::register(vm, regions, r)?;
+            if r.read_only {
+                let dev = Arc::new(Mutex::new(crate::pmem::ReadOnlyRegion::new(regions)));
+                mmio_bus
+                    .insert(dev, r.guest_addr, r.size)
+                    .map_err(device_err("a read-only pmem region"))?;
+            }
+            m.placed.push(format!(
+                "virtio-pmem region {:#x}..{:#x}{}",
+                r.guest_addr,
+                r.guest_addr + r.size,
+                if r.read_only { " (read-only)" } else { "" }
+            ));
+            regions += 1;
+        }
         m.add(io_bus, mmio_bus, planned.device, planned.transport)?;
     }
     for line in m.placed() {
@@ -458,6 +476,7 @@ pub fn create(
 mod tests {
     use super::*;
     use crate::device_config::BalloonConfig;
+    use crate::error::ErrorChain;
     use vessel_pci::MsiMessage;
     use vm_memory::GuestAddress;
 
@@ -485,7 +504,16 @@ mod tests {
     }
 
     fn manager(vm: &Arc<VmFd>, mem: &GuestMemoryMmap, c: &DeviceConfigs) -> VirtioManager {
-        create(vm, mem, &mut Bus::new(), &mut Bus::new(), c, Bridge::Vessel).unwrap()
+        create(
+            vm,
+            mem,
+            &mut Bus::new(),
+            &mut Bus::new(),
+            c,
+            Bridge::Vessel,
+            (512 << 30, 1 << 46),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -542,5 +570,54 @@ mod tests {
         assert!(e.contains("virtio-rng-0 (type 4) on pci"), "{e}");
         let e = other.restore_all(&saved[..1]).unwrap_err().to_string();
         assert!(e.contains("1 virtio devices, the configuration 2"), "{e}");
+    }
+
+    #[test]
+    fn pmem_regions_are_mapped_saved_and_checked_on_restore() {
+        let Some(vm) = new_vm() else { return };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let t = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        t.as_file().set_len(3 << 20).unwrap();
+        let pmem = |transport| crate::device_config::PmemConfig {
+            path: t.as_path().to_path_buf(),
+            read_only: false,
+            root: false,
+            transport,
+            rate_limiter: None,
+        };
+        let c = DeviceConfigs {
+            pmem: vec![pmem(Transport::Mmio), pmem(Transport::Pci)],
+            ..DeviceConfigs::default()
+        };
+        let m = manager(&vm, &mem, &c);
+        assert_eq!(m.handles.pmem.len(), 2);
+        // 3 MiB files: 4 MiB regions, one after the other from 512 GiB.
+        assert!(
+            m.placed()[0].contains("0x8000000000..0x8000400000"),
+            "{:?}",
+            m.placed()
+        );
+        assert!(
+            m.placed()[2].contains("0x8000400000..0x8000800000"),
+            "{:?}",
+            m.placed()
+        );
+        m.quiesce_all().unwrap();
+        let saved = m.save_all().unwrap();
+        let json = serde_json::to_string(&saved).unwrap();
+        assert!(json.contains("\"start\":549760008192"), "{json}");
+        let Some(vm2) = new_vm() else { return };
+        manager(&vm2, &mem, &c).restore_all(&saved).unwrap();
+        // The file grew: the region would no longer be what the guest mapped.
+        t.as_file().set_len(5 << 20).unwrap();
+        let Some(vm3) = new_vm() else { return };
+        let e = manager(&vm3, &mem, &c).restore_all(&saved).unwrap_err();
+        assert!(
+            ErrorChain(&e)
+                .to_string()
+                .contains("did the backing file change size"),
+            "{}",
+            ErrorChain(&e)
+        );
     }
 }

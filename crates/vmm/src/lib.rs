@@ -37,6 +37,7 @@ pub mod nested;
 pub mod outcome;
 pub mod payload;
 mod pci_host;
+pub mod pmem;
 pub mod profile;
 pub mod restore;
 pub mod running;

@@ -63,6 +63,11 @@ pub fn compose_cmdline(config: &VmConfig, nested_params: Option<&str>) -> String
         .cmdline
         .clone()
         .unwrap_or_else(|| DEFAULT_CMDLINE.to_string());
+    // Where Firecracker puts them: after the configured line.
+    if let Some(root) = config.devices.pmem_root_params() {
+        s.push(' ');
+        s.push_str(&root);
+    }
     if let Some(p) = nested_params {
         s.push(' ');
         s.push_str(p);
@@ -187,6 +192,19 @@ mod tests {
         c.cmdline = Some("console=ttyS0".into());
         c.append.clear();
         assert_eq!(compose_cmdline(&c, None), "console=ttyS0");
+        // A root pmem device: Firecracker's parameters right after the configured line.
+        c.devices.pmem.push(crate::device_config::PmemConfig {
+            path: "/rootfs.ext4".into(),
+            read_only: false,
+            root: true,
+            transport: Default::default(),
+            rate_limiter: None,
+        });
+        c.append.push("rootflags=dax".into());
+        assert_eq!(
+            compose_cmdline(&c, Some("nopv")),
+            "console=ttyS0 root=/dev/pmem0 rw nopv rootflags=dax"
+        );
     }
 
     #[test]

@@ -111,6 +111,12 @@ fn same_machine(config: &VmConfig, snap: &VmConfig) -> bool {
         && d.0.vsock.is_some() == d.1.vsock.is_some()
         && d.0.rng == d.1.rng
         && d.0.balloon.is_some() == d.1.balloon.is_some()
+        && d.0.pmem.len() == d.1.pmem.len()
+        && d.0
+            .pmem
+            .iter()
+            .zip(&d.1.pmem)
+            .all(|(a, b)| a.read_only == b.read_only)
 }
 
 /// [`restore_with`], prefetching or recording the working set `ws`. The restored VM gets a

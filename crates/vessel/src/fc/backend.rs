@@ -14,8 +14,8 @@ use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
-    MigrateParams, PartialDrive, PartialNetworkInterface, RestoreHugePages, SerialDevice,
-    SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    MigrateParams, PartialDrive, PartialNetworkInterface, PartialPmem, RestoreHugePages,
+    SerialDevice, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::block::BlockHandle;
@@ -62,6 +62,8 @@ pub struct ApiBackend {
     drives: Vec<(String, BlockHandle)>,
     /// The started VM's network interfaces, with their ids, in device order.
     nets: Vec<(String, NetHandle)>,
+    /// The started VM's pmem devices.
+    pmem: super::pmem::PmemDevices,
     /// Where the devices go (virtio-mmio unless `--enable-pci`).
     transport: Transport,
     /// The started VM's cloud-init seed disk (`PUT /vessel/cloud-init`), held as long as
@@ -94,6 +96,7 @@ impl ApiBackend {
             balloon: None,
             drives: Vec::new(),
             nets: Vec::new(),
+            pmem: Default::default(),
             transport: Transport::Mmio,
             seed: None,
         })
@@ -198,6 +201,7 @@ impl VmmBackend for ApiBackend {
             .zip(handles.blocks.iter().cloned())
             .collect();
         let nets = net_handles(resources, &handles);
+        let pmem = super::pmem::PmemDevices::new(resources, &handles.pmem);
         let balloon = handles.balloon.clone().zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
@@ -206,6 +210,7 @@ impl VmmBackend for ApiBackend {
         self.seed = seed;
         self.drives = drives;
         self.nets = nets;
+        self.pmem = pmem;
         if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
             let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
             if config.stats_polling_interval_s > 0 {
@@ -318,10 +323,13 @@ impl VmmBackend for ApiBackend {
         let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm.device_handles());
+        let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
+        pmem.set_limiters(&resources);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         crate::trim::release_pages();
         self.nets = nets;
+        self.pmem = pmem;
         Ok(resources)
     }
 
@@ -365,6 +373,7 @@ impl VmmBackend for ApiBackend {
                 "uart".into(),
                 json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
             );
+            self.pmem.metrics(&mut m);
         }
         Ok(m)
     }
@@ -392,6 +401,20 @@ impl VmmBackend for ApiBackend {
     fn update_network_interface(&mut self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
         self.running()?;
         self.patch_network_interface(u)
+    }
+
+    fn update_pmem(&mut self, u: &PartialPmem) -> Result<(), ApiError> {
+        self.running()?;
+        self.pmem.update(u)?;
+        // Snapshots carry the limits the device has now.
+        if let Some(p) = self
+            .api_config
+            .as_mut()
+            .and_then(|c| c.pmem.iter_mut().find(|p| p.id == u.id))
+        {
+            u.apply_to(p);
+        }
+        Ok(())
     }
 
     fn balloon_config(&mut self) -> Result<ApiBalloon, ApiError> {

@@ -140,6 +140,7 @@ pub fn resources_to_config_on(
             rng: r.entropy.map(|_| transport),
             rng_rate_limiter: r.entropy.and_then(|e| limiter_config(&e.rate_limiter)),
             balloon,
+            pmem: super::pmem::configs(r, transport),
         },
         track_dirty_pages: m.track_dirty_pages,
         boot_timer: base.boot_timer,
@@ -199,7 +200,7 @@ pub(super) fn bucket_config(b: &ApiTokenBucket) -> BucketConfig {
 
 /// An API rate limiter as the device configuration stores it (`None` when it limits
 /// nothing).
-fn limiter_config(r: &Option<ApiRateLimiter>) -> Option<RateLimiterConfig> {
+pub(super) fn limiter_config(r: &Option<ApiRateLimiter>) -> Option<RateLimiterConfig> {
     let c = r.map(|r| RateLimiterConfig {
         bandwidth: r.bandwidth.as_ref().map(bucket_config),
         ops: r.ops.as_ref().map(bucket_config),
@@ -501,7 +502,8 @@ pub(crate) mod tests {
             (42, uds.to_str().unwrap())
         );
         // The device built from it reports the new CID in its configuration space.
-        let (devices, _) = vessel_vmm::device_factory::build(&c.devices).unwrap();
+        let (devices, _) =
+            vessel_vmm::device_factory::build(&c.devices, (512 << 30, 1 << 46)).unwrap();
         let mut cid = [0u8; 8];
         devices[0].device.read_config(0, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 42);

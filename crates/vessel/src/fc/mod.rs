@@ -19,6 +19,7 @@ mod balloon;
 pub mod cidata;
 pub mod config;
 pub mod cpu_config;
+mod pmem;
 pub mod signals;
 mod taps;
 
