@@ -1085,25 +1085,13 @@ fn fifo_reader(path: &Path) -> std::sync::Arc<std::sync::Mutex<String>> {
     let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
     // SAFETY: mkfifo reads a NUL-terminated path we own.
     assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
-    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let (p, o) = (path.to_path_buf(), out.clone());
-    std::thread::spawn(move || {
-        use std::io::Read;
-        // Blocks until the writer opens it; ends when it closes.
-        let Ok(mut f) = std::fs::File::open(&p) else {
-            return;
-        };
-        let mut buf = [0u8; 4096];
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            o.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
+    // Read and write: the open does not wait for a writer (the reader never sees an end).
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    collect_output(f)
 }
 
 /// What Kata Containers' Firecracker driver does: logger and metrics on FIFOs, a read-only

@@ -166,7 +166,10 @@ fn full_and_diff_snapshots_restore_in_new_processes_and_the_count_goes_on() {
         400,
     );
     assert!(
-        e["fault_message"].as_str().unwrap().contains("paused"),
+        e["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("save/restore unavailable while running"),
         "{e}"
     );
 
@@ -304,7 +307,9 @@ fn a_restored_guest_keeps_the_saved_cpuid() {
 fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
     let dir = scratch("snapshot-bad");
     let junk = dir.join("junk");
-    std::fs::write(&junk, b"not a snapshot at all").unwrap();
+    std::fs::write(&junk, b"not a snapshot at all, and longer than a header").unwrap();
+    let short = dir.join("short");
+    std::fs::write(&short, b"").unwrap();
     let mem = dir.join("mem");
     std::fs::write(&mem, vec![0u8; 4096]).unwrap();
     let v = FcVessel::start(&dir, "v", &[]);
@@ -312,6 +317,8 @@ fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
     for (state, what) in [
         (dir.join("missing"), "No such file"),
         (junk.clone(), "not a Vessel snapshot"),
+        // Firecracker's words for a file with no room for its checksum.
+        (short.clone(), "IO Error: File too short to contain CRC"),
     ] {
         let e = expect(
             &mut c,
