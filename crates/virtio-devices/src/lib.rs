@@ -5,6 +5,7 @@
 pub mod balloon;
 pub mod block;
 pub mod console;
+pub mod mem;
 pub mod net;
 pub mod rng;
 #[cfg(test)]
