@@ -25,6 +25,8 @@ pub struct DeviceHandles {
     pub blocks: Vec<block::BlockHandle>,
     /// Per-interface control (rate limiters), in `--net` order.
     pub nets: Vec<net::NetHandle>,
+    /// The virtio-mem device's control (requested size, status).
+    pub memory_hotplug: Option<vessel_virtio_devices::mem::MemHandle>,
 }
 
 fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {

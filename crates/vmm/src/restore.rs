@@ -111,6 +111,7 @@ fn same_machine(config: &VmConfig, snap: &VmConfig) -> bool {
         && d.0.vsock.is_some() == d.1.vsock.is_some()
         && d.0.rng == d.1.rng
         && d.0.balloon.is_some() == d.1.balloon.is_some()
+        && d.0.memory_hotplug == d.1.memory_hotplug
 }
 
 /// [`restore_with`], prefetching or recording the working set `ws`. The restored VM gets a

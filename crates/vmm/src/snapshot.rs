@@ -140,6 +140,17 @@ pub enum SnapshotFailure {
     KvmState(#[source] vessel_kvm::KvmError),
     #[error("the virtio devices")]
     Devices(#[source] DeviceError),
+    #[error("snapshots and live migration of a VM with hotpluggable memory (virtio-mem) are not supported yet")]
+    MemoryHotplug,
+}
+
+/// Refuses to snapshot or migrate a VM with hotpluggable memory: the virtio-mem device's
+/// state and its region are not saved yet.
+pub(crate) fn refuse_memory_hotplug(m: &Machine) -> Result<(), SnapshotFailure> {
+    match m.config.devices.memory_hotplug {
+        Some(_) => Err(SnapshotFailure::MemoryHotplug),
+        None => Ok(()),
+    }
 }
 
 /// KVM's dirty log since its last read, as a bitmap over `regions` (slot `i` is region `i`).
@@ -212,6 +223,7 @@ pub(crate) fn take<A: Serialize + Clone>(
     req: &SnapshotRequest<A>,
 ) -> Result<SnapshotInfo, SnapshotFailure> {
     let _one = m.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+    refuse_memory_hotplug(m)?;
     if req.kind == SnapshotKind::Diff && !m.config.track_dirty_pages {
         return Err(SnapshotFailure::NoDirtyTracking);
     }
