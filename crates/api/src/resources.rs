@@ -174,6 +174,12 @@ pub struct FullVmConfig {
     pub vsock: Option<Vsock>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<EntropyDevice>,
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     /// Vessel extension: the `PUT /vessel/cloud-init` seed.
     #[serde(
         rename = "vessel-cloud-init",
@@ -213,6 +219,8 @@ pub struct VmResources {
     /// Vessel extension: a cloud-init seed disk, added after the drives at start (the VMM
     /// checks its user-data when it is set).
     pub cloud_init: Option<CloudInitSeed>,
+    /// Hotpluggable memory (virtio-mem).
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
@@ -265,6 +273,7 @@ impl VmResources {
             && self.balloon.is_none()
             && self.mmds_config.is_none()
             && self.cloud_init.is_none()
+            && self.memory_hotplug.is_none()
     }
 
     /// `PUT /boot-source`. The kernel and initrd must be readable.
@@ -550,6 +559,45 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /hotplug/memory`, with Firecracker's checks and messages.
+    pub fn set_memory_hotplug(&mut self, c: MemoryHotplugConfig) -> Result<(), ApiError> {
+        let fail = |what: String| {
+            Err(ApiError::bad(format!(
+                "Memory hotplug config error: {what}"
+            )))
+        };
+        let (min_block, min_slot) = (2, 128);
+        if c.block_size_mib < min_block {
+            return fail(format!("Block size must not be lower than {min_block} MiB"));
+        }
+        if !c.block_size_mib.is_power_of_two() {
+            return fail("Block size must be a power of 2".into());
+        }
+        if c.slot_size_mib < min_slot {
+            return fail(format!("Slot size must not be lower than {min_slot} MiB"));
+        }
+        if !c.slot_size_mib.is_multiple_of(c.block_size_mib) {
+            return fail(format!(
+                "Slot size must be a multiple of block size ({} MiB)",
+                c.block_size_mib
+            ));
+        }
+        if c.total_size_mib < c.slot_size_mib {
+            return fail(format!(
+                "Total size must not be lower than slot size ({} MiB)",
+                c.slot_size_mib
+            ));
+        }
+        if !c.total_size_mib.is_multiple_of(c.slot_size_mib) {
+            return fail(format!(
+                "Total size must be a multiple of slot size ({} MiB)",
+                c.slot_size_mib
+            ));
+        }
+        self.memory_hotplug = Some(c);
+        Ok(())
+    }
+
     /// Checks that the resources suffice to boot.
     pub fn validate_for_start(&self) -> Result<(), ApiError> {
         if self.boot_source.is_none() {
@@ -575,6 +623,7 @@ impl VmResources {
             vsock: self.vsock.clone(),
             entropy: self.entropy,
             cloud_init: self.cloud_init.clone(),
+            memory_hotplug: self.memory_hotplug,
         }
     }
 
@@ -635,6 +684,9 @@ impl VmResources {
         }
         if let Some(c) = cfg.cloud_init {
             r.set_cloud_init(c)?;
+        }
+        if let Some(h) = cfg.memory_hotplug {
+            r.set_memory_hotplug(h)?;
         }
         if let Some(md) = metadata {
             r.put_metadata(md)?;

@@ -212,6 +212,12 @@ struct RunArgs {
     /// A virtio-balloon device: [size=MIB][,stats=on][,deflate_on_oom=on][,transport=...].
     #[arg(long, value_name = "OPTIONS", num_args = 0..=1, default_missing_value = "")]
     balloon: Option<BalloonConfig>,
+    /// Hotpluggable memory (a virtio-mem device, unplugged at boot):
+    /// size=MIB[,block=MIB][,slot=MIB][,transport=...] (defaults: 2 MiB blocks, 128 MiB slots).
+    /// Placed above RAM, out of the e820 map; the guest plugs what the host requests
+    /// (`PATCH /hotplug/memory` on the API).
+    #[arg(long, value_name = "OPTIONS")]
+    memory_hotplug: Option<vessel_vmm::hotplug::MemoryHotplugConfig>,
 }
 
 /// Default guest memory. The demo guest needs almost none, and KVM's cost of registering
@@ -338,6 +344,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             vsock: args.vsock,
             rng: args.rng,
             balloon: args.balloon,
+            memory_hotplug: args.memory_hotplug,
         },
         track_dirty_pages: false,
         boot_timer: args.boot_timer,
