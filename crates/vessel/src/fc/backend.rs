@@ -12,6 +12,7 @@ use std::thread;
 
 use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
+use vessel_api::types::MemoryHotplugStatus;
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
     MigrateParams, PartialDrive, PartialNetworkInterface, RestoreHugePages, SnapshotCreateParams,
@@ -19,6 +20,7 @@ use vessel_api::types::{
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::block::BlockHandle;
+use vessel_virtio_devices::mem::MemHandle;
 use vessel_virtio_devices::net::NetHandle;
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
@@ -55,6 +57,8 @@ pub struct ApiBackend {
     api_config: Option<FullVmConfig>,
     /// The started VM's balloon, if it has one.
     balloon: Option<BalloonState>,
+    /// The started VM's virtio-mem device, if it has one.
+    memory_hotplug: Option<MemHandle>,
     /// The started VM's disks, with their drive ids, in device order.
     drives: Vec<(String, BlockHandle)>,
     /// The started VM's network interfaces, with their ids, in device order.
@@ -89,6 +93,7 @@ impl ApiBackend {
             logger: None,
             api_config: None,
             balloon: None,
+            memory_hotplug: None,
             drives: Vec::new(),
             nets: Vec::new(),
             transport: Transport::Mmio,
@@ -195,9 +200,11 @@ impl VmmBackend for ApiBackend {
             .collect();
         let nets = net_handles(resources, &handles);
         let balloon = handles.balloon.clone().zip(resources.balloon);
+        let memory_hotplug = handles.memory_hotplug.clone();
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         self.seed = seed;
+        self.memory_hotplug = memory_hotplug;
         self.drives = drives;
         self.nets = nets;
         if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
@@ -410,6 +417,14 @@ impl VmmBackend for ApiBackend {
         }
         Ok(balloon_stats(&b.handle))
     }
+
+    fn memory_hotplug_status(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
+        Ok(super::memhp::status(self.running_memory_hotplug()?))
+    }
+
+    fn memory_hotplug_update(&mut self, requested_size_mib: u64) -> Result<(), ApiError> {
+        super::memhp::update(self.running_memory_hotplug()?, requested_size_mib)
+    }
 }
 
 /// The network interfaces' ids with their devices' handles (the devices are in the
@@ -487,6 +502,15 @@ impl ApiBackend {
             )));
         }
         Ok(())
+    }
+
+    fn running_memory_hotplug(&self) -> Result<&MemHandle, ApiError> {
+        self.running()?;
+        self.memory_hotplug.as_ref().ok_or_else(|| {
+            ApiError::bad(
+                "Memory hotplug update error: Failed perform action on device: Device not found",
+            )
+        })
     }
 
     fn running_balloon(&self) -> Result<&BalloonState, ApiError> {

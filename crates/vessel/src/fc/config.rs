@@ -138,6 +138,10 @@ pub fn resources_to_config_on(
             vsock,
             rng: r.entropy.map(|_| transport),
             balloon,
+            memory_hotplug: r
+                .memory_hotplug
+                .as_ref()
+                .map(|h| super::memhp::config(h, transport)),
         },
         track_dirty_pages: m.track_dirty_pages,
         boot_timer: base.boot_timer,

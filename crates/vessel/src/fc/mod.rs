@@ -7,7 +7,8 @@
 //!   `VmConfig`;
 //! - [`cpu_config`]: Firecracker custom CPU templates to `vessel_kvm` templates;
 //! - `balloon`: the running balloon's state, statistics poller and figures;
-//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk.
+//! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk;
+//! - `memhp`: hotpluggable memory (`/hotplug/memory`) in the API's terms.
 //!
 //! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
 //! transport unless `--enable-pci`.
@@ -17,5 +18,6 @@ mod balloon;
 pub mod cidata;
 pub mod config;
 pub mod cpu_config;
+mod memhp;
 
 pub use backend::ApiBackend;
