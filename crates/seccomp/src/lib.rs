@@ -43,19 +43,22 @@ pub enum DeviceKind {
     Rng,
     Balloon,
     Console,
+    /// virtio-mem: maps and unmaps KVM memory slots.
+    Mem,
     /// A worker Vessel does not name: what any device may need.
     Other,
 }
 
 impl DeviceKind {
     /// The named kinds (all but `Other`).
-    pub const NAMED: [DeviceKind; 6] = [
+    pub const NAMED: [DeviceKind; 7] = [
         DeviceKind::Block,
         DeviceKind::Net,
         DeviceKind::Vsock,
         DeviceKind::Rng,
         DeviceKind::Balloon,
         DeviceKind::Console,
+        DeviceKind::Mem,
     ];
 
     /// The kind of a worker thread, from its name (`virtio-blk`, `virtio-net`, ...).
@@ -67,6 +70,7 @@ impl DeviceKind {
             "rng" => DeviceKind::Rng,
             "balloon" => DeviceKind::Balloon,
             "console" => DeviceKind::Console,
+            "mem" => DeviceKind::Mem,
             _ => DeviceKind::Other,
         }
     }
@@ -109,6 +113,7 @@ impl ThreadKind {
                 DeviceKind::Rng => "virtio-rng",
                 DeviceKind::Balloon => "virtio-balloon",
                 DeviceKind::Console => "virtio-console",
+                DeviceKind::Mem => "virtio-mem",
                 DeviceKind::Other => "virtio",
             },
         }
