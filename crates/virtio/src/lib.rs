@@ -29,8 +29,9 @@ pub use device::{
 pub use mmio::MmioTransport;
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
 pub use state::{
-    BalloonState, ConsoleState, DeviceState, DeviceStateError, MmioTransportState, NetState,
-    PciStateError, QueueState, QueueStateError, StateError, VirtioCommonState, VirtioPciState,
+    BalloonState, ConsoleState, DeviceState, DeviceStateError, MemState, MmioTransportState,
+    NetState, PciStateError, QueueState, QueueStateError, StateError, VirtioCommonState,
+    VirtioPciState,
 };
 
 /// Shows an error with its chain of sources, `error: source: source's source`, for logs,

@@ -85,8 +85,9 @@ pub struct VirtioPciState {
 #[serde(
     untagged,
     expecting = "a virtio device state: null, {\"mac\": [6 bytes], \"active_pairs\": N} \
-                 (net), {\"cols\": C, \"rows\": R} (console) or \
-                 {\"num_pages\": N, \"actual\": A} (balloon)"
+                 (net), {\"cols\": C, \"rows\": R} (console), \
+                 {\"num_pages\": N, \"actual\": A} (balloon) or {\"requested_size\": R, \
+                 \"usable_region_size\": U, \"plugged\": [[first, count]...]} (mem)"
 )]
 pub enum DeviceState {
     /// The device keeps nothing beyond what its construction gives back (`null`).
@@ -95,6 +96,7 @@ pub enum DeviceState {
     Net(NetState),
     Console(ConsoleState),
     Balloon(BalloonState),
+    Mem(MemState),
     /// The test device of this crate's unit tests.
     #[cfg(test)]
     Counter {
@@ -110,6 +112,7 @@ impl DeviceState {
             DeviceState::Net(_) => "a virtio-net",
             DeviceState::Console(_) => "a virtio-console",
             DeviceState::Balloon(_) => "a virtio-balloon",
+            DeviceState::Mem(_) => "a virtio-mem",
             #[cfg(test)]
             DeviceState::Counter { .. } => "a counter",
         }
@@ -142,6 +145,17 @@ pub struct BalloonState {
     pub actual: u32,
 }
 
+/// virtio-mem: the size the host requested, the usable region the driver was shown, and the
+/// plugged blocks as runs `(first block, count)`. The plugged memory itself is in guest
+/// memory (the region is part of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemState {
+    pub requested_size: u64,
+    pub usable_region_size: u64,
+    pub plugged: Vec<(u64, u64)>,
+}
+
 /// Why a device refuses a saved [`DeviceState`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceStateError {
@@ -154,6 +168,8 @@ pub enum DeviceStateError {
     NotUnicast([u8; 6]),
     #[error("{saved} active queue pairs where the device has 1 to {max}")]
     ActivePairs { saved: u16, max: u16 },
+    #[error("virtio-mem state does not fit the device's region: {0}")]
+    Mem(String),
 }
 
 impl DeviceStateError {

@@ -7,8 +7,9 @@
 //! devices reach buffers the guest puts in plugged memory) but not of the e820 map; KVM maps
 //! it slot by slot as the driver plugs blocks (slot numbers from [`FIRST_SLOT`]).
 //!
-//! Snapshots and migration of a VM with hotpluggable memory are refused (see
-//! `crate::snapshot`): the device's state and its memory are not saved yet.
+//! A full snapshot carries the region (it is part of guest memory, written sparse) and the
+//! device's plugged blocks; a restore maps their slots again. Diff snapshots and live
+//! migration, which need KVM's dirty log of every slot, are refused (see `crate::snapshot`).
 
 use std::io;
 use std::str::FromStr;

@@ -318,9 +318,11 @@ impl VmmBackend for ApiBackend {
         let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm.device_handles());
+        let memory_hotplug = vm.device_handles().memory_hotplug;
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         self.nets = nets;
+        self.memory_hotplug = memory_hotplug;
         Ok(resources)
     }
 

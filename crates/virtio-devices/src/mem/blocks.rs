@@ -298,6 +298,47 @@ impl Blocks {
         runs
     }
 
+    /// The same region with a saved state: the requested size, the usable region and the
+    /// plugged runs `(first block, count)` (as [`Self::plugged_runs`] gives them). Checked
+    /// against the region: a state file is input like any other.
+    pub fn restored(
+        &self,
+        requested_size: u64,
+        usable_region_size: u64,
+        runs: &[(u64, u64)],
+    ) -> Result<Blocks, String> {
+        let g = self.geometry;
+        let mut b = Blocks::new(g).map_err(|e| e.to_string())?;
+        b.set_requested_size(requested_size)
+            .map_err(|e| e.to_string())?;
+        if usable_region_size > g.region_size
+            || !usable_region_size.is_multiple_of(g.slot_size)
+            || usable_region_size < b.usable_region_size
+        {
+            return Err(format!("usable region of {usable_region_size} bytes"));
+        }
+        b.usable_region_size = usable_region_size;
+        for &(first, count) in runs {
+            let end = first.checked_add(count).filter(|&e| e <= g.blocks() as u64);
+            let Some(end) = end.filter(|_| count > 0) else {
+                return Err(format!("plugged blocks {first}+{count}"));
+            };
+            // Both within `blocks()`, a usize.
+            let r = first as usize..end as usize;
+            if b.plugged[r.clone()].iter().any(|p| *p) {
+                return Err(format!("plugged blocks {first}+{count} overlap"));
+            }
+            if end * g.block_size > usable_region_size {
+                return Err(format!(
+                    "plugged blocks {first}+{count} past the usable region"
+                ));
+            }
+            b.plugged[r.clone()].fill(true);
+            b.plugged_size += b.bytes(r.len());
+        }
+        Ok(b)
+    }
+
     /// The slots that hold plugged blocks (to map when a device is rebuilt with state).
     pub fn slots_in_use(&self) -> Vec<usize> {
         (0..self.geometry.slots())
@@ -508,6 +549,41 @@ mod tests {
             b.handle(Request::UnplugAll),
             (Response::Ack(None), Effects::default())
         );
+    }
+
+    #[test]
+    fn saved_state_comes_back_and_bad_state_is_refused() {
+        let mut b = blocks();
+        b.set_requested_size(300 * MIB).unwrap();
+        assert_eq!(b.handle(plug(BASE, 3)).0, Response::Ack(None));
+        assert_eq!(b.handle(plug(BASE + 256 * MIB, 2)).0, Response::Ack(None));
+        let runs: Vec<(u64, u64)> = b
+            .plugged_runs()
+            .iter()
+            .map(|&(f, c)| (f as u64, c as u64))
+            .collect();
+        assert_eq!(runs, vec![(0, 3), (128, 2)]);
+        let fresh = blocks();
+        let back = fresh
+            .restored(b.requested_size(), b.usable_region_size(), &runs)
+            .unwrap();
+        assert_eq!(back, b);
+        assert_eq!(back.slots_in_use(), vec![0, 2]);
+        for (req, usable, runs) in [
+            (3 * MIB, 384 * MIB, vec![]),
+            (300 * MIB, 100 * MIB, vec![]),
+            (300 * MIB, 1024 * MIB, vec![]),
+            (300 * MIB, 384 * MIB, vec![(0, 0)]),
+            (300 * MIB, 384 * MIB, vec![(255, 2)]),
+            (300 * MIB, 384 * MIB, vec![(u64::MAX, 2)]),
+            (300 * MIB, 384 * MIB, vec![(0, 3), (2, 1)]),
+            (300 * MIB, 384 * MIB, vec![(200, 1)]),
+        ] {
+            assert!(
+                fresh.restored(req, usable, &runs).is_err(),
+                "{req} {usable} {runs:?}"
+            );
+        }
     }
 
     #[test]

@@ -31,7 +31,7 @@ use vmm_sys_util::epoll::EventSet;
 use vessel_virtio::worker::{consume, drain_queue, EventHandler, Worker, WorkerControl};
 use vessel_virtio::{
     features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue, DeviceHealth,
-    InterruptCause, VirtioDevice, VirtioInterrupt,
+    DeviceState, DeviceStateError, InterruptCause, MemState, VirtioDevice, VirtioInterrupt,
 };
 
 pub use blocks::{BadGeometry, Blocks, Effects, MemGeometry, SizeError};
@@ -214,6 +214,49 @@ impl VirtioDevice for VirtioMem {
 
     fn name(&self) -> &'static str {
         "virtio-mem"
+    }
+
+    fn save_device_state(&self) -> DeviceState {
+        let s = self.shared.lock();
+        DeviceState::Mem(MemState {
+            requested_size: s.blocks.requested_size(),
+            usable_region_size: s.blocks.usable_region_size(),
+            plugged: s
+                .blocks
+                .plugged_runs()
+                .into_iter()
+                .map(|(first, count)| (first as u64, count as u64))
+                .collect(),
+        })
+    }
+
+    /// Takes the saved bookkeeping and maps the slots holding plugged blocks (their contents
+    /// came back with guest memory).
+    fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
+        let DeviceState::Mem(m) = state else {
+            return Err(DeviceStateError::kind(self.name(), state));
+        };
+        let mut s = self.shared.lock();
+        let blocks = s
+            .blocks
+            .restored(m.requested_size, m.usable_region_size, &m.plugged)
+            .map_err(DeviceStateError::Mem)?;
+        let mut mapped = Vec::new();
+        for slot in blocks.slots_in_use() {
+            if let Err(e) = self.slots.set_slot(slot, true) {
+                for &m in &mapped {
+                    if let Err(e) = self.slots.set_slot(m, false) {
+                        log::warn!("virtio-mem: cannot unmap slot {m}: {e}");
+                    }
+                }
+                return Err(DeviceStateError::Mem(format!(
+                    "cannot map slot {slot}: {e}"
+                )));
+            }
+            mapped.push(slot);
+        }
+        s.blocks = blocks;
+        Ok(())
     }
 }
 

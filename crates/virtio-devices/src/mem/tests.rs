@@ -291,3 +291,56 @@ fn the_device_serves_kicks_and_announces_new_sizes() {
         "no interrupt after reset"
     );
 }
+
+#[test]
+fn state_is_saved_and_restored_with_its_slots() {
+    let rig = Rig::new(Slots::default());
+    rig.handle().set_requested_size(12 * MIB).unwrap();
+    assert_eq!(rig.ask(plug(BASE, 1)).0, RESP_ACK as u8);
+    assert_eq!(rig.ask(plug(BASE + 8 * MIB, 2)).0, RESP_ACK as u8);
+    let dev = VirtioMem {
+        shared: rig.shared.clone(),
+        slots: rig.slots.clone(),
+        worker: None,
+    };
+    let saved = dev.save_device_state();
+    assert_eq!(
+        saved,
+        DeviceState::Mem(MemState {
+            requested_size: 12 * MIB,
+            usable_region_size: 12 * MIB,
+            plugged: vec![(0, 1), (4, 2)],
+        })
+    );
+    // Through JSON, as in a state file.
+    let text = serde_json::to_string(&saved).unwrap();
+    let back: DeviceState = serde_json::from_str(&text).unwrap();
+    assert_eq!(back, saved);
+    let slots = Arc::new(Slots::default());
+    let mut fresh = VirtioMem::new(geometry(), slots.clone()).unwrap();
+    fresh.restore_device_state(&back).unwrap();
+    assert_eq!(slots.take(), vec![(0, true), (2, true)]);
+    let st = fresh.handle().status();
+    assert_eq!((st.plugged_size, st.requested_size), (6 * MIB, 12 * MIB));
+    // A state that does not fit is refused and changes nothing; so is a slot KVM refuses.
+    let bad = DeviceState::Mem(MemState {
+        requested_size: 12 * MIB,
+        usable_region_size: 12 * MIB,
+        plugged: vec![(7, 2)],
+    });
+    let mut other = VirtioMem::new(geometry(), slots.clone()).unwrap();
+    assert!(matches!(
+        other.restore_device_state(&bad),
+        Err(DeviceStateError::Mem(_))
+    ));
+    assert!(other.restore_device_state(&DeviceState::None).is_err());
+    let refusing = Arc::new(Slots {
+        refuse: vec![2],
+        ..Default::default()
+    });
+    let mut third = VirtioMem::new(geometry(), refusing.clone()).unwrap();
+    assert!(third.restore_device_state(&saved).is_err());
+    assert_eq!(refusing.take(), vec![(0, true), (0, false)]);
+    assert_eq!(third.handle().status().plugged_size, 0);
+    assert_eq!(other.handle().status().plugged_size, 0);
+}
