@@ -17,6 +17,7 @@ pub mod client;
 pub mod controller;
 pub mod error;
 pub mod http;
+pub mod memory_hotplug;
 pub mod metrics;
 pub mod openapi;
 pub mod resources;

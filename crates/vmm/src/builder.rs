@@ -114,7 +114,7 @@ fn create_machine(
 ) -> Result<(Arc<Machine>, Vec<VcpuFd>), VmmError> {
     let vm = Arc::new(crate::kvm_vm::create_vm(&host.kvm)?);
     // Device-managed memory (after RAM in `mem`) is mapped by its device.
-    let (_, hotplug) = crate::hotplug::device_memory(&host.layout, config)?;
+    let hotplug = crate::hotplug::device_memory(&host.layout, config)?.hotplug;
     let ram_regions = host.layout.ram_regions().len();
     crate::kvm_vm::register_ram(&vm, &mem, ram_regions, config.track_dirty_pages)?;
     crate::kvm_vm::create_irqchip_and_pit(&vm)?;
@@ -252,8 +252,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .kvm("KVM_GET_SUPPORTED_CPUID")?;
-    let (device_memory, _) = crate::hotplug::device_memory(&layout, config)?;
-    let mem = create_guest_memory_with(&layout, &device_memory)?;
+    let device_memory = crate::hotplug::device_memory(&layout, config)?;
+    let mem = create_guest_memory_with(&layout, &device_memory.ranges)?;
     let vmgenid = vmgenid::install(&config.boot, &mem)?;
     let (machine, fds) = create_machine(host, config, mem, nested, vmgenid)?;
 

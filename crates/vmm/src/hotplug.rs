@@ -165,12 +165,21 @@ pub fn place(
     Ok((addr, size))
 }
 
-/// The device-managed ranges of `config` above `layout`'s RAM, in allocation order (the
-/// same every time for the same configuration), with the hotpluggable region's place.
+/// The device-managed memory of a VM above its RAM.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Every range `(start, size)`, in allocation order (the same every time for the same
+    /// configuration).
+    pub ranges: Vec<(u64, u64)>,
+    /// The hotpluggable region's place.
+    pub hotplug: Option<(u64, u64)>,
+}
+
+/// The device-managed memory of `config` above `layout`'s RAM.
 pub fn device_memory(
     layout: &GuestLayout,
     config: &crate::config::VmConfig,
-) -> Result<(Vec<(u64, u64)>, Option<(u64, u64)>), HotplugError> {
+) -> Result<DeviceMemory, HotplugError> {
     let mut alloc = DeviceMemoryAllocator::new(layout);
     let mut ranges = Vec::new();
     let hotplug = config
@@ -180,7 +189,7 @@ pub fn device_memory(
         .map(|c| place(&mut alloc, c))
         .transpose()?;
     ranges.extend(hotplug);
-    Ok((ranges, hotplug))
+    Ok(DeviceMemory { ranges, hotplug })
 }
 
 /// Maps the region's slots with KVM. Holds guest memory, so the mapping outlives the slots.
@@ -305,12 +314,14 @@ mod tests {
     fn the_region_goes_above_ram_aligned() {
         let layout = GuestLayout::new(512 * MIB).unwrap();
         let mut config = crate::config::VmConfig::default();
-        let (ranges, hp) = device_memory(&layout, &config).unwrap();
-        assert!(ranges.is_empty() && hp.is_none());
+        assert_eq!(
+            device_memory(&layout, &config).unwrap(),
+            DeviceMemory::default()
+        );
         config.devices.memory_hotplug = Some(MemoryHotplugConfig::new(1024));
-        let (ranges, hp) = device_memory(&layout, &config).unwrap();
-        assert_eq!(hp, Some((4 << 30, 1 << 30)));
-        assert_eq!(ranges, vec![(4 << 30, 1 << 30)]);
+        let d = device_memory(&layout, &config).unwrap();
+        assert_eq!(d.hotplug, Some((4 << 30, 1 << 30)));
+        assert_eq!(d.ranges, vec![(4 << 30, 1 << 30)]);
         // A block larger than 1 GiB aligns the region to itself.
         let big = MemoryHotplugConfig {
             block_size_mib: 2048,
@@ -349,7 +360,6 @@ mod tests {
         assert_eq!((st.geometry.addr, st.geometry.region_size), (at, 256 * MIB));
         assert_eq!(st.geometry.slot_size, 128 * MIB);
         // Its slots map and unmap in KVM; a slot past the region is refused.
-        use vessel_memory::vm_memory::GuestMemoryRegion;
         let slots = KvmSlots {
             vm: vm.clone(),
             _mem: mem.clone(),
