@@ -47,7 +47,7 @@ fn hotplugged_memory_reaches_the_guest() {
             "initrd_path": initrd,
             "boot_args": vessel_vmm::DEFAULT_CMDLINE
         }),
-        json!({"vcpu_count": 1, "mem_size_mib": 256}),
+        json!({"vcpu_count": 1, "mem_size_mib": 256, "track_dirty_pages": true}),
     );
     expect(
         &mut c,
