@@ -108,6 +108,14 @@ pub trait VmmBackend {
     fn balloon_stats(&mut self) -> Result<BalloonStats, ApiError> {
         unsupported("balloon statistics")
     }
+    /// Post-boot `GET /hotplug/memory`: the virtio-mem device's status.
+    fn memory_hotplug_status(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
+        unsupported("memory hotplug")
+    }
+    /// Post-boot `PATCH /hotplug/memory`: the plugged size the guest is asked to reach.
+    fn memory_hotplug_update(&mut self, _requested_size_mib: u64) -> Result<(), ApiError> {
+        unsupported("memory hotplug")
+    }
     /// `PUT /snapshot/create` on a paused VM.
     fn snapshot_create(&mut self, _params: &SnapshotCreateParams) -> Result<(), ApiError> {
         unsupported("snapshots")

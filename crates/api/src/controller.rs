@@ -222,6 +222,36 @@ impl ApiController {
         Ok(())
     }
 
+    /// `PUT /hotplug/memory` (pre-boot).
+    pub fn put_memory_hotplug(&mut self, c: MemoryHotplugConfig) -> Result<(), ApiError> {
+        self.configure(|r| r.set_memory_hotplug(c))
+    }
+
+    /// `GET /hotplug/memory` (post-boot, as Firecracker).
+    pub fn get_memory_hotplug(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
+        self.require_started()?;
+        self.require_memory_hotplug("Internal VMM error")?;
+        self.backend.try_call(|b| b.memory_hotplug_status())
+    }
+
+    /// `PATCH /hotplug/memory` (post-boot).
+    pub fn patch_memory_hotplug(&mut self, u: MemoryHotplugSizeUpdate) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.require_memory_hotplug("Memory hotplug update error")?;
+        let mib = u.requested_size_mib;
+        self.backend.try_call(move |b| b.memory_hotplug_update(mib))
+    }
+
+    /// Firecracker's answer when there is no virtio-mem device.
+    fn require_memory_hotplug(&self, what: &str) -> Result<(), ApiError> {
+        match self.resources.memory_hotplug {
+            Some(_) => Ok(()),
+            None => Err(ApiError::bad(format!(
+                "{what}: Failed perform action on device: Device not found"
+            ))),
+        }
+    }
+
     /// `PUT /balloon` (pre-boot).
     pub fn put_balloon(&mut self, b: Balloon) -> Result<(), ApiError> {
         self.configure(|r| r.set_balloon(b))

@@ -188,6 +188,12 @@ pub struct FullVmConfig {
     /// virtio-pmem devices (`PUT /pmem/{id}`).
     #[serde(default)]
     pub pmem: Vec<Pmem>,
+    #[serde(
+        rename = "memory-hotplug",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
     /// Vessel extension: the `PUT /vessel/cloud-init` seed.
     #[serde(
         rename = "vessel-cloud-init",
@@ -231,6 +237,8 @@ pub struct VmResources {
     pub serial: Option<SerialDevice>,
     /// virtio-pmem devices, in the order they were added (`/dev/pmem0` first).
     pub pmem: Vec<Pmem>,
+    /// Hotpluggable memory (virtio-mem).
+    pub memory_hotplug: Option<MemoryHotplugConfig>,
 }
 
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
@@ -284,6 +292,7 @@ impl VmResources {
             && self.mmds_config.is_none()
             && self.cloud_init.is_none()
             && self.pmem.is_empty()
+            && self.memory_hotplug.is_none()
     }
 
     /// `PUT /boot-source`. The kernel and initrd must be readable.
@@ -578,6 +587,45 @@ impl VmResources {
         Ok(())
     }
 
+    /// `PUT /hotplug/memory`, with Firecracker's checks and messages.
+    pub fn set_memory_hotplug(&mut self, c: MemoryHotplugConfig) -> Result<(), ApiError> {
+        let fail = |what: String| {
+            Err(ApiError::bad(format!(
+                "Memory hotplug config error: {what}"
+            )))
+        };
+        let (min_block, min_slot) = (2, 128);
+        if c.block_size_mib < min_block {
+            return fail(format!("Block size must not be lower than {min_block} MiB"));
+        }
+        if !c.block_size_mib.is_power_of_two() {
+            return fail("Block size must be a power of 2".into());
+        }
+        if c.slot_size_mib < min_slot {
+            return fail(format!("Slot size must not be lower than {min_slot} MiB"));
+        }
+        if !c.slot_size_mib.is_multiple_of(c.block_size_mib) {
+            return fail(format!(
+                "Slot size must be a multiple of block size ({} MiB)",
+                c.block_size_mib
+            ));
+        }
+        if c.total_size_mib < c.slot_size_mib {
+            return fail(format!(
+                "Total size must not be lower than slot size ({} MiB)",
+                c.slot_size_mib
+            ));
+        }
+        if !c.total_size_mib.is_multiple_of(c.slot_size_mib) {
+            return fail(format!(
+                "Total size must be a multiple of slot size ({} MiB)",
+                c.slot_size_mib
+            ));
+        }
+        self.memory_hotplug = Some(c);
+        Ok(())
+    }
+
     /// Checks that the resources suffice to boot.
     pub fn validate_for_start(&self) -> Result<(), ApiError> {
         if self.boot_source.is_none() {
@@ -604,6 +652,7 @@ impl VmResources {
             entropy: self.entropy,
             pmem: self.pmem.clone(),
             cloud_init: self.cloud_init.clone(),
+            memory_hotplug: self.memory_hotplug,
         }
     }
 
@@ -668,6 +717,9 @@ impl VmResources {
         if let Some(c) = cfg.cloud_init {
             r.set_cloud_init(c)?;
         }
+        if let Some(h) = cfg.memory_hotplug {
+            r.set_memory_hotplug(h)?;
+        }
         if let Some(md) = metadata {
             r.put_metadata(md)?;
         }
@@ -695,6 +747,7 @@ impl VmResources {
             metrics: cfg.metrics,
             cloud_init: cfg.cloud_init,
             pmem: cfg.pmem,
+            memory_hotplug: cfg.memory_hotplug,
             ..Default::default()
         }
     }

@@ -256,6 +256,24 @@ fn build() -> Vec<Route> {
             "balloon_stats",
             |c, b| c.patch_balloon_stats(b),
         ),
+        get(
+            "/hotplug/memory",
+            "getMemoryHotplug",
+            "hotplug_memory",
+            |c| c.get_memory_hotplug(),
+        ),
+        put::<MemoryHotplugConfig>(
+            "/hotplug/memory",
+            "putMemoryHotplug",
+            "hotplug_memory",
+            |c, b| c.put_memory_hotplug(b),
+        ),
+        patch::<MemoryHotplugSizeUpdate>(
+            "/hotplug/memory",
+            "patchMemoryHotplug",
+            "hotplug_memory",
+            |c, b| c.patch_memory_hotplug(b),
+        ),
         put::<InstanceActionInfo>("/actions", "createSyncAction", "actions", |c, b| {
             c.action(b)
         }),

@@ -53,8 +53,14 @@ schema! {
     serde_json::Value => "MmdsContentsObject",
     MigrateParams => "MigrateParams",
     CloudInitSeed => "CloudInitSeed",
+    MemoryHotplugConfig => "MemoryHotplugConfig",
+    MemoryHotplugSizeUpdate => "MemoryHotplugSizeUpdate",
+    MemoryHotplugStatus => "MemoryHotplugStatus",
 }
 
+pub use crate::memory_hotplug::{
+    MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus,
+};
 pub use crate::pmem::{PartialPmem, Pmem};
 
 fn is_false(b: &bool) -> bool {

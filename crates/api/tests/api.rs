@@ -115,6 +115,19 @@ impl VmmBackend for Mock {
         self.log(&format!("snapshot {}", p.snapshot_path));
         Ok(())
     }
+    fn memory_hotplug_status(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
+        Ok(MemoryHotplugStatus {
+            total_size_mib: 1024,
+            block_size_mib: 2,
+            slot_size_mib: 128,
+            plugged_size_mib: 256,
+            requested_size_mib: 512,
+        })
+    }
+    fn memory_hotplug_update(&mut self, mib: u64) -> Result<(), ApiError> {
+        self.log(&format!("memory {mib}"));
+        Ok(())
+    }
 }
 
 static N: AtomicUsize = AtomicUsize::new(0);
@@ -454,6 +467,21 @@ fn every_endpoint_before_and_after_start() {
             204,
             400,
         ),
+        (
+            "PUT",
+            "/hotplug/memory",
+            Some(json!({"total_size_mib": 1024})),
+            204,
+            400,
+        ),
+        ("GET", "/hotplug/memory", None, 400, 200),
+        (
+            "PATCH",
+            "/hotplug/memory",
+            Some(json!({"requested_size_mib": 512})),
+            400,
+            204,
+        ),
         ("GET", "/vm/config", None, 200, 200),
         ("PATCH", "/vm", Some(json!({"state": "Paused"})), 400, 204),
         (
@@ -583,6 +611,15 @@ fn every_endpoint_before_and_after_start() {
     );
     assert_eq!(cfg["balloon"]["amount_mib"], 32);
     assert_eq!(
+        cfg["memory-hotplug"],
+        json!({"total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128})
+    );
+    assert_eq!(
+        env.call(&mut c, "GET", "/hotplug/memory", None).json(),
+        json!({"total_size_mib": 1024, "block_size_mib": 2, "slot_size_mib": 128,
+               "plugged_size_mib": 256, "requested_size_mib": 512})
+    );
+    assert_eq!(
         cfg["vessel-cloud-init"],
         json!({"user_data": "#cloud-config\n", "meta_data": "instance-id: i-1\n"})
     );
@@ -601,6 +638,7 @@ fn every_endpoint_before_and_after_start() {
         "update_pmem data",
         "balloon 32",
         "serial /tmp/serial.log",
+        "memory 512",
     ] {
         assert!(
             calls.iter().any(|c| c == want),
@@ -1349,5 +1387,115 @@ fn pmem_api_follows_firecracker() {
         calls.iter().filter(|c| *c == "update_pmem pmem0").count(),
         4,
         "{calls:?}"
+    );
+}
+
+#[test]
+fn memory_hotplug_is_checked_as_firecracker_checks_it() {
+    let env = Env::new();
+    let mut c = env.client();
+    let msg = |r: vessel_api::client::ClientResponse| {
+        (
+            r.status,
+            r.json()["fault_message"].as_str().unwrap_or("").to_string(),
+        )
+    };
+    for (body, want) in [
+        (
+            json!({"total_size_mib": 1024, "block_size_mib": 1}),
+            "Memory hotplug config error: Block size must not be lower than 2 MiB",
+        ),
+        (
+            json!({"total_size_mib": 1024, "block_size_mib": 3}),
+            "Memory hotplug config error: Block size must be a power of 2",
+        ),
+        (
+            json!({"total_size_mib": 1024, "slot_size_mib": 64}),
+            "Memory hotplug config error: Slot size must not be lower than 128 MiB",
+        ),
+        (
+            json!({"total_size_mib": 1024, "block_size_mib": 4, "slot_size_mib": 130}),
+            "Memory hotplug config error: Slot size must be a multiple of block size (4 MiB)",
+        ),
+        (
+            json!({"total_size_mib": 64}),
+            "Memory hotplug config error: Total size must not be lower than slot size (128 MiB)",
+        ),
+        (
+            json!({"total_size_mib": 1000}),
+            "Memory hotplug config error: Total size must be a multiple of slot size (128 MiB)",
+        ),
+    ] {
+        let r = env.call(&mut c, "PUT", "/hotplug/memory", Some(body.clone()));
+        assert_eq!(msg(r), (400, want.to_string()), "{body}");
+    }
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/hotplug/memory",
+        Some(json!({"block_size_mib": 2})),
+    );
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("total_size_mib"), "{}", r.text());
+    // Nothing was configured by the refusals.
+    let cfg = env.call(&mut c, "GET", "/vm/config", None).json();
+    assert!(cfg.get("memory-hotplug").is_none(), "{cfg}");
+    // Before start, GET and PATCH are refused as Firecracker refuses them.
+    let r = env.call(&mut c, "GET", "/hotplug/memory", None);
+    assert_eq!(
+        msg(r),
+        (
+            400,
+            "The requested operation is not supported before starting the microVM.".into()
+        )
+    );
+    // Started without the device: Firecracker's "not found".
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": env.p("vmlinux")})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = env.call(&mut c, "GET", "/hotplug/memory", None);
+    assert_eq!(
+        msg(r),
+        (
+            400,
+            "Internal VMM error: Failed perform action on device: Device not found".into()
+        )
+    );
+    let r = env.call(
+        &mut c,
+        "PATCH",
+        "/hotplug/memory",
+        Some(json!({"requested_size_mib": 128})),
+    );
+    assert_eq!(
+        msg(r),
+        (
+            400,
+            "Memory hotplug update error: Failed perform action on device: Device not found".into()
+        )
+    );
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/hotplug/memory",
+        Some(json!({"total_size_mib": 1024})),
+    );
+    assert_eq!(
+        msg(r),
+        (
+            400,
+            "The requested operation is not supported after starting the microVM.".into()
+        )
     );
 }

@@ -157,6 +157,10 @@ pub enum MemoryError {
     Unaligned(u64),
     #[error("cannot map guest memory")]
     Mmap(#[from] vm_memory::mmap::FromRangesError),
+    #[error("{size:#x} bytes of device memory aligned to {align:#x} do not fit below {max:#x}", max = MAX_DEVICE_MEMORY_END)]
+    NoRoomForDeviceMemory { size: u64, align: u64 },
+    #[error("device memory of {size:#x} bytes at {addr:#x} is empty, unaligned or overlaps RAM")]
+    BadDeviceMemory { addr: u64, size: u64 },
 }
 
 /// The kind of an e820 entry, with the values the boot protocol uses.
@@ -317,6 +321,90 @@ impl fmt::Display for GuestLayout {
 /// Map anonymous memory for every RAM region of `layout`.
 pub fn create_guest_memory(layout: &GuestLayout) -> Result<GuestMemoryMmap, MemoryError> {
     Ok(GuestMemoryMmap::from_ranges(&layout.ram_regions())?)
+}
+
+/// Alignment of the device-managed memory above RAM: 1 GiB, a multiple of Linux's x86_64
+/// memory block size (128 MiB, what virtio-mem's memory must be aligned to) and of its
+/// sparsemem section size.
+pub const DEVICE_MEMORY_ALIGN: u64 = GIB;
+/// Device-managed memory ends below this guest physical address (64 TiB: within the 46
+/// physical address bits of Linux's x86_64 sparsemem, and far from overflow).
+pub const MAX_DEVICE_MEMORY_END: u64 = 1 << 46;
+
+impl GuestLayout {
+    /// Where device-managed memory (virtio-mem's hotpluggable region, virtio-pmem's
+    /// windows) starts: the first [`DEVICE_MEMORY_ALIGN`]-aligned address past RAM and past
+    /// the 32-bit MMIO gap. Nothing there is in the e820 map: the drivers add it themselves.
+    pub fn device_memory_start(&self) -> u64 {
+        let ram_end = addr::MMIO_GAP_END + self.high_ram_size();
+        ram_end.next_multiple_of(DEVICE_MEMORY_ALIGN)
+    }
+}
+
+/// Hands out guest physical ranges above RAM for memory a device manages (virtio-mem,
+/// virtio-pmem), in request order from [`GuestLayout::device_memory_start`]. The same
+/// requests in the same order give the same addresses, so a VM built again from its
+/// configuration (a restore, a migration) gets the same map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceMemoryAllocator {
+    next: u64,
+}
+
+impl DeviceMemoryAllocator {
+    /// An allocator for the space above `layout`'s RAM.
+    pub fn new(layout: &GuestLayout) -> Self {
+        DeviceMemoryAllocator {
+            next: layout.device_memory_start(),
+        }
+    }
+
+    /// A range of `size` bytes (a non-zero multiple of 4 KiB) at an `align`-aligned address
+    /// (a power of two, or 0; at least 4 KiB is used). Returns its start.
+    pub fn allocate(&mut self, size: u64, align: u64) -> Result<u64, MemoryError> {
+        let pow2 = align == 0 || align.is_power_of_two();
+        let align = align.max(4 * KIB);
+        let room = || MemoryError::NoRoomForDeviceMemory { size, align };
+        if size == 0 || !size.is_multiple_of(4 * KIB) || !pow2 {
+            return Err(MemoryError::BadDeviceMemory {
+                addr: self.next,
+                size,
+            });
+        }
+        let start = self.next.checked_next_multiple_of(align).ok_or_else(room)?;
+        let end = start.checked_add(size).ok_or_else(room)?;
+        if end > MAX_DEVICE_MEMORY_END {
+            return Err(room());
+        }
+        self.next = end;
+        Ok(start)
+    }
+}
+
+/// [`create_guest_memory`] plus anonymous memory for device-managed ranges `(start, size)`
+/// (from a [`DeviceMemoryAllocator`] of the same layout). Every region is in the returned
+/// memory, so devices reach the guest's buffers wherever they lie; only RAM is in the e820
+/// map, and which ranges KVM maps is up to the caller (the RAM regions come first, in
+/// [`GuestLayout::ram_regions`] order).
+pub fn create_guest_memory_with(
+    layout: &GuestLayout,
+    device_ranges: &[(u64, u64)],
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let mut ranges = layout.ram_regions();
+    for &(addr, size) in device_ranges {
+        if size == 0
+            || addr < layout.device_memory_start()
+            || !addr.is_multiple_of(4 * KIB)
+            || !size.is_multiple_of(4 * KIB)
+            || addr
+                .checked_add(size)
+                .is_none_or(|e| e > MAX_DEVICE_MEMORY_END)
+        {
+            return Err(MemoryError::BadDeviceMemory { addr, size });
+        }
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadDeviceMemory { addr, size })?;
+        ranges.push((GuestAddress(addr), len));
+    }
+    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
 }
 
 /// A memory size the CLI cannot take.
@@ -506,6 +594,56 @@ mod tests {
         assert!(!taken.contains(&ports::GED_IRQ));
         assert!(!ports::VIRTIO_MMIO_IRQS.contains(&ports::GED_IRQ));
         const { assert!(ports::GED_IRQ < ports::MSI_GSI_START) };
+    }
+
+    #[test]
+    fn device_memory_goes_above_ram_aligned_and_in_order() {
+        let small = GuestLayout::new(512 * MIB).unwrap();
+        assert_eq!(small.device_memory_start(), 4 * GIB);
+        let big = GuestLayout::new(5 * GIB + 4 * KIB).unwrap();
+        // RAM ends at 6 GiB + 4 KiB: the next GiB boundary.
+        assert_eq!(big.device_memory_start(), 7 * GIB);
+        let mut a = DeviceMemoryAllocator::new(&small);
+        assert_eq!(a.allocate(128 * MIB, 128 * MIB).unwrap(), 4 * GIB);
+        // The next range starts past the first, at its own alignment.
+        assert_eq!(a.allocate(2 * MIB, GIB).unwrap(), 5 * GIB);
+        assert_eq!(a.allocate(4 * KIB, 0).unwrap(), 5 * GIB + 2 * MIB);
+        assert!(matches!(
+            a.allocate(MAX_DEVICE_MEMORY_END, 4 * KIB),
+            Err(MemoryError::NoRoomForDeviceMemory { .. })
+        ));
+        assert!(matches!(
+            a.allocate(u64::MAX - 4095, 4 * KIB),
+            Err(MemoryError::NoRoomForDeviceMemory { .. })
+        ));
+        assert!(a.allocate(0, 4 * KIB).is_err());
+        assert!(a.allocate(100, 4 * KIB).is_err());
+        assert!(a.allocate(4 * KIB, 3 * KIB).is_err());
+        // Failures take nothing.
+        assert_eq!(
+            a.allocate(4 * KIB, 4 * KIB).unwrap(),
+            5 * GIB + 2 * MIB + 4 * KIB
+        );
+        // No device memory is RAM, in the e820 map or otherwise.
+        assert!(!small.is_ram(4 * GIB, 1));
+        assert!(!small.e820().iter().any(|e| e.end() > 4 * GIB));
+    }
+
+    #[test]
+    fn guest_memory_with_device_ranges() {
+        use vm_memory::GuestMemoryBackend;
+        let l = GuestLayout::new(64 * MIB).unwrap();
+        let m = create_guest_memory_with(&l, &[(4 * GIB, 256 * MIB)]).unwrap();
+        assert_eq!(m.num_regions(), 2);
+        assert!(m.address_in_range(GuestAddress(4 * GIB + 256 * MIB - 1)));
+        assert!(!m.address_in_range(GuestAddress(4 * GIB + 256 * MIB)));
+        // Below the device memory start (overlapping RAM or the gap), unaligned or empty.
+        for bad in [(32 * MIB, 4 * KIB), (4 * GIB + 1, 4 * KIB), (4 * GIB, 0)] {
+            assert!(matches!(
+                create_guest_memory_with(&l, &[bad]),
+                Err(MemoryError::BadDeviceMemory { .. })
+            ));
+        }
     }
 
     #[test]

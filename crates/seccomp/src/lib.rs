@@ -44,13 +44,15 @@ pub enum DeviceKind {
     Balloon,
     Console,
     Pmem,
+    /// virtio-mem: maps and unmaps KVM memory slots.
+    Mem,
     /// A worker Vessel does not name: what any device may need.
     Other,
 }
 
 impl DeviceKind {
     /// The named kinds (all but `Other`).
-    pub const NAMED: [DeviceKind; 7] = [
+    pub const NAMED: [DeviceKind; 8] = [
         DeviceKind::Block,
         DeviceKind::Net,
         DeviceKind::Vsock,
@@ -58,6 +60,7 @@ impl DeviceKind {
         DeviceKind::Balloon,
         DeviceKind::Console,
         DeviceKind::Pmem,
+        DeviceKind::Mem,
     ];
 
     /// The kind of a worker thread, from its name (`virtio-blk`, `virtio-net`, ...).
@@ -70,6 +73,7 @@ impl DeviceKind {
             "balloon" => DeviceKind::Balloon,
             "console" => DeviceKind::Console,
             "pmem" => DeviceKind::Pmem,
+            "mem" => DeviceKind::Mem,
             _ => DeviceKind::Other,
         }
     }
@@ -113,6 +117,7 @@ impl ThreadKind {
                 DeviceKind::Balloon => "virtio-balloon",
                 DeviceKind::Console => "virtio-console",
                 DeviceKind::Pmem => "virtio-pmem",
+                DeviceKind::Mem => "virtio-mem",
                 DeviceKind::Other => "virtio",
             },
         }

@@ -34,6 +34,9 @@ const TUNGETIFF: u64 = 0x8004_54d2;
 /// `BLKGETSIZE64` and `BLKSSZGET`: a disk on a block device.
 const BLKGETSIZE64: u64 = 0x8008_1272;
 const BLKSSZGET: u64 = 0x1268;
+/// `KVM_SET_USER_MEMORY_REGION` (`_IOW(KVMIO, 0x46, struct kvm_userspace_memory_region)`):
+/// virtio-mem maps and unmaps the slots of its region.
+const KVM_SET_USER_MEMORY_REGION: u64 = 0x4020_ae46;
 
 fn cond(arg: u8, len: Len, op: Op, val: u64) -> Result<SeccompCondition, Error> {
     Ok(SeccompCondition::new(arg, len, op, val)?)
@@ -318,6 +321,10 @@ fn device(l: &mut List, kind: DeviceKind) -> Result<(), Error> {
         // A flush writes the mapped backing file back.
         DeviceKind::Pmem => {
             l.any(&[libc::SYS_msync]);
+        }
+        // Slots in and out of the VM; madvise (dropping unplugged blocks) is in `base`.
+        DeviceKind::Mem => {
+            l.when(libc::SYS_ioctl, one_of(1, &[KVM_SET_USER_MEMORY_REGION])?);
         }
         // A device Vessel does not name: what any device may need.
         DeviceKind::Other => {

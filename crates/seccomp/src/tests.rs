@@ -353,3 +353,30 @@ fn the_pmem_worker_may_msync_and_others_may_not() {
     let rng = programs(ThreadKind::Device(DeviceKind::Rng), Action::Kill);
     assert_eq!(in_child(&rng, try_msync), Err(libc::SIGSYS));
 }
+
+#[test]
+fn the_mem_worker_may_set_memory_slots_and_nothing_else_of_kvm() {
+    fn ioctl(nr: u64) -> impl FnOnce() -> i32 {
+        move || {
+            // SAFETY: an ioctl on a descriptor that is not open fails with EBADF.
+            let r = unsafe { libc::ioctl(-1, nr as _, 0usize) };
+            if r == -1 {
+                0
+            } else {
+                9
+            }
+        }
+    }
+    let set_user_memory_region = 0x4020_ae46u64;
+    let kvm_run = 0xae80u64;
+    assert_eq!(DeviceKind::from_worker_name("virtio-mem"), DeviceKind::Mem);
+    let mem = programs(ThreadKind::Device(DeviceKind::Mem), Action::Kill);
+    assert_eq!(in_child(&mem, ioctl(set_user_memory_region)), Ok(0));
+    assert_eq!(in_child(&mem, ioctl(kvm_run)), Err(libc::SIGSYS));
+    // Other workers may not touch the VM's memory map.
+    let rng = programs(ThreadKind::Device(DeviceKind::Rng), Action::Kill);
+    assert_eq!(
+        in_child(&rng, ioctl(set_user_memory_region)),
+        Err(libc::SIGSYS)
+    );
+}

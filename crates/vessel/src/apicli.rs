@@ -1,6 +1,7 @@
 //! `vessel api --sock PATH COMMAND`: a small client for people, talking to a running VM's
 //! API socket (Vessel's or Firecracker's): status, start, pause, resume, ctrl-alt-del,
-//! poweroff, snapshot create/load, balloon show/set/stats, metrics, and raw get/put/patch.
+//! poweroff, snapshot create/load, balloon show/set/stats, hotpluggable memory show/set,
+//! metrics, and raw get/put/patch.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -50,6 +51,12 @@ enum ApiCommand {
     Balloon {
         #[command(subcommand)]
         command: BalloonCommand,
+    },
+    /// Hotpluggable memory (virtio-mem): show its status, set the size the guest is asked
+    /// to plug.
+    Memory {
+        #[command(subcommand)]
+        command: MemoryCommand,
     },
     /// Start the configured VM (InstanceStart).
     Start,
@@ -101,6 +108,14 @@ enum BalloonCommand {
     Set { mib: u32 },
     /// GET /balloon/statistics.
     Stats,
+}
+
+#[derive(Subcommand)]
+enum MemoryCommand {
+    /// GET /hotplug/memory.
+    Show,
+    /// PATCH /hotplug/memory: the plugged size to reach, in MiB.
+    Set { mib: u64 },
 }
 
 /// Why an API command failed (HTTP errors are printed, not returned).
@@ -164,6 +179,14 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, ApiCliError> {
                 Some(format!("{{\"amount_mib\": {mib}}}")),
             ),
             BalloonCommand::Stats => ("GET", "/balloon/statistics".into(), None),
+        },
+        ApiCommand::Memory { command } => match command {
+            MemoryCommand::Show => ("GET", "/hotplug/memory".into(), None),
+            MemoryCommand::Set { mib } => (
+                "PATCH",
+                "/hotplug/memory".into(),
+                Some(format!("{{\"requested_size_mib\": {mib}}}")),
+            ),
         },
         ApiCommand::Status => ("GET", "/".to_string(), None),
         ApiCommand::Pause => ("PATCH", "/vm".into(), Some(r#"{"state": "Paused"}"#.into())),

@@ -220,6 +220,12 @@ struct RunArgs {
     /// root=/dev/pmemN rw (ro with readonly=on) to the command line.
     #[arg(long, value_name = "OPTIONS")]
     pmem: Vec<PmemConfig>,
+    /// Hotpluggable memory (a virtio-mem device, unplugged at boot):
+    /// size=MIB[,block=MIB][,slot=MIB][,transport=...] (defaults: 2 MiB blocks, 128 MiB slots).
+    /// Placed above RAM, out of the e820 map; the guest plugs what the host requests
+    /// (`PATCH /hotplug/memory` on the API).
+    #[arg(long, value_name = "OPTIONS")]
+    memory_hotplug: Option<vessel_vmm::hotplug::MemoryHotplugConfig>,
 }
 
 /// Default guest memory. The demo guest needs almost none, and KVM's cost of registering
@@ -350,6 +356,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             rng_rate_limiter: None,
             balloon: args.balloon,
             pmem: args.pmem,
+            memory_hotplug: args.memory_hotplug,
         },
         track_dirty_pages: false,
         boot_timer: args.boot_timer,

@@ -29,8 +29,8 @@ pub use device::{
 pub use mmio::MmioTransport;
 pub use pci::{VirtioPciDevice, VirtioPciError, VirtioPciInterrupt};
 pub use state::{
-    BalloonState, ConsoleState, DeviceState, DeviceStateError, MmioTransportState, NetState,
-    PciStateError, PmemState, QueueState, QueueStateError, StateError, VirtioCommonState,
+    BalloonState, ConsoleState, DeviceState, DeviceStateError, MemState, MmioTransportState,
+    NetState, PciStateError, PmemState, QueueState, QueueStateError, StateError, VirtioCommonState,
     VirtioPciState,
 };
 

@@ -85,9 +85,10 @@ pub struct VirtioPciState {
 #[serde(
     untagged,
     expecting = "a virtio device state: null, {\"mac\": [6 bytes], \"active_pairs\": N} \
-                 (net), {\"cols\": C, \"rows\": R} (console) or \
-                 {\"num_pages\": N, \"actual\": A} (balloon) or \
-                 {\"start\": S, \"size\": N} (pmem)"
+                 (net), {\"cols\": C, \"rows\": R} (console), \
+                 {\"num_pages\": N, \"actual\": A} (balloon), {\"start\": S, \"size\": N} \
+                 (pmem) or {\"requested_size\": R, \"usable_region_size\": U, \
+                 \"plugged\": [[first, count]...]} (mem)"
 )]
 pub enum DeviceState {
     /// The device keeps nothing beyond what its construction gives back (`null`).
@@ -97,6 +98,7 @@ pub enum DeviceState {
     Console(ConsoleState),
     Balloon(BalloonState),
     Pmem(PmemState),
+    Mem(MemState),
     /// The test device of this crate's unit tests.
     #[cfg(test)]
     Counter {
@@ -113,6 +115,7 @@ impl DeviceState {
             DeviceState::Console(_) => "a virtio-console",
             DeviceState::Balloon(_) => "a virtio-balloon",
             DeviceState::Pmem(_) => "a virtio-pmem",
+            DeviceState::Mem(_) => "a virtio-mem",
             #[cfg(test)]
             DeviceState::Counter { .. } => "a counter",
         }
@@ -156,6 +159,17 @@ pub struct PmemState {
     pub size: u64,
 }
 
+/// virtio-mem: the size the host requested, the usable region the driver was shown, and the
+/// plugged blocks as runs `(first block, count)`. The plugged memory itself is in guest
+/// memory (the region is part of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemState {
+    pub requested_size: u64,
+    pub usable_region_size: u64,
+    pub plugged: Vec<(u64, u64)>,
+}
+
 /// Why a device refuses a saved [`DeviceState`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeviceStateError {
@@ -177,6 +191,8 @@ pub enum DeviceStateError {
         start: u64,
         size: u64,
     },
+    #[error("virtio-mem state does not fit the device's region: {0}")]
+    Mem(String),
 }
 
 impl DeviceStateError {

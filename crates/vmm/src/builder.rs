@@ -17,7 +17,7 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VcpuFd};
 use vessel_boot::BootRegs;
 use vessel_devices::{Bus, ExitSignal};
-use vessel_memory::{create_guest_memory, GuestLayout, GuestMemoryMmap};
+use vessel_memory::{create_guest_memory_with, GuestLayout, GuestMemoryMmap};
 
 use crate::config::{NestedMode, Payload, VmConfig};
 use crate::cpu;
@@ -113,7 +113,10 @@ fn create_machine(
     vmgenid: Option<VmGenIdState>,
 ) -> Result<(Arc<Machine>, Vec<VcpuFd>), VmmError> {
     let vm = Arc::new(crate::kvm_vm::create_vm(&host.kvm)?);
-    crate::kvm_vm::register_memory(&vm, &mem, config.track_dirty_pages)?;
+    // Device-managed memory (after RAM in `mem`) is mapped by its device.
+    let hotplug = crate::hotplug::device_memory(&host.layout, config)?.hotplug;
+    let ram_regions = host.layout.ram_regions().len();
+    crate::kvm_vm::register_ram(&vm, &mem, ram_regions, config.track_dirty_pages)?;
     crate::kvm_vm::create_irqchip_and_pit(&vm)?;
     let fds = (0..config.cpus)
         .map(|id| vm.create_vcpu(u64::from(id)).kvm("KVM_CREATE_VCPU"))
@@ -156,6 +159,15 @@ fn create_machine(
         bridge,
         host.layout.device_memory(),
     )?;
+    if let (Some(cfg), Some((addr, _))) = (&config.devices.memory_hotplug, hotplug) {
+        let (dev, handle) = crate::hotplug::create_device(&vm, &mem, cfg, addr)?;
+        virtio.add(&mut io_bus, &mut mmio_bus, Box::new(dev), cfg.transport)?;
+        virtio.handles.memory_hotplug = Some(handle);
+        log::info!(
+            "hotpluggable memory: {} MiB at {addr:#x}",
+            cfg.total_size_mib
+        );
+    }
     let firmware = match firmware {
         Some(fw) => {
             virtio.booted_by_firmware();
@@ -241,7 +253,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .kvm
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .kvm("KVM_GET_SUPPORTED_CPUID")?;
-    let mem = create_guest_memory(&layout)?;
+    let device_memory = crate::hotplug::device_memory(&layout, config)?;
+    let mem = create_guest_memory_with(&layout, &device_memory.ranges)?;
     let vmgenid = vmgenid::install(&config.boot, &mem)?;
     let (machine, fds) = create_machine(host, config, mem, nested, vmgenid)?;
 

@@ -264,6 +264,7 @@ impl VmHandle {
         if self.machine.stopping() {
             return Err(MigrationError::NotRunning);
         }
+        crate::snapshot::refuse_memory_hotplug(&self.machine)?;
         let was_paused = self.state() == RunState::Paused;
         let mut conn = Connection::connect(url)?;
         let stats = migration::send::send(

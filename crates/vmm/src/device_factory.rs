@@ -29,6 +29,8 @@ pub struct DeviceHandles {
     pub nets: Vec<net::NetHandle>,
     /// Per-pmem-device control (rate limiter) and counters, in `--pmem` order.
     pub pmem: Vec<pmem::PmemHandle>,
+    /// The virtio-mem device's control (requested size, status).
+    pub memory_hotplug: Option<vessel_virtio_devices::mem::MemHandle>,
 }
 
 fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {

@@ -43,7 +43,18 @@ pub fn create_irqchip_and_pit(vm: &VmFd) -> Result<(), VmmError> {
 /// Give KVM every region of guest memory, one slot each (slot `i` is region `i`), with
 /// dirty-page logging when `log_dirty`.
 pub fn register_memory(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), VmmError> {
-    for (slot, region) in mem.iter().enumerate() {
+    register_ram(vm, mem, usize::MAX, log_dirty)
+}
+
+/// [`register_memory`] for the first `ram_regions` regions only: the RAM (device-managed
+/// memory after it is mapped by its device, see [`crate::hotplug`]).
+pub fn register_ram(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    ram_regions: usize,
+    log_dirty: bool,
+) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate().take(ram_regions) {
         let r = kvm_userspace_memory_region {
             slot: slot as u32,
             flags: if log_dirty {

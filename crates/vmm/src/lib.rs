@@ -28,6 +28,7 @@ mod device_manager;
 pub mod error;
 pub mod firmware;
 mod guest_access;
+pub mod hotplug;
 pub mod kvm_vm;
 mod legacy;
 pub mod machine;

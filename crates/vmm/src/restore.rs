@@ -117,6 +117,7 @@ fn same_machine(config: &VmConfig, snap: &VmConfig) -> bool {
             .iter()
             .zip(&d.1.pmem)
             .all(|(a, b)| a.read_only == b.read_only)
+        && d.0.memory_hotplug == d.1.memory_hotplug
 }
 
 /// [`restore_with`], prefetching or recording the working set `ws`. The restored VM gets a

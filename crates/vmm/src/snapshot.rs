@@ -140,6 +140,19 @@ pub enum SnapshotFailure {
     KvmState(#[source] vessel_kvm::KvmError),
     #[error("the virtio devices")]
     Devices(#[source] DeviceError),
+    #[error("diff snapshots and live migration of a VM with hotpluggable memory (virtio-mem) are not supported yet: take a full snapshot")]
+    MemoryHotplug,
+}
+
+/// Refuses what needs KVM's dirty log of every memory slot (diff snapshots, migration) for
+/// a VM with hotpluggable memory: its region is mapped slot by slot as the guest plugs it,
+/// outside the log. A full snapshot carries it (the region is part of guest memory, and the
+/// virtio-mem device saves which blocks are plugged).
+pub(crate) fn refuse_memory_hotplug(m: &Machine) -> Result<(), SnapshotFailure> {
+    match m.config.devices.memory_hotplug {
+        Some(_) => Err(SnapshotFailure::MemoryHotplug),
+        None => Ok(()),
+    }
 }
 
 /// KVM's dirty log since its last read, as a bitmap over `regions` (slot `i` is region `i`).
@@ -212,6 +225,9 @@ pub(crate) fn take<A: Serialize + Clone>(
     req: &SnapshotRequest<A>,
 ) -> Result<SnapshotInfo, SnapshotFailure> {
     let _one = m.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+    if req.kind == SnapshotKind::Diff {
+        refuse_memory_hotplug(m)?;
+    }
     if req.kind == SnapshotKind::Diff && !m.config.track_dirty_pages {
         return Err(SnapshotFailure::NoDirtyTracking);
     }
@@ -237,8 +253,9 @@ fn write_snapshot<A: Serialize + Clone>(
     let t1 = Instant::now();
     let (stats, dirty_pages) = match req.kind {
         SnapshotKind::Full => {
-            // The next diff is relative to this snapshot: drop what the logs hold.
-            if m.config.track_dirty_pages {
+            // The next diff is relative to this snapshot: drop what the logs hold (a VM
+            // with hotpluggable memory takes no diffs, and its region has no log).
+            if m.config.track_dirty_pages && m.config.devices.memory_hotplug.is_none() {
                 kvm_dirty_log(&m.vm, &state.memory)?;
             }
             memory::take_vmm_dirty(&m.mem);

@@ -12,6 +12,7 @@ use std::thread;
 
 use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
+use vessel_api::types::MemoryHotplugStatus;
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
     MigrateParams, PartialDrive, PartialNetworkInterface, PartialPmem, RestoreHugePages,
@@ -19,6 +20,7 @@ use vessel_api::types::{
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::block::BlockHandle;
+use vessel_virtio_devices::mem::MemHandle;
 use vessel_virtio_devices::net::NetHandle;
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
@@ -58,6 +60,8 @@ pub struct ApiBackend {
     api_config: Option<FullVmConfig>,
     /// The started VM's balloon, if it has one.
     balloon: Option<BalloonState>,
+    /// The started VM's virtio-mem device, if it has one.
+    memory_hotplug: Option<MemHandle>,
     /// The started VM's disks, with their drive ids, in device order.
     drives: Vec<(String, BlockHandle)>,
     /// The started VM's network interfaces, with their ids, in device order.
@@ -94,6 +98,7 @@ impl ApiBackend {
             logger: None,
             api_config: None,
             balloon: None,
+            memory_hotplug: None,
             drives: Vec::new(),
             nets: Vec::new(),
             pmem: Default::default(),
@@ -203,11 +208,13 @@ impl VmmBackend for ApiBackend {
         let nets = net_handles(resources, &handles);
         let pmem = super::pmem::PmemDevices::new(resources, &handles.pmem);
         let balloon = handles.balloon.clone().zip(resources.balloon);
+        let memory_hotplug = handles.memory_hotplug.clone();
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         // The VM's build (loading, tables, devices) is not run again.
         crate::trim::release_pages();
         self.seed = seed;
+        self.memory_hotplug = memory_hotplug;
         self.drives = drives;
         self.nets = nets;
         self.pmem = pmem;
@@ -325,11 +332,13 @@ impl VmmBackend for ApiBackend {
         let nets = net_handles(&resources, &vm.device_handles());
         let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
         pmem.set_limiters(&resources);
+        let memory_hotplug = vm.device_handles().memory_hotplug;
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         crate::trim::release_pages();
         self.nets = nets;
         self.pmem = pmem;
+        self.memory_hotplug = memory_hotplug;
         Ok(resources)
     }
 
@@ -453,6 +462,14 @@ impl VmmBackend for ApiBackend {
         }
         Ok(balloon_stats(&b.handle))
     }
+
+    fn memory_hotplug_status(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
+        Ok(super::memhp::status(self.running_memory_hotplug()?))
+    }
+
+    fn memory_hotplug_update(&mut self, requested_size_mib: u64) -> Result<(), ApiError> {
+        super::memhp::update(self.running_memory_hotplug()?, requested_size_mib)
+    }
 }
 
 /// The network interfaces' ids with their devices' handles (the devices are in the
@@ -530,6 +547,15 @@ impl ApiBackend {
             )));
         }
         Ok(())
+    }
+
+    fn running_memory_hotplug(&self) -> Result<&MemHandle, ApiError> {
+        self.running()?;
+        self.memory_hotplug.as_ref().ok_or_else(|| {
+            ApiError::bad(
+                "Memory hotplug update error: Failed perform action on device: Device not found",
+            )
+        })
     }
 
     fn running_balloon(&self) -> Result<&BalloonState, ApiError> {

@@ -141,6 +141,10 @@ pub fn resources_to_config_on(
             rng_rate_limiter: r.entropy.and_then(|e| limiter_config(&e.rate_limiter)),
             balloon,
             pmem: super::pmem::configs(r, transport),
+            memory_hotplug: r
+                .memory_hotplug
+                .as_ref()
+                .map(|h| super::memhp::config(h, transport)),
         },
         track_dirty_pages: m.track_dirty_pages,
         boot_timer: base.boot_timer,
