@@ -774,7 +774,11 @@ fn minimal_linux_session_through_the_socket() {
     // The last line is ours (a periodic flush may have written one before).
     let m: Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
     assert!(m["utc_timestamp_ms"].is_u64(), "{line}");
-    assert_eq!(m["vessel_vm"]["pauses"], 1, "{line}");
+    // Firecracker's schema only; Vessel's own figures are in its Prometheus metrics.
+    assert!(m.get("vessel_vm").is_none(), "{line}");
+    assert!(m["vcpu"].is_object() && m["signals"].is_object(), "{line}");
+    let prom = call(&mut c, "GET", "/vessel/metrics", None).text();
+    assert!(prom.contains("vessel_vessel_vm_pauses 1"), "{prom}");
     expect(&mut c, "PUT", "/actions", action("SendCtrlAltDel"), 204);
     // The guest's shell on the console powers it off.
     let stdin = v.stdin.as_mut().unwrap();
