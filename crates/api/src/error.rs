@@ -23,6 +23,16 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Firecracker's fault for a TAP that cannot be opened (its system error `io`), with Vessel's
+/// explanation after it.
+pub fn tap_open_fault(name: &str, io: &dyn std::fmt::Display, detail: &str) -> ApiError {
+    ApiError::bad(format!(
+        "Could not create the network device: Open tap device failed: Error while creating \
+         ifreq structure: {io}. Invalid TUN/TAP Backend provided by {name}. Check our \
+         documentation on setting up the network devices. ({detail})"
+    ))
+}
+
 impl ApiError {
     /// The HTTP status code of the response carrying this error.
     pub fn status(&self) -> u16 {

@@ -437,13 +437,11 @@ impl VmResources {
         }
         if others().any(|o| o.host_dev_name == n.host_dev_name) {
             // Firecracker's words: its second open of the TAP fails with EBUSY.
-            return Err(ApiError::bad(format!(
-                "Could not create the network device: Open tap device failed: Error while \
-                 creating ifreq structure: Device or resource busy (os error 16). Invalid \
-                 TUN/TAP Backend provided by {0}. Check our documentation on setting up the \
-                 network devices. (another interface uses TAP {0})",
-                n.host_dev_name
-            )));
+            return Err(crate::error::tap_open_fault(
+                &n.host_dev_name,
+                &std::io::Error::from_raw_os_error(16),
+                &format!("another interface uses TAP {}", n.host_dev_name),
+            ));
         }
         if let Some(mac) = &n.guest_mac {
             let Some(parsed) = parse_mac(mac) else {

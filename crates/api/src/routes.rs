@@ -494,6 +494,14 @@ fn route(
 /// Firecracker's deprecated fields (its v1.16 list): a request using one is served, and
 /// answered with `Deprecation: true`, a warning and a count.
 fn deprecation(method: &Method, path: &str, body: &[u8]) -> Option<&'static str> {
+    // Only these routes have deprecated fields: no other body is parsed a second time.
+    if !matches!(
+        (method, path),
+        (Method::Put | Method::Patch, "/machine-config")
+            | (Method::Put, "/mmds/config" | "/snapshot/load" | "/vsock")
+    ) {
+        return None;
+    }
     let body: Value = serde_json::from_slice(body).ok()?;
     let has = |field: &str| body.get(field).is_some_and(|v| !v.is_null());
     match (method, path) {

@@ -3,18 +3,9 @@
 //! words, rather than at `InstanceStart`. Vessel opens each TAP once to check it and closes it;
 //! the VM opens it again when it starts.
 
+use vessel_api::error::tap_open_fault as tap_fault;
 use vessel_api::{ApiError, VmResources};
 use vessel_virtio_devices::net::{Tap, TapError};
-
-/// Firecracker's fault for a TAP that cannot be opened, with the system error `io` (and
-/// Vessel's own explanation after it).
-pub fn tap_fault(name: &str, io: &dyn std::fmt::Display, detail: &str) -> ApiError {
-    ApiError::bad(format!(
-        "Could not create the network device: Open tap device failed: Error while creating \
-         ifreq structure: {io}. Invalid TUN/TAP Backend provided by {name}. Check our \
-         documentation on setting up the network devices. ({detail})"
-    ))
-}
 
 /// Opens every configured TAP once (single-queue, as Firecracker's): a multi-queue TAP, one
 /// another process holds, or one this user may not open is refused now.
