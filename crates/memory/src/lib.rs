@@ -157,6 +157,8 @@ pub enum MemoryError {
     Unaligned(u64),
     #[error("cannot map guest memory")]
     Mmap(#[from] vm_memory::mmap::FromRangesError),
+    #[error("cannot create shared guest memory (memfd)")]
+    Memfd(#[source] std::io::Error),
     #[error("{size:#x} bytes of device memory aligned to {align:#x} do not fit below {max:#x}", max = MAX_DEVICE_MEMORY_END)]
     NoRoomForDeviceMemory { size: u64, align: u64 },
     #[error("device memory of {size:#x} bytes at {addr:#x} is empty, unaligned or overlaps RAM")]
@@ -389,6 +391,26 @@ pub fn create_guest_memory_with(
     layout: &GuestLayout,
     device_ranges: &[(u64, u64)],
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    create_guest_memory_backed(layout, device_ranges, Backing::Private)
+}
+
+/// How guest memory is backed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Backing {
+    /// Anonymous private mappings: nothing outside the VMM can map them.
+    #[default]
+    Private,
+    /// One `memfd` mapped shared, each region at its own offset: a vhost-user backend
+    /// (`virtiofsd`) maps the same pages from the descriptor the VMM sends it.
+    Shared,
+}
+
+/// [`create_guest_memory_with`], backed as `backing` says.
+pub fn create_guest_memory_backed(
+    layout: &GuestLayout,
+    device_ranges: &[(u64, u64)],
+    backing: Backing,
+) -> Result<GuestMemoryMmap, MemoryError> {
     let mut ranges = layout.ram_regions();
     for &(addr, size) in device_ranges {
         if size == 0
@@ -404,7 +426,43 @@ pub fn create_guest_memory_with(
         let len = usize::try_from(size).map_err(|_| MemoryError::BadDeviceMemory { addr, size })?;
         ranges.push((GuestAddress(addr), len));
     }
-    Ok(GuestMemoryMmap::from_ranges(&ranges)?)
+    match backing {
+        Backing::Private => Ok(GuestMemoryMmap::from_ranges(&ranges)?),
+        Backing::Shared => shared_memory(&ranges),
+    }
+}
+
+/// `ranges` as shared mappings of one `memfd` (close-on-exec; sealed against shrinking so
+/// that no one holding the descriptor can make the VMM's mappings fault).
+fn shared_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, MemoryError> {
+    use std::os::fd::FromRawFd;
+    use std::sync::Arc;
+    let total: u64 = ranges.iter().map(|r| r.1 as u64).sum();
+    // SAFETY: memfd_create reads the NUL-terminated name and returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"vessel-guest-memory".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(total).map_err(MemoryError::Memfd)?;
+    // SAFETY: F_ADD_SEALS on a memfd we own, with a valid seal mask.
+    if unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) } < 0 {
+        return Err(MemoryError::Memfd(std::io::Error::last_os_error()));
+    }
+    let file = Arc::new(file);
+    let mut offset = 0u64;
+    let mut with_files = Vec::with_capacity(ranges.len());
+    for &(addr, len) in ranges {
+        with_files.push((addr, len, Some(vm_memory::FileOffset::from_arc(file.clone(), offset))));
+        offset += len as u64;
+    }
+    Ok(GuestMemoryMmap::from_ranges_with_files(&with_files)?)
 }
 
 /// A memory size the CLI cannot take.
@@ -644,6 +702,31 @@ mod tests {
                 Err(MemoryError::BadDeviceMemory { .. })
             ));
         }
+    }
+
+    #[test]
+    fn shared_memory_is_one_memfd_at_increasing_offsets() {
+        use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+        let l = GuestLayout::new(64 * MIB).unwrap();
+        let m = create_guest_memory_backed(&l, &[(4 * GIB, 2 * MIB)], Backing::Shared).unwrap();
+        let regions: Vec<_> = m.iter().collect();
+        assert_eq!(regions.len(), 2);
+        let f0 = regions[0].file_offset().expect("RAM is file-backed");
+        let f1 = regions[1].file_offset().expect("device memory is file-backed");
+        assert_eq!(f0.start(), 0);
+        assert_eq!(f1.start(), 64 * MIB);
+        assert!(std::sync::Arc::ptr_eq(f0.arc(), f1.arc()));
+        assert_eq!(f0.file().metadata().unwrap().len(), 66 * MIB);
+        // A write through the guest mapping is in the file at the region's offset.
+        m.write_obj(0xabcdu32, GuestAddress(4 * GIB + 8)).unwrap();
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(f1.file(), &mut word, 64 * MIB + 8).unwrap();
+        assert_eq!(u32::from_le_bytes(word), 0xabcd);
+        // The file cannot shrink under the mappings.
+        assert!(f0.file().set_len(MIB).is_err());
+        // Private memory has no file.
+        let p = create_guest_memory(&l).unwrap();
+        assert!(p.iter().all(|r| r.file_offset().is_none()));
     }
 
     #[test]

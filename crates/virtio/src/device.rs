@@ -20,6 +20,7 @@ pub mod device_type {
     pub const RNG: u32 = 4;
     pub const BALLOON: u32 = 5;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
     pub const PMEM: u32 = 27;
 }
 

@@ -276,7 +276,7 @@ impl AsRawFd for PasstStream {
 /// Makes the child `cmd` starts keep `fd` open across its exec (clears `FD_CLOEXEC`) and
 /// get SIGTERM when the thread that started it exits (`PR_SET_PDEATHSIG`): passt and its
 /// keeper both start this way.
-pub(super) fn inherit_fd_and_die_with_parent(cmd: &mut Command, fd: std::os::unix::io::RawFd) {
+pub(crate) fn inherit_fd_and_die_with_parent(cmd: &mut Command, fd: std::os::unix::io::RawFd) {
     let pre_exec = move || {
         // SAFETY: fcntl and prctl are async-signal-safe and take plain integers; `fd` is open
         // in the child (inherited on fork).
