@@ -20,9 +20,13 @@
 #   fdisk            sfdisk: partitions that disk image (GPT) as a regular file
 #   seabios ovmf     the BIOS and UEFI firmware the VMM boots those disks with
 #   passt            user-mode networking (--net user, --net passt) and its tests
+#   libseccomp-dev libcap-ng-dev pkg-config
+#                    what `cargo install virtiofsd` links (virtio-fs, --fs): Debian 12 has no
+#                    virtiofsd package, so it is built from crates.io into
+#                    ~/.cache/vessel/tools/virtiofsd (where Vessel looks for it), once
 set -eu
 
-PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf passt"
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf passt libseccomp-dev libcap-ng-dev pkg-config"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
@@ -38,14 +42,21 @@ done
 
 if [ -z "$missing" ]; then
     echo "install-deps: all packages present"
-    exit 0
+else
+    echo "install-deps: installing$missing"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; then
+        # Package lists may be missing (fresh container): refresh once and retry.
+        $SUDO apt-get update -qq
+        $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    fi
+    echo "install-deps: done"
 fi
 
-echo "install-deps: installing$missing"
-export DEBIAN_FRONTEND=noninteractive
-if ! $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; then
-    # Package lists may be missing (fresh container): refresh once and retry.
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+# virtiofsd, from crates.io (a few minutes the first time, cached afterwards).
+VIRTIOFSD_VERSION=1.14.0
+VIRTIOFSD_ROOT="$HOME/.cache/vessel/tools/virtiofsd"
+if ! "$VIRTIOFSD_ROOT/bin/virtiofsd" --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
+    echo "install-deps: building virtiofsd $VIRTIOFSD_VERSION (cargo install)"
+    cargo install --quiet --locked --version "$VIRTIOFSD_VERSION" --root "$VIRTIOFSD_ROOT" virtiofsd
 fi
-echo "install-deps: done"

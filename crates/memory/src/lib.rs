@@ -459,7 +459,11 @@ fn shared_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, Me
     let mut offset = 0u64;
     let mut with_files = Vec::with_capacity(ranges.len());
     for &(addr, len) in ranges {
-        with_files.push((addr, len, Some(vm_memory::FileOffset::from_arc(file.clone(), offset))));
+        with_files.push((
+            addr,
+            len,
+            Some(vm_memory::FileOffset::from_arc(file.clone(), offset)),
+        ));
         offset += len as u64;
     }
     Ok(GuestMemoryMmap::from_ranges_with_files(&with_files)?)
@@ -712,7 +716,9 @@ mod tests {
         let regions: Vec<_> = m.iter().collect();
         assert_eq!(regions.len(), 2);
         let f0 = regions[0].file_offset().expect("RAM is file-backed");
-        let f1 = regions[1].file_offset().expect("device memory is file-backed");
+        let f1 = regions[1]
+            .file_offset()
+            .expect("device memory is file-backed");
         assert_eq!(f0.start(), 0);
         assert_eq!(f1.start(), 64 * MIB);
         assert!(std::sync::Arc::ptr_eq(f0.arc(), f1.arc()));

@@ -46,13 +46,15 @@ pub enum DeviceKind {
     Pmem,
     /// virtio-mem: maps and unmaps KVM memory slots.
     Mem,
+    /// virtio-fs (vhost-user): only forwards the backend's interrupts.
+    Fs,
     /// A worker Vessel does not name: what any device may need.
     Other,
 }
 
 impl DeviceKind {
     /// The named kinds (all but `Other`).
-    pub const NAMED: [DeviceKind; 8] = [
+    pub const NAMED: [DeviceKind; 9] = [
         DeviceKind::Block,
         DeviceKind::Net,
         DeviceKind::Vsock,
@@ -61,6 +63,7 @@ impl DeviceKind {
         DeviceKind::Console,
         DeviceKind::Pmem,
         DeviceKind::Mem,
+        DeviceKind::Fs,
     ];
 
     /// The kind of a worker thread, from its name (`virtio-blk`, `virtio-net`, ...).
@@ -74,6 +77,7 @@ impl DeviceKind {
             "console" => DeviceKind::Console,
             "pmem" => DeviceKind::Pmem,
             "mem" => DeviceKind::Mem,
+            "fs" => DeviceKind::Fs,
             _ => DeviceKind::Other,
         }
     }
@@ -118,6 +122,7 @@ impl ThreadKind {
                 DeviceKind::Console => "virtio-console",
                 DeviceKind::Pmem => "virtio-pmem",
                 DeviceKind::Mem => "virtio-mem",
+                DeviceKind::Fs => "virtio-fs",
                 DeviceKind::Other => "virtio",
             },
         }

@@ -326,6 +326,9 @@ fn device(l: &mut List, kind: DeviceKind) -> Result<(), Error> {
         DeviceKind::Mem => {
             l.when(libc::SYS_ioctl, one_of(1, &[KVM_SET_USER_MEMORY_REGION])?);
         }
+        // Reads the backend's call events and raises interrupts (eventfd writes): `base`.
+        // Activation and reset talk to the backend on the vCPU's thread.
+        DeviceKind::Fs => {}
         // A device Vessel does not name: what any device may need.
         DeviceKind::Other => {
             for k in DeviceKind::NAMED {

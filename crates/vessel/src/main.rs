@@ -166,9 +166,11 @@ struct RunArgs {
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Guest memory: MiB, or with a unit (512M, 2G) [default: 256M for Linux, 32M for the demo].
-    #[arg(long, value_parser = vessel_memory::parse_size)]
-    memory: Option<u64>,
+    /// Guest memory: MiB, or with a unit (512M, 2G) [default: 256M for Linux, 32M for the demo];
+    /// SIZE,shared=on backs it with a memfd other processes can map (a vhost-user device,
+    /// --fs, turns that on by itself).
+    #[arg(long, value_name = "SIZE[,shared=on]", value_parser = parse_memory)]
+    memory: Option<MemoryOption>,
     /// Where COM1 goes: stdio, null or file=PATH.
     #[arg(long, default_value = "stdio")]
     serial: SerialTarget,
@@ -226,6 +228,29 @@ struct RunArgs {
     /// (`PATCH /hotplug/memory` on the API).
     #[arg(long, value_name = "OPTIONS")]
     memory_hotplug: Option<vessel_vmm::hotplug::MemoryHotplugConfig>,
+    /// A virtio-fs device (repeatable) the guest mounts with `mount -t virtiofs TAG DIR`:
+    /// tag=TAG,dir=PATH[,readonly=on] starts virtiofsd sharing PATH; tag=TAG,socket=PATH uses
+    /// a running vhost-user backend (`virtiofsd --socket-path PATH`). [,queues=N][,transport=...]
+    #[arg(long, value_name = "OPTIONS")]
+    fs: Vec<vessel_vmm::device_config::FsConfig>,
+}
+
+/// `--memory SIZE[,shared=on]`.
+#[derive(Debug, Clone, Copy)]
+struct MemoryOption {
+    size: u64,
+    shared: bool,
+}
+
+fn parse_memory(s: &str) -> Result<MemoryOption, String> {
+    let (size, rest) = s.split_once(',').unwrap_or((s, ""));
+    let size = vessel_memory::parse_size(size).map_err(|e| e.to_string())?;
+    let shared = match rest {
+        "" | "shared=off" => false,
+        "shared=on" => true,
+        other => return Err(format!("'{other}': the only option is shared=on")),
+    };
+    Ok(MemoryOption { size, shared })
 }
 
 /// Default guest memory. The demo guest needs almost none, and KVM's cost of registering
@@ -340,7 +365,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         cmdline,
         append: args.append,
         cpus: args.cpus,
-        memory: args.memory.unwrap_or(match boot {
+        memory: args.memory.map(|m| m.size).unwrap_or(match boot {
             Payload::Demo => DEMO_MEMORY,
             Payload::Linux { .. } | Payload::Firmware(_) => LINUX_MEMORY,
         }),
@@ -357,8 +382,10 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             balloon: args.balloon,
             pmem: args.pmem,
             memory_hotplug: args.memory_hotplug,
+            fs: args.fs,
         },
         track_dirty_pages: false,
+        shared_memory: args.memory.is_some_and(|m| m.shared),
         boot_timer: args.boot_timer,
         cpu_template: None,
     };

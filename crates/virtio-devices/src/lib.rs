@@ -11,7 +11,7 @@ pub mod mem;
 pub mod net;
 pub mod pmem;
 pub mod rng;
-pub mod vhost_user;
 #[cfg(test)]
 mod snapshot_tests;
+pub mod vhost_user;
 pub mod vsock;

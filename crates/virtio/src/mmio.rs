@@ -140,6 +140,10 @@ impl MmioTransport {
             0x060 => self.interrupt.status(),
             0x070 => u32::from(c.status()),
             0x0fc => c.config_generation(),
+            // SHMLen and SHMBase: no device has shared memory regions; all ones says "no
+            // such region" (virtio 1.2 section 4.2.2). Zero would be a region of length 0,
+            // which Linux's virtio-fs tries to reserve, and fails the probe.
+            0x0b0..=0x0bf => u32::MAX,
             _ => {
                 log::debug!("virtio-mmio: read of register {offset:#x}");
                 0
@@ -257,6 +261,11 @@ mod tests {
         assert_eq!(b, [0, 0]);
         t.write(0x70, &[1, 2]);
         assert_eq!(rd(&mut t, 0x70), 0);
+        // Shared memory region 0 does not exist: its length and base read as all ones.
+        wr(&mut t, 0xac, 0);
+        for reg in [0xb0, 0xb4, 0xb8, 0xbc] {
+            assert_eq!(rd(&mut t, reg), u32::MAX, "{reg:#x}");
+        }
     }
 
     #[test]

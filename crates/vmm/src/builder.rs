@@ -17,7 +17,7 @@ use std::time::Instant;
 use kvm_ioctls::{Kvm, VcpuFd};
 use vessel_boot::BootRegs;
 use vessel_devices::{Bus, ExitSignal};
-use vessel_memory::{create_guest_memory_with, GuestLayout, GuestMemoryMmap};
+use vessel_memory::{create_guest_memory_backed, GuestLayout, GuestMemoryMmap};
 
 use crate::config::{NestedMode, Payload, VmConfig};
 use crate::cpu;
@@ -254,7 +254,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
         .kvm("KVM_GET_SUPPORTED_CPUID")?;
     let device_memory = crate::hotplug::device_memory(&layout, config)?;
-    let mem = create_guest_memory_with(&layout, &device_memory.ranges)?;
+    let mem = create_guest_memory_backed(&layout, &device_memory.ranges, config.memory_backing())?;
     let vmgenid = vmgenid::install(&config.boot, &mem)?;
     let (machine, fds) = create_machine(host, config, mem, nested, vmgenid)?;
 

@@ -104,6 +104,10 @@ pub struct VmConfig {
     /// migration. Costs a write fault per page between two reads of the log.
     #[serde(default)]
     pub track_dirty_pages: bool,
+    /// Back guest memory with a `memfd` mapped shared (`--memory SIZE,shared=on`), which
+    /// another process may map; a vhost-user device turns it on by itself.
+    #[serde(default)]
+    pub shared_memory: bool,
     /// Firecracker's boot timer device (`--boot-timer`): the guest writing 123 at
     /// [`vessel_devices::boot_timer::BOOT_TIMER_ADDR`] logs the time since the VM was built.
     #[serde(default)]
@@ -111,6 +115,17 @@ pub struct VmConfig {
     /// A custom CPU template (`PUT /cpu-config`) applied on top of Vessel's CPUID and MSRs.
     #[serde(default)]
     pub cpu_template: Option<vessel_kvm::template::CpuTemplate>,
+}
+
+impl VmConfig {
+    /// How guest memory is backed: shared when asked or when a device needs it.
+    pub fn memory_backing(&self) -> vessel_memory::Backing {
+        if self.shared_memory || self.devices.need_shared_memory() {
+            vessel_memory::Backing::Shared
+        } else {
+            vessel_memory::Backing::Private
+        }
+    }
 }
 
 impl Default for VmConfig {
@@ -127,6 +142,7 @@ impl Default for VmConfig {
             profile_ms: None,
             devices: DeviceConfigs::default(),
             track_dirty_pages: false,
+            shared_memory: false,
             boot_timer: false,
             cpu_template: None,
         }

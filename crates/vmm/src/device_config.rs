@@ -63,6 +63,10 @@ pub enum DeviceOptionError {
     ReservedCid(u64),
     #[error("--pmem: only one device may be the root device")]
     SecondPmemRoot,
+    #[error("--fs: give socket=PATH (a running vhost-user backend) or dir=PATH (Vessel starts virtiofsd), not both")]
+    FsBackend,
+    #[error("--fs: readonly=on needs dir=PATH (a backend on socket= decides for itself)")]
+    FsReadOnlySocket,
     #[error("--memory-hotplug: {0}")]
     MemoryHotplug(crate::hotplug::HotplugConfigError),
 }
@@ -184,6 +188,27 @@ pub struct PmemConfig {
     pub rate_limiter: Option<RateLimiterConfig>,
 }
 
+/// `--fs tag=NAME,socket=PATH|dir=PATH[,readonly=on][,queues=N][,transport=pci|mmio]`: a
+/// virtio-fs device on a vhost-user backend the guest mounts with `mount -t virtiofs NAME`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FsConfig {
+    pub tag: String,
+    pub backend: FsBackendConfig,
+    /// Request queues (besides the high-priority one).
+    pub request_queues: u16,
+    pub transport: Transport,
+}
+
+/// Where a virtio-fs device's backend is.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FsBackendConfig {
+    /// A vhost-user backend listening on this socket (`virtiofsd --socket-path`).
+    Socket(PathBuf),
+    /// Vessel starts `virtiofsd` sharing this directory.
+    Dir { path: PathBuf, read_only: bool },
+}
+
 /// Every virtio device of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfigs {
@@ -202,6 +227,9 @@ pub struct DeviceConfigs {
     /// Hotpluggable memory (a virtio-mem device).
     #[serde(default)]
     pub memory_hotplug: Option<crate::hotplug::MemoryHotplugConfig>,
+    /// virtio-fs devices (vhost-user): guest memory is then shared (`memfd`).
+    #[serde(default)]
+    pub fs: Vec<FsConfig>,
 }
 
 impl DeviceConfigs {
@@ -221,6 +249,12 @@ impl DeviceConfigs {
             && self.rng.is_none()
             && self.balloon.is_none()
             && self.memory_hotplug.is_none()
+            && self.fs.is_empty()
+    }
+
+    /// Whether a device needs guest memory that another process can map (vhost-user).
+    pub fn need_shared_memory(&self) -> bool {
+        !self.fs.is_empty()
     }
 }
 
@@ -499,6 +533,38 @@ impl FromStr for PmemConfig {
     }
 }
 
+impl FromStr for FsConfig {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
+        let mut o = Options::parse("--fs", s)?;
+        let tag = o.required("tag")?;
+        let socket = o.take("socket").filter(|v| !v.is_empty());
+        let dir = o.take("dir").filter(|v| !v.is_empty());
+        let read_only = o.flag("readonly")?;
+        let request_queues = match o.take("queues") {
+            Some(v) => parse_number::<u16>("--fs", "queues", &v)?,
+            None => 1,
+        };
+        let transport = o.transport()?;
+        o.finish()?;
+        let backend = match (socket, dir) {
+            (Some(_), None) if read_only => return Err(DeviceOptionError::FsReadOnlySocket),
+            (Some(p), None) => FsBackendConfig::Socket(p.into()),
+            (None, Some(p)) => FsBackendConfig::Dir {
+                path: p.into(),
+                read_only,
+            },
+            _ => return Err(DeviceOptionError::FsBackend),
+        };
+        Ok(FsConfig {
+            tag,
+            backend,
+            request_queues,
+            transport,
+        })
+    }
+}
+
 /// Checks a list of `--pmem` devices: at most one root device.
 pub fn check_pmem(pmem: &[PmemConfig]) -> Result<(), DeviceOptionError> {
     if pmem.iter().filter(|p| p.root).count() > 1 {
@@ -670,6 +736,45 @@ mod tests {
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn fs_parses_either_backend() {
+        let f: FsConfig = "tag=share,dir=/srv/share,readonly=on,queues=2,transport=mmio"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            f,
+            FsConfig {
+                tag: "share".into(),
+                backend: FsBackendConfig::Dir {
+                    path: "/srv/share".into(),
+                    read_only: true
+                },
+                request_queues: 2,
+                transport: Transport::Mmio,
+            }
+        );
+        let g: FsConfig = "tag=x,socket=/run/fs.sock".parse().unwrap();
+        assert_eq!(g.backend, FsBackendConfig::Socket("/run/fs.sock".into()));
+        assert_eq!((g.request_queues, g.transport), (1, Transport::Pci));
+        for (bad, says) in [
+            ("dir=/a", "tag=... is required"),
+            ("tag=x", "socket=PATH"),
+            ("tag=x,socket=/s,dir=/d", "not both"),
+            ("tag=x,socket=/s,readonly=on", "needs dir=PATH"),
+            ("tag=x,dir=/d,queues=many", "queues=many"),
+            ("tag=x,dir=/d,cache=always", "unknown option 'cache'"),
+        ] {
+            let e = bad.parse::<FsConfig>().unwrap_err().to_string();
+            assert!(e.starts_with("--fs") && e.contains(says), "{bad}: {e}");
+        }
+        let d = DeviceConfigs {
+            fs: vec![g],
+            ..Default::default()
+        };
+        assert!(d.need_shared_memory() && !d.is_empty());
+        assert!(!DeviceConfigs::default().need_shared_memory());
     }
 
     #[test]

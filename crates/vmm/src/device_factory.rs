@@ -4,9 +4,10 @@
 use std::sync::Arc;
 use vessel_virtio::VirtioDevice;
 
+use vessel_virtio_devices::vhost_user::fs;
 use vessel_virtio_devices::{balloon, block, net, pmem, rng, vsock};
 
-use crate::device_config::{DeviceConfigs, PasstConfig, Transport};
+use crate::device_config::{DeviceConfigs, FsBackendConfig, PasstConfig, Transport};
 use crate::device_manager::DeviceError;
 
 /// A device model and where it goes.
@@ -42,7 +43,7 @@ fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> Planned
 }
 
 /// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon,
-/// pmem); pmem regions are placed in `device_memory` (the guest layout's).
+/// pmem, fs); pmem regions are placed in `device_memory` (the guest layout's).
 pub fn build(
     configs: &DeviceConfigs,
     device_memory: (u64, u64),
@@ -146,6 +147,22 @@ pub fn build(
             pmem_region: Some(region),
             ..planned(dev, p.transport)
         });
+    }
+    for f in &configs.fs {
+        let backend = match &f.backend {
+            FsBackendConfig::Socket(p) => fs::FsBackend::Socket(p.clone()),
+            FsBackendConfig::Dir { path, read_only } => fs::FsBackend::Dir {
+                path: path.clone(),
+                read_only: *read_only,
+            },
+        };
+        let dev = fs::Fs::new(&fs::FsParams {
+            tag: f.tag.clone(),
+            backend,
+            request_queues: f.request_queues,
+        })
+        .map_err(|e| DeviceError::setup(format!("--fs tag={}", f.tag), e))?;
+        out.push(planned(dev, f.transport));
     }
     Ok((out, handles))
 }

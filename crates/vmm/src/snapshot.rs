@@ -140,8 +140,18 @@ pub enum SnapshotFailure {
     KvmState(#[source] vessel_kvm::KvmError),
     #[error("the virtio devices")]
     Devices(#[source] DeviceError),
+    #[error("snapshots and live migration of a VM with a vhost-user device (virtio-fs '{0}') are not supported: its backend's state is outside Vessel")]
+    VhostUser(String),
     #[error("diff snapshots and live migration of a VM with hotpluggable memory (virtio-mem) are not supported yet: take a full snapshot")]
     MemoryHotplug,
+}
+
+/// Refuses to snapshot or migrate a VM with a vhost-user device.
+pub(crate) fn refuse_vhost_user(m: &Machine) -> Result<(), SnapshotFailure> {
+    match m.config.devices.fs.first() {
+        Some(f) => Err(SnapshotFailure::VhostUser(f.tag.clone())),
+        None => Ok(()),
+    }
 }
 
 /// Refuses what needs KVM's dirty log of every memory slot (diff snapshots, migration) for
@@ -196,6 +206,7 @@ pub(crate) fn resume_devices(m: &Machine) {
 
 /// Everything of a paused machine whose devices are quiesced, but its memory.
 pub(crate) fn capture<A>(m: &Machine, api: Option<A>) -> Result<VmSnapshot<A>, SnapshotFailure> {
+    refuse_vhost_user(m)?;
     let kvm = vessel_kvm::system::open().map_err(SnapshotFailure::Kvm)?;
     let msrs = msr_candidates(&kvm).map_err(SnapshotFailure::Kvm)?;
     let vcpus = m
@@ -225,6 +236,7 @@ pub(crate) fn take<A: Serialize + Clone>(
     req: &SnapshotRequest<A>,
 ) -> Result<SnapshotInfo, SnapshotFailure> {
     let _one = m.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
+    refuse_vhost_user(m)?;
     if req.kind == SnapshotKind::Diff {
         refuse_memory_hotplug(m)?;
     }

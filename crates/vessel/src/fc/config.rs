@@ -145,8 +145,10 @@ pub fn resources_to_config_on(
                 .memory_hotplug
                 .as_ref()
                 .map(|h| super::memhp::config(h, transport)),
+            fs: Vec::new(),
         },
         track_dirty_pages: m.track_dirty_pages,
+        shared_memory: false,
         boot_timer: base.boot_timer,
         cpu_template: r
             .cpu_config

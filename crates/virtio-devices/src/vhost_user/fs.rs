@@ -145,12 +145,12 @@ impl VirtioDevice for Fs {
                 return Err(ActivateError::MissingQueue(i));
             }
         }
-        let running = super::start(&mut self.conn, "virtio-fs", "virtio-fs", ctx).map_err(
-            |e| ActivateError::Backend {
+        let running = super::start(&mut self.conn, "virtio-fs", "virtio-fs", ctx).map_err(|e| {
+            ActivateError::Backend {
                 what: "the vhost-user backend",
                 source: Box::new(e),
-            },
-        )?;
+            }
+        })?;
         self.running = Some(running);
         Ok(())
     }

@@ -115,9 +115,7 @@ impl Connection {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
             if chosen.contains(VhostUserProtocolFeatures::MQ) {
-                let has = frontend
-                    .get_queue_num()
-                    .map_err(request("GET_QUEUE_NUM"))?;
+                let has = frontend.get_queue_num().map_err(request("GET_QUEUE_NUM"))?;
                 if has < queues as u64 {
                     return Err(VhostUserError::TooFewQueues { has, needs: queues });
                 }

@@ -47,7 +47,11 @@ pub fn locate() -> Result<PathBuf, VirtiofsdError> {
         return Ok(PathBuf::from(p));
     }
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("virtiofsd")).collect())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("virtiofsd"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.push(PathBuf::from("/usr/libexec/virtiofsd"));
     if let Some(home) = std::env::var_os("HOME") {
@@ -59,7 +63,9 @@ pub fn locate() -> Result<PathBuf, VirtiofsdError> {
         .ok_or(VirtiofsdError::NotInstalled)
 }
 
-/// A `virtiofsd` Vessel started.
+/// A `virtiofsd` Vessel started. It exits once its connection closes (when the device is
+/// dropped, at the VM's end); it is not waited for here (the VMM's threads may not `wait4`
+/// under their seccomp filters), and is reaped when Vessel exits.
 #[derive(Debug)]
 pub struct Virtiofsd {
     child: Child,
@@ -127,13 +133,5 @@ impl Virtiofsd {
     /// The process id.
     pub fn id(&self) -> u32 {
         self.child.id()
-    }
-}
-
-impl Drop for Virtiofsd {
-    fn drop(&mut self) {
-        // It exits once its connection closes (the device's socket is dropped first); reap
-        // it if it has, without waiting.
-        let _ = self.child.try_wait();
     }
 }

@@ -43,12 +43,7 @@ fn fs_on(dir: &std::path::Path) -> Fs {
 }
 
 fn shared_mem() -> GuestMemoryMmap {
-    create_guest_memory_backed(
-        &GuestLayout::new(16 << 20).unwrap(),
-        &[],
-        Backing::Shared,
-    )
-    .unwrap()
+    create_guest_memory_backed(&GuestLayout::new(16 << 20).unwrap(), &[], Backing::Shared).unwrap()
 }
 
 const FUSE_INIT: u32 = 26;
@@ -97,7 +92,8 @@ fn a_fuse_request_goes_through_virtiofsd_and_is_answered() {
     dev.activate(context(&mem, dev.avail_features(), queues, &irq))
         .unwrap();
 
-    mem.write_slice(&fuse_init(0x77), GuestAddress(REQ)).unwrap();
+    mem.write_slice(&fuse_init(0x77), GuestAddress(REQ))
+        .unwrap();
     add_chain(&requests, 0, &[(REQ, 56, false), (REPLY, 256, true)]);
     kick.write(1).unwrap();
     wait_until("the FUSE_INIT answer", || !used(&requests).is_empty());
@@ -109,9 +105,17 @@ fn a_fuse_request_goes_through_virtiofsd_and_is_answered() {
     let out = read_bytes(&mem, REPLY, len as usize);
     assert!(len >= 16 + 24, "{len} bytes");
     assert_eq!(u32::from_le_bytes(out[0..4].try_into().unwrap()), len);
-    assert_eq!(i32::from_le_bytes(out[4..8].try_into().unwrap()), 0, "error");
+    assert_eq!(
+        i32::from_le_bytes(out[4..8].try_into().unwrap()),
+        0,
+        "error"
+    );
     assert_eq!(u64::from_le_bytes(out[8..16].try_into().unwrap()), 0x77);
-    assert_eq!(u32::from_le_bytes(out[16..20].try_into().unwrap()), 7, "major");
+    assert_eq!(
+        u32::from_le_bytes(out[16..20].try_into().unwrap()),
+        7,
+        "major"
+    );
     assert_eq!(irq.count(InterruptCause::Queue(0)), 0);
 
     // A reset stops the backend's queues; the device can be activated again.

@@ -1,0 +1,168 @@
+//! virtio-fs end to end (CI, `VESSEL_E2E=1`): the kit's `minimal` guest mounts two host
+//! directories with `mount -t virtiofs`: one served by a `virtiofsd` Vessel starts itself
+//! (`--fs tag=...,dir=...`, on PCI), one by a `virtiofsd` started beforehand
+//! (`--fs tag=...,socket=...`, on virtio-mmio). In each it reads a file the host wrote and
+//! writes one the host then reads.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const LIMIT: Duration = Duration::from_secs(15 * 60);
+
+const SCRIPT: &str = r#"
+mkdir -p /share /ext
+mount -t virtiofs hostshare /share && echo "FS-MOUNT $(grep ' /share ' /proc/mounts)"
+echo "FS-HOST-FILE $(cat /share/from-host.txt)"
+echo written-by-the-guest > /share/from-guest.txt
+mkdir /share/made-by-guest && echo "FS-MKDIR ok"
+echo "FS-LIST $(ls /share | tr '\n' ' ')"
+mount -t virtiofs external /ext && echo "FS-EXT-MOUNT ok"
+echo "FS-EXT-FILE $(cat /ext/external.txt)"
+dd if=/dev/zero of=/ext/big.bin bs=1M count=8 2>/dev/null && echo "FS-EXT-BIG $(stat -c %s /ext/big.bin)"
+echo guest-was-here > /ext/from-guest.txt
+sync
+umount /share && umount /ext && echo FS-DONE
+"#;
+
+fn virtiofsd() -> Option<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    let found = std::env::var_os("VESSEL_VIRTIOFSD")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            PathBuf::from("/usr/libexec/virtiofsd"),
+            home.join(".cache/vessel/tools/virtiofsd/bin/virtiofsd"),
+        ])
+        .find(|p| p.is_file());
+    if found.is_none() {
+        eprintln!("note: virtiofsd is not installed (scripts/install-deps.sh); test skipped");
+    }
+    found
+}
+
+/// A `virtiofsd` listening on `socket`, sharing `dir`; killed when dropped.
+struct External(Child);
+
+impl External {
+    fn start(program: &Path, socket: &Path, dir: &Path) -> External {
+        let child = Command::new(program)
+            .arg("--socket-path")
+            .arg(socket)
+            .arg("--shared-dir")
+            .arg(dir)
+            .args(["--sandbox", "none", "--log-level", "error"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start virtiofsd");
+        let t = Instant::now();
+        while !socket.exists() {
+            assert!(t.elapsed() < Duration::from_secs(20), "virtiofsd's socket");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        External(child)
+    }
+}
+
+impl Drop for External {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn minimal_guest_mounts_host_directories_over_virtio_fs() {
+    let Some((kernel, initrd)) = kit_image("minimal") else {
+        return;
+    };
+    let Some(program) = virtiofsd() else {
+        if std::env::var_os("VESSEL_E2E").is_some() {
+            panic!("virtiofsd is needed (scripts/install-deps.sh installs it)");
+        }
+        return;
+    };
+    let dir = scratch("virtiofs");
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(files.join("vessel-run"), SCRIPT).unwrap();
+    let disk = ext4_image(&dir, &files, 16);
+    let share = dir.join("share");
+    let ext = dir.join("ext");
+    std::fs::create_dir_all(&share).unwrap();
+    std::fs::create_dir_all(&ext).unwrap();
+    std::fs::write(share.join("from-host.txt"), "written-by-the-host\n").unwrap();
+    std::fs::write(
+        ext.join("external.txt"),
+        "served-by-an-external-virtiofsd\n",
+    )
+    .unwrap();
+    let socket = dir.join("ext.sock");
+    let _external = External::start(&program, &socket, &ext);
+
+    let console = dir.join("console.txt");
+    let mut cmd = vessel();
+    cmd.env("VESSEL_VIRTIOFSD", &program)
+        .args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "128M", "--append", "vessel.poweroff"])
+        .arg(format!("--disk=path={}", disk.display()))
+        .arg(format!("--fs=tag=hostshare,dir={}", share.display()))
+        .arg(format!(
+            "--fs=tag=external,socket={},transport=mmio",
+            socket.display()
+        ))
+        .arg(format!("--serial=file={}", console.display()));
+    let t = Instant::now();
+    let out = run_with_timeout(cmd, LIMIT);
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
+    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "vessel failed: {}\nconsole tail:\n{tail}",
+        text(&out.stderr)
+    );
+    eprintln!(
+        "virtio-fs guest finished in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let line = |tag: &str| {
+        console_text
+            .lines()
+            .find_map(|l| l.strip_prefix(tag))
+            .unwrap_or_else(|| panic!("no {tag} line\n{tail}"))
+            .trim()
+            .to_string()
+    };
+    assert!(line("FS-MOUNT ").starts_with("hostshare /share virtiofs rw"));
+    assert_eq!(line("FS-HOST-FILE "), "written-by-the-host");
+    assert_eq!(line("FS-MKDIR "), "ok");
+    assert_eq!(line("FS-EXT-MOUNT "), "ok");
+    assert_eq!(line("FS-EXT-FILE "), "served-by-an-external-virtiofsd");
+    assert_eq!(line("FS-EXT-BIG "), (8 << 20).to_string());
+    assert!(console_text.contains("FS-DONE"), "{tail}");
+    // What the guest wrote is in the host's directories.
+    assert_eq!(
+        std::fs::read_to_string(share.join("from-guest.txt")).unwrap(),
+        "written-by-the-guest\n"
+    );
+    assert!(share.join("made-by-guest").is_dir());
+    assert_eq!(
+        std::fs::read_to_string(ext.join("from-guest.txt")).unwrap(),
+        "guest-was-here\n"
+    );
+    assert_eq!(
+        std::fs::metadata(ext.join("big.bin")).unwrap().len(),
+        8 << 20
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
