@@ -20,13 +20,14 @@
 #   fdisk            sfdisk: partitions that disk image (GPT) as a regular file
 #   seabios ovmf     the BIOS and UEFI firmware the VMM boots those disks with
 #   passt            user-mode networking (--net user, --net passt) and its tests
+#   qemu-system-common  qemu-storage-daemon: the vhost-user-blk backend of the vhost-user test
 #   libseccomp-dev libcap-ng-dev pkg-config
 #                    what `cargo install virtiofsd` links (virtio-fs, --fs): Debian 12 has no
 #                    virtiofsd package, so it is built from crates.io into
 #                    ~/.cache/vessel/tools/virtiofsd (where Vessel looks for it), once
 set -eu
 
-PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf passt libseccomp-dev libcap-ng-dev pkg-config"
+PACKAGES="build-essential bc flex bison libelf-dev xz-utils binutils dpkg apt e2fsprogs iproute2 iputils-ping qemu-utils lz4 grub-pc-bin grub-efi-amd64-bin mtools dosfstools fdisk seabios ovmf passt qemu-system-common libseccomp-dev libcap-ng-dev pkg-config"
 
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then

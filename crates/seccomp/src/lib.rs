@@ -46,8 +46,9 @@ pub enum DeviceKind {
     Pmem,
     /// virtio-mem: maps and unmaps KVM memory slots.
     Mem,
-    /// virtio-fs (vhost-user): only forwards the backend's interrupts.
-    Fs,
+    /// A vhost-user device (virtio-fs, vhost-user disks and NICs): only forwards the
+    /// backend's interrupts.
+    VhostUser,
     /// A worker Vessel does not name: what any device may need.
     Other,
 }
@@ -63,7 +64,7 @@ impl DeviceKind {
         DeviceKind::Console,
         DeviceKind::Pmem,
         DeviceKind::Mem,
-        DeviceKind::Fs,
+        DeviceKind::VhostUser,
     ];
 
     /// The kind of a worker thread, from its name (`virtio-blk`, `virtio-net`, ...).
@@ -77,7 +78,8 @@ impl DeviceKind {
             "console" => DeviceKind::Console,
             "pmem" => DeviceKind::Pmem,
             "mem" => DeviceKind::Mem,
-            "fs" => DeviceKind::Fs,
+            "fs" => DeviceKind::VhostUser,
+            n if n.starts_with("vhost-user") => DeviceKind::VhostUser,
             _ => DeviceKind::Other,
         }
     }
@@ -122,7 +124,7 @@ impl ThreadKind {
                 DeviceKind::Console => "virtio-console",
                 DeviceKind::Pmem => "virtio-pmem",
                 DeviceKind::Mem => "virtio-mem",
-                DeviceKind::Fs => "virtio-fs",
+                DeviceKind::VhostUser => "vhost-user",
                 DeviceKind::Other => "virtio",
             },
         }

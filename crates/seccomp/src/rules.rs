@@ -328,7 +328,7 @@ fn device(l: &mut List, kind: DeviceKind) -> Result<(), Error> {
         }
         // Reads the backend's call events and raises interrupts (eventfd writes): `base`.
         // Activation and reset talk to the backend on the vCPU's thread.
-        DeviceKind::Fs => {}
+        DeviceKind::VhostUser => {}
         // A device Vessel does not name: what any device may need.
         DeviceKind::Other => {
             for k in DeviceKind::NAMED {

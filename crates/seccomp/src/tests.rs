@@ -370,7 +370,14 @@ fn the_mem_worker_may_set_memory_slots_and_nothing_else_of_kvm() {
     let set_user_memory_region = 0x4020_ae46u64;
     let kvm_run = 0xae80u64;
     assert_eq!(DeviceKind::from_worker_name("virtio-mem"), DeviceKind::Mem);
-    assert_eq!(DeviceKind::from_worker_name("virtio-fs"), DeviceKind::Fs);
+    assert_eq!(
+        DeviceKind::from_worker_name("virtio-fs"),
+        DeviceKind::VhostUser
+    );
+    assert_eq!(
+        DeviceKind::from_worker_name("vhost-user-blk"),
+        DeviceKind::VhostUser
+    );
     let mem = programs(ThreadKind::Device(DeviceKind::Mem), Action::Kill);
     assert_eq!(in_child(&mem, ioctl(set_user_memory_region)), Ok(0));
     assert_eq!(in_child(&mem, ioctl(kvm_run)), Err(libc::SIGSYS));

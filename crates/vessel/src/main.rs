@@ -12,8 +12,8 @@ use clap::{Args, Parser, Subcommand};
 use memfile::MemFile;
 use vessel_image::ImageName;
 use vessel_vmm::device_config::{
-    check_pmem, parse_rng, BalloonConfig, DeviceConfigs, DiskConfig, NetConfig, PmemConfig,
-    Transport, VsockConfig,
+    check_pmem, parse_rng, split_options, BalloonConfig, DeviceConfigs, DeviceOption, DiskConfig,
+    NetConfig, PmemConfig, Transport, VsockConfig,
 };
 use vessel_vmm::firmware::Firmware;
 use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
@@ -192,8 +192,9 @@ struct RunArgs {
     system_map: Option<PathBuf>,
     /// A virtio-blk disk (repeatable): path=FILE[,readonly=on][,serial=ID][,transport=pci|mmio]
     /// [,bw=BYTES_PER_S][,iops=N] (rate limits, each with a one-second bucket).
+    /// Or vhost_user=PATH[,transport=...]: a disk an external vhost-user backend serves.
     #[arg(long, value_name = "OPTIONS")]
-    disk: Vec<DiskConfig>,
+    disk: Vec<DeviceOption<DiskConfig>>,
     /// A cloud-init NoCloud seed disk (`cidata`), added after the disks:
     /// [user-data=FILE][,meta-data=FILE][,network-config=FILE]. With no files: a fresh
     /// console password for the image's default user (printed) and your SSH public keys.
@@ -204,8 +205,9 @@ struct RunArgs {
     /// user-mode networking through passt, no root needed: user[,hostfwd=tcp:HOSTPORT:GUESTPORT]...
     /// starts passt; passt,socket=PATH uses a running `passt --socket PATH` (same options but
     /// queues).
+    /// Or vhost_user=PATH[,transport=...]: a NIC an external vhost-user backend serves.
     #[arg(long, value_name = "OPTIONS")]
-    net: Vec<NetConfig>,
+    net: Vec<DeviceOption<NetConfig>>,
     /// A virtio-vsock device: cid=N,uds=PATH[,transport=...]. The host connects to PATH and
     /// writes "CONNECT <port>"; guest connections to port P reach PATH_P.
     #[arg(long, value_name = "OPTIONS")]
@@ -302,6 +304,9 @@ fn linux_from_disks(
 
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     check_pmem(&args.pmem).map_err(|e| e.to_string())?;
+    let (arg_disks, mut vhost_user) = split_options(args.disk);
+    let (nets, vhost_user_nets) = split_options(args.net);
+    vhost_user.extend(vhost_user_nets);
     // Kept open while the VM is built: the loader reads them by their /proc paths.
     let mut from_disk = None;
     let mut firmware = args
@@ -310,9 +315,9 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         .map(Firmware::resolve)
         .transpose()
         .map_err(|e| ErrorChain(&e).to_string())?;
-    if args.kernel.is_none() && args.image.is_none() && firmware.is_none() && !args.disk.is_empty()
+    if args.kernel.is_none() && args.image.is_none() && firmware.is_none() && !arg_disks.is_empty()
     {
-        match linux_from_disks(&args.disk) {
+        match linux_from_disks(&arg_disks) {
             Ok(found) => from_disk = Some(found),
             Err(why) => {
                 eprintln!("vessel: {why}");
@@ -324,7 +329,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
     }
     // Kept open while the VM runs: the disk is its /proc path.
     let mut seed_file = None;
-    let mut disks = args.disk.clone();
+    let mut disks = arg_disks;
     if let Some(o) = &args.cloud_init {
         let image = seed::build(o, &mut |line| eprintln!("vessel: {line}"))?;
         let (file, disk) = seed::seed_disk(&image, vessel_vmm::device_config::Transport::Pci)?;
@@ -375,7 +380,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         profile_ms: args.profile,
         devices: DeviceConfigs {
             disks,
-            nets: args.net,
+            nets,
             vsock: args.vsock,
             rng: args.rng,
             rng_rate_limiter: None,
@@ -383,6 +388,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             pmem: args.pmem,
             memory_hotplug: args.memory_hotplug,
             fs: args.fs,
+            vhost_user,
         },
         track_dirty_pages: false,
         shared_memory: args.memory.is_some_and(|m| m.shared),

@@ -209,6 +209,74 @@ pub enum FsBackendConfig {
     Dir { path: PathBuf, read_only: bool },
 }
 
+/// `--disk vhost_user=PATH[,transport=...]` or `--net vhost_user=PATH[,transport=...]`: a
+/// disk or NIC served by an external vhost-user backend listening at PATH.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VhostUserConfig {
+    pub kind: VhostUserKind,
+    pub socket: PathBuf,
+    pub transport: Transport,
+}
+
+/// What a vhost-user backend serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VhostUserKind {
+    Block,
+    Net,
+}
+
+/// A `--disk` or `--net` value: a device Vessel runs, or a vhost-user backend's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceOption<T> {
+    Own(T),
+    VhostUser(VhostUserConfig),
+}
+
+impl<T: FromStr<Err = DeviceOptionError>> DeviceOption<T> {
+    fn parse(s: &str, what: &'static str, kind: VhostUserKind) -> Result<Self, DeviceOptionError> {
+        if !s.starts_with("vhost_user=") {
+            return T::from_str(s).map(DeviceOption::Own);
+        }
+        let mut o = Options::parse(what, s)?;
+        let socket = PathBuf::from(o.required("vhost_user")?);
+        let transport = o.transport()?;
+        o.finish()?;
+        Ok(DeviceOption::VhostUser(VhostUserConfig {
+            kind,
+            socket,
+            transport,
+        }))
+    }
+}
+
+impl FromStr for DeviceOption<DiskConfig> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
+        DeviceOption::parse(s, "--disk", VhostUserKind::Block)
+    }
+}
+
+impl FromStr for DeviceOption<NetConfig> {
+    type Err = DeviceOptionError;
+    fn from_str(s: &str) -> Result<Self, DeviceOptionError> {
+        DeviceOption::parse(s, "--net", VhostUserKind::Net)
+    }
+}
+
+/// Splits `--disk` or `--net` values into Vessel's own devices and vhost-user ones.
+pub fn split_options<T>(options: Vec<DeviceOption<T>>) -> (Vec<T>, Vec<VhostUserConfig>) {
+    let mut own = Vec::new();
+    let mut vu = Vec::new();
+    for o in options {
+        match o {
+            DeviceOption::Own(t) => own.push(t),
+            DeviceOption::VhostUser(v) => vu.push(v),
+        }
+    }
+    (own, vu)
+}
+
 /// Every virtio device of a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub struct DeviceConfigs {
@@ -230,6 +298,9 @@ pub struct DeviceConfigs {
     /// virtio-fs devices (vhost-user): guest memory is then shared (`memfd`).
     #[serde(default)]
     pub fs: Vec<FsConfig>,
+    /// Disks and NICs served by vhost-user backends (after Vessel's own).
+    #[serde(default)]
+    pub vhost_user: Vec<VhostUserConfig>,
 }
 
 impl DeviceConfigs {
@@ -250,11 +321,22 @@ impl DeviceConfigs {
             && self.balloon.is_none()
             && self.memory_hotplug.is_none()
             && self.fs.is_empty()
+            && self.vhost_user.is_empty()
     }
 
     /// Whether a device needs guest memory that another process can map (vhost-user).
     pub fn need_shared_memory(&self) -> bool {
-        !self.fs.is_empty()
+        !self.fs.is_empty() || !self.vhost_user.is_empty()
+    }
+
+    /// A vhost-user device's name for messages (the first one), if the VM has any.
+    pub fn first_vhost_user(&self) -> Option<String> {
+        let fs = self.fs.first().map(|f| format!("virtio-fs '{}'", f.tag));
+        fs.or_else(|| {
+            self.vhost_user
+                .first()
+                .map(|v| format!("vhost-user backend {}", v.socket.display()))
+        })
     }
 }
 
@@ -775,6 +857,45 @@ mod tests {
         };
         assert!(d.need_shared_memory() && !d.is_empty());
         assert!(!DeviceConfigs::default().need_shared_memory());
+    }
+
+    #[test]
+    fn disks_and_nets_may_be_vhost_user_backends() {
+        let d: DeviceOption<DiskConfig> =
+            "vhost_user=/run/blk.sock,transport=mmio".parse().unwrap();
+        let n: DeviceOption<NetConfig> = "vhost_user=/run/net.sock".parse().unwrap();
+        let own: DeviceOption<DiskConfig> = "path=/img".parse().unwrap();
+        assert!(matches!(own, DeviceOption::Own(ref c) if c.path == Path::new("/img")));
+        let (disks, vu) = split_options(vec![d, own]);
+        assert_eq!(disks.len(), 1);
+        assert_eq!(
+            vu,
+            [VhostUserConfig {
+                kind: VhostUserKind::Block,
+                socket: "/run/blk.sock".into(),
+                transport: Transport::Mmio
+            }]
+        );
+        let (nets, vu) = split_options(vec![n]);
+        assert!(nets.is_empty());
+        assert_eq!(vu[0].kind, VhostUserKind::Net);
+        let e = "vhost_user=/s,readonly=on"
+            .parse::<DeviceOption<DiskConfig>>()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "--disk: unknown option 'readonly'");
+        let e = "vhost_user="
+            .parse::<DeviceOption<NetConfig>>()
+            .unwrap_err();
+        assert_eq!(e.to_string(), "--net: vhost_user=... is required");
+        let c = DeviceConfigs {
+            vhost_user: vu,
+            ..Default::default()
+        };
+        assert!(c.need_shared_memory());
+        assert_eq!(
+            c.first_vhost_user().as_deref(),
+            Some("vhost-user backend /run/net.sock")
+        );
     }
 
     #[test]

@@ -148,6 +148,18 @@ pub fn build(
             ..planned(dev, p.transport)
         });
     }
+    for v in &configs.vhost_user {
+        use crate::device_config::VhostUserKind;
+        use vessel_virtio_devices::vhost_user::generic::{Kind, VhostUserDevice};
+        let (kind, what) = match v.kind {
+            VhostUserKind::Block => (Kind::Block, "--disk"),
+            VhostUserKind::Net => (Kind::Net, "--net"),
+        };
+        let dev = VhostUserDevice::new(kind, &v.socket).map_err(|e| {
+            DeviceError::setup(format!("{what} vhost_user={}", v.socket.display()), e)
+        })?;
+        out.push(planned(dev, v.transport));
+    }
     for f in &configs.fs {
         let backend = match &f.backend {
             FsBackendConfig::Socket(p) => fs::FsBackend::Socket(p.clone()),

@@ -140,7 +140,7 @@ pub enum SnapshotFailure {
     KvmState(#[source] vessel_kvm::KvmError),
     #[error("the virtio devices")]
     Devices(#[source] DeviceError),
-    #[error("snapshots and live migration of a VM with a vhost-user device (virtio-fs '{0}') are not supported: its backend's state is outside Vessel")]
+    #[error("snapshots and live migration of a VM with a vhost-user device ({0}) are not supported: its backend's state is outside Vessel")]
     VhostUser(String),
     #[error("diff snapshots and live migration of a VM with hotpluggable memory (virtio-mem) are not supported yet: take a full snapshot")]
     MemoryHotplug,
@@ -148,8 +148,8 @@ pub enum SnapshotFailure {
 
 /// Refuses to snapshot or migrate a VM with a vhost-user device.
 pub(crate) fn refuse_vhost_user(m: &Machine) -> Result<(), SnapshotFailure> {
-    match m.config.devices.fs.first() {
-        Some(f) => Err(SnapshotFailure::VhostUser(f.tag.clone())),
+    match m.config.devices.first_vhost_user() {
+        Some(what) => Err(SnapshotFailure::VhostUser(what)),
         None => Ok(()),
     }
 }

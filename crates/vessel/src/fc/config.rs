@@ -146,6 +146,7 @@ pub fn resources_to_config_on(
                 .as_ref()
                 .map(|h| super::memhp::config(h, transport)),
             fs: Vec::new(),
+            vhost_user: Vec::new(),
         },
         track_dirty_pages: m.track_dirty_pages,
         shared_memory: false,

@@ -10,9 +10,11 @@
 //! watches the socket: a backend that goes away marks the device `DEVICE_NEEDS_RESET`, and the
 //! VMM keeps running.
 //!
-//! Devices: [`fs::Fs`] (virtio-fs). [`virtiofsd`] finds and starts `virtiofsd`.
+//! Devices: [`fs::Fs`] (virtio-fs), [`generic::VhostUserDevice`] (a disk or NIC an external
+//! backend serves). [`virtiofsd`] finds and starts `virtiofsd`.
 
 pub mod fs;
+pub mod generic;
 pub mod virtiofsd;
 
 use std::io;
@@ -36,7 +38,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 const PROTOCOL_FEATURES: u64 = 1 << 30;
 /// The protocol features Vessel uses when the backend has them.
 fn wanted_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ | VhostUserProtocolFeatures::REPLY_ACK
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
 }
 
 /// What went wrong talking to a vhost-user backend.
@@ -99,10 +103,9 @@ impl Connection {
         let features = frontend.get_features().map_err(request("GET_FEATURES"))?;
         let protocol = features & PROTOCOL_FEATURES != 0;
         if protocol {
-            // Protocol features are negotiated before anything else is set.
-            frontend
-                .set_features(PROTOCOL_FEATURES)
-                .map_err(request("SET_FEATURES"))?;
+            // Protocol features are negotiated before anything else is set. No SET_FEATURES
+            // yet: libvhost-user backends refuse one without VIRTIO_F_VERSION_1, which only
+            // the driver's choice at activation carries.
             let offered = frontend
                 .get_protocol_features()
                 .map_err(request("GET_PROTOCOL_FEATURES"))?;

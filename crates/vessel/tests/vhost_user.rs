@@ -1,8 +1,11 @@
-//! virtio-fs end to end (CI, `VESSEL_E2E=1`): the kit's `minimal` guest mounts two host
-//! directories with `mount -t virtiofs`: one served by a `virtiofsd` Vessel starts itself
-//! (`--fs tag=...,dir=...`, on PCI), one by a `virtiofsd` started beforehand
-//! (`--fs tag=...,socket=...`, on virtio-mmio). In each it reads a file the host wrote and
-//! writes one the host then reads.
+//! vhost-user devices end to end (CI, `VESSEL_E2E=1`), with the field's own backends:
+//! - virtio-fs: the kit's `minimal` guest mounts two host directories with `mount -t
+//!   virtiofs`: one served by a `virtiofsd` Vessel starts itself (`--fs tag=...,dir=...`, on
+//!   PCI), one by a `virtiofsd` started beforehand (`--fs tag=...,socket=...`, on
+//!   virtio-mmio). In each it reads a file the host wrote and writes one the host then reads.
+//! - vhost-user-blk: the guest's only disk is exported by QEMU's `qemu-storage-daemon`
+//!   (`--disk vhost_user=PATH`); the kit's init mounts it and runs its script, which writes a
+//!   file the host then finds in the image.
 
 mod common;
 
@@ -47,23 +50,29 @@ fn virtiofsd() -> Option<PathBuf> {
     found
 }
 
-/// A `virtiofsd` listening on `socket`, sharing `dir`; killed when dropped.
+/// A backend listening on `socket`; killed when dropped.
 struct External(Child);
 
 impl External {
-    fn start(program: &Path, socket: &Path, dir: &Path) -> External {
-        let child = Command::new(program)
-            .arg("--socket-path")
+    /// A `virtiofsd` sharing `dir`.
+    fn virtiofsd(program: &Path, socket: &Path, dir: &Path) -> External {
+        let mut cmd = Command::new(program);
+        cmd.arg("--socket-path")
             .arg(socket)
             .arg("--shared-dir")
             .arg(dir)
-            .args(["--sandbox", "none", "--log-level", "error"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start virtiofsd");
+            .args(["--sandbox", "none", "--log-level", "error"]);
+        External::start(cmd, socket)
+    }
+
+    fn start(mut cmd: Command, socket: &Path) -> External {
+        let child = cmd.stdin(Stdio::null()).spawn().expect("start the backend");
         let t = Instant::now();
         while !socket.exists() {
-            assert!(t.elapsed() < Duration::from_secs(20), "virtiofsd's socket");
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the backend's socket"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         External(child)
@@ -104,7 +113,7 @@ fn minimal_guest_mounts_host_directories_over_virtio_fs() {
     )
     .unwrap();
     let socket = dir.join("ext.sock");
-    let _external = External::start(&program, &socket, &ext);
+    let _external = External::virtiofsd(&program, &socket, &ext);
 
     let console = dir.join("console.txt");
     let mut cmd = vessel();
@@ -164,5 +173,74 @@ fn minimal_guest_mounts_host_directories_over_virtio_fs() {
         std::fs::metadata(ext.join("big.bin")).unwrap().len(),
         8 << 20
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn minimal_guest_uses_a_disk_qemu_storage_daemon_serves_over_vhost_user() {
+    let Some((kernel, initrd)) = kit_image("minimal") else {
+        return;
+    };
+    if Command::new("qemu-storage-daemon")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        if std::env::var_os("VESSEL_E2E").is_some() {
+            panic!("qemu-storage-daemon is needed (scripts/install-deps.sh installs it)");
+        }
+        return;
+    }
+    let dir = scratch("vhost-user-blk");
+    let files = dir.join("files");
+    std::fs::create_dir_all(&files).unwrap();
+    std::fs::write(
+        files.join("vessel-run"),
+        "echo \"VUB-SIZE $(cat /sys/block/vda/size)\"\necho from-the-guest > /mnt/guest.txt\nsync\n",
+    )
+    .unwrap();
+    let disk = ext4_image(&dir, &files, 16);
+    let socket = dir.join("blk.sock");
+    let mut qsd = Command::new("qemu-storage-daemon");
+    qsd.arg("--blockdev")
+        .arg(format!(
+            "driver=file,node-name=file0,filename={}",
+            disk.display()
+        ))
+        .args(["--blockdev", "driver=raw,node-name=disk0,file=file0"])
+        .arg("--export")
+        .arg(format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        ));
+    let backend = External::start(qsd, &socket);
+    let console = dir.join("console.txt");
+    let mut cmd = vessel();
+    cmd.args(["run", "--kernel"])
+        .arg(&kernel)
+        .arg("--initrd")
+        .arg(&initrd)
+        .args(["--memory", "128M", "--append", "vessel.poweroff"])
+        .arg(format!("--disk=vhost_user={}", socket.display()))
+        .arg(format!("--serial=file={}", console.display()));
+    let out = run_with_timeout(cmd, LIMIT);
+    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
+    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
+    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "vessel failed: {}\nconsole tail:\n{tail}",
+        text(&out.stderr)
+    );
+    // The backend's configuration space reached the guest: 16 MiB in 512-byte sectors.
+    assert!(console_text.contains("VUB-SIZE 32768"), "{tail}");
+    assert!(console_text.contains("vessel-run exit status 0"), "{tail}");
+    drop(backend);
+    let got = Command::new("debugfs")
+        .args(["-R", "cat /guest.txt"])
+        .arg(&disk)
+        .output()
+        .expect("run debugfs");
+    assert_eq!(text(&got.stdout), "from-the-guest\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
