@@ -349,10 +349,29 @@ impl VmResources {
 
     /// `PUT /drives/{id}`: inserts or replaces a drive; at most one root device, kept first.
     pub fn set_drive(&mut self, d: Drive) -> Result<(), ApiError> {
-        if d.socket.is_some() {
-            return Err(ApiError::Unsupported(
-                "vhost-user-block drives (`socket`)".to_string(),
-            ));
+        if let Some(socket) = &d.socket {
+            // Firecracker's rule: a vhost-user-block drive has its socket and nothing of
+            // a file's.
+            if d.path_on_host.is_some() || d.is_read_only.is_some() || d.rate_limiter.is_some() {
+                return Err(ApiError::bad(
+                    "Drive config error: Unable to create the vhost-user-block device: Invalid configuration: a drive with `socket` takes no `path_on_host`, `is_read_only` or `rate_limiter`.",
+                ));
+            }
+            use std::os::unix::fs::FileTypeExt;
+            match std::fs::metadata(socket) {
+                Ok(m) if m.file_type().is_socket() => {}
+                Ok(_) => {
+                    return Err(ApiError::bad(format!(
+                        "Drive config error: Unable to create the vhost-user-block device: {socket} is not a socket."
+                    )))
+                }
+                Err(e) => {
+                    return Err(ApiError::bad(format!(
+                        "Drive config error: Unable to create the vhost-user-block device: {socket}: {e}"
+                    )))
+                }
+            }
+            return self.insert_drive(d);
         }
         let Some(path) = &d.path_on_host else {
             return Err(ApiError::bad(
@@ -369,6 +388,12 @@ impl VmResources {
             path,
         )?;
         check_rate_limiter(&d.rate_limiter)?;
+        self.insert_drive(d)
+    }
+
+    /// Inserts a checked drive: at most one root device (kept first), replacing the one with
+    /// the same id.
+    fn insert_drive(&mut self, d: Drive) -> Result<(), ApiError> {
         if d.is_root_device && self.has_pmem_root() {
             return Err(ApiError::bad(
                 "Drive config error: Attempt to add block as a root device while the root device defined as a pmem device",

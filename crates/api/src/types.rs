@@ -262,7 +262,8 @@ pub struct Drive {
     /// I/O engine.
     #[serde(default)]
     pub io_engine: IoEngine,
-    /// vhost-user-block socket (not supported by Vessel yet).
+    /// vhost-user-block socket: the drive is served by the backend listening there (and
+    /// has no `path_on_host`, `is_read_only` or `rate_limiter`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub socket: Option<String>,
 }

@@ -746,8 +746,20 @@ fn bad_bodies_get_firecracker_errors() {
         (
             "PUT",
             "/drives/x",
-            Some("{\"drive_id\": \"x\", \"socket\": \"/s\", \"is_root_device\": false}"),
-            "not supported: vhost-user-block",
+            Some("{\"drive_id\": \"x\", \"socket\": \"/nonexistent/s\", \"is_root_device\": false}"),
+            "Unable to create the vhost-user-block device: /nonexistent/s: No such file",
+        ),
+        (
+            "PUT",
+            "/drives/x",
+            Some("{\"drive_id\": \"x\", \"socket\": \"/s\", \"is_read_only\": true, \"is_root_device\": false}"),
+            "takes no `path_on_host`, `is_read_only` or `rate_limiter`",
+        ),
+        (
+            "PUT",
+            "/drives/x",
+            Some("{\"drive_id\": \"x\", \"socket\": \"/etc/hostname\", \"is_root_device\": false}"),
+            "/etc/hostname is not a socket",
         ),
         (
             "PUT",

@@ -198,10 +198,12 @@ impl VmmBackend for ApiBackend {
             |e: VmmError| ApiError::bad(format!("Start microvm error: {}", ErrorChain(&e)));
         let vm = Vm::build(&config).map_err(start_err)?;
         let handles = vm.device_handles();
-        // `resources_to_config` keeps the drives' order.
+        // `resources_to_config` keeps the order of the file-backed drives (vhost-user ones
+        // have no handle: their backend owns them).
         let drives: Vec<(String, BlockHandle)> = resources
             .drives
             .iter()
+            .filter(|d| d.socket.is_none())
             .map(|d| d.drive_id.clone())
             .zip(handles.blocks.iter().cloned())
             .collect();

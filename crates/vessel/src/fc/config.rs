@@ -12,7 +12,8 @@ use vessel_api::types::{
 use vessel_api::{ApiError, VmResources};
 use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
 use vessel_vmm::device_config::{
-    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, NetConfig, Transport, VsockConfig,
+    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, NetConfig, Transport, VhostUserConfig,
+    VhostUserKind, VsockConfig,
 };
 use vessel_vmm::{Payload, VmConfig, DEFAULT_CMDLINE};
 
@@ -63,7 +64,22 @@ pub fn resources_to_config_on(
         ));
     };
     let mut disks = Vec::with_capacity(r.drives.len());
+    let mut vhost_user = Vec::new();
     for d in &r.drives {
+        if let Some(socket) = &d.socket {
+            // Vessel's vhost-user disks come after its own: a root drive must be first.
+            if d.is_root_device && r.drives.iter().any(|o| o.socket.is_none()) {
+                return Err(ApiError::bad(
+                    "Start microvm error: a vhost-user-block root drive cannot be combined with file-backed drives in Vessel (they are placed first); give the root drive a path_on_host, or use vhost-user for every drive.",
+                ));
+            }
+            vhost_user.push(VhostUserConfig {
+                kind: VhostUserKind::Block,
+                socket: PathBuf::from(socket),
+                transport,
+            });
+            continue;
+        }
         let Some(path) = &d.path_on_host else {
             return Err(ApiError::bad(format!(
                 "Drive config error: drive {} has no `path_on_host`.",
@@ -146,7 +162,7 @@ pub fn resources_to_config_on(
                 .as_ref()
                 .map(|h| super::memhp::config(h, transport)),
             fs: Vec::new(),
-            vhost_user: Vec::new(),
+            vhost_user,
         },
         track_dirty_pages: m.track_dirty_pages,
         shared_memory: false,
@@ -298,6 +314,42 @@ pub(crate) mod tests {
             "drive_id": id, "path_on_host": path, "is_root_device": root, "is_read_only": ro
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn vhost_user_drives_go_to_their_backends_after_the_file_drives() {
+        let (_, mut r) = with_kernel("vu-kernel");
+        let sock_path =
+            std::env::temp_dir().join(format!("vessel-api-map-{}-vu.sock", std::process::id()));
+        let _ = std::fs::remove_file(&sock_path);
+        let _listener = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+        let sock = sock_path.display().to_string();
+        let vu = |root: bool| -> Drive {
+            serde_json::from_value(json!({"drive_id": "vu", "socket": sock, "is_root_device": root}))
+                .unwrap()
+        };
+        r.set_drive(vu(false)).unwrap();
+        r.set_drive(drive("data", &file("vu-data"), false, false)).unwrap();
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        assert_eq!(c.devices.disks.len(), 1);
+        assert_eq!(c.devices.disks[0].serial.as_deref(), Some("data"));
+        assert_eq!(
+            c.devices.vhost_user,
+            [VhostUserConfig {
+                kind: VhostUserKind::Block,
+                socket: sock_path.clone(),
+                transport: Transport::Mmio,
+            }]
+        );
+        // A vhost-user root drive would not be /dev/vda behind a file drive: refused.
+        r.set_drive(vu(true)).unwrap();
+        let e = resources_to_config(&r, &VmConfig::default()).unwrap_err();
+        assert!(e.to_string().contains("vhost-user-block root drive"), "{e}");
+        r.drives.retain(|d| d.socket.is_some());
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        assert!(c.devices.disks.is_empty() && c.devices.vhost_user.len() == 1);
+        assert!(c.cmdline.unwrap().contains("root=/dev/vda rw"));
+        let _ = std::fs::remove_file(&sock_path);
     }
 
     /// Resources booting a kernel file `name` (made here) with the default command line.
