@@ -865,7 +865,7 @@ mod tests {
             "vhost_user=/run/blk.sock,transport=mmio".parse().unwrap();
         let n: DeviceOption<NetConfig> = "vhost_user=/run/net.sock".parse().unwrap();
         let own: DeviceOption<DiskConfig> = "path=/img".parse().unwrap();
-        assert!(matches!(own, DeviceOption::Own(ref c) if c.path == Path::new("/img")));
+        assert!(matches!(own, DeviceOption::Own(ref c) if c.path == std::path::Path::new("/img")));
         let (disks, vu) = split_options(vec![d, own]);
         assert_eq!(disks.len(), 1);
         assert_eq!(
