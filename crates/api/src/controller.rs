@@ -348,6 +348,12 @@ impl ApiController {
         self.configure(|r| r.set_cloud_init(c))
     }
 
+    /// `PUT /vessel/fs/{id}` (extension, pre-boot): a virtio-fs device the VM gets at start;
+    /// a second call with the same id replaces it.
+    pub fn put_fs(&mut self, f: FsDevice) -> Result<(), ApiError> {
+        self.configure(|r| r.set_fs(f))
+    }
+
     /// `PUT /vessel/stop` (extension): ends the started VM at once.
     pub fn stop(&mut self) -> Result<(), ApiError> {
         self.require_started()?;

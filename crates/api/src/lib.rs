@@ -18,6 +18,7 @@ pub mod controller;
 pub mod error;
 pub mod fcconfig;
 pub mod fcmetrics;
+pub mod fs;
 pub mod http;
 pub mod memory_hotplug;
 pub mod metrics;

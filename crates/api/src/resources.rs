@@ -201,6 +201,9 @@ pub struct FullVmConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub cloud_init: Option<CloudInitSeed>,
+    /// Vessel extension: virtio-fs devices (`PUT /vessel/fs/{id}`).
+    #[serde(rename = "vessel-fs", default, skip_serializing_if = "Vec::is_empty")]
+    pub fs: Vec<FsDevice>,
 }
 
 /// Everything configured before `InstanceStart`; the VMM builds the VM from it.
@@ -239,6 +242,8 @@ pub struct VmResources {
     pub pmem: Vec<Pmem>,
     /// Hotpluggable memory (virtio-mem).
     pub memory_hotplug: Option<MemoryHotplugConfig>,
+    /// Vessel extension: virtio-fs devices, in the order they were added.
+    pub fs: Vec<FsDevice>,
 }
 
 fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
@@ -265,16 +270,10 @@ pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut out = [0u8; 6];
     let mut parts = s.split(':');
     for b in out.iter_mut() {
-        let p = parts.next()?;
-        if p.len() != 2 {
-            return None;
-        }
+        let p = parts.next().filter(|p| p.len() == 2)?;
         *b = u8::from_str_radix(p, 16).ok()?;
     }
-    if parts.next().is_some() {
-        return None;
-    }
-    Some(out)
+    parts.next().is_none().then_some(out)
 }
 
 impl VmResources {
@@ -293,6 +292,7 @@ impl VmResources {
             && self.cloud_init.is_none()
             && self.pmem.is_empty()
             && self.memory_hotplug.is_none()
+            && self.fs.is_empty()
     }
 
     /// `PUT /boot-source`. The kernel and initrd must be readable.
@@ -676,6 +676,7 @@ impl VmResources {
             pmem: self.pmem.clone(),
             cloud_init: self.cloud_init.clone(),
             memory_hotplug: self.memory_hotplug,
+            fs: self.fs.clone(),
         }
     }
 
@@ -740,6 +741,7 @@ impl VmResources {
         if let Some(c) = cfg.cloud_init {
             r.set_cloud_init(c)?;
         }
+        cfg.fs.into_iter().try_for_each(|f| r.set_fs(f))?;
         if let Some(h) = cfg.memory_hotplug {
             r.set_memory_hotplug(h)?;
         }
@@ -771,6 +773,7 @@ impl VmResources {
             cloud_init: cfg.cloud_init,
             pmem: cfg.pmem,
             memory_hotplug: cfg.memory_hotplug,
+            fs: cfg.fs,
             ..Default::default()
         }
     }

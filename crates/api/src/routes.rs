@@ -320,6 +320,14 @@ fn build() -> Vec<Route> {
             "cloud_init",
             |c, b| c.put_cloud_init(b),
         ),
+        write::<FsDevice>(
+            Put,
+            "/vessel/fs/{id}",
+            "putFsDevice",
+            "fs",
+            Some(|f| &f.id),
+            |c, b| c.put_fs(b),
+        ),
         Route {
             method: Method::Put,
             path: "/vessel/stop",

@@ -58,6 +58,7 @@ schema! {
     MemoryHotplugStatus => "MemoryHotplugStatus",
 }
 
+pub use crate::fs::FsDevice;
 pub use crate::memory_hotplug::{
     MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus,
 };

@@ -523,6 +523,13 @@ fn every_endpoint_before_and_after_start() {
             204,
             400,
         ),
+        (
+            "PUT",
+            "/vessel/fs/share",
+            Some(json!({"id": "share", "tag": "share", "shared_dir": env.dir, "read_only": true})),
+            204,
+            400,
+        ),
         ("GET", "/vessel/metrics", None, 200, 200),
         ("PUT", "/vessel/stop", None, 400, 204),
         (
@@ -624,6 +631,10 @@ fn every_endpoint_before_and_after_start() {
         json!({"user_data": "#cloud-config\n", "meta_data": "instance-id: i-1\n"})
     );
     assert_eq!(
+        cfg["vessel-fs"],
+        json!([{"id": "share", "tag": "share", "shared_dir": env.dir, "read_only": true}])
+    );
+    assert_eq!(
         env.call(&mut c, "GET", "/mmds", None).json(),
         json!({"latest": {"meta-data": {"ami-id": "ami-1", "hostname": "vm0"}}})
     );
@@ -672,6 +683,9 @@ fn bad_bodies_get_firecracker_errors() {
     let mut c = env.client();
     let rootfs = env.p("rootfs.ext4");
     let mismatch = format!("{{\"drive_id\": \"y\", \"path_on_host\": \"{rootfs}\", \"is_root_device\": false, \"is_read_only\": true}}");
+    let fs_both =
+        json!({"id": "x", "tag": "x", "shared_dir": env.dir, "socket": env.sock}).to_string();
+    let fs_long_tag = json!({"id": "x", "tag": "t".repeat(37), "shared_dir": env.dir}).to_string();
     let cases: Vec<(&str, &str, Option<&str>, &str)> = vec![
         (
             "PUT",
@@ -854,6 +868,42 @@ fn bad_bodies_get_firecracker_errors() {
             "Cloud-init seed error",
         ),
         ("PUT", "/vessel/cloud-init", None, "Empty PUT request."),
+        (
+            "PUT",
+            "/vessel/fs/x",
+            Some(&fs_both),
+            "Fs config error: give either `socket` or `shared_dir`, not both.",
+        ),
+        (
+            "PUT",
+            "/vessel/fs/x",
+            Some("{\"id\": \"x\", \"tag\": \"x\", \"shared_dir\": \"/nonexistent/dir\"}"),
+            "Fs config error: /nonexistent/dir: No such file or directory",
+        ),
+        (
+            "PUT",
+            "/vessel/fs/x",
+            Some(&fs_long_tag),
+            "Fs config error: the tag must be 1 to 36 bytes long, not 37.",
+        ),
+        (
+            "PUT",
+            "/vessel/fs/x",
+            Some("{\"id\": \"x\", \"tag\": \"x\", \"shared_dir\": \"/\", \"num_queues\": 0}"),
+            "Fs config error: num_queues must be 1 to 16, not 0.",
+        ),
+        (
+            "PUT",
+            "/vessel/fs/x",
+            Some("{\"id\": \"x\", \"tag\": \"x\", \"shared_dir\": \"/\", \"cache\": \"never\"}"),
+            "unknown field `cache`",
+        ),
+        (
+            "PUT",
+            "/vessel/fs/y",
+            Some("{\"id\": \"x\", \"tag\": \"x\", \"shared_dir\": \"/\"}"),
+            "The id from the path does not match the id from the body!",
+        ),
         (
             "DELETE",
             "/drives/x",
@@ -1060,7 +1110,8 @@ fn config_file_builds_the_same_resources() {
         "balloon": {"amount_mib": 0, "deflate_on_oom": false},
         "entropy": {},
         "logger": {"level": "Debug"},
-        "mmds-config": {"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2"}
+        "mmds-config": {"network_interfaces": ["eth0"], "ipv4_address": "169.254.170.2"},
+        "vessel-fs": [{"id": "share", "tag": "share", "shared_dir": env.dir, "num_queues": 2}]
     });
     openapi::validate(&json!({"$ref": "#/definitions/FullVmConfiguration"}), &cfg).unwrap();
     let r = VmResources::from_config_json(&cfg.to_string(), Some("{\"latest\": {}}")).unwrap();
@@ -1085,6 +1136,12 @@ fn config_file_builds_the_same_resources() {
     let mut bad = cfg.clone();
     bad["unknown"] = json!(1);
     assert!(VmResources::from_config_json(&bad.to_string(), None).is_err());
+    assert_eq!(r.fs.len(), 1);
+    assert_eq!(r.fs[0].num_queues, Some(2));
+    let mut bad = cfg.clone();
+    bad["vessel-fs"][0]["shared_dir"] = json!(env.p("vmlinux"));
+    let e = VmResources::from_config_json(&bad.to_string(), None).unwrap_err();
+    assert!(e.to_string().contains("is not a directory"), "{e}");
     let mut bad = cfg;
     bad.as_object_mut().unwrap().remove("boot-source");
     assert!(VmResources::from_config_json(&bad.to_string(), None).is_err());

@@ -116,30 +116,16 @@ fn minimal_guest_mounts_host_directories_over_virtio_fs() {
     let _external = External::virtiofsd(&program, &socket, &ext);
 
     let console = dir.join("console.txt");
-    let mut cmd = vessel();
+    let mut cmd = kit_run(&kernel, &initrd, &console);
     cmd.env("VESSEL_VIRTIOFSD", &program)
-        .args(["run", "--kernel"])
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--memory", "128M", "--append", "vessel.poweroff"])
         .arg(format!("--disk=path={}", disk.display()))
         .arg(format!("--fs=tag=hostshare,dir={}", share.display()))
         .arg(format!(
             "--fs=tag=external,socket={},transport=mmio",
             socket.display()
-        ))
-        .arg(format!("--serial=file={}", console.display()));
+        ));
     let t = Instant::now();
-    let out = run_with_timeout(cmd, LIMIT);
-    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
-    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
-    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-    assert!(
-        out.status.success(),
-        "vessel failed: {}\nconsole tail:\n{tail}",
-        text(&out.stderr)
-    );
+    let (console_text, tail) = run_guest(cmd, &console, LIMIT);
     eprintln!(
         "virtio-fs guest finished in {:.1} s",
         t.elapsed().as_secs_f64()
@@ -215,23 +201,9 @@ fn minimal_guest_uses_a_disk_qemu_storage_daemon_serves_over_vhost_user() {
         ));
     let backend = External::start(qsd, &socket);
     let console = dir.join("console.txt");
-    let mut cmd = vessel();
-    cmd.args(["run", "--kernel"])
-        .arg(&kernel)
-        .arg("--initrd")
-        .arg(&initrd)
-        .args(["--memory", "128M", "--append", "vessel.poweroff"])
-        .arg(format!("--disk=vhost_user={}", socket.display()))
-        .arg(format!("--serial=file={}", console.display()));
-    let out = run_with_timeout(cmd, LIMIT);
-    let console_text = std::fs::read_to_string(&console).unwrap_or_default();
-    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
-    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
-    assert!(
-        out.status.success(),
-        "vessel failed: {}\nconsole tail:\n{tail}",
-        text(&out.stderr)
-    );
+    let mut cmd = kit_run(&kernel, &initrd, &console);
+    cmd.arg(format!("--disk=vhost_user={}", socket.display()));
+    let (console_text, tail) = run_guest(cmd, &console, LIMIT);
     // The backend's configuration space reached the guest: 16 MiB in 512-byte sectors.
     assert!(console_text.contains("VUB-SIZE 32768"), "{tail}");
     assert!(console_text.contains("vessel-run exit status 0"), "{tail}");

@@ -5,15 +5,15 @@
 use std::path::PathBuf;
 
 use vessel_api::types::{
-    BootSource as ApiBootSource, CpuTemplate, HugePages, MmdsVersion,
+    BootSource as ApiBootSource, CpuTemplate, FsDevice, HugePages, MmdsVersion,
     RateLimiter as ApiRateLimiter, SnapshotLoadParams, TokenBucket as ApiTokenBucket,
     DEFAULT_MMDS_ADDR,
 };
 use vessel_api::{ApiError, VmResources};
 use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
 use vessel_vmm::device_config::{
-    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, NetConfig, Transport, VhostUserConfig,
-    VhostUserKind, VsockConfig,
+    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, FsBackendConfig, FsConfig, NetConfig,
+    Transport, VhostUserConfig, VhostUserKind, VsockConfig,
 };
 use vessel_vmm::{Payload, VmConfig, DEFAULT_CMDLINE};
 
@@ -161,7 +161,7 @@ pub fn resources_to_config_on(
                 .memory_hotplug
                 .as_ref()
                 .map(|h| super::memhp::config(h, transport)),
-            fs: Vec::new(),
+            fs: r.fs.iter().map(|f| fs_config(f, transport)).collect(),
             vhost_user,
         },
         track_dirty_pages: m.track_dirty_pages,
@@ -173,6 +173,23 @@ pub fn resources_to_config_on(
             .map(super::cpu_config::from_api)
             .transpose()?,
     })
+}
+
+/// A `PUT /vessel/fs/{id}` device (checked by the API) as the core's virtio-fs device.
+fn fs_config(f: &FsDevice, transport: Transport) -> FsConfig {
+    let backend = match (&f.socket, &f.shared_dir) {
+        (Some(socket), _) => FsBackendConfig::Socket(PathBuf::from(socket)),
+        (None, dir) => FsBackendConfig::Dir {
+            path: PathBuf::from(dir.as_deref().unwrap_or_default()),
+            read_only: f.read_only,
+        },
+    };
+    FsConfig {
+        tag: f.tag.clone(),
+        backend,
+        request_queues: f.num_queues.unwrap_or(1),
+        transport,
+    }
 }
 
 /// The VM's MMDS (reading the API's store, so the guest sees later `PUT`/`PATCH /mmds`) and
@@ -325,11 +342,14 @@ pub(crate) mod tests {
         let _listener = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
         let sock = sock_path.display().to_string();
         let vu = |root: bool| -> Drive {
-            serde_json::from_value(json!({"drive_id": "vu", "socket": sock, "is_root_device": root}))
-                .unwrap()
+            serde_json::from_value(
+                json!({"drive_id": "vu", "socket": sock, "is_root_device": root}),
+            )
+            .unwrap()
         };
         r.set_drive(vu(false)).unwrap();
-        r.set_drive(drive("data", &file("vu-data"), false, false)).unwrap();
+        r.set_drive(drive("data", &file("vu-data"), false, false))
+            .unwrap();
         let c = resources_to_config(&r, &VmConfig::default()).unwrap();
         assert_eq!(c.devices.disks.len(), 1);
         assert_eq!(c.devices.disks[0].serial.as_deref(), Some("data"));
@@ -350,6 +370,49 @@ pub(crate) mod tests {
         assert!(c.devices.disks.is_empty() && c.devices.vhost_user.len() == 1);
         assert!(c.cmdline.unwrap().contains("root=/dev/vda rw"));
         let _ = std::fs::remove_file(&sock_path);
+    }
+
+    #[test]
+    fn fs_devices_map_to_virtio_fs_with_their_backends() {
+        let (_, mut r) = with_kernel("fs-kernel");
+        let dir = std::env::temp_dir().join(format!("vessel-api-map-{}-fs", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock_path = dir.join("fs.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock_path).unwrap();
+        let fs = |v: Value| -> FsDevice { serde_json::from_value(v).unwrap() };
+        r.set_fs(fs(json!({"id": "vu", "tag": "vutag", "socket": sock_path})))
+            .unwrap();
+        r.set_fs(fs(json!({
+            "id": "share", "tag": "share", "shared_dir": dir, "read_only": true, "num_queues": 4
+        })))
+        .unwrap();
+        let want = |transport| {
+            vec![
+                FsConfig {
+                    tag: "vutag".into(),
+                    backend: FsBackendConfig::Socket(sock_path.clone()),
+                    request_queues: 1,
+                    transport,
+                },
+                FsConfig {
+                    tag: "share".into(),
+                    backend: FsBackendConfig::Dir {
+                        path: dir.clone(),
+                        read_only: true,
+                    },
+                    request_queues: 4,
+                    transport,
+                },
+            ]
+        };
+        let c = resources_to_config(&r, &VmConfig::default()).unwrap();
+        assert_eq!(c.devices.fs, want(Transport::Mmio));
+        let c = resources_to_config_on(&r, &VmConfig::default(), Transport::Pci).unwrap();
+        assert_eq!(c.devices.fs, want(Transport::Pci));
+        // The backend needs the guest's memory shared.
+        assert!(c.devices.need_shared_memory());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     /// Resources booting a kernel file `name` (made here) with the default command line.

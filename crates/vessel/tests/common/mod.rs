@@ -126,3 +126,31 @@ pub fn ext4_image(dir: &Path, files: &Path, size_mib: u64) -> PathBuf {
     assert!(out.status.success(), "mkfs.ext4: {}", text(&out.stderr));
     img
 }
+
+/// `vessel run` of the kit's kernel and initramfs with 128 MiB that powers off after the
+/// init's script, its console going to `console`; add devices and run it with [`run_guest`].
+pub fn kit_run(kernel: &Path, initrd: &Path, console: &Path) -> Command {
+    let mut cmd = vessel();
+    cmd.args(["run", "--kernel"])
+        .arg(kernel)
+        .arg("--initrd")
+        .arg(initrd)
+        .args(["--memory", "128M", "--append", "vessel.poweroff"])
+        .arg(format!("--serial=file={}", console.display()));
+    cmd
+}
+
+/// Runs a guest to its end (within `limit`) and asserts that `vessel` succeeded; returns the
+/// console's text and its last 40 lines (for assertion messages).
+pub fn run_guest(cmd: Command, console: &Path, limit: Duration) -> (String, String) {
+    let out = run_with_timeout(cmd, limit);
+    let console_text = std::fs::read_to_string(console).unwrap_or_default();
+    let tail: Vec<&str> = console_text.lines().rev().take(40).collect();
+    let tail: String = tail.into_iter().rev().collect::<Vec<_>>().join("\n");
+    assert!(
+        out.status.success(),
+        "vessel failed: {}\nconsole tail:\n{tail}",
+        text(&out.stderr)
+    );
+    (console_text, tail)
+}

@@ -112,12 +112,6 @@ impl Fs {
         c[TAG_MAX..].copy_from_slice(&u32::from(self.request_queues).to_le_bytes());
         c
     }
-
-    fn stop(&mut self) {
-        if let Some(r) = self.running.take() {
-            r.stop(&mut self.conn);
-        }
-    }
 }
 
 impl VirtioDevice for Fs {
@@ -139,24 +133,12 @@ impl VirtioDevice for Fs {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.stop();
-        for i in 0..self.queue_sizes.len() as u16 {
-            if !ctx.queues.iter().any(|q| q.index == i) {
-                return Err(ActivateError::MissingQueue(i));
-            }
-        }
-        let running = super::start(&mut self.conn, "virtio-fs", "virtio-fs", ctx).map_err(|e| {
-            ActivateError::Backend {
-                what: "the vhost-user backend",
-                source: Box::new(e),
-            }
-        })?;
-        self.running = Some(running);
-        Ok(())
+        let queues = self.queue_sizes.len();
+        super::activate(&mut self.conn, &mut self.running, queues, "virtio-fs", ctx)
     }
 
     fn reset(&mut self) -> bool {
-        self.stop();
+        super::stop(&mut self.conn, &mut self.running);
         true
     }
 

@@ -124,12 +124,6 @@ impl VhostUserDevice {
             features,
         })
     }
-
-    fn stop(&mut self) {
-        if let Some(r) = self.running.take() {
-            r.stop(&mut self.conn);
-        }
-    }
 }
 
 impl VirtioDevice for VhostUserDevice {
@@ -150,24 +144,13 @@ impl VirtioDevice for VhostUserDevice {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        self.stop();
-        for i in 0..self.queue_sizes.len() as u16 {
-            if !ctx.queues.iter().any(|q| q.index == i) {
-                return Err(ActivateError::MissingQueue(i));
-            }
-        }
+        let queues = self.queue_sizes.len();
         let name = self.kind.name();
-        let running =
-            super::start(&mut self.conn, name, name, ctx).map_err(|e| ActivateError::Backend {
-                what: "the vhost-user backend",
-                source: Box::new(e),
-            })?;
-        self.running = Some(running);
-        Ok(())
+        super::activate(&mut self.conn, &mut self.running, queues, name, ctx)
     }
 
     fn reset(&mut self) -> bool {
-        self.stop();
+        super::stop(&mut self.conn, &mut self.running);
         true
     }
 

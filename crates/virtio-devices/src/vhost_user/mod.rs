@@ -25,7 +25,9 @@ use std::sync::Arc;
 
 use vessel_memory::GuestMemoryMmap;
 use vessel_virtio::worker::{EventHandler, Worker, WorkerControl};
-use vessel_virtio::{ActivateContext, ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt};
+use vessel_virtio::{
+    ActivateContext, ActivateError, ActiveQueue, DeviceHealth, InterruptCause, VirtioInterrupt,
+};
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -314,6 +316,36 @@ pub fn start(
         worker,
         queues: indices,
     })
+}
+
+/// A device's activation on its backend: stops what ran before, checks that the driver
+/// enabled all `queues` queues, and starts them (see [`start`]).
+pub(crate) fn activate(
+    conn: &mut Connection,
+    running: &mut Option<Running>,
+    queues: usize,
+    name: &'static str,
+    ctx: ActivateContext,
+) -> Result<(), ActivateError> {
+    stop(conn, running);
+    for i in 0..queues as u16 {
+        if !ctx.queues.iter().any(|q| q.index == i) {
+            return Err(ActivateError::MissingQueue(i));
+        }
+    }
+    let r = start(conn, name, name, ctx).map_err(|e| ActivateError::Backend {
+        what: "the vhost-user backend",
+        source: Box::new(e),
+    })?;
+    *running = Some(r);
+    Ok(())
+}
+
+/// Stops a device's queues on its backend, if they run.
+pub(crate) fn stop(conn: &mut Connection, running: &mut Option<Running>) {
+    if let Some(r) = running.take() {
+        r.stop(conn);
+    }
 }
 
 impl Running {
