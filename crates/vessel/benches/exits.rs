@@ -4,17 +4,17 @@
 //!
 //!   cargo bench -p vessel --bench exits
 
+#[path = "../tests/common/bare.rs"]
+mod bare;
 #[path = "../tests/common/tinyguest.rs"]
 #[allow(dead_code)]
 mod tinyguest;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use bare::bare_once;
 use iced_x86::code_asm::*;
-use kvm_ioctls::{Kvm, VcpuExit};
-use tinyguest::{elf, Guest, LOAD_ADDR};
-use vessel_memory::vm_memory::{Bytes, GuestAddress};
-use vessel_memory::{create_guest_memory, GuestLayout};
+use tinyguest::{elf, Guest};
 use vessel_vmm::{NestedMode, Payload, SerialTarget, VmConfig};
 
 const EXITS: u32 = 100_000;
@@ -50,39 +50,6 @@ fn vessel_once(path: &std::path::Path) -> Duration {
         ..Default::default()
     };
     vessel_vmm::run(&cfg).expect("vessel run").stats.wall
-}
-
-fn bare_once(code: &[u8]) -> Duration {
-    let kvm = Kvm::new().unwrap();
-    let vm = kvm.create_vm().unwrap();
-    vm.set_tss_address(0xfffb_d000).unwrap();
-    vm.create_irq_chip().unwrap();
-    let layout = GuestLayout::new(64 << 20).unwrap();
-    let mem = create_guest_memory(&layout).unwrap();
-    vessel_vmm::kvm_vm::register_memory(&vm, &mem, false).unwrap();
-    mem.write_slice(code, GuestAddress(LOAD_ADDR)).unwrap();
-    let gdt = vessel_boot::write_gdt(&mem, vessel_boot::EntryMode::Long64).unwrap();
-    let pml4 = vessel_boot::write_identity_page_tables(&mem).unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    let regs = vessel_boot::BootRegs {
-        rip: LOAD_ADDR,
-        rsp: 0x8ff0,
-        rsi: 0,
-        rbx: 0,
-        rflags: 2,
-        mode: vessel_boot::EntryMode::Long64,
-    };
-    vessel_vmm::cpu::set_boot_registers(&vcpu, &regs, &gdt, pml4).unwrap();
-    let t = Instant::now();
-    loop {
-        match vcpu.run().unwrap() {
-            VcpuExit::IoIn(_, data) => data[0] = 0x1c,
-            VcpuExit::IoOut(0x600, _) => break,
-            VcpuExit::IoOut(..) => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-    }
-    t.elapsed()
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -1,0 +1,301 @@
+//! Vessel against Firecracker, side by side, through Firecracker's API (prints figures;
+//! asserts nothing). Each figure is measured for Vessel (`vessel --api-sock`) and, when
+//! `FIRECRACKER` names a Firecracker binary, for it in the same run, alternating the two; each
+//! line gives both medians, their spread (p10-p90) and the ratio Vessel / Firecracker.
+//!
+//! - start: process spawn to the API socket answering `GET /` (median of 15);
+//! - memory: RSS and private dirty (`/proc/PID/smaps_rollup`) while a 64 MiB tiny guest that
+//!   wrote 16 pages sits halted;
+//! - restore: the round trip of `PUT /snapshot/load` (resume on) of that guest, in a new
+//!   process, from a full snapshot each VMM took of it;
+//! - exits: 100,000 i8042 port reads by the guest, whole process (from `InstanceStart` to the
+//!   process's exit on the guest's i8042 reset, less the same with no reads), per exit, and
+//!   the bare `KVM_RUN` loop of this process for reference.
+//!
+//!   FIRECRACKER=/path/to/firecracker cargo bench -p vessel --bench compare
+
+#[path = "../tests/common/bare.rs"]
+mod bare;
+#[path = "../tests/common/tinyguest.rs"]
+#[allow(dead_code)]
+mod tinyguest;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use serde_json::json;
+use tinyguest::{elf, Guest};
+use vessel_api::client::Client;
+
+const STARTS: usize = 15;
+const RUNS: usize = 5;
+const EXITS: u32 = 100_000;
+
+struct Vmm {
+    name: &'static str,
+    bin: PathBuf,
+}
+
+fn spawn(v: &Vmm, sock: &Path) -> Child {
+    let _ = std::fs::remove_file(sock);
+    Command::new(&v.bin)
+        .arg("--api-sock")
+        .arg(sock)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", v.bin.display()))
+}
+
+fn stop(mut c: Child) {
+    let _ = c.kill();
+    let _ = c.wait();
+}
+
+/// Spawn to the first `GET /` answered 200, polling every 50 µs. The caller stops the child.
+#[allow(clippy::zombie_processes)]
+fn time_to_api(v: &Vmm, sock: &Path) -> (Duration, Child) {
+    let t = Instant::now();
+    let child = spawn(v, sock);
+    loop {
+        let answer = Client::new(sock, Duration::from_secs(2)).request("GET", "/", None);
+        if answer.is_ok_and(|r| r.status == 200) {
+            return (t.elapsed(), child);
+        }
+        if t.elapsed() > Duration::from_secs(10) {
+            stop(child);
+            panic!("{}: no API", v.name);
+        }
+        std::thread::sleep(Duration::from_micros(50));
+    }
+}
+
+fn put(c: &mut Client, path: &str, body: serde_json::Value) -> Duration {
+    let t = Instant::now();
+    let r = c
+        .request("PUT", path, Some(&body.to_string()))
+        .unwrap_or_else(|e| panic!("PUT {path}: {e}"));
+    assert!(r.status < 300, "PUT {path}: {} {}", r.status, r.text());
+    t.elapsed()
+}
+
+/// A started VMM running the guest `kernel` in 64 MiB; returns when `InstanceStart` was
+/// answered.
+fn boot(v: &Vmm, sock: &Path, kernel: &Path) -> (Child, Instant) {
+    let (_, child) = time_to_api(v, sock);
+    let mut c = Client::new(sock, Duration::from_secs(10));
+    put(&mut c, "/boot-source", json!({"kernel_image_path": kernel}));
+    put(
+        &mut c,
+        "/machine-config",
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    let t = Instant::now();
+    put(&mut c, "/actions", json!({"action_type": "InstanceStart"}));
+    (child, t)
+}
+
+/// A guest that writes one byte in each of 16 pages from 2 MiB, then halts for good.
+fn touching_guest() -> Vec<u8> {
+    let mut g = Guest::new();
+    let a = &mut g.a;
+    a.mov(rdi, 0x20_0000u64).unwrap();
+    a.mov(ecx, 16u32).unwrap();
+    let mut l = a.create_label();
+    a.set_label(&mut l).unwrap();
+    a.mov(byte_ptr(rdi), 1u32).unwrap();
+    a.add(rdi, 4096i32).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(l).unwrap();
+    a.cli().unwrap();
+    let mut h = a.create_label();
+    a.set_label(&mut h).unwrap();
+    a.hlt().unwrap();
+    a.jmp(h).unwrap();
+    g.finish()
+}
+
+/// A guest that reads the i8042 status port `n` times, then resets through the i8042.
+fn exiting_guest(n: u32) -> Vec<u8> {
+    let mut g = Guest::new();
+    let mut l = g.a.create_label();
+    let mut done = g.a.create_label();
+    g.a.mov(ecx, n).unwrap();
+    g.a.test(ecx, ecx).unwrap();
+    g.a.jz(done).unwrap();
+    g.a.set_label(&mut l).unwrap();
+    g.a.in_(al, 0x64u32).unwrap();
+    g.a.dec(ecx).unwrap();
+    g.a.jnz(l).unwrap();
+    g.a.set_label(&mut done).unwrap();
+    g.i8042_reset();
+    g.finish()
+}
+
+/// `Rss` and `Private_Dirty` of `pid`, in KiB.
+fn memory(pid: u32) -> (u64, u64) {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
+    let field = |name: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|r| r.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("Rss:"), field("Private_Dirty:"))
+}
+
+fn snapshot_load(v: &Vmm, dir: &Path, kernel: &Path) -> Duration {
+    let sock = dir.join(format!("{}-snap.sock", v.name));
+    let (state, mem) = (
+        dir.join(format!("{}.state", v.name)),
+        dir.join(format!("{}.mem", v.name)),
+    );
+    let (child, _) = boot(v, &sock, kernel);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c = Client::new(&sock, Duration::from_secs(30));
+    let r = c
+        .request("PATCH", "/vm", Some(r#"{"state": "Paused"}"#))
+        .unwrap();
+    assert!(r.status < 300, "{}: pause: {}", v.name, r.text());
+    put(
+        &mut c,
+        "/snapshot/create",
+        json!({"snapshot_type": "Full", "snapshot_path": state, "mem_file_path": mem}),
+    );
+    stop(child);
+    let (_, child) = time_to_api(v, &sock);
+    let mut c = Client::new(&sock, Duration::from_secs(30));
+    let t = put(
+        &mut c,
+        "/snapshot/load",
+        json!({"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": true}),
+    );
+    stop(child);
+    t
+}
+
+/// From `InstanceStart` to the process's exit (the guest's reset).
+fn run_to_exit(v: &Vmm, sock: &Path, kernel: &Path) -> Duration {
+    let (mut child, t) = boot(v, sock, kernel);
+    child.wait().unwrap();
+    t.elapsed()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Median, p10 and p90.
+fn stats(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    (at(0.5), at(0.1), at(0.9))
+}
+
+fn line(what: &str, unit: &str, figures: &[(&str, Vec<f64>)]) {
+    let mut s = format!("{what}:");
+    let mut medians = Vec::new();
+    for (name, v) in figures {
+        let (m, lo, hi) = stats(v.clone());
+        medians.push(m);
+        s += &format!("  {name} {m:.2} {unit} ({lo:.2}-{hi:.2})");
+    }
+    if let [a, b] = medians[..] {
+        s += &format!("  ratio {:.2}", a / b);
+    }
+    println!("{s}");
+}
+
+fn main() {
+    let mut vmms = vec![Vmm {
+        name: "vessel",
+        bin: PathBuf::from(env!("CARGO_BIN_EXE_vessel")),
+    }];
+    if let Some(fc) = std::env::var_os("FIRECRACKER") {
+        vmms.push(Vmm {
+            name: "firecracker",
+            bin: PathBuf::from(fc),
+        });
+    } else {
+        println!("(no FIRECRACKER=/path given: Vessel's figures only)");
+    }
+    let dir = std::env::temp_dir().join(format!("vessel-bench-compare-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let touching = dir.join("touching.elf");
+    std::fs::write(&touching, elf(&touching_guest())).unwrap();
+    let (none, many) = (dir.join("exits-0.elf"), dir.join("exits-n.elf"));
+    std::fs::write(&none, elf(&exiting_guest(0))).unwrap();
+    std::fs::write(&many, elf(&exiting_guest(EXITS))).unwrap();
+    let sock = dir.join("api.sock");
+    let each = |f: &mut dyn FnMut(&Vmm) -> f64, runs: usize| -> Vec<(&str, Vec<f64>)> {
+        let mut out: Vec<(&str, Vec<f64>)> = vmms.iter().map(|v| (v.name, Vec::new())).collect();
+        for _ in 0..runs {
+            for (i, v) in vmms.iter().enumerate() {
+                out[i].1.push(f(v));
+            }
+        }
+        out
+    };
+
+    let start = each(
+        &mut |v| {
+            let (t, child) = time_to_api(v, &sock);
+            stop(child);
+            ms(t)
+        },
+        STARTS,
+    );
+    line("start to API (GET / answered)", "ms", &start);
+
+    let mut private = Vec::new();
+    let rss = each(
+        &mut |v| {
+            let (child, _) = boot(v, &sock, &touching);
+            std::thread::sleep(Duration::from_millis(300));
+            let (rss, dirty) = memory(child.id());
+            stop(child);
+            private.push((v.name, dirty as f64));
+            rss as f64
+        },
+        RUNS,
+    );
+    line("RSS, 64 MiB guest that wrote 16 pages", "KiB", &rss);
+    let dirty: Vec<(&str, Vec<f64>)> = vmms
+        .iter()
+        .map(|v| {
+            let xs = private.iter().filter(|p| p.0 == v.name).map(|p| p.1);
+            (v.name, xs.collect())
+        })
+        .collect();
+    line("private dirty, same guest", "KiB", &dirty);
+
+    let load = each(&mut |v| ms(snapshot_load(v, &dir, &touching)), RUNS);
+    line("PUT /snapshot/load (resume) round trip", "ms", &load);
+
+    let exits = each(
+        &mut |v| {
+            let base = run_to_exit(v, &sock, &none);
+            let full = run_to_exit(v, &sock, &many);
+            full.saturating_sub(base).as_secs_f64() * 1e6 / f64::from(EXITS)
+        },
+        RUNS,
+    );
+    line("port-I/O exit, whole process", "us", &exits);
+    let bare: Vec<f64> = (0..RUNS)
+        .map(|_| {
+            let full = bare::bare_once(&exiting_guest(EXITS));
+            let base = bare::bare_once(&exiting_guest(0));
+            full.saturating_sub(base).as_secs_f64() * 1e6 / f64::from(EXITS)
+        })
+        .collect();
+    let (b, _, _) = stats(bare.clone());
+    line("port-I/O exit, bare KVM_RUN loop", "us", &[("bare", bare)]);
+    for (name, v) in &exits {
+        println!("  {name} / bare = {:.2}", stats(v.clone()).0 / b);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
