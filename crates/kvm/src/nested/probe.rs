@@ -14,8 +14,6 @@
 
 use std::time::{Duration, Instant};
 
-use iced_x86::code_asm::{dx, eax, ebx, ecx, edi, edx, esi, CodeAssembler};
-use iced_x86::IcedError;
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::{Kvm, VcpuExit};
 
@@ -47,8 +45,7 @@ pub fn probe_nested_host(kvm: &Kvm) -> Result<bool, KvmError> {
 /// preempted run does not decide; a host where kernel mode is native needs one kernel run.
 pub fn probe_kernel_mode_emulated(kvm: &Kvm) -> Result<bool, KvmError> {
     let start = Instant::now();
-    let code = timed_loop_code().map_err(|e| KvmError::Probe(format!("assembling: {e}")))?;
-    let mut vm = ScratchVm::new(kvm, &code)?;
+    let mut vm = ScratchVm::new(kvm, &timed_loop_code())?;
     vm.enter_long_mode(3)?;
     let user = (0..3)
         .map(|_| time_one_loop(&mut vm))
@@ -82,21 +79,21 @@ fn time_one_loop(vm: &mut ScratchVm) -> Result<Duration, KvmError> {
     Ok(t.elapsed())
 }
 
-/// 64-bit code, forever: an exit, the loop, an exit.
-fn timed_loop_code() -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    let mut top = a.create_label();
-    let mut spin = a.create_label();
-    a.set_label(&mut top)?;
-    a.mov(dx, u32::from(PROBE_PORT))?;
-    a.out(dx, eax)?;
-    a.mov(ecx, TIMED_LOOP)?;
-    a.set_label(&mut spin)?;
-    a.dec(ecx)?;
-    a.jnz(spin)?;
-    a.out(dx, eax)?;
-    a.jmp(top)?;
-    a.assemble(CODE_GPA)
+/// 64-bit code, forever: an exit, the loop, an exit. Encoded here rather than with iced's
+/// assembler, whose first use builds tables of a few hundred KiB that would stay in every
+/// VMM's heap (the probe runs in each VM build); a test checks the bytes against iced.
+fn timed_loop_code() -> Vec<u8> {
+    let [p0, p1] = PROBE_PORT.to_le_bytes();
+    let n = TIMED_LOOP.to_le_bytes();
+    vec![
+        0x66, 0xba, p0, p1, // top: mov dx, PROBE_PORT
+        0xef, // out dx, eax
+        0xb9, n[0], n[1], n[2], n[3], // mov ecx, TIMED_LOOP
+        0xff, 0xc9, // spin: dec ecx
+        0x75, 0xfc, // jnz spin
+        0xef, // out dx, eax
+        0xeb, 0xef, // jmp top
+    ]
 }
 
 /// True when guests on this host do not see the CPUID table the VMM sets: runs a throwaway
@@ -134,9 +131,7 @@ fn guest_cpuid(
     leaf: u32,
     subleaf: u32,
 ) -> Result<[u32; 4], KvmError> {
-    let code =
-        probe_code(leaf, subleaf).map_err(|e| KvmError::Probe(format!("assembling: {e}")))?;
-    let mut vm = ScratchVm::new(kvm, &code)?;
+    let mut vm = ScratchVm::new(kvm, &probe_code(leaf, subleaf))?;
     vm.enter_long_mode(cpl)?;
     vm.vcpu
         .set_cpuid2(cpuid)
@@ -158,21 +153,24 @@ fn guest_cpuid(
 }
 
 /// 64-bit code: CPUID(leaf, subleaf), then EAX, EBX, ECX, EDX out to the probe port. (The VMM
-/// stops after the fourth `out`; the HLT after it is only a backstop.)
-fn probe_code(leaf: u32, subleaf: u32) -> Result<Vec<u8>, IcedError> {
-    let mut a = CodeAssembler::new(64)?;
-    a.mov(eax, leaf)?;
-    a.mov(ecx, subleaf)?;
-    a.cpuid()?;
-    a.mov(esi, edx)?; // DX is about to hold the port
-    a.mov(edi, eax)?;
-    a.mov(dx, u32::from(PROBE_PORT))?;
-    for reg in [edi, ebx, ecx, esi] {
-        a.mov(eax, reg)?;
-        a.out(dx, eax)?;
+/// stops after the fourth `out`; the HLT after it is only a backstop.) Encoded by hand like
+/// [`timed_loop_code`].
+fn probe_code(leaf: u32, subleaf: u32) -> Vec<u8> {
+    let mut c = vec![0xb8]; // mov eax, leaf
+    c.extend_from_slice(&leaf.to_le_bytes());
+    c.push(0xb9); // mov ecx, subleaf
+    c.extend_from_slice(&subleaf.to_le_bytes());
+    c.extend_from_slice(&[0x0f, 0xa2]); // cpuid
+    c.extend_from_slice(&[0x89, 0xd6]); // mov esi, edx: DX is about to hold the port
+    c.extend_from_slice(&[0x89, 0xc7]); // mov edi, eax
+    c.extend_from_slice(&[0x66, 0xba]); // mov dx, PROBE_PORT
+    c.extend_from_slice(&PROBE_PORT.to_le_bytes());
+    // mov eax, edi / ebx / ecx / esi, each followed by out dx, eax.
+    for modrm in [0xf8, 0xd8, 0xc8, 0xf0] {
+        c.extend_from_slice(&[0x89, modrm, 0xef]);
     }
-    a.hlt()?;
-    a.assemble(CODE_GPA)
+    c.push(0xf4); // hlt
+    c
 }
 
 /// A CPUID table of one leaf: 0x4000_0000 with the marker as its signature.
@@ -197,6 +195,39 @@ fn marker_cpuid() -> Result<CpuId, KvmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iced_x86::code_asm::{dx, eax, ebx, ecx, edi, edx, esi, CodeAssembler};
+
+    #[test]
+    fn the_hand_encoded_probes_are_what_iced_assembles() {
+        let mut a = CodeAssembler::new(64).unwrap();
+        let mut top = a.create_label();
+        let mut spin = a.create_label();
+        a.set_label(&mut top).unwrap();
+        a.mov(dx, u32::from(PROBE_PORT)).unwrap();
+        a.out(dx, eax).unwrap();
+        a.mov(ecx, TIMED_LOOP).unwrap();
+        a.set_label(&mut spin).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(spin).unwrap();
+        a.out(dx, eax).unwrap();
+        a.jmp(top).unwrap();
+        assert_eq!(timed_loop_code(), a.assemble(CODE_GPA).unwrap());
+
+        let (leaf, subleaf) = (0x4000_0000, 0x1234_5678);
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.mov(eax, leaf).unwrap();
+        a.mov(ecx, subleaf).unwrap();
+        a.cpuid().unwrap();
+        a.mov(esi, edx).unwrap();
+        a.mov(edi, eax).unwrap();
+        a.mov(dx, u32::from(PROBE_PORT)).unwrap();
+        for reg in [edi, ebx, ecx, esi] {
+            a.mov(eax, reg).unwrap();
+            a.out(dx, eax).unwrap();
+        }
+        a.hlt().unwrap();
+        assert_eq!(probe_code(leaf, subleaf), a.assemble(CODE_GPA).unwrap());
+    }
 
     /// The kernel-mode probe agrees with a direct look: the same loop's time at each level.
     /// (Both kinds of host exist; this checks the verdict is consistent with the timings, and
@@ -208,7 +239,7 @@ mod tests {
             return;
         };
         let emulated = probe_kernel_mode_emulated(&kvm).unwrap();
-        let code = timed_loop_code().unwrap();
+        let code = timed_loop_code();
         let mut vm = ScratchVm::new(&kvm, &code).unwrap();
         let mut best = |cpl: u8| {
             vm.enter_long_mode(cpl).unwrap();
