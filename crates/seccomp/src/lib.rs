@@ -294,15 +294,18 @@ pub fn configure(policy: Policy) -> Result<(), Error> {
 /// glibc's malloc sizes its pool of arenas lazily: the first thread that needs a new arena
 /// once there are more than eight reads `/sys/devices/system/cpu/online` (`openat`), which
 /// no filtered thread may do, so a device worker started late (after a guest reset, with
-/// enough threads about) died of SIGSYS. Setting the pool's size up front (glibc's own
-/// default: eight per CPU), before any thread is filtered, means malloc never looks.
+/// enough threads about) died of SIGSYS. Setting the pool's size up front, before any thread
+/// is filtered, means malloc never looks. Two arenas: the main thread's and one that the
+/// other threads share. glibc's default (one per thread, up to eight per CPU) gave each
+/// vCPU, worker and API thread a heap of its own, most of it touched once: 2 arenas left a
+/// running tiny guest's VMM 65 KiB less private dirty memory (1 arena: 80 KiB), and the
+/// threads rarely allocate once the VM runs.
 fn size_malloc_arenas() {
     #[cfg(target_env = "gnu")]
     {
-        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let arenas = i32::try_from(cpus.saturating_mul(8)).unwrap_or(i32::MAX);
+        const ARENAS: i32 = 2;
         // SAFETY: mallopt only sets a malloc parameter; it takes plain integers.
-        if unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) } != 1 {
+        if unsafe { libc::mallopt(libc::M_ARENA_MAX, ARENAS) } != 1 {
             log::warn!("seccomp: cannot set malloc's arena count");
         }
     }
