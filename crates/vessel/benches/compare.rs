@@ -211,6 +211,10 @@ fn line(what: &str, unit: &str, figures: &[(&str, Vec<f64>)]) {
 }
 
 fn main() {
+    // A binary just built has dirty pages in the page cache, which smaps counts as the
+    // process's private dirty memory until they are written back.
+    // SAFETY: sync has no arguments and cannot fail.
+    unsafe { libc::sync() };
     let mut vmms = vec![Vmm {
         name: "vessel",
         bin: PathBuf::from(env!("CARGO_BIN_EXE_vessel")),
