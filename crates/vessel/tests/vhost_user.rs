@@ -216,3 +216,79 @@ fn minimal_guest_uses_a_disk_qemu_storage_daemon_serves_over_vhost_user() {
     assert_eq!(text(&got.stdout), "from-the-guest\n");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Through Firecracker's API with the extension `PUT /vessel/fs/{id}`: a VM with a virtio-fs
+/// device (a tiny guest that halts; the device is never activated) starts, and a snapshot of
+/// it is refused with a clear reason while the VM keeps running.
+#[test]
+fn a_vm_with_virtio_fs_from_the_api_starts_and_refuses_snapshots() {
+    use common::fcprocess::{action, configure, expect, FcVessel};
+    use common::tinyguest::{elf, Guest};
+    use serde_json::json;
+    // Vessel finds virtiofsd where this test does (it inherits the environment).
+    if virtiofsd().is_none() {
+        if std::env::var_os("VESSEL_E2E").is_some() {
+            panic!("virtiofsd is needed (scripts/install-deps.sh installs it)");
+        }
+        return;
+    }
+    let dir = scratch("vhost-user-api");
+    let share = dir.join("share");
+    std::fs::create_dir_all(&share).unwrap();
+    let kernel = dir.join("halt.elf");
+    let mut g = Guest::new();
+    g.a.cli().unwrap();
+    let mut l = g.a.create_label();
+    g.a.set_label(&mut l).unwrap();
+    g.a.hlt().unwrap();
+    g.a.jmp(l).unwrap();
+    std::fs::write(&kernel, elf(&g.finish())).unwrap();
+    let mut v = FcVessel::start(&dir, "api", &[]);
+    let mut c = v.client();
+    configure(
+        &mut c,
+        json!({"kernel_image_path": kernel}),
+        json!({"vcpu_count": 1, "mem_size_mib": 32}),
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/vessel/fs/share",
+        Some(json!({"id": "share", "tag": "hostshare", "shared_dir": share})),
+        204,
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    let config = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(config["vessel-fs"][0]["tag"], "hostshare", "{config}");
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    let refused = expect(
+        &mut c,
+        "PUT",
+        "/snapshot/create",
+        Some(
+            json!({"snapshot_type": "Full", "snapshot_path": dir.join("s"), "mem_file_path": dir.join("m")}),
+        ),
+        400,
+    );
+    let why = refused["fault_message"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("vhost-user device (virtio-fs 'hostshare')"),
+        "{refused}"
+    );
+    assert!(!dir.join("m").exists(), "no memory file is written");
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Resumed"})),
+        204,
+    );
+    v.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}

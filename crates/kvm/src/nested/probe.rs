@@ -18,7 +18,7 @@ use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 use kvm_ioctls::{Kvm, VcpuExit};
 
 use crate::error::KvmError;
-use crate::scratch_vm::{ScratchVm, CODE_GPA};
+use crate::scratch_vm::ScratchVm;
 
 /// The leaf the probe's CPUID table marks.
 const PROBE_LEAF: u32 = 0x4000_0000;
@@ -86,7 +86,7 @@ fn timed_loop_code() -> Vec<u8> {
     let [p0, p1] = PROBE_PORT.to_le_bytes();
     let n = TIMED_LOOP.to_le_bytes();
     vec![
-        0x66, 0xba, p0, p1, // top: mov dx, PROBE_PORT
+        0x66, 0xba, p0, p1,   // top: mov dx, PROBE_PORT
         0xef, // out dx, eax
         0xb9, n[0], n[1], n[2], n[3], // mov ecx, TIMED_LOOP
         0xff, 0xc9, // spin: dec ecx
@@ -195,6 +195,7 @@ fn marker_cpuid() -> Result<CpuId, KvmError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scratch_vm::CODE_GPA;
     use iced_x86::code_asm::{dx, eax, ebx, ecx, edi, edx, esi, CodeAssembler};
 
     #[test]
