@@ -118,21 +118,8 @@ fn touching_guest() -> Vec<u8> {
     g.finish()
 }
 
-/// A guest that reads the i8042 status port `n` times, then resets through the i8042.
 fn exiting_guest(n: u32) -> Vec<u8> {
-    let mut g = Guest::new();
-    let mut l = g.a.create_label();
-    let mut done = g.a.create_label();
-    g.a.mov(ecx, n).unwrap();
-    g.a.test(ecx, ecx).unwrap();
-    g.a.jz(done).unwrap();
-    g.a.set_label(&mut l).unwrap();
-    g.a.in_(al, 0x64u32).unwrap();
-    g.a.dec(ecx).unwrap();
-    g.a.jnz(l).unwrap();
-    g.a.set_label(&mut done).unwrap();
-    g.i8042_reset();
-    g.finish()
+    bare::port_reader(n, true)
 }
 
 /// `Rss` and `Private_Dirty` of `pid`, in KiB.

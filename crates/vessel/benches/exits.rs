@@ -13,27 +13,14 @@ mod tinyguest;
 use std::time::Duration;
 
 use bare::bare_once;
-use iced_x86::code_asm::*;
-use tinyguest::{elf, Guest};
+use tinyguest::elf;
 use vessel_vmm::{NestedMode, Payload, SerialTarget, VmConfig};
 
 const EXITS: u32 = 100_000;
 const REPS: usize = 5;
 
 fn guest(n: u32) -> Vec<u8> {
-    let mut g = Guest::new();
-    let mut l = g.a.create_label();
-    let mut done = g.a.create_label();
-    g.a.mov(ecx, n).unwrap();
-    g.a.test(ecx, ecx).unwrap();
-    g.a.jz(done).unwrap();
-    g.a.set_label(&mut l).unwrap();
-    g.a.in_(al, 0x64u32).unwrap();
-    g.a.dec(ecx).unwrap();
-    g.a.jnz(l).unwrap();
-    g.a.set_label(&mut done).unwrap();
-    g.power_off();
-    g.finish()
+    bare::port_reader(n, false)
 }
 
 fn vessel_once(path: &std::path::Path) -> Duration {

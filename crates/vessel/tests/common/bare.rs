@@ -8,7 +8,31 @@ use kvm_ioctls::{Kvm, VcpuExit};
 use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{create_guest_memory, GuestLayout};
 
-use crate::tinyguest::LOAD_ADDR;
+use iced_x86::code_asm::*;
+
+use crate::tinyguest::{Guest, LOAD_ADDR};
+
+/// A guest that reads the i8042 status port `n` times, then powers off (ACPI S5) or, with
+/// `reset`, resets through the i8042 (which Firecracker also ends the VM on).
+pub fn port_reader(n: u32, reset: bool) -> Vec<u8> {
+    let mut g = Guest::new();
+    let mut l = g.a.create_label();
+    let mut done = g.a.create_label();
+    g.a.mov(ecx, n).unwrap();
+    g.a.test(ecx, ecx).unwrap();
+    g.a.jz(done).unwrap();
+    g.a.set_label(&mut l).unwrap();
+    g.a.in_(al, 0x64u32).unwrap();
+    g.a.dec(ecx).unwrap();
+    g.a.jnz(l).unwrap();
+    g.a.set_label(&mut done).unwrap();
+    if reset {
+        g.i8042_reset();
+    } else {
+        g.power_off();
+    }
+    g.finish()
+}
 
 /// Runs `code` to its power-off or reset; the time spent in the loop.
 pub fn bare_once(code: &[u8]) -> Duration {
