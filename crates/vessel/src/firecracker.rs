@@ -250,7 +250,9 @@ fn lock(ctl: &Mutex<ApiController>) -> std::sync::MutexGuard<'_, ApiController> 
 }
 
 /// Waits until `fds` has a readable descriptor or `timeout` passes.
-fn poll_readable(fds: &[i32]) {
+/// Waits until one of `fds` is readable, or `timeout_ms` passed (-1: no limit); false on
+/// the timeout.
+fn poll_readable(fds: &[i32], timeout_ms: i32) -> bool {
     let mut pfds: Vec<libc::pollfd> = fds
         .iter()
         .map(|&fd| libc::pollfd {
@@ -260,8 +262,14 @@ fn poll_readable(fds: &[i32]) {
         })
         .collect();
     // SAFETY: poll reads and writes the pollfd array we own, of the length we pass.
-    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, timeout_ms) != 0 }
 }
+
+/// How long the main thread waits with nothing to do before it gives back the start's pages
+/// ([`crate::trim::release_pages`]): done at once, it competed with the first requests (their
+/// thread faulted the dropped code back in and waited for malloc's lock), 1-2 ms of the time
+/// to the first answer.
+const TRIM_WHEN_IDLE_MS: i32 = 20;
 
 /// `--snapshot-version` and `--describe-snapshot FILE`: Firecracker prints a data format
 /// version and exits. Vessel's state format is one integer N, printed as `vN.0.0` so that the
@@ -451,8 +459,9 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
     if let (None, Some(md)) = (&args.config_file, &metadata) {
         put_metadata(&mmds, md)?;
     }
-    // What parsed the flags, compiled the filters and started the server is not run again.
-    crate::trim::release_pages();
+    // What parsed the flags, compiled the filters and started the server is not run again:
+    // its pages go once the main thread has been idle a moment (below).
+    let mut trim_pending = true;
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.
@@ -491,11 +500,17 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
     )?;
 
     loop {
-        poll_readable(&[
+        let fds = [
             wake.as_raw_fd(),
             backend.ended_event().as_raw_fd(),
             signalled.as_raw_fd(),
-        ]);
+        ];
+        let timeout = if trim_pending { TRIM_WHEN_IDLE_MS } else { -1 };
+        if !poll_readable(&fds, timeout) {
+            crate::trim::release_pages();
+            trim_pending = false;
+            continue;
+        }
         let _ = wake.read();
         if signalled.read().is_ok() {
             let sig = SIGNAL.load(Ordering::SeqCst);
