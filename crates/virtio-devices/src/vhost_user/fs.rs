@@ -49,8 +49,6 @@ pub enum FsError {
     Virtiofsd(#[source] VirtiofsdError),
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
-    #[error("the vhost-user backend does not offer VIRTIO_F_VERSION_1")]
-    NotModern,
 }
 
 /// The virtio-fs device.
@@ -92,9 +90,6 @@ impl Fs {
                 (Connection::from_stream(sock, queues)?, Some(process))
             }
         };
-        if conn.virtio_features() & features::VERSION_1 == 0 {
-            return Err(FsError::NotModern);
-        }
         Ok(Fs {
             tag: tag.clone(),
             request_queues: q,

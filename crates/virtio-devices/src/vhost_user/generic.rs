@@ -76,8 +76,6 @@ impl Kind {
 pub enum GenericError {
     #[error(transparent)]
     VhostUser(#[from] VhostUserError),
-    #[error("the vhost-user backend at {} does not offer VIRTIO_F_VERSION_1", .0.display())]
-    NotModern(PathBuf),
     #[error("the vhost-user-blk backend at {} cannot give its configuration (it needs VHOST_USER_PROTOCOL_F_CONFIG)", .0.display())]
     NoConfig(PathBuf),
 }
@@ -96,9 +94,6 @@ impl VhostUserDevice {
     /// Connects to the backend listening at `path` and reads its configuration.
     pub fn new(kind: Kind, path: &Path) -> Result<VhostUserDevice, GenericError> {
         let mut conn = Connection::connect(path, kind.queues())?;
-        if conn.virtio_features() & features::VERSION_1 == 0 {
-            return Err(GenericError::NotModern(path.to_path_buf()));
-        }
         let len = kind.config_len();
         let config = match conn.frontend.get_config(
             0,

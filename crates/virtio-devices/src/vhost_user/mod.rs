@@ -68,6 +68,8 @@ pub enum VhostUserError {
     RingAddress(u16),
     #[error("cannot create the queue events")]
     Events(#[source] io::Error),
+    #[error("the vhost-user backend does not offer VIRTIO_F_VERSION_1")]
+    NotModern,
 }
 
 fn request(what: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
@@ -125,6 +127,9 @@ impl Connection {
                     return Err(VhostUserError::TooFewQueues { has, needs: queues });
                 }
             }
+        }
+        if features & vessel_virtio::features::VERSION_1 == 0 {
+            return Err(VhostUserError::NotModern);
         }
         Ok(Connection {
             frontend,
@@ -202,20 +207,13 @@ impl Connection {
     }
 }
 
-/// Every region of `mem`, as the backend maps it (its `memfd` and offset).
+/// Every region of `mem`, as the backend maps it (its `memfd` and offset); a region with no
+/// file behind it is the crate's only refusal.
 fn memory_regions(mem: &GuestMemoryMmap) -> Result<Vec<VhostUserMemoryRegionInfo>, VhostUserError> {
     mem.iter()
         .map(|r| {
-            let Some(f) = r.file_offset() else {
-                return Err(VhostUserError::PrivateMemory(r.start_addr().0));
-            };
-            Ok(VhostUserMemoryRegionInfo {
-                guest_phys_addr: r.start_addr().0,
-                memory_size: r.len(),
-                userspace_addr: r.as_ptr() as u64,
-                mmap_offset: f.start(),
-                mmap_handle: f.file().as_raw_fd(),
-            })
+            VhostUserMemoryRegionInfo::from_guest_region(r)
+                .map_err(|_| VhostUserError::PrivateMemory(r.start_addr().0))
         })
         .collect()
 }
