@@ -6,8 +6,6 @@
 //! (`shared_dir`). Firecracker has no such device, so the export leaves the key out when no
 //! device is configured.
 
-use std::os::unix::fs::FileTypeExt;
-
 use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
@@ -79,10 +77,9 @@ impl FsDevice {
             (Some(_), None) if self.read_only => Err(bad(
                 "`read_only` applies to `shared_dir` only (a vhost-user backend sets its own access).",
             )),
-            (Some(socket), None) => match std::fs::metadata(socket) {
-                Ok(m) if m.file_type().is_socket() => Ok(()),
-                Ok(_) => Err(bad(format_args!("{socket} is not a socket."))),
-                Err(e) => Err(bad(format_args!("{socket}: {e}"))),
+            (Some(socket), None) => match crate::resources::socket_problem(socket) {
+                Some(why) => Err(bad(why)),
+                None => Ok(()),
             },
             (None, Some(dir)) => match std::fs::metadata(dir) {
                 Ok(m) if m.is_dir() => Ok(()),

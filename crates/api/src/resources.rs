@@ -252,6 +252,17 @@ fn check_file(what: &str, path: &str) -> Result<(), ApiError> {
         .map_err(|e| ApiError::bad(format!("{what} cannot be opened: {e} ({path})")))
 }
 
+/// What is wrong with `path` as a vhost-user backend's socket (`PATH is not a socket.`,
+/// `PATH: <error>`), or `None` when it is one.
+pub(crate) fn socket_problem(path: &str) -> Option<String> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(path) {
+        Ok(m) if m.file_type().is_socket() => None,
+        Ok(_) => Some(format!("{path} is not a socket.")),
+        Err(e) => Some(format!("{path}: {e}")),
+    }
+}
+
 pub(crate) fn check_rate_limiter(r: &Option<RateLimiter>) -> Result<(), ApiError> {
     if let Some(r) = r {
         for b in [r.bandwidth, r.ops].into_iter().flatten() {
@@ -357,19 +368,10 @@ impl VmResources {
                     "Drive config error: Unable to create the vhost-user-block device: Invalid configuration: a drive with `socket` takes no `path_on_host`, `is_read_only` or `rate_limiter`.",
                 ));
             }
-            use std::os::unix::fs::FileTypeExt;
-            match std::fs::metadata(socket) {
-                Ok(m) if m.file_type().is_socket() => {}
-                Ok(_) => {
-                    return Err(ApiError::bad(format!(
-                        "Drive config error: Unable to create the vhost-user-block device: {socket} is not a socket."
-                    )))
-                }
-                Err(e) => {
-                    return Err(ApiError::bad(format!(
-                        "Drive config error: Unable to create the vhost-user-block device: {socket}: {e}"
-                    )))
-                }
+            if let Some(why) = socket_problem(socket) {
+                return Err(ApiError::bad(format!(
+                    "Drive config error: Unable to create the vhost-user-block device: {why}"
+                )));
             }
             return self.insert_drive(d);
         }
