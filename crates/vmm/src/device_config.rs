@@ -193,21 +193,15 @@ pub struct PmemConfig {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FsConfig {
     pub tag: String,
-    pub backend: FsBackendConfig,
+    pub backend: FsBackend,
     /// Request queues (besides the high-priority one).
     pub request_queues: u16,
     pub transport: Transport,
 }
 
-/// Where a virtio-fs device's backend is.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum FsBackendConfig {
-    /// A vhost-user backend listening on this socket (`virtiofsd --socket-path`).
-    Socket(PathBuf),
-    /// Vessel starts `virtiofsd` sharing this directory.
-    Dir { path: PathBuf, read_only: bool },
-}
+/// Where a virtio-fs device's backend is: a running vhost-user backend's socket
+/// (`virtiofsd --socket-path`), or a directory Vessel starts `virtiofsd` on.
+pub use vessel_virtio_devices::vhost_user::fs::FsBackend;
 
 /// `--disk vhost_user=PATH[,transport=...]` or `--net vhost_user=PATH[,transport=...]`: a
 /// disk or NIC served by an external vhost-user backend listening at PATH.
@@ -631,8 +625,8 @@ impl FromStr for FsConfig {
         o.finish()?;
         let backend = match (socket, dir) {
             (Some(_), None) if read_only => return Err(DeviceOptionError::FsReadOnlySocket),
-            (Some(p), None) => FsBackendConfig::Socket(p.into()),
-            (None, Some(p)) => FsBackendConfig::Dir {
+            (Some(p), None) => FsBackend::Socket(p.into()),
+            (None, Some(p)) => FsBackend::Dir {
                 path: p.into(),
                 read_only,
             },
@@ -829,7 +823,7 @@ mod tests {
             f,
             FsConfig {
                 tag: "share".into(),
-                backend: FsBackendConfig::Dir {
+                backend: FsBackend::Dir {
                     path: "/srv/share".into(),
                     read_only: true
                 },
@@ -838,7 +832,7 @@ mod tests {
             }
         );
         let g: FsConfig = "tag=x,socket=/run/fs.sock".parse().unwrap();
-        assert_eq!(g.backend, FsBackendConfig::Socket("/run/fs.sock".into()));
+        assert_eq!(g.backend, FsBackend::Socket("/run/fs.sock".into()));
         assert_eq!((g.request_queues, g.transport), (1, Transport::Pci));
         for (bad, says) in [
             ("dir=/a", "tag=... is required"),

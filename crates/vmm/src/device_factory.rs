@@ -7,7 +7,7 @@ use vessel_virtio::VirtioDevice;
 use vessel_virtio_devices::vhost_user::fs;
 use vessel_virtio_devices::{balloon, block, net, pmem, rng, vsock};
 
-use crate::device_config::{DeviceConfigs, FsBackendConfig, PasstConfig, Transport};
+use crate::device_config::{DeviceConfigs, PasstConfig, Transport};
 use crate::device_manager::DeviceError;
 
 /// A device model and where it goes.
@@ -161,16 +161,9 @@ pub fn build(
         out.push(planned(dev, v.transport));
     }
     for f in &configs.fs {
-        let backend = match &f.backend {
-            FsBackendConfig::Socket(p) => fs::FsBackend::Socket(p.clone()),
-            FsBackendConfig::Dir { path, read_only } => fs::FsBackend::Dir {
-                path: path.clone(),
-                read_only: *read_only,
-            },
-        };
         let dev = fs::Fs::new(&fs::FsParams {
             tag: f.tag.clone(),
-            backend,
+            backend: f.backend.clone(),
             request_queues: f.request_queues,
         })
         .map_err(|e| DeviceError::setup(format!("--fs tag={}", f.tag), e))?;

@@ -12,7 +12,7 @@ use vessel_api::types::{
 use vessel_api::{ApiError, VmResources};
 use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
 use vessel_vmm::device_config::{
-    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, FsBackendConfig, FsConfig, NetConfig,
+    BalloonConfig, DeviceConfigs, DiskConfig, DiskFormat, FsBackend, FsConfig, NetConfig,
     Transport, VhostUserConfig, VhostUserKind, VsockConfig,
 };
 use vessel_vmm::{Payload, VmConfig, DEFAULT_CMDLINE};
@@ -178,8 +178,8 @@ pub fn resources_to_config_on(
 /// A `PUT /vessel/fs/{id}` device (checked by the API) as the core's virtio-fs device.
 fn fs_config(f: &FsDevice, transport: Transport) -> FsConfig {
     let backend = match (&f.socket, &f.shared_dir) {
-        (Some(socket), _) => FsBackendConfig::Socket(PathBuf::from(socket)),
-        (None, dir) => FsBackendConfig::Dir {
+        (Some(socket), _) => FsBackend::Socket(PathBuf::from(socket)),
+        (None, dir) => FsBackend::Dir {
             path: PathBuf::from(dir.as_deref().unwrap_or_default()),
             read_only: f.read_only,
         },
@@ -391,13 +391,13 @@ pub(crate) mod tests {
             vec![
                 FsConfig {
                     tag: "vutag".into(),
-                    backend: FsBackendConfig::Socket(sock_path.clone()),
+                    backend: FsBackend::Socket(sock_path.clone()),
                     request_queues: 1,
                     transport,
                 },
                 FsConfig {
                     tag: "share".into(),
-                    backend: FsBackendConfig::Dir {
+                    backend: FsBackend::Dir {
                         path: dir.clone(),
                         read_only: true,
                     },

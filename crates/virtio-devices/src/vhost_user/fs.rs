@@ -19,8 +19,9 @@ pub const TAG_MAX: usize = 36;
 /// The most request queues a device may have.
 pub const MAX_REQUEST_QUEUES: u16 = 16;
 
-/// Where the device's backend is.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Where the device's backend is (also the VM configuration's `--fs` backend).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum FsBackend {
     /// A vhost-user backend already listening on this socket.
     Socket(PathBuf),
