@@ -1188,13 +1188,14 @@ fn a_kata_shaped_configuration_runs() {
         .map(|n| n.trim().to_string())
         .collect();
     assert!(names.iter().any(|n| n == "fc_vcpu 0"), "{names:?}");
-    // The log FIFO has Firecracker's lines.
+    // The log FIFO has Firecracker's lines (read by another thread: give it time).
+    let patch_line = r#"The API server received a Patch request on "/drives/drive_0" with body"#;
+    let t = Instant::now();
+    while !log_out.lock().unwrap().contains(patch_line) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let logged = log_out.lock().unwrap().clone();
-    assert!(
-        logged
-            .contains(r#"The API server received a Patch request on "/drives/drive_0" with body"#),
-        "{logged}"
-    );
+    assert!(logged.contains(patch_line), "{logged}");
     // SIGTERM ends it.
     // SAFETY: kill sends a signal to our own child.
     unsafe { libc::kill(v.child.id() as i32, libc::SIGTERM) };
