@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use crate::error::ApiError;
+pub use crate::hotplug::PluggedDevice;
 use crate::resources::VmResources;
 use crate::types::*;
 
@@ -91,6 +92,26 @@ pub trait VmmBackend {
     /// Post-boot `PATCH /pmem/{id}` (rate limiter).
     fn update_pmem(&mut self, _update: &PartialPmem) -> Result<(), ApiError> {
         unsupported("updating a pmem device after boot")
+    }
+    /// Post-boot `PUT /drives/{id}`: hot-plugs the drive (a virtio-pci device). The API has
+    /// checked that the id is new, that it is not a root device, and the body as before boot;
+    /// on success it records the drive.
+    fn hotplug_drive(&mut self, _drive: &Drive) -> Result<(), ApiError> {
+        unsupported("hotplugging a drive")
+    }
+    /// Post-boot `PUT /network-interfaces/{id}`: hot-plugs the interface (as `hotplug_drive`).
+    fn hotplug_network_interface(&mut self, _iface: &NetworkInterface) -> Result<(), ApiError> {
+        unsupported("hotplugging a network interface")
+    }
+    /// Post-boot `PUT /pmem/{id}`: hot-plugs the pmem device (as `hotplug_drive`).
+    fn hotplug_pmem(&mut self, _pmem: &Pmem) -> Result<(), ApiError> {
+        unsupported("hotplugging a pmem device")
+    }
+    /// Post-boot `DELETE /drives|network-interfaces|pmem/{id}`: the guest is asked to release
+    /// the device, which is removed once it has. The API has checked that the device exists
+    /// and is not the root device; on success it forgets the device.
+    fn unplug(&mut self, _device: &PluggedDevice) -> Result<(), ApiError> {
+        unsupported("hot-unplugging a device")
     }
     /// Post-boot `GET /balloon`: the device's current configuration.
     fn balloon_config(&mut self) -> Result<Balloon, ApiError> {

@@ -16,6 +16,7 @@ use crate::metrics::Metrics;
 use crate::resources::VmResources;
 use crate::types::*;
 
+mod hotplug;
 mod pmem;
 
 /// The application name Firecracker clients expect in `GET /`.
@@ -171,8 +172,11 @@ impl ApiController {
         self.configure(|r| r.set_cpu_config(c))
     }
 
-    /// `PUT /drives/{id}` (pre-boot; hotplug is not supported).
+    /// `PUT /drives/{id}`: configures a drive before boot, hot-plugs one after.
     pub fn put_drive(&mut self, d: Drive) -> Result<(), ApiError> {
+        if self.hotplugs() {
+            return self.hotplug_drive(d);
+        }
         self.configure(|r| r.set_drive(d))
     }
 
@@ -186,8 +190,12 @@ impl ApiController {
         Ok(())
     }
 
-    /// `PUT /network-interfaces/{id}` (pre-boot).
+    /// `PUT /network-interfaces/{id}`: configures an interface before boot, hot-plugs one
+    /// after.
     pub fn put_network_interface(&mut self, n: NetworkInterface) -> Result<(), ApiError> {
+        if self.hotplugs() {
+            return self.hotplug_network_interface(n);
+        }
         self.configure(|r| r.set_network_interface(n))
     }
 

@@ -17,6 +17,8 @@ pub enum Method {
     Put,
     /// PATCH
     Patch,
+    /// DELETE (hot-unplug, as Firecracker 1.16).
+    Delete,
     /// Any other token.
     Other(String),
 }
@@ -27,6 +29,7 @@ impl Method {
             "GET" => Method::Get,
             "PUT" => Method::Put,
             "PATCH" => Method::Patch,
+            "DELETE" => Method::Delete,
             other => Method::Other(other.to_string()),
         }
     }
@@ -37,6 +40,7 @@ impl Method {
             Method::Get => "GET",
             Method::Put => "PUT",
             Method::Patch => "PATCH",
+            Method::Delete => "DELETE",
             Method::Other(s) => s,
         }
     }
@@ -425,6 +429,25 @@ mod tests {
         assert_eq!(r2.method, Method::Get);
         assert_eq!(r2.path(), "/");
         assert_eq!(n1 + n2, buf.len());
+    }
+
+    #[test]
+    fn methods_parse_and_print() {
+        let Ok(Parsed::Request(r, _)) =
+            parse_request(b"DELETE /drives/d1 HTTP/1.1\r\n\r\n", &lim())
+        else {
+            panic!("DELETE not parsed");
+        };
+        assert_eq!(r.method, Method::Delete);
+        assert_eq!(r.method.as_str(), "DELETE");
+        assert_eq!(r.path(), "/drives/d1");
+        assert!(r.body.is_empty());
+        for m in ["GET", "PUT", "PATCH", "DELETE", "POST"] {
+            assert_eq!(Method::parse(m).as_str(), m);
+        }
+        assert_eq!(Method::parse("POST"), Method::Other("POST".into()));
+        // Method tokens are case-sensitive.
+        assert_eq!(Method::parse("delete"), Method::Other("delete".into()));
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod error;
 pub mod fcconfig;
 pub mod fcmetrics;
 pub mod fs;
+pub mod hotplug;
 pub mod http;
 pub mod memory_hotplug;
 pub mod metrics;

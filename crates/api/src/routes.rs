@@ -136,6 +136,30 @@ fn patch<T: DeserializeOwned + Schema + 'static>(
     write(Method::Patch, path, operation_id, metric, None, h)
 }
 
+/// A bodiless DELETE of the resource the path's single parameter names (a valid id), as
+/// Firecracker's hot-unplug.
+fn delete(
+    path: &'static str,
+    operation_id: &'static str,
+    metric: &'static str,
+    h: fn(&mut ApiController, String) -> Result<(), ApiError>,
+) -> Route {
+    Route {
+        method: Method::Delete,
+        path,
+        operation_id,
+        request: None,
+        response: None,
+        metric,
+        handler: Box::new(move |c, params, _| {
+            let id = params.first().map(String::as_str).unwrap_or("");
+            check_id(id)?;
+            h(c, id.to_string())?;
+            Ok(Reply::Empty)
+        }),
+    }
+}
+
 /// Firecracker's id rule: non-empty, alphanumeric or `_`.
 pub fn check_id(id: &str) -> Result<(), ApiError> {
     if id.is_empty() {
@@ -198,6 +222,12 @@ fn build() -> Vec<Route> {
             Some(|d| &d.drive_id),
             |c, b| c.patch_drive(b),
         ),
+        delete(
+            "/drives/{drive_id}",
+            "deleteGuestDriveByID",
+            "drive",
+            |c, id| c.unplug_device(PluggedDevice::Drive(id)),
+        ),
         write::<NetworkInterface>(
             Put,
             "/network-interfaces/{iface_id}",
@@ -213,6 +243,12 @@ fn build() -> Vec<Route> {
             "network",
             Some(|n| &n.iface_id),
             |c, b| c.patch_network_interface(b),
+        ),
+        delete(
+            "/network-interfaces/{iface_id}",
+            "deleteGuestNetworkInterfaceByID",
+            "network",
+            |c, id| c.unplug_device(PluggedDevice::NetworkInterface(id)),
         ),
         write::<Pmem>(
             Put,
@@ -230,6 +266,9 @@ fn build() -> Vec<Route> {
             Some(|p| &p.id),
             |c, b| c.patch_pmem(b),
         ),
+        delete("/pmem/{id}", "deleteGuestPmemByID", "pmem", |c, id| {
+            c.unplug_device(PluggedDevice::Pmem(id))
+        }),
         put::<Vsock>("/vsock", "putGuestVsock", "vsock", |c, b| c.put_vsock(b)),
         put::<EntropyDevice>("/entropy", "putEntropyDevice", "entropy", |c, b| {
             c.put_entropy(b)
@@ -422,6 +461,7 @@ fn describe(req: &Request, path: &str) -> String {
         Method::Get => "Get",
         Method::Put => "Put",
         Method::Patch => "Patch",
+        Method::Delete => "Delete",
         Method::Other(m) => m.as_str(),
     };
     let plain = format!("{method} request on {path:?}");
@@ -471,6 +511,8 @@ fn route(
         (Method::Get, _, false) => Some("GET request cannot have a body."),
         (Method::Put, true, true) => Some("Empty PUT request."),
         (Method::Patch, true, true) => Some("Empty PATCH request."),
+        // Firecracker's words for a DELETE with a body.
+        (Method::Delete, _, false) => Some("Empty Delete request."),
         _ => None,
     };
     let result = match body_err {
@@ -562,6 +604,23 @@ mod tests {
                 assert_ne!(a.operation_id, b.operation_id);
             }
         }
+    }
+
+    #[test]
+    fn deletes_are_routed_by_id_and_counted_with_their_put() {
+        for (path, param) in [
+            ("/drives/d1", "d1"),
+            ("/network-interfaces/eth1", "eth1"),
+            ("/pmem/p1", "p1"),
+        ] {
+            let (i, params) = find(&Method::Delete, path).unwrap();
+            assert_eq!(params, [param]);
+            let (put, _) = find(&Method::Put, path).unwrap();
+            assert_eq!(table()[i].metric, table()[put].metric, "{path}");
+            assert_eq!((table()[i].request, table()[i].response), (None, None));
+        }
+        assert!(find(&Method::Delete, "/balloon").is_none());
+        assert!(find(&Method::Delete, "/drives").is_none());
     }
 
     #[test]

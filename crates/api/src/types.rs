@@ -59,6 +59,7 @@ schema! {
 }
 
 pub use crate::fs::FsDevice;
+pub use crate::hotplug::PluggedDevice;
 pub use crate::memory_hotplug::{
     MemoryHotplugConfig, MemoryHotplugSizeUpdate, MemoryHotplugStatus,
 };

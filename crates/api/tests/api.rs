@@ -27,6 +27,14 @@ impl Mock {
     fn log(&self, s: &str) {
         self.calls.lock().unwrap().push(s.to_string());
     }
+
+    fn plug(&self, what: &str, id: &str) -> Result<(), ApiError> {
+        if id.starts_with("refused") {
+            return Err(ApiError::bad(format!("{what}: the VMM refused {id}")));
+        }
+        self.log(&format!("{what} {id}"));
+        Ok(())
+    }
 }
 
 impl VmmBackend for Mock {
@@ -83,6 +91,23 @@ impl VmmBackend for Mock {
     }
     fn update_pmem(&mut self, u: &PartialPmem) -> Result<(), ApiError> {
         self.log(&format!("update_pmem {}", u.id));
+        Ok(())
+    }
+    // Hot-plugs fail for ids starting with `refused`, hot-unplugs for ids starting with `busy`.
+    fn hotplug_drive(&mut self, d: &Drive) -> Result<(), ApiError> {
+        self.plug("hotplug_drive", &d.drive_id)
+    }
+    fn hotplug_network_interface(&mut self, n: &NetworkInterface) -> Result<(), ApiError> {
+        self.plug("hotplug_network_interface", &n.iface_id)
+    }
+    fn hotplug_pmem(&mut self, p: &Pmem) -> Result<(), ApiError> {
+        self.plug("hotplug_pmem", &p.id)
+    }
+    fn unplug(&mut self, d: &PluggedDevice) -> Result<(), ApiError> {
+        if d.id().starts_with("busy") {
+            return Err(ApiError::Internal(format!("{} is still in use", d.id())));
+        }
+        self.log(&format!("unplug {d:?}"));
         Ok(())
     }
     fn balloon_config(&mut self) -> Result<Balloon, ApiError> {
@@ -206,6 +231,7 @@ fn pattern(method: &str, path: &str) -> Option<&'static str> {
         "GET" => vessel_api::http::Method::Get,
         "PUT" => vessel_api::http::Method::Put,
         "PATCH" => vessel_api::http::Method::Patch,
+        "DELETE" => vessel_api::http::Method::Delete,
         _ => return None,
     };
     routes::find(&m, path).map(|(i, _)| routes::table()[i].path)
@@ -384,6 +410,10 @@ fn every_endpoint_before_and_after_start() {
             400,
             400,
         ),
+        // Hot-unplug: refused before start; after, the root device and unknown ids.
+        ("DELETE", "/drives/rootfs", None, 400, 400),
+        ("DELETE", "/pmem/nope", None, 400, 400),
+        ("DELETE", "/network-interfaces/nope", None, 400, 400),
         (
             "PUT",
             "/vsock",
@@ -906,9 +936,21 @@ fn bad_bodies_get_firecracker_errors() {
         ),
         (
             "DELETE",
+            "/balloon",
+            None,
+            "Invalid request method and/or path: DELETE /balloon.",
+        ),
+        (
+            "POST",
             "/drives/x",
             None,
-            "Invalid request method and/or path: DELETE /drives/x.",
+            "Invalid request method and/or path: POST /drives/x.",
+        ),
+        (
+            "DELETE",
+            "/pmem/x",
+            Some("{}"),
+            "Empty Delete request.",
         ),
         (
             "GET",
@@ -1419,10 +1461,15 @@ fn pmem_api_follows_firecracker() {
         Some(json!({"action_type": "InstanceStart"})),
     );
     assert_eq!(r.status, 204, "{}", r.text());
-    // After boot: no more devices; rate limiter patches, whole or in part.
+    // After boot: a PUT of a configured id is no hot-plug; rate limiter patches, whole or
+    // in part.
     assert_eq!(
-        put(&mut c, "pmem", json!({"id": "pmem", "path_on_host": data})).status,
-        400
+        fault(put(
+            &mut c,
+            "pmem",
+            json!({"id": "pmem", "path_on_host": data})
+        )),
+        "Device ID in use"
     );
     for body in [
         json!({"id": "pmem0", "rate_limiter": {"bandwidth": {"size": 5000, "refill_time": 100}, "ops": {"size": 500, "refill_time": 100}}}),
@@ -1567,4 +1614,304 @@ fn memory_hotplug_is_checked_as_firecracker_checks_it() {
             "The requested operation is not supported after starting the microVM.".into()
         )
     );
+}
+
+/// Firecracker 1.16's device hotplug: after InstanceStart, `PUT` on `/drives`,
+/// `/network-interfaces` and `/pmem` hot-plugs a device and `DELETE` hot-unplugs one, and
+/// `GET /vm/config` follows what the VMM did.
+#[test]
+fn devices_hotplug_and_unplug_after_start() {
+    let env = Env::new();
+    let mut c = env.client();
+    let data = env.p("data.img");
+    let fault = |r: ClientResponse| {
+        assert_eq!(r.status, 400, "{}", r.text());
+        r.json()["fault_message"].as_str().unwrap().to_string()
+    };
+    let ok = |r: ClientResponse| assert_eq!(r.status, 204, "{}", r.text());
+    let drive = |id: &str, root: bool| json!({"drive_id": id, "path_on_host": data, "is_root_device": root, "is_read_only": false});
+    let net = |id: &str, tap: &str, mac: &str| json!({"iface_id": id, "host_dev_name": tap, "guest_mac": mac});
+    let pmem = |id: &str, root: bool| json!({"id": id, "path_on_host": data, "root_device": root});
+    let ids = |c: &mut Client, key: &str, field: &str| -> Vec<String> {
+        let cfg = env.call(c, "GET", "/vm/config", None).json();
+        cfg[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[field].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    // Before boot: PUTs configure, DELETEs are refused.
+    ok(env.call(
+        &mut c,
+        "PUT",
+        "/boot-source",
+        Some(json!({"kernel_image_path": env.p("vmlinux")})),
+    ));
+    ok(env.call(&mut c, "PUT", "/drives/rootfs", Some(drive("rootfs", true))));
+    ok(env.call(&mut c, "PUT", "/drives/busy", Some(drive("busy", false))));
+    ok(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(net("eth0", "tap0", "06:00:00:00:00:01")),
+    ));
+    ok(env.call(&mut c, "PUT", "/pmem/pm0", Some(pmem("pm0", false))));
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/busy", None)),
+        "The requested operation is not supported before starting the microVM."
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/pmem/pm0", None)),
+        "The requested operation is not supported before starting the microVM."
+    );
+    ok(env.call(
+        &mut c,
+        "PUT",
+        "/actions",
+        Some(json!({"action_type": "InstanceStart"})),
+    ));
+
+    // Hot-plug: an id in use, a root device, a body that fails the pre-boot checks and a
+    // VMM that fails are refused, and change nothing.
+    let e = fault(env.call(&mut c, "PUT", "/drives/rootfs", Some(drive("rootfs", true))));
+    assert_eq!(e, "Device ID in use");
+    let e = fault(env.call(&mut c, "PUT", "/drives/busy", Some(drive("busy", false))));
+    assert_eq!(e, "Device ID in use");
+    let e = fault(env.call(&mut c, "PUT", "/drives/disk1", Some(drive("disk1", true))));
+    assert_eq!(e, "Drive config error: A root block device already exists!");
+    let mut missing = drive("disk1", false);
+    missing["path_on_host"] = json!("/nonexistent/disk1.img");
+    let e = fault(env.call(&mut c, "PUT", "/drives/disk1", Some(missing)));
+    assert!(e.starts_with("Drive config error:"), "{e}");
+    let e = fault(env.call(
+        &mut c,
+        "PUT",
+        "/drives/refused1",
+        Some(drive("refused1", false)),
+    ));
+    assert_eq!(e, "hotplug_drive: the VMM refused refused1");
+    assert_eq!(ids(&mut c, "drives", "drive_id"), ["rootfs", "busy"]);
+
+    let e = fault(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(net("eth0", "tap9", "06:00:00:00:00:09")),
+    ));
+    assert_eq!(e, "Device ID in use");
+    let e = fault(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(net("eth1", "tap1", "06:00:00:00:00:01")),
+    ));
+    assert!(e.contains("The MAC address is already in use"), "{e}");
+    let e = fault(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/refused",
+        Some(net("refused", "tap7", "06:00:00:00:00:07")),
+    ));
+    assert_eq!(e, "hotplug_network_interface: the VMM refused refused");
+    assert_eq!(ids(&mut c, "network-interfaces", "iface_id"), ["eth0"]);
+
+    let e = fault(env.call(&mut c, "PUT", "/pmem/pm0", Some(pmem("pm0", false))));
+    assert_eq!(e, "Device ID in use");
+    let e = fault(env.call(&mut c, "PUT", "/pmem/pm1", Some(pmem("pm1", true))));
+    assert_eq!(
+        e,
+        "Pmem config error: Attempt to add pmem as a root device while the root device defined as a block device"
+    );
+    let e = fault(env.call(&mut c, "PUT", "/pmem/refused", Some(pmem("refused", false))));
+    assert_eq!(e, "hotplug_pmem: the VMM refused refused");
+    assert_eq!(ids(&mut c, "pmem", "id"), ["pm0"]);
+
+    // Hot-plugs that succeed reach the VMM and show in GET /vm/config.
+    ok(env.call(&mut c, "PUT", "/drives/disk1", Some(drive("disk1", false))));
+    ok(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/eth1",
+        Some(net("eth1", "tap1", "06:00:00:00:00:02")),
+    ));
+    ok(env.call(&mut c, "PUT", "/pmem/pm1", Some(pmem("pm1", false))));
+    // While paused too.
+    ok(env.call(&mut c, "PATCH", "/vm", Some(json!({"state": "Paused"}))));
+    ok(env.call(&mut c, "PUT", "/drives/disk2", Some(drive("disk2", false))));
+    ok(env.call(&mut c, "PATCH", "/vm", Some(json!({"state": "Resumed"}))));
+    assert_eq!(
+        ids(&mut c, "drives", "drive_id"),
+        ["rootfs", "busy", "disk1", "disk2"]
+    );
+    assert_eq!(
+        ids(&mut c, "network-interfaces", "iface_id"),
+        ["eth0", "eth1"]
+    );
+    assert_eq!(ids(&mut c, "pmem", "id"), ["pm0", "pm1"]);
+    let e = fault(env.call(&mut c, "PUT", "/drives/disk1", Some(drive("disk1", false))));
+    assert_eq!(e, "Device ID in use");
+
+    // Hot-unplug: unknown ids, the root device, bad ids, a body and a VMM that fails are
+    // refused, and change nothing.
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/nope", None)),
+        "Device not found"
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/pm0", None)),
+        "Device not found",
+        "a pmem id is no drive id"
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/network-interfaces/nope", None)),
+        "Device not found"
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/pmem/nope", None)),
+        "Device not found"
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/rootfs", None)),
+        "Cannot unplug root device"
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/a-b", None)),
+        "API Resource IDs can only contain alphanumeric characters and underscores."
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives", None)),
+        "The ID cannot be empty."
+    );
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/disk1", Some(json!({})))),
+        "Empty Delete request."
+    );
+    let r = env.call(&mut c, "DELETE", "/drives/busy", None);
+    assert_eq!(r.status, 500, "{}", r.text());
+    assert_eq!(
+        r.json()["fault_message"],
+        "Internal VMM error: busy is still in use"
+    );
+    assert_eq!(
+        ids(&mut c, "drives", "drive_id"),
+        ["rootfs", "busy", "disk1", "disk2"]
+    );
+
+    // Unplugs that succeed reach the VMM and leave GET /vm/config.
+    ok(env.call(&mut c, "DELETE", "/drives/disk1", None));
+    ok(env.call(&mut c, "DELETE", "/network-interfaces/eth0", None));
+    ok(env.call(&mut c, "DELETE", "/pmem/pm0", None));
+    assert_eq!(
+        ids(&mut c, "drives", "drive_id"),
+        ["rootfs", "busy", "disk2"]
+    );
+    assert_eq!(ids(&mut c, "network-interfaces", "iface_id"), ["eth1"]);
+    assert_eq!(ids(&mut c, "pmem", "id"), ["pm1"]);
+    assert_eq!(
+        fault(env.call(&mut c, "DELETE", "/drives/disk1", None)),
+        "Device not found"
+    );
+    // The id is free again: the device can come back.
+    ok(env.call(&mut c, "PUT", "/drives/disk1", Some(drive("disk1", false))));
+    assert_eq!(
+        ids(&mut c, "drives", "drive_id"),
+        ["rootfs", "busy", "disk2", "disk1"]
+    );
+
+    let calls = env.calls.lock().unwrap().clone();
+    let hot: Vec<&str> = calls
+        .iter()
+        .map(String::as_str)
+        .filter(|c| c.starts_with("hotplug_") || c.starts_with("unplug"))
+        .collect();
+    assert_eq!(
+        hot,
+        [
+            "hotplug_drive disk1",
+            "hotplug_network_interface eth1",
+            "hotplug_pmem pm1",
+            "hotplug_drive disk2",
+            "unplug Drive(\"disk1\")",
+            "unplug NetworkInterface(\"eth0\")",
+            "unplug Pmem(\"pm0\")",
+            "hotplug_drive disk1",
+        ]
+    );
+    // DELETEs count under their PUT's metric (Prometheus; Firecracker's line has no DELETE
+    // group).
+    let prom = env.call(&mut c, "GET", "/vessel/metrics", None).text();
+    assert!(
+        prom.contains("vessel_api_requests_total{method=\"DELETE\",path=\"/drives/{drive_id}\"} 9"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains(
+            "vessel_api_request_failures_total{method=\"DELETE\",path=\"/drives/{drive_id}\"} 8"
+        ),
+        "{prom}"
+    );
+}
+
+/// A VMM without hotplug answers the defaults, and the configuration does not change.
+#[test]
+fn a_vmm_without_hotplug_refuses_it() {
+    struct Bare;
+    impl VmmBackend for Bare {
+        fn start(&mut self, _: &VmResources) -> Result<(), ApiError> {
+            Ok(())
+        }
+    }
+    let env = Env::new();
+    let data = env.p("data.img");
+    let mut ctl = ApiController::new(Box::new(Bare), "vm1", "1.7.0");
+    ctl.put_boot_source(
+        serde_json::from_value(json!({"kernel_image_path": env.p("vmlinux")})).unwrap(),
+    )
+    .unwrap();
+    ctl.put_drive(
+        serde_json::from_value(json!({"drive_id": "d0", "path_on_host": data, "is_root_device": false, "is_read_only": true}))
+            .unwrap(),
+    )
+    .unwrap();
+    ctl.start().unwrap();
+    let e = ctl
+        .put_drive(
+            serde_json::from_value(json!({"drive_id": "d1", "path_on_host": data, "is_root_device": false, "is_read_only": true}))
+                .unwrap(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "The requested operation is not supported: hotplugging a drive"
+    );
+    let e = ctl
+        .put_network_interface(
+            serde_json::from_value(json!({"iface_id": "eth0", "host_dev_name": "tap0"})).unwrap(),
+        )
+        .unwrap_err();
+    assert_eq!(
+        e,
+        ApiError::Unsupported("hotplugging a network interface".into())
+    );
+    let e = ctl
+        .put_pmem(serde_json::from_value(json!({"id": "p", "path_on_host": data})).unwrap())
+        .unwrap_err();
+    assert_eq!(e, ApiError::Unsupported("hotplugging a pmem device".into()));
+    let e = ctl
+        .unplug_device(PluggedDevice::Drive("d0".into()))
+        .unwrap_err();
+    assert_eq!(e, ApiError::Unsupported("hot-unplugging a device".into()));
+    let r = ctl.resources();
+    assert_eq!(
+        r.drives
+            .iter()
+            .map(|d| d.drive_id.as_str())
+            .collect::<Vec<_>>(),
+        ["d0"]
+    );
+    assert!(r.network_interfaces.is_empty() && r.pmem.is_empty());
+    // The type is reachable from the backend module too.
+    let _: vessel_api::backend::PluggedDevice = PluggedDevice::Pmem("p".into());
 }

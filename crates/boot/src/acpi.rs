@@ -5,8 +5,10 @@
 //! the BIOS area (0xe0000..1 MiB, e820-reserved), where Linux also scans for the RSDP.
 
 use acpi_tables::aml::{
-    self, AddressSpaceCacheable, Arg, Device, EISAName, Equal, If, Interrupt, Memory32Fixed,
-    Method, Name, Notify, Package, Path, ResourceTemplate, Return, IO,
+    self, AddressSpaceCacheable, And, Arg, Device, EISAName, Equal, Field, FieldAccessType,
+    FieldEntry, FieldLockRule, FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method,
+    MethodCall, Name, NotEqual, Notify, OpRegion, OpRegionSpace, Package, Path, ResourceTemplate,
+    Return, Store, Zero, IO,
 };
 use acpi_tables::facs::FACS;
 use acpi_tables::fadt::{FADTBuilder, Flags};
@@ -106,6 +108,10 @@ pub struct PlatformDevices {
     pub pci: bool,
     /// The VM generation ID device.
     pub vmgenid: Option<VmGenIdInfo>,
+    /// ACPI PCI hotplug on the host bridge's bus (with `pci`): one ejectable slot object
+    /// per slot, the hotplug controller's registers at [`ports::PCI_HOTPLUG`], and the
+    /// generic event device on this GSI telling the guest to look at them.
+    pub pci_hotplug: Option<u32>,
     /// The guest boots through firmware (SeaBIOS, OVMF), as on a PC: full ACPI (the FADT
     /// points at the PM1 blocks and PM timer at [`ports::ACPI_PM1_EVT`], and at a FACS), and
     /// the host bridge's 32-bit window is the whole MMIO gap below the IO-APIC, where the
@@ -400,7 +406,7 @@ fn mcfg() -> Vec<u8> {
 
 /// The PCI host bridge (`PNP0A08`, compatible with `PNP0A03`) on bus 0 with its windows, and a
 /// motherboard-resource device reserving the ECAM range (Linux checks it before using MCFG).
-fn pci_devices(firmware: bool, out: &mut Vec<u8>) {
+fn pci_devices(firmware: bool, hotplug: bool, out: &mut Vec<u8>) {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &0u8);
@@ -429,9 +435,14 @@ fn pci_devices(firmware: bool, out: &mut Vec<u8>) {
     );
     let crs = ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &mem32]);
     let crs = Name::new("_CRS".into(), &crs);
+    let slots = RawAml(if hotplug {
+        pci_hotplug_slots()
+    } else {
+        Vec::new()
+    });
     Device::new(
         "PCI0".into(),
-        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs],
+        vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &slots],
     )
     .to_aml_bytes(out);
 
@@ -446,6 +457,69 @@ fn pci_devices(firmware: bool, out: &mut Vec<u8>) {
     Device::new("MRES".into(), vec![&hid, &uid, &crs]).to_aml_bytes(out);
 }
 
+/// Slot `n`'s device object in `\_SB_.PCI0`.
+fn slot_name(slot: u8) -> String {
+    format!("S{slot:02X}_")
+}
+
+/// What ACPI PCI hotplug adds inside `\_SB_.PCI0` (what Linux's `acpiphp` drives):
+/// - the controller's registers: `PCIU` (slots with a new device) and `PCID` (slots whose
+///   device the guest is asked to eject), each cleared by the VMM when read, and `B0EJ`;
+/// - `S01_`..`S1F_`, one per slot, with `_ADR`, `_SUN` and `_EJ0`, which writes the slot's bit
+///   to `B0EJ` once the guest has let go of the device (the VMM then removes it);
+/// - `PCNT`, run by the generic event device: a bus check (`Notify 1`) on each slot in
+///   `PCIU`, and an eject request (`Notify 3`) on each slot in `PCID`.
+fn pci_hotplug_slots() -> Vec<u8> {
+    let mut out = Vec::new();
+    let port = usize::from(ports::PCI_HOTPLUG);
+    let len = ports::PCI_HOTPLUG_LEN as usize;
+    OpRegion::new("PCST".into(), OpRegionSpace::SystemIO, &port, &len).to_aml_bytes(&mut out);
+    Field::new(
+        "PCST".into(),
+        FieldAccessType::DWord,
+        FieldLockRule::NoLock,
+        FieldUpdateRule::WriteAsZeroes,
+        vec![
+            FieldEntry::Named(*b"PCIU", 32),
+            FieldEntry::Named(*b"PCID", 32),
+            FieldEntry::Named(*b"B0EJ", 32),
+        ],
+    )
+    .to_aml_bytes(&mut out);
+    let b0ej = Path::new("B0EJ");
+    for slot in 1..PCI_SLOTS {
+        let adr = Name::new("_ADR".into(), &(u32::from(slot) << 16));
+        let sun = Name::new("_SUN".into(), &u32::from(slot));
+        let bit = 1u32 << slot;
+        let eject = Store::new(&b0ej, &bit);
+        let ej0 = Method::new("_EJ0".into(), 1, false, vec![&eject]);
+        Device::new(slot_name(slot).as_str().into(), vec![&adr, &sun, &ej0]).to_aml_bytes(&mut out);
+    }
+    let (up, down) = (Local(0), Local(1));
+    let (pciu, pcid) = (Path::new("PCIU"), Path::new("PCID"));
+    let read_up = Store::new(&up, &pciu);
+    let read_down = Store::new(&down, &pcid);
+    let mut body: Vec<Vec<u8>> = Vec::new();
+    for slot in 1..PCI_SLOTS {
+        let bit = 1u32 << slot;
+        let target = Path::new(slot_name(slot).as_str());
+        for (set, kind) in [(&up, 1u8), (&down, 3u8)] {
+            let hit = And::new(&Zero {}, set, &bit);
+            let hit = NotEqual::new(&hit, &Zero {});
+            let notify = Notify::new(&target, &kind);
+            body.push(bytes_of(&If::new(&hit, vec![&notify])));
+        }
+    }
+    let body: Vec<RawAml> = body.into_iter().map(RawAml).collect();
+    let mut children: Vec<&dyn Aml> = vec![&read_up, &read_down];
+    children.extend(body.iter().map(|b| b as &dyn Aml));
+    Method::new("PCNT".into(), 0, true, children).to_aml_bytes(&mut out);
+    out
+}
+
+/// Slots of bus 0 (slot 0 is the host bridge).
+const PCI_SLOTS: u8 = 32;
+
 /// One `LNRO0005` device per virtio-mmio window.
 fn virtio_mmio_devices(devices: &[MmioDeviceInfo], out: &mut Vec<u8>) {
     for (i, d) in devices.iter().enumerate() {
@@ -458,9 +532,8 @@ fn virtio_mmio_devices(devices: &[MmioDeviceInfo], out: &mut Vec<u8>) {
     }
 }
 
-/// The VM generation ID device `\_SB_.VGEN` and the generic event device `\_SB_.GED_`
-/// whose interrupt notifies it (see [`VmGenIdInfo`]).
-fn vmgenid_devices(v: &VmGenIdInfo, out: &mut Vec<u8>) {
+/// The VM generation ID device `\_SB_.VGEN` (see [`VmGenIdInfo`]).
+fn vmgenid_device(v: &VmGenIdInfo, out: &mut Vec<u8>) {
     let hid = Name::new("_HID".into(), &"VMGENCTR");
     let cid = Name::new("_CID".into(), &"VM_Gen_Counter");
     let ddn = Name::new("_DDN".into(), &"VM_Gen_Counter");
@@ -469,16 +542,31 @@ fn vmgenid_devices(v: &VmGenIdInfo, out: &mut Vec<u8>) {
     let ret = Return::new(&pkg);
     let addr = Method::new("ADDR".into(), 0, false, vec![&ret]);
     Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]).to_aml_bytes(out);
+}
 
+/// The generic event device `\_SB_.GED_` (`ACPI0013`; the platform is hardware-reduced:
+/// no SCI, no GPE block): each edge on `gsi` runs `_EVT`, which sends `Notify(VGEN, 0x80)`
+/// (the VM generation ID may have changed) and runs `\_SB_.PCI0.PCNT` (the PCI slots may
+/// have changed), for the devices the VM has. Both are harmless when nothing changed: the
+/// `vmgenid` driver compares the ID, and `PCNT` finds no bits set.
+fn generic_event_device(gsi: u32, vmgenid: bool, pci_hotplug: bool, out: &mut Vec<u8>) {
     let hid = Name::new("_HID".into(), &"ACPI0013");
     let uid = Name::new("_UID".into(), &0u8);
-    let irq = Interrupt::new(true, true, false, false, v.irq);
+    let irq = Interrupt::new(true, true, false, false, gsi);
     let crs = Name::new("_CRS".into(), &ResourceTemplate::new(vec![&irq]));
     // Linux's evged runs `_EVT(GSI)` for each interrupt of `_CRS`.
-    let target = Path::new("\\_SB_.VGEN");
-    let notify = Notify::new(&target, &0x80u8);
-    let gsi = Equal::new(&Arg(0), &v.irq);
-    let when = If::new(&gsi, vec![&notify]);
+    let vgen = Path::new("\\_SB_.VGEN");
+    let notify = Notify::new(&vgen, &0x80u8);
+    let pcnt = MethodCall::new("\\_SB_.PCI0.PCNT".into(), vec![]);
+    let mut actions: Vec<&dyn Aml> = Vec::new();
+    if vmgenid {
+        actions.push(&notify);
+    }
+    if pci_hotplug {
+        actions.push(&pcnt);
+    }
+    let ours = Equal::new(&Arg(0), &gsi);
+    let when = If::new(&ours, actions);
     let evt = Method::new("_EVT".into(), 1, false, vec![&when]);
     Device::new("GED_".into(), vec![&hid, &uid, &crs, &evt]).to_aml_bytes(out);
 }
@@ -521,11 +609,21 @@ fn dsdt(devices: &PlatformDevices) -> Vec<u8> {
 
     let mut extra = Vec::new();
     virtio_mmio_devices(&devices.virtio_mmio, &mut extra);
+    let hotplug = devices.pci_hotplug.filter(|_| devices.pci);
     if devices.pci {
-        pci_devices(devices.firmware, &mut extra);
+        pci_devices(devices.firmware, hotplug.is_some(), &mut extra);
     }
     if let Some(v) = &devices.vmgenid {
-        vmgenid_devices(v, &mut extra);
+        vmgenid_device(v, &mut extra);
+    }
+    // One generic event device, on the VM generation ID's interrupt when there is one.
+    if let Some(gsi) = devices.vmgenid.map(|v| v.irq).or(hotplug) {
+        generic_event_device(
+            gsi,
+            devices.vmgenid.is_some(),
+            hotplug.is_some(),
+            &mut extra,
+        );
     }
     let extra = RawAml(extra);
     aml::Scope::new("\\_SB_".into(), vec![&com1, &kbd, &rtc, &extra]).to_aml_bytes(&mut body);
@@ -774,6 +872,7 @@ mod tests {
             ],
             pci: true,
             vmgenid: None,
+            pci_hotplug: None,
             firmware: false,
         };
         let all = tables(&mem, create_acpi_tables(&mem, 2, &devices).unwrap());
@@ -946,6 +1045,76 @@ mod tests {
         let plain = dsdt(&PlatformDevices::default());
         assert!(!contains(&plain, b"VMGENCTR"));
         assert!(!contains(&plain, b"ACPI0013"));
+    }
+
+    #[test]
+    fn pci_hotplug_slots_controller_and_the_event_that_scans_them() {
+        let devices = PlatformDevices {
+            pci: true,
+            pci_hotplug: Some(ports::GED_IRQ),
+            ..Default::default()
+        };
+        let d = dsdt(&devices);
+        if let Ok(path) = std::env::var("VESSEL_DUMP_DSDT") {
+            std::fs::write(path, &d).unwrap();
+        }
+        let pci0 = device_body(&d, b"PCI0");
+        // OperationRegion(PCST, SystemIO, PCI_HOTPLUG, 12).
+        let mut region = vec![0x5b, 0x80];
+        region.extend_from_slice(b"PCST");
+        region.extend_from_slice(&[0x01, 0x0b]);
+        region.extend_from_slice(&ports::PCI_HOTPLUG.to_le_bytes());
+        region.extend_from_slice(&[0x0a, ports::PCI_HOTPLUG_LEN as u8]);
+        assert!(contains(pci0, &region));
+        for name in [b"PCIU", b"PCID", b"B0EJ"] {
+            assert!(contains(pci0, name), "{}", String::from_utf8_lossy(name));
+        }
+        // S01..S1F: _ADR slot << 16, _SUN slot, and _EJ0 writing the slot's bit to B0EJ.
+        for slot in 1u8..32 {
+            let name = slot_name(slot);
+            let body = device_body(pci0, name.as_bytes().try_into().unwrap());
+            let adr = body.windows(4).position(|w| w == b"_ADR").expect("_ADR");
+            assert_eq!(integer(&body[adr + 4..]).0, u64::from(slot) << 16, "{name}");
+            let sun = body.windows(4).position(|w| w == b"_SUN").expect("_SUN");
+            assert_eq!(integer(&body[sun + 4..]).0, u64::from(slot), "{name}");
+            let ej0 = body.windows(4).position(|w| w == b"_EJ0").expect("_EJ0");
+            // Method flags (1 argument), StoreOp, the bit, B0EJ.
+            assert_eq!(&body[ej0 + 4..ej0 + 6], &[0x01, 0x70], "{name}");
+            let (bit, n) = integer(&body[ej0 + 6..]);
+            assert_eq!(bit, 1 << slot, "{name}");
+            assert_eq!(&body[ej0 + 6 + n..ej0 + 10 + n], b"B0EJ", "{name}");
+        }
+        // PCNT notifies each slot: a bus check (1) from PCIU, an eject request (3) from PCID.
+        let pcnt = pci0.windows(4).position(|w| w == b"PCNT").expect("PCNT");
+        let pcnt = &pci0[pcnt..];
+        for slot in 1u8..32 {
+            for kind in [1u8, 3] {
+                let mut notify = vec![0x86];
+                notify.extend_from_slice(slot_name(slot).as_bytes());
+                // OneOp, or BytePrefix 3.
+                notify.extend_from_slice(if kind == 1 { &[0x01][..] } else { &[0x0a, 3] });
+                assert!(contains(pcnt, &notify), "Notify(S{slot:02X}, {kind})");
+            }
+        }
+        // The generic event device runs it; there is no VM generation ID to notify.
+        let ged = device_body(&d, b"GED_");
+        // MethodCall: RootChar, MultiNamePrefix, 3 segments.
+        assert!(contains(ged, b"\\/\x03_SB_PCI0PCNT"));
+        assert!(!contains(ged, b"VGEN"));
+        // Without hotplug (or without a PCI bus) none of it is there.
+        for devices in [
+            PlatformDevices {
+                pci: true,
+                ..Default::default()
+            },
+            PlatformDevices {
+                pci_hotplug: Some(ports::GED_IRQ),
+                ..Default::default()
+            },
+        ] {
+            let d = dsdt(&devices);
+            assert!(!contains(&d, b"PCNT") && !contains(&d, b"ACPI0013"));
+        }
     }
 
     #[test]

@@ -134,6 +134,12 @@ pub mod ports {
     /// The ACPI generic event device's interrupt (edge-triggered, active high): its `_EVT`
     /// tells the guest that the VM generation ID changed.
     pub const GED_IRQ: u32 = 3;
+    /// The PCI hotplug controller's registers (`vmm::pci_hotplug`, described in the DSDT):
+    /// slots with a new device (32 bits), slots whose device the guest is asked to eject
+    /// (32 bits), and the eject register the guest's `_EJ0` writes (32 bits). QEMU's PIIX4
+    /// puts its own at this port.
+    pub const PCI_HOTPLUG: u16 = 0xae00;
+    pub const PCI_HOTPLUG_LEN: u64 = 12;
     /// GSIs from here on are MSI routes (above the 24 IO-APIC pins).
     pub const MSI_GSI_START: u32 = 24;
 }

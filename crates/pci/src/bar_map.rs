@@ -48,6 +48,18 @@ impl BarMap {
         });
     }
 
+    /// Unmaps every BAR of the function in `slot`; returns (BAR, where it was) for each.
+    pub fn remove(&self, slot: u8) -> Vec<(u8, u64)> {
+        let mut bars = self.bars.write().unwrap_or_else(PoisonError::into_inner);
+        let gone = bars
+            .iter()
+            .filter(|m| m.slot == slot)
+            .map(|m| (m.bar, m.base))
+            .collect();
+        bars.retain(|m| m.slot != slot);
+        gone
+    }
+
     /// Follows a move the guest made; false when that BAR is not mapped here.
     pub fn moved(&self, r: &BarReprogram) -> bool {
         let mut bars = self.bars.write().unwrap_or_else(PoisonError::into_inner);

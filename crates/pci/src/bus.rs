@@ -209,6 +209,15 @@ impl PciBus {
         }
     }
 
+    /// Takes the function out of `slot` (1..=31; the host bridge stays): the slot reads
+    /// all-ones from now on.
+    pub fn remove_device(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        if slot == 0 {
+            return None;
+        }
+        self.slots.get_mut(usize::from(slot))?.take()
+    }
+
     pub fn device(&self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         self.slots.get(usize::from(slot)).cloned().flatten()
     }

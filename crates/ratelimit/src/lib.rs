@@ -294,6 +294,11 @@ impl fmt::Debug for RateLimiter {
 }
 
 impl RateLimiter {
+    /// Whether `other` is this limiter (a clone of it), not just one with the same limits.
+    pub fn same(&self, other: &RateLimiter) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// A limiter on the host's monotonic clock.
     pub fn new(config: &RateLimiterConfig) -> io::Result<RateLimiter> {
         RateLimiter::with_clock(config, Arc::new(MonotonicClock::default()))

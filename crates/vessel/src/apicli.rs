@@ -1,7 +1,9 @@
 //! `vessel api --sock PATH COMMAND`: a small client for people, talking to a running VM's
 //! API socket (Vessel's or Firecracker's): status, start, pause, resume, ctrl-alt-del,
 //! poweroff, snapshot create/load, balloon show/set/stats, hotpluggable memory show/set,
-//! metrics, and raw get/put/patch.
+//! device hotplug (add-disk/remove-disk, add-net/remove-net, add-pmem/remove-pmem: a `PUT`
+//! after boot hot-plugs, a `DELETE` hot-unplugs once the guest has released the device),
+//! metrics, and raw get/put/patch/delete.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -58,6 +60,51 @@ enum ApiCommand {
         #[command(subcommand)]
         command: MemoryCommand,
     },
+    /// Hot-plug a disk into the running VM (PUT /drives/ID; a virtio-pci block device).
+    AddDisk {
+        /// The drive's id.
+        id: String,
+        /// Its backing file.
+        path: String,
+        /// Attach it read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Hot-unplug a disk (DELETE /drives/ID): the guest is asked to release it.
+    RemoveDisk {
+        /// The drive's id.
+        id: String,
+    },
+    /// Hot-plug a network interface (PUT /network-interfaces/ID; a virtio-pci net device).
+    AddNet {
+        /// The interface's id.
+        id: String,
+        /// The host TAP device.
+        tap: String,
+        /// The guest's MAC address (xx:xx:xx:xx:xx:xx).
+        #[arg(long)]
+        mac: Option<String>,
+    },
+    /// Hot-unplug a network interface (DELETE /network-interfaces/ID).
+    RemoveNet {
+        /// The interface's id.
+        id: String,
+    },
+    /// Hot-plug a pmem device (PUT /pmem/ID; a virtio-pci pmem device).
+    AddPmem {
+        /// The device's id.
+        id: String,
+        /// Its backing file.
+        path: String,
+        /// Map it read-only.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// Hot-unplug a pmem device (DELETE /pmem/ID).
+    RemovePmem {
+        /// The device's id.
+        id: String,
+    },
     /// Start the configured VM (InstanceStart).
     Start,
     /// Write a metrics line to the metrics path (FlushMetrics).
@@ -70,6 +117,8 @@ enum ApiCommand {
     Put { path: String, json: String },
     /// PATCH PATH JSON.
     Patch { path: String, json: String },
+    /// DELETE PATH.
+    Delete { path: String },
 }
 
 #[derive(Subcommand)]
@@ -188,6 +237,54 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, ApiCliError> {
                 Some(format!("{{\"requested_size_mib\": {mib}}}")),
             ),
         },
+        ApiCommand::AddDisk {
+            id,
+            path,
+            read_only,
+        } => (
+            "PUT",
+            format!("/drives/{id}"),
+            Some(
+                serde_json::json!({
+                    "drive_id": id,
+                    "path_on_host": path,
+                    "is_root_device": false,
+                    "is_read_only": read_only
+                })
+                .to_string(),
+            ),
+        ),
+        ApiCommand::RemoveDisk { id } => ("DELETE", format!("/drives/{id}"), None),
+        ApiCommand::AddNet { id, tap, mac } => {
+            let mut b = serde_json::json!({"iface_id": id, "host_dev_name": tap});
+            if let Some(mac) = mac {
+                b["guest_mac"] = mac.into();
+            }
+            (
+                "PUT",
+                format!("/network-interfaces/{id}"),
+                Some(b.to_string()),
+            )
+        }
+        ApiCommand::RemoveNet { id } => ("DELETE", format!("/network-interfaces/{id}"), None),
+        ApiCommand::AddPmem {
+            id,
+            path,
+            read_only,
+        } => (
+            "PUT",
+            format!("/pmem/{id}"),
+            Some(
+                serde_json::json!({
+                    "id": id,
+                    "path_on_host": path,
+                    "root_device": false,
+                    "read_only": read_only
+                })
+                .to_string(),
+            ),
+        ),
+        ApiCommand::RemovePmem { id } => ("DELETE", format!("/pmem/{id}"), None),
         ApiCommand::Status => ("GET", "/".to_string(), None),
         ApiCommand::Pause => ("PATCH", "/vm".into(), Some(r#"{"state": "Paused"}"#.into())),
         ApiCommand::Resume => (
@@ -202,6 +299,7 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, ApiCliError> {
         ApiCommand::Get { path } => ("GET", path, None),
         ApiCommand::Put { path, json } => ("PUT", path, Some(json)),
         ApiCommand::Patch { path, json } => ("PATCH", path, Some(json)),
+        ApiCommand::Delete { path } => ("DELETE", path, None),
     };
     let r = client
         .request(method, &path, body.as_deref())

@@ -389,6 +389,8 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             memory_hotplug: args.memory_hotplug,
             fs: args.fs,
             vhost_user,
+            // No API here to plug devices in with.
+            pci_bus: false,
         },
         track_dirty_pages: false,
         shared_memory: args.memory.is_some_and(|m| m.shared),

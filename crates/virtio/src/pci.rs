@@ -268,6 +268,17 @@ impl VirtioPciDevice {
         })
     }
 
+    /// The driver's status register (0: no driver, or it reset the device).
+    pub fn driver_status(&self) -> u8 {
+        self.common.status()
+    }
+
+    /// Resets the device as a driver writing status 0 would (its workers stop), before it
+    /// is taken off the bus.
+    pub fn shut_down(&mut self) {
+        self.common.set_status(0);
+    }
+
     /// Starts a quiesced device again (see [`VirtioCommon::resume`]).
     pub fn resume(&mut self) {
         self.common.resume();

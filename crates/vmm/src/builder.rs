@@ -111,6 +111,7 @@ fn create_machine(
     mem: GuestMemoryMmap,
     nested: bool,
     vmgenid: Option<VmGenIdState>,
+    slot_plan: &[Option<u8>],
 ) -> Result<(Arc<Machine>, Vec<VcpuFd>), VmmError> {
     let vm = Arc::new(crate::kvm_vm::create_vm(&host.kvm)?);
     // Device-managed memory (after RAM in `mem`) is mapped by its device.
@@ -158,10 +159,17 @@ fn create_machine(
         &config.devices,
         bridge,
         host.layout.device_memory(),
+        slot_plan,
     )?;
     if let (Some(cfg), Some((addr, _))) = (&config.devices.memory_hotplug, hotplug) {
         let (dev, handle) = crate::hotplug::create_device(&vm, &mem, cfg, addr)?;
-        virtio.add(&mut io_bus, &mut mmio_bus, Box::new(dev), cfg.transport)?;
+        virtio.add(
+            &mut io_bus,
+            &mut mmio_bus,
+            Box::new(dev),
+            crate::device_factory::Role::Memory,
+            cfg.transport,
+        )?;
         virtio.handles.memory_hotplug = Some(handle);
         log::info!(
             "hotpluggable memory: {} MiB at {addr:#x}",
@@ -256,7 +264,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let device_memory = crate::hotplug::device_memory(&layout, config)?;
     let mem = create_guest_memory_backed(&layout, &device_memory.ranges, config.memory_backing())?;
     let vmgenid = vmgenid::install(&config.boot, &mem)?;
-    let (machine, fds) = create_machine(host, config, mem, nested, vmgenid)?;
+    let (machine, fds) = create_machine(host, config, mem, nested, vmgenid, &[])?;
 
     let image = load_payload(&machine, &layout, &fds[0])?;
     if let (Payload::Firmware(fw), Some(rom)) = (&config.boot, &machine.firmware) {
@@ -364,7 +372,8 @@ pub(crate) fn build_from_snapshot<A>(
                 .kvm("KVM_GET_SUPPORTED_CPUID")?,
         ),
     };
-    let (machine, fds) = create_machine(host, config, mem, snap.nested, snap.vmgenid)?;
+    let slots: Vec<Option<u8>> = snap.virtio.iter().map(|d| d.slot).collect();
+    let (machine, fds) = create_machine(host, config, mem, snap.nested, snap.vmgenid, &slots)?;
     for (id, fd) in fds.iter().enumerate() {
         restore_vcpu(fd, id as u8, snap, supported.as_ref())?;
     }

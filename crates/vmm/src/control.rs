@@ -166,6 +166,43 @@ impl VmHandle {
         Ok(())
     }
 
+    /// Plugs a disk or a NIC into the running VM's PCI bus and tells the guest (ACPI PCI
+    /// hotplug: a Linux guest binds its driver by itself); returns its slot and handles.
+    pub fn plug(
+        &self,
+        what: crate::Pluggable,
+    ) -> Result<(u8, crate::Plugged), crate::HotplugError> {
+        let _one = self.device_change()?;
+        self.machine.virtio().plug(what)
+    }
+
+    /// One device change at a time, and none during a snapshot or migration; none once the
+    /// VM has ended.
+    fn device_change(&self) -> Result<MutexGuard<'_, ()>, crate::HotplugError> {
+        if self.machine.stopping() {
+            return Err(crate::HotplugError::Ended);
+        }
+        Ok(self
+            .machine
+            .snapshot_lock
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Unplugs a device: at once when no driver holds it; otherwise the guest is asked to
+    /// release it and it is removed once the guest has ejected it, which must happen within
+    /// `timeout` (the guest's refusal or silence leaves it in place and is reported).
+    pub fn unplug(
+        &self,
+        target: crate::PluggedRef<'_>,
+        timeout: Duration,
+    ) -> Result<(), crate::HotplugError> {
+        let _one = self.device_change()?;
+        let running = self.state() == RunState::Running;
+        let started = self.machine.virtio().unplug_begin(target, running)?;
+        crate::device_manager::hotplug::finish_unplug(&self.machine.virtio, started, timeout)
+    }
+
     /// Stops every vCPU out of `KVM_RUN` and parks it, then quiesces the virtio devices
     /// (in-flight requests finish); returns once all are stopped. If the devices cannot be
     /// quiesced, the vCPUs run again and the error is returned. Pausing a paused VM does

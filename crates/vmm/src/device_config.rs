@@ -295,6 +295,10 @@ pub struct DeviceConfigs {
     /// Disks and NICs served by vhost-user backends (after Vessel's own).
     #[serde(default)]
     pub vhost_user: Vec<VhostUserConfig>,
+    /// A PCI bus even with no PCI device (Firecracker's `--enable-pci`), so that devices
+    /// can be hot-plugged; set too once a VM has had one.
+    #[serde(default)]
+    pub pci_bus: bool,
 }
 
 impl DeviceConfigs {

@@ -7,12 +7,29 @@ use vessel_virtio::VirtioDevice;
 use vessel_virtio_devices::vhost_user::fs;
 use vessel_virtio_devices::{balloon, block, net, pmem, rng, vsock};
 
-use crate::device_config::{DeviceConfigs, PasstConfig, Transport};
+use crate::device_config::{DeviceConfigs, DiskConfig, NetConfig, PasstConfig, Transport};
 use crate::device_manager::DeviceError;
+
+/// Which list of [`DeviceConfigs`] a device comes from, in the order they are built
+/// (a VM's devices are always in this order, hot-plugged ones too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Disk,
+    Net,
+    Vsock,
+    Rng,
+    Balloon,
+    Pmem,
+    VhostUser,
+    Fs,
+    /// The virtio-mem device (hotpluggable memory), added last.
+    Memory,
+}
 
 /// A device model and where it goes.
 pub struct PlannedDevice {
     pub device: Box<dyn VirtioDevice>,
+    pub role: Role,
     pub transport: Transport,
     /// A virtio-pmem device's region, which KVM must map before the guest runs.
     pub pmem_region: Option<pmem::PmemRegion>,
@@ -34,12 +51,74 @@ pub struct DeviceHandles {
     pub memory_hotplug: Option<vessel_virtio_devices::mem::MemHandle>,
 }
 
-fn planned(device: impl VirtioDevice + 'static, transport: Transport) -> PlannedDevice {
+fn planned(device: impl VirtioDevice + 'static, role: Role, transport: Transport) -> PlannedDevice {
     PlannedDevice {
         device: Box::new(device),
+        role,
         transport,
         pmem_region: None,
     }
+}
+
+/// A disk's handles: its statistics and its control.
+pub struct DiskHandles {
+    pub stats: Arc<block::BlockStats>,
+    pub control: block::BlockHandle,
+}
+
+/// The virtio-blk device of `d`.
+pub fn disk(d: &DiskConfig) -> Result<(PlannedDevice, DiskHandles), DeviceError> {
+    let dev = block::Block::new(block::BlockParams {
+        format: d.format,
+        path: d.path.clone(),
+        read_only: d.read_only,
+        serial: d.serial.clone(),
+        engine: block::BlockEngine::Auto,
+    })
+    .map_err(|e| DeviceError::setup(format!("--disk {}", d.path.display()), e))?;
+    if let Some(r) = &d.rate_limiter {
+        dev.rate_limiter().set_config(r);
+    }
+    let handles = DiskHandles {
+        stats: dev.stats(),
+        control: dev.handle(),
+    };
+    Ok((planned(dev, Role::Disk, d.transport), handles))
+}
+
+/// The virtio-net device of `n`.
+pub fn net(n: &NetConfig) -> Result<(PlannedDevice, net::NetHandle), DeviceError> {
+    let mut dev = match &n.passt {
+        None => net::Net::new(net::NetParams {
+            tap: n.tap.clone(),
+            mac: n.mac,
+            queue_pairs: n.queue_pairs,
+        })
+        .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap), e))?,
+        Some(PasstConfig::Spawn { tcp_forwards }) => {
+            let tcp_forwards = tcp_forwards
+                .iter()
+                .map(|f| format!("{}:{}", f.host, f.guest))
+                .collect();
+            let source = net::PasstSource::Spawn { tcp_forwards };
+            net::Net::with_passt(&source, n.mac).map_err(|e| DeviceError::setup("--net user", e))?
+        }
+        Some(PasstConfig::Socket(path)) => {
+            let source = net::PasstSource::Socket(path.clone());
+            net::Net::with_passt(&source, n.mac).map_err(|e| {
+                DeviceError::setup(format!("--net passt,socket={}", path.display()), e)
+            })?
+        }
+    };
+    dev.set_mmds(n.mmds.clone());
+    let h = dev.handle();
+    if let Some(r) = &n.rx_rate_limiter {
+        h.rx.set_config(r);
+    }
+    if let Some(r) = &n.tx_rate_limiter {
+        h.tx.set_config(r);
+    }
+    Ok((planned(dev, Role::Net, n.transport), h))
 }
 
 /// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon,
@@ -51,55 +130,15 @@ pub fn build(
     let mut out = Vec::new();
     let mut handles = DeviceHandles::default();
     for d in &configs.disks {
-        let dev = block::Block::new(block::BlockParams {
-            format: d.format,
-            path: d.path.clone(),
-            read_only: d.read_only,
-            serial: d.serial.clone(),
-            engine: block::BlockEngine::Auto,
-        })
-        .map_err(|e| DeviceError::setup(format!("--disk {}", d.path.display()), e))?;
-        if let Some(r) = &d.rate_limiter {
-            dev.rate_limiter().set_config(r);
-        }
-        handles.disks.push(dev.stats());
-        handles.blocks.push(dev.handle());
-        out.push(planned(dev, d.transport));
+        let (dev, handle) = disk(d)?;
+        handles.disks.push(handle.stats.clone());
+        handles.blocks.push(handle.control);
+        out.push(dev);
     }
     for n in &configs.nets {
-        let mut dev = match &n.passt {
-            None => net::Net::new(net::NetParams {
-                tap: n.tap.clone(),
-                mac: n.mac,
-                queue_pairs: n.queue_pairs,
-            })
-            .map_err(|e| DeviceError::setup(format!("--net tap={}", n.tap), e))?,
-            Some(PasstConfig::Spawn { tcp_forwards }) => {
-                let tcp_forwards = tcp_forwards
-                    .iter()
-                    .map(|f| format!("{}:{}", f.host, f.guest))
-                    .collect();
-                let source = net::PasstSource::Spawn { tcp_forwards };
-                net::Net::with_passt(&source, n.mac)
-                    .map_err(|e| DeviceError::setup("--net user", e))?
-            }
-            Some(PasstConfig::Socket(path)) => {
-                let source = net::PasstSource::Socket(path.clone());
-                net::Net::with_passt(&source, n.mac).map_err(|e| {
-                    DeviceError::setup(format!("--net passt,socket={}", path.display()), e)
-                })?
-            }
-        };
-        dev.set_mmds(n.mmds.clone());
-        let h = dev.handle();
-        if let Some(r) = &n.rx_rate_limiter {
-            h.rx.set_config(r);
-        }
-        if let Some(r) = &n.tx_rate_limiter {
-            h.tx.set_config(r);
-        }
-        handles.nets.push(h);
-        out.push(planned(dev, n.transport));
+        let (dev, handle) = net(n)?;
+        handles.nets.push(handle);
+        out.push(dev);
     }
     if let Some(v) = &configs.vsock {
         let dev = vsock::Vsock::new(vsock::VsockParams {
@@ -107,12 +146,12 @@ pub fn build(
             uds_path: v.uds.clone(),
         })
         .map_err(|e| DeviceError::setup(format!("--vsock uds={}", v.uds.display()), e))?;
-        out.push(planned(dev, v.transport));
+        out.push(planned(dev, Role::Vsock, v.transport));
     }
     if let Some(t) = configs.rng {
         let dev = rng::Rng::with_limiter(configs.rng_rate_limiter.as_ref())
             .map_err(|e| DeviceError::setup("virtio-rng rate limiter", e))?;
-        out.push(planned(dev, t));
+        out.push(planned(dev, Role::Rng, t));
     }
     if let Some(b) = &configs.balloon {
         let dev = balloon::Balloon::new(balloon::BalloonParams {
@@ -124,7 +163,7 @@ pub fn build(
         let handle = dev.handle();
         handle.set_target_mib(b.size_mib);
         handles.balloon = Some(handle);
-        out.push(planned(dev, b.transport));
+        out.push(planned(dev, Role::Balloon, b.transport));
     }
     let mut placer = crate::pmem::Placer::new(device_memory);
     for p in &configs.pmem {
@@ -145,7 +184,7 @@ pub fn build(
         let region = dev.region();
         out.push(PlannedDevice {
             pmem_region: Some(region),
-            ..planned(dev, p.transport)
+            ..planned(dev, Role::Pmem, p.transport)
         });
     }
     for v in &configs.vhost_user {
@@ -158,7 +197,7 @@ pub fn build(
         let dev = VhostUserDevice::new(kind, &v.socket).map_err(|e| {
             DeviceError::setup(format!("{what} vhost_user={}", v.socket.display()), e)
         })?;
-        out.push(planned(dev, v.transport));
+        out.push(planned(dev, Role::VhostUser, v.transport));
     }
     for f in &configs.fs {
         let dev = fs::Fs::new(&fs::FsParams {
@@ -167,7 +206,7 @@ pub fn build(
             request_queues: f.request_queues,
         })
         .map_err(|e| DeviceError::setup(format!("--fs tag={}", f.tag), e))?;
-        out.push(planned(dev, f.transport));
+        out.push(planned(dev, Role::Fs, f.transport));
     }
     Ok((out, handles))
 }

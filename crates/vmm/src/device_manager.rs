@@ -19,8 +19,11 @@ use vessel_virtio::mmio::{MmioTransport, NOTIFY_OFFSET};
 use vessel_virtio::pci::{VirtioPciDevice, BAR0_SIZE};
 use vessel_virtio::{MmioTransportState, VirtioDevice, VirtioPciState};
 
+#[path = "device_hotplug.rs"]
+pub(crate) mod hotplug;
+
 use crate::device_config::{DeviceConfigs, Transport};
-use crate::device_factory::DeviceHandles;
+use crate::device_factory::{DeviceHandles, Role};
 use crate::error::{KvmContext, VmmError};
 use crate::msi::FunctionMsi;
 use crate::pci_host::{Bridge, PciHost};
@@ -33,10 +36,14 @@ enum Placed {
 
 /// A placed device.
 struct Managed {
-    /// `<name>-<index in creation order>` ("virtio-blk-0").
-    id: String,
+    /// The device's name ("virtio-blk"); its id is `<name>-<position>` ("virtio-blk-0").
+    name: &'static str,
+    /// Which list of the configuration it comes from.
+    role: Role,
     device_type: u32,
     transport: Placed,
+    /// Its PCI slot and where its BAR 0 was allocated (PCI devices).
+    pci: Option<(u8, u64)>,
 }
 
 /// The saved state of one virtio device, tagged with its transport.
@@ -56,13 +63,17 @@ impl VirtioTransportState {
     }
 }
 
-/// One device of a snapshot, in creation order.
+/// One device of a snapshot, in the configuration's order.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VirtioDeviceState {
-    /// `<name>-<index in creation order>` ("virtio-blk-0"), stable for a given configuration.
+    /// `<name>-<position>` ("virtio-blk-0"), stable for a given configuration.
     pub id: String,
     pub device_type: u32,
     pub state: VirtioTransportState,
+    /// The PCI slot of a PCI device (a restored VM puts it in the same one: hot-plugged and
+    /// unplugged devices leave the slots out of order). Older state files have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<u8>,
 }
 
 /// Why a virtio device could not be placed, saved or restored.
@@ -90,6 +101,8 @@ pub enum DeviceError {
     Quiesce { id: String },
     #[error("the snapshot's devices differ from the configured ones: {0}")]
     Differ(String),
+    #[error("{0}: the VM has no PCI bus")]
+    NoPciBus(&'static str),
 }
 
 impl DeviceError {
@@ -131,6 +144,13 @@ pub struct VirtioManager {
     placed: Vec<String>,
     /// Handles on running devices (balloon target, statistics).
     pub handles: DeviceHandles,
+    /// The devices the VM has now: the configuration it was built from, with what was
+    /// hot-plugged and unplugged since (what a snapshot records).
+    pub(crate) configs: DeviceConfigs,
+    /// PCI slots to put the devices in, by position (a restore's: the snapshot's slots).
+    slot_plan: Vec<Option<u8>>,
+    /// ACPI PCI hotplug, for guests booted without firmware that have a PCI bus.
+    pub(crate) hotplug: Option<Arc<crate::pci_hotplug::HotplugController>>,
 }
 
 fn device_err<E: std::error::Error + Send + Sync + 'static>(
@@ -150,11 +170,15 @@ impl VirtioManager {
             devices: Vec::new(),
             placed: Vec::new(),
             handles: DeviceHandles::default(),
+            configs: DeviceConfigs::default(),
+            slot_plan: Vec::new(),
+            hotplug: None,
         }
     }
 
-    fn managed_id(&self, name: &str) -> String {
-        format!("{name}-{}", self.devices.len())
+    /// The id of the device at `position`.
+    fn id_at(&self, position: usize) -> String {
+        format!("{}-{position}", self.devices[position].name)
     }
 }
 
@@ -169,12 +193,12 @@ impl VirtioManager {
     /// the vCPUs and the interrupt controller (a device completing its last requests raises
     /// interrupts) and before saving guest memory (it writes the used rings).
     pub fn quiesce_all(&self) -> Result<(), DeviceError> {
-        for d in &self.devices {
+        for (i, d) in self.devices.iter().enumerate() {
             let r = match &d.transport {
                 Placed::Mmio(t) => lock(t).quiesce(),
                 Placed::Pci(t) => lock(t).quiesce(),
             };
-            r.map_err(state_err(&d.id))?;
+            r.map_err(state_err(&self.id_at(i)))?;
         }
         Ok(())
     }
@@ -183,16 +207,19 @@ impl VirtioManager {
     pub fn save_all(&self) -> Result<Vec<VirtioDeviceState>, DeviceError> {
         self.devices
             .iter()
-            .map(|d| {
+            .enumerate()
+            .map(|(i, d)| {
+                let id = self.id_at(i);
                 let state = match &d.transport {
                     Placed::Mmio(t) => lock(t).save_state().map(VirtioTransportState::Mmio),
                     Placed::Pci(t) => lock(t).save_state().map(VirtioTransportState::Pci),
                 }
-                .map_err(state_err(&d.id))?;
+                .map_err(state_err(&id))?;
                 Ok(VirtioDeviceState {
-                    id: d.id.clone(),
+                    id,
                     device_type: d.device_type,
                     state,
+                    slot: d.pci.map(|(slot, _)| slot),
                 })
             })
             .collect()
@@ -224,14 +251,20 @@ impl VirtioManager {
                 Placed::Mmio(_) => "mmio",
                 Placed::Pci(_) => "pci",
             };
-            if s.id != d.id || s.device_type != d.device_type || s.state.kind() != kind {
+            let id = self.id_at(i);
+            let slot = d.pci.map(|(slot, _)| slot);
+            if s.id != id || s.device_type != d.device_type || s.state.kind() != kind {
                 out.push(format!(
-                    "device {i}: the snapshot has {} (type {}) on {}, the configuration {} (type {}) on {kind}",
+                    "device {i}: the snapshot has {} (type {}) on {}, the configuration {id} (type {}) on {kind}",
                     s.id,
                     s.device_type,
                     s.state.kind(),
-                    d.id,
                     d.device_type
+                ));
+            } else if s.slot.is_some() && s.slot != slot {
+                out.push(format!(
+                    "device {i}: {id} is in PCI slot {:?} in the snapshot, {slot:?} here",
+                    s.slot
                 ));
             }
         }
@@ -258,13 +291,13 @@ impl VirtioManager {
         if !diff.is_empty() {
             return Err(DeviceError::Differ(diff.join("; ")));
         }
-        for (s, d) in states.iter().zip(&self.devices) {
+        for (i, (s, d)) in states.iter().zip(&self.devices).enumerate() {
             let r = match (&s.state, &d.transport) {
                 (VirtioTransportState::Mmio(s), Placed::Mmio(t)) => lock(t).restore_state(s),
                 (VirtioTransportState::Pci(s), Placed::Pci(t)) => lock(t).restore_state(s),
                 _ => Err(vessel_virtio::StateError::Transport("virtio")),
             };
-            r.map_err(state_err(&d.id))?;
+            r.map_err(state_err(&self.id_at(i)))?;
         }
         Ok(())
     }
@@ -306,17 +339,23 @@ impl VirtioManager {
         &self.placed
     }
 
-    /// Adds `device` on `transport`.
+    /// Adds `device` (from the configuration's list `role`) on `transport`, last.
     pub fn add(
         &mut self,
         io_bus: &mut Bus,
         mmio_bus: &mut Bus,
         device: Box<dyn VirtioDevice>,
+        role: Role,
         transport: Transport,
     ) -> Result<(), VmmError> {
         match transport {
-            Transport::Mmio => self.add_mmio(mmio_bus, device),
-            Transport::Pci => self.add_pci(io_bus, mmio_bus, device),
+            Transport::Mmio => self.add_mmio(mmio_bus, device, role),
+            Transport::Pci => {
+                let slot = self.slot_plan.get(self.devices.len()).copied().flatten();
+                self.pci_host(io_bus, mmio_bus)?;
+                self.add_pci(device, role, slot, self.devices.len())
+                    .map(|_| ())
+            }
         }
     }
 
@@ -324,6 +363,7 @@ impl VirtioManager {
         &mut self,
         mmio_bus: &mut Bus,
         device: Box<dyn VirtioDevice>,
+        role: Role,
     ) -> Result<(), VmmError> {
         let index = self.platform.virtio_mmio.len();
         let name = device.name();
@@ -349,9 +389,11 @@ impl VirtioManager {
             .insert(transport.clone(), base, addr::VIRTIO_MMIO_WINDOW)
             .map_err(device_err(name))?;
         self.devices.push(Managed {
-            id: self.managed_id(name),
+            name,
+            role,
             device_type,
             transport: Placed::Mmio(transport),
+            pci: None,
         });
         self.platform.virtio_mmio.push(MmioDeviceInfo {
             base,
@@ -377,17 +419,19 @@ impl VirtioManager {
         Ok(self.pci.as_mut().expect("just created"))
     }
 
+    /// Puts `device` on the PCI bus (which must exist) in `slot` (the first free one with
+    /// `None`), as device number `position`; returns the slot.
     fn add_pci(
         &mut self,
-        io_bus: &mut Bus,
-        mmio_bus: &mut Bus,
         device: Box<dyn VirtioDevice>,
-    ) -> Result<(), VmmError> {
+        role: Role,
+        slot: Option<u8>,
+        position: usize,
+    ) -> Result<u8, VmmError> {
         let name = device.name();
         let device_type = device.device_type();
-        let id = self.managed_id(name);
         let mem = self.mem.clone();
-        let host = self.pci_host(io_bus, mmio_bus)?;
+        let host = self.pci.as_mut().ok_or(DeviceError::NoPciBus(name))?;
         let bar0 = host
             .bars
             .allocate(BarSpec {
@@ -412,24 +456,43 @@ impl VirtioManager {
             })
             .collect::<Result<Vec<_>, VmmError>>()?;
         let dev = Arc::new(Mutex::new(dev));
-        let slot = lock(&host.bus)
-            .add_device(dev.clone())
-            .map_err(device_err(name))?;
+        let placed = {
+            let mut bus = lock(&host.bus);
+            match slot {
+                Some(slot) => bus.add_device_at(slot, dev.clone()).map(|()| slot),
+                None => bus.add_device(dev.clone()),
+            }
+        };
+        let slot = match placed {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = host.bars.free(bar0, BAR0_SIZE);
+                return Err(device_err(name)(e));
+            }
+        };
         let kicks: Vec<_> = kicks.iter().map(|(fd, at)| (fd, *at)).collect();
         host.map_bar(slot, 0, (bar0, BAR0_SIZE), dev.clone(), &kicks)?;
-        self.devices.push(Managed {
-            id,
-            device_type,
-            transport: Placed::Pci(dev),
-        });
+        self.devices.insert(
+            position,
+            Managed {
+                name,
+                role,
+                device_type,
+                transport: Placed::Pci(dev),
+                pci: Some((slot, bar0)),
+            },
+        );
         self.placed.push(format!(
             "{name} on PCI 00:{slot:02x}.0, BAR0 {bar0:#x}, {vectors} MSI-X vectors"
         ));
-        Ok(())
+        Ok(slot)
     }
 }
 
-/// Builds every device of `configs` and places it; pmem regions go in `device_memory`.
+/// Builds every device of `configs` and places it; pmem regions go in `device_memory`, PCI
+/// devices in the slots of `slot_plan` (by position; a restore's) or the first free ones.
+/// Guests booted without firmware that have a PCI bus get ACPI PCI hotplug.
+#[allow(clippy::too_many_arguments)]
 pub fn create(
     vm: &Arc<VmFd>,
     mem: &GuestMemoryMmap,
@@ -438,10 +501,12 @@ pub fn create(
     configs: &DeviceConfigs,
     bridge: Bridge,
     device_memory: (u64, u64),
+    slot_plan: &[Option<u8>],
 ) -> Result<VirtioManager, VmmError> {
     let mut m = VirtioManager::new(vm.clone(), mem.clone(), bridge);
+    m.slot_plan = slot_plan.to_vec();
     // A firmware finds the platform by its host bridge, devices or not.
-    if bridge == Bridge::I440fx {
+    if bridge == Bridge::I440fx || configs.pci_bus {
         m.pci_host(io_bus, mmio_bus)?;
     }
     let (devices, handles) = crate::device_factory::build(configs, device_memory)?;
@@ -464,7 +529,28 @@ pub fn create(
             ));
             regions += 1;
         }
-        m.add(io_bus, mmio_bus, planned.device, planned.transport)?;
+        m.add(
+            io_bus,
+            mmio_bus,
+            planned.device,
+            planned.role,
+            planned.transport,
+        )?;
+    }
+    m.configs = configs.clone();
+    if m.platform.pci && bridge == Bridge::Vessel {
+        let hotplug = crate::pci_hotplug::HotplugController::new(ports::GED_IRQ);
+        io_bus
+            .insert(
+                hotplug.registers(),
+                crate::pci_hotplug::PORT,
+                ports::PCI_HOTPLUG_LEN,
+            )
+            .map_err(device_err("the PCI hotplug registers"))?;
+        m.platform.pci_hotplug = Some(hotplug.gsi());
+        m.hotplug = Some(hotplug);
+        // A restored VM keeps its bus (and its guest's tables), whatever is on it then.
+        m.configs.pci_bus = true;
     }
     for line in m.placed() {
         log::info!("{line}");
@@ -512,6 +598,7 @@ mod tests {
             c,
             Bridge::Vessel,
             (512 << 30, 1 << 46),
+            &[],
         )
         .unwrap()
     }

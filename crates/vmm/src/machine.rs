@@ -108,6 +108,14 @@ impl Machine {
         }
     }
 
+    /// The configuration the VM has now: the one it was built from, with the devices
+    /// hot-plugged and unplugged since (what snapshots and migrations carry).
+    pub fn current_config(&self) -> VmConfig {
+        let mut c = self.config.clone();
+        c.devices = self.virtio().configs.clone();
+        c
+    }
+
     /// Handles the VMM keeps on running devices: for the API and statistics.
     pub fn device_handles(&self) -> crate::device_factory::DeviceHandles {
         self.virtio().handles.clone()

@@ -39,6 +39,20 @@ impl FunctionMsi {
     }
 }
 
+/// An unplugged function's vectors: routes and irqfds go (the GSIs are not reused).
+impl Drop for FunctionMsi {
+    fn drop(&mut self) {
+        for (gsi, evt) in &self.vectors {
+            if let Err(e) = self.routes.set(*gsi, None) {
+                log::debug!("MSI route of GSI {gsi}: {e}");
+            }
+            if let Err(e) = self.routes.vm.unregister_irqfd(evt, *gsi) {
+                log::debug!("irqfd of GSI {gsi}: {e}");
+            }
+        }
+    }
+}
+
 impl MsiController for FunctionMsi {
     fn update(&self, vector: u16, msg: Option<MsiMessage>) {
         if let Some((gsi, _)) = self.vectors.get(usize::from(vector)) {

@@ -136,6 +136,27 @@ impl PciHost {
         Ok(())
     }
 
+    /// Takes the function in `slot` off the bus: its BARs stop answering, its queue
+    /// notifications stop being ioeventfds. Returns the function.
+    pub(crate) fn unplug(&self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
+        let dev = lock(&self.bus).remove_device(slot);
+        let bars = self.map.remove(slot);
+        let kicks = lock(&self.kicks).remove(&slot);
+        let base = kicks
+            .as_ref()
+            .and_then(|k| bars.iter().find(|(b, _)| *b == k.bar))
+            .map(|(_, at)| *at);
+        if let (Some(k), Some(base)) = (kicks, base) {
+            for (fd, offset) in &k.fds {
+                let at = IoEventAddress::Mmio(base.wrapping_add(*offset));
+                if let Err(e) = self.vm.unregister_ioevent(fd, &at, NoDatamatch) {
+                    log::debug!("PCI 00:{slot:02x}.0: cannot remove a queue notification: {e}");
+                }
+            }
+        }
+        dev
+    }
+
     /// After a restore: serves every BAR where the restored configuration space says it is
     /// (a firmware-booted guest's BARs are not where Vessel first put them).
     pub(crate) fn follow_restored(&self) {

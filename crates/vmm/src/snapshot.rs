@@ -218,7 +218,7 @@ pub(crate) fn capture<A>(m: &Machine, api: Option<A>) -> Result<VmSnapshot<A>, S
     Ok(VmSnapshot {
         kind: STATE_KIND.into(),
         vessel_version: env!("CARGO_PKG_VERSION").into(),
-        config: m.config.clone(),
+        config: m.current_config(),
         nested: m.nested,
         memory: memory::layout(&m.mem),
         vcpus,

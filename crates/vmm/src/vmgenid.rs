@@ -109,7 +109,7 @@ pub(crate) fn regenerate(
 
 /// An edge on `gsi` (the generic event device's interrupt is edge-triggered). A guest that
 /// never unmasked the pin does not see it, as on hardware.
-fn notify(vm: &VmFd, gsi: u32) -> Result<(), VmmError> {
+pub(crate) fn notify(vm: &VmFd, gsi: u32) -> Result<(), VmmError> {
     vm.set_irq_line(gsi, true).kvm("KVM_IRQ_LINE")?;
     vm.set_irq_line(gsi, false).kvm("KVM_IRQ_LINE")?;
     Ok(())

@@ -5,8 +5,11 @@ use crate::error::ApiError;
 use crate::pmem::{PartialPmem, Pmem};
 
 impl ApiController {
-    /// `PUT /pmem/{id}` (pre-boot).
+    /// `PUT /pmem/{id}`: configures a device before boot, hot-plugs one after.
     pub fn put_pmem(&mut self, p: Pmem) -> Result<(), ApiError> {
+        if self.hotplugs() {
+            return self.hotplug_pmem(p);
+        }
         self.configure(|r| r.set_pmem(p))
     }
 

@@ -14,9 +14,10 @@ use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
 use vessel_api::types::MemoryHotplugStatus;
 use vessel_api::types::{
-    Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Logger, MemoryBackendType,
-    MigrateParams, PartialDrive, PartialNetworkInterface, PartialPmem, RestoreHugePages,
-    SerialDevice, SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
+    Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Drive, Logger, MemoryBackendType,
+    MigrateParams, NetworkInterface, PartialDrive, PartialNetworkInterface, PartialPmem,
+    PluggedDevice, RestoreHugePages, SerialDevice, SnapshotCreateParams, SnapshotLoadParams,
+    SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::block::BlockHandle;
@@ -38,6 +39,9 @@ use super::config::{
 };
 use super::{cidata, cpu_config};
 use crate::memfile::{is_process_local, MemFile};
+
+#[path = "hotplug.rs"]
+mod hotplug;
 
 fn control_error(e: ControlError) -> ApiError {
     match e {
@@ -198,15 +202,7 @@ impl VmmBackend for ApiBackend {
             |e: VmmError| ApiError::bad(format!("Start microvm error: {}", ErrorChain(&e)));
         let vm = Vm::build(&config).map_err(start_err)?;
         let handles = vm.device_handles();
-        // `resources_to_config` keeps the order of the file-backed drives (vhost-user ones
-        // have no handle: their backend owns them).
-        let drives: Vec<(String, BlockHandle)> = resources
-            .drives
-            .iter()
-            .filter(|d| d.socket.is_none())
-            .map(|d| d.drive_id.clone())
-            .zip(handles.blocks.iter().cloned())
-            .collect();
+        let drives = drive_handles(resources, &handles);
         let nets = net_handles(resources, &handles);
         let pmem = super::pmem::PmemDevices::new(resources, &handles.pmem);
         let balloon = handles.balloon.clone().zip(resources.balloon);
@@ -332,6 +328,7 @@ impl VmmBackend for ApiBackend {
         let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm.device_handles());
+        let drives = drive_handles(&resources, &vm.device_handles());
         let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
         pmem.set_limiters(&resources);
         let memory_hotplug = vm.device_handles().memory_hotplug;
@@ -339,6 +336,7 @@ impl VmmBackend for ApiBackend {
         self.start_supervised(vm)?;
         crate::trim::release_pages();
         self.nets = nets;
+        self.drives = drives;
         self.pmem = pmem;
         self.memory_hotplug = memory_hotplug;
         Ok(resources)
@@ -402,6 +400,18 @@ impl VmmBackend for ApiBackend {
             Some(hook) => hook(logger),
             None => Ok(()),
         }
+    }
+
+    fn hotplug_drive(&mut self, drive: &Drive) -> Result<(), ApiError> {
+        self.plug_drive(drive)
+    }
+
+    fn hotplug_network_interface(&mut self, iface: &NetworkInterface) -> Result<(), ApiError> {
+        self.plug_network_interface(iface)
+    }
+
+    fn unplug(&mut self, device: &PluggedDevice) -> Result<(), ApiError> {
+        self.unplug_device(device)
     }
 
     fn update_drive(&mut self, u: &PartialDrive) -> Result<(), ApiError> {
@@ -476,6 +486,18 @@ impl VmmBackend for ApiBackend {
 
 /// The network interfaces' ids with their devices' handles (the devices are in the
 /// resources' order).
+/// The file-backed drives' handles by id: `resources_to_config` keeps their order (vhost-user
+/// ones have no handle: their backend owns them).
+fn drive_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, BlockHandle)> {
+    resources
+        .drives
+        .iter()
+        .filter(|d| d.socket.is_none())
+        .map(|d| d.drive_id.clone())
+        .zip(handles.blocks.iter().cloned())
+        .collect()
+}
+
 fn net_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, NetHandle)> {
     resources
         .network_interfaces

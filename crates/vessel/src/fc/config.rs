@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use vessel_api::types::{
-    BootSource as ApiBootSource, CpuTemplate, FsDevice, HugePages, MmdsVersion,
-    RateLimiter as ApiRateLimiter, SnapshotLoadParams, TokenBucket as ApiTokenBucket,
-    DEFAULT_MMDS_ADDR,
+    BootSource as ApiBootSource, CpuTemplate, Drive, FsDevice, HugePages, MmdsVersion,
+    NetworkInterface, RateLimiter as ApiRateLimiter, SnapshotLoadParams,
+    TokenBucket as ApiTokenBucket, DEFAULT_MMDS_ADDR,
 };
 use vessel_api::{ApiError, VmResources};
 use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
@@ -80,48 +80,16 @@ pub fn resources_to_config_on(
             });
             continue;
         }
-        let Some(path) = &d.path_on_host else {
-            return Err(ApiError::bad(format!(
-                "Drive config error: drive {} has no `path_on_host`.",
-                d.drive_id
-            )));
-        };
-        disks.push(DiskConfig {
-            path: PathBuf::from(path),
-            // Firecracker's drives are raw: never probed, so a guest that writes a qcow2
-            // header into its disk cannot make the host open files it names.
-            format: Some(DiskFormat::Raw),
-            read_only: d.is_read_only.unwrap_or(false),
-            // Firecracker answers VIRTIO_BLK_T_GET_ID with the drive id.
-            serial: (d.drive_id.len() <= BLK_SERIAL_MAX).then(|| d.drive_id.clone()),
-            transport,
-            rate_limiter: limiter_config(&d.rate_limiter),
-        });
+        disks.push(disk_config(d, transport)?);
     }
     let mmds = mmds(r);
     let mut nets = Vec::with_capacity(r.network_interfaces.len());
     for n in &r.network_interfaces {
-        let mac = match &n.guest_mac {
-            Some(m) => Some(vessel_api::resources::parse_mac(m).ok_or_else(|| {
-                ApiError::bad(format!(
-                    "Network interface config error: invalid MAC address {m}"
-                ))
-            })?),
-            None => None,
-        };
-        nets.push(NetConfig {
-            tap: n.host_dev_name.clone(),
-            passt: None,
-            mac,
-            queue_pairs: 1,
-            transport,
-            rx_rate_limiter: limiter_config(&n.rx_rate_limiter),
-            tx_rate_limiter: limiter_config(&n.tx_rate_limiter),
-            mmds: mmds
-                .as_ref()
-                .filter(|(_, ifaces)| ifaces.contains(&n.iface_id))
-                .map(|(m, _)| m.clone()),
-        });
+        let mmds = mmds
+            .as_ref()
+            .filter(|(_, ifaces)| ifaces.contains(&n.iface_id))
+            .map(|(m, _)| m.clone());
+        nets.push(net_config(n, mmds, transport)?);
     }
     let vsock = r.vsock.as_ref().map(|v| VsockConfig {
         cid: u64::from(v.guest_cid),
@@ -163,6 +131,8 @@ pub fn resources_to_config_on(
                 .map(|h| super::memhp::config(h, transport)),
             fs: r.fs.iter().map(|f| fs_config(f, transport)).collect(),
             vhost_user,
+            // `--enable-pci`: devices can be hot-plugged, even into a VM that has none.
+            pci_bus: transport == Transport::Pci,
         },
         track_dirty_pages: m.track_dirty_pages,
         shared_memory: false,
@@ -194,6 +164,53 @@ fn fs_config(f: &FsDevice, transport: Transport) -> FsConfig {
 
 /// The VM's MMDS (reading the API's store, so the guest sees later `PUT`/`PATCH /mmds`) and
 /// the interfaces that reach it, when `mmds_config` is set.
+/// The disk of a file-backed drive.
+pub(super) fn disk_config(d: &Drive, transport: Transport) -> Result<DiskConfig, ApiError> {
+    let Some(path) = &d.path_on_host else {
+        return Err(ApiError::bad(format!(
+            "Drive config error: drive {} has no `path_on_host`.",
+            d.drive_id
+        )));
+    };
+    Ok(DiskConfig {
+        path: PathBuf::from(path),
+        // Firecracker's drives are raw: never probed, so a guest that writes a qcow2
+        // header into its disk cannot make the host open files it names.
+        format: Some(DiskFormat::Raw),
+        read_only: d.is_read_only.unwrap_or(false),
+        // Firecracker answers VIRTIO_BLK_T_GET_ID with the drive id.
+        serial: (d.drive_id.len() <= BLK_SERIAL_MAX).then(|| d.drive_id.clone()),
+        transport,
+        rate_limiter: limiter_config(&d.rate_limiter),
+    })
+}
+
+/// The NIC of a network interface, answering MMDS with `mmds`.
+pub(super) fn net_config(
+    n: &NetworkInterface,
+    mmds: Option<vessel_mmds::Mmds>,
+    transport: Transport,
+) -> Result<NetConfig, ApiError> {
+    let mac = match &n.guest_mac {
+        Some(m) => Some(vessel_api::resources::parse_mac(m).ok_or_else(|| {
+            ApiError::bad(format!(
+                "Network interface config error: invalid MAC address {m}"
+            ))
+        })?),
+        None => None,
+    };
+    Ok(NetConfig {
+        tap: n.host_dev_name.clone(),
+        passt: None,
+        mac,
+        queue_pairs: 1,
+        transport,
+        rx_rate_limiter: limiter_config(&n.rx_rate_limiter),
+        tx_rate_limiter: limiter_config(&n.tx_rate_limiter),
+        mmds,
+    })
+}
+
 fn mmds(r: &VmResources) -> Option<(vessel_mmds::Mmds, &[String])> {
     let c = r.mmds_config.as_ref()?;
     let options = vessel_mmds::MmdsOptions {

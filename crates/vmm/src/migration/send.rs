@@ -85,7 +85,7 @@ pub(crate) fn send(
         dirty_pages(m)?;
         let hello = Hello {
             version: PROTOCOL_VERSION,
-            config: m.config.clone(),
+            config: m.current_config(),
             regions: regions.clone(),
         };
         let hello = serde_json::to_vec(&hello).map_err(MigrationError::BadHello)?;

@@ -1,0 +1,239 @@
+//! Devices plugged into and out of a running VM's PCI bus (a child of `device_manager`).
+//!
+//! A hot-plugged device is built like a configured one and placed where a VM built from the
+//! new configuration would have it (after the last device of its list), so that a snapshot
+//! of the VM restores into the same devices in the same slots. The guest is told through
+//! ACPI ([`crate::pci_hotplug`]). An unplug asks the guest to release the device and removes
+//! it only once the guest has ejected it, or at once when no driver holds it.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vessel_virtio::pci::BAR0_SIZE;
+use vessel_virtio_devices::block::BlockHandle;
+use vessel_virtio_devices::net::NetHandle;
+
+use super::{lock, DeviceError, Placed, VirtioManager};
+use crate::device_config::{DiskConfig, NetConfig, Transport};
+use crate::device_factory::{DiskHandles, Role};
+use crate::error::VmmError;
+use crate::pci_hotplug::HotplugController;
+
+/// A device to plug in (its transport is PCI whatever the configuration says).
+#[derive(Debug, Clone)]
+pub enum Pluggable {
+    Disk(DiskConfig),
+    Net(NetConfig),
+}
+
+/// What a plugged-in device gives its user.
+pub enum Plugged {
+    Disk(DiskHandles),
+    Net(NetHandle),
+}
+
+/// A device to unplug, by the handle it was given.
+#[derive(Clone, Copy)]
+pub enum PluggedRef<'a> {
+    Disk(&'a BlockHandle),
+    Net(&'a NetHandle),
+}
+
+/// Why a device could not be plugged in or out.
+#[derive(Debug, thiserror::Error)]
+pub enum HotplugError {
+    #[error("PCI is not enabled")]
+    NoPci,
+    #[error("Device not found")]
+    NotFound,
+    #[error("the device is not on the PCI bus (only PCI devices can be unplugged)")]
+    NotPci,
+    #[error("the guest has not released the device within {0:?} (nothing was removed; is it in use, or has the guest no ACPI PCI hotplug?)")]
+    NotReleased(Duration),
+    #[error("the VM is paused: the guest cannot release the device (resume it first)")]
+    Paused,
+    #[error("the VM is not running")]
+    Ended,
+    #[error(transparent)]
+    Vmm(#[from] VmmError),
+}
+
+impl From<DeviceError> for HotplugError {
+    fn from(e: DeviceError) -> Self {
+        HotplugError::Vmm(VmmError::Device(e))
+    }
+}
+
+/// The first step of an unplug: what to wait for.
+pub(crate) enum Unplugging {
+    /// The device was not in use: it is gone.
+    Done,
+    /// The guest was asked to eject this slot.
+    Requested(u8, Arc<HotplugController>),
+}
+
+impl VirtioManager {
+    fn controller(&self) -> Result<Arc<HotplugController>, HotplugError> {
+        self.hotplug.clone().ok_or(HotplugError::NoPci)
+    }
+
+    /// Where a new device of `role` goes: after the last one of its list.
+    fn position_for(&self, role: Role) -> usize {
+        self.devices.iter().take_while(|d| d.role <= role).count()
+    }
+
+    /// The position of the `index`th device of list `role`.
+    fn position_of(&self, role: Role, index: usize) -> Option<usize> {
+        self.devices
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.role == role)
+            .nth(index)
+            .map(|(i, _)| i)
+    }
+
+    /// Builds `what`, puts it on the PCI bus and tells the guest; returns its slot.
+    pub(crate) fn plug(&mut self, what: Pluggable) -> Result<(u8, Plugged), HotplugError> {
+        let hotplug = self.controller()?;
+        self.remove_ejected();
+        let (slot, plugged) = match what {
+            Pluggable::Disk(mut d) => {
+                d.transport = Transport::Pci;
+                let (dev, h) = crate::device_factory::disk(&d)?;
+                let at = self.position_for(Role::Disk);
+                let slot = self.add_pci(dev.device, Role::Disk, None, at)?;
+                self.handles.disks.push(h.stats.clone());
+                self.handles.blocks.push(h.control.clone());
+                self.configs.disks.push(d);
+                (slot, Plugged::Disk(h))
+            }
+            Pluggable::Net(mut n) => {
+                n.transport = Transport::Pci;
+                let (dev, h) = crate::device_factory::net(&n)?;
+                let at = self.position_for(Role::Net);
+                let slot = self.add_pci(dev.device, Role::Net, None, at)?;
+                self.handles.nets.push(h.clone());
+                self.configs.nets.push(n);
+                (slot, Plugged::Net(h))
+            }
+        };
+        hotplug.forget(slot);
+        hotplug.announce(&self.vm, slot)?;
+        log::info!("{}", self.placed.last().map_or("", String::as_str));
+        Ok((slot, plugged))
+    }
+
+    /// The list and index of the device `target` names.
+    fn find(&self, target: PluggedRef<'_>) -> Option<(Role, usize)> {
+        match target {
+            PluggedRef::Disk(h) => self
+                .handles
+                .blocks
+                .iter()
+                .position(|b| b.rate_limiter().same(h.rate_limiter()))
+                .map(|i| (Role::Disk, i)),
+            PluggedRef::Net(h) => self
+                .handles
+                .nets
+                .iter()
+                .position(|n| n.rx.same(&h.rx))
+                .map(|i| (Role::Net, i)),
+        }
+    }
+
+    /// Starts unplugging `target`: removed at once when no driver holds it, otherwise the
+    /// guest is asked to eject it (when it `can_answer`: its vCPUs run).
+    pub(crate) fn unplug_begin(
+        &mut self,
+        target: PluggedRef<'_>,
+        can_answer: bool,
+    ) -> Result<Unplugging, HotplugError> {
+        let hotplug = self.controller()?;
+        self.remove_ejected();
+        let (role, index) = self.find(target).ok_or(HotplugError::NotFound)?;
+        let at = self
+            .position_of(role, index)
+            .ok_or(HotplugError::NotFound)?;
+        let d = &self.devices[at];
+        let (Placed::Pci(dev), Some((slot, _))) = (&d.transport, d.pci) else {
+            return Err(HotplugError::NotPci);
+        };
+        if lock(dev).driver_status() == 0 {
+            self.remove_slot(slot);
+            return Ok(Unplugging::Done);
+        }
+        if !can_answer {
+            return Err(HotplugError::Paused);
+        }
+        hotplug.request_eject(&self.vm, slot)?;
+        Ok(Unplugging::Requested(slot, hotplug))
+    }
+
+    /// Removes the device in `slot` (the guest ejected it): off the bus, out of the
+    /// configuration and the handles, its workers stopped, its interrupts gone.
+    pub(crate) fn remove_slot(&mut self, slot: u8) -> bool {
+        let Some(at) = self
+            .devices
+            .iter()
+            .position(|d| d.pci.is_some_and(|(s, _)| s == slot))
+        else {
+            return false;
+        };
+        let role = self.devices[at].role;
+        let index = self.devices[..at].iter().filter(|d| d.role == role).count();
+        let gone = self.devices.remove(at);
+        if let Some(host) = &mut self.pci {
+            host.unplug(slot);
+            if let Some((_, bar0)) = gone.pci {
+                let _ = host.bars.free(bar0, BAR0_SIZE);
+            }
+        }
+        if let Placed::Pci(dev) = &gone.transport {
+            lock(dev).shut_down();
+        }
+        match role {
+            Role::Disk => {
+                self.configs.disks.remove(index);
+                self.handles.disks.remove(index);
+                self.handles.blocks.remove(index);
+            }
+            Role::Net => {
+                self.configs.nets.remove(index);
+                self.handles.nets.remove(index);
+            }
+            _ => {}
+        }
+        if let Some(h) = &self.hotplug {
+            h.forget(slot);
+        }
+        log::info!("{} unplugged from PCI 00:{slot:02x}.0", gone.name);
+        true
+    }
+
+    /// Removes what the guest ejected on its own (no unplug asked for it).
+    pub(crate) fn remove_ejected(&mut self) {
+        let Some(h) = &self.hotplug else { return };
+        let slots = h.take_ejected();
+        for slot in (1..32u8).filter(|s| slots & (1 << s) != 0) {
+            if self.remove_slot(slot) {
+                log::info!("the guest ejected PCI 00:{slot:02x}.0");
+            }
+        }
+    }
+}
+
+/// Waits for the guest to eject `slot` (without holding the manager), then removes it.
+pub(crate) fn finish_unplug(
+    virtio: &Mutex<VirtioManager>,
+    unplugging: Unplugging,
+    timeout: Duration,
+) -> Result<(), HotplugError> {
+    let Unplugging::Requested(slot, hotplug) = unplugging else {
+        return Ok(());
+    };
+    if !hotplug.wait_ejected(slot, timeout) {
+        return Err(HotplugError::NotReleased(timeout));
+    }
+    lock(virtio).remove_slot(slot);
+    Ok(())
+}
