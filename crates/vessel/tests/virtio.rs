@@ -366,9 +366,48 @@ echo "gateway $gw" >> $out
 # busybox-static's wget crashes looking up the "http" service (static glibc NSS): nc.
 printf 'GET / HTTP/1.0\r\n\r\n' | timeout 30 nc $gw HTTP_PORT > /tmp/http 2>> $out
 echo "http $(tail -n 1 /tmp/http)" >> $out
+# A server in the guest, reached from the host through passt's forwarded port (the host
+# retries until it answers: the first connections may come before nc listens).
+echo GUEST-LISTENING
+for i in 1 2 3 4 5 6 7 8 9 10; do
+    printf 'HTTP/1.0 200 OK\r\n\r\nGUEST-HTTP-OK\n' | timeout 60 nc -l -p 8080 > /tmp/req
+    grep -q '^GET / HTTP/1.0' /tmp/req && break
+done
+echo "served $(head -n 1 /tmp/req)" >> $out
 echo done >> $out
 cat $out
 "#;
+
+/// Once the guest's console says its server listens, fetches a page from it through the
+/// forwarded `port` (retrying: a connection that comes before the guest's `nc` listens is
+/// reset); returns the answer.
+fn fetch_from_guest(console: PathBuf, port: u16, stop: Arc<AtomicBool>) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        use std::io::Read;
+        while !stop.load(Ordering::Relaxed) {
+            let text = std::fs::read_to_string(&console).unwrap_or_default();
+            if text.contains("GUEST-LISTENING") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        while !stop.load(Ordering::Relaxed) {
+            if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(30)));
+                // The client speaks first: Debian 12's passt leaves the guest's handshake
+                // to be completed by the first data it forwards.
+                let _ = c.write_all(b"GET / HTTP/1.0\r\n\r\n");
+                let mut answer = String::new();
+                let _ = c.read_to_string(&mut answer);
+                if answer.contains("GUEST-HTTP-OK") {
+                    return answer;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        String::new()
+    })
+}
 
 /// Answers every connection on `l` with one HTTP response until `stop` is set.
 fn http_server(l: std::net::TcpListener, stop: Arc<AtomicBool>) -> JoinHandle<usize> {
@@ -404,7 +443,7 @@ fn passt_installed() -> bool {
 }
 
 #[test]
-fn minimal_guest_gets_an_address_and_reaches_the_host_through_passt() {
+fn minimal_guest_gets_an_address_reaches_the_host_and_serves_it_through_passt() {
     let Some((kernel, initrd)) = kit_image("minimal") else {
         return;
     };
@@ -423,6 +462,11 @@ fn minimal_guest_gets_an_address_and_reaches_the_host_through_passt() {
     let console = dir.join("console.txt");
     let stop = Arc::new(AtomicBool::new(false));
     let server = http_server(listener, stop.clone());
+    let forwarded = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap().port()
+    };
+    let client = fetch_from_guest(console.clone(), forwarded, stop.clone());
 
     let mut cmd = vessel();
     cmd.args(["run", "--kernel"])
@@ -431,7 +475,9 @@ fn minimal_guest_gets_an_address_and_reaches_the_host_through_passt() {
         .arg(&initrd)
         .args(["--memory", "128M", "--append", "vessel.poweroff"])
         .arg(format!("--disk=path={},transport=mmio", disk.display()))
-        .arg("--net=user,mac=02:00:00:00:00:42,transport=pci")
+        .arg(format!(
+            "--net=user,mac=02:00:00:00:00:42,transport=pci,hostfwd=tcp:{forwarded}:8080"
+        ))
         .arg(format!("--serial=file={}", console.display()));
     let t = Instant::now();
     let out = run_with_timeout(cmd, LIMIT);
@@ -451,7 +497,13 @@ fn minimal_guest_gets_an_address_and_reaches_the_host_through_passt() {
         result.contains("http PASST-HTTP-OK"),
         "no HTTP answer: {result}\n{tail}"
     );
+    assert!(
+        result.contains("served GET / HTTP/1.0"),
+        "the guest's server was not reached: {result}\n{tail}"
+    );
     assert!(result.trim_end().ends_with("done"), "{result}");
     assert!(server.join().unwrap() >= 1);
+    let answer = client.join().unwrap();
+    assert!(answer.contains("GUEST-HTTP-OK"), "{answer:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
