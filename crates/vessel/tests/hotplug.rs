@@ -58,10 +58,24 @@ fn disks_and_nics_plug_in_and_out_of_a_running_guest_and_survive_a_snapshot() {
         eprintln!("note: set VESSEL_E2E=1 to hot-plug devices into the minimal guest");
         return;
     }
-    let Some((kernel, initrd)) = kit_image("minimal") else {
+    hotplug_scenario("minimal", BOOT);
+}
+
+/// The same with Debian's stock kernel (its `acpiphp` is built in), in the extended tests.
+#[test]
+fn debian_kernel_takes_hot_plugged_devices_too() {
+    if std::env::var("VESSEL_E2E_DEBIAN").ok().as_deref() != Some("1") {
+        eprintln!("note: set VESSEL_E2E_DEBIAN=1 (scripts/test.sh --extended) for Debian's kernel");
+        return;
+    }
+    hotplug_scenario("debian", Duration::from_secs(60 * 60));
+}
+
+fn hotplug_scenario(image: &str, boot: Duration) {
+    let Some((kernel, initrd)) = kit_image(image) else {
         return;
     };
-    let dir = scratch("hotplug");
+    let dir = scratch(&format!("hotplug-{image}"));
     let one = tagged_disk(&dir, "one.img", "VESSEL-HOTPLUG-ONE");
     let two = tagged_disk(&dir, "two.img", "VESSEL-HOTPLUG-TWO");
     let mut v = FcVessel::start(&dir, "api", &["--id", "hotplug", "--enable-pci"]);
@@ -73,10 +87,10 @@ fn disks_and_nics_plug_in_and_out_of_a_running_guest_and_survive_a_snapshot() {
             "initrd_path": initrd,
             "boot_args": vessel_vmm::DEFAULT_CMDLINE
         }),
-        json!({"vcpu_count": 1, "mem_size_mib": 128}),
+        json!({"vcpu_count": 1, "mem_size_mib": 256}),
     );
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
-    v.wait_console("VESSEL-GUEST-READY", BOOT, |s| {
+    v.wait_console("VESSEL-GUEST-READY", boot, |s| {
         s.lines().any(|l| l.trim_end() == "VESSEL-GUEST-READY")
     });
     guest(&mut v, "echo SHELL-UP", "SHELL-UP");
@@ -130,6 +144,25 @@ fn disks_and_nics_plug_in_and_out_of_a_running_guest_and_survive_a_snapshot() {
     let e = expect(&mut c, "DELETE", "/drives/one", None, 400);
     assert_eq!(fault(&e), "Device not found");
 
+    // pmem: a region and a device come and go; the next one goes after the gap.
+    let pmem = |id: &str, path: &Path| json!({"id": id, "path_on_host": path, "root_device": false, "read_only": false});
+    let pm1 = tagged_disk(&dir, "pm1.img", "VESSEL-HOTPLUG-PM1");
+    let pm2 = tagged_disk(&dir, "pm2.img", "VESSEL-HOTPLUG-PM2");
+    expect(&mut c, "PUT", "/pmem/pm1", Some(pmem("pm1", &pm1)), 204);
+    guest(
+        &mut v,
+        &read_tag("/dev/pmem0", 18),
+        "SEEN VESSEL-HOTPLUG-PM1",
+    );
+    expect(&mut c, "DELETE", "/pmem/pm1", None, 204);
+    guest(&mut v, "[ -b /dev/pmem0 ] || echo PMEM-GONE", "PMEM-GONE");
+    expect(&mut c, "PUT", "/pmem/pm2", Some(pmem("pm2", &pm2)), 204);
+    guest(
+        &mut v,
+        &read_tag("/dev/pmem0", 18),
+        "SEEN VESSEL-HOTPLUG-PM2",
+    );
+
     // A hot-plugged disk survives a snapshot: the restored guest still reads it, in the
     // same slot, and can unplug it there.
     expect(&mut c, "PUT", "/drives/two", Some(drive("two", &two)), 204);
@@ -168,6 +201,12 @@ fn disks_and_nics_plug_in_and_out_of_a_running_guest_and_survive_a_snapshot() {
     );
     let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
     assert_eq!(cfg["drives"][0]["drive_id"], "two", "{cfg}");
+    assert_eq!(cfg["pmem"][0]["id"], "pm2", "{cfg}");
+    guest(
+        &mut w,
+        "echo 3 > /proc/sys/vm/drop_caches; echo PMEM-AGAIN $(head -c 18 /dev/pmem0)",
+        "PMEM-AGAIN VESSEL-HOTPLUG-PM2",
+    );
     guest(
         &mut w,
         "echo 3 > /proc/sys/vm/drop_caches; echo AGAIN $(head -c 18 /dev/vda)",

@@ -186,6 +186,10 @@ pub struct PmemConfig {
     /// Limits on the guest's flushes (each one operation and the file's size in bytes).
     #[serde(default)]
     pub rate_limiter: Option<RateLimiterConfig>,
+    /// Where the region is in the guest, once placed (recorded in snapshots: a hot-plugged
+    /// device may sit after the gap an unplugged one left, and a restore puts it back there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_addr: Option<u64>,
 }
 
 /// `--fs tag=NAME,socket=PATH|dir=PATH[,readonly=on][,queues=N][,transport=pci|mmio]`: a
@@ -609,6 +613,7 @@ impl FromStr for PmemConfig {
             root,
             transport,
             rate_limiter,
+            guest_addr: None,
         })
     }
 }
@@ -908,6 +913,7 @@ mod tests {
                 read_only: true,
                 root: true,
                 transport: Transport::Mmio,
+                guest_addr: None,
                 rate_limiter: Some(RateLimiterConfig {
                     bandwidth: None,
                     ops: Some(BucketConfig::per_second(10)),

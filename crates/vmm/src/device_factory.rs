@@ -7,7 +7,9 @@ use vessel_virtio::VirtioDevice;
 use vessel_virtio_devices::vhost_user::fs;
 use vessel_virtio_devices::{balloon, block, net, pmem, rng, vsock};
 
-use crate::device_config::{DeviceConfigs, DiskConfig, NetConfig, PasstConfig, Transport};
+use crate::device_config::{
+    DeviceConfigs, DiskConfig, NetConfig, PasstConfig, PmemConfig, Transport,
+};
 use crate::device_manager::DeviceError;
 
 /// Which list of [`DeviceConfigs`] a device comes from, in the order they are built
@@ -121,11 +123,40 @@ pub fn net(n: &NetConfig) -> Result<(PlannedDevice, net::NetHandle), DeviceError
     Ok((planned(dev, Role::Net, n.transport), h))
 }
 
+/// The virtio-pmem device of `p`, its region placed by `placer` (where `p` says, if it
+/// says).
+pub fn pmem_device(
+    p: &PmemConfig,
+    placer: &mut crate::pmem::Placer,
+) -> Result<(PlannedDevice, pmem::PmemHandle), DeviceError> {
+    let what = || format!("Cannot create pmem device {}", p.path.display());
+    let mut dev = pmem::Pmem::new(&pmem::PmemParams {
+        path: p.path.clone(),
+        read_only: p.read_only,
+    })
+    .map_err(|e| DeviceError::setup(what(), e))?;
+    let at = placer
+        .place_at(p.guest_addr, dev.region().size)
+        .map_err(|e| DeviceError::setup(what(), e))?;
+    dev.set_guest_address(at);
+    if let Some(r) = &p.rate_limiter {
+        dev.rate_limiter().set_config(r);
+    }
+    let handle = dev.handle();
+    let region = dev.region();
+    let planned = PlannedDevice {
+        pmem_region: Some(region),
+        ..planned(dev, Role::Pmem, p.transport)
+    };
+    Ok((planned, handle))
+}
+
 /// The device models for `configs`, in a stable order (disks, nets, vsock, rng, balloon,
-/// pmem, fs); pmem regions are placed in `device_memory` (the guest layout's).
+/// pmem, vhost-user, fs); pmem regions are placed by `placer` (in the guest layout's device
+/// memory).
 pub fn build(
     configs: &DeviceConfigs,
-    device_memory: (u64, u64),
+    placer: &mut crate::pmem::Placer,
 ) -> Result<(Vec<PlannedDevice>, DeviceHandles), DeviceError> {
     let mut out = Vec::new();
     let mut handles = DeviceHandles::default();
@@ -165,27 +196,10 @@ pub fn build(
         handles.balloon = Some(handle);
         out.push(planned(dev, Role::Balloon, b.transport));
     }
-    let mut placer = crate::pmem::Placer::new(device_memory);
     for p in &configs.pmem {
-        let what = || format!("Cannot create pmem device {}", p.path.display());
-        let mut dev = pmem::Pmem::new(&pmem::PmemParams {
-            path: p.path.clone(),
-            read_only: p.read_only,
-        })
-        .map_err(|e| DeviceError::setup(what(), e))?;
-        let at = placer
-            .place(dev.region().size)
-            .map_err(|e| DeviceError::setup(what(), e))?;
-        dev.set_guest_address(at);
-        if let Some(r) = &p.rate_limiter {
-            dev.rate_limiter().set_config(r);
-        }
-        handles.pmem.push(dev.handle());
-        let region = dev.region();
-        out.push(PlannedDevice {
-            pmem_region: Some(region),
-            ..planned(dev, Role::Pmem, p.transport)
-        });
+        let (dev, handle) = pmem_device(p, placer)?;
+        handles.pmem.push(handle);
+        out.push(dev);
     }
     for v in &configs.vhost_user {
         use crate::device_config::VhostUserKind;

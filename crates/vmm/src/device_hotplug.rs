@@ -12,9 +12,10 @@ use std::time::Duration;
 use vessel_virtio::pci::BAR0_SIZE;
 use vessel_virtio_devices::block::BlockHandle;
 use vessel_virtio_devices::net::NetHandle;
+use vessel_virtio_devices::pmem::PmemHandle;
 
 use super::{lock, DeviceError, Placed, VirtioManager};
-use crate::device_config::{DiskConfig, NetConfig, Transport};
+use crate::device_config::{DiskConfig, NetConfig, PmemConfig, Transport};
 use crate::device_factory::{DiskHandles, Role};
 use crate::error::VmmError;
 use crate::pci_hotplug::HotplugController;
@@ -24,12 +25,14 @@ use crate::pci_hotplug::HotplugController;
 pub enum Pluggable {
     Disk(DiskConfig),
     Net(NetConfig),
+    Pmem(PmemConfig),
 }
 
 /// What a plugged-in device gives its user.
 pub enum Plugged {
     Disk(DiskHandles),
     Net(NetHandle),
+    Pmem(PmemHandle),
 }
 
 /// A device to unplug, by the handle it was given.
@@ -37,6 +40,7 @@ pub enum Plugged {
 pub enum PluggedRef<'a> {
     Disk(&'a BlockHandle),
     Net(&'a NetHandle),
+    Pmem(&'a PmemHandle),
 }
 
 /// Why a device could not be plugged in or out.
@@ -116,11 +120,45 @@ impl VirtioManager {
                 self.configs.nets.push(n);
                 (slot, Plugged::Net(h))
             }
+            Pluggable::Pmem(p) => self.plug_pmem(p)?,
         };
         hotplug.forget(slot);
         hotplug.announce(&self.vm, slot)?;
         log::info!("{}", self.placed.last().map_or("", String::as_str));
         Ok((slot, plugged))
+    }
+
+    /// A pmem device: its region placed after the others and given a KVM slot, then the
+    /// device on the bus. A read-only region's stray writes are dropped as unhandled MMIO.
+    fn plug_pmem(&mut self, mut p: PmemConfig) -> Result<(u8, Plugged), HotplugError> {
+        p.transport = Transport::Pci;
+        p.root = false;
+        p.guest_addr = None;
+        let mut placer = self.pmem_placer.clone();
+        let (dev, h) = crate::device_factory::pmem_device(&p, &mut placer)?;
+        let region = dev.pmem_region.ok_or(HotplugError::NotFound)?;
+        let index = self.next_pmem_region;
+        crate::pmem::register(&self.vm, index, &region)?;
+        let at = self.position_for(Role::Pmem);
+        let slot = match self.add_pci(dev.device, Role::Pmem, None, at) {
+            Ok(slot) => slot,
+            Err(e) => {
+                let _ = crate::pmem::unregister(&self.vm, index);
+                return Err(e.into());
+            }
+        };
+        self.pmem_placer = placer;
+        self.next_pmem_region += 1;
+        self.pmem_regions.push(index);
+        p.guest_addr = Some(region.guest_addr);
+        self.placed.push(format!(
+            "virtio-pmem region {:#x}..{:#x}",
+            region.guest_addr,
+            region.guest_addr + region.size
+        ));
+        self.handles.pmem.push(h.clone());
+        self.configs.pmem.push(p);
+        Ok((slot, Plugged::Pmem(h)))
     }
 
     /// The list and index of the device `target` names.
@@ -138,6 +176,12 @@ impl VirtioManager {
                 .iter()
                 .position(|n| n.rx.same(&h.rx))
                 .map(|i| (Role::Net, i)),
+            PluggedRef::Pmem(h) => self
+                .handles
+                .pmem
+                .iter()
+                .position(|p| p.limiter.same(&h.limiter))
+                .map(|i| (Role::Pmem, i)),
         }
     }
 
@@ -190,6 +234,15 @@ impl VirtioManager {
         }
         if let Placed::Pci(dev) = &gone.transport {
             lock(dev).shut_down();
+        }
+        if role == Role::Pmem {
+            // The slot goes before the device (and its mapping of the file) does.
+            let region = self.pmem_regions.remove(index);
+            if let Err(e) = crate::pmem::unregister(&self.vm, region) {
+                log::warn!("pmem region {region}: {e}");
+            }
+            self.configs.pmem.remove(index);
+            self.handles.pmem.remove(index);
         }
         match role {
             Role::Disk => {

@@ -151,6 +151,11 @@ pub struct VirtioManager {
     slot_plan: Vec<Option<u8>>,
     /// ACPI PCI hotplug, for guests booted without firmware that have a PCI bus.
     pub(crate) hotplug: Option<Arc<crate::pci_hotplug::HotplugController>>,
+    /// Where the next pmem region goes, and the KVM region index of each pmem device (in
+    /// `configs.pmem` order) and of the next one.
+    pmem_placer: crate::pmem::Placer,
+    pmem_regions: Vec<usize>,
+    next_pmem_region: usize,
 }
 
 fn device_err<E: std::error::Error + Send + Sync + 'static>(
@@ -173,6 +178,9 @@ impl VirtioManager {
             configs: DeviceConfigs::default(),
             slot_plan: Vec::new(),
             hotplug: None,
+            pmem_placer: crate::pmem::Placer::new((0, 0)),
+            pmem_regions: Vec::new(),
+            next_pmem_region: 0,
         }
     }
 
@@ -509,11 +517,16 @@ pub fn create(
     if bridge == Bridge::I440fx || configs.pci_bus {
         m.pci_host(io_bus, mmio_bus)?;
     }
-    let (devices, handles) = crate::device_factory::build(configs, device_memory)?;
+    let mut placer = crate::pmem::Placer::new(device_memory);
+    let (devices, handles) = crate::device_factory::build(configs, &mut placer)?;
     m.handles = handles;
+    m.configs = configs.clone();
     let mut regions = 0;
     for planned in devices {
         if let Some(r) = &planned.pmem_region {
+            if let Some(p) = m.configs.pmem.get_mut(regions) {
+                p.guest_addr = Some(r.guest_addr);
+            }
             crate::pmem::register(vm, regions, r)?;
             if r.read_only {
                 let dev = Arc::new(Mutex::new(crate::pmem::ReadOnlyRegion::new(regions)));
@@ -537,7 +550,9 @@ pub fn create(
             planned.transport,
         )?;
     }
-    m.configs = configs.clone();
+    m.pmem_placer = placer;
+    m.pmem_regions = (0..regions).collect();
+    m.next_pmem_region = regions;
     if m.platform.pci && bridge == Bridge::Vessel {
         let hotplug = crate::pci_hotplug::HotplugController::new(ports::GED_IRQ);
         io_bus
@@ -671,6 +686,7 @@ mod tests {
             root: false,
             transport,
             rate_limiter: None,
+            guest_addr: None,
         };
         let c = DeviceConfigs {
             pmem: vec![pmem(Transport::Mmio), pmem(Transport::Pci)],

@@ -197,6 +197,7 @@ mod tests {
             path: "/rootfs.ext4".into(),
             read_only: false,
             root: true,
+            guest_addr: None,
             transport: Default::default(),
             rate_limiter: None,
         });

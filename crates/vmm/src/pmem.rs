@@ -28,11 +28,16 @@ pub enum PlaceError {
     NoRoom { size: u64, at: u64, end: u64 },
     #[error("at most {MAX_DEVICES} pmem devices")]
     TooMany,
+    #[error(
+        "a recorded pmem region at {0:#x} is not in the device memory area or not 2 MiB aligned"
+    )]
+    Misplaced(u64),
 }
 
 /// Hands out consecutive 2 MiB-aligned ranges of `[start, end)`.
 #[derive(Debug, Clone)]
 pub struct Placer {
+    start: u64,
     next: u64,
     end: u64,
     count: usize,
@@ -42,6 +47,7 @@ impl Placer {
     /// Places regions in `area` (the guest layout's `device_memory()`).
     pub fn new((start, end): (u64, u64)) -> Placer {
         Placer {
+            start,
             next: start,
             end,
             count: 0,
@@ -50,10 +56,20 @@ impl Placer {
 
     /// The guest-physical address of the next region of `size` bytes (a multiple of 2 MiB).
     pub fn place(&mut self, size: u64) -> Result<u64, PlaceError> {
+        self.place_at(None, size)
+    }
+
+    /// [`Placer::place`], or at `at` (a recorded place: a restore's) if given; what comes
+    /// next goes after the last region.
+    pub fn place_at(&mut self, at: Option<u64>, size: u64) -> Result<u64, PlaceError> {
         if self.count == MAX_DEVICES {
             return Err(PlaceError::TooMany);
         }
-        let at = self.next.next_multiple_of(PMEM_ALIGN);
+        let at = match at {
+            Some(at) if at % PMEM_ALIGN == 0 && at >= self.start => at,
+            Some(at) => return Err(PlaceError::Misplaced(at)),
+            None => self.next.next_multiple_of(PMEM_ALIGN),
+        };
         let no_room = PlaceError::NoRoom {
             size,
             at,
@@ -63,7 +79,7 @@ impl Placer {
         if end > self.end {
             return Err(no_room);
         }
-        self.next = end;
+        self.next = self.next.max(end);
         self.count += 1;
         Ok(at)
     }
@@ -101,9 +117,23 @@ impl vessel_devices::BusDevice for ReadOnlyRegion {
     }
 }
 
-/// Registers region `index` (in configuration order) with KVM.
+/// Takes region `index`'s slot out of the VM (an unplugged device, before its mapping goes).
+pub(crate) fn unregister(vm: &VmFd, index: usize) -> Result<(), VmmError> {
+    let region = kvm_userspace_memory_region {
+        slot: slot(index),
+        ..Default::default()
+    };
+    // SAFETY: a zero-sized region deletes the slot; no memory is handed to KVM.
+    unsafe { vm.set_user_memory_region(region) }.kvm("KVM_SET_USER_MEMORY_REGION")
+}
+
+fn slot(index: usize) -> u32 {
+    FIRST_SLOT + u32::try_from(index).unwrap_or(u32::MAX - FIRST_SLOT)
+}
+
+/// Registers region `index` (the `index`th placed in this VM) with KVM.
 pub(crate) fn register(vm: &VmFd, index: usize, r: &PmemRegion) -> Result<(), VmmError> {
-    let slot = FIRST_SLOT + u32::try_from(index).unwrap_or(u32::MAX - FIRST_SLOT);
+    let slot = slot(index);
     let region = kvm_userspace_memory_region {
         slot,
         flags: if r.read_only { KVM_MEM_READONLY } else { 0 },
@@ -145,6 +175,30 @@ mod tests {
         assert_eq!(p.place(2 * MIB), Err(PlaceError::TooMany));
         let mut p = Placer::new((u64::MAX - 3 * MIB, u64::MAX));
         assert!(p.place(2 * MIB).is_err(), "no overflow");
+    }
+
+    #[test]
+    fn recorded_places_are_kept_and_what_follows_goes_after_them() {
+        let mut p = Placer::new((512 * GIB, 513 * GIB));
+        // A restore: the second device sat after a gap an unplugged one left.
+        assert_eq!(p.place_at(Some(512 * GIB), 2 * MIB), Ok(512 * GIB));
+        assert_eq!(
+            p.place_at(Some(512 * GIB + 6 * MIB), 2 * MIB),
+            Ok(512 * GIB + 6 * MIB)
+        );
+        // A new one goes after the last, not into the gap.
+        assert_eq!(p.place(2 * MIB), Ok(512 * GIB + 8 * MIB));
+        // A recorded place outside the area, unaligned, or running past its end: refused.
+        for bad in [GIB, 512 * GIB + 1] {
+            assert_eq!(
+                p.place_at(Some(bad), 2 * MIB),
+                Err(PlaceError::Misplaced(bad))
+            );
+        }
+        assert!(matches!(
+            p.place_at(Some(513 * GIB - 2 * MIB), 4 * MIB),
+            Err(PlaceError::NoRoom { .. })
+        ));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use vessel_api::types::MemoryHotplugStatus;
 use vessel_api::types::{
     Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Drive, Logger, MemoryBackendType,
     MigrateParams, NetworkInterface, PartialDrive, PartialNetworkInterface, PartialPmem,
-    PluggedDevice, RestoreHugePages, SerialDevice, SnapshotCreateParams, SnapshotLoadParams,
+    PluggedDevice, Pmem, RestoreHugePages, SerialDevice, SnapshotCreateParams, SnapshotLoadParams,
     SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
@@ -408,6 +408,10 @@ impl VmmBackend for ApiBackend {
 
     fn hotplug_network_interface(&mut self, iface: &NetworkInterface) -> Result<(), ApiError> {
         self.plug_network_interface(iface)
+    }
+
+    fn hotplug_pmem(&mut self, pmem: &Pmem) -> Result<(), ApiError> {
+        self.plug_pmem(pmem)
     }
 
     fn unplug(&mut self, device: &PluggedDevice) -> Result<(), ApiError> {

@@ -641,8 +641,11 @@ pub(crate) mod tests {
             (42, uds.to_str().unwrap())
         );
         // The device built from it reports the new CID in its configuration space.
-        let (devices, _) =
-            vessel_vmm::device_factory::build(&c.devices, (512 << 30, 1 << 46)).unwrap();
+        let (devices, _) = vessel_vmm::device_factory::build(
+            &c.devices,
+            &mut vessel_vmm::pmem::Placer::new((512 << 30, 1 << 46)),
+        )
+        .unwrap();
         let mut cid = [0u8; 8];
         devices[0].device.read_config(0, &mut cid);
         assert_eq!(u64::from_le_bytes(cid), 42);

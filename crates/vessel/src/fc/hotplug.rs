@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use vessel_api::hotplug::{DEVICE_NOT_FOUND, PCI_NOT_ENABLED};
-use vessel_api::types::{Drive, NetworkInterface, PluggedDevice};
+use vessel_api::types::{Drive, NetworkInterface, PluggedDevice, Pmem};
 use vessel_api::ApiError;
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ErrorChain, HotplugError, Pluggable, Plugged, PluggedRef};
@@ -80,7 +80,36 @@ impl ApiBackend {
         Ok(())
     }
 
-    /// `DELETE /drives/{id}` or `/network-interfaces/{id}` on a started VM.
+    /// `PUT /pmem/{id}` on a started VM.
+    pub(super) fn plug_pmem(&mut self, p: &Pmem) -> Result<(), ApiError> {
+        let vm = self.running()?.clone();
+        let mut configs = super::super::pmem::configs(
+            &vessel_api::VmResources {
+                pmem: vec![p.clone()],
+                ..Default::default()
+            },
+            Transport::Pci,
+        );
+        let config = configs
+            .pop()
+            .ok_or_else(|| ApiError::Internal("no pmem config".into()))?;
+        let (slot, plugged) = vm
+            .plug(Pluggable::Pmem(config))
+            .map_err(|e| hotplug_error("Pmem config error: ", e))?;
+        let Plugged::Pmem(h) = plugged else {
+            return Err(ApiError::Internal(
+                "a pmem device plugged in as another device".into(),
+            ));
+        };
+        self.pmem.push(p.id.clone(), h);
+        if let Some(c) = self.api_config.as_mut() {
+            c.pmem.push(p.clone());
+        }
+        log::info!("pmem device {} hot-plugged into PCI slot {slot}", p.id);
+        Ok(())
+    }
+
+    /// `DELETE /drives/{id}`, `/network-interfaces/{id}` or `/pmem/{id}` on a started VM.
     pub(super) fn unplug_device(&mut self, device: &PluggedDevice) -> Result<(), ApiError> {
         let vm = self.running()?.clone();
         let not_found = || ApiError::bad(DEVICE_NOT_FOUND);
@@ -111,8 +140,14 @@ impl ApiBackend {
                     c.network_interfaces.retain(|n| n.iface_id != *id);
                 }
             }
-            PluggedDevice::Pmem(_) => {
-                return Err(ApiError::Unsupported("hot-unplugging a pmem device".into()))
+            PluggedDevice::Pmem(id) => {
+                let h = self.pmem.handle(id).ok_or_else(not_found)?.clone();
+                vm.unplug(PluggedRef::Pmem(&h), UNPLUG_TIMEOUT)
+                    .map_err(|e| hotplug_error("Pmem config error: ", e))?;
+                self.pmem.remove(id);
+                if let Some(c) = self.api_config.as_mut() {
+                    c.pmem.retain(|p| p.id != *id);
+                }
             }
         }
         log::info!("{} {} unplugged", device_kind(device), device.id());

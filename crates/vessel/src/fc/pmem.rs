@@ -24,6 +24,7 @@ pub(super) fn configs(r: &VmResources, transport: Transport) -> Vec<PmemConfig> 
             root: p.root_device,
             transport,
             rate_limiter: limiter_config(&p.rate_limiter),
+            guest_addr: None,
         })
         .collect()
 }
@@ -47,6 +48,22 @@ impl PmemDevices {
                 .collect(),
             flushed: BTreeMap::new(),
         }
+    }
+
+    /// A hot-plugged device.
+    pub(super) fn push(&mut self, id: String, handle: PmemHandle) {
+        self.devices.push((id, handle));
+    }
+
+    /// Device `id`'s handle.
+    pub(super) fn handle(&self, id: &str) -> Option<&PmemHandle> {
+        self.devices.iter().find(|(d, _)| d == id).map(|(_, h)| h)
+    }
+
+    /// Forgets an unplugged device.
+    pub(super) fn remove(&mut self, id: &str) {
+        self.devices.retain(|(d, _)| d != id);
+        self.flushed.remove(id);
     }
 
     /// Sets each device's rate limiter to what `r` says (a restored VM: its devices were
