@@ -290,3 +290,119 @@ pub(crate) fn finish_unplug(
     lock(virtio).remove_slot(slot);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device_config::DeviceConfigs;
+    use crate::pci_host::Bridge;
+    use kvm_ioctls::VmFd;
+    use vessel_devices::Bus;
+    use vessel_memory::GuestMemoryMmap;
+    use vm_memory::GuestAddress;
+
+    fn new_vm() -> Option<Arc<VmFd>> {
+        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
+            eprintln!("note: no /dev/kvm; skipped");
+            return None;
+        };
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        Some(Arc::new(vm))
+    }
+
+    fn build(
+        vm: &Arc<VmFd>,
+        mem: &GuestMemoryMmap,
+        c: &DeviceConfigs,
+        slots: &[Option<u8>],
+    ) -> VirtioManager {
+        super::super::create(
+            vm,
+            mem,
+            &mut Bus::new(),
+            &mut Bus::new(),
+            c,
+            Bridge::Vessel,
+            (512 << 30, 1 << 46),
+            slots,
+        )
+        .unwrap()
+    }
+
+    fn disk(path: &std::path::Path) -> DiskConfig {
+        DiskConfig {
+            path: path.to_path_buf(),
+            format: None,
+            read_only: true,
+            serial: None,
+            transport: Transport::Mmio,
+            rate_limiter: None,
+        }
+    }
+
+    /// Plugged and unplugged devices leave the slots out of order; the configuration and the
+    /// saved slots bring a new VM (a restore's, a migration's) back to the same bus.
+    #[test]
+    fn plugged_devices_keep_their_slots_in_a_rebuilt_vm() {
+        let Some(vm) = new_vm() else { return };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let f = vmm_sys_util::tempfile::TempFile::new().unwrap();
+        f.as_file().set_len(1 << 20).unwrap();
+        // No bus without `pci_bus` or a PCI device: hotplug is refused.
+        let mut none = build(&vm, &mem, &DeviceConfigs::default(), &[]);
+        assert!(matches!(
+            none.plug(Pluggable::Disk(disk(f.as_path()))),
+            Err(HotplugError::NoPci)
+        ));
+        let Some(vm) = new_vm() else { return };
+        let c = DeviceConfigs {
+            rng: Some(Transport::Pci),
+            ..DeviceConfigs::default()
+        };
+        let mut m = build(&vm, &mem, &c, &[]);
+        assert!(m.platform().pci_hotplug.is_some());
+        let (a, Plugged::Disk(ha)) = m.plug(Pluggable::Disk(disk(f.as_path()))).unwrap() else {
+            panic!("a disk");
+        };
+        let (b, Plugged::Disk(_)) = m.plug(Pluggable::Disk(disk(f.as_path()))).unwrap() else {
+            panic!("a disk");
+        };
+        assert_eq!((a, b), (2, 3), "after the rng in slot 1");
+        // Disks come first in a VM built from the configuration; so here.
+        let names: Vec<_> = (0..m.devices.len()).map(|i| m.id_at(i)).collect();
+        assert_eq!(names, ["virtio-blk-0", "virtio-blk-1", "virtio-rng-2"]);
+        assert!(m
+            .configs
+            .disks
+            .iter()
+            .all(|d| d.transport == Transport::Pci));
+        // No driver holds the first: it goes at once, and with it its config and handles.
+        assert!(matches!(
+            m.unplug_begin(PluggedRef::Disk(&ha.control), true),
+            Ok(Unplugging::Done)
+        ));
+        assert_eq!(m.configs.disks.len(), 1);
+        assert_eq!(m.handles.blocks.len(), 1);
+        assert!(lock(&m.pci.as_ref().unwrap().bus).device(2).is_none());
+        assert!(matches!(
+            m.unplug_begin(PluggedRef::Disk(&ha.control), true),
+            Err(HotplugError::NotFound)
+        ));
+        m.quiesce_all().unwrap();
+        let saved = m.save_all().unwrap();
+        let slots: Vec<_> = saved.iter().map(|s| s.slot).collect();
+        assert_eq!(slots, [Some(3), Some(1)]);
+
+        // Rebuilt from the configuration the VM has now, in the saved slots: restored.
+        let Some(vm2) = new_vm() else { return };
+        let again = build(&vm2, &mem, &m.configs, &slots);
+        again.restore_all(&saved).unwrap();
+        assert!(lock(&again.pci.as_ref().unwrap().bus).device(3).is_some());
+        // Without the slots (first free ones) the bus differs: refused, saying where.
+        let Some(vm3) = new_vm() else { return };
+        let packed = build(&vm3, &mem, &m.configs, &[]);
+        let e = packed.restore_all(&saved).unwrap_err().to_string();
+        assert!(e.contains("PCI slot Some(3)"), "{e}");
+    }
+}
