@@ -438,6 +438,42 @@ fn http_server(l: std::net::TcpListener, stop: Arc<AtomicBool>) -> JoinHandle<us
     })
 }
 
+/// `vessel`, run as a user who is not root but can open `/dev/kvm`. Run as root, the test
+/// makes one without touching the host: in a mount namespace of its own, `/dev/kvm` is a
+/// node owned by `nobody`, and Vessel runs as `nobody` (`setpriv`), with the kernel, initrd
+/// and the scratch directory readable and writable there. Returns the command (arguments
+/// for Vessel still to add) and the kernel and initrd to give it.
+fn unprivileged_vessel(dir: &Path, kernel: &Path, initrd: &Path) -> (Command, PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return (vessel(), kernel.to_path_buf(), initrd.to_path_buf());
+    }
+    let k = dir.join("kernel");
+    let i = dir.join("initrd");
+    std::fs::copy(kernel, &k).unwrap();
+    std::fs::copy(initrd, &i).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let p = entry.unwrap().path();
+        if p.is_file() {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o666)).unwrap();
+        }
+    }
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let node = dir.join("kvm");
+    let mut cmd = Command::new("unshare");
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            "mknod \"$0\" c 10 232 && chown nobody \"$0\" && chmod 600 \"$0\" \
+             && mount --bind \"$0\" /dev/kvm \
+             && exec setpriv --reuid=nobody --regid=nogroup --clear-groups -- \"$@\"",
+        )
+        .arg(&node)
+        .arg(env!("CARGO_BIN_EXE_vessel"))
+        .stdin(std::process::Stdio::null());
+    (cmd, k, i)
+}
+
 fn passt_installed() -> bool {
     Command::new("passt").arg("--version").output().is_ok()
 }
@@ -468,7 +504,8 @@ fn minimal_guest_gets_an_address_reaches_the_host_and_serves_it_through_passt() 
     };
     let client = fetch_from_guest(console.clone(), forwarded, stop.clone());
 
-    let mut cmd = vessel();
+    // User-mode networking is for users without root: Vessel runs as one.
+    let (mut cmd, kernel, initrd) = unprivileged_vessel(&dir, &kernel, &initrd);
     cmd.args(["run", "--kernel"])
         .arg(&kernel)
         .arg("--initrd")
