@@ -32,6 +32,8 @@ pub enum PlaceError {
         "a recorded pmem region at {0:#x} is not in the device memory area or not 2 MiB aligned"
     )]
     Misplaced(u64),
+    #[error("its recorded region at {at:#x} overlaps the one before it, now ending at {before:#x}: did the backing file change size?")]
+    Overlap { at: u64, before: u64 },
 }
 
 /// Hands out consecutive 2 MiB-aligned ranges of `[start, end)`.
@@ -66,8 +68,16 @@ impl Placer {
             return Err(PlaceError::TooMany);
         }
         let at = match at {
-            Some(at) if at % PMEM_ALIGN == 0 && at >= self.start => at,
-            Some(at) => return Err(PlaceError::Misplaced(at)),
+            Some(at) if at % PMEM_ALIGN != 0 || at < self.start => {
+                return Err(PlaceError::Misplaced(at))
+            }
+            Some(at) if at < self.next => {
+                return Err(PlaceError::Overlap {
+                    at,
+                    before: self.next,
+                })
+            }
+            Some(at) => at,
             None => self.next.next_multiple_of(PMEM_ALIGN),
         };
         let no_room = PlaceError::NoRoom {
@@ -199,6 +209,14 @@ mod tests {
             p.place_at(Some(513 * GIB - 2 * MIB), 4 * MIB),
             Err(PlaceError::NoRoom { .. })
         ));
+        // A region recorded over the one before it (whose file grew): refused.
+        assert_eq!(
+            p.place_at(Some(512 * GIB + 8 * MIB), 2 * MIB),
+            Err(PlaceError::Overlap {
+                at: 512 * GIB + 8 * MIB,
+                before: 512 * GIB + 10 * MIB
+            })
+        );
     }
 
     #[test]

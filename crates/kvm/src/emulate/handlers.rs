@@ -43,6 +43,10 @@ pub(super) fn execute(
         Code::Movbe_r16_m16 | Code::Movbe_r32_m32 | Code::Movbe_r64_m64 => op.movbe_load(),
         Code::Movbe_m16_r16 | Code::Movbe_m32_r32 | Code::Movbe_m64_r64 => op.movbe_store(),
         Code::Rdpid_r32 | Code::Rdpid_r64 => op.rdpid(),
+        // Linux's MDS mitigation (`CLEAR_CPU_BUFFERS`) runs `verw` on its data selector at
+        // every return to user mode; the flag result is all the architecture defines.
+        Code::Verw_rm16 | Code::Verw_r32m16 | Code::Verw_r64m16 => op.verify_segment(true),
+        Code::Verr_rm16 | Code::Verr_r32m16 | Code::Verr_r64m16 => op.verify_segment(false),
         _ => Err(Stop::Fail(unsupported(instr))),
     };
     match result {
@@ -191,6 +195,43 @@ impl Op<'_> {
             },
             AccessError::Unbacked(_) => Stop::Fail(EmulateError::Memory(e)),
         })
+    }
+
+    /// `verw` / `verr`: ZF set when the selector names a GDT segment the current privilege
+    /// level may write (`verw`) or read (`verr`); no other flag changes. An LDT selector is
+    /// reported inaccessible (no guest Vessel runs uses an LDT at that point). Real mode
+    /// raises #UD.
+    fn verify_segment(&mut self, write: bool) -> Step {
+        if self.cpu.sregs.cr0 & 1 == 0 {
+            return Ok(exception(vector::UD, None));
+        }
+        let selector = self.read_rm(0, 2)? as u16;
+        let index = u64::from(selector & !7);
+        let gdt = self.cpu.sregs.gdt;
+        let ok = if selector & 4 != 0 || index == 0 || index + 7 > u64::from(gdt.limit) {
+            false
+        } else {
+            let mut d = [0u8; 8];
+            let at = self.cpu.mask_linear(gdt.base.wrapping_add(index));
+            let result = self.mem.read(at, &mut d);
+            self.check(result, false)?;
+            let d = u64::from_le_bytes(d);
+            let (system, code) = (d & (1 << 44) == 0, d & (1 << 43) != 0);
+            // Writable data; readable data or code; conforming code skips the DPL check.
+            let bit41 = d & (1 << 41) != 0;
+            let conforming = code && d & (1 << 42) != 0;
+            let dpl = ((d >> 45) & 3) as u8;
+            let rpl = (selector & 3) as u8;
+            let allowed = conforming || (dpl >= self.cpu.cpl() && dpl >= rpl);
+            let kind = match write {
+                true => !code && bit41,
+                false => !code || bit41,
+            };
+            !system && kind && (allowed || (!write && conforming))
+        };
+        let flags = self.cpu.regs.rflags & !rflags::ZF;
+        self.cpu.regs.rflags = flags | if ok { rflags::ZF } else { 0 };
+        Ok(self.advance())
     }
 
     fn set_ac(&mut self, on: bool) -> Step {

@@ -637,3 +637,72 @@ fn default_compare_exchange_reports_current_bytes() {
         .unwrap());
     assert_eq!(mem.get(0, 4), [5, 5, 5, 5]);
 }
+
+#[test]
+fn verw_and_verr_check_the_gdt_descriptor_and_set_only_zf() {
+    // Linux's GDT: null, kernel code32, kernel code64 (0x10), kernel data (0x18), user
+    // code32 (0x23), user data (0x2b), user code64 (0x33).
+    let gdt: [u64; 7] = [
+        0,
+        0x00cf_9b00_0000_ffff,
+        0x00af_9b00_0000_ffff,
+        0x00cf_9300_0000_ffff,
+        0x00cf_fb00_0000_ffff,
+        0x00cf_f300_0000_ffff,
+        0x00af_fb00_0000_ffff,
+    ];
+    let mut mem = mem64();
+    let table: Vec<u8> = gdt.iter().flat_map(|d| d.to_le_bytes()).collect();
+    mem.put(DATA + 0x100, &table);
+    // The selector Linux's CLEAR_CPU_BUFFERS names, in memory.
+    mem.put(DATA, &0x18u16.to_le_bytes());
+    let cpu0 = || {
+        let mut cpu = long64();
+        cpu.sregs.gdt.base = DATA + 0x100;
+        cpu.sregs.gdt.limit = (table.len() - 1) as u16;
+        cpu.regs.rflags |= rflags::CF;
+        cpu
+    };
+    let verw_mem = asm64(|a| a.verw(word_ptr(rbx)));
+    let mut cpu = cpu0();
+    cpu.regs.rbx = DATA;
+    assert_eq!(run(&verw_mem, &mut cpu, &mut mem), Completion::Done);
+    assert_eq!(cpu.regs.rip, long64().regs.rip + verw_mem.len() as u64);
+    assert_eq!(
+        cpu.regs.rflags & rflags::STATUS,
+        rflags::ZF | rflags::CF,
+        "ZF set, CF kept"
+    );
+    // (selector, writable?, readable?) at CPL 0.
+    for (selector, w, r) in [
+        (0x10u64, false, true), // code: readable, never writable
+        (0x18, true, true),     // kernel data
+        (0x2b, true, true),     // user data (DPL 3 >= CPL 0)
+        (0x00, false, false),   // null
+        (0x3b, false, false),   // past the limit
+        (0x1c, false, false),   // an LDT selector
+    ] {
+        for (write, expect) in [(true, w), (false, r)] {
+            let mut cpu = cpu0();
+            cpu.regs.rax = selector;
+            let bytes = match write {
+                true => asm64(|a| a.verw(ax)),
+                false => asm64(|a| a.verr(ax)),
+            };
+            assert_eq!(run(&bytes, &mut cpu, &mut mem), Completion::Done);
+            let zf = cpu.regs.rflags & rflags::ZF != 0;
+            assert_eq!(zf, expect, "selector {selector:#x}, write {write}");
+        }
+    }
+    // At CPL 3 the kernel's data segment (DPL 0) is out of reach.
+    let mut cpu = cpu0();
+    cpu.sregs.cs.selector = 0x33;
+    cpu.sregs.cs.dpl = 3;
+    cpu.sregs.ss.dpl = 3;
+    cpu.regs.rax = 0x18;
+    assert_eq!(
+        run(&asm64(|a| a.verw(ax)), &mut cpu, &mut mem),
+        Completion::Done
+    );
+    assert_eq!(cpu.regs.rflags & rflags::ZF, 0);
+}
