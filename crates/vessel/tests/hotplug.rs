@@ -52,6 +52,25 @@ fn read_tag(dev: &str, len: usize) -> String {
     )
 }
 
+/// A NIC on `tap` is plugged in, found by its MAC and brought up by the guest, then unplugged.
+fn nic_in_and_out(c: &mut vessel_api::client::Client, v: &mut FcVessel, tap: &str) {
+    let nic = json!({"iface_id": "net1", "host_dev_name": tap,
+                     "guest_mac": "06:00:ac:10:00:02"});
+    expect(c, "PUT", "/network-interfaces/net1", Some(nic), 204);
+    guest(
+        v,
+        "while ! grep -qs 06:00:ac:10:00:02 /sys/class/net/*/address; do sleep 1; done; \
+         for n in /sys/class/net/*; do grep -qs 06:00:ac:10:00:02 $n/address && ip link set ${n##*/} up && echo NIC-UP; done",
+        "NIC-UP",
+    );
+    expect(c, "DELETE", "/network-interfaces/net1", None, 204);
+    guest(
+        v,
+        "grep -qs 06:00:ac:10:00:02 /sys/class/net/*/address || echo NIC-GONE",
+        "NIC-GONE",
+    );
+}
+
 #[test]
 fn disks_and_nics_plug_in_and_out_of_a_running_guest_and_survive_a_snapshot() {
     if std::env::var("VESSEL_E2E").ok().as_deref() != Some("1") {
@@ -115,20 +134,7 @@ fn hotplug_scenario(image: &str, boot: Duration) {
     let tap = format!("vhp{}", std::process::id() % 100_000);
     let have_tap = sh(&format!("ip tuntap add name {tap} mode tap"));
     if have_tap {
-        let nic = json!({"iface_id": "net1", "host_dev_name": tap,
-                         "guest_mac": "06:00:ac:10:00:02"});
-        expect(&mut c, "PUT", "/network-interfaces/net1", Some(nic), 204);
-        guest(
-            &mut v,
-            "while ! grep -qs 06:00:ac:10:00:02 /sys/class/net/*/address; do sleep 1; done; ip link set eth0 up && echo NIC-UP",
-            "NIC-UP",
-        );
-        expect(&mut c, "DELETE", "/network-interfaces/net1", None, 204);
-        guest(
-            &mut v,
-            "grep -qs 06:00:ac:10:00:02 /sys/class/net/*/address || echo NIC-GONE",
-            "NIC-GONE",
-        );
+        nic_in_and_out(&mut c, &mut v, &tap);
     } else {
         eprintln!("note: no TAP here (not root?); the NIC part is skipped");
     }
@@ -218,9 +224,12 @@ fn hotplug_scenario(image: &str, boot: Duration) {
         "[ -b /dev/vda ] || echo GONE-AFTER-RESTORE",
         "GONE-AFTER-RESTORE",
     );
-    // And a new one goes in after the restore.
+    // And a new one goes in after the restore, and a NIC comes and goes there too.
     expect(&mut c, "PUT", "/drives/one", Some(drive("one", &one)), 204);
     guest(&mut w, &read_tag("/dev/vda", 18), "SEEN VESSEL-HOTPLUG-ONE");
+    if have_tap {
+        nic_in_and_out(&mut c, &mut w, &tap);
+    }
     if std::env::var_os("VESSEL_HOTPLUG_DEBUG").is_some() {
         eprintln!(
             "first console:\n{}\nrestored console:\n{}\nstderr:\n{}",
