@@ -150,24 +150,29 @@ fn hotplug_scenario(image: &str, boot: Duration) {
     let e = expect(&mut c, "DELETE", "/drives/one", None, 400);
     assert_eq!(fault(&e), "Device not found");
 
-    // pmem: a region and a device come and go; the next one goes after the gap.
-    let pmem = |id: &str, path: &Path| json!({"id": id, "path_on_host": path, "root_device": false, "read_only": false});
-    let pm1 = tagged_disk(&dir, "pm1.img", "VESSEL-HOTPLUG-PM1");
-    let pm2 = tagged_disk(&dir, "pm2.img", "VESSEL-HOTPLUG-PM2");
-    expect(&mut c, "PUT", "/pmem/pm1", Some(pmem("pm1", &pm1)), 204);
-    guest(
-        &mut v,
-        &read_tag("/dev/pmem0", 18),
-        "SEEN VESSEL-HOTPLUG-PM1",
-    );
-    expect(&mut c, "DELETE", "/pmem/pm1", None, 204);
-    guest(&mut v, "[ -b /dev/pmem0 ] || echo PMEM-GONE", "PMEM-GONE");
-    expect(&mut c, "PUT", "/pmem/pm2", Some(pmem("pm2", &pm2)), 204);
-    guest(
-        &mut v,
-        &read_tag("/dev/pmem0", 18),
-        "SEEN VESSEL-HOTPLUG-PM2",
-    );
+    // pmem: a region and a device come and go; the next one goes after the gap. (The kit's
+    // debian image does not load Debian's virtio_pmem/nd_pmem modules, and its busybox init
+    // loads none on demand: `minimal` only.)
+    let with_pmem = image == "minimal";
+    if with_pmem {
+        let pmem = |id: &str, path: &Path| json!({"id": id, "path_on_host": path, "root_device": false, "read_only": false});
+        let pm1 = tagged_disk(&dir, "pm1.img", "VESSEL-HOTPLUG-PM1");
+        let pm2 = tagged_disk(&dir, "pm2.img", "VESSEL-HOTPLUG-PM2");
+        expect(&mut c, "PUT", "/pmem/pm1", Some(pmem("pm1", &pm1)), 204);
+        guest(
+            &mut v,
+            &read_tag("/dev/pmem0", 18),
+            "SEEN VESSEL-HOTPLUG-PM1",
+        );
+        expect(&mut c, "DELETE", "/pmem/pm1", None, 204);
+        guest(&mut v, "[ -b /dev/pmem0 ] || echo PMEM-GONE", "PMEM-GONE");
+        expect(&mut c, "PUT", "/pmem/pm2", Some(pmem("pm2", &pm2)), 204);
+        guest(
+            &mut v,
+            &read_tag("/dev/pmem0", 18),
+            "SEEN VESSEL-HOTPLUG-PM2",
+        );
+    }
 
     // A hot-plugged disk survives a snapshot: the restored guest still reads it, in the
     // same slot, and can unplug it there.
@@ -207,12 +212,14 @@ fn hotplug_scenario(image: &str, boot: Duration) {
     );
     let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
     assert_eq!(cfg["drives"][0]["drive_id"], "two", "{cfg}");
-    assert_eq!(cfg["pmem"][0]["id"], "pm2", "{cfg}");
-    guest(
-        &mut w,
-        "echo 3 > /proc/sys/vm/drop_caches; echo PMEM-AGAIN $(head -c 18 /dev/pmem0)",
-        "PMEM-AGAIN VESSEL-HOTPLUG-PM2",
-    );
+    if with_pmem {
+        assert_eq!(cfg["pmem"][0]["id"], "pm2", "{cfg}");
+        guest(
+            &mut w,
+            "echo 3 > /proc/sys/vm/drop_caches; echo PMEM-AGAIN $(head -c 18 /dev/pmem0)",
+            "PMEM-AGAIN VESSEL-HOTPLUG-PM2",
+        );
+    }
     guest(
         &mut w,
         "echo 3 > /proc/sys/vm/drop_caches; echo AGAIN $(head -c 18 /dev/vda)",
