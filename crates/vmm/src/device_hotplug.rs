@@ -293,6 +293,7 @@ pub(crate) fn finish_unplug(
 
 #[cfg(test)]
 mod tests {
+    use super::super::tests::new_vm;
     use super::*;
     use crate::device_config::DeviceConfigs;
     use crate::pci_host::Bridge;
@@ -300,16 +301,6 @@ mod tests {
     use vessel_devices::Bus;
     use vessel_memory::GuestMemoryMmap;
     use vm_memory::GuestAddress;
-
-    fn new_vm() -> Option<Arc<VmFd>> {
-        let Ok(kvm) = kvm_ioctls::Kvm::new() else {
-            eprintln!("note: no /dev/kvm; skipped");
-            return None;
-        };
-        let vm = kvm.create_vm().unwrap();
-        vm.create_irq_chip().unwrap();
-        Some(Arc::new(vm))
-    }
 
     fn build(
         vm: &Arc<VmFd>,

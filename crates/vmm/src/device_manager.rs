@@ -581,7 +581,8 @@ mod tests {
     use vessel_pci::MsiMessage;
     use vm_memory::GuestAddress;
 
-    fn new_vm() -> Option<Arc<VmFd>> {
+    /// A VM with an irqchip, or `None` (and a note) without `/dev/kvm`.
+    pub(super) fn new_vm() -> Option<Arc<VmFd>> {
         let Ok(kvm) = kvm_ioctls::Kvm::new() else {
             eprintln!("note: no /dev/kvm; skipped");
             return None;
