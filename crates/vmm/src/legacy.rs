@@ -40,6 +40,15 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// An edge on `gsi` (the generic event device's interrupt, for the VM generation ID and PCI
+/// hotplug, is edge-triggered). A guest that never unmasked the pin does not see it, as on
+/// hardware.
+pub(crate) fn edge(vm: &VmFd, gsi: u32) -> Result<(), VmmError> {
+    vm.set_irq_line(gsi, true).kvm("KVM_IRQ_LINE")?;
+    vm.set_irq_line(gsi, false).kvm("KVM_IRQ_LINE")?;
+    Ok(())
+}
+
 /// A new event registered with KVM as the irqfd of `gsi`: writing it raises the interrupt.
 pub(crate) fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmmError> {
     let fd = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmmError::EventFd {

@@ -70,13 +70,13 @@ impl HotplugController {
     /// Tells the guest that `slot` has a new device.
     pub fn announce(&self, vm: &VmFd, slot: u8) -> Result<(), VmmError> {
         self.up.fetch_or(bit(slot), Ordering::AcqRel);
-        crate::vmgenid::notify(vm, self.gsi)
+        crate::legacy::edge(vm, self.gsi)
     }
 
     /// Asks the guest to release the device in `slot`.
     pub fn request_eject(&self, vm: &VmFd, slot: u8) -> Result<(), VmmError> {
         self.down.fetch_or(bit(slot), Ordering::AcqRel);
-        crate::vmgenid::notify(vm, self.gsi)
+        crate::legacy::edge(vm, self.gsi)
     }
 
     /// Waits up to `timeout` for the guest to eject `slot`; true (and the slot's eject

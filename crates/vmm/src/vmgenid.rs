@@ -15,7 +15,7 @@ use vessel_memory::vm_memory::{Bytes, GuestAddress};
 use vessel_memory::{addr, ports, GuestMemoryMmap};
 
 use crate::config::Payload;
-use crate::error::{KvmContext, VmmError};
+use crate::error::VmmError;
 
 /// A VM generation ID, as the guest reads it.
 pub type GenerationId = [u8; addr::VMGENID_SIZE as usize];
@@ -103,16 +103,8 @@ pub(crate) fn regenerate(
 ) -> Result<GenerationId, VmmError> {
     s.check()?;
     let id = write_new(mem, s)?;
-    notify(vm, s.irq)?;
+    crate::legacy::edge(vm, s.irq)?;
     Ok(id)
-}
-
-/// An edge on `gsi` (the generic event device's interrupt is edge-triggered). A guest that
-/// never unmasked the pin does not see it, as on hardware.
-pub(crate) fn notify(vm: &VmFd, gsi: u32) -> Result<(), VmmError> {
-    vm.set_irq_line(gsi, true).kvm("KVM_IRQ_LINE")?;
-    vm.set_irq_line(gsi, false).kvm("KVM_IRQ_LINE")?;
-    Ok(())
 }
 
 #[cfg(test)]

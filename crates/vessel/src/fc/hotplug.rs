@@ -83,16 +83,7 @@ impl ApiBackend {
     /// `PUT /pmem/{id}` on a started VM.
     pub(super) fn plug_pmem(&mut self, p: &Pmem) -> Result<(), ApiError> {
         let vm = self.running()?.clone();
-        let mut configs = super::super::pmem::configs(
-            &vessel_api::VmResources {
-                pmem: vec![p.clone()],
-                ..Default::default()
-            },
-            Transport::Pci,
-        );
-        let config = configs
-            .pop()
-            .ok_or_else(|| ApiError::Internal("no pmem config".into()))?;
+        let config = super::super::pmem::config(p, Transport::Pci);
         let (slot, plugged) = vm
             .plug(Pluggable::Pmem(config))
             .map_err(|e| hotplug_error("Pmem config error: ", e))?;

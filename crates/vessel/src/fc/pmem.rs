@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
-use vessel_api::types::PartialPmem;
+use vessel_api::types::{PartialPmem, Pmem};
 use vessel_api::{ApiError, VmResources};
 use vessel_virtio_devices::pmem::{PmemHandle, PmemStats};
 use vessel_vmm::device_config::{PmemConfig, Transport};
@@ -16,17 +16,19 @@ use super::config::{limiter_config, update_limiter};
 
 /// The API's pmem devices, in order (`/dev/pmem0` first), on `transport`.
 pub(super) fn configs(r: &VmResources, transport: Transport) -> Vec<PmemConfig> {
-    r.pmem
-        .iter()
-        .map(|p| PmemConfig {
-            path: PathBuf::from(&p.path_on_host),
-            read_only: p.read_only,
-            root: p.root_device,
-            transport,
-            rate_limiter: limiter_config(&p.rate_limiter),
-            guest_addr: None,
-        })
-        .collect()
+    r.pmem.iter().map(|p| config(p, transport)).collect()
+}
+
+/// One API pmem device, on `transport`.
+pub(super) fn config(p: &Pmem, transport: Transport) -> PmemConfig {
+    PmemConfig {
+        path: PathBuf::from(&p.path_on_host),
+        read_only: p.read_only,
+        root: p.root_device,
+        transport,
+        rate_limiter: limiter_config(&p.rate_limiter),
+        guest_addr: None,
+    }
 }
 
 /// The running VM's pmem devices by id, and what their counters were at the previous line.
