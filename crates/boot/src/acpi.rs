@@ -117,6 +117,9 @@ pub struct PlatformDevices {
     /// the host bridge's 32-bit window is the whole MMIO gap below the IO-APIC, where the
     /// firmware puts the BARs.
     pub firmware: bool,
+    /// With `firmware`: the host bridge's 64-bit window (start, end exclusive), from above
+    /// RAM, where OVMF puts 64-bit BARs.
+    pub pci_mmio64: Option<(u64, u64)>,
 }
 
 /// Where the VM generation ID is and how the guest learns that it changed.
@@ -406,7 +409,7 @@ fn mcfg() -> Vec<u8> {
 
 /// The PCI host bridge (`PNP0A08`, compatible with `PNP0A03`) on bus 0 with its windows, and a
 /// motherboard-resource device reserving the ECAM range (Linux checks it before using MCFG).
-fn pci_devices(firmware: bool, hotplug: bool, out: &mut Vec<u8>) {
+fn pci_devices(devices: &PlatformDevices, hotplug: bool, out: &mut Vec<u8>) {
     let hid = Name::new("_HID".into(), &EISAName::new("PNP0A08"));
     let cid = Name::new("_CID".into(), &EISAName::new("PNP0A03"));
     let adr = Name::new("_ADR".into(), &0u8);
@@ -422,7 +425,7 @@ fn pci_devices(firmware: bool, hotplug: bool, out: &mut Vec<u8>) {
     );
     let io_low = aml::AddressSpace::new_io(0u16, ports::PCI_CONFIG_ADDRESS - 1, None);
     let io_high = aml::AddressSpace::new_io(0x0d00u16, 0xffffu16, None);
-    let (start, end) = match firmware {
+    let (start, end) = match devices.firmware {
         true => (addr::MMIO_GAP_START, addr::IOAPIC_START),
         false => (addr::PCI_MMIO32_START, addr::PCI_MMIO32_END),
     };
@@ -433,7 +436,23 @@ fn pci_devices(firmware: bool, hotplug: bool, out: &mut Vec<u8>) {
         (end - 1) as u32,
         None,
     );
-    let crs = ResourceTemplate::new(vec![&buses, &cfg_io, &io_low, &io_high, &mem32]);
+    let mem64 = devices
+        .pci_mmio64
+        .filter(|(start, end)| devices.firmware && start < end)
+        .map(|(start, end)| {
+            aml::AddressSpace::new_memory(
+                AddressSpaceCacheable::NotCacheable,
+                true,
+                start,
+                end - 1,
+                None,
+            )
+        });
+    let mut windows: Vec<&dyn Aml> = vec![&buses, &cfg_io, &io_low, &io_high, &mem32];
+    if let Some(w) = &mem64 {
+        windows.push(w);
+    }
+    let crs = ResourceTemplate::new(windows);
     let crs = Name::new("_CRS".into(), &crs);
     let slots = RawAml(if hotplug {
         pci_hotplug_slots()
@@ -611,7 +630,7 @@ fn dsdt(devices: &PlatformDevices) -> Vec<u8> {
     virtio_mmio_devices(&devices.virtio_mmio, &mut extra);
     let hotplug = devices.pci_hotplug.filter(|_| devices.pci);
     if devices.pci {
-        pci_devices(devices.firmware, hotplug.is_some(), &mut extra);
+        pci_devices(devices, hotplug.is_some(), &mut extra);
     }
     if let Some(v) = &devices.vmgenid {
         vmgenid_device(v, &mut extra);
@@ -874,6 +893,7 @@ mod tests {
             vmgenid: None,
             pci_hotplug: None,
             firmware: false,
+            pci_mmio64: None,
         };
         let all = tables(&mem, create_acpi_tables(&mem, 2, &devices).unwrap());
         let d = find(&all, b"DSDT");
@@ -1134,6 +1154,34 @@ mod tests {
         let (mem, _) = testutil::guest(64 * MIB);
         let err = create_acpi_tables(&mem, 0, &PlatformDevices::default()).unwrap_err();
         assert!(matches!(err, BootError::BadCpuCount(0)), "{err}");
+    }
+
+    /// Booted through firmware, the host bridge's windows are the MMIO gap below the
+    /// IO-APIC and, with a 64-bit window, a QWord memory range (descriptor 0x8a) for the
+    /// BARs OVMF puts above RAM; without firmware there is no 64-bit window.
+    #[test]
+    fn a_firmware_host_bridge_has_a_64_bit_window() {
+        let window = (4u64 << 30, 512u64 << 30);
+        let dsdt = |firmware: bool| {
+            let devices = PlatformDevices {
+                pci: true,
+                firmware,
+                pci_mmio64: Some(window),
+                ..Default::default()
+            };
+            let fw = firmware_acpi_tables(1, &devices).unwrap();
+            let (_, at, len) = *fw.layout.iter().find(|(s, _, _)| s == b"DSDT").unwrap();
+            fw.tables[at..at + len].to_vec()
+        };
+        let qword = |d: &[u8]| {
+            let mut min_max = window.0.to_le_bytes().to_vec();
+            min_max.extend_from_slice(&(window.1 - 1).to_le_bytes());
+            d.windows(16).any(|w| w == min_max.as_slice())
+        };
+        assert!(qword(&dsdt(true)));
+        assert!(!qword(&dsdt(false)));
+        let gap = (addr::MMIO_GAP_START as u32).to_le_bytes();
+        assert!(dsdt(true).windows(4).any(|w| w == gap));
     }
 
     #[test]

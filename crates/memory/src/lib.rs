@@ -280,6 +280,14 @@ impl GuestLayout {
         map
     }
 
+    /// The 64-bit PCI window of a firmware-booted guest (start, end exclusive): from the
+    /// first GiB boundary above 4 GiB and RAM up to device memory. OVMF puts its 64-bit BARs
+    /// in an aperture above RAM (32 GiB-aligned by default), which this covers.
+    pub fn firmware_pci_mmio64(&self) -> (u64, u64) {
+        let start = self.ram_end().max(addr::MMIO_GAP_END).next_multiple_of(GIB);
+        (start, self.device_memory().0.max(start))
+    }
+
     /// End (exclusive) of the highest RAM region.
     pub fn ram_end(&self) -> u64 {
         match self.high_ram_size() {

@@ -2,7 +2,8 @@
 //! through the legacy ports 0xcf8/0xcfc ([`PciConfigIo`]) and through ECAM
 //! ([`PciConfigMmio`]), both `vessel_devices::BusDevice`s.
 //!
-//! Only bus 0 and function 0 of each slot exist; everything else reads all-ones, like an
+//! Only bus 0 exists, with function 0 of each slot and the other functions of a
+//! multi-function slot ([`PciBus::add_function`]); everything else reads all-ones, like an
 //! empty slot on real hardware.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -61,6 +62,8 @@ pub enum PciBusError {
     Full,
     #[error("PCI slot {0} is taken or does not exist")]
     SlotInUse(u8),
+    #[error("PCI function {slot:02x}.{func} is taken, does not exist, or its slot is empty")]
+    FunctionInUse { slot: u8, func: u8 },
 }
 
 /// The host bridge: identity registers only.
@@ -154,6 +157,8 @@ type ReprogramHandler = Box<dyn Fn(&BarReprogram) + Send>;
 /// Bus 0: up to 31 functions behind the host bridge.
 pub struct PciBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
+    /// Functions 1..7 of multi-function slots: (slot, function, device).
+    functions: Vec<(u8, u8, Arc<Mutex<dyn PciDevice>>)>,
     on_reprogram: Option<ReprogramHandler>,
 }
 
@@ -179,6 +184,7 @@ impl PciBus {
         slots[0] = Some(Arc::new(Mutex::new(bridge)));
         PciBus {
             slots,
+            functions: Vec::new(),
             on_reprogram: None,
         }
     }
@@ -209,12 +215,32 @@ impl PciBus {
         }
     }
 
-    /// Takes the function out of `slot` (1..=31; the host bridge stays): the slot reads
-    /// all-ones from now on.
+    /// Adds function `func` (1..=7) to `slot`, whose function 0 (added first, with its
+    /// multi-function bit set) is already there.
+    pub fn add_function(
+        &mut self,
+        slot: u8,
+        func: u8,
+        dev: Arc<Mutex<dyn PciDevice>>,
+    ) -> Result<(), PciBusError> {
+        let taken = self
+            .functions
+            .iter()
+            .any(|(s, f, _)| (*s, *f) == (slot, func));
+        if !(1..8).contains(&func) || self.device(slot).is_none() || taken {
+            return Err(PciBusError::FunctionInUse { slot, func });
+        }
+        self.functions.push((slot, func, dev));
+        Ok(())
+    }
+
+    /// Takes the function out of `slot` (1..=31; the host bridge stays), with the slot's
+    /// other functions: the slot reads all-ones from now on.
     pub fn remove_device(&mut self, slot: u8) -> Option<Arc<Mutex<dyn PciDevice>>> {
         if slot == 0 {
             return None;
         }
+        self.functions.retain(|(s, _, _)| *s != slot);
         self.slots.get_mut(usize::from(slot))?.take()
     }
 
@@ -229,10 +255,15 @@ impl PciBus {
     }
 
     fn function(&self, bus: u8, dev: u8, func: u8) -> Option<&Arc<Mutex<dyn PciDevice>>> {
-        if bus != 0 || func != 0 {
-            return None;
+        match (bus, func) {
+            (0, 0) => self.slots.get(usize::from(dev))?.as_ref(),
+            (0, _) => self
+                .functions
+                .iter()
+                .find(|(s, f, _)| (*s, *f) == (dev, func))
+                .map(|(_, _, d)| d),
+            _ => None,
         }
-        self.slots.get(usize::from(dev))?.as_ref()
     }
 
     /// Reads the configuration space of `bus:dev.func` at `reg`; all-ones if there is no

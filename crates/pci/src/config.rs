@@ -127,6 +127,8 @@ pub enum ConfigError {
     CapabilitySpace(usize),
     #[error("an MSI-X capability was already added")]
     MsixTwice,
+    #[error("a device register at {off:#x} of {len} bytes is outside 0x40..0x100 or overlaps a capability")]
+    RegisterPlace { off: usize, len: usize },
 }
 
 /// A BAR's registers in a [`ConfigSpaceState`].
@@ -275,6 +277,41 @@ impl ConfigSpace {
     /// Sets the interrupt pin register (1 = INTA#..4 = INTD#, 0 = none).
     pub fn set_interrupt_pin(&mut self, pin: u8) {
         self.bytes[reg::INTERRUPT_PIN] = pin;
+    }
+
+    /// Marks the function as one of several in its slot (header type bit 7), so that a
+    /// guest scanning the bus looks at functions 1..7 too.
+    pub fn set_multifunction(&mut self) {
+        self.bytes[reg::HEADER_TYPE] |= 0x80;
+    }
+
+    /// A device-specific register at `off` (past the standard header, before any
+    /// capability): its value, and the bits of each byte the guest may change.
+    pub fn define_register(
+        &mut self,
+        off: usize,
+        value: &[u8],
+        writable: &[u8],
+    ) -> Result<(), ConfigError> {
+        let end = off.checked_add(value.len());
+        if off < reg::FIRST_CAPABILITY
+            || value.len() != writable.len()
+            || end.is_none_or(|e| e > CONFIG_SPACE_SIZE)
+            || range_overlaps(
+                off,
+                value.len(),
+                reg::FIRST_CAPABILITY,
+                self.next_cap - reg::FIRST_CAPABILITY,
+            )
+        {
+            return Err(ConfigError::RegisterPlace {
+                off,
+                len: value.len(),
+            });
+        }
+        self.bytes[off..off + value.len()].copy_from_slice(value);
+        self.writable[off..off + value.len()].copy_from_slice(writable);
+        Ok(())
     }
 
     /// Places memory BAR `index` at `base` (the firmware's assignment) and turns memory

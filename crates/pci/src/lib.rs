@@ -8,7 +8,9 @@
 //! - [`bus`]: the [`PciDevice`] trait, [`PciBus`] (bus 0, host bridge in slot 0), and the
 //!   [`PciConfigIo`] (ports 0xcf8-0xcff) and [`PciConfigMmio`] (ECAM) bus devices;
 //! - [`allocator`]: [`BarAllocator`], where the VMM places BARs;
-//! - [`bar_map`]: [`BarMap`], where the BARs are after the guest or its firmware moved them.
+//! - [`bar_map`]: [`BarMap`], where the BARs are after the guest or its firmware moved them;
+//! - [`piix`]: the PIIX3 ISA bridge and PIIX4 power-management functions OVMF needs beside
+//!   an i440FX.
 //!
 //! Nothing here talks to KVM.
 
@@ -17,6 +19,7 @@ pub mod bar_map;
 pub mod bus;
 pub mod config;
 pub mod msix;
+pub mod piix;
 
 pub use allocator::{AllocError, BarAllocator};
 pub use bar_map::BarMap;

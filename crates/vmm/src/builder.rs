@@ -148,6 +148,7 @@ fn create_machine(
         _ => None,
     };
     let bridge = match firmware {
+        Some(fw) if fw.kind == FirmwareKind::Uefi => Bridge::I440fxPiix,
         Some(_) => Bridge::I440fx,
         None => Bridge::Vessel,
     };
@@ -178,7 +179,7 @@ fn create_machine(
     }
     let firmware = match firmware {
         Some(fw) => {
-            virtio.booted_by_firmware();
+            virtio.booted_by_firmware(host.layout.firmware_pci_mmio64());
             let rom = FirmwareRom::map(&vm, fw)?;
             let fw_cfg =
                 crate::firmware::fw_cfg(&mem, &host.layout, config.cpus as u8, virtio.platform())?;

@@ -312,9 +312,10 @@ impl VirtioManager {
 
     /// What the ACPI tables describe.
     /// The guest boots through firmware: full ACPI, and the firmware places the BARs (the
-    /// tables then describe its window).
-    pub(crate) fn booted_by_firmware(&mut self) {
+    /// tables then describe its windows: the MMIO gap, and `mmio64` above RAM).
+    pub(crate) fn booted_by_firmware(&mut self, mmio64: (u64, u64)) {
         self.platform.firmware = true;
+        self.platform.pci_mmio64 = Some(mmio64);
     }
 
     pub fn platform(&self) -> &PlatformDevices {
@@ -514,7 +515,7 @@ pub fn create(
     let mut m = VirtioManager::new(vm.clone(), mem.clone(), bridge);
     m.slot_plan = slot_plan.to_vec();
     // A firmware finds the platform by its host bridge, devices or not.
-    if bridge == Bridge::I440fx || configs.pci_bus {
+    if bridge.firmware() || configs.pci_bus {
         m.pci_host(io_bus, mmio_bus)?;
     }
     let mut placer = crate::pmem::Placer::new(device_memory);

@@ -71,8 +71,6 @@ pub enum FirmwareError {
         #[source]
         source: std::io::Error,
     },
-    #[error("UEFI firmware ({}) is not supported yet: OVMF needs the Q35 platform's power-management timer and a flash device, which Vessel does not emulate yet; use --firmware bios, or boot the image's Linux directly (--disk with no firmware)", code.display())]
-    UefiNotYet { code: PathBuf },
     #[error("the firmware image {} is {size} bytes: it must be 64 KiB to 16 MiB, a multiple of 4 KiB", path.display())]
     BadSize { path: PathBuf, size: u64 },
 }
@@ -122,17 +120,6 @@ impl Firmware {
         Ok(fw)
     }
 
-    /// Whether Vessel can run this firmware (OVMF cannot run yet: it would wait forever on a
-    /// timer Vessel does not have).
-    pub fn check_supported(&self) -> Result<(), FirmwareError> {
-        match self.kind {
-            FirmwareKind::Bios => Ok(()),
-            FirmwareKind::Uefi => Err(FirmwareError::UefiNotYet {
-                code: self.code.clone(),
-            }),
-        }
-    }
-
     /// The images to map, top down from 4 GiB: the code, then the variable store.
     fn images(&self) -> Result<Vec<Vec<u8>>, FirmwareError> {
         std::iter::once(&self.code)
@@ -166,13 +153,16 @@ pub struct FirmwareRom {
 impl FirmwareRom {
     /// Maps `fw` below 4 GiB (read-only KVM slots).
     pub(crate) fn map(vm: &VmFd, fw: &Firmware) -> Result<Self, VmmError> {
-        let images = fw.images()?;
+        let mut images = fw.images()?;
         let mut top = 1u64 << 32;
         let mut ranges = Vec::new();
         for img in &images {
             top -= img.len() as u64;
             ranges.push((GuestAddress(top), img.len()));
         }
+        // In address order: the variable store, then the code.
+        ranges.reverse();
+        images.reverse();
         let regions =
             GuestMemoryMmap::from_ranges(&ranges).map_err(vessel_memory::MemoryError::Mmap)?;
         for ((at, _), img) in ranges.iter().zip(&images) {
@@ -225,6 +215,11 @@ impl FirmwareRom {
                 addr: at,
                 source,
             })
+    }
+
+    /// The images as guest memory (for instructions the VMM completes, which read them).
+    pub(crate) fn memory(&self) -> &GuestMemoryMmap {
+        &self.regions
     }
 
     /// Where the images are: (start, length), in address order (the code last).

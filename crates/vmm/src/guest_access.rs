@@ -1,5 +1,7 @@
-//! Guest-virtual memory access for one vCPU: `KVM_TRANSLATE` page by page, then guest memory.
+//! Guest-virtual memory access for one vCPU: `KVM_TRANSLATE` page by page, then guest memory
+//! (and, for reads, the firmware's read-only images); and the vCPU's FPU state.
 
+use std::ops::Not;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use kvm_ioctls::VcpuFd;
@@ -14,6 +16,8 @@ const MSR_TSC_AUX: u32 = 0xc000_0103;
 pub struct VcpuMemory<'a> {
     pub vcpu: &'a VcpuFd,
     pub mem: &'a GuestMemoryMmap,
+    /// The firmware's images (read-only flash below 4 GiB), which instructions read too.
+    pub rom: Option<&'a GuestMemoryMmap>,
 }
 
 impl VcpuMemory<'_> {
@@ -56,9 +60,12 @@ impl GuestAccess for VcpuMemory<'_> {
     fn read(&mut self, gva: u64, buf: &mut [u8]) -> Result<(), AccessError> {
         let len = buf.len();
         self.for_each_piece(gva, len, false, |gpa, r| {
-            self.mem
-                .read_slice(&mut buf[r], GuestAddress(gpa))
-                .map_err(|_| AccessError::Unbacked(gpa))
+            let at = GuestAddress(gpa);
+            match self.rom {
+                Some(rom) if self.mem.address_in_range(at).not() => rom.read_slice(&mut buf[r], at),
+                _ => self.mem.read_slice(&mut buf[r], at),
+            }
+            .map_err(|_| AccessError::Unbacked(gpa))
         })
     }
 
@@ -101,6 +108,14 @@ impl GuestAccess for VcpuMemory<'_> {
             };
         }
         emulate::compare_exchange_by_copy(self, gva, expected, new)
+    }
+
+    fn fpu(&mut self) -> Option<kvm_bindings::kvm_fpu> {
+        self.vcpu.get_fpu().ok()
+    }
+
+    fn set_fpu(&mut self, fpu: &kvm_bindings::kvm_fpu) -> bool {
+        self.vcpu.set_fpu(fpu).is_ok()
     }
 
     fn tsc_aux(&mut self) -> u32 {

@@ -176,7 +176,11 @@ impl NestedVcpu {
             return Ok(());
         }
         let mut gate = [0u8; 16];
-        let mut access = VcpuMemory { vcpu, mem };
+        let mut access = VcpuMemory {
+            vcpu,
+            mem,
+            rom: None,
+        };
         if access
             .read(sregs.idt.base + PF_VECTOR * 16, &mut gate)
             .is_err()
@@ -211,7 +215,11 @@ impl NestedVcpu {
         }
         let mut regs = vcpu.get_regs().kvm("KVM_GET_REGS")?;
         let mut raw = [0u8; 48];
-        let mut access = VcpuMemory { vcpu, mem };
+        let mut access = VcpuMemory {
+            vcpu,
+            mem,
+            rom: None,
+        };
         if access.read(regs.rsp, &mut raw).is_ok() {
             let frame = FaultFrame::parse(&raw);
             if frame.cs & 3 == 3 {
@@ -237,6 +245,7 @@ impl NestedVcpu {
         &mut self,
         vcpu: &mut VcpuFd,
         mem: &GuestMemoryMmap,
+        rom: Option<&GuestMemoryMmap>,
     ) -> Result<(), VmmError> {
         let failure = vessel_kvm::exit::emulation_failure(vcpu.get_kvm_run());
         let regs = vcpu.get_regs().kvm("KVM_GET_REGS")?;
@@ -253,7 +262,7 @@ impl NestedVcpu {
             ));
         };
         let bytes = failure.bytes();
-        let mut access = VcpuMemory { vcpu, mem };
+        let mut access = VcpuMemory { vcpu, mem, rom };
         match emulate::complete(bytes, &mut cpu, &mut access) {
             Ok(Completion::Done) => {
                 vcpu.set_regs(&cpu.regs).kvm("KVM_SET_REGS")?;

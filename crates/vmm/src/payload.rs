@@ -42,9 +42,6 @@ pub fn validate(config: &VmConfig, max_vcpus: usize) -> Result<GuestLayout, VmmE
             max,
         });
     }
-    if let Payload::Firmware(fw) = &config.boot {
-        fw.check_supported()?;
-    }
     let layout = GuestLayout::new(config.memory)?;
     if let Some(host) = host_memory() {
         if config.memory > host {

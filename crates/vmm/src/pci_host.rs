@@ -32,8 +32,19 @@ struct Kicks {
 pub enum Bridge {
     /// Vessel's own (8086:0d57), for guests booted without firmware.
     Vessel,
-    /// An i440FX (8086:1237), for SeaBIOS and OVMF.
+    /// An i440FX (8086:1237), for SeaBIOS.
     I440fx,
+    /// An i440FX with the PIIX3 ISA bridge and PIIX4 power management in slot 1, QEMU's
+    /// `pc` machine, for OVMF (which finds its consoles under the ISA bridge and its timer
+    /// through the PM function).
+    I440fxPiix,
+}
+
+impl Bridge {
+    /// Whether a firmware boots the guest (which then places the BARs).
+    pub fn firmware(self) -> bool {
+        self != Bridge::Vessel
+    }
 }
 
 /// The PCI bus, created with the first PCI device.
@@ -65,11 +76,24 @@ impl PciHost {
         io_bus: &mut Bus,
         mmio_bus: &mut Bus,
     ) -> Result<PciHost, VmmError> {
+        let kind = bridge;
         let bridge = match bridge {
             Bridge::Vessel => HostBridge::new(),
-            Bridge::I440fx => HostBridge::i440fx(),
+            Bridge::I440fx | Bridge::I440fxPiix => HostBridge::i440fx(),
         };
-        let bus = Arc::new(Mutex::new(PciBus::with_host_bridge(bridge)));
+        let mut pci = PciBus::with_host_bridge(bridge);
+        if kind == Bridge::I440fxPiix {
+            use vessel_pci::piix::{Piix3Isa, Piix4Pm, PIIX4_PM_FUNCTION, PIIX_SLOT};
+            pci.add_device_at(PIIX_SLOT, Arc::new(Mutex::new(Piix3Isa::new())))
+                .map_err(setup_err("the PIIX3 ISA bridge"))?;
+            pci.add_function(
+                PIIX_SLOT,
+                PIIX4_PM_FUNCTION,
+                Arc::new(Mutex::new(Piix4Pm::new(ports::ACPI_PM1_EVT))),
+            )
+            .map_err(setup_err("the PIIX4 power management function"))?;
+        }
+        let bus = Arc::new(Mutex::new(pci));
         let map = Arc::new(BarMap::new());
         let kicks: Arc<Mutex<HashMap<u8, Kicks>>> = Arc::default();
         {

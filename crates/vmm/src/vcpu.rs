@@ -354,13 +354,15 @@ impl Vcpu {
             }
             kvm_bindings::KVM_EXIT_INTERNAL_ERROR => match self.nested.as_mut() {
                 Some(n) => {
-                    n.on_internal_error(&mut self.fd, &self.machine.mem)
+                    let rom = self.machine.firmware.as_ref().map(|f| f.memory());
+                    n.on_internal_error(&mut self.fd, &self.machine.mem, rom)
                         .map_err(with_cpu)?;
                     Ok(Next::Continue)
                 }
                 None => {
                     let mut n = NestedVcpu::new();
-                    n.on_internal_error(&mut self.fd, &self.machine.mem)
+                    let rom = self.machine.firmware.as_ref().map(|f| f.memory());
+                    n.on_internal_error(&mut self.fd, &self.machine.mem, rom)
                         .map_err(with_cpu)?;
                     // Completed without the fallback being on: still fine, keep going.
                     Ok(Next::Continue)

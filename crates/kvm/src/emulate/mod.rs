@@ -25,6 +25,8 @@ pub mod vector {
     pub const BP: u8 = 3;
     /// Invalid opcode.
     pub const UD: u8 = 6;
+    /// Device not available (x87/SSE with CR0.EM or CR0.TS set).
+    pub const NM: u8 = 7;
     /// Stack-segment fault.
     pub const SS: u8 = 12;
     /// General protection.
@@ -67,6 +69,17 @@ pub trait GuestAccess {
     /// may execute `rdpid` should read the MSR.
     fn tsc_aux(&mut self) -> u32 {
         0
+    }
+
+    /// The vCPU's x87 and SSE state (`KVM_GET_FPU`), for the FPU control instructions
+    /// (`fldcw`, `ldmxcsr`...); `None` when the VMM gives the completer no access to it.
+    fn fpu(&mut self) -> Option<kvm_bindings::kvm_fpu> {
+        None
+    }
+
+    /// Sets the vCPU's x87 and SSE state (`KVM_SET_FPU`); false when it could not.
+    fn set_fpu(&mut self, _fpu: &kvm_bindings::kvm_fpu) -> bool {
+        false
     }
 }
 

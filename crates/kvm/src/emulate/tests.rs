@@ -15,6 +15,8 @@ struct MockMem {
     read_only: Option<u64>,
     tsc_aux: u32,
     reads: usize,
+    /// The vCPU's FPU state, or `None` for a VMM that gives no access to it.
+    fpu: Option<kvm_bindings::kvm_fpu>,
 }
 
 impl MockMem {
@@ -26,6 +28,11 @@ impl MockMem {
             read_only: None,
             tsc_aux: 0,
             reads: 0,
+            fpu: Some(kvm_bindings::kvm_fpu {
+                fcw: 0x037f,
+                mxcsr: 0x1f80,
+                ..Default::default()
+            }),
         }
     }
 
@@ -84,6 +91,15 @@ impl GuestAccess for MockMem {
 
     fn tsc_aux(&mut self) -> u32 {
         self.tsc_aux
+    }
+
+    fn fpu(&mut self) -> Option<kvm_bindings::kvm_fpu> {
+        self.fpu
+    }
+
+    fn set_fpu(&mut self, fpu: &kvm_bindings::kvm_fpu) -> bool {
+        self.fpu = Some(*fpu);
+        true
     }
 }
 
@@ -144,15 +160,123 @@ fn fwait_only_advances() {
     assert_eq!(cpu.regs.rax, before.rax);
 }
 
+const CR4_OSFXSR: u64 = 1 << 9;
+
 #[test]
-fn fninit_only_advances() {
+fn fninit_resets_the_x87_control_state() {
     let mut cpu = long64();
     let before = cpu.regs;
+    let mut mem = mem64();
+    let fpu = mem.fpu.as_mut().unwrap();
+    (fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr) = (0x027f, 0x3801, 0xff, 0x1f80);
     let bytes = asm64(|a| a.fninit());
     assert_eq!(bytes, [0xdb, 0xe3], "fninit has no fwait prefix");
-    assert_eq!(run(&bytes, &mut cpu, &mut mem64()), Completion::Done);
+    assert_eq!(run(&bytes, &mut cpu, &mut mem), Completion::Done);
+    let fpu = mem.fpu.unwrap();
+    assert_eq!((fpu.fcw, fpu.fsw, fpu.ftwx), (0x037f, 0, 0));
+    assert_eq!(fpu.mxcsr, 0x1f80, "fninit leaves MXCSR alone");
     assert_eq!(cpu.regs.rip, before.rip + 2);
     assert_eq!(cpu.regs.rflags, before.rflags);
+}
+
+/// OVMF's SEC, in 32-bit protected mode: `fldcw [abs]` then `ldmxcsr [abs]` with the values
+/// it keeps in its ROM; `fnstcw`/`stmxcsr` read them back.
+#[test]
+fn fldcw_and_ldmxcsr_load_what_fnstcw_and_stmxcsr_store() {
+    let mut cpu = prot32();
+    cpu.sregs.cr4 |= CR4_OSFXSR;
+    let base = 0x1000u64;
+    let mut mem = MockMem::new(base, 0x1000);
+    mem.put(base, &0x027fu16.to_le_bytes());
+    mem.put(base + 4, &0x1f80u32.to_le_bytes());
+    let rip = cpu.regs.rip;
+    let code = asm(32, rip, |a| {
+        a.fldcw(word_ptr(base))?;
+        a.ldmxcsr(dword_ptr(base + 4))?;
+        a.fnstcw(word_ptr(base + 8))?;
+        a.stmxcsr(dword_ptr(base + 12))
+    });
+    // One instruction at a time, as KVM reports them.
+    for _ in 0..4 {
+        let at = (cpu.regs.rip - rip) as usize;
+        assert_eq!(run(&code[at..], &mut cpu, &mut mem), Completion::Done);
+    }
+    assert_eq!(cpu.regs.rip, rip + code.len() as u64);
+    assert_eq!(mem.fpu.unwrap().fcw, 0x027f);
+    assert_eq!(mem.get(base + 8, 2), 0x027fu16.to_le_bytes());
+    assert_eq!(mem.get(base + 12, 4), 0x1f80u32.to_le_bytes());
+}
+
+#[test]
+fn fnstsw_ax_and_fnclex() {
+    let mut cpu = long64();
+    cpu.regs.rax = 0xdead_beef_0000_0000;
+    let mut mem = mem64();
+    mem.fpu.as_mut().unwrap().fsw = 0x80a1;
+    let bytes = asm64(|a| a.fnstsw(ax));
+    assert_eq!(run(&bytes, &mut cpu, &mut mem), Completion::Done);
+    assert_eq!(cpu.regs.rax, 0xdead_beef_0000_80a1, "only AX changes");
+    let clex = asm(64, cpu.regs.rip, |a| a.fnclex());
+    assert_eq!(run(&clex, &mut cpu, &mut mem), Completion::Done);
+    assert_eq!(
+        mem.fpu.unwrap().fsw,
+        0,
+        "exception, summary and busy bits cleared"
+    );
+}
+
+#[test]
+fn ldmxcsr_with_reserved_bits_is_gp_and_changes_nothing() {
+    let mut cpu = long64();
+    cpu.sregs.cr4 |= CR4_OSFXSR;
+    let mut mem = mem64();
+    mem.put(DATA, &0x0001_1f80u32.to_le_bytes());
+    cpu.regs.rbx = DATA;
+    let bytes = asm64(|a| a.ldmxcsr(dword_ptr(rbx)));
+    let c = run(&bytes, &mut cpu, &mut mem);
+    assert_eq!(
+        c,
+        Completion::InjectException {
+            vector: vector::GP,
+            error_code: Some(0)
+        }
+    );
+    assert_eq!(cpu.regs.rip, long64().regs.rip);
+    assert_eq!(mem.fpu.unwrap().mxcsr, 0x1f80);
+}
+
+#[test]
+fn fpu_control_faults_as_the_cpu_does() {
+    // CR0.TS: #NM (lazy FPU switching relies on it), nothing changed.
+    let mut cpu = long64();
+    cpu.sregs.cr0 |= 1 << 3;
+    let mut mem = mem64();
+    let c = run(&asm64(|a| a.fninit()), &mut cpu, &mut mem);
+    assert_eq!(
+        c,
+        Completion::InjectException {
+            vector: vector::NM,
+            error_code: None
+        }
+    );
+    assert_eq!(cpu.regs.rip, long64().regs.rip);
+    // SSE control without CR4.OSFXSR: #UD.
+    let mut cpu = long64();
+    cpu.sregs.cr4 &= !CR4_OSFXSR;
+    cpu.regs.rbx = DATA;
+    let c = run(&asm64(|a| a.stmxcsr(dword_ptr(rbx))), &mut cpu, &mut mem);
+    assert_eq!(
+        c,
+        Completion::InjectException {
+            vector: vector::UD,
+            error_code: None
+        }
+    );
+    // A VMM that gives no FPU access: the instruction is not completed, with the reason.
+    let mut mem = mem64();
+    mem.fpu = None;
+    let e = complete(&asm64(|a| a.fninit()), &mut long64(), &mut mem).unwrap_err();
+    assert!(e.to_string().contains("no access to the FPU state"), "{e}");
 }
 
 #[test]
