@@ -4,7 +4,7 @@
 # including end-to-end boots of real Linux.
 #
 #   scripts/test.sh              # what CI runs
-#   scripts/test.sh --extended   # also boots Debian's stock kernel (slow on nested hosts)
+#   scripts/test.sh --extended   # also boots Debian's stock kernel and OVMF (slow on nested hosts)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,6 +35,7 @@ cargo test --release --manifest-path fuzz/Cargo.toml --test replay
 step "tests"
 export VESSEL_E2E=1
 export VESSEL_E2E_DEBIAN="$extended"
+export VESSEL_E2E_UEFI="$extended"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --release -- --test-threads=2 2>&1 | tee "$log"

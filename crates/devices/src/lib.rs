@@ -17,7 +17,8 @@
 //!   time when it writes 123;
 //! - [`fw_cfg::FwCfg`]: QEMU's firmware configuration device (ports 0x510..0x51c, with DMA),
 //!   which gives SeaBIOS and OVMF their items and files, and [`fw_cfg::loader`], the ACPI
-//!   table-loader script.
+//!   table-loader script;
+//! - [`pflash::Pflash`]: a CFI parallel NOR flash backed by a file, OVMF's UEFI variable store.
 //!
 //! Port numbers come from `vessel_memory::ports`. The crate does not know about KVM: devices
 //! raise interrupts by writing an [`EventFd`](vmm_sys_util::eventfd::EventFd) that the VMM
@@ -32,6 +33,7 @@ pub mod exit;
 pub mod fw_cfg;
 pub mod i8042;
 mod irq;
+pub mod pflash;
 pub mod rtc;
 pub mod serial;
 mod state;
@@ -44,6 +46,7 @@ pub use debug_port::{DebugPort, FirmwareLog, PortSink};
 pub use exit::{ExitSignal, VmExitReason};
 pub use fw_cfg::FwCfg;
 pub use i8042::I8042;
+pub use pflash::{Pflash, PflashError, PflashState};
 pub use rtc::Rtc;
 pub use serial::Serial;
 pub use state::SavedStateError;

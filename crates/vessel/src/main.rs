@@ -154,6 +154,11 @@ struct RunArgs {
     /// directly boots through SeaBIOS.
     #[arg(long, value_name = "bios|uefi|PATH", conflicts_with_all = ["kernel", "image"])]
     firmware: Option<String>,
+    /// UEFI: this VM's variable store (boot entries and settings), made from OVMF's template
+    /// when missing and kept. Default: one per boot disk in
+    /// ~/.local/state/vessel/uefi-vars ($XDG_STATE_HOME/vessel/uefi-vars).
+    #[arg(long, value_name = "PATH", requires = "firmware")]
+    firmware_vars: Option<PathBuf>,
     /// Boot a guest-kit image (built first if needed): debian or minimal.
     #[arg(long)]
     image: Option<ImageName>,
@@ -302,6 +307,32 @@ fn linux_from_disks(
     Err(first_error.unwrap_or_else(|| "no disk to boot".into()))
 }
 
+/// A UEFI firmware with its variable store: `given`, or the boot disk's default one; a
+/// firmware with no separate store (a BIOS, a unified OVMF image) keeps none.
+fn uefi_vars(
+    fw: Firmware,
+    given: Option<PathBuf>,
+    disk: Option<&DiskConfig>,
+) -> Result<Firmware, String> {
+    let chain = |e: vessel_vmm::firmware::FirmwareError| ErrorChain(&e).to_string();
+    if let Some(path) = given {
+        return fw.with_vars_store(path).map_err(chain);
+    }
+    if fw.vars.is_none() {
+        return Ok(fw);
+    }
+    match disk.and_then(|d| vessel_vmm::firmware::default_vars_store(&d.path)) {
+        Some(store) => {
+            eprintln!("vessel: UEFI variables in {}", store.display());
+            fw.with_vars_store(store).map_err(chain)
+        }
+        None => {
+            eprintln!("vessel: no disk: the UEFI variables last until the VM stops");
+            Ok(fw)
+        }
+    }
+}
+
 fn run(args: RunArgs) -> Result<ExitCode, String> {
     check_pmem(&args.pmem).map_err(|e| e.to_string())?;
     let (arg_disks, mut vhost_user) = split_options(args.disk);
@@ -315,6 +346,9 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         .map(Firmware::resolve)
         .transpose()
         .map_err(|e| ErrorChain(&e).to_string())?;
+    if let Some(fw) = firmware.take() {
+        firmware = Some(uefi_vars(fw, args.firmware_vars, arg_disks.first())?);
+    }
     if args.kernel.is_none() && args.image.is_none() && firmware.is_none() && !arg_disks.is_empty()
     {
         match linux_from_disks(&arg_disks) {

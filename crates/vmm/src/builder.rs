@@ -180,7 +180,7 @@ fn create_machine(
     let firmware = match firmware {
         Some(fw) => {
             virtio.booted_by_firmware(host.layout.firmware_pci_mmio64());
-            let rom = FirmwareRom::map(&vm, fw)?;
+            let rom = FirmwareRom::map(&vm, fw, &mut mmio_bus)?;
             let fw_cfg =
                 crate::firmware::fw_cfg(&mem, &host.layout, config.cpus as u8, virtio.platform())?;
             io_bus
@@ -420,6 +420,10 @@ fn restore_vcpu<A>(
 /// Loads KVM's devices and clock, the legacy devices and the virtio devices.
 fn restore_devices<A>(m: &Machine, snap: &VmSnapshot<A>) -> Result<(), RestoreError> {
     snap.kvm.restore(&m.vm).map_err(RestoreError::Kvm)?;
+    if let Some(fw) = &m.firmware {
+        fw.restore_flash(snap.firmware_flash.as_ref())
+            .map_err(RestoreError::Firmware)?;
+    }
     m.legacy
         .restore_state(&snap.legacy)
         .map_err(RestoreError::Legacy)?;

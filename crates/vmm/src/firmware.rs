@@ -9,6 +9,8 @@
 
 use std::path::{Path, PathBuf};
 
+use std::sync::{Arc, Mutex, PoisonError};
+
 use kvm_bindings::kvm_userspace_memory_region;
 use kvm_ioctls::VmFd;
 use vessel_memory::vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -17,6 +19,7 @@ use vessel_memory::GuestMemoryMmap;
 use vessel_boot::PlatformDevices;
 use vessel_devices::fw_cfg::loader::{self, TableLoader, Zone};
 use vessel_devices::fw_cfg::{e820_bytes, keys, FwCfg, FwCfgError};
+use vessel_devices::{Bus, Pflash, PflashState};
 use vessel_memory::{addr, ports, E820Kind, GuestLayout};
 
 use crate::error::{KvmContext, VmmError};
@@ -51,8 +54,13 @@ pub struct Firmware {
     pub kind: FirmwareKind,
     /// The code image.
     pub code: PathBuf,
-    /// UEFI only: the variable store, mapped below the code.
+    /// UEFI only: the variable-store template (Debian's `OVMF_VARS_4M.fd`), never written.
     pub vars: Option<PathBuf>,
+    /// UEFI only: this VM's variable store, writable flash below the code: a copy of `vars`
+    /// made on first use and kept, so boot entries survive a restart. Without one (or
+    /// without a template) OVMF keeps its variables in RAM for the run.
+    #[serde(default)]
+    pub vars_store: Option<PathBuf>,
 }
 
 /// Why a firmware cannot be used.
@@ -73,6 +81,26 @@ pub enum FirmwareError {
     },
     #[error("the firmware image {} is {size} bytes: it must be 64 KiB to 16 MiB, a multiple of 4 KiB", path.display())]
     BadSize { path: PathBuf, size: u64 },
+    #[error("cannot make the UEFI variable store {} from {}", to.display(), from.display())]
+    VarsCopy {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the UEFI variable store {} is {size} bytes, its template {} {expected}: it belongs to another firmware", path.display(), template.display())]
+    VarsSize {
+        path: PathBuf,
+        size: u64,
+        template: PathBuf,
+        expected: u64,
+    },
+    #[error("the UEFI variable store is given, but the firmware {} has no separate one (a unified image keeps its variables inside)", code.display())]
+    NoVarsTemplate { code: PathBuf },
+    #[error("the UEFI variable store cannot serve as flash")]
+    Flash(#[source] vessel_devices::PflashError),
+    #[error("the snapshot's UEFI variable store does not match this VM's (one has a store, the other none)")]
+    FlashMismatch,
 }
 
 impl Firmware {
@@ -84,11 +112,13 @@ impl Firmware {
                 kind: FirmwareKind::Bios,
                 code: SEABIOS.into(),
                 vars: None,
+                vars_store: None,
             },
             "uefi" => Firmware {
                 kind: FirmwareKind::Uefi,
                 code: OVMF_CODE.into(),
                 vars: Some(OVMF_VARS.into()),
+                vars_store: None,
             },
             "" => return Err(FirmwareError::BadName(spec.into())),
             path => {
@@ -102,6 +132,7 @@ impl Firmware {
                     },
                     code,
                     vars: None,
+                    vars_store: None,
                 }
             }
         };
@@ -120,13 +151,104 @@ impl Firmware {
         Ok(fw)
     }
 
-    /// The images to map, top down from 4 GiB: the code, then the variable store.
+    /// UEFI: keeps this VM's variables in `store` (made from the template when missing).
+    pub fn with_vars_store(mut self, store: PathBuf) -> Result<Firmware, FirmwareError> {
+        if self.vars.is_none() {
+            return Err(FirmwareError::NoVarsTemplate { code: self.code });
+        }
+        self.vars_store = Some(store);
+        Ok(self)
+    }
+
+    /// The images to map read-only, top down from 4 GiB: the code, then the variable-store
+    /// template when the VM has no store of its own.
     fn images(&self) -> Result<Vec<Vec<u8>>, FirmwareError> {
+        let template = self.vars.as_ref().filter(|_| self.vars_store.is_none());
         std::iter::once(&self.code)
-            .chain(&self.vars)
+            .chain(template)
             .map(|p| read_image(p))
             .collect()
     }
+
+    /// This VM's variable store, made from the template when it does not exist yet; `None`
+    /// when the VM has none. A store whose size is not the template's is refused (OVMF
+    /// finds its variables at a fixed address below its code).
+    pub fn prepare_vars_store(&self) -> Result<Option<PathBuf>, FirmwareError> {
+        let (Some(template), Some(store)) = (&self.vars, &self.vars_store) else {
+            return Ok(None);
+        };
+        let copy_err = |source| FirmwareError::VarsCopy {
+            from: template.clone(),
+            to: store.clone(),
+            source,
+        };
+        let expected = std::fs::metadata(template)
+            .map_err(|source| FirmwareError::Read {
+                path: template.clone(),
+                source,
+            })?
+            .len();
+        match std::fs::metadata(store) {
+            Ok(m) if m.len() != expected => {
+                return Err(FirmwareError::VarsSize {
+                    path: store.clone(),
+                    size: m.len(),
+                    template: template.clone(),
+                    expected,
+                })
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(dir) = store.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir).map_err(copy_err)?;
+                }
+                // Copied aside, then renamed: a store is never half made.
+                let partial = store.with_extension("partial");
+                std::fs::copy(template, &partial).map_err(copy_err)?;
+                std::fs::rename(&partial, store).map_err(copy_err)?;
+                log::info!(
+                    "UEFI variable store {} made from {}",
+                    store.display(),
+                    template.display()
+                );
+            }
+            Err(source) => {
+                return Err(FirmwareError::Read {
+                    path: store.clone(),
+                    source,
+                })
+            }
+        }
+        Ok(Some(store.clone()))
+    }
+}
+
+/// Where a VM booting `disk` through UEFI keeps its variables when not told:
+/// `$XDG_STATE_HOME/vessel/uefi-vars` (or `~/.local/state/...`), one store per disk, named
+/// after the disk's file name and a hash of its full path, so the same disk finds its boot
+/// entries again on the next run. `None` without a disk or a home.
+pub fn default_vars_store(disk: &Path) -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| Path::new(v).is_absolute())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| Path::new(v).is_absolute())
+                .map(|h| Path::new(&h).join(".local/state"))
+        })?;
+    let full = std::fs::canonicalize(disk).unwrap_or_else(|_| disk.to_path_buf());
+    let name = full.file_name()?.to_string_lossy().into_owned();
+    Some(state.join("vessel/uefi-vars").join(format!(
+        "{name}-{:016x}.fd",
+        fnv1a(full.as_os_str().as_encoded_bytes())
+    )))
+}
+
+/// FNV-1a, 64-bit: a hash that stays the same from one Vessel version to the next.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn read_image(path: &Path) -> Result<Vec<u8>, FirmwareError> {
@@ -148,11 +270,15 @@ fn read_image(path: &Path) -> Result<Vec<u8>, FirmwareError> {
 /// long as the VM runs (KVM maps it).
 pub struct FirmwareRom {
     regions: GuestMemoryMmap,
+    /// The UEFI variable store, as CFI flash right below the code (on the MMIO bus: every
+    /// access traps), when the VM has a store of its own.
+    flash: Option<Arc<Mutex<Pflash>>>,
 }
 
 impl FirmwareRom {
-    /// Maps `fw` below 4 GiB (read-only KVM slots).
-    pub(crate) fn map(vm: &VmFd, fw: &Firmware) -> Result<Self, VmmError> {
+    /// Maps `fw` below 4 GiB (read-only KVM slots), with the VM's variable store as flash
+    /// below the code on `mmio_bus`.
+    pub(crate) fn map(vm: &VmFd, fw: &Firmware, mmio_bus: &mut Bus) -> Result<Self, VmmError> {
         let mut images = fw.images()?;
         let mut top = 1u64 << 32;
         let mut ranges = Vec::new();
@@ -188,7 +314,50 @@ impl FirmwareRom {
             // LAPIC) overlaps no RAM slot.
             unsafe { vm.set_user_memory_region(r) }.kvm("KVM_SET_USER_MEMORY_REGION")?;
         }
-        Ok(FirmwareRom { regions })
+        let flash = match fw.prepare_vars_store()? {
+            Some(store) => {
+                let flash = Pflash::open(&store).map_err(FirmwareError::Flash)?;
+                let at = top - flash.len();
+                log::info!(
+                    "UEFI variable store {} as flash at {at:#x}",
+                    store.display()
+                );
+                let len = flash.len();
+                let flash = Arc::new(Mutex::new(flash));
+                mmio_bus
+                    .insert(flash.clone(), at, len)
+                    .map_err(|source| VmmError::Bus {
+                        what: "the UEFI variable store".into(),
+                        source,
+                    })?;
+                Some(flash)
+            }
+            None => None,
+        };
+        Ok(FirmwareRom { regions, flash })
+    }
+
+    /// The variable store's state, for a snapshot.
+    pub(crate) fn flash_state(&self) -> Option<PflashState> {
+        self.flash.as_ref().map(|f| lock(f).save_state())
+    }
+
+    /// Puts back the variable store of a snapshot (written through to this VM's store).
+    pub(crate) fn restore_flash(&self, state: Option<&PflashState>) -> Result<(), FirmwareError> {
+        match (&self.flash, state) {
+            (Some(f), Some(s)) => lock(f).restore_state(s).map_err(FirmwareError::Flash),
+            (None, None) => Ok(()),
+            (Some(_), None) | (None, Some(_)) => Err(FirmwareError::FlashMismatch),
+        }
+    }
+
+    /// Flushes the variable store to its file (when the VM stops).
+    pub(crate) fn sync(&self) {
+        if let Some(f) = &self.flash {
+            if let Err(e) = lock(f).sync() {
+                log::warn!("cannot flush the UEFI variable store: {e}");
+            }
+        }
     }
 
     /// A new guest: copies the code's last 128 KiB into `mem` at 0xe0000, where a PC's BIOS
@@ -229,6 +398,10 @@ impl FirmwareRom {
             .map(|r| (r.start_addr().0, r.len()))
             .collect()
     }
+}
+
+fn lock(f: &Mutex<Pflash>) -> std::sync::MutexGuard<'_, Pflash> {
+    f.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The fw_cfg device a firmware reads the machine from: CPUs, RAM, the e820 map, a serial
@@ -351,6 +524,82 @@ mod tests {
             assert_eq!(fw.kind, FirmwareKind::Bios);
             assert_eq!(fw.images().unwrap()[0].len(), 256 << 10);
         }
+    }
+
+    /// A store is made from the template once and then kept as the guest left it; one of
+    /// another size is refused; a BIOS or a unified image takes none.
+    #[test]
+    fn the_variable_store_is_made_once_and_kept() {
+        let dir = std::env::temp_dir().join(format!("vessel-vars-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (code, template) = (dir.join("CODE.fd"), dir.join("VARS.fd"));
+        std::fs::write(&code, vec![0u8; 64 << 10]).unwrap();
+        std::fs::write(&template, vec![0xa5u8; 8 << 10]).unwrap();
+        let fw = Firmware {
+            kind: FirmwareKind::Uefi,
+            code: code.clone(),
+            vars: Some(template.clone()),
+            vars_store: None,
+        };
+        assert_eq!(fw.prepare_vars_store().unwrap(), None, "no store asked for");
+        assert_eq!(
+            fw.images().unwrap().len(),
+            2,
+            "the template is mapped read-only"
+        );
+        let store = dir.join("nvram/vm.fd");
+        let fw = fw.with_vars_store(store.clone()).unwrap();
+        assert_eq!(fw.images().unwrap().len(), 1, "the store is flash, not ROM");
+        assert_eq!(fw.prepare_vars_store().unwrap(), Some(store.clone()));
+        assert_eq!(std::fs::read(&store).unwrap(), vec![0xa5u8; 8 << 10]);
+        // What the guest wrote stays.
+        std::fs::write(&store, vec![0x11u8; 8 << 10]).unwrap();
+        fw.prepare_vars_store().unwrap();
+        assert_eq!(std::fs::read(&store).unwrap(), vec![0x11u8; 8 << 10]);
+        std::fs::write(&store, vec![0u8; 4 << 10]).unwrap();
+        let e = fw.prepare_vars_store().unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FirmwareError::VarsSize {
+                    size: 4096,
+                    expected: 8192,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let unified = Firmware::resolve(code.to_str().unwrap()).unwrap();
+        assert!(matches!(
+            unified.with_vars_store(store),
+            Err(FirmwareError::NoVarsTemplate { .. })
+        ));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_default_store_is_per_disk_and_stable() {
+        let a = default_vars_store(Path::new("/images/a.qcow2"));
+        let b = default_vars_store(Path::new("/images/b.qcow2"));
+        if std::env::var_os("HOME").is_none() && std::env::var_os("XDG_STATE_HOME").is_none() {
+            return;
+        }
+        let (a, b) = (a.unwrap(), b.unwrap());
+        assert_ne!(a, b);
+        assert!(
+            a.ends_with(format!("a.qcow2-{:016x}.fd", fnv1a(b"/images/a.qcow2"))),
+            "{}",
+            a.display()
+        );
+        assert!(a.parent().unwrap().ends_with("vessel/uefi-vars"));
+        assert_eq!(Some(a), default_vars_store(Path::new("/images/a.qcow2")));
+        assert_eq!(fnv1a(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(
+            fnv1a(b"a"),
+            0xaf63_dc4c_8601_ec8c,
+            "the published FNV-1a value"
+        );
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub enum RestoreError {
     Kvm(#[source] vessel_kvm::KvmError),
     #[error("the legacy devices")]
     Legacy(#[source] vessel_devices::SavedStateError),
+    #[error("the firmware's variable store")]
+    Firmware(#[source] crate::firmware::FirmwareError),
     #[error("the virtio devices")]
     Devices(#[source] DeviceError),
 }

@@ -265,6 +265,9 @@ impl Supervisor {
         }
         let wall = control.started.elapsed();
         m.legacy.flush();
+        if let Some(fw) = &m.firmware {
+            fw.sync();
+        }
         drop(self.raw);
 
         let mut reports = Vec::new();

@@ -67,6 +67,9 @@ pub struct VmSnapshot<A = NoApi> {
     /// The VM generation ID device (absent in files older than it, whose guests have none).
     #[serde(default)]
     pub vmgenid: Option<VmGenIdState>,
+    /// A UEFI guest's variable store (its flash), when it has one.
+    #[serde(default)]
+    pub firmware_flash: Option<vessel_devices::PflashState>,
 }
 
 fn none<A>() -> Option<A> {
@@ -227,6 +230,7 @@ pub(crate) fn capture<A>(m: &Machine, api: Option<A>) -> Result<VmSnapshot<A>, S
         virtio,
         api,
         vmgenid: m.vmgenid,
+        firmware_flash: m.firmware.as_ref().and_then(|f| f.flash_state()),
     })
 }
 

@@ -8,6 +8,9 @@ use super::{vector, AccessError, Completion, CpuState, EmulateError, GuestAccess
 /// CR4.LA57: 57-bit linear addresses.
 use crate::regs::CR4_LA57;
 
+#[path = "x87.rs"]
+pub(super) mod x87;
+
 /// Carries out `instr` on `cpu` and `mem`.
 pub(super) fn execute(
     instr: &Instruction,
@@ -42,6 +45,7 @@ pub(super) fn execute(
         | Code::VEX_Vldmxcsr_m32
         | Code::Stmxcsr_m32
         | Code::VEX_Vstmxcsr_m32 => op.fpu_control(),
+        _ if x87::handles(instr) => op.x87(),
         Code::Clac => op.set_ac(false),
         Code::Stac => op.set_ac(true),
         Code::Ud2 => Ok(exception(vector::UD, None)),

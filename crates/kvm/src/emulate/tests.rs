@@ -2,6 +2,7 @@
 
 use iced_x86::code_asm::*;
 
+use super::handlers::x87;
 use super::regs::rflags;
 use super::*;
 use crate::state::test_states::{long64, prot32, real16};
@@ -829,4 +830,105 @@ fn verw_and_verr_check_the_gdt_descriptor_and_set_only_zf() {
         Completion::Done
     );
     assert_eq!(cpu.regs.rflags & rflags::ZF, 0);
+}
+
+/// Runs `code` one instruction at a time (as KVM reports each failure), from `cpu`'s RIP.
+fn run_each(code: &[u8], cpu: &mut CpuState, mem: &mut MockMem) {
+    let start = cpu.regs.rip;
+    while ((cpu.regs.rip - start) as usize) < code.len() {
+        let at = (cpu.regs.rip - start) as usize;
+        assert_eq!(run(&code[at..], cpu, mem), Completion::Done, "at +{at}");
+    }
+}
+
+fn x87_empty(mem: &MockMem) -> bool {
+    let f = mem.fpu.unwrap();
+    f.ftwx == 0 && (f.fsw >> 11) & 7 == 0
+}
+
+/// What OpenSSL's `RAND_add(buf, 128, 128.0)` compiles to without SSE: `(size_t)(8 * n)`
+/// with the x87, truncating through a changed control word.
+#[test]
+fn x87_int_to_double_multiply_and_truncate() {
+    let mut cpu = long64();
+    let mut mem = mem64();
+    cpu.regs.rbx = DATA;
+    mem.put(DATA, &128i32.to_le_bytes());
+    mem.put(DATA + 8, &8.0f64.to_le_bytes());
+    mem.put(DATA + 18, &0x0e7fu16.to_le_bytes());
+    let code = asm64(|a| {
+        a.fild(dword_ptr(rbx))?;
+        a.fmul(qword_ptr(rbx + 8))?;
+        a.fnstcw(word_ptr(rbx + 16))?;
+        a.fldcw(word_ptr(rbx + 18))?;
+        a.fistp(qword_ptr(rbx + 24))?;
+        a.fldcw(word_ptr(rbx + 16))
+    });
+    run_each(&code, &mut cpu, &mut mem);
+    assert_eq!(mem.get(DATA + 24, 8), 1024u64.to_le_bytes());
+    assert!(x87_empty(&mem), "the stack is empty again");
+    assert_eq!(mem.fpu.unwrap().fcw, 0x037f);
+}
+
+/// Register forms: `fld st(i)`, `fsubrp`, `fdivp`, `fxch`, `fchs`, and `fcomip` setting
+/// EFLAGS; stores to m32 and m80.
+#[test]
+fn x87_register_forms_and_compares() {
+    let mut cpu = long64();
+    let mut mem = mem64();
+    cpu.regs.rbx = DATA;
+    mem.put(DATA, &3.0f32.to_le_bytes());
+    mem.put(DATA + 4, &(-12i16).to_le_bytes());
+    let code = asm64(|a| {
+        a.fld(dword_ptr(rbx))?; // 3
+        a.fild(word_ptr(rbx + 4))?; // -12, 3
+        a.fld(st1)?; // 3, -12, 3
+        a.fsubrp(st1, st0)?; // st1 = 3 - (-12) = 15: 15, 3
+        a.fdivp(st1, st0)?; // st1 = 3 / 15 = 0.2: 0.2
+        a.fld1()?; // 1, 0.2
+        a.fxch(st0, st1)?; // 0.2, 1
+        a.fchs()?; // -0.2, 1
+        a.fcomip(st0, st1)?; // -0.2 < 1: CF; pops: 1
+        a.fstp(tword_ptr(rbx + 16)) // stores 1.0 as f80
+    });
+    run_each(&code, &mut cpu, &mut mem);
+    assert_ne!(cpu.regs.rflags & rflags::CF, 0, "-0.2 < 1");
+    assert_eq!(cpu.regs.rflags & rflags::ZF, 0);
+    assert_eq!(mem.get(DATA + 16, 10), x87::F80::ONE.to_bytes());
+    assert!(x87_empty(&mem));
+}
+
+/// A ninth push overflows the stack: the invalid-operation and stack-fault flags, and the
+/// indefinite NaN; storing a NaN or a too-large value as an integer gives the integer
+/// indefinite.
+#[test]
+fn x87_stack_overflow_and_integer_indefinite() {
+    let mut cpu = long64();
+    let mut mem = mem64();
+    cpu.regs.rbx = DATA;
+    let mut code = Vec::new();
+    for _ in 0..9 {
+        code.extend(asm(64, cpu.regs.rip + code.len() as u64, |a| a.fldz()));
+    }
+    code.extend(asm(64, cpu.regs.rip + code.len() as u64, |a| {
+        a.fistp(dword_ptr(rbx))
+    }));
+    run_each(&code, &mut cpu, &mut mem);
+    let fsw = mem.fpu.unwrap().fsw;
+    assert_eq!(fsw & 0x41, 0x41, "IE and SF: {fsw:#x}");
+    assert_eq!(mem.get(DATA, 4), 0x8000_0000u32.to_le_bytes());
+}
+
+#[test]
+fn x87_with_ts_set_is_nm() {
+    let mut cpu = long64();
+    cpu.sregs.cr0 |= 1 << 3;
+    let c = run(&asm64(|a| a.fld1()), &mut cpu, &mut mem64());
+    assert_eq!(
+        c,
+        Completion::InjectException {
+            vector: vector::NM,
+            error_code: None
+        }
+    );
 }
