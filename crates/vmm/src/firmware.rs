@@ -535,7 +535,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let (code, template) = (dir.join("CODE.fd"), dir.join("VARS.fd"));
         std::fs::write(&code, vec![0u8; 64 << 10]).unwrap();
-        std::fs::write(&template, vec![0xa5u8; 8 << 10]).unwrap();
+        std::fs::write(&template, vec![0xa5u8; 64 << 10]).unwrap();
         let fw = Firmware {
             kind: FirmwareKind::Uefi,
             code: code.clone(),
@@ -552,11 +552,11 @@ mod tests {
         let fw = fw.with_vars_store(store.clone()).unwrap();
         assert_eq!(fw.images().unwrap().len(), 1, "the store is flash, not ROM");
         assert_eq!(fw.prepare_vars_store().unwrap(), Some(store.clone()));
-        assert_eq!(std::fs::read(&store).unwrap(), vec![0xa5u8; 8 << 10]);
+        assert_eq!(std::fs::read(&store).unwrap(), vec![0xa5u8; 64 << 10]);
         // What the guest wrote stays.
-        std::fs::write(&store, vec![0x11u8; 8 << 10]).unwrap();
+        std::fs::write(&store, vec![0x11u8; 64 << 10]).unwrap();
         fw.prepare_vars_store().unwrap();
-        assert_eq!(std::fs::read(&store).unwrap(), vec![0x11u8; 8 << 10]);
+        assert_eq!(std::fs::read(&store).unwrap(), vec![0x11u8; 64 << 10]);
         std::fs::write(&store, vec![0u8; 4 << 10]).unwrap();
         let e = fw.prepare_vars_store().unwrap_err();
         assert!(
@@ -564,7 +564,7 @@ mod tests {
                 e,
                 FirmwareError::VarsSize {
                     size: 4096,
-                    expected: 8192,
+                    expected: 65536,
                     ..
                 }
             ),
