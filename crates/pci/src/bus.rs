@@ -153,12 +153,13 @@ impl PciDevice for HostBridge {
 }
 
 type ReprogramHandler = Box<dyn Fn(&BarReprogram) + Send>;
+type SharedDevice = Arc<Mutex<dyn PciDevice>>;
 
 /// Bus 0: up to 31 functions behind the host bridge.
 pub struct PciBus {
     slots: Vec<Option<Arc<Mutex<dyn PciDevice>>>>,
     /// Functions 1..7 of multi-function slots: (slot, function, device).
-    functions: Vec<(u8, u8, Arc<Mutex<dyn PciDevice>>)>,
+    functions: Vec<(u8, u8, SharedDevice)>,
     on_reprogram: Option<ReprogramHandler>,
 }
 
