@@ -142,6 +142,114 @@ fn bad_firmware_images_are_refused_with_a_reason() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A UEFI-style firmware of the test's own (64 KiB of code, the shape of OVMF's split
+/// images, with a 64 KiB variable-store template beside it): from the reset vector it goes
+/// to 32-bit protected mode, programs "VESSEL" into its variable store through the flash's
+/// command interface (`0x10`, byte), reads the PM base from the PIIX4 power-management
+/// function (00:01.3, register 0x40) through ports 0xcf8/0xcfc, and powers off with an S5
+/// write to that base's PM1 control register.
+fn tiny_uefi(dir: &Path) -> PathBuf {
+    use iced_x86::code_asm::*;
+    const SIZE: usize = 64 << 10;
+    const VARS_BASE: u32 = ((1u64 << 32) - 2 * SIZE as u64) as u32;
+    let rom = |off: usize| 0xffff_0000u32 + off as u32;
+    let (code32_at, gdt_at, start_at) = (0xfe00usize, 0xff00usize, 0xff80usize);
+    let mut img = vec![0xf4u8; SIZE];
+    let mut a = CodeAssembler::new(32).unwrap();
+    let body = |a: &mut CodeAssembler| -> Result<(), IcedError> {
+        a.mov(ax, 0x10)?;
+        a.mov(ds, ax)?;
+        a.mov(es, ax)?;
+        a.mov(ss, ax)?;
+        a.mov(edi, VARS_BASE + 0x100)?;
+        for b in b"VESSEL" {
+            a.mov(byte_ptr(edi), 0x10)?;
+            a.mov(byte_ptr(edi), *b as u32)?;
+            a.inc(edi)?;
+        }
+        a.mov(byte_ptr(edi), 0xff)?;
+        a.mov(eax, 0x8000_0b40u32)?;
+        a.mov(dx, 0xcf8)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0xcfc)?;
+        a.in_(eax, dx)?;
+        a.and(eax, 0xffc0)?;
+        a.add(eax, 4)?;
+        a.mov(edx, eax)?;
+        a.mov(ax, 0x3400)?; // SLP_EN | S5 << 10
+        a.out(dx, ax)?;
+        a.hlt()
+    };
+    body(&mut a).unwrap();
+    let code32 = a.assemble(u64::from(rom(code32_at))).unwrap();
+    img[code32_at..code32_at + code32.len()].copy_from_slice(&code32);
+    // The GDT (null, flat 32-bit code, flat data) and its descriptor for lgdt. The
+    // descriptors are marked accessed already, as firmware GDTs in ROM are: the CPU would
+    // otherwise write that bit into read-only memory when it loads them.
+    let gdtr_at = gdt_at;
+    let table_at = gdt_at + 0x10;
+    img[gdtr_at..gdtr_at + 2].copy_from_slice(&23u16.to_le_bytes());
+    img[gdtr_at + 2..gdtr_at + 6].copy_from_slice(&rom(table_at).to_le_bytes());
+    for (i, d) in [0u64, 0x00cf_9b00_0000_ffff, 0x00cf_9300_0000_ffff]
+        .iter()
+        .enumerate()
+    {
+        img[table_at + 8 * i..table_at + 8 * i + 8].copy_from_slice(&d.to_le_bytes());
+    }
+    // 16-bit: cli; o32 lgdt cs:[gdtr]; CR0.PE; jmp dword 0x08:code32.
+    let mut start = vec![0xfa, 0x66, 0x2e, 0x0f, 0x01, 0x16];
+    start.extend_from_slice(&(gdtr_at as u16).to_le_bytes());
+    start.extend_from_slice(&[0x0f, 0x20, 0xc0, 0x66, 0x83, 0xc8, 0x01, 0x0f, 0x22, 0xc0]);
+    start.extend_from_slice(&[0x66, 0xea]);
+    start.extend_from_slice(&rom(code32_at).to_le_bytes());
+    start.extend_from_slice(&0x08u16.to_le_bytes());
+    img[start_at..start_at + start.len()].copy_from_slice(&start);
+    // The reset vector, 16 bytes below the top: jmp short start.
+    let rel = start_at as i64 - (0xfff0 + 2);
+    img[0xfff0] = 0xeb;
+    img[0xfff1] = rel as i8 as u8;
+    let code = dir.join("TINY_CODE.fd");
+    std::fs::write(&code, img).unwrap();
+    std::fs::write(dir.join("TINY_VARS.fd"), vec![0xffu8; SIZE]).unwrap();
+    code
+}
+
+/// What OVMF relies on, with a firmware small enough for CI: the code image at the top of
+/// 4 GiB with its variable store as flash right below, a per-VM copy of the template that
+/// keeps what the firmware programmed after the VM stops, the PIIX4 PM function telling
+/// where the PM registers are, and an S5 power-off there.
+#[test]
+fn a_uefi_firmware_programs_its_own_variable_store_and_powers_off() {
+    let dir = scratch("fw-tiny-uefi");
+    let code = tiny_uefi(&dir);
+    let store = dir.join("store.fd");
+    for run in 0..2 {
+        let out = vessel()
+            .args(["run", "--memory", "64M", "--stats", "--firmware"])
+            .arg(&code)
+            .arg("--firmware-vars")
+            .arg(&store)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert!(out.status.success(), "run {run}: {stderr}");
+        assert!(stderr.contains("the guest powered off"), "{stderr}");
+        let vars = std::fs::read(&store).unwrap();
+        assert_eq!(vars.len(), 64 << 10, "the store keeps its size");
+        assert_eq!(&vars[0x100..0x106], b"VESSEL");
+        assert!(vars[..0x100]
+            .iter()
+            .chain(&vars[0x106..])
+            .all(|&b| b == 0xff));
+    }
+    let template = std::fs::read(dir.join("TINY_VARS.fd")).unwrap();
+    assert!(
+        template.iter().all(|&b| b == 0xff),
+        "the template is never written"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The kit's cloud-style disk: GPT with a BIOS boot partition, an ESP and an ext4 root
 /// holding the minimal kernel (bzImage) and initramfs, GRUB for BIOS and EFI, as a qcow2
 /// overlay on a qcow2 base. `None` when the kit is not built and not required.

@@ -95,8 +95,8 @@ pub enum FirmwareError {
         template: PathBuf,
         expected: u64,
     },
-    #[error("the UEFI variable store is given, but the firmware {} has no separate one (a unified image keeps its variables inside)", code.display())]
-    NoVarsTemplate { code: PathBuf },
+    #[error("the UEFI variable store {} does not exist, and the firmware {} has no template to make it from (a unified image keeps its variables inside)", store.display(), code.display())]
+    NoVarsTemplate { code: PathBuf, store: PathBuf },
     #[error("the UEFI variable store cannot serve as flash")]
     Flash(#[source] vessel_devices::PflashError),
     #[error("the snapshot's UEFI variable store does not match this VM's (one has a store, the other none)")]
@@ -124,6 +124,11 @@ impl Firmware {
             path => {
                 let code = PathBuf::from(path);
                 let uefi = code.extension().is_some_and(|e| e == "fd");
+                // OVMF's split images come in pairs: FOO_CODE_4M.fd beside FOO_VARS_4M.fd.
+                let vars = uefi
+                    .then(|| vars_beside(&code))
+                    .flatten()
+                    .filter(|v| v.exists());
                 Firmware {
                     kind: if uefi {
                         FirmwareKind::Uefi
@@ -131,7 +136,7 @@ impl Firmware {
                         FirmwareKind::Bios
                     },
                     code,
-                    vars: None,
+                    vars,
                     vars_store: None,
                 }
             }
@@ -151,10 +156,14 @@ impl Firmware {
         Ok(fw)
     }
 
-    /// UEFI: keeps this VM's variables in `store` (made from the template when missing).
+    /// UEFI: keeps this VM's variables in `store` (made from the template when missing; a
+    /// firmware without a template needs an existing store).
     pub fn with_vars_store(mut self, store: PathBuf) -> Result<Firmware, FirmwareError> {
-        if self.vars.is_none() {
-            return Err(FirmwareError::NoVarsTemplate { code: self.code });
+        if self.vars.is_none() && !store.exists() {
+            return Err(FirmwareError::NoVarsTemplate {
+                code: self.code,
+                store,
+            });
         }
         self.vars_store = Some(store);
         Ok(self)
@@ -174,8 +183,10 @@ impl Firmware {
     /// when the VM has none. A store whose size is not the template's is refused (OVMF
     /// finds its variables at a fixed address below its code).
     pub fn prepare_vars_store(&self) -> Result<Option<PathBuf>, FirmwareError> {
-        let (Some(template), Some(store)) = (&self.vars, &self.vars_store) else {
-            return Ok(None);
+        let (template, store) = match (&self.vars, &self.vars_store) {
+            (_, None) => return Ok(None),
+            (None, Some(store)) => return Ok(Some(store.clone())),
+            (Some(t), Some(s)) => (t, s),
         };
         let copy_err = |source| FirmwareError::VarsCopy {
             from: template.clone(),
@@ -221,6 +232,14 @@ impl Firmware {
         }
         Ok(Some(store.clone()))
     }
+}
+
+/// The variable-store template that comes with a split OVMF code image: the same name with
+/// `CODE` replaced by `VARS`.
+fn vars_beside(code: &Path) -> Option<PathBuf> {
+    let name = code.file_name()?.to_str()?;
+    name.contains("CODE")
+        .then(|| code.with_file_name(name.replacen("CODE", "VARS", 1)))
 }
 
 /// Where a VM booting `disk` through UEFI keeps its variables when not told:
@@ -570,11 +589,20 @@ mod tests {
             ),
             "{e}"
         );
-        let unified = Firmware::resolve(code.to_str().unwrap()).unwrap();
+        // A split image given by path finds its template beside it; a unified one has
+        // none, and then needs a store that exists.
+        let paired = Firmware::resolve(code.to_str().unwrap()).unwrap();
+        assert_eq!(paired.vars, Some(template.clone()));
+        let unified = dir.join("OVMF.fd");
+        std::fs::write(&unified, vec![0u8; 64 << 10]).unwrap();
+        let unified = Firmware::resolve(unified.to_str().unwrap()).unwrap();
+        assert_eq!(unified.vars, None);
         assert!(matches!(
-            unified.with_vars_store(store),
+            unified.clone().with_vars_store(dir.join("missing.fd")),
             Err(FirmwareError::NoVarsTemplate { .. })
         ));
+        let own = unified.with_vars_store(store.clone()).unwrap();
+        assert_eq!(own.prepare_vars_store().unwrap(), Some(store));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -932,3 +932,23 @@ fn x87_with_ts_set_is_nm() {
         }
     );
 }
+
+#[test]
+fn fcmov_moves_only_when_its_condition_holds() {
+    let mut cpu = long64();
+    let mut mem = mem64();
+    cpu.regs.rbx = DATA;
+    cpu.regs.rflags &= !(rflags::CF | rflags::ZF);
+    let code = asm64(|a| {
+        a.fld1()?; // 1
+        a.fldz()?; // 0, 1
+        a.fcmovnbe(st0, st1)?; // above: st0 = 1
+        a.fcmovb(st0, st2)?; // not below: unchanged (st2 is empty, never read)
+        a.fstp(qword_ptr(rbx))?;
+        a.fstp(st0)
+    });
+    run_each(&code, &mut cpu, &mut mem);
+    assert_eq!(mem.get(DATA, 8), 1.0f64.to_le_bytes());
+    assert!(x87_empty(&mem));
+    assert_eq!(mem.fpu.unwrap().fsw & 0x41, 0, "no stack fault");
+}

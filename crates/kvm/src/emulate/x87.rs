@@ -353,6 +353,14 @@ pub(super) fn handles(instr: &Instruction) -> bool {
             | Frndint
             | Fsqrt
             | Fnop
+            | Fcmovb
+            | Fcmove
+            | Fcmovbe
+            | Fcmovu
+            | Fcmovnb
+            | Fcmovne
+            | Fcmovnbe
+            | Fcmovnu
     )
 }
 
@@ -582,6 +590,28 @@ impl Op<'_> {
                     s.flag(FSW_IE);
                 }
                 s.set(0, F80::from_f64(v.sqrt()));
+            }
+            Fcmovb | Fcmove | Fcmovbe | Fcmovu | Fcmovnb | Fcmovne | Fcmovnbe | Fcmovnu => {
+                let f = self.cpu.regs.rflags;
+                let (cf, zf, pf) = (
+                    f & rflags::CF != 0,
+                    f & rflags::ZF != 0,
+                    f & rflags::PF != 0,
+                );
+                let take = match m {
+                    Fcmovb => cf,
+                    Fcmove => zf,
+                    Fcmovbe => cf || zf,
+                    Fcmovu => pf,
+                    Fcmovnb => !cf,
+                    Fcmovne => !zf,
+                    Fcmovnbe => !cf && !zf,
+                    _ => !pf,
+                };
+                if take {
+                    let v = self.fp_operand(&mut s, last)?;
+                    s.set(0, v);
+                }
             }
             Fnop => {}
             _ => return Err(Stop::Fail(unsupported(self.instr))),
