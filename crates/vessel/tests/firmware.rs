@@ -148,7 +148,8 @@ fn bad_firmware_images_are_refused_with_a_reason() {
 /// command interface (`0x10`, byte), reads the PM base from the PIIX4 power-management
 /// function (00:01.3, register 0x40) through ports 0xcf8/0xcfc, and powers off with an S5
 /// write to that base's PM1 control register.
-fn tiny_uefi(dir: &Path) -> PathBuf {
+/// With `power_off` false it halts (interrupts off) instead, for ever.
+fn tiny_uefi(dir: &Path, power_off: bool) -> PathBuf {
     use iced_x86::code_asm::*;
     const SIZE: usize = 64 << 10;
     const VARS_BASE: u32 = ((1u64 << 32) - 2 * SIZE as u64) as u32;
@@ -168,6 +169,10 @@ fn tiny_uefi(dir: &Path) -> PathBuf {
             a.inc(edi)?;
         }
         a.mov(byte_ptr(edi), 0xff)?;
+        if !power_off {
+            a.cli()?;
+            return a.hlt();
+        }
         a.mov(eax, 0x8000_0b40u32)?;
         a.mov(dx, 0xcf8)?;
         a.out(dx, eax)?;
@@ -221,7 +226,7 @@ fn tiny_uefi(dir: &Path) -> PathBuf {
 #[test]
 fn a_uefi_firmware_programs_its_own_variable_store_and_powers_off() {
     let dir = scratch("fw-tiny-uefi");
-    let code = tiny_uefi(&dir);
+    let code = tiny_uefi(&dir, true);
     let store = dir.join("store.fd");
     for run in 0..2 {
         let out = vessel()
@@ -247,6 +252,71 @@ fn a_uefi_firmware_programs_its_own_variable_store_and_powers_off() {
         template.iter().all(|&b| b == 0xff),
         "the template is never written"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A UEFI guest's snapshot holds its variable store: a VM whose firmware has programmed
+/// its flash is snapshotted; the store file is then overwritten (as by another VM using
+/// it); the restore puts the snapshot's variables back in the store.
+#[test]
+fn a_uefi_snapshot_keeps_the_variable_store() {
+    use vessel_vmm::firmware::Firmware;
+    use vessel_vmm::restore::{restore, RestoreRequest};
+    use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
+    use vessel_vmm::{Payload, Vm, VmConfig};
+
+    let dir = scratch("fw-uefi-snapshot");
+    let code = tiny_uefi(&dir, false);
+    let store = dir.join("store.fd");
+    let fw = Firmware::resolve(code.to_str().unwrap())
+        .unwrap()
+        .with_vars_store(store.clone())
+        .unwrap();
+    let config = VmConfig {
+        boot: Payload::Firmware(fw),
+        memory: 64 << 20,
+        ..Default::default()
+    };
+    let programmed = |p: &Path| std::fs::read(p).is_ok_and(|v| &v[0x100..0x106] == b"VESSEL");
+    let vm = Vm::build(&config).unwrap().start().unwrap();
+    let h = vm.handle();
+    let t = Instant::now();
+    while !programmed(&store) {
+        assert!(
+            t.elapsed() < FIRMWARE_LIMIT,
+            "the firmware never wrote its flash"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    h.pause().unwrap();
+    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
+    h.snapshot(&SnapshotRequest::<NoApi> {
+        state: state.clone(),
+        memory: memory.clone(),
+        kind: SnapshotKind::Full,
+        api: None,
+    })
+    .unwrap();
+    h.stop();
+    vm.wait().unwrap();
+
+    std::fs::write(&store, vec![0xffu8; 64 << 10]).unwrap();
+    let (restored, snap) = restore(&RestoreRequest {
+        state,
+        memory,
+        serial: None,
+        track_dirty_pages: None,
+        working_set: None,
+    })
+    .unwrap();
+    assert!(
+        snap.firmware_flash.is_some(),
+        "the state file holds the flash"
+    );
+    assert!(programmed(&store), "the restore put the variables back");
+    let running = restored.start().unwrap();
+    running.handle().stop();
+    running.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
