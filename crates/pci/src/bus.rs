@@ -36,12 +36,16 @@ pub trait PciDevice: Send {
     fn config_read(&mut self, offset: u64, data: &mut [u8]);
     /// Writes its configuration space; returns the BARs the write moved.
     fn config_write(&mut self, offset: u64, data: &[u8]) -> Vec<BarMove>;
-    /// Its BARs and where they are now.
-    fn bars(&self) -> Vec<BarInfo>;
+    /// Its BARs and where they are now (by default none: a function with registers only).
+    fn bars(&self) -> Vec<BarInfo> {
+        Vec::new()
+    }
     /// Reads BAR `bar` at `offset` (relative to the BAR's base).
-    fn bar_read(&mut self, bar: u8, offset: u64, data: &mut [u8]);
+    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+    }
     /// Writes BAR `bar` at `offset`.
-    fn bar_write(&mut self, bar: u8, offset: u64, data: &[u8]);
+    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
 }
 
 /// The guest moved BAR `bar` of the function in `slot` from `old_base` to `new_base`: the VMM
@@ -143,13 +147,6 @@ impl PciDevice for HostBridge {
         }
         self.config.write(offset, data)
     }
-    fn bars(&self) -> Vec<BarInfo> {
-        Vec::new()
-    }
-    fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
-        data.fill(0xff);
-    }
-    fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
 }
 
 type ReprogramHandler = Box<dyn Fn(&BarReprogram) + Send>;

@@ -9,7 +9,7 @@
 //! setup, as it does after a warm reset).
 
 use crate::bus::PciDevice;
-use crate::config::{BarInfo, BarMove, ConfigSpace, PciIds};
+use crate::config::{BarMove, ConfigSpace, PciIds};
 
 /// Intel's vendor id and the PIIX3 ISA bridge and PIIX4 PM function ids.
 const INTEL: u16 = 0x8086;
@@ -110,13 +110,6 @@ macro_rules! registers_only {
             fn config_write(&mut self, offset: u64, data: &[u8]) -> Vec<BarMove> {
                 self.config.write(offset, data)
             }
-            fn bars(&self) -> Vec<BarInfo> {
-                Vec::new()
-            }
-            fn bar_read(&mut self, _bar: u8, _offset: u64, data: &mut [u8]) {
-                data.fill(0xff);
-            }
-            fn bar_write(&mut self, _bar: u8, _offset: u64, _data: &[u8]) {}
         }
     };
 }

@@ -255,14 +255,44 @@ fn a_uefi_firmware_programs_its_own_variable_store_and_powers_off() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Takes a full snapshot of the paused `vm` into `dir`, stops it, runs `between`, and
+/// restores it (its console to `serial`, else the snapshot's).
+fn snapshot_stop_restore(
+    vm: vessel_vmm::running::RunningVm,
+    dir: &Path,
+    serial: Option<vessel_vmm::SerialTarget>,
+    between: impl FnOnce(),
+) -> (vessel_vmm::Vm, vessel_vmm::snapshot::VmSnapshot) {
+    use vessel_vmm::restore::{restore, RestoreRequest};
+    use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
+    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
+    let h = vm.handle();
+    h.snapshot(&SnapshotRequest::<NoApi> {
+        state: state.clone(),
+        memory: memory.clone(),
+        kind: SnapshotKind::Full,
+        api: None,
+    })
+    .unwrap();
+    h.stop();
+    vm.wait().unwrap();
+    between();
+    restore(&RestoreRequest {
+        state,
+        memory,
+        serial,
+        track_dirty_pages: None,
+        working_set: None,
+    })
+    .unwrap()
+}
+
 /// A UEFI guest's snapshot holds its variable store: a VM whose firmware has programmed
 /// its flash is snapshotted; the store file is then overwritten (as by another VM using
 /// it); the restore puts the snapshot's variables back in the store.
 #[test]
 fn a_uefi_snapshot_keeps_the_variable_store() {
     use vessel_vmm::firmware::Firmware;
-    use vessel_vmm::restore::{restore, RestoreRequest};
-    use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
     use vessel_vmm::{Payload, Vm, VmConfig};
 
     let dir = scratch("fw-uefi-snapshot");
@@ -289,26 +319,9 @@ fn a_uefi_snapshot_keeps_the_variable_store() {
         std::thread::sleep(Duration::from_millis(5));
     }
     h.pause().unwrap();
-    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
-    h.snapshot(&SnapshotRequest::<NoApi> {
-        state: state.clone(),
-        memory: memory.clone(),
-        kind: SnapshotKind::Full,
-        api: None,
-    })
-    .unwrap();
-    h.stop();
-    vm.wait().unwrap();
-
-    std::fs::write(&store, vec![0xffu8; 64 << 10]).unwrap();
-    let (restored, snap) = restore(&RestoreRequest {
-        state,
-        memory,
-        serial: None,
-        track_dirty_pages: None,
-        working_set: None,
-    })
-    .unwrap();
+    let (restored, snap) = snapshot_stop_restore(vm, &dir, None, || {
+        std::fs::write(&store, vec![0xffu8; 64 << 10]).unwrap();
+    });
     assert!(
         snap.firmware_flash.is_some(),
         "the state file holds the flash"
@@ -324,20 +337,24 @@ fn a_uefi_snapshot_keeps_the_variable_store() {
 /// holding the minimal kernel (bzImage) and initramfs, GRUB for BIOS and EFI, as a qcow2
 /// overlay on a qcow2 base. `None` when the kit is not built and not required.
 fn boot_disk(dir: &Path) -> Option<PathBuf> {
-    kit_image("minimal")?;
-    let out = vessel()
-        .args(["image", "build", "minimal"])
-        .output()
-        .unwrap();
+    boot_disk_of(dir, "minimal")
+}
+
+/// [`boot_disk`] with the kernel and initramfs of kit image `image` (`minimal`: its LZ4
+/// bzImage; `debian`: Debian's own `vmlinuz`).
+fn boot_disk_of(dir: &Path, image: &str) -> Option<PathBuf> {
+    kit_image(image)?;
+    let out = vessel().args(["image", "build", image]).output().unwrap();
     let stdout = text(&out.stdout);
-    let bzimage = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("bzimage="))
-        .expect("vessel image build minimal prints bzimage=");
-    let initrd = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("initrd="))
-        .expect("and initrd=");
+    let line = |key: &str| {
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(key).map(str::to_string))
+    };
+    let bzimage = line("bzimage=")
+        .or_else(|| line("kernel="))
+        .expect("vessel image build prints bzimage= or kernel=");
+    let initrd = line("initrd=").expect("and initrd=");
     // Through firmware, the command line is GRUB's: on a nested host it must carry the
     // parameters Vessel otherwise adds itself.
     let params = vessel().args(["image", "kernel-params"]).output().unwrap();
@@ -348,7 +365,10 @@ fn boot_disk(dir: &Path) -> Option<PathBuf> {
         text(&params.stdout).trim()
     );
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/make-boot-disk.sh");
-    let cache = vessel_image::cache_dir().join("images/boot-disk");
+    let cache = vessel_image::cache_dir().join(match image {
+        "minimal" => "images/boot-disk".to_string(),
+        other => format!("images/boot-disk-{other}"),
+    });
     let made = Command::new("sh")
         .arg(&script)
         .args([bzimage, initrd])
@@ -460,6 +480,39 @@ fn minimal_boots_through_ovmf_and_grub_and_its_variables_persist() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Debian's stock kernel and the kit's Debian initramfs in the same kind of disk, through
+/// OVMF and GRUB (extended: `VESSEL_E2E_DEBIAN=1` and `VESSEL_E2E_UEFI=1`).
+#[test]
+fn debian_boots_through_ovmf_and_grub() {
+    if !std::env::var("VESSEL_E2E_DEBIAN").is_ok_and(|v| v == "1") || !uefi_extended() {
+        eprintln!("note: Debian through OVMF runs in the extended test command");
+        return;
+    }
+    let dir = scratch("fw-uefi-debian");
+    let Some(disk) = boot_disk_of(&dir, "debian") else {
+        return;
+    };
+    let console = dir.join("console.txt");
+    let mut cmd = vessel();
+    cmd.args(["run", "--firmware", "uefi", "--memory", "512M", "--stats"])
+        .arg(format!("--firmware-vars={}", dir.join("vars.fd").display()))
+        .arg(format!("--disk=path={}", disk.display()))
+        .arg(format!("--serial=file={}", console.display()));
+    let t = Instant::now();
+    let out = run_with_timeout(cmd, UEFI_LIMIT + Duration::from_secs(60 * 60));
+    let console = console_text(&console);
+    assert_ready(&out, &console);
+    assert!(
+        console.contains("efi: EFI v2"),
+        "Linux found UEFI: {console}"
+    );
+    eprintln!(
+        "Debian through OVMF and GRUB: ready and powered off in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// (a) of the issue: the same disk with no kernel and no firmware boots directly from its
 /// grub.cfg (the kernel there is a bzImage).
 #[test]
@@ -498,8 +551,6 @@ fn the_same_disk_boots_directly_from_its_grub_cfg() {
 fn a_vm_snapshotted_in_the_middle_of_seabios_goes_on_after_restore() {
     use vessel_vmm::device_config::{DeviceConfigs, DiskConfig, Transport};
     use vessel_vmm::firmware::Firmware;
-    use vessel_vmm::restore::{restore, RestoreRequest};
-    use vessel_vmm::snapshot::{NoApi, SnapshotKind, SnapshotRequest};
     use vessel_vmm::{ExitReason, Payload, SerialTarget, Vm, VmConfig};
 
     if !have_seabios() {
@@ -538,25 +589,8 @@ fn a_vm_snapshotted_in_the_middle_of_seabios_goes_on_after_restore() {
         !so_far.contains("Boot failed"),
         "paused too late to test anything: {so_far}"
     );
-    let (state, memory) = (dir.join("vm.state"), dir.join("vm.mem"));
-    h.snapshot(&SnapshotRequest::<NoApi> {
-        state: state.clone(),
-        memory: memory.clone(),
-        kind: SnapshotKind::Full,
-        api: None,
-    })
-    .unwrap();
-    h.stop();
-    vm.wait().unwrap();
-
-    let (restored, _) = restore(&RestoreRequest {
-        state,
-        memory,
-        serial: Some(SerialTarget::File(after.clone())),
-        track_dirty_pages: None,
-        working_set: None,
-    })
-    .unwrap();
+    let (restored, _) =
+        snapshot_stop_restore(vm, &dir, Some(SerialTarget::File(after.clone())), || {});
     let running = restored.start().unwrap();
     let h = running.handle();
     let watchdog = std::thread::spawn(move || {
