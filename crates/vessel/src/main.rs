@@ -15,7 +15,7 @@ use vessel_vmm::device_config::{
     check_pmem, parse_rng, split_options, BalloonConfig, DeviceConfigs, DeviceOption, DiskConfig,
     NetConfig, PmemConfig, Transport, VsockConfig,
 };
-use vessel_vmm::firmware::Firmware;
+use vessel_vmm::firmware::{Firmware, FirmwareKernel};
 use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
 
 mod apicli;
@@ -152,7 +152,9 @@ struct RunArgs {
     /// Boot through firmware from the disks: bios (Debian's SeaBIOS), uefi (Debian's OVMF)
     /// or the path of a firmware image. Without a kernel, a disk with no Linux Vessel can boot
     /// directly boots through SeaBIOS.
-    #[arg(long, value_name = "bios|uefi|PATH", conflicts_with_all = ["kernel", "image"])]
+    /// With --kernel, the firmware boots that kernel (handed over through fw_cfg, as QEMU's
+    /// -kernel) instead of the disks.
+    #[arg(long, value_name = "bios|uefi|PATH", conflicts_with = "image")]
     firmware: Option<String>,
     /// UEFI: this VM's variable store (boot entries and settings), made from OVMF's template
     /// when missing and kept. Default: one per boot disk in
@@ -333,7 +335,7 @@ fn uefi_vars(
     }
 }
 
-fn run(args: RunArgs) -> Result<ExitCode, String> {
+fn run(mut args: RunArgs) -> Result<ExitCode, String> {
     check_pmem(&args.pmem).map_err(|e| e.to_string())?;
     let (arg_disks, mut vhost_user) = split_options(args.disk);
     let (nets, vhost_user_nets) = split_options(args.net);
@@ -375,7 +377,16 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             .as_ref()
             .map(|(found, _, _)| found.cmdline.clone())
     });
-    let boot = match (args.kernel, args.image) {
+    // A kernel for the firmware to boot: its command line is composed as for a direct boot.
+    let mut kernel = args.kernel;
+    if let (Some(fw), Some(k)) = (firmware.as_mut(), kernel.take()) {
+        fw.kernel = Some(FirmwareKernel {
+            kernel: k,
+            initrd: args.initrd.take(),
+            cmdline: String::new(),
+        });
+    }
+    let boot = match (kernel, args.image) {
         (Some(kernel), _) => Payload::Linux {
             kernel,
             initrd: args.initrd,
@@ -399,7 +410,7 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
             (None, None) => Payload::Demo,
         },
     };
-    let config = VmConfig {
+    let mut config = VmConfig {
         boot: boot.clone(),
         cmdline,
         append: args.append,
@@ -431,6 +442,25 @@ fn run(args: RunArgs) -> Result<ExitCode, String> {
         boot_timer: args.boot_timer,
         cpu_template: None,
     };
+    if let Payload::Firmware(Firmware {
+        kernel: Some(_), ..
+    }) = &config.boot
+    {
+        // The nested-host parameters, as a direct boot adds them.
+        let params = match config.nested {
+            vessel_vmm::NestedMode::Off => None,
+            _ => {
+                vessel_vmm::payload::host_kernel_params().map_err(|e| ErrorChain(&e).to_string())?
+            }
+        };
+        let line = vessel_vmm::payload::compose_cmdline(&config, params.as_deref());
+        if let Payload::Firmware(Firmware {
+            kernel: Some(k), ..
+        }) = &mut config.boot
+        {
+            k.cmdline = line;
+        }
+    }
     let outcome = vessel_vmm::run(&config).map_err(|e| ErrorChain(&e).to_string())?;
     drop(seed_file);
     if args.stats || args.profile.is_some() {

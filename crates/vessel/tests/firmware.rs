@@ -148,8 +148,17 @@ fn bad_firmware_images_are_refused_with_a_reason() {
 /// command interface (`0x10`, byte), reads the PM base from the PIIX4 power-management
 /// function (00:01.3, register 0x40) through ports 0xcf8/0xcfc, and powers off with an S5
 /// write to that base's PM1 control register.
-/// With `power_off` false it halts (interrupts off) instead, for ever.
-fn tiny_uefi(dir: &Path, power_off: bool) -> PathBuf {
+/// What [`tiny_uefi`] does after programming its flash.
+#[derive(Clone, Copy, PartialEq)]
+enum Then {
+    PowerOff,
+    /// Halts, interrupts off, for ever.
+    Halt,
+    /// Copies the kernel command line fw_cfg has (key 0x15) to COM1, then powers off.
+    EchoCmdline,
+}
+
+fn tiny_uefi(dir: &Path, then: Then) -> PathBuf {
     use iced_x86::code_asm::*;
     const SIZE: usize = 64 << 10;
     const VARS_BASE: u32 = ((1u64 << 32) - 2 * SIZE as u64) as u32;
@@ -169,9 +178,24 @@ fn tiny_uefi(dir: &Path, power_off: bool) -> PathBuf {
             a.inc(edi)?;
         }
         a.mov(byte_ptr(edi), 0xff)?;
-        if !power_off {
+        if then == Then::Halt {
             a.cli()?;
             return a.hlt();
+        }
+        if then == Then::EchoCmdline {
+            let (mut next, mut done) = (a.create_label(), a.create_label());
+            a.mov(dx, 0x510)?;
+            a.mov(ax, 0x15)?;
+            a.out(dx, ax)?;
+            a.set_label(&mut next)?;
+            a.mov(dx, 0x511)?;
+            a.in_(al, dx)?;
+            a.test(al, al)?;
+            a.jz(done)?;
+            a.mov(dx, 0x3f8)?;
+            a.out(dx, al)?;
+            a.jmp(next)?;
+            a.set_label(&mut done)?;
         }
         a.mov(eax, 0x8000_0b40u32)?;
         a.mov(dx, 0xcf8)?;
@@ -226,7 +250,7 @@ fn tiny_uefi(dir: &Path, power_off: bool) -> PathBuf {
 #[test]
 fn a_uefi_firmware_programs_its_own_variable_store_and_powers_off() {
     let dir = scratch("fw-tiny-uefi");
-    let code = tiny_uefi(&dir, true);
+    let code = tiny_uefi(&dir, Then::PowerOff);
     let store = dir.join("store.fd");
     for run in 0..2 {
         let out = vessel()
@@ -287,6 +311,54 @@ fn snapshot_stop_restore(
     .unwrap()
 }
 
+/// `--firmware` with `--kernel`: the firmware gets the kernel, initramfs and command line
+/// through fw_cfg (QEMU's `-kernel`, what OVMF's kernel loader reads); the command line is
+/// composed as for a direct boot (here `--cmdline` plus `--append`). A kernel that is not a
+/// bzImage is refused: fw_cfg hands over its setup and the rest separately.
+#[test]
+fn a_firmware_reads_the_kernel_command_line_from_fw_cfg() {
+    let dir = scratch("fw-tiny-kernel");
+    let code = tiny_uefi(&dir, Then::EchoCmdline);
+    let mut bzimage = vec![0u8; 4096];
+    bzimage[0x1f1] = 1;
+    bzimage[0x202..0x206].copy_from_slice(b"HdrS");
+    let (kernel, elf) = (dir.join("bzImage"), dir.join("vmlinux"));
+    std::fs::write(&kernel, &bzimage).unwrap();
+    std::fs::write(&elf, b"\x7fELF not a bzImage").unwrap();
+    let console = dir.join("console.txt");
+    let run = |k: &Path| {
+        vessel()
+            .args(["run", "--memory", "64M", "--stats", "--nested", "off"])
+            .arg("--firmware")
+            .arg(&code)
+            .arg(format!(
+                "--firmware-vars={}",
+                dir.join("store.fd").display()
+            ))
+            .arg("--kernel")
+            .arg(k)
+            .args(["--cmdline", "console=ttyS0 from=fw_cfg", "--append", "x=1"])
+            .arg(format!("--serial=file={}", console.display()))
+            .output()
+            .unwrap()
+    };
+    let out = run(&kernel);
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("the guest powered off"), "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(&console).unwrap(),
+        "console=ttyS0 from=fw_cfg x=1"
+    );
+    let out = run(&elf);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("bzImage"),
+        "{}",
+        text(&out.stderr)
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A UEFI guest's snapshot holds its variable store: a VM whose firmware has programmed
 /// its flash is snapshotted; the store file is then overwritten (as by another VM using
 /// it); the restore puts the snapshot's variables back in the store.
@@ -296,7 +368,7 @@ fn a_uefi_snapshot_keeps_the_variable_store() {
     use vessel_vmm::{Payload, Vm, VmConfig};
 
     let dir = scratch("fw-uefi-snapshot");
-    let code = tiny_uefi(&dir, false);
+    let code = tiny_uefi(&dir, Then::Halt);
     let store = dir.join("store.fd");
     let fw = Firmware::resolve(code.to_str().unwrap())
         .unwrap()

@@ -181,8 +181,13 @@ fn create_machine(
         Some(fw) => {
             virtio.booted_by_firmware(host.layout.firmware_pci_mmio64());
             let rom = FirmwareRom::map(&vm, fw, &mut mmio_bus)?;
-            let fw_cfg =
-                crate::firmware::fw_cfg(&mem, &host.layout, config.cpus as u8, virtio.platform())?;
+            let fw_cfg = crate::firmware::fw_cfg(
+                fw,
+                &mem,
+                &host.layout,
+                config.cpus as u8,
+                virtio.platform(),
+            )?;
             io_bus
                 .insert(
                     Arc::new(Mutex::new(fw_cfg)),

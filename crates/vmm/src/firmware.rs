@@ -61,6 +61,18 @@ pub struct Firmware {
     /// without a template) OVMF keeps its variables in RAM for the run.
     #[serde(default)]
     pub vars_store: Option<PathBuf>,
+    /// A kernel the firmware boots itself, handed over through fw_cfg (QEMU's `-kernel`,
+    /// which OVMF's kernel loader reads), instead of booting from the disks.
+    #[serde(default)]
+    pub kernel: Option<FirmwareKernel>,
+}
+
+/// A Linux kernel (a bzImage), its initramfs and command line, for the firmware to boot.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FirmwareKernel {
+    pub kernel: PathBuf,
+    pub initrd: Option<PathBuf>,
+    pub cmdline: String,
 }
 
 /// Why a firmware cannot be used.
@@ -113,12 +125,14 @@ impl Firmware {
                 code: SEABIOS.into(),
                 vars: None,
                 vars_store: None,
+                kernel: None,
             },
             "uefi" => Firmware {
                 kind: FirmwareKind::Uefi,
                 code: OVMF_CODE.into(),
                 vars: Some(OVMF_VARS.into()),
                 vars_store: None,
+                kernel: None,
             },
             "" => return Err(FirmwareError::BadName(spec.into())),
             path => {
@@ -138,6 +152,7 @@ impl Firmware {
                     code,
                     vars,
                     vars_store: None,
+                    kernel: None,
                 }
             }
         };
@@ -427,12 +442,24 @@ fn lock(f: &Mutex<Pflash>) -> std::sync::MutexGuard<'_, Pflash> {
 /// console on COM1, no boot menu, and the ACPI tables of `platform` with the table-loader
 /// script that installs them.
 pub(crate) fn fw_cfg(
+    firmware: &Firmware,
     mem: &GuestMemoryMmap,
     layout: &GuestLayout,
     cpus: u8,
     platform: &PlatformDevices,
 ) -> Result<FwCfg, VmmError> {
     let mut fw = FwCfg::new(mem.clone());
+    if let Some(k) = &firmware.kernel {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|source| FirmwareError::Read {
+                path: path.clone(),
+                source,
+            })
+        };
+        let initrd = k.initrd.as_ref().map(read).transpose()?;
+        fw.add_kernel_direct_boot(&read(&k.kernel)?, initrd, &k.cmdline)
+            .map_err(cannot_add("the kernel for the firmware to boot"))?;
+    }
     fw.add_u16(keys::NB_CPUS, u16::from(cpus))
         .map_err(cannot_add("the CPU count"))?;
     fw.add_u16(keys::MAX_CPUS, u16::from(cpus))
@@ -560,6 +587,7 @@ mod tests {
             code: code.clone(),
             vars: Some(template.clone()),
             vars_store: None,
+            kernel: None,
         };
         assert_eq!(fw.prepare_vars_store().unwrap(), None, "no store asked for");
         assert_eq!(
