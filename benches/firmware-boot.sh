@@ -2,11 +2,15 @@
 # Firmware boot milestones on this host: time from `vessel run --firmware bios` to SeaBIOS's
 # banner, to GRUB, to the kernel's first line, to VESSEL-GUEST-READY and to power-off, on
 # the disk scripts/make-boot-disk.sh builds (the kit's minimal kernel and initramfs), and
-# the same disk booted directly (no firmware) for comparison. Prints one line per milestone.
+# the same disk booted directly (no firmware) for comparison; with `--uefi`, also through
+# OVMF (its boot manager loading GRUB's BOOTX64.EFI; about 10 minutes on a host that
+# emulates guest kernel mode). Prints one line per milestone.
 #
-#   benches/firmware-boot.sh [VESSEL_BINARY]
+#   benches/firmware-boot.sh [--uefi] [VESSEL_BINARY]
 set -eu
 cd "$(dirname "$0")/.."
+uefi=0
+if [ "${1:-}" = "--uefi" ]; then uefi=1; shift; fi
 VESSEL=${1:-target/release/vessel}
 [ -x "$VESSEL" ] || cargo build --release -q -p vessel
 out=$("$VESSEL" image build minimal)
@@ -32,7 +36,7 @@ run_milestones() {
     pid=$!
     seen=""
     while kill -0 "$pid" 2>/dev/null; do
-        for m in "SeaBIOS" "GRUB loading" "Booting \`Vessel minimal'" "Linux version" "Run /init" "VESSEL-GUEST-READY"; do
+        for m in "SeaBIOS" "GRUB loading" "BdsDxe: loading" "Welcome to GRUB" "Booting \`Vessel minimal'" "Linux version" "Run /init" "VESSEL-GUEST-READY"; do
             case "$seen" in *"|$m|"*) continue ;; esac
             if grep -qF "$m" "$tmp/console" 2>/dev/null; then
                 echo "$label: $m after $(( $(now_ms) - t0 )) ms"
@@ -47,3 +51,6 @@ run_milestones() {
 
 run_milestones "seabios+grub" --firmware bios --stats
 run_milestones "direct" --stats
+if [ "$uefi" = 1 ]; then
+    run_milestones "ovmf+grub" --firmware uefi --firmware-vars "$tmp/vars.fd" --stats
+fi
