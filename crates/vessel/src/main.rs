@@ -379,8 +379,8 @@ fn run(mut args: RunArgs) -> Result<ExitCode, String> {
     });
     // A kernel for the firmware to boot: its command line is composed as for a direct boot.
     let mut kernel = args.kernel;
-    if let (Some(fw), Some(k)) = (firmware.as_mut(), kernel.take()) {
-        fw.kernel = Some(FirmwareKernel {
+    if let Some(fw) = firmware.as_mut() {
+        fw.kernel = kernel.take().map(|k| FirmwareKernel {
             kernel: k,
             initrd: args.initrd.take(),
             cmdline: String::new(),
