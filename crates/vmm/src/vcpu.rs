@@ -352,22 +352,21 @@ impl Vcpu {
                 }
                 Ok(Next::Continue)
             }
-            kvm_bindings::KVM_EXIT_INTERNAL_ERROR => match self.nested.as_mut() {
-                Some(n) => {
-                    let rom = self.machine.firmware.as_ref().map(|f| f.memory());
-                    n.on_internal_error(&mut self.fd, &self.machine.mem, rom)
-                        .map_err(with_cpu)?;
-                    Ok(Next::Continue)
-                }
-                None => {
-                    let mut n = NestedVcpu::new();
-                    let rom = self.machine.firmware.as_ref().map(|f| f.memory());
-                    n.on_internal_error(&mut self.fd, &self.machine.mem, rom)
-                        .map_err(with_cpu)?;
-                    // Completed without the fallback being on: still fine, keep going.
-                    Ok(Next::Continue)
-                }
-            },
+            kvm_bindings::KVM_EXIT_INTERNAL_ERROR => {
+                let rom = self.machine.firmware.as_ref().map(|f| f.memory());
+                // Without the fallback on, a completion is still fine: keep going.
+                let mut fresh;
+                let n = match self.nested.as_mut() {
+                    Some(n) => n,
+                    None => {
+                        fresh = NestedVcpu::new();
+                        &mut fresh
+                    }
+                };
+                n.on_internal_error(&mut self.fd, &self.machine.mem, rom)
+                    .map_err(with_cpu)?;
+                Ok(Next::Continue)
+            }
             other => Ok(Next::Fail(VcpuError::UnexpectedExit(other))),
         }
     }

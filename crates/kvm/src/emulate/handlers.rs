@@ -28,23 +28,8 @@ pub(super) fn execute(
             Ok(exception(vector::BP, None))
         }
         Code::Wait => Ok(op.advance()),
-        // OVMF's SEC sets up the FPU with `fninit`, `fldcw` and `ldmxcsr`, which this host's
-        // emulator lacks.
-        Code::Fninit
-        | Code::Finit
-        | Code::Fnclex
-        | Code::Fclex
-        | Code::Fldcw_m2byte
-        | Code::Fnstcw_m2byte
-        | Code::Fstcw_m2byte
-        | Code::Fnstsw_m2byte
-        | Code::Fstsw_m2byte
-        | Code::Fnstsw_AX
-        | Code::Fstsw_AX
-        | Code::Ldmxcsr_m32
-        | Code::VEX_Vldmxcsr_m32
-        | Code::Stmxcsr_m32
-        | Code::VEX_Vstmxcsr_m32 => op.fpu_control(),
+        // The x87 and its control instructions (OVMF's SEC runs `fninit`, `fldcw` and
+        // `ldmxcsr`; its drivers compute on the x87), which this host's emulator lacks.
         _ if x87::handles(instr) => op.x87(),
         Code::Clac => op.set_ac(false),
         Code::Stac => op.set_ac(true),
@@ -85,33 +70,6 @@ enum Stop {
     PageFault { gva: u64, error_code: u32 },
     /// It cannot be completed.
     Fail(EmulateError),
-}
-
-/// The x87 control word `fninit` sets: every exception masked, 64-bit precision, round to
-/// nearest.
-const FCW_INIT: u16 = 0x037f;
-/// The MXCSR bits software may set (the default MXCSR_MASK): the rest raise #GP.
-const MXCSR_WRITABLE: u32 = 0xffff;
-
-/// Whether two FPU states have the same control state (what these instructions change).
-fn fpu_same(a: &kvm_bindings::kvm_fpu, b: &kvm_bindings::kvm_fpu) -> bool {
-    (
-        a.fcw,
-        a.fsw,
-        a.ftwx,
-        a.last_opcode,
-        a.last_ip,
-        a.last_dp,
-        a.mxcsr,
-    ) == (
-        b.fcw,
-        b.fsw,
-        b.ftwx,
-        b.last_opcode,
-        b.last_ip,
-        b.last_dp,
-        b.mxcsr,
-    )
 }
 
 /// #PF error code bits.
@@ -371,73 +329,6 @@ impl Op<'_> {
         let result = self.mem.write(linear, &bytes[8 - size..]);
         self.check(result, true)?;
         Ok(self.advance())
-    }
-
-    /// The x87 and SSE control instructions: they read or change the control, status and
-    /// tag words and MXCSR, through the VMM's access to the vCPU's FPU state. CR0.EM or TS set
-    /// raise #NM, as the CPU does (an OS that switches FPU state lazily relies on it).
-    fn fpu_control(&mut self) -> Step {
-        const CR0_EM: u64 = 1 << 2;
-        const CR0_TS: u64 = 1 << 3;
-        const CR4_OSFXSR: u64 = 1 << 9;
-        let sse = matches!(
-            self.instr.code(),
-            Code::Ldmxcsr_m32 | Code::VEX_Vldmxcsr_m32 | Code::Stmxcsr_m32 | Code::VEX_Vstmxcsr_m32
-        );
-        let (cr0, cr4) = (self.cpu.sregs.cr0, self.cpu.sregs.cr4);
-        if sse && (cr0 & CR0_EM != 0 || cr4 & CR4_OSFXSR == 0) {
-            return Ok(exception(vector::UD, None));
-        }
-        if cr0 & (CR0_EM | CR0_TS) != 0 {
-            return Ok(exception(vector::NM, None));
-        }
-        let Some(mut fpu) = self.mem.fpu() else {
-            return Err(Stop::Fail(EmulateError::Unsupported {
-                instruction: crate::diagnose::intel_text(self.instr),
-                reason: "the VMM gives the completer no access to the FPU state",
-            }));
-        };
-        let before = fpu;
-        match self.instr.code() {
-            Code::Fninit | Code::Finit => {
-                fpu.fcw = FCW_INIT;
-                fpu.fsw = 0;
-                fpu.ftwx = 0;
-                fpu.last_opcode = 0;
-                fpu.last_ip = 0;
-                fpu.last_dp = 0;
-            }
-            // The exception flags, stack fault, summary and busy bits.
-            Code::Fnclex | Code::Fclex => fpu.fsw &= !0x80ff,
-            Code::Fldcw_m2byte => fpu.fcw = self.read_rm(0, 2)? as u16,
-            Code::Fnstcw_m2byte | Code::Fstcw_m2byte => self.store(&fpu.fcw.to_le_bytes())?,
-            Code::Fnstsw_m2byte | Code::Fstsw_m2byte => self.store(&fpu.fsw.to_le_bytes())?,
-            Code::Fnstsw_AX | Code::Fstsw_AX => {
-                self.cpu.regs.rax = (self.cpu.regs.rax & !0xffff) | u64::from(fpu.fsw);
-            }
-            Code::Ldmxcsr_m32 | Code::VEX_Vldmxcsr_m32 => {
-                let value = self.read_rm(0, 4)? as u32;
-                if value & !MXCSR_WRITABLE != 0 {
-                    return Ok(exception(vector::GP, Some(0)));
-                }
-                fpu.mxcsr = value;
-            }
-            _ => self.store(&fpu.mxcsr.to_le_bytes())?,
-        }
-        if !fpu_same(&fpu, &before) && !self.mem.set_fpu(&fpu) {
-            return Err(Stop::Fail(EmulateError::Unsupported {
-                instruction: crate::diagnose::intel_text(self.instr),
-                reason: "the VMM could not set the FPU state",
-            }));
-        }
-        Ok(self.advance())
-    }
-
-    /// Writes `bytes` at the memory operand.
-    fn store(&mut self, bytes: &[u8]) -> Step<()> {
-        let linear = self.address()?;
-        let result = self.mem.write(linear, bytes);
-        self.check(result, true)
     }
 
     /// `rdpid r`: the guest's IA32_TSC_AUX, zero-extended.

@@ -5,7 +5,8 @@
 //! the 80-bit values exactly; arithmetic is done in `f64`, which matches the hardware when
 //! the precision control is double (OVMF sets it so) and rounds to nearest otherwise.
 //! Exceptions are flagged in the status word as if masked (stack faults, invalid operands,
-//! division by zero); an unmasked one is not delivered as #MF.
+//! division by zero); an unmasked one is not delivered as #MF. The control instructions
+//! (`fninit`, `fldcw`, `fnstsw`, `ldmxcsr`...) are here too: OVMF's SEC starts with them.
 
 use iced_x86::{Instruction, MemorySize, Mnemonic, OpKind, Register};
 use kvm_bindings::kvm_fpu;
@@ -22,6 +23,14 @@ const FSW_C2: u16 = 1 << 10;
 const FSW_C3: u16 = 1 << 14;
 const FSW_CC: u16 = FSW_C0 | FSW_C1 | FSW_C2 | FSW_C3;
 const FSW_TOP_SHIFT: u16 = 11;
+/// The x87 control word `fninit` sets: every exception masked, 64-bit precision, round to
+/// nearest.
+const FCW_INIT: u16 = 0x037f;
+/// The MXCSR bits software may set (the default MXCSR_MASK): the rest raise #GP.
+const MXCSR_WRITABLE: u32 = 0xffff;
+const CR0_EM: u64 = 1 << 2;
+const CR0_TS: u64 = 1 << 3;
+const CR4_OSFXSR: u64 = 1 << 9;
 
 /// An 80-bit extended-precision value: a 64-bit significand with its integer bit, then sign and
 /// a 15-bit exponent (bias 16383).
@@ -361,6 +370,19 @@ pub(super) fn handles(instr: &Instruction) -> bool {
             | Fcmovne
             | Fcmovnbe
             | Fcmovnu
+            | Fninit
+            | Finit
+            | Fnclex
+            | Fclex
+            | Fldcw
+            | Fnstcw
+            | Fstcw
+            | Fnstsw
+            | Fstsw
+            | Ldmxcsr
+            | Vldmxcsr
+            | Stmxcsr
+            | Vstmxcsr
     )
 }
 
@@ -376,19 +398,37 @@ enum Arith {
 }
 
 impl Op<'_> {
-    /// Carries out an x87 instruction [`handles`] accepts.
+    /// Carries out an instruction [`handles`] accepts, on the vCPU's FPU state. CR0.EM or TS
+    /// raise #NM, as the CPU does (an OS that switches FPU state lazily relies on it); the SSE
+    /// control instructions raise #UD with CR0.EM set or without CR4.OSFXSR.
     pub(super) fn x87(&mut self) -> Step {
-        if self.cpu.sregs.cr0 & ((1 << 2) | (1 << 3)) != 0 {
+        let sse = matches!(
+            self.instr.mnemonic(),
+            Mnemonic::Ldmxcsr | Mnemonic::Vldmxcsr | Mnemonic::Stmxcsr | Mnemonic::Vstmxcsr
+        );
+        let (cr0, cr4) = (self.cpu.sregs.cr0, self.cpu.sregs.cr4);
+        if sse && (cr0 & CR0_EM != 0 || cr4 & CR4_OSFXSR == 0) {
+            return Ok(exception(vector::UD, None));
+        }
+        if cr0 & (CR0_EM | CR0_TS) != 0 {
             return Ok(exception(vector::NM, None));
         }
         let Some(mut fpu) = self.mem.fpu() else {
             return Err(self.no_fpu("the VMM gives the completer no access to the FPU state"));
         };
+        let before = fpu;
         self.x87_on(&mut fpu)?;
-        if !self.mem.set_fpu(&fpu) {
+        if fpu != before && !self.mem.set_fpu(&fpu) {
             return Err(self.no_fpu("the VMM could not set the FPU state"));
         }
         Ok(self.advance())
+    }
+
+    /// Writes `bytes` at the memory operand.
+    fn store(&mut self, bytes: &[u8]) -> Step<()> {
+        let linear = self.address()?;
+        let result = self.mem.write(linear, bytes);
+        self.check(result, true)
     }
 
     fn no_fpu(&self, reason: &'static str) -> Stop {
@@ -462,6 +502,7 @@ impl Op<'_> {
             .flatten()
     }
 
+    /// Changes `fpu` as the instruction does (or stops with the exception it raises).
     fn x87_on(&mut self, fpu: &mut kvm_fpu) -> Step<()> {
         use Mnemonic::*;
         let mut s = Stack(fpu);
@@ -614,6 +655,30 @@ impl Op<'_> {
                 }
             }
             Fnop => {}
+            Fninit | Finit => {
+                s.0.fcw = FCW_INIT;
+                s.0.fsw = 0;
+                s.0.ftwx = 0;
+                s.0.last_opcode = 0;
+                s.0.last_ip = 0;
+                s.0.last_dp = 0;
+            }
+            // The exception flags, stack fault, summary and busy bits.
+            Fnclex | Fclex => s.0.fsw &= !0x80ff,
+            Fldcw => s.0.fcw = self.read_rm(0, 2)? as u16,
+            Fnstcw | Fstcw => self.store(&s.0.fcw.to_le_bytes())?,
+            Fnstsw | Fstsw if self.instr.op_kind(0) == OpKind::Register => {
+                self.cpu.regs.rax = (self.cpu.regs.rax & !0xffff) | u64::from(s.0.fsw);
+            }
+            Fnstsw | Fstsw => self.store(&s.0.fsw.to_le_bytes())?,
+            Ldmxcsr | Vldmxcsr => {
+                let value = self.read_rm(0, 4)? as u32;
+                if value & !MXCSR_WRITABLE != 0 {
+                    return Err(Stop::Raise(exception(vector::GP, Some(0))));
+                }
+                s.0.mxcsr = value;
+            }
+            Stmxcsr | Vstmxcsr => self.store(&s.0.mxcsr.to_le_bytes())?,
             _ => return Err(Stop::Fail(unsupported(self.instr))),
         }
         Ok(())
