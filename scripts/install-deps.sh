@@ -34,22 +34,42 @@ if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
 fi
 
-missing=""
-for p in $PACKAGES; do
-    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
-        missing="$missing $p"
-    fi
-done
+missing_packages() {
+    missing=""
+    for p in $PACKAGES; do
+        if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+            missing="$missing $p"
+        fi
+    done
+}
 
+install() {
+    export DEBIAN_FRONTEND=noninteractive
+    if ! $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null; then
+        # Package lists may be missing (fresh container): refresh once and retry.
+        $SUDO apt-get update -qq
+        $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+    fi
+}
+
+missing_packages
 if [ -z "$missing" ]; then
     echo "install-deps: all packages present"
 else
     echo "install-deps: installing$missing"
-    export DEBIAN_FRONTEND=noninteractive
-    if ! $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null; then
-        # Package lists may be missing (fresh container): refresh once and retry.
-        $SUDO apt-get update -qq
-        $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+    install $missing
+    # A package installed from elsewhere (e.g. a backported qemu-utils) can conflict with one
+    # just installed from the distribution (qemu-system-common), and apt then removes it:
+    # install what went missing together with the rest, so apt picks versions that agree.
+    missing_packages
+    if [ -n "$missing" ]; then
+        echo "install-deps: installing again what apt removed:$missing"
+        install $PACKAGES
+        missing_packages
+        if [ -n "$missing" ]; then
+            echo "install-deps: could not install:$missing" >&2
+            exit 1
+        fi
     fi
     echo "install-deps: done"
 fi
