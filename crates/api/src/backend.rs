@@ -129,6 +129,18 @@ pub trait VmmBackend {
     fn balloon_stats(&mut self) -> Result<BalloonStats, ApiError> {
         unsupported("balloon statistics")
     }
+    /// Post-boot `PATCH /balloon/hinting/start`.
+    fn balloon_hinting_start(&mut self, _cmd: BalloonStartCmd) -> Result<(), ApiError> {
+        unsupported("balloon free page hinting")
+    }
+    /// Post-boot `GET /balloon/hinting/status`.
+    fn balloon_hinting_status(&mut self) -> Result<BalloonHintingStatus, ApiError> {
+        unsupported("balloon free page hinting")
+    }
+    /// Post-boot `PATCH /balloon/hinting/stop`.
+    fn balloon_hinting_stop(&mut self) -> Result<(), ApiError> {
+        unsupported("balloon free page hinting")
+    }
     /// Post-boot `GET /hotplug/memory`: the virtio-mem device's status.
     fn memory_hotplug_status(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
         unsupported("memory hotplug")

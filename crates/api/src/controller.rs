@@ -335,6 +335,27 @@ impl ApiController {
         Ok(())
     }
 
+    /// `PATCH /balloon/hinting/start` (post-boot).
+    pub fn balloon_hinting_start(&mut self, cmd: BalloonStartCmd) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.require_balloon()?;
+        self.backend.try_call(move |b| b.balloon_hinting_start(cmd))
+    }
+
+    /// `GET /balloon/hinting/status` (post-boot).
+    pub fn balloon_hinting_status(&mut self) -> Result<BalloonHintingStatus, ApiError> {
+        self.require_started()?;
+        self.require_balloon()?;
+        self.backend.try_call(|b| b.balloon_hinting_status())
+    }
+
+    /// `PATCH /balloon/hinting/stop` (post-boot).
+    pub fn balloon_hinting_stop(&mut self) -> Result<(), ApiError> {
+        self.require_started()?;
+        self.require_balloon()?;
+        self.backend.try_call(|b| b.balloon_hinting_stop())
+    }
+
     /// `PUT /actions`.
     pub fn action(&mut self, a: InstanceActionInfo) -> Result<(), ApiError> {
         match a.action_type {

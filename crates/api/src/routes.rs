@@ -43,6 +43,8 @@ pub struct Route {
     pub operation_id: &'static str,
     /// Definition name of the request body, if the endpoint takes one.
     pub request: Option<&'static str>,
+    /// The body may be left out (it then means the definition's defaults).
+    pub optional_body: bool,
     /// Definition name (or inline description) of the 200 body, if any.
     pub response: Option<&'static str>,
     /// Metric name: counted as `<group>.<metric>_count` / `_fails`.
@@ -67,6 +69,7 @@ fn get<R: Serialize + Schema + 'static>(
         path,
         operation_id,
         request: None,
+        optional_body: false,
         response: Some(R::NAME),
         metric,
         handler: Box::new(move |c, _, _| {
@@ -93,6 +96,7 @@ fn write<T: DeserializeOwned + Schema + 'static>(
         path,
         operation_id,
         request: Some(T::NAME),
+        optional_body: false,
         response: None,
         metric,
         handler: Box::new(move |c, params, body| {
@@ -136,6 +140,53 @@ fn patch<T: DeserializeOwned + Schema + 'static>(
     write(Method::Patch, path, operation_id, metric, None, h)
 }
 
+/// A PATCH whose body may be left out (or empty) for `T`'s defaults.
+fn patch_or_default<T: DeserializeOwned + Default + Schema + 'static>(
+    path: &'static str,
+    operation_id: &'static str,
+    metric: &'static str,
+    h: fn(&mut ApiController, T) -> Result<(), ApiError>,
+) -> Route {
+    let mut r = write(Method::Patch, path, operation_id, metric, None, h);
+    r.optional_body = true;
+    r.handler = Box::new(move |c, _, body| {
+        let value = if body.iter().all(u8::is_ascii_whitespace) {
+            T::default()
+        } else {
+            serde_json::from_slice(body).map_err(|e| {
+                ApiError::bad(format!(
+                    "An error occurred when deserializing the json body of a request: {e}."
+                ))
+            })?
+        };
+        h(c, value)?;
+        Ok(Reply::Empty)
+    });
+    r
+}
+
+/// A PATCH that is a command: takes no body (Firecracker ignores one).
+fn patch_command(
+    path: &'static str,
+    operation_id: &'static str,
+    metric: &'static str,
+    h: fn(&mut ApiController) -> Result<(), ApiError>,
+) -> Route {
+    Route {
+        method: Method::Patch,
+        path,
+        operation_id,
+        request: None,
+        optional_body: false,
+        response: None,
+        metric,
+        handler: Box::new(move |c, _, _| {
+            h(c)?;
+            Ok(Reply::Empty)
+        }),
+    }
+}
+
 /// A bodiless DELETE of the resource the path's single parameter names (a valid id), as
 /// Firecracker's hot-unplug.
 fn delete(
@@ -149,6 +200,7 @@ fn delete(
         path,
         operation_id,
         request: None,
+        optional_body: false,
         response: None,
         metric,
         handler: Box::new(move |c, params, _| {
@@ -295,6 +347,24 @@ fn build() -> Vec<Route> {
             "balloon_stats",
             |c, b| c.patch_balloon_stats(b),
         ),
+        patch_or_default::<BalloonStartCmd>(
+            "/balloon/hinting/start",
+            "startBalloonHinting",
+            "balloon",
+            |c, b| c.balloon_hinting_start(b),
+        ),
+        get(
+            "/balloon/hinting/status",
+            "describeBalloonHinting",
+            "balloon",
+            |c| c.balloon_hinting_status(),
+        ),
+        patch_command(
+            "/balloon/hinting/stop",
+            "stopBalloonHinting",
+            "balloon",
+            |c| c.balloon_hinting_stop(),
+        ),
         get(
             "/hotplug/memory",
             "getMemoryHotplug",
@@ -347,6 +417,7 @@ fn build() -> Vec<Route> {
             path: "/vessel/metrics",
             operation_id: "getPrometheusMetrics",
             request: None,
+            optional_body: false,
             response: Some("text/plain"),
             metric: "prometheus",
             handler: Box::new(|c, _, _| {
@@ -372,6 +443,7 @@ fn build() -> Vec<Route> {
             path: "/vessel/stop",
             operation_id: "stopVm",
             request: None,
+            optional_body: false,
             response: None,
             metric: "stop",
             handler: Box::new(|c, _, _| {
@@ -384,6 +456,7 @@ fn build() -> Vec<Route> {
             path: "/vessel/migrate",
             operation_id: "migrateVm",
             request: Some(MigrateParams::NAME),
+            optional_body: false,
             response: Some("MigrationStats"),
             metric: "migrate",
             handler: Box::new(|c, _, body| {
@@ -510,7 +583,7 @@ fn route(
     let body_err = match (&route.method, route.request.is_some(), req.body.is_empty()) {
         (Method::Get, _, false) => Some("GET request cannot have a body."),
         (Method::Put, true, true) => Some("Empty PUT request."),
-        (Method::Patch, true, true) => Some("Empty PATCH request."),
+        (Method::Patch, true, true) if !route.optional_body => Some("Empty PATCH request."),
         // Firecracker's words for a DELETE with a body.
         (Method::Delete, _, false) => Some("Empty Delete request."),
         _ => None,

@@ -37,6 +37,8 @@ schema! {
     BalloonUpdate => "BalloonUpdate",
     BalloonStatsUpdate => "BalloonStatsUpdate",
     BalloonStats => "BalloonStats",
+    BalloonStartCmd => "BalloonStartCmd",
+    BalloonHintingStatus => "BalloonHintingStatus",
     InstanceActionInfo => "InstanceActionInfo",
     Vm => "Vm",
     SnapshotCreateParams => "SnapshotCreateParams",
@@ -385,6 +387,36 @@ pub struct BalloonUpdate {
 pub struct BalloonStatsUpdate {
     /// New polling interval in seconds.
     pub stats_polling_interval_s: u16,
+}
+
+/// `PATCH /balloon/hinting/start` (the body may be left out).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonStartCmd {
+    /// Let the driver take its hinted memory back as soon as it has hinted all it had.
+    #[serde(default = "ack_on_stop_default")]
+    pub acknowledge_on_stop: bool,
+}
+
+fn ack_on_stop_default() -> bool {
+    true
+}
+
+impl Default for BalloonStartCmd {
+    fn default() -> Self {
+        BalloonStartCmd {
+            acknowledge_on_stop: ack_on_stop_default(),
+        }
+    }
+}
+
+/// `GET /balloon/hinting/status`: the command ids the host and the driver sent last.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BalloonHintingStatus {
+    /// 0: stop, 1: done, larger: the running hinting run.
+    pub host_cmd: u32,
+    /// `null` until the driver has sent one.
+    pub guest_cmd: Option<u32>,
 }
 
 /// `GET /balloon/statistics`.

@@ -136,6 +136,20 @@ impl VmmBackend for Mock {
             ..Default::default()
         })
     }
+    fn balloon_hinting_start(&mut self, cmd: BalloonStartCmd) -> Result<(), ApiError> {
+        self.log(&format!("hinting start ack={}", cmd.acknowledge_on_stop));
+        Ok(())
+    }
+    fn balloon_hinting_status(&mut self) -> Result<BalloonHintingStatus, ApiError> {
+        Ok(BalloonHintingStatus {
+            host_cmd: 1,
+            guest_cmd: Some(0),
+        })
+    }
+    fn balloon_hinting_stop(&mut self) -> Result<(), ApiError> {
+        self.log("hinting stop");
+        Ok(())
+    }
     fn snapshot_create(&mut self, p: &SnapshotCreateParams) -> Result<(), ApiError> {
         self.log(&format!("snapshot {}", p.snapshot_path));
         Ok(())
@@ -438,6 +452,17 @@ fn every_endpoint_before_and_after_start() {
             204,
         ),
         ("GET", "/balloon/statistics", None, 400, 200),
+        // Free page hinting: the start's body may be left out (acknowledge_on_stop: true).
+        ("PATCH", "/balloon/hinting/start", None, 400, 204),
+        (
+            "PATCH",
+            "/balloon/hinting/start",
+            Some(json!({"acknowledge_on_stop": false})),
+            400,
+            204,
+        ),
+        ("GET", "/balloon/hinting/status", None, 400, 200),
+        ("PATCH", "/balloon/hinting/stop", None, 400, 204),
         (
             "PATCH",
             "/balloon/statistics",
@@ -668,6 +693,11 @@ fn every_endpoint_before_and_after_start() {
         env.call(&mut c, "GET", "/mmds", None).json(),
         json!({"latest": {"meta-data": {"ami-id": "ami-1", "hostname": "vm0"}}})
     );
+    assert_eq!(
+        env.call(&mut c, "GET", "/balloon/hinting/status", None)
+            .json(),
+        json!({"host_cmd": 1, "guest_cmd": 0})
+    );
     let calls = env.calls.lock().unwrap().clone();
     for want in [
         "start",
@@ -680,6 +710,9 @@ fn every_endpoint_before_and_after_start() {
         "balloon 32",
         "serial /tmp/serial.log",
         "memory 512",
+        "hinting start ack=true",
+        "hinting start ack=false",
+        "hinting stop",
     ] {
         assert!(
             calls.iter().any(|c| c == want),

@@ -259,6 +259,7 @@ fn balloon_keeps_its_sizes_and_returns_the_stats_buffer() {
         stats: true,
         deflate_on_oom: false,
         free_page_reporting: false,
+        free_page_hinting: false,
     };
     let m = mem();
     let (mut inflate, deflate, mut stats) = (ring(&m, 0), ring(&m, 1), ring(&m, 2));

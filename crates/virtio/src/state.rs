@@ -140,12 +140,20 @@ pub struct ConsoleState {
     pub rows: u16,
 }
 
-/// virtio-balloon: the target the host set and the size the driver reported.
+/// virtio-balloon: the target the host set, the size the driver reported and the latest
+/// hinting run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BalloonState {
     pub num_pages: u32,
     pub actual: u32,
+    /// The id of the latest free page hinting run (0: none yet).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hint_cmd_id: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// virtio-pmem: where the driver found the persistent memory region (its configuration
@@ -684,7 +692,16 @@ mod tests {
             parse(r#"{"num_pages":256,"actual":128}"#),
             DeviceState::Balloon(BalloonState {
                 num_pages: 256,
-                actual: 128
+                actual: 128,
+                hint_cmd_id: 0
+            })
+        );
+        assert_eq!(
+            parse(r#"{"num_pages":256,"actual":128,"hint_cmd_id":7}"#),
+            DeviceState::Balloon(BalloonState {
+                num_pages: 256,
+                actual: 128,
+                hint_cmd_id: 7
             })
         );
         // And they are written back in the same shape.
@@ -693,6 +710,7 @@ mod tests {
             r#"{"mac":[2,0,0,0,0,1],"active_pairs":2}"#,
             r#"{"cols":80,"rows":25}"#,
             r#"{"num_pages":256,"actual":128}"#,
+            r#"{"num_pages":256,"actual":128,"hint_cmd_id":7}"#,
         ] {
             assert_eq!(serde_json::to_string(&parse(j)).unwrap(), j);
         }
@@ -710,6 +728,7 @@ mod tests {
             device: DeviceState::Balloon(BalloonState {
                 num_pages: 1,
                 actual: 1,
+                hint_cmd_id: 0,
             }),
         })
         .unwrap();

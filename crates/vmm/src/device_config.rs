@@ -163,14 +163,42 @@ pub struct VsockConfig {
     pub transport: Transport,
 }
 
-/// `--balloon [size=MIB][,stats=on][,deflate_on_oom=on][,transport=...]`
-#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+/// `--balloon [size=MIB][,stats=on][,deflate_on_oom=on][,reporting=off][,hinting=on]`
+/// `[,transport=...]`
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BalloonConfig {
     /// Initial balloon size in MiB.
     pub size_mib: u64,
     pub stats: bool,
     pub deflate_on_oom: bool,
+    /// The driver reports free memory on its own, which the host drops (on unless
+    /// `reporting=off`; Firecracker's `free_page_reporting`).
+    #[serde(default = "reporting_default")]
+    pub free_page_reporting: bool,
+    /// The host can ask the driver for its free memory (`hinting=on`; Firecracker's
+    /// `free_page_hinting`, run through `/balloon/hinting/...`).
+    #[serde(default)]
+    pub free_page_hinting: bool,
     pub transport: Transport,
+}
+
+/// Free page reporting is on unless turned off (and in configurations saved before it could
+/// be turned off).
+fn reporting_default() -> bool {
+    true
+}
+
+impl Default for BalloonConfig {
+    fn default() -> Self {
+        BalloonConfig {
+            size_mib: 0,
+            stats: false,
+            deflate_on_oom: false,
+            free_page_reporting: reporting_default(),
+            free_page_hinting: false,
+            transport: Transport::default(),
+        }
+    }
 }
 
 /// `--pmem path=FILE[,readonly=on][,root=on][,transport=pci|mmio][,bw=BYTES/S][,iops=N]`: a
@@ -383,8 +411,14 @@ impl Options {
     }
 
     fn flag(&mut self, key: &str) -> Result<bool, DeviceOptionError> {
+        self.flag_or(key, false)
+    }
+
+    /// An on/off option that is `default` when absent.
+    fn flag_or(&mut self, key: &str, default: bool) -> Result<bool, DeviceOptionError> {
         match self.take(key).as_deref() {
-            None | Some("off") | Some("false") => Ok(false),
+            None => Ok(default),
+            Some("off") | Some("false") => Ok(false),
             Some("on") | Some("true") => Ok(true),
             Some(v) => Err(DeviceOptionError::Flag {
                 what: self.what,
@@ -586,12 +620,16 @@ impl FromStr for BalloonConfig {
         };
         let stats = o.flag("stats")?;
         let deflate_on_oom = o.flag("deflate_on_oom")?;
+        let free_page_reporting = o.flag_or("reporting", reporting_default())?;
+        let free_page_hinting = o.flag("hinting")?;
         let transport = o.transport()?;
         o.finish()?;
         Ok(BalloonConfig {
             size_mib,
             stats,
             deflate_on_oom,
+            free_page_reporting,
+            free_page_hinting,
             transport,
         })
     }
@@ -959,6 +997,17 @@ mod tests {
             "".parse::<BalloonConfig>().unwrap(),
             BalloonConfig::default()
         );
+        // Free page reporting is on unless turned off; hinting only when asked for.
+        assert!(b.free_page_reporting && !b.free_page_hinting);
+        let b: BalloonConfig = "reporting=off,hinting=on".parse().unwrap();
+        assert!(!b.free_page_reporting && b.free_page_hinting);
+        assert!("hinting=maybe".parse::<BalloonConfig>().is_err());
+        // A configuration saved before these options existed (a snapshot's) reports.
+        let old: BalloonConfig = serde_json::from_value(serde_json::json!({
+            "size_mib": 1, "stats": false, "deflate_on_oom": false, "transport": "Pci"
+        }))
+        .unwrap();
+        assert!(old.free_page_reporting && !old.free_page_hinting);
         assert_eq!(parse_rng("").unwrap(), Transport::Pci);
         assert_eq!(parse_rng("transport=mmio").unwrap(), Transport::Mmio);
         assert!(parse_rng("speed=fast").is_err());

@@ -188,7 +188,8 @@ pub fn build(
         let dev = balloon::Balloon::new(balloon::BalloonParams {
             stats: b.stats,
             deflate_on_oom: b.deflate_on_oom,
-            free_page_reporting: true,
+            free_page_reporting: b.free_page_reporting,
+            free_page_hinting: b.free_page_hinting,
         })
         .map_err(|e| DeviceError::setup("virtio-balloon", e))?;
         let handle = dev.handle();

@@ -598,9 +598,8 @@ mod tests {
             rng: Some(rng),
             balloon: Some(BalloonConfig {
                 size_mib: 1,
-                stats: false,
-                deflate_on_oom: false,
                 transport: balloon,
+                ..BalloonConfig::default()
             }),
             ..DeviceConfigs::default()
         }

@@ -6,20 +6,20 @@
 //! becomes readable and [`ApiBackend::take_outcome`] returns how it ended.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU16, Ordering};
-use std::sync::{mpsc, Arc};
-use std::thread;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc;
 
 use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
 use vessel_api::types::MemoryHotplugStatus;
 use vessel_api::types::{
-    Balloon as ApiBalloon, BalloonStats as ApiBalloonStats, Drive, Logger, MemoryBackendType,
-    MigrateParams, NetworkInterface, PartialDrive, PartialNetworkInterface, PartialPmem,
-    PluggedDevice, Pmem, RestoreHugePages, SerialDevice, SnapshotCreateParams, SnapshotLoadParams,
-    SnapshotType,
+    Balloon as ApiBalloon, BalloonHintingStatus, BalloonStartCmd, BalloonStats as ApiBalloonStats,
+    Drive, Logger, MemoryBackendType, MigrateParams, NetworkInterface, PartialDrive,
+    PartialNetworkInterface, PartialPmem, PluggedDevice, Pmem, RestoreHugePages, SerialDevice,
+    SnapshotCreateParams, SnapshotLoadParams, SnapshotType,
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
+use vessel_virtio_devices::balloon::BalloonHandle;
 use vessel_virtio_devices::block::BlockHandle;
 use vessel_virtio_devices::mem::MemHandle;
 use vessel_virtio_devices::net::NetHandle;
@@ -33,7 +33,7 @@ use vessel_vmm::{
 };
 use vmm_sys_util::eventfd::EventFd;
 
-use super::balloon::{balloon_stats, poll_balloon_stats, BalloonState, BALLOON_PAGES_PER_MIB};
+use super::balloon::{balloon_stats, hinting_error, BalloonState, BALLOON_PAGES_PER_MIB};
 use super::config::{
     apply_overrides, bucket_config, resources_to_config_on, unsupported, update_limiter,
 };
@@ -171,6 +171,14 @@ impl ApiBackend {
     fn running(&self) -> Result<&VmHandle, ApiError> {
         self.vm.as_ref().ok_or(ApiError::NotSupportedPreBoot)
     }
+
+    /// The started or restored VM's balloon, its statistics polled if configured.
+    fn attach_balloon(&mut self, b: Option<(BalloonHandle, ApiBalloon)>) -> Result<(), ApiError> {
+        if let (Some((handle, config)), Some(vm)) = (b, self.vm.clone()) {
+            self.balloon = Some(BalloonState::start(vm, handle, config)?);
+        }
+        Ok(())
+    }
 }
 
 impl VmmBackend for ApiBackend {
@@ -216,22 +224,7 @@ impl VmmBackend for ApiBackend {
         self.drives = drives;
         self.nets = nets;
         self.pmem = pmem;
-        if let (Some((handle, config)), Some(vm)) = (balloon, self.vm.clone()) {
-            let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
-            if config.stats_polling_interval_s > 0 {
-                let (h, i) = (handle.clone(), interval_s.clone());
-                thread::Builder::new()
-                    .name("balloon-stats".into())
-                    .spawn(move || poll_balloon_stats(vm, h, i))
-                    .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
-            }
-            self.balloon = Some(BalloonState {
-                handle,
-                config,
-                interval_s,
-            });
-        }
-        Ok(())
+        self.attach_balloon(balloon)
     }
 
     fn migrate(&mut self, p: &MigrateParams) -> Result<Value, ApiError> {
@@ -332,6 +325,7 @@ impl VmmBackend for ApiBackend {
         let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
         pmem.set_limiters(&resources);
         let memory_hotplug = vm.device_handles().memory_hotplug;
+        let balloon = vm.device_handles().balloon.zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
         crate::trim::release_pages();
@@ -339,6 +333,7 @@ impl VmmBackend for ApiBackend {
         self.drives = drives;
         self.pmem = pmem;
         self.memory_hotplug = memory_hotplug;
+        self.attach_balloon(balloon)?;
         Ok(resources)
     }
 
@@ -383,6 +378,9 @@ impl VmmBackend for ApiBackend {
                 json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
             );
             self.pmem.metrics(&mut m);
+            if let Some(b) = &mut self.balloon {
+                b.metrics(&mut m);
+            }
         }
         Ok(m)
     }
@@ -477,6 +475,29 @@ impl VmmBackend for ApiBackend {
             ));
         }
         Ok(balloon_stats(&b.handle))
+    }
+
+    fn balloon_hinting_start(&mut self, cmd: BalloonStartCmd) -> Result<(), ApiError> {
+        let h = &self.running_balloon()?.handle;
+        h.start_hinting(cmd.acknowledge_on_stop)
+            .map_err(hinting_error)
+    }
+
+    fn balloon_hinting_status(&mut self) -> Result<BalloonHintingStatus, ApiError> {
+        let s = self
+            .running_balloon()?
+            .handle
+            .hinting_status()
+            .map_err(hinting_error)?;
+        Ok(BalloonHintingStatus {
+            host_cmd: s.host_cmd,
+            guest_cmd: s.guest_cmd,
+        })
+    }
+
+    fn balloon_hinting_stop(&mut self) -> Result<(), ApiError> {
+        let h = &self.running_balloon()?.handle;
+        h.stop_hinting().map_err(hinting_error)
     }
 
     fn memory_hotplug_status(&mut self) -> Result<MemoryHotplugStatus, ApiError> {
@@ -751,17 +772,20 @@ mod tests {
         );
         let mut r = VmResources::default();
         r.set_balloon(
-            serde_json::from_value(
-                json!({"amount_mib": 1, "deflate_on_oom": false, "free_page_hinting": true}),
-            )
+            serde_json::from_value(json!({"amount_mib": 1, "deflate_on_oom": false,
+                "free_page_hinting": true, "free_page_reporting": true}))
             .unwrap(),
         )
         .unwrap();
-        assert!(matches!(b.validate(&r), Err(ApiError::Unsupported(_))));
+        assert_eq!(b.validate(&r), Ok(()), "free page hinting and reporting");
         // Nothing started: control calls are pre-boot errors.
         assert_eq!(b.pause(), Err(ApiError::NotSupportedPreBoot));
         assert_eq!(b.stop(), Err(ApiError::NotSupportedPreBoot));
         assert_eq!(b.balloon_update(1), Err(ApiError::NotSupportedPreBoot));
+        assert_eq!(
+            b.balloon_hinting_start(Default::default()),
+            Err(ApiError::NotSupportedPreBoot)
+        );
         assert!(b.take_outcome().is_none());
         assert!(b.metrics().unwrap().is_empty());
     }

@@ -6,16 +6,64 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
+use serde_json::{json, Map, Value};
 use vessel_api::types::{Balloon as ApiBalloon, BalloonStats as ApiBalloonStats};
-use vessel_virtio_devices::balloon::{stat_tag, BalloonHandle, PAGE_SIZE as BALLOON_PAGE};
+use vessel_api::ApiError;
+use vessel_virtio_devices::balloon::{
+    stat_tag, BalloonCounters, BalloonHandle, HintingError, PAGE_SIZE as BALLOON_PAGE,
+};
 use vessel_vmm::{RunState, VmHandle};
 
-/// A running balloon: its handle, how it was configured, and the statistics polling interval
-/// its poller thread reads.
+/// A running balloon: its handle, how it was configured, the statistics polling interval
+/// its poller thread reads, and its counters at the previous metrics line.
 pub(super) struct BalloonState {
     pub(super) handle: BalloonHandle,
     pub(super) config: ApiBalloon,
     pub(super) interval_s: Arc<AtomicU16>,
+    flushed: BalloonCounters,
+}
+
+impl BalloonState {
+    /// The balloon of a started or restored VM; its statistics are polled if configured.
+    pub(super) fn start(
+        vm: VmHandle,
+        handle: BalloonHandle,
+        config: ApiBalloon,
+    ) -> Result<BalloonState, ApiError> {
+        let interval_s = Arc::new(AtomicU16::new(config.stats_polling_interval_s));
+        if config.stats_polling_interval_s > 0 {
+            let (h, i) = (handle.clone(), interval_s.clone());
+            thread::Builder::new()
+                .name("balloon-stats".into())
+                .spawn(move || poll_balloon_stats(vm, h, i))
+                .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
+        }
+        Ok(BalloonState {
+            flushed: handle.counters(),
+            handle,
+            config,
+            interval_s,
+        })
+    }
+
+    /// Firecracker's `balloon` metrics group: what the device did since the previous line.
+    pub(super) fn metrics(&mut self, out: &mut Map<String, Value>) {
+        let now = self.handle.counters();
+        let was = std::mem::replace(&mut self.flushed, now);
+        let d = |f: fn(&BalloonCounters) -> u64| f(&now).saturating_sub(f(&was));
+        out.insert(
+            "balloon".into(),
+            json!({
+                "inflate_count": d(|c| c.inflate_chains),
+                "deflate_count": d(|c| c.deflate_chains),
+                "stats_updates_count": d(|c| c.stats_updates),
+                "free_page_report_count": d(|c| c.reported_ranges),
+                "free_page_report_freed": d(|c| c.reported_bytes),
+                "free_page_hint_count": d(|c| c.hinted_ranges),
+                "free_page_hint_freed": d(|c| c.hinted_bytes),
+            }),
+        );
+    }
 }
 
 /// Balloon pages per MiB.
@@ -23,7 +71,7 @@ pub(super) const BALLOON_PAGES_PER_MIB: u32 = (1 << 20) / BALLOON_PAGE as u32;
 
 /// Asks the balloon driver for fresh statistics every `interval_s` seconds (read again each
 /// round, so `PATCH /balloon/statistics` takes effect at once) until the VM ends.
-pub(super) fn poll_balloon_stats(vm: VmHandle, balloon: BalloonHandle, interval_s: Arc<AtomicU16>) {
+fn poll_balloon_stats(vm: VmHandle, balloon: BalloonHandle, interval_s: Arc<AtomicU16>) {
     let mut last = Instant::now();
     while vm.state() != RunState::Ended {
         thread::sleep(Duration::from_millis(100));
@@ -33,6 +81,11 @@ pub(super) fn poll_balloon_stats(vm: VmHandle, balloon: BalloonHandle, interval_
             last = Instant::now();
         }
     }
+}
+
+/// A hinting request the balloon refuses, in Firecracker's words.
+pub(super) fn hinting_error(e: HintingError) -> ApiError {
+    ApiError::bad(format!("Balloon update error: {e}"))
 }
 
 /// The API's view of the balloon's figures.

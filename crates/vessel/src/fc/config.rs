@@ -100,6 +100,8 @@ pub fn resources_to_config_on(
         size_mib: u64::from(b.amount_mib),
         stats: b.stats_polling_interval_s > 0,
         deflate_on_oom: b.deflate_on_oom,
+        free_page_reporting: b.free_page_reporting,
+        free_page_hinting: b.free_page_hinting,
         transport,
     });
     let m = &r.machine_config;
@@ -236,13 +238,6 @@ pub(super) fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     }
     if m.huge_pages != HugePages::None {
         return Err(ApiError::Unsupported("huge page backed memory".into()));
-    }
-    if r.balloon
-        .is_some_and(|b| b.free_page_hinting || b.free_page_reporting)
-    {
-        return Err(ApiError::Unsupported(
-            "balloon free page hinting and reporting".into(),
-        ));
     }
     Ok(())
 }

@@ -2,9 +2,10 @@
 //!
 //! Queues, numbered densely over the ones that exist (an optional queue whose feature was
 //! not negotiated takes no index, as Linux and the spec number them): inflateq (0),
-//! deflateq (1), statsq (with `VIRTIO_BALLOON_F_STATS_VQ`), reporting_vq (with
-//! `VIRTIO_BALLOON_F_REPORTING`; free page hinting is not offered). Inflated pages (4 KiB
-//! PFNs) and reported free ranges are dropped from the host with `madvise(MADV_DONTNEED)`;
+//! deflateq (1), statsq (with `VIRTIO_BALLOON_F_STATS_VQ`), free_page_vq (with
+//! `VIRTIO_BALLOON_F_FREE_PAGE_HINT`, see [`hinting`]), reporting_vq (with
+//! `VIRTIO_BALLOON_F_REPORTING`). Inflated pages (4 KiB PFNs), hinted blocks and reported
+//! free ranges are dropped from the host with `madvise(MADV_DONTNEED)`;
 //! the guest gets zero pages back when it touches them again. `VIRTIO_BALLOON_F_DEFLATE_ON_OOM`
 //! is offered on request. The host drives the balloon through a [`BalloonHandle`]: target
 //! size (raising a config interrupt), the size the driver reports, and memory statistics.
@@ -13,6 +14,11 @@ use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+mod hinting;
+
+pub use hinting::{HintingError, HintingStatus, CMD_ID_DONE, CMD_ID_STOP};
+
+use hinting::Hinting;
 use vessel_memory::GuestMemoryMmap;
 use virtio_queue::{DescriptorChain, QueueT};
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
@@ -79,6 +85,9 @@ const TOKEN_DEFLATE: u64 = 1;
 const TOKEN_STATS: u64 = 2;
 const TOKEN_REPORTING: u64 = 3;
 const TOKEN_STATS_REQUEST: u64 = 4;
+const TOKEN_HINTING: u64 = 5;
+/// The configuration space: num_pages, actual, free_page_hint_cmd_id.
+const CONFIG_SIZE: usize = 12;
 
 /// Which optional features the balloon offers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -89,6 +98,8 @@ pub struct BalloonParams {
     pub deflate_on_oom: bool,
     /// Offer free page reporting (`VIRTIO_BALLOON_F_REPORTING`).
     pub free_page_reporting: bool,
+    /// Offer free page hinting (`VIRTIO_BALLOON_F_FREE_PAGE_HINT`), run by the host.
+    pub free_page_hinting: bool,
 }
 
 /// The latest memory statistics the driver sent.
@@ -124,8 +135,20 @@ pub struct BalloonCounters {
     pub malformed_bytes: u64,
     /// Bytes of free memory the driver reported and the host dropped.
     pub reported_bytes: u64,
+    /// Bytes of free memory the driver hinted in a hinting run and the host dropped.
+    pub hinted_bytes: u64,
+    /// Bytes hinted under a run that was over or not the host's current one: kept.
+    pub stale_hint_bytes: u64,
     /// Statistics buffers received.
     pub stats_updates: u64,
+    /// Chains served on inflateq.
+    pub inflate_chains: u64,
+    /// Chains served on deflateq.
+    pub deflate_chains: u64,
+    /// Free ranges the driver reported.
+    pub reported_ranges: u64,
+    /// Free blocks the driver hinted in a hinting run.
+    pub hinted_ranges: u64,
 }
 
 struct State {
@@ -135,12 +158,15 @@ struct State {
     actual: u32,
     stats: Option<BalloonStats>,
     counters: BalloonCounters,
+    hinting: Hinting,
     /// The running device's interrupt, for configuration changes.
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
 }
 
 struct Shared {
     state: Mutex<State>,
+    /// Free page hinting is offered.
+    hinting: bool,
     /// Written by the host to ask the worker to give the statistics buffer back.
     stats_request: EventFd,
 }
@@ -149,6 +175,30 @@ impl Shared {
     fn lock(&self) -> MutexGuard<'_, State> {
         // A poisoned lock only means another thread panicked mid-update of plain counters.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Changes the configuration space with `f` and tells the running driver.
+    fn change_config<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
+        let (out, irq) = {
+            let mut s = self.lock();
+            let out = f(&mut s);
+            (out, s.interrupt.clone())
+        };
+        if let Some(irq) = irq {
+            if let Err(e) = irq.trigger(InterruptCause::Config) {
+                log::warn!("virtio-balloon: cannot raise the config interrupt: {e}");
+            }
+        }
+        out
+    }
+
+    /// [`Self::change_config`] on the hinting state, if hinting is offered.
+    fn change_hinting(&self, f: impl FnOnce(&mut Hinting)) -> Result<(), HintingError> {
+        if !self.hinting {
+            return Err(HintingError::NotEnabled);
+        }
+        self.change_config(|s| f(&mut s.hinting));
+        Ok(())
     }
 }
 
@@ -161,16 +211,26 @@ impl BalloonHandle {
     /// Asks the guest to make the balloon `pages` 4 KiB pages big, and tells it through a
     /// config interrupt if the device is running.
     pub fn set_target_pages(&self, pages: u32) {
-        let irq = {
-            let mut s = self.0.lock();
-            s.num_pages = pages;
-            s.interrupt.clone()
-        };
-        if let Some(irq) = irq {
-            if let Err(e) = irq.trigger(InterruptCause::Config) {
-                log::warn!("virtio-balloon: cannot raise the config interrupt: {e}");
-            }
+        self.0.change_config(|s| s.num_pages = pages);
+    }
+
+    /// Starts a free page hinting run: the driver hints its free memory, which the host
+    /// drops, and holds it until [`Self::stop_hinting`] (at once with `ack_on_stop`).
+    pub fn start_hinting(&self, ack_on_stop: bool) -> Result<(), HintingError> {
+        self.0.change_hinting(|h| h.start(ack_on_stop))
+    }
+
+    /// Ends the hinting run: the driver takes its hinted memory back.
+    pub fn stop_hinting(&self) -> Result<(), HintingError> {
+        self.0.change_hinting(|h| h.host_cmd = CMD_ID_DONE)
+    }
+
+    /// The command ids the host and the driver sent last.
+    pub fn hinting_status(&self) -> Result<HintingStatus, HintingError> {
+        if !self.0.hinting {
+            return Err(HintingError::NotEnabled);
         }
+        Ok(self.0.lock().hinting.status())
     }
 
     /// [`Self::set_target_pages`] in MiB (saturating at 16 TiB).
@@ -229,6 +289,10 @@ impl Balloon {
             avail_features |= feature::STATS_VQ;
             queues += 1;
         }
+        if config.free_page_hinting {
+            avail_features |= feature::FREE_PAGE_HINT;
+            queues += 1;
+        }
         if config.free_page_reporting {
             avail_features |= feature::REPORTING;
             queues += 1;
@@ -245,8 +309,10 @@ impl Balloon {
                     actual: 0,
                     stats: None,
                     counters: BalloonCounters::default(),
+                    hinting: Hinting::idle(0),
                     interrupt: None,
                 }),
+                hinting: config.free_page_hinting,
                 stats_request: EventFd::new(EFD_NONBLOCK)?,
             }),
             worker: None,
@@ -263,11 +329,12 @@ impl Balloon {
         self.handle().set_target_pages(pages);
     }
 
-    fn config_bytes(&self) -> [u8; 8] {
+    fn config_bytes(&self) -> [u8; CONFIG_SIZE] {
         let s = self.shared.lock();
-        let mut c = [0u8; 8];
+        let mut c = [0u8; CONFIG_SIZE];
         c[..4].copy_from_slice(&s.num_pages.to_le_bytes());
-        c[4..].copy_from_slice(&s.actual.to_le_bytes());
+        c[4..8].copy_from_slice(&s.actual.to_le_bytes());
+        c[8..].copy_from_slice(&s.hinting.host_cmd.to_le_bytes());
         c
     }
 
@@ -329,6 +396,15 @@ impl VirtioDevice for Balloon {
         } else {
             None
         };
+        let hinting = if acked & feature::FREE_PAGE_HINT != 0 {
+            let q = ctx
+                .take_queue(next)
+                .ok_or(ActivateError::MissingQueue(next))?;
+            next += 1;
+            Some(q)
+        } else {
+            None
+        };
         let reporting = if acked & feature::REPORTING != 0 {
             Some(
                 ctx.take_queue(next)
@@ -351,6 +427,9 @@ impl VirtioDevice for Balloon {
         if let Some(q) = &stats {
             fds.push((q.kick.as_raw_fd(), TOKEN_STATS, EventSet::IN));
         }
+        if let Some(q) = &hinting {
+            fds.push((q.kick.as_raw_fd(), TOKEN_HINTING, EventSet::IN));
+        }
         if let Some(q) = &reporting {
             fds.push((q.kick.as_raw_fd(), TOKEN_REPORTING, EventSet::IN));
         }
@@ -361,6 +440,7 @@ impl VirtioDevice for Balloon {
             inflate,
             deflate,
             stats,
+            hinting,
             reporting,
             held_stats: None,
             shared: self.shared.clone(),
@@ -374,8 +454,11 @@ impl VirtioDevice for Balloon {
 
     fn reset(&mut self) -> bool {
         self.stop();
-        // The driver starts over with an empty balloon; the host's target stays.
-        self.shared.lock().actual = 0;
+        // The driver starts over with an empty balloon and no hinting run; the host's target
+        // stays.
+        let mut s = self.shared.lock();
+        s.actual = 0;
+        s.hinting = Hinting::idle(s.hinting.last_cmd_id);
         true
     }
 
@@ -400,16 +483,25 @@ impl VirtioDevice for Balloon {
         DeviceState::Balloon(BalloonState {
             num_pages: s.num_pages,
             actual: s.actual,
+            hint_cmd_id: s.hinting.last_cmd_id,
         })
     }
 
     fn restore_device_state(&mut self, state: &DeviceState) -> Result<(), DeviceStateError> {
-        let DeviceState::Balloon(BalloonState { num_pages, actual }) = *state else {
+        let DeviceState::Balloon(BalloonState {
+            num_pages,
+            actual,
+            hint_cmd_id,
+        }) = *state
+        else {
             return Err(DeviceStateError::kind(self.name(), state));
         };
         let mut s = self.shared.lock();
         s.num_pages = num_pages;
         s.actual = actual;
+        // As Firecracker does: a restored VM has no hinting run, and the driver may take
+        // back what it held for one.
+        s.hinting = Hinting::idle(hint_cmd_id);
         Ok(())
     }
 }
@@ -448,6 +540,7 @@ struct BalloonHandler {
     inflate: ActiveQueue,
     deflate: ActiveQueue,
     stats: Option<ActiveQueue>,
+    hinting: Option<ActiveQueue>,
     reporting: Option<ActiveQueue>,
     /// The statistics buffer the device keeps until the host wants fresh statistics.
     held_stats: Option<u16>,
@@ -462,6 +555,7 @@ impl EventHandler for BalloonHandler {
             TOKEN_STATS => self.process_stats(),
             TOKEN_REPORTING => self.process_pages(PageQueue::Report),
             TOKEN_STATS_REQUEST => self.return_stats_buffer(),
+            TOKEN_HINTING => self.process_hints(),
             _ => {}
         }
         Ok(())
@@ -494,6 +588,39 @@ impl BalloonHandler {
             },
         );
         self.add_counters(&counters);
+    }
+
+    /// Serves free_page_vq; once the driver ends a run and the host asked for it, tells the
+    /// driver it may take its hinted memory back.
+    fn process_hints(&mut self) {
+        let Some(q) = self.hinting.as_mut() else {
+            return;
+        };
+        consume(&q.kick);
+        let (mem, shared) = (&self.mem, &self.shared);
+        let mut counters = BalloonCounters::default();
+        let mut ended = None;
+        drain_queue(
+            &mut q.queue,
+            q.index,
+            mem,
+            self.interrupt.as_ref(),
+            &self.health,
+            |chain| {
+                if let Some(e) = shared.lock().hinting.serve(mem, chain, &mut counters) {
+                    ended = Some(e);
+                }
+                0
+            },
+        );
+        self.add_counters(&counters);
+        let ack = ended == Some(true) && {
+            let h = &shared.lock().hinting;
+            h.ack_on_stop && h.host_cmd > CMD_ID_DONE
+        };
+        if ack {
+            shared.change_config(|s| s.hinting.host_cmd = CMD_ID_DONE);
+        }
     }
 
     /// Takes every statistics buffer the driver made available, keeping the last one.
@@ -576,6 +703,12 @@ impl BalloonHandler {
         t.discard_failures += c.discard_failures;
         t.malformed_bytes += c.malformed_bytes;
         t.reported_bytes += c.reported_bytes;
+        t.hinted_bytes += c.hinted_bytes;
+        t.stale_hint_bytes += c.stale_hint_bytes;
+        t.inflate_chains += c.inflate_chains;
+        t.deflate_chains += c.deflate_chains;
+        t.reported_ranges += c.reported_ranges;
+        t.hinted_ranges += c.hinted_ranges;
     }
 }
 
@@ -645,6 +778,7 @@ fn inflate_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
     counters: &mut BalloonCounters,
 ) {
+    counters.inflate_chains += 1;
     let pfns = read_pfns(chain, counters);
     for_each_run(&pfns, |pfn, n| {
         let d = discard_range(mem, pfn << PAGE_SHIFT, n * PAGE_SIZE);
@@ -659,6 +793,7 @@ fn deflate_chain(
     chain: DescriptorChain<&GuestMemoryMmap>,
     counters: &mut BalloonCounters,
 ) {
+    counters.deflate_chains += 1;
     // Nothing to do for the memory: a dropped page comes back (zeroed) when touched.
     for pfn in read_pfns(chain, counters) {
         let addr = vm_memory::GuestAddress(u64::from(pfn) << PAGE_SHIFT);
@@ -692,6 +827,7 @@ fn report_chain(
             continue;
         }
         let d = discard_range(mem, start, end - start);
+        counters.reported_ranges += 1;
         counters.reported_bytes += d.done;
         counters.invalid_pages += d.outside / PAGE_SIZE;
         counters.discard_failures += d.failed / PAGE_SIZE;
@@ -1044,6 +1180,7 @@ mod tests {
             stats: true,
             deflate_on_oom: true,
             free_page_reporting: true,
+            free_page_hinting: false,
         })
         .unwrap();
         assert_eq!(b.queue_max_sizes().len(), 4);
@@ -1088,6 +1225,7 @@ mod tests {
             stats: true,
             deflate_on_oom: false,
             free_page_reporting: true,
+            free_page_hinting: false,
         };
         let acked = features::COMMON | feature::STATS_VQ | feature::REPORTING;
         let mut r = start(&m, cfg, acked, 4);
@@ -1162,6 +1300,7 @@ mod tests {
             stats: true,
             deflate_on_oom: false,
             free_page_reporting: true,
+            free_page_hinting: false,
         };
         // The driver did not take the statistics queue: reporting is queue 2.
         let acked = features::COMMON | feature::REPORTING;
@@ -1172,6 +1311,82 @@ mod tests {
         wait_until("report", || r.vqs[2].used().idx().load() == 1);
         assert_eq!(page(&m, 0xc0), vec![0; 4096]);
         assert!(r.dev.handle().latest_stats().is_none());
+    }
+
+    #[test]
+    fn a_hinting_run_drops_hinted_memory_and_acknowledges_the_drivers_stop() {
+        let m = mem();
+        let cfg = BalloonParams {
+            stats: false,
+            deflate_on_oom: false,
+            free_page_reporting: true,
+            free_page_hinting: true,
+        };
+        let b = Balloon::new(cfg).unwrap();
+        assert_eq!(b.queue_max_sizes().len(), 4);
+        // free_page_vq is queue 2 (no statistics queue), reporting_vq queue 3.
+        let acked = features::COMMON | feature::FREE_PAGE_HINT | feature::REPORTING;
+        let r = start(&m, cfg, acked, 4);
+        let h = r.dev.handle();
+        let idle = HintingStatus {
+            host_cmd: CMD_ID_STOP,
+            guest_cmd: None,
+        };
+        assert_eq!(h.hinting_status(), Ok(idle));
+        h.start_hinting(true).unwrap();
+        assert_eq!(r.irq.count(InterruptCause::Config), 1);
+        let mut id = [0u8; 4];
+        r.dev.read_config(8, &mut id);
+        assert_eq!(u32::from_le_bytes(id), 2);
+        // The driver takes the run, hints a page, then says it has no more.
+        pattern(&m, 0xc0, 0x99);
+        m.write_slice(&2u32.to_le_bytes(), GuestAddress(0x8_0000))
+            .unwrap();
+        m.write_slice(&CMD_ID_STOP.to_le_bytes(), GuestAddress(0x8_0010))
+            .unwrap();
+        let chains: [Buf; 3] = [
+            (0x8_0000, 4, false),
+            (0xc_0000, 0x1000, true),
+            (0x8_0010, 4, false),
+        ];
+        for (i, buf) in chains.iter().enumerate() {
+            add_chain(&r.vqs[2], i as u16, &[*buf]);
+            r.kicks[2].write(1).unwrap();
+            wait_until("hint", || {
+                usize::from(r.vqs[2].used().idx().load()) == i + 1
+            });
+        }
+        assert_eq!(page(&m, 0xc0), vec![0; 4096]);
+        assert_eq!(h.counters().hinted_bytes, 0x1000);
+        // acknowledge_on_stop: the driver may take its memory back.
+        wait_until("done", || {
+            h.hinting_status().is_ok_and(|s| s.host_cmd == CMD_ID_DONE)
+        });
+        assert_eq!(h.hinting_status().unwrap().guest_cmd, Some(CMD_ID_STOP));
+        assert_eq!(r.irq.count(InterruptCause::Config), 2);
+        // Reporting still works on the queue after it.
+        pattern(&m, 0xd0, 0x77);
+        add_chain(&r.vqs[3], 0, &[(0xd_0000, 0x1000, true)]);
+        r.kicks[3].write(1).unwrap();
+        wait_until("report", || r.vqs[3].used().idx().load() == 1);
+        assert_eq!(h.counters().reported_bytes, 0x1000);
+
+        // A restored device has no run; its next run follows the saved one.
+        let mut restored = Balloon::new(cfg).unwrap();
+        restored
+            .restore_device_state(&r.dev.save_device_state())
+            .unwrap();
+        let h2 = restored.handle();
+        assert_eq!(h2.hinting_status(), Ok(idle));
+        h2.start_hinting(false).unwrap();
+        assert_eq!(h2.hinting_status().unwrap().host_cmd, 3);
+        h2.stop_hinting().unwrap();
+        assert_eq!(h2.hinting_status().unwrap().host_cmd, CMD_ID_DONE);
+        // Without hinting offered, every request is refused.
+        let plain = Balloon::new(BalloonParams::default()).unwrap().handle();
+        assert_eq!(plain.start_hinting(true), Err(HintingError::NotEnabled));
+        assert_eq!(plain.stop_hinting(), Err(HintingError::NotEnabled));
+        assert_eq!(plain.hinting_status(), Err(HintingError::NotEnabled));
     }
 
     #[test]
