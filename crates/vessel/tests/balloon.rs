@@ -54,11 +54,7 @@ fn balloon_metric(c: &mut Client, metrics: &Path, name: &str) -> u64 {
 
 #[test]
 fn the_guests_balloon_driver_inflates_reports_and_hints() {
-    if std::env::var("VESSEL_E2E").ok().as_deref() != Some("1") {
-        eprintln!("note: set VESSEL_E2E=1 to boot the minimal guest with a balloon");
-        return;
-    }
-    let Some((kernel, initrd)) = kit_image("minimal") else {
+    let Some((kernel, initrd)) = e2e_minimal("boot the minimal guest with a balloon") else {
         return;
     };
     let dir = scratch("balloon");

@@ -46,11 +46,8 @@ fn plugged_zone_free_pages(v: &mut FcVessel, tag: &str) -> u64 {
 
 #[test]
 fn hotplugged_memory_reaches_the_guest() {
-    if std::env::var("VESSEL_E2E").ok().as_deref() != Some("1") {
-        eprintln!("note: set VESSEL_E2E=1 to boot the minimal guest with hotpluggable memory");
-        return;
-    }
-    let Some((kernel, initrd)) = kit_image("minimal") else {
+    let Some((kernel, initrd)) = e2e_minimal("boot the minimal guest with hotpluggable memory")
+    else {
         return;
     };
     let dir = scratch("memory-hotplug");

@@ -82,6 +82,16 @@ pub fn kit_image(name: &str) -> Option<(PathBuf, PathBuf)> {
     }
 }
 
+/// The kit's `minimal` kernel and initramfs for an end-to-end test, or `None` when end-to-end
+/// tests are off (with a note: "set VESSEL_E2E=1 to `what`").
+pub fn e2e_minimal(what: &str) -> Option<(PathBuf, PathBuf)> {
+    if std::env::var("VESSEL_E2E").ok().as_deref() != Some("1") {
+        eprintln!("note: set VESSEL_E2E=1 to {what}");
+        return None;
+    }
+    kit_image("minimal")
+}
+
 /// Collects everything `r` yields, as it comes, into a shared string.
 pub fn collect_output(
     mut r: impl std::io::Read + Send + 'static,

@@ -14,7 +14,8 @@ use vessel_memory::GuestMemoryMmap;
 use virtio_queue::DescriptorChain;
 use vm_memory::Bytes;
 
-use super::{discard_range, BalloonCounters, PAGE_SIZE};
+use super::pages::discard_buffer;
+use super::BalloonCounters;
 
 /// The host stops a run, or the driver says it has no more hints.
 pub const CMD_ID_STOP: u32 = 0;
@@ -111,22 +112,10 @@ impl Hinting {
                 counters.stale_hint_bytes += len;
                 continue;
             }
-            // Whole pages only: a hint shares no page with memory the driver still uses.
-            let addr = desc.addr().0;
-            let Some(end) = addr.checked_add(len) else {
-                counters.malformed_bytes += len;
-                continue;
-            };
-            let start = addr.div_ceil(PAGE_SIZE).saturating_mul(PAGE_SIZE);
-            let end = end / PAGE_SIZE * PAGE_SIZE;
-            if start >= end {
-                continue;
+            if let Some(done) = discard_buffer(mem, desc.addr().0, desc.len(), counters) {
+                counters.hinted_ranges += 1;
+                counters.hinted_bytes += done;
             }
-            let d = discard_range(mem, start, end - start);
-            counters.hinted_ranges += 1;
-            counters.hinted_bytes += d.done;
-            counters.invalid_pages += d.outside / PAGE_SIZE;
-            counters.discard_failures += d.failed / PAGE_SIZE;
         }
         ended
     }
