@@ -1,7 +1,7 @@
 //! `vessel api --sock PATH COMMAND`: a small client for people, talking to a running VM's
 //! API socket (Vessel's or Firecracker's): status, start, pause, resume, ctrl-alt-del,
-//! poweroff, snapshot create/load, balloon show/set/stats, hotpluggable memory show/set,
-//! device hotplug (add-disk/remove-disk, add-net/remove-net, add-pmem/remove-pmem: a `PUT`
+//! poweroff, snapshot create/load, balloon show/set/stats and free page hinting runs,
+//! hotpluggable memory show/set, device hotplug (add-disk/remove-disk, add-net/remove-net, add-pmem/remove-pmem: a `PUT`
 //! after boot hot-plugs, a `DELETE` hot-unplugs once the guest has released the device),
 //! metrics, and raw get/put/patch/delete.
 
@@ -157,6 +157,16 @@ enum BalloonCommand {
     Set { mib: u32 },
     /// GET /balloon/statistics.
     Stats,
+    /// PATCH /balloon/hinting/start: a free page hinting run (acknowledged when the driver
+    /// stops, unless --no-ack).
+    HintStart {
+        #[arg(long)]
+        no_ack: bool,
+    },
+    /// GET /balloon/hinting/status.
+    HintStatus,
+    /// PATCH /balloon/hinting/stop: the driver takes its hinted memory back.
+    HintStop,
 }
 
 #[derive(Subcommand)]
@@ -228,6 +238,13 @@ pub fn run(args: ApiArgs) -> Result<ExitCode, ApiCliError> {
                 Some(format!("{{\"amount_mib\": {mib}}}")),
             ),
             BalloonCommand::Stats => ("GET", "/balloon/statistics".into(), None),
+            BalloonCommand::HintStart { no_ack } => (
+                "PATCH",
+                "/balloon/hinting/start".into(),
+                Some(format!("{{\"acknowledge_on_stop\": {}}}", !no_ack)),
+            ),
+            BalloonCommand::HintStatus => ("GET", "/balloon/hinting/status".into(), None),
+            BalloonCommand::HintStop => ("PATCH", "/balloon/hinting/stop".into(), None),
         },
         ApiCommand::Memory { command } => match command {
             MemoryCommand::Show => ("GET", "/hotplug/memory".into(), None),

@@ -264,6 +264,14 @@ fn the_vessel_api_client_drives_a_vm() {
     // Statistics were not enabled before boot.
     let (ok, _, err) = api(&["balloon", "stats"]);
     assert!(!ok && err.contains("not enabled"), "{err}");
+    // Nor was free page hinting.
+    for hint in ["hint-start", "hint-status", "hint-stop"] {
+        let (ok, _, err) = api(&["balloon", hint]);
+        assert!(
+            !ok && err.contains("Attempting to use hinting when not enabled"),
+            "{hint}: {err}"
+        );
+    }
     // Ctrl-Alt-Del resets this guest: poweroff returns once the process is gone.
     let (ok, out, err) = api(&["poweroff"]);
     assert!(ok && out.contains("powered off"), "{out} {err}");
