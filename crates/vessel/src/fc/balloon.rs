@@ -85,7 +85,7 @@ fn poll_balloon_stats(vm: VmHandle, balloon: BalloonHandle, interval_s: Arc<Atom
 
 /// A hinting request the balloon refuses, in Firecracker's words.
 pub(super) fn hinting_error(e: HintingError) -> ApiError {
-    ApiError::bad(format!("Balloon update error: {e}"))
+    ApiError::bad(format!("Balloon update error: Balloon: {e}"))
 }
 
 /// The API's view of the balloon's figures.

@@ -70,7 +70,6 @@ mod tests {
         )
         .unwrap();
         let h = dev.handle();
-        update(&h, 512).unwrap();
         assert_eq!(
             status(&h),
             MemoryHotplugStatus {
@@ -78,22 +77,18 @@ mod tests {
                 block_size_mib: 2,
                 slot_size_mib: 128,
                 plugged_size_mib: 0,
-                requested_size_mib: 512,
+                requested_size_mib: 0,
             }
         );
+        // No driver has set the device up: Firecracker's refusal. (The running device's
+        // size refusals are checked through the API in tests/memory_hotplug.rs.)
         assert_eq!(
-            update(&h, 3),
+            update(&h, 512),
             Err(ApiError::bad(
-                "Memory hotplug update error: Failed to create memory hotplug device: Size 3145728 is invalid: it must be a multiple of block size and less than the total size"
+                "Memory hotplug update error: Failed to create memory hotplug device: Device is not active"
             ))
         );
-        assert!(update(&h, 2048).is_err());
-        assert!(update(&h, u64::MAX).is_err());
-        assert_eq!(
-            status(&h).requested_size_mib,
-            512,
-            "refusals change nothing"
-        );
+        assert_eq!(status(&h).requested_size_mib, 0, "refusals change nothing");
         let c = config(
             &ApiConfig {
                 total_size_mib: 256,

@@ -70,6 +70,9 @@ pub enum SizeError {
         "Size {0} is invalid: it must be a multiple of block size and less than the total size"
     )]
     InvalidSize(u64),
+    /// No driver has set the device up yet (or it reset it): Firecracker's words.
+    #[error("Device is not active")]
+    NotActive,
 }
 
 /// The device's state: the plugged bitmap and the sizes of the configuration space.

@@ -81,6 +81,8 @@ struct Inner {
     counters: MemCounters,
     /// The running device's interrupt, for configuration changes.
     interrupt: Option<Arc<dyn VirtioInterrupt>>,
+    /// A driver set the device up and has not reset it (a snapshot's quiesce keeps this).
+    active: bool,
 }
 
 struct Shared {
@@ -100,11 +102,15 @@ impl Shared {
 pub struct MemHandle(Arc<Shared>);
 
 impl MemHandle {
-    /// Asks the driver to plug (or unplug) memory until `bytes` are plugged; tells it with a
-    /// configuration interrupt when the device runs (a driver that starts later reads it).
+    /// Asks the driver to plug (or unplug) memory until `bytes` are plugged, and tells it
+    /// with a configuration interrupt. Refused, as Firecracker does, until a driver has set
+    /// the device up: nothing would answer.
     pub fn set_requested_size(&self, bytes: u64) -> Result<(), SizeError> {
         let irq = {
             let mut s = self.0.lock();
+            if !s.active {
+                return Err(SizeError::NotActive);
+            }
             s.blocks.set_requested_size(bytes)?;
             s.interrupt.clone()
         };
@@ -144,6 +150,7 @@ impl VirtioMem {
                     blocks: Blocks::new(geometry)?,
                     counters: MemCounters::default(),
                     interrupt: None,
+                    active: false,
                 }),
             }),
             slots,
@@ -184,7 +191,11 @@ impl VirtioDevice for VirtioMem {
         self.stop();
         let queue = ctx.take_queue(0).ok_or(ActivateError::MissingQueue(0))?;
         let fds = [(queue.kick.as_raw_fd(), 0, EventSet::IN)];
-        self.shared.lock().interrupt = Some(ctx.interrupt.clone());
+        {
+            let mut s = self.shared.lock();
+            s.interrupt = Some(ctx.interrupt.clone());
+            s.active = true;
+        }
         let handler = MemWorker {
             mem: ctx.mem,
             queue,
@@ -199,7 +210,9 @@ impl VirtioDevice for VirtioMem {
                 Ok(())
             }
             Err(e) => {
-                self.shared.lock().interrupt = None;
+                let mut s = self.shared.lock();
+                s.interrupt = None;
+                s.active = false;
                 Err(ActivateError::Worker(e))
             }
         }
@@ -208,6 +221,14 @@ impl VirtioDevice for VirtioMem {
     fn reset(&mut self) -> bool {
         // Plugged memory stays plugged across a reset (virtio 1.2 section 5.15.5): a driver
         // starting over unplugs it all first.
+        self.stop();
+        self.shared.lock().active = false;
+        true
+    }
+
+    fn quiesce(&mut self) -> bool {
+        // The worker serves each request at once: stopping it leaves nothing in flight. The
+        // driver still has the device: it is activated again with the same queues.
         self.stop();
         true
     }
