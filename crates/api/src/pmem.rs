@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ApiError;
 use crate::resources::VmResources;
-use crate::types::{RateLimiter, Schema, TokenBucket};
+use crate::types::{RateLimiter, Schema};
 
 /// `PUT /pmem/{id}` (pre-boot): a virtio-pmem device. `GET /vm/config` shows every field,
 /// `rate_limiter` as `null` when unset, as Firecracker does.
@@ -46,15 +46,7 @@ impl PartialPmem {
     /// `p` after this update: a bucket given replaces the current one (size or refill time
     /// 0 removes it), one left out stays.
     pub fn apply_to(&self, p: &mut Pmem) {
-        let Some(new) = self.rate_limiter else {
-            return;
-        };
-        let old = p.rate_limiter.unwrap_or_default();
-        let r = RateLimiter {
-            bandwidth: patched(old.bandwidth, new.bandwidth),
-            ops: patched(old.ops, new.ops),
-        };
-        p.rate_limiter = (r.bandwidth.is_some() || r.ops.is_some()).then_some(r);
+        p.rate_limiter = RateLimiter::patched(p.rate_limiter, self.rate_limiter);
     }
 }
 
@@ -68,16 +60,6 @@ impl Schema for PartialPmem {
 
 fn bad(msg: impl std::fmt::Display) -> ApiError {
     ApiError::bad(format!("Pmem config error: {msg}"))
-}
-
-/// A bucket after a `PATCH`: given ones replace (size or refill time 0: no limit), absent
-/// ones stay.
-fn patched(old: Option<TokenBucket>, new: Option<TokenBucket>) -> Option<TokenBucket> {
-    match new {
-        None => old,
-        Some(b) if b.size == 0 || b.refill_time == 0 => None,
-        Some(b) => Some(b),
-    }
 }
 
 impl VmResources {

@@ -440,12 +440,7 @@ impl VmResources {
     /// Records a successful drive update (after the backend applied it).
     pub fn apply_drive_update(&mut self, u: &PartialDrive) {
         if let Some(d) = self.drives.iter_mut().find(|d| d.drive_id == u.drive_id) {
-            if let Some(p) = &u.path_on_host {
-                d.path_on_host = Some(p.clone());
-            }
-            if u.rate_limiter.is_some() {
-                d.rate_limiter = u.rate_limiter;
-            }
+            u.apply_to(d);
         }
     }
 
@@ -525,12 +520,7 @@ impl VmResources {
             .iter_mut()
             .find(|n| n.iface_id == u.iface_id)
         {
-            if u.rx_rate_limiter.is_some() {
-                n.rx_rate_limiter = u.rx_rate_limiter;
-            }
-            if u.tx_rate_limiter.is_some() {
-                n.tx_rate_limiter = u.tx_rate_limiter;
-            }
+            u.apply_to(n);
         }
     }
 

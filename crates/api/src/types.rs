@@ -224,6 +224,27 @@ pub struct RateLimiter {
     pub ops: Option<TokenBucket>,
 }
 
+impl RateLimiter {
+    /// `old` after a `PATCH` with `patch`: a bucket given replaces the current one (size or
+    /// refill time 0 removes it), one left out stays; with no bucket left, no limiter.
+    pub fn patched(old: Option<RateLimiter>, patch: Option<RateLimiter>) -> Option<RateLimiter> {
+        let Some(new) = patch else {
+            return old;
+        };
+        let old = old.unwrap_or_default();
+        let bucket = |o: Option<TokenBucket>, n: Option<TokenBucket>| match n {
+            None => o,
+            Some(b) if b.size == 0 || b.refill_time == 0 => None,
+            Some(b) => Some(b),
+        };
+        let r = RateLimiter {
+            bandwidth: bucket(old.bandwidth, new.bandwidth),
+            ops: bucket(old.ops, new.ops),
+        };
+        (r.bandwidth.is_some() || r.ops.is_some()).then_some(r)
+    }
+}
+
 /// Block device cache mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CacheType {
@@ -290,6 +311,16 @@ pub struct PartialDrive {
     pub rate_limiter: Option<RateLimiter>,
 }
 
+impl PartialDrive {
+    /// `d` after this update: the new file, the limiter patched.
+    pub fn apply_to(&self, d: &mut Drive) {
+        if let Some(p) = &self.path_on_host {
+            d.path_on_host = Some(p.clone());
+        }
+        d.rate_limiter = RateLimiter::patched(d.rate_limiter, self.rate_limiter);
+    }
+}
+
 /// `PUT /network-interfaces/{iface_id}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -322,6 +353,14 @@ pub struct PartialNetworkInterface {
     pub rx_rate_limiter: Option<RateLimiter>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+impl PartialNetworkInterface {
+    /// `n` after this update: the limiters patched.
+    pub fn apply_to(&self, n: &mut NetworkInterface) {
+        n.rx_rate_limiter = RateLimiter::patched(n.rx_rate_limiter, self.rx_rate_limiter);
+        n.tx_rate_limiter = RateLimiter::patched(n.tx_rate_limiter, self.tx_rate_limiter);
+    }
 }
 
 /// `PUT /vsock`.

@@ -588,9 +588,11 @@ fn a_receiver_that_breaks_off_leaves_the_source_running() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// With `VESSEL_E2E=1`: the kit's `minimal` Linux with a virtio-blk disk is snapshotted while
-/// idle, killed, and restored in a new process: its shell answers, reads the disk, writes it,
-/// and the write is on the host's file after power-off.
+/// With `VESSEL_E2E=1`: the kit's `minimal` Linux with a virtio-blk disk, switched after boot
+/// to another file with new limits (`PATCH /drives`), is snapshotted while idle, killed, and
+/// restored in a new process: the restore opens the file the guest was using, its shell
+/// answers, reads the disk, writes it, and the write is on that file after power-off (the
+/// first file untouched).
 #[test]
 fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
     use std::io::Write;
@@ -606,6 +608,10 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
     let mut image = vec![0u8; 1 << 20];
     image[..21].copy_from_slice(b"VESSEL-SNAPSHOT-DISK\n");
     std::fs::write(&disk, &image).unwrap();
+    // The disk the drive is switched to after boot: the restore must open this one.
+    let patched = dir.join("patched.img");
+    image[..21].copy_from_slice(b"VESSEL-PATCHED-DISK\n\n");
+    std::fs::write(&patched, &image).unwrap();
     let (state, mem) = (dir.join("vm.state"), dir.join("vm.mem"));
 
     let a = FcVessel::start(&dir, "a", &[]);
@@ -636,6 +642,16 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
     expect(
         &mut c,
         "PATCH",
+        "/drives/data",
+        Some(json!({
+            "drive_id": "data", "path_on_host": patched,
+            "rate_limiter": {"ops": {"size": 1000, "refill_time": 100}}
+        })),
+        204,
+    );
+    expect(
+        &mut c,
+        "PATCH",
         "/vm",
         Some(json!({"state": "Paused"})),
         204,
@@ -644,6 +660,9 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
     drop(a);
 
     let mut b = restore(&dir, "b", &state, &mem);
+    let drive = &expect(&mut b.client(), "GET", "/vm/config", None, 200)["drives"][0];
+    assert_eq!(drive["path_on_host"], json!(patched));
+    assert_eq!(drive["rate_limiter"]["ops"]["size"], 1000);
     let say = |b: &mut FcVessel, line: &str| {
         b.stdin
             .as_mut()
@@ -652,9 +671,10 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
             .unwrap()
     };
     // Markers computed by the shell, so the terminal's echo of the command never matches.
+    // Caches dropped: the guest read the first sector of the old file at boot.
     say(
         &mut b,
-        "head -c 20 /dev/vda; echo; echo SHELL-$((1+1))-OK\n",
+        "echo 3 > /proc/sys/vm/drop_caches; head -c 20 /dev/vda; echo; echo SHELL-$((1+1))-OK\n",
     );
     b.wait_console(
         "the shell after the restore",
@@ -662,7 +682,7 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
         |s| s.contains("SHELL-2-OK"),
     );
     assert!(
-        b.console().contains("VESSEL-SNAPSHOT-DISK"),
+        b.console().contains("VESSEL-PATCHED-DISK"),
         "{}",
         tail(&b.console())
     );
@@ -680,8 +700,12 @@ fn minimal_linux_with_a_disk_survives_snapshot_and_restore() {
         "{}",
         b.stderr()
     );
-    let after = std::fs::read(&disk).unwrap();
+    let after = std::fs::read(&patched).unwrap();
     assert_eq!(&after[4096..4096 + 15], b"restored-write\n");
-    assert_eq!(&after[..21], b"VESSEL-SNAPSHOT-DISK\n");
+    assert_eq!(&after[..20], b"VESSEL-PATCHED-DISK\n");
+    // The file the drive left is untouched.
+    let old = std::fs::read(&disk).unwrap();
+    assert_eq!(&old[..21], b"VESSEL-SNAPSHOT-DISK\n");
+    assert!(old[21..].iter().all(|&b| b == 0));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -176,6 +176,28 @@ impl VmHandle {
         self.machine.virtio().plug(what)
     }
 
+    /// Switches a disk to another backing file (`BlockHandle::replace_backing_file`: the
+    /// guest is told the new capacity) and records it for snapshots and migrations; returns
+    /// the new capacity in sectors.
+    pub fn replace_disk_file(
+        &self,
+        disk: &vessel_virtio_devices::block::BlockHandle,
+        path: &std::path::Path,
+    ) -> Result<u64, crate::HotplugError> {
+        let _one = self.device_change()?;
+        self.machine.virtio().replace_disk_file(disk, path)
+    }
+
+    /// Records the rate limiters of a disk, NIC or pmem device, changed through its handle,
+    /// for snapshots and migrations.
+    pub fn record_limiters(
+        &self,
+        device: crate::PluggedRef<'_>,
+    ) -> Result<(), crate::HotplugError> {
+        let _one = self.device_change()?;
+        self.machine.virtio().record_limiters(device)
+    }
+
     /// One device change at a time, and none during a snapshot or migration; none once the
     /// VM has ended.
     fn device_change(&self) -> Result<MutexGuard<'_, ()>, crate::HotplugError> {

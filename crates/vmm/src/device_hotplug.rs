@@ -58,6 +58,8 @@ pub enum HotplugError {
     Paused,
     #[error("the VM is not running")]
     Ended,
+    #[error("cannot switch the disk to another file")]
+    DiskFile(#[source] vessel_virtio_devices::block::BlockError),
     #[error(transparent)]
     Vmm(#[from] VmmError),
 }
@@ -66,6 +68,12 @@ impl From<DeviceError> for HotplugError {
     fn from(e: DeviceError) -> Self {
         HotplugError::Vmm(VmmError::Device(e))
     }
+}
+
+/// A limiter's configuration, `None` when it limits nothing (as configurations say it).
+fn limits(l: &vessel_ratelimit::RateLimiter) -> Option<vessel_ratelimit::RateLimiterConfig> {
+    let c = l.config();
+    (c.bandwidth.is_some() || c.ops.is_some()).then_some(c)
 }
 
 /// The first step of an unplug: what to wait for.
@@ -159,6 +167,39 @@ impl VirtioManager {
         self.handles.pmem.push(h.clone());
         self.configs.pmem.push(p);
         Ok((slot, Plugged::Pmem(h)))
+    }
+
+    /// Switches `disk` to the file at `path` and records the file in the configuration that
+    /// snapshots and migrations carry (a restore opens the file the guest was using).
+    pub(crate) fn replace_disk_file(
+        &mut self,
+        disk: &BlockHandle,
+        path: &std::path::Path,
+    ) -> Result<u64, HotplugError> {
+        let (_, index) = self
+            .find(PluggedRef::Disk(disk))
+            .ok_or(HotplugError::NotFound)?;
+        let sectors = disk
+            .replace_backing_file(path)
+            .map_err(HotplugError::DiskFile)?;
+        self.configs.disks[index].path = path.to_path_buf();
+        Ok(sectors)
+    }
+
+    /// Records the rate limiters of `target` as they are now (changed through its handle)
+    /// in the configuration that snapshots and migrations carry.
+    pub(crate) fn record_limiters(&mut self, target: PluggedRef<'_>) -> Result<(), HotplugError> {
+        let (_, i) = self.find(target).ok_or(HotplugError::NotFound)?;
+        let c = &mut self.configs;
+        match target {
+            PluggedRef::Disk(h) => c.disks[i].rate_limiter = limits(h.rate_limiter()),
+            PluggedRef::Net(h) => {
+                c.nets[i].rx_rate_limiter = limits(&h.rx);
+                c.nets[i].tx_rate_limiter = limits(&h.tx);
+            }
+            PluggedRef::Pmem(h) => c.pmem[i].rate_limiter = limits(&h.limiter),
+        }
+        Ok(())
     }
 
     /// The list and index of the device `target` names.
@@ -330,6 +371,56 @@ mod tests {
             transport: Transport::Mmio,
             rate_limiter: None,
         }
+    }
+
+    /// A disk switched to another file and new limits: the configuration a snapshot carries
+    /// names the new file and the limits; a file that does not open changes nothing.
+    #[test]
+    fn a_disks_new_file_and_limits_are_recorded() {
+        let Some(vm) = new_vm() else { return };
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let (f, g) = (
+            vmm_sys_util::tempfile::TempFile::new().unwrap(),
+            vmm_sys_util::tempfile::TempFile::new().unwrap(),
+        );
+        f.as_file().set_len(1 << 20).unwrap();
+        g.as_file().set_len(2 << 20).unwrap();
+        let c = DeviceConfigs {
+            disks: vec![disk(f.as_path())],
+            ..DeviceConfigs::default()
+        };
+        let mut m = build(&vm, &mem, &c, &[]);
+        let h = m.handles.blocks[0].clone();
+        assert_eq!(m.replace_disk_file(&h, g.as_path()).unwrap(), 4096);
+        assert_eq!(m.configs.disks[0].path, g.as_path());
+        assert!(matches!(
+            m.replace_disk_file(&h, std::path::Path::new("/nonexistent/disk")),
+            Err(HotplugError::DiskFile(_))
+        ));
+        assert_eq!(m.configs.disks[0].path, g.as_path());
+        let ops = vessel_ratelimit::BucketConfig {
+            size: 10,
+            one_time_burst: 0,
+            refill_time_ms: 1000,
+        };
+        h.rate_limiter().update(
+            vessel_ratelimit::BucketUpdate::Keep,
+            vessel_ratelimit::BucketUpdate::Set(ops),
+        );
+        m.record_limiters(PluggedRef::Disk(&h)).unwrap();
+        assert_eq!(
+            m.configs.disks[0].rate_limiter,
+            Some(vessel_ratelimit::RateLimiterConfig {
+                bandwidth: None,
+                ops: Some(ops)
+            })
+        );
+        h.rate_limiter().update(
+            vessel_ratelimit::BucketUpdate::Keep,
+            vessel_ratelimit::BucketUpdate::Disable,
+        );
+        m.record_limiters(PluggedRef::Disk(&h)).unwrap();
+        assert_eq!(m.configs.disks[0].rate_limiter, None, "no limit left");
     }
 
     /// Plugged and unplugged devices leave the slots out of order; the configuration and the

@@ -28,8 +28,8 @@ use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
 use vessel_vmm::restore::{load_state, restore_with};
 use vessel_vmm::snapshot::{SnapshotKind, SnapshotRequest};
 use vessel_vmm::{
-    ControlError, DeviceHandles, ErrorChain, RunningVm, SerialTarget, Vm, VmConfig, VmHandle,
-    VmOutcome, VmmError,
+    ControlError, DeviceHandles, ErrorChain, PluggedRef, RunningVm, SerialTarget, Vm, VmConfig,
+    VmHandle, VmOutcome, VmmError,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -170,6 +170,19 @@ impl ApiBackend {
 
     fn running(&self) -> Result<&VmHandle, ApiError> {
         self.vm.as_ref().ok_or(ApiError::NotSupportedPreBoot)
+    }
+
+    /// Records a device's limiters, changed by a PATCH, in the configuration snapshots and
+    /// migrations carry (the running device already has them: a failure is only logged).
+    fn record_limiters(&self, device: PluggedRef<'_>) {
+        if let Some(vm) = &self.vm {
+            if let Err(e) = vm.record_limiters(device) {
+                log::warn!(
+                    "the new rate limits are not recorded for snapshots: {}",
+                    ErrorChain(&e)
+                );
+            }
+        }
     }
 
     /// The started or restored VM's balloon, its statistics polled if configured.
@@ -418,24 +431,46 @@ impl VmmBackend for ApiBackend {
 
     fn update_drive(&mut self, u: &PartialDrive) -> Result<(), ApiError> {
         self.running()?;
-        self.patch_drive(u)
+        self.patch_drive(u)?;
+        // Snapshots and migrations carry the file and the limits the device has now.
+        if let Some((_, disk)) = self.drives.iter().find(|(id, _)| *id == u.drive_id) {
+            self.record_limiters(PluggedRef::Disk(disk));
+        }
+        if let Some(c) = &mut self.api_config {
+            c.drives
+                .iter_mut()
+                .filter(|d| d.drive_id == u.drive_id)
+                .for_each(|d| u.apply_to(d));
+        }
+        Ok(())
     }
 
     fn update_network_interface(&mut self, u: &PartialNetworkInterface) -> Result<(), ApiError> {
         self.running()?;
-        self.patch_network_interface(u)
+        self.patch_network_interface(u)?;
+        if let Some((_, net)) = self.nets.iter().find(|(id, _)| *id == u.iface_id) {
+            self.record_limiters(PluggedRef::Net(net));
+        }
+        if let Some(c) = &mut self.api_config {
+            c.network_interfaces
+                .iter_mut()
+                .filter(|n| n.iface_id == u.iface_id)
+                .for_each(|n| u.apply_to(n));
+        }
+        Ok(())
     }
 
     fn update_pmem(&mut self, u: &PartialPmem) -> Result<(), ApiError> {
         self.running()?;
         self.pmem.update(u)?;
-        // Snapshots carry the limits the device has now.
-        if let Some(p) = self
-            .api_config
-            .as_mut()
-            .and_then(|c| c.pmem.iter_mut().find(|p| p.id == u.id))
-        {
-            u.apply_to(p);
+        if let Some(h) = self.pmem.handle(&u.id) {
+            self.record_limiters(PluggedRef::Pmem(h));
+        }
+        if let Some(c) = &mut self.api_config {
+            c.pmem
+                .iter_mut()
+                .filter(|p| p.id == u.id)
+                .for_each(|p| u.apply_to(p));
         }
         Ok(())
     }
@@ -546,15 +581,22 @@ impl ApiBackend {
             )));
         };
         if let Some(path) = &u.path_on_host {
-            let sectors = disk.replace_backing_file(Path::new(path)).map_err(|e| {
+            let fail = |e: &(dyn std::error::Error + 'static)| {
                 ApiError::bad(format!(
                     "Drive config error: Unable to patch the block device: {}",
-                    ErrorChain(&e)
+                    ErrorChain(e)
                 ))
-            })?;
+            };
+            // Through the VM when there is one: it records the file for snapshots.
+            let path = Path::new(path);
+            let sectors = match &self.vm {
+                Some(vm) => vm.replace_disk_file(disk, path).map_err(|e| fail(&e))?,
+                None => disk.replace_backing_file(path).map_err(|e| fail(&e))?,
+            };
             log::info!(
-                "drive {}: now backed by {path} ({sectors} sectors)",
-                u.drive_id
+                "drive {}: now backed by {} ({sectors} sectors)",
+                u.drive_id,
+                path.display()
             );
         }
         if u.rate_limiter.is_some() {
