@@ -2,8 +2,9 @@
 //! the Firecracker API with a virtio-mem device (`PUT /hotplug/memory`); `PATCH
 //! /hotplug/memory` raises the requested size, the guest's driver plugs it (the device's
 //! plugged size reaches the request) and the guest's `MemTotal` grows by as much. A full
-//! snapshot restored in a new process keeps the plugged memory; a diff snapshot is refused.
-
+//! snapshot restored in a new process keeps the plugged memory (a diff snapshot is refused);
+//! the restored guest allocates from it, then unplugs it all when asked for 0, and its
+//! `MemTotal` is back where it started.
 mod common;
 
 use std::io::Write;
@@ -58,7 +59,8 @@ fn hotplugged_memory_reaches_the_guest() {
         json!({
             "kernel_image_path": kernel,
             "initrd_path": initrd,
-            "boot_args": vessel_vmm::DEFAULT_CMDLINE
+            // Plugged blocks go to ZONE_MOVABLE, so that the guest can unplug them again.
+            "boot_args": format!("{} memhp_default_state=online_movable", vessel_vmm::DEFAULT_CMDLINE)
         }),
         json!({"vcpu_count": 1, "mem_size_mib": 256, "track_dirty_pages": true}),
     );
@@ -202,6 +204,37 @@ fn hotplugged_memory_reaches_the_guest() {
         free_before >= free_after + 3500,
         "free pages in the plugged memory's zones: {free_before} before a 16 MiB file (4096 pages), {free_after} after"
     );
+    // Unplug: the file goes, the host asks for nothing; the driver offlines its (movable)
+    // blocks and unplugs them, and MemTotal is back where it started.
+    v.stdin
+        .as_mut()
+        .unwrap()
+        .write_all(b"rm /tmp/fill\n")
+        .unwrap();
+    expect(
+        &mut c,
+        "PATCH",
+        "/hotplug/memory",
+        Some(json!({"requested_size_mib": 0})),
+        204,
+    );
+    let t = Instant::now();
+    loop {
+        let s = expect(&mut c, "GET", "/hotplug/memory", None, 200);
+        if s["plugged_size_mib"] == 0 {
+            break;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(5 * 60),
+            "the guest still has {} MiB plugged; console:\n{}\nstderr:\n{}",
+            s["plugged_size_mib"],
+            tail(&v.console()),
+            v.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let unplugged = mem_total(&mut v, "MT-UNPLUGGED");
+    assert_eq!(unplugged, before, "MemTotal after unplugging everything");
     v.stdin
         .as_mut()
         .unwrap()
