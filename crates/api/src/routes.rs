@@ -81,6 +81,15 @@ fn get<R: Serialize + Schema + 'static>(
     }
 }
 
+/// A request body as `T`, refused in Firecracker's words.
+fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad(format!(
+            "An error occurred when deserializing the json body of a request: {e}."
+        ))
+    })
+}
+
 /// A PUT or PATCH whose body decodes to `T`. With `id_field`, the path's single parameter
 /// must be a valid id equal to that field of the body.
 fn write<T: DeserializeOwned + Schema + 'static>(
@@ -104,11 +113,7 @@ fn write<T: DeserializeOwned + Schema + 'static>(
             if id_field.is_some() {
                 check_id(id)?;
             }
-            let value: T = serde_json::from_slice(body).map_err(|e| {
-                ApiError::bad(format!(
-                    "An error occurred when deserializing the json body of a request: {e}."
-                ))
-            })?;
+            let value: T = decode(body)?;
             if let Some(field) = id_field {
                 if field(&value) != id {
                     return Err(ApiError::bad(
@@ -153,11 +158,7 @@ fn patch_or_default<T: DeserializeOwned + Default + Schema + 'static>(
         let value = if body.iter().all(u8::is_ascii_whitespace) {
             T::default()
         } else {
-            serde_json::from_slice(body).map_err(|e| {
-                ApiError::bad(format!(
-                    "An error occurred when deserializing the json body of a request: {e}."
-                ))
-            })?
+            decode(body)?
         };
         h(c, value)?;
         Ok(Reply::Empty)
@@ -460,11 +461,7 @@ fn build() -> Vec<Route> {
             response: Some("MigrationStats"),
             metric: "migrate",
             handler: Box::new(|c, _, body| {
-                let p: MigrateParams = serde_json::from_slice(body).map_err(|e| {
-                    ApiError::bad(format!(
-                        "An error occurred when deserializing the json body of a request: {e}."
-                    ))
-                })?;
+                let p: MigrateParams = decode(body)?;
                 Ok(Reply::Json(c.migrate(p)?))
             }),
         },
