@@ -111,6 +111,7 @@ fn build(kind: Kind) -> Option<Box<dyn VirtioDevice>> {
                 stats: true,
                 deflate_on_oom: true,
                 free_page_reporting: true,
+                free_page_hinting: true,
             })
             .ok()?,
         ),
