@@ -79,6 +79,7 @@ impl ApiController {
         }
         if let Some(m) = &resources.metrics {
             self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
+            self.metrics.set_file_configured();
         }
         self.resources = resources;
         Ok(self)
@@ -506,6 +507,7 @@ impl ApiController {
             ));
         }
         self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
+        self.metrics.set_file_configured();
         self.resources.metrics = Some(m);
         Ok(())
     }

@@ -13,6 +13,10 @@
 //!   the bare `KVM_RUN` loop of this process for reference.
 //!
 //!   FIRECRACKER=/path/to/firecracker cargo bench -p vessel --bench compare
+//!
+//! `COMPARE_MAPPINGS=1` also prints each memory run's private dirty memory by mapping.
+//! `VESSEL_B=/path/to/vessel` measures a second Vessel binary beside this one (an A/B of a
+//! build option or a change); every figure is then given against the last binary measured.
 
 #[path = "../tests/common/bare.rs"]
 mod bare;
@@ -135,6 +139,101 @@ fn memory(pid: u32) -> (u64, u64) {
     (field("Rss:"), field("Private_Dirty:"))
 }
 
+/// Private dirty memory and RSS by mapping (`/proc/PID/smaps`): the file or `[heap]`,
+/// `[stack]`, `anon` (thread stacks, malloc arenas, guest memory), largest first.
+fn dirty_by_mapping(pid: u32) -> Vec<(String, u64, u64)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut sums: Vec<(String, u64, u64)> = Vec::new();
+    let mut name = String::new();
+    for l in s.lines() {
+        let mut words = l.split_whitespace();
+        let first = words.next().unwrap_or("");
+        if first.contains('-') && !first.ends_with(':') {
+            // A mapping's header: range, perms, offset, dev, inode, [path].
+            let perms = words.next().unwrap_or("");
+            name = match words.nth(3) {
+                Some(path) => format!("{path} {perms}"),
+                // Anonymous mappings by size: thread stacks, malloc arenas, guest memory.
+                None => {
+                    let (a, b) = first.split_once('-').unwrap_or(("0", "0"));
+                    let len = |x| u64::from_str_radix(x, 16).unwrap_or(0);
+                    format!("anon {perms} of {} KiB", (len(b) - len(a)) / 1024)
+                }
+            };
+        } else if first == "Private_Dirty:" || first == "Rss:" {
+            let kib: u64 = words.next().and_then(|n| n.parse().ok()).unwrap_or(0);
+            let (dirty, rss) = if first == "Rss:" { (0, kib) } else { (kib, 0) };
+            match sums.iter_mut().find(|(n, _, _)| *n == name) {
+                Some((_, d, r)) => {
+                    *d += dirty;
+                    *r += rss;
+                }
+                None => sums.push((name.clone(), dirty, rss)),
+            }
+        }
+    }
+    sums.retain(|(_, d, r)| *d > 0 || *r > 0);
+    sums.sort_by_key(|s| std::cmp::Reverse((s.1, s.2)));
+    sums
+}
+
+/// The pages of the guest's memory (the largest anonymous mapping) that are present, as
+/// guest-physical ranges (`/proc/PID/pagemap`, needs root for the frame numbers but not for
+/// the present bit).
+fn guest_pages(pid: u32) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let Some((start, end)) = maps
+        .lines()
+        .filter(|l| l.split_whitespace().count() == 5)
+        .filter_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                u64::from_str_radix(a, 16).ok()?,
+                u64::from_str_radix(b, 16).ok()?,
+            ))
+        })
+        .max_by_key(|(a, b)| b - a)
+    else {
+        return String::new();
+    };
+    let Ok(mut f) = std::fs::File::open(format!("/proc/{pid}/pagemap")) else {
+        return String::new();
+    };
+    let pages = ((end - start) / 4096) as usize;
+    let mut buf = vec![0u8; pages * 8];
+    if f.seek(SeekFrom::Start(start / 4096 * 8)).is_err() || f.read_exact(&mut buf).is_err() {
+        return String::new();
+    }
+    let present: Vec<usize> = (0..pages)
+        .filter(|i| u64::from_le_bytes(buf[i * 8..i * 8 + 8].try_into().unwrap()) >> 63 == 1)
+        .collect();
+    let mut ranges: Vec<(usize, usize)> = Vec::new();
+    for p in present {
+        match ranges.last_mut() {
+            Some((_, e)) if *e + 1 == p => *e = p,
+            _ => ranges.push((p, p)),
+        }
+    }
+    ranges
+        .iter()
+        .map(|(a, b)| format!("{:#x}+{}", a * 4096, b - a + 1))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The names of a process's threads.
+fn threads(pid: u32) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 fn snapshot_load(v: &Vmm, dir: &Path, kernel: &Path) -> Duration {
     let sock = dir.join(format!("{}-snap.sock", v.name));
     let (state, mem) = (
@@ -191,8 +290,11 @@ fn line(what: &str, unit: &str, figures: &[(&str, Vec<f64>)]) {
         medians.push(m);
         s += &format!("  {name} {m:.2} {unit} ({lo:.2}-{hi:.2})");
     }
-    if let [a, b] = medians[..] {
-        s += &format!("  ratio {:.2}", a / b);
+    // Each figure against the last one (Firecracker's when it is measured).
+    if let [first @ .., last] = &medians[..] {
+        for (i, m) in first.iter().enumerate() {
+            s += &format!("  ratio {} {:.2}", figures[i].0, m / last);
+        }
     }
     println!("{s}");
 }
@@ -206,6 +308,12 @@ fn main() {
         name: "vessel",
         bin: PathBuf::from(env!("CARGO_BIN_EXE_vessel")),
     }];
+    if let Some(b) = std::env::var_os("VESSEL_B") {
+        vmms.push(Vmm {
+            name: "vessel-b",
+            bin: PathBuf::from(b),
+        });
+    }
     if let Some(fc) = std::env::var_os("FIRECRACKER") {
         vmms.push(Vmm {
             name: "firecracker",
@@ -248,6 +356,14 @@ fn main() {
             let (child, _) = boot(v, &sock, &touching);
             std::thread::sleep(Duration::from_millis(300));
             let (rss, dirty) = memory(child.id());
+            if std::env::var_os("COMPARE_MAPPINGS").is_some() {
+                println!("{}: private dirty and RSS by mapping (KiB)", v.name);
+                for (name, dirty, rss) in dirty_by_mapping(child.id()) {
+                    println!("  {dirty:>6} {rss:>6} {name}");
+                }
+                println!("  threads: {}", threads(child.id()).join(", "));
+                println!("  guest pages present: {}", guest_pages(child.id()));
+            }
             stop(child);
             private.push((v.name, dirty as f64));
             rss as f64

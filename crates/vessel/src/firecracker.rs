@@ -460,8 +460,10 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         put_metadata(&mmds, md)?;
     }
     // What parsed the flags, compiled the filters and started the server is not run again:
-    // its pages go once the main thread has been idle a moment (below).
+    // its pages go once the main thread has been idle a moment (below), and again once the
+    // VM runs (what built it, and the main thread's stack below its loop, are not used again).
     let mut trim_pending = true;
+    let mut vm_trimmed = false;
 
     // Boot from the config file on a helper thread: the controller's calls reach the backend
     // through the main thread, which must be serving them.
@@ -494,11 +496,6 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         })
         .map_err(FirecrackerError::Thread)?;
     }
-    start_metrics_timer(
-        ctl.clone(),
-        Duration::from_millis(args.metrics_period_ms.max(1)),
-    )?;
-
     loop {
         let fds = [
             wake.as_raw_fd(),
@@ -519,6 +516,18 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         }
         while let Ok(job) = jobs.try_recv() {
             job.run(&mut backend);
+        }
+        if !vm_trimmed && backend.has_vm() {
+            vm_trimmed = true;
+            trim_pending = true;
+            // Periodic metrics lines start with the VM, and only when there is a file to
+            // write them to (it can only be configured before): otherwise no thread for them.
+            if metrics.file_configured() {
+                start_metrics_timer(
+                    ctl.clone(),
+                    Duration::from_millis(args.metrics_period_ms.max(1)),
+                )?;
+            }
         }
         if let Ok(e) = failed.try_recv() {
             return Err(e);
@@ -572,7 +581,7 @@ impl VmmBackend for NoBackend {
     }
 }
 
-/// Writes a metrics line every `period` once the VM has started (when a metrics path is
+/// Writes a metrics line every `period` (started with the VM, when a metrics path is
 /// configured). A thread of its own: the flush asks the backend for its metrics, which the
 /// main loop answers.
 fn start_metrics_timer(

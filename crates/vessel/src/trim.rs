@@ -7,7 +7,9 @@
 //!
 //! Only file-backed segments that are not writable are released: their pages are the file's
 //! (never changed by the process: no text relocations), so nothing is lost. Writable segments,
-//! RELRO included, keep their pages. Free heap memory goes back too (`malloc_trim`).
+//! RELRO included, keep their pages. Free heap memory goes back too (`malloc_trim`), and so
+//! does the part of the main thread's stack below its current frames: the deepest calls (the
+//! VM's build, argument parsing) left tens of KiB there that nothing reads again.
 
 use std::ffi::{c_int, c_void, CStr};
 
@@ -18,6 +20,7 @@ pub fn release_pages() {
     unsafe { libc::dl_iterate_phdr(Some(each_object), std::ptr::null_mut()) };
     // SAFETY: malloc_trim only returns free memory at the top of heaps to the kernel.
     unsafe { libc::malloc_trim(0) };
+    release_stack_below_caller();
 }
 
 unsafe extern "C" fn each_object(
@@ -56,6 +59,53 @@ unsafe extern "C" fn each_object(
     0
 }
 
+/// What is kept below the caller's frame: the frames of the calls made from here (madvise,
+/// reading `/proc/self/maps`) and signal handlers that may run on this stack meanwhile.
+const STACK_KEPT_BELOW: usize = 16 * 1024;
+
+/// Gives back the main thread's stack pages below the caller's frame (less
+/// [`STACK_KEPT_BELOW`]): they hold only the dead frames of deeper calls made earlier. Only
+/// the main thread's stack (`[stack]` in `/proc/self/maps`) is touched; called on another
+/// thread, this does nothing.
+#[inline(never)]
+fn release_stack_below_caller() {
+    let here = 0u8;
+    let sp = std::hint::black_box(&here) as *const u8 as usize;
+    let Ok(maps) = std::fs::read_to_string("/proc/self/maps") else {
+        return;
+    };
+    if let Some((low, end)) = dead_stack(&maps, sp) {
+        // SAFETY: [low, end) is the part of the main thread's stack mapping more than
+        // STACK_KEPT_BELOW below this frame, and this is the main thread (the stack pointer
+        // is in that mapping): no live frame or object is there, the stack growing down and
+        // everything this call chain uses lying above `end`. MADV_DONTNEED makes those pages
+        // read as zeros on their next use, which is what a fresh stack page is.
+        unsafe { libc::madvise(low as *mut c_void, end - low, libc::MADV_DONTNEED) };
+    }
+}
+
+/// The dead part of the main thread's stack, `[low, end)`, for a frame at `sp`: from the
+/// bottom of the `[stack]` mapping in `maps` (`/proc/self/maps`) to [`STACK_KEPT_BELOW`]
+/// under `sp`, page-aligned. None when `sp` is not on that stack (another thread) or nothing
+/// is that far below it.
+fn dead_stack(maps: &str, sp: usize) -> Option<(usize, usize)> {
+    let (low, high) = maps
+        .lines()
+        .filter(|l| l.ends_with("[stack]"))
+        .find_map(|l| {
+            let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+            Some((
+                usize::from_str_radix(a, 16).ok()?,
+                usize::from_str_radix(b, 16).ok()?,
+            ))
+        })?;
+    if !(low..high).contains(&sp) {
+        return None;
+    }
+    let end = sp.saturating_sub(STACK_KEPT_BELOW) & !4095;
+    (end > low).then_some((low, end))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -79,5 +129,30 @@ mod tests {
         let v: Vec<String> = (0..100).map(|i| format!("{i:x}")).collect();
         assert_eq!(v[99], "63");
         release_pages();
+    }
+
+    const MAPS: &str = "55d0c0000000-55d0c0021000 rw-p 00000000 00:00 0 [heap]\n\
+                        7ffc10000000-7ffc10100000 rw-p 00000000 00:00 0 [stack]\n\
+                        7ffc10200000-7ffc10202000 r-xp 00000000 00:00 0 [vdso]\n";
+
+    #[test]
+    fn the_dead_stack_is_below_the_frame_less_what_is_kept() {
+        let sp = 0x7ffc_100f_0123;
+        assert_eq!(
+            dead_stack(MAPS, sp),
+            Some((0x7ffc_1000_0000, (sp - STACK_KEPT_BELOW) & !4095))
+        );
+        // Another thread's frame (not on [stack]) releases nothing, nor does a frame too
+        // close to the stack's bottom.
+        assert_eq!(dead_stack(MAPS, 0x55d0_c000_1000), None);
+        assert_eq!(dead_stack(MAPS, 0x7ffc_1000_3000), None);
+        assert_eq!(dead_stack("", sp), None);
+    }
+
+    #[test]
+    fn releasing_off_the_main_thread_keeps_the_caller_data() {
+        let kept = [7u8; 4096];
+        release_stack_below_caller();
+        assert!(std::hint::black_box(&kept).iter().all(|&b| b == 7));
     }
 }

@@ -102,6 +102,15 @@ fn assert_no_progress(v: &FcVessel) {
     );
 }
 
+/// The names of process `pid`'s threads.
+fn thread_names(pid: u32) -> Vec<String> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|n| n.trim().to_string())
+        .collect()
+}
+
 #[test]
 fn api_configures_starts_pauses_resumes_and_ctrl_alt_del_resets() {
     let dir = scratch("api-session");
@@ -139,6 +148,10 @@ fn api_configures_starts_pauses_resumes_and_ctrl_alt_del_resets() {
     expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
     assert_eq!(state(&mut c), "Running");
     v.wait_console("ticks", LIMIT, |s| ticks(s) >= 3);
+    // No metrics file: no thread writes periodic metrics.
+    let names = thread_names(v.child.id());
+    assert!(names.iter().any(|n| n == "fc_vcpu 1"), "{names:?}");
+    assert!(!names.iter().any(|n| n == "metrics"), "{names:?}");
 
     // Pre-boot calls are refused once running.
     let e = expect(
@@ -1189,13 +1202,10 @@ fn a_kata_shaped_configuration_runs() {
         container.as_str(),
         "{cfg}"
     );
-    // Kata finds the vCPU threads by name.
-    let tasks = std::fs::read_dir(format!("/proc/{}/task", v.child.id())).unwrap();
-    let names: Vec<String> = tasks
-        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-        .map(|n| n.trim().to_string())
-        .collect();
+    // Kata finds the vCPU threads by name. A metrics file: periodic lines have their thread.
+    let names = thread_names(v.child.id());
     assert!(names.iter().any(|n| n == "fc_vcpu 0"), "{names:?}");
+    assert!(names.iter().any(|n| n == "metrics"), "{names:?}");
     // The log FIFO has Firecracker's lines (read by another thread: give it time).
     let patch_line = r#"The API server received a Patch request on "/drives/drive_0" with body"#;
     let t = Instant::now();

@@ -126,6 +126,11 @@ impl ApiBackend {
         self
     }
 
+    /// Whether a VM has been started or restored.
+    pub fn has_vm(&self) -> bool {
+        self.vm.is_some()
+    }
+
     /// Readable once the started VM has ended.
     pub fn ended_event(&self) -> &EventFd {
         &self.ended
