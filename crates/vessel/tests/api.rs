@@ -428,6 +428,70 @@ fn bad_config_files_and_flags_fail_with_one_line() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `PUT /serial`: the guest's serial output goes to a file, cut by its rate limiter, and each
+/// metrics line counts the bytes dropped since the one before (as Firecracker's counters).
+#[test]
+fn serial_output_to_a_file_with_a_rate_limiter() {
+    let dir = scratch("api-serial");
+    let kernel = write_kernel(&dir, ticker(None));
+    let (out, metrics) = (dir.join("serial.out"), dir.join("metrics.json"));
+    let mut v = start_vessel(&dir, &[]);
+    let mut c = v.client();
+    // 24 bytes, then nothing for 100 s: the first two ticks' lines at most.
+    expect(
+        &mut c,
+        "PUT",
+        "/serial",
+        Some(json!({"serial_out_path": out, "rate_limiter": {"size": 24, "refill_time": 100_000}})),
+        204,
+    );
+    expect(
+        &mut c,
+        "PUT",
+        "/metrics",
+        Some(json!({ "metrics_path": metrics })),
+        204,
+    );
+    configure(
+        &mut c,
+        json!({ "kernel_image_path": kernel }),
+        json!({"vcpu_count": 1, "mem_size_mib": 64}),
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    let dropped = |line: &str| -> u64 {
+        let m: Value = serde_json::from_str(line).unwrap();
+        m["uart"]["rate_limiter_dropped_bytes"].as_u64().unwrap()
+    };
+    // Ticks go on (8 bytes and more each) until some are dropped.
+    let t = Instant::now();
+    let mut total = 0;
+    while total == 0 {
+        assert!(t.elapsed() < LIMIT, "nothing dropped: {}", v.stderr());
+        std::thread::sleep(Duration::from_millis(200));
+        expect(&mut c, "PUT", "/actions", action("FlushMetrics"), 204);
+        let lines = std::fs::read_to_string(&metrics).unwrap();
+        total = lines.lines().map(dropped).sum::<u64>();
+    }
+    let written = std::fs::read_to_string(&out).unwrap();
+    assert!(written.starts_with("TICK "), "{written:?}");
+    assert!(written.len() <= 24, "{written:?}");
+    // Paused, the guest prints nothing: the next lines count nothing more.
+    expect(
+        &mut c,
+        "PATCH",
+        "/vm",
+        Some(json!({"state": "Paused"})),
+        204,
+    );
+    expect(&mut c, "PUT", "/actions", action("FlushMetrics"), 204);
+    let n = std::fs::read_to_string(&metrics).unwrap().lines().count();
+    expect(&mut c, "PUT", "/actions", action("FlushMetrics"), 204);
+    let lines = wait_lines(&metrics, n + 1, &v);
+    assert_eq!(dropped(lines.lines().last().unwrap()), 0, "{lines}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), written);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Waits until `path` holds at least `n` lines.
 fn wait_lines(path: &Path, n: usize, v: &FcVessel) -> String {
     let t = Instant::now();

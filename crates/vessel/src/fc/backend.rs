@@ -77,6 +77,9 @@ pub struct ApiBackend {
     /// The started VM's cloud-init seed disk (`PUT /vessel/cloud-init`), held as long as
     /// the VM.
     seed: Option<MemFile>,
+    /// Serial bytes dropped by the rate limiter up to the previous metrics line: each line
+    /// reports those since, as Firecracker's counters do.
+    serial_dropped_flushed: u64,
 }
 
 impl std::fmt::Debug for ApiBackend {
@@ -108,6 +111,7 @@ impl ApiBackend {
             pmem: Default::default(),
             transport: Transport::Mmio,
             seed: None,
+            serial_dropped_flushed: 0,
         })
     }
 
@@ -391,9 +395,13 @@ impl VmmBackend for ApiBackend {
                     "unhandled_mmio_writes": s.unhandled_mmio.1,
                 }),
             );
+            let dropped = s
+                .serial_dropped_bytes
+                .saturating_sub(self.serial_dropped_flushed);
+            self.serial_dropped_flushed = s.serial_dropped_bytes;
             m.insert(
                 "uart".into(),
-                json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
+                json!({"rate_limiter_dropped_bytes": dropped}),
             );
             self.pmem.metrics(&mut m);
             if let Some(b) = &mut self.balloon {
