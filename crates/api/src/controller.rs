@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::backend::{Backend, MIGRATION_REPLY_TIMEOUT};
 use crate::error::ApiError;
@@ -515,6 +515,10 @@ impl ApiController {
     /// The metrics line (API and VMM groups) as JSON.
     pub fn metrics_json(&mut self) -> Value {
         let extra = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
+        self.metrics_json_with(extra)
+    }
+
+    fn metrics_json_with(&mut self, extra: Map<String, Value>) -> Value {
         let m = self.resources.metrics.as_ref();
         self.metrics.json_line(
             m.filter(|m| m.emit_id).map(|_| self.id.as_str()),
@@ -526,10 +530,25 @@ impl ApiController {
     /// Writes one metrics line to the configured metrics path (`FlushMetrics`; the VMM may
     /// also call it periodically). Without a metrics path this does nothing.
     pub fn flush_metrics(&mut self) -> Result<(), ApiError> {
+        self.write_metrics(true)
+    }
+
+    /// Writes a metrics line without asking the VMM for its groups (they are zeros): for a
+    /// process going down on a signal, whose VMM thread may be the one that took it.
+    pub fn flush_metrics_without_vmm(&mut self) -> Result<(), ApiError> {
+        self.write_metrics(false)
+    }
+
+    fn write_metrics(&mut self, with_vmm: bool) -> Result<(), ApiError> {
         if self.metrics_sink.is_none() {
             return Ok(());
         }
-        let mut line = self.metrics_json().to_string();
+        let extra = if with_vmm {
+            self.backend.try_call(|b| b.metrics()).unwrap_or_default()
+        } else {
+            Map::new()
+        };
+        let mut line = self.metrics_json_with(extra).to_string();
         line.push('\n');
         if let Some(f) = &mut self.metrics_sink {
             f.write_all(line.as_bytes())

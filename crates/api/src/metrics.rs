@@ -81,6 +81,53 @@ impl ServerCounters {
     }
 }
 
+/// The signals Firecracker intercepts, as its `signals` group (and `seccomp.num_faults` for
+/// SIGSYS) counts them. Written from signal handlers: plain atomics only.
+#[derive(Debug, Default)]
+pub struct SignalCounters {
+    /// The process is going down after one of these (set to 1, as Firecracker stores it).
+    fatal: [AtomicU64; 7],
+    /// SIGPIPE, which the process survives (a count since the previous line).
+    pub sigpipe: Counter,
+}
+
+/// The fatal signals' names in the metrics, indexed as [`SignalCounters`] keeps them; SIGSYS
+/// is `seccomp.num_faults`.
+const FATAL_SIGNALS: [(i32, &str, &str); 7] = [
+    (libc::SIGBUS, "signals", "sigbus"),
+    (libc::SIGSEGV, "signals", "sigsegv"),
+    (libc::SIGXFSZ, "signals", "sigxfsz"),
+    (libc::SIGXCPU, "signals", "sigxcpu"),
+    (libc::SIGHUP, "signals", "sighup"),
+    (libc::SIGILL, "signals", "sigill"),
+    (libc::SIGSYS, "seccomp", "num_faults"),
+];
+
+impl SignalCounters {
+    /// Records that fatal signal `signo` was intercepted (async-signal-safe). Other signals
+    /// are ignored.
+    pub fn record_fatal(&self, signo: i32) {
+        if let Some(i) = FATAL_SIGNALS.iter().position(|(s, _, _)| *s == signo) {
+            self.fatal[i].store(1, Ordering::SeqCst);
+        }
+    }
+
+    fn fill(&self, line: &mut Map<String, Value>) {
+        for (i, (_, group, name)) in FATAL_SIGNALS.iter().enumerate() {
+            let v = self.fatal[i].load(Ordering::SeqCst);
+            if v != 0 {
+                fcmetrics::fill(line, group, name, &v.into());
+            }
+        }
+        fcmetrics::fill(
+            line,
+            "signals",
+            "sigpipe",
+            &self.sigpipe.take_delta().into(),
+        );
+    }
+}
+
 /// All API metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -91,6 +138,8 @@ pub struct Metrics {
     /// Whether a metrics file is configured (`PUT /metrics`, `--metrics-path`, a config
     /// file's `metrics`): the VMM writes periodic lines only then.
     file_configured: AtomicBool,
+    /// Intercepted signals.
+    pub signals: SignalCounters,
 }
 
 impl Default for Metrics {
@@ -120,6 +169,7 @@ impl Metrics {
                 .collect(),
             server: ServerCounters::default(),
             file_configured: AtomicBool::new(false),
+            signals: SignalCounters::default(),
         }
     }
 
@@ -212,6 +262,7 @@ impl Metrics {
                 }
             }
         }
+        self.signals.fill(&mut line);
         out.extend(line);
         Value::Object(out)
     }

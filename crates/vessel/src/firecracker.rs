@@ -66,6 +66,9 @@ pub enum FirecrackerError {
     /// The SIGINT/SIGTERM handlers could not be installed.
     #[error("signal handler")]
     SignalHandler(#[source] vmm_sys_util::errno::Error),
+    /// The handlers of the signals Firecracker intercepts could not be installed.
+    #[error("signal handlers")]
+    FatalSignalHandlers(#[source] std::io::Error),
     /// `--metrics-path` was refused.
     #[error("--metrics-path")]
     MetricsPath(#[source] ApiError),
@@ -349,7 +352,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         .clone()
         .unwrap_or_else(|| "anonymous-instance".to_string());
     logger::set_instance_id(&id);
-    crate::fc::signals::install(&id).map_err(FirecrackerError::SignalHandler)?;
+    crate::fc::signals::install(&id).map_err(FirecrackerError::FatalSignalHandlers)?;
     logger::set_options(logger::Options {
         show_level: args.show_level,
         show_origin: args.show_log_origin,
@@ -428,6 +431,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
     // Once the server runs, its threads hold the controller while the main thread answers
     // their calls: from here on the main thread must not lock it.
     let metrics = lock(&ctl).metrics().clone();
+    crate::fc::signals::count_in(metrics.clone());
 
     let _server = if args.no_api {
         None
@@ -594,10 +598,28 @@ fn start_metrics_timer(
 }
 
 fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration) {
+    // A signal handler about to end the process wakes this thread for a last line.
+    let last = EventFd::new(libc::EFD_NONBLOCK).ok();
+    if let Some(fd) = &last {
+        crate::fc::signals::set_flusher(fd.as_raw_fd());
+    }
+    let period_ms = i32::try_from(period.as_millis()).unwrap_or(i32::MAX);
     loop {
-        std::thread::sleep(period);
+        let woken = match &last {
+            Some(fd) => poll_readable(&[fd.as_raw_fd()], period_ms) && fd.read().is_ok(),
+            None => {
+                std::thread::sleep(period);
+                false
+            }
+        };
         let mut c = lock(ctl);
-        if c.state() != vessel_api::types::InstanceState::NotStarted {
+        if woken {
+            // The VMM thread may be the one in the handler: its groups are left out.
+            if let Err(e) = c.flush_metrics_without_vmm() {
+                log::warn!("{e}");
+            }
+            crate::fc::signals::flushed();
+        } else if c.state() != vessel_api::types::InstanceState::NotStarted {
             if let Err(e) = c.flush_metrics() {
                 log::warn!("{e}");
             }

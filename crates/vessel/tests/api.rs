@@ -435,7 +435,7 @@ fn serial_output_to_a_file_with_a_rate_limiter() {
     let dir = scratch("api-serial");
     let kernel = write_kernel(&dir, ticker(None));
     let (out, metrics) = (dir.join("serial.out"), dir.join("metrics.json"));
-    let mut v = start_vessel(&dir, &[]);
+    let v = start_vessel(&dir, &[]);
     let mut c = v.client();
     // 24 bytes, then nothing for 100 s: the first two ticks' lines at most.
     expect(

@@ -1,28 +1,78 @@
-//! Firecracker's SIGXFSZ handling: a VMM that goes past its file size limit (the jailer's
-//! `--resource-limit fsize=N`) does not die of the signal's default action but logs
+//! Firecracker's signal handling. A VMM that takes SIGBUS, SIGSEGV, SIGXFSZ (past its file
+//! size limit: the jailer's `--resource-limit fsize=N`), SIGXCPU, SIGHUP, SIGILL or SIGSYS
+//! does not die of the signal's default action but logs
 //!
 //! ```text
 //! Shutting down VM after intercepting signal 25, code 0.
 //! ```
 //!
-//! (to the log file, else stderr) and exits with Firecracker's status for it, 151. Installed
-//! for the whole process at start in Firecracker mode; the VM's own handlers (SIGINT, SIGTERM,
-//! the vCPU kick) leave it alone.
+//! (to the log file, else stderr), counts it in the metrics (`signals.sigxfsz` and friends,
+//! `seccomp.num_faults` for SIGSYS), has a last metrics line written when a metrics file is
+//! configured, and exits with Firecracker's status for it (151 for SIGXFSZ). SIGPIPE is
+//! logged (`Received signal 13, code 0.`) and counted, and the process goes on. Installed for
+//! the whole process at start in Firecracker mode; the VM's own handlers (SIGINT, SIGTERM,
+//! the vCPU kick) are other signals.
 //!
-//! The handler only formats into a buffer on its stack and calls `clock_gettime`,
-//! `prctl(PR_GET_NAME)`, `write` and `exit_group`: async-signal-safe, and allowed by every
-//! thread's seccomp filter. Firecracker also counts the signal in its `signals` metrics group
-//! and flushes the metrics; Vessel has no such group, and formatting metrics is not
-//! async-signal-safe.
+//! The handlers only format into a buffer on their stack, update atomics and call
+//! `clock_gettime`, `gettid`, `prctl(PR_GET_NAME)`, `write`, `clock_nanosleep` and
+//! `exit_group`: async-signal-safe, and allowed by every thread's seccomp filter. The last
+//! metrics line is not written by the handler (formatting it is not async-signal-safe): the
+//! metrics thread is woken through an eventfd to write it without asking the VMM thread
+//! (which may be the one in the handler), and the handler waits for it, at most
+//! [`FLUSH_WAIT_MS`].
 
 use std::fmt::Write as _;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use vessel_api::Metrics;
 
 /// Firecracker's exit status after intercepting SIGXFSZ (`FcExitCode::SIGXFSZ`).
 pub const SIGXFSZ_EXIT: i32 = 151;
 
-/// The instance id for the log line, set once before the handler is installed.
+/// Firecracker's exit status for each intercepted signal (`FcExitCode`); SIGSYS is
+/// `BadSyscall` when the kernel's seccomp sent it.
+fn exit_status(signo: i32, code: i32) -> i32 {
+    match signo {
+        libc::SIGBUS => 149,
+        libc::SIGSEGV => 150,
+        libc::SIGXFSZ => SIGXFSZ_EXIT,
+        libc::SIGXCPU => 154,
+        libc::SIGHUP => 156,
+        libc::SIGILL => 157,
+        libc::SIGSYS if code == SYS_SECCOMP => 148,
+        // Firecracker's UnexpectedError.
+        _ => 2,
+    }
+}
+
+/// `si_code` of a SIGSYS sent by a seccomp filter.
+const SYS_SECCOMP: i32 = 1;
+
+/// The signals that end the process after their line.
+const FATAL: [i32; 7] = [
+    libc::SIGBUS,
+    libc::SIGSEGV,
+    libc::SIGXFSZ,
+    libc::SIGXCPU,
+    libc::SIGHUP,
+    libc::SIGILL,
+    libc::SIGSYS,
+];
+
+/// How long a handler waits for the last metrics line before the process exits anyway.
+pub const FLUSH_WAIT_MS: u32 = 1000;
+
+/// The instance id for the log line, set once before the handlers are installed.
 static INSTANCE_ID: OnceLock<String> = OnceLock::new();
+/// The metrics the handlers count in.
+static METRICS: OnceLock<Arc<Metrics>> = OnceLock::new();
+/// The eventfd that wakes the metrics thread for a last line (-1: no metrics thread).
+static FLUSH_FD: AtomicI32 = AtomicI32::new(-1);
+/// The metrics thread's id: a signal taken there cannot wait for that thread.
+static FLUSHER_TID: AtomicI32 = AtomicI32::new(0);
+/// How many last lines the metrics thread wrote on request.
+static FLUSHED: AtomicU64 = AtomicU64::new(0);
 
 /// A line built on the stack; what does not fit is cut off.
 struct Line {
@@ -40,15 +90,14 @@ impl std::fmt::Write for Line {
     }
 }
 
-/// The log line for `signo`/`code`, as the logger writes records: UTC time, then
+/// The log line with `message`, as the logger writes records: UTC time, then
 /// `[instance id:thread name]`, then Firecracker's message.
 fn format_line(
     out: &mut Line,
     now: libc::timespec,
     id: &str,
     thread: &[u8],
-    signo: i32,
-    code: i32,
+    message: std::fmt::Arguments<'_>,
 ) {
     let secs = now.tv_sec;
     let (y, mo, d) = crate::logger::civil_from_days(secs.div_euclid(86_400));
@@ -56,8 +105,7 @@ fn format_line(
     let thread = std::str::from_utf8(thread).unwrap_or("?");
     let _ = writeln!(
         out,
-        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:09} [{id}:{thread}] \
-         Shutting down VM after intercepting signal {signo}, code {code}.",
+        "{y:04}-{mo:02}-{d:02}T{:02}:{:02}:{:02}.{:09} [{id}:{thread}] {message}",
         s / 3600,
         s / 60 % 60,
         s % 60,
@@ -65,13 +113,8 @@ fn format_line(
     );
 }
 
-extern "C" fn on_sigxfsz(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    let (signo, code) = if info.is_null() {
-        (num, 0)
-    } else {
-        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-        unsafe { ((*info).si_signo, (*info).si_code) }
-    };
+/// Writes one log line (async-signal-safe).
+fn log_line(message: std::fmt::Arguments<'_>) {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -89,29 +132,137 @@ extern "C" fn on_sigxfsz(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut l
     let id = INSTANCE_ID
         .get()
         .map_or("anonymous-instance", String::as_str);
-    format_line(&mut line, now, id, &name[..name_len], signo, code);
+    format_line(&mut line, now, id, &name[..name_len], message);
     let fd = crate::logger::raw_fd().unwrap_or(libc::STDERR_FILENO);
-    // SAFETY: write(2) and _exit(2) are async-signal-safe; the buffer is a live local.
-    unsafe {
-        libc::write(fd, line.buf.as_ptr().cast(), line.len);
-        libc::_exit(if signo == libc::SIGXFSZ {
-            SIGXFSZ_EXIT
-        } else {
-            // Firecracker's UnexpectedError.
-            2
-        });
+    // SAFETY: write(2) is async-signal-safe; the buffer is a live local.
+    unsafe { libc::write(fd, line.buf.as_ptr().cast(), line.len) };
+}
+
+/// The signal number and code of a handler's call.
+fn signal_of(num: libc::c_int, info: *mut libc::siginfo_t) -> (i32, i32) {
+    if info.is_null() {
+        (num, 0)
+    } else {
+        // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
+        unsafe { ((*info).si_signo, (*info).si_code) }
     }
 }
 
-/// Installs the SIGXFSZ handler for the process (instance `id` in its log line).
-pub fn install(id: &str) -> Result<(), vmm_sys_util::errno::Error> {
+/// Wakes the metrics thread for a last line and waits for it (at most [`FLUSH_WAIT_MS`]),
+/// unless there is no metrics thread or this is it.
+fn last_metrics_line() {
+    let fd = FLUSH_FD.load(Ordering::SeqCst);
+    // SAFETY: gettid has no preconditions.
+    if fd < 0 || unsafe { libc::gettid() } == FLUSHER_TID.load(Ordering::SeqCst) {
+        return;
+    }
+    let before = FLUSHED.load(Ordering::SeqCst);
+    let one = 1u64.to_ne_bytes();
+    // SAFETY: write(2) of 8 bytes from a local to an eventfd; async-signal-safe.
+    unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    let ms = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 1_000_000,
+    };
+    for _ in 0..FLUSH_WAIT_MS {
+        if FLUSHED.load(Ordering::SeqCst) != before {
+            return;
+        }
+        // SAFETY: nanosleep reads the local timespec; async-signal-safe.
+        unsafe { libc::nanosleep(&ms, std::ptr::null_mut()) };
+    }
+}
+
+extern "C" fn on_fatal(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let (signo, code) = signal_of(num, info);
+    if let Some(m) = METRICS.get() {
+        m.signals.record_fatal(signo);
+    }
+    log_line(format_args!(
+        "Shutting down VM after intercepting signal {signo}, code {code}."
+    ));
+    if signo == libc::SIGSYS && code == SYS_SECCOMP && !info.is_null() {
+        // SAFETY: for a seccomp SIGSYS the kernel fills siginfo's `_sigsys` member; the
+        // syscall number is the int at offset 24 (Firecracker's SI_OFF_SYSCALL, 6 ints).
+        let syscall = unsafe { *(info as *const i32).add(6) };
+        log_line(format_args!(
+            "Shutting down VM after intercepting a bad syscall ({syscall})."
+        ));
+    }
+    last_metrics_line();
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(exit_status(signo, code)) };
+}
+
+extern "C" fn on_sigpipe(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let (signo, code) = signal_of(num, info);
+    if let Some(m) = METRICS.get() {
+        m.signals.sigpipe.inc();
+    }
+    log_line(format_args!("Received signal {signo}, code {code}."));
+}
+
+fn register(
+    signo: i32,
+    handler: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void),
+) -> std::io::Result<()> {
+    // SAFETY: a zeroed sigaction is a valid value to fill in.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = handler as usize;
+    // On the thread's alternate stack where it has one (a stack overflow's SIGSEGV).
+    sa.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK | libc::SA_RESTART;
+    // SAFETY: sigemptyset/sigfillset initialise the mask we own. Blocking every signal
+    // while a handler runs keeps the handlers from interrupting one another.
+    unsafe { libc::sigfillset(&mut sa.sa_mask) };
+    // SAFETY: the handlers only do async-signal-safe things (module docs).
+    if unsafe { libc::sigaction(signo, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Installs the handlers for the process (instance `id` in their log lines).
+pub fn install(id: &str) -> std::io::Result<()> {
     let _ = INSTANCE_ID.set(id.to_string());
-    vmm_sys_util::signal::register_signal_handler(libc::SIGXFSZ, on_sigxfsz)
+    for signo in FATAL {
+        register(signo, on_fatal)?;
+    }
+    register(libc::SIGPIPE, on_sigpipe)
+}
+
+/// The handlers count in `metrics` from now on.
+pub fn count_in(metrics: Arc<Metrics>) {
+    let _ = METRICS.set(metrics);
+}
+
+/// Called on the metrics thread: signal handlers wake it through `fd` for a last line.
+pub fn set_flusher(fd: i32) {
+    // SAFETY: gettid has no preconditions.
+    FLUSHER_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+    FLUSH_FD.store(fd, Ordering::SeqCst);
+}
+
+/// Called by the metrics thread once the last line a handler asked for is written.
+pub fn flushed() {
+    FLUSHED.fetch_add(1, Ordering::SeqCst);
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn exit_statuses_are_firecracker_s() {
+        assert_eq!(exit_status(libc::SIGBUS, 0), 149);
+        assert_eq!(exit_status(libc::SIGSEGV, 0), 150);
+        assert_eq!(exit_status(libc::SIGXFSZ, 0), 151);
+        assert_eq!(exit_status(libc::SIGXCPU, 0), 154);
+        assert_eq!(exit_status(libc::SIGHUP, 0), 156);
+        assert_eq!(exit_status(libc::SIGILL, 0), 157);
+        assert_eq!(exit_status(libc::SIGSYS, SYS_SECCOMP), 148);
+        // A SIGSYS sent by kill(2) is not a seccomp fault.
+        assert_eq!(exit_status(libc::SIGSYS, 0), 2);
+    }
 
     #[test]
     fn the_line_carries_firecracker_s_message() {
@@ -124,7 +275,16 @@ mod tests {
             tv_sec: 1_714_564_800,
             tv_nsec: 123,
         };
-        format_line(&mut l, now, "vm-1", b"fc_api", libc::SIGXFSZ, 0);
+        format_line(
+            &mut l,
+            now,
+            "vm-1",
+            b"fc_api",
+            format_args!(
+                "Shutting down VM after intercepting signal {}, code 0.",
+                libc::SIGXFSZ
+            ),
+        );
         assert_eq!(
             std::str::from_utf8(&l.buf[..l.len]).unwrap(),
             "2024-05-01T12:00:00.000000123 [vm-1:fc_api] Shutting down VM after \
@@ -135,7 +295,7 @@ mod tests {
             buf: [0; 512],
             len: 0,
         };
-        format_line(&mut l, now, &"x".repeat(600), b"t", 25, 0);
+        format_line(&mut l, now, &"x".repeat(600), b"t", format_args!("m"));
         assert_eq!(l.len, 512);
     }
 }
