@@ -35,4 +35,4 @@ pub use controller::{ApiController, FIRECRACKER_API_VERSION};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use resources::{FullVmConfig, MmdsStore, VmResources};
-pub use server::{ApiServer, ServerConfig};
+pub use server::{ApiServer, ApiThread, ServerConfig};

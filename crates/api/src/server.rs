@@ -12,7 +12,7 @@ use std::net::Shutdown;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -53,6 +53,106 @@ type Connections = Arc<Mutex<HashMap<u64, UnixStream>>>;
 /// How long shutting down waits for requests being answered.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// What the accept thread needs to serve.
+struct Serve {
+    listener: UnixListener,
+    controller: Arc<Mutex<ApiController>>,
+    metrics: Arc<Metrics>,
+    config: ServerConfig,
+    stop: Arc<AtomicBool>,
+    connections: Connections,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// The API server's accept thread, started before there is a socket to serve: it installs
+/// the API's seccomp filter first thing (compiled here, then checked and JIT-compiled by the
+/// kernel: a few tenths of a millisecond for a filter this size), so that a caller who
+/// starts it early has that done while it sets up the rest, then waits for
+/// [`ApiThread::start`] or [`ApiThread::serve`]. The connection threads inherit the filter.
+/// Dropped unused, the thread ends.
+#[derive(Debug)]
+pub struct ApiThread {
+    handle: JoinHandle<()>,
+    serve: mpsc::SyncSender<Serve>,
+    filtered: mpsc::Receiver<Result<(), vessel_seccomp::Error>>,
+}
+
+impl ApiThread {
+    /// Starts the accept thread.
+    pub fn spawn() -> io::Result<ApiThread> {
+        let (filtered_tx, filtered) = mpsc::channel();
+        let (serve, to_serve) = mpsc::sync_channel::<Serve>(1);
+        let handle = thread::Builder::new()
+            .name("vessel-api".into())
+            .spawn(move || {
+                let r = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Api);
+                let ok = r.is_ok();
+                let _ = filtered_tx.send(r);
+                if let (true, Ok(s)) = (ok, to_serve.recv()) {
+                    accept_loop(s);
+                }
+            })?;
+        Ok(ApiThread {
+            handle,
+            serve,
+            filtered,
+        })
+    }
+
+    /// Binds `path` (which must not exist) and serves `controller` on it.
+    pub fn start(
+        self,
+        path: impl AsRef<Path>,
+        controller: Arc<Mutex<ApiController>>,
+        config: ServerConfig,
+    ) -> io::Result<ApiServer> {
+        let listener = UnixListener::bind(path.as_ref())?;
+        self.serve(listener, path.as_ref(), controller, config)
+    }
+
+    /// Serves `controller` on an already bound listener (whose path is `path`), once the
+    /// thread's filter is on; a failure to install it fails the start.
+    pub fn serve(
+        self,
+        listener: UnixListener,
+        path: &Path,
+        controller: Arc<Mutex<ApiController>>,
+        config: ServerConfig,
+    ) -> io::Result<ApiServer> {
+        let ended = || io::Error::other("the API thread ended");
+        self.filtered
+            .recv()
+            .map_err(|_| ended())?
+            .map_err(io::Error::other)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let connections: Connections = Arc::default();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let metrics = controller
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .metrics()
+            .clone();
+        self.serve
+            .send(Serve {
+                listener,
+                controller,
+                metrics,
+                config,
+                stop: stop.clone(),
+                connections: connections.clone(),
+                in_flight: in_flight.clone(),
+            })
+            .map_err(|_| ended())?;
+        Ok(ApiServer {
+            path: path.to_path_buf(),
+            stop,
+            connections,
+            in_flight,
+            accept: Some(self.handle),
+        })
+    }
+}
+
 /// A running API server. Dropping it (or [`ApiServer::shutdown`]) stops it.
 #[derive(Debug)]
 pub struct ApiServer {
@@ -72,8 +172,7 @@ impl ApiServer {
         controller: Arc<Mutex<ApiController>>,
         config: ServerConfig,
     ) -> io::Result<ApiServer> {
-        let listener = UnixListener::bind(path.as_ref())?;
-        Self::from_listener(listener, path.as_ref(), controller, config)
+        ApiThread::spawn()?.start(path, controller, config)
     }
 
     /// Serves on an already bound listener (whose path is `path`).
@@ -83,40 +182,7 @@ impl ApiServer {
         controller: Arc<Mutex<ApiController>>,
         config: ServerConfig,
     ) -> io::Result<ApiServer> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let connections: Connections = Arc::default();
-        let metrics = controller
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .metrics()
-            .clone();
-        let (s, c) = (stop.clone(), connections.clone());
-        let in_flight = Arc::new(AtomicUsize::new(0));
-        let f = in_flight.clone();
-        // The API's seccomp filter is installed first thing on the accept thread (the
-        // connection threads inherit it); a failure fails the start.
-        let (filtered_tx, filtered) = std::sync::mpsc::channel();
-        let accept = thread::Builder::new()
-            .name("vessel-api".into())
-            .spawn(move || {
-                let r = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Api);
-                let ok = r.is_ok();
-                let _ = filtered_tx.send(r);
-                if ok {
-                    accept_loop(listener, controller, metrics, config, s, c, f)
-                }
-            })?;
-        filtered
-            .recv()
-            .map_err(|_| io::Error::other("the API thread ended"))?
-            .map_err(io::Error::other)?;
-        Ok(ApiServer {
-            path: path.to_path_buf(),
-            stop,
-            connections,
-            in_flight,
-            accept: Some(accept),
-        })
+        ApiThread::spawn()?.serve(listener, path, controller, config)
     }
 
     /// The socket path.
@@ -159,15 +225,16 @@ impl Drop for ApiServer {
     }
 }
 
-fn accept_loop(
-    listener: UnixListener,
-    controller: Arc<Mutex<ApiController>>,
-    metrics: Arc<Metrics>,
-    config: ServerConfig,
-    stop: Arc<AtomicBool>,
-    connections: Connections,
-    in_flight: Arc<AtomicUsize>,
-) {
+fn accept_loop(s: Serve) {
+    let Serve {
+        listener,
+        controller,
+        metrics,
+        config,
+        stop,
+        connections,
+        in_flight,
+    } = s;
     let next_id = AtomicU64::new(0);
     for stream in listener.incoming() {
         if stop.load(Ordering::SeqCst) {

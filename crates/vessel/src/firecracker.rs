@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::Args;
 use vessel_api::types::{LogLevel, Logger, MetricsConfig};
-use vessel_api::{ApiController, ApiError, ApiServer, ServerConfig, VmResources, VmmBackend};
+use vessel_api::{ApiController, ApiError, ApiThread, ServerConfig, VmResources, VmmBackend};
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ExitReason, SerialTarget, VmConfig};
 use vmm_sys_util::eventfd::EventFd;
@@ -344,6 +344,11 @@ pub fn main(args: FirecrackerArgs, started_us: u64) -> ExitCode {
 /// Runs Firecracker mode to the end of the VM; `started_us` is when `main` began
 /// (CLOCK_MONOTONIC, microseconds).
 pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, FirecrackerError> {
+    // The API's accept thread installs its seccomp filter while the rest is set up.
+    let api_thread = match args.no_api {
+        true => None,
+        false => Some(ApiThread::spawn().map_err(FirecrackerError::Thread)?),
+    };
     if let Some(level) = &args.level {
         log::set_max_level(logger::parse_level(level)?);
     }
@@ -433,25 +438,24 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
     let metrics = lock(&ctl).metrics().clone();
     crate::fc::signals::count_in(metrics.clone());
 
-    let _server = if args.no_api {
-        None
-    } else {
-        let path = args
-            .api_sock
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
-        let mut config = ServerConfig::default();
-        if let Some(n) = args.http_api_max_payload_size {
-            config.limits.max_body_bytes = n;
-        }
-        Some(
-            ApiServer::start(&path, ctl.clone(), config).map_err(|source| {
+    let _server = match api_thread {
+        None => None,
+        Some(thread) => {
+            let path = args
+                .api_sock
+                .clone()
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_API_SOCK));
+            let mut config = ServerConfig::default();
+            if let Some(n) = args.http_api_max_payload_size {
+                config.limits.max_body_bytes = n;
+            }
+            Some(thread.start(&path, ctl.clone(), config).map_err(|source| {
                 FirecrackerError::Serve {
                     path: path.clone(),
                     source,
                 }
-            })?,
-        )
+            })?)
+        }
     };
 
     if !args.no_api {
