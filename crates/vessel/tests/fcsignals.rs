@@ -39,14 +39,7 @@ fn exceeding_the_file_size_limit_logs_and_exits_151() {
         .open(&fifo)
         .unwrap();
     let metrics = dir.join("metrics.json");
-    let mut g = Guest::new();
-    g.print("UP\n");
-    let mut l = g.a.create_label();
-    g.a.set_label(&mut l).unwrap();
-    g.a.hlt().unwrap();
-    g.a.jmp(l).unwrap();
-    let kernel = dir.join("guest.elf");
-    std::fs::write(&kernel, elf(&g.finish())).unwrap();
+    let kernel = halting_guest(&dir);
 
     let mut v = FcVessel::start(
         &dir,
