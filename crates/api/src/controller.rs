@@ -37,6 +37,8 @@ pub struct ApiController {
     vessel_version: String,
     metrics: Arc<Metrics>,
     metrics_sink: Option<File>,
+    /// Called once a metrics file is configured (the VMM starts what writes to it).
+    on_metrics_file: Option<Box<dyn FnMut() + Send>>,
 }
 
 impl std::fmt::Debug for ApiController {
@@ -66,6 +68,20 @@ impl ApiController {
             vessel_version: vessel_version.into(),
             metrics: Arc::new(Metrics::new()),
             metrics_sink: None,
+            on_metrics_file: None,
+        }
+    }
+
+    /// Calls `f` once a metrics file is configured (`PUT /metrics`, a config file's
+    /// `metrics`), after it is opened.
+    pub fn on_metrics_file(&mut self, f: impl FnMut() + Send + 'static) {
+        self.on_metrics_file = Some(Box::new(f));
+    }
+
+    fn metrics_file_configured(&mut self) {
+        self.metrics.set_file_configured();
+        if let Some(f) = &mut self.on_metrics_file {
+            f();
         }
     }
 
@@ -79,7 +95,7 @@ impl ApiController {
         }
         if let Some(m) = &resources.metrics {
             self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
-            self.metrics.set_file_configured();
+            self.metrics_file_configured();
         }
         self.resources = resources;
         Ok(self)
@@ -507,7 +523,7 @@ impl ApiController {
             ));
         }
         self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
-        self.metrics.set_file_configured();
+        self.metrics_file_configured();
         self.resources.metrics = Some(m);
         Ok(())
     }

@@ -422,6 +422,17 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         env!("CARGO_PKG_VERSION"),
     )));
     lock(&ctl).mmds_mut().set_limit(mmds_limit);
+    // The thread that writes periodic metrics lines (and the last one when a signal ends
+    // the process) exists once there is a metrics file to write them to.
+    let weak = Arc::downgrade(&ctl);
+    let period = Duration::from_millis(args.metrics_period_ms.max(1));
+    lock(&ctl).on_metrics_file(move || {
+        if let Some(ctl) = weak.upgrade() {
+            if let Err(e) = start_metrics_timer(ctl, period) {
+                log::error!("{}", vessel_vmm::ErrorChain(&e));
+            }
+        }
+    });
     // The store itself (clones share it), filled from --metadata once the server runs.
     let mmds = lock(&ctl).resources().mmds.clone();
     if let Some(p) = &args.metrics_path {
@@ -528,14 +539,6 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         if !vm_trimmed && backend.has_vm() {
             vm_trimmed = true;
             trim_pending = true;
-            // Periodic metrics lines start with the VM, and only when there is a file to
-            // write them to (it can only be configured before): otherwise no thread for them.
-            if metrics.file_configured() {
-                start_metrics_timer(
-                    ctl.clone(),
-                    Duration::from_millis(args.metrics_period_ms.max(1)),
-                )?;
-            }
         }
         if let Ok(e) = failed.try_recv() {
             return Err(e);
@@ -589,8 +592,8 @@ impl VmmBackend for NoBackend {
     }
 }
 
-/// Writes a metrics line every `period` (started with the VM, when a metrics path is
-/// configured). A thread of its own: the flush asks the backend for its metrics, which the
+/// Writes a metrics line every `period` once the VM has started (started when a metrics
+/// file is configured). A thread of its own: the flush asks the backend for its metrics, which the
 /// main loop answers.
 fn start_metrics_timer(
     ctl: Arc<Mutex<ApiController>>,

@@ -228,3 +228,28 @@ fn sigpipe_is_logged_and_counted_and_the_vm_goes_on() {
     v.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Before the VM starts too, a signal's last metrics line is written when there is a
+/// metrics file.
+#[test]
+fn a_signal_before_the_vm_starts_still_gets_its_metrics_line() {
+    if !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipping: needs /dev/kvm");
+        return;
+    }
+    let dir = scratch("signal-preboot");
+    let metrics = dir.join("metrics.json");
+    let mut v = FcVessel::start(
+        &dir,
+        "preboot",
+        &["--metrics-path", metrics.to_str().unwrap()],
+    );
+    let mut c = v.client();
+    assert_eq!(state(&mut c), "Not started");
+    send(&v, libc::SIGHUP);
+    assert_eq!(v.wait_exit(LIMIT), Some(156), "{}", v.stderr());
+    let m = lines(&metrics);
+    assert_eq!(m.len(), 1, "{m:?}");
+    assert_eq!(m[0]["signals"]["sighup"], 1, "{}", m[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
