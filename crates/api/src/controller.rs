@@ -3,6 +3,7 @@
 //! involved. The HTTP layer ([`crate::routes`]) only decodes requests into these calls, so the
 //! VMM can also drive a controller directly (`--config-file --no-api`).
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -39,6 +40,9 @@ pub struct ApiController {
     metrics_sink: Option<File>,
     /// Called once a metrics file is configured (the VMM starts what writes to it).
     on_metrics_file: Option<Box<dyn FnMut() + Send>>,
+    /// The VMM's cumulative counters (`group.field`) at the previous metrics line: each line
+    /// has what happened since, as Firecracker's; the Prometheus endpoint has the totals.
+    vmm_flushed: HashMap<String, u64>,
 }
 
 impl std::fmt::Debug for ApiController {
@@ -69,6 +73,7 @@ impl ApiController {
             metrics: Arc::new(Metrics::new()),
             metrics_sink: None,
             on_metrics_file: None,
+            vmm_flushed: HashMap::new(),
         }
     }
 
@@ -529,11 +534,6 @@ impl ApiController {
     }
 
     /// The metrics line (API and VMM groups) as JSON.
-    pub fn metrics_json(&mut self) -> Value {
-        let extra = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
-        self.metrics_json_with(extra)
-    }
-
     fn metrics_json_with(&mut self, extra: Map<String, Value>) -> Value {
         let m = self.resources.metrics.as_ref();
         self.metrics.json_line(
@@ -560,7 +560,8 @@ impl ApiController {
             return Ok(());
         }
         let extra = if with_vmm {
-            self.backend.try_call(|b| b.metrics()).unwrap_or_default()
+            let totals = self.backend.try_call(|b| b.metrics()).unwrap_or_default();
+            since_previous_line(&mut self.vmm_flushed, totals)
         } else {
             Map::new()
         };
@@ -616,4 +617,59 @@ fn open_metrics_sink(path: &str) -> Result<File, ApiError> {
         .custom_flags(libc::O_NONBLOCK)
         .open(path)
         .map_err(|e| ApiError::bad(format!("Metrics error: Cannot open {path}: {e}")))
+}
+
+/// The VMM's counters as a metrics line reports them: each number (`group.field`) less what
+/// it was at the previous line (`flushed`, updated), or all of it when it went down (a device
+/// replaced by another under the same name). Nested objects (Firecracker's aggregates) pass
+/// as they are.
+fn since_previous_line(
+    flushed: &mut HashMap<String, u64>,
+    totals: Map<String, Value>,
+) -> Map<String, Value> {
+    totals
+        .into_iter()
+        .map(|(group, fields)| {
+            let Value::Object(fields) = fields else {
+                return (group, fields);
+            };
+            let fields = fields
+                .into_iter()
+                .map(|(k, v)| match v.as_u64() {
+                    Some(now) => {
+                        let before = flushed.insert(format!("{group}.{k}"), now).unwrap_or(0);
+                        let d = if now >= before { now - before } else { now };
+                        (k, d.into())
+                    }
+                    None => (k, v),
+                })
+                .collect();
+            (group, Value::Object(fields))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod since_tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn lines_get_what_changed_and_a_restarted_counter_counts_from_zero() {
+        let mut flushed = HashMap::new();
+        let totals = |n: u64, agg: u64| {
+            let v =
+                json!({"pmem_a": {"queue_event_count": n}, "block": {"read_agg": {"sum_us": agg}}});
+            v.as_object().unwrap().clone()
+        };
+        let first = since_previous_line(&mut flushed, totals(5, 9));
+        assert_eq!(first["pmem_a"]["queue_event_count"], 5);
+        let second = since_previous_line(&mut flushed, totals(8, 9));
+        assert_eq!(second["pmem_a"]["queue_event_count"], 3);
+        // Aggregates pass as they are.
+        assert_eq!(second["block"]["read_agg"]["sum_us"], 9);
+        // A device replaced under the same id starts again from 0.
+        let third = since_previous_line(&mut flushed, totals(2, 9));
+        assert_eq!(third["pmem_a"]["queue_event_count"], 2);
+    }
 }

@@ -77,9 +77,6 @@ pub struct ApiBackend {
     /// The started VM's cloud-init seed disk (`PUT /vessel/cloud-init`), held as long as
     /// the VM.
     seed: Option<MemFile>,
-    /// Serial bytes dropped by the rate limiter up to the previous metrics line: each line
-    /// reports those since, as Firecracker's counters do.
-    serial_dropped_flushed: u64,
 }
 
 impl std::fmt::Debug for ApiBackend {
@@ -111,7 +108,6 @@ impl ApiBackend {
             pmem: Default::default(),
             transport: Transport::Mmio,
             seed: None,
-            serial_dropped_flushed: 0,
         })
     }
 
@@ -395,16 +391,12 @@ impl VmmBackend for ApiBackend {
                     "unhandled_mmio_writes": s.unhandled_mmio.1,
                 }),
             );
-            let dropped = s
-                .serial_dropped_bytes
-                .saturating_sub(self.serial_dropped_flushed);
-            self.serial_dropped_flushed = s.serial_dropped_bytes;
             m.insert(
                 "uart".into(),
-                json!({"rate_limiter_dropped_bytes": dropped}),
+                json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
             );
             self.pmem.metrics(&mut m);
-            if let Some(b) = &mut self.balloon {
+            if let Some(b) = &self.balloon {
                 b.metrics(&mut m);
             }
         }

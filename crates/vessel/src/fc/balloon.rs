@@ -14,13 +14,12 @@ use vessel_virtio_devices::balloon::{
 };
 use vessel_vmm::{RunState, VmHandle};
 
-/// A running balloon: its handle, how it was configured, the statistics polling interval
-/// its poller thread reads, and its counters at the previous metrics line.
+/// A running balloon: its handle, how it was configured, and the statistics polling
+/// interval its poller thread reads.
 pub(super) struct BalloonState {
     pub(super) handle: BalloonHandle,
     pub(super) config: ApiBalloon,
     pub(super) interval_s: Arc<AtomicU16>,
-    flushed: BalloonCounters,
 }
 
 impl BalloonState {
@@ -39,18 +38,17 @@ impl BalloonState {
                 .map_err(|e| ApiError::Internal(format!("cannot start a thread: {e}")))?;
         }
         Ok(BalloonState {
-            flushed: handle.counters(),
             handle,
             config,
             interval_s,
         })
     }
 
-    /// Firecracker's `balloon` metrics group: what the device did since the previous line.
-    pub(super) fn metrics(&mut self, out: &mut Map<String, Value>) {
+    /// Firecracker's `balloon` metrics group: the device's totals (metrics lines report what
+    /// changed since the previous one).
+    pub(super) fn metrics(&self, out: &mut Map<String, Value>) {
         let now = self.handle.counters();
-        let was = std::mem::replace(&mut self.flushed, now);
-        let d = |f: fn(&BalloonCounters) -> u64| f(&now).saturating_sub(f(&was));
+        let d = |f: fn(&BalloonCounters) -> u64| f(&now);
         out.insert(
             "balloon".into(),
             json!({

@@ -3,7 +3,6 @@
 //! metrics group (Firecracker's: `pmem_<id>` per device and `pmem`, their sum, as counts since
 //! the previous line).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
@@ -31,11 +30,10 @@ pub(super) fn config(p: &Pmem, transport: Transport) -> PmemConfig {
     }
 }
 
-/// The running VM's pmem devices by id, and what their counters were at the previous line.
+/// The running VM's pmem devices by id.
 #[derive(Debug, Default)]
 pub(super) struct PmemDevices {
     devices: Vec<(String, PmemHandle)>,
-    flushed: BTreeMap<String, [u64; 6]>,
 }
 
 impl PmemDevices {
@@ -48,7 +46,6 @@ impl PmemDevices {
                 .map(|p| p.id.clone())
                 .zip(handles.iter().cloned())
                 .collect(),
-            flushed: BTreeMap::new(),
         }
     }
 
@@ -65,7 +62,6 @@ impl PmemDevices {
     /// Forgets an unplugged device.
     pub(super) fn remove(&mut self, id: &str) {
         self.devices.retain(|(d, _)| d != id);
-        self.flushed.remove(id);
     }
 
     /// Sets each device's rate limiter to what `r` says (a restored VM: its devices were
@@ -91,19 +87,16 @@ impl PmemDevices {
     }
 
     /// Firecracker's `pmem` groups: `pmem_<id>` for each device and `pmem` for all, each
-    /// counter since the previous call (zeros without devices).
-    pub(super) fn metrics(&mut self, out: &mut Map<String, Value>) {
+    /// counter's total (zeros without devices; metrics lines report what changed since the
+    /// previous one).
+    pub(super) fn metrics(&self, out: &mut Map<String, Value>) {
         let mut total = [0u64; 6];
         let names = PmemStats::default().values().map(|(n, _)| n);
         for (id, dev) in &self.devices {
-            let now = dev.stats.values();
-            let before = self.flushed.entry(id.clone()).or_default();
             let mut group = Map::new();
-            for (i, (name, v)) in now.iter().enumerate() {
-                let d = v.saturating_sub(before[i]);
-                before[i] = *v;
-                total[i] += d;
-                group.insert((*name).into(), d.into());
+            for (i, (name, v)) in dev.stats.values().iter().enumerate() {
+                total[i] += v;
+                group.insert((*name).into(), (*v).into());
             }
             out.insert(format!("pmem_{id}"), Value::Object(group));
         }
@@ -191,8 +184,8 @@ mod tests {
     }
 
     #[test]
-    fn metrics_are_per_device_and_summed_since_the_previous_line() {
-        let mut none = PmemDevices::default();
+    fn metrics_are_per_device_and_summed() {
+        let none = PmemDevices::default();
         let mut m = Map::new();
         none.metrics(&mut m);
         assert_eq!(
@@ -203,7 +196,7 @@ mod tests {
         );
         let r = resources(&["a", "b"]);
         let (a, b) = (handle(), handle());
-        let mut devs = PmemDevices::new(&r, &[a.clone(), b.clone()]);
+        let devs = PmemDevices::new(&r, &[a.clone(), b.clone()]);
         let bump = |s: &PmemStats, n| s.queue_event_count.fetch_add(n, Ordering::Relaxed);
         bump(&a.stats, 2);
         bump(&b.stats, 3);
@@ -215,7 +208,7 @@ mod tests {
         bump(&a.stats, 1);
         let mut m = Map::new();
         devs.metrics(&mut m);
-        assert_eq!(m["pmem_a"]["queue_event_count"], 1);
-        assert_eq!(m["pmem"]["queue_event_count"], 1);
+        assert_eq!(m["pmem_a"]["queue_event_count"], 3);
+        assert_eq!(m["pmem"]["queue_event_count"], 6);
     }
 }
