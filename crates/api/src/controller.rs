@@ -84,7 +84,6 @@ impl ApiController {
     }
 
     fn metrics_file_configured(&mut self) {
-        self.metrics.set_file_configured();
         if let Some(f) = &mut self.on_metrics_file {
             f();
         }

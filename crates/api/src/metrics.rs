@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::{Map, Value};
@@ -135,9 +135,6 @@ pub struct Metrics {
     pub routes: Vec<RouteCounters>,
     /// Server counters.
     pub server: ServerCounters,
-    /// Whether a metrics file is configured (`PUT /metrics`, `--metrics-path`, a config
-    /// file's `metrics`): the VMM writes periodic lines only then.
-    file_configured: AtomicBool,
     /// Intercepted signals.
     pub signals: SignalCounters,
 }
@@ -168,18 +165,8 @@ impl Metrics {
                 .map(|_| RouteCounters::default())
                 .collect(),
             server: ServerCounters::default(),
-            file_configured: AtomicBool::new(false),
             signals: SignalCounters::default(),
         }
-    }
-
-    /// Whether a metrics file is configured.
-    pub fn file_configured(&self) -> bool {
-        self.file_configured.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_file_configured(&self) {
-        self.file_configured.store(true, Ordering::SeqCst);
     }
 
     /// Counters of route number `index`.

@@ -593,32 +593,24 @@ impl VmmBackend for NoBackend {
 }
 
 /// Writes a metrics line every `period` once the VM has started (started when a metrics
-/// file is configured). A thread of its own: the flush asks the backend for its metrics, which the
-/// main loop answers.
+/// file is configured), and a last one when a signal handler about to end the process asks
+/// for it through the thread's eventfd. A thread of its own: the periodic flush asks the
+/// backend for its metrics, which the main loop answers.
 fn start_metrics_timer(
     ctl: Arc<Mutex<ApiController>>,
     period: Duration,
 ) -> Result<(), FirecrackerError> {
-    vessel_vmm::spawn_helper("metrics", move || metrics_loop(&ctl, period))
+    let last = EventFd::new(libc::EFD_NONBLOCK).map_err(FirecrackerError::EventFd)?;
+    vessel_vmm::spawn_helper("metrics", move || metrics_loop(&ctl, period, &last))
         .map(drop)
         .map_err(FirecrackerError::Thread)
 }
 
-fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration) {
-    // A signal handler about to end the process wakes this thread for a last line.
-    let last = EventFd::new(libc::EFD_NONBLOCK).ok();
-    if let Some(fd) = &last {
-        crate::fc::signals::set_flusher(fd.as_raw_fd());
-    }
+fn metrics_loop(ctl: &Mutex<ApiController>, period: Duration, last: &EventFd) {
+    crate::fc::signals::set_flusher(last.as_raw_fd());
     let period_ms = i32::try_from(period.as_millis()).unwrap_or(i32::MAX);
     loop {
-        let woken = match &last {
-            Some(fd) => poll_readable(&[fd.as_raw_fd()], period_ms) && fd.read().is_ok(),
-            None => {
-                std::thread::sleep(period);
-                false
-            }
-        };
+        let woken = poll_readable(&[last.as_raw_fd()], period_ms) && last.read().is_ok();
         let mut c = lock(ctl);
         if woken {
             // The VMM thread may be the one in the handler: its groups are left out.
