@@ -235,8 +235,6 @@ impl VmmBackend for ApiBackend {
         let memory_hotplug = handles.memory_hotplug.clone();
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
-        // The VM's build (loading, tables, devices) is not run again.
-        crate::trim::release_pages();
         self.seed = seed;
         self.memory_hotplug = memory_hotplug;
         self.drives = drives;
@@ -346,7 +344,6 @@ impl VmmBackend for ApiBackend {
         let balloon = vm.device_handles().balloon.zip(resources.balloon);
         self.api_config = Some(resources.to_full_vm_config());
         self.start_supervised(vm)?;
-        crate::trim::release_pages();
         self.nets = nets;
         self.drives = drives;
         self.pmem = pmem;
