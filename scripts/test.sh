@@ -4,7 +4,8 @@
 # including end-to-end boots of real Linux.
 #
 #   scripts/test.sh              # what CI runs
-#   scripts/test.sh --extended   # also boots Debian's stock kernel and OVMF (slow on nested hosts)
+#   scripts/test.sh --extended   # also boots Debian's stock kernel and OVMF (slow on nested hosts),
+#                                # and, given KATA_SHIM and KATA_AGENT, runs scripts/kata-e2e.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,5 +40,9 @@ export VESSEL_E2E_UEFI="$extended"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --release -- --test-threads=2 2>&1 | tee "$log"
+if [ "$extended" = 1 ] && [ -n "${KATA_SHIM:-}" ] && [ -n "${KATA_AGENT:-}" ]; then
+    step "Kata Containers end to end (scripts/kata-e2e.sh)"
+    scripts/kata-e2e.sh
+fi
 # One closing line for the whole run (cargo ends with the last crate's doc tests).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

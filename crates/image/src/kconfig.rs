@@ -1,9 +1,13 @@
-//! Kconfig fragments: Vessel's own guest/minimal.config and the check that
+//! Kconfig fragments: Vessel's own guest/minimal.config (and guest/kata.config
+//! on top of it for the `kata` image) and the check that
 //! every option of it survived into the kernel's final `.config` (Kconfig
 //! silently drops an option whose dependencies are not met).
 
 /// Vessel's config fragment for the minimal kernel, embedded at compile time.
 pub const MINIMAL_FRAGMENT: &str = include_str!("../../../guest/minimal.config");
+
+/// What the `kata` image adds to [`MINIMAL_FRAGMENT`] for Kata Containers' agent.
+pub const KATA_FRAGMENT: &str = include_str!("../../../guest/kata.config");
 
 /// One option's value in a config file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,6 +97,33 @@ mod tests {
                 "CONFIG_PARAVIRT=not set (got y)",
             ]
         );
+    }
+
+    #[test]
+    fn kata_fragment_adds_what_the_agent_needs_and_overrides_nothing() {
+        let minimal: std::collections::HashMap<String, Setting> =
+            parse_config(MINIMAL_FRAGMENT).into_iter().collect();
+        let kata = parse_config(KATA_FRAGMENT);
+        for (name, _) in &kata {
+            assert!(!minimal.contains_key(name), "{name} is minimal's already");
+        }
+        let kata: std::collections::HashMap<String, Setting> = kata.into_iter().collect();
+        for name in [
+            "UNIX98_PTYS",
+            "CGROUPS",
+            "MEMCG",
+            "CPUSETS",
+            "CGROUP_DEVICE",
+            "NAMESPACES",
+            "PID_NS",
+            "MSDOS_PARTITION",
+        ] {
+            assert_eq!(
+                kata.get(&format!("CONFIG_{name}")),
+                Some(&Setting::Value("y".into())),
+                "CONFIG_{name}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! vessel-image: the guest kit. It owns everything Vessel boots inside a VM:
-//! fetching Debian packages with apt, building the two guest images
+//! fetching Debian packages with apt, building the guest images
 //! (`debian`: Debian's stock kernel plus its virtio/ext4 modules; `minimal`:
-//! upstream Linux built from `linux-source-6.1` with guest/minimal.config),
+//! upstream Linux built from `linux-source-6.1` with guest/minimal.config;
+//! `kata`: the same plus guest/kata.config, for Kata Containers' agent),
 //! writing the shared initramfs (busybox + guest/init.sh) as an uncompressed
 //! newc cpio, and caching the results under [`cache_dir`] (never in the repo).
 //!
@@ -62,6 +63,7 @@ pub fn build_in(
 ) -> Result<ImagePaths, ImageError> {
     match name {
         ImageName::Debian => debian::build(root, log),
-        ImageName::Minimal => minimal::build(root, log),
+        ImageName::Minimal => minimal::build(minimal::MINIMAL, root, log),
+        ImageName::Kata => minimal::build(minimal::KATA, root, log),
     }
 }

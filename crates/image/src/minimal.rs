@@ -7,7 +7,11 @@
 //! where guest kernel code is emulated) for firmware boot through a boot
 //! loader such as GRUB, which cannot load an ELF vmlinux.
 //!
-//! The source tree and the `O=` build tree stay under `work/minimal` so a
+//! The `kata` image is the same kernel with guest/kata.config added (what
+//! Kata Containers' agent needs as init: cgroups, namespaces, devpts, MBR
+//! partitions); it has its own source and build trees.
+//!
+//! The source tree and the `O=` build tree stay under `work/<image>` so a
 //! changed fragment rebuilds incrementally; a changed init script only
 //! rebuilds the initramfs.
 
@@ -22,18 +26,47 @@ use crate::cache::{
 use crate::deb::{self, Apt};
 use crate::error::IoContext;
 use crate::init::{build_initramfs, INIT_SCRIPT};
-use crate::kconfig::{check_fragment, MINIMAL_FRAGMENT};
+use crate::kconfig::{check_fragment, KATA_FRAGMENT, MINIMAL_FRAGMENT};
 use crate::tools::{check_needs, run, run_logged, APT_TOOLS, KERNEL_TOOLS};
 use crate::{ImageError, ImagePaths};
 
 /// The Debian package holding the kernel source tarball.
 pub const SOURCE_PACKAGE: &str = "linux-source-6.1";
 
+/// A kernel built this way: tinyconfig plus Vessel's fragments, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Flavour {
+    /// The image's name (its cache folders).
+    pub name: &'static str,
+    /// The fragments merged over tinyconfig, in order.
+    pub fragments: &'static [&'static str],
+}
+
+/// The `minimal` image.
+pub(crate) const MINIMAL: Flavour = Flavour {
+    name: "minimal",
+    fragments: &[MINIMAL_FRAGMENT],
+};
+
+/// The `kata` image: minimal plus what Kata Containers' agent needs.
+pub(crate) const KATA: Flavour = Flavour {
+    name: "kata",
+    fragments: &[MINIMAL_FRAGMENT, KATA_FRAGMENT],
+};
+
+impl Flavour {
+    /// The fragments as one text (for minimal, exactly guest/minimal.config,
+    /// so its cached kernels stay valid).
+    fn fragment(self) -> String {
+        self.fragments.join("\n")
+    }
+}
+
 /// The stamp entries the kernel depends on.
-fn kernel_recipe() -> Vec<(&'static str, String)> {
+fn kernel_recipe(flavour: Flavour) -> Vec<(&'static str, String)> {
     vec![
         ("layout", LAYOUT_VERSION.to_string()),
-        ("config", content_hash(MINIMAL_FRAGMENT.as_bytes())),
+        ("config", content_hash(flavour.fragment().as_bytes())),
     ]
 }
 
@@ -53,8 +86,8 @@ fn matches(stamp: &Stamp, recipe: &[(&'static str, String)]) -> bool {
 /// True when the stamp's kernel recipe is current and every kernel output
 /// (vmlinux, System.map, bzImage) is in place; a cache from before bzImage
 /// existed rebuilds the kernel.
-fn kernel_cached(stamp: &Stamp, dirs: &ImageDirs) -> bool {
-    matches(stamp, &kernel_recipe())
+fn kernel_cached(flavour: Flavour, stamp: &Stamp, dirs: &ImageDirs) -> bool {
+    matches(stamp, &kernel_recipe(flavour))
         && dirs.kernel().is_file()
         && dirs.system_map().is_file()
         && dirs.bzimage().is_file()
@@ -146,17 +179,25 @@ fn ensure_source(apt: &mut Apt<'_>, work: &Path) -> Result<(PathBuf, String), Im
 }
 
 /// Configures and builds vmlinux and bzImage; returns the kernel release.
-fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String), ImageError> {
+fn build_kernel(
+    flavour: Flavour,
+    apt: &mut Apt<'_>,
+    dirs: &ImageDirs,
+) -> Result<(String, String), ImageError> {
+    let name = flavour.name;
     check_needs(KERNEL_TOOLS)?;
     let (src, version) = ensure_source(apt, &dirs.work)?;
     let build = dirs.work.join("build");
     ensure_dir(&build)?;
     let log_file = dirs.work.join("build.log");
     remove_path(&log_file)?;
-    let fragment = dirs.work.join("vessel-minimal.config");
-    write_atomic(&fragment, MINIMAL_FRAGMENT.as_bytes())?;
+    let text = flavour.fragment();
+    let fragment = dirs.work.join(format!("vessel-{name}.config"));
+    write_atomic(&fragment, text.as_bytes())?;
 
-    apt.log("minimal: make tinyconfig + guest/minimal.config + olddefconfig");
+    apt.log(&format!(
+        "{name}: make tinyconfig + Vessel's fragments + olddefconfig"
+    ));
     run_logged(make(&src, &build).arg("tinyconfig"), &log_file)?;
     run_logged(
         Command::new("sh")
@@ -169,7 +210,7 @@ fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String),
     run_logged(make(&src, &build).arg("olddefconfig"), &log_file)?;
     let config_path = build.join(".config");
     let config = fs::read_to_string(&config_path).ctx("read", &config_path)?;
-    let dropped = check_fragment(MINIMAL_FRAGMENT, &config);
+    let dropped = check_fragment(&text, &config);
     if !dropped.is_empty() {
         return Err(ImageError::ConfigNotApplied {
             config: config_path,
@@ -179,7 +220,7 @@ fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String),
 
     let jobs = jobs();
     apt.log(&format!(
-        "minimal: make -j{jobs} vmlinux bzImage (several minutes; log: {})",
+        "{name}: make -j{jobs} vmlinux bzImage (several minutes; log: {})",
         log_file.display()
     ));
     run_logged(
@@ -214,14 +255,19 @@ fn build_kernel(apt: &mut Apt<'_>, dirs: &ImageDirs) -> Result<(String, String),
     Ok((release, version))
 }
 
-/// Builds (or returns the cached) minimal image under `root`.
-pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths, ImageError> {
-    let dirs = ImageDirs::new(root, "minimal", "vmlinux");
+/// Builds (or returns the cached) image of `flavour` under `root`.
+pub(crate) fn build(
+    flavour: Flavour,
+    root: &Path,
+    log: &mut dyn FnMut(&str),
+) -> Result<ImagePaths, ImageError> {
+    let name = flavour.name;
+    let dirs = ImageDirs::new(root, name, "vmlinux");
     let old = Stamp::load(&dirs.stamp());
-    let kernel_ok = kernel_cached(&old, &dirs);
+    let kernel_ok = kernel_cached(flavour, &old, &dirs);
     let initrd_ok = matches(&old, &initrd_recipe()) && dirs.initrd().is_file();
     if kernel_ok && initrd_ok {
-        log(&format!("minimal: up to date in {}", dirs.image.display()));
+        log(&format!("{name}: up to date in {}", dirs.image.display()));
         return Ok(dirs.paths());
     }
     check_needs(APT_TOOLS)?;
@@ -231,20 +277,20 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
 
     let mut apt = Apt::new(log);
     let mut stamp = Stamp::new();
-    stamp.set("image", "minimal");
+    stamp.set("image", name);
     if kernel_ok {
-        apt.log("minimal: kernel up to date");
+        apt.log(&format!("{name}: kernel up to date"));
         for key in ["kernel.release", "kernel.source"] {
             if let Some(v) = old.get(key) {
                 stamp.set(key, v);
             }
         }
     } else {
-        let (release, version) = build_kernel(&mut apt, &dirs)?;
+        let (release, version) = build_kernel(flavour, &mut apt, &dirs)?;
         stamp.set("kernel.release", release);
         stamp.set("kernel.source", format!("{SOURCE_PACKAGE} {version}"));
     }
-    for (k, v) in kernel_recipe() {
+    for (k, v) in kernel_recipe(flavour) {
         stamp.set(k, v);
     }
     // With a valid kernel in place, record it now: an interrupted initramfs
@@ -272,7 +318,7 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
     }
     write_atomic(&dirs.stamp(), stamp.render().as_bytes())?;
     apt.log(&format!(
-        "minimal: built {} in {}",
+        "{name}: built {} in {}",
         stamp.get("kernel.release").unwrap_or("?"),
         dirs.image.display()
     ));
@@ -285,8 +331,14 @@ mod tests {
 
     #[test]
     fn recipes_track_config_and_init() {
-        let k = kernel_recipe();
+        let k = kernel_recipe(MINIMAL);
         assert!(k.contains(&("config", content_hash(MINIMAL_FRAGMENT.as_bytes()))));
+        let kata = kernel_recipe(KATA);
+        assert!(kata.contains(&(
+            "config",
+            content_hash(format!("{MINIMAL_FRAGMENT}\n{KATA_FRAGMENT}").as_bytes())
+        )));
+        assert_ne!(k, kata, "kata's kernel is not minimal's");
         assert!(
             !k.iter().any(|(key, _)| *key == "init"),
             "init changes keep the kernel"
@@ -322,12 +374,12 @@ mod tests {
             fs::write(p, b"x").unwrap();
         }
         let mut stamp = Stamp::new();
-        for (k, v) in kernel_recipe().into_iter().chain(initrd_recipe()) {
+        for (k, v) in kernel_recipe(MINIMAL).into_iter().chain(initrd_recipe()) {
             stamp.set(k, v);
         }
         fs::write(dirs.stamp(), stamp.render()).unwrap();
         let mut lines = Vec::new();
-        let paths = build(&root, &mut |l| lines.push(l.to_string())).unwrap();
+        let paths = build(MINIMAL, &root, &mut |l| lines.push(l.to_string())).unwrap();
         assert_eq!(paths.kernel, root.join("images/minimal/vmlinux"));
         assert_eq!(
             paths.system_map,
@@ -347,16 +399,17 @@ mod tests {
             fs::write(p, b"x").unwrap();
         }
         let mut stamp = Stamp::new();
-        for (k, v) in kernel_recipe().into_iter().chain(initrd_recipe()) {
+        for (k, v) in kernel_recipe(MINIMAL).into_iter().chain(initrd_recipe()) {
             stamp.set(k, v);
         }
         fs::write(dirs.stamp(), stamp.render()).unwrap();
         // An old cache (vmlinux only) must rebuild the kernel.
         let old = Stamp::load(&dirs.stamp());
-        assert!(!kernel_cached(&old, &dirs));
+        assert!(!kernel_cached(MINIMAL, &old, &dirs));
+        assert!(!kernel_cached(KATA, &old, &dirs), "another flavour's stamp");
         assert_eq!(dirs.paths().bzimage, None);
         fs::write(dirs.bzimage(), b"x").unwrap();
-        assert!(kernel_cached(&old, &dirs));
+        assert!(kernel_cached(MINIMAL, &old, &dirs));
         assert_eq!(dirs.paths().bzimage, Some(dirs.bzimage()));
         fs::remove_dir_all(&root).unwrap();
     }

@@ -14,17 +14,21 @@ pub enum ImageName {
     /// Upstream Linux from `linux-source-6.1`, configured with tinyconfig plus
     /// guest/minimal.config, everything built in, booted as an ELF vmlinux.
     Minimal,
+    /// The minimal kernel plus guest/kata.config: the guest kernel for Kata
+    /// Containers' agent (scripts/kata-e2e.sh).
+    Kata,
 }
 
 impl ImageName {
     /// Every image, in the order `vessel image` lists them.
-    pub const ALL: [ImageName; 2] = [ImageName::Debian, ImageName::Minimal];
+    pub const ALL: [ImageName; 3] = [ImageName::Debian, ImageName::Minimal, ImageName::Kata];
 
     /// The lower-case name used on the command line and in the cache.
     pub fn as_str(self) -> &'static str {
         match self {
             ImageName::Debian => "debian",
             ImageName::Minimal => "minimal",
+            ImageName::Kata => "kata",
         }
     }
 }
@@ -58,6 +62,7 @@ mod tests {
         }
         assert_eq!("debian".parse::<ImageName>().unwrap(), ImageName::Debian);
         assert_eq!("minimal".parse::<ImageName>().unwrap(), ImageName::Minimal);
+        assert_eq!("kata".parse::<ImageName>().unwrap(), ImageName::Kata);
     }
 
     #[test]

@@ -1252,12 +1252,13 @@ fn a_kata_shaped_configuration_runs() {
         line["block"].is_object() && line["signals"].is_object(),
         "{line}"
     );
-    // The container's disk goes into the placeholder.
+    // The container's disk goes into the placeholder, in runtime-rs's words (its limiter is
+    // null when none is configured).
     expect(
         &mut c,
         "PATCH",
         "/drives/drive_0",
-        Some(json!({"drive_id": "drive_0", "path_on_host": container})),
+        Some(json!({"drive_id": "drive_0", "path_on_host": container, "rate_limiter": null})),
         204,
     );
     let cfg = expect(&mut c, "GET", "/vm/config", None, 200);

@@ -48,6 +48,7 @@ const CLEARED: &[Feature] = &[
     feature("MOVBE", 4, 22),      // 150
     feature("POPCNT", 4, 23),     // 151
     feature("AES", 4, 25),        // 153: AES-NI
+    feature("XSAVE", 4, 26),      // 154: what `noxsave` clears (see below)
     feature("RDRAND", 4, 30),     // 158
     feature("ABM", 6, 5),         // 197: lzcnt
     feature("FSGSBASE", 9, 0),    // 288: rd/wr{fs,gs}base
@@ -69,12 +70,12 @@ const CLEARED: &[Feature] = &[
 // emulated steps where Linux's unrolled fallback (`clear_page_orig`, `memcpy_orig`, ...) needs
 // a few hundred.
 
-/// Kernel parameters for a guest on a nested host: no XSAVE (`xsave`/`xrstor` and friends);
-/// `clearcpuid=` with RDTSCP, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, AES,
+/// Kernel parameters for a guest on a nested host: `clearcpuid=` with XSAVE (`xsave`/`xrstor`
+/// and friends; what `noxsave` does), RDTSCP, PCLMULQDQ, SSSE3, FMA, CX16, SSE4.1, SSE4.2, MOVBE, POPCNT, AES,
 /// RDRAND, ABM, FSGSBASE, BMI1, BMI2, INVPCID, RDSEED, ADX, SMAP, CLFLUSHOPT, CLWB, SHA_NI and
 /// RDPID (and, for speed, REP_GOOD, ERMS and FSRM); no paravirtual features (their hypercalls
-/// never complete); a TSC trusted without a clocksource watchdog, and no lockup watchdog (a
-/// guest whose kernel code is emulated looks locked up to it); and no boot-time rewrite of the
+/// never complete); a TSC trusted without a clocksource watchdog, and no lockup watchdogs (a
+/// guest whose kernel code is emulated looks locked up to them); and no boot-time rewrite of the
 /// trace events' enum names (`trace_eval_init`): distribution kernels with thousands of trace
 /// events spend many emulated minutes there while PID 1 waits on it (the formats then show
 /// enum names instead of numbers); no crypto self-tests and no jitter-entropy RNG, whose
@@ -94,13 +95,21 @@ const CLEARED: &[Feature] = &[
 ///   of them parses the whole vmlinux BTF, over 4 emulated minutes. The guest then has no BPF
 ///   kfuncs and uses Reno instead of CUBIC for TCP. (Modules in Vessel's images carry no BTF,
 ///   which would trigger the same parse.)
+///
+/// Every parameter has a `=`, names a module's parameter, or is one that Linux always knows
+/// (`nopv`): the kernel hands an
+/// unknown bare word to init as an argument, and an init that parses its arguments strictly
+/// (Kata Containers' kata-agent) then exits. So XSAVE is cleared through `clearcpuid=`
+/// rather than `noxsave` (which 6.1 reads without registering it), and the lockup watchdogs
+/// are off through `watchdog_thresh=0 nmi_watchdog=0` rather than `nowatchdog` (unknown to a
+/// kernel without them). Unknown `name=value` parameters become init's environment instead.
 pub fn nested_kernel_params() -> String {
     let numbers: Vec<String> = CLEARED.iter().map(|f| f.number().to_string()).collect();
     let names: Vec<&str> = CLEARED.iter().map(|f| f.name).collect();
     log::debug!("nested host: guest kernel clears {}", names.join(" "));
     format!(
-        "noxsave clearcpuid={} nopv tsc=reliable nowatchdog cryptomgr.notests rodata=off \
-         spec_rstack_overflow=off retbleed=off initcall_blacklist={}",
+        "clearcpuid={} nopv tsc=reliable watchdog_thresh=0 nmi_watchdog=0 cryptomgr.notests \
+         rodata=off spec_rstack_overflow=off retbleed=off initcall_blacklist={}",
         numbers.join(","),
         BLACKLISTED_INITCALLS.join(",")
     )
@@ -129,9 +138,9 @@ mod tests {
     fn exact_params() {
         assert_eq!(
             nested_kernel_params(),
-            "noxsave clearcpuid=59,112,129,137,140,141,147,148,150,151,153,158,197,288,291,296,\
-             297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable nowatchdog \
-             cryptomgr.notests rodata=off spec_rstack_overflow=off retbleed=off \
+            "clearcpuid=59,112,129,137,140,141,147,148,150,151,153,154,158,197,288,291,296,\
+             297,298,306,307,308,311,312,317,534,580 nopv tsc=reliable watchdog_thresh=0 \
+             nmi_watchdog=0 cryptomgr.notests rodata=off spec_rstack_overflow=off retbleed=off \
              initcall_blacklist=trace_eval_init,jent_mod_init,\
              cubictcp_register,kfunc_init,bpf_rstat_kfunc_init,bpf_key_sig_kfuncs_init,\
              bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init"
@@ -152,6 +161,21 @@ mod tests {
         numbers.dedup();
         assert_eq!(numbers, before, "sorted, no duplicates");
         assert!(CLEARED.iter().all(|f| f.bit < 32));
+    }
+
+    /// Linux passes an unknown bare word to init as an argument (kata-agent exits on one);
+    /// never a module's `module.param`.
+    #[test]
+    fn no_bare_word_but_nopv() {
+        for p in nested_kernel_params().split(' ') {
+            assert!(p.contains('=') || p.contains('.') || p == "nopv", "{p}");
+        }
+        let by_name = |name: &str| CLEARED.iter().find(|f| f.name == name).unwrap().number();
+        assert_eq!(
+            by_name("XSAVE"),
+            4 * 32 + 26,
+            "X86_FEATURE_XSAVE, what noxsave clears"
+        );
     }
 
     #[test]

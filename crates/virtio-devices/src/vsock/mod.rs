@@ -49,7 +49,7 @@ pub struct VsockParams {
 
 #[derive(Debug, thiserror::Error)]
 pub enum VsockError {
-    #[error("guest CID {0} is reserved (it must be 3 or more, and below 2^32 - 1)")]
+    #[error("guest CID {0} is reserved or too large (use 3..=4294967295)")]
     BadCid(u64),
     #[error("cannot listen on {path}")]
     Listen {
@@ -77,8 +77,11 @@ pub struct Vsock {
 
 impl Vsock {
     /// Listens on `uds_path` (replacing a stale socket file there).
+    ///
+    /// The CID may be 2^32 - 1 (`VMADDR_CID_ANY`), as in Firecracker: Kata Containers'
+    /// runtime-rs configures that, and the guest's listeners on any CID still match.
     pub fn new(cfg: VsockParams) -> Result<Vsock, VsockError> {
-        if cfg.guest_cid < 3 || cfg.guest_cid >= u64::from(u32::MAX) {
+        if cfg.guest_cid < 3 || cfg.guest_cid > u64::from(u32::MAX) {
             return Err(VsockError::BadCid(cfg.guest_cid));
         }
         let listener = listen(&cfg.uds_path)?;

@@ -600,11 +600,15 @@ impl Muxer {
     }
 }
 
-/// Parses `CONNECT <port>` (the newline already stripped, a trailing `\r` tolerated).
+/// Parses `CONNECT <port>` (the newline already stripped). As in Firecracker, the keyword's
+/// case does not matter, words are split on any whitespace and only the first two are read:
+/// Kata Containers' runtime-rs sends `connect 1024`.
 fn parse_connect(line: &[u8]) -> Option<u32> {
-    let s = std::str::from_utf8(line).ok()?.trim_end_matches('\r');
-    let port = s.strip_prefix("CONNECT ")?;
-    port.trim().parse().ok()
+    let mut words = std::str::from_utf8(line).ok()?.split_whitespace();
+    if !words.next()?.eq_ignore_ascii_case("connect") {
+        return None;
+    }
+    words.next()?.parse().ok()
 }
 
 impl EventHandler for Muxer {
@@ -627,10 +631,21 @@ pub(super) mod unit {
     fn connect_lines() {
         assert_eq!(parse_connect(b"CONNECT 1234"), Some(1234));
         assert_eq!(parse_connect(b"CONNECT 52\r"), Some(52));
+        assert_eq!(
+            parse_connect(b"connect 1024"),
+            Some(1024),
+            "Kata's runtime-rs"
+        );
+        assert_eq!(parse_connect(b"Connect  7 "), Some(7));
+        assert_eq!(
+            parse_connect(b"CONNECT 1 2"),
+            Some(1),
+            "Firecracker reads two words"
+        );
+        assert_eq!(parse_connect(b"CONNECTX 1"), None);
         assert_eq!(parse_connect(b"CONNECT"), None);
         assert_eq!(parse_connect(b"CONNECT -1"), None);
         assert_eq!(parse_connect(b"CONNECT 99999999999"), None);
-        assert_eq!(parse_connect(b"connect 5"), None);
         assert_eq!(parse_connect(&[0xff, 0xfe]), None);
     }
 }

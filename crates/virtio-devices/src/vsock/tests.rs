@@ -447,6 +447,23 @@ fn config_and_construction() {
         }),
         Err(VsockError::BadCid(2))
     ));
+    assert!(matches!(
+        Vsock::new(VsockParams {
+            guest_cid: 1 << 32,
+            uds_path: uds.clone()
+        }),
+        Err(VsockError::BadCid(_))
+    ));
+    // VMADDR_CID_ANY, which Kata's runtime-rs configures.
+    let any = Vsock::new(VsockParams {
+        guest_cid: u64::from(u32::MAX),
+        uds_path: uds.clone(),
+    })
+    .unwrap();
+    let mut cfg = [0u8; 8];
+    any.read_config(0, &mut cfg);
+    assert_eq!(cfg, u64::from(u32::MAX).to_le_bytes());
+    drop(any);
     std::fs::write(&uds, b"not a socket").unwrap();
     assert!(matches!(
         Vsock::new(VsockParams {
