@@ -6,6 +6,7 @@
 //! wakes the main thread when the guest ends, at which point the process exits (0 for a
 //! power-off or reset, as Firecracker).
 
+use std::io::Write as _;
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -330,7 +331,7 @@ pub fn main(args: FirecrackerArgs, started_us: u64) -> ExitCode {
         }
         Err(e) => {
             let chain = vessel_vmm::ErrorChain(&e).to_string();
-            eprintln!("vessel: {chain}");
+            let _ = writeln!(std::io::stderr(), "vessel: {chain}");
             // Without a log file, records go to stderr, which has the error already.
             if logger::has_file() {
                 log::error!("{chain}");

@@ -57,7 +57,10 @@ impl log::Log for Logger {
             }
         }
         if state.file.is_none() {
-            eprintln!(
+            // Not eprintln!, which panics when stderr's reader is gone (a runtime that spawned
+            // the VMM and exited): the line is lost, the VMM goes on.
+            let _ = writeln!(
+                std::io::stderr(),
                 "vessel[{}]: {}",
                 r.level().as_str().to_lowercase(),
                 r.args()

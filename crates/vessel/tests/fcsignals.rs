@@ -16,6 +16,7 @@ use common::fcprocess::*;
 use common::tinyguest::{elf, Guest};
 use common::*;
 use serde_json::{json, Value};
+use vessel_api::client::Client;
 
 const LIMIT: Duration = Duration::from_secs(60);
 /// The file size limit: smaller than one metrics line.
@@ -251,5 +252,51 @@ fn a_signal_before_the_vm_starts_still_gets_its_metrics_line() {
     let m = lines(&metrics);
     assert_eq!(m.len(), 1, "{m:?}");
     assert_eq!(m[0]["signals"]["sighup"], 1, "{}", m[0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A runtime that spawned the VMM with its stderr on a pipe may be gone before it (Kata's
+/// shim, after a failed start): every log line then meets a closed pipe and raises SIGPIPE,
+/// whose handler's own line raised the next one. The thread looped in the handler: its
+/// request was never answered and SIGTERM never ended the process. Needs no /dev/kvm.
+#[test]
+fn a_closed_stderr_pipe_neither_hangs_the_api_nor_keeps_the_process() {
+    let dir = scratch("signal-closed-stderr");
+    let sock = dir.join("api.sock");
+    let mut child = vessel()
+        .arg("--api-sock")
+        .arg(&sock)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let t = std::time::Instant::now();
+    while std::os::unix::net::UnixStream::connect(&sock).is_err() {
+        assert!(t.elapsed() < LIMIT, "no API socket");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut c = Client::new(&sock, Duration::from_secs(10));
+    // Each refusal is logged (to the closed pipe), and still answered.
+    for _ in 0..3 {
+        let body = json!({"guest_cid": 1, "uds_path": dir.join("v.sock")});
+        expect(&mut c, "PUT", "/vsock", Some(body), 400);
+    }
+    assert_eq!(state(&mut c), "Not started");
+    // SAFETY: kill sends a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let t = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t.elapsed() > LIMIT {
+            let _ = child.kill();
+            panic!("SIGTERM did not end it");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(status.code().is_some(), "{status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,6 +10,7 @@
 //! 3. a new guest gets its payload loaded ([`crate::payload`]) and power-on vCPUs; a restored
 //!    one gets its saved vCPU, KVM and device state instead, and never runs boot code.
 
+use std::io::Write as _;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -275,7 +276,8 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
     let image = load_payload(&machine, &layout, &fds[0])?;
     if let (Payload::Firmware(fw), Some(rom)) = (&config.boot, &machine.firmware) {
         let at = rom.ranges().last().map_or(0, |r| r.0);
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "vessel: booting through {} firmware {} (at {at:#x})",
             match fw.kind {
                 FirmwareKind::Bios => "BIOS",
@@ -345,7 +347,8 @@ fn load_payload(
         return Ok(None);
     };
     if let (Some(p), NestedMode::Auto) = (&nested_params, m.config.nested) {
-        eprintln!(
+        let _ = writeln!(
+            std::io::stderr(),
             "vessel: this host's KVM is nested and emulates guest kernel mode: adding kernel parameters: {p}"
         );
     }

@@ -9,7 +9,11 @@
 //! (to the log file, else stderr), counts it in the metrics (`signals.sigxfsz` and friends,
 //! `seccomp.num_faults` for SIGSYS), has a last metrics line written when a metrics file is
 //! configured, and exits with Firecracker's status for it (151 for SIGXFSZ). SIGPIPE is
-//! logged (`Received signal 13, code 0.`) and counted, and the process goes on. Installed for
+//! logged (`Received signal 13, code 0.`) and counted, and the process goes on; when that log
+//! line itself meets a closed pipe (the reader of stderr is gone: a runtime that spawned the
+//! VMM exited), the SIGPIPE it raises is taken as its echo, neither logged nor counted (each
+//! would raise the next one: the thread looped in the handler, its request never answered and
+//! SIGTERM never acted on). Installed for
 //! the whole process at start in Firecracker mode; the VM's own handlers (SIGINT, SIGTERM,
 //! the vCPU kick) are other signals.
 //!
@@ -22,7 +26,7 @@
 //! [`FLUSH_WAIT_MS`].
 
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use vessel_api::Metrics;
@@ -73,6 +77,8 @@ static FLUSH_FD: AtomicI32 = AtomicI32::new(-1);
 static FLUSHER_TID: AtomicI32 = AtomicI32::new(0);
 /// How many last lines the metrics thread wrote on request.
 static FLUSHED: AtomicU64 = AtomicU64::new(0);
+/// Set when the SIGPIPE handler's own log line met a closed pipe: the next SIGPIPE is its echo.
+static SIGPIPE_ECHO: AtomicBool = AtomicBool::new(false);
 
 /// A line built on the stack; what does not fit is cut off.
 struct Line {
@@ -113,8 +119,8 @@ fn format_line(
     );
 }
 
-/// Writes one log line (async-signal-safe).
-fn log_line(message: std::fmt::Arguments<'_>) {
+/// Writes one log line (async-signal-safe); false when the write failed with EPIPE.
+fn log_line(message: std::fmt::Arguments<'_>) -> bool {
     let mut now = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
@@ -134,8 +140,16 @@ fn log_line(message: std::fmt::Arguments<'_>) {
         .map_or("anonymous-instance", String::as_str);
     format_line(&mut line, now, id, &name[..name_len], message);
     let fd = crate::logger::raw_fd().unwrap_or(libc::STDERR_FILENO);
+    // SAFETY: errno is this thread's; the handler's calls must not change it for the code
+    // they interrupted, so it is read here and put back.
+    let errno = unsafe { *libc::__errno_location() };
     // SAFETY: write(2) is async-signal-safe; the buffer is a live local.
-    unsafe { libc::write(fd, line.buf.as_ptr().cast(), line.len) };
+    let written = unsafe { libc::write(fd, line.buf.as_ptr().cast(), line.len) };
+    // SAFETY: as above.
+    let broken = written < 0 && unsafe { *libc::__errno_location() } == libc::EPIPE;
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+    !broken
 }
 
 /// The signal number and code of a handler's call.
@@ -195,11 +209,16 @@ extern "C" fn on_fatal(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut lib
 }
 
 extern "C" fn on_sigpipe(num: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    if SIGPIPE_ECHO.swap(false, Ordering::SeqCst) {
+        return;
+    }
     let (signo, code) = signal_of(num, info);
     if let Some(m) = METRICS.get() {
         m.signals.sigpipe.inc();
     }
-    log_line(format_args!("Received signal {signo}, code {code}."));
+    if !log_line(format_args!("Received signal {signo}, code {code}.")) {
+        SIGPIPE_ECHO.store(true, Ordering::SeqCst);
+    }
 }
 
 fn register(

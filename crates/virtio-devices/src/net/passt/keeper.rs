@@ -12,6 +12,7 @@
 //! - `E` and a UTF-8 message: passt could not be started (it is tried again later).
 
 use std::io;
+use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -326,7 +327,11 @@ pub fn keeper_main(control: RawFd, passt_program: &Path, tcp_forwards: &[String]
                         return 0;
                     }
                     if let Some(status) = passt.exit_status() {
-                        eprintln!("vessel passt-keeper: passt (pid {}) {status}", passt.id());
+                        let _ = writeln!(
+                            io::stderr(),
+                            "vessel passt-keeper: passt (pid {}) {status}",
+                            passt.id()
+                        );
                         break;
                     }
                 }
