@@ -140,15 +140,13 @@ fn log_line(message: std::fmt::Arguments<'_>) -> bool {
         .map_or("anonymous-instance", String::as_str);
     format_line(&mut line, now, id, &name[..name_len], message);
     let fd = crate::logger::raw_fd().unwrap_or(libc::STDERR_FILENO);
-    // SAFETY: errno is this thread's; the handler's calls must not change it for the code
-    // they interrupted, so it is read here and put back.
-    let errno = unsafe { *libc::__errno_location() };
+    // A handler must leave errno as the code it interrupted had it.
+    let saved = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
     // SAFETY: write(2) is async-signal-safe; the buffer is a live local.
     let written = unsafe { libc::write(fd, line.buf.as_ptr().cast(), line.len) };
-    // SAFETY: as above.
-    let broken = written < 0 && unsafe { *libc::__errno_location() } == libc::EPIPE;
-    // SAFETY: as above.
-    unsafe { *libc::__errno_location() = errno };
+    let broken = written < 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::EPIPE);
+    // SAFETY: __errno_location returns this thread's errno, valid for the thread's life.
+    unsafe { *libc::__errno_location() = saved };
     !broken
 }
 
