@@ -217,7 +217,19 @@ impl ApiController {
         if self.hotplugs() {
             return self.hotplug_network_interface(n);
         }
-        self.configure(|r| r.set_network_interface(n))
+        self.require_preboot()?;
+        // A MAC in use elsewhere is refused and nothing changes. Past that point, as with
+        // Firecracker, an update releases the interface it replaces before the new one is
+        // made: if the new one cannot be made, the old one is gone, its TAP and MAC free.
+        self.resources.check_guest_mac(&n)?;
+        let id = n.iface_id.clone();
+        let r = self.configure(|r| r.set_network_interface(n));
+        if r.is_err() {
+            self.resources
+                .network_interfaces
+                .retain(|o| o.iface_id != id);
+        }
+        r
     }
 
     /// `PATCH /network-interfaces/{id}` (post-boot).
@@ -520,15 +532,26 @@ impl ApiController {
 
     /// `PUT /metrics` (pre-boot, once).
     pub fn put_metrics(&mut self, m: MetricsConfig) -> Result<(), ApiError> {
+        self.open_metrics(&m.metrics_path)?;
+        self.resources.metrics = Some(m);
+        Ok(())
+    }
+
+    /// `--metrics-path`: the same file as `PUT /metrics` would open, but, as with
+    /// Firecracker, not part of the configuration (`GET /vm/config` shows `metrics: null`).
+    pub fn metrics_from_command_line(&mut self, path: &str) -> Result<(), ApiError> {
+        self.open_metrics(path)
+    }
+
+    fn open_metrics(&mut self, path: &str) -> Result<(), ApiError> {
         self.require_preboot()?;
         if self.metrics_sink.is_some() {
             return Err(ApiError::bad(
                 "Metrics error: Reinitialization of metrics not allowed.",
             ));
         }
-        self.metrics_sink = Some(open_metrics_sink(&m.metrics_path)?);
+        self.metrics_sink = Some(open_metrics_sink(path)?);
         self.metrics_file_configured();
-        self.resources.metrics = Some(m);
         Ok(())
     }
 

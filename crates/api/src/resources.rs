@@ -359,7 +359,8 @@ impl VmResources {
     }
 
     /// `PUT /drives/{id}`: inserts or replaces a drive; at most one root device, kept first.
-    pub fn set_drive(&mut self, d: Drive) -> Result<(), ApiError> {
+    /// A virtio-block drive without `is_read_only` is writable, as with Firecracker.
+    pub fn set_drive(&mut self, mut d: Drive) -> Result<(), ApiError> {
         if let Some(socket) = &d.socket {
             // Firecracker's rule: a vhost-user-block drive has its socket and nothing of
             // a file's.
@@ -380,16 +381,12 @@ impl VmResources {
                 "Drive config error: `path_on_host` is required for a virtio-block drive.",
             ));
         };
-        if d.is_read_only.is_none() {
-            return Err(ApiError::bad(
-                "Drive config error: `is_read_only` is required for a virtio-block drive.",
-            ));
-        }
         check_file(
             "Drive config error: Unable to create the virtio block device: the file",
             path,
         )?;
         check_rate_limiter(&d.rate_limiter)?;
+        d.is_read_only.get_or_insert(false);
         self.insert_drive(d)
     }
 
@@ -444,6 +441,29 @@ impl VmResources {
         }
     }
 
+    /// A valid guest MAC that no other interface has.
+    pub fn check_guest_mac(&self, n: &NetworkInterface) -> Result<(), ApiError> {
+        let Some(mac) = &n.guest_mac else {
+            return Ok(());
+        };
+        let Some(parsed) = parse_mac(mac) else {
+            return Err(ApiError::bad(format!(
+                "Network interface error: Invalid guest MAC address: {mac}"
+            )));
+        };
+        if self
+            .network_interfaces
+            .iter()
+            .filter(|o| o.iface_id != n.iface_id)
+            .any(|o| o.guest_mac.as_deref().and_then(parse_mac) == Some(parsed))
+        {
+            return Err(ApiError::bad(format!(
+                "Network interface error: The MAC address is already in use: {mac}"
+            )));
+        }
+        Ok(())
+    }
+
     /// `PUT /network-interfaces/{id}`: unique TAP names and MACs.
     pub fn set_network_interface(&mut self, n: NetworkInterface) -> Result<(), ApiError> {
         let others = || {
@@ -465,18 +485,7 @@ impl VmResources {
                 &format!("another interface uses TAP {}", n.host_dev_name),
             ));
         }
-        if let Some(mac) = &n.guest_mac {
-            let Some(parsed) = parse_mac(mac) else {
-                return Err(ApiError::bad(format!(
-                    "Network interface error: Invalid guest MAC address: {mac}"
-                )));
-            };
-            if others().any(|o| o.guest_mac.as_deref().and_then(parse_mac) == Some(parsed)) {
-                return Err(ApiError::bad(format!(
-                    "Network interface error: The MAC address is already in use: {mac}"
-                )));
-            }
-        }
+        self.check_guest_mac(&n)?;
         if let Some(mtu) = n.mtu {
             if !(68..=65535).contains(&mtu) {
                 return Err(ApiError::bad(format!(

@@ -1951,3 +1951,83 @@ fn a_vmm_without_hotplug_refuses_it() {
     // The type is reachable from the backend module too.
     let _: vessel_api::backend::PluggedDevice = PluggedDevice::Pmem("p".into());
 }
+
+/// Pre-boot updates as Firecracker makes them: a drive without `is_read_only` is writable;
+/// a MAC in use is refused and changes nothing; an interface update that fails past that
+/// check (its TAP in use) leaves the interface gone, its MAC free for another.
+#[test]
+fn preboot_updates_of_drives_and_interfaces_follow_firecracker() {
+    let env = Env::new();
+    let mut c = env.client();
+    let status = |r: ClientResponse| (r.status, r.json()["fault_message"].clone());
+    let net = |id: &str, tap: &str, mac: &str| json!({"iface_id": id, "host_dev_name": tap, "guest_mac": mac});
+    let config = |c: &mut Client| env.call(c, "GET", "/vm/config", None).json();
+
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/drives/rootfs",
+        Some(json!({"drive_id": "rootfs", "path_on_host": env.p("rootfs.ext4"), "is_root_device": true})),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(config(&mut c)["drives"][0]["is_read_only"], json!(false));
+
+    for (id, tap, mac) in [
+        ("1", "tap1", "06:00:00:00:00:01"),
+        ("2", "tap2", "06:00:00:00:00:02"),
+    ] {
+        let r = env.call(
+            &mut c,
+            "PUT",
+            &format!("/network-interfaces/{id}"),
+            Some(net(id, tap, mac)),
+        );
+        assert_eq!(r.status, 204, "{}", r.text());
+    }
+    // Another interface's MAC: refused, nothing changes.
+    let (s, m) = status(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/2",
+        Some(net("2", "tap2", "06:00:00:00:00:01")),
+    ));
+    assert_eq!(s, 400);
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("The MAC address is already in use: 06:00:00:00:00:01"),
+        "{m}"
+    );
+    assert_eq!(
+        config(&mut c)["network-interfaces"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    // Interface 1 on interface 2's TAP: refused, and interface 1 is gone.
+    let (s, m) = status(env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/1",
+        Some(net("1", "tap2", "06:00:00:00:00:01")),
+    ));
+    assert_eq!(s, 400);
+    assert!(
+        m.as_str()
+            .unwrap()
+            .starts_with("Could not create the network device"),
+        "{m}"
+    );
+    let ifaces = config(&mut c)["network-interfaces"].clone();
+    assert_eq!(ifaces.as_array().unwrap().len(), 1, "{ifaces}");
+    assert_eq!(ifaces[0]["iface_id"], "2");
+    // Its MAC is free again.
+    let r = env.call(
+        &mut c,
+        "PUT",
+        "/network-interfaces/3",
+        Some(net("3", "tap3", "06:00:00:00:00:01")),
+    );
+    assert_eq!(r.status, 204, "{}", r.text());
+}

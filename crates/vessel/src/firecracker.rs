@@ -15,7 +15,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use clap::Args;
-use vessel_api::types::{LogLevel, Logger, MetricsConfig};
+use vessel_api::types::{LogLevel, Logger};
 use vessel_api::{ApiController, ApiError, ApiThread, ServerConfig, VmResources, VmmBackend};
 use vessel_vmm::device_config::Transport;
 use vessel_vmm::{ExitReason, SerialTarget, VmConfig};
@@ -70,6 +70,10 @@ pub enum FirecrackerError {
     /// The handlers of the signals Firecracker intercepts could not be installed.
     #[error("signal handlers")]
     FatalSignalHandlers(#[source] std::io::Error),
+    /// `PUT /snapshot/load` failed: the process is not trusted to go on (Firecracker's
+    /// words).
+    #[error("Failed to build MicroVM: Loading snapshot failed.")]
+    Restore(#[source] ApiError),
     /// `--metrics-path` was refused.
     #[error("--metrics-path")]
     MetricsPath(#[source] ApiError),
@@ -438,10 +442,7 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
     let mmds = lock(&ctl).resources().mmds.clone();
     if let Some(p) = &args.metrics_path {
         lock(&ctl)
-            .put_metrics(MetricsConfig {
-                metrics_path: p.to_string_lossy().into_owned(),
-                ..Default::default()
-            })
+            .metrics_from_command_line(&p.to_string_lossy())
             .map_err(FirecrackerError::MetricsPath)?;
     }
 
@@ -543,6 +544,10 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         }
         if let Ok(e) = failed.try_recv() {
             return Err(e);
+        }
+        if let Some(e) = backend.take_failed_restore() {
+            // Dropping the server on the way out lets the failed request's answer go first.
+            return Err(FirecrackerError::Restore(e));
         }
         if let Some(outcome) = backend.take_outcome() {
             let outcome = outcome?;

@@ -966,6 +966,10 @@ fn metrics_path_mmds_limit_and_module_flags() {
         400,
     );
     assert!(fault(&e).contains("Reinitialization"), "{e}");
+    // As with Firecracker, a metrics file given on the command line is not part of the
+    // configuration.
+    let cfg = expect(&mut c, "GET", "/vm/config", None, 200);
+    assert_eq!(cfg["metrics"], serde_json::Value::Null, "{cfg}");
     expect(&mut c, "PUT", "/mmds", Some(json!({"a": "b"})), 204);
     let big = json!({"a": "x".repeat(64)});
     expect(&mut c, "PUT", "/mmds", Some(big), 413);

@@ -303,8 +303,11 @@ fn a_restored_guest_keeps_the_saved_cpuid() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A damaged snapshot is answered with Firecracker's 400, and then, as Firecracker, the
+/// process exits with status 1 and says why on stderr: a failed restore is not retried. A
+/// request the VMM refuses before it tries to restore leaves it up.
 #[test]
-fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
+fn damaged_snapshots_are_refused_then_the_vmm_exits() {
     let dir = scratch("snapshot-bad");
     let junk = dir.join("junk");
     std::fs::write(&junk, b"not a snapshot at all, and longer than a header").unwrap();
@@ -312,14 +315,35 @@ fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
     std::fs::write(&short, b"").unwrap();
     let mem = dir.join("mem");
     std::fs::write(&mem, vec![0u8; 4096]).unwrap();
-    let v = FcVessel::start(&dir, "v", &[]);
-    let mut c = v.client();
-    for (state, what) in [
+    for (i, (state, what)) in [
         (dir.join("missing"), "No such file"),
         (junk.clone(), "not a Vessel snapshot"),
         // Firecracker's words for a file with no room for its checksum.
         (short.clone(), "IO Error: File too short to contain CRC"),
-    ] {
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut v = FcVessel::start(&dir, &format!("v{i}"), &[]);
+        let mut c = v.client();
+        // Refused before any restore is tried: the VMM stays up.
+        let e = expect(
+            &mut c,
+            "PUT",
+            "/snapshot/load",
+            Some(
+                json!({"snapshot_path": state, "mem_file_path": mem, "mem_backend": {"backend_type": "File", "backend_path": mem}}),
+            ),
+            400,
+        );
+        assert!(
+            e["fault_message"]
+                .as_str()
+                .unwrap()
+                .starts_with("too many fields"),
+            "{e}"
+        );
+        assert_eq!(state_of(&v), "Not started");
         let e = expect(
             &mut c,
             "PUT",
@@ -330,8 +354,14 @@ fn damaged_snapshots_are_refused_and_the_vmm_stays_up() {
         let m = e["fault_message"].as_str().unwrap();
         assert!(m.starts_with("Load snapshot error"), "{m}");
         assert!(m.contains(what), "{m}");
+        assert_eq!(v.wait_exit(Duration::from_secs(10)), Some(1));
+        let err = v.stderr();
+        assert!(
+            err.contains("Failed to build MicroVM: Loading snapshot failed."),
+            "{err}"
+        );
+        assert!(err.contains(what), "{err}");
     }
-    assert_eq!(state_of(&v), "Not started");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
+use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
@@ -20,7 +21,7 @@ use vessel_api::types::{
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::balloon::BalloonHandle;
-use vessel_virtio_devices::block::BlockHandle;
+use vessel_virtio_devices::block::{BlockHandle, BlockStats};
 use vessel_virtio_devices::mem::MemHandle;
 use vessel_virtio_devices::net::NetHandle;
 use vessel_vmm::device_config::Transport;
@@ -58,6 +59,8 @@ pub struct ApiBackend {
     vm: Option<VmHandle>,
     ended: EventFd,
     outcome: Option<mpsc::Receiver<Result<VmOutcome, VmmError>>>,
+    /// Why a `PUT /snapshot/load` failed after its request was accepted: the process ends.
+    failed_restore: Option<ApiError>,
     logger: Option<LoggerHook>,
     /// The resources the VM was started (or restored) with, as `GET /vm/config` shows them:
     /// stored in snapshots so that a restoring VMM serves them again.
@@ -68,6 +71,8 @@ pub struct ApiBackend {
     memory_hotplug: Option<MemHandle>,
     /// The started VM's disks, with their drive ids, in device order.
     drives: Vec<(String, BlockHandle)>,
+    /// The virtio-block drives' counters, by drive id.
+    drive_stats: Vec<(String, Arc<BlockStats>)>,
     /// The started VM's network interfaces, with their ids, in device order.
     nets: Vec<(String, NetHandle)>,
     /// The started VM's pmem devices.
@@ -99,11 +104,13 @@ impl ApiBackend {
                 source,
             })?,
             outcome: None,
+            failed_restore: None,
             logger: None,
             api_config: None,
             balloon: None,
             memory_hotplug: None,
             drives: Vec::new(),
+            drive_stats: Vec::new(),
             nets: Vec::new(),
             pmem: Default::default(),
             transport: Transport::Mmio,
@@ -141,6 +148,11 @@ impl ApiBackend {
         let r = self.outcome.as_ref()?.try_recv().ok()?;
         self.outcome = None;
         Some(r)
+    }
+
+    /// Why the snapshot load failed, once it has (then the process exits, as Firecracker's).
+    pub fn take_failed_restore(&mut self) -> Option<ApiError> {
+        self.failed_restore.take()
     }
 
     /// Starts `vm` and supervises it on a thread of its own until it ends. The thread exists
@@ -229,6 +241,7 @@ impl VmmBackend for ApiBackend {
         let vm = Vm::build(&config).map_err(start_err)?;
         let handles = vm.device_handles();
         let drives = drive_handles(resources, &handles);
+        let drive_stats = drive_stats(resources, &handles);
         let nets = net_handles(resources, &handles);
         let pmem = super::pmem::PmemDevices::new(resources, &handles.pmem);
         let balloon = handles.balloon.clone().zip(resources.balloon);
@@ -238,6 +251,7 @@ impl VmmBackend for ApiBackend {
         self.seed = seed;
         self.memory_hotplug = memory_hotplug;
         self.drives = drives;
+        self.drive_stats = drive_stats;
         self.nets = nets;
         self.pmem = pmem;
         self.attach_balloon(balloon)
@@ -292,64 +306,10 @@ impl VmmBackend for ApiBackend {
         if self.vm.is_some() {
             return Err(ApiError::NotSupportedPostBoot);
         }
-        let load_err =
-            |e: &dyn std::fmt::Display| ApiError::bad(format!("Load snapshot error: {e}"));
-        let memory = match (&p.mem_file_path, &p.mem_backend) {
-            (Some(f), _) => PathBuf::from(f),
-            (None, Some(b)) if b.backend_type == MemoryBackendType::File => {
-                PathBuf::from(&b.backend_path)
-            }
-            (None, Some(_)) => {
-                return Err(ApiError::Unsupported("userfaultfd memory backends".into()))
-            }
-            (None, None) => return Err(load_err(&"no memory file")),
-        };
-        if matches!(p.huge_pages, Some(RestoreHugePages::Huge2M)) {
-            return Err(ApiError::Unsupported("huge page backed memory".into()));
-        }
-        let snap = load_state::<FullVmConfig>(Path::new(&p.snapshot_path))
-            .map_err(|e| load_err(&ErrorChain(&e)))?;
-        let mut resources = snap
-            .api
-            .clone()
-            .map(VmResources::recorded)
-            .unwrap_or_default();
-        // A memfd disk (a `vessel run --cloud-init` seed) was a descriptor of the process
-        // that took the snapshot: here the same path names another file, or none.
-        if let Some(d) = snap
-            .config
-            .devices
-            .disks
-            .iter()
-            .find(|d| is_process_local(&d.path))
-        {
-            return Err(load_err(&format!(
-                "the snapshot has a disk in the memory of the process that took it ({}, e.g. a cloud-init seed), which cannot be restored",
-                d.path.display()
-            )));
-        }
-        let mut config = snap.config.clone();
-        config.serial = self.base.serial.clone();
-        config.serial_limit = self.base.serial_limit;
-        config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
-        resources.machine_config.track_dirty_pages = config.track_dirty_pages;
-        apply_overrides(p, &mut config, &mut resources)?;
-        let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
-        let vm = if p.resume_vm { vm } else { vm.paused() };
-        let nets = net_handles(&resources, &vm.device_handles());
-        let drives = drive_handles(&resources, &vm.device_handles());
-        let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
-        pmem.set_limiters(&resources);
-        let memory_hotplug = vm.device_handles().memory_hotplug;
-        let balloon = vm.device_handles().balloon.zip(resources.balloon);
-        self.api_config = Some(resources.to_full_vm_config());
-        self.start_supervised(vm)?;
-        self.nets = nets;
-        self.drives = drives;
-        self.pmem = pmem;
-        self.memory_hotplug = memory_hotplug;
-        self.attach_balloon(balloon)?;
-        Ok(resources)
+        // As Firecracker: a restore that fails leaves a process not trusted to try again, so
+        // the caller gets its answer and the process then exits (`take_failed_restore`).
+        self.restore(p)
+            .inspect_err(|e| self.failed_restore = Some(e.clone()))
     }
 
     fn pause(&mut self) -> Result<(), ApiError> {
@@ -393,6 +353,7 @@ impl VmmBackend for ApiBackend {
                 json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
             );
             self.pmem.metrics(&mut m);
+            super::drivemetrics::block_metrics(&self.drive_stats, &mut m);
             if let Some(b) = &self.balloon {
                 b.metrics(&mut m);
             }
@@ -560,6 +521,16 @@ fn drive_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(Strin
         .collect()
 }
 
+fn drive_stats(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, Arc<BlockStats>)> {
+    resources
+        .drives
+        .iter()
+        .filter(|d| d.socket.is_none())
+        .map(|d| d.drive_id.clone())
+        .zip(handles.disks.iter().cloned())
+        .collect()
+}
+
 fn net_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, NetHandle)> {
     resources
         .network_interfaces
@@ -570,6 +541,70 @@ fn net_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String,
 }
 
 impl ApiBackend {
+    /// `PUT /snapshot/load` once it is known that no VM runs.
+    fn restore(&mut self, p: &SnapshotLoadParams) -> Result<VmResources, ApiError> {
+        let load_err =
+            |e: &dyn std::fmt::Display| ApiError::bad(format!("Load snapshot error: {e}"));
+        let memory = match (&p.mem_file_path, &p.mem_backend) {
+            (Some(f), _) => PathBuf::from(f),
+            (None, Some(b)) if b.backend_type == MemoryBackendType::File => {
+                PathBuf::from(&b.backend_path)
+            }
+            (None, Some(_)) => {
+                return Err(ApiError::Unsupported("userfaultfd memory backends".into()))
+            }
+            (None, None) => return Err(load_err(&"no memory file")),
+        };
+        if matches!(p.huge_pages, Some(RestoreHugePages::Huge2M)) {
+            return Err(ApiError::Unsupported("huge page backed memory".into()));
+        }
+        let snap = load_state::<FullVmConfig>(Path::new(&p.snapshot_path))
+            .map_err(|e| load_err(&ErrorChain(&e)))?;
+        let mut resources = snap
+            .api
+            .clone()
+            .map(VmResources::recorded)
+            .unwrap_or_default();
+        // A memfd disk (a `vessel run --cloud-init` seed) was a descriptor of the process
+        // that took the snapshot: here the same path names another file, or none.
+        if let Some(d) = snap
+            .config
+            .devices
+            .disks
+            .iter()
+            .find(|d| is_process_local(&d.path))
+        {
+            return Err(load_err(&format!(
+                "the snapshot has a disk in the memory of the process that took it ({}, e.g. a cloud-init seed), which cannot be restored",
+                d.path.display()
+            )));
+        }
+        let mut config = snap.config.clone();
+        config.serial = self.base.serial.clone();
+        config.serial_limit = self.base.serial_limit;
+        config.track_dirty_pages = p.track_dirty_pages || p.enable_diff_snapshots;
+        resources.machine_config.track_dirty_pages = config.track_dirty_pages;
+        apply_overrides(p, &mut config, &mut resources)?;
+        let vm = restore_with(&snap, &config, &memory).map_err(|e| load_err(&ErrorChain(&e)))?;
+        let vm = if p.resume_vm { vm } else { vm.paused() };
+        let nets = net_handles(&resources, &vm.device_handles());
+        let drives = drive_handles(&resources, &vm.device_handles());
+        let drive_stats = drive_stats(&resources, &vm.device_handles());
+        let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
+        pmem.set_limiters(&resources);
+        let memory_hotplug = vm.device_handles().memory_hotplug;
+        let balloon = vm.device_handles().balloon.zip(resources.balloon);
+        self.api_config = Some(resources.to_full_vm_config());
+        self.start_supervised(vm)?;
+        self.nets = nets;
+        self.drives = drives;
+        self.drive_stats = drive_stats;
+        self.pmem = pmem;
+        self.memory_hotplug = memory_hotplug;
+        self.attach_balloon(balloon)?;
+        Ok(resources)
+    }
+
     /// A post-boot drive update: a new backing file, then the rate limiter (on error
     /// nothing changed).
     fn patch_drive(&self, u: &PartialDrive) -> Result<(), ApiError> {
