@@ -32,6 +32,9 @@ pub enum Error {
     File(String),
     #[error("seccomp: this architecture ({0}) has no filters")]
     Arch(&'static str),
+    /// A compiled filter file (Firecracker's `seccompiler-bin` output) that does not decode.
+    #[error("Filter deserialization failed")]
+    Deserialize(#[source] bitcode::Error),
 }
 
 /// The devices whose workers have filters of their own.
@@ -164,6 +167,34 @@ impl Policy {
     /// `vmm`, `api` and `vcpu`; device workers use their own key when present, else `vmm`.
     pub fn from_json(reader: impl Read) -> Result<Policy, Error> {
         let map = seccompiler::compile_from_json(reader, target_arch()?)?;
+        Policy::checked(map)
+    }
+
+    /// Filters compiled by Firecracker's `seccompiler-bin`: a bitcode-encoded map of thread
+    /// kind to BPF program, each instruction one `u64` (a `sock_filter` as it lies in
+    /// memory: code, jt, jf, k, little-endian). The same keys are required as in JSON.
+    pub fn from_compiled(bytes: &[u8]) -> Result<Policy, Error> {
+        let map: HashMap<String, Vec<u64>> =
+            bitcode::deserialize(bytes).map_err(Error::Deserialize)?;
+        let map = map
+            .into_iter()
+            .map(|(k, prog)| {
+                let prog = prog
+                    .into_iter()
+                    .map(|i| seccompiler::sock_filter {
+                        code: i as u16,
+                        jt: (i >> 16) as u8,
+                        jf: (i >> 24) as u8,
+                        k: (i >> 32) as u32,
+                    })
+                    .collect();
+                (k.to_lowercase(), prog)
+            })
+            .collect();
+        Policy::checked(map)
+    }
+
+    fn checked(map: HashMap<String, BpfProgram>) -> Result<Policy, Error> {
         for key in ["vmm", "api", "vcpu"] {
             if !map.contains_key(key) {
                 return Err(Error::File(format!("no '{key}' filter")));
@@ -175,11 +206,26 @@ impl Policy {
         Ok(Policy::Custom(map))
     }
 
-    /// Reads [`Policy::from_json`] from `path`.
+    /// Reads `path`: JSON ([`Policy::from_json`]) when it starts with `{`, else
+    /// Firecracker's compiled format ([`Policy::from_compiled`]). At most 1 MiB is read.
     pub fn from_file(path: &std::path::Path) -> Result<Policy, Error> {
+        const LIMIT: u64 = 1 << 20;
         let f = std::fs::File::open(path)
             .map_err(|e| Error::File(format!("{}: {e}", path.display())))?;
-        Policy::from_json(std::io::BufReader::new(f))
+        let mut bytes = Vec::new();
+        f.take(LIMIT + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| Error::File(format!("{}: {e}", path.display())))?;
+        if bytes.len() as u64 > LIMIT {
+            return Err(Error::File(format!(
+                "{}: larger than {LIMIT} bytes",
+                path.display()
+            )));
+        }
+        match bytes.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => Policy::from_json(bytes.as_slice()),
+            _ => Policy::from_compiled(&bytes),
+        }
     }
 }
 

@@ -388,3 +388,40 @@ fn the_mem_worker_may_set_memory_slots_and_nothing_else_of_kvm() {
         Err(libc::SIGSYS)
     );
 }
+
+/// Firecracker's compiled filters (what `seccompiler-bin` writes) give the same programs as
+/// the JSON they were compiled from; anything else is refused in Firecracker's words.
+#[test]
+fn compiled_filter_files_load_as_firecracker_writes_them() {
+    let Policy::Custom(json) = Policy::from_json(FILE.as_bytes()).unwrap() else {
+        panic!("not a custom policy");
+    };
+    let as_u64 = |f: &seccompiler::sock_filter| {
+        u64::from(f.code) | u64::from(f.jt) << 16 | u64::from(f.jf) << 24 | u64::from(f.k) << 32
+    };
+    let compiled: std::collections::BTreeMap<String, Vec<u64>> = json
+        .iter()
+        .map(|(k, p)| (k.to_uppercase(), p.iter().map(as_u64).collect()))
+        .collect();
+    let bytes = bitcode::serialize(&compiled).unwrap();
+    let dir = std::env::temp_dir().join(format!("vessel-seccomp-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("filters.bpf");
+    std::fs::write(&path, &bytes).unwrap();
+    let Policy::Custom(map) = Policy::from_file(&path).unwrap() else {
+        panic!("not a custom policy");
+    };
+    // Keys are lower-cased, as Firecracker does.
+    assert_eq!(map, json);
+    let vcpu = vec![map["vcpu"].clone()];
+    assert_eq!(in_child(&vcpu, try_execve), Err(libc::SIGSYS));
+
+    std::fs::write(&path, b"Invalid BPF!").unwrap();
+    let e = Policy::from_file(&path).unwrap_err();
+    assert!(matches!(e, Error::Deserialize(_)), "{e}");
+    assert_eq!(e.to_string(), "Filter deserialization failed");
+    // The JSON text still reads as JSON, leading blanks and all.
+    std::fs::write(&path, format!("\n  {FILE}")).unwrap();
+    assert!(matches!(Policy::from_file(&path), Ok(Policy::Custom(_))));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -74,6 +74,13 @@ pub enum FirecrackerError {
     /// words).
     #[error("Failed to build MicroVM: Loading snapshot failed.")]
     Restore(#[source] ApiError),
+    /// `--seccomp-filter` (or another seccomp flag) could not be used (Firecracker's words,
+    /// then why).
+    #[error("Seccomp error: {reason}")]
+    Seccomp {
+        /// Why the filters could not be set up.
+        reason: String,
+    },
     /// `--metrics-path` was refused.
     #[error("--metrics-path")]
     MetricsPath(#[source] ApiError),
@@ -325,8 +332,8 @@ fn report_startup(metrics: &vessel_api::Metrics, args: &FirecrackerArgs, started
 /// Runs Firecracker mode ([`run`]) and, as Firecracker, logs how it ended: the error's chain
 /// and `Firecracker exiting with error. exit_code=N`, or `Firecracker exiting successfully`.
 /// The error still goes to stderr too.
-pub fn main(args: FirecrackerArgs, started_us: u64) -> ExitCode {
-    match run(args, started_us) {
+pub fn main(args: FirecrackerArgs, started_us: u64, seccomp_failure: Option<String>) -> ExitCode {
+    match run(args, started_us, seccomp_failure) {
         Ok(code) => {
             if code == ExitCode::SUCCESS {
                 log::info!("Firecracker exiting successfully. exit_code=0");
@@ -348,9 +355,13 @@ pub fn main(args: FirecrackerArgs, started_us: u64) -> ExitCode {
 
 /// Runs Firecracker mode to the end of the VM; `started_us` is when `main` began
 /// (CLOCK_MONOTONIC, microseconds).
-pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, FirecrackerError> {
+pub fn run(
+    args: FirecrackerArgs,
+    started_us: u64,
+    seccomp_failure: Option<String>,
+) -> Result<ExitCode, FirecrackerError> {
     // The API's accept thread installs its seccomp filter while the rest is set up.
-    let api_thread = match args.no_api {
+    let api_thread = match args.no_api || seccomp_failure.is_some() {
         true => None,
         false => Some(ApiThread::spawn().map_err(FirecrackerError::Thread)?),
     };
@@ -386,6 +397,9 @@ pub fn run(args: FirecrackerArgs, started_us: u64) -> Result<ExitCode, Firecrack
         "Running Firecracker v{}",
         vessel_api::FIRECRACKER_API_VERSION
     );
+    if let Some(reason) = seccomp_failure {
+        return Err(FirecrackerError::Seccomp { reason });
+    }
     let metadata = match &args.metadata {
         Some(p) => {
             let text = std::fs::read_to_string(p).map_err(|source| FirecrackerError::Metadata {

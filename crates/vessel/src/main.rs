@@ -617,15 +617,13 @@ fn main() -> ExitCode {
             return finish(code);
         }
     }
-    if let Err(e) = cli.seccomp.configure() {
-        eprintln!("vessel: {e}");
-        return ExitCode::from(2);
-    }
+    let seccomp = cli.seccomp.configure();
     let command = match cli.command {
         Some(c) => c,
         // As `firecracker`, no flag at all serves /run/firecracker.socket, as Firecracker.
+        // A filter file that does not load is reported in its log, as Firecracker's.
         None if as_firecracker || names_a_firecracker_flag(&matches) => {
-            return firecracker::main(cli.firecracker, started_us);
+            return firecracker::main(cli.firecracker, started_us, seccomp.err());
         }
         None => {
             // No subcommand and no Firecracker flag: help, as for any incomplete command.
@@ -633,6 +631,10 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if let Err(e) = seccomp {
+        eprintln!("vessel: {e}");
+        return ExitCode::from(2);
+    }
     let result: Result<ExitCode, Box<dyn std::error::Error>> = match command {
         Command::Run(args) => run(*args).map_err(Into::into),
         Command::Api(args) => apicli::run(args).map_err(Into::into),

@@ -185,6 +185,35 @@ fn firecracker_mode_filters_its_threads() {
         "vcpu",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
+    // A filter file that is neither JSON nor Firecracker's compiled format: Firecracker's
+    // error in the log, after its first line, and no VM.
+    let bpf = dir.join("bpf.out");
+    std::fs::write(&bpf, b"Invalid BPF!").unwrap();
+    let log = dir.join("fc.log");
+    std::fs::write(&log, b"").unwrap();
+    let out = run(&[
+        "--config-file",
+        &config,
+        "--no-api",
+        "--log-path",
+        log.to_str().unwrap(),
+        "--level",
+        "Info",
+        "--seccomp-filter",
+        bpf.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert!(
+        !text(&out.stdout).contains("HELLO"),
+        "{}",
+        text(&out.stdout)
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    let running = logged.find("Running Firecracker").expect(&logged);
+    let failed = logged
+        .find("Seccomp error: Filter deserialization failed")
+        .expect(&logged);
+    assert!(running < failed, "{logged}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -229,6 +229,9 @@ impl VmmBackend for ApiBackend {
             return Err(ApiError::NotSupportedPostBoot);
         }
         unsupported(resources)?;
+        if let (Some(t), None) = (resources.machine_config.cpu_template, &resources.cpu_config) {
+            cpu_config::check_static(t, cpu_config::HostCpu::this_host())?;
+        }
         let mut config = resources_to_config_on(resources, &self.base, self.transport)?;
         // The seed goes after the drives, so the drives keep their order (and handles).
         let seed = resources

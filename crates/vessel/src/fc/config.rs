@@ -5,9 +5,9 @@
 use std::path::PathBuf;
 
 use vessel_api::types::{
-    BootSource as ApiBootSource, CpuTemplate, Drive, FsDevice, HugePages, MmdsVersion,
-    NetworkInterface, RateLimiter as ApiRateLimiter, SnapshotLoadParams,
-    TokenBucket as ApiTokenBucket, DEFAULT_MMDS_ADDR,
+    BootSource as ApiBootSource, Drive, FsDevice, HugePages, MmdsVersion, NetworkInterface,
+    RateLimiter as ApiRateLimiter, SnapshotLoadParams, TokenBucket as ApiTokenBucket,
+    DEFAULT_MMDS_ADDR,
 };
 use vessel_api::{ApiError, VmResources};
 use vessel_ratelimit::{BucketConfig, BucketUpdate, RateLimiter, RateLimiterConfig};
@@ -233,9 +233,6 @@ fn mmds(r: &VmResources) -> Option<(vessel_mmds::Mmds, &[String])> {
 /// spec's 400, rather than at `InstanceStart`.
 pub(super) fn unsupported(r: &VmResources) -> Result<(), ApiError> {
     let m = &r.machine_config;
-    if m.cpu_template.is_some_and(|t| t != CpuTemplate::None) {
-        return Err(ApiError::Unsupported("static CPU templates".into()));
-    }
     if m.huge_pages != HugePages::None {
         return Err(ApiError::Unsupported("huge page backed memory".into()));
     }

@@ -4,7 +4,7 @@
 //! template checked against this host's KVM, so that a bad template is a 400 when it is put
 //! rather than a failed `InstanceStart`.
 
-use vessel_api::types::{CpuConfig, CpuidRegister};
+use vessel_api::types::{CpuConfig, CpuTemplate as ApiCpuTemplate, CpuidRegister};
 use vessel_api::ApiError;
 use vessel_kvm::template::{parse_u32, Bitmap, CpuTemplate, CpuidModifier, MsrModifier, Register};
 
@@ -71,6 +71,70 @@ pub fn check_on_host(t: &CpuTemplate) -> Result<(), ApiError> {
     t.check(&supported, msrs.as_slice()).map_err(bad)
 }
 
+/// A host processor as Firecracker names the ones its static templates are made for: the
+/// vendor string of CPUID leaf 0 and the signature (family, model, stepping) of leaf 1's EAX.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostCpu {
+    pub vendor: [u8; 12],
+    /// CPUID.1:EAX without its reserved bits (stepping, model, family, extended model and
+    /// family).
+    pub signature: u32,
+}
+
+const INTEL: &[u8; 12] = b"GenuineIntel";
+const AMD: &[u8; 12] = b"AuthenticAMD";
+const SKYLAKE: u32 = 0x0005_0654;
+const CASCADE_LAKE: u32 = 0x0005_0657;
+const ICE_LAKE: u32 = 0x0006_06a6;
+const MILAN: u32 = 0x00a0_0f11;
+
+impl HostCpu {
+    /// This host's processor.
+    pub fn this_host() -> HostCpu {
+        let (l0, l1) = (std::arch::x86_64::__cpuid(0), std::arch::x86_64::__cpuid(1));
+        let mut vendor = [0u8; 12];
+        vendor[..4].copy_from_slice(&l0.ebx.to_le_bytes());
+        vendor[4..8].copy_from_slice(&l0.edx.to_le_bytes());
+        vendor[8..].copy_from_slice(&l0.ecx.to_le_bytes());
+        HostCpu {
+            vendor,
+            signature: l1.eax & 0x0fff_3fff,
+        }
+    }
+}
+
+/// A static CPU template (`cpu_template` in `/machine-config`) at `InstanceStart`, as
+/// Firecracker judges it: each is made for one vendor and a few processor models, and refused
+/// elsewhere in Firecracker's words. Vessel does not carry Firecracker's masks for them: on a
+/// processor they are made for, it says so (a custom template, `PUT /cpu-config`, can
+/// describe the same CPUID and MSR changes).
+pub fn check_static(t: ApiCpuTemplate, host: HostCpu) -> Result<(), ApiError> {
+    let (vendor, models): (&[u8; 12], &[u32]) = match t {
+        ApiCpuTemplate::None => return Ok(()),
+        ApiCpuTemplate::C3 | ApiCpuTemplate::T2 => (INTEL, &[SKYLAKE, CASCADE_LAKE, ICE_LAKE]),
+        ApiCpuTemplate::T2S => (INTEL, &[SKYLAKE, CASCADE_LAKE]),
+        ApiCpuTemplate::T2CL => (INTEL, &[CASCADE_LAKE, ICE_LAKE]),
+        ApiCpuTemplate::T2A => (AMD, &[MILAN]),
+        ApiCpuTemplate::V1N1 => {
+            return Err(bad("V1N1 is an aarch64 template; this host is x86_64"))
+        }
+    };
+    let start = |why: &str| ApiError::bad(format!("Start microvm error: {why}"));
+    if host.vendor != *vendor {
+        return Err(start(
+            "CPU vendor mismatched between actual CPU and CPU template.",
+        ));
+    }
+    if !models.contains(&host.signature) {
+        return Err(start(
+            "The current CPU model is not permitted to apply the CPU template.",
+        ));
+    }
+    Err(ApiError::Unsupported(format!(
+        "the static CPU template {t:?} (describe it as a custom template with PUT /cpu-config)"
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,6 +182,46 @@ mod tests {
         let r = serde_json::from_value::<CpuConfig>(json!({"cpuid_modifiers": [{"leaf": "0x1",
             "subleaf": "0x0", "flags": 0, "modifiers": [{"register": "esi", "bitmap": "0b1"}]}]}));
         assert!(r.unwrap_err().to_string().contains("esi"));
+    }
+
+    #[test]
+    fn static_templates_are_judged_by_vendor_and_model() {
+        let rome = HostCpu {
+            vendor: *AMD,
+            signature: 0x0083_0f10,
+        };
+        let cascade = HostCpu {
+            vendor: *INTEL,
+            signature: CASCADE_LAKE,
+        };
+        assert!(check_static(ApiCpuTemplate::None, rome).is_ok());
+        let e = check_static(ApiCpuTemplate::C3, rome).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Start microvm error: CPU vendor mismatched between actual CPU and CPU template."
+        );
+        let e = check_static(ApiCpuTemplate::T2A, rome).unwrap_err();
+        assert!(e.to_string().contains("CPU model is not permitted"), "{e}");
+        let e = check_static(
+            ApiCpuTemplate::T2S,
+            HostCpu {
+                signature: ICE_LAKE,
+                ..cascade
+            },
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("CPU model is not permitted"));
+        let e = check_static(ApiCpuTemplate::T2CL, cascade).unwrap_err();
+        assert!(matches!(e, ApiError::Unsupported(_)), "{e}");
+        assert!(check_static(ApiCpuTemplate::V1N1, cascade).is_err());
+        let here = HostCpu::this_host();
+        assert!(
+            here.vendor == *INTEL || here.vendor == *AMD,
+            "{:?}",
+            here.vendor
+        );
     }
 
     /// On a host with /dev/kvm: leaf 0x1 is there, leaf 0x4fff_ffff is not.
