@@ -356,7 +356,7 @@ impl VmmBackend for ApiBackend {
                 json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
             );
             self.pmem.metrics(&mut m);
-            super::drivemetrics::block_metrics(&self.drive_stats, &mut m);
+            super::devmetrics::block_metrics(&self.drive_stats, &mut m);
             if let Some(b) = &self.balloon {
                 b.metrics(&mut m);
             }

@@ -10,7 +10,7 @@
 //! - [`cidata`]: the `PUT /vessel/cloud-init` seed disk;
 //! - [`signals`]: Firecracker's SIGXFSZ handler (log, exit 151);
 //! - `taps`: TAPs checked when configured, refused in Firecracker's words.
-//! - `drivemetrics`: the drives' counters in Firecracker's `block` metrics groups;
+//! - `devmetrics`: per-device counters in Firecracker's metrics groups (`block`, `pmem`);
 //! - `memhp`: hotpluggable memory (`/hotplug/memory`) in the API's terms.
 //!
 //! Firecracker's devices are all virtio-mmio, so API-configured devices use the MMIO
@@ -21,7 +21,7 @@ mod balloon;
 pub mod cidata;
 pub mod config;
 pub mod cpu_config;
-mod drivemetrics;
+mod devmetrics;
 mod memhp;
 mod pmem;
 pub mod signals;

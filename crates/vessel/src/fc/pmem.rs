@@ -90,26 +90,12 @@ impl PmemDevices {
     /// counter's total (zeros without devices; metrics lines report what changed since the
     /// previous one).
     pub(super) fn metrics(&self, out: &mut Map<String, Value>) {
-        let mut total = [0u64; 6];
         let names = PmemStats::default().values().map(|(n, _)| n);
-        for (id, dev) in &self.devices {
-            let mut group = Map::new();
-            for (i, (name, v)) in dev.stats.values().iter().enumerate() {
-                total[i] += v;
-                group.insert((*name).into(), (*v).into());
-            }
-            out.insert(format!("pmem_{id}"), Value::Object(group));
-        }
-        out.insert(
-            "pmem".into(),
-            Value::Object(
-                names
-                    .iter()
-                    .zip(total)
-                    .map(|(n, v)| ((*n).to_string(), v.into()))
-                    .collect(),
-            ),
-        );
+        let devices = self
+            .devices
+            .iter()
+            .map(|(id, dev)| (id.as_str(), dev.stats.values().map(|(_, v)| v)));
+        super::devmetrics::device_groups("pmem", names, devices, out);
     }
 }
 
