@@ -8,7 +8,6 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc;
-use std::sync::Arc;
 
 use serde_json::{json, Map, Value};
 use vessel_api::resources::FullVmConfig;
@@ -21,7 +20,7 @@ use vessel_api::types::{
 };
 use vessel_api::{ApiError, VmResources, VmmBackend};
 use vessel_virtio_devices::balloon::BalloonHandle;
-use vessel_virtio_devices::block::{BlockHandle, BlockStats};
+use vessel_virtio_devices::block::BlockHandle;
 use vessel_virtio_devices::mem::MemHandle;
 use vessel_virtio_devices::net::NetHandle;
 use vessel_vmm::device_config::Transport;
@@ -71,8 +70,6 @@ pub struct ApiBackend {
     memory_hotplug: Option<MemHandle>,
     /// The started VM's disks, with their drive ids, in device order.
     drives: Vec<(String, BlockHandle)>,
-    /// The virtio-block drives' counters, by drive id.
-    drive_stats: Vec<(String, Arc<BlockStats>)>,
     /// The started VM's network interfaces, with their ids, in device order.
     nets: Vec<(String, NetHandle)>,
     /// The started VM's pmem devices.
@@ -110,7 +107,6 @@ impl ApiBackend {
             balloon: None,
             memory_hotplug: None,
             drives: Vec::new(),
-            drive_stats: Vec::new(),
             nets: Vec::new(),
             pmem: Default::default(),
             transport: Transport::Mmio,
@@ -244,7 +240,6 @@ impl VmmBackend for ApiBackend {
         let vm = Vm::build(&config).map_err(start_err)?;
         let handles = vm.device_handles();
         let drives = drive_handles(resources, &handles);
-        let drive_stats = drive_stats(resources, &handles);
         let nets = net_handles(resources, &handles);
         let pmem = super::pmem::PmemDevices::new(resources, &handles.pmem);
         let balloon = handles.balloon.clone().zip(resources.balloon);
@@ -254,7 +249,6 @@ impl VmmBackend for ApiBackend {
         self.seed = seed;
         self.memory_hotplug = memory_hotplug;
         self.drives = drives;
-        self.drive_stats = drive_stats;
         self.nets = nets;
         self.pmem = pmem;
         self.attach_balloon(balloon)
@@ -356,7 +350,7 @@ impl VmmBackend for ApiBackend {
                 json!({"rate_limiter_dropped_bytes": s.serial_dropped_bytes}),
             );
             self.pmem.metrics(&mut m);
-            super::devmetrics::block_metrics(&self.drive_stats, &mut m);
+            super::devmetrics::block_metrics(&self.drives, &mut m);
             if let Some(b) = &self.balloon {
                 b.metrics(&mut m);
             }
@@ -524,16 +518,6 @@ fn drive_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(Strin
         .collect()
 }
 
-fn drive_stats(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, Arc<BlockStats>)> {
-    resources
-        .drives
-        .iter()
-        .filter(|d| d.socket.is_none())
-        .map(|d| d.drive_id.clone())
-        .zip(handles.disks.iter().cloned())
-        .collect()
-}
-
 fn net_handles(resources: &VmResources, handles: &DeviceHandles) -> Vec<(String, NetHandle)> {
     resources
         .network_interfaces
@@ -592,7 +576,6 @@ impl ApiBackend {
         let vm = if p.resume_vm { vm } else { vm.paused() };
         let nets = net_handles(&resources, &vm.device_handles());
         let drives = drive_handles(&resources, &vm.device_handles());
-        let drive_stats = drive_stats(&resources, &vm.device_handles());
         let pmem = super::pmem::PmemDevices::new(&resources, &vm.device_handles().pmem);
         pmem.set_limiters(&resources);
         let memory_hotplug = vm.device_handles().memory_hotplug;
@@ -601,7 +584,6 @@ impl ApiBackend {
         self.start_supervised(vm)?;
         self.nets = nets;
         self.drives = drives;
-        self.drive_stats = drive_stats;
         self.pmem = pmem;
         self.memory_hotplug = memory_hotplug;
         self.attach_balloon(balloon)?;

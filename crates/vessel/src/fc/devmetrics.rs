@@ -1,10 +1,8 @@
 //! Firecracker's per-device metrics groups: `<kind>_<device id>` for each device and
 //! `<kind>` for their sum (`block` for the drives, `pmem` for the pmem devices).
 
-use std::sync::Arc;
-
 use serde_json::{Map, Value};
-use vessel_virtio_devices::block::BlockStats;
+use vessel_virtio_devices::block::{BlockHandle, BlockStats};
 
 /// Adds a group of `N` named counters per device, `<kind>_<id>`, and `<kind>` with their sums
 /// (zeros without devices) to `out`. `names` are the counters' names in Firecracker's schema.
@@ -45,8 +43,10 @@ fn block_values(s: &BlockStats) -> [u64; 4] {
 }
 
 /// The drives' groups (cumulative counters): `block_<drive id>` and `block`.
-pub(super) fn block_metrics(drives: &[(String, Arc<BlockStats>)], out: &mut Map<String, Value>) {
-    let devices = drives.iter().map(|(id, s)| (id.as_str(), block_values(s)));
+pub(super) fn block_metrics(drives: &[(String, BlockHandle)], out: &mut Map<String, Value>) {
+    let devices = drives
+        .iter()
+        .map(|(id, d)| (id.as_str(), block_values(d.stats())));
     device_groups("block", BLOCK, devices, out);
 }
 
@@ -58,15 +58,16 @@ mod tests {
 
     #[test]
     fn each_drive_has_its_group_and_block_is_their_sum() {
-        let a = Arc::new(BlockStats::default());
-        let b = Arc::new(BlockStats::default());
+        let a = BlockStats::default();
+        let b = BlockStats::default();
         a.bytes_read.store(512, Ordering::Relaxed);
         a.wakeups.store(3, Ordering::Relaxed);
         b.bytes_read.store(1024, Ordering::Relaxed);
         b.bytes_written.store(4096, Ordering::Relaxed);
         b.errors.store(1, Ordering::Relaxed);
         let mut m = Map::new();
-        block_metrics(&[("rootfs".into(), a), ("scratch".into(), b)], &mut m);
+        let drives = [("rootfs", block_values(&a)), ("scratch", block_values(&b))];
+        device_groups("block", BLOCK, drives.into_iter(), &mut m);
         assert_eq!(
             Value::Object(m),
             json!({

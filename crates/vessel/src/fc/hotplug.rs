@@ -50,7 +50,6 @@ impl ApiBackend {
             ));
         };
         self.drives.push((d.drive_id.clone(), h.control));
-        self.drive_stats.push((d.drive_id.clone(), h.stats));
         if let Some(c) = self.api_config.as_mut() {
             c.drives.push(d.clone());
         }
@@ -115,7 +114,6 @@ impl ApiBackend {
                 vm.unplug(PluggedRef::Disk(&self.drives[i].1), UNPLUG_TIMEOUT)
                     .map_err(|e| hotplug_error("Drive config error: ", e))?;
                 self.drives.remove(i);
-                self.drive_stats.retain(|(d, _)| d != id);
                 if let Some(c) = self.api_config.as_mut() {
                     c.drives.retain(|d| d.drive_id != *id);
                 }

@@ -196,6 +196,7 @@ pub struct BlockHandle {
     disk: Arc<Disk>,
     interrupt: RunningInterrupt,
     limiter: RateLimiter,
+    stats: Arc<BlockStats>,
 }
 
 impl std::fmt::Debug for BlockHandle {
@@ -242,6 +243,11 @@ impl BlockHandle {
     /// device runs.
     pub fn rate_limiter(&self) -> &RateLimiter {
         &self.limiter
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> &BlockStats {
+        &self.stats
     }
 }
 
@@ -318,6 +324,7 @@ impl Block {
             disk: self.disk.clone(),
             interrupt: self.interrupt.clone(),
             limiter: self.limiter.clone(),
+            stats: self.stats.clone(),
         }
     }
 
