@@ -39,6 +39,27 @@ impl DirtyBitmap {
         }
     }
 
+    /// A bitmap made of each region's words as KVM's dirty log returns them (one vector
+    /// per region, taken over without a copy: a large VM's log is hundreds of KiB). Missing
+    /// words are clean; extra words and bits past a region's last page are dropped.
+    pub fn from_words(regions: &[MemRegion], mut words: Vec<Vec<u64>>) -> Self {
+        words.resize_with(regions.len(), Vec::new);
+        words.truncate(regions.len());
+        for (r, bits) in regions.iter().zip(words.iter_mut()) {
+            let pages = r.pages();
+            bits.resize(pages.div_ceil(64) as usize, 0);
+            if pages % 64 != 0 {
+                if let Some(last) = bits.last_mut() {
+                    *last &= (1u64 << (pages % 64)) - 1;
+                }
+            }
+        }
+        DirtyBitmap {
+            regions: regions.to_vec(),
+            bits: words,
+        }
+    }
+
     /// A bitmap with every page dirty.
     pub fn all(regions: &[MemRegion]) -> Self {
         let mut b = Self::new(regions);
@@ -58,14 +79,27 @@ impl DirtyBitmap {
             return;
         };
         let bits = &mut self.bits[region];
+        // Clean words are not written: a fresh bitmap's untouched pages stay unallocated.
         for (b, w) in bits.iter_mut().zip(words) {
-            *b |= w;
+            if *w != 0 {
+                *b |= w;
+            }
         }
         // Bits past the region's last page stay clear.
         if pages % 64 != 0 {
             if let Some(last) = bits.last_mut() {
                 *last &= (1u64 << (pages % 64)) - 1;
             }
+        }
+    }
+
+    /// Marks page `page` of region `region` (nothing past the region).
+    pub fn set_page(&mut self, region: usize, page: u64) {
+        let Some(r) = self.regions.get(region) else {
+            return;
+        };
+        if page < r.pages() {
+            self.bits[region][(page / 64) as usize] |= 1 << (page % 64);
         }
     }
 
@@ -200,5 +234,32 @@ mod tests {
         assert_eq!(only, b);
         b.merge(&all);
         assert_eq!(b, all);
+    }
+
+    #[test]
+    fn kvm_words_become_a_bitmap_as_merged_into_a_clean_one() {
+        let logs = vec![vec![0b1010, 0b110, 99], vec![u64::MAX]];
+        let mut merged = DirtyBitmap::new(&regions());
+        for (i, w) in logs.iter().enumerate() {
+            merged.merge_words(i, w);
+        }
+        let taken = DirtyBitmap::from_words(&regions(), logs);
+        assert_eq!(taken, merged);
+        let mut set = DirtyBitmap::new(&regions());
+        for (region, page) in [(0, 1), (0, 3), (0, 65), (1, 0), (1, 7), (1, 8), (2, 0)] {
+            set.set_page(region, page);
+        }
+        assert_eq!(set.runs(0), [(1, 1), (3, 1)], "page 65 is past the region");
+        assert_eq!(set.runs(1), [(0, 1), (7, 1)]);
+        assert_eq!(
+            taken.runs(1),
+            [(0, 8)],
+            "bits past the last page are dropped"
+        );
+        // A missing region's log is clean; an extra one is ignored.
+        let short = DirtyBitmap::from_words(&regions(), vec![vec![1]]);
+        assert_eq!((short.count(), short.runs(0)), (1, vec![(0, 1)]));
+        let long = DirtyBitmap::from_words(&regions(), vec![vec![], vec![], vec![1]]);
+        assert_eq!(long, DirtyBitmap::new(&regions()));
     }
 }

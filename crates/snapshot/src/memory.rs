@@ -39,12 +39,26 @@ pub fn layout(mem: &GuestMemoryMmap) -> Vec<MemRegion> {
 /// own dirty bitmaps, which `vm-memory` sets on every write through its API, and resets
 /// them. KVM's dirty log has the guest's writes; the union of both is what changed.
 pub fn take_vmm_dirty(mem: &GuestMemoryMmap) -> DirtyBitmap {
-    let regions = layout(mem);
-    let mut bits = DirtyBitmap::new(&regions);
-    for (i, r) in mem.iter().enumerate() {
-        bits.merge_words(i, &std::ops::Deref::deref(r).bitmap().get_and_reset());
-    }
+    let mut bits = DirtyBitmap::new(&layout(mem));
+    take_vmm_dirty_into(mem, &mut bits);
     bits
+}
+
+/// [`take_vmm_dirty`] ORed into `bits` (over the same regions). Bit by bit, without a copy
+/// of the bitmaps (`get_and_reset` makes one, and writes every word): only words with a set
+/// bit are written, so a large VM's mostly clean bitmaps stay unallocated. A bit the VMM sets
+/// again between the read and the reset is not lost: its write came before, and is copied
+/// with the page.
+pub fn take_vmm_dirty_into(mem: &GuestMemoryMmap, bits: &mut DirtyBitmap) {
+    for (i, r) in mem.iter().enumerate() {
+        let map = std::ops::Deref::deref(r).bitmap();
+        for page in 0..map.len() {
+            if map.is_bit_set(page) {
+                map.reset_bit(page);
+                bits.set_page(i, page as u64);
+            }
+        }
+    }
 }
 
 /// The pages of guest memory mapped in this process's page tables: those the guest (or the

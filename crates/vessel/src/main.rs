@@ -9,7 +9,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
-use memfile::MemFile;
+use vessel_firecracker::cli::{
+    invoked_as_firecracker, parse_level, usage_error, version_text, FirecrackerCli, SeccompArgs,
+};
+use vessel_firecracker::memfile::MemFile;
+use vessel_firecracker::{firecracker, logger, seed};
 use vessel_image::ImageName;
 use vessel_vmm::device_config::{
     check_pmem, parse_rng, split_options, BalloonConfig, DeviceConfigs, DeviceOption, DiskConfig,
@@ -19,14 +23,8 @@ use vessel_vmm::firmware::{Firmware, FirmwareKernel};
 use vessel_vmm::{ErrorChain, ExitReason, NestedMode, Payload, SerialTarget, VmConfig};
 
 mod apicli;
-mod fc;
-mod firecracker;
-mod logger;
-mod memfile;
 mod migratecli;
-mod seed;
 mod snapshotcli;
-mod trim;
 
 #[derive(Parser)]
 #[command(
@@ -49,50 +47,6 @@ struct Cli {
     firecracker: firecracker::FirecrackerArgs,
     #[command(flatten)]
     seccomp: SeccompArgs,
-}
-
-/// seccomp-bpf filters (every command that starts a VM; Firecracker mode too).
-#[derive(Args, Debug, Default)]
-struct SeccompArgs {
-    /// Run without seccomp filters (they are on by default).
-    #[arg(long, global = true, conflicts_with_all = ["seccomp_filter", "seccomp_log"])]
-    no_seccomp: bool,
-    /// Use the filters of this Firecracker-style JSON file (keys vmm, api, vcpu and
-    /// optionally virtio-blk, virtio-net, ...) instead of Vessel's.
-    #[arg(long, global = true, value_name = "FILE")]
-    seccomp_filter: Option<PathBuf>,
-    /// Log syscalls outside the filters (kernel log) instead of killing the process.
-    #[arg(long, global = true, conflicts_with = "seccomp_filter")]
-    seccomp_log: bool,
-    /// Firecracker before 1.0: 0 turns the filters off, 1 and 2 leave them on.
-    #[arg(long, global = true, hide = true, value_name = "LEVEL")]
-    seccomp_level: Option<u8>,
-    /// Tests: the first thread of this kind (vmm, api, vcpu, virtio-blk, ...) makes a
-    /// forbidden syscall once its filter is on.
-    #[arg(long, global = true, hide = true, value_name = "KIND")]
-    seccomp_selftest: Option<String>,
-}
-
-impl SeccompArgs {
-    /// Chooses the process's filters; every thread installs its own as it starts.
-    fn configure(&self) -> Result<(), String> {
-        use vessel_seccomp::{Action, Policy, ThreadKind};
-        let policy = if self.no_seccomp || self.seccomp_level == Some(0) {
-            Policy::Off
-        } else if let Some(path) = &self.seccomp_filter {
-            Policy::from_file(path).map_err(|e| ErrorChain(&e).to_string())?
-        } else if self.seccomp_log {
-            Policy::Builtin(Action::Log)
-        } else {
-            Policy::Builtin(Action::Kill)
-        };
-        if let Some(k) = &self.seccomp_selftest {
-            let kind =
-                ThreadKind::from_key(k).ok_or_else(|| format!("'{k}' is not a thread kind"))?;
-            vessel_seccomp::set_selftest(kind);
-        }
-        vessel_seccomp::configure(policy).map_err(|e| ErrorChain(&e).to_string())
-    }
 }
 
 #[derive(Subcommand)]
@@ -266,11 +220,6 @@ fn parse_memory(s: &str) -> Result<MemoryOption, String> {
 /// memory grows with its size, so it starts faster with less.
 const LINUX_MEMORY: u64 = 256 << 20;
 const DEMO_MEMORY: u64 = 32 << 20;
-
-fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
-    s.parse()
-        .map_err(|_| format!("'{s}' is not a log level (error, warn, info, debug, trace)"))
-}
 
 fn build_image(name: ImageName) -> Result<vessel_image::ImagePaths, String> {
     vessel_image::build(name, &mut |line| eprintln!("vessel: {line}"))
@@ -486,52 +435,6 @@ fn run(mut args: RunArgs) -> Result<ExitCode, String> {
     })
 }
 
-/// Help and version go out as clap writes them; a usage error becomes one line.
-fn usage_error(e: clap::Error) -> ExitCode {
-    use clap::error::ErrorKind;
-    if matches!(
-        e.kind(),
-        ErrorKind::DisplayHelp
-            | ErrorKind::DisplayVersion
-            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
-    ) {
-        let _ = e.print();
-        return ExitCode::SUCCESS;
-    }
-    let text = e.to_string();
-    let line = text.lines().next().unwrap_or("invalid arguments");
-    eprintln!(
-        "vessel: {} (see vessel --help)",
-        line.trim_start_matches("error: ")
-    );
-    ExitCode::from(2)
-}
-
-/// The first line is shaped as Firecracker's `Firecracker v1.x.y`, whose second word tools
-/// parse as the version of the API they will talk to (Kata Containers: first line, second
-/// word, leading 'v' stripped, at least 0.21.1); it gives the Firecracker API version Vessel
-/// implements, and names Vessel's own version after it.
-/// Invoked as `firecracker`, the first line is exactly Firecracker's (`Firecracker v1.16.1`),
-/// which Firecracker's own tests parse.
-fn version_text(as_firecracker: bool) -> String {
-    let api = vessel_api::FIRECRACKER_API_VERSION;
-    let own = env!("CARGO_PKG_VERSION");
-    if as_firecracker {
-        format!("Firecracker v{api}\n\nVessel v{own}, a Firecracker-compatible VMM\n")
-    } else {
-        format!("Vessel v{api} (Firecracker API v{api}; vessel {own})\n")
-    }
-}
-
-/// Whether the process was started under the name `firecracker` (a drop-in binary or link).
-fn invoked_as_firecracker() -> bool {
-    std::env::args_os()
-        .next()
-        .map(PathBuf::from)
-        .and_then(|p| p.file_name().map(|n| n == "firecracker"))
-        .unwrap_or(false)
-}
-
 /// Whether the command line names a flag other than Vessel's own `--log-level` (all the
 /// others at the top level are Firecracker's), so that any Firecracker flag on its own starts
 /// Firecracker mode. A bare `vessel` prints help instead of serving the default socket.
@@ -540,23 +443,6 @@ fn names_a_firecracker_flag(m: &clap::ArgMatches) -> bool {
         id.as_str() != "log_level"
             && m.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine)
     })
-}
-
-/// Firecracker mode's flags and the global ones, without the subcommands: what `vessel`
-/// parses first when no argument names a subcommand. Building the whole parser (every
-/// subcommand's flags) took about 0.2 ms of Firecracker mode's start. Anything this one does
-/// not take (`--help`, a mistake) goes to the whole parser, whose answer the user sees.
-#[derive(Parser)]
-#[command(name = "vessel", disable_version_flag = true, disable_help_flag = true)]
-struct FirecrackerCli {
-    #[arg(short = 'V', long)]
-    version: bool,
-    #[arg(long, default_value = "warn", value_parser = parse_level)]
-    log_level: log::LevelFilter,
-    #[command(flatten)]
-    firecracker: firecracker::FirecrackerArgs,
-    #[command(flatten)]
-    seccomp: SeccompArgs,
 }
 
 /// The subcommands' names (and clap's `help`): an argument that is one of them sends the
@@ -581,7 +467,11 @@ fn parse(args: Vec<std::ffi::OsString>) -> Result<(Cli, clap::ArgMatches), clap:
         .skip(1)
         .any(|a| SUBCOMMANDS.iter().any(|s| a == *s));
     if !names_a_subcommand {
+        // Anything the short parser does not take (`--help`, a mistake) goes to the whole
+        // one, whose answer the user sees.
         let fast = FirecrackerCli::command()
+            .name("vessel")
+            .disable_help_flag(true)
             .try_get_matches_from(&args)
             .and_then(|m| FirecrackerCli::from_arg_matches(&m).map(|c| (c, m)));
         if let Ok((f, m)) = fast {
@@ -604,7 +494,7 @@ fn main() -> ExitCode {
     let parsed = parse(std::env::args_os().collect());
     let (cli, matches) = match parsed {
         Ok(c) => c,
-        Err(e) => return usage_error(e),
+        Err(e) => return usage_error(e, "vessel"),
     };
     let as_firecracker = invoked_as_firecracker();
     if cli.version {

@@ -341,7 +341,7 @@ mod tests {
             .name(name.clone())
             .spawn(|| {
                 // SAFETY: gettid takes no arguments.
-                let tid = unsafe { libc::gettid() };
+                let tid = unsafe { libc::syscall(libc::SYS_gettid) };
                 std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap()
             })
             .unwrap()

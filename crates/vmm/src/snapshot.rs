@@ -173,14 +173,13 @@ pub(crate) fn kvm_dirty_log(
     vm: &VmFd,
     regions: &[MemRegion],
 ) -> Result<DirtyBitmap, SnapshotFailure> {
-    let mut bits = DirtyBitmap::new(regions);
-    for (slot, r) in regions.iter().enumerate() {
-        let words = vm
-            .get_dirty_log(slot as u32, r.size as usize)
-            .map_err(SnapshotFailure::DirtyLog)?;
-        bits.merge_words(slot, &words);
-    }
-    Ok(bits)
+    let words = regions
+        .iter()
+        .enumerate()
+        .map(|(slot, r)| vm.get_dirty_log(slot as u32, r.size as usize))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(SnapshotFailure::DirtyLog)?;
+    Ok(DirtyBitmap::from_words(regions, words))
 }
 
 /// The pages written since the last call: KVM's dirty log (the guest's writes) and guest
@@ -188,7 +187,7 @@ pub(crate) fn kvm_dirty_log(
 pub(crate) fn dirty_pages(m: &Machine) -> Result<DirtyBitmap, SnapshotFailure> {
     let regions = memory::layout(&m.mem);
     let mut d = kvm_dirty_log(&m.vm, &regions)?;
-    d.merge(&memory::take_vmm_dirty(&m.mem));
+    memory::take_vmm_dirty_into(&m.mem, &mut d);
     Ok(d)
 }
 

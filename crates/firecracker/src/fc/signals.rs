@@ -164,8 +164,7 @@ fn signal_of(num: libc::c_int, info: *mut libc::siginfo_t) -> (i32, i32) {
 /// unless there is no metrics thread or this is it.
 fn last_metrics_line() {
     let fd = FLUSH_FD.load(Ordering::SeqCst);
-    // SAFETY: gettid has no preconditions.
-    if fd < 0 || unsafe { libc::gettid() } == FLUSHER_TID.load(Ordering::SeqCst) {
+    if fd < 0 || gettid() == FLUSHER_TID.load(Ordering::SeqCst) {
         return;
     }
     let before = FLUSHED.load(Ordering::SeqCst);
@@ -252,10 +251,17 @@ pub fn count_in(metrics: Arc<Metrics>) {
     let _ = METRICS.set(metrics);
 }
 
+/// The calling thread's id, from the system call itself: in a static link-time-optimized
+/// build, glibc's `gettid` wrapper can end up a weak reference (the standard library declares
+/// it weak), which nothing resolves, and calling it jumps to address 0.
+fn gettid() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_gettid) as libc::pid_t }
+}
+
 /// Called on the metrics thread: signal handlers wake it through `fd` for a last line.
 pub fn set_flusher(fd: i32) {
-    // SAFETY: gettid has no preconditions.
-    FLUSHER_TID.store(unsafe { libc::gettid() }, Ordering::SeqCst);
+    FLUSHER_TID.store(gettid(), Ordering::SeqCst);
     FLUSH_FD.store(fd, Ordering::SeqCst);
 }
 
