@@ -3,6 +3,9 @@
 #
 #   KATA_SHIM=/path/containerd-shim-kata-v2 KATA_AGENT=/path/kata-agent scripts/kata-e2e.sh
 #
+# (VESSEL=/path/vessel, FIRECRACKER=/path/firecracker: the binaries to use; by default the
+# release build's `vessel`, for both the guest kit and the VMM.)
+#
 # runs `ctr run --runtime io.containerd.kata.v2 IMAGE echo ...` with Debian's containerd and
 # Kata's runtime-rs driving Vessel as its `firecracker`, and passes when the container's output
 # comes back from inside the Vessel microVM. Kata's own binaries (runtime-rs's shim and
@@ -40,9 +43,10 @@ kernel=$(sed -n 's/^kernel=//p' <<< "$paths")
 [ -f "$kernel" ] || die "no kata kernel after 'vessel image build kata'"
 guest_kernel=$(sed -n 's/^kernel.release=//p' "$(dirname "$kernel")/stamp")
 # Kata starts `path --api-sock SOCK`; the wrapper keeps the guest's console (stdout) in a file.
+# FIRECRACKER names the VMM Kata runs instead of `vessel` (the `firecracker` drop-in binary).
 cat > "$work/bin/firecracker" <<EOF
 #!/bin/sh
-exec "$vessel" "\$@" >> "$work/console.log"
+exec "${FIRECRACKER:-$vessel}" "\$@" >> "$work/console.log"
 EOF
 chmod +x "$work/bin/firecracker"
 ln -sf "$(readlink -f "$KATA_SHIM")" "$work/bin/containerd-shim-kata-v2"
