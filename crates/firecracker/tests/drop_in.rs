@@ -9,8 +9,13 @@ use std::time::{Duration, Instant};
 
 use vessel_api::client::Client;
 
+/// The binary under test: this package's, or the one `VESSEL_FIRECRACKER_BIN` names (the
+/// extended test command checks the static build of `scripts/build-static.sh` so).
 fn firecracker() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_firecracker"))
+    match std::env::var_os("VESSEL_FIRECRACKER_BIN") {
+        Some(bin) => Command::new(bin),
+        None => Command::new(env!("CARGO_BIN_EXE_firecracker")),
+    }
 }
 
 fn scratch(name: &str) -> PathBuf {
@@ -25,10 +30,14 @@ fn the_firecracker_binary_serves_firecracker_s_api_and_log_lines() {
     let dir = scratch("serve");
     let sock = dir.join("api.sock");
     let log = dir.join("fc.log");
+    let metrics = dir.join("metrics.json");
     std::fs::File::create(&log).unwrap();
+    std::fs::File::create(&metrics).unwrap();
+    // With a metrics file, the metrics thread runs from the start too.
     let mut child = firecracker()
         .args(["--api-sock", sock.to_str().unwrap(), "--id", "slim-1"])
         .args(["--log-path", log.to_str().unwrap(), "--level", "Info"])
+        .args(["--metrics-path", metrics.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -40,10 +49,18 @@ fn the_firecracker_binary_serves_firecracker_s_api_and_log_lines() {
     let mut c = Client::new(&sock, Duration::from_secs(10));
     let root = c.request("GET", "/", None);
     let version = c.request("GET", "/version", None);
+    // Every thread is up by now; the process must still be serving.
+    std::thread::sleep(Duration::from_millis(200));
+    let alive = child.try_wait().unwrap().is_none();
     let _ = child.kill();
     let _ = child.wait();
     let mut stderr = String::new();
     let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    let log_text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        alive,
+        "the process ended; log: {log_text}; stderr: {stderr}"
+    );
     let root = root.unwrap_or_else(|e| panic!("GET /: {e}; stderr: {stderr}"));
     assert_eq!(root.status, 200);
     let info = root.json();
@@ -55,7 +72,7 @@ fn the_firecracker_binary_serves_firecracker_s_api_and_log_lines() {
         version["firecracker_version"],
         vessel_api::FIRECRACKER_API_VERSION
     );
-    let log = std::fs::read_to_string(&log).unwrap();
+    let log = log_text;
     let running = format!(
         "Running Firecracker v{}",
         vessel_api::FIRECRACKER_API_VERSION
