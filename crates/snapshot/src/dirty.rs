@@ -27,6 +27,15 @@ pub struct DirtyBitmap {
     bits: Vec<Vec<u64>>,
 }
 
+/// Clears the bits of a region's last word that lie past its last page (`pages` pages).
+fn clear_past_last_page(bits: &mut [u64], pages: u64) {
+    if !pages.is_multiple_of(64) {
+        if let Some(last) = bits.last_mut() {
+            *last &= (1u64 << (pages % 64)) - 1;
+        }
+    }
+}
+
 impl DirtyBitmap {
     /// An empty (all clean) bitmap over `regions`.
     pub fn new(regions: &[MemRegion]) -> Self {
@@ -48,11 +57,7 @@ impl DirtyBitmap {
         for (r, bits) in regions.iter().zip(words.iter_mut()) {
             let pages = r.pages();
             bits.resize(pages.div_ceil(64) as usize, 0);
-            if pages % 64 != 0 {
-                if let Some(last) = bits.last_mut() {
-                    *last &= (1u64 << (pages % 64)) - 1;
-                }
-            }
+            clear_past_last_page(bits, pages);
         }
         DirtyBitmap {
             regions: regions.to_vec(),
@@ -85,12 +90,7 @@ impl DirtyBitmap {
                 *b |= w;
             }
         }
-        // Bits past the region's last page stay clear.
-        if pages % 64 != 0 {
-            if let Some(last) = bits.last_mut() {
-                *last &= (1u64 << (pages % 64)) - 1;
-            }
-        }
+        clear_past_last_page(bits, pages);
     }
 
     /// Marks page `page` of region `region` (nothing past the region).

@@ -340,7 +340,7 @@ mod tests {
         let comm = thread::Builder::new()
             .name(name.clone())
             .spawn(|| {
-                // SAFETY: gettid takes no arguments.
+                // SAFETY: the gettid system call takes no arguments and cannot fail.
                 let tid = unsafe { libc::syscall(libc::SYS_gettid) };
                 std::fs::read_to_string(format!("/proc/self/task/{tid}/comm")).unwrap()
             })
