@@ -142,8 +142,8 @@ fn base(l: &mut List, pid: u32) -> Result<(), Error> {
         SYS_timerfd_gettime,
         SYS_set_robust_list,
         SYS_rseq,
-        // Threads: glibc tries clone3 first; a separate filter answers it ENOSYS (its flags
-        // are in memory, out of the filter's reach), so glibc falls back to clone.
+        // Threads: glibc tries clone3 first; the compiled program answers it ENOSYS (its
+        // flags are in memory, out of the filter's reach), so glibc falls back to clone.
         SYS_clone3,
     ]);
     #[cfg(target_arch = "x86_64")]

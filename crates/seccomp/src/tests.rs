@@ -31,7 +31,7 @@ fn in_child(programs: &[BpfProgram], body: impl FnOnce() -> i32) -> Result<i32, 
 }
 
 fn programs(kind: ThreadKind, action: Action) -> Vec<BpfProgram> {
-    vec![clone3_enosys().unwrap(), compile(kind, action).unwrap()]
+    builtin(kind, action).unwrap()
 }
 
 /// execve of a missing path: ENOENT when allowed.

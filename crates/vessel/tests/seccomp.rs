@@ -234,6 +234,71 @@ fn ticker_kernel(dir: &Path) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// `(comm, Seccomp mode, Seccomp_filters)` of each thread of `pid`.
+fn thread_filters(pid: u32) -> Vec<(String, u32, u32)> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let num = |name: &str| field(name).parse::<u32>().unwrap_or(0);
+        out.push((field("Name:"), num("Seccomp:"), num("Seccomp_filters:")));
+    }
+    out
+}
+
+/// Every thread of a running VM is filtered, and a vCPU thread carries its own filter only
+/// (the kernel runs each filter a thread has on every syscall; a vCPU makes one per exit).
+#[test]
+fn each_thread_is_filtered_and_a_vcpu_by_its_own_filter_alone() {
+    use common::fcprocess::*;
+    use serde_json::json;
+
+    let dir = scratch("seccomp-threads");
+    let kernel = ticker_kernel(&dir);
+    let mut vm = FcVessel::start(&dir, "vm", &[]);
+    let mut c = vm.client();
+    configure(
+        &mut c,
+        json!({"kernel_image_path": kernel, "boot_args": "console=ttyS0"}),
+        json!({"vcpu_count": 2, "mem_size_mib": 32}),
+    );
+    expect(&mut c, "PUT", "/actions", action("InstanceStart"), 204);
+    vm.wait_console("ticks", LIMIT, |s| s.matches("TICK").count() >= 2);
+    let threads = thread_filters(vm.child.id());
+    let vcpus: Vec<_> = threads
+        .iter()
+        .filter(|t| t.0.starts_with("fc_vcpu"))
+        .collect();
+    assert_eq!(vcpus.len(), 2, "{threads:?}");
+    for (name, mode, filters) in &threads {
+        // Mode 2 is filtered.
+        assert_eq!(*mode, 2, "{name} is not filtered: {threads:?}");
+        assert!(*filters >= 1, "{threads:?}");
+    }
+    for (_, _, filters) in vcpus {
+        assert_eq!(*filters, 1, "{threads:?}");
+    }
+    let main = threads
+        .iter()
+        .find(|t| t.0 == "firecracker" || t.0 == "vessel")
+        .unwrap_or_else(|| panic!("{threads:?}"));
+    assert_eq!(main.2, 1, "{threads:?}");
+    let _ = vm.child.kill();
+    let _ = vm.child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Live migration over TCP between two filtered processes: snapshots of memory, dirty
 /// logging, sockets on the VMM thread; neither process meets its filter.
 #[test]

@@ -5,7 +5,7 @@
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -39,10 +39,9 @@ pub fn run(config: &VmConfig) -> Result<VmOutcome, VmmError> {
     Vm::build(config)?.start()?.wait()
 }
 
-/// The VMM's filter and signal handlers, before any guest code runs (the threads started
-/// after it inherit the filter).
-fn install_process_guards() -> Result<(), VmmError> {
-    vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm).map_err(VmmError::Seccomp)?;
+/// The VMM's signal handlers (vCPU kicks, SIGINT and SIGTERM), before any thread that
+/// receives them starts.
+fn install_signal_handlers() -> Result<(), VmmError> {
     let handlers: [(i32, vmm_sys_util::signal::SignalHandler); 3] = [
         (kick_signal(), on_kick),
         (libc::SIGINT, on_term),
@@ -55,11 +54,41 @@ fn install_process_guards() -> Result<(), VmmError> {
     Ok(())
 }
 
+/// Where the vCPU threads wait, their own filters installed, until the main thread has
+/// installed its filter: no guest code runs before every VMM thread is filtered.
+///
+/// The vCPU threads start before the main thread's filter so that they carry only their own:
+/// the kernel runs every filter a thread has on each of its syscalls, and a vCPU makes one
+/// (`KVM_RUN`) per exit.
+#[derive(Default)]
+struct StartGate {
+    open: Mutex<Option<bool>>,
+    cv: Condvar,
+}
+
+impl StartGate {
+    fn set(&self, go: bool) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(go);
+        self.cv.notify_all();
+    }
+
+    /// Whether the VM goes on (false: the start failed, the thread is to end).
+    fn wait(&self) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            match *open {
+                Some(go) => return go,
+                None => open = self.cv.wait(open).unwrap_or_else(|e| e.into_inner()),
+            }
+        }
+    }
+}
+
 impl Vm {
     /// Starts the vCPU threads (and, with a stdio console, the terminal). The VM runs until
     /// [`RunningVm::wait`] sees it end.
     pub fn start(self) -> Result<RunningVm, VmmError> {
-        install_process_guards()?;
+        install_signal_handlers()?;
         let Vm {
             machine,
             vcpus,
@@ -71,11 +100,6 @@ impl Vm {
         let stdio = machine.legacy.console_is_stdio();
         let raw = stdio.then(terminal::RawTerminal::enable).flatten();
         let quit = Arc::new(AtomicBool::new(false));
-        if stdio {
-            machine
-                .legacy
-                .start_stdin_pump(quit.clone(), machine.exit.clone())?;
-        }
 
         let to_first_run = t0.elapsed();
         let since_spawn = since_spawn();
@@ -86,10 +110,12 @@ impl Vm {
         }
         let control = Arc::new(RunControl::new(start_paused, tx.clone()));
         let mut handles = Vec::new();
+        let gate = Arc::new(StartGate::default());
         {
             let mut threads = control.lock_threads();
             for mut v in vcpus {
                 let tx = tx.clone();
+                let opened = gate.clone();
                 let spawned =
                     thread::Builder::new()
                         .name(vcpu_thread_name(v.id))
@@ -98,6 +124,9 @@ impl Vm {
                             let id = v.id;
                             let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                                 seccomp_vcpu(id)?;
+                                if !opened.wait() {
+                                    return Ok(VcpuStop::Stopped);
+                                }
                                 v.run()
                             }))
                             .unwrap_or_else(|_| {
@@ -114,8 +143,9 @@ impl Vm {
                         handles.push(h);
                     }
                     Err(e) => {
-                        // Stop the vCPUs already running.
+                        // End the vCPUs already started.
                         drop(threads);
+                        gate.set(false);
                         control.end(&machine);
                         control.kick_all();
                         return Err(VmmError::Thread(e));
@@ -123,6 +153,22 @@ impl Vm {
                 }
             }
         }
+        // The main thread's filter (the threads it starts from now on inherit it), then the
+        // guest may run.
+        let guarded = vessel_seccomp::apply(vessel_seccomp::ThreadKind::Vmm)
+            .map_err(VmmError::Seccomp)
+            .and_then(|()| match stdio {
+                true => machine
+                    .legacy
+                    .start_stdin_pump(quit.clone(), machine.exit.clone()),
+                false => Ok(()),
+            });
+        if let Err(e) = guarded {
+            gate.set(false);
+            control.end(&machine);
+            return Err(e);
+        }
+        gate.set(true);
         drop(tx);
         for f in after_start {
             f();
