@@ -18,13 +18,10 @@ use crate::Error;
 
 const LD_W_ABS: u16 = 0x20;
 const JMP_JA: u16 = 0x05;
-const JMP_JEQ_K: u16 = 0x15;
 const JMP_JGE_K: u16 = 0x35;
 const RET_K: u16 = 0x06;
 /// Where `struct seccomp_data` holds the syscall number.
 const NR_OFFSET: u32 = 0;
-/// A search over at most this many syscalls compares them one by one.
-const LINEAR: usize = 4;
 /// The kernel's limit on one program's length.
 const MAX_LEN: usize = 4096;
 
@@ -83,8 +80,9 @@ pub(crate) fn program(
     leaves.sort_by_key(|(nr, _)| *nr);
 
     out.push(stmt(LD_W_ABS, NR_OFFSET));
-    let mut far = Vec::new();
-    search(&mut out, &leaves, u32::from(mismatch), &mut far);
+    let tree_at = out.len();
+    let (tree, far) = search(&intervals(&leaves, u32::from(mismatch)));
+    out.extend(tree);
     let mut starts = vec![None; leaves.len()];
     for (i, (_, leaf)) in leaves.iter().enumerate() {
         if let Leaf::Checks(code) = leaf {
@@ -93,6 +91,7 @@ pub(crate) fn program(
         }
     }
     for (at, leaf) in far {
+        let at = tree_at + at;
         let to = starts[leaf].expect("only leaves with checks are jumped to");
         out[at].k = (to - at - 1) as u32;
     }
@@ -145,43 +144,82 @@ fn checks(
     Ok(body.to_vec())
 }
 
-/// A search for the number in the accumulator among `leaves` (sorted): halves while more than
-/// [`LINEAR`] remain, then compares one by one. Answers are inlined; a jump to checks is a
-/// `JA` (whose offset has 32 bits) recorded in `far` with its leaf, to be filled in once the
-/// checks are placed.
-fn search(out: &mut BpfProgram, leaves: &[(u32, Leaf)], miss: u32, far: &mut Vec<(usize, usize)>) {
-    search_from(out, leaves, 0, miss, far)
+/// What a range of syscall numbers leads to.
+#[derive(Clone, Copy, PartialEq)]
+enum Answer {
+    Ret(u32),
+    /// The checks of leaf `i`.
+    Checks(usize),
 }
 
-fn search_from(
-    out: &mut BpfProgram,
-    leaves: &[(u32, Leaf)],
-    first: usize,
-    miss: u32,
-    far: &mut Vec<(usize, usize)>,
-) {
-    if leaves.len() <= LINEAR {
-        for (i, (nr, leaf)) in leaves.iter().enumerate() {
-            out.push(jump(JMP_JEQ_K, *nr, 0, 1));
-            match leaf {
-                Leaf::Ret(k) => out.push(stmt(RET_K, *k)),
-                Leaf::Checks(_) => {
-                    far.push((out.len(), first + i));
-                    out.push(stmt(JMP_JA, 0));
-                }
+/// The syscall numbers cut into ranges of one answer each, as `(first number, answer)` in
+/// order (each range runs to the next one's first number; the last to the end): neighbours
+/// with the same answer merge, so a run of syscalls allowed alike is one range.
+fn intervals(leaves: &[(u32, Leaf)], miss: u32) -> Vec<(u32, Answer)> {
+    let mut out: Vec<(u32, Answer)> = vec![(0, Answer::Ret(miss))];
+    let mut push = |at: u32, a: Answer| match out.last_mut() {
+        Some(last) if last.1 == a => {}
+        Some(last) if last.0 == at => {
+            last.1 = a;
+            if out.len() > 1 && out[out.len() - 2].1 == a {
+                out.pop();
             }
         }
-        out.push(stmt(RET_K, miss));
-        return;
+        _ => out.push((at, a)),
+    };
+    for (i, (nr, leaf)) in leaves.iter().enumerate() {
+        push(
+            *nr,
+            match leaf {
+                Leaf::Ret(k) => Answer::Ret(*k),
+                Leaf::Checks(_) => Answer::Checks(i),
+            },
+        );
+        if let Some(next) = nr.checked_add(1) {
+            push(next, Answer::Ret(miss));
+        }
     }
-    let mid = leaves.len() / 2;
-    // nr >= the middle one: on to the jump to the upper half; else skip it, into the lower.
-    out.push(jump(JMP_JGE_K, leaves[mid].0, 0, 1));
-    let to_upper = out.len();
-    out.push(stmt(JMP_JA, 0));
-    search_from(out, &leaves[..mid], first, miss, far);
-    out[to_upper].k = (out.len() - to_upper - 1) as u32;
-    search_from(out, &leaves[mid..], first + mid, miss, far);
+    out
+}
+
+/// A binary search of the number in the accumulator over `ranges`: one `JGE` per level, the
+/// lower half first; answers are inlined, and a jump to checks is a `JA` (whose offset has 32
+/// bits) returned in `far` (position in the code, leaf) to be filled in once the checks are
+/// placed.
+fn search(ranges: &[(u32, Answer)]) -> (Vec<sock_filter>, Vec<(usize, usize)>) {
+    if let [(_, answer)] = ranges {
+        return match *answer {
+            Answer::Ret(k) => (vec![stmt(RET_K, k)], Vec::new()),
+            Answer::Checks(leaf) => (vec![stmt(JMP_JA, 0)], vec![(0, leaf)]),
+        };
+    }
+    let mid = ranges.len() / 2;
+    let (lower, lower_far) = search(&ranges[..mid]);
+    let (upper, upper_far) = search(&ranges[mid..]);
+    let boundary = ranges[mid].0;
+    let mut code = Vec::with_capacity(lower.len() + upper.len() + 2);
+    match u8::try_from(lower.len()) {
+        // nr >= boundary: over the lower half; else into it.
+        Ok(n) => code.push(jump(JMP_JGE_K, boundary, n, 0)),
+        Err(_) => {
+            code.push(jump(JMP_JGE_K, boundary, 0, 1));
+            code.push(stmt(JMP_JA, lower.len() as u32));
+        }
+    }
+    let lower_at = code.len();
+    code.extend(lower);
+    let upper_at = code.len();
+    code.extend(upper);
+    let far = lower_far
+        .into_iter()
+        .map(|(at, leaf)| (lower_at + at, leaf))
+        .chain(
+            upper_far
+                .into_iter()
+                .map(|(at, leaf)| (upper_at + at, leaf)),
+        )
+        .collect();
+    (code, far)
 }
 
 #[cfg(test)]
@@ -217,14 +255,26 @@ pub(crate) mod interp {
 
     /// The program's answer for `d`.
     pub fn run(p: &[sock_filter], d: &Data) -> u32 {
+        trace(p, d).0
+    }
+
+    /// The program's answer for `d`, and the instructions run before the first load of an
+    /// argument (or the answer).
+    pub fn trace(p: &[sock_filter], d: &Data) -> (u32, usize) {
         let (mut a, mut pc) = (0u32, 0usize);
+        let mut before_args = None;
+        let mut steps = 0;
         loop {
             let i = &p[pc];
             pc += 1;
+            if i.code == 0x20 && i.k >= 16 && before_args.is_none() {
+                before_args = Some(steps);
+            }
+            steps += 1;
             match i.code {
                 0x20 => a = d.word(i.k),
                 0x54 => a &= i.k,
-                0x06 => return i.k,
+                0x06 => return (i.k, before_args.unwrap_or(steps)),
                 0x05 => pc += i.k as usize,
                 0x15 | 0x25 | 0x35 | 0x45 => {
                     let t = match i.code {
@@ -329,37 +379,31 @@ mod tests {
     fn any_syscall_is_answered_in_a_few_instructions() {
         for kind in ThreadKind::all() {
             let p = &crate::builtin(kind, Action::Kill).unwrap()[0];
-            // Steps to an answer, with no argument matching (the longest paths in the
-            // checks are a syscall's own rules).
-            let mut worst = 0;
-            for nr in 0..480u32 {
-                let d = Data {
-                    nr,
-                    arch: X86_64,
-                    args: [0; 6],
-                };
-                let mut steps = 0;
-                let mut pc = 0;
-                // Count the search only: until the first load of an argument or an answer.
-                while p[pc].code != RET_K && !(p[pc].code == LD_W_ABS && p[pc].k >= 16) {
-                    let i = &p[pc];
-                    pc += 1 + match i.code {
-                        JMP_JA => i.k as usize,
-                        JMP_JEQ_K | JMP_JGE_K => {
-                            let t = if i.code == JMP_JEQ_K {
-                                d.nr == i.k
-                            } else {
-                                d.nr >= i.k
-                            };
-                            usize::from(if t { i.jt } else { i.jf })
-                        }
-                        _ => 0,
+            // Instructions run to an answer or to the syscall's own argument checks.
+            let worst = (0..480u32)
+                .map(|nr| {
+                    let d = Data {
+                        nr,
+                        arch: X86_64,
+                        args: [0; 6],
                     };
-                    steps += 1;
-                }
-                worst = worst.max(steps);
-            }
-            assert!(worst <= 24, "{kind:?}: {worst} steps");
+                    super::interp::trace(p, &d).1
+                })
+                .max()
+                .unwrap();
+            let chain: BpfProgram = crate::filter(kind, Action::Kill)
+                .unwrap()
+                .try_into()
+                .unwrap();
+            assert!(worst <= 16, "{kind:?}: {worst} steps");
+            // Shorter than the chain too: the kernel compiles the whole program when a thread
+            // installs it.
+            assert!(
+                p.len() * 10 <= chain.len() * 7,
+                "{kind:?}: {} instructions, the chain {}",
+                p.len(),
+                chain.len()
+            );
         }
         // The vCPU's KVM_RUN, the call of every exit, is allowed.
         let vcpu = &crate::builtin(ThreadKind::Vcpu, Action::Kill).unwrap()[0];

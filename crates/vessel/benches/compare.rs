@@ -10,7 +10,11 @@
 //!   process, from a full snapshot each VMM took of it;
 //! - exits: 100,000 i8042 port reads by the guest, whole process (from `InstanceStart` to the
 //!   process's exit on the guest's i8042 reset, less the same with no reads), per exit, and
-//!   the bare `KVM_RUN` loop of this process for reference.
+//!   the bare `KVM_RUN` loop of this process for reference;
+//! - density: microVMs whose guest resets at once, each a whole life (spawn, configure,
+//!   `InstanceStart`, the process's exit), 50 one after another and 10 at once (VMs per
+//!   second, and per core); and 10 tiny guests running at once, each VMM's proportional
+//!   resident set (`Pss`) and private dirty memory, the per-VM overhead.
 //!
 //!   FIRECRACKER=/path/to/firecracker cargo bench -p vessel --bench compare
 //!
@@ -36,6 +40,10 @@ use vessel_api::client::Client;
 const STARTS: usize = 15;
 const RUNS: usize = 5;
 const EXITS: u32 = 100_000;
+/// Density: lives one after another (over the rounds), and VMs at once.
+const LIVES: usize = 50;
+const AT_ONCE: usize = 10;
+const DENSITY_ROUNDS: usize = 5;
 
 struct Vmm {
     name: &'static str,
@@ -264,6 +272,57 @@ fn snapshot_load(v: &Vmm, dir: &Path, kernel: &Path) -> Duration {
     t
 }
 
+/// A whole microVM life: spawn, configure, `InstanceStart`, the guest's reset ending the
+/// process.
+fn life(v: &Vmm, sock: &Path, kernel: &Path) {
+    let (mut child, _) = boot(v, sock, kernel);
+    child.wait().unwrap();
+}
+
+/// `lives` microVM lives one after another, then `at_once` at the same time: VMs per second.
+fn density(v: &Vmm, dir: &Path, kernel: &Path, lives: usize, at_once: usize) -> (f64, f64) {
+    let sock = dir.join(format!("{}-density.sock", v.name));
+    let t = Instant::now();
+    for _ in 0..lives {
+        life(v, &sock, kernel);
+    }
+    let serial = lives as f64 / t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for i in 0..at_once {
+            let sock = dir.join(format!("{}-density-{i}.sock", v.name));
+            s.spawn(move || life(v, &sock, kernel));
+        }
+    });
+    (serial, at_once as f64 / t.elapsed().as_secs_f64())
+}
+
+/// `n` VMMs at once, each running the touching guest: the mean of their `Pss` and
+/// `Private_Dirty`, in KiB.
+fn overhead(v: &Vmm, dir: &Path, kernel: &Path, n: usize) -> (f64, f64) {
+    let children: Vec<Child> = (0..n)
+        .map(|i| boot(v, &dir.join(format!("{}-many-{i}.sock", v.name)), kernel).0)
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let (mut pss, mut dirty) = (0.0, 0.0);
+    for c in &children {
+        let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", c.id())).unwrap();
+        let field = |name: &str| -> f64 {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0.0)
+        };
+        pss += field("Pss:");
+        dirty += field("Private_Dirty:");
+    }
+    for c in children {
+        stop(c);
+    }
+    (pss / n as f64, dirty / n as f64)
+}
+
 /// From `InstanceStart` to the process's exit (the guest's reset).
 fn run_to_exit(v: &Vmm, sock: &Path, kernel: &Path) -> Duration {
     let (mut child, t) = boot(v, sock, kernel);
@@ -404,5 +463,58 @@ fn main() {
     for (name, v) in &exits {
         println!("  {name} / bare = {:.2}", stats(v.clone()).0 / b);
     }
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let (mut serial, mut parallel) = (Vec::new(), Vec::new());
+    for _ in 0..DENSITY_ROUNDS {
+        for v in &vmms {
+            let (a, b) = density(v, &dir, &none, LIVES / DENSITY_ROUNDS, AT_ONCE);
+            serial.push((v.name, a));
+            parallel.push((v.name, b));
+        }
+    }
+    let by_vmm = |xs: &[(&str, f64)], scale: f64| -> Vec<(&str, Vec<f64>)> {
+        vmms.iter()
+            .map(|v| {
+                let mine = xs.iter().filter(|x| x.0 == v.name).map(|x| x.1 * scale);
+                (v.name, mine.collect())
+            })
+            .collect()
+    };
+    line(
+        &format!("microVM lives one after another ({LIVES} in {DENSITY_ROUNDS} rounds)"),
+        "VMs/s",
+        &by_vmm(&serial, 1.0),
+    );
+    line(
+        &format!("microVM lives {AT_ONCE} at once, per core ({cores} cores)"),
+        "VMs/s",
+        &by_vmm(&parallel, 1.0 / cores),
+    );
+    let mut per_vm = Vec::new();
+    for _ in 0..DENSITY_ROUNDS {
+        for v in &vmms {
+            let (pss, dirty) = overhead(v, &dir, &touching, AT_ONCE);
+            per_vm.push((v.name, pss, dirty));
+        }
+    }
+    let pick = |f: fn(&(&str, f64, f64)) -> f64| -> Vec<(&str, Vec<f64>)> {
+        vmms.iter()
+            .map(|v| {
+                let mine = per_vm.iter().filter(|x| x.0 == v.name).map(f);
+                (v.name, mine.collect())
+            })
+            .collect()
+    };
+    line(
+        &format!("per-VM Pss, {AT_ONCE} tiny guests at once"),
+        "KiB",
+        &pick(|x| x.1),
+    );
+    line(
+        &format!("per-VM private dirty, {AT_ONCE} tiny guests at once"),
+        "KiB",
+        &pick(|x| x.2),
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
