@@ -18,6 +18,7 @@
 //!
 //!   FIRECRACKER=/path/to/firecracker cargo bench -p vessel --bench compare
 //!
+//! `COMPARE_ONLY=start,memory,restore,exits,density` measures those figures only.
 //! `COMPARE_MAPPINGS=1` also prints each memory run's private dirty memory by mapping.
 //! `VESSEL_B=/path/to/vessel` measures a second Vessel binary beside this one (an A/B of a
 //! build option or a change); every figure is then given against the last binary measured.
@@ -273,19 +274,25 @@ fn snapshot_load(v: &Vmm, dir: &Path, kernel: &Path) -> Duration {
 }
 
 /// A whole microVM life: spawn, configure, `InstanceStart`, the guest's reset ending the
-/// process.
-fn life(v: &Vmm, sock: &Path, kernel: &Path) {
-    let (mut child, _) = boot(v, sock, kernel);
-    child.wait().unwrap();
+/// process. Returns the CPU time the process used (user and system), in ms.
+fn life(v: &Vmm, sock: &Path, kernel: &Path) -> f64 {
+    let (child, _) = boot(v, sock, kernel);
+    let mut status = 0;
+    // SAFETY: all-zero is a valid rusage, which wait4 fills.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waits for our own child, writing into locals.
+    let r = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    assert_eq!(r, child.id() as i32, "wait4");
+    let t = |tv: libc::timeval| tv.tv_sec as f64 * 1e3 + tv.tv_usec as f64 / 1e3;
+    t(usage.ru_utime) + t(usage.ru_stime)
 }
 
-/// `lives` microVM lives one after another, then `at_once` at the same time: VMs per second.
-fn density(v: &Vmm, dir: &Path, kernel: &Path, lives: usize, at_once: usize) -> (f64, f64) {
+/// `lives` microVM lives one after another, then `at_once` at the same time: VMs per second
+/// each way, and the mean CPU time of a life one after another (ms).
+fn density(v: &Vmm, dir: &Path, kernel: &Path, lives: usize, at_once: usize) -> (f64, f64, f64) {
     let sock = dir.join(format!("{}-density.sock", v.name));
     let t = Instant::now();
-    for _ in 0..lives {
-        life(v, &sock, kernel);
-    }
+    let cpu: f64 = (0..lives).map(|_| life(v, &sock, kernel)).sum();
     let serial = lives as f64 / t.elapsed().as_secs_f64();
     let t = Instant::now();
     std::thread::scope(|s| {
@@ -294,7 +301,11 @@ fn density(v: &Vmm, dir: &Path, kernel: &Path, lives: usize, at_once: usize) -> 
             s.spawn(move || life(v, &sock, kernel));
         }
     });
-    (serial, at_once as f64 / t.elapsed().as_secs_f64())
+    (
+        serial,
+        at_once as f64 / t.elapsed().as_secs_f64(),
+        cpu / lives as f64,
+    )
 }
 
 /// `n` VMMs at once, each running the touching guest: the mean of their `Pss` and
@@ -389,6 +400,8 @@ fn main() {
     std::fs::write(&none, elf(&exiting_guest(0))).unwrap();
     std::fs::write(&many, elf(&exiting_guest(EXITS))).unwrap();
     let sock = dir.join("api.sock");
+    let only = std::env::var("COMPARE_ONLY").ok();
+    let wanted = |s: &str| only.as_deref().is_none_or(|o| o.split(',').any(|x| x == s));
     let each = |f: &mut dyn FnMut(&Vmm) -> f64, runs: usize| -> Vec<(&str, Vec<f64>)> {
         let mut out: Vec<(&str, Vec<f64>)> = vmms.iter().map(|v| (v.name, Vec::new())).collect();
         for _ in 0..runs {
@@ -399,122 +412,139 @@ fn main() {
         out
     };
 
-    let start = each(
-        &mut |v| {
-            let (t, child) = time_to_api(v, &sock);
-            stop(child);
-            ms(t)
-        },
-        STARTS,
-    );
-    line("start to API (GET / answered)", "ms", &start);
+    if wanted("start") {
+        let start = each(
+            &mut |v| {
+                let (t, child) = time_to_api(v, &sock);
+                stop(child);
+                ms(t)
+            },
+            STARTS,
+        );
+        line("start to API (GET / answered)", "ms", &start);
+    }
 
-    let mut private = Vec::new();
-    let rss = each(
-        &mut |v| {
-            let (child, _) = boot(v, &sock, &touching);
-            std::thread::sleep(Duration::from_millis(300));
-            let (rss, dirty) = memory(child.id());
-            if std::env::var_os("COMPARE_MAPPINGS").is_some() {
-                println!("{}: private dirty and RSS by mapping (KiB)", v.name);
-                for (name, dirty, rss) in dirty_by_mapping(child.id()) {
-                    println!("  {dirty:>6} {rss:>6} {name}");
+    if wanted("memory") {
+        let mut private = Vec::new();
+        let rss = each(
+            &mut |v| {
+                let (child, _) = boot(v, &sock, &touching);
+                std::thread::sleep(Duration::from_millis(300));
+                let (rss, dirty) = memory(child.id());
+                if std::env::var_os("COMPARE_MAPPINGS").is_some() {
+                    println!("{}: private dirty and RSS by mapping (KiB)", v.name);
+                    for (name, dirty, rss) in dirty_by_mapping(child.id()) {
+                        println!("  {dirty:>6} {rss:>6} {name}");
+                    }
+                    println!("  threads: {}", threads(child.id()).join(", "));
+                    println!("  guest pages present: {}", guest_pages(child.id()));
                 }
-                println!("  threads: {}", threads(child.id()).join(", "));
-                println!("  guest pages present: {}", guest_pages(child.id()));
+                stop(child);
+                private.push((v.name, dirty as f64));
+                rss as f64
+            },
+            RUNS,
+        );
+        line("RSS, 64 MiB guest that wrote 16 pages", "KiB", &rss);
+        let dirty: Vec<(&str, Vec<f64>)> = vmms
+            .iter()
+            .map(|v| {
+                let xs = private.iter().filter(|p| p.0 == v.name).map(|p| p.1);
+                (v.name, xs.collect())
+            })
+            .collect();
+        line("private dirty, same guest", "KiB", &dirty);
+    }
+
+    if wanted("restore") {
+        let load = each(&mut |v| ms(snapshot_load(v, &dir, &touching)), RUNS);
+        line("PUT /snapshot/load (resume) round trip", "ms", &load);
+    }
+
+    if wanted("exits") {
+        let exits = each(
+            &mut |v| {
+                let base = run_to_exit(v, &sock, &none);
+                let full = run_to_exit(v, &sock, &many);
+                full.saturating_sub(base).as_secs_f64() * 1e6 / f64::from(EXITS)
+            },
+            RUNS,
+        );
+        line("port-I/O exit, whole process", "us", &exits);
+        let bare: Vec<f64> = (0..RUNS)
+            .map(|_| {
+                let full = bare::bare_once(&exiting_guest(EXITS));
+                let base = bare::bare_once(&exiting_guest(0));
+                full.saturating_sub(base).as_secs_f64() * 1e6 / f64::from(EXITS)
+            })
+            .collect();
+        let (b, _, _) = stats(bare.clone());
+        line("port-I/O exit, bare KVM_RUN loop", "us", &[("bare", bare)]);
+        for (name, v) in &exits {
+            println!("  {name} / bare = {:.2}", stats(v.clone()).0 / b);
+        }
+    }
+
+    if wanted("density") {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let (mut serial, mut parallel, mut cpu) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..DENSITY_ROUNDS {
+            for v in &vmms {
+                let (a, b, c) = density(v, &dir, &none, LIVES / DENSITY_ROUNDS, AT_ONCE);
+                serial.push((v.name, a));
+                parallel.push((v.name, b));
+                cpu.push((v.name, c));
             }
-            stop(child);
-            private.push((v.name, dirty as f64));
-            rss as f64
-        },
-        RUNS,
-    );
-    line("RSS, 64 MiB guest that wrote 16 pages", "KiB", &rss);
-    let dirty: Vec<(&str, Vec<f64>)> = vmms
-        .iter()
-        .map(|v| {
-            let xs = private.iter().filter(|p| p.0 == v.name).map(|p| p.1);
-            (v.name, xs.collect())
-        })
-        .collect();
-    line("private dirty, same guest", "KiB", &dirty);
-
-    let load = each(&mut |v| ms(snapshot_load(v, &dir, &touching)), RUNS);
-    line("PUT /snapshot/load (resume) round trip", "ms", &load);
-
-    let exits = each(
-        &mut |v| {
-            let base = run_to_exit(v, &sock, &none);
-            let full = run_to_exit(v, &sock, &many);
-            full.saturating_sub(base).as_secs_f64() * 1e6 / f64::from(EXITS)
-        },
-        RUNS,
-    );
-    line("port-I/O exit, whole process", "us", &exits);
-    let bare: Vec<f64> = (0..RUNS)
-        .map(|_| {
-            let full = bare::bare_once(&exiting_guest(EXITS));
-            let base = bare::bare_once(&exiting_guest(0));
-            full.saturating_sub(base).as_secs_f64() * 1e6 / f64::from(EXITS)
-        })
-        .collect();
-    let (b, _, _) = stats(bare.clone());
-    line("port-I/O exit, bare KVM_RUN loop", "us", &[("bare", bare)]);
-    for (name, v) in &exits {
-        println!("  {name} / bare = {:.2}", stats(v.clone()).0 / b);
-    }
-
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
-    let (mut serial, mut parallel) = (Vec::new(), Vec::new());
-    for _ in 0..DENSITY_ROUNDS {
-        for v in &vmms {
-            let (a, b) = density(v, &dir, &none, LIVES / DENSITY_ROUNDS, AT_ONCE);
-            serial.push((v.name, a));
-            parallel.push((v.name, b));
         }
-    }
-    let by_vmm = |xs: &[(&str, f64)], scale: f64| -> Vec<(&str, Vec<f64>)> {
-        vmms.iter()
-            .map(|v| {
-                let mine = xs.iter().filter(|x| x.0 == v.name).map(|x| x.1 * scale);
-                (v.name, mine.collect())
-            })
-            .collect()
-    };
-    line(
-        &format!("microVM lives one after another ({LIVES} in {DENSITY_ROUNDS} rounds)"),
-        "VMs/s",
-        &by_vmm(&serial, 1.0),
-    );
-    line(
-        &format!("microVM lives {AT_ONCE} at once, per core ({cores} cores)"),
-        "VMs/s",
-        &by_vmm(&parallel, 1.0 / cores),
-    );
-    let mut per_vm = Vec::new();
-    for _ in 0..DENSITY_ROUNDS {
-        for v in &vmms {
-            let (pss, dirty) = overhead(v, &dir, &touching, AT_ONCE);
-            per_vm.push((v.name, pss, dirty));
+        let by_vmm = |xs: &[(&str, f64)], scale: f64| -> Vec<(&str, Vec<f64>)> {
+            vmms.iter()
+                .map(|v| {
+                    let mine = xs.iter().filter(|x| x.0 == v.name).map(|x| x.1 * scale);
+                    (v.name, mine.collect())
+                })
+                .collect()
+        };
+        line(
+            &format!("microVM lives one after another ({LIVES} in {DENSITY_ROUNDS} rounds)"),
+            "VMs/s",
+            &by_vmm(&serial, 1.0),
+        );
+        line(
+            "CPU time of one microVM life (user + system)",
+            "ms",
+            &by_vmm(&cpu, 1.0),
+        );
+        line(
+            &format!("microVM lives {AT_ONCE} at once, per core ({cores} cores)"),
+            "VMs/s",
+            &by_vmm(&parallel, 1.0 / cores),
+        );
+        let mut per_vm = Vec::new();
+        for _ in 0..DENSITY_ROUNDS {
+            for v in &vmms {
+                let (pss, dirty) = overhead(v, &dir, &touching, AT_ONCE);
+                per_vm.push((v.name, pss, dirty));
+            }
         }
+        let pick = |f: fn(&(&str, f64, f64)) -> f64| -> Vec<(&str, Vec<f64>)> {
+            vmms.iter()
+                .map(|v| {
+                    let mine = per_vm.iter().filter(|x| x.0 == v.name).map(f);
+                    (v.name, mine.collect())
+                })
+                .collect()
+        };
+        line(
+            &format!("per-VM Pss, {AT_ONCE} tiny guests at once"),
+            "KiB",
+            &pick(|x| x.1),
+        );
+        line(
+            &format!("per-VM private dirty, {AT_ONCE} tiny guests at once"),
+            "KiB",
+            &pick(|x| x.2),
+        );
     }
-    let pick = |f: fn(&(&str, f64, f64)) -> f64| -> Vec<(&str, Vec<f64>)> {
-        vmms.iter()
-            .map(|v| {
-                let mine = per_vm.iter().filter(|x| x.0 == v.name).map(f);
-                (v.name, mine.collect())
-            })
-            .collect()
-    };
-    line(
-        &format!("per-VM Pss, {AT_ONCE} tiny guests at once"),
-        "KiB",
-        &pick(|x| x.1),
-    );
-    line(
-        &format!("per-VM private dirty, {AT_ONCE} tiny guests at once"),
-        "KiB",
-        &pick(|x| x.2),
-    );
+
     let _ = std::fs::remove_dir_all(&dir);
 }
