@@ -261,7 +261,7 @@ pub fn build_for_boot(config: &VmConfig) -> Result<Vm, VmmError> {
         NestedMode::Off => false,
         // The demo guest never leaves ring 0 and makes no system calls: no need to probe.
         NestedMode::Auto if matches!(config.boot, Payload::Demo) => false,
-        NestedMode::Auto => vessel_kvm::nested::probe_nested_host(&host.kvm)?,
+        NestedMode::Auto => vessel_kvm::nested::probe_nested_host_cached(&host.kvm)?,
     };
     let layout = host.layout;
     let supported = host

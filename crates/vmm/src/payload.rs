@@ -153,7 +153,7 @@ pub(crate) fn load_guest(
 /// command line from its own bootloader, which must carry them (`vessel image kernel-params`).
 pub fn host_kernel_params() -> Result<Option<String>, VmmError> {
     let kvm = vessel_kvm::system::open()?;
-    if !vessel_kvm::nested::probe_nested_host(&kvm)? {
+    if !vessel_kvm::nested::probe_nested_host_cached(&kvm)? {
         return Ok(None);
     }
     let vm = crate::kvm_vm::create_vm(&kvm)?;

@@ -28,8 +28,8 @@ use vessel_vmm::migration::{MigrateOptions, MigrationUrl};
 use vessel_vmm::restore::{load_state, restore_with};
 use vessel_vmm::snapshot::{SnapshotKind, SnapshotRequest};
 use vessel_vmm::{
-    ControlError, DeviceHandles, ErrorChain, PluggedRef, RunningVm, SerialTarget, Vm, VmConfig,
-    VmHandle, VmOutcome, VmmError,
+    ControlError, DeviceHandles, ErrorChain, PluggedRef, SerialTarget, Vm, VmConfig, VmHandle,
+    VmOutcome, VmmError,
 };
 use vmm_sys_util::eventfd::EventFd;
 
@@ -151,32 +151,28 @@ impl ApiBackend {
         self.failed_restore.take()
     }
 
-    /// Starts `vm` and supervises it on a thread of its own until it ends. The thread exists
-    /// before the vCPUs run, so a VM is never left without its supervisor.
+    /// Starts `vm` and supervises it on a thread of its own until it ends. The thread starts
+    /// once the VM has, so that it inherits the filter `start` installed on this thread (one
+    /// filter fewer to install); if it cannot start, the VM it would have received is
+    /// dropped, which stops it and joins its vCPUs, so a VM never runs unsupervised.
     fn start_supervised(&mut self, vm: Vm) -> Result<(), ApiError> {
-        let (vm_tx, vm_rx) = mpsc::channel::<RunningVm>();
         let (tx, rx) = mpsc::channel();
         let ended = self
             .ended
             .try_clone()
             .map_err(|e| ApiError::Internal(format!("eventfd: {e}")))?;
-        // Its filter is on before the VM starts; without it, the VM does not start.
-        vessel_vmm::spawn_helper("vm-wait", move || {
-            if let Ok(running) = vm_rx.recv() {
-                let _ = tx.send(running.wait());
-                let _ = ended.write(1);
-            }
-        })
-        .map_err(|e| ApiError::Internal(format!("cannot start the VM supervisor: {e}")))?;
         let running = vm
             .start()
             .map_err(|e| ApiError::bad(format!("Start microvm error: {}", ErrorChain(&e))))?;
-        self.vm = Some(running.handle());
-        // The thread only ends after receiving; if it is somehow gone, dropping the VM here
-        // stops and joins it.
-        vm_tx
-            .send(running)
-            .map_err(|_| ApiError::Internal("the VM supervisor is gone".into()))?;
+        let handle = running.handle();
+        std::thread::Builder::new()
+            .name("vm-wait".into())
+            .spawn(move || {
+                let _ = tx.send(running.wait());
+                let _ = ended.write(1);
+            })
+            .map_err(|e| ApiError::Internal(format!("cannot start the VM supervisor: {e}")))?;
+        self.vm = Some(handle);
         self.outcome = Some(rx);
         Ok(())
     }

@@ -7,10 +7,13 @@
 //! leaves, but KVM_SET_CPUID2 replaces the feature words of leaves 0x1 and 0x7 with the host's
 //! own (`KVM_GET_CPUID2` shows them). So the guest kernel is told on its command line,
 //! [`nested_kernel_params`]; what no parameter avoids is completed in user space by
-//! [`crate::emulate`]. [`probe_nested_host`] detects such a host.
+//! [`crate::emulate`]. [`probe_nested_host`] detects such a host; [`probe_nested_host_cached`]
+//! keeps its answer for the host's boot.
 
+mod cache;
 mod probe;
 
+pub use cache::probe_nested_host_cached;
 pub use probe::{probe_cpuid_passthrough, probe_kernel_mode_emulated, probe_nested_host};
 
 /// A CPU feature the guest kernel must not use, as Linux 6.1 numbers it in
