@@ -25,6 +25,7 @@ use crate::cpu;
 use crate::device_factory::DeviceHandles;
 use crate::error::{KvmContext, VcpuError, VmmError};
 use crate::firmware::{FirmwareKind, FirmwareRom};
+use crate::kvm_vm::Irqchip;
 use crate::legacy::LegacyDevices;
 use crate::machine::Machine;
 use crate::payload;
@@ -104,6 +105,16 @@ fn open_host(config: &VmConfig) -> Result<Host, VmmError> {
     })
 }
 
+/// The demo guest with no device takes no interrupt and is never snapshotted (`vessel run`
+/// has no API): its VM has the LAPICs alone, which KVM tears down at once (see
+/// [`Irqchip::LapicOnly`]). Every other VM has the PC's controllers and PIT.
+fn irqchip_for(config: &VmConfig) -> Irqchip {
+    match config.boot {
+        Payload::Demo if config.devices.is_empty() => Irqchip::LapicOnly,
+        _ => Irqchip::Pc,
+    }
+}
+
 /// The KVM VM, its memory, irqchip, vCPUs and devices, as one [`Machine`]; and the vCPUs'
 /// file descriptors, not yet configured.
 fn create_machine(
@@ -119,7 +130,8 @@ fn create_machine(
     let hotplug = crate::hotplug::device_memory(&host.layout, config)?.hotplug;
     let ram_regions = host.layout.ram_regions().len();
     crate::kvm_vm::register_ram(&vm, &mem, ram_regions, config.track_dirty_pages)?;
-    crate::kvm_vm::create_irqchip_and_pit(&vm)?;
+    let irqchip = irqchip_for(config);
+    crate::kvm_vm::create_irqchip(&vm, irqchip)?;
     let fds = (0..config.cpus)
         .map(|id| vm.create_vcpu(u64::from(id)).kvm("KVM_CREATE_VCPU"))
         .collect::<Result<Vec<_>, _>>()?;
@@ -233,6 +245,7 @@ fn create_machine(
         virtio: Mutex::new(virtio),
         config: config.clone(),
         nested,
+        irqchip,
         firmware,
         vmgenid,
         stop: AtomicBool::new(false),
@@ -438,4 +451,73 @@ fn restore_devices<A>(m: &Machine, snap: &VmSnapshot<A>) -> Result<(), RestoreEr
     m.virtio()
         .restore_all(&snap.virtio)
         .map_err(RestoreError::Devices)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SerialTarget;
+    use crate::device_config::{DiskConfig, Transport};
+    use crate::snapshot::{NoApi, SnapshotFailure, SnapshotKind, SnapshotRequest};
+
+    fn demo() -> VmConfig {
+        VmConfig {
+            boot: Payload::Demo,
+            memory: 32 << 20,
+            serial: SerialTarget::Null,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_demo_guest_alone_gets_the_lapics_alone() {
+        assert_eq!(irqchip_for(&demo()), Irqchip::LapicOnly);
+        // A device may interrupt: the PC's controllers.
+        let mut with_disk = demo();
+        with_disk.devices.disks.push(DiskConfig {
+            path: "/dev/null".into(),
+            format: None,
+            read_only: true,
+            serial: None,
+            transport: Transport::Mmio,
+            rate_limiter: None,
+        });
+        assert_eq!(irqchip_for(&with_disk), Irqchip::Pc);
+        let linux = VmConfig {
+            boot: Payload::Linux {
+                kernel: "/k".into(),
+                initrd: None,
+                system_map: None,
+            },
+            ..demo()
+        };
+        assert_eq!(irqchip_for(&linux), Irqchip::Pc);
+    }
+
+    #[test]
+    fn the_demo_vm_runs_and_refuses_snapshots() {
+        if kvm_ioctls::Kvm::new().is_err() {
+            eprintln!("skipping: no /dev/kvm");
+            return;
+        }
+        // It runs to its power-off.
+        let out = crate::run(&demo()).unwrap();
+        assert_eq!(out.reason, crate::ExitReason::PowerOff);
+        // Paused before its first instruction, a snapshot is refused in words.
+        let vm = Vm::build(&demo()).unwrap();
+        assert_eq!(vm.machine.irqchip, Irqchip::LapicOnly);
+        let running = vm.paused().start().unwrap();
+        let dir = std::env::temp_dir();
+        let req = SnapshotRequest::<NoApi> {
+            state: dir.join("vessel-demo-never.state"),
+            memory: dir.join("vessel-demo-never.mem"),
+            kind: SnapshotKind::Full,
+            api: None,
+        };
+        let e = running.handle().snapshot(&req).unwrap_err();
+        assert!(matches!(e, SnapshotFailure::NoPcIrqchip), "{e}");
+        assert!(!req.state.exists());
+        running.handle().stop();
+        running.wait().unwrap();
+    }
 }

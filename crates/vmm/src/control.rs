@@ -324,7 +324,7 @@ impl VmHandle {
             return Err(MigrationError::NotRunning);
         }
         crate::snapshot::refuse_memory_hotplug(&self.machine)?;
-        crate::snapshot::refuse_vhost_user(&self.machine)?;
+        crate::snapshot::refuse_unsupported(&self.machine)?;
         let was_paused = self.state() == RunState::Paused;
         let mut conn = Connection::connect(url)?;
         let stats = migration::send::send(

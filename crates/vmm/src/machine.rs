@@ -35,6 +35,8 @@ pub struct Machine {
     pub(crate) config: VmConfig,
     /// The nested-host fallback is on.
     pub(crate) nested: bool,
+    /// The interrupt controllers KVM emulates.
+    pub(crate) irqchip: crate::kvm_vm::Irqchip,
     /// The firmware's read-only images, mapped below 4 GiB (firmware boots only).
     pub(crate) firmware: Option<crate::firmware::FirmwareRom>,
     /// The VM generation ID device, for guests that have one.
@@ -100,6 +102,7 @@ impl Machine {
             legacy,
             config,
             nested: false,
+            irqchip: crate::kvm_vm::Irqchip::Pc,
             vmgenid: None,
             stop: AtomicBool::new(false),
             pause,

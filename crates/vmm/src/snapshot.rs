@@ -147,10 +147,21 @@ pub enum SnapshotFailure {
     VhostUser(String),
     #[error("diff snapshots and live migration of a VM with hotpluggable memory (virtio-mem) are not supported yet: take a full snapshot")]
     MemoryHotplug,
+    #[error("snapshots and live migration need the PC's interrupt controllers, which the demo guest's VM does not have")]
+    NoPcIrqchip,
+}
+
+/// Refuses to snapshot or migrate a VM without the PC's interrupt controllers (whose state a
+/// snapshot holds) or with a vhost-user device.
+pub(crate) fn refuse_unsupported(m: &Machine) -> Result<(), SnapshotFailure> {
+    if m.irqchip != crate::kvm_vm::Irqchip::Pc {
+        return Err(SnapshotFailure::NoPcIrqchip);
+    }
+    refuse_vhost_user(m)
 }
 
 /// Refuses to snapshot or migrate a VM with a vhost-user device.
-pub(crate) fn refuse_vhost_user(m: &Machine) -> Result<(), SnapshotFailure> {
+fn refuse_vhost_user(m: &Machine) -> Result<(), SnapshotFailure> {
     match m.config.devices.first_vhost_user() {
         Some(what) => Err(SnapshotFailure::VhostUser(what)),
         None => Ok(()),
@@ -208,7 +219,7 @@ pub(crate) fn resume_devices(m: &Machine) {
 
 /// Everything of a paused machine whose devices are quiesced, but its memory.
 pub(crate) fn capture<A>(m: &Machine, api: Option<A>) -> Result<VmSnapshot<A>, SnapshotFailure> {
-    refuse_vhost_user(m)?;
+    refuse_unsupported(m)?;
     let kvm = vessel_kvm::system::open().map_err(SnapshotFailure::Kvm)?;
     let msrs = msr_candidates(&kvm).map_err(SnapshotFailure::Kvm)?;
     let vcpus = m
@@ -239,7 +250,7 @@ pub(crate) fn take<A: Serialize + Clone>(
     req: &SnapshotRequest<A>,
 ) -> Result<SnapshotInfo, SnapshotFailure> {
     let _one = m.snapshot_lock.lock().unwrap_or_else(|e| e.into_inner());
-    refuse_vhost_user(m)?;
+    refuse_unsupported(m)?;
     if req.kind == SnapshotKind::Diff {
         refuse_memory_hotplug(m)?;
     }
