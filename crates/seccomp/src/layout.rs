@@ -96,16 +96,13 @@ pub(crate) fn program(
         out[at].k = (to - at - 1) as u32;
     }
     if out.len() >= MAX_LEN {
-        return Err(Error::File(format!(
-            "seccomp: a filter of {} instructions is over the kernel's limit",
-            out.len()
-        )));
+        return Err(Error::TooLong(out.len()));
     }
     Ok(out)
 }
 
 fn syscall_number(nr: i64) -> Result<u32, Error> {
-    u32::try_from(nr).map_err(|_| Error::File(format!("seccomp: bad syscall number {nr}")))
+    u32::try_from(nr).map_err(|_| Error::SyscallNumber(nr))
 }
 
 /// seccompiler's checks of one syscall's arguments: its whole program for that syscall alone,
@@ -137,9 +134,7 @@ fn checks(
         }
     });
     if !contained {
-        return Err(Error::File(format!(
-            "seccomp: the checks of syscall {nr} do not stand alone"
-        )));
+        return Err(Error::LooseChecks(nr));
     }
     Ok(body.to_vec())
 }
@@ -418,5 +413,19 @@ mod tests {
         assert_eq!(run(vcpu, &d), KILL);
         d.nr = libc::SYS_clone3 as u32;
         assert_eq!(run(vcpu, &d), ENOSYS);
+    }
+
+    #[test]
+    fn a_negative_syscall_number_is_refused() {
+        let rules: Rules = [(-1i64, Vec::new())].into_iter().collect();
+        let e = program(
+            rules,
+            &[],
+            SeccompAction::KillProcess,
+            SeccompAction::Allow,
+            TargetArch::x86_64,
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::SyscallNumber(-1)), "{e}");
     }
 }

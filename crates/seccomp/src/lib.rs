@@ -33,6 +33,15 @@ pub enum Error {
     File(String),
     #[error("seccomp: this architecture ({0}) has no filters")]
     Arch(&'static str),
+    /// A built-in list that does not fit one program.
+    #[error("seccomp: a filter of {0} instructions is over the kernel's limit of 4096")]
+    TooLong(usize),
+    /// A syscall number no filter can compare with.
+    #[error("seccomp: syscall number {0} is out of range")]
+    SyscallNumber(i64),
+    /// seccompiler's checks of a syscall's arguments that jump outside themselves.
+    #[error("seccomp: the argument checks of syscall {0} do not stand alone")]
+    LooseChecks(i64),
     /// A compiled filter file (Firecracker's `seccompiler-bin` output) that does not decode.
     #[error("Filter deserialization failed")]
     Deserialize(#[source] bitcode::Error),
