@@ -137,15 +137,20 @@ fn exiting_guest(n: u32) -> Vec<u8> {
 
 /// `Rss` and `Private_Dirty` of `pid`, in KiB.
 fn memory(pid: u32) -> (u64, u64) {
+    let [rss, dirty] = rollup(pid, ["Rss:", "Private_Dirty:"]);
+    (rss, dirty)
+}
+
+/// The fields `names` of `/proc/PID/smaps_rollup`, in KiB (0 for one that is missing).
+fn rollup<const N: usize>(pid: u32, names: [&str; N]) -> [u64; N] {
     let s = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap();
-    let field = |name: &str| {
+    names.map(|name| {
         s.lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|r| r.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
-    };
-    (field("Rss:"), field("Private_Dirty:"))
+    })
 }
 
 /// Private dirty memory and RSS by mapping (`/proc/PID/smaps`): the file or `[heap]`,
@@ -317,16 +322,9 @@ fn overhead(v: &Vmm, dir: &Path, kernel: &Path, n: usize) -> (f64, f64) {
     std::thread::sleep(Duration::from_millis(300));
     let (mut pss, mut dirty) = (0.0, 0.0);
     for c in &children {
-        let s = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", c.id())).unwrap();
-        let field = |name: &str| -> f64 {
-            s.lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|r| r.split_whitespace().next())
-                .and_then(|n| n.parse().ok())
-                .unwrap_or(0.0)
-        };
-        pss += field("Pss:");
-        dirty += field("Private_Dirty:");
+        let [p, d] = rollup(c.id(), ["Pss:", "Private_Dirty:"]);
+        pss += p as f64;
+        dirty += d as f64;
     }
     for c in children {
         stop(c);

@@ -1,6 +1,6 @@
 //! The KVM VM object and the order of its set-up: `KVM_CREATE_VM` with its TSS and
-//! identity-map pages, then guest memory, then the in-kernel irqchip and PIT; the vCPUs come
-//! after (KVM wants the irqchip before them).
+//! identity-map pages, then guest memory, then the in-kernel interrupt controllers (and PIT,
+//! see [`Irqchip`]); the vCPUs come after (KVM wants the irqchip before them).
 //!
 //! Memory goes in before the irqchip because the other order is slow on the hosts measured:
 //! the first `KVM_SET_USER_MEMORY_REGION` after `KVM_CREATE_IRQCHIP` waits 4-8 ms in the
