@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
 
-use io_uring::{opcode, types, IoUring, Probe};
+use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vessel_memory::GuestMemoryMmap;
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -90,6 +90,8 @@ pub struct Uring {
     /// Keeps every guest memory region mapped while requests are in flight.
     mem: GuestMemoryMmap,
     disk: Arc<Disk>,
+    /// Whether the disk's descriptor is registered with the ring (as file 0).
+    fixed: bool,
     slots: Vec<Slot>,
     free: Vec<u16>,
 }
@@ -107,6 +109,12 @@ impl Uring {
         let ring = IoUring::new(u32::from(depth))?;
         let event = EventFd::new(EFD_NONBLOCK)?;
         ring.submitter().register_eventfd(event.as_raw_fd())?;
+        // The disk's descriptor registered with the ring: each SQE then names it by index
+        // and the kernel skips looking it up (and counting a reference) per request.
+        let fixed = match disk.fd() {
+            Some(fd) => ring.submitter().register_files(&[fd]).is_ok(),
+            None => false,
+        };
         let slots = (0..depth)
             .map(|_| Slot {
                 head: 0,
@@ -122,6 +130,7 @@ impl Uring {
             event,
             mem,
             disk,
+            fixed,
             slots,
             free: (0..depth).rev().collect(),
         })
@@ -195,12 +204,7 @@ impl Uring {
             slot.iovs.clear();
             return Err(NotQueued::Unsuitable);
         };
-        let (ptr, cnt) = (slot.iovs.as_ptr(), slot.iovs.len() as u32);
-        let sqe = if write {
-            opcode::Writev::new(fd, ptr, cnt).offset(offset).build()
-        } else {
-            opcode::Readv::new(fd, ptr, cnt).offset(offset).build()
-        };
+        let sqe = rw_sqe(fd, self.fixed, write, &slot.iovs, offset);
         let sqe = sqe.user_data(u64::from(i));
         // SAFETY: the SQE points to `slot.iovs`, which is not touched again until the slot's
         // completion has been reaped (`reap`) or the ring has been drained (`Drop`), so the
@@ -393,6 +397,45 @@ impl Uring {
             }
         }
         true
+    }
+}
+
+/// The SQE of a read or write of `iovs` at `offset`: a plain `Read`/`Write` for one buffer
+/// (the kernel then imports no iovec array), `Readv`/`Writev` otherwise; naming the registered
+/// file 0 when `fixed`.
+fn rw_sqe(
+    fd: types::Fd,
+    fixed: bool,
+    write: bool,
+    iovs: &[libc::iovec],
+    offset: u64,
+) -> squeue::Entry {
+    macro_rules! on {
+        ($target:expr) => {
+            match (write, iovs) {
+                (false, [one]) => {
+                    opcode::Read::new($target, one.iov_base.cast(), one.iov_len as u32)
+                        .offset(offset)
+                        .build()
+                }
+                (true, [one]) => {
+                    opcode::Write::new($target, one.iov_base.cast(), one.iov_len as u32)
+                        .offset(offset)
+                        .build()
+                }
+                (false, _) => opcode::Readv::new($target, iovs.as_ptr(), iovs.len() as u32)
+                    .offset(offset)
+                    .build(),
+                (true, _) => opcode::Writev::new($target, iovs.as_ptr(), iovs.len() as u32)
+                    .offset(offset)
+                    .build(),
+            }
+        };
+    }
+    if fixed {
+        on!(types::Fixed(0))
+    } else {
+        on!(fd)
     }
 }
 
