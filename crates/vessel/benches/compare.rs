@@ -22,6 +22,8 @@
 //! `COMPARE_MAPPINGS=1` also prints each memory run's private dirty memory by mapping.
 //! `VESSEL_B=/path/to/vessel` measures a second Vessel binary beside this one (an A/B of a
 //! build option or a change); every figure is then given against the last binary measured.
+//! `VESSEL_B_ARGS="--no-seccomp"` gives that binary more arguments (space-separated): with
+//! `--no-seccomp`, it runs as the glibc build of Firecracker does, without filters.
 
 #[path = "../tests/common/bare.rs"]
 mod bare;
@@ -49,11 +51,14 @@ const DENSITY_ROUNDS: usize = 5;
 struct Vmm {
     name: &'static str,
     bin: PathBuf,
+    /// Arguments before `--api-sock`.
+    args: Vec<String>,
 }
 
 fn spawn(v: &Vmm, sock: &Path) -> Child {
     let _ = std::fs::remove_file(sock);
     Command::new(&v.bin)
+        .args(&v.args)
         .arg("--api-sock")
         .arg(sock)
         .stdin(Stdio::null())
@@ -375,17 +380,24 @@ fn main() {
     let mut vmms = vec![Vmm {
         name: "vessel",
         bin: PathBuf::from(env!("CARGO_BIN_EXE_vessel")),
+        args: Vec::new(),
     }];
     if let Some(b) = std::env::var_os("VESSEL_B") {
         vmms.push(Vmm {
             name: "vessel-b",
             bin: PathBuf::from(b),
+            args: std::env::var("VESSEL_B_ARGS")
+                .unwrap_or_default()
+                .split_whitespace()
+                .map(String::from)
+                .collect(),
         });
     }
     if let Some(fc) = std::env::var_os("FIRECRACKER") {
         vmms.push(Vmm {
             name: "firecracker",
             bin: PathBuf::from(fc),
+            args: Vec::new(),
         });
     } else {
         println!("(no FIRECRACKER=/path given: Vessel's figures only)");
