@@ -98,6 +98,12 @@ const CLEARED: &[Feature] = &[
 ///   of them parses the whole vmlinux BTF, over 4 emulated minutes. The guest then has no BPF
 ///   kfuncs and uses Reno instead of CUBIC for TCP. (Modules in Vessel's images carry no BTF,
 ///   which would trigger the same parse.)
+/// - `ftrace_check_for_weak_functions`: a background check that looks up the symbol of every
+///   one of the kernel's ~50,000 ftrace call sites (to disable those of overridden weak
+///   functions): 40 emulated seconds, while PID 1 waits for the CPU. Without it the function
+///   tracer may stumble on a weak function's record when told to trace everything (ftrace
+///   then reports the site and stops tracing); nothing else changes.
+/// - `blake2s_mod_init`: BLAKE2s's boot-time self-test, all that initcall does (4.5 s).
 ///
 /// And one found by timing the kit's `minimal` kernel's initcalls (`initcall_debug`):
 /// - `pty.legacy_count=0`: a kernel built with `CONFIG_LEGACY_PTYS` registers 256 BSD pty
@@ -135,6 +141,8 @@ const BLACKLISTED_INITCALLS: &[&str] = &[
     "bpf_key_sig_kfuncs_init",
     "bpf_prog_test_run_init",
     "bpf_tcp_ca_kfunc_init",
+    "ftrace_check_for_weak_functions",
+    "blake2s_mod_init",
 ];
 
 #[cfg(test)]
@@ -153,7 +161,8 @@ mod tests {
              nmi_watchdog=0 cryptomgr.notests rodata=off spec_rstack_overflow=off retbleed=off \
              pty.legacy_count=0 initcall_blacklist=trace_eval_init,jent_mod_init,\
              cubictcp_register,kfunc_init,bpf_rstat_kfunc_init,bpf_key_sig_kfuncs_init,\
-             bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init"
+             bpf_prog_test_run_init,bpf_tcp_ca_kfunc_init,\
+             ftrace_check_for_weak_functions,blake2s_mod_init"
         );
     }
 
