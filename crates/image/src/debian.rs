@@ -12,7 +12,9 @@ use crate::cache::{
 use crate::deb::{self, Apt};
 use crate::error::IoContext;
 use crate::init::{build_initramfs, InitramfsModule, INIT_SCRIPT};
-use crate::modules::{drop_btf, read_module, resolve, strip_signature, ModuleIndex};
+use crate::modules::{
+    drop_btf, drop_ftrace_callsites, read_module, resolve, strip_signature, ModuleIndex,
+};
 use crate::tools::{check_needs, APT_TOOLS};
 use crate::{ImageError, ImagePaths};
 
@@ -53,6 +55,8 @@ fn recipe() -> Vec<(&'static str, String)> {
         // `modules::strip_signature`).
         ("modules.signatures", "stripped".to_string()),
         ("modules.btf", "dropped".to_string()),
+        // And without their ftrace call-site tables (`modules::drop_ftrace_callsites`).
+        ("modules.ftrace", "dropped".to_string()),
     ]
 }
 
@@ -161,6 +165,7 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
         let mut data = read_module(&modules_root.join(&m.path))?;
         stripped += usize::from(strip_signature(&mut data));
         drop_btf(&mut data);
+        drop_ftrace_callsites(&mut data);
         modules.push(InitramfsModule {
             name: m.name.clone(),
             data,
@@ -168,9 +173,9 @@ pub(crate) fn build(root: &Path, log: &mut dyn FnMut(&str)) -> Result<ImagePaths
     }
     let names: Vec<&str> = res.order.iter().map(|m| m.name.as_str()).collect();
     apt.log(&format!(
-        "debian: {} modules ({stripped} signatures stripped and BTF dropped: at load the kernel \
-         would hash and RSA-verify each and parse the vmlinux BTF, minutes where guest kernel \
-         code is emulated): {}",
+        "debian: {} modules ({stripped} signatures stripped, BTF and ftrace call sites dropped: at \
+         load the kernel would hash and RSA-verify each, parse the vmlinux BTF and look up the \
+         symbol of every call site, minutes where guest kernel code is emulated): {}",
         names.len(),
         names.join(" ")
     ));

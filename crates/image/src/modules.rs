@@ -274,16 +274,41 @@ pub fn read_module(path: &Path) -> Result<Vec<u8>, ImageError> {
 /// only the section header changes. Anything that is not a well-formed little-endian ELF64 is
 /// left alone.
 pub fn drop_btf(module: &mut [u8]) -> bool {
-    let Some(at) = btf_section_header(module) else {
+    let Some(at) = section_header(module, b".BTF") else {
         return false;
     };
-    // sh_size is at offset 0x20 of an Elf64_Shdr.
-    module[at + 0x20..at + 0x28].fill(0);
+    empty_section(module, at);
     true
 }
 
-/// Offset of the section header of `.BTF` with a non-zero size.
-fn btf_section_header(elf: &[u8]) -> Option<usize> {
+/// Empties a module's table of ftrace call sites (`__mcount_loc`) and its relocations,
+/// returning whether it had either.
+///
+/// For each call site a module lists, a kernel built with `FTRACE_MCOUNT_MAX_OFFSET` (Debian's
+/// 6.1) looks up the symbol it lies in while loading the module, a scan of the module's whole
+/// symbol table each time: 851 sites for ext4, over a minute where guest kernel code is
+/// emulated. Without the table the module's functions cannot be traced with ftrace's function
+/// tracer (their entries keep calling `__fentry__`, which returns at once); kprobes and trace
+/// events still work. The relocations of the table go with it: the kernel applies a module's
+/// relocations without checking them against their section's size. Files that are not
+/// well-formed little-endian ELF64 are left alone.
+pub fn drop_ftrace_callsites(module: &mut [u8]) -> bool {
+    let table = section_header(module, b"__mcount_loc");
+    let relocations = section_header(module, b".rela__mcount_loc");
+    for at in [table, relocations].into_iter().flatten() {
+        empty_section(module, at);
+    }
+    table.is_some() || relocations.is_some()
+}
+
+/// Sets the size of the section whose header is at `at` to 0.
+fn empty_section(elf: &mut [u8], at: usize) {
+    // sh_size is at offset 0x20 of an Elf64_Shdr.
+    elf[at + 0x20..at + 0x28].fill(0);
+}
+
+/// Offset of the header of the section called `wanted`, if it has a non-zero size.
+fn section_header(elf: &[u8], wanted: &[u8]) -> Option<usize> {
     if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
         return None;
     }
@@ -306,8 +331,10 @@ fn btf_section_header(elf: &[u8]) -> Option<usize> {
         let at = header(i)?;
         let name_off = le_u32(elf, at)? as usize;
         let name = names.get(name_off..)?;
-        let is_btf = name.starts_with(b".BTF\0");
-        (is_btf && le_u64(elf, at + 0x20)? != 0).then_some(at)
+        let matches = name
+            .strip_prefix(wanted)
+            .is_some_and(|rest| rest.first() == Some(&0));
+        (matches && le_u64(elf, at + 0x20)? != 0).then_some(at)
     })
 }
 
@@ -516,15 +543,25 @@ kernel/needs_ghost.ko: kernel/ghost.ko
         m
     }
 
-    /// A little-endian ELF64 with sections: null, .text, .BTF, .shstrtab.
-    fn elf_with_btf() -> Vec<u8> {
-        let names = b"\0.text\0.BTF\0.shstrtab\0";
+    /// A little-endian ELF64 with a null section, `sections` (name, size) and `.shstrtab`.
+    fn elf_with(sections: &[(&str, u64)]) -> Vec<u8> {
+        let mut names = vec![0u8];
+        let mut name_at = Vec::new();
+        for (n, _) in sections
+            .iter()
+            .map(|s| (s.0, s.1))
+            .chain([(".shstrtab", 0)])
+        {
+            name_at.push(names.len() as u32);
+            names.extend_from_slice(n.as_bytes());
+            names.push(0);
+        }
         let mut e = vec![0u8; 0x40];
         e[0..4].copy_from_slice(b"\x7fELF");
         e[4] = 2;
         e[5] = 1;
         let str_off = e.len() as u64;
-        e.extend_from_slice(names);
+        e.extend_from_slice(&names);
         while !e.len().is_multiple_of(8) {
             e.push(0);
         }
@@ -536,26 +573,75 @@ kernel/needs_ghost.ko: kernel/ghost.ko
             h[0x20..0x28].copy_from_slice(&size.to_le_bytes());
             h
         };
-        let headers = [
-            sh(0, 0, 0),
-            sh(1, 0, 16),
-            sh(7, 0, 1234),
-            sh(12, str_off, names.len() as u64),
-        ];
-        for h in headers {
-            e.extend_from_slice(&h);
+        e.extend_from_slice(&sh(0, 0, 0));
+        for (i, (_, size)) in sections.iter().enumerate() {
+            e.extend_from_slice(&sh(name_at[i], 0, *size));
         }
+        e.extend_from_slice(&sh(name_at[sections.len()], str_off, names.len() as u64));
+        let count = sections.len() as u16 + 2;
         e[0x28..0x30].copy_from_slice(&shoff.to_le_bytes());
         e[0x3a..0x3c].copy_from_slice(&0x40u16.to_le_bytes());
-        e[0x3c..0x3e].copy_from_slice(&4u16.to_le_bytes());
-        e[0x3e..0x40].copy_from_slice(&3u16.to_le_bytes());
+        e[0x3c..0x3e].copy_from_slice(&count.to_le_bytes());
+        e[0x3e..0x40].copy_from_slice(&(count - 1).to_le_bytes());
         e
+    }
+
+    /// Sections: null, .text, .BTF, .shstrtab.
+    fn elf_with_btf() -> Vec<u8> {
+        elf_with(&[(".text", 16), (".BTF", 1234)])
+    }
+
+    /// The size of section `name` (the first so called, empty or not).
+    fn size_of(elf: &[u8], name: &str) -> u64 {
+        let shoff = le_u64(elf, 0x28).unwrap() as usize;
+        let shnum = usize::from(le_u16(elf, 0x3c).unwrap());
+        let strtab = shoff + 0x40 * usize::from(le_u16(elf, 0x3e).unwrap());
+        let str_off = le_u64(elf, strtab + 0x18).unwrap() as usize;
+        (0..shnum)
+            .map(|i| shoff + 0x40 * i)
+            .find(|&at| {
+                let off = str_off + le_u32(elf, at).unwrap() as usize;
+                elf[off..].starts_with(name.as_bytes()) && elf[off + name.len()] == 0
+            })
+            .map(|at| le_u64(elf, at + 0x20).unwrap())
+            .expect("section exists")
+    }
+
+    #[test]
+    fn ftrace_callsites_and_their_relocations_are_emptied() {
+        let mut m = elf_with(&[
+            (".text", 64),
+            ("__mcount_loc", 80),
+            (".rela__mcount_loc", 240),
+            (".rela.text", 48),
+            ("__mcount_loc_not", 8),
+        ]);
+        let before = m.clone();
+        assert!(drop_ftrace_callsites(&mut m));
+        assert_eq!(size_of(&m, "__mcount_loc"), 0);
+        assert_eq!(size_of(&m, ".rela__mcount_loc"), 0);
+        // Nothing else: not the text's relocations, not a section whose name only starts so.
+        assert_eq!(size_of(&m, ".rela.text"), 48);
+        assert_eq!(size_of(&m, "__mcount_loc_not"), 8);
+        assert_eq!(size_of(&m, ".text"), 64);
+        assert_eq!(m.iter().zip(&before).filter(|(a, b)| a != b).count(), 2);
+        assert!(!drop_ftrace_callsites(&mut m));
+        // Relocations left without their table (an odd file) still go.
+        let mut odd = elf_with(&[("__mcount_loc", 0), (".rela__mcount_loc", 24)]);
+        assert!(drop_ftrace_callsites(&mut odd));
+        assert_eq!(size_of(&odd, ".rela__mcount_loc"), 0);
+        // A module without call sites, and what is not an ELF, are left alone.
+        let mut plain = elf_with_btf();
+        let kept = plain.clone();
+        assert!(!drop_ftrace_callsites(&mut plain));
+        assert_eq!(plain, kept);
+        assert!(!drop_ftrace_callsites(&mut b"not an elf".to_vec()));
     }
 
     #[test]
     fn btf_section_is_emptied() {
         let mut m = elf_with_btf();
-        let at = btf_section_header(&m).expect(".BTF found");
+        let at = section_header(&m, b".BTF").expect(".BTF found");
         assert_eq!(le_u64(&m, at + 0x20), Some(1234));
         let before = m.clone();
         assert!(drop_btf(&mut m));
