@@ -206,9 +206,10 @@ impl Uring {
         };
         let sqe = rw_sqe(fd, self.fixed, write, &slot.iovs, offset);
         let sqe = sqe.user_data(u64::from(i));
-        // SAFETY: the SQE points to `slot.iovs`, which is not touched again until the slot's
-        // completion has been reaped (`reap`) or the ring has been drained (`Drop`), so the
-        // array stays valid and unmoved for as long as the kernel may read it. Each iovec
+        // SAFETY: the SQE points to `slot.iovs` (or, for one buffer, to that buffer alone),
+        // which is not touched again until the slot's completion has been reaped (`reap`) or
+        // the ring has been drained (`Drop`), so the array stays valid and unmoved for as long
+        // as the kernel may read it. Each iovec
         // points into a region of `self.mem` (the segments were resolved in the same guest
         // memory, whose regions are shared with this clone), and `self.mem` lives until
         // every request in flight has completed (`Drop` waits, or leaks it), so the kernel
@@ -410,15 +411,17 @@ fn rw_sqe(
     iovs: &[libc::iovec],
     offset: u64,
 ) -> squeue::Entry {
+    // A plain read or write takes a 32-bit length (a segment's always fits).
+    let fits = |one: &libc::iovec| u32::try_from(one.iov_len).is_ok();
     macro_rules! on {
         ($target:expr) => {
             match (write, iovs) {
-                (false, [one]) => {
+                (false, [one]) if fits(one) => {
                     opcode::Read::new($target, one.iov_base.cast(), one.iov_len as u32)
                         .offset(offset)
                         .build()
                 }
-                (true, [one]) => {
+                (true, [one]) if fits(one) => {
                     opcode::Write::new($target, one.iov_base.cast(), one.iov_len as u32)
                         .offset(offset)
                         .build()
