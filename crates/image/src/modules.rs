@@ -309,33 +309,45 @@ fn empty_section(elf: &mut [u8], at: usize) {
 
 /// Offset of the header of the section called `wanted`, if it has a non-zero size.
 fn section_header(elf: &[u8], wanted: &[u8]) -> Option<usize> {
-    if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
-        return None;
-    }
-    let shoff = usize::try_from(le_u64(elf, 0x28)?).ok()?;
-    let shentsize = usize::from(le_u16(elf, 0x3a)?);
-    let shnum = usize::from(le_u16(elf, 0x3c)?);
-    let shstrndx = usize::from(le_u16(elf, 0x3e)?);
-    if shentsize < 0x40 {
-        return None;
-    }
-    let header = |i: usize| -> Option<usize> {
-        let at = shoff.checked_add(i.checked_mul(shentsize)?)?;
-        (at.checked_add(0x40)? <= elf.len()).then_some(at)
+    headers_named(elf, wanted).find(|&at| le_u64(elf, at + 0x20) != Some(0))
+}
+
+/// Offsets of the headers of the sections called `wanted`, in order; none when `elf` is not a
+/// well-formed little-endian ELF64.
+fn headers_named<'a>(elf: &'a [u8], wanted: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    let table = || -> Option<(usize, usize, usize, &'a [u8])> {
+        if elf.get(0..4)? != b"\x7fELF" || *elf.get(4)? != 2 || *elf.get(5)? != 1 {
+            return None;
+        }
+        let shoff = usize::try_from(le_u64(elf, 0x28)?).ok()?;
+        let shentsize = usize::from(le_u16(elf, 0x3a)?);
+        let shnum = usize::from(le_u16(elf, 0x3c)?);
+        let shstrndx = usize::from(le_u16(elf, 0x3e)?);
+        if shentsize < 0x40 {
+            return None;
+        }
+        let strtab = section_at(elf, shoff, shentsize, shstrndx)?;
+        let str_off = usize::try_from(le_u64(elf, strtab + 0x18)?).ok()?;
+        let str_size = usize::try_from(le_u64(elf, strtab + 0x20)?).ok()?;
+        let names = elf.get(str_off..str_off.checked_add(str_size)?)?;
+        Some((shoff, shentsize, shnum, names))
     };
-    let strtab = header(shstrndx)?;
-    let str_off = usize::try_from(le_u64(elf, strtab + 0x18)?).ok()?;
-    let str_size = usize::try_from(le_u64(elf, strtab + 0x20)?).ok()?;
-    let names = elf.get(str_off..str_off.checked_add(str_size)?)?;
-    (0..shnum).find_map(|i| {
-        let at = header(i)?;
-        let name_off = le_u32(elf, at)? as usize;
-        let name = names.get(name_off..)?;
-        let matches = name
-            .strip_prefix(wanted)
-            .is_some_and(|rest| rest.first() == Some(&0));
-        (matches && le_u64(elf, at + 0x20)? != 0).then_some(at)
-    })
+    table()
+        .into_iter()
+        .flat_map(move |(shoff, shentsize, shnum, names)| {
+            (0..shnum).filter_map(move |i| {
+                let at = section_at(elf, shoff, shentsize, i)?;
+                let name = names.get(le_u32(elf, at)? as usize..)?;
+                let rest = name.strip_prefix(wanted)?;
+                (rest.first() == Some(&0)).then_some(at)
+            })
+        })
+}
+
+/// Offset of section header `i`, if the whole header lies in `elf`.
+fn section_at(elf: &[u8], shoff: usize, shentsize: usize, i: usize) -> Option<usize> {
+    let at = shoff.checked_add(i.checked_mul(shentsize)?)?;
+    (at.checked_add(0x40)? <= elf.len()).then_some(at)
 }
 
 /// The marker the kernel's `sign-file` appends after a module signature.
@@ -547,11 +559,7 @@ kernel/needs_ghost.ko: kernel/ghost.ko
     fn elf_with(sections: &[(&str, u64)]) -> Vec<u8> {
         let mut names = vec![0u8];
         let mut name_at = Vec::new();
-        for (n, _) in sections
-            .iter()
-            .map(|s| (s.0, s.1))
-            .chain([(".shstrtab", 0)])
-        {
+        for n in sections.iter().map(|s| s.0).chain([".shstrtab"]) {
             name_at.push(names.len() as u32);
             names.extend_from_slice(n.as_bytes());
             names.push(0);
@@ -593,18 +601,10 @@ kernel/needs_ghost.ko: kernel/ghost.ko
 
     /// The size of section `name` (the first so called, empty or not).
     fn size_of(elf: &[u8], name: &str) -> u64 {
-        let shoff = le_u64(elf, 0x28).unwrap() as usize;
-        let shnum = usize::from(le_u16(elf, 0x3c).unwrap());
-        let strtab = shoff + 0x40 * usize::from(le_u16(elf, 0x3e).unwrap());
-        let str_off = le_u64(elf, strtab + 0x18).unwrap() as usize;
-        (0..shnum)
-            .map(|i| shoff + 0x40 * i)
-            .find(|&at| {
-                let off = str_off + le_u32(elf, at).unwrap() as usize;
-                elf[off..].starts_with(name.as_bytes()) && elf[off + name.len()] == 0
-            })
-            .map(|at| le_u64(elf, at + 0x20).unwrap())
-            .expect("section exists")
+        let at = headers_named(elf, name.as_bytes())
+            .next()
+            .expect("section exists");
+        le_u64(elf, at + 0x20).unwrap()
     }
 
     #[test]
