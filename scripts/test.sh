@@ -5,7 +5,7 @@
 #
 #   scripts/test.sh              # what CI runs
 #   scripts/test.sh --extended   # also boots Debian's stock kernel and OVMF (slow on nested hosts),
-#                                # tests the static release binaries (scripts/build-static.sh),
+#                                # tests the static release binaries (scripts/build-static.sh, both links),
 #                                # and, given KATA_SHIM and KATA_AGENT, runs scripts/kata-e2e.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,10 +44,13 @@ cargo test --workspace --release -- --test-threads=2 2>&1 | tee "$log"
 if [ "$extended" = 1 ]; then
     # The shipped static binaries are built another way (whole-program LTO, static glibc):
     # the drop-in's own test runs again on them.
-    step "static binaries (scripts/build-static.sh), the firecracker drop-in's test on them"
-    static_fc=$(scripts/build-static.sh | tail -1)
-    VESSEL_FIRECRACKER_BIN=$(readlink -f "$static_fc") \
-        cargo test --release -p vessel-firecracker --test drop_in 2>&1 | tee -a "$log"
+    # Both links: position-independent (the default) and at a fixed address (--no-pie).
+    for link in "" --no-pie; do
+        step "static binaries (scripts/build-static.sh${link:+ $link}), the firecracker drop-in's test on them"
+        static_fc=$(scripts/build-static.sh ${link:+"$link"} | tail -1)
+        VESSEL_FIRECRACKER_BIN=$(readlink -f "$static_fc") \
+            cargo test --release -p vessel-firecracker --test drop_in 2>&1 | tee -a "$log"
+    done
 fi
 if [ "$extended" = 1 ] && [ -n "${KATA_SHIM:-}" ] && [ -n "${KATA_AGENT:-}" ]; then
     step "Kata Containers end to end (scripts/kata-e2e.sh)"
