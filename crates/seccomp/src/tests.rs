@@ -53,41 +53,22 @@ fn try_execve() -> i32 {
     }
 }
 
+/// What the build compiled is what compiling now gives, for this process, for every kind;
+/// and there is a program for every kind (this is no cross build).
 #[test]
-fn every_filter_compiles_to_bpf() {
+fn the_programs_compiled_by_the_build_are_the_ones_compiled_now() {
     for kind in ThreadKind::all() {
-        for action in [Action::Kill, Action::Log] {
-            let p = compile(kind, action).unwrap();
-            // More than the architecture check and a default: the rules are there.
-            assert!(p.len() > 50, "{kind:?}: {} instructions", p.len());
-            // The kernel's limit for one program.
-            assert!(p.len() < 4096, "{kind:?}: {} instructions", p.len());
-        }
+        let ahead = compiled_ahead(kind, Action::Kill)
+            .unwrap_or_else(|| panic!("{kind:?}: the build compiled no program"));
+        assert_eq!(ahead, compile(kind, Action::Kill).unwrap(), "{kind:?}");
+        assert_eq!(
+            builtin(kind, Action::Kill).unwrap(),
+            vec![ahead],
+            "{kind:?}"
+        );
     }
-    assert!(!clone3_enosys().unwrap().is_empty());
-}
-
-#[test]
-fn no_list_has_a_forbidden_syscall() {
-    for kind in ThreadKind::all() {
-        let r = rules::rules(kind, 1).unwrap();
-        for call in rules::FORBIDDEN {
-            assert!(!r.contains_key(call), "{kind:?} allows syscall {call}");
-        }
-        // What every thread needs.
-        for call in [libc::SYS_futex, libc::SYS_exit, libc::SYS_rt_sigreturn] {
-            assert!(r.contains_key(&call), "{kind:?} lacks syscall {call}");
-        }
-    }
-    // Lists differ where threads differ.
-    let vcpu = rules::rules(ThreadKind::Vcpu, 1).unwrap();
-    let rng = rules::rules(ThreadKind::Device(DeviceKind::Rng), 1).unwrap();
-    let api = rules::rules(ThreadKind::Api, 1).unwrap();
-    assert!(vcpu.contains_key(&libc::SYS_io_uring_setup));
-    assert!(!rng.contains_key(&libc::SYS_io_uring_setup));
-    assert!(!rng.contains_key(&libc::SYS_socket));
-    assert!(!vcpu.contains_key(&libc::SYS_openat));
-    assert!(api.contains_key(&libc::SYS_accept4));
+    assert!(compiled_ahead(ThreadKind::Api, Action::Log).is_none());
+    assert_eq!(ahead::AHEAD.len(), ThreadKind::all().len());
 }
 
 #[test]

@@ -333,10 +333,11 @@ mod tests {
         let clone3 = crate::clone3_enosys().unwrap();
         for kind in ThreadKind::all() {
             for action in [Action::Kill, Action::Log] {
-                let chain: BpfProgram = crate::filter(kind, action).unwrap().try_into().unwrap();
-                let searched = crate::builtin(kind, action).unwrap();
-                assert_eq!(searched.len(), 1, "{kind:?}: one program");
-                let searched = &searched[0];
+                let chain: BpfProgram = crate::filter(kind, action, std::process::id())
+                    .unwrap()
+                    .try_into()
+                    .unwrap();
+                let searched = &crate::compile(kind, action, std::process::id()).unwrap();
                 let vals = values(&chain);
                 let checked_args = crate::rules::rules(kind, std::process::id()).unwrap();
                 let mut checked = 0u64;
@@ -373,7 +374,7 @@ mod tests {
     #[test]
     fn any_syscall_is_answered_in_a_few_instructions() {
         for kind in ThreadKind::all() {
-            let p = &crate::builtin(kind, Action::Kill).unwrap()[0];
+            let p = &crate::compile(kind, Action::Kill, std::process::id()).unwrap();
             // Instructions run to an answer or to the syscall's own argument checks.
             let worst = (0..480u32)
                 .map(|nr| {
@@ -386,7 +387,7 @@ mod tests {
                 })
                 .max()
                 .unwrap();
-            let chain: BpfProgram = crate::filter(kind, Action::Kill)
+            let chain: BpfProgram = crate::filter(kind, Action::Kill, std::process::id())
                 .unwrap()
                 .try_into()
                 .unwrap();
@@ -401,7 +402,7 @@ mod tests {
             );
         }
         // The vCPU's KVM_RUN, the call of every exit, is allowed.
-        let vcpu = &crate::builtin(ThreadKind::Vcpu, Action::Kill).unwrap()[0];
+        let vcpu = &crate::compile(ThreadKind::Vcpu, Action::Kill, std::process::id()).unwrap();
         let mut d = Data {
             nr: libc::SYS_ioctl as u32,
             arch: X86_64,
